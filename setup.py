@@ -1,0 +1,72 @@
+"""Build of the `videoprism._C` extension.
+
+C++ CPU kernels always build. CUDA kernels build when a CUDA toolkit is found and
+the installed torch is a CUDA build (our machines: torch 2.14.1+cu130 and CUDA 13 at
+/usr/local/cuda), so CI compiles the CUDA sources even without a GPU. Targets sm_80
+(A100) and sm_90 (H100/H200) unless TORCH_CUDA_ARCH_LIST says otherwise.
+
+`kernels/` (Triton sources) installs as `videoprism.kernels` and `train/` as
+`videoprism.train`: no installed top-level module takes a generic name.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+# torch guesses CUDA_HOME from the nvcc on PATH; a /usr/local/bin/nvcc shim then gives
+# /usr/local, which has no lib64/libcudart. Prefer the standard toolkit folder.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("VIDEOPRISM_NO_CUDA", "0") == "1":
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _pip_cuda_includes() -> list[str]:
+    """Headers of the CUDA libraries torch's wheels ship (nvidia/*/include): a toolkit
+    with only the compiler and runtime lacks e.g. cusparse.h, which ATen's CUDA headers want."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+    return dirs
+
+
+def _extension():
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    # No -std flag: torch's BuildExtension picks the standard its headers need.
+    cxx_flags = ["-O3"]
+    if _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        cu = sorted(glob.glob("csrc/*.cu"))
+        return cpp_extension.CUDAExtension(
+            "videoprism._C",
+            cpp + cu,
+            define_macros=[("WITH_CUDA", None)],
+            include_dirs=_pip_cuda_includes(),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        )
+    return cpp_extension.CppExtension("videoprism._C", cpp, extra_compile_args={"cxx": cxx_flags})
+
+
+packages = find_packages(include=["videoprism", "videoprism.*"])
+packages += ["videoprism.kernels", "videoprism.train"]
+
+setup(
+    packages=packages,
+    package_dir={"videoprism.kernels": "kernels", "videoprism.train": "train"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,155 @@
+"""One benchmark runner for every benchmark in bench/ (STYLE 8).
+
+* `timeit(fn)`: median and 20/80 % quantiles in ms. On CUDA it times with events
+  through `triton.testing.do_bench` (warm-up and repeat in ms); on the CPU with
+  `time.perf_counter` around whole calls after warm-up.
+* `measure_peaks(device)`: the two ceilings of the card measured in the same run
+  (a large bf16 matmul for TFLOP/s, a large device-to-device copy for GB/s,
+  counting bytes read + written), so every row can say what share of the peak it got.
+* `Report`: rows with the device name, torch/triton versions, commit and date,
+  printed as a table and written as JSON.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / median: the relative spread of the repeats."""
+        return (self.p80_ms - self.p20_ms) / self.median_ms if self.median_ms > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2, reps: int = 10,
+           warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(*q)
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    qs = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
+    return Timing(statistics.median(ts), qs[1], qs[7])
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def measure_peaks(device: torch.device | str) -> dict:
+    """Measured ceilings: bf16 (fp32 on CPU) matmul TFLOP/s and copy GB/s (read + write)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
+    else:
+        n, dtype, nbytes = 1024, torch.float32, 1 << 26
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t_mm = timeit(lambda: a @ b, device)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    t_cp = timeit(lambda: dst.copy_(src), device)
+    return {
+        "matmul_tflops": 2 * n**3 / (t_mm.median_ms * 1e-3) / 1e12,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "copy_gbps": 2 * src.numel() * 4 / (t_cp.median_ms * 1e-3) / 1e9,
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment(device: torch.device | str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": _commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass
+class Report:
+    """Rows of a benchmark; `show()` prints a table, `save(path)` writes JSON."""
+
+    name: str
+    device: str
+    meta: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.meta = {**environment(self.device), **self.meta}
+
+    def add(self, timing: Timing | None = None, **cols) -> dict:
+        row = dict(cols)
+        if timing is not None:
+            row.update(ms=round(timing.median_ms, 4), p20_ms=round(timing.p20_ms, 4),
+                       p80_ms=round(timing.p80_ms, 4), spread=round(timing.spread, 3))
+        self.rows.append(row)
+        return row
+
+    def show(self) -> None:
+        print(f"# {self.name} on {self.meta['device']} (torch {self.meta['torch']}, triton {self.meta['triton']}, "
+              f"commit {self.meta['commit']}, {self.meta['date']})")
+        extra = {k: v for k, v in self.meta.items() if k not in ("device", "torch", "triton", "commit", "date")}
+        if extra:
+            print("# " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        if not self.rows:
+            return
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))
+        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        widths = {c: max(len(c), *(len(fmt(r.get(c, ""))) for r in self.rows)) for c in cols}
+        print("  ".join(c.rjust(widths[c]) for c in cols))
+        for r in self.rows:
+            print("  ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in cols))
+
+    def save(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({"name": self.name, "meta": self.meta, "rows": self.rows}, f, indent=1)
+        print(f"wrote {path}")
+

@@ -1,0 +1,244 @@
+"""Weights: the official Flax `.npz` checkpoints (read) and our safetensors (read/write).
+
+Official layout (golden NOTES.md §1): one float32 array per Flax leaf, key = the tree
+path joined with "/" including the leading "params/"; transformer stacks were built
+with `nn.scan`, so every leaf under `.../x_layers/` has a leading layer axis.
+
+`load_flax_checkpoint` is strict: every array of the file is used, every parameter
+of the model is filled, every shape is checked (an error names the key and both
+shapes), pickled arrays are refused, and nothing is written into the model until
+the whole file has been converted.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from videoprism.classifier import FactorizedVideoClassifier
+from videoprism.clip import FactorizedVideoCLIP
+from videoprism.encoder import FactorizedEncoder
+from videoprism.layers import AttentionPooler, TransformerStack
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model (names the file, the key and the fix)."""
+
+
+# A converter receives the array and returns [(torch name, row slice or None, tensor)].
+Fill = Callable[[np.ndarray], list]
+
+
+class _Layout:
+    """The expected flax keys of a model, each with its shape and its converter."""
+
+    def __init__(self):
+        self.entries: dict[str, tuple[tuple[int, ...], Fill]] = {}
+
+    def add(self, key: str, shape, fill: Fill) -> None:
+        self.entries[key] = (tuple(int(s) for s in shape), fill)
+
+    def param(self, key: str, name: str, shape, transform=lambda a: a) -> None:
+        self.add(key, shape, lambda a: [(name, None, transform(a))])
+
+    def dense(self, key: str, name: str, linear: nn.Linear) -> None:
+        """flax Dense: kernel [in, out] -> weight = kernel.T."""
+        self.param(f"{key}/kernel", f"{name}.weight", (linear.in_features, linear.out_features), lambda a: a.T)
+        self.param(f"{key}/bias", f"{name}.bias", (linear.out_features,))
+
+    def layer_norm(self, key: str, name: str, ln: nn.LayerNorm) -> None:
+        """Stored scale is gamma - 1."""
+        (d,) = ln.normalized_shape
+        self.param(f"{key}/scale", f"{name}.weight", (d,), lambda a: 1.0 + a)
+        self.param(f"{key}/bias", f"{name}.bias", (d,))
+
+    def attention_projections(self, key: str, name: str, q: str, k: str, v: str, post: str,
+                              dim: int, heads: int, head_dim: int) -> list:
+        """[(flax key, shape, fill)] of q/k/v/post `w [D, N, H]`, `b [N, H]`, `post/b [D]`.
+
+        q, k, v name (linear, row offset) pairs: the fused qkv projection takes three slices."""
+        nh = heads * head_dim
+        out = []
+        for which, (lin, off) in zip(("query", "key", "value"), (q, k, v)):
+            rows = slice(off, off + nh)
+            out.append((f"{key}/{which}/w", (dim, heads, head_dim),
+                        lambda a, lin=lin, rows=rows: [(f"{name}{lin}.weight", rows, a.reshape(dim, nh).T)]))
+            out.append((f"{key}/{which}/b", (heads, head_dim),
+                        lambda a, lin=lin, rows=rows: [(f"{name}{lin}.bias", rows, a.reshape(nh))]))
+        out.append((f"{key}/post/w", (dim, heads, head_dim),
+                    lambda a: [(f"{name}{post}.weight", None, a.reshape(dim, nh))]))
+        out.append((f"{key}/post/b", (dim,), lambda a: [(f"{name}{post}.bias", None, a)]))
+        return out
+
+    def stack(self, key: str, name: str, stack: TransformerStack) -> None:
+        """Scan-stacked layers: every leaf has a leading layer axis; layer i = arr[i]."""
+        L = len(stack.layers)
+        if L == 0:
+            return
+        blk = stack.layers[0]
+        D = blk.ln_attn.normalized_shape[0]
+        H, Dh = blk.attn.num_heads, blk.attn.head_dim
+        F = blk.ffn.fc1.out_features
+        hybrid = isinstance(blk.post_ln_attn, nn.LayerNorm)
+        per_layer = []  # (sub key, shape, fill(arr_i, i))
+        ln_names = [("pre_layer_norm" if hybrid else "layer_norm", "ln_attn"),
+                    ("ff_layer/pre_layer_norm" if hybrid else "ff_layer/layer_norm", "ln_ffn")]
+        if hybrid:
+            ln_names += [("post_layer_norm", "post_ln_attn"), ("ff_layer/post_layer_norm", "post_ln_ffn")]
+        for sub, mod in ln_names:
+            per_layer.append((f"{sub}/scale", (D,), lambda a, i, m=mod: [(f"{name}.layers.{i}.{m}.weight", None, 1.0 + a)]))
+            per_layer.append((f"{sub}/bias", (D,), lambda a, i, m=mod: [(f"{name}.layers.{i}.{m}.bias", None, a)]))
+        for sub, fc, shape in (("ffn_layer1", "fc1", (D, F)), ("ffn_layer2", "fc2", (F, D))):
+            per_layer.append((f"ff_layer/{sub}/linear/kernel", shape,
+                              lambda a, i, fc=fc: [(f"{name}.layers.{i}.ffn.{fc}.weight", None, a.T)]))
+            per_layer.append((f"ff_layer/{sub}/linear/bias", shape[1:],
+                              lambda a, i, fc=fc: [(f"{name}.layers.{i}.ffn.{fc}.bias", None, a)]))
+        proj = self.attention_projections("self_attention", "", ("qkv", 0), ("qkv", H * Dh), ("qkv", 2 * H * Dh),
+                                          "post", D, H, Dh)
+        for sub, shape, fill in proj:
+            per_layer.append((sub, shape, lambda a, i, fill=fill: [
+                (f"{name}.layers.{i}.attn.{n}", rows, t) for n, rows, t in fill(a)]))
+        for sub, shape, fill in per_layer:
+            self.add(f"{key}/x_layers/{sub}", (L, *shape),
+                     lambda a, fill=fill: [item for i in range(L) for item in fill(a[i], i)])
+
+    def pooler(self, key: str, name: str, pooler: AttentionPooler) -> None:
+        D = pooler.query.shape[-1]
+        self.param(f"{key}/pooling_attention_query", f"{name}.query", (1, D))
+        for k, shape, fill in self.attention_projections("pooling_attention", f"{name}.", ("q", 0), ("k", 0),
+                                                         ("v", 0), "post", D, pooler.num_heads, pooler.head_dim):
+            self.add(f"{key}/{k}", shape, fill)
+        self.param(f"{key}/pooling_attention/per_dim_scale/per_dim_scale", f"{name}.per_dim_scale", (pooler.head_dim,))
+        self.layer_norm(f"{key}/pooling_attention_layer_norm", f"{name}.ln", pooler.ln)
+
+    def encoder(self, key: str, name: str, enc: FactorizedEncoder) -> None:
+        p = f"{name}." if name else ""
+        self.dense(f"{key}patch_projection/linear", f"{p}patch_projection", enc.patch_projection)
+        self.param(f"{key}spatial_pos_emb/emb_var", f"{p}spatial_pos_emb", enc.spatial_pos_emb.shape)
+        self.param(f"{key}temporal_pos_emb/emb_var", f"{p}temporal_pos_emb", enc.temporal_pos_emb.shape)
+        self.stack(f"{key}spatial_encoder/transformers_stack", f"{p}spatial_encoder", enc.spatial_encoder)
+        self.stack(f"{key}temporal_encoder/transformers_stack", f"{p}temporal_encoder", enc.temporal_encoder)
+        self.layer_norm(f"{key}spatial_ln", f"{p}spatial_ln", enc.spatial_ln)
+        self.layer_norm(f"{key}temporal_ln", f"{p}temporal_ln", enc.temporal_ln)
+
+
+def flax_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Fill]]:
+    """Every key an official checkpoint of this model holds, with its shape and converter."""
+    lay = _Layout()
+    if isinstance(model, FactorizedEncoder):
+        lay.encoder("params/", "", model)
+    elif isinstance(model, FactorizedVideoCLIP):
+        lay.encoder("params/vision_encoder/", "vision_encoder", model.vision_encoder)
+        lay.stack("params/auxiliary_encoder/transformers_stack", "auxiliary_encoder", model.auxiliary_encoder)
+        lay.pooler("params/contrastive_vision_pooler", "contrastive_vision_pooler", model.contrastive_vision_pooler)
+        te = model.text_encoder
+        lay.param("params/text_encoder/token_emb/emb_var", "text_encoder.token_emb.weight", te.token_emb.weight.shape)
+        lay.param("params/text_encoder/cls_emb", "text_encoder.cls_emb", te.cls_emb.shape)
+        lay.stack("params/text_encoder/unimodal_transformer", "text_encoder.unimodal_transformer",
+                  te.unimodal_transformer)
+        lay.layer_norm("params/text_encoder/unimodal_ln", "text_encoder.unimodal_ln", te.unimodal_ln)
+    elif isinstance(model, FactorizedVideoClassifier):
+        lay.encoder("params/encoder/", "encoder", model.encoder)
+        lay.pooler("params/atten_pooler", "atten_pooler", model.atten_pooler)
+        lay.dense("params/projection/linear", "projection", model.projection)
+    else:
+        raise TypeError(f"no official checkpoint layout for {type(model).__name__}")
+    return lay.entries
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except ValueError as e:  # numpy refuses object arrays without allow_pickle
+        raise CheckpointError(f"{path}: holds a pickled (object) array, which is refused for safety; "
+                              f"re-save it with plain numeric arrays ({e})") from None
+    except (OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
+
+
+def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
+    """Load an official Flax `.npz` checkpoint into `model` (strict; all or nothing)."""
+    arrays = _read_npz(path)
+    layout = flax_layout(model)
+    missing = sorted(set(layout) - set(arrays))
+    extra = sorted(set(arrays) - set(layout))
+    if missing or extra:
+        msg = [f"{path} does not match {type(model).__name__}:"]
+        if missing:
+            msg.append(f"  missing {len(missing)} key(s), e.g. {missing[:3]}")
+        if extra:
+            msg.append(f"  unexpected {len(extra)} key(s), e.g. {extra[:3]}")
+        msg.append("  check that the model name/config matches the checkpoint (e.g. an LvT checkpoint needs "
+                   "FactorizedVideoCLIP, layer counts must agree)")
+        raise CheckpointError("\n".join(msg))
+
+    params = dict(model.named_parameters())
+    new = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items()}
+    filled = {n: torch.zeros(p.shape[:1] if p.dim() else (), dtype=torch.int32) for n, p in params.items()}
+    for key, (shape, fill) in layout.items():
+        arr = arrays[key]
+        if arr.dtype.kind not in "fiu":
+            raise CheckpointError(f"{path}: {key} has dtype {arr.dtype}; expected a float array")
+        if tuple(arr.shape) != shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(arr.shape)} but the model expects {shape}; "
+                                  f"the checkpoint is for another configuration")
+        for name, rows, value in fill(np.asarray(arr, dtype=np.float32)):
+            t = torch.from_numpy(np.ascontiguousarray(value))
+            target = new[name] if rows is None else new[name][rows]
+            target.copy_(t.reshape(target.shape))
+            cover = filled[name] if rows is None else filled[name][rows]
+            cover += 1
+    unfilled = [n for n, c in filled.items() if not bool((c == 1).all())]
+    if unfilled:
+        raise CheckpointError(f"{path}: parameter(s) {unfilled[:3]} not filled exactly once by the checkpoint")
+    assign = any(p.is_meta for p in params.values())
+    device = next((p.device for p in params.values() if not p.is_meta), torch.device("cpu"))
+    model.load_state_dict({n: t.to(device) for n, t in new.items()}, strict=True, assign=assign)
+    return model
+
+
+def save_safetensors(model: nn.Module, path: str) -> None:
+    """Our weights: the state dict + the config (JSON) in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"class": type(model).__name__}
+    if hasattr(model, "config"):
+        meta["config"] = json.dumps(asdict(model.config))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)  # never leave a half-written file under the final name
+
+
+def load_safetensors(path: str, model: nn.Module) -> nn.Module:
+    """Load our safetensors weights into `model` (strict, shapes checked, all or nothing)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{path} does not match {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {extra[:3]}; build the model with the config it was saved from")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but the model expects "
+                                  f"{tuple(own[k].shape)}")
+    assign = any(t.is_meta for t in own.values())
+    model.load_state_dict(state, strict=True, assign=assign)
+    return model

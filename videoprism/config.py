@@ -1,0 +1,100 @@
+"""Typed model configurations and the official named configurations.
+
+Field names are the official ones (videoprism/models.py CONFIGS) so that
+`from_official(name, **overrides)` takes the official keys unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass
+class EncoderConfig:
+    """Factorized space-time ViT (official `FactorizedEncoder`)."""
+
+    patch_size: int = 18
+    """Side of the square patches, in pixels."""
+    pos_emb_shape: tuple[int, int, int] = (16, 16, 16)
+    """(frames, patch rows, patch columns) of the learned position embeddings; other
+    clip sizes interpolate them."""
+    model_dim: int = 768
+    """Width D of the tokens."""
+    num_spatial_layers: int = 12
+    """Blocks attending within each frame."""
+    num_temporal_layers: int = 4
+    """Blocks attending across frames at each spatial location."""
+    num_heads: int = 12
+    """Attention heads (head dim = model_dim // num_heads)."""
+    mlp_dim: int = 3072
+    """Hidden width of the feed-forward layers."""
+    atten_logit_cap: float = 50.0
+    """Soft cap c of the attention logits, c * tanh(s / c); 0 disables it."""
+    attention_backend: str | None = None
+    """"reference", "sdpa", "triton", "flex", "flash" or None (the device default)."""
+
+
+@dataclass
+class CLIPConfig(EncoderConfig):
+    """Video-text model (official `FactorizedVideoCLIP`, "LvT")."""
+
+    vocabulary_size: int = 32000
+    """Text vocabulary (official: SentencePiece c4_en, 32k)."""
+    num_unimodal_layers: int = 12
+    """Blocks of the causal text encoder (FFN width 4 * model_dim, ReLU)."""
+    num_auxiliary_layers: int = 2
+    """Blocks over all video tokens between the encoder and the pooler."""
+    enable_causal_atten: bool = True
+    """Causal attention in the text encoder."""
+    norm_policy: str = "pre"
+    """Text encoder normalisation: "pre", or "primer_hybrid" (LvT giant)."""
+
+
+@dataclass
+class ClassifierConfig(EncoderConfig):
+    """Encoder + attention pooler + linear head (official `FactorizedVideoClassifier`)."""
+
+    num_classes: int = 400
+    """Number of output logits."""
+
+
+_ENCODERS = {
+    "base": dict(pos_emb_shape=(16, 16, 16), model_dim=768, num_spatial_layers=12, num_heads=12, mlp_dim=3072),
+    "large": dict(pos_emb_shape=(8, 16, 16), model_dim=1024, num_spatial_layers=24, num_heads=16, mlp_dim=4096),
+    "giant": dict(pos_emb_shape=(8, 16, 16), model_dim=1408, num_spatial_layers=40, num_heads=16, mlp_dim=6144),
+}
+_TEXT = {
+    "base": dict(num_unimodal_layers=12),
+    "large": dict(num_unimodal_layers=12),
+    "giant": dict(num_unimodal_layers=16, norm_policy="primer_hybrid"),
+}
+
+CONFIGS: dict[str, tuple[type, dict]] = {}
+for _size in ("base", "large", "giant"):
+    CONFIGS[f"videoprism_v1_{_size}"] = (EncoderConfig, _ENCODERS[_size])
+    CONFIGS[f"videoprism_lvt_v1_{_size}"] = (CLIPConfig, {**_ENCODERS[_size], **_TEXT[_size]})
+    CONFIGS[f"videoprism_vc_v1_{_size}"] = (ClassifierConfig, _ENCODERS[_size])
+# Names of the released checkpoints (flax_base_f16r288_repeated.npz, ...).
+for _size in ("base", "large"):
+    CONFIGS[f"videoprism_public_v1_{_size}"] = CONFIGS[f"videoprism_v1_{_size}"]
+    CONFIGS[f"videoprism_lvt_public_v1_{_size}"] = CONFIGS[f"videoprism_lvt_v1_{_size}"]
+
+
+def official_config(name: str, **overrides):
+    """The typed config of an official name, with field overrides."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(CONFIGS))}")
+    cls, values = CONFIGS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown config field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
+    values = {**values, **overrides}
+    if "pos_emb_shape" in values:
+        values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
+    if cls is ClassifierConfig and "num_classes" not in overrides:
+        raise ValueError(f"{name} is a classifier: pass num_classes=...")
+    return cls(**values)
+
+
+__all__ = ["EncoderConfig", "CLIPConfig", "ClassifierConfig", "CONFIGS", "official_config"]

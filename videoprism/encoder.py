@@ -1,0 +1,115 @@
+"""`FactorizedEncoder`: the VideoPrism video encoder (golden NOTES.md §3, DESIGN 3-4).
+
+patchify (P x P, (p, q, c) order) -> linear -> + spatial pos emb -> spatial ViT over
+each frame -> LN -> + temporal pos emb -> temporal ViT over each location -> LN.
+
+Activations stay `[B, T, K, D]` from patch embedding to output: the spatial stack
+attends along K, the temporal stack along T, with no transpose in between. With a
+mask, only the K visible patches of each frame (`pos [B, T, K]`, sorted spatial
+indices) are computed, so a masked run costs about K / N of a full one.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from videoprism import ops
+from videoprism.config import EncoderConfig
+from videoprism.layers import (
+    TransformerStack,
+    interpolate_spatial_pos_emb,
+    interpolate_temporal_pos_emb,
+    layer_norm,
+)
+
+
+def check_video(video: torch.Tensor, patch_size: int) -> None:
+    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[-1] != 3:
+        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
+        raise ValueError(f"video must be a [B, T, H, W, 3] tensor (channels last), got {shape}")
+    if video.dtype != torch.uint8 and not video.is_floating_point():
+        raise ValueError(f"video must be uint8 in [0, 255] or float in [0, 1], got dtype {video.dtype}")
+    H, W = video.shape[2:4]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"video frames of {H}x{W} pixels are not a multiple of patch_size {patch_size}; "
+                         f"resize or crop to e.g. {max(1, H // patch_size) * patch_size} pixels")
+
+
+def patchify(video: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, T, H, W, 3] -> [B, T, N, P*P*3]: row-major patches, (p, q, c) features, in [0, 1]."""
+    B, T, H, W, C = video.shape
+    P = patch_size
+    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6)
+    x = x.reshape(B, T, (H // P) * (W // P), P * P * C)
+    return x.float() / 255.0 if video.dtype == torch.uint8 else x
+
+
+class FactorizedEncoder(nn.Module):
+    """Factorized space-time video encoder.
+
+    forward(video [B, T, H, W, 3], frame_paddings [B, T] (1 = padded) or None,
+    return_intermediate, *, pos [B, T, K] visible patch indices or None)
+    -> (embeddings [B, T*K, D] frame-major, {"spatial_features": [B, T*K, D]} if asked).
+    """
+
+    def __init__(self, config: EncoderConfig | None = None, *, device=None, dtype=None, **overrides):
+        super().__init__()
+        config = config or EncoderConfig(**overrides)
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        D, P = config.model_dim, config.patch_size
+        Tp, Hp, Wp = config.pos_emb_shape
+        self.patch_projection = nn.Linear(P * P * 3, D, **kw)
+        self.spatial_pos_emb = nn.Parameter(torch.empty(Hp * Wp, D, **kw))
+        self.temporal_pos_emb = nn.Parameter(torch.empty(Tp, D, **kw))
+        stack = dict(atten_logit_cap=config.atten_logit_cap, attention_backend=config.attention_backend, **kw)
+        self.spatial_encoder = TransformerStack(config.num_spatial_layers, D, config.num_heads, config.mlp_dim,
+                                                axis="space", **stack)
+        self.spatial_ln = layer_norm(D, **kw)
+        self.temporal_encoder = TransformerStack(config.num_temporal_layers, D, config.num_heads, config.mlp_dim,
+                                                 axis="time", **stack)
+        self.temporal_ln = layer_norm(D, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.spatial_pos_emb.is_meta:
+            return
+        nn.init.normal_(self.spatial_pos_emb, std=0.02)
+        nn.init.normal_(self.temporal_pos_emb, std=0.02)
+
+    def forward(self, video: torch.Tensor, frame_paddings: torch.Tensor | None = None,
+                return_intermediate: bool = False, *, pos: torch.Tensor | None = None):
+        cfg = self.config
+        P = cfg.patch_size
+        check_video(video, P)
+        B, T, H, W, _ = video.shape
+        grid = (H // P, W // P)
+
+        if pos is None:
+            x = self.patch_projection(patchify(video, P).to(self.patch_projection.weight.dtype))
+        else:
+            if pos.dim() != 3 or tuple(pos.shape[:2]) != (B, T):
+                raise ValueError(f"pos must be [B, T, K] = [{B}, {T}, K] visible patch indices, got {tuple(pos.shape)}")
+            x = self.patch_projection(ops.patchify_gather(video, pos, P).to(self.patch_projection.weight.dtype))
+        K = x.shape[2]
+
+        spatial = interpolate_spatial_pos_emb(self.spatial_pos_emb, cfg.pos_emb_shape[1:], grid)
+        x = x + (spatial if pos is None else spatial[pos])
+
+        padding = None
+        if frame_paddings is not None:
+            if tuple(frame_paddings.shape) != (B, T):
+                raise ValueError(f"frame_paddings must be [B, T] = [{B}, {T}], got {tuple(frame_paddings.shape)}")
+            # Every token of a padded frame is padded, in both stacks (official semantics).
+            padding = frame_paddings.to(x.dtype)[:, :, None].expand(B, T, K)
+
+        x = self.spatial_ln(self.spatial_encoder(x, padding=padding))
+        spatial_features = x
+        x = x + interpolate_temporal_pos_emb(self.temporal_pos_emb, T)[None, :, None, :]
+        x = self.temporal_ln(self.temporal_encoder(x, pos=pos, padding=padding))
+
+        aux = {}
+        if return_intermediate:
+            aux["spatial_features"] = spatial_features.reshape(B, T * K, -1)
+        return x.reshape(B, T * K, -1), aux
+

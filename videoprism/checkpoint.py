@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import asdict
 from typing import Callable
 
@@ -154,6 +155,8 @@ def flax_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Fill]]:
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint (not a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}

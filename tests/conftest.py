@@ -1,0 +1,63 @@
+"""Shared test fixtures: the golden data of ../shared (read in place, never copied) and the GPU marker."""
+from __future__ import annotations
+
+import json
+import os
+
+# Triton kernels run in the interpreter where there is no GPU; it must be chosen
+# before triton is first imported.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = os.environ.get("VIDEOPRISM_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+GOLDEN = os.path.join(SHARED, "golden", "visible")
+MEDIA = os.path.join(SHARED, "media")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def _need(path: str) -> str:
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent: the shared golden/media data exists only on our machines and in CI")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> str:
+    return _need(GOLDEN)
+
+
+@pytest.fixture(scope="session")
+def media_dir() -> str:
+    return _need(MEDIA)
+
+
+@pytest.fixture(scope="session")
+def golden_config(golden_dir) -> dict:
+    with open(os.path.join(golden_dir, "config.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def golden_inputs(golden_dir) -> dict[str, torch.Tensor]:
+    with np.load(os.path.join(golden_dir, "inputs.npz")) as f:
+        return {k: torch.from_numpy(f[k]) for k in f.files}
+
+
+def golden_overrides(section: dict) -> dict:
+    """Official config fields of a golden model section (drops the non-field keys)."""
+    keep = ("patch_size", "pos_emb_shape", "model_dim", "num_spatial_layers", "num_temporal_layers", "num_heads",
+            "mlp_dim", "atten_logit_cap", "vocabulary_size", "num_unimodal_layers", "num_auxiliary_layers",
+            "enable_causal_atten")
+    return {k: v for k, v in section.items() if k in keep}

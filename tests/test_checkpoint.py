@@ -1,0 +1,121 @@
+"""Checkpoint loading: strict, all-or-nothing, clear errors; safetensors round trip."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import videoprism as vp
+from tests.conftest import golden_overrides
+
+
+@pytest.fixture()
+def golden_npz(golden_dir) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(golden_dir, "params_encoder.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture()
+def fresh_encoder(golden_config):
+    torch.manual_seed(0)
+    return vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"]))
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before):
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _bad(tmp_path, arrays, **kw):
+    path = str(tmp_path / "bad.npz")
+    np.savez(path, **arrays, **kw)
+    return path
+
+
+def test_missing_key(tmp_path, golden_npz, fresh_encoder):
+    key = "params/temporal_ln/scale"
+    path = _bad(tmp_path, {k: v for k, v in golden_npz.items() if k != key})
+    before = _snapshot(fresh_encoder)
+    with pytest.raises(vp.CheckpointError, match="missing 1 key.*temporal_ln/scale"):
+        vp.load_flax_checkpoint(path, fresh_encoder)
+    assert _unchanged(fresh_encoder, before)
+
+
+def test_extra_key(tmp_path, golden_npz, fresh_encoder):
+    path = _bad(tmp_path, {**golden_npz, "params/bogus/kernel": np.zeros(3, np.float32)})
+    with pytest.raises(vp.CheckpointError, match="unexpected 1 key.*bogus"):
+        vp.load_flax_checkpoint(path, fresh_encoder)
+
+
+def test_wrong_shape_names_key_and_both_shapes(tmp_path, golden_npz, fresh_encoder):
+    key = "params/spatial_encoder/transformers_stack/x_layers/ff_layer/ffn_layer1/linear/kernel"
+    arrays = dict(golden_npz)
+    arrays[key] = arrays[key][:, :, :-1]
+    # The damaged key sorts after other keys: a partial load would already have written some.
+    before = _snapshot(fresh_encoder)
+    with pytest.raises(vp.CheckpointError, match=r"ffn_layer1/linear/kernel has shape \(2, 32, 63\).*\(2, 32, 64\)"):
+        vp.load_flax_checkpoint(_bad(tmp_path, arrays), fresh_encoder)
+    assert _unchanged(fresh_encoder, before), "nothing may be loaded half-way"
+
+
+def test_pickled_array_is_refused(tmp_path, golden_npz, fresh_encoder):
+    arrays = dict(golden_npz)
+    arrays["params/spatial_ln/bias"] = np.array([{"evil": 1}], dtype=object)
+    with pytest.raises(vp.CheckpointError, match="pickled"):
+        vp.load_flax_checkpoint(_bad(tmp_path, arrays), fresh_encoder)
+
+
+def test_not_a_checkpoint(tmp_path, fresh_encoder):
+    path = tmp_path / "x.npz"
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(vp.CheckpointError, match="not a readable"):
+        vp.load_flax_checkpoint(str(path), fresh_encoder)
+    with pytest.raises(vp.CheckpointError, match="no such checkpoint"):
+        vp.load_flax_checkpoint(str(tmp_path / "absent.npz"), fresh_encoder)
+
+
+def test_wrong_model_class(golden_dir, golden_config):
+    clip = vp.from_official("videoprism_lvt_v1_base", **golden_overrides(golden_config["clip"]))
+    with pytest.raises(vp.CheckpointError, match="FactorizedVideoCLIP"):
+        vp.load_flax_checkpoint(os.path.join(golden_dir, "params_encoder.npz"), clip)
+
+
+def test_every_array_lands_in_the_right_place(golden_npz, golden_dir, fresh_encoder):
+    """Spot checks of the layout rules (NOTES §1d) against the raw arrays."""
+    m = vp.load_flax_checkpoint(os.path.join(golden_dir, "params_encoder.npz"), fresh_encoder)
+    g = {k: torch.from_numpy(v) for k, v in golden_npz.items()}
+    x = "params/spatial_encoder/transformers_stack/x_layers/"
+    blk = m.spatial_encoder.layers[1]
+    D = blk.attn.qkv.in_features
+    torch.testing.assert_close(blk.attn.qkv.weight[D:2 * D], g[x + "self_attention/key/w"][1].reshape(D, D).T)
+    torch.testing.assert_close(blk.attn.post.weight, g[x + "self_attention/post/w"][1].reshape(D, D))
+    torch.testing.assert_close(blk.ln_attn.weight, 1 + g[x + "layer_norm/scale"][1])
+    torch.testing.assert_close(m.patch_projection.weight, g["params/patch_projection/linear/kernel"].T)
+
+
+def test_meta_model_loads_with_assign(golden_dir, golden_config, golden_inputs):
+    meta = vp.from_official("videoprism_v1_base", device="meta", **golden_overrides(golden_config["encoder"]))
+    vp.load_flax_checkpoint(os.path.join(golden_dir, "params_encoder.npz"), meta)
+    assert not any(p.is_meta for p in meta.parameters())
+    ref = vp.load_flax_checkpoint(os.path.join(golden_dir, "params_encoder.npz"),
+                                  vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"])))
+    with torch.no_grad():
+        torch.testing.assert_close(meta(golden_inputs["video"])[0], ref(golden_inputs["video"])[0], rtol=0, atol=0)
+
+
+def test_safetensors_round_trip(tmp_path, golden_dir, golden_config, golden_inputs):
+    over = golden_overrides(golden_config["clip"])
+    a = vp.load_flax_checkpoint(os.path.join(golden_dir, "params_clip.npz"),
+                                vp.from_official("videoprism_lvt_v1_base", **over))
+    path = str(tmp_path / "clip.safetensors")
+    vp.save_safetensors(a, path)
+    b = vp.load_safetensors(path, vp.from_official("videoprism_lvt_v1_base", **over))
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    with pytest.raises(vp.CheckpointError, match="does not match"):
+        vp.load_safetensors(path, vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"])))

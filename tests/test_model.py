@@ -1,0 +1,137 @@
+"""Model properties beyond the golden sizes: parameter counts, any sizes, compile without graph breaks.
+
+Oracles: the released models' parameter counts; torch SDPA (an independent attention
+implementation) against our reference path with the cap off; and structural identities of
+the factorized model (spatial features of a frame do not depend on the other frames;
+samples of a batch do not interact).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import videoprism as vp
+
+
+@pytest.mark.parametrize("name,millions", [
+    ("videoprism_v1_base", 114), ("videoprism_v1_large", 354),
+    ("videoprism_lvt_v1_base", 248), ("videoprism_lvt_v1_large", 580),
+])
+def test_parameter_counts_match_released_models(name, millions):
+    model = vp.from_official(name, device="meta")
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - millions) / millions < 0.005, f"{name}: {n:.1f}M parameters, released {millions}M"
+
+
+def test_all_official_names_build():
+    for name in ("videoprism_v1_giant", "videoprism_lvt_v1_giant", "videoprism_public_v1_base",
+                 "videoprism_lvt_public_v1_large"):
+        vp.from_official(name, device="meta")
+    m = vp.from_official("videoprism_vc_v1_large", num_classes=7, device="meta")
+    assert m.projection.out_features == 7
+    with pytest.raises(ValueError, match="num_classes"):
+        vp.from_official("videoprism_vc_v1_base")
+    with pytest.raises(ValueError, match="unknown config field.*bogus"):
+        vp.from_official("videoprism_v1_base", bogus=1)
+    with pytest.raises(ValueError, match="unknown model name"):
+        vp.from_official("videoprism_v2_base")
+
+
+def tiny(name="videoprism_v1_base", **kw):
+    base = dict(patch_size=6, pos_emb_shape=(3, 3, 3), model_dim=30, num_spatial_layers=2, num_temporal_layers=1,
+                num_heads=2, mlp_dim=44)  # head dim 15: odd on purpose
+    if "lvt" in name:
+        base.update(vocabulary_size=50, num_unimodal_layers=1, num_auxiliary_layers=1)
+    base.update(kw)
+    torch.manual_seed(0)
+    model = vp.from_official(name, **base).eval()
+    with torch.no_grad():  # move every parameter off its init so that all of them matter
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("T,H,W", [(1, 12, 12), (3, 18, 24), (5, 6, 6)])
+def test_reference_matches_sdpa_without_cap(T, H, W):
+    """Odd head dim, T = 1, non-square and 1-patch frames, pos-emb interpolation both ways."""
+    ref = tiny(atten_logit_cap=0.0, attention_backend="reference")
+    sdpa = tiny(atten_logit_cap=0.0, attention_backend="sdpa")
+    video = torch.rand(2, T, H, W, 3)
+    fp = torch.zeros(2, T)
+    fp[0, -1] = 1.0
+    with torch.no_grad():
+        a, aa = ref(video, fp, return_intermediate=True)
+        b, bb = sdpa(video, fp, return_intermediate=True)
+    assert a.shape == (2, T * (H // 6) * (W // 6), 30)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aa["spatial_features"], bb["spatial_features"], rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_refuses_the_cap():
+    m = tiny(attention_backend="sdpa")
+    with pytest.raises(ValueError, match="soft-cap"):
+        m(torch.rand(1, 2, 12, 12, 3))
+
+
+def test_factorized_structure():
+    m = tiny()
+    video = torch.rand(3, 4, 12, 12, 3)
+    with torch.no_grad():
+        emb, aux = m(video, return_intermediate=True)
+        # Spatial features of frame t depend on frame t only.
+        _, one = m(video[:, 2:3], return_intermediate=True)
+        N = 4
+        torch.testing.assert_close(aux["spatial_features"][:, 2 * N:3 * N], one["spatial_features"],
+                                   rtol=1e-5, atol=1e-5)
+        # Samples do not interact.
+        e1, _ = m(video[1:2])
+        torch.testing.assert_close(emb[1:2], e1, rtol=1e-5, atol=1e-5)
+        # The temporal stack mixes frames: changing frame 0 changes the output of frame 3.
+        v2 = video.clone()
+        v2[:, 0] = torch.rand_like(v2[:, 0])
+        e2, _ = m(v2)
+        assert (e2[:, 3 * N:] - emb[:, 3 * N:]).abs().max() > 1e-3
+
+
+def test_bad_video_errors():
+    m = tiny()
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        m(torch.rand(1, 2, 13, 12, 3))
+    with pytest.raises(ValueError, match=r"\[B, T, H, W, 3\]"):
+        m(torch.rand(1, 2, 3, 12, 12))
+    with pytest.raises(ValueError, match="frame_paddings"):
+        m(torch.rand(1, 2, 12, 12, 3), torch.zeros(1, 3))
+
+
+def test_clip_text_tower_causal_and_odd_dims():
+    m = tiny("videoprism_lvt_v1_base")
+    ids = torch.randint(0, 50, (2, 6))
+    pad = torch.zeros(2, 6)
+    pad[0, 4:] = 1
+    with torch.no_grad():
+        _, t, _ = m(None, ids, pad)
+        # Causal: the text embedding (class token, last) sees every valid token; changing a
+        # padded slot's id changes nothing, changing a valid one changes it.
+        ids2 = ids.clone()
+        ids2[0, 5] = (ids2[0, 5] + 1) % 50
+        _, t2, _ = m(None, ids2, pad)
+        ids3 = ids.clone()
+        ids3[0, 1] = (ids3[0, 1] + 1) % 50
+        _, t3, _ = m(None, ids3, pad)
+    assert t.shape == (2, 30)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(t2, t, rtol=0, atol=1e-6)
+    assert (t3 - t).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", ["videoprism_v1_base", "videoprism_lvt_v1_base"])
+def test_compile_fullgraph_no_graph_break(name):
+    m = tiny(name)
+    video = torch.rand(2, 3, 12, 12, 3)
+    args = (video,) if "lvt" not in name else (video, torch.randint(0, 50, (2, 5)), torch.zeros(2, 5))
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got, want = compiled(*args), m(*args)
+    for g, w in zip(got[:2], want[:2]):
+        if isinstance(g, torch.Tensor):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,13 @@ from_official, load_flax_checkpoint, save_safetensors, load_safetensors.
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from videoprism import _C  # noqa: F401  (registers the native ops in torch.ops.videoprism)
-from videoprism.checkpoint import CheckpointError, load_flax_checkpoint, load_safetensors, save_safetensors
+from videoprism.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_flax_checkpoint,
+    load_safetensors,
+    save_safetensors,
+)
 from videoprism.classifier import FactorizedVideoClassifier
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.config import CLIPConfig, ClassifierConfig, EncoderConfig
@@ -16,5 +22,5 @@ from videoprism.models import build_model, from_official
 __all__ = [
     "FactorizedEncoder", "FactorizedVideoCLIP", "FactorizedVideoClassifier", "EncoderConfig", "CLIPConfig",
     "ClassifierConfig", "from_official", "build_model", "load_flax_checkpoint", "save_safetensors",
-    "load_safetensors", "CheckpointError",
+    "load_safetensors", "load_checkpoint", "CheckpointError",
 ]

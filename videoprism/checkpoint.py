@@ -245,3 +245,12 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
     assign = any(t.is_meta for t in own.values())
     model.load_state_dict(state, strict=True, assign=assign)
     return model
+
+
+def load_checkpoint(path: str, model: nn.Module) -> nn.Module:
+    """Load weights by file type: an official Flax `.npz` or our `.safetensors`."""
+    if path.endswith(".npz"):
+        return load_flax_checkpoint(path, model)
+    if path.endswith(".safetensors"):
+        return load_safetensors(path, model)
+    raise CheckpointError(f"{path}: unknown checkpoint type; expected an official .npz or a .safetensors file")

@@ -1,0 +1,39 @@
+# Set-up and entry points. `make demo` and `make test` each do all set-up on a fresh clone.
+#
+#   make setup      .venv with torch, the package (editable) and the compiled extension
+#   make demo       the main job on the embedded synthetic data (CPU, two cores)
+#   make test       the test suite (GPU tests skip without a GPU)
+#   make bench-cpu  the CPU benchmarks (JSON under bench/results/)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Our machines take this build from a local wheel cache; any torch >= 2.11 works.
+TORCH_SPEC ?= torch==2.14.1
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-gpu bench-cpu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,dali]"
+	touch $@
+
+demo: setup
+	$(BIN)/python -m train.demo
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -ra -m gpu
+
+bench-cpu: setup
+	$(BIN)/python -m bench.encoder
+
+clean:
+	rm -rf build videoprism/_C*.so *.egg-info

@@ -1,0 +1,65 @@
+"""Encoder forward throughput: eager vs torch.compile, per attention backend.
+
+    python -m bench.encoder                         # CPU: base, [1, 16, 288, 288, 3] fp32
+    python -m bench.encoder --device cuda --dtype bfloat16 --batch 8 --backends sdpa,triton,flex
+
+Prints device, shapes, dtype, median and spread (p20-p80) per row, the FLOPs of one
+forward (videoprism/flops.py, the formula the trainer's MFU uses) and the achieved share
+of the card's measured matmul peak; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import videoprism as vp
+from bench.common import Report, measure_peaks, timeit
+from videoprism.flops import encoder_flops
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="videoprism_v1_base", help="official encoder name")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=288)
+    p.add_argument("--backends", default="reference", help="comma-separated attention backends")
+    p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats on the CPU (the GPU uses do_bench)")
+    p.add_argument("--out", default="bench/results/encoder_cpu.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = (args.batch, args.frames, args.resolution, args.resolution, 3)
+    torch.manual_seed(0)
+    video = torch.rand(shape, device=device)
+    peaks = measure_peaks(device)
+    report = Report("encoder forward", str(device), meta={"model": args.model, "shape": list(shape),
+                                                          "dtype": args.dtype, **peaks})
+    for backend in args.backends.split(","):
+        model = vp.from_official(args.model, attention_backend=backend, device=device, dtype=dtype).eval()
+        cfg = model.config
+        n = (args.resolution // cfg.patch_size) ** 2
+        flops = encoder_flops(cfg, args.batch, args.frames, n)
+        for mode in args.modes.split(","):
+            fn = torch.compile(model) if mode == "compile" else model
+            with torch.no_grad():
+                t = timeit(lambda: fn(video.to(dtype)), device, warmup=2, reps=args.reps)
+            tflops = flops / (t.median_ms * 1e-3) / 1e12
+            report.add(t, backend=backend, mode=mode, gflop=round(flops / 1e9, 1),
+                       tflops=round(tflops, 3), pct_peak=round(100 * tflops / peaks["matmul_tflops"], 1),
+                       clips_per_s=round(args.batch / (t.median_ms * 1e-3), 3))
+    report.show()
+    rows = {(r["backend"], r["mode"]): r["ms"] for r in report.rows}
+    for backend in args.backends.split(","):
+        if (backend, "eager") in rows and (backend, "compile") in rows:
+            print(f"{backend}: compile speed-up over eager {rows[(backend, 'eager')] / rows[(backend, 'compile')]:.2f}x")
+    report.save(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""`videoprism` command line: embed videos, convert official checkpoints, data tools.
+
+    videoprism embed VIDEO... --model NAME [--checkpoint X] [--num-frames T] --out FILE.npy
+    videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
+    videoprism data {index,synth} ...
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _build(name: str, checkpoint: str | None, *, num_classes: int | None, device: str, backend: str | None):
+    import videoprism as vp
+
+    overrides = {"attention_backend": backend}
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    if checkpoint is None:
+        print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
+              f".safetensors for real features)", file=sys.stderr)
+        model = vp.from_official(name, **overrides)
+    else:
+        model = vp.load_checkpoint(checkpoint, vp.from_official(name, device="meta", **overrides))
+    return model.to(device).eval()
+
+
+def cmd_embed(args) -> int:
+    import videoprism as vp
+    from tqdm import tqdm
+
+    from videoprism.data import BadVideoError, read_clip
+
+    ext = os.path.splitext(args.out)[1]
+    if ext not in (".npy", ".safetensors"):
+        raise SystemExit(f"--out {args.out}: must end in .npy or .safetensors")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = _build(args.model, args.checkpoint, num_classes=None, device=device, backend=args.attention_backend)
+    cfg = model.config
+    num_frames = args.num_frames or cfg.pos_emb_shape[0]
+    resolution = args.resolution or cfg.patch_size * cfg.pos_emb_shape[1]
+    if resolution % cfg.patch_size:
+        raise SystemExit(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
+    is_clip = isinstance(model, vp.FactorizedVideoCLIP)
+
+    embeddings, names, skipped = [], [], []
+    t0 = time.perf_counter()
+    bar = tqdm(args.videos, unit="clip", desc="embed", disable=args.quiet)
+    for path in bar:
+        try:
+            clip = read_clip(path, num_frames, resolution)
+        except BadVideoError as e:
+            if not args.skip_bad:
+                bar.close()
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            skipped.append(str(e))
+            continue
+        with torch.no_grad():
+            video = clip[None].to(device)
+            if is_clip:
+                emb, _, _ = model(video)
+            else:
+                emb, _ = model(video)
+                if args.pool == "mean":
+                    emb = emb.mean(dim=1)
+        embeddings.append(emb[0].float().cpu())
+        names.append(path)
+        bar.set_postfix(clips_per_s=f"{len(names) / (time.perf_counter() - t0):.2f}")
+    bar.close()
+    for s in skipped:
+        print(f"skipped: {s}", file=sys.stderr)
+    if not embeddings:
+        print("error: no video could be decoded", file=sys.stderr)
+        return 1
+    out = torch.stack(embeddings)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if ext == ".npy":
+        np.save(args.out, out.numpy())
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"embeddings": out.contiguous()}, args.out, metadata={"videos": "\n".join(names),
+                                                                        "model": args.model})
+    print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
+          f"{num_frames} frames at {resolution}x{resolution}, {args.model})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import videoprism as vp
+
+    model = vp.from_official(args.model, device="meta",
+                             **({"num_classes": args.num_classes} if args.num_classes else {}))
+    vp.load_flax_checkpoint(args.checkpoint, model)
+    vp.save_safetensors(model, args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.out}: {type(model).__name__} {args.model}, {n / 1e6:.1f}M parameters")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from videoprism.config import CONFIGS
+
+    names = ", ".join(sorted(CONFIGS))
+    p = argparse.ArgumentParser(prog="videoprism", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("embed", help="embed video files with a VideoPrism model",
+                       description="Decode each video, sample --num-frames frames uniformly, resize the shorter side "
+                                   "and centre-crop to the model resolution, and write one embedding per video: the "
+                                   "token embeddings [T*N, D] of an encoder (or their mean with --pool mean), or the "
+                                   "L2-normalised video embedding [D] of an LvT model.")
+    e.add_argument("videos", nargs="+", help="video files (any container/codec FFmpeg decodes)")
+    e.add_argument("--model", default="videoprism_public_v1_base", help=f"official model name ({names})")
+    e.add_argument("--checkpoint", help="weights: an official Flax .npz or our .safetensors (random if omitted)")
+    e.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
+    e.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
+    e.add_argument("--pool", choices=("none", "mean"), default="none", help="encoder models: average the tokens")
+    e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    e.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")
+    e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_embed)
+
+    c = sub.add_parser("convert", help="convert an official Flax .npz checkpoint to safetensors",
+                       description="Read an official checkpoint (e.g. flax_base_f16r288_repeated.npz) strictly "
+                                   "into the named model and write our safetensors (weights + config).")
+    c.add_argument("checkpoint", help="official .npz file")
+    c.add_argument("--model", required=True, help=f"official model name ({names})")
+    c.add_argument("--num-classes", type=int, help="classifier models only")
+    c.add_argument("--out", required=True, help="output .safetensors")
+    c.set_defaults(func=cmd_convert)
+
+    from videoprism.data.cli import register
+
+    register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import videoprism as vp
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (vp.CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Errors of the data layer and the skip-and-count budget for bad samples (DESIGN 7).
+
+A bad sample (missing, empty, truncated, non-video or unsupported file, too few frames, bad manifest line, bad
+caption) is skipped and recorded with its path and reason; a run stops only when the skipped share passes a
+configured limit, with an error that says how many, which ones and how to raise the limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class BadVideoError(ValueError):
+    """A video file that cannot give the requested frames. `str()` is one line: the file and the reason."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class BadSampleError(ValueError):
+    """A manifest line or caption that cannot be used (`str()` names the source, the line and the reason)."""
+
+    def __init__(self, where: str, reason: str):
+        self.path = where
+        self.reason = reason
+        super().__init__(f"{where}: {reason}")
+
+
+class TooManyBadSamplesError(RuntimeError):
+    """The share of skipped samples passed `max_bad_share`."""
+
+
+@dataclass
+class BadSampleBudget:
+    """Counts skipped samples against a share of `total` (the samples planned for one pass).
+
+    The check is `bad > max_share * total` on the running count, so it trips as soon as the pass is certain to end
+    past the share (no false alarm early in a pass, no waiting until its end either).
+    """
+
+    total: int
+    max_share: float = 0.01
+    what: str = "samples"
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_share <= 1.0:
+            raise ValueError(f"max_bad_share must be in [0, 1], got {self.max_share}; 0.01 allows 1% bad {self.what}")
+
+    @property
+    def bad(self) -> int:
+        return len(self.rejects)
+
+    def skip(self, path: str, reason: str) -> None:
+        self.rejects.append((str(path), reason))
+        if self.bad > self.max_share * self.total:
+            shown = "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:])
+            raise TooManyBadSamplesError(
+                f"{self.bad} of {self.total} {self.what} are bad ({self.bad / max(self.total, 1):.1%} > max_bad_share "
+                f"{self.max_share:.1%}); last: {shown}. Clean the data with `videoprism data index MANIFEST --out "
+                f"CLEAN.jsonl` or raise max_bad_share.")
+
+    def state_dict(self) -> dict:
+        return {"rejects": [list(r) for r in self.rejects]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rejects = [tuple(r) for r in state["rejects"]]

@@ -1,0 +1,238 @@
+"""The training / evaluation loader: sharded, seeded, resumable, robust to bad samples.
+
+    loader = build_loader("data/train.jsonl", num_frames=16, resolution=288, batch_size=8, train=True, seed=0,
+                          rank=0, world_size=1, tokenizer="data/spm.model", backend="auto", num_workers=2)
+    for batch in loader:          # one epoch from the current position
+        batch["video"]            # uint8 [B, T, R, R, 3] (on the GPU with the DALI GPU backend)
+        batch["text_ids"]         # int64 [B, 64]
+        batch["text_paddings"]    # float32 [B, 64], 1.0 = padding
+        batch["label"] / batch["label_<name>"]  # int64 [B] when the manifest has labels (-1 where missing)
+        batch["caption"], batch["path"], batch["dataset"]  # lists of str; batch["index"]: int64 [B] sample ids
+    state = loader.state_dict()   # {"epoch", "position", "rejects"}: save it with the checkpoint
+    loader.load_state_dict(state) # the next iteration yields exactly the batches that would have come next
+
+Order: the samples of epoch e are permuted by a generator seeded with (seed, e) (identity when `train=False`);
+rank r of w takes every w-th sample from r (a training epoch first drops the tail so every rank gets the same
+count). Each sample's transform is drawn from (seed, e, sample id), so the batches depend only on the seed and
+the position, never on `num_workers` or the decoder.
+
+Decoders, per file: `backend="pyav"` decodes with PyAV (the fastest CPU decoder measured here, see decode.py);
+`backend="dali"` runs the DALI graph (dali_pipeline.py) on the GPU when `device` is CUDA, else on the CPU, for the
+files whose codec DALI takes on that device, and PyAV for the others; `backend="auto"` is DALI on a GPU when DALI
+is installed, else PyAV.
+
+Bad samples (missing, empty, truncated, corrupt, non-video, unsupported, too few frames; bad manifest lines) are
+skipped and recorded (`loader.rejects`: (name, reason)); `TooManyBadSamplesError` stops the run when the skipped
+share of an epoch passes `max_bad_share` (default 1%).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decode import decode_clip
+from .errors import BadSampleBudget, BadVideoError
+from .manifest import Sample, read_source
+from .text import Tokenizer
+from .transforms import Augment
+
+BACKENDS = ("auto", "pyav", "dali")
+
+
+@dataclass
+class _Item:
+    """One decoded sample (`video`) or the reason it was skipped (`bad`)."""
+
+    pos: int  # position in this rank's epoch order
+    sample_id: int
+    video: torch.Tensor | None = None
+    bad: str | None = None
+
+
+def _identity(x):
+    return x
+
+
+class _PyAVItems(torch.utils.data.Dataset):
+    """Position j of the epoch order -> `_Item`, decoded with PyAV (runs in DataLoader workers)."""
+
+    def __init__(self, loader: "VideoTextLoader", order: np.ndarray, epoch: int, threads: int):
+        self.loader, self.order, self.epoch, self.threads = loader, order, epoch, threads
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, pos: int) -> _Item:
+        sid = int(self.order[pos])
+        s = self.loader.samples[sid]
+        try:
+            video = decode_clip(s.source(), self.loader.num_frames, self.loader.resolution,
+                                self.loader.augment(self.epoch, sid), start=s.start, end=s.end, name=s.name,
+                                threads=self.threads)
+        except BadVideoError as e:
+            return _Item(pos, sid, bad=e.reason)
+        except OSError as e:  # the file vanished or cannot be read between listing and decoding
+            return _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
+        return _Item(pos, sid, video=video)
+
+
+class VideoTextLoader:
+    def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
+                 seed: int, rank: int, world_size: int, tokenizer: Tokenizer, backend: str, device: torch.device,
+                 num_workers: int, max_bad_share: float, drop_last: bool, source_rejects=()):
+        self.samples = samples
+        self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
+        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
+        self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
+        self.max_bad_share, self.drop_last = max_bad_share, drop_last
+        self.source_rejects = list(source_rejects)
+        self.epoch, self.position = 0, 0
+        self._budget = self._new_budget()
+        self._committed = 0  # rejects of this epoch up to `position` (the ones a resume must not count twice)
+        self._dali = None
+        if backend == "auto":
+            backend = "dali" if device.type == "cuda" and _dali_available() else "pyav"
+        self.backend = backend
+
+    # ---- order and transforms ------------------------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Sample ids this rank reads in `epoch`, in order."""
+        n = len(self.samples)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        if self.train:
+            order = order[: n - n % self.world_size]
+        return order[self.rank::self.world_size]
+
+    def augment(self, epoch: int, sample_id: int) -> Augment:
+        if not self.train:
+            return Augment()
+        return Augment.draw(np.random.default_rng([self.seed, epoch, sample_id, 1]))
+
+    def __len__(self) -> int:
+        """Batches per epoch when no sample is bad."""
+        n = len(self.epoch_order(self.epoch))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def rejects(self) -> list[tuple[str, str]]:
+        """(name, reason) of every sample skipped in this epoch so far (manifest lines: `source_rejects`)."""
+        return list(self._budget.rejects)
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def _new_budget(self) -> BadSampleBudget:
+        return BadSampleBudget(total=len(self.epoch_order(self.epoch)), max_share=self.max_bad_share,
+                               what=f"samples of epoch {self.epoch} on rank {self.rank}")
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
+                "world_size": self.world_size, "rejects": [list(r) for r in self._budget.rejects[: self._committed]]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "rank"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"data state was saved with {key}={state[key]}, this loader has "
+                                 f"{key}={getattr(self, key)}; resume with the same {key}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._budget = self._new_budget()
+        self._budget.load_state_dict({"rejects": state["rejects"]})
+        self._committed = self._budget.bad
+
+    # ---- iteration -------------------------------------------------------------------------------------------
+    def __iter__(self):
+        order = self.epoch_order(self.epoch)
+        items = self._pyav_items(order) if self.backend == "pyav" else self._dali_items(order)
+        pending: list[_Item] = []
+        for item in items:
+            if item.bad is not None:
+                self._budget.skip(self.samples[item.sample_id].name, item.bad)
+                continue
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                self.position, self._committed = item.pos + 1, self._budget.bad
+                yield self._collate(pending)
+                pending = []
+        if pending and not self.drop_last:
+            self.position, self._committed = len(order), self._budget.bad
+            yield self._collate(pending)
+        self.epoch, self.position = self.epoch + 1, 0
+        self._budget, self._committed = self._new_budget(), 0
+
+    def _pyav_items(self, order: np.ndarray):
+        # One decoder thread per worker: the workers already fill the cores.
+        threads = 1 if self.num_workers > 0 else 0
+        dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads),
+                                         sampler=range(self.position, len(order)), batch_size=None,
+                                         collate_fn=_identity, num_workers=self.num_workers,
+                                         prefetch_factor=4 if self.num_workers > 0 else None)
+        yield from dl
+
+    def _dali_items(self, order: np.ndarray):
+        from .dali_pipeline import DaliClips
+
+        if self._dali is None:
+            self._dali = DaliClips(batch_size=self.batch_size, num_frames=self.num_frames,
+                                   resolution=self.resolution, device=self.device,
+                                   num_threads=max(1, self.num_workers or os.cpu_count() or 1))
+        fallback = _PyAVItems(self, order, self.epoch, threads=0)
+        for lo in range(self.position, len(order), self.batch_size):
+            chunk = list(range(lo, min(lo + self.batch_size, len(order))))
+            yield from self._dali.decode_items(
+                [(pos, int(order[pos]), self.samples[int(order[pos])], self.augment(self.epoch, int(order[pos])))
+                 for pos in chunk], fallback)
+
+    def _collate(self, items: list[_Item]) -> dict:
+        samples = [self.samples[i.sample_id] for i in items]
+        captions = [s.caption for s in samples]
+        ids, paddings = self.tokenizer(captions)
+        video = torch.stack([i.video.to(self.device) for i in items])
+        batch = {"video": video, "text_ids": ids, "text_paddings": paddings, "caption": captions,
+                 "path": [s.name for s in samples], "dataset": [s.dataset for s in samples],
+                 "index": torch.tensor([i.sample_id for i in items], dtype=torch.int64)}
+        if any(isinstance(s.label, int) for s in samples):
+            batch["label"] = torch.tensor([s.label if isinstance(s.label, int) else -1 for s in samples])
+        keys = sorted({k for s in samples if isinstance(s.label, dict) for k in s.label})
+        for k in keys:
+            batch[f"label_{k}"] = torch.tensor([s.label.get(k, -1) if isinstance(s.label, dict) else -1
+                                                for s in samples])
+        return batch
+
+
+def _dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, train: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str, backend: str = "auto",
+                 device: torch.device | str = "cpu", num_workers: int = 0, max_bad_share: float = 0.01,
+                 drop_last: bool | None = None) -> VideoTextLoader:
+    """A `VideoTextLoader` over a .jsonl manifest or a list of WebDataset .tar shards (see the module docstring).
+
+    `drop_last` defaults to `train`. Bad manifest lines count against `max_bad_share` of the lines when reading.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "dali" and not _dali_available():
+        raise ImportError("backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or the `dali` extra), "
+                          "or use backend='pyav'")
+    for name, value, lo in (("num_frames", num_frames, 1), ("resolution", resolution, 1),
+                            ("batch_size", batch_size, 1), ("world_size", world_size, 1), ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = Tokenizer(tokenizer)
+    samples, rejects = read_source(source, max_bad_share=max_bad_share)
+    if len(samples) < world_size:
+        raise ValueError(f"{len(samples)} samples cannot be sharded over world_size={world_size} ranks")
+    return VideoTextLoader(samples, num_frames=num_frames, resolution=resolution, batch_size=batch_size, train=train,
+                           seed=seed, rank=rank, world_size=world_size, tokenizer=tokenizer, backend=backend,
+                           device=torch.device(device), num_workers=num_workers, max_bad_share=max_bad_share,
+                           drop_last=train if drop_last is None else drop_last, source_rejects=rejects)

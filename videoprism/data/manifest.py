@@ -1,0 +1,194 @@
+"""Data sources: a JSONL manifest or WebDataset tar shards, read into a list of `Sample`s.
+
+Manifest line (JSON object, UTF-8):
+    {"path": "clips/a.webm", "caption": "a red circle moves left", "dataset": "synth",
+     "start": 1.5, "end": 4.0, "label": 3}
+`path` is required (relative paths resolve against the manifest's folder), `caption` is required and non-empty,
+`start`/`end` (seconds) select a window, `label` is an int or a dict of ints (e.g. {"colour": 2, "shape": 0}).
+`offset`/`size` (bytes) make `path` a byte range, as `videoprism data index` writes for WebDataset members. A clean
+manifest from `index` also carries the probe fields (`codec`, `frames`, `fps`, `width`, `height`, `duration`).
+
+WebDataset shard: a tar whose members are grouped by key (the name up to the first "."): one video member (.mp4,
+.webm, .mkv, .avi, .mov, .m4v), a `.txt` caption and optionally a `.json` object with start/end/label/dataset.
+
+Bad lines or members (bad JSON, missing path, empty or non-UTF-8 caption, ...) are skipped and reported; reading
+stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+
+from .errors import BadSampleBudget
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration")
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # absolute path of the video file (or of the tar holding it)
+    caption: str
+    dataset: str = ""
+    start: float | None = None
+    end: float | None = None
+    label: int | dict | None = None
+    offset: int | None = None  # byte range of the video inside `path` (WebDataset member)
+    size: int | None = None
+    probe: dict = field(default_factory=dict, compare=False)  # index fields of a clean manifest
+    extra: dict = field(default_factory=dict, compare=False)  # other fields of the line, kept by `index`
+
+    @property
+    def name(self) -> str:
+        """How errors and reports name the sample."""
+        return self.path if self.offset is None else f"{self.path}@{self.offset}+{self.size}"
+
+    def source(self) -> str | bytes:
+        """The path to open, or the bytes of a member of a tar."""
+        if self.offset is None:
+            return self.path
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def to_record(self, base: str | None = None) -> dict:
+        """The manifest line of this sample (paths relative to `base` when given)."""
+        rec = dict(self.extra)
+        rec["path"] = os.path.relpath(self.path, base) if base else self.path
+        rec["caption"] = self.caption
+        for key in ("dataset", "start", "end", "label", "offset", "size"):
+            value = getattr(self, key)
+            if value not in (None, ""):
+                rec[key] = value
+        rec.update(self.probe)
+        return rec
+
+
+def _number(rec: dict, key: str) -> float | None:
+    value = rec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"'{key}' must be a non-negative number of seconds, got {value!r}")
+    return float(value)
+
+
+def _label(value):
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        return dict(value)
+    raise ValueError(f"'label' must be an int or a dict of ints, got {value!r}")
+
+
+def sample_from_record(rec, base: str) -> Sample:
+    """Validate one manifest object; raises ValueError naming the field, the value and what is expected."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"a line must be a JSON object, got {type(rec).__name__}")
+    path = rec.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"'path' must be a non-empty string, got {path!r}")
+    caption = rec.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"'caption' must be a non-empty string, got {caption!r}")
+    start, end = _number(rec, "start"), _number(rec, "end")
+    if start is not None and end is not None and end <= start:
+        raise ValueError(f"'end' ({end}) must be after 'start' ({start})")
+    offset, size = rec.get("offset"), rec.get("size")
+    if (offset is None) != (size is None) or any(v is not None and (not isinstance(v, int) or v < 0)
+                                                 for v in (offset, size)):
+        raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {offset!r}, "
+                         f"{size!r}")
+    dataset = rec.get("dataset", "")
+    if not isinstance(dataset, str):
+        raise ValueError(f"'dataset' must be a string, got {dataset!r}")
+    known = {"path", "caption", "dataset", "start", "end", "label", "offset", "size", *PROBE_FIELDS}
+    return Sample(path=os.path.normpath(os.path.join(base, path)), caption=caption, dataset=dataset, start=start,
+                  end=end, label=_label(rec.get("label")), offset=offset, size=size,
+                  probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
+                  extra={k: v for k, v in rec.items() if k not in known})
+
+
+def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest {path!r} does not exist; pass a .jsonl file (one JSON object per line) "
+                                "or WebDataset .tar shards")
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, "rb") as f:
+        lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
+    budget = BadSampleBudget(total=len(lines), max_share=max_bad_share, what=f"lines of {path}")
+    samples = []
+    for n, raw in lines:
+        try:
+            samples.append(sample_from_record(json.loads(raw.decode("utf-8")), base))
+        except UnicodeDecodeError as e:
+            budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
+        except json.JSONDecodeError as e:
+            budget.skip(f"{path}:{n}", f"bad JSON ({e.msg} at column {e.colno})")
+        except ValueError as e:
+            budget.skip(f"{path}:{n}", str(e))
+    if not samples:
+        raise ValueError(f"manifest {path!r} has no usable line ({budget.bad} rejected)")
+    return samples, budget.rejects
+
+
+def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Samples of WebDataset tar shards (one per key) and the rejected keys as (`TAR:KEY`, reason)."""
+    groups: list[tuple[str, str, dict]] = []
+    for tar_path in paths:
+        if not os.path.isfile(tar_path):
+            raise FileNotFoundError(f"shard {tar_path!r} does not exist")
+        tar_path = os.path.abspath(tar_path)
+        by_key: dict[str, dict] = {}
+        with tarfile.open(tar_path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base = os.path.basename(m.name)
+                key, _, ext = base.partition(".")
+                entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
+                ext = "." + ext.lower()
+                if ext in VIDEO_EXTENSIONS:
+                    entry["video"] = (m.offset_data, m.size)
+                elif ext in (".txt", ".json"):
+                    entry[ext] = tar.extractfile(m).read()
+        groups.extend((tar_path, k, v) for k, v in by_key.items())
+    budget = BadSampleBudget(total=len(groups), max_share=max_bad_share, what="shard samples")
+    samples = []
+    for tar_path, key, entry in groups:
+        try:
+            samples.append(_shard_sample(tar_path, entry))
+        except UnicodeDecodeError as e:
+            budget.skip(f"{tar_path}:{key}", f"caption or json not UTF-8 ({e.reason} at byte {e.start})")
+        except (ValueError, json.JSONDecodeError) as e:
+            budget.skip(f"{tar_path}:{key}", str(e))
+    if not samples:
+        raise ValueError(f"shards {paths} hold no usable sample ({budget.bad} rejected)")
+    return samples, budget.rejects
+
+
+def _shard_sample(tar_path: str, entry: dict) -> Sample:
+    if "video" not in entry:
+        raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")
+    if ".txt" not in entry:
+        raise ValueError("no .txt caption member")
+    rec = json.loads(entry[".json"].decode("utf-8")) if ".json" in entry else {}
+    if not isinstance(rec, dict):
+        raise ValueError("the .json member must hold an object")
+    offset, size = entry["video"]
+    rec.update(path=tar_path, caption=entry[".txt"].decode("utf-8").strip(), offset=offset, size=size)
+    return sample_from_record(rec, os.path.dirname(tar_path))
+
+
+def read_source(source: str | list[str], *, max_bad_share: float = 0.01):
+    """A manifest (.jsonl) or a list of shards (.tar), chosen by extension."""
+    paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    paths = [os.fspath(p) for p in paths]
+    if paths and all(p.endswith(".tar") for p in paths):
+        return read_shards(paths, max_bad_share=max_bad_share)
+    if len(paths) == 1:
+        return read_manifest(paths[0], max_bad_share=max_bad_share)
+    raise ValueError(f"data source must be one .jsonl manifest or a list of .tar shards, got {paths}")

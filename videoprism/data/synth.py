@@ -1,0 +1,160 @@
+"""Embedded synthetic video-text data (DESIGN 7): coloured shapes moving in captioned directions.
+
+Each clip shows a main shape (colour, shape) that moves left, right, up or down across a textured background and
+a second shape that grows, shrinks or stays still; the caption names both ("a red circle moves left while a blue
+square grows"), so retrieval and probes measure appearance and motion. Clips are real encoded files (VP9 in WebM
+by default, H.264 in MP4 on request) written with PyAV, so they go through the same decoders as real data.
+
+`generate(out_dir, num, seed=0, codec="vp9")` writes
+    out_dir/clips/000000.webm ...
+    out_dir/train.jsonl, out_dir/val.jsonl   (path, caption, dataset="synth", label={colour, shape, direction})
+    out_dir/spm.model                        (SentencePiece trained on the canonical captions; pad 0, eos 1, unk 2,
+                                              no BOS, like the official c4_en model)
+    out_dir/synth.json                       (class names per label, file names, settings)
+Everything is a function of the seed: one generator per clip keyed by (seed, clip), single-threaded encoders.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import av
+import numpy as np
+
+from .text import canonicalize_text
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
+           "white": (240, 240, 240), "purple": (150, 60, 200)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+ACTIONS = {"grows": 1.7, "shrinks": 0.5, "stays still": 1.0}  # final / initial size of the second shape
+VERBS = ("moves", "slides", "travels")
+CODECS = {"vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0",
+                                          "threads": "1", "row-mt": "0"}),
+          "h264": ("libx264", "mp4", {"preset": "ultrafast", "crf": "23", "threads": "1"})}
+VAL_EVERY = 10  # clip i goes to val when i % VAL_EVERY == VAL_EVERY - 1
+
+
+def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    # Upward triangle inscribed in the same box: half-width grows linearly from the apex.
+    return (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+
+
+def _clip_spec(seed: int, i: int) -> dict:
+    rng = np.random.default_rng([seed, i])
+    c1, c2 = rng.choice(len(COLOURS), 2, replace=False)
+    s1, s2 = rng.integers(len(SHAPES), size=2)
+    return {"colour": int(c1), "shape": int(s1), "direction": int(rng.integers(len(DIRECTIONS))),
+            "colour2": int(c2), "shape2": int(s2), "action": int(rng.integers(len(ACTIONS))),
+            "verb": int(rng.integers(len(VERBS))), "rng": rng}
+
+
+def caption_of(spec: dict) -> str:
+    names = list(COLOURS), list(DIRECTIONS), list(ACTIONS)
+    return (f"a {names[0][spec['colour']]} {SHAPES[spec['shape']]} {VERBS[spec['verb']]} "
+            f"{names[1][spec['direction']]} while a {names[0][spec['colour2']]} {SHAPES[spec['shape2']]} "
+            f"{names[2][spec['action']]}")
+
+
+def render(spec: dict, size: int, num_frames: int) -> np.ndarray:
+    """uint8 [num_frames, size, size, 3] frames of one clip."""
+    rng = spec["rng"]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    base = rng.integers(20, 70, size=3)
+    background = np.clip(base + rng.normal(0, 12, size=(size, size, 3)), 0, 255).astype(np.uint8)
+    dx, dy = DIRECTIONS[list(DIRECTIONS)[spec["direction"]]]
+    r1 = size * rng.uniform(0.10, 0.15)
+    # The main shape travels 60% of the frame along its direction, centred on a random point of the other axis.
+    other = rng.uniform(0.25, 0.75) * size
+    path = np.linspace(0.2, 0.8, num_frames) * size
+    if dx + dy < 0:
+        path = path[::-1]
+    r2_0 = size * rng.uniform(0.08, 0.12)
+    grow = list(ACTIONS.values())[spec["action"]]
+    c2y, c2x = rng.uniform(0.2, 0.8, size=2) * size
+    col1, col2 = (np.array(list(COLOURS.values())[spec[k]], np.uint8) for k in ("colour", "colour2"))
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for t in range(num_frames):
+        f = background.copy()
+        r2 = r2_0 * grow ** (t / max(num_frames - 1, 1))
+        f[_mask(SHAPES[spec["shape2"]], yy, xx, c2y, c2x, r2)] = col2
+        cy, cx = (other, path[t]) if dx else (path[t], other)
+        f[_mask(SHAPES[spec["shape"]], yy, xx, cy, cx, r1)] = col1
+        frames[t] = f
+    return frames
+
+
+def encode(frames: np.ndarray, path: str, codec: str, fps: int) -> None:
+    """Write RGB frames as a real video file with PyAV (no ffmpeg binary needed)."""
+    name, fmt, options = CODECS[codec]
+    # bitexact: no random segment UID or library version strings, so a seed gives the same bytes.
+    with av.open(path, "w", format=fmt, container_options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(name, rate=fps, options={**options, "flags": "+bitexact"})
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _make_clip(args) -> dict:
+    out_dir, i, seed, codec, size, num_frames, fps = args
+    spec = _clip_spec(seed, i)
+    rel = os.path.join("clips", f"{i:06d}.{CODECS[codec][1]}")
+    encode(render(spec, size, num_frames), os.path.join(out_dir, rel), codec, fps)
+    return {"path": rel, "caption": caption_of(spec), "dataset": "synth",
+            "label": {k: spec[k] for k in ("colour", "shape", "direction")}}
+
+
+def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> None:
+    """SentencePiece BPE model on the canonical captions, ids laid out like c4_en (pad 0, eos 1, unk 2)."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([canonicalize_text(c) for c in captions]),
+                                   model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    with open(model_path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size: int = 96, num_frames: int = 16,
+             fps: int = 8, workers: int | None = None) -> dict:
+    """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict."""
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    for name, value, lo in (("num", num, 1), ("size", size, 16), ("num_frames", num_frames, 1), ("fps", fps, 1)):
+        if not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if size % 2:
+        raise ValueError(f"size must be even (4:2:0 chroma), got {size}")
+    os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
+    jobs = [(out_dir, i, seed, codec, size, num_frames, fps) for i in range(num)]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            records = list(pool.map(_make_clip, jobs, chunksize=8))
+    else:
+        records = [_make_clip(j) for j in jobs]
+    splits = {"train": [r for i, r in enumerate(records) if i % VAL_EVERY != VAL_EVERY - 1],
+              "val": [r for i, r in enumerate(records) if i % VAL_EVERY == VAL_EVERY - 1]}
+    for split, recs in splits.items():
+        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in recs)
+    train_spm([r["caption"] for r in records], os.path.join(out_dir, "spm.model"))
+    meta = {"num": num, "seed": seed, "codec": codec, "size": size, "num_frames": num_frames, "fps": fps,
+            "train": "train.jsonl", "val": "val.jsonl", "spm_model": "spm.model",
+            "num_train": len(splits["train"]), "num_val": len(splits["val"]),
+            "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}}
+    with open(os.path.join(out_dir, "synth.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta

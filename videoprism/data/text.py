@@ -1,0 +1,60 @@
+"""Caption tokenization as the official VideoPrism text encoder expects it (golden NOTES 7).
+
+`canonicalize_text`: every ASCII punctuation character becomes a space, lower case, single spaces between words, a
+final ".". `Tokenizer.encode`: SentencePiece pieces of the canonical text, a BOS id first only when the model has one
+(`bos_id >= 0`; the official c4_en model has none), no EOS, truncated to `max_length` (64), right-padded with id 0;
+`paddings` is 1.0 at padded positions and 0.0 at real tokens.
+"""
+from __future__ import annotations
+
+import os
+import string
+
+import torch
+
+MAX_TEXT_LENGTH = 64
+_PUNCT_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
+
+
+def canonicalize_text(text: str) -> str:
+    """"Hello,World.." -> "hello world." (the official preprocessing, applied before SentencePiece)."""
+    return " ".join(text.translate(_PUNCT_TO_SPACE).lower().split()) + "."
+
+
+class Tokenizer:
+    """SentencePiece tokenizer producing `(ids int64 [B, L], paddings float32 [B, L])`."""
+
+    def __init__(self, model_path: str | os.PathLike, max_length: int = MAX_TEXT_LENGTH):
+        import sentencepiece as spm
+
+        model_path = os.fspath(model_path)
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist; pass the path of a .model "
+                                    "file (`videoprism data synth` writes DIR/spm.model)")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.model_path = model_path
+        self.max_length = max_length
+        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode_one(self, text: str) -> list[int]:
+        """Ids of one caption, BOS-prefixed when the model has a BOS, truncated to `max_length`, not padded."""
+        ids = self._sp.encode(canonicalize_text(text))
+        if self._sp.bos_id() >= 0:
+            ids = [self._sp.bos_id()] + ids
+        return ids[: self.max_length]
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            raise TypeError("Tokenizer takes a list of captions, got one str; wrap it: tokenizer([text])")
+        ids = torch.zeros(len(texts), self.max_length, dtype=torch.int64)
+        paddings = torch.ones(len(texts), self.max_length, dtype=torch.float32)
+        for row, text in enumerate(texts):
+            tok = self.encode_one(text)
+            ids[row, : len(tok)] = torch.tensor(tok, dtype=torch.int64)
+            paddings[row, : len(tok)] = 0.0
+        return ids, paddings

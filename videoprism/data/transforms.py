@@ -1,0 +1,75 @@
+"""Frame sampling and the spatial transforms, shared by every decoder so that all backends give the same outputs.
+
+Temporal: `uniform_indices(n, t)` picks frame `floor(i * n / t)` for i < t, as the official VideoPrism demo does
+(`np.linspace(0, n, t, endpoint=False)` rounded down): the first frame of each of t equal segments.
+
+Spatial: each sample gets a crop box in source pixels plus a horizontal flip, then the box is resized to
+`resolution x resolution` (bilinear, antialiased when shrinking):
+* eval: the centred square of side min(H, W), i.e. "resize the shorter side, centre crop";
+* train: random resized crop (area share in `scale`, aspect ratio log-uniform in `ratio`, one box for all frames of
+  the clip so motion is kept) and a flip with probability 1/2.
+The random draws are made up front (`Augment`), from a generator keyed by (seed, epoch, sample), before the frame
+size is known; `box(h, w)` turns them into pixels. So a sample's transform depends only on the key, never on the
+decoder, the worker or the order in which samples are decoded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TRAIN_SCALE = (0.4, 1.0)  # area share of the crop: milder than ImageNet's 0.08, as video-text models use
+TRAIN_RATIO = (3 / 4, 4 / 3)
+
+
+def uniform_indices(n: int, t: int) -> list[int]:
+    """Indices of t frames spread uniformly over n (n >= t): the first frame of each of t equal segments."""
+    if t < 1 or n < t:
+        raise ValueError(f"uniform_indices needs 1 <= t <= n, got n={n}, t={t}")
+    return [i * n // t for i in range(t)]
+
+
+@dataclass(frozen=True)
+class Augment:
+    """One sample's spatial transform, drawn before the frame size is known. `train=False` is the eval transform."""
+
+    train: bool = False
+    area: float = 1.0  # share of the frame's area covered by the crop
+    log_ratio: float = 0.0  # log(width / height) of the crop
+    u: float = 0.5  # horizontal position of the crop in [0, 1] (0: left edge)
+    v: float = 0.5  # vertical position in [0, 1]
+    flip: bool = False
+
+    @staticmethod
+    def draw(rng: np.random.Generator, scale=TRAIN_SCALE, ratio=TRAIN_RATIO) -> "Augment":
+        return Augment(train=True, area=float(rng.uniform(*scale)),
+                       log_ratio=float(rng.uniform(math.log(ratio[0]), math.log(ratio[1]))),
+                       u=float(rng.random()), v=float(rng.random()), flip=bool(rng.random() < 0.5))
+
+    def box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """(y0, x0, crop_h, crop_w) in source pixels."""
+        if not self.train:
+            side = min(h, w)
+            return (h - side) // 2, (w - side) // 2, side, side
+        aspect = math.exp(self.log_ratio)
+        cw = min(w, max(1, round(math.sqrt(self.area * h * w * aspect))))
+        ch = min(h, max(1, round(math.sqrt(self.area * h * w / aspect))))
+        y0 = min(h - ch, int(self.v * (h - ch + 1)))
+        x0 = min(w - cw, int(self.u * (w - cw + 1)))
+        return y0, x0, ch, cw
+
+
+def apply_augment(frames: torch.Tensor, aug: Augment, resolution: int) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> uint8 [T, resolution, resolution, 3]: crop the box, resize, flip."""
+    y0, x0, ch, cw = aug.box(frames.shape[1], frames.shape[2])
+    crop = frames[:, y0:y0 + ch, x0:x0 + cw].permute(0, 3, 1, 2)  # NCHW view with channels-last strides
+    if (ch, cw) != (resolution, resolution):
+        # uint8 channels-last bilinear with antialias has a fast CPU kernel; no float copy of the frames.
+        crop = F.interpolate(crop, size=(resolution, resolution), mode="bilinear", antialias=True,
+                             align_corners=False)
+    if aug.flip:
+        crop = crop.flip(3)
+    return crop.permute(0, 2, 3, 1).contiguous()

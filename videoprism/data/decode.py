@@ -87,11 +87,14 @@ class PyAVClip:
         try:
             self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src)
         except av.error.FFmpegError as e:
-            raise BadVideoError(self.name, f"not a video (cannot read the container: {_msg(e)})") from None
+            raise BadVideoError(self.name, f"not a video, or a truncated or corrupt one (cannot read the container: "
+                                           f"{_msg(e)})") from None
         try:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
             self._stream = self._container.streams.video[0]
+            if self._stream.codec_context is None:
+                raise BadVideoError(self.name, "unsupported codec (this FFmpeg has no decoder for its video stream)")
             # Frame + slice threads: the decoder is the cost; 0 lets FFmpeg use every core (the loader passes 1
             # per worker so that workers do not oversubscribe the cores).
             self._stream.thread_type = "AUTO"
@@ -129,8 +132,23 @@ class PyAVClip:
         keys.sort()
         rate = s.average_rate or s.guessed_rate
         fps = float(rate) if rate else (len(pts) - 1) / float((pts[-1] - pts[0]) * s.time_base) if len(pts) > 1 else 0.0
-        return VideoIndex(codec=s.codec_context.name, width=s.codec_context.width, height=s.codec_context.height,
-                          fps=fps, time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
+        index = VideoIndex(codec=s.codec_context.name, width=s.codec_context.width, height=s.codec_context.height,
+                           fps=fps, time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
+        declared = self._declared_duration()
+        # A cut WebM/Matroska file demuxes cleanly up to the cut: only the declared duration tells it is short.
+        if declared is not None and index.duration < declared - max(0.5, 2.0 / max(fps, 1e-6)):
+            raise BadVideoError(self.name, f"truncated: frames end at {index.duration:.2f} s of the declared "
+                                           f"{declared:.2f} s")
+        return index
+
+    def _declared_duration(self) -> float | None:
+        """Duration from the container header: the stream's own, or the file's when video is its only stream."""
+        s = self._stream
+        if s.duration is not None and s.time_base is not None:
+            return float(s.duration * s.time_base)
+        if len(self._container.streams) == 1 and self._container.duration is not None:
+            return self._container.duration / 1e6
+        return None
 
     def sample_indices(self, num_frames: int, start: float | None = None, end: float | None = None) -> list[int]:
         """Clip frame indices of `num_frames` uniform samples over the clip or its [start, end) window."""

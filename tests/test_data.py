@@ -1,0 +1,350 @@
+"""Data layer on the CPU: read_clip against a decode-everything oracle, bad inputs, text, manifests, loader state."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videoprism.data import BadVideoError, TooManyBadSamplesError, read_clip
+from videoprism.data.loader import build_loader
+from videoprism.data.manifest import read_manifest, read_shards
+from videoprism.data.synth import COLOURS, DIRECTIONS, SHAPES, encode, generate
+from videoprism.data.text import Tokenizer, canonicalize_text
+from videoprism.data.transforms import Augment, uniform_indices
+
+MEDIA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "media")
+H264 = os.path.join(MEDIA, "water_bottle_drumming.mp4")
+VP9 = os.path.join(MEDIA, "water_bottle_drumming_vp9.webm")
+SPM = os.path.join(MEDIA, "test_spm.model")
+needs_media = pytest.mark.skipif(not os.path.isfile(H264), reason="shared/media is absent (only on project machines)")
+
+
+def decode_all(path: str) -> np.ndarray:
+    """Oracle: every frame, decoded in order with no seeking."""
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def eval_oracle(frames: np.ndarray, t: int, res: int) -> torch.Tensor:
+    """Oracle eval transform in float: centre square, antialiased bilinear resize, rounded."""
+    idx = [int(i) for i in np.linspace(0, len(frames), t, endpoint=False)]
+    x = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float()
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).permute(0, 2, 3, 1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * np.log10(255**2 / max(mse, 1e-12))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth"))
+    generate(out, 20, seed=3, size=64, num_frames=12, workers=1)
+    return out
+
+
+def write_clip(path, n, size=32, codec="h264", gop=None):
+    frames = np.random.default_rng(n).integers(0, 255, (n, size, size, 3), dtype=np.uint8)
+    if gop is None:
+        encode(frames, path, codec, fps=10)
+        return frames
+    with av.open(path, "w", format="mp4") as out:
+        s = out.add_stream("libx264", rate=10, options={"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0",
+                                                      "preset": "ultrafast", "threads": "1"})
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    return frames
+
+
+# ---- sampling and decoding ----------------------------------------------------------------------------------------
+def test_uniform_indices_are_segment_starts():
+    assert uniform_indices(100, 16) == [int(i) for i in np.linspace(0, 100, 16, endpoint=False)]
+    assert uniform_indices(8, 8) == list(range(8))
+    with pytest.raises(ValueError):
+        uniform_indices(4, 8)
+
+
+@needs_media
+@pytest.mark.parametrize("path", [H264, VP9])
+def test_read_clip_matches_decode_all_oracle(path):
+    clip = read_clip(path, 16, 96)
+    assert clip.shape == (16, 96, 96, 3) and clip.dtype == torch.uint8
+    assert (clip.float() - eval_oracle(decode_all(path), 16, 96)).abs().max() <= 1
+
+
+@needs_media
+def test_h264_and_vp9_twins_decode_alike():
+    assert psnr(read_clip(H264, 8, 288), read_clip(VP9, 8, 288)) > 30
+
+
+@needs_media
+def test_window_samples_inside_window():
+    frames = decode_all(VP9)  # 12 fps: [2 s, 4 s) is frames 24..47
+    clip = read_clip(VP9, 8, 512, start=2.0, end=4.0)
+    expect = torch.from_numpy(frames[[24 + i for i in uniform_indices(24, 8)]])
+    assert torch.equal(clip, expect)
+
+
+def test_keyframe_seeking_gives_the_frames_of_a_full_decode(tmp_path):
+    path = str(tmp_path / "gop.mp4")
+    write_clip(path, 90, gop=10)  # 9 GOPs: sampling 4 frames seeks over whole GOPs
+    ref = decode_all(path)
+    for t in (4, 9, 90):
+        got = read_clip(path, t, 32)
+        assert torch.equal(got, torch.from_numpy(ref[uniform_indices(90, t)]))
+
+
+# ---- bad inputs ------------------------------------------------------------------------------------------------------
+def _faststart_copy(src, dst):
+    with av.open(src) as inp, av.open(dst, "w", format="mp4", options={"movflags": "faststart"}) as out:
+        o = out.add_stream_from_template(inp.streams.video[0])
+        for pk in inp.demux(video=0):
+            if pk.dts is not None:
+                pk.stream = o
+                out.mux(pk)
+
+
+def _unknown_codec(dst):
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as out:
+        s = out.add_stream("ffv1", rate=8)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for f in np.zeros((4, 32, 32, 3), np.uint8):
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    data = buf.getvalue()
+    assert b"V_FFV1" in data
+    with open(dst, "wb") as f:  # a codec id no FFmpeg knows, same length so the container stays valid
+        f.write(data.replace(b"V_FFV1", b"V_QQQQ"))
+
+
+def make_bad_files(d, good_mp4) -> dict[str, str]:
+    """name -> path of one bad file per kind; the keys are words the reason must contain."""
+    bad = {"missing": os.path.join(d, "missing.mp4"), "empty": os.path.join(d, "empty.mp4"),
+           "not a video": os.path.join(d, "notes.mp4"), "truncated": os.path.join(d, "cut.mp4"),
+           "unsupported codec": os.path.join(d, "unknown.mkv"), "too few frames": os.path.join(d, "short.mp4")}
+    open(bad["empty"], "wb").close()
+    with open(bad["not a video"], "w") as f:
+        f.write("this is a text file, not a video\n" * 20)
+    fast = os.path.join(d, "faststart.mp4")
+    _faststart_copy(good_mp4, fast)
+    data = open(fast, "rb").read()
+    with open(bad["truncated"], "wb") as f:  # index at the start, data cut: PyAV decodes the head silently
+        f.write(data[: len(data) // 2])
+    _unknown_codec(bad["unsupported codec"])
+    write_clip(bad["too few frames"], 3)
+    return bad
+
+
+def test_each_bad_file_raises_one_line_naming_file_and_reason(tmp_path):
+    good = str(tmp_path / "good.mp4")
+    write_clip(good, 40, size=32)
+    for reason, path in make_bad_files(str(tmp_path), good).items():
+        with pytest.raises(BadVideoError) as e:
+            read_clip(path, 8, 32)
+        msg = str(e.value)
+        assert isinstance(e.value, ValueError) and "\n" not in msg
+        assert msg.startswith(path) and reason in msg, msg
+    assert read_clip(good, 8, 32).shape == (8, 32, 32, 3)
+
+
+def test_truncated_webm_is_bad(tmp_path):
+    path = str(tmp_path / "a.webm")
+    write_clip(path, 40, codec="vp9")
+    cut = str(tmp_path / "cut.webm")
+    data = open(path, "rb").read()
+    with open(cut, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(BadVideoError, match="truncated"):
+        read_clip(cut, 8, 32)
+
+
+# ---- text ------------------------------------------------------------------------------------------------------------
+def test_canonicalize_text():
+    assert canonicalize_text("Hello, World!") == "hello world."
+    assert canonicalize_text("  Hello   WORLD") == "hello world."
+    assert canonicalize_text("Hello,World..") == "hello world."
+
+
+@needs_media
+def test_tokenizer_matches_sentencepiece_oracle():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=SPM)
+    tok = Tokenizer(SPM)
+    texts = ["A person drumming on water bottles!", "x " * 200]
+    ids, pad = tok(texts)
+    assert ids.shape == (2, 64) and ids.dtype == torch.int64 and pad.dtype == torch.float32
+    for row, text in enumerate(texts):
+        expect = ([sp.bos_id()] if sp.bos_id() >= 0 else []) + sp.encode(canonicalize_text(text))
+        expect = expect[:64]
+        assert ids[row, : len(expect)].tolist() == expect
+        assert (ids[row, len(expect):] == 0).all()
+        assert pad[row].tolist() == [0.0] * len(expect) + [1.0] * (64 - len(expect))
+
+
+# ---- manifests -------------------------------------------------------------------------------------------------------
+def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):
+    lines = [json.dumps({"path": os.path.join(synth, "clips", f"{i:06d}.webm"), "caption": "ok"}).encode()
+             for i in range(3)]
+    bad = [b'{"path": "a.mp4", "caption": "x"',  # bad JSON
+           json.dumps({"caption": "no path"}).encode(),
+           json.dumps({"path": "a.mp4", "caption": "   "}).encode(),
+           '{"path": "a.mp4", "caption": "caf\u00e9"}'.encode("latin-1"),  # not UTF-8
+           json.dumps({"path": "a.mp4", "caption": "x", "start": 3, "end": 1}).encode(),
+           json.dumps(["not", "an", "object"]).encode()]
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b"\n".join(lines + bad) + b"\n")
+    samples, rejects = read_manifest(str(p), max_bad_share=1.0)
+    assert len(samples) == 3
+    reasons = dict(rejects)
+    for n, word in zip(range(4, 10), ["bad JSON", "'path'", "'caption'", "not UTF-8", "'end'", "object"]):
+        assert word in reasons[f"{p}:{n}"], reasons
+    with pytest.raises(TooManyBadSamplesError, match="max_bad_share"):
+        read_manifest(str(p), max_bad_share=0.5)
+
+
+def test_relative_paths_resolve_against_manifest_folder(synth):
+    samples, rejects = read_manifest(os.path.join(synth, "train.jsonl"))
+    assert not rejects and all(os.path.isfile(s.path) for s in samples)
+
+
+def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    shard = str(tmp_path / "shard-000.tar")
+    with tarfile.open(shard, "w") as tar:
+        for i, s in enumerate(samples):
+            tar.add(s.path, arcname=f"{i:04d}.webm")
+            for ext, data in ((".txt", s.caption.encode()), (".json", json.dumps({"label": s.label}).encode())):
+                info = tarfile.TarInfo(f"{i:04d}{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    got, rejects = read_shards([shard])
+    assert not rejects and [g.caption for g in got] == [s.caption for s in samples]
+    tok = Tokenizer(os.path.join(synth, "spm.model"))
+    kw = dict(num_frames=8, resolution=36, batch_size=2, train=False, tokenizer=tok, backend="pyav")
+    a = next(iter(build_loader(os.path.join(synth, "val.jsonl"), **kw)))
+    b = next(iter(build_loader([shard], **kw)))
+    assert torch.equal(a["video"], b["video"]) and torch.equal(a["label_colour"], b["label_colour"])
+
+
+# ---- loader ----------------------------------------------------------------------------------------------------------
+def _loader(synth, **kw):
+    args = dict(num_frames=8, resolution=36, batch_size=4, train=True, seed=0,
+                tokenizer=os.path.join(synth, "spm.model"), backend="pyav")
+    args.update(kw)
+    return build_loader(os.path.join(synth, "train.jsonl"), **args)
+
+
+def test_loader_batches(synth):
+    loader = _loader(synth)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 18 // 4
+    b = batches[0]
+    assert b["video"].shape == (4, 8, 36, 36, 3) and b["video"].dtype == torch.uint8
+    assert b["text_ids"].shape == (4, 64) and b["text_paddings"].shape == (4, 64)
+    assert b["video"].float().std() > 10  # real pixels, not a constant
+    classes = json.load(open(os.path.join(synth, "synth.json")))["classes"]
+    for i, cap in enumerate(b["caption"]):  # labels name the main shape: the first words of the caption
+        words = cap.split()
+        assert words[1] == classes["colour"][b["label_colour"][i]] and words[2] == classes["shape"][b["label_shape"][i]]
+        assert words[4] == classes["direction"][b["label_direction"][i]]
+    ids = torch.cat([x["index"] for x in batches])
+    assert len(set(ids.tolist())) == len(ids)  # an epoch never repeats a sample
+
+
+def test_loader_is_deterministic_and_independent_of_workers(synth):
+    a = [b["video"] for b in _loader(synth, seed=5)]
+    b = [b["video"] for b in _loader(synth, seed=5, num_workers=2)]
+    c = [b["video"] for b in _loader(synth, seed=6)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_ranks_read_disjoint_shards(synth):
+    ids = [torch.cat([b["index"] for b in _loader(synth, rank=r, world_size=3, batch_size=2)]) for r in range(3)]
+    sets = [set(i.tolist()) for i in ids]
+    assert all(len(s) == 6 for s in sets) and not (sets[0] & sets[1] or sets[1] & sets[2] or sets[0] & sets[2])
+
+
+def test_resume_gives_exactly_the_remaining_batches(synth):
+    ref = _loader(synth, batch_size=3)
+    full = [b["index"] for b in ref] + [b["index"] for b in ref]  # two epochs
+    run = _loader(synth, batch_size=3)
+    it = iter(run)
+    seen = [next(it)["index"] for _ in range(4)]
+    state = json.loads(json.dumps(run.state_dict()))  # what a checkpoint stores
+    resumed = _loader(synth, batch_size=3)
+    resumed.load_state_dict(state)
+    rest = [b["index"] for b in resumed] + [b["index"] for b in resumed]
+    assert len(seen) + len(rest) == len(full)
+    assert all(torch.equal(x, y) for x, y in zip(seen + rest, full))
+
+
+def test_bad_samples_are_skipped_below_the_share_and_stop_the_run_above(tmp_path, synth):
+    good = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
+    for rec in good:
+        rec["path"] = os.path.join(synth, rec["path"])
+    write_clip(str(tmp_path / "g.mp4"), 40)
+    bad_files = make_bad_files(str(tmp_path), str(tmp_path / "g.mp4"))
+    bad = [{"path": p, "caption": f"bad {k}"} for k, p in bad_files.items()]
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in good + bad))
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, tokenizer=os.path.join(synth, "spm.model"),
+              backend="pyav")
+    loader = build_loader(str(m), max_bad_share=0.5, **kw)
+    seen = torch.cat([b["index"] for b in loader]).tolist()
+    assert len(seen) == len(good)
+    assert sorted(r for _, r in loader.state_dict()["rejects"]) == []  # a new epoch starts clean
+    loader = build_loader(str(m), max_bad_share=0.5, **kw)
+    for _ in loader:
+        rejects = dict(loader.rejects)
+    assert set(rejects) == set(bad_files.values())
+    for reason, path in bad_files.items():
+        assert reason in rejects[path]
+    # 0.2 * 24 = 4.8: the run stops at the 5th bad sample, as soon as the epoch is certain to pass the share.
+    with pytest.raises(TooManyBadSamplesError, match=r"5 of 24 samples"):
+        list(build_loader(str(m), max_bad_share=0.2, **kw))
+
+
+# ---- synthetic data --------------------------------------------------------------------------------------------------
+def test_synth_is_deterministic_and_shows_its_caption(tmp_path, synth):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for d in (a, b):
+        generate(d, 4, seed=3, size=64, num_frames=12, workers=1)
+    for rel in ["train.jsonl", "val.jsonl", "spm.model", "clips/000000.webm", "clips/000003.webm"]:
+        assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(synth, rel) if rel.startswith("clips")
+                                                               else os.path.join(b, rel), "rb").read()
+    # Motion oracle: the centroid of the main colour moves along the captioned direction.
+    for rec in map(json.loads, open(os.path.join(synth, "train.jsonl"))):
+        frames = decode_all(os.path.join(synth, rec["path"])).astype(np.float32)
+        rgb = np.array(list(COLOURS.values())[rec["label"]["colour"]], np.float32)
+        near = (np.abs(frames - rgb).max(-1) < 40).astype(np.float32)
+        ys, xs = np.mgrid[0:64, 0:64]
+        cy = [(n * ys).sum() / n.sum() for n in near[[0, -1]]]
+        cx = [(n * xs).sum() / n.sum() for n in near[[0, -1]]]
+        dx, dy = DIRECTIONS[list(DIRECTIONS)[rec["label"]["direction"]]]
+        assert (cx[1] - cx[0]) * dx + (cy[1] - cy[0]) * dy > 15, rec
+        assert SHAPES[rec["label"]["shape"]] in rec["caption"]
+
+
+def test_synth_h264(tmp_path):
+    generate(str(tmp_path), 2, seed=0, codec="h264", size=48, num_frames=8, workers=1)
+    rec = json.loads(open(tmp_path / "train.jsonl").readline())
+    assert rec["path"].endswith(".mp4") and read_clip(str(tmp_path / rec["path"]), 8, 48).shape == (8, 48, 48, 3)

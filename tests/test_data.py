@@ -19,7 +19,8 @@ from videoprism.data.synth import COLOURS, DIRECTIONS, SHAPES, encode, generate
 from videoprism.data.text import Tokenizer, canonicalize_text
 from videoprism.data.transforms import Augment, uniform_indices
 
-MEDIA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "media")
+from .conftest import MEDIA
+
 H264 = os.path.join(MEDIA, "water_bottle_drumming.mp4")
 VP9 = os.path.join(MEDIA, "water_bottle_drumming_vp9.webm")
 SPM = os.path.join(MEDIA, "test_spm.model")

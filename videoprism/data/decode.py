@@ -127,7 +127,7 @@ class PyAVClip:
         except av.error.FFmpegError as e:
             raise BadVideoError(self.name, f"corrupt container (demux failed: {_msg(e)})") from None
         if not pts:
-            raise BadVideoError(self.name, "not a video (the video stream has no frames)")
+            raise BadVideoError(self.name, "no frames (the video stream is empty or cut before its first frame)")
         pts.sort()
         keys.sort()
         rate = s.average_rate or s.guessed_rate
@@ -158,16 +158,16 @@ class PyAVClip:
             raise BadVideoError(self.name, f"too few frames: {len(window)}{where}, need {num_frames}")
         return [window[i] for i in uniform_indices(len(window), num_frames)]
 
-    def decode(self, indices: list[int]) -> torch.Tensor:
-        """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices."""
+    def _frames_at(self, indices: list[int]):
+        """Yields the av.VideoFrame at each (sorted) clip frame index; stops early where the data ends."""
         targets = [self.index.pts[i] for i in indices]
         keys = self.index.keyframes
-        frames: list[np.ndarray] = []
         it, last, picked = None, None, None
+        self._last_pts = None
         try:
             for t in targets:
                 if last is not None and last >= t:  # already decoded (repeated index)
-                    frames.append(picked)
+                    yield picked
                     continue
                 key = keys[max(0, bisect.bisect_right(keys, t) - 1)]
                 if it is None or (last is not None and last < key):
@@ -177,20 +177,40 @@ class PyAVClip:
                     it, last = self._container.decode(self._stream), None
                 picked = None
                 for frame in it:
-                    last = frame.pts if frame.pts is not None else (last or 0) + 1
+                    last = self._last_pts = frame.pts if frame.pts is not None else (last or 0) + 1
                     if last >= t:
-                        picked = frame.to_ndarray(format="rgb24")
+                        picked = frame
                         break
                 if picked is None:
-                    break
-                frames.append(picked)
+                    return
+                yield picked
         except av.error.FFmpegError as e:
             raise BadVideoError(self.name, f"corrupt stream (decoding failed: {_msg(e)})") from None
-        if len(frames) < len(targets):
-            got = float((last - self.index.pts[0]) * self.index.time_base) if last is not None else 0.0
-            raise BadVideoError(self.name, f"truncated: decoded {len(frames)} of {len(targets)} sampled frames, the "
-                                           f"data ends at {got:.2f} s of {self.index.duration:.2f} s")
+
+    def _short(self, got: int, wanted: int, what: str) -> BadVideoError:
+        last = self._last_pts
+        end = float((last - self.index.pts[0]) * self.index.time_base) if last is not None else 0.0
+        return BadVideoError(self.name, f"truncated: decoded {got} of {wanted} {what}, the data ends at {end:.2f} s "
+                                        f"of {self.index.duration:.2f} s")
+
+    def decode(self, indices: list[int]) -> torch.Tensor:
+        """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices."""
+        frames = [f.to_ndarray(format="rgb24") for f in self._frames_at(indices)]
+        if len(frames) < len(indices):
+            raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))
+
+    def verify(self, full: bool = False) -> None:
+        """Decode the first frame and the whole last GOP (every frame when `full`) without keeping them.
+
+        Catches what the demux pass cannot: a cut or corrupt end of the data, a stream the decoder rejects.
+        """
+        n = self.index.num_frames
+        first = 0 if full else bisect.bisect_left(self.index.pts, self.index.keyframes[-1])
+        indices = sorted({0, *range(first, n)})
+        got = sum(1 for _ in self._frames_at(indices))
+        if got < len(indices):
+            raise self._short(got, len(indices), "checked frames")
 
 
 def _msg(e: Exception) -> str:

@@ -1,0 +1,50 @@
+"""`videoprism data index` and `synth` through their argparse commands: clean manifest and rejects report."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import pytest
+
+from videoprism.data.cli import register
+from videoprism.data.manifest import read_manifest
+from .test_data import make_bad_files, write_clip
+
+
+def run(argv):
+    parser = argparse.ArgumentParser(prog="videoprism")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_synth_then_index_keeps_good_files_and_reports_every_bad_one(tmp_path):
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "10", "--size", "48", "--frames", "8", "--workers", "1"]) == 0
+    write_clip(os.path.join(d, "g.mp4"), 40)
+    bad = make_bad_files(d, os.path.join(d, "g.mp4"))
+    recs = [json.loads(line) for line in open(os.path.join(d, "train.jsonl"))]
+    recs += [{"path": os.path.relpath(p, d), "caption": k} for k, p in bad.items()]
+    with open(os.path.join(d, "all.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs)
+        f.write('{"path": "x.webm", "caption": \n')
+    out = os.path.join(d, "clean", "clean.jsonl")
+    assert run(["data", "index", os.path.join(d, "all.jsonl"), "--out", out, "--min-frames", "8", "--workers", "2",
+                "--quiet"]) == 0
+    clean, rejects = read_manifest(out)
+    assert not rejects and len(clean) == 9
+    assert all(s.probe["codec"] == "vp9" and s.probe["frames"] == 8 and s.probe["width"] == 48 for s in clean)
+    assert all(os.path.isfile(s.path) for s in clean)  # relative paths re-based on the clean manifest's folder
+    report = [json.loads(line) for line in open(os.path.join(d, "clean", "clean.rejects.jsonl"))]
+    reasons = {r["path"]: r["reason"] for r in report}
+    assert len(report) == len(bad) + 1 and "bad JSON" in reasons[os.path.join(d, "all.jsonl") + ":16"]
+    for kind, path in bad.items():
+        assert kind in reasons[path], (kind, reasons)
+
+
+def test_index_rejects_wrong_arguments(tmp_path, capsys):
+    assert run(["data", "index", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "c.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(["data", "synth", "--out", str(tmp_path), "--num", "0"])

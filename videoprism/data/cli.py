@@ -1,0 +1,80 @@
+"""`videoprism data ...` sub-commands: `index` (probe a dataset, write a clean manifest) and `synth` (make data).
+
+`register(subparsers)` adds them to the top-level `videoprism` parser (videoprism/cli.py calls it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_index(args) -> int:
+    from .index import index_dataset
+
+    try:
+        r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
+                          rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
+                          progress=not args.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}; {r['rejected']} rejected -> {r['rejects']}")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from .synth import generate
+
+    try:
+        meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
+                        num_frames=args.frames, fps=args.fps, workers=args.workers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {meta['num']} {args.codec} clips to {args.out}: train.jsonl ({meta['num_train']}), "
+          f"val.jsonl ({meta['num_val']}), spm.model, synth.json")
+    return 0
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def register(subparsers) -> None:
+    """Add the `data` command (with `index` and `synth`) to the `videoprism` sub-parsers."""
+    data = subparsers.add_parser("data", help="data tools: index a dataset, generate synthetic data",
+                                 description="Data tools for the video-text loader (DESIGN 7).")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,synth}")
+
+    p = sub.add_parser("index", help="probe every file, write a clean manifest and a rejects report",
+                       description="Probe every video of a JSONL manifest or of WebDataset .tar shards in parallel "
+                                   "(codec, frames, fps, size, duration; first frame and last GOP decoded) and write "
+                                   "a clean manifest with those fields plus a rejects report (one JSON line per bad "
+                                   "file or manifest line: path and reason). Train on the clean manifest.")
+    p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")
+    p.add_argument("--out", required=True, help="clean manifest to write (.jsonl); paths are made relative to it")
+    p.add_argument("--rejects", default=None, help="rejects report (default: OUT with .rejects.jsonl)")
+    p.add_argument("--workers", type=_positive, default=None, help="probe processes (default: all cores)")
+    p.add_argument("--min-frames", type=_positive, default=1,
+                   help="reject clips (or windows) with fewer frames, e.g. the frames per training clip (default: 1)")
+    p.add_argument("--full", action="store_true", help="decode every frame instead of the first and the last GOP")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("synth", help="write synthetic video-text clips, manifests and a SentencePiece model",
+                       description="Write real encoded clips of coloured shapes moving in captioned directions "
+                                   "('a red circle moves left while a blue square grows'), train.jsonl/val.jsonl "
+                                   "(labels: colour, shape, direction), spm.model trained on the captions and "
+                                   "synth.json. Deterministic for a seed.")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--num", type=_positive, required=True, help="number of clips (1 in 10 goes to val.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes (default: 0)")
+    p.add_argument("--codec", choices=["vp9", "h264"], default="vp9", help="VP9 in WebM or H.264 in MP4 (default: vp9)")
+    p.add_argument("--size", type=_positive, default=96, help="frame width and height in pixels, even (default: 96)")
+    p.add_argument("--frames", type=_positive, default=16, help="frames per clip (default: 16)")
+    p.add_argument("--fps", type=_positive, default=8, help="frame rate (default: 8)")
+    p.add_argument("--workers", type=_positive, default=None, help="encoding processes (default: all cores)")
+    p.set_defaults(func=_cmd_synth)

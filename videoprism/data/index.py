@@ -1,0 +1,82 @@
+"""`videoprism data index`: probe every file of a dataset once, write a clean manifest and a rejects report.
+
+Each sample is opened with PyAV in a pool of processes: packet index (codec, frame count, fps, size, duration),
+a decode of its first frame and of its whole last GOP (every frame with `full=True`), and the frame count of its
+window against `min_frames`. Good samples go to the clean manifest with the probe fields added (the loader then
+knows codec, size and frame count without opening the file, and DALI never meets a file it cannot decode); bad
+ones go to the rejects report, one JSON line each with the path and the reason, after the manifest lines that
+could not be parsed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+from .decode import PyAVClip
+from .errors import BadVideoError
+from .manifest import Sample, read_source
+
+
+def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
+    """Probe fields of a good sample; raises `BadVideoError` for a bad one."""
+    try:
+        with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
+            idx = clip.index
+            window = idx.window(sample.start, sample.end)
+            if len(window) < min_frames:
+                raise BadVideoError(sample.name, f"too few frames: {len(window)}, need {min_frames}")
+            clip.verify(full=full)
+    except OSError as e:
+        raise BadVideoError(sample.name, f"unreadable ({e.strerror or e})") from None
+    return {"codec": idx.codec, "frames": idx.num_frames, "fps": round(idx.fps, 6), "width": idx.width,
+            "height": idx.height, "duration": round(idx.duration, 6)}
+
+
+def _probe_job(args) -> tuple[dict | None, str | None]:
+    sample, min_frames, full = args
+    try:
+        return probe(sample, min_frames=min_frames, full=full), None
+    except BadVideoError as e:
+        return None, e.reason
+
+
+def index_dataset(source, out: str, *, rejects_path: str | None = None, workers: int | None = None,
+                  min_frames: int = 1, full: bool = False, progress: bool = False) -> dict:
+    """Write the clean manifest `out` and the rejects report; returns counts {"total", "kept", "rejected"}."""
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be >= 1, got {min_frames}")
+    samples, line_rejects = read_source(source, max_bad_share=1.0)
+    rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
+    base = os.path.dirname(os.path.abspath(out))
+    os.makedirs(base, exist_ok=True)
+    jobs = [(s, min_frames, full) for s in samples]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(_progress(pool.map(_probe_job, jobs, chunksize=4), len(jobs), progress))
+    else:
+        results = list(_progress(map(_probe_job, jobs), len(jobs), progress))
+    kept = 0
+    with open(out + ".tmp", "w") as fo, open(rejects_path, "w") as fr:
+        for where, reason in line_rejects:
+            fr.write(json.dumps({"path": where, "reason": reason}) + "\n")
+        for sample, (fields, reason) in zip(samples, results):
+            if reason is not None:
+                fr.write(json.dumps({"path": sample.name, "reason": reason}) + "\n")
+                continue
+            rec = sample.to_record(base)
+            rec.update(fields)
+            fo.write(json.dumps(rec) + "\n")
+            kept += 1
+    os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest
+    total = len(samples) + len(line_rejects)
+    return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path}
+
+
+def _progress(it, total: int, show: bool):
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, unit="file", desc="index")

@@ -1,0 +1,241 @@
+"""Typed training configuration: sections of dataclasses, named presets, `key=value` overrides.
+
+Every field carries its documentation in `help=` metadata; `--help` prints all of them.
+Overrides name a section and a field (`optim.lr=1e-3`, `model.num_frames=8`); values are
+parsed with the field's type (bool accepts true/false/1/0/yes/no).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+
+def f(default, help: str):
+    """A dataclass field with its documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = f("videoprism_lvt_v1_base", "Official model name whose configuration is the starting point.")
+    init: str = f("random", "Initial weights: 'random', an official Flax .npz checkpoint, or our .safetensors.")
+    model_dim: int = f(0, "Override of the token width D (0 = the official value).")
+    num_heads: int = f(0, "Override of the attention heads (0 = official).")
+    mlp_dim: int = f(0, "Override of the FFN width (0 = official).")
+    num_spatial_layers: int = f(0, "Override of the spatial blocks (0 = official).")
+    num_temporal_layers: int = f(0, "Override of the temporal blocks (0 = official).")
+    num_auxiliary_layers: int = f(-1, "Override of the auxiliary blocks before the pooler (-1 = official).")
+    num_unimodal_layers: int = f(0, "Override of the text blocks (0 = official).")
+    patch_size: int = f(0, "Override of the patch side in pixels (0 = official 18).")
+    vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).")
+    attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU), "
+                                       "'reference', 'sdpa', 'triton', ...")
+    num_frames: int = f(16, "Frames per clip.")
+    resolution: int = f(288, "Frame side in pixels (a multiple of the patch size).")
+
+    def overrides(self, vocab: int | None = None) -> dict:
+        """Official config fields that differ from the named configuration."""
+        out = {}
+        for k in ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num_temporal_layers",
+                  "num_unimodal_layers", "patch_size"):
+            if getattr(self, k) > 0:
+                out[k] = getattr(self, k)
+        if self.num_auxiliary_layers >= 0:
+            out["num_auxiliary_layers"] = self.num_auxiliary_layers
+        if self.vocabulary_size > 0 or vocab:
+            out["vocabulary_size"] = self.vocabulary_size or vocab
+        return out
+
+
+@dataclass
+class DataConfig:
+    source: str = f("manifest", "'manifest' (video files listed in JSONL manifests) or 'random' (seeded random "
+                                "clips and captions, for benchmarks and tests).")
+    train: str = f("", "Training manifests, comma separated, each PATH[:WEIGHT[:FRAMES]]: one dataset is drawn per "
+                       "step by weight (alternating gradient descent); FRAMES=1 makes images one-frame videos.")
+    val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
+    tokenizer: str = f("", "SentencePiece model of the captions ('' = DIR/spm.model next to the first manifest).")
+    workers: int = f(2, "Decoding worker processes per rank.")
+    max_bad_fraction: float = f(0.1, "Stop with an error when more than this share of samples is unreadable.")
+    cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")
+
+
+@dataclass
+class OptimConfig:
+    name: str = f("adafactor", "'adamw' (fused where the device has it) or 'adafactor' (torch.optim.Adafactor).")
+    lr: float = f(5e-4, "Peak learning rate.")
+    min_lr: float = f(0.0, "Learning rate at the end of the decay.")
+    warmup_steps: int = f(20000, "Linear warm-up from 0 to lr.")
+    decay: str = f("linear", "Decay after warm-up: 'linear', 'cosine' (to min_lr) or 'constant'.")
+    weight_decay: float = f(1e-4, "Decoupled weight decay.")
+    beta1: float = f(0.9, "AdamW beta1.")
+    beta2: float = f(0.999, "AdamW beta2.")
+    grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 = off).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = f(200000, "Optimizer steps.")
+    global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.")
+    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).")
+    seed: int = f(0, "Seed of initialisation, masks and data order.")
+    mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).")
+    compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break).")
+    activation_checkpointing: bool = f(False, "Recompute each transformer block in the backward to save memory.")
+    mixed_precision: bool = f(True, "bf16 autocast on GPU (ignored on the CPU, which trains in fp32).")
+    max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.")
+    log_every: int = f(10, "Steps between progress/JSONL records.")
+    eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).")
+    out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
+    device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).")
+
+
+@dataclass
+class ParallelConfig:
+    mode: str = f("auto", "'auto' (ddp when more than one rank), 'none', 'ddp' or 'fsdp' (FSDP2, per-block "
+                          "fully_shard with a bf16/fp32 mixed-precision policy on GPU).")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = f(1000, "Steps between checkpoints (0 = only at the end).")
+    keep: int = f(3, "Keep the latest k checkpoints.")
+    export: bool = f(True, "Write the final weights as safetensors.")
+
+
+@dataclass
+class Stage1Config:
+    lit: bool = f(False, "LiT: freeze the video encoder, train the text tower and the pooler.")
+    temperature_init: float = f(0.07, "Initial softmax temperature (CLIP: 0.07), learned as log(1/t).")
+    max_logit_scale: float = f(100.0, "Clamp of the learned 1/temperature (CLIP: 100).")
+
+
+@dataclass
+class Stage2Config:
+    teacher: str = f("", "Stage-1 weights (.safetensors export or official .npz) of the frozen teacher.")
+    decoder_dim: int = f(512, "Width Dd of both decoders.")
+    decoder_layers: int = f(4, "Transformer blocks of each decoder.")
+    decoder_heads: int = f(8, "Attention heads of the decoders.")
+    shuffle: bool = f(True, "Shuffle the decoder's token slots (false: visible tokens stay in their own slots).")
+    global_distill: bool = f(True, "Add the global distillation loss (false: token-wise loss only).")
+    global_weight: float = f(1.0, "Weight of the global loss (the token loss has weight 1).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _tiny(c: Config) -> None:
+    """A CPU demo model: 64x64 clips of 8 frames, 8x8 patches, D=64, 2+1 layers."""
+    m = c.model
+    m.model_dim, m.num_heads, m.mlp_dim = 64, 4, 128
+    m.num_spatial_layers, m.num_temporal_layers, m.num_auxiliary_layers, m.num_unimodal_layers = 2, 1, 0, 2
+    m.patch_size, m.num_frames, m.resolution = 8, 8, 64
+    m.attention_backend = "reference"
+    c.data.cache = True
+    c.optim.name, c.optim.lr, c.optim.warmup_steps, c.optim.decay = "adamw", 2e-3, 30, "cosine"
+    c.train.steps, c.train.global_batch, c.train.log_every = 300, 32, 10
+    c.train.compile, c.train.peak_tflops = False, 0.0
+    c.checkpoint.interval, c.checkpoint.keep = 100, 2
+    c.stage2.decoder_dim, c.stage2.decoder_layers, c.stage2.decoder_heads = 64, 2, 4
+
+
+def _paper(size: str):
+    def apply(c: Config) -> None:
+        """The paper's settings (DESIGN 5) on the official `size` model, 16 frames at 288x288."""
+        c.model.name = f"videoprism_lvt_v1_{size}"
+        if size == "giant":
+            c.stage2.decoder_dim = 512
+    return apply
+
+
+PRESETS = {"tiny": _tiny, "base": _paper("base"), "large": _paper("large"), "giant": _paper("giant")}
+
+
+def _parse(value: str, typ):
+    if typ is bool:
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    return typ(value)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.field=value` strings in order; errors name the key and the fix."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value; e.g. optim.lr=1e-3 (see --help)")
+        key, value = item.split("=", 1)
+        if "." not in key:
+            raise ValueError(f"override key {key!r} needs a section, e.g. train.{key}= (see --help)")
+        section, name = key.split(".", 1)
+        sec = getattr(cfg, section, None)
+        if sec is None or not dataclasses.is_dataclass(sec):
+            raise ValueError(f"unknown config section {section!r} in {item!r}; sections: "
+                             f"{', '.join(fl.name for fl in dataclasses.fields(cfg))}")
+        hints = typing.get_type_hints(type(sec))
+        if name not in hints:
+            raise ValueError(f"unknown field {name!r} in section {section!r}; fields: {', '.join(hints)}")
+        try:
+            setattr(sec, name, _parse(value, hints[name]))
+        except ValueError as e:
+            raise ValueError(f"bad value for {key}: {e}") from None
+    return cfg
+
+
+def build_config(preset: str, overrides: list[str], stage: int) -> Config:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config()
+    if stage == 2:
+        # Stage-2 paper settings (DESIGN 5): 65% BEVT masking, cosine to 1e-5, wd 0.05.
+        cfg.train.mask_ratio, cfg.train.steps, cfg.train.out_dir = 0.65, 300000, "runs/stage2"
+        cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr, cfg.optim.weight_decay = 25000, "cosine", 1e-5, 0.05
+    PRESETS[preset](cfg)
+    return apply_overrides(cfg, overrides)
+
+
+def help_text(stage: int) -> str:
+    cfg = build_config("base", [], stage)
+    lines = [f"Configuration fields (presets: {', '.join(PRESETS)}; defaults shown for 'base'):"]
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for fl in dataclasses.fields(obj):
+            lines.append(f"  {sec.name}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
+    """`--config NAME [--resume [PATH]] [section.field=value ...]` -> (config, resume path or None).
+    `--resume` without a path resumes from the run's own out_dir."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog=f"python -m train.stage{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"VideoPrism stage-{stage} training.", epilog=help_text(stage))
+    p.add_argument("--config", default="tiny", help=f"preset: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--resume", nargs="?", const="", default=None,
+                   help="resume from the latest checkpoint of PATH (default: train.out_dir)")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    args = p.parse_args(argv)
+    cfg = build_config(args.config, args.overrides, stage)
+    resume = None if args.resume is None else (args.resume or cfg.train.out_dir)
+    return cfg, resume

@@ -1,0 +1,205 @@
+"""Training data sources: a source yields this rank's micro-batches and has a state for
+checkpoints.
+
+* `RandomClips`: seeded random clips and captions, generated per global sample index, so a
+  run on any number of ranks sees the same global batch (tests, benchmarks).
+* `ManifestData`: the video loader of `videoprism.data` on one or more manifests;
+  several datasets alternate by weight, one per step, the same on every rank (the
+  contrastive loss gathers embeddings across ranks, so all ranks must agree on the clip
+  shape).
+* `CachedClips`: a small dataset decoded once (eval transform) and served from memory in
+  a seeded order per epoch: the CPU demo, where decoding every step would cost more than
+  the model.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
+
+
+class RandomClips:
+    """Random uint8 clips `[b, T, R, R, 3]` and captions of random length; sample `g` of the
+    global stream depends only on (seed, g)."""
+
+    def __init__(self, *, micro_batch: int, rank: int, world: int, frames: int, resolution: int, vocab: int,
+                 seed: int, text_length: int = MAX_TEXT_LENGTH):
+        self.micro, self.rank, self.world = micro_batch, rank, world
+        self.frames, self.resolution, self.vocab, self.seed = frames, resolution, vocab, seed
+        self.text_length = text_length
+        self.calls = 0
+
+    def _sample(self, g: int):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
+        R = self.resolution
+        video = torch.randint(0, 256, (self.frames, R, R, 3), generator=gen, dtype=torch.uint8)
+        ids = torch.randint(1, self.vocab, (self.text_length,), generator=gen)
+        n = int(torch.randint(1, self.text_length + 1, (1,), generator=gen))
+        pad = (torch.arange(self.text_length) >= n).float()
+        return video, ids * (1 - pad.long()), pad
+
+    def next_batch(self, step: int) -> dict:
+        first = (self.calls * self.world + self.rank) * self.micro
+        self.calls += 1
+        video, ids, pad = zip(*(self._sample(first + i) for i in range(self.micro)))
+        return {"video": torch.stack(video), "text_ids": torch.stack(ids), "text_paddings": torch.stack(pad)}
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = int(state["calls"])
+
+
+def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int]]:
+    """'a.jsonl:2,b.jsonl:1:1' -> [(path, weight, frames)]."""
+    out = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        parts = item.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"data.train entry {item!r} must be PATH[:WEIGHT[:FRAMES]]")
+        try:
+            weight = float(parts[1]) if len(parts) > 1 else 1.0
+            frames = int(parts[2]) if len(parts) > 2 else default_frames
+        except ValueError:
+            raise ValueError(f"data.train entry {item!r}: WEIGHT must be a number and FRAMES an int") from None
+        if weight <= 0 or frames < 1:
+            raise ValueError(f"data.train entry {item!r}: WEIGHT must be > 0 and FRAMES >= 1")
+        if not os.path.exists(parts[0]):
+            raise FileNotFoundError(f"data.train manifest {parts[0]!r} does not exist; generate the synthetic "
+                                    "data (videoprism data synth DIR) or fix the path")
+        out.append((parts[0], weight, frames))
+    if not out:
+        raise ValueError("data.train is empty; pass data.train=PATH/train.jsonl (or data.source=random)")
+    return out
+
+
+class ManifestData:
+    """One loader per dataset; step `s` reads from the dataset drawn with a generator seeded
+    by (seed, s), identical on every rank and after a resume."""
+
+    def __init__(self, loaders: list, weights: list[float], seed: int):
+        self.loaders, self.seed = loaders, seed
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self.iters = [None] * len(loaders)
+
+    def dataset_at(self, step: int) -> int:
+        if len(self.loaders) == 1:
+            return 0
+        gen = torch.Generator().manual_seed(self.seed * 7919 + step)
+        return int(torch.multinomial(self.weights, 1, generator=gen))
+
+    def next_batch(self, step: int) -> dict:
+        i = self.dataset_at(step)
+        for _ in range(2):
+            if self.iters[i] is None:
+                self.iters[i] = iter(self.loaders[i])
+            try:
+                return next(self.iters[i])
+            except StopIteration:  # end of an epoch: the loader moves to the next one
+                self.iters[i] = None
+        raise RuntimeError(f"training manifest {i} yields no batch: fewer good samples than one micro-batch")
+
+    def state_dict(self) -> dict:
+        return {"loaders": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for ld, s in zip(self.loaders, state["loaders"]):
+            ld.load_state_dict(s)
+        self.iters = [None] * len(self.loaders)
+
+
+def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer, workers: int,
+               max_bad_share: float) -> dict:
+    """Every clip of `manifest` (eval transform) -> {"video" uint8 [N, T, R, R, 3], "text_ids",
+    "text_paddings", "label_<name>" [N]}; bad samples are skipped by the loader."""
+    from videoprism.data.loader import build_loader
+
+    loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,
+                          tokenizer=tokenizer, num_workers=workers, max_bad_share=max_bad_share, backend="pyav")
+    parts: dict[str, list] = {}
+    for batch in loader:
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor) and k != "index":
+                parts.setdefault(k, []).append(v)
+    if not parts:
+        raise ValueError(f"{manifest}: no readable clip")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class CachedClips:
+    """Decoded clips served in a seeded permutation per epoch. The position counts global
+    samples, so rank r of w gets rows [r*b, (r+1)*b) of every global micro-batch of w*b
+    clips: the same global batches on any number of ranks."""
+
+    def __init__(self, clips: dict, *, micro_batch: int, rank: int, world: int, seed: int):
+        self.clips, self.micro, self.rank, self.world, self.seed = clips, micro_batch, rank, world, seed
+        self.n = clips["video"].shape[0]
+        if self.n < micro_batch * world:
+            raise ValueError(f"{self.n} cached clips are fewer than one global micro-batch ({micro_batch * world})")
+        self.epoch, self.position = 0, 0
+
+    def _order(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+
+    def next_batch(self, step: int) -> dict:
+        g = self.micro * self.world
+        if self.position + g > self.n:  # drop the tail of the epoch
+            self.epoch, self.position = self.epoch + 1, 0
+        lo = self.position + self.rank * self.micro
+        idx = self._order()[lo:lo + self.micro]
+        self.position += g
+        return {k: v[idx] for k, v in self.clips.items()}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def tokenizer_for(cfg) -> Tokenizer | None:
+    """The caption tokenizer: data.tokenizer, else spm.model next to the first training manifest."""
+    if cfg.data.source == "random":
+        return None
+    path = cfg.data.tokenizer
+    if not path:
+        first = parse_datasets(cfg.data.train, cfg.model.num_frames)[0][0]
+        path = os.path.join(os.path.dirname(os.path.abspath(first)), "spm.model")
+    return Tokenizer(path)
+
+
+def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: int, vocab: int):
+    dc, seed = cfg.data, cfg.train.seed
+    if dc.source == "random":
+        return RandomClips(micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, frames=cfg.model.num_frames,
+                           resolution=cfg.model.resolution, vocab=vocab, seed=seed)
+    if dc.source != "manifest":
+        raise ValueError(f"data.source must be 'manifest' or 'random', got {dc.source!r}")
+    datasets = parse_datasets(dc.train, cfg.model.num_frames)
+    if dc.cache:
+        if len(datasets) > 1:
+            raise ValueError("data.cache=true takes one training manifest; set data.cache=false to alternate datasets")
+        path, _, frames = datasets[0]
+        clips = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
+                           workers=dc.workers, max_bad_share=dc.max_bad_fraction)
+        return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed)
+    from videoprism.data.loader import build_loader
+
+    loaders = [build_loader(path, num_frames=frames, resolution=cfg.model.resolution, batch_size=micro_batch,
+                            train=True, seed=seed, rank=dist_.rank, world_size=dist_.world, tokenizer=tokenizer,
+                            device=dist_.device, num_workers=dc.workers, max_bad_share=dc.max_bad_fraction)
+               for path, _, frames in datasets]
+    return ManifestData(loaders, [w for _, w, _ in datasets], seed)
+
+
+def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> list[dict] | None:
+    """The validation split decoded once, as a list of batches (None without data.val)."""
+    if not cfg.data.val or cfg.data.source == "random":
+        return None
+    clips = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
+                       tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_fraction)
+    n = clips["video"].shape[0]
+    return [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]

@@ -1,0 +1,42 @@
+"""Losses of both stages and the cross-rank gather they need."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather `[b, ...]` from every rank into `[world * b, ...]` (rank-major), with a
+    backward that sums the gradients of every rank's copy into the local slice, so the
+    loss over the global batch trains each rank's tower (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the global batch (CLIP).
+
+    `video`, `text`: this rank's L2-normalised embeddings `[b, D]`; the rank's rows are
+    scored against every rank's columns. The value is the mean over this rank's rows of the
+    video->text and text->video cross-entropies; the mean over ranks (what DDP/FSDP's
+    gradient averaging optimises) equals the loss of the whole global batch on one rank.
+    """
+    all_video, all_text = gather_with_grad(video), gather_with_grad(text)
+    b = video.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(rank * b, (rank + 1) * b, device=video.device)
+    scale = logit_scale.exp()
+    v2t = scale * video.float() @ all_text.float().T      # [b, B]
+    t2v = scale * text.float() @ all_video.float().T      # [b, B]
+    return 0.5 * (F.cross_entropy(v2t, labels) + F.cross_entropy(t2v, labels))
+
+
+def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over all leading positions of 1 - cos(pred, target) along the last axis."""
+    pred, target = pred.float(), target.float()
+    cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    return (1.0 - cos).mean()

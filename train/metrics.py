@@ -1,0 +1,94 @@
+"""Per-step training metrics (STYLE 9): progress bar, JSONL records, PNG curves.
+
+Throughput numbers are per optimizer step over all ranks: clips/s, video tokens/s (the
+visible tokens the encoder computes on), MFU = model FLOPs per second / (ranks x the
+measured matmul ceiling), the share of the step spent waiting for data, and peak memory
+(CUDA allocator peak on GPU, process peak RSS on the CPU).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Rank 0 writes `out_dir/metrics.jsonl` and drives a tqdm bar; other ranks only count."""
+
+    def __init__(self, out_dir: str, *, total_steps: int, start_step: int, enabled: bool, desc: str):
+        self.enabled = enabled
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.bar = None
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+                            file=sys.stdout, mininterval=1.0)
+
+    def step(self, step: int, record: dict, *, show: bool) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if show:
+            self.bar.set_postfix_str(
+                f"loss {record['loss']:.4f} | {record['clips_per_s']:.1f} clips/s | "
+                f"{record['tokens_per_s']:.3g} tok/s | MFU {100 * record['mfu']:.1f}% | "
+                f"data {100 * record['data_wait']:.0f}% | mem {record['peak_mem_gb']:.2f} GB", refresh=False)
+        self.write({"step": step, **record})
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_curves(jsonl: str, png: str, *, keys: tuple[str, ...] = ("loss",)) -> str:
+    """Loss curves (one panel per key) and clips/s against the step, from the JSONL log.
+    Later records of a step win, so a resumed run plots once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step = {}
+    for r in read_jsonl(jsonl):
+        if "step" in r and "loss" in r:
+            by_step[r["step"]] = r
+    steps = sorted(by_step)
+    panels = [k for k in keys if any(k in by_step[s] for s in steps)] + ["clips_per_s"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+    for ax, key in zip(axes, panels):
+        xs = [s for s in steps if key in by_step[s]]
+        ax.plot(xs, [by_step[s][key] for s in xs])
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

@@ -1,0 +1,70 @@
+"""Building the models the stages train, from the config or from an exported file."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import videoprism
+from videoprism.checkpoint import load_checkpoint
+from videoprism.config import CLIPConfig, official_config
+from videoprism.train.config import ModelConfig
+
+
+def _backend(name: str) -> str | None:
+    return None if name == "auto" else name
+
+
+def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> videoprism.FactorizedVideoCLIP:
+    """A `FactorizedVideoCLIP` of `mc.name` with the overrides of `mc`, initialised per `mc.init`.
+
+    A randomly initialised model gets position embeddings of exactly the training clip
+    size (no interpolation in every step); a checkpoint keeps its official shape."""
+    overrides = mc.overrides(vocab)
+    base = official_config(mc.name, **overrides)
+    if not isinstance(base, CLIPConfig):
+        raise ValueError(f"model.name={mc.name!r} is not a video-text (LvT) model; use videoprism_lvt_v1_*")
+    if mc.resolution % base.patch_size:
+        raise ValueError(f"model.resolution={mc.resolution} is not a multiple of the patch size {base.patch_size}")
+    if mc.init == "random":
+        grid = mc.resolution // base.patch_size
+        overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
+    model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
+    if mc.init != "random":
+        if not os.path.isfile(mc.init):
+            raise FileNotFoundError(f"model.init={mc.init!r} is not a file; pass 'random', an official .npz or "
+                                    "a .safetensors export")
+        load_checkpoint(mc.init, model)
+    return model.to(device)
+
+
+def clip_from_safetensors(path: str, *, attention_backend: str = "auto",
+                          device: torch.device | str = "cpu") -> videoprism.FactorizedVideoCLIP:
+    """Rebuild an exported `FactorizedVideoCLIP` from the config stored in its metadata."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r}: no such weights file (a stage-1 run writes OUT_DIR/model.safetensors)")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+    if meta.get("class") != "FactorizedVideoCLIP" or "config" not in meta:
+        raise ValueError(f"{path!r} holds {meta.get('class', 'no class name')}, not a FactorizedVideoCLIP export "
+                         "with its config; pass the model.safetensors of a stage-1 run")
+    values = json.loads(meta["config"])
+    values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
+    values["attention_backend"] = _backend(attention_backend)
+    model = videoprism.FactorizedVideoCLIP(CLIPConfig(**values))
+    videoprism.load_safetensors(path, model)
+    return model.to(device)
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The whole state dict on the CPU from any parallel layout (collective under FSDP)."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def sub_state_dict(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,128 @@
+"""Process group, device, and the parallel wrapping of the trainable module (torchtitan order):
+activation checkpointing, then compile, then DDP or per-block FSDP2 `fully_shard`.
+
+One entry point serves one CPU, one GPU, or `torchrun` on many nodes: the process group
+comes up when torchrun's environment says there is more than one rank (NCCL on GPU,
+gloo on the CPU).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from videoprism.layers import TransformerBlock
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, dev)
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, TransformerBlock)]
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def apply_activation_checkpointing(module: nn.Module) -> None:
+    """Recompute every transformer block in the backward. The block's forward is wrapped in
+    place (no wrapper module), so parameter names and checkpoints are unchanged."""
+    for block in blocks(module):
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
+def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: bool, mixed_precision: bool,
+                act_ckpt: bool) -> nn.Module:
+    """Returns the module to call in the train step (the same object for 'none' and 'fsdp')."""
+    if mode == "auto":
+        mode = "ddp" if dist_.world > 1 else "none"
+    if mode not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"parallel.mode must be 'auto', 'none', 'ddp' or 'fsdp', got {mode!r}")
+    if mode == "none" and dist_.world > 1:
+        raise ValueError(f"parallel.mode=none with {dist_.world} ranks would train diverging copies; use ddp or fsdp")
+    if act_ckpt:
+        apply_activation_checkpointing(module)
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        on_gpu = dist_.device.type == "cuda" and mixed_precision
+        # bf16 compute, fp32 gradient reduction and master weights (torchtitan default).
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu \
+            else MixedPrecisionPolicy()
+        for block in blocks(module):
+            if compile:
+                # Per-block compile: FSDP2's hooks live between blocks, not inside a graph.
+                block.compile(fullgraph=True)
+            fully_shard(block, mp_policy=mp)
+        fully_shard(module, mp_policy=mp)
+        return module
+    if compile:
+        module.compile(fullgraph=True)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [dist_.device.index] if dist_.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+    return module
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if hasattr(module, "no_sync") else module
+
+
+def grad_sync(module: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps."""
+    import contextlib
+
+    if hasattr(module, "no_sync"):  # DDP
+        return contextlib.nullcontext() if enabled else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x

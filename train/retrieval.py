@@ -1,0 +1,43 @@
+"""Zero-shot retrieval: text->video and video->text recall at 1, 5, 10.
+
+Protocol: every validation clip with its own caption. A retrieved item counts as a hit
+when its caption equals the query's (identical captions are indistinguishable for any
+model; with unique captions this is the usual one-correct-item protocol). The chance
+level reported with the metrics is the expected R@1 of a random ranking under the same
+rule: mean over queries of (items sharing the caption) / (items).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def caption_groups(text_ids: torch.Tensor, text_paddings: torch.Tensor) -> torch.Tensor:
+    """Group id per caption: equal token sequences (padding ignored) share a group."""
+    ids = text_ids.long() * (text_paddings < 0.5).long() - (text_paddings >= 0.5).long()
+    return torch.unique(ids, dim=0, return_inverse=True)[1]
+
+
+def recall_at_k(sim: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor,
+                ks=(1, 5, 10)) -> dict[int, float]:
+    """sim [Q, I]; a query hits at k when one of its top-k items has the query's group."""
+    k_max = min(max(ks), sim.shape[1])
+    top = sim.topk(k_max, dim=1).indices                             # [Q, k_max]
+    hit = item_groups[top] == query_groups[:, None]                  # [Q, k_max]
+    first = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(query_groups, k_max))
+    return {k: float((first < k).float().mean()) for k in ks}
+
+
+def retrieval_metrics(video: torch.Tensor, text: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
+    """video, text: L2-normalised `[N, D]` embeddings of the same N clips, in order;
+    groups [N]: caption group ids (`caption_groups`)."""
+    if video.shape != text.shape or video.shape[0] != groups.shape[0]:
+        raise ValueError(f"retrieval needs matching [N, D] video/text embeddings and N group ids, got "
+                         f"{tuple(video.shape)}, {tuple(text.shape)} and {tuple(groups.shape)}")
+    sim = text.float() @ video.float().T
+    out = {}
+    for name, s in (("t2v", sim), ("v2t", sim.T)):
+        for k, r in recall_at_k(s, groups, groups).items():
+            out[f"{name}_R@{k}"] = r
+    sizes = torch.bincount(groups).float()
+    out["chance_R@1"] = float((sizes[groups] / groups.shape[0]).mean())
+    return out

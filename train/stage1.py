@@ -1,0 +1,157 @@
+"""Stage 1: video-text contrastive pretraining (DESIGN 5).
+
+    python -m train.stage1 --config tiny data.train=DIR/train.jsonl data.val=DIR/val.jsonl
+    torchrun --nproc-per-node 8 -m train.stage1 --config base parallel.mode=fsdp ...
+
+Video tower = encoder on tube-masked visible tokens + auxiliary stack + MAP pooler; text
+tower = CoCa text encoder; symmetric InfoNCE over the global batch with a learned
+temperature. LiT mode (stage1.lit=true) freezes the video encoder.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from videoprism.flops import stage1_step_flops
+from videoprism.masking import tube_mask
+from videoprism.train.config import Config, parse_args
+from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
+from videoprism.train.losses import contrastive_loss
+from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
+from videoprism.train.parallel import Dist, close_distributed, init_distributed
+from videoprism.train.retrieval import caption_groups, retrieval_metrics
+from videoprism.train.trainer import Trainer
+
+
+class ContrastiveModel(nn.Module):
+    """The CLIP model plus the learned temperature, stored as log(1 / t) (CLIP)."""
+
+    def __init__(self, clip: nn.Module, *, temperature_init: float, max_logit_scale: float, lit: bool):
+        super().__init__()
+        if not 0 < temperature_init < 1:
+            raise ValueError(f"stage1.temperature_init must be in (0, 1), got {temperature_init}")
+        self.clip = clip
+        # Shape [1], not a scalar: FSDP2 shards no 0-d parameter.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature_init)]))
+        self.max_log_scale = math.log(max_logit_scale)
+        if lit:
+            # Frozen parameters and an input without grad: autograd records nothing for the
+            # encoder, so it costs one forward and no activation memory.
+            self.clip.vision_encoder.requires_grad_(False)
+
+    def forward(self, video=None, text_ids=None, text_paddings=None, pos=None):
+        """-> (video_emb [B, D] | None, text_emb [B, D] | None, log of 1/temperature)."""
+        v, t, _ = self.clip(video, text_ids, text_paddings, pos=pos)
+        return v, t, self.logit_scale.clamp(max=self.max_log_scale)
+
+
+class Stage1Task:
+    loss_keys = ("temperature",)
+
+    def __init__(self, cfg: Config, dist_: Dist, clip: nn.Module, val_batches: list[dict] | None):
+        self.cfg, self.dist, self.val = cfg, dist_, val_batches
+        self.model_config = clip.config
+        s1 = cfg.stage1
+        self.module = ContrastiveModel(clip, temperature_init=s1.temperature_init,
+                                       max_logit_scale=s1.max_logit_scale, lit=s1.lit)
+
+    def prepare(self, batch: dict, step: int, micro: int) -> dict:
+        dev = self.dist.device
+        video = batch["video"].to(dev, non_blocking=True)
+        b, T, H, W, _ = video.shape
+        P = self.model_config.patch_size
+        # The mask of every sample of the global micro-batch comes from one seed per
+        # (step, micro-step), so any number of ranks sees the same masks.
+        seed = (self.cfg.train.seed * 1_000_003 + step) * 64 + micro
+        pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
+        pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
+        return {"video": video, "pos": pos, "text_ids": batch["text_ids"].to(dev, non_blocking=True),
+                "text_paddings": batch["text_paddings"].to(dev, non_blocking=True)}
+
+    def loss(self, module: nn.Module, inputs: dict):
+        v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"], pos=inputs["pos"])
+        return contrastive_loss(v, t, log_scale), {"temperature": torch.exp(-log_scale)}
+
+    def flops(self, inputs: dict) -> float:
+        b, T, K = inputs["pos"].shape
+        return stage1_step_flops(self.model_config, batch=b, frames=T, visible=K,
+                                 text_length=inputs["text_ids"].shape[1], freeze_video=self.cfg.stage1.lit)
+
+    def tokens(self, inputs: dict) -> int:
+        return inputs["pos"].numel()
+
+    def evaluate(self, module: nn.Module) -> dict:
+        """Zero-shot retrieval on the validation split, full clips (no mask)."""
+        if not self.val:
+            return {}
+        dev = self.dist.device
+        vs, ts, ids, pads = [], [], [], []
+        for batch in self.val:
+            v, t, _ = module(batch["video"].to(dev), batch["text_ids"].to(dev), batch["text_paddings"].to(dev))
+            vs.append(v.float().cpu())
+            ts.append(t.float().cpu())
+            ids.append(batch["text_ids"])
+            pads.append(batch["text_paddings"])
+        groups = caption_groups(torch.cat(ids), torch.cat(pads))
+        return retrieval_metrics(torch.cat(vs), torch.cat(ts), groups)
+
+    def export(self, module: nn.Module, path: str) -> None:
+        """The trained CLIP (without the temperature) as safetensors, loadable into a
+        `from_official` model of the same config (collective under FSDP)."""
+        import videoprism
+
+        state = sub_state_dict(full_state_dict(module), "clip.")
+        if self.dist.main:
+            clip = videoprism.FactorizedVideoCLIP(self.model_config)
+            clip.load_state_dict(state, strict=True)
+            videoprism.save_safetensors(clip, path)
+
+
+def run(cfg: Config, resume: str | None = None) -> dict:
+    """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths."""
+    dist_ = init_distributed(cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        tokenizer = tokenizer_for(cfg)
+        clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
+        trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=_micro(cfg, dist_),
+                                        vocab=clip.config.vocabulary_size)
+        val = build_val_batches(cfg, tokenizer, batch_size=_micro(cfg, dist_))
+        task = Stage1Task(cfg, dist_, clip, val)
+        trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
+        if resume is not None:
+            trainer.resume(resume)
+        results = trainer.fit()
+        if dist_.main:
+            _report(results, cfg)
+        return results
+    finally:
+        close_distributed()
+
+
+def _micro(cfg: Config, dist_: Dist) -> int:
+    return cfg.train.micro_batch or cfg.train.global_batch // dist_.world
+
+
+def _report(results: dict, cfg: Config) -> None:
+    if "t2v_R@1" in results:
+        print("zero-shot retrieval (validation): " + ", ".join(
+            f"{k} {100 * results[k]:.1f}%" for k in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5",
+                                                     "v2t_R@10", "chance_R@1")))
+    for key in ("checkpoint", "export", "plot"):
+        if key in results:
+            print(f"{key}: {results[key]}")
+    print(f"metrics: {cfg.train.out_dir}/metrics.jsonl; non-finite steps skipped: {results['nonfinite']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_args(argv, stage=1)
+    run(cfg, resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

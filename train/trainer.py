@@ -1,0 +1,186 @@
+"""The training loop shared by both stages.
+
+A stage supplies a `Task`: the trainable module, how a loader batch becomes model
+inputs (device transfer, masks: done outside the compiled graph), the loss, the FLOPs
+of a step, evaluation and export. The trainer owns everything else: parallel wrapping,
+the optimizer and schedule, gradient accumulation, clipping, skipping non-finite steps,
+metrics, checkpoints and resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from videoprism.flops import matmul_peak_tflops
+from videoprism.train import checkpoint as ckpt
+from videoprism.train.config import Config
+from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
+from videoprism.train.optim import build_optimizer, lr_at, set_lr
+from videoprism.train.parallel import Dist, all_reduce_mean, grad_sync, parallelize
+
+
+class Task(Protocol):
+    module: nn.Module  # the trainable module (frozen parts such as a teacher live outside)
+    loss_keys: tuple[str, ...]  # extra scalars returned by `loss`, logged and plotted
+
+    def prepare(self, batch: dict, step: int, micro: int) -> dict: ...
+    def loss(self, module: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict]: ...
+    def flops(self, inputs: dict) -> float: ...
+    def tokens(self, inputs: dict) -> int: ...
+    def evaluate(self, module: nn.Module) -> dict: ...
+    def export(self, module: nn.Module, path: str) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    TRAINER_KEYS = ["step", "nonfinite"]
+
+    def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str):
+        self.cfg, self.task, self.data, self.dist, self.name = cfg, task, data, dist_, name
+        tc = cfg.train
+        if tc.global_batch % dist_.world:
+            raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {dist_.world} ranks")
+        per_rank = tc.global_batch // dist_.world
+        self.micro = tc.micro_batch or per_rank
+        if per_rank % self.micro:
+            raise ValueError(f"train.micro_batch={self.micro} does not divide the per-rank batch {per_rank} "
+                             f"(global_batch {tc.global_batch} / {dist_.world} ranks)")
+        self.accum = per_rank // self.micro
+        self.autocast = dist_.device.type == "cuda" and tc.mixed_precision
+        self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_, compile=tc.compile,
+                                 mixed_precision=tc.mixed_precision, act_ckpt=tc.activation_checkpointing)
+        self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim, dist_.device)
+        self.step = 0
+        self.nonfinite = 0
+        self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
+
+    # ---- state -----------------------------------------------------------------------
+    def save(self) -> str:
+        return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer,
+                         trainer_state={"step": self.step, "nonfinite": self.nonfinite},
+                         rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict()},
+                         keep=self.cfg.checkpoint.keep)
+
+    def resume(self, path: str) -> None:
+        """`path`: a run's out_dir (its latest checkpoint) or a step_* folder."""
+        if os.path.basename(path.rstrip("/")).startswith("step_"):
+            target = path
+        else:
+            target = ckpt.latest(os.path.join(path, "checkpoints")) or ckpt.latest(path)
+            if target is None:
+                raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint under it (looked for "
+                                        f"{os.path.join(path, 'checkpoints', 'step_*')})")
+        state, rank_state = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
+        self.step, self.nonfinite = state["step"], state["nonfinite"]
+        ckpt.set_rng_state(rank_state["rng"])
+        self.data.load_state_dict(rank_state["data"])
+        if self.dist.main:
+            print(f"resumed from {target} at step {self.step}")
+
+    # ---- one optimizer step --------------------------------------------------------------
+    def train_step(self) -> dict:
+        """Accumulate `accum` micro-batches, clip, and apply the update unless the loss or the
+        gradient is non-finite (then the step is skipped and counted)."""
+        cfg = self.cfg
+        set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
+        losses, extras, flops, tokens, data_wait = [], {}, 0.0, 0, 0.0
+        for a in range(self.accum):
+            t0 = time.perf_counter()
+            batch = self.data.next_batch(self.step)
+            inputs = self.task.prepare(batch, self.step, a)
+            data_wait += time.perf_counter() - t0
+            with grad_sync(self.model, a == self.accum - 1):
+                amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+                with amp:
+                    loss, parts = self.task.loss(self.model, inputs)
+                (loss / self.accum).backward()
+            losses.append(loss.detach().float())
+            for k, v in parts.items():
+                extras[k] = extras.get(k, 0.0) + v.detach().float() / self.accum
+            flops += self.task.flops(inputs)
+            tokens += self.task.tokens(inputs)
+        loss = all_reduce_mean(torch.stack(losses).mean())
+        params = [p for p in self.task.module.parameters() if p.requires_grad]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
+        if finite:
+            self.optimizer.step()
+        else:
+            self.nonfinite += 1
+            if self.nonfinite > cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
+                    f"{cfg.train.max_nonfinite}), the last at step {self.step}; lower optim.lr, check the data, "
+                    "or raise the limit")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        rec = {"loss": float(loss), "grad_norm": float(gnorm), "lr": self.optimizer.param_groups[0]["lr"],
+               "skipped": not finite, "nonfinite": self.nonfinite}
+        rec.update({k: float(all_reduce_mean(v)) for k, v in extras.items()})
+        return {**rec, "_flops": flops * self.dist.world, "_tokens": tokens * self.dist.world,
+                "_data_wait": data_wait}
+
+    # ---- the run --------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, tc, d = self.cfg, self.cfg.train, self.dist
+        peak = tc.peak_tflops or matmul_peak_tflops(d.device)
+        log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
+        if d.main and self.step == 0:
+            log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
+        self.task.module.train()
+        results = {}
+        try:
+            while self.step < tc.steps:
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                dt = time.perf_counter() - t0
+                flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
+                rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
+                           mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt,
+                           peak_mem_gb=peak_memory_gb(d.device))
+                log.step(self.step, rec, show=self.step % tc.log_every == 0 or self.step == tc.steps)
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < tc.steps:
+                    self.save()
+                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
+                    self._evaluate(log)
+            path = self.save()
+            results = self._evaluate(log)
+            results["checkpoint"] = path
+            if cfg.checkpoint.export:
+                export = os.path.join(tc.out_dir, "model.safetensors")
+                self.task.export(self.model, export)
+                results["export"] = export
+            if d.main:
+                results["plot"] = plot_curves(log.path, os.path.join(tc.out_dir, "curves.png"),
+                                              keys=("loss", *self.task.loss_keys))
+        finally:
+            log.close()
+        results["nonfinite"] = self.nonfinite
+        return results
+
+    def _evaluate(self, log: MetricsLogger) -> dict:
+        self.task.module.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model)
+        self.task.module.train()
+        if metrics:
+            log.write({"step": self.step, "eval": metrics})
+            log.message(f"[{self.name}] step {self.step}: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        return metrics

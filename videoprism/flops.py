@@ -1,0 +1,146 @@
+"""The one FLOP formula of the project: the trainer's MFU and bench/train_step.py both use it.
+
+Conventions (those of PaLM / torchtitan MFU):
+* Only matmul FLOPs are counted, 2 per multiply-add. LayerNorm, softmax, GELU, the
+  soft-cap and the loss's exp/log are a few % and are left out.
+* Forward FLOPs of a transformer block over `S` tokens of width `D`, FFN width `F`:
+  qkv + output projections `2*S*4*D^2`, FFN `4*S*D*F`, attention `4*P*D`, where `P` is the
+  number of (query, key) pairs the block must score: `S^2` dense, `S*(S+1)/2` causal.
+* A training step costs 3x the forward of the parts that get gradients (forward, grad
+  of activations, grad of weights) and 1x the forward of frozen parts (stage-2 teacher,
+  the LiT video tower), which need no backward at all.
+* Masked encoding counts visible tokens only: the spatial stack sees `K` tokens per
+  frame; temporal attention scores only the pairs of visible tokens at the same spatial
+  location, `sum_loc count(loc)^2` per clip (`T^2 * K` for tube masks, where every visible
+  location is visible in all `T` frames). Masked tokens cost nothing and count nothing.
+
+All functions return forward FLOPs for the whole batch as Python floats.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def block_flops(seqs: int, seq_len: int, dim: int, mlp_dim: int, *, pairs: float | None = None,
+                causal: bool = False) -> float:
+    """Forward FLOPs of one pre-LN transformer block over `seqs` sequences of `seq_len`
+    tokens. `pairs` = scored (query, key) pairs of one sequence; default dense or causal."""
+    if pairs is None:
+        pairs = seq_len * (seq_len + 1) / 2 if causal else seq_len * seq_len
+    tokens = seqs * seq_len
+    return tokens * (8 * dim * dim + 4 * dim * mlp_dim) + seqs * 4 * pairs * dim
+
+
+def pooler_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
+    """Attention pooler with one learned query: q (1 token), k and v (all tokens), scores
+    and weighted sum over `tokens` keys, output projection (1 token)."""
+    return batch * (2 * dim * hidden + 4 * tokens * dim * hidden + 4 * tokens * hidden + 2 * hidden * dim)
+
+
+def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int) -> float:
+    """Scored pairs of the masked temporal attention, summed over the batch and divided by
+    the batch size (mean per clip). `pos [B, T, K]` visible patch indices, or None (tube
+    or unmasked: T^2 * K)."""
+    if pos is None:
+        return float(frames * frames * visible)
+    B = pos.shape[0]
+    flat = pos.reshape(B, -1).long()
+    n = int(flat.max()) + 1
+    counts = torch.zeros(B, n, dtype=torch.float64, device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    return float((counts * counts).sum() / B)
+
+
+def encoder_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip: float | None = None) -> float:
+    """`FactorizedEncoder` forward on `visible` tokens per frame. `cfg` has patch_size,
+    model_dim, mlp_dim, num_spatial_layers, num_temporal_layers (videoprism.config)."""
+    D, F, P = cfg.model_dim, cfg.mlp_dim, cfg.patch_size
+    tokens = batch * frames * visible
+    total = 2.0 * tokens * P * P * 3 * D  # patch projection
+    total += cfg.num_spatial_layers * block_flops(batch * frames, visible, D, F)
+    if pairs_per_clip is None:
+        pairs_per_clip = float(frames * frames * visible)
+    # Temporal stack: one sequence per (clip, spatial location); tokens and pairs as counted.
+    per_clip_tokens = frames * visible
+    total += cfg.num_temporal_layers * (
+        batch * per_clip_tokens * (8 * D * D + 4 * D * F) + batch * 4 * pairs_per_clip * D)
+    return total
+
+
+def video_tower_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip: float | None = None) -> float:
+    """`FactorizedVideoCLIP` video tower: encoder, auxiliary stack over all T*K tokens, MAP
+    pooler (hidden 4D)."""
+    D = cfg.model_dim
+    L = frames * visible
+    return (encoder_flops(cfg, batch, frames, visible, pairs_per_clip=pairs_per_clip)
+            + cfg.num_auxiliary_layers * block_flops(batch, L, D, cfg.mlp_dim)
+            + pooler_flops(batch, L, D, 4 * D))
+
+
+def text_tower_flops(cfg, batch: int, length: int) -> float:
+    """CoCa text encoder over `length` tokens + the class token (causal if the config says so)."""
+    D = cfg.model_dim
+    return cfg.num_unimodal_layers * block_flops(batch, length + 1, D, 4 * D, causal=cfg.enable_causal_atten)
+
+
+def contrastive_loss_flops(batch: int, dim: int) -> float:
+    """Similarity matrix of the global batch (both directions share it)."""
+    return 2.0 * batch * batch * dim
+
+
+def stage1_step_flops(cfg, *, batch: int, frames: int, visible: int, text_length: int,
+                      freeze_video: bool = False) -> float:
+    """Training FLOPs of one stage-1 step of `batch` clips (see the module docstring)."""
+    video = video_tower_flops(cfg, batch, frames, visible)
+    text = text_tower_flops(cfg, batch, text_length)
+    loss = contrastive_loss_flops(batch, cfg.model_dim)
+    return (1 if freeze_video else 3) * video + 3 * (text + loss)
+
+
+def decoder_flops(batch: int, tokens: int, dim: int, dec_dim: int, num_layers: int, dec_mlp_dim: int) -> float:
+    """Stage-2 decoder (train/distill.py): MLP D->Dd (two linears), `num_layers` blocks of
+    width Dd, MLP Dd->D (two linears), linear D->D, over `tokens` tokens per clip."""
+    n = batch * tokens
+    mlps = 2.0 * n * (dim * dec_dim + dec_dim * dec_dim) + 2.0 * n * (dec_dim * dim + dim * dim)
+    return mlps + 2.0 * n * dim * dim + num_layers * block_flops(batch, tokens, dec_dim, dec_mlp_dim)
+
+
+def stage2_step_flops(cfg, *, batch: int, frames: int, grid_tokens: int, visible: int, dec_dim: int,
+                      dec_layers: int, dec_mlp_dim: int, global_distill: bool = True,
+                      pairs_per_clip: float | None = None) -> float:
+    """Training FLOPs of one stage-2 step: teacher forward on every token (1x), student
+    encoder on the visible tokens, token decoder over all T*N slots, global decoder on the
+    visible tokens + MAP pooler (3x)."""
+    D = cfg.model_dim
+    n, m = frames * grid_tokens, frames * visible
+    teacher = video_tower_flops(cfg, batch, frames, grid_tokens)
+    student = encoder_flops(cfg, batch, frames, visible, pairs_per_clip=pairs_per_clip)
+    student += decoder_flops(batch, n, D, dec_dim, dec_layers, dec_mlp_dim)
+    if global_distill:
+        student += decoder_flops(batch, m, D, dec_dim, dec_layers, dec_mlp_dim) + pooler_flops(batch, m, D, D)
+    return teacher + 3 * student
+
+
+def matmul_peak_tflops(device: torch.device | str, *, n: int | None = None) -> float:
+    """Measured matmul ceiling of the device in TFLOP/s (bf16 on CUDA, fp32 on the CPU),
+    the denominator of MFU: the best of a few timed `n x n` products after a warm-up."""
+    import time
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 512)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(6):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(5 if cuda else 1):
+            a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:  # the first round is the warm-up
+            best = min(best, (time.perf_counter() - t0) / (5 if cuda else 1))
+    return 2 * n**3 / best / 1e12

@@ -17,7 +17,7 @@ from videoprism.data.loader import build_loader
 from videoprism.data.manifest import read_manifest, read_shards
 from videoprism.data.synth import COLOURS, DIRECTIONS, SHAPES, encode, generate
 from videoprism.data.text import Tokenizer, canonicalize_text
-from videoprism.data.transforms import Augment, uniform_indices
+from videoprism.data.transforms import uniform_indices
 
 from .conftest import MEDIA
 

@@ -53,6 +53,14 @@ class Sample:
             f.seek(self.offset)
             return f.read(self.size)
 
+    def read_bytes(self) -> bytes:
+        """The encoded video (for decoders that take memory, like DALI)."""
+        src = self.source()
+        if isinstance(src, bytes):
+            return src
+        with open(src, "rb") as f:
+            return f.read()
+
     def to_record(self, base: str | None = None) -> dict:
         """The manifest line of this sample (paths relative to `base` when given)."""
         rec = dict(self.extra)

@@ -1,0 +1,138 @@
+"""The DALI graph (run on the CPU here, on the GPU with the gpu marker) against the PyAV path."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+
+from videoprism.data.dali_pipeline import DaliClips  # noqa: E402
+from videoprism.data.decode import PyAVClip  # noqa: E402
+from videoprism.data.loader import build_loader  # noqa: E402
+from videoprism.data.synth import generate  # noqa: E402
+from videoprism.data.transforms import Augment, apply_augment, uniform_indices  # noqa: E402
+
+from .test_data import H264, VP9, needs_media, psnr  # noqa: E402
+
+
+def dali_frames(path, indices, device="cpu", box=None, size=None, flip=False):
+    with PyAVClip(path) as c:
+        h, w = c.index.height, c.index.width
+    dali = DaliClips(batch_size=2, num_frames=len(indices), resolution=size or h, device=torch.device(device))
+    (video,) = dali.run([open(path, "rb").read()], [indices], [box or (0, 0, h, w)], [flip])
+    return video.cpu()
+
+
+def pyav_frames(path, indices):
+    with PyAVClip(path) as c:
+        return c.decode(indices)
+
+
+@needs_media
+def test_dali_cpu_decodes_the_frames_pyav_decodes():
+    idx = uniform_indices(100, 8)
+    d, p = dali_frames(VP9, idx), pyav_frames(VP9, idx)
+    assert d.shape == (8, 512, 512, 3) and d.dtype == torch.uint8 and 0 <= d.min() and d.max() <= 255
+    same = Augment()  # the same resize applied to both decoders' frames
+    assert psnr(apply_augment(d, same, 288), apply_augment(p, same, 288)) >= 40
+    # Uniform indices: each DALI frame is closest to the PyAV frame of the same index, not to a neighbour.
+    near = sorted({j for i in idx for j in range(max(0, i - 2), min(100, i + 3))})
+    everything = dict(zip(near, pyav_frames(VP9, near)))
+    for k, i in enumerate(idx):
+        scores = {j: psnr(d[k], everything[j]) for j in range(max(0, i - 2), min(100, i + 3))}
+        assert max(scores, key=scores.get) == i, scores
+
+
+@needs_media
+def test_dali_graph_transform_matches_torch_transform():
+    aug = Augment.draw(np.random.default_rng(1))
+    idx = uniform_indices(100, 8)
+    d = dali_frames(VP9, idx, box=aug.box(512, 512), size=96, flip=aug.flip)
+    p = apply_augment(pyav_frames(VP9, idx), aug, 96)
+    assert d.shape == p.shape == (8, 96, 96, 3)
+    assert psnr(d, p) >= 35  # two resize implementations (DALI's and torch's antialiased bilinear)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth_dali"))
+    generate(out, 20, seed=4, size=64, num_frames=12, workers=1)
+    return out
+
+
+def _loader(synth, manifest="train.jsonl", **kw):
+    args = dict(num_frames=8, resolution=36, batch_size=4, train=True, seed=0,
+                tokenizer=os.path.join(synth, "spm.model"), backend="dali")
+    args.update(kw)
+    return build_loader(os.path.join(synth, manifest), **args)
+
+
+def test_dali_loader_matches_pyav_loader_and_is_deterministic(synth):
+    a = list(_loader(synth))
+    b = list(_loader(synth))
+    p = list(_loader(synth, backend="pyav"))
+    assert len(a) == len(p) == 4
+    for x, y, z in zip(a, b, p):
+        assert x["video"].shape == (4, 8, 36, 36, 3) and x["video"].dtype == torch.uint8
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["index"], z["index"])
+        assert psnr(x["video"], z["video"]) >= 35
+
+
+def test_dali_loader_shards_and_resumes(synth):
+    sets = [set(torch.cat([b["index"] for b in _loader(synth, rank=r, world_size=2, batch_size=3)]).tolist())
+            for r in range(2)]
+    assert len(sets[0]) == len(sets[1]) == 9 and not sets[0] & sets[1]
+    full = [b["video"] for b in _loader(synth, batch_size=3)]
+    run = _loader(synth, batch_size=3)
+    it = iter(run)
+    first = [next(it)["video"] for _ in range(2)]
+    resumed = _loader(synth, batch_size=3)
+    resumed.load_state_dict(run.state_dict())
+    rest = [b["video"] for b in resumed]
+    assert len(first) + len(rest) == len(full) and all(torch.equal(x, y) for x, y in zip(first + rest, full))
+
+
+def test_file_breaking_inside_dali_is_skipped_and_the_run_goes_on(tmp_path, synth):
+    recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
+    for r in recs:
+        r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
+    # Indexed as good, then cut: only DALI sees it (the probe fields spare the demux pass).
+    data = open(recs[3]["path"], "rb").read()
+    cut = str(tmp_path / "cut.webm")
+    with open(cut, "wb") as f:
+        f.write(data[: len(data) // 2])
+    recs[3]["path"] = cut
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    loader = build_loader(str(m), num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
+                          tokenizer=os.path.join(synth, "spm.model"), backend="dali", max_bad_share=0.1)
+    batches = []
+    for b in loader:
+        batches.append(b)
+        rejects = loader.rejects
+    assert sum(len(b["index"]) for b in batches) == len(recs) - 1
+    assert [p for p, _ in rejects] == [cut] and ("DALI" in rejects[0][1] or "all-zero" in rejects[0][1])
+
+
+@needs_media
+def test_h264_on_the_cpu_falls_back_to_pyav(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"path": H264, "caption": "drumming"}) + "\n")
+    kw = dict(num_frames=8, resolution=72, batch_size=1, train=False, tokenizer=os.path.join(
+        os.path.dirname(H264), "test_spm.model"))
+    (a,), (b,) = list(build_loader(str(m), backend="dali", **kw)), list(build_loader(str(m), backend="pyav", **kw))
+    assert torch.equal(a["video"], b["video"])
+
+
+@pytest.mark.gpu
+@needs_media
+@pytest.mark.parametrize("path", [H264, VP9])
+def test_dali_gpu_decodes_the_frames_pyav_decodes(path):
+    idx = uniform_indices(100, 16)
+    d = dali_frames(path, idx, device="cuda")
+    same = Augment()
+    assert psnr(apply_augment(d, same, 288), apply_augment(pyav_frames(path, idx), same, 288)) >= 40

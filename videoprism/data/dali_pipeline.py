@@ -1,0 +1,158 @@
+"""The DALI graph: encoded bytes -> uniformly sampled frames -> crop box resize -> flip, on the GPU or the CPU.
+
+    external_source(encoded uint8 [bytes], frames int32 [T], roi_start/roi_end float [2] (y, x), flip int32 [])
+      -> fn.decoders.video(frames=...)   # "mixed": NVDEC on the GPU; "cpu": libavcodec (VP8/VP9/MJPEG only)
+      -> fn.resize(roi=box, size=[R, R], linear, antialias)
+      -> fn.flip(horizontal=flip)        -> uint8 [B, T, R, R, 3]
+
+The loader computes the frame indices and crop boxes (transforms.py), so this graph and the PyAV path give the
+same frames; on a CPU-only machine the same graph runs with device="cpu", which is how tests cover its logic.
+GPU outputs reach torch through DLPack and are copied on the device (DALI reuses its output buffers on the next
+run), never through host memory.
+
+Traps handled (measured): after any error a DALI pipeline is dead, so it is rebuilt and the batch is retried one
+sample at a time to find and skip the bad file; the decoder returns all-zero frames past a cut without raising, so
+a sample with an all-zero frame is bad.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .decode import PyAVClip
+from .errors import BadVideoError
+from .transforms import uniform_indices
+
+# Codecs fn.decoders.video takes on each backend (DALI 2.x docs).
+DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
+               "gpu": {"vp8", "vp9", "mjpeg", "av1", "mpeg4", "h264", "hevc"}}
+
+
+def dali_handles(codec: str, device: torch.device) -> bool:
+    return codec in DALI_CODECS["gpu" if device.type == "cuda" else "cpu"]
+
+
+def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int]:
+    """(codec, frame indices, height, width) of a sample: from the probe fields of a clean manifest when present
+    (frame i at i / fps: constant frame rate, as `index` measured it), else from a demux pass."""
+    p = sample.probe
+    if all(k in p for k in ("codec", "frames", "fps", "width", "height")):
+        n, fps = int(p["frames"]), float(p["fps"])
+        lo = 0 if sample.start is None else min(n, int(np.ceil(sample.start * fps - 1e-6)))
+        hi = n if sample.end is None else min(n, int(np.ceil(sample.end * fps - 1e-6)))
+        if hi - lo < num_frames:
+            raise BadVideoError(sample.name, f"too few frames: {hi - lo}, need {num_frames}")
+        return p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"]
+    with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
+        idx = clip.index
+        return idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width
+
+
+class DaliClips:
+    """Runs the graph over batches of (encoded bytes, frame indices, crop box, flip)."""
+
+    def __init__(self, *, batch_size: int, num_frames: int, resolution: int, device: torch.device,
+                 num_threads: int = 2):
+        self.batch_size, self.num_frames, self.resolution = batch_size, num_frames, resolution
+        self.device, self.num_threads = torch.device(device), num_threads
+        self._pipe = None
+        self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=1,
+                      exec_dynamic=True)
+        def graph():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+            roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+            flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+            video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=frames)
+            video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                              size=[self.resolution, self.resolution], interp_type=types.INTERP_LINEAR,
+                              antialias=True)
+            return fn.flip(video, horizontal=flip)
+
+        pipe = graph()
+        pipe.build()
+        return pipe
+
+    def run(self, encoded: list[bytes], frames: list[list[int]], boxes: list[tuple[int, int, int, int]],
+            flips: list[bool]) -> list[torch.Tensor]:
+        """uint8 [T, R, R, 3] per sample (on `device`). Raises whatever DALI raises; the pipeline is then rebuilt."""
+        inputs = {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
+                  "frames": [np.asarray(f, np.int32) for f in frames],
+                  "roi_start": [np.array([y, x], np.float32) for y, x, _, _ in boxes],
+                  "roi_end": [np.array([y + h, x + w], np.float32) for y, x, h, w in boxes],
+                  "flip": [np.array(int(f), np.int32) for f in flips]}
+        if self._pipe is None:
+            self._pipe = self._build()
+        try:
+            for name, batch in inputs.items():
+                self._pipe.feed_input(name, batch)
+            (out,) = self._pipe.run()
+        except Exception:
+            # A pipeline that raised is dead (DALI keeps no usable state): drop it, the next run rebuilds it.
+            self._pipe, self.rebuilds = None, self.rebuilds + 1
+            raise
+        if self.device.type == "cuda":
+            # DLPack hands DALI's device buffer to torch; clone on the device because DALI reuses the buffer.
+            video = torch.from_dlpack(out.as_tensor()).clone()
+        else:
+            video = torch.from_numpy(out.as_array())
+        return list(video)
+
+    def decode_items(self, items, fallback):
+        """Yields `_Item`s in order for [(pos, sample_id, sample, augment)]: DALI for the codecs it takes on this
+        device, `fallback[pos]` (PyAV) for the others and for any sample DALI fails on."""
+        from .loader import _Item
+
+        results: dict[int, _Item] = {}
+        dali_jobs = []
+        for pos, sid, sample, aug in items:
+            try:
+                codec, frames, h, w = clip_plan(sample, self.num_frames)
+                if not dali_handles(codec, self.device):
+                    results[pos] = fallback[pos]
+                    continue
+                dali_jobs.append((pos, sid, sample.name, sample.read_bytes(), frames, aug.box(h, w), aug.flip))
+            except BadVideoError as e:
+                results[pos] = _Item(pos, sid, bad=e.reason)
+            except OSError as e:
+                results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
+        for job, item in zip(dali_jobs, self._run_jobs(dali_jobs)):
+            results[job[0]] = item
+        for pos, *_ in items:
+            yield results[pos]
+
+    def _run_jobs(self, jobs):
+        from .loader import _Item
+
+        if not jobs:
+            return []
+        try:
+            videos = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6)])
+        except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with no finer type
+            if len(jobs) == 1:
+                return [_Item(jobs[0][0], jobs[0][1], bad=f"DALI cannot decode it ({_first_line(e)})")]
+            # Retry one by one (the pipeline was rebuilt) so that only the bad file is skipped.
+            return [item for j in jobs for item in self._run_jobs([j])]
+        items = []
+        for (pos, sid, *_), v in zip(jobs, videos):
+            zero = (v.reshape(v.shape[0], -1).amax(1) == 0).nonzero()
+            if len(zero):
+                items.append(_Item(pos, sid, bad=f"truncated: DALI decoded all-zero frames from sampled frame "
+                                                f"{int(zero[0])} of {v.shape[0]} (the data ends before them)"))
+            else:
+                items.append(_Item(pos, sid, video=v))
+        return items
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln]
+    return lines[0] if lines else type(e).__name__

@@ -73,14 +73,15 @@ def factorized_attention_ref(
 ) -> torch.Tensor:
     """Reference factorized attention. qkv [B, T, K, 3, H, Dh] -> [B, T, K, H, Dh].
 
-    Computes in fp32 (softmax in fp32 as the official model does) and returns the
-    input dtype. Differentiable through autograd.
+    Computes in fp32 (softmax in fp32 as the official model does; fp64 inputs in fp64, which
+    makes it the tests' high-precision oracle) and returns the input dtype. Differentiable
+    through autograd.
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"qkv must be [B, T, K, 3, H, Dh], got {tuple(qkv.shape)}")
     B, T, K, _, H, Dh = qkv.shape
     scale = Dh**-0.5 if scale is None else scale
-    x = qkv.float()
+    x = qkv if qkv.dtype == torch.float64 else qkv.float()
     q, k, v = x[:, :, :, 0] * scale, x[:, :, :, 1], x[:, :, :, 2]          # [B, T, K, H, Dh]
     dev = qkv.device
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from videoprism.kernels.factorized_attention import (
     _MASK,
+    INTERPRET,
     _kp_args,
     _tanh,
     block_d,
@@ -54,6 +55,8 @@ def _block_s(bt: int, bd: int, fwd: bool) -> int:
     """Sequences per program from the padded sizes: about 8K elements per operand tile in the
     forward, half in the backward (it holds q, k, v, do and three gradients). The interpreter
     runs one numpy op per tile op, so bigger tiles there only cost memory."""
+    if INTERPRET:
+        return 32
     budget = 8192 if fwd else 4096
     return max(1, min(32, budget // (bt * bd)))
 

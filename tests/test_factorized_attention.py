@@ -1,0 +1,320 @@
+"""Fused factorized attention (Triton kernels + custom ops + backends) against the reference.
+
+Tolerance (STYLE 3): the oracle is the reference in float64 on the same (rounded) inputs;
+a kernel's max error must be at most twice that of the plain-PyTorch reference run in the
+kernel's dtype, plus one unit of that dtype's epsilon times the output scale (so that a case
+where the reference happens to be exact does not demand exactness).
+
+On the CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 without
+a GPU), where bf16 tl.dot is not meaningful: fp32 and fp16 here, bf16 in the `gpu` tests.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videoprism.kernels.factorized_attention import INTERPRET, factorized_attention_ref
+from videoprism.ops.attention import factorized_attention
+
+interp = pytest.mark.skipif(not INTERPRET, reason="the CPU tests run the kernels in Triton's interpreter "
+                                                  "(TRITON_INTERPRET=1, set by conftest without a GPU)")
+EPS = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def random_pos(B, T, K, N, gen):
+    """A masked-video pos map: K sorted visible spatial indices out of N, per frame."""
+    return torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T)])
+                        for _ in range(B)])
+
+
+def make_qkv(B, T, K, H, Dh, gen, *, noncontig=False, device="cpu"):
+    """fp64 qkv [B, T, K, 3, H, Dh]; non-contiguous = a head-major buffer with padded rows,
+    seen through transposed strides (as a projection output with a different layout would be)."""
+    if noncontig:
+        buf = torch.randn(B, T, K, H, 3, Dh + 8, generator=gen, dtype=torch.float64)
+        x = buf.transpose(3, 4)[..., :Dh]
+    else:
+        x = torch.randn(B, T, K, 3, H, Dh, generator=gen, dtype=torch.float64)
+    return (1.5 * x).to(device)
+
+
+def padding(B, T, K, axis, gen, device="cpu"):
+    """30% random padded keys plus one fully padded sequence (its rows must come out uniform)."""
+    kp = torch.rand(B, T, K, generator=gen) < 0.3
+    if axis == "space":
+        kp[0, 0, :] = True
+    else:
+        kp[-1] = True
+    return kp.to(device)
+
+
+def check(x64, dtype, gen, backend="triton", **kw):
+    """Forward and the qkv gradient of `backend` in `dtype` against the fp64 oracle (2x rule).
+
+    One exception, a sequence of one key (K = 1 on the space axis): there dq = dk = 0 exactly
+    and the reference gets 0 to the last bit, while the space kernels form the softmax
+    gradient's row term as rowsum(do * o) (FlashAttention's delta) instead of rowsum(p * dp):
+    equal in exact math, they differ by a rounding of a Dh-term dot product. The floor is
+    then 4 * sqrt(Dh) epsilons of the gradient's scale."""
+    x64 = x64.to(dtype).double()                      # the same rounded inputs for everyone
+    do = torch.randn(*x64.shape[:3], *x64.shape[4:], generator=gen, dtype=torch.float64).to(x64.device)
+    res = {}
+    for name, dt, be in (("oracle", torch.float64, "reference"), ("base", dtype, "reference"), ("kern", dtype, backend)):
+        x = x64.to(dt).requires_grad_()
+        o = factorized_attention(x, backend=be, **kw)
+        assert o.shape == x64.shape[:3] + x64.shape[4:] and o.dtype == dt
+        g, = torch.autograd.grad(o, x, do.to(dt))
+        res[name] = (o.double(), g.double())
+    for i, what in enumerate(("output", "grad qkv")):
+        ref = res["oracle"][i]
+        err_k = (res["kern"][i] - ref).abs().max().item()
+        err_b = (res["base"][i] - ref).abs().max().item()
+        floor = EPS[dtype] * ref.abs().max().item()
+        if kw["axis"] == "space" and x64.shape[2] == 1 and i == 1:
+            floor *= 4 * x64.shape[-1] ** 0.5
+        bound = 2 * err_b + floor
+        err_k <= bound, f"{backend} {what} error {err_k:.3g} > 2 x reference {err_b:.3g} + eps ({kw})"
+
+
+SPACE = [  # B, T, K, H, Dh, softcap, padded, causal, noncontig
+    (1, 3, 1, 12, 64, 50.0, False, False, False),
+    (1, 1, 3, 12, 88, 50.0, True, True, True),
+    (1, 2, 90, 2, 64, 50.0, True, False, True),
+    (1, 1, 197, 1, 88, 50.0, False, False, False),
+    (1, 1, 257, 1, 64, 0.0, True, True, False),
+]
+TIME = [  # B, T, K, H, Dh, N (None = identity pos), softcap, padded, causal, noncontig
+    (1, 1, 3, 12, 64, None, 50.0, True, False, False),
+    (2, 3, 90, 1, 88, 128, 50.0, True, True, True),
+    (1, 16, 197, 1, 64, None, 50.0, False, False, False),
+    (1, 16, 257, 1, 88, 300, 50.0, False, False, True),
+    (2, 16, 3, 12, 64, 5, 0.0, True, True, False),
+]
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", SPACE, ids=[f"K{c[2]}" for c in SPACE])
+def test_space_matches_reference(case, dtype):
+    B, T, K, H, Dh, cap, padded, causal, noncontig = case
+    gen = torch.Generator().manual_seed(K)
+    x = make_qkv(B, T, K, H, Dh, gen, noncontig=noncontig)
+    kp = padding(B, T, K, "space", gen) if padded else None
+    check(x, dtype, gen, axis="space", softcap=cap, key_padding=kp, causal=causal)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", TIME, ids=[f"T{c[1]}K{c[2]}{'pos' if c[5] else ''}" for c in TIME])
+def test_time_matches_reference(case, dtype):
+    B, T, K, H, Dh, N, cap, padded, causal, noncontig = case
+    gen = torch.Generator().manual_seed(T * 1000 + K)
+    x = make_qkv(B, T, K, H, Dh, gen, noncontig=noncontig)
+    pos = None if N is None else random_pos(B, T, K, N, gen)
+    kp = padding(B, T, K, "time", gen) if padded else None
+    check(x, dtype, gen, axis="time", softcap=cap, pos=pos, key_padding=kp, causal=causal)
+
+
+@interp
+def test_fully_padded_rows_are_uniform():
+    """Math oracle for the finite mask: a row with every key padded averages v over the keys
+    of its sequence (the frame; on the masked time axis, the frames where it is visible)."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, K, H, Dh = 1, 4, 6, 2, 16
+    x = make_qkv(B, T, K, H, Dh, gen).float()
+    kp = torch.ones(B, T, K, dtype=torch.bool)
+    o = factorized_attention(x, axis="space", softcap=50.0, key_padding=kp, backend="triton")
+    torch.testing.assert_close(o, x[:, :, :, 2].mean(2, keepdim=True).expand_as(o), rtol=1e-5, atol=1e-6)
+    pos = torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 2, 3, 4, 6, 7], [1, 2, 3, 4, 5, 7], [0, 1, 2, 3, 4, 5]]])
+    o = factorized_attention(x, axis="time", pos=pos, key_padding=kp, backend="triton")
+    # Location 5 is visible in frames 0, 2, 3 (slots 5, 4, 5): those three tokens average their v.
+    members = [(0, 5), (2, 4), (3, 5)]
+    v5 = torch.stack([x[0, t, k, 2] for t, k in members]).mean(0)
+    for t, k in members:
+        torch.testing.assert_close(o[0, t, k], v5, rtol=1e-5, atol=1e-6)
+    # Location 6 is visible in frame 1 only: the token attends to itself.
+    torch.testing.assert_close(o[0, 1, 4], x[0, 1, 4, 2], rtol=1e-5, atol=1e-6)
+
+
+@interp
+def test_time_sequence_table_lists_every_token_once():
+    from videoprism.kernels.factorized_attention_time import time_sequence_table
+
+    gen = torch.Generator().manual_seed(2)
+    B, T, K, N = 3, 5, 7, 12
+    pos = random_pos(B, T, K, N, gen)
+    table, n_seq = time_sequence_table(pos)
+    n = int(n_seq)
+    assert n == sum(len(pos[b].unique()) for b in range(B))   # one row per visible location
+    rows = table[:n]
+    assert (table[n:] == -1).all()
+    tokens = sorted((int(e) // K, t, int(e) % K) for r in rows for t, e in enumerate(r) if e >= 0)
+    assert tokens == sorted((b, t, k) for b in range(B) for t in range(T) for k in range(K))
+    for r in rows:                                             # one location per row
+        locs = {int(pos[int(e) // K, t, int(e) % K]) for t, e in enumerate(r) if e >= 0}
+        assert len(locs) == 1
+
+
+@interp
+def test_opcheck():
+    gen = torch.Generator().manual_seed(3)
+    B, T, K, H, Dh = 1, 3, 5, 2, 16
+    x = make_qkv(B, T, K, H, Dh, gen, noncontig=True).float().requires_grad_()
+    kp = padding(B, T, K, "space", gen)
+    pos = random_pos(B, T, K, 8, gen)
+    ops = torch.ops.videoprism
+    torch.library.opcheck(ops.attention_space_fwd, (x, kp, 50.0, 0.25, True))
+    torch.library.opcheck(ops.attention_time_fwd, (x, pos, kp, 50.0, 0.25, True))
+    torch.library.opcheck(ops.attention_time_fwd, (x, None, None, 0.0, 0.25, False))
+    o, m, logl = ops.attention_space_fwd(x.detach(), kp, 50.0, 0.25, True)
+    do = torch.randn_like(o)
+    torch.library.opcheck(ops.attention_space_bwd, (do, x.detach(), o, m, logl, kp, 50.0, 0.25, True))
+    torch.library.opcheck(ops.attention_time_bwd, (do, x.detach(), pos, kp, 50.0, 0.25, True))
+
+
+@interp
+def test_compile_fullgraph_one_node_per_call():
+    """torch.compile(fullgraph=True) of forward + backward: no graph break, each attention
+    call is one custom-op node, and the gradients equal eager mode's."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, K, H, Dh = 1, 3, 4, 2, 16
+    x = make_qkv(B, T, K, H, Dh, gen).float()
+    pos = random_pos(B, T, K, 6, gen)
+
+    def step(qkv):
+        a = factorized_attention(qkv, axis="space", softcap=50.0, backend="triton")
+        b = factorized_attention(qkv, axis="time", softcap=50.0, pos=pos, backend="triton")
+        c = factorized_attention(qkv, axis="time", softcap=50.0, backend="triton")
+        return (a * b + c).square().sum()
+
+    seen = []
+
+    def count(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    xe = x.clone().requires_grad_()
+    step(xe).backward()
+    xc = x.clone().requires_grad_()
+    torch.compile(step, fullgraph=True, backend=count)(xc).backward()
+    assert seen.count("videoprism.attention_space_fwd.default") == 1, seen
+    assert seen.count("videoprism.attention_time_fwd.default") == 2, seen
+    torch.testing.assert_close(xc.grad, xe.grad)
+    xc.grad = None
+    torch.compile(step, fullgraph=True, backend="eager")(xc).backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+
+
+@pytest.mark.parametrize("axis,masked", [("space", False), ("time", False), ("time", True)])
+def test_flex_matches_reference(axis, masked):
+    """FlexAttention has no backward on the CPU: forward only here (gradients in the gpu test)."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, K, H, Dh = 2, 3, 5, 2, 16
+    x = make_qkv(B, T, K, H, Dh, gen).float()
+    pos = random_pos(B, T, K, 8, gen) if masked else None
+    kw = dict(axis=axis, softcap=50.0, pos=pos, key_padding=padding(B, T, K, axis, gen), causal=True)
+    torch.testing.assert_close(factorized_attention(x, backend="flex", **kw),
+                               factorized_attention_ref(x, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_matches_reference_without_cap():
+    gen = torch.Generator().manual_seed(6)
+    x = make_qkv(2, 3, 5, 2, 16, gen).float()
+    for axis in ("space", "time"):
+        kw = dict(axis=axis, key_padding=padding(2, 3, 5, axis, gen), causal=True)
+        torch.testing.assert_close(factorized_attention(x, backend="sdpa", **kw),
+                                   factorized_attention_ref(x, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_combinations_name_a_backend_that_works():
+    x = torch.zeros(1, 2, 3, 3, 1, 8)
+    pos = torch.zeros(1, 2, 3, dtype=torch.long)
+    cases = [
+        (dict(backend="sdpa", softcap=50.0), "'triton'"),
+        (dict(backend="sdpa", pos=pos, axis="time"), "'triton'"),
+        (dict(backend="nope"), "one of"),
+        (dict(axis="depth"), "'space'"),
+        (dict(pos=pos), "axis='time'"),
+        (dict(axis="time", pos=pos.float()), "integer"),
+        (dict(key_padding=torch.zeros(1, 2, 3)), "bool"),
+        (dict(softcap=-1.0), "softcap"),
+    ]
+    for kw, needle in cases:
+        kw = {"axis": "space", **kw}
+        with pytest.raises(ValueError, match=needle):
+            factorized_attention(x, **kw)
+    with pytest.raises(ValueError, match=r"\[B, T, K, 3, H, Dh\]"):
+        factorized_attention(x[:, :, :, :2], axis="space")
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="'triton'"):
+            factorized_attention(x.half(), axis="space", softcap=50.0, backend="flash")
+    if INTERPRET:
+        with pytest.raises(ValueError, match="64 frames"):
+            factorized_attention(torch.zeros(1, 65, 1, 3, 1, 8), axis="time", backend="triton")
+        with pytest.raises(ValueError, match="256"):
+            factorized_attention(torch.zeros(1, 1, 1, 3, 1, 264), axis="space", backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 at model-like sizes, the other backends with gradients, Inductor
+# ---------------------------------------------------------------------------------------------
+GPU_CASES = [  # axis, B, T, K, H, Dh, N
+    ("space", 2, 8, 256, 12, 64, None),
+    ("space", 2, 8, 90, 12, 64, None),
+    ("space", 2, 1, 64, 8, 88, None),
+    ("time", 2, 16, 256, 12, 64, None),
+    ("time", 2, 16, 90, 12, 64, 256),
+    ("time", 2, 8, 128, 16, 88, 256),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}-T{c[2]}K{c[3]}{'pos' if c[6] else ''}" for c in GPU_CASES])
+def test_gpu_triton_matches_reference(case, dtype):
+    axis, B, T, K, H, Dh, N = case
+    gen = torch.Generator().manual_seed(7)
+    x = make_qkv(B, T, K, H, Dh, gen, noncontig=True, device="cuda")
+    pos = None if N is None else random_pos(B, T, K, N, gen).cuda()
+    kp = padding(B, T, K, axis, gen, device="cuda")
+    causal = axis == "space" and T == 1                      # the text encoder's case
+    check(x, dtype, gen, axis=axis, softcap=50.0, pos=pos, key_padding=kp, causal=causal)
+    check(x, dtype, gen, axis=axis, softcap=50.0, pos=pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+@pytest.mark.parametrize("axis,masked", [("space", False), ("time", False), ("time", True)])
+def test_gpu_other_backends_match_reference(backend, axis, masked):
+    if backend == "flash":
+        pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+        if masked:
+            pytest.skip("flash-attn takes no pos map")
+    gen = torch.Generator().manual_seed(8)
+    B, T, K, H, Dh = 2, 16, 90, 4, 64
+    x = make_qkv(B, T, K, H, Dh, gen, device="cuda")
+    pos = random_pos(B, T, K, 256, gen).cuda() if masked else None
+    check(x, torch.bfloat16, gen, backend=backend, axis=axis, softcap=50.0, pos=pos)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_fullgraph_forward_backward():
+    gen = torch.Generator().manual_seed(9)
+    B, T, K, H, Dh = 2, 8, 90, 4, 64
+    lin = torch.nn.Linear(H * Dh, 3 * H * Dh, device="cuda", dtype=torch.bfloat16)
+    tokens = torch.randn(B, T, K, H * Dh, generator=gen).to("cuda", torch.bfloat16)
+    pos = random_pos(B, T, K, 256, gen).cuda()
+
+    def step(t):
+        qkv = lin(t).view(B, T, K, 3, H, Dh)
+        a = factorized_attention(qkv, axis="space", softcap=50.0, backend="triton")
+        b = factorized_attention(qkv, axis="time", softcap=50.0, pos=pos, backend="triton")
+        return (a.float() * b.float()).sum()
+
+    te = tokens.clone().requires_grad_()
+    step(te).backward()
+    tc = tokens.clone().requires_grad_()
+    torch.compile(step, fullgraph=True)(tc).backward()
+    torch.testing.assert_close(tc.grad, te.grad, rtol=2e-2, atol=2e-2)

@@ -18,4 +18,12 @@ extern "C" PyObject* PyInit__C(void) {
 TORCH_LIBRARY(videoprism, m) {
   // out[b, j, :] = x[b, idx[b, j], :]      x [B, L, D], idx [B, M] int64 -> [B, M, D]
   m.def("gather_tokens_native(Tensor x, Tensor idx) -> Tensor");
+  // out[b, l, :] = sum_{j: idx[b, j] == l} src[b, j, :]   src [B, M, D] -> [B, length, D]
+  m.def("scatter_tokens_native(Tensor src, Tensor idx, int length) -> Tensor");
+  // out[b, i] = (visible[b, perm[b, i]] if perm[b, i] < m else mask_emb) + pos_emb[i]  -> [B, n, D]
+  m.def("shuffle_tokens_fwd_native(Tensor visible, Tensor perm, Tensor mask_emb, Tensor pos_emb) -> Tensor");
+  // grad [B, n, D] -> (d visible [B, m, D], d mask_emb [D] fp32/fp64, d pos_emb [n, D] fp32/fp64)
+  m.def("shuffle_tokens_bwd_native(Tensor grad, Tensor perm, int m) -> (Tensor, Tensor, Tensor)");
+  // video [B, T, H, W, 3] uint8/float, pos [B, T, K] -> [B, T, K, P*P*3] float32 (float64 for float64)
+  m.def("patchify_gather_native(Tensor video, Tensor pos, int patch_size) -> Tensor");
 }

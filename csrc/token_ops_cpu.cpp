@@ -1,18 +1,36 @@
-// CPU kernels of the token ops: one pass over the bytes, rows copied with memcpy
-// (the compiler vectorises it), batches*rows split over threads by at::parallel_for.
+// CPU kernels of the token ops (the "cpp" backend). Each is one pass over the bytes:
+// rows are split over threads by at::parallel_for; a row that is a pure copy goes
+// through memcpy, converting rows through simple loops over contiguous data that the
+// compiler vectorises (-O3). Math and layouts: kernels/<op>.py.
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstring>
+#include <vector>
+
+#include "token_ops.h"
 
 namespace videoprism {
+namespace {
+
+constexpr int64_t kRowGrain = 64;  // rows per parallel_for task: amortises scheduling
+
+// dst[d] = Out(src[d]) for d < n (a copy when the types match).
+template <typename Out, typename In>
+inline void convert_row(Out* dst, const In* src, int64_t n) {
+  if constexpr (std::is_same_v<Out, In>) {
+    std::memcpy(dst, src, n * sizeof(Out));
+  } else {
+    for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<Out>(src[d]);
+  }
+}
+
+}  // namespace
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
-  TORCH_CHECK(x.dim() == 3, "gather_tokens: x must be [B, L, D], got ", x.sizes());
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0),
-              "gather_tokens: idx must be [B, M] with B = x.size(0) = ", x.size(0), ", got ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "gather_tokens: idx must be int64, got ", idx.scalar_type());
+  check_tokens("gather_tokens", "x", x);
+  check_index("gather_tokens", "idx", idx, x, -1);
   auto xc = x.contiguous();
   auto ic = idx.contiguous();
   const int64_t B = xc.size(0), L = xc.size(1), D = xc.size(2), M = ic.size(1);
@@ -21,17 +39,190 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
   const char* src = static_cast<const char*>(xc.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* ip = ic.data_ptr<int64_t>();
-  at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * M, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / M;
       const int64_t j = ip[r];
-      TORCH_CHECK(j >= 0 && j < L, "gather_tokens: index ", j, " out of range [0, ", L, ")");
-      std::memcpy(dst + r * row_bytes, src + (b * L + j) * row_bytes, row_bytes);
+      TORCH_CHECK(j >= 0 && j < L, "gather_tokens: idx value ", j, " out of range [0, ", L, ")");
+      std::memcpy(dst + r * row_bytes, src + ((r / M) * L + j) * row_bytes, row_bytes);
     }
   });
   return out;
 }
 
-TORCH_LIBRARY_IMPL(videoprism, CPU, m) { m.impl("gather_tokens_native", &gather_tokens_cpu); }
+at::Tensor scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& idx, int64_t length) {
+  check_tokens("scatter_tokens", "src", src);
+  check_float("scatter_tokens", "src", src);
+  check_index("scatter_tokens", "idx", idx, src, src.size(1));
+  TORCH_CHECK(length >= 0, "scatter_tokens: length must be >= 0, got ", length);
+  auto sc = src.contiguous();
+  auto ic = idx.contiguous();
+  const int64_t B = sc.size(0), M = sc.size(1), D = sc.size(2), L = length;
+  auto out = at::empty({B, L, D}, sc.options());
+  // CSR per sample by a counting sort (stable: sources of a row are summed in ascending j).
+  std::vector<int64_t> offsets(B * (L + 1), 0), order(B * M);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t* off = offsets.data() + b * (L + 1);
+      const int64_t* row = ip + b * M;
+      for (int64_t j = 0; j < M; ++j) {
+        TORCH_CHECK(row[j] >= 0 && row[j] < L, "scatter_tokens: idx value ", row[j], " out of range [0, ", L, ")");
+        ++off[row[j] + 1];
+      }
+      for (int64_t l = 0; l < L; ++l) off[l + 1] += off[l];
+      std::vector<int64_t> next(off, off + L);
+      for (int64_t j = 0; j < M; ++j) order[b * M + next[row[j]]++] = j;
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "scatter_tokens_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* s = sc.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * L, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(D);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / L, l = r % L;
+        const int64_t lo = offsets[b * (L + 1) + l], hi = offsets[b * (L + 1) + l + 1];
+        scalar_t* dst = o + r * D;
+        if (hi == lo) {
+          std::memset(dst, 0, D * sizeof(scalar_t));  // all-zero bits are +0.0 in every float type
+        } else if (hi == lo + 1) {
+          std::memcpy(dst, s + (b * M + order[b * M + lo]) * D, D * sizeof(scalar_t));
+        } else {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t q = lo; q < hi; ++q) {
+            const scalar_t* row = s + (b * M + order[b * M + q]) * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
+          }
+          convert_row(dst, acc.data(), D);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor shuffle_tokens_fwd_cpu(const at::Tensor& visible, const at::Tensor& perm, const at::Tensor& mask_emb,
+                                  const at::Tensor& pos_emb) {
+  const auto [B, m, n, D] = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  auto vc = visible.contiguous();
+  auto pc = perm.contiguous();
+  const auto acc = acc_type(vc.scalar_type());
+  // The embeddings are [D] and [n, D]: bringing them to the accumulation type up front is
+  // free when they already are (fp32 parameters) and small otherwise.
+  auto me = mask_emb.to(acc).contiguous();
+  auto pe = pos_emb.to(acc).contiguous();
+  auto out = at::empty({B, n, D}, vc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vc.scalar_type(), "shuffle_tokens_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    const acc_t* mp = me.data_ptr<acc_t>();
+    const acc_t* pp = pe.data_ptr<acc_t>();
+    const int64_t* ip = pc.data_ptr<int64_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * n, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / n, i = r % n, p = ip[r];
+        TORCH_CHECK(p >= 0 && p < n, "shuffle_with_mask_tokens: perm value ", p, " out of range [0, ", n, ")");
+        const acc_t* pos = pp + i * D;
+        scalar_t* dst = o + r * D;
+        if (p < m) {
+          const scalar_t* src = v + (b * m + p) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) + pos[d]);
+        } else {
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(mp[d] + pos[d]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cpu(const at::Tensor& grad, const at::Tensor& perm,
+                                                                      int64_t m) {
+  check_shuffle_bwd(grad, perm, m);
+  auto gc = grad.contiguous();
+  auto pc = perm.contiguous();
+  const int64_t B = gc.size(0), n = gc.size(1), D = gc.size(2);
+  const auto acc = acc_type(gc.scalar_type());
+  auto gvis = at::empty({B, m, D}, gc.options());
+  auto gpos = at::empty({n, D}, gc.options().dtype(acc));
+  // One partial mask-embedding row per block of kSlots slots, summed in block order
+  // afterwards: deterministic whatever the thread count.
+  constexpr int64_t kSlots = 16;
+  const int64_t n_blocks = (n + kSlots - 1) / kSlots;
+  auto part = at::zeros({n_blocks, D}, gc.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "shuffle_tokens_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = gc.data_ptr<scalar_t>();
+    const int64_t* ip = pc.data_ptr<int64_t>();
+    scalar_t* gv = gvis.data_ptr<scalar_t>();
+    acc_t* gp = gpos.data_ptr<acc_t>();
+    acc_t* pt = part.data_ptr<acc_t>();
+    at::parallel_for(0, n_blocks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        acc_t* mrow = pt + k * D;
+        for (int64_t i = k * kSlots; i < std::min(n, (k + 1) * kSlots); ++i) {
+          acc_t* prow = gp + i * D;
+          std::fill(prow, prow + D, acc_t(0));
+          // Walk the batch for slot i: the pos_emb row stays in L1 while B rows stream by.
+          for (int64_t b = 0; b < B; ++b) {
+            const int64_t p = ip[b * n + i];
+            TORCH_CHECK(p >= 0 && p < n, "shuffle_with_mask_tokens: perm value ", p, " out of range [0, ", n, ")");
+            const scalar_t* row = g + (b * n + i) * D;
+            for (int64_t d = 0; d < D; ++d) prow[d] += static_cast<acc_t>(row[d]);
+            if (p < m) {
+              std::memcpy(gv + (b * m + p) * D, row, D * sizeof(scalar_t));
+            } else {
+              for (int64_t d = 0; d < D; ++d) mrow[d] += static_cast<acc_t>(row[d]);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {gvis, part.sum(0), gpos};
+}
+
+at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, int64_t P) {
+  const auto [B, T, H, W, K] = check_patchify(video, pos, P);
+  auto vc = video.contiguous();
+  auto pc = pos.contiguous();
+  const int64_t F = P * P * 3, NW = W / P, N = (H / P) * NW, run = 3 * P;
+  auto out = at::empty({B, T, K, F}, vc.options().dtype(patchify_out_type(vc.scalar_type())));
+  const int64_t* ip = pc.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, vc.scalar_type(), "patchify_gather_cpu", [&] {
+    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* v = vc.data_ptr<scalar_t>();
+    out_t* o = out.data_ptr<out_t>();
+    // One fp32 multiply by fp32(1/255), as in every backend (bit-identical results).
+    constexpr float kScale = 1.0f / 255.0f;
+    at::parallel_for(0, B * T * K, kRowGrain / 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t nidx = ip[r];
+        TORCH_CHECK(nidx >= 0 && nidx < N, "patchify_gather: pos value ", nidx, " out of range [0, ", N, ")");
+        const scalar_t* frame = v + (r / K) * H * W * 3;
+        const scalar_t* src = frame + (nidx / NW) * P * W * 3 + (nidx % NW) * run;
+        out_t* dst = o + r * F;
+        for (int64_t p = 0; p < P; ++p, src += W * 3, dst += run) {
+          if constexpr (std::is_same_v<scalar_t, uint8_t>) {
+            for (int64_t u = 0; u < run; ++u) dst[u] = static_cast<float>(src[u]) * kScale;
+          } else {
+            convert_row(dst, src, run);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(videoprism, CPU, m) {
+  m.impl("gather_tokens_native", &gather_tokens_cpu);
+  m.impl("scatter_tokens_native", &scatter_tokens_cpu);
+  m.impl("shuffle_tokens_fwd_native", &shuffle_tokens_fwd_cpu);
+  m.impl("shuffle_tokens_bwd_native", &shuffle_tokens_bwd_cpu);
+  m.impl("patchify_gather_native", &patchify_gather_cpu);
+}
 
 }  // namespace videoprism

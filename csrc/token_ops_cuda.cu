@@ -1,32 +1,202 @@
-// CUDA kernels of the token ops. Memory-bound: each kernel reads and writes every
-// byte once with 16-byte vector accesses where the row allows it.
+// CUDA kernels of the token ops (the "cuda" backend). Memory-bound: every kernel
+// reads and writes each byte once, with 16-byte vector accesses wherever the row
+// length and the pointers allow (otherwise the same kernels at width 1). Row kernels
+// use 2-D blocks: x threads stride over one row's vectors, y indexes rows, so short
+// rows still fill a block. Index values out of range are skipped here (the Python
+// layer raises them through an asynchronous device assert). Math: kernels/<op>.py.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "token_ops.h"
 
 namespace videoprism {
+namespace {
 
-// One block row per output token; threads stride over the row in units of V bytes.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+constexpr int kThreads = 256;
+
+bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// Elements per 16-byte vector when rows of `row_elems` elements of `elem_bytes` bytes and
+// every pointer allow it, else 1.
+int vec_width(int64_t row_elems, int64_t elem_bytes, std::initializer_list<const void*> ptrs) {
+  const int64_t w = 16 / elem_bytes;
+  if (w <= 1 || row_elems % w != 0) return 1;
+  for (const void* p : ptrs)
+    if (!aligned(p, 16)) return 1;
+  return static_cast<int>(w);
+}
+
+// Block of (tx, ty): tx a multiple of 32 covering a row's vectors (at most kThreads), ty rows.
+struct RowLaunch {
+  dim3 grid, block;
+};
+RowLaunch row_launch(int64_t rows, int64_t row_vecs) {
+  const int tx = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (row_vecs + 31) / 32 * 32)));
+  const int ty = kThreads / tx;
+  return {dim3(static_cast<unsigned>((rows + ty - 1) / ty)), dim3(tx, ty)};
+}
+
+__device__ __forceinline__ int64_t block_row() { return static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; }
+
+// ---- gather: out[r] = x[b, idx[r]], r = b*M + j; a byte copy, V is the copy unit.
 template <typename V>
 __global__ void gather_rows_kernel(const V* __restrict__ x, const int64_t* __restrict__ idx, V* __restrict__ out,
-                                   int64_t L, int64_t M, int64_t row_vecs) {
-  const int64_t r = blockIdx.x;  // r = b * M + j
-  const int64_t b = r / M;
+                                   int64_t L, int64_t M, int64_t rows, int64_t row_vecs) {
+  const int64_t r = block_row();
+  if (r >= rows) return;
   const int64_t j = idx[r];
-  if (j < 0 || j >= L) return;  // checked on the host side by the Python wrapper
-  const V* src = x + (b * L + j) * row_vecs;
+  if (j < 0 || j >= L) return;
+  const V* src = x + ((r / M) * L + j) * row_vecs;
   V* dst = out + r * row_vecs;
   for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) dst[c] = src[c];
 }
 
+// ---- scatter: out[r] = sum of the CSR run of rows r = b*L + l (zeros when empty).
+template <typename T, int VEC>
+__global__ void scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ order,
+                                    const int64_t* __restrict__ offsets, T* __restrict__ out, int64_t L, int64_t M,
+                                    int64_t rows, int64_t row_vecs) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  const int64_t r = block_row();
+  if (r >= rows) return;
+  const int64_t b = r / L, o = b * (L + 1) + r % L;
+  const int64_t lo = offsets[o], hi = offsets[o + 1];
+  const P* s = reinterpret_cast<const P*>(src) + b * M * row_vecs;
+  P* dst = reinterpret_cast<P*>(out) + r * row_vecs;
+  for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) {
+    acc_t acc[VEC] = {};
+    for (int64_t q = lo; q < hi; ++q) {
+      const P v = s[order[b * M + q] * row_vecs + c];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(v.v[e]);
+    }
+    P w;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(acc[e]);
+    dst[c] = w;
+  }
+}
+
+// ---- shuffle forward: out[r] = (visible[b, p] or mask_emb) + pos_emb[i], r = b*n + i, p = perm[r].
+template <typename T, int VEC>
+__global__ void shuffle_fwd_kernel(const T* __restrict__ vis, const int64_t* __restrict__ perm,
+                                   const at::opmath_type<T>* __restrict__ mask_emb,
+                                   const at::opmath_type<T>* __restrict__ pos_emb, T* __restrict__ out, int64_t m,
+                                   int64_t n, int64_t rows, int64_t row_vecs) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  using A = Pack<acc_t, VEC>;
+  const int64_t r = block_row();
+  if (r >= rows) return;
+  const int64_t p = perm[r];
+  if (p < 0 || p >= n) return;
+  const P* src = reinterpret_cast<const P*>(vis) + ((r / n) * m + p) * row_vecs;
+  const A* pos = reinterpret_cast<const A*>(pos_emb) + (r % n) * row_vecs;
+  const A* me = reinterpret_cast<const A*>(mask_emb);
+  P* dst = reinterpret_cast<P*>(out) + r * row_vecs;
+  for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) {
+    const A pe = pos[c];
+    A base;
+    if (p < m) {
+      const P v = src[c];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) base.v[e] = static_cast<acc_t>(v.v[e]);
+    } else {
+      base = me[c];
+    }
+    P w;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(base.v[e] + pe.v[e]);
+    dst[c] = w;
+  }
+}
+
+// ---- shuffle backward: block (slot block, column block); each thread owns VEC columns
+// of kSlots consecutive slots and walks the batch (reductions without atomics).
+constexpr int kSlots = 4;
+template <typename T, int VEC>
+__global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __restrict__ perm, T* __restrict__ gvis,
+                                   at::opmath_type<T>* __restrict__ gpos, at::opmath_type<T>* __restrict__ part,
+                                   int64_t B, int64_t m, int64_t n, int64_t row_vecs) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  using A = Pack<acc_t, VEC>;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (c >= row_vecs) return;
+  const P* g = reinterpret_cast<const P*>(grad);
+  P* gv = reinterpret_cast<P*>(gvis);
+  A macc;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) macc.v[e] = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kSlots; i < min(n, (blockIdx.x + 1) * (int64_t)kSlots); ++i) {
+    A pacc;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) pacc.v[e] = 0;
+#pragma unroll 4
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t row = b * n + i, p = perm[row];
+      const P v = g[row * row_vecs + c];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) pacc.v[e] += static_cast<acc_t>(v.v[e]);
+      if (p >= 0 && p < m) {
+        gv[(b * m + p) * row_vecs + c] = v;
+      } else if (p >= m && p < n) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) macc.v[e] += static_cast<acc_t>(v.v[e]);
+      }
+    }
+    reinterpret_cast<A*>(gpos)[i * row_vecs + c] = pacc;
+  }
+  reinterpret_cast<A*>(part)[blockIdx.x * row_vecs + c] = macc;
+}
+
+// ---- patchify: one block per visible patch; thread t writes output features 4t..4t+3.
+template <typename In, typename Out, bool VEC_OUT>
+__global__ void patchify_gather_kernel(const In* __restrict__ video, const int64_t* __restrict__ pos,
+                                       Out* __restrict__ out, int64_t K, int64_t N, int64_t NW, int64_t H, int64_t W,
+                                       int64_t P) {
+  const int64_t r = blockIdx.x;
+  const int64_t nidx = pos[r];
+  if (nidx < 0 || nidx >= N) return;
+  const int64_t run = 3 * P, F = P * run;
+  const In* base = video + (r / K) * H * W * 3 + (nidx / NW) * P * W * 3 + (nidx % NW) * run;
+  Out* dst = out + r * F;
+  for (int64_t f0 = 4 * static_cast<int64_t>(threadIdx.x); f0 < F; f0 += 4 * blockDim.x) {
+    Out w[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t f = f0 + e;
+      if (f < F) {
+        const In v = base[(f / run) * W * 3 + f % run];
+        if constexpr (std::is_same_v<In, uint8_t>) {
+          w[e] = static_cast<float>(v) * (1.0f / 255.0f);  // the one rounding every backend does
+        } else {
+          w[e] = static_cast<Out>(v);
+        }
+      }
+    }
+    if constexpr (VEC_OUT) {
+      *reinterpret_cast<Pack<Out, 4>*>(dst + f0) = *reinterpret_cast<Pack<Out, 4>*>(w);
+    } else {
+      for (int e = 0; e < 4 && f0 + e < F; ++e) dst[f0 + e] = w[e];
+    }
+  }
+}
+
+}  // namespace
+
 at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx) {
-  TORCH_CHECK(x.dim() == 3, "gather_tokens: x must be [B, L, D], got ", x.sizes());
-  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == x.size(0),
-              "gather_tokens: idx must be [B, M] with B = x.size(0) = ", x.size(0), ", got ", idx.sizes());
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "gather_tokens: idx must be int64, got ", idx.scalar_type());
-  TORCH_CHECK(idx.device() == x.device(), "gather_tokens: x and idx must be on one device");
+  check_tokens("gather_tokens", "x", x);
+  check_index("gather_tokens", "idx", idx, x, -1);
   c10::cuda::CUDAGuard guard(x.device());
   auto xc = x.contiguous();
   auto ic = idx.contiguous();
@@ -35,20 +205,164 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x, const at::Tensor& idx) {
   if (out.numel() == 0) return out;
   const int64_t row_bytes = D * xc.element_size();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int threads = 128;
-  if (row_bytes % 16 == 0) {
-    gather_rows_kernel<int4><<<B * M, threads, 0, stream>>>(
-        reinterpret_cast<const int4*>(xc.data_ptr()), ic.data_ptr<int64_t>(), reinterpret_cast<int4*>(out.data_ptr()),
-        L, M, row_bytes / 16);
+  const int w = vec_width(row_bytes, 1, {xc.data_ptr(), out.data_ptr()});
+  auto launch = [&](auto unit) {
+    using V = decltype(unit);
+    const int64_t row_vecs = row_bytes / sizeof(V);
+    const auto l = row_launch(B * M, row_vecs);
+    gather_rows_kernel<V><<<l.grid, l.block, 0, stream>>>(static_cast<const V*>(xc.data_ptr()),
+                                                          ic.data_ptr<int64_t>(), static_cast<V*>(out.data_ptr()), L,
+                                                          M, B * M, row_vecs);
+  };
+  if (w == 16) {
+    launch(int4{});
+  } else if (row_bytes % 4 == 0 && aligned(xc.data_ptr(), 4) && aligned(out.data_ptr(), 4)) {
+    launch(int{});
   } else {
-    gather_rows_kernel<char><<<B * M, threads, 0, stream>>>(
-        static_cast<const char*>(xc.data_ptr()), ic.data_ptr<int64_t>(), static_cast<char*>(out.data_ptr()), L, M,
-        row_bytes);
+    launch(char{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-TORCH_LIBRARY_IMPL(videoprism, CUDA, m) { m.impl("gather_tokens_native", &gather_tokens_cuda); }
+at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& idx, int64_t length) {
+  check_tokens("scatter_tokens", "src", src);
+  check_float("scatter_tokens", "src", src);
+  check_index("scatter_tokens", "idx", idx, src, src.size(1));
+  TORCH_CHECK(length >= 0, "scatter_tokens: length must be >= 0, got ", length);
+  c10::cuda::CUDAGuard guard(src.device());
+  auto sc = src.contiguous();
+  auto ic = idx.contiguous();
+  const int64_t B = sc.size(0), M = sc.size(1), D = sc.size(2), L = length;
+  auto out = at::empty({B, L, D}, sc.options());
+  if (out.numel() == 0) return out;
+  // CSR on the device: a stable sort of the [B, M] indices and L + 1 binary searches per sample.
+  auto sorted = at::sort(ic, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  auto order = std::get<1>(sorted).contiguous();
+  auto bounds = at::arange(L + 1, ic.options()).expand({B, L + 1}).contiguous();
+  auto offsets = at::searchsorted(std::get<0>(sorted).contiguous(), bounds);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "scatter_tokens_cuda", [&] {
+    auto launch = [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const auto l = row_launch(B * L, D / VEC);
+      scatter_rows_kernel<scalar_t, VEC><<<l.grid, l.block, 0, stream>>>(
+          sc.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+          L, M, B * L, D / VEC);
+    };
+    if (vec_width(D, sizeof(scalar_t), {sc.data_ptr(), out.data_ptr()}) > 1) {
+      launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor shuffle_tokens_fwd_cuda(const at::Tensor& visible, const at::Tensor& perm, const at::Tensor& mask_emb,
+                                   const at::Tensor& pos_emb) {
+  const auto [B, m, n, D] = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  c10::cuda::CUDAGuard guard(visible.device());
+  auto vc = visible.contiguous();
+  auto pc = perm.contiguous();
+  const auto acc = acc_type(vc.scalar_type());
+  auto me = mask_emb.to(acc).contiguous();
+  auto pe = pos_emb.to(acc).contiguous();
+  auto out = at::empty({B, n, D}, vc.options());
+  if (out.numel() == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vc.scalar_type(), "shuffle_tokens_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      const auto l = row_launch(B * n, D / VEC);
+      shuffle_fwd_kernel<scalar_t, VEC><<<l.grid, l.block, 0, stream>>>(
+          vc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(), me.data_ptr<acc_t>(), pe.data_ptr<acc_t>(),
+          out.data_ptr<scalar_t>(), m, n, B * n, D / VEC);
+    };
+    constexpr int W = 16 / sizeof(scalar_t);
+    // The fp32 embedding rows are read as W-wide packs too: they need W*4-byte alignment.
+    if (vec_width(D, sizeof(scalar_t), {vc.data_ptr(), out.data_ptr()}) > 1 &&
+        aligned(me.data_ptr(), W * sizeof(acc_t)) && aligned(pe.data_ptr(), W * sizeof(acc_t))) {
+      launch(std::integral_constant<int, W>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cuda(const at::Tensor& grad, const at::Tensor& perm,
+                                                                       int64_t m) {
+  check_shuffle_bwd(grad, perm, m);
+  c10::cuda::CUDAGuard guard(grad.device());
+  auto gc = grad.contiguous();
+  auto pc = perm.contiguous();
+  const int64_t B = gc.size(0), n = gc.size(1), D = gc.size(2);
+  const auto acc = acc_type(gc.scalar_type());
+  auto gvis = at::empty({B, m, D}, gc.options());
+  auto gpos = at::zeros({n, D}, gc.options().dtype(acc));
+  const int64_t n_blocks = (n + kSlots - 1) / kSlots;
+  auto part = at::zeros({n_blocks, D}, gc.options().dtype(acc));
+  if (n * D > 0 && B > 0) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "shuffle_tokens_bwd_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto launch = [&](auto vec) {
+        constexpr int VEC = decltype(vec)::value;
+        const int64_t row_vecs = D / VEC;
+        const int tx = static_cast<int>(std::min<int64_t>(kThreads, (row_vecs + 31) / 32 * 32));
+        const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>((row_vecs + tx - 1) / tx));
+        shuffle_bwd_kernel<scalar_t, VEC><<<grid, tx, 0, stream>>>(gc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(),
+                                                                   gvis.data_ptr<scalar_t>(), gpos.data_ptr<acc_t>(),
+                                                                   part.data_ptr<acc_t>(), B, m, n, row_vecs);
+      };
+      if (vec_width(D, sizeof(scalar_t), {gc.data_ptr(), gvis.data_ptr()}) > 1) {
+        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {gvis, part.sum(0), gpos};
+}
+
+at::Tensor patchify_gather_cuda(const at::Tensor& video, const at::Tensor& pos, int64_t P) {
+  const auto [B, T, H, W, K] = check_patchify(video, pos, P);
+  c10::cuda::CUDAGuard guard(video.device());
+  auto vc = video.contiguous();
+  auto pc = pos.contiguous();
+  const int64_t F = P * P * 3, NW = W / P, N = (H / P) * NW;
+  auto out = at::empty({B, T, K, F}, vc.options().dtype(patchify_out_type(vc.scalar_type())));
+  if (out.numel() == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = static_cast<int>(std::min<int64_t>(kThreads, ((F + 3) / 4 + 31) / 32 * 32));
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, vc.scalar_type(), "patchify_gather_cuda", [&] {
+    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto launch = [&](auto vec_out) {
+      patchify_gather_kernel<scalar_t, out_t, decltype(vec_out)::value>
+          <<<static_cast<unsigned>(B * T * K), threads, 0, stream>>>(vc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(),
+                                                                     out.data_ptr<out_t>(), K, N, NW, H, W, P);
+    };
+    if (F % 4 == 0 && aligned(out.data_ptr(), 4 * sizeof(out_t))) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(videoprism, CUDA, m) {
+  m.impl("gather_tokens_native", &gather_tokens_cuda);
+  m.impl("scatter_tokens_native", &scatter_tokens_cuda);
+  m.impl("shuffle_tokens_fwd_native", &shuffle_tokens_fwd_cuda);
+  m.impl("shuffle_tokens_bwd_native", &shuffle_tokens_bwd_cuda);
+  m.impl("patchify_gather_native", &patchify_gather_cuda);
+}
 
 }  // namespace videoprism

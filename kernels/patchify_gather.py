@@ -1,0 +1,91 @@
+"""Masked patch gather (DESIGN 3, 4, 6.2): Triton kernel and plain-PyTorch reference.
+
+video [B, T, H, W, 3] (uint8 or float, channels last), pos [B, T, K] (visible patch
+indices, row-major on the (H/P) x (W/P) grid) -> patches [B, T, K, P*P*3]:
+    n = pos[b, t, k],  mh = n // (W/P),  nw = n % (W/P)
+    out[b, t, k, (p*P + q)*3 + c] = s(video[b, t, mh*P + p, nw*P + q, c])
+which is the official patchify ('(m p)(n q) c -> (m n)(p q c)') followed by a gather
+of the visible patches, without reading the hidden pixels. s(v) = fp32(v) * fp32(1/255)
+for uint8 (one rounding, bit-identical in every backend), v unchanged for floats.
+Output dtype: float32 for uint8/fp16/bf16/fp32 input, float64 for float64.
+
+Layout: one output row of P*P*3 values is P runs of 3P contiguous input elements
+(row stride 3W), so a program reads whole pixel rows of a patch and writes one
+contiguous output row.
+Bytes moved: B*T*K*P*P*3 * (E_in + E_out) (+ 8*B*T*K index bytes), E_in = 1 for uint8.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+UINT8_SCALE = 1.0 / 255.0
+
+
+def output_dtype(video_dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 input (so gradcheck can run in double)."""
+    return torch.float64 if video_dtype == torch.float64 else torch.float32
+
+
+def patchify_gather_ref(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Patchify every frame (reshape/permute, reads all pixels), then torch.gather."""
+    B, T, H, W, C = video.shape
+    P = patch_size
+    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, T, -1, P * P * C)
+    x = torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, P * P * C))
+    if video.dtype == torch.uint8:
+        return x.float() * UINT8_SCALE
+    return x.to(output_dtype(video.dtype))
+
+
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """[B, T, h*w, P*P*3] (every patch, row-major) -> [B, T, h*P, w*P, 3]: the inverse of the
+    official patchify (the video gradient of patchify_gather is the scattered patches
+    unpatchified)."""
+    B, T = patches.shape[:2]
+    (h, w), P = grid, patch_size
+    x = patches.reshape(B, T, h, w, P, P, 3).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, T, h * P, w * P, 3)
+
+
+@triton.jit
+def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3, NW, F,
+                                P: tl.constexpr, IS_UINT8: tl.constexpr, SCALE: tl.constexpr,
+                                BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Program (patch block, feature block): rows r = (b*T + t)*K + k, features f = p*3P + u."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    r_ok = r < n_rows
+    n = tl.load(pos_ptr + r, mask=r_ok, other=0)
+    frame = (r // K).to(tl.int64)
+    mh = n // NW
+    nw = n % NW
+    p = f // (3 * P)
+    u = f % (3 * P)
+    src = frame[:, None] * HW3 + (mh[:, None] * P + p[None, :]) * W3 + nw[:, None] * (3 * P) + u[None, :]
+    ok = r_ok[:, None] & (f < F)[None, :]
+    v = tl.load(video_ptr + src, mask=ok, other=0)
+    if IS_UINT8:
+        x = v.to(tl.float32) * SCALE
+    else:
+        x = v.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * F + f[None, :], x, mask=ok)
+
+
+def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Contiguous video [B, T, H, W, 3] and pos [B, T, K] int64, indices in range."""
+    B, T, H, W, C = video.shape
+    K = pos.shape[2]
+    P = patch_size
+    F = P * P * C
+    out = torch.empty(B, T, K, F, dtype=output_dtype(video.dtype), device=video.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_F = min(triton.next_power_of_2(F), 1024)
+    BLOCK_R = max(1, 2048 // BLOCK_F)
+    grid = (triton.cdiv(B * T * K, BLOCK_R), triton.cdiv(F, BLOCK_F))
+    _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, F,
+                                      P=P, IS_UINT8=video.dtype == torch.uint8, SCALE=UINT8_SCALE,
+                                      BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
+    return out

@@ -1,0 +1,126 @@
+"""Token shuffle with mask tokens and slot position embedding (DESIGN 5, 6.4): Triton
+kernels and the plain-PyTorch reference.
+
+Forward, visible [B, m, D], perm [B, n] (a permutation of [0, n) per sample),
+mask_emb [D], pos_emb [n, D] -> out [B, n, D] in visible's dtype:
+    c[b, j]   = visible[b, j]   for j < m,   mask_emb   for m <= j < n
+    out[b, i] = c[b, perm[b, i]] + pos_emb[i]          (added in fp32, rounded once)
+Backward, from g = dL/dout [B, n, D]:
+    d visible[b, perm[b, i]] = g[b, i]                    for perm[b, i] < m (the unshuffle)
+    d mask_emb               = sum_{b, i : perm[b, i] >= m} g[b, i]
+    d pos_emb[i]             = sum_b g[b, i]
+The concatenated sequence `c` is never materialised. The backward reads g once: one
+program owns a block of slots and walks the batch, so the reductions over the batch
+need no atomics; the mask-embedding sum leaves one partial row per slot block, summed
+on the host side (n / BLOCK_I rows: negligible). Deterministic.
+
+Bytes moved, E = element size of visible, Ep of the embeddings:
+    forward:  B*m*D*E + (n*D + D)*Ep read (pos_emb is re-read per sample, from cache),
+              B*n*D*E written (+ 8*B*n index bytes)
+    backward: B*n*D*E read, B*m*D*E + n*D*4 written (+ 8*B*n index bytes)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
+                                 pos_emb: torch.Tensor) -> torch.Tensor:
+    """Literal DESIGN 5: concat, gather by perm, add the slot embedding (in fp32 for half
+    types, fp64 for fp64)."""
+    B, m, D = visible.shape
+    n = perm.shape[1]
+    acc = torch.float64 if visible.dtype == torch.float64 else torch.float32
+    c = torch.cat([visible.to(acc), mask_emb.to(acc).expand(B, n - m, D)], dim=1)
+    x = torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(acc)
+    return x.to(visible.dtype)
+
+
+def _acc_type(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _block_d(D: int) -> int:
+    return min(triton.next_power_of_2(max(D, 1)), 256)
+
+
+@triton.jit
+def _shuffle_tokens_fwd_kernel(vis_ptr, perm_ptr, mask_ptr, pos_ptr, out_ptr, m, n, D, n_rows,
+                               ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row block, column block) over output rows r = b*n + i."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    r_ok = r < n_rows
+    d_ok = d < D
+    p = tl.load(perm_ptr + r, mask=r_ok, other=0)
+    vis = p < m
+    i = r % n
+    src = (r // n).to(tl.int64) * m + p
+    v = tl.load(vis_ptr + src[:, None] * D + d[None, :], mask=(r_ok & vis)[:, None] & d_ok[None, :], other=0.0)
+    me = tl.load(mask_ptr + d, mask=d_ok, other=0.0)
+    pe = tl.load(pos_ptr + i.to(tl.int64)[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    x = tl.where(vis[:, None], v.to(ACC), me.to(ACC)[None, :]) + pe.to(ACC)
+    tl.store(out_ptr + r.to(tl.int64)[:, None] * D + d[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _shuffle_tokens_bwd_kernel(g_ptr, perm_ptr, gvis_ptr, gpos_ptr, gmask_part_ptr, B, m, n, D,
+                               ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (slot block, column block): walk the batch, unshuffle rows into d visible,
+    sum d pos_emb over the batch and the mask rows into one partial row."""
+    pid_i = tl.program_id(0)
+    i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    i_ok = i < n
+    ok = i_ok[:, None] & (d < D)[None, :]
+    acc_pos = tl.zeros((BLOCK_I, BLOCK_D), dtype=ACC)
+    acc_mask = tl.zeros((BLOCK_I, BLOCK_D), dtype=ACC)
+    row = i.to(tl.int64)                      # b*n + i, int64: B*n*D may pass 2^31
+    vis_base = tl.zeros((BLOCK_I,), dtype=tl.int64)  # b*m
+    for _ in range(0, B):
+        g = tl.load(g_ptr + row[:, None] * D + d[None, :], mask=ok, other=0.0)
+        p = tl.load(perm_ptr + row, mask=i_ok, other=0)
+        vis = p < m
+        acc_pos += g.to(ACC)
+        acc_mask += tl.where(vis[:, None], 0.0, g.to(ACC))
+        dst = vis_base + p
+        tl.store(gvis_ptr + dst[:, None] * D + d[None, :], g, mask=ok & vis[:, None])
+        row += n
+        vis_base += m
+    tl.store(gpos_ptr + i.to(tl.int64)[:, None] * D + d[None, :], acc_pos, mask=ok)
+    tl.store(gmask_part_ptr + pid_i * D + d, tl.sum(acc_mask, axis=0), mask=d < D)
+
+
+def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> torch.Tensor:
+    """Contiguous inputs, perm int64 a permutation per sample (checked by the caller)."""
+    B, m, D = visible.shape
+    n = perm.shape[1]
+    out = torch.empty(B, n, D, dtype=visible.dtype, device=visible.device)
+    if out.numel() == 0:
+        return out
+    BLOCK_D = _block_d(D)
+    BLOCK_R = max(1, 2048 // BLOCK_D)
+    grid = (triton.cdiv(B * n, BLOCK_R), triton.cdiv(D, BLOCK_D))
+    _shuffle_tokens_fwd_kernel[grid](visible, perm, mask_emb, pos_emb, out, m, n, D, B * n,
+                                     ACC=_acc_type(visible.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+    return out
+
+
+def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
+    """-> (d visible [B, m, D] in grad's dtype, d mask_emb [D], d pos_emb [n, D]), the two
+    embedding grads in the accumulation dtype (fp32, fp64 for fp64)."""
+    B, n, D = grad.shape
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    gvis = torch.empty(B, m, D, dtype=grad.dtype, device=grad.device)
+    gpos = torch.empty(n, D, dtype=acc, device=grad.device)
+    BLOCK_D = _block_d(D)
+    BLOCK_I = max(1, min(16, 4096 // BLOCK_D))
+    n_blocks = triton.cdiv(n, BLOCK_I)
+    part = torch.empty(n_blocks, D, dtype=acc, device=grad.device)
+    if n * D > 0:
+        _shuffle_tokens_bwd_kernel[(n_blocks, triton.cdiv(D, BLOCK_D))](
+            grad, perm, gvis, gpos, part, B, m, n, D, ACC=_acc_type(grad.dtype), BLOCK_I=BLOCK_I, BLOCK_D=BLOCK_D)
+    return gvis, part.sum(0), gpos

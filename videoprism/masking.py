@@ -1,0 +1,155 @@
+"""Token masks for masked encoding (DESIGN 4): tube masks (stage 1) and BEVT masks (stage 2).
+
+Every frame keeps exactly `K = round(h * w * (1 - ratio))` visible patches, so the
+visible tokens form a compact `[B, T, K, D]` tensor. A mask is returned as
+`pos [B, T, K]` int64: the sorted spatial indices (row-major `m * w + n` on the
+`h x w` patch grid) of the visible patches of each frame.
+
+Masks are drawn on `device` with one torch generator and no host synchronisation,
+so a GPU batch gets its mask without a round trip. The same seed on the same device
+type gives the same mask (CPU and CUDA generators produce different streams).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["tube_mask", "bevt_mask", "inverse_slot_map", "num_visible"]
+
+# BEiT block-wise masking: blocks of at least 16 patches on the 16x16 grid (scaled
+# with the grid area), aspect ratio log-uniform in [0.3, 1/0.3].
+_MIN_BLOCK_AT_256 = 16
+_ASPECT = (0.3, 1 / 0.3)
+# Block rounds per "minimum block" of per-frame budget: enough that the blocks fill
+# nearly all of every frame's budget before the neighbour-first fill tops it up.
+_ROUNDS_PER_MIN_BLOCK = 4
+_MAX_ROUNDS = 96
+
+
+def num_visible(grid: tuple[int, int], ratio: float) -> int:
+    """K = round(h * w * (1 - ratio)): visible patches per frame."""
+    h, w = grid
+    return int(round(h * w * (1.0 - ratio)))
+
+
+def _check(batch, frames, grid, ratio) -> tuple[int, int, int]:
+    if not (isinstance(batch, int) and batch >= 1):
+        raise ValueError(f"mask batch must be a positive int, got {batch!r}")
+    if not (isinstance(frames, int) and frames >= 1):
+        raise ValueError(f"mask frames must be a positive int, got {frames!r}")
+    if not (len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)):
+        raise ValueError(f"mask grid must be (h, w) positive ints (patches per column, row), got {grid!r}")
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1) (share of masked patches), got {ratio!r}")
+    h, w = grid
+    k = num_visible(grid, ratio)
+    if k < 1:
+        raise ValueError(f"mask ratio {ratio} leaves no visible patch on a {h}x{w} grid; lower the ratio")
+    return h, w, k
+
+
+def _generator(seed, generator, device) -> tuple[torch.Generator | None, torch.device]:
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator to the mask, not both")
+    if generator is not None:
+        if device is not None and torch.device(device).type != generator.device.type:
+            raise ValueError(f"mask generator is on {generator.device} but device={device}; "
+                             "make a generator on the batch's device")
+        return generator, generator.device
+    device = torch.device("cpu" if device is None else device)
+    if seed is None:
+        return None, device
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g, device
+
+
+def _lowest_sorted(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted indices of the k lowest scores along the last axis (int64)."""
+    return score.topk(k, dim=-1, largest=False, sorted=False).indices.sort(dim=-1).values
+
+
+def tube_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, seed: int | None = None,
+              generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Tube masking: one uniformly random set of K visible patches per sample, the same in
+    every frame. Returns pos [B, T, K] int64, sorted within each frame."""
+    h, w, k = _check(batch, frames, grid, ratio)
+    gen, device = _generator(seed, generator, device)
+    score = torch.rand(batch, h * w, generator=gen, device=device)
+    return _lowest_sorted(score, k)[:, None, :].expand(batch, frames, k).contiguous()
+
+
+def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, seed: int | None = None,
+              generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """BEVT masking: BEiT block-wise masks extended over runs of consecutive frames.
+
+    Each round draws one block per sample: a rectangle (area uniform in [min_block,
+    budget], aspect log-uniform in [0.3, 1/0.3], clamped to the grid) over a run of
+    consecutive frames (length uniform in [1, T]); `budget` is the smallest number of
+    patches any frame of the run may still mask. The block is added to each frame of
+    its run that it does not push past `h*w - K` masked patches. After the rounds,
+    each frame is topped up to exactly `h*w - K` masked patches, preferring unmasked
+    patches next to masked ones (so the top-up also grows blocks). Returns pos
+    [B, T, K] int64, sorted within each frame.
+    """
+    h, w, k = _check(batch, frames, grid, ratio)
+    gen, device = _generator(seed, generator, device)
+    n = h * w
+    budget_total = n - k                              # masked patches per frame
+    if budget_total == 0:
+        return torch.arange(n, device=device).expand(batch, frames, n).contiguous()
+    min_block = max(1, round(_MIN_BLOCK_AT_256 * n / 256))
+    rounds = min(_MAX_ROUNDS, _ROUNDS_PER_MIN_BLOCK * math.ceil(budget_total / min_block))
+    log_lo, log_hi = math.log(_ASPECT[0]), math.log(_ASPECT[1])
+    rows = torch.arange(h, device=device)
+    cols = torch.arange(w, device=device)
+    tt = torch.arange(frames, device=device)
+    mask = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=device)
+    count = torch.zeros(batch, frames, dtype=torch.long, device=device)
+    for _ in range(rounds):
+        u = torch.rand(6, batch, 1, generator=gen, device=device)
+        length = 1 + (u[0] * frames).long().clamp(max=frames - 1)               # [B, 1] in [1, T]
+        start = (u[1] * (frames - length + 1)).long()
+        in_run = (tt >= start) & (tt < start + length)                          # [B, T]
+        budget = torch.where(in_run, budget_total - count, budget_total).amin(1, keepdim=True)
+        area = min_block + u[2] * (budget.clamp(min=min_block) - min_block)
+        aspect = torch.exp(log_lo + u[3] * (log_hi - log_lo))
+        bh = torch.sqrt(area * aspect).round().long().clamp(1, h)
+        bw = torch.sqrt(area / aspect).round().long().clamp(1, w)
+        top = (u[4] * (h - bh + 1)).long()
+        left = (u[5] * (w - bw + 1)).long()
+        rect = (((rows >= top) & (rows < top + bh))[:, :, None]
+                & ((cols >= left) & (cols < left + bw))[:, None, :])             # [B, h, w]
+        new = (rect[:, None] & ~mask).sum((2, 3))                               # [B, T]
+        accept = in_run & (count + new <= budget_total)
+        mask |= rect[:, None] & accept[:, :, None, None]
+        count += torch.where(accept, new, 0)
+    # Top-up: score masked patches 3, unmasked ones next to a masked patch in [1, 2),
+    # the rest in [0, 1); the K lowest scores stay visible.
+    m = mask.float()
+    near = torch.zeros_like(m)
+    near[..., 1:, :] += m[..., :-1, :]
+    near[..., :-1, :] += m[..., 1:, :]
+    near[..., :, 1:] += m[..., :, :-1]
+    near[..., :, :-1] += m[..., :, 1:]
+    score = torch.rand(batch, frames, h, w, generator=gen, device=device) + (near > 0).float()
+    score = torch.where(mask, 3.0, score)
+    return _lowest_sorted(score.reshape(batch, frames, n), k)
+
+
+def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """slot [B, T, N] int32 with slot[b, t, pos[b, t, k]] = k and -1 where patch n is masked
+    in frame t.
+
+    The masked time axis uses it: the key of token (b, t, k) in frame t' sits at slot
+    `slot[b, t', pos[b, t, k]]` (absent when -1), an O(1) lookup instead of a search.
+    """
+    if pos.dim() != 3 or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"pos must be [B, T, K] int32/int64, got {tuple(pos.shape)} {pos.dtype}")
+    if pos.shape[2] > num_patches:
+        raise ValueError(f"pos has K={pos.shape[2]} slots but num_patches={num_patches}; K must be <= N")
+    B, T, K = pos.shape
+    slot = torch.full((B, T, num_patches), -1, dtype=torch.int32, device=pos.device)
+    k = torch.arange(K, dtype=torch.int32, device=pos.device).expand(B, T, K)
+    return slot.scatter_(2, pos.long(), k)

@@ -82,7 +82,7 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd,
              "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
     torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -104,7 +104,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=True))
     rank_file = os.path.join(path, f"rank{_rank()}.pt")

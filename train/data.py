@@ -203,3 +203,12 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> l
                        tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_fraction)
     n = clips["video"].shape[0]
     return [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
+
+
+def trim_text(ids: torch.Tensor, paddings: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the padding columns past the batch's longest caption (rounded up to `multiple`,
+    which bounds the number of distinct shapes a compiled graph sees). Exact: padded
+    positions are masked out as keys and the class token carries no position."""
+    real = int((paddings < 0.5).sum(1).max()) if paddings.numel() else 0
+    keep = min(ids.shape[1], max(multiple, -(-real // multiple) * multiple))
+    return ids[:, :keep], paddings[:, :keep]

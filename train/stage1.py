@@ -18,7 +18,7 @@ from torch import nn
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
+from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
@@ -68,8 +68,9 @@ class Stage1Task:
         seed = (self.cfg.train.seed * 1_000_003 + step) * 64 + micro
         pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
         pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
-        return {"video": video, "pos": pos, "text_ids": batch["text_ids"].to(dev, non_blocking=True),
-                "text_paddings": batch["text_paddings"].to(dev, non_blocking=True)}
+        ids, pads = trim_text(batch["text_ids"], batch["text_paddings"])
+        return {"video": video, "pos": pos, "text_ids": ids.to(dev, non_blocking=True),
+                "text_paddings": pads.to(dev, non_blocking=True)}
 
     def loss(self, module: nn.Module, inputs: dict):
         v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"], pos=inputs["pos"])
@@ -90,7 +91,8 @@ class Stage1Task:
         dev = self.dist.device
         vs, ts, ids, pads = [], [], [], []
         for batch in self.val:
-            v, t, _ = module(batch["video"].to(dev), batch["text_ids"].to(dev), batch["text_paddings"].to(dev))
+            tids, tpads = trim_text(batch["text_ids"], batch["text_paddings"])
+            v, t, _ = module(batch["video"].to(dev), tids.to(dev), tpads.to(dev))
             vs.append(v.float().cpu())
             ts.append(t.float().cpu())
             ids.append(batch["text_ids"])

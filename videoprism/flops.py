@@ -32,9 +32,9 @@ def block_flops(seqs: int, seq_len: int, dim: int, mlp_dim: int, *, pairs: float
 
 
 def pooler_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
-    """Attention pooler with one learned query: q (1 token), k and v (all tokens), scores
-    and weighted sum over `tokens` keys, output projection (1 token)."""
-    return batch * (2 * dim * hidden + 4 * tokens * dim * hidden + 4 * tokens * hidden + 2 * hidden * dim)
+    """Attention pooler with one learned query: its projection (once, shared by the batch),
+    k and v (all tokens), scores and weighted sum over `tokens` keys, output projection."""
+    return 2 * dim * hidden + batch * (4 * tokens * dim * hidden + 4 * tokens * hidden + 2 * hidden * dim)
 
 
 def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int) -> float:

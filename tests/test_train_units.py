@@ -1,0 +1,196 @@
+"""Unit tests of the training pieces that need no training run: config, schedule, losses,
+retrieval metrics, the FLOP formula, text trimming, and atomic checkpoints."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from videoprism.train import checkpoint as ckpt
+from videoprism.train.config import OptimConfig, build_config, help_text
+from videoprism.train.data import trim_text
+from videoprism.train.losses import contrastive_loss, cosine_distance
+from videoprism.train.optim import lr_at
+from videoprism.train.retrieval import caption_groups, retrieval_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_config_overrides_and_errors():
+    cfg = build_config("tiny", ["optim.lr=0.5", "train.compile=false", "stage2.shuffle=no", "model.num_frames=4"], 2)
+    assert cfg.optim.lr == 0.5 and cfg.train.compile is False and cfg.stage2.shuffle is False
+    assert cfg.model.num_frames == 4 and cfg.train.mask_ratio == 0.65  # stage-2 default kept under the preset
+    assert build_config("base", [], 1).train.mask_ratio == 0.5
+    for bad, needle in (("optim.lr", "key=value"), ("lr=1", "needs a section"), ("nope.lr=1", "unknown config section"),
+                        ("optim.nope=1", "unknown field"), ("train.compile=maybe", "train.compile")):
+        with pytest.raises(ValueError, match=needle):
+            build_config("tiny", [bad], 1)
+    with pytest.raises(ValueError, match="unknown config preset"):
+        build_config("huge", [], 1)
+
+
+def test_help_lists_every_field():
+    text = help_text(1)
+    cfg = build_config("base", [], 1)
+    for section, values in cfg.to_dict().items():
+        for name in values:
+            assert f"{section}.{name}=" in text
+
+
+def test_lr_schedule():
+    c = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay="cosine")
+    assert lr_at(0, c, 110) == pytest.approx(0.1)
+    assert lr_at(9, c, 110) == pytest.approx(1.0)
+    assert lr_at(60, c, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(110, c, 110) == pytest.approx(0.1)
+    c.decay = "linear"
+    assert lr_at(60, c, 110) == pytest.approx(0.55)
+
+
+def test_contrastive_loss_matches_naive_formula():
+    g = torch.Generator().manual_seed(0)
+    v = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    t = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    s = torch.tensor([2.0])
+    logits = math.exp(2.0) * v @ t.T
+    naive = 0.0
+    for i in range(6):  # -log softmax of the matching pair, in both directions
+        naive += -torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i]
+    assert torch.allclose(contrastive_loss(v, t, s), naive / 12, atol=1e-6)
+
+
+def test_cosine_distance():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
+    assert float(cosine_distance(a, b)) == pytest.approx(0.5)
+
+
+def test_retrieval_metrics_brute_force():
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    v = F.normalize(torch.randn(n, 16, generator=g), dim=-1)
+    t = F.normalize(v + 0.8 * torch.randn(n, 16, generator=g), dim=-1)
+    ids = torch.randint(3, 9, (n, 5), generator=g)
+    ids[5] = ids[17]  # one duplicated caption: either clip is a hit
+    pads = torch.zeros(n, 5)
+    groups = caption_groups(ids, pads)
+    m = retrieval_metrics(v, t, groups)
+    sim = t @ v.T
+    for k in (1, 5, 10):
+        hits = 0
+        for q in range(n):
+            top = sim[q].argsort(descending=True)[:k].tolist()
+            hits += any(groups[i] == groups[q] for i in top)
+        assert m[f"t2v_R@{k}"] == pytest.approx(hits / n)
+    rows = [tuple(r) for r in ids.tolist()]
+    assert m["chance_R@1"] == pytest.approx(sum(rows.count(r) for r in rows) / n / n)
+
+
+def test_caption_groups_ignore_padding_content():
+    ids = torch.tensor([[5, 6, 0, 0], [5, 6, 9, 9], [5, 7, 0, 0]])
+    pads = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]).float()
+    g = caption_groups(ids, pads)
+    assert g[0] == g[1] and g[0] != g[2]
+
+
+def test_trim_text_is_exact():
+    import videoprism
+
+    torch.manual_seed(0)
+    clip = videoprism.from_official("videoprism_lvt_v1_base", model_dim=32, num_heads=2, mlp_dim=64,
+                                    num_spatial_layers=1, num_temporal_layers=1, num_auxiliary_layers=0,
+                                    num_unimodal_layers=2, vocabulary_size=50, attention_backend="reference")
+    ids = torch.randint(1, 50, (3, 64))
+    pads = torch.ones(3, 64)
+    pads[0, :5] = pads[1, :11] = pads[2, :2] = 0
+    tids, tpads = trim_text(ids, pads)
+    assert tids.shape == (3, 16)
+    with torch.no_grad():
+        full = clip.encode_text(ids, pads)
+        short = clip.encode_text(tids, tpads)
+    assert torch.allclose(full, short, atol=1e-5)
+
+
+def test_flop_formula_matches_flop_counter():
+    """The analytic formula equals torch's FLOP counter on the model's unmasked forward (the
+    counter sees every matmul the reference model runs)."""
+    import videoprism
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from videoprism.flops import text_tower_flops, video_tower_flops
+
+    cfg = dict(model_dim=32, num_heads=2, mlp_dim=48, num_spatial_layers=2, num_temporal_layers=1,
+               num_auxiliary_layers=1, num_unimodal_layers=1, vocabulary_size=30, patch_size=4,
+               pos_emb_shape=(3, 4, 4), enable_causal_atten=False, attention_backend="reference")
+    clip = videoprism.from_official("videoprism_lvt_v1_base", **cfg)
+    B, T, R, L = 2, 3, 16, 7
+    video = torch.rand(B, T, R, R, 3)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        clip(video, None, None)
+    # torch's counter has no formula for the CPU SDPA kernel the pooler dispatches to:
+    # add the pooler's scores and weighted sum (1 query, 4D hidden) by hand.
+    pooler_core = B * 4 * (T * 16) * (4 * 32)
+    assert fc.get_total_flops() + pooler_core == pytest.approx(video_tower_flops(clip.config, B, T, 16), rel=1e-6)
+    ids, pads = torch.randint(0, 30, (B, L)), torch.zeros(B, L)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        clip(None, ids, pads)
+    assert fc.get_total_flops() == pytest.approx(text_tower_flops(clip.config, B, L), rel=1e-6)
+
+
+def test_temporal_pairs_counts_shared_locations():
+    from videoprism.flops import temporal_pairs
+
+    pos = torch.tensor([[[0, 1], [0, 2]]])  # location 0 in both frames, 1 and 2 in one each
+    assert temporal_pairs(pos, 2, 2) == 4 + 1 + 1
+    assert temporal_pairs(None, 2, 2) == 8
+
+
+_SAVE_THEN_CRASH = textwrap.dedent("""
+    import os, signal, sys, torch
+    from videoprism.train import checkpoint as ckpt
+    root, where = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward(); opt.step()
+    kw = dict(trainer_state={"step": 1, "nonfinite": 0}, rank_state={"rng": ckpt.rng_state(), "data": {"p": 1}}, keep=2)
+    ckpt.save(root, 1, model, opt, **kw)
+    torch.save(model.state_dict(), os.path.join(root, "expected.pt"))
+    die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if where == "rename":
+        os.rename = die                  # every file written, the rename never happens
+    else:
+        import torch.distributed.checkpoint.filesystem as fs
+        fs._write_item = die             # killed while DCP writes the tensors
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ckpt.save(root, 2, model, opt, **kw)
+""")
+
+
+@pytest.mark.parametrize("where", ["dcp_write", "rename"])
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
+    root = str(tmp_path / "ck")
+    r = subprocess.run([sys.executable, "-c", _SAVE_THEN_CRASH, root, where], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert os.path.isdir(os.path.join(root, "step_00000002.tmp"))  # the save was cut short
+    assert ckpt.latest(root) == os.path.join(root, "step_00000001")
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward(); opt.step()  # optimizer state to be overwritten
+    state, rank_state = ckpt.load(ckpt.latest(root), model, opt, trainer_keys=["step", "nonfinite"])
+    assert state["step"] == 1 and rank_state["data"] == {"p": 1}
+    expected = torch.load(os.path.join(root, "expected.pt"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k])
+    # A later save of the same step clears the leftover and keeps the latest k.
+    for step in (2, 3):
+        ckpt.save(root, step, model, opt, trainer_state=state, rank_state=rank_state, keep=2)
+    assert [s for s, _ in ckpt.step_dirs(root)] == [2, 3]
+    assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))

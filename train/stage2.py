@@ -1,0 +1,161 @@
+"""Stage 2: masked video modeling with global-local distillation and token shuffling (DESIGN 5).
+
+    python -m train.stage2 --config tiny stage2.teacher=runs/stage1/model.safetensors \
+        data.train=DIR/train.jsonl data.val=DIR/val.jsonl
+
+Teacher: the frozen stage-1 video tower on the full clip (token targets `[B, T*N, D]`,
+pooled target `[B, D]`). Student: an encoder initialised from the teacher's, on the 35%
+BEVT-visible tokens. Token-wise loss: decoder over the shuffled [visible | mask] slots,
+cosine distance to the teacher's token at each slot's position. Global loss: decoder +
+MAP pooler over the visible tokens, cosine distance to the teacher's pooled embedding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from torch import nn
+
+import videoprism
+from videoprism.config import EncoderConfig
+from videoprism.flops import stage2_step_flops, temporal_pairs
+from videoprism.masking import bevt_mask
+from videoprism.train.config import Config, parse_args
+from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
+from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
+from videoprism.train.losses import cosine_distance
+from videoprism.train.modeling import build_clip, clip_from_safetensors, full_state_dict, sub_state_dict
+from videoprism.train.parallel import Dist, close_distributed, init_distributed
+from videoprism.train.trainer import Trainer
+
+
+class Stage2Task:
+    loss_keys = ("token_loss", "global_loss")
+
+    def __init__(self, cfg: Config, dist_: Dist, teacher: Teacher, val_batches: list[dict] | None):
+        self.cfg, self.dist, self.teacher, self.val = cfg, dist_, teacher, val_batches
+        enc = teacher.encoder
+        self.model_config = enc.config
+        P = enc.config.patch_size
+        grid = cfg.model.resolution // P
+        self.num_patches = grid * grid
+        s2 = cfg.stage2
+        self.module = Stage2Model(enc, num_positions=cfg.model.num_frames * self.num_patches,
+                                  dec_dim=s2.decoder_dim, dec_layers=s2.decoder_layers, dec_heads=s2.decoder_heads,
+                                  global_distill=s2.global_distill).to(dist_.device)
+        if dist_.device.type == "cuda" and cfg.train.mixed_precision:
+            teacher.to(torch.bfloat16)  # after the student's copy: the student keeps fp32 master weights
+
+    def _masks(self, b: int, T: int, H: int, W: int, seed: int):
+        """BEVT mask and slot permutation of this rank's rows of the global micro-batch."""
+        dev, P = self.dist.device, self.model_config.patch_size
+        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        g = b * self.dist.world
+        pos = bevt_mask(g, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)[rows]
+        if self.cfg.stage2.shuffle:
+            gen = torch.Generator(device=dev).manual_seed(seed + 1)
+            perm = random_slots(g, T * self.num_patches, generator=gen, device=dev)[rows]
+        else:
+            perm = identity_slots(pos, self.num_patches)
+        return pos, perm
+
+    def prepare(self, batch: dict, step: int, micro: int) -> dict:
+        video = batch["video"].to(self.dist.device, non_blocking=True)
+        b, T, H, W, _ = video.shape
+        pos, perm = self._masks(b, T, H, W, (self.cfg.train.seed * 1_000_003 + step) * 64 + micro)
+        return {"video": video, "pos": pos, "perm": perm}
+
+    def losses(self, module: nn.Module, inputs: dict) -> dict:
+        token_target, global_target = self.teacher(inputs["video"])
+        token_pred, global_pred = module(inputs["video"], inputs["pos"], inputs["perm"])
+        out = {"token_loss": cosine_distance(token_pred, token_target)}
+        if global_pred is not None:
+            out["global_loss"] = cosine_distance(global_pred, global_target)
+        return out
+
+    def loss(self, module: nn.Module, inputs: dict):
+        parts = self.losses(module, inputs)
+        total = parts["token_loss"] + self.cfg.stage2.global_weight * parts.get("global_loss", 0.0)
+        return total, parts
+
+    def flops(self, inputs: dict) -> float:
+        b, T, K = inputs["pos"].shape
+        s2 = self.cfg.stage2
+        return stage2_step_flops(self.model_config, batch=b, frames=T, grid_tokens=self.num_patches, visible=K,
+                                 dec_dim=s2.decoder_dim, dec_layers=s2.decoder_layers,
+                                 dec_mlp_dim=4 * s2.decoder_dim, global_distill=s2.global_distill,
+                                 pairs_per_clip=temporal_pairs(inputs["pos"], T, K))
+
+    def tokens(self, inputs: dict) -> int:
+        return inputs["pos"].numel()
+
+    def evaluate(self, module: nn.Module) -> dict:
+        """Distillation losses on the validation split with fixed masks (seeded per batch)."""
+        if not self.val:
+            return {}
+        sums: dict[str, float] = {}
+        for i, batch in enumerate(self.val):
+            video = batch["video"].to(self.dist.device)
+            b, T, H, W, _ = video.shape
+            pos, perm = self._masks(b, T, H, W, seed=10_000_019 + i)
+            for k, v in self.losses(module, {"video": video, "pos": pos, "perm": perm}).items():
+                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(self.val)
+        return sums
+
+    def export(self, module: nn.Module, path: str) -> None:
+        """The student encoder as a `FactorizedEncoder` safetensors file (collective under FSDP)."""
+        state = sub_state_dict(full_state_dict(module), "student.")
+        if self.dist.main:
+            fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+            cfg = EncoderConfig(**{k: v for k, v in dataclasses.asdict(self.model_config).items() if k in fields})
+            encoder = videoprism.FactorizedEncoder(cfg)
+            encoder.load_state_dict(state, strict=True)
+            videoprism.save_safetensors(encoder, path)
+
+
+def build_teacher(cfg: Config, device: torch.device) -> Teacher:
+    """From a stage-1 export (its config travels in the file) or an official LvT .npz (the
+    config is model.name with the model.* overrides)."""
+    path = cfg.stage2.teacher
+    if path.endswith(".npz"):
+        mc = dataclasses.replace(cfg.model, init=path)
+        return Teacher(build_clip(mc, vocab=None, device=device))
+    if not path:
+        raise ValueError("stage2.teacher is empty; pass the stage-1 export (e.g. "
+                         "stage2.teacher=runs/stage1/model.safetensors) or an official LvT .npz")
+    return Teacher(clip_from_safetensors(path, attention_backend=cfg.model.attention_backend, device=device))
+
+
+def run(cfg: Config, resume: str | None = None) -> dict:
+    """Train stage 2 per `cfg`; returns the final validation losses and the output paths."""
+    dist_ = init_distributed(cfg.train.device)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        teacher = build_teacher(cfg, dist_.device)
+        tokenizer = tokenizer_for(cfg)
+        micro = cfg.train.micro_batch or cfg.train.global_batch // dist_.world
+        data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
+        val = build_val_batches(cfg, tokenizer, batch_size=micro)
+        task = Stage2Task(cfg, dist_, teacher, val)
+        trainer = Trainer(cfg, task, data, dist_, name="stage2")
+        if resume is not None:
+            trainer.resume(resume)
+        results = trainer.fit()
+        if dist_.main:
+            for key in ("val_token_loss", "val_global_loss", "checkpoint", "export", "plot"):
+                if key in results:
+                    print(f"{key}: {results[key]}")
+        return results
+    finally:
+        close_distributed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_args(argv, stage=2)
+    run(cfg, resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Stage 2 (DESIGN 5): decoder input construction, shuffling, teacher/student, ablation
+switches, and that both losses go down on a tiny run."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import videoprism
+from videoprism.masking import bevt_mask
+from videoprism.train.config import build_config
+from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
+from videoprism.train.parallel import Dist
+from videoprism.train.stage2 import Stage2Task
+
+T, R, P = 2, 16, 4          # 2 frames of 16x16 pixels, 4x4 patches: N = 16 positions per frame
+N = (R // P) ** 2
+
+
+def tiny_clip(seed: int = 0):
+    torch.manual_seed(seed)
+    return videoprism.from_official(
+        "videoprism_lvt_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
+        num_temporal_layers=1, num_auxiliary_layers=1, num_unimodal_layers=1, vocabulary_size=20, patch_size=P,
+        pos_emb_shape=(T, R // P, R // P), attention_backend="reference")
+
+
+def tiny_cfg(*overrides):
+    return build_config("tiny", ["model.num_frames=2", "model.resolution=16", "stage2.decoder_dim=16",
+                                 "stage2.decoder_layers=1", "stage2.decoder_heads=2", "train.global_batch=4",
+                                 "data.source=random", *overrides], 2)
+
+
+def make_task(*overrides, seed=0):
+    cfg = tiny_cfg(*overrides)
+    return Stage2Task(cfg, Dist(0, 1, torch.device("cpu")), Teacher(tiny_clip(seed)), None), cfg
+
+
+def video(b=4, seed=1):
+    return torch.randint(0, 256, (b, T, R, R, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_decoder_input_matches_reference_construction():
+    task, _ = make_task()
+    model = task.module
+    with torch.no_grad():
+        model.mask_emb.normal_()
+    B, m, n, D = 3, 10, 2 * N, 16
+    vis = torch.randn(B, m, D)
+    perm = random_slots(B, n, generator=torch.Generator().manual_seed(0), device="cpu")
+    x = model.decoder_input(vis, perm)
+    for b in range(B):          # the literal construction of DESIGN 5, one slot at a time
+        c = [vis[b, j] for j in range(m)] + [model.mask_emb] * (n - m)
+        for i in range(n):
+            assert torch.allclose(x[b, i], c[perm[b, i]] + model.pos_emb[i], atol=1e-6)
+
+
+def test_shuffled_slot_is_not_its_own_position_but_identity_slots_are():
+    g = torch.Generator().manual_seed(0)
+    pos = bevt_mask(4, T, (4, 4), 0.65, seed=3)
+    K = pos.shape[2]
+    ident = identity_slots(pos, N)
+    # Unshuffled: the visible token of position (t, p) sits in slot t*N + p; masks elsewhere.
+    for b in range(4):
+        assert sorted(ident[b].tolist()) == list(range(T * N))
+        for t in range(T):
+            for k in range(K):
+                assert ident[b, t * N + pos[b, t, k]] == t * K + k
+    perm = random_slots(4, T * N, generator=g, device="cpu")
+    assert all(sorted(perm[b].tolist()) == list(range(T * N)) for b in range(4))
+    # Shuffled: for most visible slots the token is not the one of that slot's position.
+    own = (perm < T * K) & (perm == ident)
+    assert own.float().mean() < 0.2
+    assert not torch.equal(perm[0], perm[1])
+
+
+def test_student_starts_equal_to_teacher_and_teacher_gets_no_gradient():
+    task, _ = make_task()
+    teacher, model = task.teacher, task.module
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    for (k, s), t in zip(model.student.state_dict().items(), teacher.encoder.state_dict().values()):
+        assert torch.equal(s, t), k
+    assert all(not p.requires_grad for p in teacher.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(2):
+        inputs = task.prepare({"video": video()}, step, 0)
+        loss, _ = task.loss(model, inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(p.grad is None for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not teacher.training
+    teacher.train()
+    assert not teacher.training
+    # The student moved away from the teacher.
+    assert any(not torch.equal(s, t) for s, t in zip(model.student.state_dict().values(),
+                                                     teacher.encoder.state_dict().values()))
+
+
+def test_ablation_switches_change_only_their_part():
+    base, _ = make_task()
+    no_shuffle, _ = make_task("stage2.shuffle=false")
+    no_global, _ = make_task("stage2.global_distill=false")
+    batch = {"video": video()}
+    a, b, c = (t.prepare(batch, 5, 0) for t in (base, no_shuffle, no_global))
+    assert torch.equal(a["pos"], b["pos"]) and torch.equal(a["pos"], c["pos"])   # same masks
+    assert torch.equal(a["perm"], c["perm"])                                       # same shuffle
+    assert torch.equal(b["perm"], identity_slots(a["pos"], N))                     # no shuffle
+    assert not torch.equal(a["perm"], b["perm"])
+    # Same parameters where both have them; the global branch exists only when switched on.
+    names = lambda t: {k for k, _ in t.module.named_parameters()}  # noqa: E731
+    assert names(base) == names(no_shuffle)
+    assert names(no_global) == {k for k in names(base) if not k.startswith(("global_decoder", "global_pooler"))}
+    no_global.module.load_state_dict(base.module.state_dict(), strict=False)
+    with torch.no_grad():
+        la, lc = base.losses(base.module, a), no_global.losses(no_global.module, c)
+    assert set(la) == {"token_loss", "global_loss"} and set(lc) == {"token_loss"}
+    assert torch.allclose(la["token_loss"], lc["token_loss"], atol=1e-6)
+
+
+def test_both_losses_decrease_on_a_tiny_run():
+    task, _ = make_task()
+    opt = torch.optim.AdamW(task.module.parameters(), lr=3e-3)
+    inputs = task.prepare({"video": video(8)}, 0, 0)
+    history = []
+    for _ in range(25):
+        loss, parts = task.loss(task.module, inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        history.append({k: float(v.detach()) for k, v in parts.items()})
+    for key in ("token_loss", "global_loss"):
+        first, last = history[0][key], min(h[key] for h in history[-5:])
+        assert last < 0.7 * first, (key, first, last)
+
+
+def test_teacher_targets_are_the_stage1_tower():
+    clip = tiny_clip()
+    teacher = Teacher(clip)
+    v = video(2)
+    tokens, pooled = teacher(v)
+    ref_tokens, _ = clip.vision_encoder(v)
+    emb, _, _ = clip(v, None, None, normalize=False)
+    assert torch.allclose(tokens, ref_tokens) and torch.allclose(pooled, emb, atol=1e-6)
+
+
+def test_position_count_mismatch_is_reported():
+    task, _ = make_task()
+    with pytest.raises(ValueError, match="token positions"):
+        task.module.decoder_input(torch.randn(1, 3, 16), torch.arange(5)[None])

@@ -1,0 +1,205 @@
+"""Factorized attention: every backend side by side at VideoPrism's shapes (STYLE 8).
+
+    python -m bench.attention --device cuda                 # bf16, B/L/g shapes, JSON + PNG
+    python -m bench.attention --tiny                        # CPU smoke test (seconds)
+
+Cases (per model: heads H and head dim Dh of VideoPrism B 12x64, L 16x64, g 16x88), for a
+batch of B clips of T frames on an N = 16x16 patch grid:
+  space  B*T sequences of K tokens: K = 256 (full frame), 128 and 90 (50% / 65% masked).
+  time   B*N sequences of T = 16 and 8 frames (identity pos), and the masked time axis
+         (K = 90 visible tokens per frame, a random visible set per frame, so the sequences
+         are the frames where each location is visible).
+Backends: eager math ("reference", fp32 softmax), "sdpa" (cap 0; the time axis goes through
+permuted views), "flex" (cap 50, compiled), "flash" and xformers (if installed; cap 50 / 0),
+"triton" (cap 50). Modes: fwd, and fwd+bwd (qkv gradient).
+
+Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is visible):
+  FLOPs fwd  = 4 * H * Dh * sum over sequences of S_q * S_k  (QK^T and PV; softmax not counted)
+               space: B*T * K^2;  time: B*N * T^2;  masked time: sum_l n_l^2
+  FLOPs bwd  = 2 x fwd (dV, dP, dQ, dK), so fwd+bwd = 3 x fwd (recomputation not counted).
+  bytes fwd  = 4 * E * H * Dh * elt   (read q, k, v; write o: the least any kernel can move)
+  bytes bwd  = 8 * E * H * Dh * elt   (read q, k, v, o, do; write dq, dk, dv)
+  floor      = max(FLOPs / matmul peak, bytes / copy peak), both measured in this run;
+               pct_floor = floor / time (100% = at the roofline).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from bench.common import Report, measure_peaks, timeit
+from videoprism.ops.attention import factorized_attention
+
+MODELS = {"base": (12, 64), "large": (16, 64), "giant": (16, 88)}
+
+
+def _xformers(qkv, *, axis, softcap, pos, **_):
+    import xformers.ops as xops
+
+    if softcap > 0 or pos is not None:
+        raise ValueError("xformers has no soft-cap and no pos map")
+    B, T, K, _, H, Dh = qkv.shape
+    if axis == "space":
+        q, k, v = qkv.flatten(0, 1).unbind(2)                              # [B*T, K, H, Dh] views
+        return xops.memory_efficient_attention(q, k, v).view(B, T, K, H, Dh)
+    q, k, v = qkv.transpose(1, 2).reshape(B * K, T, 3, H, Dh).unbind(2)    # copy to sequence-major
+    return xops.memory_efficient_attention(q, k, v).view(B, K, T, H, Dh).transpose(1, 2)
+
+
+def _available(name: str) -> bool:
+    try:
+        __import__({"flash": "flash_attn", "xformers": "xformers"}.get(name, "torch"))
+        return True
+    except ImportError:
+        return False
+
+
+def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ...], gen: torch.Generator):
+    """(axis, label, T, K, pos, sequences, sum of S_q*S_k over sequences)."""
+    N = grid * grid
+    T0 = frames[0]
+    out = [("space", f"K={N}", T0, N, None, batch * T0, batch * T0 * N * N)]
+    for K in visible:
+        out.append(("space", f"K={K} masked", T0, K, None, batch * T0, batch * T0 * K * K))
+    for T in frames:
+        out.append(("time", f"T={T}", T, N, None, batch * N, batch * N * T * T))
+    for K in visible[-1:]:
+        pos = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T0)])
+                           for _ in range(batch)])
+        counts = torch.stack([torch.bincount(p.flatten(), minlength=N) for p in pos])   # n_l per clip
+        out.append(("time", f"T={T0} K={K} masked", T0, K, pos, int((counts > 0).sum()), int((counts ** 2).sum())))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--models", default="base,giant,large", help=f"comma-separated from {list(MODELS)}")
+    p.add_argument("--batch", type=int, default=16, help="clips per call")
+    p.add_argument("--backends", default="reference,sdpa,flex,flash,xformers,triton")
+    p.add_argument("--modes", default="fwd,fwd+bwd")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
+    p.add_argument("--budget-s", type=float, default=130.0,
+                   help="stop starting new cases after this many seconds (the GPU script has a time box)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
+    p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    out = args.out or f"bench/results/attention_{device.type}{'_tiny' if args.tiny else ''}.json"
+    models = {"tiny": (2, 16)} if args.tiny else {m: MODELS[m] for m in args.models.split(",")}
+    batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch, 16, (16, 8), (128, 90))
+    backends = [b for b in args.backends.split(",") if b in ("reference", "sdpa", "flex", "triton") or _available(b)]
+    t_start = time.perf_counter()
+    peaks = measure_peaks(device)
+    elt = torch.finfo(dtype).bits // 8
+    report = Report("factorized attention", str(device), meta={
+        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends, **peaks})
+    gen = torch.Generator().manual_seed(0)
+    skipped = []
+    for model, (H, Dh) in models.items():
+        for axis, label, T, K, pos, n_seq, sq_sk in cases(batch, grid, frames, visible, gen):
+            if time.perf_counter() - t_start > args.budget_s:
+                skipped.append(f"{model} {axis} {label}")
+                continue
+            qkv = torch.randn(batch, T, K, 3, H, Dh, device=device, dtype=dtype)
+            do = torch.randn(batch, T, K, H, Dh, device=device, dtype=dtype)
+            pos_d = None if pos is None else pos.to(device)
+            tokens = batch * T * K
+            flops_fwd = 4 * H * Dh * sq_sk
+            bytes_fwd = 4 * tokens * H * Dh * elt
+            for backend in backends:
+                cap = 0.0 if backend in ("sdpa", "xformers") else 50.0
+                kw = dict(axis=axis, softcap=cap, pos=pos_d)
+                if backend == "xformers":
+                    call = lambda x, kw=kw: _xformers(x, **kw)  # noqa: E731
+                else:
+                    call = lambda x, kw=kw, be=backend: factorized_attention(x, backend=be, **kw)  # noqa: E731
+                for mode in args.modes.split(","):
+                    row = dict(model=model, axis=axis, case=label, seqs=n_seq, backend=backend, cap=cap, mode=mode)
+                    bwd = mode == "fwd+bwd"
+                    x = qkv.detach().requires_grad_(bwd)
+
+                    def fn(x=x, bwd=bwd, call=call):
+                        if not bwd:
+                            with torch.no_grad():
+                                return call(x)
+                        return torch.autograd.grad(call(x), x, do)
+
+                    try:
+                        fn()                                   # compile / autotune outside the timing
+                    except (ValueError, NotImplementedError, RuntimeError) as e:
+                        report.add(**row, note=f"n/a: {str(e).splitlines()[0][:90]}")
+                        continue
+                    t = timeit(fn, device, warmup=1, reps=3 if device.type == "cpu" else 10)
+                    flops = flops_fwd * (3 if bwd else 1)
+                    nbytes = bytes_fwd * (3 if bwd else 1)
+                    s = t.median_ms * 1e-3
+                    floor = max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_gbps"] * 1e9))
+                    report.add(t, **row, tflops=round(flops / s / 1e12, 3), gbps=round(nbytes / s / 1e9, 1),
+                               pct_flops_peak=round(100 * flops / s / 1e12 / peaks["matmul_tflops"], 1),
+                               pct_bw_peak=round(100 * nbytes / s / 1e9 / peaks["copy_gbps"], 1),
+                               floor_ms=round(floor * 1e3, 4), pct_floor=round(100 * floor / s, 1))
+            del qkv, do
+    if skipped:
+        report.meta["skipped_over_budget"] = skipped
+    report.show()
+    _speedups(report)
+    report.save(out)
+    _chart(report, args.png or os.path.splitext(out)[0] + ".png")
+
+
+def _speedups(report: Report) -> None:
+    """triton's speed-up over each other backend, fwd+bwd, per case (the issue's targets)."""
+    ms = {(r["model"], r["axis"], r["case"], r["backend"], r["mode"]): r["ms"] for r in report.rows if "ms" in r}
+    for (model, axis, case, backend, mode), t in sorted(ms.items()):
+        if backend != "triton" or mode != "fwd+bwd":
+            continue
+        others = {b: ms[(model, axis, case, b, mode)] / t for (m, a, c, b, mo) in ms
+                  if (m, a, c, mo) == (model, axis, case, mode) and b != "triton"}
+        print(f"triton fwd+bwd speed-up, {model} {axis} {case}: " +
+              ", ".join(f"{b} {x:.2f}x" for b, x in sorted(others.items())))
+
+
+def _chart(report: Report, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart")
+        return
+    rows = [r for r in report.rows if "ms" in r and r["mode"] == "fwd+bwd"] or [r for r in report.rows if "ms" in r]
+    if not rows:
+        return
+    groups = list(dict.fromkeys(f"{r['model']}\n{r['axis']} {r['case']}" for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(groups)), 4.5))
+    w = 0.8 / len(backends)
+    for i, b in enumerate(backends):
+        for j, g in enumerate(groups):
+            r = [r for r in rows if r["backend"] == b and f"{r['model']}\n{r['axis']} {r['case']}" == g]
+            if r:
+                ax.bar(j + i * w, r[0]["ms"], w, color=f"C{i}", label=b)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], groups, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"ms ({rows[0]['mode']}, log)")
+    ax.set_title(f"factorized attention on {report.meta['device']} ({report.meta['dtype']})")
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))                        # one legend entry per backend
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -124,3 +124,14 @@ def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
         _shuffle_tokens_bwd_kernel[(n_blocks, triton.cdiv(D, BLOCK_D))](
             grad, perm, gvis, gpos, part, B, m, n, D, ACC=_acc_type(grad.dtype), BLOCK_I=BLOCK_I, BLOCK_D=BLOCK_D)
     return gvis, part.sum(0), gpos
+
+
+def shuffle_with_mask_tokens_bwd_ref(grad: torch.Tensor, perm: torch.Tensor, m: int):
+    """Reference backward: unshuffle g with a scatter (c[b, perm[b, i]] = g[b, i]), split c
+    into the visible rows and the mask rows, sum the slot grads over the batch. Returns
+    (d visible in grad's dtype, d mask_emb, d pos_emb) with the embedding grads in fp32
+    (fp64 for fp64)."""
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    c = torch.zeros_like(g).scatter_(1, perm[:, :, None].expand(-1, -1, g.shape[2]), g)
+    return c[:, :m].to(grad.dtype), c[:, m:].sum((0, 1)), g.sum(0)

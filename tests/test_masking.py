@@ -1,0 +1,128 @@
+"""Tube and BEVT masks (DESIGN 4): exact K per frame, sorted unique positions, seeding,
+blockiness against uniform random masks, and the inverse slot map."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videoprism.masking import bevt_mask, inverse_slot_map, num_visible, tube_mask
+
+MASKS = {"tube": tube_mask, "bevt": bevt_mask}
+
+
+def masked_grid(pos: torch.Tensor, grid) -> torch.Tensor:
+    """[B, T, h, w] bool, True where the patch is masked."""
+    B, T, _ = pos.shape
+    h, w = grid
+    vis = torch.zeros(B, T, h * w, dtype=torch.bool, device=pos.device).scatter_(2, pos, True)
+    return (~vis).reshape(B, T, h, w)
+
+
+def masked_neighbour_share(masked: torch.Tensor) -> float:
+    """Mean, over masked patches, of the share of their 4-neighbours (inside the grid) that
+    are masked too: ~ the mask ratio for uniform masks, near 1 for block masks."""
+    m = masked.double()
+    near, deg = torch.zeros_like(m), torch.zeros_like(m)
+    for dim in (2, 3):
+        size = m.shape[dim]
+        lo, hi = m.narrow(dim, 0, size - 1), m.narrow(dim, 1, size - 1)
+        near.narrow(dim, 1, size - 1).add_(lo)
+        near.narrow(dim, 0, size - 1).add_(hi)
+        deg.narrow(dim, 1, size - 1).add_(1)
+        deg.narrow(dim, 0, size - 1).add_(1)
+    return float(((near / deg) * m).sum() / m.sum())
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+@pytest.mark.parametrize("grid,frames,ratio", [((16, 16), 16, 0.65), ((16, 16), 8, 0.5), ((7, 5), 3, 0.3),
+                                               ((1, 1), 2, 0.0), ((3, 4), 1, 0.9)])
+def test_exact_k_sorted_unique(kind, grid, frames, ratio):
+    pos = MASKS[kind](4, frames, grid, ratio, seed=0)
+    n = grid[0] * grid[1]
+    k = round(n * (1 - ratio))
+    assert pos.shape == (4, frames, k) and pos.dtype == torch.int64
+    assert num_visible(grid, ratio) == k
+    assert int(pos.min()) >= 0 and int(pos.max()) < n
+    assert bool((pos[..., 1:] > pos[..., :-1]).all()), "pos must be strictly increasing (sorted, unique)"
+    # Every frame keeps exactly k: the masked share of the whole batch is 1 - k/n.
+    assert float(masked_grid(pos, grid).double().mean()) == pytest.approx(1 - k / n)
+
+
+def test_overall_ratio_is_close_to_the_request():
+    for ratio in (0.5, 0.65, 0.9):
+        pos = bevt_mask(2, 4, (16, 16), ratio, seed=1)
+        share = float(masked_grid(pos, (16, 16)).double().mean())
+        assert abs(share - ratio) <= 0.5 / 256   # K is rounded to a whole patch
+
+
+def test_tube_is_the_same_in_every_frame_and_differs_across_samples():
+    pos = tube_mask(8, 16, (16, 16), 0.5, seed=3)
+    assert torch.equal(pos, pos[:, :1].expand_as(pos))
+    assert not torch.equal(pos[0], pos[1])
+
+
+def test_bevt_is_blockier_than_uniform_and_follows_frames():
+    grid, B, T = (16, 16), 16, 8
+    pos = bevt_mask(B, T, grid, 0.65, seed=0)
+    masked = masked_grid(pos, grid)
+    gen = torch.Generator().manual_seed(0)
+    k = pos.shape[2]
+    uniform = masked_grid(torch.rand(B, T, 256, generator=gen).argsort(-1)[..., :k].sort(-1).values, grid)
+    bevt_share, uniform_share = masked_neighbour_share(masked), masked_neighbour_share(uniform)
+    assert uniform_share == pytest.approx(0.65, abs=0.02)
+    assert bevt_share > uniform_share + 0.15, (bevt_share, uniform_share)
+    # Blocks span runs of frames: a masked patch is masked in the next frame far more often
+    # than chance, yet frames differ (it is not a tube mask).
+    same = (masked[:, 1:] & masked[:, :-1]).double().sum() / masked[:, :-1].double().sum()
+    assert float(same) > 0.75
+    assert not torch.equal(pos, pos[:, :1].expand_as(pos))
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_seeding(kind):
+    f = MASKS[kind]
+    a = f(4, 4, (8, 8), 0.65, seed=11)
+    assert torch.equal(a, f(4, 4, (8, 8), 0.65, seed=11))
+    assert not torch.equal(a, f(4, 4, (8, 8), 0.65, seed=12))
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    assert torch.equal(f(4, 4, (8, 8), 0.65, generator=g1), f(4, 4, (8, 8), 0.65, generator=g2))
+    # A generator advances: two draws from one generator differ.
+    assert not torch.equal(f(4, 4, (8, 8), 0.65, generator=g1), f(4, 4, (8, 8), 0.65, generator=g1))
+
+
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_bad_arguments_say_what_is_wrong(kind):
+    f = MASKS[kind]
+    with pytest.raises(ValueError, match="ratio"):
+        f(2, 2, (4, 4), 1.0)
+    with pytest.raises(ValueError, match="no visible patch"):
+        f(2, 2, (2, 2), 0.9)
+    with pytest.raises(ValueError, match="grid"):
+        f(2, 2, (4, 0), 0.5)
+    with pytest.raises(ValueError, match="batch"):
+        f(0, 2, (4, 4), 0.5)
+    with pytest.raises(ValueError, match="not both"):
+        f(2, 2, (4, 4), 0.5, seed=1, generator=torch.Generator())
+
+
+def test_inverse_slot_map():
+    pos = bevt_mask(3, 4, (5, 6), 0.6, seed=2)
+    slot = inverse_slot_map(pos, 30)
+    assert slot.shape == (3, 4, 30) and slot.dtype == torch.int32
+    for b in range(3):
+        for t in range(4):
+            expect = torch.full((30,), -1, dtype=torch.int32)
+            for k, n in enumerate(pos[b, t].tolist()):
+                expect[n] = k
+            assert torch.equal(slot[b, t], expect)
+    with pytest.raises(ValueError, match="num_patches"):
+        inverse_slot_map(pos, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_masks_on_the_gpu(kind):
+    pos = MASKS[kind](32, 16, (16, 16), 0.65, seed=0, device="cuda")
+    assert pos.device.type == "cuda" and pos.shape == (32, 16, 90)
+    assert bool((pos[..., 1:] > pos[..., :-1]).all())
+    assert torch.equal(pos, MASKS[kind](32, 16, (16, 16), 0.65, seed=0, device="cuda"))

@@ -20,6 +20,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 import torch
 
 from .errors import BadVideoError
@@ -195,7 +196,10 @@ class PyAVClip:
 
     def decode(self, indices: list[int]) -> torch.Tensor:
         """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices."""
-        frames = [f.to_ndarray(format="rgb24") for f in self._frames_at(indices)]
+        # One reformatter for the clip keeps its swscale context: `frame.to_ndarray(format="rgb24")` builds a new
+        # one per frame, which cost more than decoding on small clips (same output bits).
+        rgb = VideoReformatter()
+        frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in self._frames_at(indices)]
         if len(frames) < len(indices):
             raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))

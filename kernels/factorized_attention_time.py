@@ -51,14 +51,23 @@ def time_sequence_table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return table[:n], leader.sum().to(torch.int32)
 
 
-def _block_s(bt: int, bd: int, fwd: bool) -> int:
-    """Sequences per program from the padded sizes: about 8K elements per operand tile in the
-    forward, half in the backward (it holds q, k, v, do and three gradients). The interpreter
-    runs one numpy op per tile op, so bigger tiles there only cost memory."""
+def _time_configs(fwd: bool):
+    """Sequences per program (BLOCK_S) and warps: one config in the interpreter (it runs one
+    numpy op per tile op, so big tiles there only cost memory); on the GPU a small search,
+    pruned to tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
+    gradients) elements per operand."""
     if INTERPRET:
-        return 32
-    budget = 8192 if fwd else 4096
-    return max(1, min(32, budget // (bt * bd)))
+        return [triton.Config({"BLOCK_S": 32}, num_warps=4, num_stages=1)]
+    sizes = (4, 8, 16) if fwd else (2, 4, 8)
+    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1) for bs in sizes for w in (4, 8)]
+
+
+def _time_prune(budget: int):
+    def prune(configs, named_args, **kw):
+        tile = kw["BLOCK_T"] * kw["BLOCK_D"]
+        keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget]
+        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_S"])]
+    return prune
 
 
 @triton.jit
@@ -112,6 +121,8 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
     return p, th, keep
 
 
+@triton.autotune(configs=_time_configs(True), key=["T", "K", "HAS_TABLE", "BLOCK_T", "BLOCK_D", "SOFTCAP"],
+                 prune_configs_by={"early_config_prune": _time_prune(16384)})
 @triton.jit
 def _time_fwd_kernel(
     qkv, o, table, n_seq_ptr, kp,
@@ -156,6 +167,8 @@ def _time_fwd_kernel(
     tl.store(o + o_off[:, :, None] + h * o_h + offs_d[None, None, :], out.to(o.dtype.element_ty), mask=msk)
 
 
+@triton.autotune(configs=_time_configs(False), key=["T", "K", "HAS_TABLE", "BLOCK_T", "BLOCK_D", "SOFTCAP"],
+                 prune_configs_by={"early_config_prune": _time_prune(8192)})
 @triton.jit
 def _time_bwd_kernel(
     qkv, do, dqkv, table, n_seq_ptr, kp,
@@ -231,15 +244,12 @@ def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding:
     B, T, K, _, H, Dh = qkv.shape
     o = qkv.new_empty(B, T, K, H, Dh)
     table, n_seq, n_dense, kp, kps, has_kp = _launch_args(qkv, pos, key_padding)
-    bt, bd = max(16, triton.next_power_of_2(T)), block_d(Dh)
-    bs = _block_s(bt, bd, True)
     rows = B * K if pos is None else B * T * K
-    _time_fwd_kernel[(triton.cdiv(rows, bs), H)](
+    _time_fwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_S"]), H)](
         qkv, o, table, n_seq, kp, *qkv.stride(), *o.stride()[:4], *kps,
         T, K, Dh, n_dense, scale, softcap,
         HAS_TABLE=pos is not None, SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal,
-        DOT_PREC=dot_precision(qkv.dtype), BLOCK_S=bs, BLOCK_T=bt, BLOCK_D=bd,
-        num_warps=4 if bs * bt * bd <= 8192 else 8)
+        DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d(Dh))
     return o
 
 
@@ -249,13 +259,10 @@ def attention_time_bwd(do: torch.Tensor, qkv: torch.Tensor, pos: torch.Tensor | 
     B, T, K, _, H, Dh = qkv.shape
     dqkv = qkv.new_empty(B, T, K, 3, H, Dh)
     table, n_seq, n_dense, kp, kps, has_kp = _launch_args(qkv, pos, key_padding)
-    bt, bd = max(16, triton.next_power_of_2(T)), block_d(Dh)
-    bs = _block_s(bt, bd, False)
     rows = B * K if pos is None else B * T * K
-    _time_bwd_kernel[(triton.cdiv(rows, bs), H)](
+    _time_bwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_S"]), H)](
         qkv, do, dqkv, table, n_seq, kp, *qkv.stride(), *do.stride(), *dqkv.stride()[:5], *kps,
         T, K, Dh, n_dense, scale, softcap,
         HAS_TABLE=pos is not None, SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal,
-        DOT_PREC=dot_precision(qkv.dtype), BLOCK_S=bs, BLOCK_T=bt, BLOCK_D=bd,
-        num_warps=4 if bs * bt * bd <= 4096 else 8)
+        DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d(Dh))
     return dqkv

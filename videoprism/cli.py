@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 import time
@@ -15,12 +16,22 @@ import numpy as np
 import torch
 
 
-def _build(name: str, checkpoint: str | None, *, num_classes: int | None, device: str, backend: str | None):
-    import videoprism as vp
+def parse_overrides(items: list[str]) -> dict:
+    """["model_dim=32", "pos_emb_shape=(4,4,4)"] -> {"model_dim": 32, "pos_emb_shape": (4, 4, 4)}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_frames=8")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value  # a bare string such as attention_backend=sdpa
+    return out
 
-    overrides = {"attention_backend": backend}
-    if num_classes is not None:
-        overrides["num_classes"] = num_classes
+
+def _build(name: str, checkpoint: str | None, overrides: dict, *, device: str = "cpu"):
+    import videoprism as vp
     if checkpoint is None:
         print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
               f".safetensors for real features)", file=sys.stderr)
@@ -40,7 +51,10 @@ def cmd_embed(args) -> int:
     if ext not in (".npy", ".safetensors"):
         raise SystemExit(f"--out {args.out}: must end in .npy or .safetensors")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = _build(args.model, args.checkpoint, num_classes=None, device=device, backend=args.attention_backend)
+    overrides = parse_overrides(args.set)
+    if args.attention_backend:
+        overrides["attention_backend"] = args.attention_backend
+    model = _build(args.model, args.checkpoint, overrides, device=device)
     cfg = model.config
     num_frames = args.num_frames or cfg.pos_emb_shape[0]
     resolution = args.resolution or cfg.patch_size * cfg.pos_emb_shape[1]
@@ -95,9 +109,10 @@ def cmd_embed(args) -> int:
 def cmd_convert(args) -> int:
     import videoprism as vp
 
-    model = vp.from_official(args.model, device="meta",
-                             **({"num_classes": args.num_classes} if args.num_classes else {}))
-    vp.load_flax_checkpoint(args.checkpoint, model)
+    overrides = parse_overrides(args.set)
+    if args.num_classes:
+        overrides["num_classes"] = args.num_classes
+    model = vp.load_flax_checkpoint(args.checkpoint, vp.from_official(args.model, device="meta", **overrides))
     vp.save_safetensors(model, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.out}: {type(model).__name__} {args.model}, {n / 1e6:.1f}M parameters")
@@ -126,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the model (repeatable), e.g. --set model_dim=32")
     e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
@@ -137,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help=f"official model name ({names})")
     c.add_argument("--num-classes", type=int, help="classifier models only")
     c.add_argument("--out", required=True, help="output .safetensors")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable), for checkpoints of non-standard sizes")
     c.set_defaults(func=cmd_convert)
 
     from videoprism.data.cli import register

@@ -1,0 +1,80 @@
+"""`videoprism embed` and `videoprism convert`, run as a user runs them (a subprocess)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import videoprism as vp
+from tests.conftest import golden_overrides
+
+SMALL = ["--set", "model_dim=32", "--set", "num_heads=2", "--set", "mlp_dim=64", "--set", "num_spatial_layers=1",
+         "--set", "num_temporal_layers=1"]
+
+
+def run(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "videoprism.cli", *args], capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+def test_embed_h264_and_vp9_twins_agree(tmp_path, media_dir):
+    """The same clip in two codecs gives the same embedding (decoding parity end to end)."""
+    out = tmp_path / "emb.npy"
+    run("embed", os.path.join(media_dir, "water_bottle_drumming.mp4"),
+        os.path.join(media_dir, "water_bottle_drumming_vp9.webm"), "--num-frames", "4", "--resolution", "72",
+        "--pool", "mean", "--quiet", "--out", str(out), *SMALL)
+    emb = torch.from_numpy(np.load(out))
+    assert emb.shape == (2, 32)
+    cos = torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0)
+    assert cos > 0.99, f"H.264 vs VP9 embedding cosine {cos:.4f}"
+
+
+def test_embed_corrupt_file_one_line_error(tmp_path, media_dir):
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
+    r = run("embed", str(bad), "--quiet", "--out", str(tmp_path / "e.npy"), *SMALL, check=False)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert len(lines) == 1 and "broken.mp4" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "e.npy").exists()
+
+
+def test_embed_skip_bad_keeps_going(tmp_path, media_dir):
+    out = tmp_path / "e.safetensors"
+    r = run("embed", str(tmp_path / "missing.mp4"), os.path.join(media_dir, "water_bottle_drumming_vp9.webm"),
+            "--skip-bad", "--num-frames", "2", "--resolution", "36", "--quiet", "--out", str(out), *SMALL)
+    assert "skipped:" in r.stderr and "missing.mp4" in r.stderr
+    from safetensors.torch import load_file
+
+    assert load_file(str(out))["embeddings"].shape[0] == 1
+
+
+def test_convert_then_load(tmp_path, golden_dir, golden_config, golden_inputs):
+    over = golden_overrides(golden_config["clip"])
+    sets = [a for k, v in over.items() for a in ("--set", f"{k}={tuple(v) if isinstance(v, list) else v}")]
+    out = tmp_path / "clip.safetensors"
+    run("convert", os.path.join(golden_dir, "params_clip.npz"), "--model", "videoprism_lvt_v1_base",
+        "--out", str(out), *sets)
+    a = vp.load_safetensors(str(out), vp.from_official("videoprism_lvt_v1_base", **over))
+    b = vp.load_flax_checkpoint(os.path.join(golden_dir, "params_clip.npz"),
+                                vp.from_official("videoprism_lvt_v1_base", **over))
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, a.state_dict()[k]), k
+
+
+def test_help_explains_every_command():
+    out = run("--help").stdout
+    for cmd in ("embed", "convert", "data"):
+        assert cmd in out
+    assert "--num-frames" in run("embed", "--help").stdout
+
+
+def test_embed_rejects_bad_output_name(media_dir):
+    r = run("embed", os.path.join(media_dir, "water_bottle_drumming_vp9.webm"), "--out", "x.txt", check=False)
+    assert r.returncode != 0 and ".npy or .safetensors" in r.stderr

@@ -134,4 +134,4 @@ def shuffle_with_mask_tokens_bwd_ref(grad: torch.Tensor, perm: torch.Tensor, m: 
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     g = grad.to(acc)
     c = torch.zeros_like(g).scatter_(1, perm[:, :, None].expand(-1, -1, g.shape[2]), g)
-    return c[:, :m].to(grad.dtype), c[:, m:].sum((0, 1)), g.sum(0)
+    return c[:, :m].to(grad.dtype).contiguous(), c[:, m:].sum((0, 1)), g.sum(0)

@@ -231,7 +231,7 @@ def _space_fwd_kernel(
     SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Space-axis forward: one program per (BLOCK_M queries, frame (b, t), head h).
+    """Space-axis forward: one program per (BLOCK_M queries, frame (b, t), head h), flat grid.
 
     Math, per frame and head, with online softmax over key tiles (fp32 accumulation):
         s = scale * q @ k^T ; s = c * tanh(s / c) ; s = where(kept, s, MASK_VALUE)
@@ -243,8 +243,11 @@ def _space_fwd_kernel(
     FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 tanh. Bytes: 4 * B*T*K*H*Dh elements
     (q, k, v read once per query tile, o written) + K/BLOCK_M re-reads of k, v (from L2).
     """
-    pid_m = tl.program_id(0)
-    pid_bth = tl.program_id(1)
+    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
+    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
+    n_m = tl.cdiv(K, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bth = tl.program_id(0) // n_m
     h = pid_bth % H
     bt = pid_bth // H
     t = bt % T
@@ -314,8 +317,11 @@ def _space_bwd_dq_kernel(
         dq = scale * ds @ k              -> dqkv[:, :, :, 0]
     FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq). Bytes: q, o, do, dq once + k, v per query tile.
     """
-    pid_m = tl.program_id(0)
-    pid_bth = tl.program_id(1)
+    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
+    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
+    n_m = tl.cdiv(K, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bth = tl.program_id(0) // n_m
     h = pid_bth % H
     bt = pid_bth // H
     t = bt % T
@@ -377,8 +383,9 @@ def _space_bwd_dkdv_kernel(
     No atomics: each program owns its keys, so the result is deterministic.
     FLOPs: 8 * B*T*H * K^2 * Dh (s, dp, dv, dk). Bytes: k, v, dk, dv once + q, do per key tile.
     """
-    pid_n = tl.program_id(0)
-    pid_bth = tl.program_id(1)
+    n_n = tl.cdiv(K, BLOCK_N)
+    pid_n = tl.program_id(0) % n_n
+    pid_bth = tl.program_id(0) // n_n
     h = pid_bth % H
     bt = pid_bth // H
     t = bt % T
@@ -438,7 +445,7 @@ def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, sof
     m = qkv.new_empty(B, T, H, K, dtype=torch.float32)
     logl = torch.empty_like(m)
     kp, kps, has_kp = _kp_args(key_padding, qkv)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]), B * T * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)  # noqa: E731
     _space_fwd_kernel[grid](
         qkv, o, m, logl, kp, *qkv.stride(), *o.stride()[:4], *kps,
         T, H, K, Dh, scale, softcap,
@@ -460,10 +467,10 @@ def attention_space_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, m:
     common = dict(SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype),
                   BLOCK_D=block_d(Dh))
     gs = dqkv.stride()[:5]
-    _space_bwd_dq_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_M"]), B * T * H)](
+    _space_bwd_dq_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)](
         qkv, o, do, m, logl, delta, dqkv, kp, *qkv.stride(), *o.stride()[:4], *do.stride(), *gs, *kps,
         T, H, K, Dh, scale, softcap, **common)
-    _space_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_N"]), B * T * H)](
+    _space_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_N"]) * B * T * H,)](
         qkv, do, m, logl, delta, dqkv, kp, *qkv.stride(), *do.stride(), *gs, *kps,
         T, H, K, Dh, scale, softcap, **common)
     return dqkv

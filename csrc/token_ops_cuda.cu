@@ -171,23 +171,23 @@ __global__ void patchify_gather_kernel(const In* __restrict__ video, const int64
   const In* base = video + (r / K) * H * W * 3 + (nidx / NW) * P * W * 3 + (nidx % NW) * run;
   Out* dst = out + r * F;
   for (int64_t f0 = 4 * static_cast<int64_t>(threadIdx.x); f0 < F; f0 += 4 * blockDim.x) {
-    Out w[4];
+    Pack<Out, 4> w;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t f = f0 + e;
       if (f < F) {
         const In v = base[(f / run) * W * 3 + f % run];
         if constexpr (std::is_same_v<In, uint8_t>) {
-          w[e] = static_cast<float>(v) * (1.0f / 255.0f);  // the one rounding every backend does
+          w.v[e] = static_cast<float>(v) * (1.0f / 255.0f);  // the one rounding every backend does
         } else {
-          w[e] = static_cast<Out>(v);
+          w.v[e] = static_cast<Out>(v);
         }
       }
     }
     if constexpr (VEC_OUT) {
-      *reinterpret_cast<Pack<Out, 4>*>(dst + f0) = *reinterpret_cast<Pack<Out, 4>*>(w);
+      *reinterpret_cast<Pack<Out, 4>*>(dst + f0) = w;
     } else {
-      for (int e = 0; e < 4 && f0 + e < F; ++e) dst[f0 + e] = w[e];
+      for (int e = 0; e < 4 && f0 + e < F; ++e) dst[f0 + e] = w.v[e];
     }
   }
 }

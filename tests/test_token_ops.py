@@ -34,7 +34,7 @@ def gen(seed=0):
 
 def noncontig(x: torch.Tensor) -> torch.Tensor:
     """The same values seen through a strided view (every other row of a buffer)."""
-    buf = torch.empty(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype)
+    buf = torch.empty(x.shape[0], 2 * x.shape[1], *x.shape[2:], dtype=x.dtype, device=x.device)
     buf[:, ::2] = x
     return buf[:, ::2]
 
@@ -239,7 +239,7 @@ def _masked_step(video, pos, mask_emb, pos_emb, perm, w, backend):
     B, T, K = pos.shape
     patches = patchify_gather(video, pos, 2, backend=backend)            # [B, T, K, 12]
     tokens = (patches @ w).reshape(B, T * K, -1)                        # "encoder"
-    idx = torch.arange(T * K).flip(0).expand(B, -1)
+    idx = torch.arange(T * K, device=pos.device).flip(0).expand(B, -1)
     tokens = scatter_tokens(gather_tokens(tokens, idx, backend=backend), idx, T * K, backend=backend)
     return shuffle_with_mask_tokens(tokens, perm, mask_emb, pos_emb, backend=backend).square().mean()
 
@@ -325,7 +325,7 @@ GPU_BACKENDS = ["triton", "cuda"]
 def test_gpu_backends_agree(dtype, D):
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
-    B, L, M = 4, 1440, 504                               # stage-2-like: 16 frames x 90 of 256... scaled
+    B, L, M = 4, 1440, 504                               # L = 16 frames x 90 visible tokens (stage 2)
     x = torch.randn(B, L, D, device=dev, generator=g).to(dtype)
     idx = torch.rand(B, L, device=dev, generator=g).argsort(-1)[:, :M]
     rep = torch.randint(0, L, (B, M), device=dev, generator=g)

@@ -8,7 +8,7 @@ import torch
 import videoprism
 from videoprism.masking import bevt_mask
 from videoprism.train.config import build_config
-from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
+from videoprism.train.distill import Teacher, identity_slots, random_slots
 from videoprism.train.parallel import Dist
 from videoprism.train.stage2 import Stage2Task
 

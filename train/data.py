@@ -111,10 +111,22 @@ class ManifestData:
         self.iters = [None] * len(self.loaders)
 
 
+_DECODED: dict[tuple, dict] = {}
+
+
 def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer, workers: int,
                max_bad_share: float) -> dict:
     """Every clip of `manifest` (eval transform) -> {"video" uint8 [N, T, R, R, 3], "text_ids",
-    "text_paddings", "label_<name>" [N]}; bad samples are skipped by the loader."""
+    "text_paddings", "label_<name>" [N]}; bad samples are skipped by the loader. Memoised per
+    process (file, mtime, size, tokenizer): the demo's stages and probes decode once."""
+    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path)
+    if key not in _DECODED:
+        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer,
+                                    workers=workers, max_bad_share=max_bad_share)
+    return _DECODED[key]
+
+
+def _decode_all(manifest, *, frames, resolution, tokenizer, workers, max_bad_share) -> dict:
     from videoprism.data.loader import build_loader
 
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,

@@ -1,6 +1,7 @@
 """Building the models the stages train, from the config or from an exported file."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +11,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import videoprism
 from videoprism.checkpoint import load_checkpoint
-from videoprism.config import CLIPConfig, official_config
+from videoprism.config import CLIPConfig, EncoderConfig, official_config
 from videoprism.train.config import ModelConfig
 
 
@@ -41,22 +42,34 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     return model.to(device)
 
 
-def clip_from_safetensors(path: str, *, attention_backend: str = "auto",
-                          device: torch.device | str = "cpu") -> videoprism.FactorizedVideoCLIP:
-    """Rebuild an exported `FactorizedVideoCLIP` from the config stored in its metadata."""
+def encoder_config(config: EncoderConfig) -> EncoderConfig:
+    """The `EncoderConfig` part of any model config (e.g. a CLIP's vision tower)."""
+    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
+    return EncoderConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in fields})
+
+
+_EXPORTS = {"FactorizedVideoCLIP": (videoprism.FactorizedVideoCLIP, CLIPConfig),
+            "FactorizedEncoder": (videoprism.FactorizedEncoder, EncoderConfig)}
+
+
+def model_from_safetensors(path: str, *, expect: str, attention_backend: str = "auto",
+                           device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild an exported model (`expect`: FactorizedVideoCLIP from stage 1, FactorizedEncoder
+    from stage 2) from the config stored in its metadata, and load its weights."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r}: no such weights file (a stage-1 run writes OUT_DIR/model.safetensors)")
+        raise FileNotFoundError(f"{path!r}: no such weights file (a training run writes OUT_DIR/model.safetensors)")
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
-    if meta.get("class") != "FactorizedVideoCLIP" or "config" not in meta:
-        raise ValueError(f"{path!r} holds {meta.get('class', 'no class name')}, not a FactorizedVideoCLIP export "
-                         "with its config; pass the model.safetensors of a stage-1 run")
+    if meta.get("class") != expect or "config" not in meta:
+        raise ValueError(f"{path!r} holds {meta.get('class', 'no class name')}, not a {expect} export with its "
+                         f"config; pass the model.safetensors of a stage-{1 if expect == 'FactorizedVideoCLIP' else 2} run")
+    cls, config_cls = _EXPORTS[expect]
     values = json.loads(meta["config"])
     values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
     values["attention_backend"] = _backend(attention_backend)
-    model = videoprism.FactorizedVideoCLIP(CLIPConfig(**values))
+    model = cls(config_cls(**values))
     videoprism.load_safetensors(path, model)
     return model.to(device)
 

@@ -18,14 +18,13 @@ import torch
 from torch import nn
 
 import videoprism
-from videoprism.config import EncoderConfig
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
-from videoprism.train.modeling import build_clip, clip_from_safetensors, full_state_dict, sub_state_dict
+from videoprism.train.modeling import build_clip, encoder_config, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.trainer import Trainer
 
@@ -107,9 +106,7 @@ class Stage2Task:
         """The student encoder as a `FactorizedEncoder` safetensors file (collective under FSDP)."""
         state = sub_state_dict(full_state_dict(module), "student.")
         if self.dist.main:
-            fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-            cfg = EncoderConfig(**{k: v for k, v in dataclasses.asdict(self.model_config).items() if k in fields})
-            encoder = videoprism.FactorizedEncoder(cfg)
+            encoder = videoprism.FactorizedEncoder(encoder_config(self.model_config))
             encoder.load_state_dict(state, strict=True)
             videoprism.save_safetensors(encoder, path)
 
@@ -124,7 +121,8 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
     if not path:
         raise ValueError("stage2.teacher is empty; pass the stage-1 export (e.g. "
                          "stage2.teacher=runs/stage1/model.safetensors) or an official LvT .npz")
-    return Teacher(clip_from_safetensors(path, attention_backend=cfg.model.attention_backend, device=device))
+    return Teacher(model_from_safetensors(path, expect="FactorizedVideoCLIP",
+                                          attention_backend=cfg.model.attention_backend, device=device))
 
 
 def run(cfg: Config, resume: str | None = None) -> dict:

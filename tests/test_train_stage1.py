@@ -1,0 +1,128 @@
+"""Stage-1 training loop in process: non-finite steps, compiled step without graph breaks,
+bad samples skipped, export loads into `from_official`. (Runs under torchrun and SIGKILL +
+--resume: test_train_distributed.py.)"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import videoprism
+from videoprism.train.config import build_config
+from videoprism.train.data import RandomClips
+from videoprism.train.modeling import build_clip
+from videoprism.train.parallel import Dist
+from videoprism.train.stage1 import Stage1Task
+from videoprism.train.trainer import NonFiniteLossError, Trainer
+
+# A model small enough for a few CPU steps per second: 4 frames of 16x16, 4x4 patches.
+TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.num_spatial_layers=1",
+        "model.num_temporal_layers=1", "model.num_unimodal_layers=1", "model.patch_size=4",
+        "model.num_frames=4", "model.resolution=16", "data.source=random", "train.global_batch=4",
+        "optim.warmup_steps=0", "optim.lr=3e-3", "checkpoint.export=false", "train.log_every=1"]
+
+
+def make_trainer(tmp_path, *overrides, data=None, vocab=50):
+    cfg = build_config("tiny", [*TINY, f"train.out_dir={tmp_path}", *overrides], 1)
+    d = Dist(0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    clip = build_clip(cfg.model, vocab=vocab, device=d.device)
+    data = data or RandomClips(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+    return Trainer(cfg, Stage1Task(cfg, d, clip, None), data, d, name="test")
+
+
+class NaNOnce(RandomClips):
+    """Random clips as float video; the batch of step `bad_step` holds a NaN."""
+
+    def __init__(self, bad_steps):
+        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        self.bad_steps = bad_steps
+
+    def next_batch(self, step):
+        batch = super().next_batch(step)
+        batch["video"] = batch["video"].float() / 255
+        if step in self.bad_steps:
+            batch["video"][0] = float("nan")
+        return batch
+
+
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
+    trainer = make_trainer(tmp_path, "train.compile=false", data=NaNOnce({1}))
+    trainer.train_step()
+    before = {k: v.clone() for k, v in trainer.task.module.state_dict().items()}
+    opt_before = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
+    rec = trainer.train_step()
+    assert rec["skipped"] and trainer.nonfinite == 1 and trainer.step == 2
+    for k, v in trainer.task.module.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no update from the bad step
+    for k, v in trainer.optimizer.state_dict()["state"][0].items():
+        assert torch.equal(v, opt_before[k]), k
+    rec = trainer.train_step()
+    assert not rec["skipped"] and trainer.nonfinite == 1
+
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.max_nonfinite=1", data=NaNOnce({0, 1}))
+    trainer.train_step()
+    with pytest.raises(NonFiniteLossError, match="train.max_nonfinite=1"):
+        trainer.train_step()
+
+
+def test_compiled_train_step_has_no_graph_break(tmp_path):
+    """The forward the trainer compiles (ContrastiveModel with masked video and text) traces
+    as one graph; the backward follows through AOTAutograd."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(tmp_path, "train.compile=false")
+    task = trainer.task
+    compiled = torch.compile(task.module, backend="eager", fullgraph=True)
+    inputs = task.prepare(trainer.data.next_batch(0), 0, 0)
+    loss, _ = task.loss(compiled, inputs)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    eager_loss, _ = task.loss(task.module, inputs)
+    assert torch.allclose(loss, eager_loss, atol=1e-6)
+
+
+def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
+    """A manifest with a missing and a corrupt clip: the loader skips them, training finishes."""
+    from videoprism.data.synth import generate
+
+    root = tmp_path / "data"
+    generate(str(root), 20, size=16, num_frames=4, workers=1)
+    lines = open(root / "train.jsonl").read().splitlines()
+    (root / "clips" / "broken.webm").write_bytes(b"not a video")
+    lines[3] = json.dumps({"path": "clips/broken.webm", "caption": "broken"})
+    lines[5] = json.dumps({"path": "clips/missing.webm", "caption": "missing"})
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+    from videoprism.train.data import build_train_data, tokenizer_for
+
+    overrides = ["train.compile=false", "data.source=manifest", "data.cache=false", f"data.train={root}/train.jsonl",
+                 "data.workers=0",
+                 "data.max_bad_fraction=0.5"]
+    tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
+    trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)
+    trainer.data = build_train_data(trainer.cfg, trainer.dist, tok, micro_batch=4, vocab=tok.vocab_size)
+    for _ in range(5):  # 16 good clips: 4 batches per epoch, the 5th step starts epoch 2
+        rec = trainer.train_step()
+        assert torch.isfinite(torch.tensor(rec["loss"]))
+    rejects = trainer.data.loaders[0].rejects
+    assert {os.path.basename(name) for name, _ in rejects} <= {"broken.webm", "missing.webm"}
+
+
+def test_export_loads_into_from_official(tmp_path):
+    trainer = make_trainer(tmp_path, "train.compile=false")
+    trainer.train_step()
+    path = str(tmp_path / "model.safetensors")
+    trainer.task.export(trainer.model, path)
+    cfg = trainer.task.model_config
+    fresh = videoprism.from_official("videoprism_lvt_v1_base", model_dim=16, num_heads=2, mlp_dim=32,
+                                     num_spatial_layers=1, num_temporal_layers=1, num_unimodal_layers=1,
+                                     patch_size=4, vocabulary_size=cfg.vocabulary_size,
+                                     pos_emb_shape=cfg.pos_emb_shape, attention_backend="reference")
+    videoprism.load_safetensors(path, fresh)
+    for k, v in trainer.task.module.clip.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k

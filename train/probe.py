@@ -1,0 +1,79 @@
+"""Frozen-feature attentive probe (as in the official classification demo): a MAP pooler
+(hidden D) + linear head trained on the frozen encoder's tokens `[B, T*N, D]`, one probe
+per label (e.g. motion direction, colour, shape).
+
+Features are extracted once (no augmentation), so a probe trains in seconds on the CPU.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from videoprism.layers import AttentionPooler
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, video: torch.Tensor, *, batch_size: int = 32,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Frozen encoder tokens of every clip: uint8 `[N, T, H, W, 3]` -> float32 `[N, T*N', D]` (CPU)."""
+    encoder.eval()
+    out = []
+    for i in range(0, video.shape[0], batch_size):
+        tokens, _ = encoder(video[i:i + batch_size].to(device))
+        out.append(tokens.float().cpu())
+    return torch.cat(out)
+
+
+class ProbeHead(nn.Module):
+    def __init__(self, dim: int, num_heads: int, num_classes: int):
+        super().__init__()
+        self.pooler = AttentionPooler(dim, num_heads, dim)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.pooler(tokens))
+
+
+def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
+                num_heads: int, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
+                seed: int = 0) -> float:
+    """Train a probe head with AdamW (cosine schedule) and return validation accuracy."""
+    if train_y.min() < 0 or val_y.min() < 0:
+        raise ValueError("probe labels must be class ids >= 0 (the manifest misses labels for some clips)")
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    head = ProbeHead(train_x.shape[-1], num_heads, num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        idx = torch.randint(0, train_x.shape[0], (batch_size,), generator=g)
+        loss = nn.functional.cross_entropy(head(train_x[idx]), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.eval()
+    with torch.no_grad():
+        pred = torch.cat([head(val_x[i:i + 256]).argmax(-1) for i in range(0, val_x.shape[0], 256)])
+    return float((pred == val_y).float().mean())
+
+
+def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *, steps: int = 300,
+               device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy per label (`train`/`val`: decoded clips with `video` and `label_<name>`), with
+    its chance level (1 / classes) and the majority-class share of the validation split."""
+    heads = encoder.config.num_heads
+    tx = extract_features(encoder, train["video"], device=device)
+    vx = extract_features(encoder, val["video"], device=device)
+    out = {}
+    for name in labels:
+        key = f"label_{name}"
+        if key not in train or key not in val:
+            raise ValueError(f"probe label {name!r} is not in the manifest (have: "
+                             f"{sorted(k[6:] for k in train if k.startswith('label_'))})")
+        out[name] = train_probe(tx, train[key], vx, val[key], num_heads=heads, steps=steps)
+        classes = int(max(train[key].max(), val[key].max())) + 1
+        out[f"{name}_chance"] = 1.0 / classes
+        out[f"{name}_majority"] = float(torch.bincount(val[key]).max() / val[key].shape[0])
+    return out

@@ -3,6 +3,7 @@ bad samples skipped, export loads into `from_official`. (Runs under torchrun and
 --resume: test_train_distributed.py.)"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -118,11 +119,8 @@ def test_export_loads_into_from_official(tmp_path):
     trainer.train_step()
     path = str(tmp_path / "model.safetensors")
     trainer.task.export(trainer.model, path)
-    cfg = trainer.task.model_config
-    fresh = videoprism.from_official("videoprism_lvt_v1_base", model_dim=16, num_heads=2, mlp_dim=32,
-                                     num_spatial_layers=1, num_temporal_layers=1, num_unimodal_layers=1,
-                                     patch_size=4, vocabulary_size=cfg.vocabulary_size,
-                                     pos_emb_shape=cfg.pos_emb_shape, attention_backend="reference")
+    # Every official field of the trained model, as a user rebuilding it would pass them.
+    fresh = videoprism.from_official("videoprism_lvt_v1_base", **dataclasses.asdict(trainer.task.model_config))
     videoprism.load_safetensors(path, fresh)
     for k, v in trainer.task.module.clip.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k

@@ -3,16 +3,18 @@
 The reference and the math are in factorized_attention.py. On the time axis a sequence
 is one spatial location of one clip across the frames where it is visible (all T frames
 with the identity `pos`), so sequences are short (T <= 64) and very many (B * N). One
-program holds BLOCK_S whole sequences x one head in registers, `[BLOCK_S, T, Dh]` per
-operand, and does the T x T problem with batched (3-D) `tl.dot`: no online softmax, no
-saved statistics, and the backward recomputes everything from q, k, v and do.
+program holds BLOCK_S whole sequences x HEADS heads, one head at a time in registers,
+`[BLOCK_S, T, Dh]` per operand, and does the T x T problem with batched (3-D) `tl.dot`: no
+online softmax, no saved statistics; the backward recomputes everything from q, k, v, do.
 
-Masked time axis (DESIGN 4): frame t keeps K tokens, `pos[b, t, k]` is the spatial index.
-`time_sequence_table(pos)` lists each visible location once, by its first visible token
-(the "leader"), as a row of T entries `b * K + slot` (the slot of the location in frame t,
--1 where hidden). Every token belongs to exactly one row, so the kernels read and write
-every token exactly once, with no atomics. Rows are packed to the front; the number of rows
-is a device scalar and the programs past it return at once (no host sync, static shapes).
+Masked time axis (DESIGN 4): frame t keeps K tokens, `pos[b, t, k]` is the spatial index,
+sorted within the frame. The gather is fused: a program takes BLOCK_S slots of one frame
+t, binary-searches each slot's location in every frame's row of `pos` (the slot holding it
+there, or hidden), and keeps the slots that are their location's *leader* (no earlier frame
+shows it). A leader's program owns the whole sequence of its location: it reads every
+token of it and writes every result of it, so each token is read and written exactly once,
+with no atomics, no index tensors and no extra launches. Programs without a leader return
+at once (with tube masking, all frames after the first).
 """
 from __future__ import annotations
 
@@ -27,68 +29,76 @@ from videoprism.kernels.factorized_attention import (
     _tanh,
     block_d,
     dot_precision,
-    time_gather_index,
 )
 
 
-def time_sequence_table(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos [B, T, K] -> (table [B*T*K, T] int32, n_seq [] int32).
-
-    Row r < n_seq: one visible location; table[r, t] = b * K + (slot of it in frame t), or
-    -1 where it is hidden in frame t. Rows are in (b, first frame, slot) order; rows >= n_seq
-    are -1. Plain tensor ops, no host sync."""
-    B, T, K = pos.shape
-    idx, valid = time_gather_index(pos)                                   # [B, T, K, T']
-    frames = torch.arange(T, device=pos.device)
-    first = valid.to(torch.uint8).argmax(-1)                              # first visible frame
-    leader = (first == frames[None, :, None]).reshape(-1)                 # [B*T*K]
-    b = torch.arange(B, device=pos.device)[:, None, None, None]
-    entry = torch.where(valid, b * K + idx, -1).to(torch.int32).reshape(-1, T)
-    n = B * T * K
-    dest = torch.where(leader, torch.cumsum(leader, 0) - 1, n)            # non-leaders -> spare row
-    table = torch.full((n + 1, T), -1, dtype=torch.int32, device=pos.device)
-    table[dest] = entry
-    return table[:n], leader.sum().to(torch.int32)
-
-
 def _time_configs(fwd: bool):
-    """Sequences per program (BLOCK_S) and warps: one config in the interpreter (it runs one
-    numpy op per tile op, so big tiles there only cost memory); on the GPU a small search,
-    pruned to tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
-    gradients) elements per operand."""
+    """(BLOCK_S sequences, HEADS per program, warps). On the GPU a small search; several heads
+    per program share the pos search of the masked axis. In the interpreter (one numpy op per
+    tile op, so big tiles cost only memory) no search: the pruning keeps one config."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_S": 32}, num_warps=4, num_stages=1)]
-    sizes = (4, 8, 16) if fwd else (2, 4, 8)
-    return [triton.Config({"BLOCK_S": bs}, num_warps=w, num_stages=1) for bs in sizes for w in (4, 8)]
+        return [triton.Config({"BLOCK_S": 32, "HEADS": hp}, num_warps=4, num_stages=1) for hp in (1, 2, 3, 4, 6, 8, 12, 16)]
+    shapes = [(4, 1, 4), (8, 1, 4), (16, 1, 8), (4, 4, 4), (8, 2, 4), (8, 4, 4)] if fwd else \
+        [(2, 1, 4), (4, 1, 4), (8, 1, 8), (2, 4, 4), (4, 2, 4), (4, 4, 4)]
+    return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=w, num_stages=1) for bs, hp, w in shapes]
 
 
 def _time_prune(budget: int):
+    """Drop tiles over `budget` elements per operand (16K forward; 8K backward, which holds
+    q, k, v, do and three gradients) and head groups that do not divide H."""
     def prune(configs, named_args, **kw):
+        H = named_args["H"]
+        if INTERPRET:   # no search: all heads of a sequence block in one program (fewest programs)
+            return [max((c for c in configs if H % c.kwargs["HEADS"] == 0), key=lambda c: c.kwargs["HEADS"])]
         tile = kw["BLOCK_T"] * kw["BLOCK_D"]
-        keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget]
-        return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_S"])]
+        keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
+        return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_S"], c.kwargs["HEADS"]))]
     return prune
 
 
 @triton.jit
-def _time_rows(seq, table, n_seq, T, K, s_b, s_t, s_k,
-               HAS_TABLE: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Per (sequence, frame): the element offset of its token in a [B, T, K, ...] tensor with
-    strides (s_b, s_t, s_k), its batch and slot, and whether it exists. [BLOCK_S, BLOCK_T]."""
+def _time_rows(pos, p_b, p_t, p_k, B, T, K,
+               HAS_POS: tl.constexpr, LOG2K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's sequences, per (sequence, frame) [BLOCK_S, BLOCK_T]: batch index b
+    (int64), slot of the token in that frame, and whether the token exists; plus the number
+    of live sequences (0: nothing to do)."""
+    pid = tl.program_id(0)
     frames = tl.arange(0, BLOCK_T)
-    live = (seq < n_seq)[:, None] & (frames < T)[None, :]
-    if HAS_TABLE:
-        e = tl.load(table + seq.to(tl.int64)[:, None] * T + frames[None, :], mask=live, other=-1)
-        valid = e >= 0
-        e = tl.where(valid, e, 0)
-        b = e // K
-        slot = e % K
+    f_ok = (frames < T)[None, :]
+    lanes = tl.arange(0, BLOCK_S)
+    if HAS_POS:
+        n_kb = tl.cdiv(K, BLOCK_S)
+        bt = pid // n_kb
+        t = bt % T
+        b = bt // T
+        ks = (pid % n_kb) * BLOCK_S + lanes
+        lane_ok = ks < K
+        row = pos + b.to(tl.int64) * p_b
+        loc = tl.load(row + t * p_t + ks * p_k, mask=lane_ok, other=-1)[:, None]
+        fptr = row + frames.to(tl.int64)[None, :] * p_t
+        # lower_bound of loc in each frame's sorted row, all lanes and frames at once
+        lo = tl.zeros([BLOCK_S, BLOCK_T], tl.int32)
+        hi = lo + K
+        for _ in tl.static_range(LOG2K):
+            live = (lo < hi) & f_ok
+            mid = (lo + hi) // 2
+            right = tl.load(fptr + mid * p_k, mask=live, other=0) < loc
+            lo = tl.where(live & right, mid + 1, lo)
+            hi = tl.where(live & ~right, mid, hi)
+        slot = tl.minimum(lo, K - 1)
+        valid = (tl.load(fptr + slot * p_k, mask=f_ok & lane_ok[:, None], other=-1) == loc) & f_ok
+        seen_before = tl.max((valid & (frames[None, :] < t)).to(tl.int32), 1)
+        leader = lane_ok & (seen_before == 0)
+        valid = valid & leader[:, None]
+        n_live = tl.sum(leader.to(tl.int32), 0)
+        bb = tl.zeros([BLOCK_S, BLOCK_T], tl.int64) + b
     else:
-        valid = live
-        b = tl.where(live, seq[:, None] // K, 0)
-        slot = tl.where(live, seq[:, None] % K, 0)
-    f64 = frames.to(tl.int64)[None, :]
-    return b, slot, valid, b.to(tl.int64) * s_b + f64 * s_t + slot * s_k
+        seq = pid * BLOCK_S + lanes
+        valid = (seq < B * K)[:, None] & f_ok
+        bb = tl.where(valid, seq[:, None] // K, 0).to(tl.int64)
+        slot = tl.where(valid, seq[:, None] % K, 0)
+        n_live = BLOCK_S
+    return bb, slot, valid, n_live
 
 
 @triton.jit
@@ -121,121 +131,124 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
     return p, th, keep
 
 
-@triton.autotune(configs=_time_configs(True), key=["T", "K", "HAS_TABLE", "BLOCK_T", "BLOCK_D", "SOFTCAP"],
-                 prune_configs_by={"early_config_prune": _time_prune(16384)})
+_KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP"]
+
+
+@triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(16384)})
 @triton.jit
 def _time_fwd_kernel(
-    qkv, o, table, n_seq_ptr, kp,
+    qkv, o, pos, kp,
     s_b, s_t, s_k, s_3, s_h, s_d,
     o_b, o_t, o_k, o_h,
+    p_b, p_t, p_k,
     kp_b, kp_t, kp_k,
-    T, K, Dh, n_seq_dense, scale, softcap,
-    HAS_TABLE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, T, K, H, Dh, scale, softcap,
+    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """Time-axis forward: one program per (BLOCK_S sequences, head h).
+    """Time-axis forward: one program per (BLOCK_S sequences, HEADS heads).
 
     Math, per sequence and head (T' = the frames, fp32 accumulation):
         s = scale * q @ k^T [T, T'] ; s = c * tanh(s / c) ; masked as in _time_probs
         o = softmax(s) @ v
     Layout: q, k, v gathered per frame through the strides of qkv [B, T, K, 3, H, Dh]
-    (identity: slot k in every frame; masked: the table row); o [B, T, K, H, Dh].
+    (identity: slot k in every frame; masked: the searched slots); o [B, T, K, H, Dh].
     FLOPs: 4 * (#sequences) * H * T^2 * Dh on the padded BLOCK_T (>= 16) tile.
-    Bytes: every token's q, k, v read once and o written once: 4 * B*T*K*H*Dh elements.
+    Bytes: every token's q, k, v read once and o written once: 4 * B*T*K*H*Dh elements
+    (+ the int pos rows, L2-resident, on the masked axis).
     """
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    if HAS_TABLE:
-        n_seq = tl.load(n_seq_ptr)
-    else:
-        n_seq = n_seq_dense
-    if pid * BLOCK_S >= n_seq:
+    b, slot, valid, n_live = _time_rows(pos, p_b, p_t, p_k, B, T, K, HAS_POS, LOG2K, BLOCK_S, BLOCK_T)
+    if n_live == 0:
         return
-    seq = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    b, slot, valid, off = _time_rows(seq, table, n_seq, T, K, s_b, s_t, s_k, HAS_TABLE, BLOCK_T)
+    frames = tl.arange(0, BLOCK_T).to(tl.int64)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < Dh)[None, None, :]
-    msk = valid[:, :, None] & d_ok
-    ptr = qkv + off[:, :, None] + h * s_h + offs_d[None, None, :] * s_d
-    q = tl.load(ptr, mask=msk, other=0.0)
-    k = tl.load(ptr + s_3, mask=msk, other=0.0)
-    v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
-    p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
-                              SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
-    out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    o_off = b.to(tl.int64) * o_b + tl.arange(0, BLOCK_T).to(tl.int64)[None, :] * o_t + slot * o_k
-    tl.store(o + o_off[:, :, None] + h * o_h + offs_d[None, None, :], out.to(o.dtype.element_ty), mask=msk)
+    msk = valid[:, :, None] & (offs_d < Dh)[None, None, :]
+    src = qkv + (b * s_b + frames * s_t + slot * s_k)[:, :, None] + offs_d[None, None, :] * s_d
+    dst = o + (b * o_b + frames * o_t + slot * o_k)[:, :, None] + offs_d[None, None, :]
+    for hh in range(HEADS):
+        h = tl.program_id(1) * HEADS + hh
+        ptr = src + h * s_h
+        q = tl.load(ptr, mask=msk, other=0.0)
+        k = tl.load(ptr + s_3, mask=msk, other=0.0)
+        v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
+        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
+                                  SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
+        out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        tl.store(dst + h * o_h, out.to(o.dtype.element_ty), mask=msk)
 
 
-@triton.autotune(configs=_time_configs(False), key=["T", "K", "HAS_TABLE", "BLOCK_T", "BLOCK_D", "SOFTCAP"],
-                 prune_configs_by={"early_config_prune": _time_prune(8192)})
+@triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(8192)})
 @triton.jit
 def _time_bwd_kernel(
-    qkv, do, dqkv, table, n_seq_ptr, kp,
+    qkv, do, dqkv, pos, kp,
     s_b, s_t, s_k, s_3, s_h, s_d,
     do_b, do_t, do_k, do_h, do_d,
     g_b, g_t, g_k, g_3, g_h,
+    p_b, p_t, p_k,
     kp_b, kp_t, kp_k,
-    T, K, Dh, n_seq_dense, scale, softcap,
-    HAS_TABLE: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    B, T, K, H, Dh, scale, softcap,
+    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
     """Time-axis backward, one kernel: recompute p from q, k, then
         dv = p^T @ do ; dp = do @ v^T ; delta = rowsum(p * dp) (= rowsum(do * o))
         ds = p * (dp - delta) * (1 - tanh^2(s_raw / c)), 0 where masked
         dq = scale * ds @ k ; dk = scale * ds^T @ q  -> dqkv [B, T, K, 3, H, Dh]
-    FLOPs: 10 * (#sequences) * H * T^2 * Dh (s, o-free delta, dp, dv, dq, dk).
+    FLOPs: 10 * (#sequences) * H * T^2 * Dh (s, dp, dv, dq, dk).
     Bytes: q, k, v, do read and dq, dk, dv written once: 7 * B*T*K*H*Dh elements.
     """
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    if HAS_TABLE:
-        n_seq = tl.load(n_seq_ptr)
-    else:
-        n_seq = n_seq_dense
-    if pid * BLOCK_S >= n_seq:
+    b, slot, valid, n_live = _time_rows(pos, p_b, p_t, p_k, B, T, K, HAS_POS, LOG2K, BLOCK_S, BLOCK_T)
+    if n_live == 0:
         return
-    seq = pid * BLOCK_S + tl.arange(0, BLOCK_S)
-    b, slot, valid, off = _time_rows(seq, table, n_seq, T, K, s_b, s_t, s_k, HAS_TABLE, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = (offs_d < Dh)[None, None, :]
-    msk = valid[:, :, None] & d_ok
-    ptr = qkv + off[:, :, None] + h * s_h + offs_d[None, None, :] * s_d
-    q = tl.load(ptr, mask=msk, other=0.0)
-    k = tl.load(ptr + s_3, mask=msk, other=0.0)
-    v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
     frames = tl.arange(0, BLOCK_T).to(tl.int64)[None, :]
-    do_off = b.to(tl.int64) * do_b + frames * do_t + slot * do_k
-    dout = tl.load(do + do_off[:, :, None] + h * do_h + offs_d[None, None, :] * do_d, mask=msk, other=0.0)
-    p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
-                              SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
-    p = tl.where(valid[:, :, None], p, 0.0)           # hidden frames are no queries
-    dv = tl.dot(tl.permute(p.to(dout.dtype), (0, 2, 1)), dout, input_precision=DOT_PREC)
-    dp = tl.dot(dout, tl.permute(v, (0, 2, 1)), input_precision=DOT_PREC)
-    delta = tl.sum(p * dp, 2)
-    ds = p * (dp - delta[:, :, None])
-    if SOFTCAP:
-        ds = ds * (1.0 - th * th)
-    ds = tl.where(keep, ds, 0.0)
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
-    dk = tl.dot(tl.permute(ds.to(q.dtype), (0, 2, 1)), q, input_precision=DOT_PREC) * scale
-    g_off = b.to(tl.int64) * g_b + frames * g_t + slot * g_k
-    g = dqkv + g_off[:, :, None] + h * g_h + offs_d[None, None, :]
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = valid[:, :, None] & (offs_d < Dh)[None, None, :]
+    src = qkv + (b * s_b + frames * s_t + slot * s_k)[:, :, None] + offs_d[None, None, :] * s_d
+    dsrc = do + (b * do_b + frames * do_t + slot * do_k)[:, :, None] + offs_d[None, None, :] * do_d
+    dst = dqkv + (b * g_b + frames * g_t + slot * g_k)[:, :, None] + offs_d[None, None, :]
     ty = dqkv.dtype.element_ty
-    tl.store(g, dq.to(ty), mask=msk)
-    tl.store(g + g_3, dk.to(ty), mask=msk)
-    tl.store(g + 2 * g_3, dv.to(ty), mask=msk)
+    for hh in range(HEADS):
+        h = tl.program_id(1) * HEADS + hh
+        ptr = src + h * s_h
+        q = tl.load(ptr, mask=msk, other=0.0)
+        k = tl.load(ptr + s_3, mask=msk, other=0.0)
+        v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
+        dout = tl.load(dsrc + h * do_h, mask=msk, other=0.0)
+        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
+                                  SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
+        p = tl.where(valid[:, :, None], p, 0.0)           # hidden frames are no queries
+        dv = tl.dot(tl.permute(p.to(dout.dtype), (0, 2, 1)), dout, input_precision=DOT_PREC)
+        dp = tl.dot(dout, tl.permute(v, (0, 2, 1)), input_precision=DOT_PREC)
+        delta = tl.sum(p * dp, 2)
+        ds = p * (dp - delta[:, :, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        ds = tl.where(keep, ds, 0.0)
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC) * scale
+        dk = tl.dot(tl.permute(ds.to(q.dtype), (0, 2, 1)), q, input_precision=DOT_PREC) * scale
+        g = dst + h * g_h
+        tl.store(g, dq.to(ty), mask=msk)
+        tl.store(g + g_3, dk.to(ty), mask=msk)
+        tl.store(g + 2 * g_3, dv.to(ty), mask=msk)
 
 
-def _launch_args(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding: torch.Tensor | None):
+def _launch(kernel, tensors, strides, qkv, pos, key_padding, softcap, scale, causal):
     B, T, K, _, H, Dh = qkv.shape
-    if pos is None:
-        table, n_seq, n_dense = qkv, qkv, B * K
-    else:
-        table, n_seq = time_sequence_table(pos)
-        n_dense = 0
     kp, kps, has_kp = _kp_args(key_padding, qkv)
-    return table, n_seq, n_dense, kp, kps, has_kp
+    pos_t, ps = (qkv, (0, 0, 0)) if pos is None else (pos, pos.stride())
+    if pos is None:                 # sequences = the B*K columns
+        grid = lambda meta: (triton.cdiv(B * K, meta["BLOCK_S"]), H // meta["HEADS"])  # noqa: E731
+    else:                           # programs = blocks of slots of each frame (leader candidates)
+        grid = lambda meta: (B * T * triton.cdiv(K, meta["BLOCK_S"]), H // meta["HEADS"])  # noqa: E731
+    kernel[grid](
+        *tensors[:-1], pos_t, kp, *strides, *ps, *kps,
+        B, T, K, H, Dh, scale, softcap,
+        HAS_POS=pos is not None, LOG2K=max(1, K.bit_length()), SOFTCAP=softcap > 0, HAS_KP=has_kp,
+        CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)),
+        BLOCK_D=block_d(Dh))
+    return tensors[-1]
 
 
 def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding: torch.Tensor | None,
@@ -243,26 +256,13 @@ def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding:
     """Launch the time-axis forward: qkv [B, T, K, 3, H, Dh] (any strides) -> o [B, T, K, H, Dh]."""
     B, T, K, _, H, Dh = qkv.shape
     o = qkv.new_empty(B, T, K, H, Dh)
-    table, n_seq, n_dense, kp, kps, has_kp = _launch_args(qkv, pos, key_padding)
-    rows = B * K if pos is None else B * T * K
-    _time_fwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_S"]), H)](
-        qkv, o, table, n_seq, kp, *qkv.stride(), *o.stride()[:4], *kps,
-        T, K, Dh, n_dense, scale, softcap,
-        HAS_TABLE=pos is not None, SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal,
-        DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d(Dh))
-    return o
+    return _launch(_time_fwd_kernel, (qkv, o, o), (*qkv.stride(), *o.stride()[:4]),
+                   qkv, pos, key_padding, softcap, scale, causal)
 
 
 def attention_time_bwd(do: torch.Tensor, qkv: torch.Tensor, pos: torch.Tensor | None,
                        key_padding: torch.Tensor | None, softcap: float, scale: float, causal: bool) -> torch.Tensor:
     """Launch the time-axis backward. Returns dqkv [B, T, K, 3, H, Dh] (contiguous)."""
-    B, T, K, _, H, Dh = qkv.shape
-    dqkv = qkv.new_empty(B, T, K, 3, H, Dh)
-    table, n_seq, n_dense, kp, kps, has_kp = _launch_args(qkv, pos, key_padding)
-    rows = B * K if pos is None else B * T * K
-    _time_bwd_kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_S"]), H)](
-        qkv, do, dqkv, table, n_seq, kp, *qkv.stride(), *do.stride(), *dqkv.stride()[:5], *kps,
-        T, K, Dh, n_dense, scale, softcap,
-        HAS_TABLE=pos is not None, SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal,
-        DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)), BLOCK_D=block_d(Dh))
-    return dqkv
+    dqkv = qkv.new_empty(qkv.shape)
+    return _launch(_time_bwd_kernel, (qkv, do, dqkv, dqkv), (*qkv.stride(), *do.stride(), *dqkv.stride()[:5]),
+                   qkv, pos, key_padding, softcap, scale, causal)

@@ -26,6 +26,18 @@ inline void convert_row(Out* dst, const In* src, int64_t n) {
   }
 }
 
+// One pixel run of a patch: floats converted, uint8 scaled by fp32(1/255) with one fp32
+// multiply (the one rounding every backend does). __restrict__: uint8_t may alias
+// anything, so without it the compiler does not vectorise the loop.
+template <typename Out, typename In>
+inline void patch_row(Out* dst, const In* src, int64_t n) {
+  convert_row(dst, src, n);
+}
+inline void patch_row(float* __restrict__ dst, const uint8_t* __restrict__ src, int64_t n) {
+  constexpr float kScale = 1.0f / 255.0f;
+  for (int64_t u = 0; u < n; ++u) dst[u] = static_cast<float>(src[u]) * kScale;
+}
+
 }  // namespace
 
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
@@ -195,8 +207,6 @@ at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, i
     using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* v = vc.data_ptr<scalar_t>();
     out_t* o = out.data_ptr<out_t>();
-    // One fp32 multiply by fp32(1/255), as in every backend (bit-identical results).
-    constexpr float kScale = 1.0f / 255.0f;
     at::parallel_for(0, B * T * K, kRowGrain / 4, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t nidx = ip[r];
@@ -204,13 +214,7 @@ at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, i
         const scalar_t* frame = v + (r / K) * H * W * 3;
         const scalar_t* src = frame + (nidx / NW) * P * W * 3 + (nidx % NW) * run;
         out_t* dst = o + r * F;
-        for (int64_t p = 0; p < P; ++p, src += W * 3, dst += run) {
-          if constexpr (std::is_same_v<scalar_t, uint8_t>) {
-            for (int64_t u = 0; u < run; ++u) dst[u] = static_cast<float>(src[u]) * kScale;
-          } else {
-            convert_row(dst, src, run);
-          }
-        }
+        for (int64_t p = 0; p < P; ++p, src += W * 3, dst += run) patch_row(dst, src, run);
       }
     });
   });

@@ -1,0 +1,165 @@
+"""Token ops side by side with the torch composition and the copy floor (STYLE 8).
+
+    python -m bench.token_ops --device cuda        # bf16 tokens, batch 32: triton, cuda, torch
+    python -m bench.token_ops --device cpu         # fp32 tokens, batch 2: cpp, torch
+
+Shapes (VideoPrism at 288x288: N = 16x16 patches, T = 16 frames, P = 18; D = 768 for
+"base", 1408 for "giant"), per stage:
+  stage1  tube 50%:  K = 128 visible per frame, m = T*K = 2048 of n = T*N = 4096 tokens
+  stage2  BEVT 65%:  K = 90,  m = 1440 of n = 4096
+Cases:
+  patchify   uint8 video [B, T, 288, 288, 3] + pos -> [B, T, K, 972] fp32 (fwd; the video
+             never needs a gradient)
+  gather     [B, n, D] -> [B, m, D]  (bwd: scatter into [B, n, D])
+  scatter    [B, m, D] -> [B, n, D]  (bwd: gather)
+  shuffle    visible [B, m, D] + mask_emb + pos_emb[n, D] -> [B, n, D] (bwd: unshuffle + sums)
+Implementations: the op's backends ("triton", "cuda" on GPU; "cpp" on the CPU) and
+"torch", the composition a user would write (torch.gather / cat / zeros + scatter_add_,
+the reshape-permute patchify) with autograd for the backward.
+
+Bytes (the least any implementation must move; E = element size, E_p = 4):
+  patchify   B*T*K*972 * (1 + 4)
+  gather     fwd 2*B*m*D*E              bwd B*m*D*E + B*n*D*E
+  scatter    fwd B*m*D*E + B*n*D*E      bwd 2*B*m*D*E
+  shuffle    fwd B*m*D*E + B*n*D*E + n*D*E_p     bwd B*n*D*E + B*m*D*E + n*D*E_p
+  fwd+bwd = the sum. GB/s = bytes / time; pct_copy = GB/s / (device copy GB/s measured in
+  this run, read + write), the floor; x_torch = torch time / this time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from bench.common import Report, measure_peaks, timeit
+from videoprism.kernels.patchify_gather import patchify_gather_ref
+from videoprism.masking import bevt_mask, tube_mask
+from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
+
+MODELS = {"base": 768, "giant": 1408}
+STAGES = {"stage1": (tube_mask, 0.5), "stage2": (bevt_mask, 0.65)}
+T, GRID, P = 16, (16, 16), 18
+
+
+# ----------------------------------------------------------------------------- torch compositions
+def torch_gather(x, idx):
+    return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+def torch_scatter(src, idx, length):
+    B, _, D = src.shape
+    return src.new_zeros(B, length, D).scatter_add(1, idx[:, :, None].expand(-1, -1, D), src)
+
+
+def torch_shuffle(visible, perm, mask_emb, pos_emb):
+    B, m, D = visible.shape
+    n = perm.shape[1]
+    c = torch.cat([visible, mask_emb.to(visible.dtype).expand(B, n - m, D)], dim=1)
+    return torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(visible.dtype)
+
+
+def torch_patchify(video, pos, patch_size):
+    return patchify_gather_ref(video, pos, patch_size)
+
+
+# ----------------------------------------------------------------------------- cases
+def make_case(model: str, stage: str, batch: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator):
+    D = MODELS[model]
+    mask_fn, ratio = STAGES[stage]
+    pos = mask_fn(batch, T, GRID, ratio, generator=gen)                         # [B, T, K]
+    K = pos.shape[2]
+    N = GRID[0] * GRID[1]
+    n, m = T * N, T * K
+    # Flat token index of every visible token (frame-major): what gather/scatter move.
+    idx = (pos + torch.arange(T, device=device)[None, :, None] * N).reshape(batch, m)
+    perm = torch.rand(batch, n, device=device, generator=gen).argsort(dim=1)
+    E = torch.tensor([], dtype=dtype).element_size()
+    return dict(D=D, K=K, n=n, m=m, pos=pos, idx=idx, perm=perm, E=E,
+                video=torch.randint(0, 256, (batch, T, GRID[0] * P, GRID[1] * P, 3), device=device, generator=gen,
+                                    dtype=torch.uint8),
+                tokens=torch.randn(batch, n, D, device=device, generator=gen, dtype=dtype),
+                visible=torch.randn(batch, m, D, device=device, generator=gen, dtype=dtype),
+                mask_emb=torch.randn(D, device=device, generator=gen),
+                pos_emb=torch.randn(n, D, device=device, generator=gen))
+
+
+def op_specs(c: dict, batch: int):
+    """(name, {impl name -> (forward fn(backend) -> (out, grad inputs)), bytes fwd, bytes bwd)."""
+    B, D, m, n, E = batch, c["D"], c["m"], c["n"], c["E"]
+    F = P * P * 3
+    return [
+        ("patchify", lambda be: (patchify_gather(c["video"], c["pos"], P, backend=be) if be != "torch"
+                                 else torch_patchify(c["video"], c["pos"], P), ()),
+         B * T * c["K"] * F * 5, None),
+        ("gather", lambda be: _with_grad(lambda x: gather_tokens(x, c["idx"], backend=be) if be != "torch"
+                                         else torch_gather(x, c["idx"]), c["tokens"]),
+         2 * B * m * D * E, B * m * D * E + B * n * D * E),
+        ("scatter", lambda be: _with_grad(lambda s: scatter_tokens(s, c["idx"], n, backend=be) if be != "torch"
+                                          else torch_scatter(s, c["idx"], n), c["visible"]),
+         B * m * D * E + B * n * D * E, 2 * B * m * D * E),
+        ("shuffle", lambda be: _with_grad(lambda v, me, pe: shuffle_with_mask_tokens(v, c["perm"], me, pe, backend=be)
+                                          if be != "torch" else torch_shuffle(v, c["perm"], me, pe),
+                                          c["visible"], c["mask_emb"], c["pos_emb"]),
+         B * m * D * E + B * n * D * E + n * D * 4, B * n * D * E + B * m * D * E + n * D * 4),
+    ]
+
+
+def _with_grad(fn, *inputs):
+    leaves = tuple(t.detach().requires_grad_() for t in inputs)
+    return fn(*leaves), leaves
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=None, help="clips per call (default 32 on CUDA, 2 on the CPU)")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="token dtype (default bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--models", default="base,giant", help=f"comma-separated from {list(MODELS)}")
+    p.add_argument("--stages", default="stage1,stage2", help=f"comma-separated from {list(STAGES)}")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<device>.json)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    cuda = device.type == "cuda"
+    batch = a.batch or (32 if cuda else 2)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
+    impls = ("triton", "cuda", "torch") if cuda else ("cpp", "torch")
+    tkw = dict(warmup_ms=10, rep_ms=40) if cuda else dict(warmup=1, reps=5)
+    peaks = measure_peaks(device)
+    report = Report("token ops", str(device), meta={"dtype": str(dtype).replace("torch.", ""), "batch": batch,
+                                                    "copy_gbps": round(peaks["copy_gbps"], 1),
+                                                    "threads": torch.get_num_threads()})
+    gen = torch.Generator(device=device).manual_seed(0)
+    for model in a.models.split(","):
+        for stage in a.stages.split(","):
+            case = make_case(model, stage, batch, dtype, device, gen)
+            for name, run, bytes_fwd, bytes_bwd in op_specs(case, batch):
+                times = {}
+                for impl in impls:
+                    out, leaves = run(impl)
+                    grad = torch.randn_like(out)
+                    modes = {"fwd": (lambda: run(impl), bytes_fwd)}
+                    if bytes_bwd is not None:
+                        modes["bwd"] = (lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), bytes_bwd)
+                        modes["fwd+bwd"] = (lambda: torch.autograd.grad(*run(impl), grad), bytes_fwd + bytes_bwd)
+                    for mode, (fn, nbytes) in modes.items():
+                        t = timeit(fn, device, **tkw)
+                        times[(impl, mode)] = t.median_ms
+                        gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+                        report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, K=case["K"],
+                                   mbytes=round(nbytes / 1e6, 1), gbps=round(gbps, 1),
+                                   pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
+                    del out, leaves, grad
+                for row in report.rows[-len(times):]:
+                    row["x_torch"] = round(times[("torch", row["mode"])] / row["ms"], 2)
+            del case
+            if cuda:
+                torch.cuda.empty_cache()
+    report.show()
+    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"token_ops_{device.type}.json")
+    report.save(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -181,10 +181,15 @@ def _configs(fwd: bool):
     search on the GPU, keyed on the sequence length and head dim."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 8), (128, 32, 4), (64, 64, 4), (64, 32, 4)] if fwd else \
-        [(64, 64, 4), (64, 32, 4), (32, 64, 4), (128, 32, 8)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w in shapes for s in (2, 3)]
+    shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)] if fwd else \
+        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def autotune_bench(kernel_call, quantiles):
+    """Autotuning timer: short runs (the default 25 + 100 ms per config adds up to minutes over
+    the model's shapes); the kernels are tens of microseconds, so 25 ms still averages many."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
 def _prune(configs, named_args, **kw):
@@ -220,7 +225,7 @@ def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
 
 
 @triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
 @triton.jit
 def _space_fwd_kernel(
     qkv, o, m_out, l_out, kp,
@@ -296,7 +301,7 @@ def _space_probs(s, m, logl, rows, K):
 
 
 @triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dq_kernel(
     qkv, o, do, m_in, l_in, delta, dqkv, kp,
@@ -365,7 +370,7 @@ def _space_bwd_dq_kernel(
 
 
 @triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dkdv_kernel(
     qkv, do, m_in, l_in, delta, dqkv, kp,

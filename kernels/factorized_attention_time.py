@@ -27,6 +27,7 @@ from videoprism.kernels.factorized_attention import (
     INTERPRET,
     _kp_args,
     _tanh,
+    autotune_bench,
     block_d,
     dot_precision,
 )
@@ -134,7 +135,8 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
 _KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP"]
 
 
-@triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(16384)})
+@triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(16384)},
+                 do_bench=autotune_bench)
 @triton.jit
 def _time_fwd_kernel(
     qkv, o, pos, kp,
@@ -178,7 +180,8 @@ def _time_fwd_kernel(
         tl.store(dst + h * o_h, out.to(o.dtype.element_ty), mask=msk)
 
 
-@triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(8192)})
+@triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(8192)},
+                 do_bench=autotune_bench)
 @triton.jit
 def _time_bwd_kernel(
     qkv, do, dqkv, pos, kp,

@@ -48,7 +48,7 @@ def padding(B, T, K, axis, gen, device="cpu"):
     return kp.to(device)
 
 
-def check(x64, dtype, gen, backend="triton", **kw):
+def check(x64, dtype, gen, backend="triton", factor=2.0, **kw):
     """Forward and the qkv gradient of `backend` in `dtype` against the fp64 oracle (2x rule).
 
     One exception, a sequence of one key (K = 1 on the space axis): there dq = dk = 0 exactly
@@ -72,8 +72,9 @@ def check(x64, dtype, gen, backend="triton", **kw):
         floor = EPS[dtype] * ref.abs().max().item()
         if kw["axis"] == "space" and x64.shape[2] == 1 and i == 1:
             floor *= 4 * x64.shape[-1] ** 0.5
-        bound = 2 * err_b + floor
-        err_k <= bound, f"{backend} {what} error {err_k:.3g} > 2 x reference {err_b:.3g} + eps ({kw})"
+        bound = factor * err_b + floor
+        desc = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        assert err_k <= bound, f"{backend} {what} error {err_k:.3g} > {factor} x reference {err_b:.3g} + eps ({desc})"
 
 
 SPACE = [  # B, T, K, H, Dh, softcap, padded, causal, noncontig
@@ -310,9 +311,13 @@ GPU_CASES = [  # axis, B, T, K, H, Dh, N
 ]
 
 
+GPU_DTYPES = [(c, torch.bfloat16) for c in GPU_CASES] + [(GPU_CASES[i], dt) for i in (1, 4)
+                                                         for dt in (torch.float16, torch.float32)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[f"{c[0]}-T{c[2]}K{c[3]}{'pos' if c[6] else ''}" for c in GPU_CASES])
+@pytest.mark.parametrize("case,dtype", GPU_DTYPES,
+                         ids=[f"{c[0]}-T{c[2]}K{c[3]}{'pos' if c[6] else ''}-{str(d)[6:]}" for c, d in GPU_DTYPES])
 def test_gpu_triton_matches_reference(case, dtype):
     axis, B, T, K, H, Dh, N = case
     gen = torch.Generator().manual_seed(7)
@@ -336,7 +341,10 @@ def test_gpu_other_backends_match_reference(backend, axis, masked):
     B, T, K, H, Dh = 2, 16, 90, 4, 64
     x = make_qkv(B, T, K, H, Dh, gen, device="cuda")
     pos = random_pos(B, T, K, 256, gen).cuda() if masked else None
-    check(x, torch.bfloat16, gen, backend=backend, axis=axis, softcap=50.0, pos=pos)
+    # Third-party kernels (flash-attn's cap uses the approximate tanh instruction): what is
+    # tested here is our wrapping (layouts, scale, cap, masks), where a mistake is O(1), so
+    # their precision is held to 4x the reference's error rather than the 2x of our kernels.
+    check(x, torch.bfloat16, gen, backend=backend, factor=4.0, axis=axis, softcap=50.0, pos=pos)
 
 
 @pytest.mark.gpu

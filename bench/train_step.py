@@ -1,0 +1,153 @@
+"""Training-step benchmark of both stages: eager vs compiled vs compiled + Triton attention.
+
+    python -m bench.train_step --device cuda --out bench/results/train_step_gpu.json
+    python -m bench.train_step                      # CPU: tiny config, eager vs compiled
+
+Each row times one optimizer step of the real trainer (`Trainer.train_step`: masks, forward,
+loss, backward, clipping, AdamW) on a fixed random batch already on the device, so the
+data path is out of the picture (the trainer reports data-wait separately). Modes:
+  eager           attention "reference" (plain PyTorch math), no compile
+  compiled        the same model under torch.compile(fullgraph=True), Inductor fusing the math
+  compiled+triton torch.compile with the fused Triton attention kernels (attention "triton")
+The token ops (patch gather, shuffle) use their device default in every mode (Triton on
+CUDA, C++ on the CPU). bf16 autocast on GPU. Stage 2 rows time the teacher forward on every
+token plus the student step (token + global decoders).
+
+MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
+only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
+Rows run in order of importance and stop when --budget-s would be passed; skipped rows are
+listed in the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bench.common import Report, measure_peaks, timeit
+from videoprism.train.config import build_config
+from videoprism.train.data import RandomClips
+from videoprism.train.distill import Teacher
+from videoprism.train.modeling import build_clip
+from videoprism.train.parallel import Dist
+from videoprism.train.stage1 import Stage1Task
+from videoprism.train.stage2 import Stage2Task
+from videoprism.train.trainer import Trainer
+
+MODES = {"eager": ("reference", False), "compiled": ("reference", True), "compiled+triton": ("triton", True)}
+
+
+class FixedBatch:
+    """The same device-resident batch every step (no decoding, no host copies)."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def next_batch(self, step: int) -> dict:
+        return self.batch
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def make_trainer(stage: int, preset: str, *, frames: int, batch: int, mode: str, device: torch.device) -> Trainer:
+    backend, compile_ = MODES[mode]
+    cfg = build_config(preset, [f"model.num_frames={frames}", f"model.attention_backend={backend}",
+                                f"train.compile={compile_}", f"train.global_batch={batch}", "optim.name=adamw",
+                                "optim.warmup_steps=0", "train.out_dir=/tmp/bench_train_step"], stage)
+    d = Dist(0, 1, device)
+    torch.manual_seed(0)
+    clip = build_clip(cfg.model, vocab=None, device=device)
+    src = RandomClips(micro_batch=batch, rank=0, world=1, frames=frames, resolution=cfg.model.resolution,
+                      vocab=clip.config.vocabulary_size, seed=0, text_length=64)
+    data = FixedBatch({k: v.to(device) for k, v in src.next_batch(0).items()})
+    if stage == 1:
+        task = Stage1Task(cfg, d, clip, None)
+    else:
+        task = Stage2Task(cfg, d, Teacher(clip), None)
+    return Trainer(cfg, task, data, d, name=f"stage{stage}")
+
+
+def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
+    trainer = make_trainer(stage, preset, frames=frames, batch=batch, mode=mode, device=device)
+    t0 = time.perf_counter()
+    trainer.train_step()  # compiles, if it will
+    trainer.train_step()
+    warm_s = time.perf_counter() - t0
+    inputs = trainer.task.prepare(trainer.data.next_batch(0), 0, 0)
+    flops, tokens = trainer.task.flops(inputs), trainer.task.tokens(inputs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = timeit(trainer.train_step, device, warmup=1, reps=reps, warmup_ms=1, rep_ms=reps * 400)
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    s = t.median_ms * 1e-3
+    row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
+               clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
+               peak_mem_gb=None if mem is None else round(mem, 2), warmup_s=round(warm_s, 1))
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return t, row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default=None, help="config preset (default: base on CUDA, tiny on the CPU)")
+    p.add_argument("--frames", default=None, help="comma-separated frame counts (default: 16,8 on CUDA, 8 on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="clips per step (default: 16 on CUDA, 8 on CPU)")
+    p.add_argument("--modes", default=None, help="comma-separated modes (default: all on CUDA, eager,compiled on CPU)")
+    p.add_argument("--stages", default="1,2")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=540, help="start no row after this many seconds")
+    p.add_argument("--out", default="bench/results/train_step_cpu.json")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    preset = args.preset or ("base" if cuda else "tiny")
+    frames = [int(f) for f in (args.frames or ("16,8" if cuda else "8")).split(",")]
+    batch = args.batch or (16 if cuda else 8)
+    modes = (args.modes or ("eager,compiled,compiled+triton" if cuda else "eager,compiled")).split(",")
+    stages = [int(s) for s in args.stages.split(",")]
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    peaks = measure_peaks(device)
+    report = Report("train step", str(device), meta={"preset": preset, "batch": batch, **peaks,
+                                                       "mixed_precision": "bf16 autocast" if cuda else "fp32"})
+    # Most important first: the stage-1 and stage-2 targets at the largest frame count.
+    plan = [(s, f, m) for f in frames for s in stages for m in (modes if s == 1 else reversed(modes))]
+    start, skipped = time.perf_counter(), []
+    for stage, f, mode in plan:
+        if time.perf_counter() - start > args.budget_s:
+            skipped.append(f"stage{stage} {f} frames {mode}")
+            continue
+        try:
+            t, row = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps)
+        except torch.OutOfMemoryError as e:
+            skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
+            torch.cuda.empty_cache()
+            continue
+        report.add(t, **row)
+        report.show()
+    _ratios(report)
+    report.meta["skipped"] = skipped
+    report.show()
+    report.save(args.out)
+
+
+def _ratios(report: Report) -> None:
+    """Speed-ups against eager and the stage-2 / stage-1 step-time ratio, per frame count."""
+    ms = {(r["stage"], r["frames"], r["mode"]): r["ms"] for r in report.rows}
+    for r in report.rows:
+        eager = ms.get((r["stage"], r["frames"], "eager"))
+        if eager:
+            r["speedup_vs_eager"] = round(eager / r["ms"], 2)
+        if r["stage"] == 2 and (1, r["frames"], r["mode"]) in ms:
+            r["stage2_over_stage1"] = round(r["ms"] / ms[(1, r["frames"], r["mode"])], 2)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,8 +10,10 @@ batch of B clips of T frames on an N = 16x16 patch grid:
          (K = 90 visible tokens per frame, a random visible set per frame, so the sequences
          are the frames where each location is visible).
 Backends: eager math ("reference", fp32 softmax), "sdpa" (cap 0; the time axis goes through
-permuted views), "flex" (cap 50, compiled), "flash" and xformers (if installed; cap 50 / 0),
-"triton" (cap 50). Modes: fwd, and fwd+bwd (qkv gradient).
+permuted views), "flex" (cap 50, compiled; on the masked time axis each call also builds its
+block mask over the T*K tokens of a clip), "flash" and xformers (if installed; cap 50 / 0,
+the time axis copied to sequence-major order), "triton" (cap 50). Modes: fwd, and fwd+bwd
+(the qkv gradient). The JSON is rewritten after every case.
 
 Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is visible):
   FLOPs fwd  = 4 * H * Dh * sum over sequences of S_q * S_k  (QK^T and PV; softmax not counted)
@@ -58,19 +60,19 @@ def _available(name: str) -> bool:
 
 
 def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ...], gen: torch.Generator):
-    """(axis, label, T, K, pos, sequences, sum of S_q*S_k over sequences)."""
+    """(axis, label, T, K, pos, sequences, sum of S_q*S_k over sequences), the cases of the
+    issue's targets first (a time box may cut the tail)."""
     N = grid * grid
     T0 = frames[0]
-    out = [("space", f"K={N}", T0, N, None, batch * T0, batch * T0 * N * N)]
-    for K in visible:
-        out.append(("space", f"K={K} masked", T0, K, None, batch * T0, batch * T0 * K * K))
-    for T in frames:
-        out.append(("time", f"T={T}", T, N, None, batch * N, batch * N * T * T))
-    for K in visible[-1:]:
-        pos = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T0)])
-                           for _ in range(batch)])
-        counts = torch.stack([torch.bincount(p.flatten(), minlength=N) for p in pos])   # n_l per clip
-        out.append(("time", f"T={T0} K={K} masked", T0, K, pos, int((counts > 0).sum()), int((counts ** 2).sum())))
+    K = visible[-1]
+    pos = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T0)])
+                       for _ in range(batch)])
+    counts = torch.stack([torch.bincount(p.flatten(), minlength=N) for p in pos])       # n_l per clip
+    out = [("space", f"K={N}", T0, N, None, batch * T0, batch * T0 * N * N),
+           ("time", f"T={T0}", T0, N, None, batch * N, batch * N * T0 * T0),
+           ("time", f"T={T0} K={K} masked", T0, K, pos, int((counts > 0).sum()), int((counts ** 2).sum()))]
+    out += [("space", f"K={k} masked", T0, k, None, batch * T0, batch * T0 * k * k) for k in visible[::-1]]
+    out += [("time", f"T={t}", t, N, None, batch * N, batch * N * t * t) for t in frames[1:]]
     return out
 
 
@@ -147,6 +149,7 @@ def main(argv=None) -> None:
                                pct_bw_peak=round(100 * nbytes / s / 1e9 / peaks["copy_gbps"], 1),
                                floor_ms=round(floor * 1e3, 4), pct_floor=round(100 * floor / s, 1))
             del qkv, do
+            report.save(out)                   # after every case: a killed run keeps its rows
     if skipped:
         report.meta["skipped_over_budget"] = skipped
     report.show()

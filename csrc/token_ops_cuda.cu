@@ -121,7 +121,8 @@ __global__ void shuffle_fwd_kernel(const T* __restrict__ vis, const int64_t* __r
 }
 
 // ---- shuffle backward: block (slot block, column block); each thread owns VEC columns
-// of kSlots consecutive slots and walks the batch (reductions without atomics).
+// of kSlots consecutive slots and walks the batch (reductions without atomics). The
+// kSlots rows of one sample are loaded together: independent loads in flight per thread.
 constexpr int kSlots = 4;
 template <typename T, int VEC>
 __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __restrict__ perm, T* __restrict__ gvis,
@@ -132,30 +133,38 @@ __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __
   using A = Pack<acc_t, VEC>;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= row_vecs) return;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kSlots;
+  const int slots = static_cast<int>(n - i0 < kSlots ? n - i0 : kSlots);
   const P* g = reinterpret_cast<const P*>(grad);
   P* gv = reinterpret_cast<P*>(gvis);
-  A macc;
+  A macc = {}, pacc[kSlots] = {};
+  for (int64_t b = 0; b < B; ++b) {
+    P v[kSlots];
+    int64_t p[kSlots];
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) macc.v[e] = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kSlots; i < min(n, (blockIdx.x + 1) * (int64_t)kSlots); ++i) {
-    A pacc;
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) pacc.v[e] = 0;
-#pragma unroll 4
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t row = b * n + i, p = perm[row];
-      const P v = g[row * row_vecs + c];
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) pacc.v[e] += static_cast<acc_t>(v.v[e]);
-      if (p >= 0 && p < m) {
-        gv[(b * m + p) * row_vecs + c] = v;
-      } else if (p >= m && p < n) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) macc.v[e] += static_cast<acc_t>(v.v[e]);
+    for (int s = 0; s < kSlots; ++s) {
+      if (s < slots) {
+        const int64_t row = b * n + i0 + s;
+        p[s] = perm[row];
+        v[s] = g[row * row_vecs + c];
       }
     }
-    reinterpret_cast<A*>(gpos)[i * row_vecs + c] = pacc;
+#pragma unroll
+    for (int s = 0; s < kSlots; ++s) {
+      if (s >= slots) continue;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) pacc[s].v[e] += static_cast<acc_t>(v[s].v[e]);
+      if (p[s] >= 0 && p[s] < m) {
+        gv[(b * m + p[s]) * row_vecs + c] = v[s];
+      } else if (p[s] >= m && p[s] < n) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) macc.v[e] += static_cast<acc_t>(v[s].v[e]);
+      }
+    }
   }
+#pragma unroll
+  for (int s = 0; s < kSlots; ++s)
+    if (s < slots) reinterpret_cast<A*>(gpos)[(i0 + s) * row_vecs + c] = pacc[s];
   reinterpret_cast<A*>(part)[blockIdx.x * row_vecs + c] = macc;
 }
 
@@ -303,10 +312,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cuda(const at:
   const int64_t B = gc.size(0), n = gc.size(1), D = gc.size(2);
   const auto acc = acc_type(gc.scalar_type());
   auto gvis = at::empty({B, m, D}, gc.options());
-  auto gpos = at::zeros({n, D}, gc.options().dtype(acc));
+  // The kernel writes every row of gpos and part (zeros when B = 0): no memset pass.
+  auto gpos = at::empty({n, D}, gc.options().dtype(acc));
   const int64_t n_blocks = (n + kSlots - 1) / kSlots;
-  auto part = at::zeros({n_blocks, D}, gc.options().dtype(acc));
-  if (n * D > 0 && B > 0) {
+  auto part = at::empty({n_blocks, D}, gc.options().dtype(acc));
+  if (n * D > 0) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "shuffle_tokens_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;

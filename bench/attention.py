@@ -128,7 +128,7 @@ def main(argv=None) -> None:
                     bwd = mode == "fwd+bwd"
                     x = qkv.detach().requires_grad_(bwd)
 
-                    def fn(x=x, bwd=bwd, call=call):
+                    def fn(x=x, bwd=bwd, call=call, do=do):
                         if not bwd:
                             with torch.no_grad():
                                 return call(x)

@@ -1,6 +1,7 @@
 """Factorized soft-capped attention, time axis: Triton kernels and launchers.
 
-The reference and the math are in factorized_attention.py. On the time axis a sequence
+The reference and the math are in factorized_attention.py, the shared helpers in
+factorized_attention_space.py. On the time axis a sequence
 is one spatial location of one clip across the frames where it is visible (all T frames
 with the identity `pos`), so sequences are short (T <= 64) and very many (B * N). One
 program holds BLOCK_S whole sequences x HEADS heads, one head at a time in registers,
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videoprism.kernels.factorized_attention import (
+from videoprism.kernels.factorized_attention_space import (
     _MASK,
     INTERPRET,
     _kp_args,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from videoprism.kernels.factorized_attention import INTERPRET, factorized_attention_ref
-from videoprism.ops.attention import factorized_attention
+from videoprism.kernels.factorized_attention import factorized_attention_ref
+from videoprism.ops.attention import INTERPRET, factorized_attention
 
 interp = pytest.mark.skipif(not INTERPRET, reason="the CPU tests run the kernels in Triton's interpreter "
                                                   "(TRITON_INTERPRET=1, set by conftest without a GPU)")

@@ -21,7 +21,7 @@ from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_atten
 BACKENDS = ("reference", "triton", "flex", "flash", "sdpa")
 
 try:  # Triton ships with the CUDA builds of torch only.
-    from videoprism.kernels.factorized_attention import INTERPRET, attention_space_bwd, attention_space_fwd
+    from videoprism.kernels.factorized_attention_space import INTERPRET, attention_space_bwd, attention_space_fwd
     from videoprism.kernels.factorized_attention_time import attention_time_bwd, attention_time_fwd
     _TRITON_MISSING = None
 except ImportError as e:  # pragma: no cover - depends on the install

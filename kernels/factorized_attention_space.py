@@ -1,0 +1,353 @@
+"""Factorized soft-capped attention, space axis: flash-style Triton kernels and launchers,
+plus the helpers the time-axis kernels share.
+
+The math and the reference are in factorized_attention.py. A space sequence is one frame
+(b, t): K tokens (1..4096), head dim up to 256 (padded to a power of two by masked loads).
+Forward: online softmax over key tiles, saving the row max m and log l. Backward: two
+kernels, dq (which also forms delta = rowsum(do * o)) then dk/dv, each program owning its
+rows, so no atomics and a deterministic result.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from videoprism.kernels.factorized_attention import MASK_VALUE
+
+# Triton decides interpreter vs. compiler when a kernel is decorated, from this variable.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_MASK = tl.constexpr(MASK_VALUE)
+
+
+@triton.jit
+def _tanh(x):
+    """fp32 tanh accurate to ~2 ulp over the whole range (libdevice is not available in the
+    interpreter, and 1 - 2/(exp(2x)+1) loses all relative precision near 0, which the cap's
+    c * tanh(s / c) would turn into an absolute logit error of c * eps).
+    |x| < 0.625: odd minimax polynomial (Cephes tanhf); else (1 - e) / (1 + e), e = exp(-2|x|)."""
+    ax = tl.abs(x)
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * ax + ax
+    e = tl.exp(-2.0 * ax)
+    r = tl.where(ax < 0.625, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -r, r)
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims are padded (masked loads) to a power of two >= 16, the smallest tl.dot tile."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in true fp32 ("ieee"), not TF32: the fp32 path is the one the
+    tests hold to the reference's own error."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _configs(fwd: bool):
+    """A single config in the interpreter (it would otherwise run every config); a small
+    search on the GPU, keyed on the sequence length and head dim."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)] if fwd else \
+        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def autotune_bench(kernel_call, quantiles):
+    """Autotuning timer: short runs (the default 25 + 100 ms per config adds up to minutes over
+    the model's shapes); the kernels are tens of microseconds, so 25 ms still averages many."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _prune(configs, named_args, **kw):
+    """Large head dims do not fit the big tiles in registers / shared memory."""
+    bd = kw.get("BLOCK_D", named_args.get("BLOCK_D"))
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * bd <= 128 * 64 * 128]
+    return keep or configs[-1:]
+
+
+@triton.jit
+def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
+                  SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """Logits of one [BLOCK_M, BLOCK_N] tile: scaled, capped, masked.
+    Returns (s, th, keep): th = tanh(s_raw / c) for the cap's derivative, keep = the entries
+    that carry a gradient. Padded / future keys get the finite MASK_VALUE (a fully masked row
+    is uniform, as in the official model); keys past the end get -inf (no key at all)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+    th = s
+    if SOFTCAP:
+        th = _tanh(s / softcap)
+        s = softcap * th
+    in_range = cols < K
+    keep = in_range[None, :] & (rows >= 0)[:, None]
+    if HAS_KP:
+        pad = tl.load(kp_ptrs, mask=in_range, other=1) != 0
+        keep = keep & ~pad[None, :]
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None])
+    s = tl.where(keep, s, _MASK)
+    s = tl.where(in_range[None, :], s, float("-inf"))
+    return s, th, keep
+
+
+@triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+@triton.jit
+def _space_fwd_kernel(
+    qkv, o, m_out, l_out, kp,
+    s_b, s_t, s_k, s_3, s_h, s_d,
+    o_b, o_t, o_k, o_h,
+    kp_b, kp_t, kp_k,
+    T, H, K, Dh, scale, softcap,
+    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Space-axis forward: one program per (BLOCK_M queries, frame (b, t), head h), flat grid.
+
+    Math, per frame and head, with online softmax over key tiles (fp32 accumulation):
+        s = scale * q @ k^T ; s = c * tanh(s / c) ; s = where(kept, s, MASK_VALUE)
+        m = rowmax(s) ; l = rowsum(exp(s - m)) ; o = exp(s - m) @ v / l
+    Layout: q, k, v read through the strides of qkv [B, T, K, 3, H, Dh] (no copies);
+    o [B, T, K, H, Dh]; m and log(l) stored fp32 [B, T, H, K] for the backward (kept apart,
+    not as one logsumexp, because MASK_VALUE + log(l) rounds back to MASK_VALUE in fp32 and
+    would lose the uniform 1/l of a fully masked row).
+    FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 tanh. Bytes: 4 * B*T*K*H*Dh elements
+    (q, k, v read once per query tile, o written) + K/BLOCK_M re-reads of k, v (from L2).
+    """
+    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
+    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
+    n_m = tl.cdiv(K, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bth = tl.program_id(0) // n_m
+    h = pid_bth % H
+    bt = pid_bth // H
+    t = bt % T
+    b = bt // T
+    base = qkv + b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + h * s_h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < Dh
+    q = tl.load(base + rows[:, None] * s_k + offs_d[None, :] * s_d,
+                mask=(rows < K)[:, None] & d_ok[None, :], other=0.0)
+    kp_base = kp + b.to(tl.int64) * kp_b + t.to(tl.int64) * kp_t
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Causal: no tile is skipped. A fully masked row (finite MASK_VALUE) is uniform over all
+    # K keys, future ones included, so skipping is only exact when no row is fully masked;
+    # causal attention is used by the (short) text encoder only.
+    for start_n in range(0, K, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < K)[:, None] & d_ok[None, :]
+        kv_off = cols[:, None] * s_k + offs_d[None, :] * s_d
+        k = tl.load(base + s_3 + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * s_3 + kv_off, mask=kv_mask, other=0.0)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
+                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    row_ok = rows < K
+    o_ptrs = o + b.to(tl.int64) * o_b + t.to(tl.int64) * o_t + h * o_h + rows[:, None] * o_k + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(m_out + pid_bth.to(tl.int64) * K + rows, m_i, mask=row_ok)
+    tl.store(l_out + pid_bth.to(tl.int64) * K + rows, tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _space_probs(s, m, logl, rows, K):
+    """Recomputed softmax from the saved row max and log-sum (s - m first: exact for the
+    MASK_VALUE entries of a fully masked row)."""
+    p = tl.exp((s - m[:, None]) - logl[:, None])
+    return tl.where((rows < K)[:, None], p, 0.0)
+
+
+@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+@triton.jit
+def _space_bwd_dq_kernel(
+    qkv, o, do, m_in, l_in, delta, dqkv, kp,
+    s_b, s_t, s_k, s_3, s_h, s_d,
+    o_b, o_t, o_k, o_h,
+    do_b, do_t, do_k, do_h, do_d,
+    g_b, g_t, g_k, g_3, g_h,
+    kp_b, kp_t, kp_k,
+    T, H, K, Dh, scale, softcap,
+    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Space-axis backward, part 1 of 2: delta and dq for BLOCK_M query rows.
+
+        delta = rowsum(do * o)           (stored fp32 [B, T, H, K] for part 2)
+        p = exp(s - m - log l) ; dp = do @ v^T ; ds = p * (dp - delta)
+        ds *= 1 - tanh^2(s_raw / c)      (the cap's derivative) ; ds = 0 where masked
+        dq = scale * ds @ k              -> dqkv[:, :, :, 0]
+    FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq). Bytes: q, o, do, dq once + k, v per query tile.
+    """
+    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
+    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
+    n_m = tl.cdiv(K, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bth = tl.program_id(0) // n_m
+    h = pid_bth % H
+    bt = pid_bth // H
+    t = bt % T
+    b = bt // T
+    b64 = b.to(tl.int64)
+    t64 = t.to(tl.int64)
+    base = qkv + b64 * s_b + t64 * s_t + h * s_h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < Dh
+    row_mask = (rows < K)[:, None] & d_ok[None, :]
+    q = tl.load(base + rows[:, None] * s_k + offs_d[None, :] * s_d, mask=row_mask, other=0.0)
+    do_t_ = tl.load(do + b64 * do_b + t64 * do_t + h * do_h + rows[:, None] * do_k + offs_d[None, :] * do_d,
+                    mask=row_mask, other=0.0)
+    o_t_ = tl.load(o + b64 * o_b + t64 * o_t + h * o_h + rows[:, None] * o_k + offs_d[None, :],
+                   mask=row_mask, other=0.0)
+    stat = pid_bth.to(tl.int64) * K + rows
+    dl = tl.sum(do_t_.to(tl.float32) * o_t_.to(tl.float32), 1)
+    tl.store(delta + stat, dl, mask=rows < K)
+    m = tl.load(m_in + stat, mask=rows < K, other=0.0)
+    logl = tl.load(l_in + stat, mask=rows < K, other=0.0)
+    kp_base = kp + b64 * kp_b + t64 * kp_t
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, K, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (cols < K)[:, None] & d_ok[None, :]
+        kv_off = cols[:, None] * s_k + offs_d[None, :] * s_d
+        k = tl.load(base + s_3 + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(base + 2 * s_3 + kv_off, mask=kv_mask, other=0.0)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
+                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
+        p = _space_probs(s, m, logl, rows, K)
+        dp = tl.dot(do_t_, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - dl[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        ds = tl.where(keep, ds, 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    g = dqkv + b64 * g_b + t64 * g_t + h * g_h + rows[:, None] * g_k + offs_d[None, :]
+    tl.store(g, (dq * scale).to(dqkv.dtype.element_ty), mask=row_mask)
+
+
+@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+@triton.jit
+def _space_bwd_dkdv_kernel(
+    qkv, do, m_in, l_in, delta, dqkv, kp,
+    s_b, s_t, s_k, s_3, s_h, s_d,
+    do_b, do_t, do_k, do_h, do_d,
+    g_b, g_t, g_k, g_3, g_h,
+    kp_b, kp_t, kp_k,
+    T, H, K, Dh, scale, softcap,
+    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Space-axis backward, part 2 of 2: dk and dv for BLOCK_N keys (BLOCK_N here plays the
+    role of the key tile, BLOCK_M the query tile), looping over every query tile:
+        dv += p^T @ do ; dk += scale * ds^T @ q     -> dqkv[:, :, :, 1] and [:, :, :, 2]
+    No atomics: each program owns its keys, so the result is deterministic.
+    FLOPs: 8 * B*T*H * K^2 * Dh (s, dp, dv, dk). Bytes: k, v, dk, dv once + q, do per key tile.
+    """
+    n_n = tl.cdiv(K, BLOCK_N)
+    pid_n = tl.program_id(0) % n_n
+    pid_bth = tl.program_id(0) // n_n
+    h = pid_bth % H
+    bt = pid_bth // H
+    t = bt % T
+    b = bt // T
+    b64 = b.to(tl.int64)
+    t64 = t.to(tl.int64)
+    base = qkv + b64 * s_b + t64 * s_t + h * s_h
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < Dh
+    col_mask = (cols < K)[:, None] & d_ok[None, :]
+    kv_off = cols[:, None] * s_k + offs_d[None, :] * s_d
+    k = tl.load(base + s_3 + kv_off, mask=col_mask, other=0.0)
+    v = tl.load(base + 2 * s_3 + kv_off, mask=col_mask, other=0.0)
+    kp_ptrs = kp + b64 * kp_b + t64 * kp_t + cols * kp_k
+    do_base = do + b64 * do_b + t64 * do_t + h * do_h
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, K, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_mask = (rows < K)[:, None] & d_ok[None, :]
+        q = tl.load(base + rows[:, None] * s_k + offs_d[None, :] * s_d, mask=row_mask, other=0.0)
+        do_t_ = tl.load(do_base + rows[:, None] * do_k + offs_d[None, :] * do_d, mask=row_mask, other=0.0)
+        stat = pid_bth.to(tl.int64) * K + rows
+        m = tl.load(m_in + stat, mask=rows < K, other=0.0)
+        logl = tl.load(l_in + stat, mask=rows < K, other=0.0)
+        dl = tl.load(delta + stat, mask=rows < K, other=0.0)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
+                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
+        p = _space_probs(s, m, logl, rows, K)
+        dv += tl.dot(tl.trans(p.to(do_t_.dtype)), do_t_, input_precision=DOT_PREC)
+        dp = tl.dot(do_t_, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - dl[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        ds = tl.where(keep, ds, 0.0)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    g = dqkv + b64 * g_b + t64 * g_t + h * g_h + cols[:, None] * g_k + offs_d[None, :]
+    tl.store(g + g_3, (dk * scale).to(dqkv.dtype.element_ty), mask=col_mask)
+    tl.store(g + 2 * g_3, dv.to(dqkv.dtype.element_ty), mask=col_mask)
+
+
+def _kp_args(key_padding: torch.Tensor | None, qkv: torch.Tensor):
+    """(tensor, strides, flag) for the optional [B, T, K] key-padding mask, read as bytes in
+    place (a bool tensor is one byte per element, so the uint8 view is free)."""
+    if key_padding is None:
+        return qkv, (0, 0, 0), False
+    kp = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
+    return kp, tuple(kp.stride()), True
+
+
+def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, softcap: float, scale: float,
+                        causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the space-axis forward. Returns (o [B, T, K, H, Dh], m, log l [B, T, H, K] fp32)."""
+    B, T, K, _, H, Dh = qkv.shape
+    o = qkv.new_empty(B, T, K, H, Dh)
+    m = qkv.new_empty(B, T, H, K, dtype=torch.float32)
+    logl = torch.empty_like(m)
+    kp, kps, has_kp = _kp_args(key_padding, qkv)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)  # noqa: E731
+    _space_fwd_kernel[grid](
+        qkv, o, m, logl, kp, *qkv.stride(), *o.stride()[:4], *kps,
+        T, H, K, Dh, scale, softcap,
+        SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype),
+        BLOCK_D=block_d(Dh),
+    )
+    return o, m, logl
+
+
+def attention_space_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, m: torch.Tensor,
+                        logl: torch.Tensor, key_padding: torch.Tensor | None, softcap: float, scale: float,
+                        causal: bool) -> torch.Tensor:
+    """Launch the space-axis backward (dq kernel, then dk/dv kernel). Returns dqkv, the
+    layout of qkv made contiguous: [B, T, K, 3, H, Dh]."""
+    B, T, K, _, H, Dh = qkv.shape
+    dqkv = qkv.new_empty(B, T, K, 3, H, Dh)
+    delta = torch.empty_like(m)
+    kp, kps, has_kp = _kp_args(key_padding, qkv)
+    common = dict(SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype),
+                  BLOCK_D=block_d(Dh))
+    gs = dqkv.stride()[:5]
+    _space_bwd_dq_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)](
+        qkv, o, do, m, logl, delta, dqkv, kp, *qkv.stride(), *o.stride()[:4], *do.stride(), *gs, *kps,
+        T, H, K, Dh, scale, softcap, **common)
+    _space_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_N"]) * B * T * H,)](
+        qkv, do, m, logl, delta, dqkv, kp, *qkv.stride(), *do.stride(), *gs, *kps,
+        T, H, K, Dh, scale, softcap, **common)
+    return dqkv

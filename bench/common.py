@@ -89,6 +89,8 @@ def measure_peaks(device: torch.device | str) -> dict:
 
 
 def _commit() -> str:
+    if os.environ.get("VIDEOPRISM_COMMIT"):
+        return os.environ["VIDEOPRISM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"

@@ -88,10 +88,16 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
     p.add_argument("--budget-s", type=float, default=130.0,
                    help="stop starting new cases after this many seconds (the GPU script has a time box)")
+    p.add_argument("--autotune", action="store_true",
+                   help="search the Triton kernels' tile configs (a compile per candidate) instead of the defaults")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = p.parse_args(argv)
 
+    if args.autotune:
+        from videoprism.kernels import factorized_attention_space
+
+        factorized_attention_space.AUTOTUNE = True
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = args.out or f"bench/results/attention_{device.type}{'_tiny' if args.tiny else ''}.json"
@@ -102,7 +108,8 @@ def main(argv=None) -> None:
     peaks = measure_peaks(device)
     elt = torch.finfo(dtype).bits // 8
     report = Report("factorized attention", str(device), meta={
-        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends, **peaks})
+        "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends,
+        "triton_autotune": args.autotune, **peaks})
     gen = torch.Generator().manual_seed(0)
     skipped = []
     for model, (H, Dh) in models.items():

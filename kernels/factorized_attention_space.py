@@ -48,27 +48,47 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# The config search is opt-in: each candidate costs a Triton compile (about a second) per
+# kernel variant (dtype, head dim, cap / padding / causal flags), which would dominate the GPU
+# tests; by default one config per head dim is used. `VIDEOPRISM_TRITON_AUTOTUNE=1`, or
+# `AUTOTUNE = True` before the first call (bench/attention.py --autotune), turns it on.
+AUTOTUNE = os.environ.get("VIDEOPRISM_TRITON_AUTOTUNE", "0") == "1"
+
+
 def _configs(fwd: bool):
-    """A single config in the interpreter (it would otherwise run every config); a small
-    search on the GPU, keyed on the sequence length and head dim."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    shapes = [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)] if fwd else \
-        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)]
+    """Candidates for the search: (BLOCK_M, BLOCK_N, warps, stages)."""
+    shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)] if fwd else \
+        [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
+def _default_config(fwd: bool, bd: int) -> triton.Config:
+    """One config by padded head dim. Forward: 128-query tiles (the q tile stays in registers,
+    k/v tiles stream); backward: smaller tiles, it holds four operand tiles at once."""
+    if INTERPRET:
+        m, n, w, s = 64, 64, 4, 1
+    elif fwd:
+        m, n, w, s = (128, 64, 4, 3) if bd <= 64 else (128, 64, 8, 3) if bd <= 128 else (64, 32, 4, 2)
+    else:
+        m, n, w, s = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
 def autotune_bench(kernel_call, quantiles):
-    """Autotuning timer: short runs (the default 25 + 100 ms per config adds up to minutes over
-    the model's shapes); the kernels are tens of microseconds, so 25 ms still averages many."""
+    """Autotuning timer: short runs (the default 25 + 100 ms per config adds up over the
+    model's shapes); the kernels take tens of microseconds, so 25 ms still averages many."""
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-def _prune(configs, named_args, **kw):
-    """Large head dims do not fit the big tiles in registers / shared memory."""
-    bd = kw.get("BLOCK_D", named_args.get("BLOCK_D"))
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * bd <= 128 * 64 * 128]
-    return keep or configs[-1:]
+def _prune(fwd: bool):
+    def prune(configs, named_args, **kw):
+        bd = kw["BLOCK_D"]
+        if INTERPRET or not AUTOTUNE:
+            return [_default_config(fwd, bd)]
+        # Large head dims do not fit the big tiles in registers / shared memory.
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * bd <= 128 * 64 * 128]
+        return keep or [_default_config(fwd, bd)]
+    return prune
 
 
 @triton.jit
@@ -97,7 +117,7 @@ def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
 
 
 @triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+                 prune_configs_by={"early_config_prune": _prune(True)}, do_bench=autotune_bench)
 @triton.jit
 def _space_fwd_kernel(
     qkv, o, m_out, l_out, kp,
@@ -173,7 +193,7 @@ def _space_probs(s, m, logl, rows, K):
 
 
 @triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+                 prune_configs_by={"early_config_prune": _prune(False)}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dq_kernel(
     qkv, o, do, m_in, l_in, delta, dqkv, kp,
@@ -242,7 +262,7 @@ def _space_bwd_dq_kernel(
 
 
 @triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune}, do_bench=autotune_bench)
+                 prune_configs_by={"early_config_prune": _prune(False)}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dkdv_kernel(
     qkv, do, m_in, l_in, delta, dqkv, kp,

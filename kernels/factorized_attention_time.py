@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels import factorized_attention_space as _space
 from videoprism.kernels.factorized_attention_space import (
     _MASK,
     INTERPRET,
@@ -35,26 +36,31 @@ from videoprism.kernels.factorized_attention_space import (
 
 
 def _time_configs(fwd: bool):
-    """(BLOCK_S sequences, HEADS per program, warps). On the GPU a small search; several heads
-    per program share the pos search of the masked axis. In the interpreter (one numpy op per
-    tile op, so big tiles cost only memory) no search: the pruning keeps one config."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_S": 32, "HEADS": hp}, num_warps=4, num_stages=1) for hp in (1, 2, 3, 4, 6, 8, 12, 16)]
+    """Candidates for the search (AUTOTUNE in factorized_attention_space.py):
+    (BLOCK_S sequences, HEADS per program, warps)."""
     shapes = [(4, 1, 4), (8, 1, 4), (16, 1, 8), (4, 4, 4), (8, 2, 4), (8, 4, 4)] if fwd else \
         [(2, 1, 4), (4, 1, 4), (8, 1, 8), (2, 4, 4), (4, 2, 4), (4, 4, 4)]
     return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=w, num_stages=1) for bs, hp, w in shapes]
 
 
-def _time_prune(budget: int):
-    """Drop tiles over `budget` elements per operand (16K forward; 8K backward, which holds
-    q, k, v, do and three gradients) and head groups that do not divide H."""
+def _time_prune(fwd: bool):
+    """Tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
+    gradients) elements per operand, head groups that divide H. Without the search: the
+    largest such tile up to 8 (forward) / 4 (backward) sequences, and on the masked axis up
+    to 4 heads per program, which share its pos search. The interpreter (one numpy op per
+    tile op) takes 32 sequences and all heads: the fewest programs."""
+    budget = 16384 if fwd else 8192
+
     def prune(configs, named_args, **kw):
-        H = named_args["H"]
-        if INTERPRET:   # no search: all heads of a sequence block in one program (fewest programs)
-            return [max((c for c in configs if H % c.kwargs["HEADS"] == 0), key=lambda c: c.kwargs["HEADS"])]
-        tile = kw["BLOCK_T"] * kw["BLOCK_D"]
+        H, tile = named_args["H"], kw["BLOCK_T"] * kw["BLOCK_D"]
+        if INTERPRET:
+            return [triton.Config({"BLOCK_S": 32, "HEADS": H}, num_warps=4, num_stages=1)]
         keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
-        return keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_S"], c.kwargs["HEADS"]))]
+        if _space.AUTOTUNE and keep:           # read at call time: bench --autotune sets it
+            return keep
+        bs = max(1, min(8 if fwd else 4, budget // tile))
+        hp = max(h for h in (1, 2, 4) if H % h == 0) if kw["HAS_POS"] else 1
+        return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=4, num_stages=1)]
     return prune
 
 
@@ -136,7 +142,7 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
 _KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP"]
 
 
-@triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(16384)},
+@triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(True)},
                  do_bench=autotune_bench)
 @triton.jit
 def _time_fwd_kernel(
@@ -181,7 +187,7 @@ def _time_fwd_kernel(
         tl.store(dst + h * o_h, out.to(o.dtype.element_ty), mask=msk)
 
 
-@triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(8192)},
+@triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(False)},
                  do_bench=autotune_bench)
 @triton.jit
 def _time_bwd_kernel(

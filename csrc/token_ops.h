@@ -1,7 +1,6 @@
 // Shape and dtype checks shared by the CPU and CUDA kernels of the token ops, and the
-// accumulation type of the reductions. Index *values* are checked in the CPU loops; on
-// CUDA the Python layer adds an asynchronous device assert and the kernels skip
-// out-of-range rows (no host synchronisation, no out-of-bounds access).
+// accumulation type of the reductions. Index *values* are checked inside the kernels:
+// exceptions in the CPU loops, device asserts in the CUDA kernels (no host sync).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>

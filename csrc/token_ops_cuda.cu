@@ -2,8 +2,10 @@
 // reads and writes each byte once, with 16-byte vector accesses wherever the row
 // length and the pointers allow (otherwise the same kernels at width 1). Row kernels
 // use 2-D blocks: x threads stride over one row's vectors, y indexes rows, so short
-// rows still fill a block. Index values out of range are skipped here (the Python
-// layer raises them through an asynchronous device assert). Math: kernels/<op>.py.
+// rows still fill a block. Index values are checked in the kernels with device asserts
+// (CUDA_KERNEL_ASSERT, on in release builds, as torch's own index kernels do): free for
+// these memory-bound kernels, where a separate checking pass would cost a quarter of
+// the op. Math: kernels/<op>.py.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -53,6 +55,7 @@ __global__ void gather_rows_kernel(const V* __restrict__ x, const int64_t* __res
   const int64_t r = block_row();
   if (r >= rows) return;
   const int64_t j = idx[r];
+  CUDA_KERNEL_ASSERT(j >= 0 && j < L && "gather_tokens: idx value out of range [0, L)");
   if (j < 0 || j >= L) return;
   const V* src = x + ((r / M) * L + j) * row_vecs;
   V* dst = out + r * row_vecs;
@@ -70,6 +73,9 @@ __global__ void scatter_rows_kernel(const T* __restrict__ src, const int64_t* __
   if (r >= rows) return;
   const int64_t b = r / L, o = b * (L + 1) + r % L;
   const int64_t lo = offsets[o], hi = offsets[o + 1];
+  // The CSR of sample b covers all M sources iff every index lies in [0, L).
+  if (r % L == 0 && threadIdx.x == 0)
+    CUDA_KERNEL_ASSERT(offsets[o] == 0 && offsets[o + L] == M && "scatter_tokens: idx value out of range [0, L)");
   const P* s = reinterpret_cast<const P*>(src) + b * M * row_vecs;
   P* dst = reinterpret_cast<P*>(out) + r * row_vecs;
   for (int64_t c = threadIdx.x; c < row_vecs; c += blockDim.x) {
@@ -98,6 +104,7 @@ __global__ void shuffle_fwd_kernel(const T* __restrict__ vis, const int64_t* __r
   const int64_t r = block_row();
   if (r >= rows) return;
   const int64_t p = perm[r];
+  CUDA_KERNEL_ASSERT(p >= 0 && p < n && "shuffle_with_mask_tokens: perm value out of range [0, n)");
   if (p < 0 || p >= n) return;
   const P* src = reinterpret_cast<const P*>(vis) + ((r / n) * m + p) * row_vecs;
   const A* pos = reinterpret_cast<const A*>(pos_emb) + (r % n) * row_vecs;
@@ -146,6 +153,7 @@ __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __
       if (s < slots) {
         const int64_t row = b * n + i0 + s;
         p[s] = perm[row];
+        CUDA_KERNEL_ASSERT(p[s] >= 0 && p[s] < n && "shuffle_with_mask_tokens: perm value out of range [0, n)");
         v[s] = g[row * row_vecs + c];
       }
     }
@@ -175,6 +183,7 @@ __global__ void patchify_gather_kernel(const In* __restrict__ video, const int64
                                        int64_t P) {
   const int64_t r = blockIdx.x;
   const int64_t nidx = pos[r];
+  CUDA_KERNEL_ASSERT(nidx >= 0 && nidx < N && "patchify_gather: pos value out of range [0, N)");
   if (nidx < 0 || nidx >= N) return;
   const int64_t run = 3 * P, F = P * run;
   const In* base = video + (r / K) * H * W * 3 + (nidx / NW) * P * W * 3 + (nidx % NW) * run;

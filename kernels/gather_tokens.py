@@ -64,9 +64,10 @@ def _gather_tokens_fwd_kernel(x_ptr, idx_ptr, out_ptr, L, M, D, n_rows,
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = r < n_rows
     j = tl.load(idx_ptr + r, mask=r_ok, other=0)
+    j_ok = (j >= 0) & (j < L)              # memory safety only: the op checks values on the CPU
     src_row = (r // M).to(tl.int64) * L + j
     ok = r_ok[:, None] & (d < D)[None, :]
-    v = tl.load(x_ptr + src_row[:, None] * D + d[None, :], mask=ok)
+    v = tl.load(x_ptr + src_row[:, None] * D + d[None, :], mask=ok & j_ok[:, None], other=0)
     tl.store(out_ptr + r.to(tl.int64)[:, None] * D + d[None, :], v, mask=ok)
 
 
@@ -74,7 +75,8 @@ def _gather_tokens_fwd_kernel(x_ptr, idx_ptr, out_ptr, L, M, D, n_rows,
 def _scatter_tokens_fwd_kernel(src_ptr, order_ptr, offsets_ptr, out_ptr, L, M, D, n_rows,
                                ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row block, column block) over output rows r = b*L + l: sum the CSR run of
-    source rows of each output row (length 0 writes zeros, 1 is a copy)."""
+    source rows of each output row (length 0 writes zeros, 1 is a copy). Indices outside
+    [0, L) fall outside every run: never read."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = r < n_rows

@@ -50,7 +50,7 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) ->
 
 
 @triton.jit
-def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3, NW, F,
+def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3, NW, N, F,
                                 P: tl.constexpr, IS_UINT8: tl.constexpr, SCALE: tl.constexpr,
                                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Program (patch block, feature block): rows r = (b*T + t)*K + k, features f = p*3P + u."""
@@ -65,7 +65,8 @@ def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3,
     u = f % (3 * P)
     src = frame[:, None] * HW3 + (mh[:, None] * P + p[None, :]) * W3 + nw[:, None] * (3 * P) + u[None, :]
     ok = r_ok[:, None] & (f < F)[None, :]
-    v = tl.load(video_ptr + src, mask=ok, other=0)
+    n_ok = (n >= 0) & (n < N)              # memory safety only: the op checks values on the CPU
+    v = tl.load(video_ptr + src, mask=ok & n_ok[:, None], other=0)
     if IS_UINT8:
         x = v.to(tl.float32) * SCALE
     else:
@@ -85,7 +86,7 @@ def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: i
     BLOCK_F = min(triton.next_power_of_2(F), 1024)
     BLOCK_R = max(1, 2048 // BLOCK_F)
     grid = (triton.cdiv(B * T * K, BLOCK_R), triton.cdiv(F, BLOCK_F))
-    _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, F,
+    _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, (H // P) * (W // P), F,
                                       P=P, IS_UINT8=video.dtype == torch.uint8, SCALE=UINT8_SCALE,
                                       BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
     return out

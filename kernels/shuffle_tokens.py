@@ -55,7 +55,7 @@ def _shuffle_tokens_fwd_kernel(vis_ptr, perm_ptr, mask_ptr, pos_ptr, out_ptr, m,
     r_ok = r < n_rows
     d_ok = d < D
     p = tl.load(perm_ptr + r, mask=r_ok, other=0)
-    vis = p < m
+    vis = (p >= 0) & (p < m)               # p < 0 is invalid: kept in bounds, not read
     i = r % n
     src = (r // n).to(tl.int64) * m + p
     v = tl.load(vis_ptr + src[:, None] * D + d[None, :], mask=(r_ok & vis)[:, None] & d_ok[None, :], other=0.0)
@@ -83,7 +83,7 @@ def _shuffle_tokens_bwd_kernel(g_ptr, perm_ptr, gvis_ptr, gpos_ptr, gmask_part_p
     for _ in range(0, B):
         g = tl.load(g_ptr + row[:, None] * D + d[None, :], mask=ok, other=0.0)
         p = tl.load(perm_ptr + row, mask=i_ok, other=0)
-        vis = p < m
+        vis = (p >= 0) & (p < m)
         acc_pos += g.to(ACC)
         acc_mask += tl.where(vis[:, None], 0.0, g.to(ACC))
         dst = vis_base + p

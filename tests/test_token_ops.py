@@ -211,8 +211,8 @@ def test_gradcheck_float64(backend):
     visible, perm, me, pe = shuffle_inputs(2, 3, 7, 5, torch.float64, emb_dtype=torch.float64)
     args = tuple(t.requires_grad_() for t in (visible, me, pe))
     assert torch.autograd.gradcheck(lambda v, a, b: shuffle_with_mask_tokens(v, perm, a, b, backend=backend), args)
-    video = torch.rand(2, 2, 4, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    pos = torch.tensor([[[0, 5], [1, 2]], [[3, 4], [0, 1]]])
+    video = torch.rand(1, 2, 4, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([[[0, 3], [1, 2]]])
     assert torch.autograd.gradcheck(lambda v: patchify_gather(v, pos, 2, backend=backend), (video,))
 
 

@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     p.add_argument("--backends", default="reference,sdpa,flex,flash,xformers,triton")
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
-    p.add_argument("--budget-s", type=float, default=130.0,
+    p.add_argument("--budget-s", type=float, default=110.0,
                    help="stop starting new cases after this many seconds (the GPU script has a time box)")
     p.add_argument("--autotune", action="store_true",
                    help="search the Triton kernels' tile configs (a compile per candidate) instead of the defaults")

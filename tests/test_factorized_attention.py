@@ -188,10 +188,11 @@ def test_compile_fullgraph_one_node_per_call():
     torch.testing.assert_close(xc.grad, xe.grad)
 
 
-@interp
-def test_encoder_with_triton_matches_golden(golden_dir, golden_config, golden_inputs):
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=interp), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_encoder_with_triton_matches_golden(dev, golden_dir, golden_config, golden_inputs):
     """The whole encoder and the video-text model (causal, padded text) on the official goldens
-    with every attention call on the Triton kernels (fp32, interpreter), at their tolerance."""
+    with every attention call on the Triton kernels (fp32; compiled on a GPU, else the
+    interpreter), at the goldens' tolerance."""
     import os
 
     import numpy as np
@@ -199,9 +200,11 @@ def test_encoder_with_triton_matches_golden(golden_dir, golden_config, golden_in
     import videoprism as vp
     from tests.conftest import golden_overrides
 
+    golden_inputs = {k: v.to(dev) for k, v in golden_inputs.items()}
+
     def load(name, section, params):
         model = vp.from_official(name, attention_backend="triton", **golden_overrides(golden_config[section]))
-        return vp.load_flax_checkpoint(os.path.join(golden_dir, params), model).eval()
+        return vp.load_flax_checkpoint(os.path.join(golden_dir, params), model).to(dev).eval()
 
     def want(name):
         with np.load(os.path.join(golden_dir, f"outputs_{name}.npz")) as f:
@@ -210,13 +213,13 @@ def test_encoder_with_triton_matches_golden(golden_dir, golden_config, golden_in
     enc, w = load("videoprism_v1_base", "encoder", "params_encoder.npz"), want("encoder")
     with torch.no_grad():
         emb, aux = enc(golden_inputs["video"], golden_inputs["frame_paddings"], return_intermediate=True)
-    np.testing.assert_allclose(emb.numpy(), w["embeddings_padded"], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(aux["spatial_features"].numpy(), w["spatial_features_padded"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(emb.cpu().numpy(), w["embeddings_padded"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(aux["spatial_features"].cpu().numpy(), w["spatial_features_padded"], rtol=0, atol=2e-5)
     clip, w = load("videoprism_lvt_v1_base", "clip", "params_clip.npz"), want("clip")
     with torch.no_grad():
         v, t = clip(golden_inputs["video"], golden_inputs["text_ids"], golden_inputs["text_paddings"])[:2]
-    np.testing.assert_allclose(v.numpy(), w["video_embeddings"], rtol=0, atol=2e-5)
-    np.testing.assert_allclose(t.numpy(), w["text_embeddings"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(v.cpu().numpy(), w["video_embeddings"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(t.cpu().numpy(), w["text_embeddings"], rtol=0, atol=2e-5)
 
 
 @interp

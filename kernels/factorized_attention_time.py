@@ -45,10 +45,11 @@ def _time_configs(fwd: bool):
 
 def _time_prune(fwd: bool):
     """Tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
-    gradients) elements per operand, head groups that divide H. Without the search: the
-    largest such tile up to 8 (forward) / 4 (backward) sequences, and on the masked axis up
-    to 4 heads per program, which share its pos search. The interpreter (one numpy op per
-    tile op) takes 32 sequences and all heads: the fewest programs."""
+    gradients) elements per operand, head groups that divide H. Without the search: 4
+    (forward) / 2 (backward) sequences, which at T = 16, Dh = 64 keep the operands and fp32
+    accumulators near 100 registers a thread (no spills, two programs per SM), and on the
+    masked axis up to 4 heads per program, which share its pos search. The interpreter (one
+    numpy op per tile op) takes 32 sequences and all heads: the fewest programs."""
     budget = 16384 if fwd else 8192
 
     def prune(configs, named_args, **kw):
@@ -58,7 +59,7 @@ def _time_prune(fwd: bool):
         keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
         if _space.AUTOTUNE and keep:           # read at call time: bench --autotune sets it
             return keep
-        bs = max(1, min(8 if fwd else 4, budget // tile))
+        bs = max(1, min(4 if fwd else 2, budget // tile))
         hp = max(h for h in (1, 2, 4) if H % h == 0) if kw["HAS_POS"] else 1
         return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=4, num_stages=1)]
     return prune

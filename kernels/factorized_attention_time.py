@@ -46,8 +46,9 @@ def _time_configs(fwd: bool):
 def _time_prune(fwd: bool):
     """Tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
     gradients) elements per operand, head groups that divide H. Without the search: 4
-    (forward) / 2 (backward) sequences, which at T = 16, Dh = 64 keep the operands and fp32
-    accumulators near 100 registers a thread (no spills, two programs per SM), and on the
+    (forward) / 2 (backward) sequences, which at T = 16, Dh = 64 keep the operand tiles and
+    fp32 accumulators near 100 registers a thread (estimated over 128 threads, not measured;
+    `bench.attention --autotune` searches the rest), and on the
     masked axis up to 4 heads per program, which share its pos search. The interpreter (one
     numpy op per tile op) takes 32 sequences and all heads: the fewest programs."""
     budget = 16384 if fwd else 8192

@@ -125,7 +125,7 @@ def main(argv=None) -> None:
     batch = a.batch or (32 if cuda else 2)
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
     impls = ("triton", "cuda", "torch") if cuda else ("cpp", "torch")
-    tkw = dict(warmup_ms=10, rep_ms=40) if cuda else dict(warmup=1, reps=5)
+    tkw = dict(warmup_ms=10, rep_ms=40) if cuda else dict(warmup=2, reps=10)
     peaks = measure_peaks(device)
     report = Report("token ops", str(device), meta={"dtype": str(dtype).replace("torch.", ""), "batch": batch,
                                                     "copy_gbps": round(peaks["copy_gbps"], 1),

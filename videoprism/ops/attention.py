@@ -142,6 +142,10 @@ def _flex_fn(device: torch.device):
     if device.type != "cuda" or torch.compiler.is_compiling():
         return flex_attention
     if _flex_compiled is None:
+        # One compile per shape and grad mode: a model has a handful (space, time, text);
+        # a benchmark sweep has dozens, past dynamo's default limit of 8, after which flex
+        # silently falls back to its unfused math.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled
 
@@ -218,24 +222,27 @@ def _sdpa(qkv, *, axis, softcap, pos, key_padding, causal, scale):
     if pos is not None:
         raise ValueError("attention backend 'sdpa' does not take a pos map (masked time axis); "
                          "use 'triton', 'flex' or 'reference'")
+    B, T, K, _, H, Dh = qkv.shape
     q, k, v = qkv.unbind(3)                                   # [B, T, K, H, Dh]
+    # SDPA's fused kernels take 4-D [batch, heads, seq, dim]: fold the other grid axis
+    # into the batch. On the time axis that costs a permute copy of q, k, v and o.
     if axis == "space":
-        perm, inv = (0, 1, 3, 2, 4), (0, 1, 3, 2, 4)          # -> [B, T, H, K, Dh]
-        kp = None if key_padding is None else key_padding.bool()[:, :, None, None, :]
+        perm, inv, S = (0, 1, 3, 2, 4), (0, 1, 3, 2, 4), K       # [B, T, H, K, Dh]
+        kp = None if key_padding is None else key_padding.bool().reshape(B * T, 1, 1, K)
     else:
-        perm, inv = (0, 2, 3, 1, 4), (0, 3, 1, 2, 4)          # -> [B, K, H, T, Dh]
-        kp = None if key_padding is None else key_padding.bool().permute(0, 2, 1)[:, :, None, None, :]
-    q, k, v = (a.permute(*perm) for a in (q, k, v))
+        perm, inv, S = (0, 2, 3, 1, 4), (0, 3, 1, 2, 4), T       # [B, K, H, T, Dh]
+        kp = None if key_padding is None else key_padding.bool().permute(0, 2, 1).reshape(B * K, 1, 1, T)
+    q, k, v = (a.permute(*perm).reshape(-1, H, S, Dh) for a in (q, k, v))
     mask = None
     if kp is not None:
         # Additive finite mask: a fully padded row stays uniform, as in the official code.
         mask = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, MASK_VALUE)
         if causal:
-            S = q.shape[-2]
             c = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
             mask = mask.masked_fill(~c, MASK_VALUE)
             causal = False
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    o = o.reshape(B, T, H, K, Dh) if axis == "space" else o.reshape(B, K, H, T, Dh)
     return o.permute(*inv)
 
 

@@ -4,7 +4,7 @@
   through `triton.testing.do_bench` (warm-up and repeat in ms); on the CPU with
   `time.perf_counter` around whole calls after warm-up.
 * `measure_peaks(device)`: the two ceilings of the card measured in the same run
-  (a large bf16 matmul for TFLOP/s, a large device-to-device copy for GB/s,
+  (a large bf16 matmul for TFLOP/s, videoprism/flops.py, a large device-to-device copy for GB/s,
   counting bytes read + written), so every row can say what share of the peak it got.
 * `Report`: rows with the device name, torch/triton versions, commit and date,
   printed as a table and written as JSON.
@@ -69,21 +69,18 @@ def device_name(device: torch.device | str) -> str:
 
 
 def measure_peaks(device: torch.device | str) -> dict:
-    """Measured ceilings: bf16 (fp32 on CPU) matmul TFLOP/s and copy GB/s (read + write)."""
+    """Measured ceilings: matmul TFLOP/s (bf16 on CUDA, fp32 on the CPU; the same
+    measurement as the trainer's MFU denominator) and copy GB/s (bytes read + written)."""
+    from videoprism.flops import matmul_peak_tflops
+
     device = torch.device(device)
-    if device.type == "cuda":
-        n, dtype, nbytes = 8192, torch.bfloat16, 1 << 30
-    else:
-        n, dtype, nbytes = 1024, torch.float32, 1 << 26
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = timeit(lambda: a @ b, device)
+    nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t_cp = timeit(lambda: dst.copy_(src), device)
     return {
-        "matmul_tflops": 2 * n**3 / (t_mm.median_ms * 1e-3) / 1e12,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_tflops": matmul_peak_tflops(device),
+        "matmul_dtype": "bfloat16" if device.type == "cuda" else "float32",
         "copy_gbps": 2 * src.numel() * 4 / (t_cp.median_ms * 1e-3) / 1e9,
     }
 

@@ -185,22 +185,27 @@ __global__ void patchify_gather_kernel(const In* __restrict__ video, const int64
   const int64_t nidx = pos[r];
   CUDA_KERNEL_ASSERT(nidx >= 0 && nidx < N && "patchify_gather: pos value out of range [0, N)");
   if (nidx < 0 || nidx >= N) return;
-  const int64_t run = 3 * P, F = P * run;
-  const In* base = video + (r / K) * H * W * 3 + (nidx / NW) * P * W * 3 + (nidx % NW) * run;
+  // Feature f = p*run + u reads pixel-row p, element u of the patch's run. Index math in
+  // int32 with one division per 4 features (a 64-bit division per element would make
+  // this kernel compute-bound).
+  const int run = static_cast<int>(3 * P), F = static_cast<int>(P) * run;
+  const int64_t row_stride = W * 3;
+  const In* base = video + (r / K) * H * row_stride + (nidx / NW) * P * row_stride + (nidx % NW) * run;
   Out* dst = out + r * F;
-  for (int64_t f0 = 4 * static_cast<int64_t>(threadIdx.x); f0 < F; f0 += 4 * blockDim.x) {
+  for (int f0 = 4 * threadIdx.x; f0 < F; f0 += 4 * blockDim.x) {
     Pack<Out, 4> w;
+    int p = f0 / run, u = f0 - p * run;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t f = f0 + e;
-      if (f < F) {
-        const In v = base[(f / run) * W * 3 + f % run];
+      if (f0 + e < F) {
+        const In v = base[p * row_stride + u];
         if constexpr (std::is_same_v<In, uint8_t>) {
           w.v[e] = static_cast<float>(v) * (1.0f / 255.0f);  // the one rounding every backend does
         } else {
           w.v[e] = static_cast<Out>(v);
         }
       }
+      if (++u == run) u = 0, ++p;
     }
     if constexpr (VEC_OUT) {
       *reinterpret_cast<Pack<Out, 4>*>(dst + f0) = w;

@@ -13,6 +13,7 @@ Cases:
   gather     [B, n, D] -> [B, m, D]  (bwd: scatter into [B, n, D])
   scatter    [B, m, D] -> [B, n, D]  (bwd: gather)
   shuffle    visible [B, m, D] + mask_emb + pos_emb[n, D] -> [B, n, D] (bwd: unshuffle + sums)
+Also the time to draw each stage's mask for the batch on the device (tube_mask, bevt_mask).
 Implementations: the op's backends ("triton", "cuda" on GPU; "cpp" on the CPU) and
 "torch", the composition a user would write (torch.gather / cat / zeros + scatter_add_,
 the reshape-permute patchify) with autograd for the backward.
@@ -131,6 +132,9 @@ def main(argv=None) -> None:
                                                     "copy_gbps": round(peaks["copy_gbps"], 1),
                                                     "threads": torch.get_num_threads()})
     gen = torch.Generator(device=device).manual_seed(0)
+    for stage, (mask_fn, ratio) in STAGES.items():    # mask generation per step (launch-bound on GPU)
+        t = timeit(lambda: mask_fn(batch, T, GRID, ratio, generator=gen, device=device), device, **tkw)
+        report.add(t, model="-", stage=stage, op=mask_fn.__name__, mode="fwd", impl="torch")
     for model in a.models.split(","):
         for stage in a.stages.split(","):
             case = make_case(model, stage, batch, dtype, device, gen)

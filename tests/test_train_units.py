@@ -194,3 +194,30 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
         ckpt.save(root, step, model, opt, trainer_state=state, rank_state=rank_state, keep=2)
     assert [s for s, _ in ckpt.step_dirs(root)] == [2, 3]
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
+
+
+def test_alternating_datasets_follow_weights_and_seed():
+    from videoprism.train.data import ManifestData
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.n = name, 0
+
+        def __iter__(self):
+            while True:
+                self.n += 1
+                yield self.name
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    data = ManifestData([Stream("video"), Stream("image")], [3.0, 1.0], seed=4)
+    picks = [data.next_batch(step) for step in range(400)]
+    assert 0.68 < picks.count("video") / 400 < 0.82
+    again = ManifestData([Stream("video"), Stream("image")], [3.0, 1.0], seed=4)
+    assert [again.next_batch(step) for step in range(400)] == picks  # same on every rank / after resume
+    other = ManifestData([Stream("video"), Stream("image")], [3.0, 1.0], seed=5)
+    assert [other.next_batch(step) for step in range(400)] != picks

@@ -31,6 +31,8 @@ class ModelConfig:
     num_unimodal_layers: int = f(0, "Override of the text blocks (0 = official).")
     patch_size: int = f(0, "Override of the patch side in pixels (0 = official 18).")
     vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).")
+    pos_emb_shape: str = f("", "Position-embedding grid 'T,H,W' ('' = the clip size for a random init, the "
+                               "official shape for a checkpoint).")
     attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU), "
                                        "'reference', 'sdpa', 'triton', ...")
     num_frames: int = f(16, "Frames per clip.")
@@ -47,6 +49,14 @@ class ModelConfig:
             out["num_auxiliary_layers"] = self.num_auxiliary_layers
         if self.vocabulary_size > 0 or vocab:
             out["vocabulary_size"] = self.vocabulary_size or vocab
+        if self.pos_emb_shape:
+            try:
+                shape = tuple(int(x) for x in self.pos_emb_shape.split(","))
+            except ValueError:
+                shape = ()
+            if len(shape) != 3 or min(shape) < 1:
+                raise ValueError(f"model.pos_emb_shape must be 'T,H,W' positive ints, got {self.pos_emb_shape!r}")
+            out["pos_emb_shape"] = shape
         return out
 
 
@@ -140,7 +150,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _tiny(c: Config) -> None:
+def _tiny(c: Config, stage: int) -> None:
     """A CPU demo model: 64x64 clips of 8 frames, 8x8 patches, D=64, 2+1 layers."""
     m = c.model
     m.model_dim, m.num_heads, m.mlp_dim = 64, 4, 128
@@ -153,10 +163,14 @@ def _tiny(c: Config) -> None:
     c.train.compile, c.train.peak_tflops = False, 0.0
     c.checkpoint.interval, c.checkpoint.keep = 100, 2
     c.stage2.decoder_dim, c.stage2.decoder_layers, c.stage2.decoder_heads = 64, 2, 4
+    if stage == 2:
+        # A stage-2 step costs ~4x a stage-1 step (teacher on every token, decoder over all
+        # T*N slots): fewer, smaller steps from a student that starts at the teacher.
+        c.train.steps, c.train.global_batch, c.optim.lr, c.optim.warmup_steps = 150, 16, 1e-3, 15
 
 
 def _paper(size: str):
-    def apply(c: Config) -> None:
+    def apply(c: Config, stage: int) -> None:
         """The paper's settings (DESIGN 5) on the official `size` model, 16 frames at 288x288."""
         c.model.name = f"videoprism_lvt_v1_{size}"
         if size == "giant":
@@ -209,7 +223,7 @@ def build_config(preset: str, overrides: list[str], stage: int) -> Config:
         # Stage-2 paper settings (DESIGN 5): 65% BEVT masking, cosine to 1e-5, wd 0.05.
         cfg.train.mask_ratio, cfg.train.steps, cfg.train.out_dir = 0.65, 300000, "runs/stage2"
         cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr, cfg.optim.weight_decay = 25000, "cosine", 1e-5, 0.05
-    PRESETS[preset](cfg)
+    PRESETS[preset](cfg, stage)
     return apply_overrides(cfg, overrides)
 
 

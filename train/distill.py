@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from videoprism import ops
-from videoprism.layers import AttentionPooler, TransformerStack, layer_norm
+from videoprism.layers import AttentionPooler
 
 
 class Teacher(nn.Module):
@@ -51,22 +51,24 @@ class Mlp(nn.Module):
 
 
 class Decoder(nn.Module):
-    """MLP D->Dd, `num_layers` pre-LN blocks of width Dd (FFN 4*Dd) + final LayerNorm,
-    MLP Dd->D, linear D->D. `[B, L, D] -> [B, L, D]`."""
+    """MLP D->Dd, `num_layers` pre-LN blocks of width Dd (GELU FFN 4*Dd) + final LayerNorm,
+    MLP Dd->D, linear D->D. `[B, L, D] -> [B, L, D]`.
 
-    def __init__(self, dim: int, dec_dim: int, num_layers: int, num_heads: int, *,
-                 attention_backend: str | None = None):
+    The blocks are torch's own (`nn.TransformerEncoderLayer`, norm first): the decoders are
+    not part of the official model and have no logit cap, so plain 4-D SDPA runs them with
+    the fused flash kernels on both the GPU and the CPU."""
+
+    def __init__(self, dim: int, dec_dim: int, num_layers: int, num_heads: int):
         super().__init__()
         self.mlp_in = Mlp(dim, dec_dim)
-        self.blocks = TransformerStack(num_layers, dec_dim, num_heads, 4 * dec_dim, axis="space",
-                                       attention_backend=attention_backend)
-        self.norm = layer_norm(dec_dim)
+        layer = nn.TransformerEncoderLayer(dec_dim, num_heads, 4 * dec_dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(dec_dim), enable_nested_tensor=False)
         self.mlp_out = Mlp(dec_dim, dim)
         self.head = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.mlp_in(x)[:, None])[:, 0]
-        return self.head(self.mlp_out(self.norm(x)))
+        return self.head(self.mlp_out(self.blocks(self.mlp_in(x))))
 
 
 def identity_slots(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
@@ -101,14 +103,12 @@ class Stage2Model(nn.Module):
                  dec_heads: int, global_distill: bool):
         super().__init__()
         D = teacher_encoder.config.model_dim
-        backend = teacher_encoder.config.attention_backend
         # The student starts as an exact copy of the teacher's encoder.
         self.student = copy.deepcopy(teacher_encoder).requires_grad_(True)
         self.mask_emb = nn.Parameter(torch.zeros(D))
         self.pos_emb = nn.Parameter(torch.randn(num_positions, D) * 0.02)
-        self.token_decoder = Decoder(D, dec_dim, dec_layers, dec_heads, attention_backend=backend)
-        self.global_decoder = Decoder(D, dec_dim, dec_layers, dec_heads, attention_backend=backend) \
-            if global_distill else None
+        self.token_decoder = Decoder(D, dec_dim, dec_layers, dec_heads)
+        self.global_decoder = Decoder(D, dec_dim, dec_layers, dec_heads) if global_distill else None
         self.global_pooler = AttentionPooler(D, dec_heads, D) if global_distill else None
 
     def decoder_input(self, visible: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:

@@ -23,14 +23,15 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     """A `FactorizedVideoCLIP` of `mc.name` with the overrides of `mc`, initialised per `mc.init`.
 
     A randomly initialised model gets position embeddings of exactly the training clip
-    size (no interpolation in every step); a checkpoint keeps its official shape."""
+    size (no interpolation in every step) unless model.pos_emb_shape says otherwise; a
+    checkpoint keeps the official shape (or model.pos_emb_shape)."""
     overrides = mc.overrides(vocab)
     base = official_config(mc.name, **overrides)
     if not isinstance(base, CLIPConfig):
         raise ValueError(f"model.name={mc.name!r} is not a video-text (LvT) model; use videoprism_lvt_v1_*")
     if mc.resolution % base.patch_size:
         raise ValueError(f"model.resolution={mc.resolution} is not a multiple of the patch size {base.patch_size}")
-    if mc.init == "random":
+    if mc.init == "random" and not mc.pos_emb_shape:
         grid = mc.resolution // base.patch_size
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)

@@ -56,7 +56,8 @@ def close_distributed() -> None:
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    """Transformer blocks: the model's own and the stage-2 decoders' (torch's layers)."""
+    return [m for m in module.modules() if isinstance(m, (TransformerBlock, nn.TransformerEncoderLayer))]
 
 
 def _checkpointed(forward, *args, **kwargs):

@@ -83,10 +83,12 @@ def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: i
     out = torch.empty(B, T, K, F, dtype=output_dtype(video.dtype), device=video.device)
     if out.numel() == 0:
         return out
+    # 8192 elements per program (8 patches of 972 features at P = 18), 8 warps: a few
+    # thousand programs, not one per patch.
     BLOCK_F = min(triton.next_power_of_2(F), 1024)
-    BLOCK_R = max(1, 2048 // BLOCK_F)
+    BLOCK_R = max(1, 8192 // BLOCK_F)
     grid = (triton.cdiv(B * T * K, BLOCK_R), triton.cdiv(F, BLOCK_F))
     _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, (H // P) * (W // P), F,
                                       P=P, IS_UINT8=video.dtype == torch.uint8, SCALE=UINT8_SCALE,
-                                      BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F)
+                                      BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, num_warps=8)
     return out

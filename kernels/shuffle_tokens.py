@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.gather_tokens import NUM_WARPS, row_tile
+
 
 def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
                                  pos_emb: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,6 @@ def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask
 
 def _acc_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _block_d(D: int) -> int:
-    return min(triton.next_power_of_2(max(D, 1)), 256)
 
 
 @triton.jit
@@ -101,11 +99,11 @@ def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> tor
     out = torch.empty(B, n, D, dtype=visible.dtype, device=visible.device)
     if out.numel() == 0:
         return out
-    BLOCK_D = _block_d(D)
-    BLOCK_R = max(1, 2048 // BLOCK_D)
+    BLOCK_R, BLOCK_D = row_tile(D)
     grid = (triton.cdiv(B * n, BLOCK_R), triton.cdiv(D, BLOCK_D))
     _shuffle_tokens_fwd_kernel[grid](visible, perm, mask_emb, pos_emb, out, m, n, D, B * n,
-                                     ACC=_acc_type(visible.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D)
+                                     ACC=_acc_type(visible.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                     num_warps=NUM_WARPS)
     return out
 
 
@@ -116,7 +114,7 @@ def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     gvis = torch.empty(B, m, D, dtype=grad.dtype, device=grad.device)
     gpos = torch.empty(n, D, dtype=acc, device=grad.device)
-    BLOCK_D = _block_d(D)
+    BLOCK_D = row_tile(D)[1]
     BLOCK_I = max(1, min(16, 4096 // BLOCK_D))
     n_blocks = triton.cdiv(n, BLOCK_I)
     part = torch.empty(n_blocks, D, dtype=acc, device=grad.device)

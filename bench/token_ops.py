@@ -25,11 +25,19 @@ Bytes (the least any implementation must move; E = element size, E_p = 4):
   shuffle    fwd B*m*D*E + B*n*D*E + n*D*E_p     bwd B*n*D*E + B*m*D*E + n*D*E_p
   fwd+bwd = the sum. GB/s = bytes / time; pct_copy = GB/s / (device copy GB/s measured in
   this run, read + write), the floor; x_torch = torch time / this time.
+Two times on CUDA: `ms` (do_bench of the eager call: includes the host side, the Python
+custom-op and autograd dispatch, which at these 30-100 us sizes can exceed the kernels and
+then is what gets measured) and `dev_ms` (the same call captured once in a CUDA graph and
+replayed after an L2 flush: device time only, what a step whose host runs ahead of the GPU
+sees); dev_gbps / dev_pct_copy from dev_ms. The backward alone cannot be captured apart
+from its forward (autograd runs it on the forward's stream), so its dev_ms is
+(fwd+bwd) - fwd, marked dev_derived.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -106,6 +114,39 @@ def op_specs(c: dict, batch: int):
     ]
 
 
+def device_ms(fn, reps: int = 30) -> float | None:
+    """Median device time of fn in ms: captured once in a CUDA graph (on a side stream, after
+    two warm-up calls there), each replay timed by events after a 256 MB L2 flush. None (and
+    a note) when fn cannot be captured."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    except RuntimeError as e:
+        print(f"  (no CUDA graph: {str(e).splitlines()[0]})")
+        torch.cuda.synchronize()
+        return None
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    events = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    ms = statistics.median(a.elapsed_time(b) for a, b in events)
+    del graph
+    return ms
+
+
 def _with_grad(fn, *inputs):
     leaves = tuple(t.detach().requires_grad_() for t in inputs)
     return fn(*leaves), leaves
@@ -119,6 +160,7 @@ def main(argv=None) -> None:
                    help="token dtype (default bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--models", default="base,giant", help=f"comma-separated from {list(MODELS)}")
     p.add_argument("--stages", default="stage1,stage2", help=f"comma-separated from {list(STAGES)}")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph device times (dev_ms)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<device>.json)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -147,14 +189,27 @@ def main(argv=None) -> None:
                     if bytes_bwd is not None:
                         modes["bwd"] = (lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), bytes_bwd)
                         modes["fwd+bwd"] = (lambda: torch.autograd.grad(*run(impl), grad), bytes_fwd + bytes_bwd)
+                    dev = {}
                     for mode, (fn, nbytes) in modes.items():
                         t = timeit(fn, device, **tkw)
                         times[(impl, mode)] = t.median_ms
                         gbps = nbytes / (t.median_ms * 1e-3) / 1e9
-                        report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, K=case["K"],
-                                   mbytes=round(nbytes / 1e6, 1), gbps=round(gbps, 1),
-                                   pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
-                    del out, leaves, grad
+                        row = report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, K=case["K"],
+                                         mbytes=round(nbytes / 1e6, 1), gbps=round(gbps, 1),
+                                         pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
+                        if cuda and not a.no_graph and mode != "bwd":
+                            dev[mode] = (row, nbytes, device_ms(fn))
+                        elif cuda and not a.no_graph:
+                            dev[mode] = (row, nbytes, None)
+                    if "bwd" in dev and dev["fwd"][2] is not None and dev["fwd+bwd"][2] is not None:
+                        dev["bwd"] = (dev["bwd"][0], dev["bwd"][1], dev["fwd+bwd"][2] - dev["fwd"][2])
+                        dev["bwd"][0]["dev_derived"] = True
+                    for row, nbytes, ms in dev.values():
+                        if ms is not None and ms > 0:
+                            dev_gbps = nbytes / (ms * 1e-3) / 1e9
+                            row.update(dev_ms=round(ms, 4), dev_gbps=round(dev_gbps, 1),
+                                       dev_pct_copy=round(100 * dev_gbps / peaks["copy_gbps"], 1))
+                    del out, leaves, grad, dev
                 for row in report.rows[-len(times):]:
                     row["x_torch"] = round(times[("torch", row["mode"])] / row["ms"], 2)
             del case

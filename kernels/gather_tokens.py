@@ -17,6 +17,8 @@ Low-precision sums accumulate in fp32 (fp64 for fp64).
 Bytes moved (memory-bound, no FLOPs worth counting), E = element size:
     gather:  B*M*D*E read + B*M*D*E written (+ 8*B*M index bytes)
     scatter: B*M*D*E read + B*L*D*E written (+ 8*B*(2M + L + 1) index bytes)
+Floor at VideoPrism-B stage 2 (B=32, M=1440 of L=4096, D=768, bf16) on an H200 (copy
+4218 GB/s read+write): gather 141.6 MB -> 33.6 us, scatter 272.1 MB -> 64.5 us.
 """
 from __future__ import annotations
 

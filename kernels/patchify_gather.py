@@ -13,6 +13,8 @@ Layout: one output row of P*P*3 values is P runs of 3P contiguous input elements
 (row stride 3W), so a program reads whole pixel rows of a patch and writes one
 contiguous output row.
 Bytes moved: B*T*K*P*P*3 * (E_in + E_out) (+ 8*B*T*K index bytes), E_in = 1 for uint8.
+Floor at VideoPrism-B stage 2 (B=32, T=16, K=90, P=18, uint8 -> fp32) on an H200 (copy
+4218 GB/s read+write): 223.9 MB -> 53.1 us.
 """
 from __future__ import annotations
 

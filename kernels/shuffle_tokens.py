@@ -18,6 +18,8 @@ Bytes moved, E = element size of visible, Ep of the embeddings:
     forward:  B*m*D*E + (n*D + D)*Ep read (pos_emb is re-read per sample, from cache),
               B*n*D*E written (+ 8*B*n index bytes)
     backward: B*n*D*E read, B*m*D*E + n*D*4 written (+ 8*B*n index bytes)
+Floor at VideoPrism-B stage 2 (B=32, m=1440, n=4096, D=768, bf16) on an H200 (copy
+4218 GB/s read+write): 284.7 MB each way -> 67.5 us forward, 67.5 us backward.
 """
 from __future__ import annotations
 

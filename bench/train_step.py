@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
             continue
         report.add(t, **row)
-        report.show()
+        report.save(args.out)  # after every row: a time-boxed run keeps what it measured
     _ratios(report)
     report.meta["skipped"] = skipped
     report.show()

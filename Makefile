@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	touch $@
 
 demo: setup
-	$(BIN)/python -m train.demo
+	$(BIN)/python -m train.pipeline --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q -ra

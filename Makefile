@@ -24,10 +24,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 	touch $@
 
 demo: setup
-	$(BIN)/python -m train.pipeline --out runs/demo
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m train.pipeline --out runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q -ra
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra
 
 test-gpu: setup
 	$(BIN)/python -m pytest -q -ra -m gpu

@@ -100,7 +100,12 @@ def _scatter_tokens_fwd_kernel(src_ptr, order_ptr, offsets_ptr, out_ptr, L, M, D
     for s in range(0, tl.max(cnt, axis=0)):
         has = s < cnt
         j = tl.load(order_ptr + b * M + lo + s, mask=has, other=0)
-        v = tl.load(src_ptr + (b * M + j)[:, None] * D + d[None, :], mask=has[:, None] & d_ok, other=0.0)
+        # Pointers first, then an explicit full-shape mask: Triton 3.6 fails to compile the
+        # implicit broadcast of this loop-variant [R, 1] mask with the loop-invariant [1, D]
+        # one (layout pass error), and also this same code with the two lines swapped.
+        ptrs = src_ptr + (b * M + j)[:, None] * D + d[None, :]
+        mask = tl.broadcast_to(has[:, None], (BLOCK_R, BLOCK_D)) & tl.broadcast_to(d_ok, (BLOCK_R, BLOCK_D))
+        v = tl.load(ptrs, mask=mask, other=0.0)
         acc += v.to(ACC)
     tl.store(out_ptr + r.to(tl.int64)[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=r_ok[:, None] & d_ok)

@@ -6,7 +6,16 @@ Public entry points:
 * `videoprism.data.loader.build_loader(...)`: the training/eval loader (see its docstring).
 * `videoprism.data.synth.generate(...)`, `videoprism.data.index.index_dataset(...)`, `videoprism.data.cli`.
 """
-from .decode import read_clip
 from .errors import BadSampleError, BadVideoError, TooManyBadSamplesError
+
+
+def __getattr__(name: str):
+    # Decoding needs PyAV; import it on first use so that the rest of the data layer (and the
+    # trainer, on GPU machines with no PyAV) imports without it.
+    if name == "read_clip":
+        from .decode import read_clip
+
+        return read_clip
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["read_clip", "BadVideoError", "BadSampleError", "TooManyBadSamplesError"]

@@ -55,8 +55,9 @@ class Stage1Task:
         self.cfg, self.dist, self.val = cfg, dist_, val_batches
         self.model_config = clip.config
         s1 = cfg.stage1
+        # .to(): the temperature is created on the CPU; the clip is already on the device.
         self.module = ContrastiveModel(clip, temperature_init=s1.temperature_init,
-                                       max_logit_scale=s1.max_logit_scale, lit=s1.lit)
+                                       max_logit_scale=s1.max_logit_scale, lit=s1.lit).to(dist_.device)
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         dev = self.dist.device

@@ -1,8 +1,13 @@
 """Embedded synthetic video-text data (DESIGN 7): coloured shapes moving in captioned directions.
 
-Each clip shows a main shape (colour, shape) that moves left, right, up or down across a textured background and
-a second shape that grows, shrinks or stays still; the caption names both ("a red circle moves left while a blue
-square grows"), so retrieval and probes measure appearance and motion. Clips are real encoded files (VP9 in WebM
+Each clip shows a main shape (colour, shape) that moves left, right, up or down across a textured background.
+Scenes:
+* "pair" (default): a second shape grows, shrinks or stays still and the caption names both ("a red circle moves
+  left while a blue square grows");
+* "single": the main shape alone ("a red circle moves left"). With 18 appearances a training batch of a few dozen
+  clips holds same-looking clips that differ only in direction, so a contrastive model must learn motion to tell
+  their captions apart (with "pair", appearance alone almost always identifies the caption).
+Retrieval and probes measure appearance and motion. Clips are real encoded files (VP9 in WebM
 by default, H.264 in MP4 on request) written with PyAV, so they go through the same decoders as real data.
 
 `generate(out_dir, num, seed=0, codec="vp9")` writes
@@ -46,20 +51,26 @@ def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: f
     return (yy >= cy - r) & (yy <= cy + r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
 
 
-def _clip_spec(seed: int, i: int) -> dict:
+SCENES = ("pair", "single")
+
+
+def _clip_spec(seed: int, i: int, scene: str = "pair") -> dict:
+    # Both scenes draw the same numbers in the same order: a clip's main shape and motion do not depend on the scene.
     rng = np.random.default_rng([seed, i])
     c1, c2 = rng.choice(len(COLOURS), 2, replace=False)
     s1, s2 = rng.integers(len(SHAPES), size=2)
     return {"colour": int(c1), "shape": int(s1), "direction": int(rng.integers(len(DIRECTIONS))),
             "colour2": int(c2), "shape2": int(s2), "action": int(rng.integers(len(ACTIONS))),
-            "verb": int(rng.integers(len(VERBS))), "rng": rng}
+            "verb": int(rng.integers(len(VERBS))), "scene": scene, "rng": rng}
 
 
 def caption_of(spec: dict) -> str:
     names = list(COLOURS), list(DIRECTIONS), list(ACTIONS)
-    return (f"a {names[0][spec['colour']]} {SHAPES[spec['shape']]} {VERBS[spec['verb']]} "
-            f"{names[1][spec['direction']]} while a {names[0][spec['colour2']]} {SHAPES[spec['shape2']]} "
-            f"{names[2][spec['action']]}")
+    main = (f"a {names[0][spec['colour']]} {SHAPES[spec['shape']]} {VERBS[spec['verb']]} "
+            f"{names[1][spec['direction']]}")
+    if spec["scene"] == "single":
+        return main
+    return f"{main} while a {names[0][spec['colour2']]} {SHAPES[spec['shape2']]} {names[2][spec['action']]}"
 
 
 def render(spec: dict, size: int, num_frames: int) -> np.ndarray:
@@ -83,7 +94,8 @@ def render(spec: dict, size: int, num_frames: int) -> np.ndarray:
     for t in range(num_frames):
         f = background.copy()
         r2 = r2_0 * grow ** (t / max(num_frames - 1, 1))
-        f[_mask(SHAPES[spec["shape2"]], yy, xx, c2y, c2x, r2)] = col2
+        if spec["scene"] == "pair":
+            f[_mask(SHAPES[spec["shape2"]], yy, xx, c2y, c2x, r2)] = col2
         cy, cx = (other, path[t]) if dx else (path[t], other)
         f[_mask(SHAPES[spec["shape"]], yy, xx, cy, cx, r1)] = col1
         frames[t] = f
@@ -106,8 +118,8 @@ def encode(frames: np.ndarray, path: str, codec: str, fps: int) -> None:
 
 
 def _make_clip(args) -> dict:
-    out_dir, i, seed, codec, size, num_frames, fps = args
-    spec = _clip_spec(seed, i)
+    out_dir, i, seed, codec, size, num_frames, fps, scene = args
+    spec = _clip_spec(seed, i, scene)
     rel = os.path.join("clips", f"{i:06d}.{CODECS[codec][1]}")
     encode(render(spec, size, num_frames), os.path.join(out_dir, rel), codec, fps)
     return {"path": rel, "caption": caption_of(spec), "dataset": "synth",
@@ -128,17 +140,19 @@ def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> No
 
 
 def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size: int = 96, num_frames: int = 16,
-             fps: int = 8, workers: int | None = None) -> dict:
+             fps: int = 8, scene: str = "pair", workers: int | None = None) -> dict:
     """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict."""
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    if scene not in SCENES:
+        raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
     for name, value, lo in (("num", num, 1), ("size", size, 16), ("num_frames", num_frames, 1), ("fps", fps, 1)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if size % 2:
         raise ValueError(f"size must be even (4:2:0 chroma), got {size}")
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
-    jobs = [(out_dir, i, seed, codec, size, num_frames, fps) for i in range(num)]
+    jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -151,7 +165,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     train_spm([r["caption"] for r in records], os.path.join(out_dir, "spm.model"))
-    meta = {"num": num, "seed": seed, "codec": codec, "size": size, "num_frames": num_frames, "fps": fps,
+    meta = {"num": num, "seed": seed, "codec": codec, "size": size, "num_frames": num_frames, "fps": fps, "scene": scene,
             "train": "train.jsonl", "val": "val.jsonl", "spm_model": "spm.model",
             "num_train": len(splits["train"]), "num_val": len(splits["val"]),
             "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}}

@@ -7,7 +7,9 @@ Spatial: each sample gets a crop box in source pixels plus a horizontal flip, th
 `resolution x resolution` (bilinear, antialiased when shrinking):
 * eval: the centred square of side min(H, W), i.e. "resize the shorter side, centre crop";
 * train: random resized crop (area share in `scale`, aspect ratio log-uniform in `ratio`, one box for all frames of
-  the clip so motion is kept) and a flip with probability 1/2.
+  the clip so motion is kept) and a horizontal flip with probability `flip_prob`, 0 by default: a flip turns a clip
+  that "moves left" into one that moves right, so it is wrong for captions (and labels) that name a horizontal
+  direction, as the embedded synthetic data's do. Raise it only for data whose captions are mirror-invariant.
 The random draws are made up front (`Augment`), from a generator keyed by (seed, epoch, sample), before the frame
 size is known; `box(h, w)` turns them into pixels. So a sample's transform depends only on the key, never on the
 decoder, the worker or the order in which samples are decoded.
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 TRAIN_SCALE = (0.4, 1.0)  # area share of the crop: milder than ImageNet's 0.08, as video-text models use
 TRAIN_RATIO = (3 / 4, 4 / 3)
+TRAIN_FLIP_PROB = 0.0  # see the module docstring: flips contradict left/right captions
 
 
 def uniform_indices(n: int, t: int) -> list[int]:
@@ -44,10 +47,15 @@ class Augment:
     flip: bool = False
 
     @staticmethod
-    def draw(rng: np.random.Generator, scale=TRAIN_SCALE, ratio=TRAIN_RATIO) -> "Augment":
+    def draw(rng: np.random.Generator, scale=TRAIN_SCALE, ratio=TRAIN_RATIO,
+             flip_prob: float = TRAIN_FLIP_PROB) -> "Augment":
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}; use 0 for captions that name "
+                             "left/right")
+        # The flip draw is made whatever flip_prob is, so the crop of a sample does not depend on it.
         return Augment(train=True, area=float(rng.uniform(*scale)),
                        log_ratio=float(rng.uniform(math.log(ratio[0]), math.log(ratio[1]))),
-                       u=float(rng.random()), v=float(rng.random()), flip=bool(rng.random() < 0.5))
+                       u=float(rng.random()), v=float(rng.random()), flip=bool(rng.random() < flip_prob))
 
     def box(self, h: int, w: int) -> tuple[int, int, int, int]:
         """(y0, x0, crop_h, crop_w) in source pixels."""

@@ -1,0 +1,34 @@
+"""Synthetic data scenes: 'single' is the 'pair' scene without the second shape, in pixels and in the caption."""
+import json
+
+import numpy as np
+import pytest
+
+from videoprism.data.synth import COLOURS, DIRECTIONS, _clip_spec, caption_of, generate, render
+
+
+def _exact(frames, colour_id):
+    return (frames == np.array(list(COLOURS.values())[colour_id], np.uint8)).all(-1)
+
+
+@pytest.mark.parametrize("i", range(6))
+def test_single_scene_is_the_pair_scene_without_its_second_shape(i):
+    pair, single = _clip_spec(5, i, "pair"), _clip_spec(5, i, "single")
+    assert caption_of(pair).startswith(caption_of(single) + " while a ")
+    assert caption_of(single).split()[4] == list(DIRECTIONS)[single["direction"]]
+    fp, fs = render(pair, 48, 6), render(single, 48, 6)
+    # Every colour has a channel >= 150, out of the background's reach (<= ~130): exact matches are shapes.
+    assert _exact(fp, pair["colour2"]).sum() > 0 and _exact(fs, single["colour2"]).sum() == 0
+    # The main shape is drawn last, at the same place in both scenes; the rest is the same background.
+    assert np.array_equal(_exact(fp, pair["colour"]), _exact(fs, single["colour"]))
+    second = _exact(fp, pair["colour2"])
+    assert np.array_equal(fp[~second], fs[~second])
+
+
+def test_generate_records_the_scene_and_refuses_unknown_ones(tmp_path):
+    meta = generate(str(tmp_path), 2, seed=1, size=32, num_frames=4, scene="single", workers=1)
+    assert meta["scene"] == "single"
+    rec = json.loads(open(tmp_path / "train.jsonl").readline())
+    assert " while " not in rec["caption"] and len(rec["caption"].split()) == 5
+    with pytest.raises(ValueError, match="scene must be one of"):
+        generate(str(tmp_path / "x"), 2, scene="triple")

@@ -88,16 +88,16 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
     p.add_argument("--budget-s", type=float, default=110.0,
                    help="stop starting new cases after this many seconds (the GPU script has a time box)")
-    p.add_argument("--autotune", action="store_true",
-                   help="search the Triton kernels' tile configs (a compile per candidate) instead of the defaults")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="use the Triton kernels' fixed default tile configs instead of the search (the library default)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = p.parse_args(argv)
 
-    if args.autotune:
+    if args.no_autotune:
         from videoprism.kernels import factorized_attention_space
 
-        factorized_attention_space.AUTOTUNE = True
+        factorized_attention_space.AUTOTUNE = False
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = args.out or f"bench/results/attention_{device.type}{'_tiny' if args.tiny else ''}.json"
@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     elt = torch.finfo(dtype).bits // 8
     report = Report("factorized attention", str(device), meta={
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends,
-        "triton_autotune": args.autotune, **peaks})
+        "triton_autotune": not args.no_autotune, **peaks})
     gen = torch.Generator().manual_seed(0)
     skipped = []
     for model, (H, Dh) in models.items():

@@ -48,7 +48,7 @@ def _time_prune(fwd: bool):
     gradients) elements per operand, head groups that divide H. Without the search: 4
     (forward) / 2 (backward) sequences, which at T = 16, Dh = 64 keep the operand tiles and
     fp32 accumulators near 100 registers a thread (estimated over 128 threads, not measured;
-    `bench.attention --autotune` searches the rest), and on the
+    the search, on by default on a GPU, tries the rest), and on the
     masked axis up to 4 heads per program, which share its pos search. The interpreter (one
     numpy op per tile op) takes 32 sequences and all heads: the fewest programs."""
     budget = 16384 if fwd else 8192
@@ -57,12 +57,15 @@ def _time_prune(fwd: bool):
         H, tile = named_args["H"], kw["BLOCK_T"] * kw["BLOCK_D"]
         if INTERPRET:
             return [triton.Config({"BLOCK_S": 32, "HEADS": H}, num_warps=4, num_stages=1)]
-        keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
-        if _space.AUTOTUNE and keep:           # read at call time: bench --autotune sets it
-            return keep
         bs = max(1, min(4 if fwd else 2, budget // tile))
         hp = max(h for h in (1, 2, 4) if H % h == 0) if kw["HAS_POS"] else 1
-        return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=4, num_stages=1)]
+        default = triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=4, num_stages=1)
+        if not _space.AUTOTUNE:                # read at call time
+            return [default]
+        keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
+        # The default stays a candidate: the search can only match or beat it.
+        same = [c for c in keep if (c.kwargs["BLOCK_S"], c.kwargs["HEADS"], c.num_warps) == (bs, hp, 4)]
+        return keep + ([] if same else [default])
     return prune
 
 

@@ -176,3 +176,19 @@ def test_masked_encoding_rejects_bad_pos():
     m = tiny()
     with pytest.raises(ValueError, match="pos must be"):
         m(torch.rand(2, 3, 12, 12, 3), pos=torch.zeros(2, 4, 2, dtype=torch.long))
+
+
+def test_crop_temporal_pos_emb_for_images():
+    """Images train as one-frame videos with the first temporal embedding row (DESIGN 5);
+    by default (the official model) the embedding is interpolated, which for T = 1 averages it."""
+    m = tiny()
+    image = torch.rand(2, 1, 12, 12, 3)
+    with torch.no_grad():
+        cropped, _ = m(image, crop_temporal_pos_emb=True)
+        interpolated, _ = m(image)
+        m.temporal_pos_emb[1:] += 1.0  # rows past the first must not matter when cropping
+        cropped2, _ = m(image, crop_temporal_pos_emb=True)
+    torch.testing.assert_close(cropped2, cropped)
+    assert (cropped - interpolated).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="crop_temporal_pos_emb"):
+        m(torch.rand(1, 4, 12, 12, 3), crop_temporal_pos_emb=True)

@@ -44,7 +44,9 @@ class ContrastiveModel(nn.Module):
 
     def forward(self, video=None, text_ids=None, text_paddings=None, pos=None):
         """-> (video_emb [B, D] | None, text_emb [B, D] | None, log of 1/temperature)."""
-        v, t, _ = self.clip(video, text_ids, text_paddings, pos=pos)
+        # Images (one-frame videos) take the first temporal position embedding (DESIGN 5).
+        crop = video is not None and video.shape[1] == 1
+        v, t, _ = self.clip(video, text_ids, text_paddings, pos=pos, crop_temporal_pos_emb=crop)
         return v, t, self.logit_scale.clamp(max=self.max_log_scale)
 
 

@@ -71,7 +71,7 @@ class FactorizedVideoCLIP(nn.Module):
     """Video-text dual encoder.
 
     forward(video, text_ids, text_paddings, *, frame_paddings=None, pos=None,
-    normalize=True, return_intermediate=False) -> (video_emb [B, D] | None,
+    normalize=True, return_intermediate=False, crop_temporal_pos_emb=False) -> (video_emb [B, D] | None,
     text_emb [Bt, D] | None, aux). Either tower's input may be None.
     aux (with return_intermediate): spatial_features, spatiotemporal_features,
     frame_embeddings [B, T, D].
@@ -90,8 +90,10 @@ class FactorizedVideoCLIP(nn.Module):
         self.contrastive_vision_pooler = AttentionPooler(D, config.num_heads, 4 * D, **kw)
         self.text_encoder = TextEncoder(config, **kw)
 
-    def encode_video(self, video, *, frame_paddings=None, pos=None, normalize=True, return_intermediate=False):
-        feats, aux = self.vision_encoder(video, frame_paddings, return_intermediate, pos=pos)
+    def encode_video(self, video, *, frame_paddings=None, pos=None, normalize=True, return_intermediate=False,
+                     crop_temporal_pos_emb=False):
+        feats, aux = self.vision_encoder(video, frame_paddings, return_intermediate, pos=pos,
+                                         crop_temporal_pos_emb=crop_temporal_pos_emb)
         if return_intermediate:
             aux["spatiotemporal_features"] = feats
         # The auxiliary encoder and the pooler see no padding (official semantics).
@@ -108,12 +110,13 @@ class FactorizedVideoCLIP(nn.Module):
         return l2_normalize(emb) if normalize else emb
 
     def forward(self, video=None, text_ids=None, text_paddings=None, *, frame_paddings=None, pos=None,
-                normalize: bool = True, return_intermediate: bool = False):
+                normalize: bool = True, return_intermediate: bool = False, crop_temporal_pos_emb: bool = False):
         video_emb = text_emb = None
         aux = {}
         if video is not None:
             video_emb, aux = self.encode_video(video, frame_paddings=frame_paddings, pos=pos, normalize=normalize,
-                                               return_intermediate=return_intermediate)
+                                               return_intermediate=return_intermediate,
+                                               crop_temporal_pos_emb=crop_temporal_pos_emb)
         if text_ids is not None:
             if text_paddings is None:
                 raise ValueError("text_paddings are required with text_ids ([B, L], 1.0 = padded)")

@@ -48,8 +48,13 @@ class FactorizedEncoder(nn.Module):
     """Factorized space-time video encoder.
 
     forward(video [B, T, H, W, 3], frame_paddings [B, T] (1 = padded) or None,
-    return_intermediate, *, pos [B, T, K] visible patch indices or None)
+    return_intermediate, *, pos [B, T, K] visible patch indices or None,
+    crop_temporal_pos_emb=False)
     -> (embeddings [B, T*K, D] frame-major, {"spatial_features": [B, T*K, D]} if asked).
+
+    Clips of another length than the temporal position embedding interpolate it, as the
+    official model does; `crop_temporal_pos_emb=True` takes its first T rows instead (how
+    images, one-frame videos, are trained: DESIGN 5).
     """
 
     def __init__(self, config: EncoderConfig | None = None, *, device=None, dtype=None, **overrides):
@@ -78,7 +83,8 @@ class FactorizedEncoder(nn.Module):
         nn.init.normal_(self.temporal_pos_emb, std=0.02)
 
     def forward(self, video: torch.Tensor, frame_paddings: torch.Tensor | None = None,
-                return_intermediate: bool = False, *, pos: torch.Tensor | None = None):
+                return_intermediate: bool = False, *, pos: torch.Tensor | None = None,
+                crop_temporal_pos_emb: bool = False):
         cfg = self.config
         P = cfg.patch_size
         check_video(video, P)
@@ -105,7 +111,14 @@ class FactorizedEncoder(nn.Module):
 
         x = self.spatial_ln(self.spatial_encoder(x, padding=padding))
         spatial_features = x
-        x = x + interpolate_temporal_pos_emb(self.temporal_pos_emb, T)[None, :, None, :]
+        if crop_temporal_pos_emb:
+            if T > self.temporal_pos_emb.shape[0]:
+                raise ValueError(f"crop_temporal_pos_emb: {T} frames but only {self.temporal_pos_emb.shape[0]} "
+                                 f"temporal position embeddings; interpolate instead")
+            temporal = self.temporal_pos_emb[:T]
+        else:
+            temporal = interpolate_temporal_pos_emb(self.temporal_pos_emb, T)
+        x = x + temporal[None, :, None, :]
         x = self.temporal_ln(self.temporal_encoder(x, pos=pos, padding=padding))
 
         aux = {}

@@ -59,8 +59,8 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     return float((pred == val_y).float().mean())
 
 
-def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *, steps: int = 300,
-               device: torch.device | str = "cpu") -> dict[str, float]:
+def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *, steps: int = 600,
+               lr: float = 1e-2, device: torch.device | str = "cpu") -> dict[str, float]:
     """Accuracy per label (`train`/`val`: decoded clips with `video` and `label_<name>`), with
     its chance level (1 / classes) and the majority-class share of the validation split."""
     heads = encoder.config.num_heads
@@ -72,7 +72,7 @@ def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *,
         if key not in train or key not in val:
             raise ValueError(f"probe label {name!r} is not in the manifest (have: "
                              f"{sorted(k[6:] for k in train if k.startswith('label_'))})")
-        out[name] = train_probe(tx, train[key], vx, val[key], num_heads=heads, steps=steps)
+        out[name] = train_probe(tx, train[key], vx, val[key], num_heads=heads, steps=steps, lr=lr)
         classes = int(max(train[key].max(), val[key].max())) + 1
         out[f"{name}_chance"] = 1.0 / classes
         out[f"{name}_majority"] = float(torch.bincount(val[key]).max() / val[key].shape[0])

@@ -167,8 +167,9 @@ def _tiny(c: Config, stage: int) -> None:
     c.stage2.decoder_dim, c.stage2.decoder_layers, c.stage2.decoder_heads = 64, 2, 4
     if stage == 2:
         # A stage-2 step costs ~4x a stage-1 step (teacher on every token, decoder over all
-        # T*N slots): fewer, smaller steps from a student that starts at the teacher.
-        c.train.steps, c.train.global_batch, c.optim.lr, c.optim.warmup_steps = 300, 16, 1e-3, 15
+        # T*N slots): fewer, smaller steps from a student that starts at the teacher. A gentle lr
+        # keeps what the teacher knows of motion: direction probe 59% at lr 1e-3, 99% at 3e-4.
+        c.train.steps, c.train.global_batch, c.optim.lr, c.optim.warmup_steps = 300, 16, 3e-4, 15
 
 
 def _paper(size: str):

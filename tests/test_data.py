@@ -349,3 +349,12 @@ def test_synth_h264(tmp_path):
     generate(str(tmp_path), 2, seed=0, codec="h264", size=48, num_frames=8, workers=1)
     rec = json.loads(open(tmp_path / "train.jsonl").readline())
     assert rec["path"].endswith(".mp4") and read_clip(str(tmp_path / rec["path"]), 8, 48).shape == (8, 48, 48, 3)
+
+
+def test_loader_flip_prob_mirrors_the_same_crops(synth):
+    """flip_prob=1 gives exactly the mirror of the flip_prob=0 batch (same crops, same frames)."""
+    plain = next(iter(_loader(synth)))["video"]
+    flipped = next(iter(_loader(synth, flip_prob=1.0)))["video"]
+    assert torch.equal(flipped, plain.flip(3))
+    with pytest.raises(ValueError, match="flip_prob"):
+        _loader(synth, flip_prob=1.5)

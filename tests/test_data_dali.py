@@ -49,7 +49,8 @@ def test_dali_cpu_decodes_the_frames_pyav_decodes():
 
 @needs_media
 def test_dali_graph_transform_matches_torch_transform():
-    aug = Augment.draw(np.random.default_rng(1))
+    aug = Augment.draw(np.random.default_rng(1), flip_prob=0.5)  # this draw flips: the graph's flip is covered
+    assert aug.flip
     idx = uniform_indices(100, 8)
     d = dali_frames(VP9, idx, box=aug.box(512, 512), size=96, flip=aug.flip)
     p = apply_augment(pyav_frames(VP9, idx), aug, 96)

@@ -71,6 +71,8 @@ class DataConfig:
     workers: int = f(2, "Decoding worker processes per rank.")
     max_bad_fraction: float = f(0.1, "Stop with an error when more than this share of samples is unreadable.")
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")
+    flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
+                              "say left or right; raise it for data without such captions).")
 
 
 @dataclass

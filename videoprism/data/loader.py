@@ -37,7 +37,7 @@ from .decode import decode_clip
 from .errors import BadSampleBudget, BadVideoError
 from .manifest import Sample, read_source
 from .text import Tokenizer
-from .transforms import Augment
+from .transforms import TRAIN_FLIP_PROB, Augment
 
 BACKENDS = ("auto", "pyav", "dali")
 
@@ -82,8 +82,10 @@ class _PyAVItems(torch.utils.data.Dataset):
 class VideoTextLoader:
     def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
                  seed: int, rank: int, world_size: int, tokenizer: Tokenizer, backend: str, device: torch.device,
-                 num_workers: int, max_bad_share: float, drop_last: bool, source_rejects=()):
+                 num_workers: int, max_bad_share: float, drop_last: bool, flip_prob: float = TRAIN_FLIP_PROB,
+                 source_rejects=()):
         self.samples = samples
+        self.flip_prob = flip_prob
         self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
@@ -109,7 +111,7 @@ class VideoTextLoader:
     def augment(self, epoch: int, sample_id: int) -> Augment:
         if not self.train:
             return Augment()
-        return Augment.draw(np.random.default_rng([self.seed, epoch, sample_id, 1]))
+        return Augment.draw(np.random.default_rng([self.seed, epoch, sample_id, 1]), flip_prob=self.flip_prob)
 
     def __len__(self) -> int:
         """Batches per epoch when no sample is bad."""
@@ -211,10 +213,11 @@ def _dali_available() -> bool:
 def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, train: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str, backend: str = "auto",
                  device: torch.device | str = "cpu", num_workers: int = 0, max_bad_share: float = 0.01,
-                 drop_last: bool | None = None) -> VideoTextLoader:
+                 drop_last: bool | None = None, flip_prob: float = TRAIN_FLIP_PROB) -> VideoTextLoader:
     """A `VideoTextLoader` over a .jsonl manifest or a list of WebDataset .tar shards (see the module docstring).
 
-    `drop_last` defaults to `train`. Bad manifest lines count against `max_bad_share` of the lines when reading.
+    `drop_last` defaults to `train`. `flip_prob`: share of training clips mirrored horizontally (0 by default: a
+    mirror contradicts captions that say left or right). Bad manifest lines count against `max_bad_share` of the lines when reading.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -227,6 +230,8 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer(tokenizer)
     samples, rejects = read_source(source, max_bad_share=max_bad_share)
@@ -235,4 +240,5 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
     return VideoTextLoader(samples, num_frames=num_frames, resolution=resolution, batch_size=batch_size, train=train,
                            seed=seed, rank=rank, world_size=world_size, tokenizer=tokenizer, backend=backend,
                            device=torch.device(device), num_workers=num_workers, max_bad_share=max_bad_share,
-                           drop_last=train if drop_last is None else drop_last, source_rejects=rejects)
+                           drop_last=train if drop_last is None else drop_last, flip_prob=flip_prob,
+                           source_rejects=rejects)

@@ -117,6 +117,18 @@ def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
     return s, th, keep
 
 
+@triton.jit
+def _program_tile(K, T, H, BLOCK: tl.constexpr):
+    """Program id -> (tile of the frame-head, frame-head index (b*T + t)*H + h, b, t, h), int64
+    b and t. One flat grid axis (2^31 programs), the tiles of a frame-head adjacent so that
+    they share k, v in L2: B*T*H on the y axis would cap at 65,535 frame-heads."""
+    n = tl.cdiv(K, BLOCK)
+    tile = tl.program_id(0) % n
+    pid_bth = tl.program_id(0) // n
+    bt = pid_bth // H
+    return tile, pid_bth, (bt // T).to(tl.int64), (bt % T).to(tl.int64), pid_bth % H
+
+
 @triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune(True)}, do_bench=autotune_bench)
 @triton.jit
@@ -141,22 +153,14 @@ def _space_fwd_kernel(
     FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 tanh. Bytes: 4 * B*T*K*H*Dh elements
     (q, k, v read once per query tile, o written) + K/BLOCK_M re-reads of k, v (from L2).
     """
-    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
-    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
-    n_m = tl.cdiv(K, BLOCK_M)
-    pid_m = tl.program_id(0) % n_m
-    pid_bth = tl.program_id(0) // n_m
-    h = pid_bth % H
-    bt = pid_bth // H
-    t = bt % T
-    b = bt // T
-    base = qkv + b.to(tl.int64) * s_b + t.to(tl.int64) * s_t + h * s_h
+    pid_m, pid_bth, b, t, h = _program_tile(K, T, H, BLOCK_M)
+    base = qkv + b * s_b + t * s_t + h * s_h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < Dh
     q = tl.load(base + rows[:, None] * s_k + offs_d[None, :] * s_d,
                 mask=(rows < K)[:, None] & d_ok[None, :], other=0.0)
-    kp_base = kp + b.to(tl.int64) * kp_b + t.to(tl.int64) * kp_t
+    kp_base = kp + b * kp_b + t * kp_t
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -179,7 +183,7 @@ def _space_fwd_kernel(
         m_i = m_new
     out = acc / l_i[:, None]
     row_ok = rows < K
-    o_ptrs = o + b.to(tl.int64) * o_b + t.to(tl.int64) * o_t + h * o_h + rows[:, None] * o_k + offs_d[None, :]
+    o_ptrs = o + b * o_b + t * o_t + h * o_h + rows[:, None] * o_k + offs_d[None, :]
     tl.store(o_ptrs, out.to(o.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(m_out + pid_bth.to(tl.int64) * K + rows, m_i, mask=row_ok)
     tl.store(l_out + pid_bth.to(tl.int64) * K + rows, tl.log(l_i), mask=row_ok)
@@ -215,17 +219,7 @@ def _space_bwd_dq_kernel(
         dq = scale * ds @ k              -> dqkv[:, :, :, 0]
     FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq). Bytes: q, o, do, dq once + k, v per query tile.
     """
-    # One flat grid axis (2^31 programs), query tiles of a frame adjacent so they share k, v
-    # in L2: B*T*H on the y axis would cap at 65,535 frame-heads.
-    n_m = tl.cdiv(K, BLOCK_M)
-    pid_m = tl.program_id(0) % n_m
-    pid_bth = tl.program_id(0) // n_m
-    h = pid_bth % H
-    bt = pid_bth // H
-    t = bt % T
-    b = bt // T
-    b64 = b.to(tl.int64)
-    t64 = t.to(tl.int64)
+    pid_m, pid_bth, b64, t64, h = _program_tile(K, T, H, BLOCK_M)
     base = qkv + b64 * s_b + t64 * s_t + h * s_h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -281,15 +275,7 @@ def _space_bwd_dkdv_kernel(
     No atomics: each program owns its keys, so the result is deterministic.
     FLOPs: 8 * B*T*H * K^2 * Dh (s, dp, dv, dk). Bytes: k, v, dk, dv once + q, do per key tile.
     """
-    n_n = tl.cdiv(K, BLOCK_N)
-    pid_n = tl.program_id(0) % n_n
-    pid_bth = tl.program_id(0) // n_n
-    h = pid_bth % H
-    bt = pid_bth // H
-    t = bt % T
-    b = bt // T
-    b64 = b.to(tl.int64)
-    t64 = t.to(tl.int64)
+    pid_n, pid_bth, b64, t64, h = _program_tile(K, T, H, BLOCK_N)
     base = qkv + b64 * s_b + t64 * s_t + h * s_h
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

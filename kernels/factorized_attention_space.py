@@ -129,6 +129,14 @@ def _program_tile(K, T, H, BLOCK: tl.constexpr):
     return tile, pid_bth, (bt // T).to(tl.int64), (bt % T).to(tl.int64), pid_bth % H
 
 
+@triton.jit
+def _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d):
+    """The k and v rows `cols` of one frame-head (zeros past K or Dh): [BLOCK_N, BLOCK_D] each."""
+    mask = (cols < K)[:, None] & d_ok[None, :]
+    off = cols[:, None] * s_k + offs_d[None, :] * s_d
+    return tl.load(base + s_3 + off, mask=mask, other=0.0), tl.load(base + 2 * s_3 + off, mask=mask, other=0.0)
+
+
 @triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune(True)}, do_bench=autotune_bench)
 @triton.jit
@@ -169,10 +177,7 @@ def _space_fwd_kernel(
     # causal attention is used by the (short) text encoder only.
     for start_n in range(0, K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < K)[:, None] & d_ok[None, :]
-        kv_off = cols[:, None] * s_k + offs_d[None, :] * s_d
-        k = tl.load(base + s_3 + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * s_3 + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d)
         s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
                                     SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -239,10 +244,7 @@ def _space_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (cols < K)[:, None] & d_ok[None, :]
-        kv_off = cols[:, None] * s_k + offs_d[None, :] * s_d
-        k = tl.load(base + s_3 + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(base + 2 * s_3 + kv_off, mask=kv_mask, other=0.0)
+        k, v = _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d)
         s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
                                     SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
         p = _space_probs(s, m, logl, rows, K)

@@ -2,6 +2,8 @@
 
     python -m bench.data                          # CPU: shared/media clips, a 720p long-GOP H.264 clip, synth clips
     python -m bench.data --device cuda            # adds DALI on the GPU (skipped with a message without DALI)
+    python -m bench.data --write-clips DIR        # writes a clip set + DIR/clips.jsonl for machines without PyAV
+    python -m bench.data --device cuda --clips DIR --out bench/results/data_gpu.json   # there: no PyAV needed
 
 Rows: per-clip latency (median, p20/p80 ms) and clips/s of one clip at a time, for
 * `videoprism-pyav`: the product's CPU path (decode.py: packet index + keyframe-aware seeking), index pass timed;
@@ -9,42 +11,114 @@ Rows: per-clip latency (median, p20/p80 ms) and clips/s of one clip at a time, f
 * `pyav-seek`: PyAV seeking to the keyframe before every sampled frame (no index, one seek per frame);
 * `decord`: decord's VideoReader.get_batch (when decord is installed);
 * `dali-cpu`: the DALI graph of dali_pipeline.py on the CPU (VP8/VP9/MJPEG only; decodes from frame 0);
-* `dali-gpu`: the same graph on the GPU (NVDEC), also as a batch of 8 clips.
+* `dali-gpu xB`: the same graph on the GPU (NVDEC), a batch of B copies of the clip per run (B from --gpu-batches).
 Baselines get their frame indices for free (computed before timing); every row then applies the same transform.
-`ratio` = videoprism-pyav clips/s over the best CPU baseline of that clip (issue 5 asks >= 0.9). JSON.
+`ratio` = videoprism-pyav clips/s over the best CPU baseline of that clip (issue 5 asks >= 0.9).
+
+`--clips DIR` times the clips of DIR/clips.jsonl (a clean manifest of `videoprism data index`: codec, frames, fps and
+size per clip, so no demux pass is needed) instead of the shared and generated ones: the GPU machines have neither
+PyAV nor FFmpeg nor ../shared, so `--write-clips` makes the set here (288-ish synthetic VP9 and H.264 clips of the
+same scenes, 720p long-GOP H.264 and VP9 clips with a coarse texture so they stay small) and the call carries it
+(bench/dali_wheel.sh). PyAV and decord rows run only where those are installed.
+
+On CUDA the JSON's meta also holds what a stage-1 VideoPrism-B training step consumes: clips/s of the fastest
+stage-1 `base` row at the same frame count in --train-step (bench.train_step's JSON), and each DALI GPU row gets
+`x_stage1` = its clips/s over that (> 1: decoding keeps up with the step). JSON.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 
-import av
 import numpy as np
 import torch
 
 from bench.common import Report, timeit
-from videoprism.data.decode import PyAVClip, decode_clip
-from videoprism.data.synth import generate
 from videoprism.data.transforms import Augment, apply_augment
 
+try:
+    import av
+except ImportError:  # the GPU machines: only the DALI rows (with --clips)
+    av = None
+
 SHARED_MEDIA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "media")
+TRAIN_STEP_GPU = "bench/results/train_step_gpu.json"
+# Encoder settings of make_720p per codec: H.264 as measured in data_cpu.json, VP9 for a small file.
+ENCODERS = {"h264": ("libx264", "mp4", {"preset": "ultrafast", "crf": "28"}),
+            "vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8", "crf": "50", "b": "0",
+                                           "row-mt": "1"})}
 
 
-def make_720p(path: str, seconds: int = 12, fps: int = 24, gop: int = 250) -> None:
-    """A 1280x720 H.264 clip with long GOPs (one keyframe per ~10 s), moving texture so frames differ."""
+def make_720p(path: str, seconds: int = 12, fps: int = 24, gop: int = 250, *, codec: str = "h264", block: int = 1,
+              **options: str) -> None:
+    """A 1280x720 clip with long GOPs (one keyframe per ~10 s), moving texture so frames differ.
+
+    `block` > 1 makes the random texture coarser (block x block pixel squares): a file a few MB instead of tens of MB
+    (`block=8, preset="veryfast"`: 1.8 MB in H.264), small enough to carry to a GPU machine. `options` override the
+    encoder's."""
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (720 + 64, 1280 + 64, 3), dtype=np.uint8)
-    with av.open(path, "w", format="mp4") as out:
-        s = out.add_stream("libx264", rate=fps, options={"g": str(gop), "keyint_min": str(gop), "preset": "ultrafast",
-                                                       "crf": "28"})
+    hb, wb = -(-(720 + 64) // block), -(-(1280 + 64) // block)
+    base = rng.integers(0, 255, (hb, wb, 3), dtype=np.uint8)
+    base = np.repeat(np.repeat(base, block, 0), block, 1)[:720 + 64, :1280 + 64]
+    encoder, fmt, defaults = ENCODERS[codec]
+    opts = {**defaults, "g": str(gop), **({"keyint_min": str(gop)} if codec == "h264" else {}), **options}
+    with av.open(path, "w", format=fmt) as out:
+        s = out.add_stream(encoder, rate=fps, options=opts)
         s.width, s.height, s.pix_fmt = 1280, 720, "yuv420p"
         for t in range(seconds * fps):
             dy, dx = (t * 2) % 64, (t * 3) % 64
             out.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(base[dy:dy + 720, dx:dx + 1280]),
                                                         format="rgb24")))
         out.mux(s.encode())
+
+
+def write_clips(out_dir: str, frames: int = 16, hd: bool = True) -> str:
+    """The clip set for machines without PyAV (see the module docstring), without the 720p clips when not `hd`;
+    returns the path of its clips.jsonl."""
+    from videoprism.data.index import index_dataset
+    from videoprism.data.synth import generate
+
+    os.makedirs(out_dir, exist_ok=True)
+    records = []
+    for codec in ("vp9", "h264"):  # the same seed: the same rendered scenes in both codecs
+        sub = f"synth_{codec}"
+        generate(os.path.join(out_dir, sub), 2, seed=0, size=320, num_frames=3 * frames, codec=codec, workers=1)
+        for line in open(os.path.join(out_dir, sub, "train.jsonl")):
+            r = json.loads(line)
+            records.append({**r, "path": os.path.join(sub, r["path"])})
+    for codec, opts in (("h264", {"preset": "veryfast"}), ("vp9", {})) if hd else ():
+        name = f"720p_longgop.{ENCODERS[codec][1]}"
+        make_720p(os.path.join(out_dir, name), codec=codec, block=8, **opts)
+        # A 4 s window in the middle of a GOP: 16 of its 96 frames.
+        records.append({"path": name, "caption": f"coarse texture moving, 720p {codec}", "start": 4.0, "end": 8.0})
+    raw = os.path.join(out_dir, "clips.raw.jsonl")
+    with open(raw, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    out = os.path.join(out_dir, "clips.jsonl")
+    r = index_dataset(raw, out, workers=1, min_frames=frames)
+    if r["rejected"]:
+        raise RuntimeError(f"{r['rejected']} generated clips were rejected: see {r['rejects']}")
+    return out
+
+
+def stage1_consumption(path: str, frames: int) -> tuple[dict | None, str | None]:
+    """(what the fastest stage-1 VideoPrism-B step row at `frames` frames of bench.train_step's JSON consumes, None),
+    or (None, why it is missing)."""
+    if not os.path.isfile(path):
+        return None, f"missing: {path} not found (python -m bench.train_step --device cuda writes it)"
+    with open(path) as f:
+        report = json.load(f)
+    rows = [r for r in report.get("rows", []) if r.get("stage") == 1 and r.get("preset") == "base"
+            and r.get("frames") == frames and r.get("clips_per_s")]
+    if not rows:
+        return None, f"missing: no stage-1 base {frames}-frame row in {path}"
+    best = max(rows, key=lambda r: r["clips_per_s"])
+    meta = report.get("meta", {})
+    return {"clips_per_s": best["clips_per_s"], "mode": best.get("mode"), "batch": best.get("batch"),
+            "frames": frames, "device": meta.get("device"), "commit": meta.get("commit"), "source": path}, None
 
 
 def pyav_decode_all(path, indices, aug, res):
@@ -75,6 +149,24 @@ def pyav_seek(path, pts_targets, aug, res):
     return apply_augment(torch.from_numpy(np.stack(frames)), aug, res)
 
 
+def default_clips(media: str, frames: int) -> list[tuple[str, float | None, float | None, object]]:
+    """The shared clips (when present), a 720p long-GOP H.264 clip and a synthetic clip, generated in a temp folder."""
+    from videoprism.data.synth import generate
+
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    clips = [(os.path.join(media, n), None, None, None) for n in ("water_bottle_drumming_vp9.webm",
+                                                                   "water_bottle_drumming.mp4")]
+    clips = [c for c in clips if os.path.isfile(c[0])]
+    if not clips:
+        print(f"note: no shared clips under {media}; timing generated clips only", file=sys.stderr)
+    hd = os.path.join(tmp, "720p_longgop.mp4")
+    make_720p(hd)
+    clips.append((hd, 4.0, 8.0, None))  # a 4 s window in the middle of a GOP: 16 of its 96 frames
+    generate(os.path.join(tmp, "synth"), 4, seed=0, size=96, num_frames=frames, workers=1)
+    clips.append((os.path.join(tmp, "synth", "clips", "000000.webm"), None, None, None))
+    return clips
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu, or cuda to add the DALI GPU rows")
@@ -82,21 +174,31 @@ def main(argv=None) -> None:
     p.add_argument("--resolution", type=int, default=288)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--media", default=SHARED_MEDIA, help="folder with the shared clips")
+    p.add_argument("--clips", default=None, help="time the clips of DIR/clips.jsonl instead (no PyAV needed)")
+    p.add_argument("--write-clips", default=None, metavar="DIR", help="write the --clips set to DIR and exit")
+    p.add_argument("--gpu-batches", default="1,8", help="clips per DALI GPU run, comma-separated (default: 1,8)")
+    p.add_argument("--train-step", default=TRAIN_STEP_GPU, help="bench.train_step JSON with the stage-1 rows")
     p.add_argument("--out", default="bench/results/data_cpu.json")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     T, R = args.frames, args.resolution
-    tmp = tempfile.mkdtemp(prefix="bench_data_")
-    clips = [(os.path.join(args.media, n), None, None) for n in ("water_bottle_drumming_vp9.webm",
-                                                                  "water_bottle_drumming.mp4")]
-    clips = [c for c in clips if os.path.isfile(c[0])]
-    if not clips:
-        print(f"note: no shared clips under {args.media}; timing generated clips only", file=sys.stderr)
-    hd = os.path.join(tmp, "720p_longgop.mp4")
-    make_720p(hd)
-    clips.append((hd, 4.0, 8.0))  # a 4 s window in the middle of a GOP: 16 of its 96 frames
-    generate(os.path.join(tmp, "synth"), 4, seed=0, size=96, num_frames=T, workers=1)
-    clips.append((os.path.join(tmp, "synth", "clips", "000000.webm"), None, None))
+    if args.write_clips:
+        if av is None:
+            raise SystemExit("error: --write-clips needs PyAV (pip install av)")
+        print(f"wrote {write_clips(args.write_clips, T)}")
+        return
+    if args.clips:
+        from videoprism.data.manifest import read_source
+
+        samples, _ = read_source(os.path.join(args.clips, "clips.jsonl"))
+        clips = [(s.path, s.start, s.end, s) for s in samples]
+    elif av is None:
+        raise SystemExit("error: PyAV is not installed: pass --clips DIR (a set written by --write-clips; "
+                         "bench/dali_wheel.sh prepare writes .device/dali_clips)")
+    else:
+        clips = default_clips(args.media, T)
+    if av is None:
+        print("note: PyAV is not installed: no PyAV rows", file=sys.stderr)
 
     try:
         import decord
@@ -113,28 +215,46 @@ def main(argv=None) -> None:
     dali_gpu = DaliClips is not None and device.type == "cuda" and torch.cuda.is_available()
     if DaliClips is not None and not dali_gpu:
         print("note: no CUDA device requested/available: DALI GPU rows skipped", file=sys.stderr)
+    gpu_batches = [int(b) for b in args.gpu_batches.split(",")]
 
-    report = Report("data", "cpu" if not dali_gpu else device, meta={"frames": T, "resolution": R,
-                                                                      "torch_threads": torch.get_num_threads()})
+    meta = {"frames": T, "resolution": R, "torch_threads": torch.get_num_threads(), "pyav": av is not None,
+            "clips": args.clips or "shared media + generated"}
+    step = None
+    if dali_gpu:
+        step, why = stage1_consumption(args.train_step, T)
+        meta["stage1_step"] = step or why
+        print(f"stage-1 VideoPrism-B step ({T} frames): " + (f"{step['clips_per_s']} clips/s ({step['mode']}, batch "
+                                                              f"{step['batch']})" if step else why))
+    report = Report("data", "cpu" if not dali_gpu else device, meta=meta)
     aug = Augment.draw(np.random.default_rng(0))
-    for path, start, end in clips:
-        with PyAVClip(path) as c:
-            idx = c.sample_indices(T, start, end)
-            info = c.index
-            pts = [info.pts[i] for i in idx]
-        name = f"{os.path.basename(path)} {info.width}x{info.height} {info.codec}" + (
-            f" [{start:g},{end:g})s" if start is not None else "")
+    for path, start, end, sample in clips:
+        if av is not None:
+            from videoprism.data.decode import PyAVClip
+
+            with PyAVClip(path) as c:
+                idx = c.sample_indices(T, start, end)
+                info = c.index
+                codec, h, w, pts = info.codec, info.height, info.width, [info.pts[i] for i in idx]
+        else:
+            from videoprism.data.dali_pipeline import clip_plan
+
+            codec, idx, h, w = clip_plan(sample, T)
+        name = f"{os.path.basename(path)} {w}x{h} {codec}" + (f" [{start:g},{end:g})s" if start is not None else "")
         data = open(path, "rb").read()
-        box = aug.box(info.height, info.width)
-        methods = {
-            "videoprism-pyav": lambda: decode_clip(path, T, R, aug, start=start, end=end),
-            "pyav-decode-all": lambda: pyav_decode_all(path, idx, aug, R),
-            "pyav-seek": lambda: pyav_seek(path, pts, aug, R),
-        }
+        box = aug.box(h, w)
+        methods = {}
+        if av is not None:
+            from videoprism.data.decode import decode_clip
+
+            methods = {
+                "videoprism-pyav": lambda: decode_clip(path, T, R, aug, start=start, end=end),
+                "pyav-decode-all": lambda: pyav_decode_all(path, idx, aug, R),
+                "pyav-seek": lambda: pyav_seek(path, pts, aug, R),
+            }
         if decord is not None:
             methods["decord"] = lambda: apply_augment(
                 torch.from_numpy(decord.VideoReader(path, num_threads=0).get_batch(idx).asnumpy()), aug, R)
-        if DaliClips is not None and info.codec in ("vp8", "vp9", "mjpeg"):
+        if DaliClips is not None and codec in ("vp8", "vp9", "mjpeg"):
             dc = DaliClips(batch_size=8, num_frames=T, resolution=R, device=torch.device("cpu"),
                            num_threads=os.cpu_count() or 1)
             methods["dali-cpu"] = lambda: dc.run([data], [idx], [box], [aug.flip])
@@ -143,12 +263,18 @@ def main(argv=None) -> None:
             t = timeit(fn, "cpu", warmup=1, reps=args.reps)
             rows[method] = report.add(t, clip=name, method=method, clips_per_s=round(1e3 / t.median_ms, 3))
         if dali_gpu:
-            dg = DaliClips(batch_size=8, num_frames=T, resolution=R, device=device, num_threads=os.cpu_count() or 1)
-            for b in (1, 8):
+            dg = DaliClips(batch_size=max(gpu_batches), num_frames=T, resolution=R, device=device,
+                           num_threads=os.cpu_count() or 1)
+            for b in gpu_batches:
                 t = timeit(lambda: dg.run([data] * b, [idx] * b, [box] * b, [aug.flip] * b), device)
-                report.add(t, clip=name, method=f"dali-gpu x{b}", clips_per_s=round(b * 1e3 / t.median_ms, 3))
-        best = max(v["clips_per_s"] for k, v in rows.items() if k != "videoprism-pyav")
-        rows["videoprism-pyav"]["ratio"] = round(rows["videoprism-pyav"]["clips_per_s"] / best, 3)
+                row = report.add(t, clip=name, method=f"dali-gpu x{b}", clips_per_s=round(b * 1e3 / t.median_ms, 3),
+                                 ms_per_clip=round(t.median_ms / b, 3))
+                if step:
+                    row["x_stage1"] = round(row["clips_per_s"] / step["clips_per_s"], 2)
+            report.save(args.out)  # after every clip: a time-boxed run keeps what it measured
+        if "videoprism-pyav" in rows and len(rows) > 1:
+            best = max(v["clips_per_s"] for k, v in rows.items() if k != "videoprism-pyav")
+            rows["videoprism-pyav"]["ratio"] = round(rows["videoprism-pyav"]["clips_per_s"] / best, 3)
     report.show()
     report.save(args.out)
 

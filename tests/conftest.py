@@ -30,6 +30,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images or videos (any shapes that broadcast)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return 10 * np.log10(255**2 / max(mse, 1e-12))
+
+
 def _need(path: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} is absent: the shared golden/media data exists only on our machines and in CI")

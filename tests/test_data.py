@@ -19,7 +19,7 @@ from videoprism.data.synth import COLOURS, DIRECTIONS, SHAPES, encode, generate
 from videoprism.data.text import Tokenizer, canonicalize_text
 from videoprism.data.transforms import uniform_indices
 
-from .conftest import MEDIA
+from .conftest import MEDIA, psnr
 
 H264 = os.path.join(MEDIA, "water_bottle_drumming.mp4")
 VP9 = os.path.join(MEDIA, "water_bottle_drumming_vp9.webm")
@@ -42,11 +42,6 @@ def eval_oracle(frames: np.ndarray, t: int, res: int) -> torch.Tensor:
     x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
     x = F.interpolate(x, size=(res, res), mode="bilinear", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).permute(0, 2, 3, 1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = (a.float() - b.float()).pow(2).mean().item()
-    return 10 * np.log10(255**2 / max(mse, 1e-12))
 
 
 @pytest.fixture(scope="module")

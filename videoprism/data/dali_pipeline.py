@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .decode import PyAVClip
 from .errors import BadVideoError
 from .transforms import uniform_indices
 
@@ -43,6 +42,8 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int]:
         if hi - lo < num_frames:
             raise BadVideoError(sample.name, f"too few frames: {hi - lo}, need {num_frames}")
         return p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"]
+    from .decode import PyAVClip  # here, not at the top: the graph itself runs without PyAV (the GPU machines lack it)
+
     with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
         return idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width

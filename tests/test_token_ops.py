@@ -131,9 +131,26 @@ def test_scatter_matches_reference(backend, dtype, shape):
     # Repeated indices accumulate.
     rep = torch.randint(0, L, (B, M), generator=g)
     out = scatter_tokens(src, rep, L, backend=backend)
+    # Each row's sources are summed in ascending j in fp32, as in the reference: same bits.
+    assert_computed_equal(out, scatter_tokens_ref(src, rep, L), backend)
     oracle = scatter_tokens_ref(src.double(), rep, L)
     plain = torch.zeros(B, L, D, dtype=dtype).scatter_add_(1, rep[:, :, None].expand(-1, -1, D), src)
     assert_close_2x(out, oracle, plain, dtype, scale=scatter_tokens_ref(src.double().abs(), rep, L))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_many_sources_per_row(backend, dtype):
+    """~120 sources per output row, spread over more than one 256-index chunk of the Triton
+    duplicate scan, next to rows with one source and none: bitwise the reference sum."""
+    B, L, M, D = 2, 9, 600, 5
+    g = gen(2)
+    src = torch.randn(B, M, D, generator=g).to(dtype)
+    idx = torch.randint(0, 5, (B, M), generator=g)
+    idx[:, 7] = 6                                   # row 6: one source; rows 5, 7, 8: none
+    out = scatter_tokens(src, idx, L, backend=backend)
+    assert_computed_equal(out, scatter_tokens_ref(src, idx, L), backend)
+    assert not out[:, 5].any() and not out[:, 7:].any()
 
 
 SHUFFLE_SHAPES = [(1, 1, 1, 1), (2, 3, 7, 90), (3, 12, 40, 257), (2, 0, 5, 8), (2, 6, 6, 64)]   # B, m, n, D

@@ -13,7 +13,8 @@ Cases:
   gather     [B, n, D] -> [B, m, D]  (bwd: scatter into [B, n, D])
   scatter    [B, m, D] -> [B, n, D]  (bwd: gather)
   shuffle    visible [B, m, D] + mask_emb + pos_emb[n, D] -> [B, n, D] (bwd: unshuffle + sums)
-Also the time to draw each stage's mask for the batch on the device (tube_mask, bevt_mask).
+Also the time to draw each stage's mask for the batch on the device (tube_mask, bevt_mask), and on
+a GPU BEVT's block rounds as PyTorch ops vs the one-launch kernel (kernels/bevt_blocks.py).
 Implementations: the op's backends ("triton", "cuda" on GPU; "cpp" on the CPU) and
 "torch", the composition a user would write (torch.gather / cat / zeros + scatter_add_,
 the reshape-permute patchify) with autograd for the backward.
@@ -42,8 +43,9 @@ import statistics
 import torch
 
 from bench.common import Report, measure_peaks, timeit
+from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
-from videoprism.masking import bevt_mask, tube_mask
+from videoprism.masking import accept_blocks_ref, bevt_mask, num_visible, propose_blocks, tube_mask
 from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
 
 MODELS = {"base": 768, "giant": 1408}
@@ -176,7 +178,14 @@ def main(argv=None) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     for stage, (mask_fn, ratio) in STAGES.items():    # mask generation per step (launch-bound on GPU)
         t = timeit(lambda: mask_fn(batch, T, GRID, ratio, generator=gen, device=device), device, **tkw)
-        report.add(t, model="-", stage=stage, op=mask_fn.__name__, mode="fwd", impl="torch")
+        report.add(t, model="-", stage=stage, op=mask_fn.__name__, mode="fwd",
+                   impl="torch + triton blocks" if cuda and mask_fn is bevt_mask else "torch")
+    if cuda:   # BEVT's sequential block rounds: the PyTorch rounds vs the one-launch kernel
+        budget = GRID[0] * GRID[1] - num_visible(GRID, STAGES["stage2"][1])
+        geometry = propose_blocks(batch, T, GRID, budget, gen, device)
+        for impl, accept in (("triton", bevt_accept_blocks_triton), ("torch", accept_blocks_ref)):
+            t = timeit(lambda: accept(*geometry, T, GRID, budget), device, **tkw)
+            report.add(t, model="-", stage="stage2", op="bevt_blocks", mode="fwd", impl=impl, rounds=geometry[0].shape[0])
     for model in a.models.split(","):
         for stage in a.stages.split(","):
             case = make_case(model, stage, batch, dtype, device, gen)

@@ -2,10 +2,12 @@
 blockiness against uniform random masks, and the inverse slot map."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from videoprism.masking import bevt_mask, inverse_slot_map, num_visible, tube_mask
+from videoprism.masking import accept_blocks_ref, bevt_mask, inverse_slot_map, num_visible, tube_mask
 
 MASKS = {"tube": tube_mask, "bevt": bevt_mask}
 
@@ -117,6 +119,38 @@ def test_inverse_slot_map():
             assert torch.equal(slot[b, t], expect)
     with pytest.raises(ValueError, match="num_patches"):
         inverse_slot_map(pos, 5)
+
+
+def _block_geometry(rounds, batch, frames, grid, seed):
+    """Random rectangles and frame runs, some past the grid edge and the frame count (the
+    kernel must clip exactly as the reference does)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    top, left = torch.randint(0, h, (rounds, batch), generator=g), torch.randint(0, w, (rounds, batch), generator=g)
+    bh, bw = torch.randint(1, h + 1, (rounds, batch), generator=g), torch.randint(1, w + 1, (rounds, batch), generator=g)
+    start = torch.randint(0, frames, (rounds, batch), generator=g)
+    length = torch.randint(1, frames + 1, (rounds, batch), generator=g)
+    return top, left, bh, bw, start, length
+
+
+@pytest.mark.parametrize("rounds,batch,frames,grid,budget", [(24, 3, 4, (16, 16), 166), (7, 2, 3, (5, 7), 20),
+                                                             (1, 1, 1, (1, 1), 1), (40, 2, 5, (9, 4), 30)])
+def test_bevt_block_kernel_equals_the_reference(rounds, batch, frames, grid, budget):
+    """The one-launch GPU acceptance (run here in Triton's interpreter) = the PyTorch rounds."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        device = "cuda"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        device = "cpu"
+    else:
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
+    geometry = [t.to(device) for t in _block_geometry(rounds, batch, frames, grid, seed=rounds)]
+    ref = accept_blocks_ref(*geometry, frames, grid, budget)
+    got = bevt_accept_blocks_triton(*geometry, frames, grid, budget)
+    assert got.dtype == torch.bool and got.shape == (batch, frames, grid[0] * grid[1])
+    assert torch.equal(got, ref)
+    assert bool((ref.sum(-1) <= budget).all()) and bool(ref.any())
 
 
 @pytest.mark.gpu

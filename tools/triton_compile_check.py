@@ -59,7 +59,7 @@ COVERAGE = ("smoke", "model", "all")
 def _workloads(coverage: str):
     """The calls whose launches are recorded. "model": VideoPrism head dims (64: B/L, 88: g),
     stage-1 and stage-2 token counts, the logit cap, the text tower's padded causal attention,
-    the masked time axis and each token op, in bf16 and fp32; "all" adds fp16 (and the
+    the masked time axis, each token op and BEVT's block rounds, in bf16 and fp32; "all" adds fp16 (and the
     compile step then tries every tile candidate); "smoke" (the CI test) compiles each kernel
     once, in bf16 with its richest flags."""
     import torch
@@ -96,6 +96,10 @@ def _workloads(coverage: str):
         vis, perm = torch.randn(2, 90, D, dtype=dt, requires_grad=True), torch.argsort(torch.rand(2, 256, generator=g))
         emb, pe = torch.randn(D, dtype=dt, requires_grad=True), torch.randn(256, D, dtype=dt, requires_grad=True)
         yield lambda vis=vis, perm=perm, emb=emb, pe=pe: ops.shuffle_with_mask_tokens(vis, perm, emb, pe, backend="triton")
+    from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
+    from videoprism.masking import propose_blocks
+    blocks = propose_blocks(2, 16, (16, 16), 166, g, "cpu")
+    yield lambda: bevt_accept_blocks_triton(*blocks, 16, (16, 16), 166)
     pos = bevt_mask(2, 2, (16, 16), 0.65, generator=g)
     for video in (torch.randint(0, 255, (2, 2, 288, 288, 3), dtype=torch.uint8, generator=g),
                   torch.rand(2, 2, 288, 288, 3, requires_grad=True)):

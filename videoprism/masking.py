@@ -94,7 +94,7 @@ def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, s
     sorted within each frame.
 
     All block geometry is drawn up front in one batch; only the acceptance is sequential
-    (a few small ops per round), which keeps a GPU call to a few hundred launches.
+    (kernels/bevt_blocks.py: one Triton launch on a GPU, a few small ops per round elsewhere).
     """
     h, w, k = _check(batch, frames, grid, ratio)
     gen, device = _generator(seed, generator, device)
@@ -102,31 +102,11 @@ def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, s
     budget = n - k                                    # masked patches per frame
     if budget == 0:
         return torch.arange(n, device=device).expand(batch, frames, n).contiguous()
-    min_block = max(1, round(_MIN_BLOCK_AT_256 * n / 256))
-    rounds = min(_MAX_ROUNDS, _ROUNDS_PER_MIN_BLOCK * math.ceil(budget / min_block))
-    log_lo, log_hi = math.log(_ASPECT[0]), math.log(_ASPECT[1])
-    u = torch.rand(6, rounds, batch, 1, generator=gen, device=device)
-    length = 1 + (u[0] * frames).long().clamp(max=frames - 1)                  # [R, B, 1] in [1, T]
-    start = (u[1] * (frames - length + 1)).long()
-    tt = torch.arange(frames, device=device)
-    in_run = (tt >= start) & (tt < start + length)                             # [R, B, T]
-    area = min_block + u[2] * max(budget - min_block, 0)
-    aspect = torch.exp(log_lo + u[3] * (log_hi - log_lo))
-    bh = torch.sqrt(area * aspect).round().long().clamp(1, h)
-    bw = torch.sqrt(area / aspect).round().long().clamp(1, w)
-    top = (u[4] * (h - bh + 1)).long()
-    left = (u[5] * (w - bw + 1)).long()
-    rows = torch.arange(h, device=device)
-    cols = torch.arange(w, device=device)
-    rect = (((rows >= top) & (rows < top + bh))[..., :, None]
-            & ((cols >= left) & (cols < left + bw))[..., None, :])[:, :, None]  # [R, B, 1, h, w]
-    mask = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=device)
-    count = torch.zeros(batch, frames, dtype=torch.long, device=device)
-    for r in range(rounds):
-        new = (rect[r] & ~mask).sum((2, 3))                                    # [B, T]
-        accept = in_run[r] & (count + new <= budget)
-        mask |= rect[r] & accept[:, :, None, None]
-        count += torch.where(accept, new, 0)
+    blocks = propose_blocks(batch, frames, (h, w), budget, gen, device)
+    accept = accept_blocks_ref
+    if device.type == "cuda":   # the reference is launch-bound there (~8 tiny ops per round)
+        from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton as accept
+    mask = accept(*blocks, frames, (h, w), budget).reshape(batch, frames, h, w)
     # Top-up: score masked patches 3, unmasked ones next to a masked patch in [1, 2),
     # the rest in [0, 1); the K lowest scores stay visible.
     m = mask.float()
@@ -138,6 +118,48 @@ def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, s
     score = torch.rand(batch, frames, h, w, generator=gen, device=device) + (near > 0).float()
     score = torch.where(mask, 3.0, score)
     return _lowest_sorted(score.reshape(batch, frames, n), k)
+
+
+def propose_blocks(batch: int, frames: int, grid: tuple[int, int], budget: int, generator, device):
+    """The block proposals of bevt_mask, all rounds at once: (top, left, bh, bw, start, length),
+    each [R, B] int64 (see bevt_mask for their distributions)."""
+    h, w = grid
+    n = h * w
+    min_block = max(1, round(_MIN_BLOCK_AT_256 * n / 256))
+    rounds = min(_MAX_ROUNDS, _ROUNDS_PER_MIN_BLOCK * math.ceil(budget / min_block))
+    log_lo, log_hi = math.log(_ASPECT[0]), math.log(_ASPECT[1])
+    u = torch.rand(6, rounds, batch, generator=generator, device=device)
+    length = 1 + (u[0] * frames).long().clamp(max=frames - 1)                  # [R, B] in [1, T]
+    start = (u[1] * (frames - length + 1)).long()
+    area = min_block + u[2] * max(budget - min_block, 0)
+    aspect = torch.exp(log_lo + u[3] * (log_hi - log_lo))
+    bh = torch.sqrt(area * aspect).round().long().clamp(1, h)
+    bw = torch.sqrt(area / aspect).round().long().clamp(1, w)
+    top = (u[4] * (h - bh + 1)).long()
+    left = (u[5] * (w - bw + 1)).long()
+    return top, left, bh, bw, start, length
+
+
+def accept_blocks_ref(top, left, bh, bw, start, length, frames: int, grid: tuple[int, int],
+                      budget: int) -> torch.Tensor:
+    """BEVT block acceptance, the rounds in order, all (b, t) at once per round: mask [B, T, h*w]
+    bool. The math is in kernels/bevt_blocks.py (the one-launch GPU version)."""
+    R, B = top.shape
+    h, w = grid
+    dev = top.device
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    tt = torch.arange(frames, device=dev)
+    mask = torch.zeros(B, frames, h, w, dtype=torch.bool, device=dev)
+    count = torch.zeros(B, frames, dtype=torch.long, device=dev)
+    for r in range(R):
+        rect = (((rows >= top[r, :, None]) & (rows < (top[r] + bh[r])[:, None]))[:, :, None]
+                & ((cols >= left[r, :, None]) & (cols < (left[r] + bw[r])[:, None]))[:, None, :])[:, None]  # [B,1,h,w]
+        in_run = (tt >= start[r, :, None]) & (tt < (start[r] + length[r])[:, None])                      # [B, T]
+        new = (rect & ~mask).sum((2, 3))
+        accept = in_run & (count + new <= budget)
+        mask |= rect & accept[:, :, None, None]
+        count += torch.where(accept, new, 0)
+    return mask.reshape(B, frames, h * w)
 
 
 def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ export VIDEOPRISM_COMMIT=${VIDEOPRISM_COMMIT:-unknown}
 PY=${PY:-python3}
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 
-ALL_STEPS=(build train-step token-ops attention gpu-tests)
+ALL_STEPS=(build train-step token-ops attention gpu-tests dali-gpu)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 for s in "${STEPS[@]}"; do
@@ -51,4 +51,11 @@ step attention 85 $PY -m bench.attention --device cuda --budget-s 70 --out bench
 # Modules that need PyAV/DALI (absent there) fail collection; the rest run.
 step gpu-tests 150 $PY -m pytest -q -ra -m gpu -p no:cacheprovider --continue-on-collection-errors \
   --junitxml="$OUT/gpu_tests.xml" tests/
+# Issue 5: DALI on the GPU once the chunks of its wheel are here (carried by earlier calls on this warm machine:
+# `bash bench/dali_wheel.sh prepare` prints them): install, GPU-vs-CPU graph test, DALI rows -> data_gpu.json.
+if wanted dali-gpu && ! bash bench/dali_wheel.sh status >/dev/null 2>&1; then
+  echo "=== dali-gpu: skipped: $(bash bench/dali_wheel.sh status 2>&1 >/dev/null | head -1)"
+else
+  step dali-gpu 90 env PY="$PY" OUT="$OUT" bash bench/dali_wheel.sh gpu
+fi
 ls -la "$OUT"

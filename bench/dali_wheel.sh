@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# NVIDIA DALI for the lent GPU machines, which have no DALI, no PyAV/FFmpeg and no internet: the wheel (~190 MiB)
+# travels in chunks over consecutive device calls on the same warm machine, is joined and installed there.
+#
+#   bash bench/dali_wheel.sh prepare   # here (registry reachable): the wheel and the small deps DALI imports into
+#                                      # .whl/, chunks + SHA256SUMS, the clip set .device/dali_clips; prints the
+#                                      # device calls with their carry lists (sized against this working tree)
+#   bash bench/dali_wheel.sh status    # there: which chunks are present and intact (exit 1 while one is missing)
+#   bash bench/dali_wheel.sh install   # there: join, check sha256, pip install --target /tmp/site (plus the deps the
+#                                      # machine lacks); prints the `export PYTHONPATH=...` to use
+#   bash bench/dali_wheel.sh gpu       # there: install, then tests/test_data_dali_gpu.py and bench/data.py's DALI
+#                                      # rows -> bench/results/data_gpu.json (both copied to $OUT when it is set)
+#
+# All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined wheel first, then every chunk),
+# .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
+# Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps), DALI_CLIPS (.device/dali_clips), CHUNK_MIB (55),
+# CALL_MIB (64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+SPEC=nvidia-dali-cuda130==2.4.0
+# What `import nvidia.dali` and a pipeline run need besides numpy (measured by importing it with nothing else on the
+# path), plus makefun. Left out, as the video graph does not load them: nvtx, libcst (dynamic mode), and the
+# nvidia-nvimgcodec-cu13 / nvidia-libnvcomp-cu13 libraries (image decoding, compression; DALI dlopens them lazily).
+DEPS="optree==0.20.0 typing_extensions==4.16.0 gast==0.7.0 astunparse==1.6.3 six==1.17.0 packaging==26.3
+makefun==1.16.0"
+DIR=.whl/dali
+SUMS=$DIR/SHA256SUMS
+DEPS_DIR=${DALI_DEPS:-.whl/deps}
+SITE=${DALI_SITE:-/tmp/site}
+CLIPS=${DALI_CLIPS:-.device/dali_clips}
+CHUNK_MIB=${CHUNK_MIB:-55}
+CALL_MIB=${CALL_MIB:-64}
+MiB=$((1 << 20))
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
+die() { echo "dali_wheel: $*" >&2; exit 2; }
+
+download() {  # download DEST SPEC...: cp312 manylinux x86_64 wheels, no deps
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d "$@"
+}
+
+prepare() {
+  mkdir -p "$DIR" "$DEPS_DIR"
+  local wheel
+  wheel=$(ls .whl/nvidia_dali_cuda130-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$wheel" ]; then
+    download .whl "$SPEC"
+    wheel=$(ls .whl/nvidia_dali_cuda130-*.whl | head -1)
+  fi
+  # shellcheck disable=SC2086
+  download "$DEPS_DIR" $DEPS
+  local size tree room n chunk
+  size=$(stat -c %s "$wheel")
+  tree=$(git ls-files -z -co --exclude-standard | $PY -c \
+    "import os,sys; print(sum(os.path.getsize(p) for p in sys.stdin.read().split('\0') if os.path.isfile(p)))")
+  room=$((CALL_MIB * MiB - tree - MiB))  # what a call can carry besides the tree (1 MiB kept for slack)
+  chunk=$((CHUNK_MIB * MiB < room ? CHUNK_MIB * MiB : room))
+  n=$(((size + chunk - 1) / chunk))
+  chunk=$(((size + n - 1) / n))  # equal chunks
+  rm -f "$DIR"/part-*
+  split -b "$chunk" -d -a 2 "$wheel" "$DIR/part-"
+  (cd "$DIR" && sha256sum "../../$wheel" | sed "s|../../.whl/||" > SHA256SUMS.tmp && sha256sum part-* >> SHA256SUMS.tmp \
+    && mv SHA256SUMS.tmp SHA256SUMS)
+  if [ ! -f "$CLIPS/clips.jsonl" ]; then
+    OMP_WAIT_POLICY=PASSIVE $PY -m bench.data --write-clips "$CLIPS"
+  fi
+  plan "$tree"
+}
+
+plan() {  # plan TREE_BYTES: first-fit of the small paths into the calls, from the last call back
+  $PY - "$1" "$CALL_MIB" "$SUMS" "$DEPS_DIR" "$CLIPS" <<'EOF'
+import json, os, subprocess, sys
+tree, limit, sums, deps, clips = int(sys.argv[1]), int(sys.argv[2]) << 20, *sys.argv[3:]
+def size(p):
+    return os.path.getsize(p) if os.path.isfile(p) else sum(
+        os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
+parts = sorted(os.path.join(os.path.dirname(sums), f) for f in os.listdir(os.path.dirname(sums)) if f.startswith("part-"))
+calls = [[sums, p] for p in parts]  # every call carries the tiny SHA256SUMS, so `status` can check what arrived
+for extra in (deps, clips):
+    for c in reversed(calls):
+        if tree + sum(map(size, c)) + size(extra) <= limit - (1 << 20):
+            c.append(extra)
+            break
+    else:
+        calls.append([sums, extra])
+wheel = open(sums).readline().split()[1]
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+print(f"\n{wheel}: {os.path.getsize(os.path.join('.whl', wheel)) / 2**20:.1f} MiB in {len(parts)} chunks of "
+      f"{size(parts[0]) / 2**20:.1f} MiB; deps {size(deps) / 2**20:.1f} MiB; clips {size(clips) / 2**20:.1f} MiB; "
+      f"working tree (tracked + untracked, not ignored) {tree / 2**20:.1f} MiB; {limit >> 20} MiB per call")
+print("Device calls, one right after the other on the same warm machine (it goes back after a short idle; ignored "
+      "paths that a call does not name stay there):")
+for i, c in enumerate(calls, 1):
+    last = i == len(calls)
+    cmd = (f"VIDEOPRISM_COMMIT={commit} bash bench/device_check.sh   "
+           "(or, where the extension is built already or for DALI alone: bash bench/dali_wheel.sh gpu)") if last \
+        else "bash bench/dali_wheel.sh status"
+    print(f"  call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"
+          f"          command: {cmd}")
+EOF
+}
+
+check_chunks() {  # exit 1 naming the first missing or damaged chunk
+  [ -f "$SUMS" ] || { echo "dali_wheel: missing $SUMS: carry it (bash bench/dali_wheel.sh prepare prints the calls)" >&2; return 1; }
+  local n=0 bad=0 total sum name
+  total=$(($(wc -l < "$SUMS") - 1))
+  while read -r sum name; do
+    case $name in part-*) ;; *) continue ;; esac
+    n=$((n + 1))
+    if [ ! -f "$DIR/$name" ]; then
+      echo "dali_wheel: missing chunk $DIR/$name ($n of $total): carry it in a call on this warm machine" >&2; bad=1
+    elif [ "$(sha256sum "$DIR/$name" | cut -d' ' -f1)" != "$sum" ]; then
+      echo "dali_wheel: damaged chunk $DIR/$name ($n of $total): sha256 differs, carry it again" >&2; bad=1
+    else
+      echo "chunk $DIR/$name ($n of $total): ok"
+    fi
+  done < "$SUMS"
+  return $bad
+}
+
+import_check() {  # prints where nvidia.dali comes from; fails unless it is the copy under $SITE
+  PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} $PY -c "
+import os, sys
+import nvidia.dali as d
+print('nvidia.dali', d.__version__, 'from', os.path.dirname(d.__file__))
+sys.exit(not os.path.realpath(d.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep))" "$SITE"
+}
+
+install() {
+  check_chunks >/dev/null || die "cannot install: chunks missing (above)"
+  local wheel want tmp
+  read -r want wheel < "$SUMS"
+  local ver=${wheel#nvidia_dali_cuda130-}; ver=${ver%%-*}
+  if [ -d "$SITE/nvidia_dali_cuda130-$ver.dist-info" ] && [ -d "$SITE/nvidia/dali" ]; then
+    echo "nvidia-dali-cuda130 $ver already installed in $SITE"
+  else
+    tmp=$(mktemp -d)
+    cat "$DIR"/part-* > "$tmp/$wheel"
+    [ "$(sha256sum "$tmp/$wheel" | cut -d' ' -f1)" = "$want" ] || { rm -rf "$tmp"; die "joined $wheel: sha256 differs from $SUMS"; }
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$tmp/$wheel" || { rm -rf "$tmp"; die "pip install of $wheel failed"; }
+    rm -rf "$tmp"
+  fi
+  local w mod
+  for w in "$DEPS_DIR"/*.whl; do  # only what this Python lacks: never shadow the machine's own numpy, packaging...
+    [ -f "$w" ] || continue
+    mod=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z')
+    if ! PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} $PY -c "import $mod" 2>/dev/null; then
+      $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$w" || die "pip install of $w failed"
+      echo "installed $(basename "$w") (missing here)"
+    fi
+  done
+  if ! import_check >/dev/null 2>&1; then
+    # A regular package `nvidia` (with an __init__.py) elsewhere on the path hides our namespace portion: make ours
+    # the regular one, extended over every `nvidia` folder on the path (pkgutil style).
+    [ -f "$SITE/nvidia/__init__.py" ] || echo "__path__ = __import__('pkgutil').extend_path(__path__, __name__)" \
+      > "$SITE/nvidia/__init__.py"
+  fi
+  import_check || die "nvidia.dali does not import from $SITE (see above)"
+  if ! { ldconfig -p 2>/dev/null | grep -q libnvcuvid.so; } && ! ls /usr/lib/x86_64-linux-gnu/libnvcuvid.so* >/dev/null 2>&1; then
+    echo "warning: libnvcuvid.so (NVDEC, from the driver) not found: DALI's GPU video decoder will fail (a container" \
+         "needs the 'video' driver capability)" >&2
+  fi
+  echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
+}
+
+gpu() {
+  install
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  local flags=() rc=0
+  if ! $PY -c "import videoprism" 2>/dev/null; then
+    # The extension is not built here (device_check.sh's build step did not run): the data layer needs none of it,
+    # so import it through a package shell holding only videoprism/data, ahead of the repo (-P: no cwd on the path).
+    local shim=/tmp/videoprism_data_only
+    mkdir -p "$shim/videoprism"
+    echo '"""videoprism.data alone (bench/dali_wheel.sh gpu, where the extension is not built)."""' \
+      > "$shim/videoprism/__init__.py"
+    ln -sfn "$PWD/videoprism/data" "$shim/videoprism/data"
+    export PYTHONPATH=$SITE:$shim:$PWD${PYTHONPATH#"$SITE"}
+    flags=(-P)
+    echo "note: videoprism is not built here: running with videoprism.data alone ($shim)"
+  fi
+  mkdir -p bench/results
+  $PY "${flags[@]}" -m pytest -q -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
+    ${OUT:+--junitxml="$OUT/dali_gpu_tests.xml"} || rc=1
+  $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 --out bench/results/data_gpu.json || rc=1
+  [ -z "${OUT:-}" ] || cp bench/results/data_gpu.json "$OUT/" 2>/dev/null || true
+  return $rc
+}
+
+case ${1:-} in
+  prepare) prepare ;;
+  status) check_chunks ;;
+  install) install ;;
+  gpu) gpu ;;
+  *) echo "usage: bash bench/dali_wheel.sh prepare|status|install|gpu (see the header of this file)" >&2; exit 2 ;;
+esac

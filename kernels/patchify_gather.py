@@ -9,12 +9,17 @@ of the visible patches, without reading the hidden pixels. s(v) = fp32(v) * fp32
 for uint8 (one rounding, bit-identical in every backend), v unchanged for floats.
 Output dtype: float32 for uint8/fp16/bf16/fp32 input, float64 for float64.
 
-Layout: one output row of P*P*3 values is P runs of 3P contiguous input elements
-(row stride 3W), so a program reads whole pixel rows of a patch and writes one
-contiguous output row.
+Layout: one output row of F = P*P*3 values is P runs of 3P contiguous input elements
+(row stride 3W). A Triton program covers [BLOCK_R patches, BLOCK_F features]: per-patch
+and per-feature index math, and aligned 16-byte stores, because F is a compile-time
+constant (from P) and a multiple of 4 for even P; the uint8 reads are 2-byte loads where
+the run length and strides are even (P = 18: 54-byte runs). The CUDA kernel
+(csrc/token_ops_cuda.cu) stages whole runs in shared memory and then writes a contiguous
+range of the output with 16-byte stores.
 Bytes moved: B*T*K*P*P*3 * (E_in + E_out) (+ 8*B*T*K index bytes), E_in = 1 for uint8.
 Floor at VideoPrism-B stage 2 (B=32, T=16, K=90, P=18, uint8 -> fp32) on an H200 (copy
-4218 GB/s read+write): 223.9 MB -> 53.1 us.
+4218 GB/s read+write): 223.9 MB -> 53.1 us. (The 54-byte runs are not sector-aligned, so
+DRAM reads are somewhat above the 44.8 MB of uint8 counted there.)
 """
 from __future__ import annotations
 
@@ -52,28 +57,38 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) ->
 
 
 @triton.jit
-def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3, NW, N, F,
+def _patchify_gather_fwd_kernel(video_ptr, pos_ptr, out_ptr, n_rows, K, HW3, W3, NW, N,
                                 P: tl.constexpr, IS_UINT8: tl.constexpr, SCALE: tl.constexpr,
                                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    """Program (patch block, feature block): rows r = (b*T + t)*K + k, features f = p*3P + u."""
+    """Program (patch block, feature block): rows r = (b*T + t)*K + k, features f = p*3P + u.
+    F comes from the constant P: with F = 972 as a runtime int (not a multiple of 16) Triton
+    could not prove the row starts aligned and stored 4 bytes per instruction. Index math
+    per row and per column in int32, one int64 add per element."""
+    F: tl.constexpr = 3 * P * P
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     r_ok = r < n_rows
     n = tl.load(pos_ptr + r, mask=r_ok, other=0)
-    frame = (r // K).to(tl.int64)
-    mh = n // NW
-    nw = n % NW
-    p = f // (3 * P)
-    u = f % (3 * P)
-    src = frame[:, None] * HW3 + (mh[:, None] * P + p[None, :]) * W3 + nw[:, None] * (3 * P) + u[None, :]
-    ok = r_ok[:, None] & (f < F)[None, :]
     n_ok = (n >= 0) & (n < N)              # memory safety only: the op checks values on the CPU
-    v = tl.load(video_ptr + src, mask=ok & n_ok[:, None], other=0)
+    n = tl.where(n_ok, n, 0).to(tl.int32)
+    patch = (r // K).to(tl.int64) * HW3 + (n // NW * P) * W3 + (n % NW) * (3 * P)   # the patch's first element
+    p = f // (3 * P)
+    col = p * W3 + (f - p * (3 * P))        # pixel row p, element u of its run of 3P
+    ok = r_ok[:, None] & (f < F)[None, :]
+    v = tl.load(video_ptr + patch[:, None] + col[None, :], mask=ok & n_ok[:, None], other=0)
     if IS_UINT8:
         x = v.to(tl.float32) * SCALE
     else:
         x = v.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + r.to(tl.int64)[:, None] * F + f[None, :], x, mask=ok)
+
+
+def feature_block(F: int) -> int:
+    """The power of two in [256, 1024] whose blocks cover F with the fewest masked lanes
+    (ties: the larger): 972 (P = 18) -> 1024, 5% idle; 768 (P = 16) -> 256, none idle."""
+    if F <= 256:
+        return triton.next_power_of_2(F)
+    return min((1024, 512, 256), key=lambda bf: triton.cdiv(F, bf) * bf - F)
 
 
 def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -87,10 +102,10 @@ def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: i
         return out
     # 8192 elements per program (8 patches of 972 features at P = 18), 8 warps: a few
     # thousand programs, not one per patch.
-    BLOCK_F = min(triton.next_power_of_2(F), 1024)
+    BLOCK_F = feature_block(F)
     BLOCK_R = max(1, 8192 // BLOCK_F)
     grid = (triton.cdiv(B * T * K, BLOCK_R), triton.cdiv(F, BLOCK_F))
-    _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, (H // P) * (W // P), F,
+    _patchify_gather_fwd_kernel[grid](video, pos, out, B * T * K, K, H * W * C, W * C, W // P, (H // P) * (W // P),
                                       P=P, IS_UINT8=video.dtype == torch.uint8, SCALE=UINT8_SCALE,
                                       BLOCK_R=BLOCK_R, BLOCK_F=BLOCK_F, num_warps=8)
     return out

@@ -93,11 +93,14 @@ print(f"\n{wheel}: {os.path.getsize(os.path.join('.whl', wheel)) / 2**20:.1f} Mi
       f"working tree (tracked + untracked, not ignored) {tree / 2**20:.1f} MiB; {limit >> 20} MiB per call")
 print("Device calls, one right after the other on the same warm machine (it goes back after a short idle; ignored "
       "paths that a call does not name stay there):")
+dc = f"VIDEOPRISM_COMMIT={commit} bash bench/device_check.sh"
 for i, c in enumerate(calls, 1):
-    last = i == len(calls)
-    cmd = (f"VIDEOPRISM_COMMIT={commit} bash bench/device_check.sh   "
-           "(or, where the extension is built already or for DALI alone: bash bench/dali_wheel.sh gpu)") if last \
-        else "bash bench/dali_wheel.sh status"
+    if i == len(calls):
+        cmd = f"{dc} gpu-tests dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
+    elif i == 1:
+        cmd = f"bash bench/dali_wheel.sh status   (or the first device_check call: {dc} build train-step token-ops attention)"
+    else:
+        cmd = "bash bench/dali_wheel.sh status"
     print(f"  call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"
           f"          command: {cmd}")
 EOF

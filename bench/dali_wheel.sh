@@ -64,8 +64,10 @@ prepare() {
   split -b "$chunk" -d -a 2 "$wheel" "$DIR/part-"
   (cd "$DIR" && sha256sum "../../$wheel" | sed "s|../../.whl/||" > SHA256SUMS.tmp && sha256sum part-* >> SHA256SUMS.tmp \
     && mv SHA256SUMS.tmp SHA256SUMS)
-  if [ ! -f "$CLIPS/clips.jsonl" ]; then
-    OMP_WAIT_POLICY=PASSIVE $PY -m bench.data --write-clips "$CLIPS"
+  if [ ! -f "$CLIPS/clips.jsonl" ]; then  # needs torch + PyAV: the project's venv where there is one
+    local gen=$PY
+    [ -x .venv/bin/python ] && gen=.venv/bin/python
+    OMP_WAIT_POLICY=PASSIVE $gen -m bench.data --write-clips "$CLIPS"
   fi
   plan "$tree"
 }
@@ -154,6 +156,14 @@ install() {
       $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$w" || die "pip install of $w failed"
       echo "installed $(basename "$w") (missing here)"
     fi
+  done
+  # DALI's libraries look for CUDA libraries it loads lazily next to themselves (RUNPATH $ORIGIN/../cu13/lib, ...):
+  # point those at the machine's own copies (torch's nvidia-*-cu13 wheels), none of which the video graph needs.
+  local d name
+  for d in $($PY -c "import nvidia; print(*nvidia.__path__)" 2>/dev/null); do
+    for name in cu13 cufft npp nvjpeg nvimgcodec libnvcomp; do
+      if [ -e "$d/$name" ] && [ ! -e "$SITE/nvidia/$name" ]; then ln -s "$d/$name" "$SITE/nvidia/$name"; fi
+    done
   done
   if ! import_check >/dev/null 2>&1; then
     # A regular package `nvidia` (with an __init__.py) elsewhere on the path hides our namespace portion: make ours

@@ -62,8 +62,8 @@ prepare() {
   chunk=$(((size + n - 1) / n))  # equal chunks
   rm -f "$DIR"/part-*
   split -b "$chunk" -d -a 2 "$wheel" "$DIR/part-"
-  (cd "$DIR" && sha256sum "../../$wheel" | sed "s|../../.whl/||" > SHA256SUMS.tmp && sha256sum part-* >> SHA256SUMS.tmp \
-    && mv SHA256SUMS.tmp SHA256SUMS)
+  (cd "$DIR" && sha256sum "../../$wheel" | sed "s|../../.whl/||" > SHA256SUMS.tmp \
+    && sha256sum part-* >> SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
   if [ ! -f "$CLIPS/clips.jsonl" ]; then  # needs torch + PyAV: the project's venv where there is one
     local gen=$PY
     [ -x .venv/bin/python ] && gen=.venv/bin/python
@@ -79,7 +79,8 @@ tree, limit, sums, deps, clips = int(sys.argv[1]), int(sys.argv[2]) << 20, *sys.
 def size(p):
     return os.path.getsize(p) if os.path.isfile(p) else sum(
         os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
-parts = sorted(os.path.join(os.path.dirname(sums), f) for f in os.listdir(os.path.dirname(sums)) if f.startswith("part-"))
+folder = os.path.dirname(sums)
+parts = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-"))
 calls = [[sums, p] for p in parts]  # every call carries the tiny SHA256SUMS, so `status` can check what arrived
 for extra in (deps, clips):
     for c in reversed(calls):
@@ -100,7 +101,8 @@ for i, c in enumerate(calls, 1):
     if i == len(calls):
         cmd = f"{dc} gpu-tests dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
     elif i == 1:
-        cmd = f"bash bench/dali_wheel.sh status   (or the first device_check call: {dc} build train-step token-ops attention)"
+        cmd = ("bash bench/dali_wheel.sh status   (or the first device_check call: "
+               f"{dc} build train-step token-ops attention)")
     else:
         cmd = "bash bench/dali_wheel.sh status"
     print(f"  call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"
@@ -109,7 +111,10 @@ EOF
 }
 
 check_chunks() {  # exit 1 naming the first missing or damaged chunk
-  [ -f "$SUMS" ] || { echo "dali_wheel: missing $SUMS: carry it (bash bench/dali_wheel.sh prepare prints the calls)" >&2; return 1; }
+  if [ ! -f "$SUMS" ]; then
+    echo "dali_wheel: missing $SUMS: carry it (bash bench/dali_wheel.sh prepare prints the calls)" >&2
+    return 1
+  fi
   local n=0 bad=0 total sum name
   total=$(($(wc -l < "$SUMS") - 1))
   while read -r sum name; do
@@ -144,8 +149,12 @@ install() {
   else
     tmp=$(mktemp -d)
     cat "$DIR"/part-* > "$tmp/$wheel"
-    [ "$(sha256sum "$tmp/$wheel" | cut -d' ' -f1)" = "$want" ] || { rm -rf "$tmp"; die "joined $wheel: sha256 differs from $SUMS"; }
-    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$tmp/$wheel" || { rm -rf "$tmp"; die "pip install of $wheel failed"; }
+    if [ "$(sha256sum "$tmp/$wheel" | cut -d' ' -f1)" != "$want" ]; then
+      rm -rf "$tmp"
+      die "joined $wheel: sha256 differs from $SUMS"
+    fi
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$tmp/$wheel" \
+      || { rm -rf "$tmp"; die "pip install of $wheel failed"; }
     rm -rf "$tmp"
   fi
   local w mod
@@ -172,7 +181,8 @@ install() {
       > "$SITE/nvidia/__init__.py"
   fi
   import_check || die "nvidia.dali does not import from $SITE (see above)"
-  if ! { ldconfig -p 2>/dev/null | grep -q libnvcuvid.so; } && ! ls /usr/lib/x86_64-linux-gnu/libnvcuvid.so* >/dev/null 2>&1; then
+  if ! { ldconfig -p 2>/dev/null | grep -q libnvcuvid.so; } \
+      && ! ls /usr/lib/x86_64-linux-gnu/libnvcuvid.so* >/dev/null 2>&1; then
     echo "warning: libnvcuvid.so (NVDEC, from the driver) not found: DALI's GPU video decoder will fail (a container" \
          "needs the 'video' driver capability)" >&2
   fi

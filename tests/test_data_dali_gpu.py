@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (on a GPU machine: bench/dali_wheel.sh install)")
+pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (GPU machines: bench/dali_wheel.sh install)")
 
 from videoprism.data.dali_pipeline import DaliClips, clip_plan  # noqa: E402
 from videoprism.data.manifest import read_source  # noqa: E402
@@ -37,7 +37,7 @@ def clips(tmp_path_factory):
     root = CLIPS
     if not os.path.isfile(os.path.join(root, "clips.jsonl")):
         try:
-            import av  # noqa: F401
+            import av  # noqa: F401  (write_clips encodes with it)
         except ImportError:
             pytest.skip(f"no clip set at {root} (bench/dali_wheel.sh prepare writes it, the device call carries it) "
                         "and no PyAV to write one")

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decode import decode_clip
 from .errors import BadSampleBudget, BadVideoError
 from .manifest import Sample, read_source
 from .text import Tokenizer
@@ -66,6 +65,8 @@ class _PyAVItems(torch.utils.data.Dataset):
         return len(self.order)
 
     def __getitem__(self, pos: int) -> _Item:
+        from .decode import decode_clip  # PyAV: imported where it decodes (the GPU machines lack it)
+
         sid = int(self.order[pos])
         s = self.loader.samples[sid]
         try:

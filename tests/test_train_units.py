@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ def test_config_overrides_and_errors():
     assert cfg.model.num_frames == 4 and cfg.train.mask_ratio == 0.65  # stage-2 default kept under the preset
     assert build_config("base", [], 1).train.mask_ratio == 0.5
     for bad, needle in (("optim.lr", "key=value"), ("lr=1", "needs a section"), ("nope.lr=1", "unknown config section"),
-                        ("optim.nope=1", "unknown field"), ("train.compile=maybe", "train.compile")):
+                        ("optim.nope=1", "unknown field"), ("train.compile=maybe", "train.compile"),
+                        ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
+                        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'")):
         with pytest.raises(ValueError, match=needle):
             build_config("tiny", [bad], 1)
     with pytest.raises(ValueError, match="unknown config preset"):
@@ -51,6 +54,9 @@ def test_lr_schedule():
     assert lr_at(110, c, 110) == pytest.approx(0.1)
     c.decay = "linear"
     assert lr_at(60, c, 110) == pytest.approx(0.55)
+    c.decay = "linaer"  # refused at step 0, not only when the warm-up ends
+    with pytest.raises(ValueError, match="optim.decay must be"):
+        lr_at(0, c, 110)
 
 
 def test_contrastive_loss_matches_naive_formula():
@@ -194,6 +200,17 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
         ckpt.save(root, step, model, opt, trainer_state=state, rank_state=rank_state, keep=2)
     assert [s for s, _ in ckpt.step_dirs(root)] == [2, 3]
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
+
+
+def test_single_process_checkpoint_warns_nothing(tmp_path):
+    """DCP's "assuming the intent is to save in a single process" warning is not shown in the
+    progress bar of every one-process run (it warns even with no_dist=True)."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = ckpt.save(str(tmp_path), 1, model, opt, trainer_state={"step": 1}, rank_state={}, keep=1)
+        assert ckpt.load(path, model, opt, trainer_keys=["step"])[0]["step"] == 1
 
 
 def test_alternating_datasets_follow_weights_and_seed():

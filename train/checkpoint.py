@@ -15,6 +15,8 @@ import os
 import random
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -40,6 +42,16 @@ def _rank() -> int:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns "torch.distributed is disabled ... assuming the intent is to save in a single
+    process" on every call without a process group, even with `no_dist=True` asked for: in the
+    middle of the progress bar of a one-process run it reads like a fault, so it is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is .*single process", category=UserWarning)
+        yield
 
 
 def rng_state() -> dict:
@@ -82,7 +94,8 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd,
              "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
     torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
@@ -104,7 +117,8 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=True))
     rank_file = os.path.join(path, f"rank{_rank()}.pt")

@@ -194,7 +194,11 @@ def _parse(value: str, typ):
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean (true/false), got {value!r}")
-    return typ(value)
+    try:
+        return typ(value)
+    except ValueError:  # int('abc') says "invalid literal for int() with base 10", which names no fix
+        raise ValueError(f"expected {'a number' if typ is float else 'an integer' if typ is int else typ.__name__}, "
+                         f"got {value!r}") from None
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

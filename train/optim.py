@@ -15,6 +15,10 @@ from videoprism.train.config import OptimConfig
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     """Linear warm-up over `warmup_steps` (step 0 gets lr / warmup), then linear,
     cosine or constant decay from lr to min_lr at `total_steps`."""
+    # Checked before the warm-up returns: a typo would otherwise stop the run only when the
+    # warm-up ends (step 20000 in the paper's settings).
+    if cfg.decay not in ("linear", "cosine", "constant"):
+        raise ValueError(f"optim.decay must be 'linear', 'cosine' or 'constant', got {cfg.decay!r}")
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":
@@ -23,9 +27,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     frac = min(1.0, (step - cfg.warmup_steps) / span)
     if cfg.decay == "linear":
         return cfg.lr + (cfg.min_lr - cfg.lr) * frac
-    if cfg.decay == "cosine":
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
-    raise ValueError(f"optim.decay must be 'linear', 'cosine' or 'constant', got {cfg.decay!r}")
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))  # cosine
 
 
 def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig,

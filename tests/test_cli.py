@@ -6,10 +6,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import videoprism as vp
 from tests.conftest import golden_overrides
+from videoprism.cli import main
+
+from .test_data import SPM
 
 SMALL = ["--set", "model_dim=32", "--set", "num_heads=2", "--set", "mlp_dim=64", "--set", "num_spatial_layers=1",
          "--set", "num_temporal_layers=1"]
@@ -78,3 +82,48 @@ def test_help_explains_every_command():
 def test_embed_rejects_bad_output_name(media_dir):
     r = run("embed", os.path.join(media_dir, "water_bottle_drumming_vp9.webm"), "--out", "x.txt", check=False)
     assert r.returncode != 0 and ".npy or .safetensors" in r.stderr
+
+
+# Bad input to every entry point: exit status 2 and one line `error: ...` naming the input and the fix, no
+# traceback. In process (the wrapper `run_command` is what a console script runs), so each case takes well
+# under a second: all of them fail before any training step.
+def _bad_inputs(tmp):
+    from videoprism.train import pipeline, stage1, stage2
+
+    (tmp / "garbage.model").write_bytes(b"not a sentencepiece model")
+    (tmp / "bad.jsonl").write_text('{"path": "a.webm", "caption": \n[1, 2]\n')
+    # train.steps=1: a case that wrongly passed would train one step, not the tiny preset's 1200.
+    tiny = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", f"train.out_dir={tmp}/run", "train.steps=1"]
+    rand = [*tiny, "data.source=random", "train.global_batch=2"]
+    return [
+        (stage1.main, [*tiny, "train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
+        (stage1.main, [*tiny, "train.stepz=3"], "unknown field 'stepz'"),
+        (stage1.main, ["--config", "tin"], "unknown config preset 'tin'"),
+        (stage1.main, [*tiny, f"data.train={tmp}/none.jsonl"], "none.jsonl' does not exist"),
+        (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl", f"data.tokenizer={SPM}"], "bad.jsonl:1: bad JSON"),
+        (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' is not a file"),
+        (stage1.main, [*rand, "model.name=videoprism_v1_base"], "not a video-text (LvT) model"),
+        (stage1.main, [*tiny, f"data.tokenizer={tmp}/garbage.model"], "is not a SentencePiece model"),
+        (stage1.main, [*rand, "train.global_batch=0"], "train.global_batch must be >= 1"),
+        (stage1.main, [*rand, "--resume", f"{tmp}/none"], "no complete checkpoint"),
+        (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "no such weights file"),
+        (pipeline.main, ["--out", str(tmp), "--config", "huge"], "unknown config preset 'huge'"),
+        (main, ["embed", "x.mp4", "--model", "videoprism_foo"], "unknown model name 'videoprism_foo'"),
+        (main, ["embed", "x.mp4", "--out", "x.txt"], "must end in .npy or .safetensors"),
+        (main, ["embed", str(tmp / "bad.jsonl"), "--quiet", "--out", f"{tmp}/e.npy", *SMALL], "bad.jsonl: not a video"),
+    ]
+
+
+def test_bad_input_one_line_error_exit_2(tmp_path, capsys):
+    for entry, argv, needle in _bad_inputs(tmp_path):
+        assert entry(argv) == 2, argv
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning:")]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, lines)
+
+
+def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
+    from videoprism.train import stage1
+
+    monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="expected an integer"):
+        stage1.main(["train.steps=abc"])

@@ -100,7 +100,8 @@ class ManifestData:
                 return next(self.iters[i])
             except StopIteration:  # end of an epoch: the loader moves to the next one
                 self.iters[i] = None
-        raise RuntimeError(f"training manifest {i} yields no batch: fewer good samples than one micro-batch")
+        raise ValueError(f"training manifest {i} yields no batch: fewer good samples than one micro-batch; "
+                         "lower train.global_batch (or train.micro_batch) or add samples")
 
     def state_dict(self) -> dict:
         return {"loaders": [ld.state_dict() for ld in self.loaders]}
@@ -150,7 +151,8 @@ class CachedClips:
         self.clips, self.micro, self.rank, self.world, self.seed = clips, micro_batch, rank, world, seed
         self.n = clips["video"].shape[0]
         if self.n < micro_batch * world:
-            raise ValueError(f"{self.n} cached clips are fewer than one global micro-batch ({micro_batch * world})")
+            raise ValueError(f"{self.n} cached clips are fewer than one global micro-batch ({micro_batch * world}); "
+                             "lower train.global_batch (or train.micro_batch) or add clips")
         self.epoch, self.position = 0, 0
 
     def _order(self) -> torch.Tensor:

@@ -25,10 +25,11 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     A randomly initialised model gets position embeddings of exactly the training clip
     size (no interpolation in every step) unless model.pos_emb_shape says otherwise; a
     checkpoint keeps the official shape (or model.pos_emb_shape)."""
+    # The kind is checked before the overrides, which an encoder config would reject as unknown fields.
+    if not isinstance(official_config(mc.name), CLIPConfig):
+        raise ValueError(f"model.name={mc.name!r} is not a video-text (LvT) model; use videoprism_lvt_v1_*")
     overrides = mc.overrides(vocab)
     base = official_config(mc.name, **overrides)
-    if not isinstance(base, CLIPConfig):
-        raise ValueError(f"model.name={mc.name!r} is not a video-text (LvT) model; use videoprism_lvt_v1_*")
     if mc.resolution % base.patch_size:
         raise ValueError(f"model.resolution={mc.resolution} is not a multiple of the patch size {base.patch_size}")
     if mc.init == "random" and not mc.pos_emb_shape:

@@ -36,7 +36,7 @@ def init_distributed(device: str) -> Dist:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if device == "cuda":

@@ -22,12 +22,14 @@ import shutil
 import sys
 import time
 
+from videoprism.cli import run_command
 from videoprism.data.synth import SCENES, generate
 from videoprism.train import stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
 from videoprism.train.modeling import model_from_safetensors
 from videoprism.train.probe import run_probes
+from videoprism.train.trainer import NonFiniteLossError
 
 PROBE_LABELS = ["direction", "colour", "shape"]
 
@@ -51,6 +53,11 @@ def _data(out: str, clips: int, frames: int, resolution: int, scene: str) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad arguments, config values and data end the job with a one-line `error: ...` (exit 2)."""
+    return run_command(_main, argv, errors=(NonFiniteLossError,))
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder (data, stage1, stage2)")

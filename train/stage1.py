@@ -15,6 +15,7 @@ import sys
 import torch
 from torch import nn
 
+from videoprism.cli import run_command
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, parse_args
@@ -23,7 +24,7 @@ from videoprism.train.losses import contrastive_loss
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
-from videoprism.train.trainer import Trainer
+from videoprism.train.trainer import NonFiniteLossError, Trainer
 
 
 class ContrastiveModel(nn.Module):
@@ -153,9 +154,11 @@ def _report(results: dict, cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = parse_args(argv, stage=1)
-    run(cfg, resume)
-    return 0
+    """Bad config values, paths and data end the run with a one-line `error: ...` (exit 2)."""
+    def command() -> None:
+        run(*parse_args(argv, stage=1))
+
+    return run_command(command, errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import videoprism
+from videoprism.cli import run_command
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, parse_args
@@ -26,7 +27,7 @@ from videoprism.train.distill import Stage2Model, Teacher, identity_slots, rando
 from videoprism.train.losses import cosine_distance
 from videoprism.train.modeling import build_clip, encoder_config, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
-from videoprism.train.trainer import Trainer
+from videoprism.train.trainer import NonFiniteLossError, Trainer
 
 
 class Stage2Task:
@@ -150,9 +151,11 @@ def run(cfg: Config, resume: str | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = parse_args(argv, stage=2)
-    run(cfg, resume)
-    return 0
+    """Bad config values, paths and data end the run with a one-line `error: ...` (exit 2)."""
+    def command() -> None:
+        run(*parse_args(argv, stage=2))
+
+    return run_command(command, errors=(NonFiniteLossError,))
 
 
 if __name__ == "__main__":

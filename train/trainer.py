@@ -47,6 +47,9 @@ class Trainer:
     def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str):
         self.cfg, self.task, self.data, self.dist, self.name = cfg, task, data, dist_, name
         tc = cfg.train
+        if tc.global_batch < 1 or tc.micro_batch < 0:
+            raise ValueError(f"train.global_batch must be >= 1 and train.micro_batch >= 0 (0 = no accumulation), "
+                             f"got {tc.global_batch} and {tc.micro_batch}")
         if tc.global_batch % dist_.world:
             raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {dist_.world} ranks")
         per_rank = tc.global_batch // dist_.world

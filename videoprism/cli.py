@@ -16,13 +16,33 @@ import numpy as np
 import torch
 
 
+def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
+    """`fn(*args)` as a command: an error of the user's input exits with status 2 and one line,
+    `error: <message>`, instead of a traceback.
+
+    Those errors are ValueError (which CheckpointError, BadVideoError and BadSampleError are),
+    OSError (a missing or unreadable path), TooManyBadSamplesError and the caller's `errors`:
+    their messages name the input and the fix. Other exceptions are bugs and keep their
+    traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
+    """
+    from videoprism.data.errors import TooManyBadSamplesError
+
+    try:
+        return fn(*args) or 0
+    except (ValueError, OSError, TooManyBadSamplesError, *errors) as e:
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def parse_overrides(items: list[str]) -> dict:
     """["model_dim=32", "pos_emb_shape=(4,4,4)"] -> {"model_dim": 32, "pos_emb_shape": (4, 4, 4)}."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_frames=8")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_frames=8")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -49,7 +69,7 @@ def cmd_embed(args) -> int:
 
     ext = os.path.splitext(args.out)[1]
     if ext not in (".npy", ".safetensors"):
-        raise SystemExit(f"--out {args.out}: must end in .npy or .safetensors")
+        raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = parse_overrides(args.set)
     if args.attention_backend:
@@ -59,7 +79,7 @@ def cmd_embed(args) -> int:
     num_frames = args.num_frames or cfg.pos_emb_shape[0]
     resolution = args.resolution or cfg.patch_size * cfg.pos_emb_shape[1]
     if resolution % cfg.patch_size:
-        raise SystemExit(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
+        raise ValueError(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
     is_clip = isinstance(model, vp.FactorizedVideoCLIP)
 
     embeddings, names, skipped = [], [], []
@@ -71,8 +91,7 @@ def cmd_embed(args) -> int:
         except BadVideoError as e:
             if not args.skip_bad:
                 bar.close()
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+                raise  # one line and exit status 2 from run_command
             skipped.append(str(e))
             continue
         with torch.no_grad():
@@ -90,8 +109,7 @@ def cmd_embed(args) -> int:
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
     if not embeddings:
-        print("error: no video could be decoded", file=sys.stderr)
-        return 1
+        raise ValueError("no video could be decoded (each is reported above as skipped)")
     out = torch.stack(embeddings)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if ext == ".npy":
@@ -165,14 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import videoprism as vp
-
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (vp.CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

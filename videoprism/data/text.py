@@ -35,7 +35,11 @@ class Tokenizer:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.model_path = model_path
         self.max_length = max_length
-        self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_path)
+        except RuntimeError as e:  # sentencepiece raises RuntimeError("INTERNAL: could not parse ModelProto ...")
+            raise ValueError(f"{model_path!r} is not a SentencePiece model ({e}); pass a .model file "
+                             "(`videoprism data synth` writes DIR/spm.model)") from None
 
     @property
     def vocab_size(self) -> int:

@@ -2,15 +2,17 @@
 // reads and writes each byte once, with 16-byte vector accesses wherever the row
 // length and the pointers allow (otherwise the same kernels at a narrower width).
 //
-// Row kernels (gather, scatter, shuffle forward, patchify) move a tile of whole rows per
-// block: a block of kThreads threads owns `block_rows` consecutive output rows, about
-// kTileVecs vectors (32 KB at 16 bytes). Its first threads resolve the source row of each
-// of its rows (one coalesced index load) into shared memory; then the tile's vectors,
-// flattened row-major, are spread over the threads, consecutive threads on consecutive
-// vectors, and each thread issues kUnroll loads before its kUnroll stores. So a D=768
-// bf16 row (96 vectors) keeps every lane busy, each thread has 64 bytes in flight, and
-// the grid is a few thousand blocks instead of one tiny block per row (which left
-// threads idle and was bound by per-block latency at these ~100 MB sizes).
+// Row kernels (gather, scatter's second pass, shuffle forward) move a tile of whole rows
+// per block: a block of kThreads threads owns `block_rows` output rows, about kTileVecs
+// vectors (32 KB at 16 bytes). Its first threads resolve the source row of each of its
+// rows (one coalesced index load) into shared memory; then the tile's vectors, flattened
+// row-major, are spread over the threads, consecutive threads on consecutive vectors
+// (row and column tracked incrementally, no division per vector), and each thread issues
+// kUnroll loads before its kUnroll stores. So a D=768 bf16 row (96 vectors) keeps every
+// lane busy, each thread has 64 bytes in flight, and the grid is a few thousand blocks
+// instead of one tiny block per row (which left threads idle and was bound by per-block
+// latency at these ~100 MB sizes). Patchify stages runs of pixels in shared memory and
+// writes a contiguous output range; the shuffle backward walks the batch per slot block.
 // Index values are checked in the kernels with device asserts (CUDA_KERNEL_ASSERT, on
 // in release builds, as torch's own index kernels do): free for these memory-bound
 // kernels, where a separate checking pass would cost a quarter of the op. Math:
@@ -78,6 +80,23 @@ __device__ __forceinline__ Tile block_tile(int64_t rows, int block_rows) {
   return {row0, static_cast<int>(rows - row0 < block_rows ? rows - row0 : block_rows)};
 }
 
+// Row and column of element e = row*len + col of a row-major tile, this thread's e
+// starting at threadIdx.x and advancing by kThreads without a division (a runtime integer
+// division per vector was a large share of the instructions of these copy loops).
+struct TileCursor {
+  int row, col, len, step_row, step_col;
+  __device__ __forceinline__ explicit TileCursor(int len_)
+      : row(static_cast<int>(threadIdx.x) / len_),
+        col(static_cast<int>(threadIdx.x) - row * len_),
+        len(len_),
+        step_row(kThreads / len_),
+        step_col(kThreads - step_row * len_) {}
+  __device__ __forceinline__ void advance() {
+    row += step_row, col += step_col;
+    if (col >= len) col -= len, ++row;
+  }
+};
+
 // Walks the tile's count*row_vecs vectors: load(lr, c) for kUnroll vectors (lr the row in
 // the tile, c the vector in the row), then store(lr, c, loaded) for the same ones, so the
 // loads of a thread are in flight together. Needs blockDim.x == kThreads.
@@ -85,15 +104,15 @@ template <typename Load, typename Store>
 __device__ __forceinline__ void for_tile_vecs(int count, int row_vecs, Load load, Store store) {
   using V = decltype(load(0, 0));
   const int total = count * row_vecs;
+  TileCursor at(row_vecs);
   for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kUnroll) {
     V v[kUnroll];
     int lr[kUnroll], c[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int e = e0 + u * kThreads;
-      lr[u] = e / row_vecs;
-      c[u] = e - lr[u] * row_vecs;
-      if (e < total) v[u] = load(lr[u], c[u]);
+      lr[u] = at.row, c[u] = at.col;
+      if (e0 + u * kThreads < total) v[u] = load(lr[u], c[u]);
+      at.advance();
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -124,112 +143,141 @@ __global__ void __launch_bounds__(kThreads)
       [&](int lr, int c, const V& v) { dst[static_cast<int64_t>(lr) * row_vecs + c] = v; });
 }
 
-// ---- scatter: out[r] = sum of the CSR run of rows r = b*L + l (zeros when empty). The
-// load phase fetches the run's first source (the only one when indices are unique, the
-// masking case); further sources are added in ascending j in the store phase.
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ order,
-                        const int64_t* __restrict__ offsets, T* __restrict__ out, int L, int M, int64_t rows,
-                        int row_vecs, int block_rows) {
-  using acc_t = at::opmath_type<T>;
-  using P = Pack<T, VEC>;
-  __shared__ int64_t run_base[kMaxBlockRows];  // b*M: the sample's first source row and first slot of order
-  __shared__ int run_lo[kMaxBlockRows], run_len[kMaxBlockRows];
-  const Tile t = block_tile(rows, block_rows);
-  for (int lr = threadIdx.x; lr < t.count; lr += kThreads) {
-    const int64_t r = t.row0 + lr, b = r / L, o = b * (L + 1) + (r - b * L);
-    const int64_t lo = offsets[o];
-    // The CSR of sample b covers all M sources iff every index lies in [0, L).
-    if (r == b * L)
-      CUDA_KERNEL_ASSERT(lo == 0 && offsets[o + L] == M && "scatter_tokens: idx value out of range [0, L)");
-    run_base[lr] = b * M;
-    run_lo[lr] = static_cast<int>(lo);
-    run_len[lr] = static_cast<int>(offsets[o + 1] - lo);
-  }
-  __syncthreads();
-  const P* s = reinterpret_cast<const P*>(src);
-  P* dst = reinterpret_cast<P*>(out) + t.row0 * row_vecs;
-  auto source = [&](int lr, int q, int c) {  // the q-th source of tile row lr, vector c
-    const int64_t base = run_base[lr];
-    return s[(base + order[base + run_lo[lr] + q]) * row_vecs + c];
-  };
-  for_tile_vecs(
-      t.count, row_vecs, [&](int lr, int c) { return run_len[lr] > 0 ? source(lr, 0, c) : P{}; },
-      [&](int lr, int c, const P& first) {
-        const int len = run_len[lr];
-        P w = first;  // zeros, or the one source: a copy
-        if (len > 1) {
-          acc_t acc[VEC];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[e] = static_cast<acc_t>(first.v[e]);
-          for (int q = 1; q < len; ++q) {
-            const P v = source(lr, q, c);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(v.v[e]);
-          }
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(acc[e]);
-        }
-        dst[static_cast<int64_t>(lr) * row_vecs + c] = w;
-      });
+// ---- scatter, pass 1: thread per index r = b*M + j; table[0][b*L + l] = max(M - j) and
+// table[1][b*L + l] = max(j + 1) over the j with idx[b, j] = l (a zeroed int32 [2, B*L]
+// table): the first and last source of every output row, deterministic.
+__global__ void scatter_sources_kernel(const int64_t* __restrict__ idx, int* __restrict__ table, int L, int M,
+                                       int64_t n_idx, int64_t n_rows) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= n_idx) return;
+  const int64_t l = idx[r];
+  CUDA_KERNEL_ASSERT(l >= 0 && l < L && "scatter_tokens: idx value out of range [0, L)");
+  if (l < 0 || l >= L) return;
+  const int64_t b = r / M;
+  const int j = static_cast<int>(r - b * M);
+  atomicMax(table + b * L + l, M - j);
+  atomicMax(table + n_rows + b * L + l, j + 1);
 }
 
-// ---- shuffle forward: out[r] = (visible[b, p] or mask_emb) + pos_emb[i], r = b*n + i, p = perm[r].
+// ---- scatter, pass 2: out[r], r = b*L + l, from the table. The tile writes the rows with at
+// most one source as gather does (zeros or a copy: the masking case, unique indices); a
+// row with several sources is summed afterwards by the block, in ascending j (the first
+// source, then a scan of idx[b, first+1..last] for l), so the tile loop stays as lean as
+// gather's. 5 blocks per SM: 48 registers (64 without the bound); the few spills it costs
+// are in the duplicate path.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads, 5)
+    scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx, const int* __restrict__ table,
+                        T* __restrict__ out, int L, int M, int64_t rows, int row_vecs, int block_rows) {
+  using acc_t = at::opmath_type<T>;
+  using P = Pack<T, VEC>;
+  __shared__ int64_t first_row[kMaxBlockRows];  // b*M + the first source; -1 for a row without one
+  __shared__ int dup_last[kMaxBlockRows];       // the last source j of a row with several; -1 otherwise
+  const Tile t = block_tile(rows, block_rows);
+  bool dup = false;
+  for (int lr = threadIdx.x; lr < t.count; lr += kThreads) {
+    const int64_t r = t.row0 + lr, b = r / L;
+    const int first = M - table[r], last = table[rows + r] - 1;  // first = M, last = -1: no source
+    first_row[lr] = last >= 0 ? b * M + first : -1;
+    dup_last[lr] = first < last ? last : -1;
+    dup |= first < last;
+  }
+  dup = __syncthreads_or(dup);
+  const P* s = reinterpret_cast<const P*>(src);
+  P* dst = reinterpret_cast<P*>(out) + t.row0 * row_vecs;
+  for_tile_vecs(
+      t.count, row_vecs,
+      [&](int lr, int c) {
+        const int64_t f = first_row[lr];
+        return f >= 0 && dup_last[lr] < 0 ? s[f * row_vecs + c] : P{};
+      },
+      [&](int lr, int c, const P& v) {
+        if (dup_last[lr] < 0) dst[static_cast<int64_t>(lr) * row_vecs + c] = v;
+      });
+  if (!dup) return;
+  for (int lr = 0; lr < t.count; ++lr) {  // block-uniform: the tables are shared
+    const int last = dup_last[lr];
+    if (last < 0) continue;
+    const int64_t r = t.row0 + lr, b = r / L, l = r - b * L, f = first_row[lr];
+    for (int c = threadIdx.x; c < row_vecs; c += kThreads) {
+      const P v0 = s[f * row_vecs + c];
+      acc_t acc[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] = static_cast<acc_t>(v0.v[e]);
+      for (int64_t j = f + 1; j <= b * M + last; ++j) {  // all threads read the same index: a broadcast
+        if (idx[j] != l) continue;
+        const P v = s[j * row_vecs + c];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] += static_cast<acc_t>(v.v[e]);
+      }
+      P w;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(acc[e]);
+      dst[static_cast<int64_t>(lr) * row_vecs + c] = w;
+    }
+  }
+}
+
+// ---- shuffle forward: out[b*n + i] = (visible[b, p] or mask_emb) + pos_emb[i], p = perm[b*n + i].
+// Tile rows t = i*B + b in slot-major order: a tile's rows share one or a few slots, so
+// pos_emb rows are read once from L2 and then hit L1 (b-major tiles pulled the fp32
+// [n, D] table through L2 once per sample: 403 MB at stage 2, more than the 285 MB the op
+// moves). Only the token and pos_emb vectors are loaded in the load phase; mask_emb (one
+// L1-resident row) is read in the store phase: the earlier kernel held all three, 80 bytes
+// per vector, and its 128 registers per thread left 2 blocks per SM.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     shuffle_fwd_kernel(const T* __restrict__ vis, const int64_t* __restrict__ perm,
                        const at::opmath_type<T>* __restrict__ mask_emb, const at::opmath_type<T>* __restrict__ pos_emb,
-                       T* __restrict__ out, int m, int n, int64_t rows, int row_vecs, int block_rows) {
+                       T* __restrict__ out, int B, int m, int n, int64_t rows, int row_vecs, int block_rows) {
   using acc_t = at::opmath_type<T>;
   using P = Pack<T, VEC>;
   using A = Pack<acc_t, VEC>;
   __shared__ int64_t src_row[kMaxBlockRows];  // visible row b*m + p, or -1 for a mask slot
+  __shared__ int64_t dst_row[kMaxBlockRows];  // b*n + i
   __shared__ int slot[kMaxBlockRows];
   const Tile t = block_tile(rows, block_rows);
   for (int lr = threadIdx.x; lr < t.count; lr += kThreads) {
-    const int64_t r = t.row0 + lr, b = r / n, p = perm[r];
+    const int64_t tr = t.row0 + lr, i = tr / B, b = tr - i * B, r = b * n + i, p = perm[r];
     CUDA_KERNEL_ASSERT(p >= 0 && p < n && "shuffle_with_mask_tokens: perm value out of range [0, n)");
     src_row[lr] = (p >= 0 && p < m) ? b * m + p : -1;
-    slot[lr] = static_cast<int>(r - b * n);
+    dst_row[lr] = r;
+    slot[lr] = static_cast<int>(i);
   }
   __syncthreads();
   const P* v = reinterpret_cast<const P*>(vis);
   const A* pos = reinterpret_cast<const A*>(pos_emb);
   const A* me = reinterpret_cast<const A*>(mask_emb);
-  P* dst = reinterpret_cast<P*>(out) + t.row0 * row_vecs;
-  struct Loaded {
-    P token;  // the visible token (visible slots)
-    A mask;   // mask_emb (mask slots)
-    A pe;
-  };
+  P* dst = reinterpret_cast<P*>(out);
   for_tile_vecs(
       t.count, row_vecs,
       [&](int lr, int c) {
-        Loaded l;
         const int64_t sr = src_row[lr];
-        if (sr >= 0) {
-          l.token = v[sr * row_vecs + c];
-        } else {
-          l.mask = me[c];
-        }
-        l.pe = pos[static_cast<int64_t>(slot[lr]) * row_vecs + c];
-        return l;
+        return sr >= 0 ? v[sr * row_vecs + c] : P{};
       },
-      [&](int lr, int c, const Loaded& l) {
-        const bool visible = src_row[lr] >= 0;
+      [&](int lr, int c, const P& token) {
+        const A pe = pos[static_cast<int64_t>(slot[lr]) * row_vecs + c];
         P w;
+        if (src_row[lr] >= 0) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          w.v[e] = static_cast<T>((visible ? static_cast<acc_t>(l.token.v[e]) : l.mask.v[e]) + l.pe.v[e]);
-        dst[static_cast<int64_t>(lr) * row_vecs + c] = w;
+          for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(static_cast<acc_t>(token.v[e]) + pe.v[e]);
+        } else {
+          const A mk = me[c];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) w.v[e] = static_cast<T>(mk.v[e] + pe.v[e]);
+        }
+        dst[dst_row[lr] * row_vecs + c] = w;
       });
 }
 
 // ---- shuffle backward: block (slot block, column block); each thread owns VEC columns
-// of kSlots consecutive slots and walks the batch (reductions without atomics). The
-// kSlots rows of one sample are loaded together: independent loads in flight per thread.
+// of kSlots consecutive slots and walks the batch kSamples samples at a time (reductions
+// without atomics, in ascending b). All kSamples*kSlots row loads and their perm values are
+// issued before any is used: the earlier kernel asserted each perm value (a possible
+// trap) between its loads, so the compiler could not issue a load before the previous
+// check, and it had one sample in flight (36% of copy bandwidth at stage 2).
 constexpr int kSlots = 4;
+constexpr int kSamples = 2;
 template <typename T, int VEC>
 __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __restrict__ perm, T* __restrict__ gvis,
                                    at::opmath_type<T>* __restrict__ gpos, at::opmath_type<T>* __restrict__ part,
@@ -244,28 +292,34 @@ __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __
   const P* g = reinterpret_cast<const P*>(grad);
   P* gv = reinterpret_cast<P*>(gvis);
   A macc = {}, pacc[kSlots] = {};
-  for (int64_t b = 0; b < B; ++b) {
-    P v[kSlots];
-    int64_t p[kSlots];
+  for (int64_t b0 = 0; b0 < B; b0 += kSamples) {
+    P v[kSamples][kSlots];
+    int64_t p[kSamples][kSlots];
 #pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      if (s < slots) {
-        const int64_t row = b * n + i0 + s;
-        p[s] = perm[row];
-        CUDA_KERNEL_ASSERT(p[s] >= 0 && p[s] < n && "shuffle_with_mask_tokens: perm value out of range [0, n)");
-        v[s] = g[row * row_vecs + c];
+    for (int k = 0; k < kSamples; ++k) {
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        const int64_t row = (b0 + k) * n + i0 + s;
+        const bool ok = b0 + k < B && s < slots;
+        v[k][s] = ok ? g[row * row_vecs + c] : P{};
+        p[k][s] = ok ? perm[row] : 0;
       }
     }
 #pragma unroll
-    for (int s = 0; s < kSlots; ++s) {
-      if (s >= slots) continue;
+    for (int k = 0; k < kSamples; ++k) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) pacc[s].v[e] += static_cast<acc_t>(v[s].v[e]);
-      if (p[s] >= 0 && p[s] < m) {
-        gv[(b * m + p[s]) * row_vecs + c] = v[s];
-      } else if (p[s] >= m && p[s] < n) {
+      for (int s = 0; s < kSlots; ++s) {
+        if (b0 + k >= B || s >= slots) continue;
+        const int64_t ps = p[k][s];
+        CUDA_KERNEL_ASSERT(ps >= 0 && ps < n && "shuffle_with_mask_tokens: perm value out of range [0, n)");
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) macc.v[e] += static_cast<acc_t>(v[s].v[e]);
+        for (int e = 0; e < VEC; ++e) pacc[s].v[e] += static_cast<acc_t>(v[k][s].v[e]);
+        if (ps >= 0 && ps < m) {
+          gv[((b0 + k) * m + ps) * row_vecs + c] = v[k][s];
+        } else if (ps >= m && ps < n) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) macc.v[e] += static_cast<acc_t>(v[k][s].v[e]);
+        }
       }
     }
   }
@@ -275,62 +329,81 @@ __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __
   reinterpret_cast<A*>(part)[blockIdx.x * row_vecs + c] = macc;
 }
 
-// ---- patchify: tiles of whole patches; the unit of work is a group of 4 output features
-// (one 16-byte fp32 store). Feature f = p*run + u reads pixel-row p, element u of the
-// patch's run of run = 3P contiguous elements (54 bytes of uint8 at P = 18); the 4 reads
-// of a group are issued in the load phase, converted and stored in the store phase.
-template <typename In, typename Out, bool VEC_OUT>
+// ---- patchify. A patch's output row is its P pixel-row runs of run = 3P input elements
+// (54 bytes of uint8 at P = 18) back to back, so run q = r*P + p of patch r lands at
+// out[q*run, (q+1)*run) and a tile of consecutive runs is one contiguous output range.
+// A block stages its tile of tile_runs runs in shared memory (the run starts resolved
+// first, one division each), then converts and writes the whole range with 16-byte
+// stores, consecutive threads on consecutive vectors: no per-element index division and
+// no partial stores (the earlier kernel did two runtime divisions per 4 features). The
+// staging reads are element loads, kStageUnroll in flight per thread, coalesced along
+// each run. tile_runs is a multiple of 4 when it can be, so each tile starts 16-byte aligned.
+constexpr int kStageUnroll = 8;
+constexpr int kMaxTileRuns = 512;    // run-start table size
+constexpr int kPatchTileElems = 8192;
+constexpr int kMaxStageBytes = 32768;
+
+template <typename In>
+__host__ __device__ __forceinline__ auto patch_value(In v) {
+  if constexpr (std::is_same_v<In, uint8_t>) {
+    return static_cast<float>(v) * (1.0f / 255.0f);  // the one rounding every backend does
+  } else if constexpr (std::is_same_v<In, double>) {
+    return v;
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <typename In, bool VEC_OUT>
 __global__ void __launch_bounds__(kThreads)
-    patchify_gather_kernel(const In* __restrict__ video, const int64_t* __restrict__ pos, Out* __restrict__ out,
-                           int64_t rows, int K, int N, int NW, int P, int row_stride, int64_t frame_stride,
-                           int block_rows) {
-  __shared__ int64_t patch_start[kMaxBlockRows];  // the patch's first element; -1 for pos out of range (asserted)
-  const Tile t = block_tile(rows, block_rows);
-  const int run = 3 * P, F = P * run, groups = (F + 3) / 4;
-  for (int lr = threadIdx.x; lr < t.count; lr += kThreads) {
-    const int64_t r = t.row0 + lr, nidx = pos[r];
+    patchify_gather_kernel(const In* __restrict__ video, const int64_t* __restrict__ pos,
+                           decltype(patch_value(In{}))* __restrict__ out, int64_t n_runs, int K, int N, int NW, int P,
+                           int row_stride, int64_t frame_stride, int tile_runs) {
+  using Out = decltype(patch_value(In{}));
+  __shared__ int64_t run_start[kMaxTileRuns];  // the run's first element; -1 for pos out of range (asserted)
+  extern __shared__ __align__(32) unsigned char stage_bytes[];  // tile_runs * run elements of In
+  In* stage = reinterpret_cast<In*>(stage_bytes);
+  const int run = 3 * P;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * tile_runs;
+  const int count = static_cast<int>(n_runs - q0 < tile_runs ? n_runs - q0 : tile_runs);
+  for (int lq = threadIdx.x; lq < count; lq += kThreads) {
+    const int64_t q = q0 + lq, r = q / P, nidx = pos[r];
     CUDA_KERNEL_ASSERT(nidx >= 0 && nidx < N && "patchify_gather: pos value out of range [0, N)");
-    const int ni = static_cast<int>(nidx);
-    patch_start[lr] = (nidx >= 0 && nidx < N)
-                          ? (r / K) * frame_stride + static_cast<int64_t>(ni / NW) * P * row_stride + (ni % NW) * run
-                          : -1;
+    const int ni = static_cast<int>(nidx), p = static_cast<int>(q - r * P);
+    run_start[lq] = (nidx >= 0 && nidx < N)
+                        ? (r / K) * frame_stride + static_cast<int64_t>((ni / NW) * P + p) * row_stride + (ni % NW) * run
+                        : -1;
   }
   __syncthreads();
-  Out* dst = out + t.row0 * F;
-  struct Raw {
-    In v[4];
-  };
-  for_tile_vecs(
-      t.count, groups,
-      [&](int lr, int g) {
-        Raw raw = {};
-        const int64_t start = patch_start[lr];
-        const int f0 = 4 * g;
-        int p = f0 / run, u = f0 - p * run;  // int32 math: one division per group
+  const int total = count * run;
+  TileCursor at(run);  // element e = run index * run + offset in the run
+  for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kStageUnroll) {
+    In v[kStageUnroll];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (start >= 0 && f0 + e < F) raw.v[e] = video[start + p * row_stride + u];
-          if (++u == run) u = 0, ++p;
-        }
-        return raw;
-      },
-      [&](int lr, int g, const Raw& raw) {
-        Pack<Out, 4> w;
+    for (int k = 0; k < kStageUnroll; ++k) {
+      const int64_t start = e0 + k * kThreads < total ? run_start[at.row] : -1;
+      v[k] = start >= 0 ? video[start + at.col] : In{};
+      at.advance();
+    }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if constexpr (std::is_same_v<In, uint8_t>) {
-            w.v[e] = static_cast<float>(raw.v[e]) * (1.0f / 255.0f);  // the one rounding every backend does
-          } else {
-            w.v[e] = static_cast<Out>(raw.v[e]);
-          }
-        }
-        Out* o = dst + static_cast<int64_t>(lr) * F + 4 * g;
-        if constexpr (VEC_OUT) {
-          *reinterpret_cast<Pack<Out, 4>*>(o) = w;
-        } else {
-          for (int e = 0; e < 4 && 4 * g + e < F; ++e) o[e] = w.v[e];
-        }
-      });
+    for (int k = 0; k < kStageUnroll; ++k)
+      if (e0 + k * kThreads < total) stage[e0 + k * kThreads] = v[k];
+  }
+  __syncthreads();
+  Out* dst = out + q0 * run;
+  int e = threadIdx.x;
+  if constexpr (VEC_OUT) {
+    const auto* in4 = reinterpret_cast<const Pack<In, 4>*>(stage);
+    for (int v = threadIdx.x; v < total / 4; v += kThreads) {
+      const Pack<In, 4> x = in4[v];
+      Pack<Out, 4> w;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w.v[k] = patch_value(x.v[k]);
+      reinterpret_cast<Pack<Out, 4>*>(dst)[v] = w;
+    }
+    e += total / 4 * 4;  // the last tile's tail
+  }
+  for (; e < total; e += kThreads) dst[e] = patch_value(stage[e]);
 }
 
 }  // namespace
@@ -383,18 +456,22 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& idx, int
   check_int32("scatter_tokens", "D (features per row)", D, kMaxRowVecs);
   auto out = at::empty({B, L, D}, sc.options());
   if (out.numel() == 0) return out;
-  // CSR on the device: a stable sort of the [B, M] indices and L + 1 binary searches per sample.
-  auto sorted = at::sort(ic, /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  auto order = std::get<1>(sorted).contiguous();
-  auto bounds = at::arange(L + 1, ic.options()).expand({B, L + 1}).contiguous();
-  auto offsets = at::searchsorted(std::get<0>(sorted).contiguous(), bounds);
+  // First and last source of every output row (1 MB at stage 2 instead of a sort of the indices).
+  auto table = at::zeros({2, B * L}, ic.options().dtype(at::kInt));
   auto stream = c10::cuda::getCurrentCUDAStream();
+  if (M > 0) {
+    constexpr int kSourceThreads = 256;
+    scatter_sources_kernel<<<static_cast<unsigned>((B * M + kSourceThreads - 1) / kSourceThreads), kSourceThreads, 0,
+                             stream>>>(ic.data_ptr<int64_t>(), table.data_ptr<int>(), static_cast<int>(L),
+                                       static_cast<int>(M), B * M, B * L);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sc.scalar_type(), "scatter_tokens_cuda", [&] {
     auto launch = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       const auto tiles = row_tiles(B * L, D / VEC);
       scatter_rows_kernel<scalar_t, VEC><<<tiles.grid, kThreads, 0, stream>>>(
-          sc.data_ptr<scalar_t>(), order.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+          sc.data_ptr<scalar_t>(), ic.data_ptr<int64_t>(), table.data_ptr<int>(), out.data_ptr<scalar_t>(),
           static_cast<int>(L), static_cast<int>(M), B * L, static_cast<int>(D / VEC), tiles.block_rows);
     };
     if (vec_width(D, sizeof(scalar_t), {sc.data_ptr(), out.data_ptr()}) > 1) {
@@ -417,6 +494,7 @@ at::Tensor shuffle_tokens_fwd_cuda(const at::Tensor& visible, const at::Tensor& 
   auto me = mask_emb.to(acc).contiguous();
   auto pe = pos_emb.to(acc).contiguous();
   check_int32("shuffle_with_mask_tokens", "n (slots per sample)", n);
+  check_int32("shuffle_with_mask_tokens", "B (samples)", B);
   check_int32("shuffle_with_mask_tokens", "D (features per row)", D, kMaxRowVecs);
   auto out = at::empty({B, n, D}, vc.options());
   if (out.numel() == 0) return out;
@@ -428,8 +506,8 @@ at::Tensor shuffle_tokens_fwd_cuda(const at::Tensor& visible, const at::Tensor& 
       const auto tiles = row_tiles(B * n, D / VEC);
       shuffle_fwd_kernel<scalar_t, VEC><<<tiles.grid, kThreads, 0, stream>>>(
           vc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(), me.data_ptr<acc_t>(), pe.data_ptr<acc_t>(),
-          out.data_ptr<scalar_t>(), static_cast<int>(m), static_cast<int>(n), B * n, static_cast<int>(D / VEC),
-          tiles.block_rows);
+          out.data_ptr<scalar_t>(), static_cast<int>(B), static_cast<int>(m), static_cast<int>(n), B * n,
+          static_cast<int>(D / VEC), tiles.block_rows);
     };
     constexpr int W = 16 / sizeof(scalar_t);
     // The fp32 embedding rows are read as W-wide packs too: they need W*4-byte alignment.
@@ -492,16 +570,25 @@ at::Tensor patchify_gather_cuda(const at::Tensor& video, const at::Tensor& pos, 
   auto out = at::empty({B, T, K, F}, vc.options().dtype(patchify_out_type(vc.scalar_type())));
   if (out.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto tiles = row_tiles(B * T * K, (F + 3) / 4);
+  const int64_t run = 3 * P, n_runs = B * T * K * P;
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, vc.scalar_type(), "patchify_gather_cuda", [&] {
-    using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using out_t = decltype(patch_value(scalar_t{}));
+    const int64_t run_bytes = run * static_cast<int64_t>(sizeof(scalar_t));
+    TORCH_CHECK(run_bytes <= kMaxStageBytes, "patchify_gather: a pixel row of a patch (3P = ", run, " elements of ",
+                vc.scalar_type(), ") must fit the ", kMaxStageBytes / 1024,
+                " KB staging buffer of the CUDA kernel; use backend='triton'");
+    int64_t tile_runs = std::min<int64_t>({kMaxTileRuns, kPatchTileElems / run, kMaxStageBytes / run_bytes});
+    tile_runs = tile_runs >= 4 ? tile_runs / 4 * 4 : 1;
+    const size_t smem = static_cast<size_t>(tile_runs * run_bytes);
+    const dim3 grid(static_cast<unsigned>((n_runs + tile_runs - 1) / tile_runs));
     auto launch = [&](auto vec_out) {
-      patchify_gather_kernel<scalar_t, out_t, decltype(vec_out)::value><<<tiles.grid, kThreads, 0, stream>>>(
-          vc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(), out.data_ptr<out_t>(), B * T * K, static_cast<int>(K),
+      patchify_gather_kernel<scalar_t, decltype(vec_out)::value><<<grid, kThreads, smem, stream>>>(
+          vc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(), out.data_ptr<out_t>(), n_runs, static_cast<int>(K),
           static_cast<int>(N), static_cast<int>(NW), static_cast<int>(P), static_cast<int>(W * 3), H * W * 3,
-          tiles.block_rows);
+          static_cast<int>(tile_runs));
     };
-    if (F % 4 == 0 && aligned(out.data_ptr(), 4 * sizeof(out_t))) {
+    // Vector stores when every tile starts on a 4-element boundary of an aligned output.
+    if (tile_runs * run % 4 == 0 && aligned(out.data_ptr(), 4 * sizeof(out_t))) {
       launch(std::true_type{});
     } else {
       launch(std::false_type{});

@@ -13,7 +13,7 @@ import videoprism as vp
 from tests.conftest import golden_overrides
 from videoprism.cli import main
 
-from .test_data import SPM
+from .test_data import SPM, write_clip
 
 SMALL = ["--set", "model_dim=32", "--set", "num_heads=2", "--set", "mlp_dim=64", "--set", "num_spatial_layers=1",
          "--set", "num_temporal_layers=1"]
@@ -77,6 +77,18 @@ def test_help_explains_every_command():
     for cmd in ("embed", "convert", "data"):
         assert cmd in out
     assert "--num-frames" in run("embed", "--help").stdout
+
+
+def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
+    """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
+    with --checkpoint alone, at its own frame count and resolution."""
+    enc = vp.from_official("videoprism_v1_base", model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1,
+                           num_temporal_layers=1, patch_size=8, pos_emb_shape=(2, 4, 4))
+    vp.save_safetensors(enc, str(tmp_path / "enc.safetensors"))
+    write_clip(str(tmp_path / "c.mp4"), 8)
+    assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", str(tmp_path / "enc.safetensors"), "--quiet",
+                 "--out", str(tmp_path / "e.npy")]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
 
 
 def test_embed_rejects_bad_output_name(media_dir):

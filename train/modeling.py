@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import torch
@@ -50,30 +49,14 @@ def encoder_config(config: EncoderConfig) -> EncoderConfig:
     return EncoderConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in fields})
 
 
-_EXPORTS = {"FactorizedVideoCLIP": (videoprism.FactorizedVideoCLIP, CLIPConfig),
-            "FactorizedEncoder": (videoprism.FactorizedEncoder, EncoderConfig)}
-
-
 def model_from_safetensors(path: str, *, expect: str, attention_backend: str = "auto",
                            device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild an exported model (`expect`: FactorizedVideoCLIP from stage 1, FactorizedEncoder
-    from stage 2) from the config stored in its metadata, and load its weights."""
-    from safetensors import safe_open
-
+    """An exported model (`expect`: FactorizedVideoCLIP from stage 1, FactorizedEncoder from
+    stage 2) rebuilt from the config in its metadata, with its weights."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r}: no such weights file (a training run writes OUT_DIR/model.safetensors)")
-    with safe_open(path, framework="pt") as fh:
-        meta = fh.metadata() or {}
-    if meta.get("class") != expect or "config" not in meta:
-        raise ValueError(f"{path!r} holds {meta.get('class', 'no class name')}, not a {expect} export with its "
-                         f"config; pass the model.safetensors of a stage-{1 if expect == 'FactorizedVideoCLIP' else 2} run")
-    cls, config_cls = _EXPORTS[expect]
-    values = json.loads(meta["config"])
-    values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
-    values["attention_backend"] = _backend(attention_backend)
-    model = cls(config_cls(**values))
-    videoprism.load_safetensors(path, model)
-    return model.to(device)
+    return videoprism.model_from_safetensors(path, expect=expect,
+                                             attention_backend=_backend(attention_backend)).to(device)
 
 
 def full_state_dict(module: nn.Module) -> dict:

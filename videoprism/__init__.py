@@ -1,7 +1,7 @@
 """VideoPrism-fast: a PyTorch VideoPrism with exact official-checkpoint parity and fused kernels.
 
 Public names: FactorizedEncoder, FactorizedVideoCLIP, FactorizedVideoClassifier,
-from_official, load_flax_checkpoint, save_safetensors, load_safetensors.
+from_official, load_flax_checkpoint, save_safetensors, load_safetensors, model_from_safetensors.
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
@@ -11,6 +11,7 @@ from videoprism.checkpoint import (
     load_checkpoint,
     load_flax_checkpoint,
     load_safetensors,
+    model_from_safetensors,
     save_safetensors,
 )
 from videoprism.classifier import FactorizedVideoClassifier
@@ -22,5 +23,5 @@ from videoprism.models import build_model, from_official
 __all__ = [
     "FactorizedEncoder", "FactorizedVideoCLIP", "FactorizedVideoClassifier", "EncoderConfig", "CLIPConfig",
     "ClassifierConfig", "from_official", "build_model", "load_flax_checkpoint", "save_safetensors",
-    "load_safetensors", "load_checkpoint", "CheckpointError",
+    "load_safetensors", "load_checkpoint", "model_from_safetensors", "CheckpointError",
 ]

@@ -11,6 +11,7 @@ the whole file has been converted.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -245,6 +246,37 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
     assign = any(t.is_meta for t in own.values())
     model.load_state_dict(state, strict=True, assign=assign)
     return model
+
+
+def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
+    """Rebuild a model written by `save_safetensors` from the class name and config in its
+    metadata, and load its weights (on the CPU). `overrides` replace config fields (e.g.
+    attention_backend); `expect` names the class the file must hold."""
+    from safetensors import SafetensorError, safe_open
+
+    from videoprism.config import CLIPConfig, ClassifierConfig, EncoderConfig
+    from videoprism.models import build_model
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    configs = {"FactorizedEncoder": EncoderConfig, "FactorizedVideoCLIP": CLIPConfig,
+               "FactorizedVideoClassifier": ClassifierConfig}
+    name = meta.get("class")
+    if name not in configs or "config" not in meta or (expect and name != expect):
+        raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
+                              "its config (save_safetensors writes both)")
+    values = {**json.loads(meta["config"]), **overrides}
+    values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
+    fields = {f.name for f in dataclasses.fields(configs[name])}
+    if set(values) - fields:
+        raise CheckpointError(f"{path}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "
+                              f"{sorted(fields)}")
+    return load_safetensors(path, build_model(configs[name](**values), device="meta"))
 
 
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:

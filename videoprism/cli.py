@@ -1,6 +1,6 @@
 """`videoprism` command line: embed videos, convert official checkpoints, data tools.
 
-    videoprism embed VIDEO... --model NAME [--checkpoint X] [--num-frames T] --out FILE.npy
+    videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] --out FILE.npy
     videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
     videoprism data {index,synth} ...
 """
@@ -36,6 +36,9 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
         return 2
 
 
+DEFAULT_MODEL = "videoprism_public_v1_base"
+
+
 def parse_overrides(items: list[str]) -> dict:
     """["model_dim=32", "pos_emb_shape=(4,4,4)"] -> {"model_dim": 32, "pos_emb_shape": (4, 4, 4)}."""
     out = {}
@@ -50,15 +53,24 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _build(name: str, checkpoint: str | None, overrides: dict, *, device: str = "cpu"):
+def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device: str = "cpu"):
+    """-> (model in eval mode, what it was built from: the .safetensors path or the official name)."""
     import videoprism as vp
+
+    if checkpoint is not None and checkpoint.endswith(".safetensors"):
+        # Our files carry their config: a trained tiny model (e.g. the demo's) loads without
+        # repeating every size with --set.
+        if name is not None:
+            print(f"warning: --model {name} ignored: {checkpoint} carries its own config", file=sys.stderr)
+        return vp.model_from_safetensors(checkpoint, **overrides).to(device).eval(), checkpoint
+    name = name or DEFAULT_MODEL
     if checkpoint is None:
         print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
               f".safetensors for real features)", file=sys.stderr)
         model = vp.from_official(name, **overrides)
     else:
         model = vp.load_checkpoint(checkpoint, vp.from_official(name, device="meta", **overrides))
-    return model.to(device).eval()
+    return model.to(device).eval(), name
 
 
 def cmd_embed(args) -> int:
@@ -74,7 +86,7 @@ def cmd_embed(args) -> int:
     overrides = parse_overrides(args.set)
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
-    model = _build(args.model, args.checkpoint, overrides, device=device)
+    model, source = _build(args.model, args.checkpoint, overrides, device=device)
     cfg = model.config
     num_frames = args.num_frames or cfg.pos_emb_shape[0]
     resolution = args.resolution or cfg.patch_size * cfg.pos_emb_shape[1]
@@ -118,9 +130,9 @@ def cmd_embed(args) -> int:
         from safetensors.torch import save_file
 
         save_file({"embeddings": out.contiguous()}, args.out, metadata={"videos": "\n".join(names),
-                                                                        "model": args.model})
+                                                                        "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
-          f"{num_frames} frames at {resolution}x{resolution}, {args.model})")
+          f"{num_frames} frames at {resolution}x{resolution}, {source})")
     return 0
 
 
@@ -151,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "token embeddings [T*N, D] of an encoder (or their mean with --pool mean), or the "
                                    "L2-normalised video embedding [D] of an LvT model.")
     e.add_argument("videos", nargs="+", help="video files (any container/codec FFmpeg decodes)")
-    e.add_argument("--model", default="videoprism_public_v1_base", help=f"official model name ({names})")
-    e.add_argument("--checkpoint", help="weights: an official Flax .npz or our .safetensors (random if omitted)")
+    e.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
+                                   f"which carry their config): {names}")
+    e.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
+                                        "training run's model.safetensors (random weights if omitted)")
     e.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
     e.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
     e.add_argument("--pool", choices=("none", "mean"), default="none", help="encoder models: average the tokens")

@@ -91,6 +91,18 @@ def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
 
 
+def test_help_states_defaults(capsys):
+    from videoprism.train import pipeline
+
+    for entry, argv, defaults in ((pipeline.main, ["--help"], ("runs/demo", "1000", "tiny", "600", "0.01")),
+                                  (main, ["embed", "--help"], ("videoprism_public_v1_base", "none"))):
+        with pytest.raises(SystemExit):
+            entry(argv)
+        text = " ".join(capsys.readouterr().out.split())
+        for d in defaults:
+            assert f"default {d}" in text or f"default: {d}" in text, (argv, d)
+
+
 def test_embed_rejects_bad_output_name(media_dir):
     r = run("embed", os.path.join(media_dir, "water_bottle_drumming_vp9.webm"), "--out", "x.txt", check=False)
     assert r.returncode != 0 and ".npy or .safetensors" in r.stderr

@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "training run's model.safetensors (random weights if omitted)")
     e.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
     e.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
-    e.add_argument("--pool", choices=("none", "mean"), default="none", help="encoder models: average the tokens")
+    e.add_argument("--pool", choices=("none", "mean"), default="none",
+                   help="encoder models: 'mean' averages the tokens into one [D] vector (default: %(default)s)")
     e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
     e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -79,16 +80,30 @@ def test_help_explains_every_command():
     assert "--num-frames" in run("embed", "--help").stdout
 
 
-def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
-    """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
-    with --checkpoint alone, at its own frame count and resolution."""
+def _small_encoder_file(tmp_path) -> str:
+    """A small encoder saved as our .safetensors (2 frames of 32x32, 8x8 patches) and one clip next to it."""
     enc = vp.from_official("videoprism_v1_base", model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1,
                            num_temporal_layers=1, patch_size=8, pos_emb_shape=(2, 4, 4))
     vp.save_safetensors(enc, str(tmp_path / "enc.safetensors"))
     write_clip(str(tmp_path / "c.mp4"), 8)
-    assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", str(tmp_path / "enc.safetensors"), "--quiet",
+    return str(tmp_path / "enc.safetensors")
+
+
+def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
+    """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
+    with --checkpoint alone, at its own frame count and resolution."""
+    ckpt = _small_encoder_file(tmp_path)
+    assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", ckpt, "--quiet",
                  "--out", str(tmp_path / "e.npy")]) == 0
     assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
+
+
+def test_embed_progress_bar_shows_the_rate_once(tmp_path, capsys):
+    ckpt = _small_encoder_file(tmp_path)
+    clip = str(tmp_path / "c.mp4")
+    assert main(["embed", clip, clip, "--checkpoint", ckpt, "--out", str(tmp_path / "e.npy")]) == 0
+    final = capsys.readouterr().err.split("\r")[-1]  # the bar's last refresh
+    assert "2/2" in final and len(re.findall(r"clips?/s|s/clip|clips_per_s", final)) == 1, final
 
 
 def test_help_states_defaults(capsys):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import OptimConfig, build_config, help_text
+from videoprism.train.config import OptimConfig, build_config, help_text, save_config
 from videoprism.train.data import trim_text
 from videoprism.train.losses import contrastive_loss, cosine_distance
 from videoprism.train.optim import lr_at
@@ -38,6 +38,39 @@ def test_config_overrides_and_errors():
         build_config("huge", [], 1)
 
 
+def test_config_files_layer_between_preset_and_overrides(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "base"\n[optim]\nlr = 1\ndecay = "cosine"\n[train]\nsteps = 7\ncompile = false\n')
+    cfg = build_config(str(toml), ["train.steps=9"], 1)
+    assert cfg.model.name == "videoprism_lvt_v1_base" and cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.decay == "cosine" and cfg.train.compile is False and cfg.train.steps == 9   # override wins
+    # A run's saved config reads back to the same config, whatever the stage defaults were.
+    tuned = build_config("tiny", ["optim.lr=0.25", "stage2.shuffle=false", "model.num_frames=4"], 2)
+    save_config(tuned, str(tmp_path / "out" / "config.json"))
+    assert build_config(str(tmp_path / "out" / "config.json"), [], 2) == tuned
+    assert build_config(str(tmp_path / "out" / "config.json"), [], 1) == tuned
+    for text, needle in (('[optim]\nlr = "fast"\n', r"run.toml: optim.lr must be float, got 'fast'"),
+                         ('[optim]\nnope = 1\n', "run.toml: unknown field 'nope'"),
+                         ('[train]\nsteps = 1.5\n', "train.steps must be int"),
+                         ('optim = 3\n', "'optim' must be a table"),
+                         ('preset = "huge"\n', "run.toml: preset 'huge'"),
+                         ('[optim]\ndecay = "cosin"\n', "optim.decay='cosin' is not one of 'linear', 'cosine'"),
+                         ('[optim\n', "not a valid TOML config")):
+        toml.write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            build_config(str(toml), [], 1)
+    with pytest.raises(ValueError, match="does not exist"):
+        build_config(str(tmp_path / "missing.json"), [], 1)
+
+
+def test_fields_with_choices_are_checked_when_set():
+    for bad in ("optim.decay=cosin", "optim.name=sgd", "parallel.mode=ddpp", "train.device=gpu",
+                "data.source=files", "model.attention_backend=fast"):
+        with pytest.raises(ValueError, match="is not one of"):
+            build_config("tiny", [bad], 1)
+    assert "One of: linear, cosine, constant." in help_text(1)
+
+
 def test_help_lists_every_field():
     text = help_text(1)
     cfg = build_config("base", [], 1)
@@ -55,7 +88,7 @@ def test_lr_schedule():
     c.decay = "linear"
     assert lr_at(60, c, 110) == pytest.approx(0.55)
     c.decay = "linaer"  # refused at step 0, not only when the warm-up ends
-    with pytest.raises(ValueError, match="optim.decay must be"):
+    with pytest.raises(ValueError, match="optim.decay=.linaer. is not one of"):
         lr_at(0, c, 110)
 
 

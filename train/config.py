@@ -1,21 +1,36 @@
-"""Typed training configuration: sections of dataclasses, named presets, `key=value` overrides.
+"""Typed training configuration: sections of dataclasses, named presets, config files,
+`key=value` overrides.
 
-Every field carries its documentation in `help=` metadata; `--help` prints all of them.
-Overrides name a section and a field (`optim.lr=1e-3`, `model.num_frames=8`); values are
-parsed with the field's type (bool accepts true/false/1/0/yes/no).
+Every field carries its documentation (and, where it has a fixed set of values, its
+choices) in metadata; `--help` prints all of them. A configuration is built in layers:
+stage defaults, a preset (`tiny`, `base`, ...), a config file (TOML or JSON: `preset = NAME`
+plus `[section]` tables of fields), then `section.field=value` overrides, each parsed with the
+field's type (bool accepts true/false/1/0/yes/no). Every run writes the resolved config to
+`OUT_DIR/config.json`, which `--config` takes back to repeat the run.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import typing
 from dataclasses import dataclass, field
 
 
-def f(default, help: str):
-    """A dataclass field with its documentation."""
+def f(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its documentation and, optionally, its allowed values."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_choice(section: str, obj, name: str) -> None:
+    """Raise if field `name` of the config section `obj` holds a value outside its choices."""
+    allowed = obj.__dataclass_fields__[name].metadata.get("choices")
+    value = getattr(obj, name)
+    if allowed and value not in allowed:
+        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
 @dataclass
@@ -33,8 +48,9 @@ class ModelConfig:
     vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).")
     pos_emb_shape: str = f("", "Position-embedding grid 'T,H,W' ('' = the clip size for a random init, the "
                                "official shape for a checkpoint).")
-    attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU), "
-                                       "'reference', 'sdpa', 'triton', ...")
+    attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU) or one "
+                                       "backend of videoprism.ops.factorized_attention.",
+                               choices=("auto", "reference", "triton", "flex", "flash", "sdpa"))
     num_frames: int = f(16, "Frames per clip.")
     resolution: int = f(288, "Frame side in pixels (a multiple of the patch size).")
 
@@ -63,7 +79,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = f("manifest", "'manifest' (video files listed in JSONL manifests) or 'random' (seeded random "
-                                "clips and captions, for benchmarks and tests).")
+                                "clips and captions, for benchmarks and tests).", choices=("manifest", "random"))
     train: str = f("", "Training manifests, comma separated, each PATH[:WEIGHT[:FRAMES]]: one dataset is drawn per "
                        "step by weight (alternating gradient descent); FRAMES=1 makes images one-frame videos.")
     val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
@@ -77,11 +93,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = f("adafactor", "'adamw' (fused where the device has it) or 'adafactor' (torch.optim.Adafactor).")
+    name: str = f("adafactor", "'adamw' (fused where the device has it) or 'adafactor' (torch.optim.Adafactor).",
+                  choices=("adamw", "adafactor"))
     lr: float = f(5e-4, "Peak learning rate.")
     min_lr: float = f(0.0, "Learning rate at the end of the decay.")
     warmup_steps: int = f(20000, "Linear warm-up from 0 to lr.")
-    decay: str = f("linear", "Decay after warm-up: 'linear', 'cosine' (to min_lr) or 'constant'.")
+    decay: str = f("linear", "Decay after warm-up: 'linear', 'cosine' (to min_lr) or 'constant'.",
+                   choices=("linear", "cosine", "constant"))
     weight_decay: float = f(1e-4, "Decoupled weight decay.")
     beta1: float = f(0.9, "AdamW beta1.")
     beta2: float = f(0.999, "AdamW beta2.")
@@ -102,14 +120,15 @@ class TrainConfig:
     log_every: int = f(10, "Steps between progress/JSONL records.")
     eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).")
     out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
-    device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.")
+    device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).")
 
 
 @dataclass
 class ParallelConfig:
     mode: str = f("auto", "'auto' (ddp when more than one rank), 'none', 'ddp' or 'fsdp' (FSDP2, per-block "
-                          "fully_shard with a bf16/fp32 mixed-precision policy on GPU).")
+                          "fully_shard with a bf16/fp32 mixed-precision policy on GPU).",
+                  choices=("auto", "none", "ddp", "fsdp"))
 
 
 @dataclass
@@ -201,48 +220,136 @@ def _parse(value: str, typ):
                          f"got {value!r}") from None
 
 
+def _field(cfg: Config, key: str, where: str):
+    """(section object, field name, field type) of `section.field`; errors say where and what exists."""
+    if "." not in key:
+        raise ValueError(f"{where}: key {key!r} needs a section, e.g. train.{key} (see --help)")
+    section, name = key.split(".", 1)
+    sec = getattr(cfg, section, None)
+    if sec is None or not dataclasses.is_dataclass(sec):
+        raise ValueError(f"{where}: unknown config section {section!r}; sections: "
+                         f"{', '.join(fl.name for fl in dataclasses.fields(cfg))}")
+    hints = typing.get_type_hints(type(sec))
+    if name not in hints:
+        raise ValueError(f"{where}: unknown field {name!r} in section {section!r}; fields: {', '.join(hints)}")
+    return sec, name, hints[name]
+
+
+def _set(cfg: Config, key: str, value, where: str) -> None:
+    sec, name, typ = _field(cfg, key, where)
+    setattr(sec, name, value)
+    try:
+        check_choice(key.split(".")[0], sec, name)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.field=value` strings in order; errors name the key and the fix."""
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value; e.g. optim.lr=1e-3 (see --help)")
         key, value = item.split("=", 1)
-        if "." not in key:
-            raise ValueError(f"override key {key!r} needs a section, e.g. train.{key}= (see --help)")
-        section, name = key.split(".", 1)
-        sec = getattr(cfg, section, None)
-        if sec is None or not dataclasses.is_dataclass(sec):
-            raise ValueError(f"unknown config section {section!r} in {item!r}; sections: "
-                             f"{', '.join(fl.name for fl in dataclasses.fields(cfg))}")
-        hints = typing.get_type_hints(type(sec))
-        if name not in hints:
-            raise ValueError(f"unknown field {name!r} in section {section!r}; fields: {', '.join(hints)}")
+        _, _, typ = _field(cfg, key, f"override {item!r}")
         try:
-            setattr(sec, name, _parse(value, hints[name]))
+            parsed = _parse(value, typ)
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
+        _set(cfg, key, parsed, f"override {item!r}")
     return cfg
 
 
-def build_config(preset: str, overrides: list[str], stage: int) -> Config:
+def read_config_file(path: str) -> dict:
+    """A config file as {"preset": NAME (optional), SECTION: {FIELD: value}}: TOML (.toml) or JSON."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist; pass a preset name ({', '.join(PRESETS)}) or a "
+                         ".toml/.json file")
+    try:
+        if path.endswith(".toml"):
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                raise ValueError(f"{path}: reading TOML needs Python >= 3.11; write the config as JSON") from None
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+    except (ValueError, UnicodeDecodeError) as e:   # json/toml decode errors are ValueErrors
+        raise ValueError(f"{path}: not a valid {'TOML' if path.endswith('.toml') else 'JSON'} config ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file holds a table of sections, got {type(data).__name__}")
+    return data
+
+
+def _type_ok(value, typ) -> bool:
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typ)
+
+
+def apply_file(cfg: Config, path: str, data: dict) -> Config:
+    """Set every `[section] field = value` of a config file, type-checked against the field."""
+    for section, table in data.items():
+        if section == "preset":
+            continue
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: {section!r} must be a table of fields ([{section}] in TOML), "
+                             f"got {table!r}")
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            _, _, typ = _field(cfg, key, path)
+            if not _type_ok(value, typ):
+                raise ValueError(f"{path}: {key} must be {typ.__name__}, got {value!r}; fix the file")
+            _set(cfg, key, float(value) if typ is float else value, path)
+    return cfg
+
+
+def build_config(config: str, overrides: list[str], stage: int) -> Config:
+    """Stage defaults, then `config` (a preset name, or a .toml/.json file naming its preset),
+    then the overrides."""
+    data = read_config_file(config) if config not in PRESETS and (os.sep in config or "." in config) else {}
+    preset = data.get("preset", "tiny") if data else config
     if preset not in PRESETS:
-        raise ValueError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        where = f"{config}: preset" if data else "config preset"
+        raise ValueError(f"unknown {where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
     cfg = Config()
     if stage == 2:
         # Stage-2 paper settings (DESIGN 5): 65% BEVT masking, cosine to 1e-5, wd 0.05.
         cfg.train.mask_ratio, cfg.train.steps, cfg.train.out_dir = 0.65, 300000, "runs/stage2"
         cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr, cfg.optim.weight_decay = 25000, "cosine", 1e-5, 0.05
     PRESETS[preset](cfg, stage)
+    if data:
+        apply_file(cfg, config, data)
     return apply_overrides(cfg, overrides)
 
 
+def save_config(cfg: Config, path: str) -> None:
+    """The resolved config as JSON, written atomically. It holds every field, so `--config`
+    reads back exactly this run's settings whatever preset it names (none: tiny)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(cfg.to_dict(), fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
 def help_text(stage: int) -> str:
-    cfg = build_config("base", [], stage)
-    lines = [f"Configuration fields (presets: {', '.join(PRESETS)}; defaults shown for 'base'):"]
+    cfg = build_config("tiny", [], stage)
+    lines = [f"Configuration fields (presets: {', '.join(PRESETS)}; values shown are those of the default "
+             "preset 'tiny'; `--config base` etc. change many of them):"]
     for sec in dataclasses.fields(cfg):
         obj = getattr(cfg, sec.name)
         for fl in dataclasses.fields(obj):
-            lines.append(f"  {sec.name}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}")
+            choices = fl.metadata.get("choices")
+            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+            lines.append(f"  {sec.name}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}{extra}")
+    lines.append("\nA config file (--config FILE.toml or .json) sets `preset = NAME` and [section] tables of "
+                 "these fields; every run writes its resolved config to OUT_DIR/config.json, which --config reads "
+                 "back. Layers: preset, file, then section.field=value overrides.")
     return "\n".join(lines)
 
 
@@ -254,7 +361,9 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
     p = argparse.ArgumentParser(
         prog=f"python -m train.stage{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"VideoPrism stage-{stage} training.", epilog=help_text(stage))
-    p.add_argument("--config", default="tiny", help=f"preset: {', '.join(PRESETS)} (default tiny)")
+    p.add_argument("--config", default="tiny",
+                   help=f"a preset ({', '.join(PRESETS)}; default tiny) or a .toml/.json config file, e.g. the "
+                        "config.json a run writes to its out_dir")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from the latest checkpoint of PATH (default: train.out_dir)")
     p.add_argument("overrides", nargs="*", help="section.field=value")

@@ -19,7 +19,7 @@ from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import Config
+from videoprism.train.config import Config, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import Dist, all_reduce_mean, grad_sync, parallelize
@@ -140,10 +140,12 @@ class Trainer:
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
         peak = tc.peak_tflops or matmul_peak_tflops(d.device)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
-        if d.main and self.step == 0:
-            log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
+        results = {"config": os.path.join(tc.out_dir, "config.json")}   # `--config` takes it back
+        if d.main:
+            save_config(cfg, results["config"])
+            if self.step == 0:
+                log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
         self.task.module.train()
-        results = {}
         try:
             while self.step < tc.steps:
                 if d.device.type == "cuda":

@@ -86,9 +86,10 @@ def write_clips(out_dir: str, frames: int = 16, hd: bool = True) -> str:
     for codec in ("vp9", "h264"):  # the same seed: the same rendered scenes in both codecs
         sub = f"synth_{codec}"
         generate(os.path.join(out_dir, sub), 2, seed=0, size=320, num_frames=3 * frames, codec=codec, workers=1)
-        for line in open(os.path.join(out_dir, sub, "train.jsonl")):
-            r = json.loads(line)
-            records.append({**r, "path": os.path.join(sub, r["path"])})
+        for split in ("train", "val"):  # both clips: generate puts the second of two in val
+            for line in open(os.path.join(out_dir, sub, f"{split}.jsonl")):
+                r = json.loads(line)
+                records.append({**r, "path": os.path.join(sub, r["path"])})
     for codec, opts in (("h264", {"preset": "veryfast"}), ("vp9", {})) if hd else ():
         name = f"720p_longgop.{ENCODERS[codec][1]}"
         make_720p(os.path.join(out_dir, name), codec=codec, block=8, **opts)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from videoprism.data.synth import COLOURS, DIRECTIONS, _clip_spec, caption_of, generate, render
+from videoprism.data.synth import COLOURS, DIRECTIONS, _clip_spec, _is_val, caption_of, generate, render
 
 
 def _exact(frames, colour_id):
@@ -32,3 +32,28 @@ def test_generate_records_the_scene_and_refuses_unknown_ones(tmp_path):
     assert " while " not in rec["caption"] and len(rec["caption"].split()) == 5
     with pytest.raises(ValueError, match="scene must be one of"):
         generate(str(tmp_path / "x"), 2, scene="triple")
+
+
+def test_val_gets_a_clip_from_two_clips_on_and_large_sets_split_as_before(tmp_path):
+    meta = generate(str(tmp_path), 8, size=16, num_frames=2, workers=1)
+    assert (meta["num_train"], meta["num_val"]) == (7, 1)
+    assert [json.loads(ln)["path"] for ln in open(tmp_path / "val.jsonl")] == ["clips/000007.webm"]
+    # The demo's 1000 clips (train.pipeline --clips): every 10th clip, as before.
+    assert [i for i in range(1000) if _is_val(i, 1000)] == list(range(9, 1000, 10))
+    with pytest.raises(ValueError, match="num must be >= 2"):
+        generate(str(tmp_path / "one"), 1)
+
+
+def test_cli_scene_option(tmp_path, capsys):
+    from videoprism.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["data", "synth", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--scene {pair,single}" in text and "'single': one moving shape" in text and "(default: pair)" in text
+    assert main(["data", "synth", "--out", str(tmp_path), "--num", "2", "--scene", "single", "--size", "16",
+                 "--frames", "2", "--workers", "1"]) == 0
+    assert json.load(open(tmp_path / "synth.json"))["scene"] == "single"
+    assert len(json.loads(open(tmp_path / "train.jsonl").readline())["caption"].split()) == 5
+    assert main(["data", "synth", "--out", str(tmp_path / "one"), "--num", "1"]) == 2
+    assert "num must be >= 2" in capsys.readouterr().err

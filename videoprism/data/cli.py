@@ -27,12 +27,12 @@ def _cmd_synth(args) -> int:
 
     try:
         meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
-                        num_frames=args.frames, fps=args.fps, workers=args.workers)
+                        num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {meta['num']} {args.codec} clips to {args.out}: train.jsonl ({meta['num_train']}), "
-          f"val.jsonl ({meta['num_val']}), spm.model, synth.json")
+    print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
+          f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, synth.json")
     return 0
 
 
@@ -45,6 +45,9 @@ def _positive(value: str) -> int:
 
 def register(subparsers) -> None:
     """Add the `data` command (with `index` and `synth`) to the `videoprism` sub-parsers."""
+    # Light: synth imports PyAV only when it encodes.
+    from .synth import DEFAULT_SCENE, SCENES
+
     data = subparsers.add_parser("data", help="data tools: index a dataset, generate synthetic data",
                                  description="Data tools for the video-text loader (DESIGN 7).")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,synth}")
@@ -65,16 +68,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=_cmd_index)
 
     p = sub.add_parser("synth", help="write synthetic video-text clips, manifests and a SentencePiece model",
-                       description="Write real encoded clips of coloured shapes moving in captioned directions "
-                                   "('a red circle moves left while a blue square grows'), train.jsonl/val.jsonl "
+                       description="Write real encoded clips of a coloured shape moving in a captioned direction, "
+                                   "alone ('a red circle moves left', --scene single) or with a second shape that "
+                                   "grows, shrinks or stays still ('a red circle moves left while a blue square "
+                                   "grows', --scene pair), train.jsonl/val.jsonl "
                                    "(labels: colour, shape, direction), spm.model trained on the captions and "
                                    "synth.json. Deterministic for a seed.")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=_positive, required=True, help="number of clips (1 in 10 goes to val.jsonl)")
+    p.add_argument("--num", type=_positive, required=True,
+                   help="number of clips, at least 2 (1 in 10 goes to val.jsonl; the last one when fewer than 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes (default: 0)")
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9", help="VP9 in WebM or H.264 in MP4 (default: vp9)")
     p.add_argument("--size", type=_positive, default=96, help="frame width and height in pixels, even (default: 96)")
     p.add_argument("--frames", type=_positive, default=16, help="frames per clip (default: 16)")
     p.add_argument("--fps", type=_positive, default=8, help="frame rate (default: 8)")
+    p.add_argument("--scene", choices=SCENES, default=DEFAULT_SCENE,
+                   help="'single': one moving shape, so same-looking clips differ only in direction (the demo's "
+                        "scenes); 'pair': a second, growing, shrinking or still shape, also captioned "
+                        "(default: %(default)s)")
     p.add_argument("--workers", type=_positive, default=None, help="encoding processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)

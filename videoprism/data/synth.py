@@ -12,7 +12,8 @@ by default, H.264 in MP4 on request) written with PyAV, so they go through the s
 
 `generate(out_dir, num, seed=0, codec="vp9")` writes
     out_dir/clips/000000.webm ...
-    out_dir/train.jsonl, out_dir/val.jsonl   (path, caption, dataset="synth", label={colour, shape, direction})
+    out_dir/train.jsonl, out_dir/val.jsonl   (path, caption, dataset="synth", label={colour, shape, direction};
+                                              every 10th clip goes to val, the last one when num < 10)
     out_dir/spm.model                        (SentencePiece trained on the canonical captions; pad 0, eos 1, unk 2,
                                               no BOS, like the official c4_en model)
     out_dir/synth.json                       (class names per label, file names, settings)
@@ -25,7 +26,6 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-import av
 import numpy as np
 
 from .text import canonicalize_text
@@ -39,7 +39,7 @@ VERBS = ("moves", "slides", "travels")
 CODECS = {"vp9": ("libvpx-vp9", "webm", {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0",
                                           "threads": "1", "row-mt": "0"}),
           "h264": ("libx264", "mp4", {"preset": "ultrafast", "crf": "23", "threads": "1"})}
-VAL_EVERY = 10  # clip i goes to val when i % VAL_EVERY == VAL_EVERY - 1
+VAL_EVERY = 10  # clip i goes to val when i % VAL_EVERY == VAL_EVERY - 1 (see _is_val)
 
 
 def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
@@ -52,9 +52,10 @@ def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: f
 
 
 SCENES = ("pair", "single")
+DEFAULT_SCENE = "pair"  # generate()'s and `videoprism data synth --scene`'s
 
 
-def _clip_spec(seed: int, i: int, scene: str = "pair") -> dict:
+def _clip_spec(seed: int, i: int, scene: str = DEFAULT_SCENE) -> dict:
     # Both scenes draw the same numbers in the same order: a clip's main shape and motion do not depend on the scene.
     rng = np.random.default_rng([seed, i])
     c1, c2 = rng.choice(len(COLOURS), 2, replace=False)
@@ -104,6 +105,9 @@ def render(spec: dict, size: int, num_frames: int) -> np.ndarray:
 
 def encode(frames: np.ndarray, path: str, codec: str, fps: int) -> None:
     """Write RGB frames as a real video file with PyAV (no ffmpeg binary needed)."""
+    # Imported here, not at the top: the `videoprism` CLI reads SCENES from this module to build its parser.
+    import av
+
     name, fmt, options = CODECS[codec]
     # bitexact: no random segment UID or library version strings, so a seed gives the same bytes.
     with av.open(path, "w", format=fmt, container_options={"fflags": "+bitexact"}) as out:
@@ -139,8 +143,14 @@ def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> No
         f.write(buf.getvalue())
 
 
+def _is_val(i: int, num: int) -> bool:
+    """Clip i of num goes to val: every VAL_EVERY-th clip, or the last one when num < VAL_EVERY, so that every
+    num >= 2 gives a non-empty val (sets of VAL_EVERY or more clips split as they always did)."""
+    return i % VAL_EVERY == VAL_EVERY - 1 or (num < VAL_EVERY and i == num - 1)
+
+
 def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size: int = 96, num_frames: int = 16,
-             fps: int = 8, scene: str = "pair", workers: int | None = None) -> dict:
+             fps: int = 8, scene: str = DEFAULT_SCENE, workers: int | None = None) -> dict:
     """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict."""
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
@@ -149,6 +159,8 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     for name, value, lo in (("num", num, 1), ("size", size, 16), ("num_frames", num_frames, 1), ("fps", fps, 1)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if num < 2:
+        raise ValueError(f"num must be >= 2: train.jsonl and val.jsonl get at least one clip each, got {num}")
     if size % 2:
         raise ValueError(f"size must be even (4:2:0 chroma), got {size}")
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
@@ -159,8 +171,8 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
             records = list(pool.map(_make_clip, jobs, chunksize=8))
     else:
         records = [_make_clip(j) for j in jobs]
-    splits = {"train": [r for i, r in enumerate(records) if i % VAL_EVERY != VAL_EVERY - 1],
-              "val": [r for i, r in enumerate(records) if i % VAL_EVERY == VAL_EVERY - 1]}
+    splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
+              "val": [r for i, r in enumerate(records) if _is_val(i, num)]}
     for split, recs in splits.items():
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)

@@ -149,3 +149,15 @@ def test_position_count_mismatch_is_reported():
     task, _ = make_task()
     with pytest.raises(ValueError, match="token positions"):
         task.module.decoder_input(torch.randn(1, 3, 16), torch.arange(5)[None])
+
+
+def test_both_stages_end_by_saying_where_their_metrics_are(tmp_path, capsys):
+    from videoprism.train import stage1, stage2
+
+    common = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", "data.source=random",
+              "train.global_batch=2", "train.steps=1"]
+    for stage, extra in ((stage1, []), (stage2, [f"stage2.teacher={tmp_path}/stage1/model.safetensors"])):
+        out = tmp_path / stage.__name__.rsplit(".", 1)[1]
+        assert stage.main([*common, f"train.out_dir={out}", *extra]) == 0
+        last = capsys.readouterr().out.splitlines()[-1]
+        assert last == f"metrics: {out / 'metrics.jsonl'}; non-finite steps skipped: 0", last

@@ -15,6 +15,20 @@ import sys
 import torch
 
 
+def metrics_path(out_dir: str) -> str:
+    """Where MetricsLogger writes a run's per-step records (and print_outputs says they are)."""
+    return os.path.join(out_dir, "metrics.jsonl")
+
+
+def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> None:
+    """The closing lines of a training stage (both stages end alike): the stage's own `keys` of `results`, the
+    files written (checkpoint, export, plot), where the per-step metrics are and how many steps were skipped."""
+    for key in (*keys, "checkpoint", "export", "plot"):
+        if key in results:
+            print(f"{key}: {results[key]}")
+    print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}")
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -27,7 +41,7 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str, *, total_steps: int, start_step: int, enabled: bool, desc: str):
         self.enabled = enabled
-        self.path = os.path.join(out_dir, "metrics.jsonl")
+        self.path = metrics_path(out_dir)
         self.bar = None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)

@@ -21,6 +21,7 @@ from videoprism.masking import tube_mask
 from videoprism.train.config import Config, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
+from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
@@ -147,10 +148,7 @@ def _report(results: dict, cfg: Config) -> None:
         print("zero-shot retrieval (validation): " + ", ".join(
             f"{k} {100 * results[k]:.1f}%" for k in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5",
                                                      "v2t_R@10", "chance_R@1")))
-    for key in ("checkpoint", "export", "plot"):
-        if key in results:
-            print(f"{key}: {results[key]}")
-    print(f"metrics: {cfg.train.out_dir}/metrics.jsonl; non-finite steps skipped: {results['nonfinite']}")
+    print_outputs(results, cfg.train.out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from videoprism.train.config import Config, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
+from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, encoder_config, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.trainer import NonFiniteLossError, Trainer
@@ -142,9 +143,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
             trainer.resume(resume)
         results = trainer.fit()
         if dist_.main:
-            for key in ("val_token_loss", "val_global_loss", "checkpoint", "export", "plot"):
-                if key in results:
-                    print(f"{key}: {results[key]}")
+            print_outputs(results, cfg.train.out_dir, keys=("val_token_loss", "val_global_loss"))
         return results
     finally:
         close_distributed()

@@ -26,13 +26,12 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
-from bench.common import Report, measure_peaks, timeit
+from bench.common import Report, arg_parser, measure_peaks, timeit
 from videoprism.ops.attention import factorized_attention
 
 MODELS = {"base": (12, 64), "large": (16, 64), "giant": (16, 88)}
@@ -77,17 +76,21 @@ def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ..
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = arg_parser("bench.attention", __doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default here: %(default)s; cuda wherever one is available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--models", default="base,giant,large", help=f"comma-separated from {list(MODELS)}")
-    p.add_argument("--batch", type=int, default=16, help="clips per call")
-    p.add_argument("--backends", default="reference,sdpa,flex,flash,xformers,triton")
-    p.add_argument("--modes", default="fwd,fwd+bwd")
+                   help="q, k, v dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    p.add_argument("--models", default="base,giant,large",
+                   help=f"comma-separated from {list(MODELS)} (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=16, help="clips per call (default: %(default)s)")
+    p.add_argument("--backends", default="reference,sdpa,flex,flash,xformers,triton",
+                   help="comma-separated attention backends; unavailable ones are skipped (default: %(default)s)")
+    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
     p.add_argument("--budget-s", type=float, default=110.0,
-                   help="stop starting new cases after this many seconds (the GPU script has a time box)")
+                   help="stop starting new cases after this many seconds; the GPU script has a time box "
+                        "(default: %(default)s)")
     p.add_argument("--no-autotune", action="store_true",
                    help="use the Triton kernels' fixed default tile configs instead of the search (the library default)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -22,6 +23,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+
+def arg_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser every bench module starts from: `prog` says how it is run (`python -m bench.X`; argparse would
+    show the file name) and the module docstring, laid out as written, is the description."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 @dataclass

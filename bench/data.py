@@ -27,7 +27,6 @@ stage-1 `base` row at the same frame count in --train-step (bench.train_step's J
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,7 +35,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.common import Report, timeit
+from bench.common import Report, arg_parser, timeit
 from videoprism.data.transforms import Augment, apply_augment
 
 try:
@@ -169,17 +168,20 @@ def default_clips(media: str, frames: int) -> list[tuple[str, float | None, floa
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda to add the DALI GPU rows")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=288)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--media", default=SHARED_MEDIA, help="folder with the shared clips")
+    p = arg_parser("bench.data", __doc__)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to add the DALI GPU rows (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=288,
+                   help="square output frame size in pixels (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed repeats per row (default: %(default)s)")
+    p.add_argument("--media", default=SHARED_MEDIA, help="folder with the shared clips (default: %(default)s)")
     p.add_argument("--clips", default=None, help="time the clips of DIR/clips.jsonl instead (no PyAV needed)")
     p.add_argument("--write-clips", default=None, metavar="DIR", help="write the --clips set to DIR and exit")
-    p.add_argument("--gpu-batches", default="1,8", help="clips per DALI GPU run, comma-separated (default: 1,8)")
-    p.add_argument("--train-step", default=TRAIN_STEP_GPU, help="bench.train_step JSON with the stage-1 rows")
-    p.add_argument("--out", default="bench/results/data_cpu.json")
+    p.add_argument("--gpu-batches", default="1,8",
+                   help="clips per DALI GPU run, comma-separated (default: %(default)s)")
+    p.add_argument("--train-step", default=TRAIN_STEP_GPU,
+                   help="bench.train_step JSON with the stage-1 rows (default: %(default)s)")
+    p.add_argument("--out", default="bench/results/data_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     T, R = args.frames, args.resolution

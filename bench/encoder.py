@@ -9,27 +9,28 @@ of the card's measured matmul peak; writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import videoprism as vp
-from bench.common import Report, measure_peaks, timeit
+from bench.common import Report, arg_parser, measure_peaks, timeit
 from videoprism.flops import encoder_flops
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="videoprism_v1_base", help="official encoder name")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=288)
-    p.add_argument("--backends", default="reference", help="comma-separated attention backends")
-    p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
-    p.add_argument("--reps", type=int, default=5, help="timed repeats on the CPU (the GPU uses do_bench)")
-    p.add_argument("--out", default="bench/results/encoder_cpu.json")
+    p = arg_parser("bench.encoder", __doc__)
+    p.add_argument("--model", default="videoprism_v1_base", help="official encoder name (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="model and input dtype (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="clips per forward (default: %(default)s)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=288,
+                   help="square frame size in pixels (default: %(default)s)")
+    p.add_argument("--backends", default="reference", help="comma-separated attention backends (default: %(default)s)")
+    p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed repeats on the CPU; the GPU uses do_bench (default: %(default)s)")
+    p.add_argument("--out", default="bench/results/encoder_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)

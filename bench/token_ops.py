@@ -36,13 +36,12 @@ from its forward (autograd runs it on the forward's stream), so its dev_ms is
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 
 import torch
 
-from bench.common import Report, measure_peaks, timeit
+from bench.common import Report, arg_parser, measure_peaks, timeit
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
 from videoprism.masking import accept_blocks_ref, bevt_mask, num_visible, propose_blocks, tube_mask
@@ -155,13 +154,15 @@ def _with_grad(fn, *inputs):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = arg_parser("bench.token_ops", __doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default here: %(default)s; cuda wherever one is available)")
     p.add_argument("--batch", type=int, default=None, help="clips per call (default 32 on CUDA, 2 on the CPU)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="token dtype (default bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--models", default="base,giant", help=f"comma-separated from {list(MODELS)}")
-    p.add_argument("--stages", default="stage1,stage2", help=f"comma-separated from {list(STAGES)}")
+    p.add_argument("--models", default="base,giant", help=f"comma-separated from {list(MODELS)} (default: %(default)s)")
+    p.add_argument("--stages", default="stage1,stage2",
+                   help=f"comma-separated from {list(STAGES)} (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph device times (dev_ms)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<device>.json)")
     a = p.parse_args(argv)

@@ -20,12 +20,11 @@ listed in the JSON.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from bench.common import Report, measure_peaks, timeit
+from bench.common import Report, arg_parser, measure_peaks, timeit
 from videoprism.train.config import build_config
 from videoprism.train.data import RandomClips
 from videoprism.train.distill import Teacher
@@ -92,16 +91,18 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p = arg_parser("bench.train_step", __doc__)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--preset", default=None, help="config preset (default: base on CUDA, tiny on the CPU)")
     p.add_argument("--frames", default=None, help="comma-separated frame counts (default: 16,8 on CUDA, 8 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="clips per step (default: 16 on CUDA, 8 on CPU)")
     p.add_argument("--modes", default=None, help="comma-separated modes (default: all on CUDA, eager,compiled on CPU)")
-    p.add_argument("--stages", default="1,2")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--budget-s", type=float, default=540, help="start no row after this many seconds")
-    p.add_argument("--out", default="bench/results/train_step_cpu.json")
+    p.add_argument("--stages", default="1,2", help="comma-separated training stages, 1 and/or 2 (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5,
+                   help="timed steps per row on the CPU; the GPU uses do_bench (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=540,
+                   help="start no row after this many seconds (default: %(default)s)")
+    p.add_argument("--out", default="bench/results/train_step_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)

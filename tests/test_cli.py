@@ -1,6 +1,8 @@
 """`videoprism embed` and `videoprism convert`, run as a user runs them (a subprocess)."""
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import re
 import subprocess
@@ -166,3 +168,25 @@ def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "1")
     with pytest.raises(ValueError, match="expected an integer"):
         stage1.main(["train.steps=abc"])
+
+
+@pytest.mark.parametrize("name", ["encoder", "attention", "token_ops", "data", "train_step"])
+def test_bench_help_names_the_module_and_explains_every_option(name, capsys):
+    module = importlib.import_module(f"bench.{name}")
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert capsys.readouterr().out.startswith(f"usage: python -m bench.{name} ")
+    parsers = []
+
+    def keep(self, argv=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(argparse.ArgumentParser, "parse_args", keep)
+        with pytest.raises(SystemExit):
+            module.main([])
+    for action in parsers[0]._actions:
+        assert action.help, (name, action.option_strings)
+        if action.default not in (None, False, argparse.SUPPRESS):  # flags and computed defaults say it in words
+            assert "%(default)s" in action.help, (name, action.option_strings, action.help)

@@ -22,8 +22,9 @@ def metrics_path(out_dir: str) -> str:
 
 def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> None:
     """The closing lines of a training stage (both stages end alike): the stage's own `keys` of `results`, the
-    files written (checkpoint, export, plot), where the per-step metrics are and how many steps were skipped."""
-    for key in (*keys, "checkpoint", "export", "plot"):
+    files written (checkpoint, export, plot, the resolved config), where the per-step metrics are and how many
+    steps were skipped."""
+    for key in (*keys, "checkpoint", "export", "plot", "config"):
         if key in results:
             print(f"{key}: {results[key]}")
     print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}")

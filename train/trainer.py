@@ -140,9 +140,9 @@ class Trainer:
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
         peak = tc.peak_tflops or matmul_peak_tflops(d.device)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
-        results = {"config": os.path.join(tc.out_dir, "config.json")}   # `--config` takes it back
+        config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:
-            save_config(cfg, results["config"])
+            save_config(cfg, config_path)
             if self.step == 0:
                 log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
         self.task.module.train()
@@ -166,7 +166,7 @@ class Trainer:
                     self._evaluate(log)
             path = self.save()
             results = self._evaluate(log)
-            results["checkpoint"] = path
+            results["checkpoint"], results["config"] = path, config_path
             if cfg.checkpoint.export:
                 export = os.path.join(tc.out_dir, "model.safetensors")
                 self.task.export(self.model, export)

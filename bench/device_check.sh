@@ -44,7 +44,10 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 step build 150 env TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e .
 # Issues 6 and 7: stage 1 eager vs compiled+triton, then stage 2 (compiled+triton first), base,
 # 16 frames. Each compiled row spends most of its time in Inductor; the JSON is saved per row.
-step train-step 240 $PY -m bench.train_step --device cuda --frames 16 --modes eager,compiled+triton \
+# The attention tile search is off here (fixed tiles, recorded in the JSON meta): it compiles
+# ~5 candidates per kernel variant, a minute or more per stage that this time box lacks; the
+# attention step below measures what the search gains.
+step train-step 240 env VIDEOPRISM_TRITON_AUTOTUNE=0 $PY -m bench.train_step --device cuda --frames 16 --modes eager,compiled+triton \
   --budget-s 200 --out bench/results/train_step_gpu.json
 step token-ops 70 $PY -m bench.token_ops --device cuda --out bench/results/token_ops_gpu.json
 step attention 85 $PY -m bench.attention --device cuda --budget-s 70 --out bench/results/attention_gpu.json

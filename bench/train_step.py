@@ -20,6 +20,7 @@ listed in the JSON.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -117,7 +118,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
     peaks = measure_peaks(device)
     report = Report("train step", str(device), meta={"preset": preset, "batch": batch, **peaks,
-                                                       "mixed_precision": "bf16 autocast" if cuda else "fp32"})
+                                                       "mixed_precision": "bf16 autocast" if cuda else "fp32",
+                                                       "triton_tile_search": os.environ.get("VIDEOPRISM_TRITON_AUTOTUNE",
+                                                                                            "1") == "1"})
     # Most important first: the stage-1 and stage-2 targets at the largest frame count.
     plan = [(s, f, m) for f in frames for s in stages for m in (modes if s == 1 else reversed(modes))]
     start, skipped = time.perf_counter(), []

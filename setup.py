@@ -56,7 +56,10 @@ def _extension():
             cpp + cu,
             define_macros=[("WITH_CUDA", None)],
             include_dirs=_pip_cuda_includes(),
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+            # No --use_fast_math: it implies -ftz=true, which flushed subnormal fp32 values to
+            # zero in the kernels' sums (scatter duplicates, shuffle fwd/bwd adds), unlike torch
+            # and the references; the kernels have no division or transcendental to speed up.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
         )
     return cpp_extension.CppExtension("videoprism._C", cpp, extra_compile_args={"cxx": cxx_flags})
 

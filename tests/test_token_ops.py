@@ -40,7 +40,7 @@ def noncontig(x: torch.Tensor) -> torch.Tensor:
 
 
 def perms(B, n, g):
-    return torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
+    return torch.stack([torch.randperm(n, generator=g) for _ in range(B)]) if B else torch.empty(0, n, dtype=torch.long)
 
 
 def assert_close_2x(out, oracle64, plain, dtype, scale=None):
@@ -412,3 +412,162 @@ def test_gpu_compile_inductor_no_graph_break():
         torch._dynamo.reset()
         compiled = torch.compile(lambda *a: _masked_step(*a, be), fullgraph=True)
         torch.testing.assert_close(compiled(*args), _masked_step(*args, be))
+
+
+def misaligned(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of x that starts one element into its buffer: not 16-byte aligned,
+    so the CUDA kernels must take their narrow (non-vector) paths."""
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    assert out.is_contiguous() and (out.numel() == 0 or out.data_ptr() % 16 != 0)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("D", [1, 7, 15, 16, 520])
+def test_gpu_cuda_odd_shapes(dtype, D):
+    """The CUDA kernels at every element size (fp64: 2-wide vectors), D not a multiple of the
+    vector width, rows in partial tiles, misaligned (contiguous) inputs, rows with many
+    sources in the scatter, and empty shapes: bitwise the references (sums in ascending j /
+    ascending b, as the CPU kernels)."""
+    dev, be = "cuda", "cuda"
+    g = gen(11)
+    B, L, M = 3, 37, 300                    # B*M = 900 rows: partial tiles at every block_rows
+    x = torch.randn(B, L, D, generator=g).to(dtype)
+    rep = torch.randint(0, L, (B, M), generator=g)
+    for xx in (x.to(dev), misaligned(x.to(dev))):
+        assert torch.equal(gather_tokens(xx, rep.to(dev), backend=be).cpu(), gather_tokens_ref(x, rep))
+    src = torch.randn(B, M, D, generator=g).to(dtype)
+    uniq = torch.stack([torch.randperm(500, generator=g)[:M] for _ in range(B)])  # unique, 200 empty rows
+    few = torch.randint(0, 3, (B, M), generator=g)                                 # ~100 sources per row
+    few[:, 5] = 4                                                                  # row 4: one source
+    for idx, length in ((rep, L), (few, L), (uniq, 500)):
+        expect = scatter_tokens_ref(src, idx, length)      # CPU: ascending j in fp32 / fp64
+        for s in (src.to(dev), misaligned(src.to(dev))):
+            out = scatter_tokens(s, idx.to(dev), length, backend=be)
+            assert torch.equal(out.cpu(), expect)
+            assert torch.equal(scatter_tokens(s, idx.to(dev), length, backend=be), out)   # deterministic
+    # Empty: M = 0 (all rows zero), L = M = 0, B = 0.
+    z = scatter_tokens(src[:, :0].to(dev), rep[:, :0].to(dev), L, backend=be)
+    assert z.shape == (B, L, D) and not z.any()
+    assert scatter_tokens(src[:, :0].to(dev), rep[:, :0].to(dev), 0, backend=be).shape == (B, 0, D)
+    assert gather_tokens(x.to(dev), rep[:, :0].to(dev), backend=be).shape == (B, 0, D)
+    assert gather_tokens(x[:0].to(dev), rep[:0].to(dev), backend=be).shape == (0, M, D)
+    # Shuffle: B*n = 145 rows (slot-major tiles cut inside a slot), m = 0 (mask slots only).
+    for Bs, m, n in ((5, 11, 29), (4, 0, 6), (0, 3, 7)):
+        visible, perm, me, pe = shuffle_inputs(Bs, m, n, D, dtype, seed=D)
+        grad = torch.randn(Bs, n, D, generator=g).to(dtype)
+        want = shuffle_with_mask_tokens_ref(visible, perm, me, pe)
+        gv_cpu, gm_cpu, gp_cpu = torch.ops.videoprism.shuffle_tokens_bwd_native(grad, perm, m)   # "cpp"
+        for v, gg, pe_d in ((visible.to(dev), grad.to(dev), pe.to(dev)),
+                            (misaligned(visible.to(dev)), misaligned(grad.to(dev)), misaligned(pe.to(dev)))):
+            out = shuffle_with_mask_tokens(v, perm.to(dev), me.to(dev), pe_d, backend=be)
+            assert torch.equal(out.cpu(), want)
+            gv, gm, gp = torch.ops.videoprism.shuffle_tokens_bwd_native(gg, perm.to(dev), m)
+            assert torch.equal(gv.cpu(), gv_cpu)
+            assert torch.equal(gp.cpu(), gp_cpu)            # ascending b from zero, as the CPU kernel
+            gm64 = shuffle_with_mask_tokens_bwd_ref(grad.double(), perm, m)[1]
+            plain = torch.zeros_like(grad).scatter_(1, perm[:, :, None].expand(-1, -1, D), grad)[:, m:].sum((0, 1))
+            mag = shuffle_with_mask_tokens_bwd_ref(grad.double().abs(), perm, m)[1]
+            assert_close_2x(gm.cpu(), gm64, plain, dtype, scale=mag)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64, torch.bfloat16])
+def test_gpu_cuda_patchify_staging(dtype):
+    """Patchify's shared-memory staging: runs of 3P elements with P = 1 (3-element runs),
+    odd P (no 4-wide tile boundary inside a run), P with one run per tile (3P beyond the
+    8192-element tile: tile_runs = 1, vector stores only when 3P % 4 == 0), fp64 (32-byte
+    Pack<double, 4> stores), a misaligned video, and K = 0."""
+    dev = "cuda"
+    g = gen(12)
+    # P, h, w, K; B*T = 3 frames, so a tile of all B*T*K*P runs ends inside a 4-element group
+    cases = [(1, 3, 4, 5), (5, 3, 2, 3), (7, 2, 3, 5), (2, 16, 16, 200)]   # the last: 3 tiles, 1 partial
+    cases += [(700, 1, 2, 2), (701, 1, 1, 1)] if dtype == torch.uint8 else [(683, 1, 1, 1), (684, 1, 1, 1)]
+    for P, h, w, K in cases:
+        shape = (1, 3, h * P, w * P, 3)
+        if dtype == torch.uint8:
+            video = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        else:
+            video = torch.rand(shape, generator=g).to(dtype)
+        pos = torch.rand(1, 3, h * w, generator=g).argsort(-1)[..., :K]
+        want = patchify_gather_ref(video, pos, P)
+        for v in (video.to(dev), misaligned(video.to(dev))):
+            assert torch.equal(patchify_gather(v, pos.to(dev), P, backend="cuda").cpu(), want)
+    empty = patchify_gather(video.to(dev), pos[..., :0].to(dev), P, backend="cuda")
+    assert empty.shape == (1, 3, 0, 3 * P * P)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_subnormal_sums_are_kept(backend):
+    """fp32 sums keep subnormal values, as torch and the references do (the extension was
+    built with --use_fast_math, i.e. -ftz=true, which flushed them to zero in the scatter's
+    duplicate sum and the shuffle's fp32 adds)."""
+    dev = "cuda"
+    tiny = torch.finfo(torch.float32).tiny / 4            # 2^-128: subnormal in fp32 and bf16
+    for dtype in (torch.float32, torch.bfloat16):
+        src = torch.full((1, 3, 8), tiny, device=dev).to(dtype)
+        idx = torch.tensor([[0, 0, 1]], device=dev)
+        want = scatter_tokens_ref(src, idx, 2)
+        assert bool((want[0, 0].float() == 2 * tiny).all())
+        assert torch.equal(scatter_tokens(src, idx, 2, backend=backend), want)
+        visible = torch.full((2, 2, 8), tiny, device=dev).to(dtype)
+        me = torch.full((8,), tiny, device=dev, requires_grad=True)
+        pe = torch.full((3, 8), tiny, device=dev, requires_grad=True)
+        perm = torch.tensor([[1, 0, 2], [2, 1, 0]], device=dev)
+        out = shuffle_with_mask_tokens(visible, perm, me, pe, backend=backend)
+        assert torch.equal(out, shuffle_with_mask_tokens_ref(visible, perm, me, pe))
+        assert bool((out.float() == 2 * tiny).all())
+        out.backward(torch.full_like(out, tiny))
+        _, gm, gp = shuffle_with_mask_tokens_bwd_ref(torch.full_like(out, tiny), perm, 2)
+        assert torch.equal(pe.grad, gp) and torch.equal(me.grad, gm) and bool((gp == 2 * tiny).all())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_offsets_beyond_int32():
+    """Tensors of more than 2^31 elements (2^32 bytes) with rows near their end: the CUDA
+    kernels' element/byte offsets must be int64 (odd D: the narrow paths, offsets in bytes
+    or elements). About 14 GB of GPU memory at the peak."""
+    dev = "cuda"
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs a GPU with 40 GB")
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, L, D = 2, 1_100_000, 1023             # B*L*D = 2.25e9 > 2^31 elements, bf16 rows of 2046 bytes
+    x = torch.randn(B, L, D, device=dev, generator=g, dtype=torch.bfloat16)
+    idx = torch.tensor([[0, L - 1, 5, L - 2], [L - 1, 0, L - 3, 7]], device=dev)
+    rows = torch.arange(B, device=dev)[:, None]
+    got = gather_tokens(x, idx, backend="cuda")
+    assert torch.equal(got, x[rows, idx])
+    del x
+    out = scatter_tokens(got, idx, L, backend="cuda")
+    assert torch.equal(out[rows, idx], got)
+    out[rows, idx] = 0
+    assert int(out.count_nonzero()) == 0
+    del out
+    # Shuffle forward/backward: output and grad of B*n*D > 2^31 elements, pos_emb of 4.5 GB.
+    n, m = L, 1000
+    perm = torch.stack([torch.randperm(n, device=dev, generator=g) for _ in range(B)])
+    visible = torch.randn(B, m, D, device=dev, generator=g, dtype=torch.bfloat16)
+    me = torch.randn(D, device=dev, generator=g)
+    pe = torch.randn(n, D, device=dev, generator=g)
+    out = shuffle_with_mask_tokens(visible, perm, me, pe, backend="cuda")
+    for sl in (slice(0, 1000), slice(n - 1000, n)):
+        p = perm[:, sl]
+        tok = torch.where((p < m)[..., None], visible[rows, p.clamp(max=m - 1)].float(), me)
+        assert torch.equal(out[:, sl], (tok + pe[sl]).to(torch.bfloat16))
+    del pe
+    gv, _, gp = torch.ops.videoprism.shuffle_tokens_bwd_native(out, perm, m)
+    inv = perm.argsort(1)[:, :m]                               # slot of visible token j
+    assert torch.equal(gv, out[rows, inv])
+    for sl in (slice(0, 1000), slice(n - 1000, n)):
+        assert torch.equal(gp[sl], out[0, sl].float() + out[1, sl].float())
+    del out, gp
+    # Patchify: a uint8 video of 2.2e9 bytes, patches in its last frames.
+    T, P, h, w = 700, 16, 64, 64
+    video = torch.randint(0, 256, (1, T, h * P, w * P, 3), device=dev, generator=g, dtype=torch.uint8)
+    pos = torch.rand(1, T, h * w, device=dev, generator=g).argsort(-1)[..., :4]
+    got = patchify_gather(video, pos, P, backend="cuda")
+    assert torch.equal(got[:, -3:], patchify_gather_ref(video[:, -3:], pos[:, -3:], P))

@@ -43,7 +43,7 @@ try:
 except ImportError:  # the GPU machines: only the DALI rows (with --clips)
     av = None
 
-SHARED_MEDIA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "media")
+SHARED_MEDIA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "media"))
 TRAIN_STEP_GPU = "bench/results/train_step_gpu.json"
 # Encoder settings of make_720p per codec: H.264 as measured in data_cpu.json, VP9 for a small file.
 ENCODERS = {"h264": ("libx264", "mp4", {"preset": "ultrafast", "crf": "28"}),

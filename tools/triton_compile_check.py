@@ -13,7 +13,9 @@ on a lent GPU, where every minute is scarce. This tool closes that gap in two pr
    that names the target (sm_90 by default). So Triton does its own argument
    specialisation (16-divisible ints and pointers, ints equal to 1), the autotuner prunes
    its candidates as on a GPU (`--coverage all`: every tile the search would try), and
-   the whole pipeline runs down to a cubin with ptxas.
+   the whole pipeline runs down to a cubin with ptxas. Each kernel's registers, spilled
+   bytes (cuobjdump on the cubin) and shared memory are printed (`--json` keeps them): a
+   proxy for register pressure and occupancy that needs no GPU.
 
     python -m tools.triton_compile_check                            # installed Triton, sm_90
     python -m tools.triton_compile_check --arch 80 --arch 90 --coverage all
@@ -173,17 +175,34 @@ def _describe(rec: dict, kwargs: dict) -> str:
     return f"{rec['name']} {'/'.join(dts)} {consts}"
 
 
-def _tiles(compiled) -> str:
-    """The tile constexprs and launch options of what warmup compiled (one or a list)."""
-    out = []
-    for k in compiled if isinstance(compiled, list) else [compiled]:
-        names = k.src.fn.arg_names
-        c = {names[i[0]]: v for i, v in k.src.constants.items() if names[i[0]].startswith("BLOCK_") or names[i[0]] == "HEADS"}
-        out.append(f"{c}/w{k.metadata.num_warps}s{k.metadata.num_stages}")
-    return ", ".join(out)
+def _compiled(kernel) -> dict:
+    """Tiles, launch options and resources of one compiled kernel: registers and local-memory
+    bytes per thread (spills; from the cubin with the cuobjdump Triton ships) and shared memory."""
+    import triton
+
+    names = kernel.src.fn.arg_names
+    tiles = {names[i[0]]: v for i, v in kernel.src.constants.items()
+             if names[i[0]].startswith("BLOCK_") or names[i[0]] == "HEADS"}
+    info = {"tiles": tiles, "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
+            "shared_bytes": kernel.metadata.shared}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(tool):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+            fh.write(kernel.asm["cubin"])
+            fh.flush()
+            usage = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+        fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
+        info["registers"] = int(fields["REG"])
+        info["spill_bytes"] = int(fields["LOCAL"]) + int(fields["STACK"])
+    return info
 
 
-def compile_all(path: str, arches: list[int]) -> int:
+def _resources(info: dict) -> str:
+    regs = f"{info['registers']:3d} regs, {info['spill_bytes']} B spilled, " if "registers" in info else ""
+    return f"{info['tiles']} w{info['warps']}s{info['stages']}: {regs}{info['shared_bytes']} B smem"
+
+
+def compile_all(path: str, arches: list[int], report: str | None = None) -> int:
     import importlib
 
     import triton
@@ -192,7 +211,7 @@ def compile_all(path: str, arches: list[int]) -> int:
 
     with open(path) as f:
         launches = json.load(f)
-    failures = n = 0
+    failures, rows = 0, []
     t_start = time.perf_counter()
     for arch in arches:
         driver.set_active(_TargetDriver(arch))
@@ -206,15 +225,24 @@ def compile_all(path: str, arches: list[int]) -> int:
                     tuned = set().union(*(c.all_kwargs() for c in kernel.configs))
                     kwargs = {k: v for k, v in kwargs.items() if k not in tuned}
                 out = kernel.warmup(*args, grid=(1,), **kwargs)
-                n += len(out) if isinstance(out, list) else 1
-                print(f"ok    sm_{arch} {time.perf_counter() - t0:5.1f}s  {_describe(rec, kwargs)}  tiles: {_tiles(out)}",
-                      flush=True)
+                infos = [_compiled(k) for k in (out if isinstance(out, list) else [out])]
             except Exception as e:  # noqa: BLE001 - report every kernel, then fail
                 failures += 1
                 last = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
                 print(f"FAIL  sm_{arch} {_describe(rec, kwargs)}\n      {type(e).__name__}: {last[-1][:400]}", flush=True)
-    print(f"triton {triton.__version__}: {n} kernels compiled for sm_{'/'.join(map(str, arches))} from "
-          f"{len(launches)} launches in {time.perf_counter() - t_start:.0f}s; {failures} failed")
+                continue
+            print(f"ok    sm_{arch} {time.perf_counter() - t0:5.1f}s  {_describe(rec, kwargs)}", flush=True)
+            for info in infos:
+                print(f"        {_resources(info)}", flush=True)
+                rows.append({"arch": arch, "kernel": rec["name"], "launch": _describe(rec, kwargs), **info})
+    spilling = sum(1 for r in rows if r.get("spill_bytes"))
+    print(f"triton {triton.__version__}: {len(rows)} kernels compiled for sm_{'/'.join(map(str, arches))} from "
+          f"{len(launches)} launches in {time.perf_counter() - t_start:.0f}s; {spilling} of them spill registers; "
+          f"{failures} failed")
+    if report:
+        with open(report, "w") as fh:
+            json.dump({"triton": triton.__version__, "failed": failures, "kernels": rows}, fh, indent=1)
+        print(f"wrote {report}")
     return 1 if failures else 0
 
 
@@ -228,6 +256,8 @@ def main(argv=None) -> int:
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the compile step, e.g. a venv with another Triton; torch and this "
                         "repo come from the current environment")
+    p.add_argument("--json", metavar="PATH", help="also write every compiled kernel's tiles, registers, spills "
+                                                   "and shared memory as JSON (compare before/after a change)")
     p.add_argument("--phase", choices=["record", "compile"], help=argparse.SUPPRESS)
     p.add_argument("--launches", help=argparse.SUPPRESS)
     p.add_argument("--site", help=argparse.SUPPRESS)
@@ -242,7 +272,7 @@ def main(argv=None) -> int:
             import site
             site.addsitedir(args.site)
         sys.path.insert(0, ROOT)
-        return compile_all(args.launches, arches)
+        return compile_all(args.launches, arches, args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         launches = os.path.join(tmp, "launches.json")
@@ -252,6 +282,8 @@ def main(argv=None) -> int:
                        env={**base, "TRITON_INTERPRET": "1", "VIDEOPRISM_TRITON_AUTOTUNE": "0"})
         cmd = [args.python, "-m", "tools.triton_compile_check", "--phase", "compile", "--launches", launches]
         cmd += [x for a in arches for x in ("--arch", str(a))]
+        if args.json:
+            cmd += ["--json", os.path.abspath(args.json)]
         if os.path.abspath(args.python) != os.path.abspath(sys.executable):   # venvs share one real binary
             cmd += ["--site", sysconfig.get_paths()["purelib"]]
         env = {**base, "VIDEOPRISM_TRITON_AUTOTUNE": "1" if args.coverage == "all" else "0"}

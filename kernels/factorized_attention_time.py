@@ -37,34 +37,39 @@ from videoprism.kernels.factorized_attention_space import (
 
 def _time_configs(fwd: bool):
     """Candidates for the search (AUTOTUNE in factorized_attention_space.py):
-    (BLOCK_S sequences, HEADS per program, warps)."""
-    shapes = [(4, 1, 4), (8, 1, 4), (16, 1, 8), (4, 4, 4), (8, 2, 4), (8, 4, 4)] if fwd else \
-        [(2, 1, 4), (4, 1, 4), (8, 1, 8), (2, 4, 4), (4, 2, 4), (4, 4, 4)]
+    (BLOCK_S sequences, HEADS per program, warps). The 8-warp one- and two-sequence tiles are
+    the ones that do not spill at padded head dims of 128 (see _time_prune)."""
+    shapes = [(4, 1, 4), (8, 1, 4), (16, 1, 8), (4, 4, 4), (8, 2, 4), (8, 4, 4), (1, 1, 8), (2, 1, 8), (2, 4, 8)] \
+        if fwd else [(2, 1, 4), (4, 1, 4), (8, 1, 8), (2, 4, 4), (4, 2, 4), (4, 4, 4), (1, 1, 4), (1, 1, 8), (2, 1, 8)]
     return [triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=w, num_stages=1) for bs, hp, w in shapes]
 
 
 def _time_prune(fwd: bool):
     """Tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
-    gradients) elements per operand, head groups that divide H. Without the search: 4
-    (forward) / 2 (backward) sequences, which at T = 16, Dh = 64 keep the operand tiles and
-    fp32 accumulators near 100 registers a thread (estimated over 128 threads, not measured;
-    the search, on by default on a GPU, tries the rest), and on the
-    masked axis up to 4 heads per program, which share its pos search. The interpreter (one
-    numpy op per tile op) takes 32 sequences and all heads: the fewest programs."""
+    gradients) elements per operand, head groups that divide H. Without the search, at T = 16:
+    - padded head dim 64 (VideoPrism B, L): 4 (forward) / 2 (backward) sequences, 4 warps, and
+      on the masked axis up to 4 heads per program, which share its pos search: 77 / 118
+      registers a thread, no spill (sm_90, Triton 3.6; tools/triton_compile_check.py --json);
+    - padded head dim 128 (giant's 88): those tiles spill 928 / 464 bytes a thread, so 2 / 1
+      sequences on 8 warps and one head per backward program: 196 / 188 registers, no spill.
+    The search, on by default on a GPU, tries the rest. The interpreter (one numpy op per tile
+    op) takes 32 sequences and all heads: the fewest programs."""
     budget = 16384 if fwd else 8192
 
     def prune(configs, named_args, **kw):
         H, tile = named_args["H"], kw["BLOCK_T"] * kw["BLOCK_D"]
         if INTERPRET:
             return [triton.Config({"BLOCK_S": 32, "HEADS": H}, num_warps=4, num_stages=1)]
-        bs = max(1, min(4 if fwd else 2, budget // tile))
-        hp = max(h for h in (1, 2, 4) if H % h == 0) if kw["HAS_POS"] else 1
-        default = triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=4, num_stages=1)
+        wide = kw["BLOCK_D"] >= 128
+        bs = max(1, min(4 if fwd else 2, (budget // 4 if wide else budget) // tile))
+        hp = max(h for h in (1, 2, 4) if H % h == 0) if kw["HAS_POS"] and (fwd or not wide) else 1
+        warps = 8 if wide else 4
+        default = triton.Config({"BLOCK_S": bs, "HEADS": hp}, num_warps=warps, num_stages=1)
         if not _space.AUTOTUNE:                # read at call time
             return [default]
         keep = [c for c in configs if c.kwargs["BLOCK_S"] * tile <= budget and H % c.kwargs["HEADS"] == 0]
         # The default stays a candidate: the search can only match or beat it.
-        same = [c for c in keep if (c.kwargs["BLOCK_S"], c.kwargs["HEADS"], c.num_warps) == (bs, hp, 4)]
+        same = [c for c in keep if (c.kwargs["BLOCK_S"], c.kwargs["HEADS"], c.num_warps) == (bs, hp, warps)]
         return keep + ([] if same else [default])
     return prune
 

@@ -313,6 +313,7 @@ GPU_CASES = [  # axis, B, T, K, H, Dh, N (masked time), padded, causal
     ("time", 2, 16, 256, 12, 64, None, False, False),     # unmasked time axis
     ("time", 2, 16, 90, 12, 64, 256, True, False),        # masked time axis, padded
     ("time", 2, 8, 128, 16, 88, 256, False, True),
+    ("time", 2, 16, 90, 16, 88, 256, False, False),       # giant, masked: the 8-warp tiles of head dim 128
 ]
 GPU_DTYPES = [(c, torch.bfloat16) for c in GPU_CASES] + [(GPU_CASES[i], dt) for i in (1, 4)
                                                          for dt in (torch.float16, torch.float32)]
@@ -320,7 +321,7 @@ GPU_DTYPES = [(c, torch.bfloat16) for c in GPU_CASES] + [(GPU_CASES[i], dt) for 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case,dtype", GPU_DTYPES,
-                         ids=[f"{c[0]}-T{c[2]}K{c[3]}{'pos' if c[6] else ''}-{str(d)[6:]}" for c, d in GPU_DTYPES])
+                         ids=[f"{c[0]}-T{c[2]}K{c[3]}Dh{c[5]}{'pos' if c[6] else ''}-{str(d)[6:]}" for c, d in GPU_DTYPES])
 def test_gpu_triton_matches_reference(case, dtype):
     axis, B, T, K, H, Dh, N, padded, causal = case
     gen = torch.Generator().manual_seed(7)

@@ -120,6 +120,20 @@ def _time_rows(pos, p_b, p_t, p_k, B, T, K,
 
 
 @triton.jit
+def _token_ptrs(base, b, frames, slot, offs_d, s_b, s_t, s_k, s_d):
+    """Pointers [BLOCK_S, BLOCK_T, BLOCK_D] to the rows (b, frame, slot) of a [B, T, K, ..., Dh]
+    tensor with the given strides (head and q/k/v offsets are added by the caller)."""
+    return base + (b * s_b + frames * s_t + slot * s_k)[:, :, None] + offs_d[None, None, :] * s_d
+
+
+@triton.jit
+def _load_qkv(ptr, s_3, msk):
+    """q, k, v of one head at `ptr` (the q rows; k and v are s_3 and 2 * s_3 further)."""
+    return (tl.load(ptr, mask=msk, other=0.0), tl.load(ptr + s_3, mask=msk, other=0.0),
+            tl.load(ptr + 2 * s_3, mask=msk, other=0.0))
+
+
+@triton.jit
 def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
                 SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -183,14 +197,11 @@ def _time_fwd_kernel(
     frames = tl.arange(0, BLOCK_T).to(tl.int64)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     msk = valid[:, :, None] & (offs_d < Dh)[None, None, :]
-    src = qkv + (b * s_b + frames * s_t + slot * s_k)[:, :, None] + offs_d[None, None, :] * s_d
-    dst = o + (b * o_b + frames * o_t + slot * o_k)[:, :, None] + offs_d[None, None, :]
+    src = _token_ptrs(qkv, b, frames, slot, offs_d, s_b, s_t, s_k, s_d)
+    dst = _token_ptrs(o, b, frames, slot, offs_d, o_b, o_t, o_k, 1)
     for hh in range(HEADS):
         h = tl.program_id(1) * HEADS + hh
-        ptr = src + h * s_h
-        q = tl.load(ptr, mask=msk, other=0.0)
-        k = tl.load(ptr + s_3, mask=msk, other=0.0)
-        v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
+        q, k, v = _load_qkv(src + h * s_h, s_3, msk)
         p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
                                   SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
         out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -225,16 +236,13 @@ def _time_bwd_kernel(
     frames = tl.arange(0, BLOCK_T).to(tl.int64)[None, :]
     offs_d = tl.arange(0, BLOCK_D)
     msk = valid[:, :, None] & (offs_d < Dh)[None, None, :]
-    src = qkv + (b * s_b + frames * s_t + slot * s_k)[:, :, None] + offs_d[None, None, :] * s_d
-    dsrc = do + (b * do_b + frames * do_t + slot * do_k)[:, :, None] + offs_d[None, None, :] * do_d
-    dst = dqkv + (b * g_b + frames * g_t + slot * g_k)[:, :, None] + offs_d[None, None, :]
+    src = _token_ptrs(qkv, b, frames, slot, offs_d, s_b, s_t, s_k, s_d)
+    dsrc = _token_ptrs(do, b, frames, slot, offs_d, do_b, do_t, do_k, do_d)
+    dst = _token_ptrs(dqkv, b, frames, slot, offs_d, g_b, g_t, g_k, 1)
     ty = dqkv.dtype.element_ty
     for hh in range(HEADS):
         h = tl.program_id(1) * HEADS + hh
-        ptr = src + h * s_h
-        q = tl.load(ptr, mask=msk, other=0.0)
-        k = tl.load(ptr + s_3, mask=msk, other=0.0)
-        v = tl.load(ptr + 2 * s_3, mask=msk, other=0.0)
+        q, k, v = _load_qkv(src + h * s_h, s_3, msk)
         dout = tl.load(dsrc + h * do_h, mask=msk, other=0.0)
         p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
                                   SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)

@@ -18,6 +18,7 @@ import os
 import torch
 
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
+from videoprism.train.config import check_choice
 
 
 class RandomClips:
@@ -187,11 +188,10 @@ def tokenizer_for(cfg) -> Tokenizer | None:
 
 def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: int, vocab: int):
     dc, seed = cfg.data, cfg.train.seed
+    check_choice("data", dc, "source")
     if dc.source == "random":
         return RandomClips(micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, frames=cfg.model.num_frames,
                            resolution=cfg.model.resolution, vocab=vocab, seed=seed)
-    if dc.source != "manifest":
-        raise ValueError(f"data.source must be 'manifest' or 'random', got {dc.source!r}")
     datasets = parse_datasets(dc.train, cfg.model.num_frames)
     if dc.cache:
         if len(datasets) > 1:

@@ -21,8 +21,12 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
   FLOPs bwd  = 2 x fwd (dV, dP, dQ, dK), so fwd+bwd = 3 x fwd (recomputation not counted).
   bytes fwd  = 4 * E * H * Dh * elt   (read q, k, v; write o: the least any kernel can move)
   bytes bwd  = 8 * E * H * Dh * elt   (read q, k, v, o, do; write dq, dk, dv)
-  floor      = max(FLOPs / matmul peak, bytes / copy peak), both measured in this run;
-               pct_floor = floor / time (100% = at the roofline).
+  specials   = (1 + cap) * sum of S_q * S_k * H  exp2 (+ tanh with the cap) per fwd; 2 x in
+               fwd+bwd (the backward recomputes them once; ours, in two kernels, twice)
+  floor      = max(FLOPs / matmul peak, bytes / copy peak, specials / exp2 peak), all measured
+               in this run (bench/exp2_peak.py; on the CPU the last term is left out);
+               pct_floor = floor / time (100% = at the roofline). At head dim 64 the capped
+               kernels' floor is the exp2/tanh term, twice the matmul term.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import time
 import torch
 
 from bench.common import Report, arg_parser, measure_peaks, timeit
+from bench.exp2_peak import exp2_peak_gops
 from videoprism.ops.attention import factorized_attention
 
 MODELS = {"base": (12, 64), "large": (16, 64), "giant": (16, 88)}
@@ -108,7 +113,7 @@ def main(argv=None) -> None:
     batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch, 16, (16, 8), (128, 90))
     backends = [b for b in args.backends.split(",") if b in ("reference", "sdpa", "flex", "triton") or _available(b)]
     t_start = time.perf_counter()
-    peaks = measure_peaks(device)
+    peaks = {**measure_peaks(device), "exp2_gops": exp2_peak_gops(device)}
     elt = torch.finfo(dtype).bits // 8
     report = Report("factorized attention", str(device), meta={
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends,
@@ -153,7 +158,9 @@ def main(argv=None) -> None:
                     flops = flops_fwd * (3 if bwd else 1)
                     nbytes = bytes_fwd * (3 if bwd else 1)
                     s = t.median_ms * 1e-3
-                    floor = max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_gbps"] * 1e9))
+                    specials = (1 + (cap > 0)) * H * sq_sk * (2 if bwd else 1)
+                    floor = max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_gbps"] * 1e9),
+                                specials / (peaks["exp2_gops"] * 1e9) if peaks["exp2_gops"] else 0.0)
                     report.add(t, **row, tflops=round(flops / s / 1e12, 3), gbps=round(nbytes / s / 1e9, 1),
                                pct_flops_peak=round(100 * flops / s / 1e12 / peaks["matmul_tflops"], 1),
                                pct_bw_peak=round(100 * nbytes / s / 1e9 / peaks["copy_gbps"], 1),

@@ -22,19 +22,81 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MASK = tl.constexpr(MASK_VALUE)
 
 
+# Logits are kept in log2 units (s2 = log2(e) * s) so that every exponential is one exp2: the
+# constants fold into the scale the host passes (logit_consts), and exp(s - m) = exp2(s2 - m2).
+LOG2E = 1.4426950408889634
+# Only a compiled kernel can use PTX (the interpreter has no inline asm): the interpreter runs
+# the same math through Triton's portable functions.
+_GPU = tl.constexpr(not INTERPRET)
+
+
 @triton.jit
-def _tanh(x):
-    """fp32 tanh accurate to ~2 ulp over the whole range (libdevice is not available in the
-    interpreter, and 1 - 2/(exp(2x)+1) loses all relative precision near 0, which the cap's
-    c * tanh(s / c) would turn into an absolute logit error of c * eps).
-    |x| < 0.625: odd minimax polynomial (Cephes tanhf); else (1 - e) / (1 + e), e = exp(-2|x|)."""
-    ax = tl.abs(x)
-    z = x * x
-    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
-              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * ax + ax
-    e = tl.exp(-2.0 * ax)
-    r = tl.where(ax < 0.625, small, (1.0 - e) / (1.0 + e))
-    return tl.where(x < 0, -r, r)
+def _exp2(x):
+    """2^x in fp32. On a GPU one MUFU.EX2 (ex2.approx.ftz, ~2 ulp): tl.exp2 lowers to the
+    non-ftz form, which ptxas wraps in a range test and two multiplies per element; a result
+    below 2^-126 flushes to 0, which no softmax weight needs."""
+    if _GPU:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _rcp(x):
+    """1 / x in fp32 for x in [1, 2] (no range handling needed): one MUFU.RCP on a GPU (~1 ulp);
+    a plain `/` lowers to div.full, a range test and four more instructions per element."""
+    if _GPU:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    """tanh in fp32 for the logit cap c * tanh(s / c).
+
+    FAST (bf16 inputs on a GPU): the hardware tanh.approx.f32, one MUFU op, relative error
+    ~2^-11: below the 2^-8 rounding of the bf16 operands and of p before p @ v, so it does
+    not show in a bf16 result, and it takes the cap's cost from ~30 instructions an element
+    (the loop was issue-bound, not tensor-bound) to one.
+    Otherwise (fp32, fp16, the interpreter) accurate to a few ulp over the whole range:
+    |x| < 0.625: odd minimax polynomial (Cephes tanhf); else (1 - e) / (1 + e), e = exp(-2|x|).
+    1 - 2/(exp(2x)+1) alone would lose all relative precision near 0, which the cap would
+    turn into an absolute logit error of c * eps."""
+    if FAST and _GPU:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        ax = tl.abs(x)
+        z = x * x
+        small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+                  + 1.33314422036e-1) * z - 3.33332819422e-1) * z * ax + ax
+        e = _exp2(ax * -2.8853900817779268)                  # exp(-2|x|); -2 log2(e)
+        r = tl.where(ax < 0.625, small, (1.0 - e) * _rcp(1.0 + e))
+        return tl.where(x < 0, -r, r)
+
+
+def logit_consts(scale: float, softcap: float) -> tuple[float, float]:
+    """(qk_scale, cap2) for the kernels' log2-unit logits:
+    no cap: s2 = dot * qk_scale, qk_scale = scale * log2(e);
+    cap c:  s2 = cap2 * tanh(dot * qk_scale), qk_scale = scale / c, cap2 = c * log2(e).
+    One multiply an element either way, no division."""
+    if softcap > 0:
+        return scale / softcap, softcap * LOG2E
+    return scale * LOG2E, 0.0
+
+
+def fast_tanh(dtype: torch.dtype) -> bool:
+    """The hardware tanh for bf16 only: fp16 rounds at 2^-11, the size of its error."""
+    return dtype == torch.bfloat16
+
+
+def even_k(K: int) -> bool:
+    """K is a multiple of 64, hence of every key tile (BLOCK_N <= 64 in all candidates): the
+    kernels then skip the out-of-range column masks."""
+    return K % 64 == 0
 
 
 def block_d(head_dim: int) -> int:
@@ -60,6 +122,7 @@ def _configs(fwd: bool):
     """Candidates for the search: (BLOCK_M, BLOCK_N, warps, stages)."""
     shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)] if fwd else \
         [(64, 64, 4, 2), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 1)]
+    assert all(64 % n == 0 for _, n, _, _ in shapes), "even_k() promises every key tile divides 64"
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -93,18 +156,21 @@ def _prune(fwd: bool):
 
 
 @triton.jit
-def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
-                  SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """Logits of one [BLOCK_M, BLOCK_N] tile: scaled, capped, masked.
-    Returns (s, th, keep): th = tanh(s_raw / c) for the cap's derivative, keep = the entries
+def _space_scores(q, k, rows, cols, kp_ptrs, K, qk_scale, cap2,
+                  SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr,
+                  CAUSAL: tl.constexpr, COL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Logits of one [BLOCK_M, BLOCK_N] tile in log2 units (logit_consts): scaled, capped, masked.
+    Returns (s2, th, keep): th = tanh(s_raw / c) for the cap's derivative, keep = the entries
     that carry a gradient. Padded / future keys get the finite MASK_VALUE (a fully masked row
-    is uniform, as in the official model); keys past the end get -inf (no key at all)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-    th = s
+    is uniform, as in the official model); keys past the end get -inf (no key at all) where
+    COL_MASK (K not a multiple of the tile, and the kernel sums over these keys)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if SOFTCAP:
-        th = _tanh(s / softcap)
-        s = softcap * th
+        th = _tanh(s * qk_scale, FAST_TANH)
+        s = th * cap2
+    else:
+        th = s
+        s = s * qk_scale
     in_range = cols < K
     keep = in_range[None, :] & (rows >= 0)[:, None]
     if HAS_KP:
@@ -112,8 +178,10 @@ def _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
         keep = keep & ~pad[None, :]
     if CAUSAL:
         keep = keep & (cols[None, :] <= rows[:, None])
-    s = tl.where(keep, s, _MASK)
-    s = tl.where(in_range[None, :], s, float("-inf"))
+    if HAS_KP or CAUSAL:
+        s = tl.where(keep, s, _MASK)
+    if COL_MASK:
+        s = tl.where(in_range[None, :], s, float("-inf"))
     return s, th, keep
 
 
@@ -145,21 +213,28 @@ def _space_fwd_kernel(
     s_b, s_t, s_k, s_3, s_h, s_d,
     o_b, o_t, o_k, o_h,
     kp_b, kp_t, kp_k,
-    T, H, K, Dh, scale, softcap,
-    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    T, H, K, Dh, qk_scale, cap2,
+    SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Space-axis forward: one program per (BLOCK_M queries, frame (b, t), head h), flat grid.
 
-    Math, per frame and head, with online softmax over key tiles (fp32 accumulation):
+    Math, per frame and head, with online softmax over key tiles (fp32 accumulation), in
+    log2 units (s2 = log2(e) * s, constants folded by logit_consts):
         s = scale * q @ k^T ; s = c * tanh(s / c) ; s = where(kept, s, MASK_VALUE)
-        m = rowmax(s) ; l = rowsum(exp(s - m)) ; o = exp(s - m) @ v / l
+        m2 = rowmax(s2) ; l = rowsum(2^(s2 - m2)) ; o = 2^(s2 - m2) @ v / l
     Layout: q, k, v read through the strides of qkv [B, T, K, 3, H, Dh] (no copies);
-    o [B, T, K, H, Dh]; m and log(l) stored fp32 [B, T, H, K] for the backward (kept apart,
-    not as one logsumexp, because MASK_VALUE + log(l) rounds back to MASK_VALUE in fp32 and
+    o [B, T, K, H, Dh]; m2 and log2(l) stored fp32 [B, T, H, K] for the backward (kept apart,
+    not as one logsumexp, because MASK_VALUE + log2(l) rounds back to MASK_VALUE in fp32 and
     would lose the uniform 1/l of a fully masked row).
-    FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 tanh. Bytes: 4 * B*T*K*H*Dh elements
-    (q, k, v read once per query tile, o written) + K/BLOCK_M re-reads of k, v (from L2).
+    FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 exp2 (+ K^2 tanh with the cap). Bytes:
+    4 * B*T*K*H*Dh elements (q, k, v read once per query tile, o written) + K/BLOCK_M
+    re-reads of k, v (from L2).
+    Per score element the loop issues the two MMAs' share, one MUFU.EX2 (+ one MUFU.TANH for
+    bf16 with the cap) and ~10 other instructions; at head dim 64 the MUFU unit (16/clk/SM)
+    is as fast as the tensor cores' 256 FLOPs an element, so the exponentials, not the MMAs,
+    set the floor of a capped kernel (2x the matmul time).
     """
     pid_m, pid_bth, b, t, h = _program_tile(K, T, H, BLOCK_M)
     base = qkv + b * s_b + t * s_t + h * s_h
@@ -178,28 +253,28 @@ def _space_fwd_kernel(
     for start_n in range(0, K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d)
-        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
-                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, qk_scale, cap2,
+                                    SOFTCAP, FAST_TANH, HAS_KP, CAUSAL, not EVEN_K, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = _exp2(m_i - m_new)
+        p = _exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc * (1.0 / l_i)[:, None]
     row_ok = rows < K
     o_ptrs = o + b * o_b + t * o_t + h * o_h + rows[:, None] * o_k + offs_d[None, :]
     tl.store(o_ptrs, out.to(o.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(m_out + pid_bth.to(tl.int64) * K + rows, m_i, mask=row_ok)
-    tl.store(l_out + pid_bth.to(tl.int64) * K + rows, tl.log(l_i), mask=row_ok)
+    tl.store(l_out + pid_bth.to(tl.int64) * K + rows, tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
-def _space_probs(s, m, logl, rows, K):
-    """Recomputed softmax from the saved row max and log-sum (s - m first: exact for the
-    MASK_VALUE entries of a fully masked row)."""
-    p = tl.exp((s - m[:, None]) - logl[:, None])
-    return tl.where((rows < K)[:, None], p, 0.0)
+def _space_probs(s, m, logl):
+    """Recomputed softmax from the saved row max and log-sum, log2 units (s - m first: exact
+    for the MASK_VALUE entries of a fully masked row). Query rows past K need no mask: their
+    q and do are zero, so they add nothing to dk or dv and their dq is not stored."""
+    return _exp2((s - m[:, None]) - logl[:, None])
 
 
 @triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
@@ -212,14 +287,15 @@ def _space_bwd_dq_kernel(
     do_b, do_t, do_k, do_h, do_d,
     g_b, g_t, g_k, g_3, g_h,
     kp_b, kp_t, kp_k,
-    T, H, K, Dh, scale, softcap,
-    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    T, H, K, Dh, scale, qk_scale, cap2,
+    SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Space-axis backward, part 1 of 2: delta and dq for BLOCK_M query rows.
 
         delta = rowsum(do * o)           (stored fp32 [B, T, H, K] for part 2)
-        p = exp(s - m - log l) ; dp = do @ v^T ; ds = p * (dp - delta)
+        p = 2^(s2 - m2 - log2 l) ; dp = do @ v^T ; ds = p * (dp - delta)
         ds *= 1 - tanh^2(s_raw / c)      (the cap's derivative) ; ds = 0 where masked
         dq = scale * ds @ k              -> dqkv[:, :, :, 0]
     FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq). Bytes: q, o, do, dq once + k, v per query tile.
@@ -245,14 +321,15 @@ def _space_bwd_dq_kernel(
     for start_n in range(0, K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k, v = _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d)
-        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, scale, softcap,
-                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
-        p = _space_probs(s, m, logl, rows, K)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_base + cols * kp_k, K, qk_scale, cap2,
+                                    SOFTCAP, FAST_TANH, HAS_KP, CAUSAL, not EVEN_K, DOT_PREC)
+        p = _space_probs(s, m, logl)
         dp = tl.dot(do_t_, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - dl[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        ds = tl.where(keep, ds, 0.0)
+        if HAS_KP or CAUSAL:
+            ds = tl.where(keep, ds, 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     g = dqkv + b64 * g_b + t64 * g_t + h * g_h + rows[:, None] * g_k + offs_d[None, :]
     tl.store(g, (dq * scale).to(dqkv.dtype.element_ty), mask=row_mask)
@@ -267,8 +344,9 @@ def _space_bwd_dkdv_kernel(
     do_b, do_t, do_k, do_h, do_d,
     g_b, g_t, g_k, g_3, g_h,
     kp_b, kp_t, kp_k,
-    T, H, K, Dh, scale, softcap,
-    SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr,
+    T, H, K, Dh, scale, qk_scale, cap2,
+    SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Space-axis backward, part 2 of 2: dk and dv for BLOCK_N keys (BLOCK_N here plays the
@@ -299,15 +377,16 @@ def _space_bwd_dkdv_kernel(
         m = tl.load(m_in + stat, mask=rows < K, other=0.0)
         logl = tl.load(l_in + stat, mask=rows < K, other=0.0)
         dl = tl.load(delta + stat, mask=rows < K, other=0.0)
-        s, th, keep = _space_scores(q, k, rows, cols, kp_ptrs, K, scale, softcap,
-                                    SOFTCAP, HAS_KP, CAUSAL, DOT_PREC)
-        p = _space_probs(s, m, logl, rows, K)
+        s, th, keep = _space_scores(q, k, rows, cols, kp_ptrs, K, qk_scale, cap2,
+                                    SOFTCAP, FAST_TANH, HAS_KP, CAUSAL, not EVEN_K, DOT_PREC)
+        p = _space_probs(s, m, logl)
         dv += tl.dot(tl.trans(p.to(do_t_.dtype)), do_t_, input_precision=DOT_PREC)
         dp = tl.dot(do_t_, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - dl[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        ds = tl.where(keep, ds, 0.0)
+        if HAS_KP or CAUSAL:
+            ds = tl.where(keep, ds, 0.0)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     g = dqkv + b64 * g_b + t64 * g_t + h * g_h + cols[:, None] * g_k + offs_d[None, :]
     tl.store(g + g_3, (dk * scale).to(dqkv.dtype.element_ty), mask=col_mask)
@@ -323,9 +402,16 @@ def _kp_args(key_padding: torch.Tensor | None, qkv: torch.Tensor):
     return kp, tuple(kp.stride()), True
 
 
+def _flags(qkv: torch.Tensor, K: int, Dh: int, softcap: float, has_kp: bool, causal: bool) -> dict:
+    """The space kernels' compile-time flags."""
+    return dict(SOFTCAP=softcap > 0, FAST_TANH=fast_tanh(qkv.dtype), HAS_KP=has_kp, CAUSAL=causal,
+                EVEN_K=even_k(K), DOT_PREC=dot_precision(qkv.dtype), BLOCK_D=block_d(Dh))
+
+
 def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, softcap: float, scale: float,
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the space-axis forward. Returns (o [B, T, K, H, Dh], m, log l [B, T, H, K] fp32)."""
+    """Launch the space-axis forward. Returns (o [B, T, K, H, Dh], m2, log2 l [B, T, H, K] fp32:
+    the row max and log-sum of the softmax in log2 units, for the backward)."""
     B, T, K, _, H, Dh = qkv.shape
     o = qkv.new_empty(B, T, K, H, Dh)
     m = qkv.new_empty(B, T, H, K, dtype=torch.float32)
@@ -334,9 +420,7 @@ def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, sof
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)  # noqa: E731
     _space_fwd_kernel[grid](
         qkv, o, m, logl, kp, *qkv.stride(), *o.stride()[:4], *kps,
-        T, H, K, Dh, scale, softcap,
-        SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype),
-        BLOCK_D=block_d(Dh),
+        T, H, K, Dh, *logit_consts(scale, softcap), **_flags(qkv, K, Dh, softcap, has_kp, causal),
     )
     return o, m, logl
 
@@ -350,13 +434,12 @@ def attention_space_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, m:
     dqkv = qkv.new_empty(B, T, K, 3, H, Dh)
     delta = torch.empty_like(m)
     kp, kps, has_kp = _kp_args(key_padding, qkv)
-    common = dict(SOFTCAP=softcap > 0, HAS_KP=has_kp, CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype),
-                  BLOCK_D=block_d(Dh))
+    common = _flags(qkv, K, Dh, softcap, has_kp, causal)
     gs = dqkv.stride()[:5]
     _space_bwd_dq_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_M"]) * B * T * H,)](
         qkv, o, do, m, logl, delta, dqkv, kp, *qkv.stride(), *o.stride()[:4], *do.stride(), *gs, *kps,
-        T, H, K, Dh, scale, softcap, **common)
+        T, H, K, Dh, scale, *logit_consts(scale, softcap), **common)
     _space_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_N"]) * B * T * H,)](
         qkv, do, m, logl, delta, dqkv, kp, *qkv.stride(), *do.stride(), *gs, *kps,
-        T, H, K, Dh, scale, softcap, **common)
+        T, H, K, Dh, scale, *logit_consts(scale, softcap), **common)
     return dqkv

@@ -28,10 +28,13 @@ from videoprism.kernels.factorized_attention_space import (
     _MASK,
     INTERPRET,
     _kp_args,
+    _exp2,
     _tanh,
     autotune_bench,
     block_d,
     dot_precision,
+    fast_tanh,
+    logit_consts,
 )
 
 
@@ -134,17 +137,20 @@ def _load_qkv(ptr, s_3, msk):
 
 
 @triton.jit
-def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
-                SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
+def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, qk_scale, cap2,
+                SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr, CAUSAL: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr):
     """Softmax of the capped, masked logits of whole sequences: (p, th, keep) [S, T, T'].
+    Logits in log2 units (logit_consts in factorized_attention_space.py: one exp2 an element).
     Padded / future keys: MASK_VALUE (finite: a fully padded row is uniform over the frames
     where the location is visible); hidden frames and frames past T: -inf (no key)."""
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PREC) * scale
-    th = s
+    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PREC)
     if SOFTCAP:
-        th = _tanh(s / softcap)
-        s = softcap * th
+        th = _tanh(s * qk_scale, FAST_TANH)
+        s = th * cap2
+    else:
+        th = s
+        s = s * qk_scale
     keep = valid[:, None, :] & (tl.arange(0, BLOCK_T) >= 0)[None, :, None]   # -> [S, T, T']
     if HAS_KP:
         pad = tl.load(kp + b.to(tl.int64) * kp_b + tl.arange(0, BLOCK_T)[None, :].to(tl.int64) * kp_t
@@ -157,9 +163,9 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
     s = tl.where(valid[:, None, :], s, float("-inf"))
     m = tl.max(s, 2)
     m = tl.where(m == float("-inf"), 0.0, m)          # rows of empty lanes: avoid inf - inf
-    p = tl.exp(s - m[:, :, None])
+    p = _exp2(s - m[:, :, None])
     l = tl.sum(p, 2)
-    p = p / tl.where(l > 0, l, 1.0)[:, :, None]      # l = 0 only on empty lanes
+    p = p * (1.0 / tl.where(l > 0, l, 1.0))[:, :, None]      # l = 0 only on empty lanes
     return p, th, keep
 
 
@@ -175,15 +181,15 @@ def _time_fwd_kernel(
     o_b, o_t, o_k, o_h,
     p_b, p_t, p_k,
     kp_b, kp_t, kp_k,
-    B, T, K, H, Dh, scale, softcap,
-    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr,
+    B, T, K, H, Dh, scale, qk_scale, cap2,
+    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
     """Time-axis forward: one program per (BLOCK_S sequences, HEADS heads).
 
     Math, per sequence and head (T' = the frames, fp32 accumulation):
-        s = scale * q @ k^T [T, T'] ; s = c * tanh(s / c) ; masked as in _time_probs
+        s = scale * q @ k^T [T, T'] ; s = c * tanh(s / c) ; masked as in _time_probs (log2 units)
         o = softmax(s) @ v
     Layout: q, k, v gathered per frame through the strides of qkv [B, T, K, 3, H, Dh]
     (identity: slot k in every frame; masked: the searched slots); o [B, T, K, H, Dh].
@@ -202,8 +208,8 @@ def _time_fwd_kernel(
     for hh in range(HEADS):
         h = tl.program_id(1) * HEADS + hh
         q, k, v = _load_qkv(src + h * s_h, s_3, msk)
-        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
-                                  SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
+        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, qk_scale, cap2,
+                                  SOFTCAP, FAST_TANH, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
         out = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         tl.store(dst + h * o_h, out.to(o.dtype.element_ty), mask=msk)
 
@@ -218,8 +224,8 @@ def _time_bwd_kernel(
     g_b, g_t, g_k, g_3, g_h,
     p_b, p_t, p_k,
     kp_b, kp_t, kp_k,
-    B, T, K, H, Dh, scale, softcap,
-    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, HAS_KP: tl.constexpr,
+    B, T, K, H, Dh, scale, qk_scale, cap2,
+    HAS_POS: tl.constexpr, LOG2K: tl.constexpr, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr, HAS_KP: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr, HEADS: tl.constexpr,
 ):
@@ -244,8 +250,8 @@ def _time_bwd_kernel(
         h = tl.program_id(1) * HEADS + hh
         q, k, v = _load_qkv(src + h * s_h, s_3, msk)
         dout = tl.load(dsrc + h * do_h, mask=msk, other=0.0)
-        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, scale, softcap,
-                                  SOFTCAP, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
+        p, th, keep = _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, qk_scale, cap2,
+                                  SOFTCAP, FAST_TANH, HAS_KP, CAUSAL, DOT_PREC, BLOCK_T)
         p = tl.where(valid[:, :, None], p, 0.0)           # hidden frames are no queries
         dv = tl.dot(tl.permute(p.to(dout.dtype), (0, 2, 1)), dout, input_precision=DOT_PREC)
         dp = tl.dot(dout, tl.permute(v, (0, 2, 1)), input_precision=DOT_PREC)
@@ -272,8 +278,9 @@ def _launch(kernel, tensors, strides, qkv, pos, key_padding, softcap, scale, cau
         grid = lambda meta: (B * T * triton.cdiv(K, meta["BLOCK_S"]), H // meta["HEADS"])  # noqa: E731
     kernel[grid](
         *tensors[:-1], pos_t, kp, *strides, *ps, *kps,
-        B, T, K, H, Dh, scale, softcap,
-        HAS_POS=pos is not None, LOG2K=max(1, K.bit_length()), SOFTCAP=softcap > 0, HAS_KP=has_kp,
+        B, T, K, H, Dh, scale, *logit_consts(scale, softcap),
+        HAS_POS=pos is not None, LOG2K=max(1, K.bit_length()), SOFTCAP=softcap > 0,
+        FAST_TANH=fast_tanh(qkv.dtype), HAS_KP=has_kp,
         CAUSAL=causal, DOT_PREC=dot_precision(qkv.dtype), BLOCK_T=max(16, triton.next_power_of_2(T)),
         BLOCK_D=block_d(Dh))
     return tensors[-1]

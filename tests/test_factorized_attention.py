@@ -83,6 +83,9 @@ SPACE = [  # B, T, K, H, Dh, softcap, padded, causal, noncontig
     (1, 2, 90, 2, 64, 50.0, True, False, True),
     (1, 1, 197, 1, 88, 50.0, False, False, False),
     (1, 1, 257, 1, 64, 0.0, True, True, False),
+    # K a multiple of 64: the kernels drop the out-of-range masks (even_k)
+    (1, 1, 128, 2, 64, 50.0, False, False, True),
+    (2, 1, 64, 1, 64, 0.0, True, True, False),
 ]
 TIME = [  # B, T, K, H, Dh, N (None = identity pos), softcap, padded, causal, noncontig
     (1, 1, 3, 12, 64, None, 50.0, True, False, False),

@@ -15,7 +15,12 @@ on a lent GPU, where every minute is scarce. This tool closes that gap in two pr
    its candidates as on a GPU (`--coverage all`: every tile the search would try), and
    the whole pipeline runs down to a cubin with ptxas. Each kernel's registers, spilled
    bytes (cuobjdump on the cubin) and shared memory are printed (`--json` keeps them): a
-   proxy for register pressure and occupancy that needs no GPU.
+   proxy for register pressure and occupancy that needs no GPU. So is the SASS of the
+   kernel's main loop (its longest backward branch): instructions a thread issues per
+   iteration, of which MUFU (exp2, tanh, rcp: 16 a clock per SM) and tensor-core MMAs. An
+   attention loop whose MUFU or issue count outweighs its MMAs is bound by them, not by
+   the tensor cores; comparing these counts before and after a change is how kernel
+   arithmetic was tuned without a GPU.
 
     python -m tools.triton_compile_check                            # installed Triton, sm_90
     python -m tools.triton_compile_check --arch 80 --arch 90 --coverage all
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -63,7 +69,7 @@ def _workloads(coverage: str):
     stage-1 and stage-2 token counts, the logit cap, the text tower's padded causal attention,
     the masked time axis, each token op and BEVT's block rounds, in bf16 and fp32; "all" adds fp16 (and the
     compile step then tries every tile candidate); "smoke" (the CI test) compiles each kernel
-    once, in bf16 with its richest flags."""
+    once, in bf16 with its richest flags, and the space kernels once more in fp16."""
     import torch
 
     from videoprism import ops
@@ -98,6 +104,9 @@ def _workloads(coverage: str):
         vis, perm = torch.randn(2, 90, D, dtype=dt, requires_grad=True), torch.argsort(torch.rand(2, 256, generator=g))
         emb, pe = torch.randn(D, dtype=dt, requires_grad=True), torch.randn(256, D, dtype=dt, requires_grad=True)
         yield lambda vis=vis, perm=perm, emb=emb, pe=pe: ops.shuffle_with_mask_tokens(vis, perm, emb, pe, backend="triton")
+    if smoke:   # once more in fp16: the accurate tanh (bf16 takes the hardware one) and K = 90's column masks
+        qkv = torch.randn(2, 2, 90, 3, 2, 64, dtype=torch.float16, requires_grad=True)
+        yield lambda: ops.factorized_attention(qkv, axis="space", backend="triton", softcap=50.0)
     from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
     from videoprism.masking import propose_blocks
     blocks = propose_blocks(2, 16, (16, 16), 166, g, "cpu")
@@ -175,9 +184,31 @@ def _describe(rec: dict, kwargs: dict) -> str:
     return f"{rec['name']} {'/'.join(dts)} {consts}"
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_profile(sass: str) -> dict:
+    """Instruction mix of the main loop (the longest backward branch) of one kernel's SASS:
+    {"loop_instructions", "loop_mufu", "loop_mma"} per thread per iteration; zeros when the
+    kernel has no loop (fully unrolled)."""
+    ins = [(int(pc, 16), op, rest) for pc, op, rest in _SASS_LINE.findall(sass)]
+    loops = []
+    for pc, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest)
+        if op.startswith("BRA") and target and int(target.group(1), 16) < pc:
+            loops.append((int(target.group(1), 16), pc))
+    if not loops:
+        return {"loop_instructions": 0, "loop_mufu": 0, "loop_mma": 0}
+    lo, hi = max(loops, key=lambda r: r[1] - r[0])
+    body = [op for pc, op, _ in ins if lo <= pc <= hi]
+    return {"loop_instructions": len(body), "loop_mufu": sum(op.startswith("MUFU") for op in body),
+            "loop_mma": sum(op.split(".")[0] in ("HMMA", "HGMMA", "IMMA", "IGMMA") for op in body)}
+
+
 def _compiled(kernel) -> dict:
     """Tiles, launch options and resources of one compiled kernel: registers and local-memory
-    bytes per thread (spills; from the cubin with the cuobjdump Triton ships) and shared memory."""
+    bytes per thread (spills; from the cubin with the cuobjdump Triton ships), shared memory
+    and the main loop's instruction mix (loop_profile)."""
     import triton
 
     names = kernel.src.fn.arg_names
@@ -191,15 +222,19 @@ def _compiled(kernel) -> dict:
             fh.write(kernel.asm["cubin"])
             fh.flush()
             usage = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([tool, "-sass", fh.name], capture_output=True, text=True).stdout
         fields = dict(item.split(":", 1) for line in usage.splitlines() if "REG:" in line for item in line.split())
         info["registers"] = int(fields["REG"])
         info["spill_bytes"] = int(fields["LOCAL"]) + int(fields["STACK"])
+        info.update(loop_profile(sass))
     return info
 
 
 def _resources(info: dict) -> str:
     regs = f"{info['registers']:3d} regs, {info['spill_bytes']} B spilled, " if "registers" in info else ""
-    return f"{info['tiles']} w{info['warps']}s{info['stages']}: {regs}{info['shared_bytes']} B smem"
+    loop = (f"; loop {info['loop_instructions']} instr, {info['loop_mufu']} MUFU, {info['loop_mma']} MMA"
+            if info.get("loop_instructions") else "")
+    return f"{info['tiles']} w{info['warps']}s{info['stages']}: {regs}{info['shared_bytes']} B smem{loop}"
 
 
 def compile_all(path: str, arches: list[int], report: str | None = None) -> int:

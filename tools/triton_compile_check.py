@@ -237,7 +237,11 @@ def _resources(info: dict) -> str:
     return f"{info['tiles']} w{info['warps']}s{info['stages']}: {regs}{info['shared_bytes']} B smem{loop}"
 
 
-def compile_all(path: str, arches: list[int], report: str | None = None) -> int:
+def compile_all(path: str, arch: int, report: str | None = None) -> int:
+    """Compile every recorded launch for one target. One target per process: a JITFunction
+    keeps its compiled kernels per device with the target it saw first, so a second target in
+    the same process would be handed the first one's binaries (that is how an earlier version
+    reported sm_80 code as sm_90)."""
     import importlib
 
     import triton
@@ -248,36 +252,34 @@ def compile_all(path: str, arches: list[int], report: str | None = None) -> int:
         launches = json.load(f)
     failures, rows = 0, []
     t_start = time.perf_counter()
-    for arch in arches:
-        driver.set_active(_TargetDriver(arch))
-        for rec in launches:
-            args = [_decode(a) for a in rec["args"]]
-            kwargs = {k: _decode(v) for k, v in rec["kwargs"].items()}
-            t0 = time.perf_counter()
-            try:
-                kernel = getattr(importlib.import_module(rec["module"]), rec["name"])
-                if isinstance(kernel, Autotuner):   # the search picks these: replay its candidates instead
-                    tuned = set().union(*(c.all_kwargs() for c in kernel.configs))
-                    kwargs = {k: v for k, v in kwargs.items() if k not in tuned}
-                out = kernel.warmup(*args, grid=(1,), **kwargs)
-                infos = [_compiled(k) for k in (out if isinstance(out, list) else [out])]
-            except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-                failures += 1
-                last = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-                print(f"FAIL  sm_{arch} {_describe(rec, kwargs)}\n      {type(e).__name__}: {last[-1][:400]}", flush=True)
-                continue
-            print(f"ok    sm_{arch} {time.perf_counter() - t0:5.1f}s  {_describe(rec, kwargs)}", flush=True)
-            for info in infos:
-                print(f"        {_resources(info)}", flush=True)
-                rows.append({"arch": arch, "kernel": rec["name"], "launch": _describe(rec, kwargs), **info})
+    driver.set_active(_TargetDriver(arch))
+    for rec in launches:
+        args = [_decode(a) for a in rec["args"]]
+        kwargs = {k: _decode(v) for k, v in rec["kwargs"].items()}
+        t0 = time.perf_counter()
+        try:
+            kernel = getattr(importlib.import_module(rec["module"]), rec["name"])
+            if isinstance(kernel, Autotuner):   # the search picks these: replay its candidates instead
+                tuned = set().union(*(c.all_kwargs() for c in kernel.configs))
+                kwargs = {k: v for k, v in kwargs.items() if k not in tuned}
+            out = kernel.warmup(*args, grid=(1,), **kwargs)
+            infos = [_compiled(k) for k in (out if isinstance(out, list) else [out])]
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            failures += 1
+            last = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            print(f"FAIL  sm_{arch} {_describe(rec, kwargs)}\n      {type(e).__name__}: {last[-1][:400]}", flush=True)
+            continue
+        print(f"ok    sm_{arch} {time.perf_counter() - t0:5.1f}s  {_describe(rec, kwargs)}", flush=True)
+        for info in infos:
+            print(f"        {_resources(info)}", flush=True)
+            rows.append({"arch": arch, "kernel": rec["name"], "launch": _describe(rec, kwargs), **info})
     spilling = sum(1 for r in rows if r.get("spill_bytes"))
-    print(f"triton {triton.__version__}: {len(rows)} kernels compiled for sm_{'/'.join(map(str, arches))} from "
+    print(f"triton {triton.__version__}: {len(rows)} kernels compiled for sm_{arch} from "
           f"{len(launches)} launches in {time.perf_counter() - t_start:.0f}s; {spilling} of them spill registers; "
           f"{failures} failed")
     if report:
         with open(report, "w") as fh:
             json.dump({"triton": triton.__version__, "failed": failures, "kernels": rows}, fh, indent=1)
-        print(f"wrote {report}")
     return 1 if failures else 0
 
 
@@ -307,7 +309,9 @@ def main(argv=None) -> int:
             import site
             site.addsitedir(args.site)
         sys.path.insert(0, ROOT)
-        return compile_all(args.launches, arches, args.json)
+        if len(arches) != 1:
+            p.error("--phase compile takes one --arch (compile_all says why)")
+        return compile_all(args.launches, arches[0], args.json)
 
     with tempfile.TemporaryDirectory() as tmp:
         launches = os.path.join(tmp, "launches.json")
@@ -315,14 +319,29 @@ def main(argv=None) -> int:
         me = [sys.executable, "-m", "tools.triton_compile_check", "--launches", launches]
         subprocess.run(me + ["--phase", "record", "--coverage", args.coverage], cwd=ROOT, check=True,
                        env={**base, "TRITON_INTERPRET": "1", "VIDEOPRISM_TRITON_AUTOTUNE": "0"})
-        cmd = [args.python, "-m", "tools.triton_compile_check", "--phase", "compile", "--launches", launches]
-        cmd += [x for a in arches for x in ("--arch", str(a))]
-        if args.json:
-            cmd += ["--json", os.path.abspath(args.json)]
-        if os.path.abspath(args.python) != os.path.abspath(sys.executable):   # venvs share one real binary
-            cmd += ["--site", sysconfig.get_paths()["purelib"]]
         env = {**base, "VIDEOPRISM_TRITON_AUTOTUNE": "1" if args.coverage == "all" else "0"}
-        return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        rc, reports = 0, []
+        for arch in arches:         # one process per target (compile_all says why)
+            cmd = [args.python, "-m", "tools.triton_compile_check", "--phase", "compile", "--launches", launches,
+                   "--arch", str(arch)]
+            if args.json:
+                reports.append(os.path.join(tmp, f"sm_{arch}.json"))
+                cmd += ["--json", reports[-1]]
+            if os.path.abspath(args.python) != os.path.abspath(sys.executable):   # venvs share one real binary
+                cmd += ["--site", sysconfig.get_paths()["purelib"]]
+            rc |= subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        if args.json:
+            parts = []
+            for r in reports:
+                if os.path.exists(r):
+                    with open(r) as fh:
+                        parts.append(json.load(fh))
+            merged = {"triton": parts[0]["triton"] if parts else None, "failed": sum(d["failed"] for d in parts),
+                      "kernels": [k for d in parts for k in d["kernels"]]}
+            with open(args.json, "w") as fh:
+                json.dump(merged, fh, indent=1)
+            print(f"wrote {args.json}")
+        return rc
 
 
 if __name__ == "__main__":

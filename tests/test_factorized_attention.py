@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from videoprism.kernels.factorized_attention import factorized_attention_ref
+from videoprism.kernels.factorized_attention_space import _exp2, _rcp, _tanh
 from videoprism.ops.attention import INTERPRET, factorized_attention
 
 interp = pytest.mark.skipif(not INTERPRET, reason="the CPU tests run the kernels in Triton's interpreter "
@@ -118,6 +121,36 @@ def test_time_matches_reference(case, dtype):
     pos = None if N is None else random_pos(B, T, K, N, gen)
     kp = padding(B, T, K, "time", gen) if padded else None
     check(x, dtype, gen, axis="time", softcap=cap, pos=pos, key_padding=kp, causal=causal)
+
+
+@triton.jit
+def _math_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, _tanh(x, True), mask=ok)
+    tl.store(out_ptr + n + offs, _tanh(x, False), mask=ok)
+    tl.store(out_ptr + 2 * n + offs, _exp2(x), mask=ok)
+    tl.store(out_ptr + 3 * n + offs, _rcp(1.0 + tl.abs(x) / 25.0), mask=ok)
+
+
+@pytest.mark.parametrize("dev", [pytest.param("cpu", marks=interp), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_math_helpers_meet_their_documented_error(dev):
+    """The kernels' tanh, exp2 and reciprocal (PTX approximations on a GPU, Triton's portable
+    functions in the interpreter) against float64 torch: relative error of the hardware
+    tanh (bf16 only) <= 2^-10, of the accurate tanh <= 8 ulp, of exp2 and 1/x (on [1, 2])
+    <= 4 ulp, over logits from 1e-7 to 25 in size."""
+    mag = torch.cat([torch.logspace(-7, 0, 500, dtype=torch.float64), torch.linspace(0.5, 25, 1500, dtype=torch.float64)])
+    x = torch.cat([mag, -mag, torch.zeros(1, dtype=torch.float64)]).float()
+    out = torch.empty(4, x.numel(), device=dev)
+    _math_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(dev), out, x.numel(), BLOCK=1024)
+    xd = x.double()
+    refs = (torch.tanh(xd), torch.tanh(xd), torch.exp2(xd), 1.0 / (1.0 + xd.abs() / 25.0))
+    ulp = 2.0**-23
+    for name, got, ref, bound in zip(("tanh fast", "tanh", "exp2", "rcp"), out.double().cpu(), refs,
+                                     (2.0**-10, 8 * ulp, 4 * ulp, 4 * ulp)):
+        rel = ((got - ref).abs() / ref.abs().clamp_min(1e-30)).max().item()
+        assert rel <= bound, f"{name}: relative error {rel:.3g} > {bound:.3g}"
 
 
 @interp

@@ -3,9 +3,14 @@ plus the helpers the time-axis kernels share.
 
 The math and the reference are in factorized_attention.py. A space sequence is one frame
 (b, t): K tokens (1..4096), head dim up to 256 (padded to a power of two by masked loads).
-Forward: online softmax over key tiles, saving the row max m and log l. Backward: two
-kernels, dq (which also forms delta = rowsum(do * o)) then dk/dv, each program owning its
-rows, so no atomics and a deterministic result.
+Forward: online softmax over key tiles, saving the row max m and log l (log2 units).
+Backward: two kernels, dq (which also forms delta = rowsum(do * o)) then dk/dv, each program
+owning its rows, so no atomics and a deterministic result.
+
+Where the time goes (sm_90, head dim 64, per score element and SM sub-partition): the two
+MMAs take ~8 issue-cycle equivalents, each MUFU op (exp2, tanh) 8, every other instruction 1.
+So a softmax loop is bound by its exponentials and its instruction count as much as by its
+matmuls; the helpers below keep both minimal (tools/triton_compile_check.py counts them).
 """
 from __future__ import annotations
 

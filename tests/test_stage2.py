@@ -162,3 +162,41 @@ def test_both_stages_end_by_saying_where_their_metrics_are(tmp_path, capsys):
         lines = capsys.readouterr().out.splitlines()
         assert lines[-1] == f"metrics: {out / 'metrics.jsonl'}; non-finite steps skipped: 0", lines[-1]
         assert lines[-2] == f"config: {out / 'config.json'}" and (out / "config.json").is_file(), lines[-2]
+
+
+def test_train_compile_compiles_the_teacher_whole():
+    """With train.compile the task compiles its frozen teacher as well as the student: the
+    teacher's forward traces as one graph (no break) and gives the eager teacher's targets.
+    (The "eager" compile backend keeps this fast; the trainer uses Inductor by default.)"""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    task, _ = make_task("train.compile=true", "train.compile_backend=eager")
+    eager, _ = make_task("train.compile=false")
+    v = video()
+    tokens, pooled = task.teacher(v)
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    ref_tokens, ref_pooled = eager.teacher(v)
+    torch.testing.assert_close(tokens, ref_tokens)
+    torch.testing.assert_close(pooled, ref_pooled)
+    assert not tokens.requires_grad
+
+
+def test_compiled_student_step_has_no_graph_break():
+    """The student the trainer compiles (encoder on BEVT-visible tokens, shuffle op, both
+    decoders) traces as one graph and gives the eager losses; the backward follows."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    task, _ = make_task("train.compile=false")
+    inputs = task.prepare({"video": video()}, 0, 0)
+    compiled = torch.compile(task.module, backend="eager", fullgraph=True)
+    loss, _ = task.loss(compiled, inputs)
+    loss.backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] >= 1
+    eager_loss, _ = task.loss(task.module, inputs)
+    torch.testing.assert_close(loss, eager_loss)

@@ -113,7 +113,10 @@ class TrainConfig:
     micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).")
     seed: int = f(0, "Seed of initialisation, masks and data order.")
     mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).")
-    compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break).")
+    compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break); in stage 2 the frozen teacher too.")
+    compile_backend: str = f("inductor", "torch.compile backend: 'inductor' (fused kernels; the fast one), or "
+                             "'aot_eager' / 'eager' to tell a compile problem from an Inductor one.",
+                             choices=("inductor", "aot_eager", "eager"))
     activation_checkpointing: bool = f(False, "Recompute each transformer block in the backward to save memory.")
     mixed_precision: bool = f(True, "bf16 autocast on GPU (ignored on the CPU, which trains in fp32).")
     max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.")

@@ -71,9 +71,10 @@ def apply_activation_checkpointing(module: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
-def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: bool, mixed_precision: bool,
+def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | None, mixed_precision: bool,
                 act_ckpt: bool) -> nn.Module:
-    """Returns the module to call in the train step (the same object for 'none' and 'fsdp')."""
+    """Returns the module to call in the train step (the same object for 'none' and 'fsdp').
+    `compile`: the torch.compile backend ("inductor", ...), None for eager."""
     if mode == "auto":
         mode = "ddp" if dist_.world > 1 else "none"
     if mode not in ("none", "ddp", "fsdp"):
@@ -92,12 +93,12 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: bool, mix
         for block in blocks(module):
             if compile:
                 # Per-block compile: FSDP2's hooks live between blocks, not inside a graph.
-                block.compile(fullgraph=True)
+                block.compile(backend=compile, fullgraph=True)
             fully_shard(block, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
         return module
     if compile:
-        module.compile(fullgraph=True)
+        module.compile(backend=compile, fullgraph=True)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

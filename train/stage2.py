@@ -47,6 +47,10 @@ class Stage2Task:
                                   global_distill=s2.global_distill).to(dist_.device)
         if dist_.device.type == "cuda" and cfg.train.mixed_precision:
             teacher.to(torch.bfloat16)  # after the student's copy: the student keeps fp32 master weights
+        if cfg.train.compile:
+            # The frozen teacher sees all T*N tokens: 39% of a base step's FLOPs (bench/RESULTS.md).
+            # Eager, each of its LayerNorms, GELUs and residual adds is a pass over 4096 tokens a clip.
+            teacher.compile(backend=cfg.train.compile_backend, fullgraph=True)
 
     def _masks(self, b: int, T: int, H: int, W: int, seed: int):
         """BEVT mask and slot permutation of this rank's rows of the global micro-batch."""

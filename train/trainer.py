@@ -59,7 +59,8 @@ class Trainer:
                              f"(global_batch {tc.global_batch} / {dist_.world} ranks)")
         self.accum = per_rank // self.micro
         self.autocast = dist_.device.type == "cuda" and tc.mixed_precision
-        self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_, compile=tc.compile,
+        self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_,
+                                 compile=tc.compile_backend if tc.compile else None,
                                  mixed_precision=tc.mixed_precision, act_ckpt=tc.activation_checkpointing)
         self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim, dist_.device)
         self.step = 0

@@ -134,20 +134,21 @@ def _configs(fwd: bool):
 def _default_config(fwd: bool, bd: int, K: int) -> triton.Config:
     """One config by padded head dim (and K). Forward: 128-query tiles (the q tile stays in
     registers, k/v tiles stream); backward: smaller tiles, it holds four operand tiles at once.
-    At head dim 64 the forward takes 32-key tiles when a last 64-key tile would be at most
-    half full (stage 2's K = 90: 96 padded keys instead of 128). Its loop costs about the same
-    per score either way (sm_90, Triton 3.6, bf16 with the cap: 2.06 / 2.13 MUFU and 12.5 /
-    15.2 instructions a score for 64 / 32 keys; MUFU-bound at ~16.5 / 17 cycles), so the
-    padded scores it no longer computes are ~1.3x of its time at K = 90 (a static estimate;
-    the tile search measures it on the GPU)."""
+    At head dim 64 all three kernels take 32-key tiles when a last 64-key tile would be at most
+    half full (stage 2's K = 90: 96 padded keys instead of 128). A loop costs about the same per
+    score either way (sm_90, Triton 3.6, bf16 with the cap, per score for 64 / 32 keys: forward
+    12.5 / 15.2 instructions and 2.06 / 2.13 MUFU, MUFU-bound at ~16.5 / 17 cycles; dq 16.2 /
+    17.5 instructions, 2 MUFU; dk/dv 19.7 / 26.2 instructions, 2 MUFU), so at K = 90 the
+    scores no longer computed are worth ~1.3x (forward), ~1.2x (dq), ~1.0x (dk/dv): a static
+    estimate; the tile search measures it on the GPU."""
     if INTERPRET:
         m, n, w, s = 64, 64, 4, 1
     elif fwd:
         m, n, w, s = (128, 64, 4, 3) if bd <= 64 else (128, 64, 8, 3) if bd <= 128 else (64, 32, 4, 2)
-        if bd <= 64 and 0 < K % 64 <= 32:
-            n = 32
     else:
         m, n, w, s = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
+    if not INTERPRET and bd <= 64 and 0 < K % 64 <= 32:
+        n = 32
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 

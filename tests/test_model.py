@@ -170,6 +170,11 @@ def test_masked_encoding_matches_manual_visible_token_pipeline():
         want = m.temporal_ln(m.temporal_encoder(x)).reshape(B, T * K, -1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.shape == (B, T * K, 30)
+    # The tube given once for all frames ([B, 1, K], how stage 1 passes it): the same result,
+    # its time axis on plain columns instead of the masked time-axis path.
+    with torch.no_grad():
+        tube, _ = m(video, pos=pos[:, :1])
+    torch.testing.assert_close(tube, want, rtol=1e-5, atol=1e-5)
 
 
 def test_masked_encoding_rejects_bad_pos():

@@ -78,7 +78,10 @@ class Stage1Task:
                 "text_paddings": pads.to(dev, non_blocking=True)}
 
     def loss(self, module: nn.Module, inputs: dict):
-        v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"], pos=inputs["pos"])
+        # Tube masks: one visible set for all frames, passed as [B, 1, K] so the encoder's time
+        # axis runs on plain columns (FactorizedEncoder), not the masked time-axis search.
+        v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"],
+                                 pos=inputs["pos"][:, :1])
         return contrastive_loss(v, t, log_scale), {"temperature": torch.exp(-log_scale)}
 
     def flops(self, inputs: dict) -> float:

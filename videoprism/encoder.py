@@ -50,6 +50,8 @@ class FactorizedEncoder(nn.Module):
     forward(video [B, T, H, W, 3], frame_paddings [B, T] (1 = padded) or None,
     return_intermediate, *, pos [B, T, K] visible patch indices or None,
     crop_temporal_pos_emb=False)
+    (pos may also be [B, 1, K]: a tube mask, the same visible set in every frame; the temporal
+    stack then runs on plain columns, the same sequences without the masked time-axis search)
     -> (embeddings [B, T*K, D] frame-major, {"spatial_features": [B, T*K, D]} if asked).
 
     Clips of another length than the temporal position embedding interpolate it, as the
@@ -94,9 +96,11 @@ class FactorizedEncoder(nn.Module):
         if pos is None:
             x = self.patch_projection(patchify(video, P).to(self.patch_projection.weight.dtype))
         else:
-            if pos.dim() != 3 or tuple(pos.shape[:2]) != (B, T):
-                raise ValueError(f"pos must be [B, T, K] = [{B}, {T}, K] visible patch indices, got {tuple(pos.shape)}")
-            x = self.patch_projection(ops.patchify_gather(video, pos, P).to(self.patch_projection.weight.dtype))
+            if pos.dim() != 3 or pos.shape[0] != B or pos.shape[1] not in (1, T):
+                raise ValueError(f"pos must be [B, T, K] = [{B}, {T}, K] visible patch indices (or [{B}, 1, K], a "
+                                 f"tube mask), got {tuple(pos.shape)}")
+            x = self.patch_projection(ops.patchify_gather(video, pos.expand(B, T, -1), P)
+                                      .to(self.patch_projection.weight.dtype))
         K = x.shape[2]
 
         spatial = interpolate_spatial_pos_emb(self.spatial_pos_emb, cfg.pos_emb_shape[1:], grid)
@@ -119,7 +123,10 @@ class FactorizedEncoder(nn.Module):
         else:
             temporal = interpolate_temporal_pos_emb(self.temporal_pos_emb, T)
         x = x + temporal[None, :, None, :]
-        x = self.temporal_ln(self.temporal_encoder(x, pos=pos, padding=padding))
+        # A tube mask keeps slot k at one location in every frame: the time axis is then the
+        # column of each slot, as for an unmasked clip (pos=None), with no search for it.
+        time_pos = None if pos is None or pos.shape[1] == 1 else pos
+        x = self.temporal_ln(self.temporal_encoder(x, pos=time_pos, padding=padding))
 
         aux = {}
         if return_intermediate:

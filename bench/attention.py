@@ -13,7 +13,9 @@ Backends: eager math ("reference", fp32 softmax), "sdpa" (cap 0; the time axis g
 permuted views), "flex" (cap 50, compiled; on the masked time axis each call also builds its
 block mask over the T*K tokens of a clip), "flash" and xformers (if installed; cap 50 / 0,
 the time axis copied to sequence-major order), "triton" (cap 50). Modes: fwd, and fwd+bwd
-(the qkv gradient). The JSON is rewritten after every case.
+(the qkv gradient). The JSON is rewritten after every case. Triton rows on a GPU also record
+the tiles each kernel ran with ("tiles": the search's pick, or the fixed default with
+--no-autotune), from which the fixed defaults are set.
 
 Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is visible):
   FLOPs fwd  = 4 * H * Dh * sum over sequences of S_q * S_k  (QK^T and PV; softmax not counted)
@@ -161,10 +163,11 @@ def main(argv=None) -> None:
                     specials = (1 + (cap > 0)) * H * sq_sk * (2 if bwd else 1)
                     floor = max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_gbps"] * 1e9),
                                 specials / (peaks["exp2_gops"] * 1e9) if peaks["exp2_gops"] else 0.0)
+                    tiles = {"tiles": _chosen_tiles(axis, bwd)} if backend == "triton" and device.type == "cuda" else {}
                     report.add(t, **row, tflops=round(flops / s / 1e12, 3), gbps=round(nbytes / s / 1e9, 1),
                                pct_flops_peak=round(100 * flops / s / 1e12 / peaks["matmul_tflops"], 1),
                                pct_bw_peak=round(100 * nbytes / s / 1e9 / peaks["copy_gbps"], 1),
-                               floor_ms=round(floor * 1e3, 4), pct_floor=round(100 * floor / s, 1))
+                               floor_ms=round(floor * 1e3, 4), pct_floor=round(100 * floor / s, 1), **tiles)
             del qkv, do
             report.save(out)                   # after every case: a killed run keeps its rows
     if skipped:
@@ -173,6 +176,23 @@ def main(argv=None) -> None:
     _speedups(report)
     report.save(out)
     _chart(report, args.png or os.path.splitext(out)[0] + ".png")
+
+
+def _chosen_tiles(axis: str, bwd: bool) -> str:
+    """The tiles the Triton kernels of this row ran with (the search's pick, or the fixed
+    default with --no-autotune): what the fixed defaults, used where the search is off
+    (bench.train_step on the GPU machines), should be set from."""
+    from videoprism.kernels import factorized_attention_space as sp
+    from videoprism.kernels import factorized_attention_time as tm
+
+    kernels = {"space": [sp._space_fwd_kernel] + ([sp._space_bwd_dq_kernel, sp._space_bwd_dkdv_kernel] if bwd else []),
+               "time": [tm._time_fwd_kernel] + ([tm._time_bwd_kernel] if bwd else [])}[axis]
+    out = []
+    for k in kernels:
+        c = k.best_config               # the config of the kernel's latest launch (this row's)
+        tile = "x".join(str(v) for v in c.kwargs.values())
+        out.append(f"{k.base_fn.__name__.strip('_')} {tile} w{c.num_warps} s{c.num_stages}")
+    return "; ".join(out)
 
 
 def _speedups(report: Report) -> None:

@@ -405,3 +405,18 @@ def test_gpu_inductor_fullgraph_forward_backward():
     tc = tokens.clone().requires_grad_()
     torch.compile(step, fullgraph=True)(tc).backward()
     torch.testing.assert_close(tc.grad, te.grad, rtol=2e-2, atol=2e-2)
+
+
+@interp
+def test_bench_records_the_tiles_each_kernel_ran_with():
+    """bench.attention writes, per Triton row, the tiles the search picked for every kernel
+    of the row (what the fixed defaults are set from); here the interpreter's defaults."""
+    from bench.attention import _chosen_tiles
+
+    gen = torch.Generator().manual_seed(5)
+    x = make_qkv(1, 2, 8, 2, 16, gen).float().requires_grad_()
+    for axis in ("space", "time"):
+        factorized_attention(x, axis=axis, softcap=50.0, backend="triton").sum().backward()
+    assert _chosen_tiles("space", True) == ("space_fwd_kernel 64x64 w4 s1; space_bwd_dq_kernel 64x64 w4 s1; "
+                                            "space_bwd_dkdv_kernel 64x64 w4 s1")
+    assert _chosen_tiles("time", False) == "time_fwd_kernel 32x2 w4 s1"

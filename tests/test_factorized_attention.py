@@ -420,3 +420,30 @@ def test_bench_records_the_tiles_each_kernel_ran_with():
     assert _chosen_tiles("space", True) == ("space_fwd_kernel 64x64 w4 s1; space_bwd_dq_kernel 64x64 w4 s1; "
                                             "space_bwd_dkdv_kernel 64x64 w4 s1")
     assert _chosen_tiles("time", False) == "time_fwd_kernel 32x2 w4 s1"
+
+
+@interp
+@pytest.mark.parametrize("tiles", [(128, 32), (32, 32)], ids=["128x32", "32x32"])
+def test_space_kernels_at_other_tiles(tiles, monkeypatch):
+    """The interpreter runs one tile (64 x 64); the GPU runs others (128 x 32 is the default at
+    K = 90, 32 x 32 a search candidate): the kernels' partial query and key tiles at those
+    sizes, against the fp64 oracle (2x rule), forward and gradient."""
+    from videoprism.kernels import factorized_attention_space as sp
+
+    m, n = tiles
+    monkeypatch.setattr(sp, "_default_config", lambda fwd, bd, K: triton.Config(
+        {"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=1))
+    kernels = (sp._space_fwd_kernel, sp._space_bwd_dq_kernel, sp._space_bwd_dkdv_kernel)
+    for k in kernels:
+        k.cache.clear()             # the search remembers its pick per shape key
+    try:
+        gen = torch.Generator().manual_seed(90)
+        x = make_qkv(1, 1, 90, 1, 64, gen, noncontig=True)
+        check(x, torch.float32, gen, axis="space", softcap=50.0)
+        kp = padding(1, 1, 90, "space", gen)
+        check(x, torch.float32, gen, axis="space", softcap=50.0, key_padding=kp)
+        for k in kernels:
+            assert k.best_config.kwargs == {"BLOCK_M": m, "BLOCK_N": n}, k.best_config
+    finally:
+        for k in kernels:
+            k.cache.clear()

@@ -52,7 +52,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
 
 def _check_space_forward_loop(rows):
     """The capped bf16 space forward on sm_90 issues at most 2 MUFU ops per score element
-    (its exp2 and the hardware tanh) and ~13 instructions in all: at head dim 64 one MUFU op
+    (its exp2 and the hardware tanh) and at most 18 instructions in all (15.5 with
+    Triton 3.6 and 3.8; the margin is for other compiler versions): at head dim 64 one MUFU op
     an element already takes as long as the element's share of the two MMAs, so the cap's
     accurate software tanh (3 MUFU and ~42 instructions an element) made the loop 5x slower
     than its tensor cores. The smoke launch is bf16 with the cap, padding and causal masks."""
@@ -62,7 +63,7 @@ def _check_space_forward_loop(rows):
     elements = row["tiles"]["BLOCK_M"] * row["tiles"]["BLOCK_N"] / (32 * row["warps"])  # per thread
     assert row["loop_mma"] > 0, row
     assert row["loop_mufu"] <= 2.1 * elements, row
-    assert row["loop_instructions"] <= 16 * elements, row
+    assert row["loop_instructions"] <= 18 * elements, row
 
 
 def test_loop_profile_counts_the_longest_loop():

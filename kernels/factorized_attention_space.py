@@ -83,6 +83,17 @@ def _tanh(x, FAST: tl.constexpr):
         return tl.where(x < 0, -r, r)
 
 
+@triton.jit
+def _capped_logits(s, qk_scale, cap2, SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
+    """Raw q @ k^T -> (logits in log2 units, th): th = tanh(s_raw / c) with the cap (for its
+    derivative 1 - th^2), the raw s without; the constants come from logit_consts."""
+    if SOFTCAP:
+        th = _tanh(s * qk_scale, FAST_TANH)
+        return th * cap2, th
+    else:
+        return s * qk_scale, s
+
+
 def logit_consts(scale: float, softcap: float) -> tuple[float, float]:
     """(qk_scale, cap2) for the kernels' log2-unit logits:
     no cap: s2 = dot * qk_scale, qk_scale = scale * log2(e);
@@ -142,12 +153,12 @@ def _default_config(fwd: bool, bd: int, K: int) -> triton.Config:
     scores no longer computed are worth ~1.3x (forward), ~1.2x (dq), ~1.0x (dk/dv): a static
     estimate; the tile search measures it on the GPU."""
     if INTERPRET:
-        m, n, w, s = 64, 64, 4, 1
-    elif fwd:
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+    if fwd:
         m, n, w, s = (128, 64, 4, 3) if bd <= 64 else (128, 64, 8, 3) if bd <= 128 else (64, 32, 4, 2)
     else:
         m, n, w, s = (64, 64, 4, 2) if bd <= 64 else (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 1)
-    if not INTERPRET and bd <= 64 and 0 < K % 64 <= 32:
+    if bd <= 64 and 0 < K % 64 <= 32:
         n = 32
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
@@ -178,13 +189,7 @@ def _space_scores(q, k, rows, cols, kp_ptrs, K, qk_scale, cap2,
     that carry a gradient. Padded / future keys get the finite MASK_VALUE (a fully masked row
     is uniform, as in the official model); keys past the end get -inf (no key at all) where
     COL_MASK (K not a multiple of the tile, and the kernel sums over these keys)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if SOFTCAP:
-        th = _tanh(s * qk_scale, FAST_TANH)
-        s = th * cap2
-    else:
-        th = s
-        s = s * qk_scale
+    s, th = _capped_logits(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), qk_scale, cap2, SOFTCAP, FAST_TANH)
     in_range = cols < K
     keep = in_range[None, :] & (rows >= 0)[:, None]
     if HAS_KP:

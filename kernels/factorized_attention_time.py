@@ -28,8 +28,8 @@ from videoprism.kernels.factorized_attention_space import (
     _MASK,
     INTERPRET,
     _kp_args,
+    _capped_logits,
     _exp2,
-    _tanh,
     autotune_bench,
     block_d,
     dot_precision,
@@ -144,13 +144,8 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, qk_scale, cap2,
     Logits in log2 units (logit_consts in factorized_attention_space.py: one exp2 an element).
     Padded / future keys: MASK_VALUE (finite: a fully padded row is uniform over the frames
     where the location is visible); hidden frames and frames past T: -inf (no key)."""
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PREC)
-    if SOFTCAP:
-        th = _tanh(s * qk_scale, FAST_TANH)
-        s = th * cap2
-    else:
-        th = s
-        s = s * qk_scale
+    s, th = _capped_logits(tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PREC), qk_scale, cap2,
+                           SOFTCAP, FAST_TANH)
     keep = valid[:, None, :] & (tl.arange(0, BLOCK_T) >= 0)[None, :, None]   # -> [S, T, T']
     if HAS_KP:
         pad = tl.load(kp + b.to(tl.int64) * kp_b + tl.arange(0, BLOCK_T)[None, :].to(tl.int64) * kp_t

@@ -87,7 +87,8 @@ class Stage1Task:
     def flops(self, inputs: dict) -> float:
         b, T, K = inputs["pos"].shape
         return stage1_step_flops(self.model_config, batch=b, frames=T, visible=K,
-                                 text_length=inputs["text_ids"].shape[1], freeze_video=self.cfg.stage1.lit)
+                                 text_length=inputs["text_ids"].shape[1], world=self.dist.world,
+                                 freeze_video=self.cfg.stage1.lit)
 
     def tokens(self, inputs: dict) -> int:
         return inputs["pos"].numel()

@@ -8,7 +8,7 @@ Conventions (those of PaLM / torchtitan MFU):
   number of (query, key) pairs the block must score: `S^2` dense, `S*(S+1)/2` causal.
 * A training step costs 3x the forward of the parts that get gradients (forward, grad
   of activations, grad of weights) and 1x the forward of frozen parts (stage-2 teacher,
-  the LiT video tower), which need no backward at all.
+  the LiT video encoder), which need no backward at all.
 * Masked encoding counts visible tokens only: the spatial stack sees `K` tokens per
   frame; temporal attention scores only the pairs of visible tokens at the same spatial
   location, `sum_loc count(loc)^2` per clip (`T^2 * K` for tube masks, where every visible
@@ -67,14 +67,17 @@ def encoder_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip:
     return total
 
 
-def video_tower_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip: float | None = None) -> float:
-    """`FactorizedVideoCLIP` video tower: encoder, auxiliary stack over all T*K tokens, MAP
-    pooler (hidden 4D)."""
+def video_head_flops(cfg, batch: int, tokens: int) -> float:
+    """What the video tower adds to the encoder: the auxiliary stack over the clip's `tokens`
+    output tokens and the MAP pooler (hidden 4D)."""
     D = cfg.model_dim
-    L = frames * visible
+    return cfg.num_auxiliary_layers * block_flops(batch, tokens, D, cfg.mlp_dim) + pooler_flops(batch, tokens, D, 4 * D)
+
+
+def video_tower_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip: float | None = None) -> float:
+    """`FactorizedVideoCLIP` video tower: encoder, auxiliary stack over all T*K tokens, MAP pooler."""
     return (encoder_flops(cfg, batch, frames, visible, pairs_per_clip=pairs_per_clip)
-            + cfg.num_auxiliary_layers * block_flops(batch, L, D, cfg.mlp_dim)
-            + pooler_flops(batch, L, D, 4 * D))
+            + video_head_flops(cfg, batch, frames * visible))
 
 
 def text_tower_flops(cfg, batch: int, length: int) -> float:
@@ -83,18 +86,22 @@ def text_tower_flops(cfg, batch: int, length: int) -> float:
     return cfg.num_unimodal_layers * block_flops(batch, length + 1, D, 4 * D, causal=cfg.enable_causal_atten)
 
 
-def contrastive_loss_flops(batch: int, dim: int) -> float:
-    """Similarity matrix of the global batch (both directions share it)."""
-    return 2.0 * batch * batch * dim
+def contrastive_loss_flops(batch: int, global_batch: int, dim: int) -> float:
+    """One rank's similarity matrices: its `batch` videos against the `global_batch` texts and
+    its texts against all videos, `[batch, global_batch]` each (train/losses.py)."""
+    return 2 * 2.0 * batch * global_batch * dim
 
 
-def stage1_step_flops(cfg, *, batch: int, frames: int, visible: int, text_length: int,
+def stage1_step_flops(cfg, *, batch: int, frames: int, visible: int, text_length: int, world: int = 1,
                       freeze_video: bool = False) -> float:
-    """Training FLOPs of one stage-1 step of `batch` clips (see the module docstring)."""
-    video = video_tower_flops(cfg, batch, frames, visible)
+    """Training FLOPs of one rank's stage-1 step of `batch` clips, `world` ranks scoring the
+    global batch (see the module docstring). LiT (`freeze_video`) freezes the encoder only:
+    the auxiliary stack and the pooler still train."""
+    encoder = encoder_flops(cfg, batch, frames, visible)
+    head = video_head_flops(cfg, batch, frames * visible)
     text = text_tower_flops(cfg, batch, text_length)
-    loss = contrastive_loss_flops(batch, cfg.model_dim)
-    return (1 if freeze_video else 3) * video + 3 * (text + loss)
+    loss = contrastive_loss_flops(batch, batch * world, cfg.model_dim)
+    return (1 if freeze_video else 3) * encoder + 3 * (head + text + loss)
 
 
 def decoder_flops(batch: int, tokens: int, dim: int, dec_dim: int, num_layers: int, dec_mlp_dim: int) -> float:

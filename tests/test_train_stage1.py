@@ -69,6 +69,58 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
         trainer.train_step()
 
 
+def test_temperature_is_clamped_after_the_update_and_can_come_back(tmp_path):
+    """CLIP's clamp of 1/temperature: the update may cross the limit, the parameter is then
+    clamped to it, and its gradient stays live there, so a loss that wants a higher
+    temperature moves it back down (a clamp inside the forward would pin it at the limit)."""
+    import math
+
+    trainer = make_trainer(tmp_path, "train.compile=false", "stage1.max_logit_scale=20", "optim.name=adamw",
+                           "optim.lr=0.5")
+    scale = trainer.task.module.logit_scale
+    limit = math.log(20)
+    with torch.no_grad():
+        scale.fill_(limit + 0.3)  # as if the last update had crossed the limit
+    trainer.task.after_step()
+    assert scale.item() == pytest.approx(limit)
+    inputs = trainer.task.prepare(trainer.data.next_batch(0), 0, 0)
+    loss, _ = trainer.task.loss(trainer.model, inputs)
+    loss.backward()
+    assert scale.grad is not None and scale.grad.abs().item() > 0
+    trainer.optimizer.zero_grad()
+    for _ in range(3):
+        trainer.train_step()
+        assert scale.item() <= limit + 1e-6
+
+
+def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
+    """Resuming from an older checkpoint (or starting afresh in a used out_dir) renames the
+    checkpoints at or after the start step aside, so `--resume out_dir` after a crash never
+    lands in the abandoned run; a finished run resumed again leaves its checkpoint untouched."""
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=5")
+    make_trainer(tmp_path, *args, "train.steps=3").fit()
+    root = str(tmp_path / "checkpoints")
+    steps = lambda: [s for s, _ in ckpt.step_dirs(root)]  # noqa: E731
+    assert steps() == [1, 2, 3]
+    trainer = make_trainer(tmp_path, *args, "train.steps=2")
+    trainer.resume(os.path.join(root, "step_00000001"))
+    trainer.fit()
+    assert steps() == [1, 2]
+    assert sorted(n for n in os.listdir(root) if "abandoned" in n) == ["step_00000002.abandoned",
+                                                                      "step_00000003.abandoned"]
+    assert ckpt.latest(root) == os.path.join(root, "step_00000002")
+    stamp = os.stat(os.path.join(root, "step_00000002", "rank0.pt")).st_mtime_ns
+    trainer = make_trainer(tmp_path, *args, "train.steps=2")
+    trainer.resume(str(tmp_path))
+    trainer.fit()  # nothing left to train: the checkpoint it came from stays as it is
+    assert steps() == [1, 2] and os.stat(os.path.join(root, "step_00000002", "rank0.pt")).st_mtime_ns == stamp
+    make_trainer(tmp_path, *args, "train.steps=1").fit()  # a fresh run in the same out_dir
+    assert steps() == [1]
+    assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
+
+
 def test_compiled_train_step_has_no_graph_break(tmp_path):
     """The forward the trainer compiles (ContrastiveModel with masked video and text) traces
     as one graph; the backward follows through AOTAutograd."""

@@ -8,6 +8,10 @@ position).
 Atomicity: everything is written into `step_XXXXXXXX.tmp`, then rank 0 renames it to
 `step_XXXXXXXX` (an atomic rename on POSIX) after a barrier. A crash at any moment
 leaves either no new folder or a complete one; `latest()` never returns a `.tmp`.
+A complete folder is never rewritten: when a run starts, `retire()` renames the
+checkpoints at or after its first step (other than the one it resumed from) to
+`step_XXXXXXXX.abandoned[N]`, which `latest()` ignores, so a later save never meets one
+of another run's and a resume never jumps into an abandoned future.
 """
 from __future__ import annotations
 
@@ -82,10 +86,36 @@ def latest(root: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
+def retire(root: str, step: int, *, keep: str | None = None) -> list[str]:
+    """Rename the complete checkpoints under `root` at step >= `step`, except `keep` (the one
+    the run resumed from), to `<name>.abandoned[N]`: they belong to a run this one replaces.
+    Collective; returns the new names (rank 0; [] elsewhere)."""
+    moved = []
+    if _rank() == 0:
+        keep_real = os.path.realpath(keep) if keep else None
+        for s, path in step_dirs(root):
+            if s < step or os.path.realpath(path) == keep_real:
+                continue
+            target, n = path + ".abandoned", 1
+            while os.path.exists(target):
+                n += 1
+                target = f"{path}.abandoned{n}"
+            os.rename(path, target)
+            moved.append(target)
+    _barrier()
+    return moved
+
+
 def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
          trainer_state: dict, rank_state: dict, keep: int) -> str:
-    """Write checkpoint `step` atomically; drop all but the latest `keep`. Collective."""
+    """Write checkpoint `step` atomically; drop all but the latest `keep`. Collective.
+
+    An existing `step` folder is the one this run resumed from (`retire()` moved any other
+    aside) and the state has not moved since: it is kept as it is, never rewritten (a crash
+    between removing and replacing it would leave nothing loadable)."""
     final = os.path.join(root, f"step_{step:08d}")
+    if os.path.isdir(final):
+        return final
     tmp = final + ".tmp"
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -99,8 +129,6 @@ def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Op
     torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
     _barrier()
     if _rank() == 0:
-        if os.path.exists(final):  # re-saving a step (e.g. after resuming from it)
-            shutil.rmtree(final)
         os.rename(tmp, final)
         for _, old in step_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)

@@ -33,8 +33,9 @@ class ContrastiveModel(nn.Module):
 
     def __init__(self, clip: nn.Module, *, temperature_init: float, max_logit_scale: float, lit: bool):
         super().__init__()
-        if not 0 < temperature_init < 1:
-            raise ValueError(f"stage1.temperature_init must be in (0, 1), got {temperature_init}")
+        if not 1 / max_logit_scale <= temperature_init < 1:
+            raise ValueError(f"stage1.temperature_init must be in [1/stage1.max_logit_scale, 1) = "
+                             f"[{1 / max_logit_scale:g}, 1), got {temperature_init}")
         self.clip = clip
         # Shape [1], not a scalar: FSDP2 shards no 0-d parameter.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature_init)]))
@@ -49,7 +50,13 @@ class ContrastiveModel(nn.Module):
         # Images (one-frame videos) take the first temporal position embedding (DESIGN 5).
         crop = video is not None and video.shape[1] == 1
         v, t, _ = self.clip(video, text_ids, text_paddings, pos=pos, crop_temporal_pos_emb=crop)
-        return v, t, self.logit_scale.clamp(max=self.max_log_scale)
+        return v, t, self.logit_scale
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the parameter itself after each update (CLIP): a clamp inside the forward
+        would zero its gradient once past the limit and pin the temperature there for good."""
+        self.logit_scale.clamp_(max=self.max_log_scale)
 
 
 class Stage1Task:
@@ -83,6 +90,9 @@ class Stage1Task:
         v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"],
                                  pos=inputs["pos"][:, :1])
         return contrastive_loss(v, t, log_scale), {"temperature": torch.exp(-log_scale)}
+
+    def after_step(self) -> None:
+        self.module.clamp_logit_scale_()
 
     def flops(self, inputs: dict) -> float:
         b, T, K = inputs["pos"].shape

@@ -35,6 +35,7 @@ class Task(Protocol):
     def tokens(self, inputs: dict) -> int: ...
     def evaluate(self, module: nn.Module) -> dict: ...
     def export(self, module: nn.Module, path: str) -> None: ...
+    # Optional: `after_step()`, run after each applied update (e.g. clamping a parameter).
 
 
 class NonFiniteLossError(RuntimeError):
@@ -66,6 +67,7 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
+        self.resumed_from: str | None = None
 
     # ---- state -----------------------------------------------------------------------
     def save(self) -> str:
@@ -85,6 +87,7 @@ class Trainer:
                                         f"{os.path.join(path, 'checkpoints', 'step_*')})")
         state, rank_state = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
         self.step, self.nonfinite = state["step"], state["nonfinite"]
+        self.resumed_from = target
         ckpt.set_rng_state(rank_state["rng"])
         self.data.load_state_dict(rank_state["data"])
         if self.dist.main:
@@ -121,6 +124,8 @@ class Trainer:
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
         if finite:
             self.optimizer.step()
+            if hasattr(self.task, "after_step"):
+                self.task.after_step()
         else:
             self.nonfinite += 1
             if self.nonfinite > cfg.train.max_nonfinite:
@@ -146,6 +151,10 @@ class Trainer:
             save_config(cfg, config_path)
             if self.step == 0:
                 log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
+        retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
+        if retired and d.main:
+            print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "
+                  f"way (kept, never resumed from): {', '.join(retired)}")
         self.task.module.train()
         try:
             while self.step < tc.steps:

@@ -207,6 +207,16 @@ def test_stage1_step_flops_match_flop_counter(lit):
     assert task.flops(inputs) == pytest.approx(fc.get_total_flops(), rel=0.05)
 
 
+def test_derived_seeds_are_distinct_across_draws_steps_and_micro_steps():
+    from videoprism.train.seeds import MASK, SLOTS, derive_seed
+
+    seeds = {derive_seed(draw, seed, step, micro) for draw in (MASK, SLOTS) for seed in (0, 1)
+             for step in range(50) for micro in range(100)}
+    assert len(seeds) == 2 * 2 * 50 * 100  # the old (seed*P + step)*64 + micro repeated at micro 64
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(MASK, 3, 7, 1) == derive_seed(MASK, 3, 7, 1)
+
+
 def test_temporal_pairs_counts_shared_locations():
     from videoprism.flops import temporal_pairs
 

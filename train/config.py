@@ -110,7 +110,9 @@ class OptimConfig:
 class TrainConfig:
     steps: int = f(200000, "Optimizer steps.")
     global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.")
-    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).")
+    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation). "
+                            "Stage 1 with accumulation: each micro-step's contrastive loss scores its micro_batch x "
+                            "world clips against each other, not the whole global batch (fewer negatives).")
     seed: int = f(0, "Seed of initialisation, masks and data order.")
     mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).")
     compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break); in stage 2 the frozen teacher too.")

@@ -19,6 +19,7 @@ import torch
 
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
 from videoprism.train.config import check_choice
+from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
 
 
 class RandomClips:
@@ -33,7 +34,7 @@ class RandomClips:
         self.calls = 0
 
     def _sample(self, g: int):
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + g)
+        gen = torch.Generator().manual_seed(derive_seed(SAMPLE, self.seed, g))
         R = self.resolution
         video = torch.randint(0, 256, (self.frames, R, R, 3), generator=gen, dtype=torch.uint8)
         ids = torch.randint(1, self.vocab, (self.text_length,), generator=gen)
@@ -89,7 +90,7 @@ class ManifestData:
     def dataset_at(self, step: int) -> int:
         if len(self.loaders) == 1:
             return 0
-        gen = torch.Generator().manual_seed(self.seed * 7919 + step)
+        gen = torch.Generator().manual_seed(derive_seed(DATASET, self.seed, step))
         return int(torch.multinomial(self.weights, 1, generator=gen))
 
     def next_batch(self, step: int) -> dict:
@@ -157,7 +158,7 @@ class CachedClips:
         self.epoch, self.position = 0, 0
 
     def _order(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(derive_seed(EPOCH, self.seed, self.epoch)))
 
     def next_batch(self, step: int) -> dict:
         g = self.micro * self.world

@@ -25,6 +25,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
+from videoprism.train.seeds import MASK, derive_seed
 from videoprism.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -77,7 +78,7 @@ class Stage1Task:
         P = self.model_config.patch_size
         # The mask of every sample of the global micro-batch comes from one seed per
         # (step, micro-step), so any number of ranks sees the same masks.
-        seed = (self.cfg.train.seed * 1_000_003 + step) * 64 + micro
+        seed = derive_seed(MASK, self.cfg.train.seed, step, micro)
         pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
         pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
         ids, pads = trim_text(batch["text_ids"], batch["text_paddings"])
@@ -143,6 +144,10 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         val = build_val_batches(cfg, tokenizer, batch_size=_micro(cfg, dist_))
         task = Stage1Task(cfg, dist_, clip, val)
         trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
+        if trainer.accum > 1 and dist_.main:
+            print(f"note: gradient accumulation over {trainer.accum} micro-steps: the contrastive loss of each "
+                  f"scores {trainer.micro * dist_.world} clips against each other, not the global batch of "
+                  f"{cfg.train.global_batch} (train.micro_batch)")
         if resume is not None:
             trainer.resume(resume)
         results = trainer.fit()

@@ -28,6 +28,7 @@ from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, encoder_config, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
+from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed
 from videoprism.train.trainer import NonFiniteLossError, Trainer
 
 
@@ -52,14 +53,16 @@ class Stage2Task:
             # Eager, each of its LayerNorms, GELUs and residual adds is a pass over 4096 tokens a clip.
             teacher.compile(backend=cfg.train.compile_backend, fullgraph=True)
 
-    def _masks(self, b: int, T: int, H: int, W: int, seed: int):
-        """BEVT mask and slot permutation of this rank's rows of the global micro-batch."""
+    def _masks(self, b: int, T: int, H: int, W: int, seed: int, step: int, micro: int):
+        """BEVT mask and slot permutation of this rank's rows of the global micro-batch, drawn
+        from `derive_seed(..., seed, step, micro)`."""
         dev, P = self.dist.device, self.model_config.patch_size
         rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
         g = b * self.dist.world
-        pos = bevt_mask(g, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)[rows]
+        pos = bevt_mask(g, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=derive_seed(MASK, seed, step, micro),
+                        device=dev)[rows]
         if self.cfg.stage2.shuffle:
-            gen = torch.Generator(device=dev).manual_seed(seed + 1)
+            gen = torch.Generator(device=dev).manual_seed(derive_seed(SLOTS, seed, step, micro))
             perm = random_slots(g, T * self.num_patches, generator=gen, device=dev)[rows]
         else:
             perm = identity_slots(pos, self.num_patches)
@@ -68,7 +71,7 @@ class Stage2Task:
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         video = batch["video"].to(self.dist.device, non_blocking=True)
         b, T, H, W, _ = video.shape
-        pos, perm = self._masks(b, T, H, W, (self.cfg.train.seed * 1_000_003 + step) * 64 + micro)
+        pos, perm = self._masks(b, T, H, W, self.cfg.train.seed, step, micro)
         return {"video": video, "pos": pos, "perm": perm}
 
     def losses(self, module: nn.Module, inputs: dict) -> dict:
@@ -103,7 +106,7 @@ class Stage2Task:
         for i, batch in enumerate(self.val):
             video = batch["video"].to(self.dist.device)
             b, T, H, W, _ = video.shape
-            pos, perm = self._masks(b, T, H, W, seed=10_000_019 + i)
+            pos, perm = self._masks(b, T, H, W, VALIDATION, i, 0)
             for k, v in self.losses(module, {"video": video, "pos": pos, "perm": perm}).items():
                 sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(self.val)
         return sums

@@ -51,6 +51,8 @@ class Trainer:
         if tc.global_batch < 1 or tc.micro_batch < 0:
             raise ValueError(f"train.global_batch must be >= 1 and train.micro_batch >= 0 (0 = no accumulation), "
                              f"got {tc.global_batch} and {tc.micro_batch}")
+        if tc.seed < 0:
+            raise ValueError(f"train.seed must be >= 0, got {tc.seed}")
         if tc.global_batch % dist_.world:
             raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {dist_.world} ranks")
         per_rank = tc.global_batch // dist_.world

@@ -1,0 +1,26 @@
+"""Seeds of the trainer's random draws (masks, slot permutations, data order), derived
+from the run's seed and where the draw happens.
+
+Every rank derives the same seed for the same draw, so masks and data order do not depend
+on the number of ranks, and a resumed run draws what the uninterrupted one did.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# What is drawn: the first key of every seed, so two kinds of draw never share one.
+MASK, SLOTS, SAMPLE, DATASET, EPOCH = range(5)
+# Base seed of the validation draws: fixed, so runs with different train.seed are scored on
+# the same masks.
+VALIDATION = 10_000_019
+
+
+def derive_seed(draw: int, seed: int, *keys: int) -> int:
+    """A 63-bit seed for `draw` (MASK, SLOTS, ...) of a run seeded `seed` at `keys` (for a
+    mask: step and micro-step), hashed by numpy's SeedSequence (as the data loader seeds its
+    draws), so distinct tuples get unrelated seeds. The linear formulas this replaces
+    collided: (seed*P + step)*64 + micro repeats once micro reaches 64, seed + 1 for a second
+    draw is the next micro-step's first, and seed*P + step is run seed+1's draw P steps
+    earlier."""
+    state = np.random.SeedSequence([draw, seed, *keys]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))

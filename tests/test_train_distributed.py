@@ -90,3 +90,16 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, refs, stage):
     assert sorted(got) == list(range(1, 11))
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_grad_cache_accumulation_on_two_processes_equals_one_batch(tmp_path, mode):
+    """Stage 1, 2 ranks x 2 micro-batches of 2 with GradCache = 1 rank, one batch of 8: the
+    contrastive loss scores the whole global batch either way. No mask (ratio 0): the masks
+    of different micro-batch splits would differ."""
+    common = ("train.steps=3", "checkpoint.export=false", "train.mask_ratio=0")
+    run(1, str(tmp_path / "one"), *common)
+    run(1, str(tmp_path / "acc"), *common, f"parallel.mode={mode}", "train.micro_batch=2", nproc=2)
+    ref, got = losses(str(tmp_path / "one")), losses(str(tmp_path / "acc"))
+    for step in (1, 2, 3):
+        assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])

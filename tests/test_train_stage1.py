@@ -3,8 +3,10 @@ bad samples skipped, export loads into `from_official`. (Runs under torchrun and
 --resume: test_train_distributed.py.)"""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -73,8 +75,6 @@ def test_temperature_is_clamped_after_the_update_and_can_come_back(tmp_path):
     """CLIP's clamp of 1/temperature: the update may cross the limit, the parameter is then
     clamped to it, and its gradient stays live there, so a loss that wants a higher
     temperature moves it back down (a clamp inside the forward would pin it at the limit)."""
-    import math
-
     trainer = make_trainer(tmp_path, "train.compile=false", "stage1.max_logit_scale=20", "optim.name=adamw",
                            "optim.lr=0.5")
     scale = trainer.task.module.logit_scale
@@ -121,6 +121,45 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
 
 
+def test_grad_cache_accumulation_gives_the_whole_batch_gradient(tmp_path):
+    """Two micro-batches of 2 with stage1.grad_cache give the gradient of the contrastive loss
+    over all 4 clips (one micro-batch of 4: the oracle); accumulating per-micro-step losses
+    does not (fewer negatives). No mask (ratio 0), so both see the same tokens."""
+    from videoprism.train.parallel import grad_sync
+
+    def grads(trainer):
+        return {n: p.grad.clone() for n, p in trainer.task.module.named_parameters() if p.grad is not None}
+
+    whole = make_trainer(tmp_path, "train.compile=false", "train.mask_ratio=0")
+    loss, _ = whole.task.loss(whole.model, whole.task.prepare(whole.data.next_batch(0), 0, 0))
+    loss.backward()
+    want = grads(whole)
+    for cache in (True, False):
+        two = RandomClips(micro_batch=2, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        acc = make_trainer(tmp_path, "train.compile=false", "train.mask_ratio=0", "train.micro_batch=2",
+                           f"stage1.grad_cache={str(cache).lower()}", data=two)
+        assert acc.accum == 2
+        micro = [acc.task.prepare(acc.data.next_batch(0), 0, a) for a in range(2)]
+        if cache:
+            got_loss, _ = acc.task.cached_backward(acc.model, micro, amp=acc._amp,
+                                                   sync=lambda last: grad_sync(acc.model, last))
+            torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+        else:
+            for x in micro:
+                (acc.task.loss(acc.model, x)[0] / 2).backward()
+        got = grads(acc)
+        assert got.keys() == want.keys()
+        # Relative to the largest gradient entry: the pooler's key bias has an exactly zero
+        # gradient (softmax ignores a shift shared by all keys), so its own scale is noise.
+        scale = max(float(g.abs().max()) for g in want.values())
+        err = max(float((got[k] - want[k]).abs().max()) for k in want) / scale
+        assert (err < 1e-4) if cache else (err > 1e-3), (cache, err)
+    acc.task.grad_cache = True  # and through the trainer's step
+    acc.optimizer.zero_grad()
+    rec = acc.train_step()
+    assert not rec["skipped"] and math.isfinite(rec["loss"])
+
+
 def test_compiled_train_step_has_no_graph_break(tmp_path):
     """The forward the trainer compiles (ContrastiveModel with masked video and text) traces
     as one graph; the backward follows through AOTAutograd."""
@@ -138,6 +177,11 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
     assert counters["stats"]["unique_graphs"] >= 1
     eager_loss, _ = task.loss(task.module, inputs)
     assert torch.allclose(loss, eager_loss, atol=1e-6)
+    # GradCache's passes (a no-grad forward, then forward + backward) trace whole too.
+    cached_loss, _ = task.cached_backward(compiled, [inputs, inputs], amp=trainer._amp,
+                                          sync=lambda last: contextlib.nullcontext())
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert torch.isfinite(cached_loss)
 
 
 def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):

@@ -110,9 +110,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = f(200000, "Optimizer steps.")
     global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.")
-    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation). "
-                            "Stage 1 with accumulation: each micro-step's contrastive loss scores its micro_batch x "
-                            "world clips against each other, not the whole global batch (fewer negatives).")
+    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).")
     seed: int = f(0, "Seed of initialisation, masks and data order.")
     mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).")
     compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break); in stage 2 the frozen teacher too.")
@@ -148,6 +146,11 @@ class Stage1Config:
     lit: bool = f(False, "LiT: freeze the video encoder, train the text tower and the pooler.")
     temperature_init: float = f(0.07, "Initial softmax temperature (CLIP: 0.07), learned as log(1/t).")
     max_logit_scale: float = f(100.0, "Clamp of the learned 1/temperature (CLIP: 100).")
+    grad_cache: bool = f(True, "With gradient accumulation (train.micro_batch), score the whole global batch in "
+                               "the contrastive loss (GradCache: embeddings of every micro-batch without grad, the "
+                               "loss and its embedding gradients, then each micro-batch's forward and backward "
+                               "again: one more forward a step). false: each micro-step's loss scores only its "
+                               "micro_batch x world clips.")
 
 
 @dataclass

@@ -51,7 +51,9 @@ class ContrastiveModel(nn.Module):
         # Images (one-frame videos) take the first temporal position embedding (DESIGN 5).
         crop = video is not None and video.shape[1] == 1
         v, t, _ = self.clip(video, text_ids, text_paddings, pos=pos, crop_temporal_pos_emb=crop)
-        return v, t, self.logit_scale
+        # A copy: under FSDP2 the parameter is an unsharded view whose storage is freed after
+        # a no-grad forward (returned as is, GradCache's first pass read freed memory).
+        return v, t, self.logit_scale.clone()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -66,6 +68,7 @@ class Stage1Task:
     def __init__(self, cfg: Config, dist_: Dist, clip: nn.Module, val_batches: list[dict] | None):
         self.cfg, self.dist, self.val = cfg, dist_, val_batches
         self.model_config = clip.config
+        self.grad_cache = cfg.stage1.grad_cache
         s1 = cfg.stage1
         # .to(): the temperature is created on the CPU; the clip is already on the device.
         self.module = ContrastiveModel(clip, temperature_init=s1.temperature_init,
@@ -85,12 +88,40 @@ class Stage1Task:
         return {"video": video, "pos": pos, "text_ids": ids.to(dev, non_blocking=True),
                 "text_paddings": pads.to(dev, non_blocking=True)}
 
-    def loss(self, module: nn.Module, inputs: dict):
+    @staticmethod
+    def _forward(module: nn.Module, inputs: dict):
         # Tube masks: one visible set for all frames, passed as [B, 1, K] so the encoder's time
         # axis runs on plain columns (FactorizedEncoder), not the masked time-axis search.
-        v, t, log_scale = module(inputs["video"], inputs["text_ids"], inputs["text_paddings"],
-                                 pos=inputs["pos"][:, :1])
+        return module(inputs["video"], inputs["text_ids"], inputs["text_paddings"], pos=inputs["pos"][:, :1])
+
+    def loss(self, module: nn.Module, inputs: dict):
+        v, t, log_scale = self._forward(module, inputs)
         return contrastive_loss(v, t, log_scale), {"temperature": torch.exp(-log_scale)}
+
+    def cached_backward(self, module: nn.Module, inputs_list: list[dict], *, amp, sync):
+        """One step's loss over all its accumulated micro-batches, as without accumulation
+        (GradCache, Gao et al. 2021): embed every micro-batch without autograd, take the
+        contrastive loss of the concatenation (all ranks' rows, gathered as usual) and its
+        gradient with respect to the embeddings and the temperature, then run each
+        micro-batch's forward again and backpropagate those gradients through it. The
+        temperature's gradient is split evenly over the micro-batches' forwards, so every
+        parameter gradient flows through the (DDP/FSDP-wrapped) module."""
+        with torch.no_grad(), amp():
+            outs = [self._forward(module, x) for x in inputs_list]
+        v = torch.cat([o[0] for o in outs]).float().requires_grad_()
+        t = torch.cat([o[1] for o in outs]).float().requires_grad_()
+        log_scale = outs[0][2].detach().float().requires_grad_()
+        loss = contrastive_loss(v, t, log_scale)
+        loss.backward()
+        sizes = [o[0].shape[0] for o in outs]
+        g_video, g_text = v.grad.split(sizes), t.grad.split(sizes)
+        g_scale = log_scale.grad / len(inputs_list)
+        for a, x in enumerate(inputs_list):
+            with sync(a == len(inputs_list) - 1):
+                with amp():
+                    va, ta, sa = self._forward(module, x)
+                ((va.float() * g_video[a]).sum() + (ta.float() * g_text[a]).sum() + (sa.float() * g_scale).sum()).backward()
+        return loss.detach(), {"temperature": torch.exp(-log_scale.detach())}
 
     def after_step(self) -> None:
         self.module.clamp_logit_scale_()
@@ -144,10 +175,10 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         val = build_val_batches(cfg, tokenizer, batch_size=_micro(cfg, dist_))
         task = Stage1Task(cfg, dist_, clip, val)
         trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
-        if trainer.accum > 1 and dist_.main:
-            print(f"note: gradient accumulation over {trainer.accum} micro-steps: the contrastive loss of each "
-                  f"scores {trainer.micro * dist_.world} clips against each other, not the global batch of "
-                  f"{cfg.train.global_batch} (train.micro_batch)")
+        if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
+            print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "
+                  f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "
+                  f"the global batch of {cfg.train.global_batch}")
         if resume is not None:
             trainer.resume(resume)
         results = trainer.fit()

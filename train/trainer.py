@@ -35,7 +35,10 @@ class Task(Protocol):
     def tokens(self, inputs: dict) -> int: ...
     def evaluate(self, module: nn.Module) -> dict: ...
     def export(self, module: nn.Module, path: str) -> None: ...
-    # Optional: `after_step()`, run after each applied update (e.g. clamping a parameter).
+    # Optional: `after_step()`, run after each applied update (e.g. clamping a parameter);
+    # `grad_cache = True` with `cached_backward(module, inputs_list, amp, sync) -> (loss, parts)`,
+    # which runs the forward and backward of all micro-batches of a step itself (a loss over
+    # the whole accumulated batch, such as the contrastive one).
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,22 +104,30 @@ class Trainer:
         gradient is non-finite (then the step is skipped and counted)."""
         cfg = self.cfg
         set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
-        losses, extras, flops, tokens, data_wait = [], {}, 0.0, 0, 0.0
+        cached = self.accum > 1 and getattr(self.task, "grad_cache", False)
+        losses, extras, flops, tokens, data_wait, pending = [], {}, 0.0, 0, 0.0, []
         for a in range(self.accum):
             t0 = time.perf_counter()
             batch = self.data.next_batch(self.step)
             inputs = self.task.prepare(batch, self.step, a)
             data_wait += time.perf_counter() - t0
+            flops += self.task.flops(inputs)
+            tokens += self.task.tokens(inputs)
+            if cached:
+                pending.append(inputs)
+                continue
             with grad_sync(self.model, a == self.accum - 1):
-                amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-                with amp:
+                with self._amp():
                     loss, parts = self.task.loss(self.model, inputs)
                 (loss / self.accum).backward()
             losses.append(loss.detach().float())
             for k, v in parts.items():
                 extras[k] = extras.get(k, 0.0) + v.detach().float() / self.accum
-            flops += self.task.flops(inputs)
-            tokens += self.task.tokens(inputs)
+        if cached:
+            loss, parts = self.task.cached_backward(self.model, pending, amp=self._amp,
+                                                    sync=lambda last: grad_sync(self.model, last))
+            losses.append(loss.detach().float())
+            extras = {k: v.detach().float() for k, v in parts.items()}
         loss = all_reduce_mean(torch.stack(losses).mean())
         params = [p for p in self.task.module.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -142,6 +153,9 @@ class Trainer:
         rec.update({k: float(all_reduce_mean(v)) for k, v in extras.items()})
         return {**rec, "_flops": flops * self.dist.world, "_tokens": tokens * self.dist.world,
                 "_data_wait": data_wait}
+
+    def _amp(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> dict:

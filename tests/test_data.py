@@ -68,6 +68,36 @@ def write_clip(path, n, size=32, codec="h264", gop=None):
 
 
 # ---- sampling and decoding ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h, w", [(180, 320), (320, 180), (64, 64)])
+def test_train_crops_keep_the_aspect_ratio_range(h, w):
+    """Every random resized crop fits the frame with width / height in TRAIN_RATIO (to a pixel),
+    also where the drawn box is larger than a wide or tall frame allows."""
+    from videoprism.data.transforms import TRAIN_RATIO, Augment
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        y0, x0, ch, cw = Augment.draw(rng).box(h, w)
+        assert 0 <= y0 and y0 + ch <= h and 0 <= x0 and x0 + cw <= w
+        assert (cw - 1) / (ch + 1) <= TRAIN_RATIO[1] and (cw + 1) / (ch - 1) >= TRAIN_RATIO[0], (cw, ch)
+
+
+@pytest.mark.skipif("libsvtav1" not in av.codecs_available, reason="this PyAV has no AV1 encoder (libsvtav1)")
+def test_index_records_the_codec_not_the_decoder(tmp_path):
+    """AV1 decodes through libdav1d; the index records `av1`, the name DALI's NVDEC routing takes."""
+    from videoprism.data.decode import PyAVClip
+
+    path = str(tmp_path / "a.mp4")
+    with av.open(path, "w") as c:
+        st = c.add_stream("libsvtav1", rate=8)
+        st.width = st.height = 64
+        st.pix_fmt = "yuv420p"
+        for i in range(8):
+            c.mux(st.encode(av.VideoFrame.from_ndarray(np.full((64, 64, 3), 30 * i, np.uint8), format="rgb24")))
+        c.mux(st.encode())
+    with PyAVClip(path) as clip:
+        assert clip.index.codec == "av1"
+
+
 def test_uniform_indices_are_segment_starts():
     assert uniform_indices(100, 16) == [int(i) for i in np.linspace(0, 100, 16, endpoint=False)]
     assert uniform_indices(8, 8) == list(range(8))
@@ -204,13 +234,16 @@ def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):
            json.dumps({"path": "a.mp4", "caption": "   "}).encode(),
            '{"path": "a.mp4", "caption": "caf\u00e9"}'.encode("latin-1"),  # not UTF-8
            json.dumps({"path": "a.mp4", "caption": "x", "start": 3, "end": 1}).encode(),
-           json.dumps(["not", "an", "object"]).encode()]
+           json.dumps(["not", "an", "object"]).encode(),
+           b'{"path": "a.mp4", "caption": "x", "start": NaN}',  # json parses NaN and Infinity
+           b'{"path": "a.mp4", "caption": "x", "end": Infinity}']
     p = tmp_path / "m.jsonl"
     p.write_bytes(b"\n".join(lines + bad) + b"\n")
     samples, rejects = read_manifest(str(p), max_bad_share=1.0)
     assert len(samples) == 3
     reasons = dict(rejects)
-    for n, word in zip(range(4, 10), ["bad JSON", "'path'", "'caption'", "not UTF-8", "'end'", "object"]):
+    for n, word in zip(range(4, 12), ["bad JSON", "'path'", "'caption'", "not UTF-8", "'end'", "object",
+                                      "'start' must be a non-negative, finite", "'end' must be a non-negative, finite"]):
         assert word in reasons[f"{p}:{n}"], reasons
     with pytest.raises(TooManyBadSamplesError, match="max_bad_share"):
         read_manifest(str(p), max_bad_share=0.5)
@@ -238,6 +271,27 @@ def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
     a = next(iter(build_loader(os.path.join(synth, "val.jsonl"), **kw)))
     b = next(iter(build_loader([shard], **kw)))
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["label_colour"], b["label_colour"])
+
+
+def test_cut_or_garbage_shard_is_rejected_by_name_and_its_intact_members_kept(tmp_path, synth):
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    whole = str(tmp_path / "whole.tar")
+    with tarfile.open(whole, "w") as tar:
+        for i, s in enumerate(samples):
+            tar.add(s.path, arcname=f"{i:04d}.webm")
+            info = tarfile.TarInfo(f"{i:04d}.txt")
+            info.size = len(s.caption.encode())
+            tar.addfile(info, io.BytesIO(s.caption.encode()))
+    data = open(whole, "rb").read()
+    cut, garbage = str(tmp_path / "cut.tar"), str(tmp_path / "garbage.tar")
+    open(cut, "wb").write(data[: len(data) // 2])
+    open(garbage, "wb").write(b"not a tar " * 100)
+    got, rejects = read_shards([cut, garbage, whole], max_bad_share=1.0)
+    reasons = dict(rejects)
+    assert "truncated or not a tar" in reasons[cut] and "read stopped after 0 members" in reasons[garbage]
+    assert 0 < len(got) - len(samples) < len(samples)  # the cut shard's members before the cut
+    with pytest.raises(TooManyBadSamplesError, match="cut.tar: truncated or not a tar"):
+        read_shards([cut])
 
 
 # ---- loader ----------------------------------------------------------------------------------------------------------

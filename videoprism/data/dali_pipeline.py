@@ -11,8 +11,9 @@ GPU outputs reach torch through DLPack and are copied on the device (DALI reuses
 run), never through host memory.
 
 Traps handled (measured): after any error a DALI pipeline is dead, so it is rebuilt and the batch is retried one
-sample at a time to find and skip the bad file; the decoder returns all-zero frames past a cut without raising, so
-a sample with an all-zero frame is bad.
+sample at a time to find and skip the bad file; the decoder returns all-zero frames past a cut without raising,
+and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded again by PyAV, which
+rejects a cut file (too few frames) and decodes a black one.
 """
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ class DaliClips:
 
     def decode_items(self, items, fallback):
         """Yields `_Item`s in order for [(pos, sample_id, sample, augment)]: DALI for the codecs it takes on this
-        device, `fallback[pos]` (PyAV) for the others and for any sample DALI fails on."""
+        device, `fallback[pos]` (PyAV) for the others and for clips DALI returned all-zero frames for (a cut
+        file, or a clip that is black there: PyAV tells them apart)."""
         from .loader import _Item
 
         results: dict[int, _Item] = {}
@@ -127,7 +129,7 @@ class DaliClips:
             except OSError as e:
                 results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
         for job, item in zip(dali_jobs, self._run_jobs(dali_jobs)):
-            results[job[0]] = item
+            results[job[0]] = fallback[job[0]] if item is None else item
         for pos, *_ in items:
             yield results[pos]
 
@@ -143,17 +145,17 @@ class DaliClips:
                 return [_Item(jobs[0][0], jobs[0][1], bad=f"DALI cannot decode it ({_first_line(e)})")]
             # Retry one by one (the pipeline was rebuilt) so that only the bad file is skipped.
             return [item for j in jobs for item in self._run_jobs([j])]
-        items = []
-        for (pos, sid, *_), v in zip(jobs, videos):
-            zero = (v.reshape(v.shape[0], -1).amax(1) == 0).nonzero()
-            if len(zero):
-                items.append(_Item(pos, sid, bad=f"truncated: DALI decoded all-zero frames from sampled frame "
-                                                f"{int(zero[0])} of {v.shape[0]} (the data ends before them)"))
-            else:
-                items.append(_Item(pos, sid, video=v))
-        return items
+        # DALI decodes the frames past a cut as all zeros without raising; a black frame (fade, titles) is all
+        # zeros too. Such a clip goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
+        return [None if bool((v.reshape(v.shape[0], -1).amax(1) == 0).any()) else _Item(pos, sid, video=v)
+                for (pos, sid, *_), v in zip(jobs, videos)]
 
 
 def _first_line(e: Exception) -> str:
+    """The reason of a DALI error: it reads "Error in CPU operator `...` ... encountered:" and
+    then the cause on the next line; else its first line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln]
+    for i, ln in enumerate(lines[:-1]):
+        if ln.endswith("encountered:"):
+            return lines[i + 1]
     return lines[0] if lines else type(e).__name__

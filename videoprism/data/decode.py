@@ -133,8 +133,10 @@ class PyAVClip:
         keys.sort()
         rate = s.average_rate or s.guessed_rate
         fps = float(rate) if rate else (len(pts) - 1) / float((pts[-1] - pts[0]) * s.time_base) if len(pts) > 1 else 0.0
-        index = VideoIndex(codec=s.codec_context.name, width=s.codec_context.width, height=s.codec_context.height,
-                           fps=fps, time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
+        # The codec's canonical name (av1), not the decoder's (libdav1d): DALI routes by it.
+        ctx = s.codec_context
+        index = VideoIndex(codec=ctx.codec.canonical_name, width=ctx.width, height=ctx.height, fps=fps,
+                           time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
         declared = self._declared_duration()
         # A cut WebM/Matroska file demuxes cleanly up to the cut: only the declared duration tells it is short.
         if declared is not None and index.duration < declared - max(0.5, 2.0 / max(fps, 1e-6)):

@@ -17,6 +17,7 @@ stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`
 from __future__ import annotations
 
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -78,8 +79,9 @@ def _number(rec: dict, key: str) -> float | None:
     value = rec.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"'{key}' must be a non-negative number of seconds, got {value!r}")
+    # json parses NaN and Infinity: not a time either.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {value!r}")
     return float(value)
 
 
@@ -146,25 +148,35 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
 def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Samples of WebDataset tar shards (one per key) and the rejected keys as (`TAR:KEY`, reason)."""
     groups: list[tuple[str, str, dict]] = []
+    broken: list[tuple[str, str]] = []
     for tar_path in paths:
         if not os.path.isfile(tar_path):
             raise FileNotFoundError(f"shard {tar_path!r} does not exist")
         tar_path = os.path.abspath(tar_path)
         by_key: dict[str, dict] = {}
-        with tarfile.open(tar_path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
-                ext = "." + ext.lower()
-                if ext in VIDEO_EXTENSIONS:
-                    entry["video"] = (m.offset_data, m.size)
-                elif ext in (".txt", ".json"):
-                    entry[ext] = tar.extractfile(m).read()
+        members = 0
+        try:
+            with tarfile.open(tar_path, "r:") as tar:
+                for m in tar:
+                    members += 1
+                    if not m.isfile():
+                        continue
+                    base = os.path.basename(m.name)
+                    key, _, ext = base.partition(".")
+                    entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
+                    ext = "." + ext.lower()
+                    if ext in VIDEO_EXTENSIONS:
+                        entry["video"] = (m.offset_data, m.size)
+                    elif ext in (".txt", ".json"):
+                        entry[ext] = tar.extractfile(m).read()
+        except (tarfile.TarError, EOFError) as e:
+            # A cut or corrupt shard: keep the members before the damage (a video cut with the
+            # shard fails to decode later and is skipped then); the rest of the shard is lost.
+            broken.append((tar_path, f"truncated or not a tar file: read stopped after {members} members ({e})"))
         groups.extend((tar_path, k, v) for k, v in by_key.items())
-    budget = BadSampleBudget(total=len(groups), max_share=max_bad_share, what="shard samples")
+    budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples")
+    for where, reason in broken:
+        budget.skip(where, reason)
     samples = []
     for tar_path, key, entry in groups:
         try:

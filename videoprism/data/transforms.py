@@ -63,8 +63,11 @@ class Augment:
             side = min(h, w)
             return (h - side) // 2, (w - side) // 2, side, side
         aspect = math.exp(self.log_ratio)
-        cw = min(w, max(1, round(math.sqrt(self.area * h * w * aspect))))
-        ch = min(h, max(1, round(math.sqrt(self.area * h * w / aspect))))
+        cw, ch = math.sqrt(self.area * h * w * aspect), math.sqrt(self.area * h * w / aspect)
+        # A box wider or taller than the frame shrinks as a whole, keeping its aspect ratio (clamping
+        # one side alone would leave the ratio range, and the resize would stretch the content).
+        fit = min(1.0, w / cw, h / ch)
+        cw, ch = min(w, max(1, round(cw * fit))), min(h, max(1, round(ch * fit)))
         y0 = min(h - ch, int(self.v * (h - ch + 1)))
         x0 = min(w - cw, int(self.u * (w - cw + 1)))
         return y0, x0, ch, cw

@@ -160,7 +160,7 @@ def test_both_stages_end_by_saying_where_their_metrics_are(tmp_path, capsys):
         out = tmp_path / stage.__name__.rsplit(".", 1)[1]
         assert stage.main([*common, f"train.out_dir={out}", *extra]) == 0
         lines = capsys.readouterr().out.splitlines()
-        assert lines[-1] == f"metrics: {out / 'metrics.jsonl'}; non-finite steps skipped: 0", lines[-1]
+        assert lines[-1] == f"metrics: {out / 'metrics.jsonl'}; non-finite steps skipped: 0; bad samples skipped: 0", lines[-1]
         assert lines[-2] == f"config: {out / 'config.json'}" and (out / "config.json").is_file(), lines[-2]
 
 

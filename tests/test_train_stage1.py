@@ -185,7 +185,8 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
 
 
 def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
-    """A manifest with a missing and a corrupt clip: the loader skips them, training finishes."""
+    """A manifest with a missing and a corrupt clip: the loader skips them, training finishes, and
+    each skip is reported with its path and reason (console and rejects.rank0.jsonl)."""
     from videoprism.data.synth import generate
 
     root = tmp_path / "data"
@@ -198,16 +199,16 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
     from videoprism.train.data import build_train_data, tokenizer_for
 
     overrides = ["train.compile=false", "data.source=manifest", "data.cache=false", f"data.train={root}/train.jsonl",
-                 "data.workers=0",
-                 "data.max_bad_fraction=0.5"]
+                 "data.workers=0", "data.max_bad_fraction=0.5", "train.steps=5", "checkpoint.interval=0"]
     tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
     trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)
     trainer.data = build_train_data(trainer.cfg, trainer.dist, tok, micro_batch=4, vocab=tok.vocab_size)
-    for _ in range(5):  # 16 good clips: 4 batches per epoch, the 5th step starts epoch 2
-        rec = trainer.train_step()
-        assert torch.isfinite(torch.tensor(rec["loss"]))
-    rejects = trainer.data.loaders[0].rejects
-    assert {os.path.basename(name) for name, _ in rejects} <= {"broken.webm", "missing.webm"}
+    results = trainer.fit()  # 16 good clips: 4 batches per epoch, the 5th step starts epoch 2
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
+    reported = [json.loads(line) for line in open(results["rejects"])]
+    assert {os.path.basename(r["path"]) for r in reported} == {"broken.webm", "missing.webm"}
+    assert all(r["reason"] for r in reported) and results["skipped_samples"] == len(reported) >= 2
 
 
 def test_export_loads_into_from_official(tmp_path):

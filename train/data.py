@@ -14,6 +14,7 @@ checkpoints.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -105,6 +106,9 @@ class ManifestData:
         raise ValueError(f"training manifest {i} yields no batch: fewer good samples than one micro-batch; "
                          "lower train.global_batch (or train.micro_batch) or add samples")
 
+    def drain_rejects(self) -> list[tuple[str, str]]:
+        return [r for ld in self.loaders for r in ld.drain_rejects()]
+
     def state_dict(self) -> dict:
         return {"loaders": [ld.state_dict() for ld in self.loaders]}
 
@@ -118,10 +122,10 @@ _DECODED: dict[tuple, dict] = {}
 
 
 def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer, workers: int,
-               max_bad_share: float) -> dict:
-    """Every clip of `manifest` (eval transform) -> {"video" uint8 [N, T, R, R, 3], "text_ids",
-    "text_paddings", "label_<name>" [N]}; bad samples are skipped by the loader. Memoised per
-    process (file, mtime, size, tokenizer): the demo's stages and probes decode once."""
+               max_bad_share: float) -> tuple[dict, list[tuple[str, str]]]:
+    """Every clip of `manifest` (eval transform) -> ({"video" uint8 [N, T, R, R, 3], "text_ids",
+    "text_paddings", "label_<name>" [N]}, the (name, reason) of the skipped lines and clips).
+    Memoised per process (file, mtime, size, tokenizer): the demo's stages and probes decode once."""
     key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path)
     if key not in _DECODED:
         _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer,
@@ -141,7 +145,7 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, workers, max_bad_sha
                 parts.setdefault(k, []).append(v)
     if not parts:
         raise ValueError(f"{manifest}: no readable clip")
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: torch.cat(v) for k, v in parts.items()}, loader.drain_rejects()
 
 
 class CachedClips:
@@ -149,8 +153,10 @@ class CachedClips:
     samples, so rank r of w gets rows [r*b, (r+1)*b) of every global micro-batch of w*b
     clips: the same global batches on any number of ranks."""
 
-    def __init__(self, clips: dict, *, micro_batch: int, rank: int, world: int, seed: int):
+    def __init__(self, clips: dict, *, micro_batch: int, rank: int, world: int, seed: int,
+                 rejects: list[tuple[str, str]] = ()):
         self.clips, self.micro, self.rank, self.world, self.seed = clips, micro_batch, rank, world, seed
+        self._unreported = list(rejects)  # skipped when the clips were decoded
         self.n = clips["video"].shape[0]
         if self.n < micro_batch * world:
             raise ValueError(f"{self.n} cached clips are fewer than one global micro-batch ({micro_batch * world}); "
@@ -168,6 +174,10 @@ class CachedClips:
         idx = self._order()[lo:lo + self.micro]
         self.position += g
         return {k: v[idx] for k, v in self.clips.items()}
+
+    def drain_rejects(self) -> list[tuple[str, str]]:
+        out, self._unreported = self._unreported, []
+        return out
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -198,9 +208,10 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
         if len(datasets) > 1:
             raise ValueError("data.cache=true takes one training manifest; set data.cache=false to alternate datasets")
         path, _, frames = datasets[0]
-        clips = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
-                           workers=dc.workers, max_bad_share=dc.max_bad_fraction)
-        return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed)
+        clips, rejects = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
+                                    workers=dc.workers, max_bad_share=dc.max_bad_fraction)
+        return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed,
+                           rejects=rejects)
     from videoprism.data.loader import build_loader
 
     loaders = [build_loader(path, num_frames=frames, resolution=cfg.model.resolution, batch_size=micro_batch,
@@ -215,8 +226,10 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> l
     """The validation split decoded once, as a list of batches (None without data.val)."""
     if not cfg.data.val or cfg.data.source == "random":
         return None
-    clips = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
-                       tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_fraction)
+    clips, rejects = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
+                                tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_fraction)
+    for name, reason in rejects:
+        print(f"data.val: skipped {name}: {reason}", file=sys.stderr)
     n = clips["video"].shape[0]
     return [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
 

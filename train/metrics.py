@@ -27,7 +27,8 @@ def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> No
     for key in (*keys, "checkpoint", "export", "plot", "config"):
         if key in results:
             print(f"{key}: {results[key]}")
-    print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}")
+    print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}; bad samples "
+          f"skipped: {results['skipped_samples']}" + (f" (listed in {results['rejects']})" if "rejects" in results else ""))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -92,7 +92,7 @@ def _main(argv: list[str] | None) -> int:
     tok = tokenizer_for(cfg1)
     kw = dict(frames=cfg1.model.num_frames, resolution=cfg1.model.resolution, tokenizer=tok,
               workers=cfg1.data.workers, max_bad_share=cfg1.data.max_bad_fraction)
-    train, val = decode_all(cfg1.data.train, **kw), decode_all(cfg1.data.val, **kw)
+    (train, _), (val, _) = decode_all(cfg1.data.train, **kw), decode_all(cfg1.data.val, **kw)  # skips: reported
     backend = cfg1.model.attention_backend
     enc1 = model_from_safetensors(res1["export"], expect="FactorizedVideoCLIP", attention_backend=backend).vision_encoder
     enc2 = model_from_safetensors(res2["export"], expect="FactorizedEncoder", attention_backend=backend)

@@ -9,8 +9,10 @@ metrics, checkpoints and resume.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
+import sys
 import time
 from typing import Protocol
 
@@ -73,6 +75,8 @@ class Trainer:
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
         self.resumed_from: str | None = None
+        self.skipped_samples = 0
+        self.rejects_path = os.path.join(tc.out_dir, f"rejects.rank{dist_.rank}.jsonl")
 
     # ---- state -----------------------------------------------------------------------
     def save(self) -> str:
@@ -186,6 +190,7 @@ class Trainer:
                            mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt,
                            peak_mem_gb=peak_memory_gb(d.device))
                 log.step(self.step, rec, show=self.step % tc.log_every == 0 or self.step == tc.steps)
+                self._report_rejects(log)
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < tc.steps:
                     self.save()
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
@@ -203,7 +208,27 @@ class Trainer:
         finally:
             log.close()
         results["nonfinite"] = self.nonfinite
+        results["skipped_samples"] = self.skipped_samples
+        if self.skipped_samples:
+            results["rejects"] = self.rejects_path
         return results
+
+    def _report_rejects(self, log: MetricsLogger) -> None:
+        """Each sample or manifest line the data layer skipped since the last step: one line on the console
+        (every rank: each reads its own shard) and one JSON line in `rejects.rank<r>.jsonl`."""
+        drain = getattr(self.data, "drain_rejects", None)
+        rejects = drain() if drain else []
+        if not rejects:
+            return
+        self.skipped_samples += len(rejects)
+        with open(self.rejects_path, "a") as f:
+            for name, reason in rejects:
+                f.write(json.dumps({"step": self.step, "path": name, "reason": reason}) + "\n")
+                text = f"[{self.name}] step {self.step}: skipped {name}: {reason}"
+                if self.dist.main:
+                    log.message(text)
+                else:
+                    print(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
 
     def _evaluate(self, log: MetricsLogger) -> dict:
         self.task.module.eval()

@@ -92,6 +92,7 @@ class VideoTextLoader:
         self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
         self.max_bad_share, self.drop_last = max_bad_share, drop_last
         self.source_rejects = list(source_rejects)
+        self._unreported = list(self.source_rejects)  # for drain_rejects(): a trainer reports each skip once
         self.epoch, self.position = 0, 0
         self._budget = self._new_budget()
         self._committed = 0  # rejects of this epoch up to `position` (the ones a resume must not count twice)
@@ -124,6 +125,11 @@ class VideoTextLoader:
         """(name, reason) of every sample skipped in this epoch so far (manifest lines: `source_rejects`)."""
         return list(self._budget.rejects)
 
+    def drain_rejects(self) -> list[tuple[str, str]]:
+        """(name, reason) of the samples and manifest lines skipped since the last call (all epochs)."""
+        out, self._unreported = self._unreported, []
+        return out
+
     # ---- state -----------------------------------------------------------------------------------------------
     def _new_budget(self) -> BadSampleBudget:
         return BadSampleBudget(total=len(self.epoch_order(self.epoch)), max_share=self.max_bad_share,
@@ -150,6 +156,7 @@ class VideoTextLoader:
         pending: list[_Item] = []
         for item in items:
             if item.bad is not None:
+                self._unreported.append((self.samples[item.sample_id].name, item.bad))
                 self._budget.skip(self.samples[item.sample_id].name, item.bad)
                 continue
             pending.append(item)

@@ -67,6 +67,64 @@ def write_clip(path, n, size=32, codec="h264", gop=None):
     return frames
 
 
+def test_non_utf8_tags_do_not_make_a_clip_unreadable(tmp_path):
+    """A Latin-1 title tag (legacy files): PyAV used to raise UnicodeDecodeError on open."""
+    path = tmp_path / "latin1.mkv"
+    frames = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    with av.open(str(path), "w", format="matroska") as out:
+        out.metadata["title"] = "caf_XYZ"
+        s = out.add_stream("libvpx-vp9", rate=8)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for f in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(s.encode())
+    data = path.read_bytes()
+    assert data.count(b"caf_XYZ") == 1
+    path.write_bytes(data.replace(b"caf_XYZ", b"caf\xe9XYZ"[:7]))  # same length: Latin-1 e-acute
+    assert read_clip(str(path), num_frames=4, resolution=16).shape == (4, 16, 16, 3)
+
+
+def test_webm_with_audio_cut_in_half_is_truncated(tmp_path):
+    """WebM streams carry no duration; the file's covers audio too: a cut clip with an audio track
+    is caught against it (it was accepted, its frames sampled over the half that survived)."""
+    path = tmp_path / "av.webm"
+    rate = 48000
+    with av.open(str(path), "w", format="webm") as out:
+        v = out.add_stream("libvpx-vp9", rate=10)
+        v.width = v.height = 32
+        v.pix_fmt = "yuv420p"
+        a = out.add_stream("libopus", rate=rate)
+        rng = np.random.default_rng(0)
+        for i in range(40):  # 4 s of video and audio
+            out.mux(v.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                                                        format="rgb24")))
+            tone = (0.1 * np.sin(np.arange(rate // 10) / 10.0)).astype(np.float32)[None]
+            af = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+            af.sample_rate, af.pts = rate, i * (rate // 10)
+            out.mux(a.encode(af))
+        out.mux(v.encode())
+        out.mux(a.encode())
+    assert read_clip(str(path), num_frames=8, resolution=16).shape[0] == 8
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(BadVideoError, match="truncated"):
+        read_clip(str(cut), num_frames=8, resolution=16)
+
+
+@needs_media
+def test_window_edges_agree_between_containers_and_the_probe_plan():
+    """WebM rounds timestamps down to whole ms: a frame shown exactly at `start` (7/12 s at 12 fps)
+    must stay in the window, as in the MP4 twin and in the i / fps plan of a clean manifest."""
+    from videoprism.data.decode import PyAVClip
+
+    for start, end in ((7 / 12, 2.5), (1 / 3, 1.0)):
+        want = list(range(int(np.ceil(start * 12 - 1e-6)), int(np.ceil(end * 12 - 1e-6))))
+        for path in (H264, VP9):
+            with PyAVClip(path) as clip:
+                assert clip.index.window(start, end) == want, (path, start, end)
+
+
 # ---- sampling and decoding ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("h, w", [(180, 320), (320, 180), (64, 64)])
 def test_train_crops_keep_the_aspect_ratio_range(h, w):
@@ -247,6 +305,32 @@ def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):
         assert word in reasons[f"{p}:{n}"], reasons
     with pytest.raises(TooManyBadSamplesError, match="max_bad_share"):
         read_manifest(str(p), max_bad_share=0.5)
+
+
+def test_manifest_with_a_byte_order_mark_and_bad_json_columns(tmp_path, synth):
+    good = json.dumps({"path": os.path.join(synth, "clips", "000000.webm"), "caption": "ok"})
+    p = tmp_path / "bom.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + b'{"path": "a.mp4", "caption": "x",}\n')
+    samples, rejects = read_manifest(str(p), max_bad_share=1.0)
+    assert len(samples) == 1  # the BOM is not part of line 1
+    assert rejects == [(f"{p}:2", "bad JSON (Expecting property name enclosed in double quotes at column 34)")]
+
+
+def test_resume_over_other_samples_is_refused(tmp_path, synth):
+    """The position indexes a permutation of the sample list: restoring it over another list (a
+    re-indexed manifest with a line less) would silently repeat and drop samples."""
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=True, seed=0, tokenizer=os.path.join(synth, "spm.model"),
+              backend="pyav")
+    full = build_loader(os.path.join(synth, "train.jsonl"), **kw)
+    it = iter(full)
+    next(it)
+    lines = open(os.path.join(synth, "train.jsonl")).read().splitlines()
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(json.dumps({**json.loads(x), "path": os.path.join(synth, json.loads(x)["path"])})
+                               for x in lines[:-1]) + "\n")
+    with pytest.raises(ValueError, match="saved over other samples"):
+        build_loader(str(short), **kw).load_state_dict(full.state_dict())
+    build_loader(os.path.join(synth, "train.jsonl"), **kw).load_state_dict(full.state_dict())  # same data: fine
 
 
 def test_relative_paths_resolve_against_manifest_folder(synth):

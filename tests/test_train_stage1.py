@@ -199,7 +199,7 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
     from videoprism.train.data import build_train_data, tokenizer_for
 
     overrides = ["train.compile=false", "data.source=manifest", "data.cache=false", f"data.train={root}/train.jsonl",
-                 "data.workers=0", "data.max_bad_fraction=0.5", "train.steps=5", "checkpoint.interval=0"]
+                 "data.workers=0", "data.max_bad_share=0.5", "train.steps=5", "checkpoint.interval=0"]
     tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
     trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)
     trainer.data = build_train_data(trainer.cfg, trainer.dist, tok, micro_batch=4, vocab=tok.vocab_size)

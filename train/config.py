@@ -85,7 +85,7 @@ class DataConfig:
     val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
     tokenizer: str = f("", "SentencePiece model of the captions ('' = DIR/spm.model next to the first manifest).")
     workers: int = f(2, "Decoding worker processes per rank.")
-    max_bad_fraction: float = f(0.1, "Stop with an error when more than this share of samples is unreadable "
+    max_bad_share: float = f(0.01, "Stop with an error when more than this share of samples is unreadable "
                                           "(counted by each rank over its share of an epoch, and over a manifest's "
                                           "lines: with few samples per rank one bad file weighs more).")
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")

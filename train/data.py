@@ -209,14 +209,14 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
             raise ValueError("data.cache=true takes one training manifest; set data.cache=false to alternate datasets")
         path, _, frames = datasets[0]
         clips, rejects = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
-                                    workers=dc.workers, max_bad_share=dc.max_bad_fraction)
+                                    workers=dc.workers, max_bad_share=dc.max_bad_share)
         return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed,
                            rejects=rejects)
     from videoprism.data.loader import build_loader
 
     loaders = [build_loader(path, num_frames=frames, resolution=cfg.model.resolution, batch_size=micro_batch,
                             train=True, seed=seed, rank=dist_.rank, world_size=dist_.world, tokenizer=tokenizer,
-                            device=dist_.device, num_workers=dc.workers, max_bad_share=dc.max_bad_fraction,
+                            device=dist_.device, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
                             flip_prob=dc.flip_prob)
                for path, _, frames in datasets]
     return ManifestData(loaders, [w for _, w, _ in datasets], seed)
@@ -227,7 +227,7 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> l
     if not cfg.data.val or cfg.data.source == "random":
         return None
     clips, rejects = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
-                                tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_fraction)
+                                tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_share)
     for name, reason in rejects:
         print(f"data.val: skipped {name}: {reason}", file=sys.stderr)
     n = clips["video"].shape[0]

@@ -91,7 +91,7 @@ def _main(argv: list[str] | None) -> int:
     t0 = time.perf_counter()
     tok = tokenizer_for(cfg1)
     kw = dict(frames=cfg1.model.num_frames, resolution=cfg1.model.resolution, tokenizer=tok,
-              workers=cfg1.data.workers, max_bad_share=cfg1.data.max_bad_fraction)
+              workers=cfg1.data.workers, max_bad_share=cfg1.data.max_bad_share)
     (train, _), (val, _) = decode_all(cfg1.data.train, **kw), decode_all(cfg1.data.val, **kw)  # skips: reported
     backend = cfg1.model.attention_backend
     enc1 = model_from_safetensors(res1["export"], expect="FactorizedVideoCLIP", attention_backend=backend).vision_encoder

@@ -63,7 +63,10 @@ class VideoIndex:
 
 
 def _to_pts(seconds: float, time_base: Fraction) -> int:
-    return int(np.ceil(Fraction(seconds).limit_denominator(1 << 20) / time_base))
+    """The first tick at or after `seconds`, less half a tick: containers round timestamps to their ticks
+    (WebM: whole ms, down), so a frame shown exactly at `seconds` may carry the tick below it. The probe plan
+    of a clean manifest (i / fps) counts such a frame in too."""
+    return int(np.ceil(Fraction(seconds).limit_denominator(1 << 20) / time_base - Fraction(1, 2)))
 
 
 def _name(src: Source, name: str | None) -> str:
@@ -86,8 +89,9 @@ class PyAVClip:
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
         try:
-            self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src)
-        except av.error.FFmpegError as e:
+            # Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable.
+            self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, metadata_errors="replace")
+        except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise BadVideoError(self.name, f"not a video, or a truncated or corrupt one (cannot read the container: "
                                            f"{_msg(e)})") from None
         try:
@@ -137,21 +141,25 @@ class PyAVClip:
         ctx = s.codec_context
         index = VideoIndex(codec=ctx.codec.canonical_name, width=ctx.width, height=ctx.height, fps=fps,
                            time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
-        declared = self._declared_duration()
         # A cut WebM/Matroska file demuxes cleanly up to the cut: only the declared duration tells it is short.
-        if declared is not None and index.duration < declared - max(0.5, 2.0 / max(fps, 1e-6)):
+        declared, slack = self._declared_duration(fps)
+        if declared is not None and index.duration < declared - slack:
             raise BadVideoError(self.name, f"truncated: frames end at {index.duration:.2f} s of the declared "
                                            f"{declared:.2f} s")
         return index
 
-    def _declared_duration(self) -> float | None:
-        """Duration from the container header: the stream's own, or the file's when video is its only stream."""
-        s = self._stream
+    def _declared_duration(self, fps: float) -> tuple[float | None, float]:
+        """(duration from the container header, the shortfall that still counts as whole): the video stream's
+        own duration, else the file's (WebM streams carry none), which also spans the other streams, so audio
+        running past the last frame gets a wider margin."""
+        s, c = self._stream, self._container
+        slack = max(0.5, 2.0 / max(fps, 1e-6))
         if s.duration is not None and s.time_base is not None:
-            return float(s.duration * s.time_base)
-        if len(self._container.streams) == 1 and self._container.duration is not None:
-            return self._container.duration / 1e6
-        return None
+            return float(s.duration * s.time_base), slack
+        if c.duration is None:
+            return None, slack
+        declared = c.duration / 1e6
+        return declared, slack if len(c.streams) == 1 else max(slack, 1.0, 0.05 * declared)
 
     def sample_indices(self, num_frames: int, start: float | None = None, end: float | None = None) -> list[int]:
         """Clip frame indices of `num_frames` uniform samples over the clip or its [start, end) window."""

@@ -133,7 +133,8 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
     samples = []
     for n, raw in lines:
         try:
-            samples.append(sample_from_record(json.loads(raw.decode("utf-8")), base))
+            # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
+            samples.append(sample_from_record(json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()), base))
         except UnicodeDecodeError as e:
             budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
         except json.JSONDecodeError as e:

@@ -27,6 +27,14 @@ class BadSampleError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class NoUsableSamplesError(ValueError):
+    """A manifest or shard set with no usable sample; `rejects` holds every (where, reason)."""
+
+    def __init__(self, message: str, rejects: list[tuple[str, str]]):
+        self.rejects = rejects
+        super().__init__(message)
+
+
 class TooManyBadSamplesError(RuntimeError):
     """The share of skipped samples passed `max_bad_share`."""
 

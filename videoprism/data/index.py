@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from .decode import PyAVClip
-from .errors import BadVideoError
+from .errors import BadVideoError, NoUsableSamplesError
 from .manifest import Sample, read_source
 
 
@@ -46,7 +46,10 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     """Write the clean manifest `out` and the rejects report; returns counts {"total", "kept", "rejected"}."""
     if min_frames < 1:
         raise ValueError(f"min_frames must be >= 1, got {min_frames}")
-    samples, line_rejects = read_source(source, max_bad_share=1.0)
+    try:
+        samples, line_rejects = read_source(source, max_bad_share=1.0)
+    except NoUsableSamplesError as e:  # still worth a report: it says why every line was refused
+        samples, line_rejects = [], e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
     base = os.path.dirname(os.path.abspath(out))
     os.makedirs(base, exist_ok=True)

@@ -22,7 +22,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 
-from .errors import BadSampleBudget
+from .errors import BadSampleBudget, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration")
@@ -142,7 +142,7 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
         except ValueError as e:
             budget.skip(f"{path}:{n}", str(e))
     if not samples:
-        raise ValueError(f"manifest {path!r} has no usable line ({budget.bad} rejected)")
+        raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
 
 
@@ -187,7 +187,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
         except (ValueError, json.JSONDecodeError) as e:
             budget.skip(f"{tar_path}:{key}", str(e))
     if not samples:
-        raise ValueError(f"shards {paths} hold no usable sample ({budget.bad} rejected)")
+        raise NoUsableSamplesError(f"shards {paths} hold no usable sample ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
 
 

@@ -350,6 +350,7 @@ def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
                 tar.addfile(info, io.BytesIO(data))
     got, rejects = read_shards([shard])
     assert not rejects and [g.caption for g in got] == [s.caption for s in samples]
+    assert got[1].name == f"{shard}:0001.webm"  # messages name the member, not a byte range
     tok = Tokenizer(os.path.join(synth, "spm.model"))
     kw = dict(num_frames=8, resolution=36, batch_size=2, train=False, tokenizer=tok, backend="pyav")
     a = next(iter(build_loader(os.path.join(synth, "val.jsonl"), **kw)))

@@ -38,13 +38,16 @@ class Sample:
     label: int | dict | None = None
     offset: int | None = None  # byte range of the video inside `path` (WebDataset member)
     size: int | None = None
+    member: str | None = None  # its name inside the tar, for messages
     probe: dict = field(default_factory=dict, compare=False)  # index fields of a clean manifest
     extra: dict = field(default_factory=dict, compare=False)  # other fields of the line, kept by `index`
 
     @property
     def name(self) -> str:
         """How errors and reports name the sample."""
-        return self.path if self.offset is None else f"{self.path}@{self.offset}+{self.size}"
+        if self.offset is None:
+            return self.path
+        return f"{self.path}:{self.member}" if self.member else f"{self.path}@{self.offset}+{self.size}"
 
     def source(self) -> str | bytes:
         """The path to open, or the bytes of a member of a tar."""
@@ -67,7 +70,7 @@ class Sample:
         rec = dict(self.extra)
         rec["path"] = os.path.relpath(self.path, base) if base else self.path
         rec["caption"] = self.caption
-        for key in ("dataset", "start", "end", "label", "offset", "size"):
+        for key in ("dataset", "start", "end", "label", "offset", "size", "member"):
             value = getattr(self, key)
             if value not in (None, ""):
                 rec[key] = value
@@ -111,12 +114,14 @@ def sample_from_record(rec, base: str) -> Sample:
                                                  for v in (offset, size)):
         raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {offset!r}, "
                          f"{size!r}")
-    dataset = rec.get("dataset", "")
+    dataset, member = rec.get("dataset", ""), rec.get("member")
     if not isinstance(dataset, str):
         raise ValueError(f"'dataset' must be a string, got {dataset!r}")
-    known = {"path", "caption", "dataset", "start", "end", "label", "offset", "size", *PROBE_FIELDS}
+    if member is not None and not isinstance(member, str):
+        raise ValueError(f"'member' must be a string (the name inside the tar), got {member!r}")
+    known = {"path", "caption", "dataset", "start", "end", "label", "offset", "size", "member", *PROBE_FIELDS}
     return Sample(path=os.path.normpath(os.path.join(base, path)), caption=caption, dataset=dataset, start=start,
-                  end=end, label=_label(rec.get("label")), offset=offset, size=size,
+                  end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
                   extra={k: v for k, v in rec.items() if k not in known})
 
@@ -167,7 +172,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
                     entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
                     ext = "." + ext.lower()
                     if ext in VIDEO_EXTENSIONS:
-                        entry["video"] = (m.offset_data, m.size)
+                        entry["video"] = (m.offset_data, m.size, m.name)
                     elif ext in (".txt", ".json"):
                         entry[ext] = tar.extractfile(m).read()
         except (tarfile.TarError, EOFError) as e:
@@ -196,11 +201,14 @@ def _shard_sample(tar_path: str, entry: dict) -> Sample:
         raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")
     if ".txt" not in entry:
         raise ValueError("no .txt caption member")
-    rec = json.loads(entry[".json"].decode("utf-8")) if ".json" in entry else {}
+    try:
+        rec = json.loads(entry[".json"].decode("utf-8")) if ".json" in entry else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"the .json member is not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):
         raise ValueError("the .json member must hold an object")
-    offset, size = entry["video"]
-    rec.update(path=tar_path, caption=entry[".txt"].decode("utf-8").strip(), offset=offset, size=size)
+    offset, size, member = entry["video"]
+    rec.update(path=tar_path, caption=entry[".txt"].decode("utf-8").strip(), offset=offset, size=size, member=member)
     return sample_from_record(rec, os.path.dirname(tar_path))
 
 

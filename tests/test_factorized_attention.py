@@ -306,9 +306,27 @@ def test_sdpa_matches_reference_without_cap():
                                    factorized_attention_ref(x, **kw), rtol=1e-5, atol=1e-5)
 
 
+def test_sdpa_fp16_with_key_padding():
+    """The additive mask's fill fits fp16 (the fp32 one overflowed it)."""
+    gen = torch.Generator().manual_seed(7)
+    x = make_qkv(2, 3, 5, 2, 16, gen).float()
+    for axis in ("space", "time"):
+        kw = dict(axis=axis, key_padding=padding(2, 3, 5, axis, gen))
+        got = factorized_attention(x.half(), backend="sdpa", **kw).float()
+        torch.testing.assert_close(got, factorized_attention_ref(x, **kw), rtol=2e-2, atol=2e-2)
+
+
+def test_time_axis_pos_must_be_sorted_and_on_the_device():
+    x = torch.zeros(1, 2, 3, 3, 1, 8)
+    with pytest.raises(ValueError, match="increasing order"):
+        factorized_attention(x, axis="time", pos=torch.tensor([[[0, 2, 1], [0, 1, 2]]]))
+    with pytest.raises(ValueError, match="move it to qkv's device"):
+        factorized_attention(x, axis="time", pos=torch.arange(3).expand(1, 2, 3).to("meta"))
+
+
 def test_unsupported_combinations_name_a_backend_that_works():
     x = torch.zeros(1, 2, 3, 3, 1, 8)
-    pos = torch.zeros(1, 2, 3, dtype=torch.long)
+    pos = torch.arange(3).expand(1, 2, 3).contiguous()
     cases = [
         (dict(backend="sdpa", softcap=50.0), "'triton'"),
         (dict(backend="sdpa", pos=pos, axis="time"), "'triton'"),

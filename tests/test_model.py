@@ -181,6 +181,23 @@ def test_masked_encoding_rejects_bad_pos():
     m = tiny()
     with pytest.raises(ValueError, match="pos must be"):
         m(torch.rand(2, 3, 12, 12, 3), pos=torch.zeros(2, 4, 2, dtype=torch.long))
+    # Unsorted or repeated indices: the masked time axis binary-searches them (wrong rows, or
+    # unwritten output in the Triton kernel, before the check).
+    for bad in ([[0, 2, 1], [0, 1, 2], [0, 1, 2]], [[0, 0, 1], [0, 1, 2], [0, 1, 2]]):
+        with pytest.raises(ValueError, match="increasing order without repeats"):
+            m(torch.rand(2, 3, 12, 12, 3), pos=torch.tensor([bad, bad]))
+
+
+def test_uint8_video_identity_pos_is_bit_exact():
+    """uint8 video is scaled alike by the unmasked patchify and the masked patch gather: the
+    stage-2 teacher (unmasked) and student (masked) see the same pixels."""
+    m = tiny()
+    video = torch.randint(0, 256, (2, 3, 12, 18, 3), dtype=torch.uint8)
+    pos = torch.arange(6).expand(2, 3, 6).contiguous()
+    with torch.no_grad():
+        a, aa = m(video, return_intermediate=True)
+        b, bb = m(video, return_intermediate=True, pos=pos)
+    assert torch.equal(bb["spatial_features"], aa["spatial_features"]) and torch.equal(a, b)
 
 
 def test_crop_temporal_pos_emb_for_images():

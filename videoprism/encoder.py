@@ -15,6 +15,7 @@ from torch import nn
 
 from videoprism import ops
 from videoprism.config import EncoderConfig
+from videoprism.masking import check_pos_sorted
 from videoprism.layers import (
     TransformerStack,
     interpolate_spatial_pos_emb,
@@ -41,7 +42,9 @@ def patchify(video: torch.Tensor, patch_size: int) -> torch.Tensor:
     P = patch_size
     x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6)
     x = x.reshape(B, T, (H // P) * (W // P), P * P * C)
-    return x.float() / 255.0 if video.dtype == torch.uint8 else x
+    # Times fp32(1/255), as the masked patch gather does (kernels/patchify_gather.py UINT8_SCALE): a division
+    # differs in the last bit for half the values, and the teacher (unmasked) and student (masked) must agree.
+    return x.float() * (1.0 / 255.0) if video.dtype == torch.uint8 else x
 
 
 class FactorizedEncoder(nn.Module):
@@ -99,6 +102,7 @@ class FactorizedEncoder(nn.Module):
             if pos.dim() != 3 or pos.shape[0] != B or pos.shape[1] not in (1, T):
                 raise ValueError(f"pos must be [B, T, K] = [{B}, {T}, K] visible patch indices (or [{B}, 1, K], a "
                                  f"tube mask), got {tuple(pos.shape)}")
+            check_pos_sorted(pos)
             x = self.patch_projection(ops.patchify_gather(video, pos.expand(B, T, -1), P)
                                       .to(self.patch_projection.weight.dtype))
         K = x.shape[2]

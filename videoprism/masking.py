@@ -162,6 +162,23 @@ def accept_blocks_ref(top, left, bh, bw, start, length, frames: int, grid: tuple
     return mask.reshape(B, frames, h * w)
 
 
+def check_pos_sorted(pos: torch.Tensor) -> None:
+    """Visible indices must increase within each frame (sorted, no repeats): the masked time axis finds a
+    location's frames by binary search. On the CPU a ValueError; on a GPU an asynchronous device assert (no host
+    sync per call; a failure ends the process with this message); skipped inside compiled graphs (the masks of
+    this module are sorted by construction)."""
+    if pos.shape[-1] < 2 or torch.compiler.is_compiling():
+        return
+    ok = (pos[..., 1:] > pos[..., :-1]).all()
+    msg = ("pos must hold each frame's visible patch indices in increasing order without repeats (as "
+           "videoprism.masking returns them); sort them with pos.sort(-1).values")
+    if pos.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(msg)
+    else:
+        torch._assert_async(ok, msg)
+
+
 def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     """slot [B, T, N] int32 with slot[b, t, pos[b, t, k]] = k and -1 where patch n is masked
     in frame t.

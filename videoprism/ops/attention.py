@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
+from videoprism.masking import check_pos_sorted
 
 BACKENDS = ("reference", "triton", "flex", "flash", "sdpa")
 
@@ -235,11 +236,17 @@ def _sdpa(qkv, *, axis, softcap, pos, key_padding, causal, scale):
     q, k, v = (a.permute(*perm).reshape(-1, H, S, Dh) for a in (q, k, v))
     mask = None
     if kp is not None:
-        # Additive finite mask: a fully padded row stays uniform, as in the official code.
-        mask = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, MASK_VALUE)
+        # A sequence whose keys are all padded averages all values uniformly (the official code's finite mask):
+        # unmask it and zero its queries, so every score is 0. (A large fill alone is not exact in fp16, whose
+        # rounding near -32752 keeps parts of the scores.)
+        full = kp.all(-1, keepdim=True)
+        kp, q = kp & ~full, q.masked_fill(full, 0)
+        # MASK_VALUE overflows fp16: half the type's most negative value there.
+        fill = max(MASK_VALUE, 0.5 * torch.finfo(q.dtype).min)
+        mask = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, fill)
         if causal:
             c = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-            mask = mask.masked_fill(~c, MASK_VALUE)
+            mask = mask.masked_fill(~c & ~full, fill)
             causal = False
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     o = o.reshape(B, T, H, K, Dh) if axis == "space" else o.reshape(B, K, H, T, Dh)
@@ -265,9 +272,13 @@ def _validate(qkv, axis, softcap, pos, key_padding):
         if tuple(pos.shape) != btk or pos.dtype.is_floating_point or pos.dtype == torch.bool:
             raise ValueError(f"pos must be an integer [B, T, K] = {list(btk)} tensor of spatial indices, "
                              f"got {pos.dtype} {tuple(pos.shape)}")
+        check_pos_sorted(pos)
     if key_padding is not None and (tuple(key_padding.shape) != btk or key_padding.dtype != torch.bool):
         raise ValueError(f"key_padding must be a bool [B, T, K] = {list(btk)} tensor (True = padded key), "
                          f"got {key_padding.dtype} {tuple(key_padding.shape)}")
+    for name, t in (("pos", pos), ("key_padding", key_padding)):
+        if t is not None and t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device} but qkv on {qkv.device}; move it to qkv's device")
 
 
 def factorized_attention(

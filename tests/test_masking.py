@@ -133,6 +133,19 @@ def _block_geometry(rounds, batch, frames, grid, seed):
     return top, left, bh, bw, start, length
 
 
+def test_bevt_block_is_a_whole_cube_or_nothing():
+    """DESIGN 4: a block spans a run of consecutive frames. Round 0 masks the top row of frame 0;
+    round 1's bottom row over frames 0-1 would pass frame 0's budget of 3, so it is refused in
+    both frames (not kept in frame 1 alone, which would leave a gap in its run)."""
+    col = lambda *v: torch.tensor(v)[:, None]  # noqa: E731  [R, B=1]
+    geometry = (col(0, 1), col(0, 0), col(1, 1), col(2, 2), col(0, 0), col(1, 2))  # top left bh bw start length
+    mask = accept_blocks_ref(*geometry, 2, (2, 2), 3)
+    assert mask[0].tolist() == [[True, True, False, False], [False, False, False, False]]
+    # With room in every frame of its run the same block is taken in all of them.
+    mask = accept_blocks_ref(*geometry, 2, (2, 2), 4)
+    assert mask[0].tolist() == [[True, True, True, True], [False, False, True, True]]
+
+
 @pytest.mark.parametrize("rounds,batch,frames,grid,budget", [(24, 3, 4, (16, 16), 166), (7, 2, 3, (5, 7), 20),
                                                              (1, 1, 1, (1, 1), 1), (40, 2, 5, (9, 4), 30)])
 def test_bevt_block_kernel_equals_the_reference(rounds, batch, frames, grid, budget):

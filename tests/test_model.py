@@ -188,6 +188,16 @@ def test_masked_encoding_rejects_bad_pos():
             m(torch.rand(2, 3, 12, 12, 3), pos=torch.tensor([bad, bad]))
 
 
+def test_constructor_overrides_apply_over_a_given_config():
+    from videoprism.config import official_config
+
+    cfg = official_config("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
+                          num_temporal_layers=1)
+    m = vp.FactorizedEncoder(cfg, num_spatial_layers=2, attention_backend="flex")
+    assert m.config.num_spatial_layers == 2 and m.config.attention_backend == "flex" and cfg.num_spatial_layers == 1
+    assert len(m.spatial_encoder.layers) == 2
+
+
 def test_uint8_video_identity_pos_is_bit_exact():
     """uint8 video is scaled alike by the unmasked patchify and the masked patch gather: the
     stage-2 teacher (unmasked) and student (masked) see the same pixels."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from videoprism.config import ClassifierConfig
+from videoprism.config import ClassifierConfig, resolve_config
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler
 
@@ -17,7 +17,7 @@ class FactorizedVideoClassifier(nn.Module):
 
     def __init__(self, config: ClassifierConfig | None = None, *, device=None, dtype=None, **overrides):
         super().__init__()
-        config = config or ClassifierConfig(**overrides)
+        config = resolve_config(ClassifierConfig, config, overrides)
         self.config = config
         kw = dict(device=device, dtype=dtype)
         D = config.model_dim

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from videoprism.config import CLIPConfig
+from videoprism.config import CLIPConfig, resolve_config
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack, l2_normalize, layer_norm
 
@@ -79,7 +79,7 @@ class FactorizedVideoCLIP(nn.Module):
 
     def __init__(self, config: CLIPConfig | None = None, *, device=None, dtype=None, **overrides):
         super().__init__()
-        config = config or CLIPConfig(**overrides)
+        config = resolve_config(CLIPConfig, config, overrides)
         self.config = config
         kw = dict(device=device, dtype=dtype)
         D = config.model_dim

@@ -80,6 +80,12 @@ for _size in ("base", "large"):
     CONFIGS[f"videoprism_lvt_public_v1_{_size}"] = CONFIGS[f"videoprism_lvt_v1_{_size}"]
 
 
+def resolve_config(cls, config, overrides: dict):
+    """A model's config from its constructor's arguments: `config` with `overrides` applied (a field set
+    both ways takes the override), or `cls(**overrides)` without a config."""
+    return dataclasses.replace(config, **overrides) if config is not None else cls(**overrides)
+
+
 def official_config(name: str, **overrides):
     """The typed config of an official name, with field overrides."""
     if name not in CONFIGS:

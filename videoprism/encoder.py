@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from videoprism import ops
-from videoprism.config import EncoderConfig
+from videoprism.config import EncoderConfig, resolve_config
 from videoprism.masking import check_pos_sorted
 from videoprism.layers import (
     TransformerStack,
@@ -64,7 +64,7 @@ class FactorizedEncoder(nn.Module):
 
     def __init__(self, config: EncoderConfig | None = None, *, device=None, dtype=None, **overrides):
         super().__init__()
-        config = config or EncoderConfig(**overrides)
+        config = resolve_config(EncoderConfig, config, overrides)
         self.config = config
         kw = dict(device=device, dtype=dtype)
         D, P = config.model_dim, config.patch_size

@@ -78,6 +78,10 @@ def test_bevt_is_blockier_than_uniform_and_follows_frames():
     same = (masked[:, 1:] & masked[:, :-1]).double().sum() / masked[:, :-1].double().sum()
     assert float(same) > 0.75
     assert not torch.equal(pos, pos[:, :1].expand_as(pos))
+    # A budget under the minimum block (5% of 16x16 = 13 < 16 patches) still gets blocks, not
+    # only the random top-up (uniform: ~0.05 of a masked patch's neighbours masked).
+    low = masked_grid(bevt_mask(B, T, grid, 0.05, seed=0), grid)
+    assert masked_neighbour_share(low) > 0.3
 
 
 @pytest.mark.parametrize("kind", list(MASKS))

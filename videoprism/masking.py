@@ -127,7 +127,8 @@ def propose_blocks(batch: int, frames: int, grid: tuple[int, int], budget: int, 
     each [R, B] int64 (see bevt_mask for their distributions)."""
     h, w = grid
     n = h * w
-    min_block = max(1, round(_MIN_BLOCK_AT_256 * n / 256))
+    # At most the budget: a low ratio (under ~6% at 16x16) would otherwise refuse every block.
+    min_block = min(budget, max(1, round(_MIN_BLOCK_AT_256 * n / 256)))
     rounds = min(_MAX_ROUNDS, _ROUNDS_PER_MIN_BLOCK * math.ceil(budget / min_block))
     log_lo, log_hi = math.log(_ASPECT[0]), math.log(_ASPECT[1])
     u = torch.rand(6, rounds, batch, generator=generator, device=device)

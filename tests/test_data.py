@@ -67,18 +67,23 @@ def write_clip(path, n, size=32, codec="h264", gop=None):
     return frames
 
 
-def test_non_utf8_tags_do_not_make_a_clip_unreadable(tmp_path):
-    """A Latin-1 title tag (legacy files): PyAV used to raise UnicodeDecodeError on open."""
-    path = tmp_path / "latin1.mkv"
-    frames = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
-    with av.open(str(path), "w", format="matroska") as out:
-        out.metadata["title"] = "caf_XYZ"
-        s = out.add_stream("libvpx-vp9", rate=8)
-        s.width = s.height = 32
+def write_vp9(path: str, frames: np.ndarray, fps: int, title: str | None = None) -> None:
+    """Frames as VP9 in Matroska/WebM with PyAV's default settings (black decodes to exact zeros)."""
+    with av.open(path, "w", format="matroska" if path.endswith(".mkv") else "webm") as out:
+        if title is not None:
+            out.metadata["title"] = title
+        s = out.add_stream("libvpx-vp9", rate=fps)
+        s.width, s.height = frames.shape[2], frames.shape[1]
         s.pix_fmt = "yuv420p"
         for f in frames:
             out.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(s.encode())
+
+
+def test_non_utf8_tags_do_not_make_a_clip_unreadable(tmp_path):
+    """A Latin-1 title tag (legacy files): PyAV used to raise UnicodeDecodeError on open."""
+    path = tmp_path / "latin1.mkv"
+    write_vp9(str(path), np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8), 8, title="caf_XYZ")
     data = path.read_bytes()
     assert data.count(b"caf_XYZ") == 1
     path.write_bytes(data.replace(b"caf_XYZ", b"caf\xe9XYZ"[:7]))  # same length: Latin-1 e-acute
@@ -338,16 +343,21 @@ def test_relative_paths_resolve_against_manifest_folder(synth):
     assert not rejects and all(os.path.isfile(s.path) for s in samples)
 
 
-def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
-    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
-    shard = str(tmp_path / "shard-000.tar")
-    with tarfile.open(shard, "w") as tar:
+def write_shard(path: str, samples) -> None:
+    """A WebDataset tar of the samples: NNNN.webm, NNNN.txt (caption), NNNN.json (label)."""
+    with tarfile.open(path, "w") as tar:
         for i, s in enumerate(samples):
             tar.add(s.path, arcname=f"{i:04d}.webm")
             for ext, data in ((".txt", s.caption.encode()), (".json", json.dumps({"label": s.label}).encode())):
                 info = tarfile.TarInfo(f"{i:04d}{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    shard = str(tmp_path / "shard-000.tar")
+    write_shard(shard, samples)
     got, rejects = read_shards([shard])
     assert not rejects and [g.caption for g in got] == [s.caption for s in samples]
     assert got[1].name == f"{shard}:0001.webm"  # messages name the member, not a byte range
@@ -361,12 +371,7 @@ def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
 def test_cut_or_garbage_shard_is_rejected_by_name_and_its_intact_members_kept(tmp_path, synth):
     samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
     whole = str(tmp_path / "whole.tar")
-    with tarfile.open(whole, "w") as tar:
-        for i, s in enumerate(samples):
-            tar.add(s.path, arcname=f"{i:04d}.webm")
-            info = tarfile.TarInfo(f"{i:04d}.txt")
-            info.size = len(s.caption.encode())
-            tar.addfile(info, io.BytesIO(s.caption.encode()))
+    write_shard(whole, samples)
     data = open(whole, "rb").read()
     cut, garbage = str(tmp_path / "cut.tar"), str(tmp_path / "garbage.tar")
     open(cut, "wb").write(data[: len(data) // 2])

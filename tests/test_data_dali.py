@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,7 +16,7 @@ from videoprism.data.loader import build_loader  # noqa: E402
 from videoprism.data.synth import generate  # noqa: E402
 from videoprism.data.transforms import Augment, apply_augment, uniform_indices  # noqa: E402
 
-from .test_data import H264, VP9, needs_media, psnr  # noqa: E402
+from .test_data import H264, VP9, needs_media, psnr, write_vp9  # noqa: E402
 
 
 def dali_frames(path, indices, device="cpu", box=None, size=None, flip=False):
@@ -126,13 +125,7 @@ def test_clip_with_black_frames_is_kept(tmp_path, synth):
     path = str(tmp_path / "fade.webm")
     frames = np.zeros((12, 64, 64, 3), np.uint8)
     frames[6:] = np.random.default_rng(0).integers(0, 256, (6, 1, 1, 3), dtype=np.uint8)
-    with av.open(path, "w") as c:
-        st = c.add_stream("libvpx-vp9", rate=8)
-        st.width = st.height = 64
-        st.pix_fmt = "yuv420p"
-        for f in frames:
-            c.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
-        c.mux(st.encode())
+    write_vp9(path, frames, 8)
     m = tmp_path / "m.jsonl"
     m.write_text(json.dumps({"path": path, "caption": "fade in", "codec": "vp9", "frames": 12, "fps": 8.0,
                              "width": 64, "height": 64}) + "\n")

@@ -224,7 +224,7 @@ def _load_kv(base, cols, offs_d, d_ok, K, s_k, s_3, s_d):
     return tl.load(base + s_3 + off, mask=mask, other=0.0), tl.load(base + 2 * s_3 + off, mask=mask, other=0.0)
 
 
-@triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+@triton.autotune(configs=_configs(True), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL", "HAS_KP"],
                  prune_configs_by={"early_config_prune": _prune(True)}, do_bench=autotune_bench)
 @triton.jit
 def _space_fwd_kernel(
@@ -296,7 +296,7 @@ def _space_probs(s, m, logl):
     return _exp2((s - m[:, None]) - logl[:, None])
 
 
-@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL", "HAS_KP"],
                  prune_configs_by={"early_config_prune": _prune(False)}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dq_kernel(
@@ -354,7 +354,7 @@ def _space_bwd_dq_kernel(
     tl.store(g, (dq * scale).to(dqkv.dtype.element_ty), mask=row_mask)
 
 
-@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL"],
+@triton.autotune(configs=_configs(False), key=["K", "BLOCK_D", "SOFTCAP", "CAUSAL", "HAS_KP"],
                  prune_configs_by={"early_config_prune": _prune(False)}, do_bench=autotune_bench)
 @triton.jit
 def _space_bwd_dkdv_kernel(

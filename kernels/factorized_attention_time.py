@@ -164,7 +164,7 @@ def _time_probs(q, k, b, slot, valid, kp, kp_b, kp_t, kp_k, qk_scale, cap2,
     return p, th, keep
 
 
-_KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP"]
+_KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP", "CAUSAL", "HAS_KP"]
 
 
 @triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(True)},

@@ -97,6 +97,11 @@ def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: i
     K = pos.shape[2]
     P = patch_size
     F = P * P * C
+    # The kernel indexes within a frame and counts patch rows in int32 (frame offsets are int64).
+    for what, v in (("values per frame (H*W*3)", H * W * C), ("visible patches (B*T*K)", B * T * K)):
+        if v >= 2**31:
+            raise ValueError(f"patchify_gather (triton): {what} = {v} is 2^31 or more; split the batch or use "
+                             "backend='cuda'")
     out = torch.empty(B, T, K, F, dtype=output_dtype(video.dtype), device=video.device)
     if out.numel() == 0:
         return out

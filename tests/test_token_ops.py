@@ -571,3 +571,15 @@ def test_gpu_cuda_offsets_beyond_int32():
     pos = torch.rand(1, T, h * w, device=dev, generator=g).argsort(-1)[..., :4]
     got = patchify_gather(video, pos, P, backend="cuda")
     assert torch.equal(got[:, -3:], patchify_gather_ref(video[:, -3:], pos[:, -3:], P))
+
+
+def test_triton_patchify_refuses_int32_overflowing_shapes():
+    """Its in-frame offsets and row counters are int32: a frame of 2^31 values is refused up
+    front (meta tensors: nothing allocated, nothing launched)."""
+    pytest.importorskip("triton")
+    from videoprism.kernels.patchify_gather import patchify_gather_triton
+
+    video = torch.empty(1, 1, 26766, 26766, 3, dtype=torch.uint8, device="meta")  # 2.149e9 values
+    pos = torch.zeros(1, 1, 4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="values per frame"):
+        patchify_gather_triton(video, pos, 18)

@@ -119,3 +119,40 @@ def test_safetensors_round_trip(tmp_path, golden_dir, golden_config, golden_inpu
         assert torch.equal(v, b.state_dict()[k]), k
     with pytest.raises(vp.CheckpointError, match="does not match"):
         vp.load_safetensors(path, vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"])))
+
+
+def test_safetensors_metadata_and_dtype_are_checked(tmp_path):
+    """A file whose config lacks a field (a default would stand in silently), holds a malformed
+    field, or stores another dtype than the model's is refused with a CheckpointError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from videoprism.config import official_config
+
+    enc = vp.FactorizedEncoder(official_config("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32,
+                                               num_spatial_layers=1, num_temporal_layers=1,
+                                               pos_emb_shape=(2, 2, 2), atten_logit_cap=30.0))
+    good = str(tmp_path / "good.safetensors")
+    vp.save_safetensors(enc, good)
+    assert vp.model_from_safetensors(good).config.atten_logit_cap == 30.0
+    with safe_open(good, framework="pt") as fh:
+        meta, state = fh.metadata(), {k: fh.get_tensor(k) for k in fh.keys()}
+    config = json.loads(meta["config"])
+
+    drop = object()
+
+    def write(name, tensors=state, **config_changes):
+        cfg = {k: v for k, v in {**config, **config_changes}.items() if v is not drop}
+        path = str(tmp_path / name)
+        save_file(tensors, path, metadata={**meta, "config": json.dumps(cfg)})
+        return path
+
+    cases = [(write("missing.safetensors", atten_logit_cap=drop), "missing from the metadata"),
+             (write("shape.safetensors", pos_emb_shape=[2, 2]), "pos_emb_shape must be 3 ints"),
+             (write("type.safetensors", model_dim="wide"), "does not build"),
+             (write("half.safetensors", {k: v.half() for k, v in state.items()}), "is torch.float16")]
+    for path, needle in cases:
+        with pytest.raises(vp.CheckpointError, match=needle):
+            vp.model_from_safetensors(path)

@@ -100,6 +100,35 @@ def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
 
 
+def test_embed_classifier_checkpoint_gives_encoder_features(tmp_path):
+    """A classifier's forward is class logits; embed uses its encoder (same features as the
+    encoder alone), not the logits."""
+    cls = vp.from_official("videoprism_vc_v1_base", model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1,
+                           num_temporal_layers=1, patch_size=8, pos_emb_shape=(2, 4, 4), num_classes=5)
+    vp.save_safetensors(cls, str(tmp_path / "cls.safetensors"))
+    vp.save_safetensors(cls.encoder, str(tmp_path / "enc.safetensors"))
+    write_clip(str(tmp_path / "c.mp4"), 8)
+    for name in ("cls", "enc"):
+        assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", str(tmp_path / f"{name}.safetensors"),
+                     "--pool", "mean", "--quiet", "--out", str(tmp_path / f"{name}.npy")]) == 0
+    got, want = np.load(tmp_path / "cls.npy"), np.load(tmp_path / "enc.npy")
+    assert got.shape == (1, 32) and np.array_equal(got, want)
+
+
+def test_embed_and_convert_refuse_bad_flags_before_any_work(tmp_path, capsys):
+    ckpt = _small_encoder_file(tmp_path)
+    clip = str(tmp_path / "c.mp4")
+    for flags, needle in ((["--num-frames", "0"], "--num-frames 0: must be a positive"),
+                          (["--resolution", "0"], "--resolution 0: must be a positive"),
+                          (["--device", "gpu"], "not a device"),
+                          (["--out", "/proc/nope/e.npy"], "/proc/nope")):
+        args = ["embed", clip, "--checkpoint", ckpt, "--quiet", "--out", str(tmp_path / "e.npy"), *flags]
+        assert main(args) == 2, flags
+        assert needle in capsys.readouterr().err, flags
+    assert main(["convert", "x.npz", "--model", "videoprism_v1_base", "--out", str(tmp_path / "c.npy")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+
+
 def test_embed_progress_bar_shows_the_rate_once(tmp_path, capsys):
     ckpt = _small_encoder_file(tmp_path)
     clip = str(tmp_path / "c.mp4")

@@ -18,7 +18,7 @@ from videoprism.train.config import OptimConfig, build_config, help_text, save_c
 from videoprism.train.data import trim_text
 from videoprism.train.losses import contrastive_loss, cosine_distance
 from videoprism.train.optim import lr_at
-from videoprism.train.retrieval import caption_groups, retrieval_metrics
+from videoprism.train.retrieval import caption_groups, recall_at_k, retrieval_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,6 +129,19 @@ def test_retrieval_metrics_brute_force():
         assert m[f"t2v_R@{k}"] == pytest.approx(hits / n)
     rows = [tuple(r) for r in ids.tolist()]
     assert m["chance_R@1"] == pytest.approx(sum(rows.count(r) for r in rows) / n / n)
+
+
+def test_retrieval_ties_count_against_the_model():
+    """A collapsed model (every embedding equal) retrieves nothing, whatever the order of the
+    split: a topk would break the ties by index and score by how the clips are ordered."""
+    groups = torch.arange(20).repeat_interleave(5)          # 20 captions x 5 clips, grouped
+    same = F.normalize(torch.ones(100, 8), dim=-1)
+    for order in (groups, groups.reshape(20, 5).T.reshape(-1)):  # grouped and interleaved
+        m = retrieval_metrics(same, same, order)
+        assert m["t2v_R@10"] == m["v2t_R@1"] == 0.0
+    # One tie with the true item: it no longer counts as rank 1.
+    sim = torch.tensor([[0.9, 0.9, 0.1]])
+    assert recall_at_k(sim, torch.tensor([0]), torch.tensor([0, 1, 2]), ks=(1, 2)) == {1: 0.0, 2: 1.0}
 
 
 def test_caption_groups_ignore_padding_content():

@@ -19,12 +19,15 @@ def caption_groups(text_ids: torch.Tensor, text_paddings: torch.Tensor) -> torch
 
 def recall_at_k(sim: torch.Tensor, query_groups: torch.Tensor, item_groups: torch.Tensor,
                 ks=(1, 5, 10)) -> dict[int, float]:
-    """sim [Q, I]; a query hits at k when one of its top-k items has the query's group."""
-    k_max = min(max(ks), sim.shape[1])
-    top = sim.topk(k_max, dim=1).indices                             # [Q, k_max]
-    hit = item_groups[top] == query_groups[:, None]                  # [Q, k_max]
-    first = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(query_groups, k_max))
-    return {k: float((first < k).float().mean()) for k in ks}
+    """sim [Q, I]; a query hits at k when its best-scored item of the query's group ranks within
+    the top k. Ties count against the model: that item's rank is the number of other items
+    scoring at least as high (a topk would break ties by item order, and a collapsed model
+    whose embeddings are all equal would score by how the split happens to be ordered)."""
+    match = item_groups[None, :] == query_groups[:, None]                      # [Q, I]
+    best = sim.masked_fill(~match, float("-inf")).amax(1, keepdim=True)       # [Q, 1]
+    rank = ((sim >= best) & ~match).sum(1)                                    # items ahead of it
+    rank = torch.where(match.any(1), rank, sim.shape[1])                      # a query with no match never hits
+    return {k: float((rank < k).float().mean()) for k in ks}
 
 
 def retrieval_metrics(video: torch.Tensor, text: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:

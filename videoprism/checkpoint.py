@@ -189,7 +189,7 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
     filled = {n: torch.zeros(p.shape[:1] if p.dim() else (), dtype=torch.int32) for n, p in params.items()}
     for key, (shape, fill) in layout.items():
         arr = arrays[key]
-        if arr.dtype.kind not in "fiu":
+        if arr.dtype.kind != "f":
             raise CheckpointError(f"{path}: {key} has dtype {arr.dtype}; expected a float array")
         if tuple(arr.shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(arr.shape)} but the model expects {shape}; "
@@ -215,7 +215,13 @@ def save_safetensors(model: nn.Module, path: str) -> None:
 
     meta = {"class": type(model).__name__}
     if hasattr(model, "config"):
-        meta["config"] = json.dumps(asdict(model.config))
+        config = asdict(model.config)
+        # Only the fields of the model's own config class: a classifier's or CLIP's encoder shares its
+        # parent's config object, whose extra fields (num_classes, ...) the encoder cannot be built with.
+        own = _config_classes().get(type(model).__name__)
+        if own is not None:
+            config = {f.name: config[f.name] for f in dataclasses.fields(own)}
+        meta["config"] = json.dumps(config)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
@@ -243,9 +249,21 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but the model expects "
                                   f"{tuple(own[k].shape)}")
+        if v.dtype != own[k].dtype:
+            # Loaded with assign (meta models), a half file would silently make a half model.
+            raise CheckpointError(f"{path}: {k} is {v.dtype} but the model is {own[k].dtype}; save the "
+                                  f"weights in {own[k].dtype} (or cast the model before loading)")
     assign = any(t.is_meta for t in own.values())
     model.load_state_dict(state, strict=True, assign=assign)
     return model
+
+
+def _config_classes() -> dict:
+    """Model class name -> its config dataclass."""
+    from videoprism.config import CLIPConfig, ClassifierConfig, EncoderConfig
+
+    return {"FactorizedEncoder": EncoderConfig, "FactorizedVideoCLIP": CLIPConfig,
+            "FactorizedVideoClassifier": ClassifierConfig}
 
 
 def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
@@ -254,7 +272,6 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
     attention_backend); `expect` names the class the file must hold."""
     from safetensors import SafetensorError, safe_open
 
-    from videoprism.config import CLIPConfig, ClassifierConfig, EncoderConfig
     from videoprism.models import build_model
 
     if not os.path.isfile(path):
@@ -264,19 +281,31 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
             meta = fh.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    configs = {"FactorizedEncoder": EncoderConfig, "FactorizedVideoCLIP": CLIPConfig,
-               "FactorizedVideoClassifier": ClassifierConfig}
+    configs = _config_classes()
     name = meta.get("class")
     if name not in configs or "config" not in meta or (expect and name != expect):
         raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
                               "its config (save_safetensors writes both)")
-    values = {**json.loads(meta["config"]), **overrides}
-    values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
+    try:
+        values = {**json.loads(meta["config"]), **overrides}
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{path}: the config metadata is not a JSON object ({e})") from None
     fields = {f.name for f in dataclasses.fields(configs[name])}
     if set(values) - fields:
         raise CheckpointError(f"{path}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "
                               f"{sorted(fields)}")
-    return load_safetensors(path, build_model(configs[name](**values), device="meta"))
+    if fields - set(values):  # a default would silently stand in for how the weights were trained
+        raise CheckpointError(f"{path}: config field(s) {sorted(fields - set(values))} missing from the metadata; "
+                              "pass them as overrides or re-save the model with save_safetensors")
+    shape = values["pos_emb_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) for v in shape)):
+        raise CheckpointError(f"{path}: config pos_emb_shape must be 3 ints (frames, rows, cols), got {shape!r}")
+    values["pos_emb_shape"] = tuple(shape)
+    try:
+        model = build_model(configs[name](**values), device="meta")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not build a {name} ({e})") from None
+    return load_safetensors(path, model)
 
 
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:

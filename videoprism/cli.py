@@ -44,7 +44,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_frames=8")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attention_backend=flex")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -81,14 +81,30 @@ def cmd_embed(args) -> int:
     ext = os.path.splitext(args.out)[1]
     if ext not in (".npy", ".safetensors"):
         raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
+    for flag, value in (("--num-frames", args.num_frames), ("--resolution", args.resolution)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)  # before decoding anything: a bad --out fails now, not at the end
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out {args.out}: cannot write to {out_dir}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
     overrides = parse_overrides(args.set)
     if args.attention_backend:
         overrides["attention_backend"] = args.attention_backend
     model, source = _build(args.model, args.checkpoint, overrides, device=device)
+    if isinstance(model, vp.FactorizedVideoClassifier):
+        # Its forward gives class logits, not features: embed with its encoder.
+        model = model.encoder
     cfg = model.config
-    num_frames = args.num_frames or cfg.pos_emb_shape[0]
-    resolution = args.resolution or cfg.patch_size * cfg.pos_emb_shape[1]
+    num_frames = args.num_frames if args.num_frames is not None else cfg.pos_emb_shape[0]
+    resolution = args.resolution if args.resolution is not None else cfg.patch_size * cfg.pos_emb_shape[1]
     if resolution % cfg.patch_size:
         raise ValueError(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
     is_clip = isinstance(model, vp.FactorizedVideoCLIP)
@@ -121,7 +137,6 @@ def cmd_embed(args) -> int:
     if not embeddings:
         raise ValueError("no video could be decoded (each is reported above as skipped)")
     out = torch.stack(embeddings)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if ext == ".npy":
         np.save(args.out, out.numpy())
     else:
@@ -137,6 +152,8 @@ def cmd_embed(args) -> int:
 def cmd_convert(args) -> int:
     import videoprism as vp
 
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"--out {args.out}: must end in .safetensors (load_checkpoint picks the format by it)")
     overrides = parse_overrides(args.set)
     if args.num_classes:
         overrides["num_classes"] = args.num_classes
@@ -158,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("embed", help="embed video files with a VideoPrism model",
                        description="Decode each video, sample --num-frames frames uniformly, resize the shorter side "
                                    "and centre-crop to the model resolution, and write one embedding per video: the "
-                                   "token embeddings [T*N, D] of an encoder (or their mean with --pool mean), or the "
-                                   "L2-normalised video embedding [D] of an LvT model.")
+                                   "token embeddings [T*N, D] of an encoder (or their mean with --pool mean; a "
+                                   "classifier checkpoint embeds with its encoder), or the L2-normalised video "
+                                   "embedding [D] of an LvT model.")
     e.add_argument("videos", nargs="+", help="video files (any container/codec FFmpeg decodes)")
     e.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
                                    f"which carry their config): {names}")

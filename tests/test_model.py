@@ -224,3 +224,14 @@ def test_crop_temporal_pos_emb_for_images():
     assert (cropped - interpolated).abs().max() > 1e-3
     with pytest.raises(ValueError, match="crop_temporal_pos_emb"):
         m(torch.rand(1, 4, 12, 12, 3), crop_temporal_pos_emb=True)
+
+
+def test_config_fields_are_type_checked():
+    """A wrong type (e.g. `--set model_dim=abc`) is a ValueError naming the field, not a
+    TypeError from inside a layer constructor."""
+    for field, value in (("model_dim", "abc"), ("num_heads", 0), ("pos_emb_shape", (4, 4)),
+                         ("atten_logit_cap", -1.0), ("enable_causal_atten", 1)):
+        with pytest.raises(ValueError, match=f"CLIPConfig.{field} must be"):
+            vp.from_official("videoprism_lvt_v1_base", **{field: value})
+    assert vp.from_official("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
+                            num_temporal_layers=0, pos_emb_shape=[2, 2, 2]).config.pos_emb_shape == (2, 2, 2)

@@ -33,6 +33,28 @@ class EncoderConfig:
     attention_backend: str | None = None
     """"reference", "sdpa", "triton", "flex", "flash" or None (the device default)."""
 
+    def __post_init__(self):
+        """Each field has the type of its default (a wrong one, e.g. from `--set model_dim=abc`, failed deep
+        inside a layer constructor); sizes are positive, layer counts and the cap non-negative."""
+        if isinstance(self.pos_emb_shape, list):
+            self.pos_emb_shape = tuple(self.pos_emb_shape)
+        for f in dataclasses.fields(self):
+            v, d = getattr(self, f.name), f.default
+            if f.name == "pos_emb_shape":
+                ok = isinstance(v, tuple) and len(v) == 3 and all(_is_int(x) and x > 0 for x in v)
+                want = "3 positive ints (frames, rows, cols)"
+            elif isinstance(d, bool):
+                ok, want = isinstance(v, bool), "true or false"
+            elif isinstance(d, int):
+                lo = 0 if f.name.endswith("_layers") else 1
+                ok, want = _is_int(v) and v >= lo, f"an int >= {lo}"
+            elif isinstance(d, float):
+                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"
+            else:  # str, or str | None
+                ok, want = isinstance(v, str) or (v is None and d is None), "a string"
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{f.name} must be {want}, got {v!r}")
+
 
 @dataclass
 class CLIPConfig(EncoderConfig):
@@ -78,6 +100,10 @@ for _size in ("base", "large", "giant"):
 for _size in ("base", "large"):
     CONFIGS[f"videoprism_public_v1_{_size}"] = CONFIGS[f"videoprism_v1_{_size}"]
     CONFIGS[f"videoprism_lvt_public_v1_{_size}"] = CONFIGS[f"videoprism_lvt_v1_{_size}"]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def resolve_config(cls, config, overrides: dict):

@@ -1,7 +1,6 @@
 """Building the models the stages train, from the config or from an exported file."""
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -10,7 +9,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import videoprism
 from videoprism.checkpoint import load_checkpoint
-from videoprism.config import CLIPConfig, EncoderConfig, official_config
+from videoprism.config import CLIPConfig, official_config
 from videoprism.train.config import ModelConfig
 
 
@@ -41,12 +40,6 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
                                     "a .safetensors export")
         load_checkpoint(mc.init, model)
     return model.to(device)
-
-
-def encoder_config(config: EncoderConfig) -> EncoderConfig:
-    """The `EncoderConfig` part of any model config (e.g. a CLIP's vision tower)."""
-    fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-    return EncoderConfig(**{k: v for k, v in dataclasses.asdict(config).items() if k in fields})
 
 
 def model_from_safetensors(path: str, *, expect: str, attention_backend: str = "auto",

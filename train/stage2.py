@@ -19,6 +19,7 @@ from torch import nn
 
 import videoprism
 from videoprism.cli import run_command
+from videoprism.config import EncoderConfig, narrow_config
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, parse_args
@@ -26,7 +27,7 @@ from videoprism.train.data import build_train_data, build_val_batches, tokenizer
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
-from videoprism.train.modeling import build_clip, encoder_config, full_state_dict, model_from_safetensors, sub_state_dict
+from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed
 from videoprism.train.trainer import NonFiniteLossError, Trainer
@@ -115,7 +116,7 @@ class Stage2Task:
         """The student encoder as a `FactorizedEncoder` safetensors file (collective under FSDP)."""
         state = sub_state_dict(full_state_dict(module), "student.")
         if self.dist.main:
-            encoder = videoprism.FactorizedEncoder(encoder_config(self.model_config))
+            encoder = videoprism.FactorizedEncoder(narrow_config(self.model_config, EncoderConfig))
             encoder.load_state_dict(state, strict=True)
             videoprism.save_safetensors(encoder, path)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from videoprism.classifier import FactorizedVideoClassifier
+from videoprism.config import narrow_config
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack
@@ -215,13 +216,13 @@ def save_safetensors(model: nn.Module, path: str) -> None:
 
     meta = {"class": type(model).__name__}
     if hasattr(model, "config"):
-        config = asdict(model.config)
+        config = model.config
         # Only the fields of the model's own config class: a classifier's or CLIP's encoder shares its
         # parent's config object, whose extra fields (num_classes, ...) the encoder cannot be built with.
         own = _config_classes().get(type(model).__name__)
         if own is not None:
-            config = {f.name: config[f.name] for f in dataclasses.fields(own)}
-        meta["config"] = json.dumps(config)
+            config = narrow_config(config, own)
+        meta["config"] = json.dumps(asdict(config))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"

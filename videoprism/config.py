@@ -106,6 +106,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def narrow_config(config, cls):
+    """The `cls` part of a config (a subclass instance): e.g. the EncoderConfig of a CLIP's vision tower."""
+    return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
 def resolve_config(cls, config, overrides: dict):
     """A model's config from its constructor's arguments: `config` with `overrides` applied (a field set
     both ways takes the override), or `cls(**overrides)` without a config."""

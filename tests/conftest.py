@@ -1,6 +1,7 @@
 """Shared test fixtures: the golden data of ../shared (read in place, never copied) and the GPU marker."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 
@@ -19,6 +20,25 @@ import torch  # noqa: E402
 SHARED = os.environ.get("VIDEOPRISM_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 GOLDEN = os.path.join(SHARED, "golden", "visible")
 MEDIA = os.path.join(SHARED, "media")
+
+
+def pytest_configure(config):
+    """Triton 3.6's interpreter (torch 2.11's Triton, the CPU tests of the Triton kernels) turns
+    one-element arrays into Python ints, which numpy 2.4 refuses: dozens of kernel tests would fail
+    with a TypeError deep in Triton. Say so once instead (3.8 with numpy 2.4 is fine)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return
+    if _release(triton_version) < (3, 7) and _release(np.__version__) >= (2, 4):
+        raise pytest.UsageError(f"Triton {triton_version}'s interpreter, which runs the Triton kernel tests on the CPU, "
+                                f"needs numpy < 2.4 (this is {np.__version__}): pip install 'numpy<2.4'")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -170,7 +170,6 @@ def _bad_inputs(tmp):
         (stage1.main, [*tiny, "train.stepz=3"], "unknown field 'stepz'"),
         (stage1.main, ["--config", "tin"], "unknown config preset 'tin'"),
         (stage1.main, [*tiny, f"data.train={tmp}/none.jsonl"], "none.jsonl' does not exist"),
-        (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl", f"data.tokenizer={SPM}"], "bad.jsonl:1: bad JSON"),
         (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' is not a file"),
         (stage1.main, [*rand, "model.name=videoprism_v1_base"], "not a video-text (LvT) model"),
         (stage1.main, [*tiny, f"data.tokenizer={tmp}/garbage.model"], "is not a SentencePiece model"),
@@ -186,9 +185,23 @@ def _bad_inputs(tmp):
 
 def test_bad_input_one_line_error_exit_2(tmp_path, capsys):
     for entry, argv, needle in _bad_inputs(tmp_path):
-        assert entry(argv) == 2, argv
-        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning:")]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, lines)
+        _assert_one_line_error(entry, argv, needle, capsys)
+
+
+def test_bad_manifest_line_one_line_error_exit_2(tmp_path, capsys, media_dir):
+    from videoprism.train import stage1
+
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.webm", "caption": \n[1, 2]\n')
+    argv = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", f"train.out_dir={tmp_path}/run",
+            "train.steps=1", f"data.train={tmp_path}/bad.jsonl",
+            f"data.tokenizer={SPM}"]  # the tokenizer loads before the manifest is read
+    _assert_one_line_error(stage1.main, argv, "bad.jsonl:1: bad JSON", capsys)
+
+
+def _assert_one_line_error(entry, argv, needle, capsys):
+    assert entry(argv) == 2, argv
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, lines)
 
 
 def test_bad_input_traceback_on_request(tmp_path, monkeypatch):

@@ -26,6 +26,11 @@ import torch
 from .errors import BadVideoError
 from .transforms import Augment, apply_augment, uniform_indices
 
+# Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable: PyAV <= 18
+# decodes them strictly unless told to replace bad bytes (a UnicodeDecodeError at open); PyAV 19
+# dropped that keyword (an unexpected-keyword TypeError) and decodes tags without failing.
+_OPEN_OPTIONS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[0]) < 19 else {}
+
 Source = str | bytes  # a file path, or the encoded bytes of a WebDataset member
 
 
@@ -89,8 +94,7 @@ class PyAVClip:
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
         try:
-            # Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable.
-            self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, metadata_errors="replace")
+            self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise BadVideoError(self.name, f"not a video, or a truncated or corrupt one (cannot read the container: "
                                            f"{_msg(e)})") from None

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test suite on the CPU under the GPU machines' versions (Python 3.12, torch 2.11.0, Triton 3.6.0),
+# in a throwaway venv and a clone of HEAD, before spending device time there. Our own venv has newer
+# versions, which hid four failures that would have met us on the GPU machine (notes in the
+# 2026-11-27 session): a pyproject key older setuptools rejects, Triton 3.6 timing a lone autotune
+# config, PyAV 19 (what Python 3.12 gets) dropping a keyword, numpy 2.4 in Triton 3.6's interpreter.
+#
+#   bash tools/gpu_versions_check.sh               # ~6 min with the wheels cached, ~10 min without
+#   bash tools/gpu_versions_check.sh -k attention  # extra arguments go to pytest
+#
+# Env: PYTHON (python3.12 on PATH, else pyenv's), TORCH (2.11.0), WORK (/tmp/videoprism_gpu_versions).
+# The extension builds without its CUDA kernels (VIDEOPRISM_NO_CUDA=1; CI compiles those), and
+# numpy stays below 2.4, which Triton 3.6's interpreter needs (tests/conftest.py says so too).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=${WORK:-/tmp/videoprism_gpu_versions}
+TORCH=${TORCH:-2.11.0}
+is312() { [ -n "$1" ] && "$1" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; }
+if [ -z "${PYTHON:-}" ]; then  # a pyenv shim on PATH may exist and still refuse to run
+  for p in "$(command -v python3.12 2>/dev/null)" "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    is312 "$p" && { PYTHON=$p; break; }
+  done
+fi
+is312 "${PYTHON:-}" || { echo "gpu_versions_check: no working Python 3.12 found; set PYTHON=/path/to/python3.12" >&2; exit 2; }
+
+mkdir -p "$WORK"
+VENV=$WORK/venv-torch$TORCH
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip "setuptools<82" wheel ninja "numpy<2.4"
+  "$VENV/bin/pip" install -q "torch==$TORCH"
+fi
+rm -rf "$WORK/repo"
+git clone -q "$ROOT" "$WORK/repo"
+cd "$WORK/repo"
+VIDEOPRISM_NO_CUDA=1 "$VENV/bin/pip" install -q --no-build-isolation -e ".[test,dali]"
+"$VENV/bin/python" -c "import sys, torch, triton, av, numpy; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'triton', triton.__version__, 'av', av.__version__, 'numpy', numpy.__version__)"
+# The clone sits outside the checkout, so the tests find ../shared through VIDEOPRISM_SHARED.
+SHARED=$(cd "$ROOT/.." && pwd)/shared
+[ -d "$SHARED" ] && export VIDEOPRISM_SHARED=$SHARED
+OMP_WAIT_POLICY=PASSIVE "$VENV/bin/python" -m pytest -q -ra -p no:cacheprovider "$@"

@@ -27,6 +27,7 @@ share of an epoch passes `max_bad_share` (default 1%).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -136,9 +137,11 @@ class VideoTextLoader:
         return BadSampleBudget(total=len(self.epoch_order(self.epoch)), max_share=self.max_bad_share,
                                what=f"samples of epoch {self.epoch} on rank {self.rank}")
 
+    @functools.cached_property
     def _fingerprint(self) -> str:
         """Of the sample list the position indexes into: a resume over other data would silently repeat and drop
-        samples (the epoch order is a permutation of the list)."""
+        samples (the epoch order is a permutation of the list). Hashed once: the list never changes, and every
+        checkpoint saves it."""
         h = hashlib.sha256()
         for s in self.samples:
             h.update(f"{s.name}\0{s.start}\0{s.end}\n".encode())
@@ -146,13 +149,13 @@ class VideoTextLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "samples": self._fingerprint(),
+                "world_size": self.world_size, "samples": self._fingerprint,
                 "rejects": [list(r) for r in self._budget.rejects[: self._committed]]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("samples", self._fingerprint()) != self._fingerprint():
+        if state.get("samples", self._fingerprint) != self._fingerprint:
             raise ValueError(f"the data position was saved over other samples ({state['samples']}; now "
-                             f"{self._fingerprint()}, as count:hash): resume with the manifest or shards the run "
+                             f"{self._fingerprint}, as count:hash): resume with the manifest or shards the run "
                              "started with (a re-indexed manifest is other data; start a new run for it)")
         for key in ("seed", "world_size", "rank"):
             if state[key] != getattr(self, key):

@@ -130,6 +130,10 @@ def main(argv=None) -> None:
         if time.perf_counter() - start > args.budget_s:
             skipped.append(f"stage{stage} {f} frames {mode}")
             continue
+        # Each row compiles as a fresh process would: Dynamo remembers the shapes of earlier rows
+        # (per code object) and would compile a row with other frames or text length for dynamic
+        # shapes (checked: the second frame count got symbolic T).
+        torch._dynamo.reset()
         try:
             t, row = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps)
         except torch.OutOfMemoryError as e:

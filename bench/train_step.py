@@ -11,7 +11,8 @@ data path is out of the picture (the trainer reports data-wait separately). Mode
   compiled+triton torch.compile with the fused Triton attention kernels (attention "triton")
 The token ops (patch gather, shuffle) use their device default in every mode (Triton on
 CUDA, C++ on the CPU). bf16 autocast on GPU. Stage 2 rows time the teacher forward on every
-token plus the student step (token + global decoders).
+token plus the student step (token + global decoders); they also time the teacher's forward
+alone (teacher_ms, its share of the step and its own MFU), to tell which half misses a target.
 
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
 only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
@@ -26,6 +27,7 @@ import time
 import torch
 
 from bench.common import Report, arg_parser, measure_peaks, timeit
+from videoprism.flops import video_tower_flops
 from videoprism.train.config import build_config
 from videoprism.train.data import RandomClips
 from videoprism.train.distill import Teacher
@@ -87,6 +89,15 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
     row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
                clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
                peak_mem_gb=None if mem is None else round(mem, 2), warmup_s=round(warm_s, 1))
+    if stage == 2:
+        # Where a stage-2 step goes: the frozen teacher's forward alone on the same clips (the
+        # rest is the student, its decoders and the optimizer), with its own MFU.
+        video, teacher = inputs["video"], trainer.task.teacher
+        with trainer._amp():
+            tt = timeit(lambda: teacher(video), device, warmup=1, reps=reps, warmup_ms=1, rep_ms=reps * 200)
+        tf = video_tower_flops(trainer.task.model_config, batch, frames, trainer.task.num_patches)
+        row.update(teacher_ms=round(tt.median_ms, 2), teacher_pct_of_step=round(100 * tt.median_ms / t.median_ms, 1),
+                   teacher_mfu_pct=round(100 * tf / (tt.median_ms * 1e-3) / (peak * 1e12), 1))
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()

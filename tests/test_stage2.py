@@ -200,3 +200,29 @@ def test_compiled_student_step_has_no_graph_break():
     assert counters["stats"]["unique_graphs"] >= 1
     eager_loss, _ = task.loss(task.module, inputs)
     torch.testing.assert_close(loss, eager_loss)
+
+
+def test_bf16_precision_trains_like_fp32(tmp_path):
+    """train.precision=bf16 (what 'auto' does on a GPU), run here on the CPU: the step under bf16
+    autocast, the frozen teacher's weights in bf16, the student's fp32 master weights; compiled
+    (aot_eager traces the custom ops' fake impls under autocast); losses near the fp32 run's."""
+    from videoprism.train.data import RandomClips
+    from videoprism.train.trainer import Trainer
+
+    losses, val = {}, {}
+    for prec in ("fp32", "bf16"):
+        torch._dynamo.reset()
+        task, cfg = make_task(f"train.precision={prec}", "train.compile=true", "train.compile_backend=aot_eager",
+                              f"train.out_dir={tmp_path / prec}", "checkpoint.export=false")
+        data = RandomClips(micro_batch=4, rank=0, world=1, frames=T, resolution=R, vocab=20, seed=0)
+        trainer = Trainer(cfg, task, data, Dist(0, 1, torch.device("cpu")), name=prec)
+        assert trainer.autocast == (prec == "bf16")
+        losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]
+        assert {p.dtype for p in task.teacher.parameters()} == {torch.bfloat16 if prec == "bf16" else torch.float32}
+        assert {p.dtype for p in task.module.parameters()} == {torch.float32}
+        task.val = [{"video": video(2)}]
+        with torch.no_grad():
+            val[prec] = task.evaluate(trainer.model)
+    assert losses["bf16"] != losses["fp32"]  # the autocast is in effect
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
+    assert val["bf16"] == pytest.approx(val["fp32"], rel=3e-2)

@@ -184,6 +184,22 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
     assert torch.isfinite(cached_loss)
 
 
+def test_bf16_precision_trains_like_fp32(tmp_path):
+    """train.precision=bf16 (what 'auto' does on a GPU), run here on the CPU: the compiled step
+    (aot_eager traces the custom ops' fake impls under autocast) with GradCache accumulation,
+    fp32 master weights, losses near the fp32 run's."""
+    losses = {}
+    for prec in ("fp32", "bf16"):
+        torch._dynamo.reset()
+        trainer = make_trainer(tmp_path / prec, f"train.precision={prec}", "train.compile=true",
+                               "train.compile_backend=aot_eager", "train.micro_batch=2")
+        assert trainer.autocast == (prec == "bf16") and trainer.accum == 2
+        losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]
+        assert {p.dtype for p in trainer.task.module.parameters()} == {torch.float32}
+    assert losses["bf16"] != losses["fp32"]  # the autocast is in effect
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
+
+
 def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
     """A manifest with a missing and a corrupt clip: the loader skips them, training finishes, and
     each skip is reported with its path and reason (console and rejects.rank0.jsonl)."""
@@ -281,7 +297,7 @@ def test_gpu_compiled_triton_step_matches_eager(tmp_path):
         counters.clear()
         # Head dim 16: the smallest the Triton kernels tile.
         cfg = build_config("tiny", [*TINY, "model.model_dim=32", "model.mlp_dim=64", f"train.out_dir={tmp_path}/{name}",
-                                    "train.mixed_precision=false",
+                                    "train.precision=fp32",
                                     "train.device=cuda", *over], 1)
         d = Dist(0, 1, dev)
         torch.manual_seed(0)

@@ -120,13 +120,19 @@ class TrainConfig:
                              "'aot_eager' / 'eager' to tell a compile problem from an Inductor one.",
                              choices=("inductor", "aot_eager", "eager"))
     activation_checkpointing: bool = f(False, "Recompute each transformer block in the backward to save memory.")
-    mixed_precision: bool = f(True, "bf16 autocast on GPU (ignored on the CPU, which trains in fp32).")
+    precision: str = f("auto", "'auto' (bf16 autocast on a GPU, fp32 on the CPU), 'bf16' (bf16 autocast on either: "
+                       "on the CPU fast only with AMX/AVX512-BF16; the stage-2 teacher's weights in bf16 too) or "
+                       "'fp32'.", choices=("auto", "bf16", "fp32"))
     max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.")
     log_every: int = f(10, "Steps between progress/JSONL records.")
     eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).")
     out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
     device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).")
+
+    def bf16(self, device_type: str) -> bool:
+        """Whether the step runs under bf16 autocast on a `device_type` device (precision resolved)."""
+        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
 
 
 @dataclass

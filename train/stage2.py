@@ -47,7 +47,7 @@ class Stage2Task:
         self.module = Stage2Model(enc, num_positions=cfg.model.num_frames * self.num_patches,
                                   dec_dim=s2.decoder_dim, dec_layers=s2.decoder_layers, dec_heads=s2.decoder_heads,
                                   global_distill=s2.global_distill).to(dist_.device)
-        if dist_.device.type == "cuda" and cfg.train.mixed_precision:
+        if cfg.train.bf16(dist_.device.type):
             teacher.to(torch.bfloat16)  # after the student's copy: the student keeps fp32 master weights
         if cfg.train.compile:
             # The frozen teacher sees all T*N tokens: 39% of a base step's FLOPs (bench/RESULTS.md).

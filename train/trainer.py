@@ -66,10 +66,10 @@ class Trainer:
             raise ValueError(f"train.micro_batch={self.micro} does not divide the per-rank batch {per_rank} "
                              f"(global_batch {tc.global_batch} / {dist_.world} ranks)")
         self.accum = per_rank // self.micro
-        self.autocast = dist_.device.type == "cuda" and tc.mixed_precision
+        self.autocast = tc.bf16(dist_.device.type)
         self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_,
                                  compile=tc.compile_backend if tc.compile else None,
-                                 mixed_precision=tc.mixed_precision, act_ckpt=tc.activation_checkpointing)
+                                 mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing)
         self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim, dist_.device)
         self.step = 0
         self.nonfinite = 0
@@ -159,7 +159,7 @@ class Trainer:
                 "_data_wait": data_wait}
 
     def _amp(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
 
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> dict:

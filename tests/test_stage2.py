@@ -147,6 +147,21 @@ def test_teacher_targets_are_the_stage1_tower():
     assert torch.allclose(tokens, ref_tokens) and torch.allclose(pooled, emb, atol=1e-6)
 
 
+def test_decoder_never_takes_the_inference_fast_path():
+    """In eval mode without grad, nn.TransformerEncoderLayer may switch to a fused inference op
+    that torch.compile cannot trace in torch 2.11 (a compiled stage-2 evaluation failed there):
+    the decoders must run their layers op by op, as in training."""
+    from videoprism.train.distill import Decoder
+
+    dec = Decoder(16, 16, 1, 2).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y = dec(x)
+    names = {e.name for e in prof.events()}
+    assert "aten::_transformer_encoder_layer_fwd" not in names and "aten::linear" in names
+    torch.testing.assert_close(y, dec.train()(x))  # dropout 0: eval and training modes agree
+
+
 def test_position_count_mismatch_is_reported():
     task, _ = make_task()
     with pytest.raises(ValueError, match="token positions"):

@@ -50,6 +50,14 @@ class Mlp(nn.Module):
         return self.fc2(nn.functional.gelu(self.fc1(x)))
 
 
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU under a name torch does not recognise: given `F.gelu`, nn.TransformerEncoderLayer
+    in eval mode without grad takes its inference fast path (`aten::_transformer_encoder_layer_fwd`),
+    which torch.compile cannot trace in torch 2.11 (no fake impl: a compiled stage-2 evaluation
+    failed) and which met bf16 activations with fp32 weights under CPU autocast."""
+    return nn.functional.gelu(x)
+
+
 class Decoder(nn.Module):
     """MLP D->Dd, `num_layers` pre-LN blocks of width Dd (GELU FFN 4*Dd) + final LayerNorm,
     MLP Dd->D, linear D->D. `[B, L, D] -> [B, L, D]`.
@@ -61,7 +69,7 @@ class Decoder(nn.Module):
     def __init__(self, dim: int, dec_dim: int, num_layers: int, num_heads: int):
         super().__init__()
         self.mlp_in = Mlp(dim, dec_dim)
-        layer = nn.TransformerEncoderLayer(dec_dim, num_heads, 4 * dec_dim, dropout=0.0, activation="gelu",
+        layer = nn.TransformerEncoderLayer(dec_dim, num_heads, 4 * dec_dim, dropout=0.0, activation=_gelu,
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, num_layers, norm=nn.LayerNorm(dec_dim), enable_nested_tensor=False)
         self.mlp_out = Mlp(dec_dim, dim)

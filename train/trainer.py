@@ -232,9 +232,6 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLogger) -> dict:
         self.task.module.eval()
-        # Not under the step's autocast: in eval mode the compiled stage-2 decoders take
-        # nn.TransformerEncoderLayer's inference fast path, which then met bf16 activations
-        # with fp32 weights (checked with CPU autocast, aot_eager and inductor).
         with torch.no_grad():
             metrics = self.task.evaluate(self.model)
         self.task.module.train()

@@ -253,12 +253,10 @@ def test_lit_mode_trains_text_tower_and_pooler_only(tmp_path):
             assert moved, k
 
 
-def test_init_from_official_npz_and_from_export(tmp_path):
+def test_init_from_official_npz_and_from_export(tmp_path, golden_dir):
     """model.init takes an official Flax checkpoint (the golden CLIP, official key layout) and
     our safetensors export; both load strictly."""
-    golden = "/work/shared/golden/visible/params_clip.npz"
-    if not os.path.exists(golden):
-        pytest.skip("shared golden data not present (only on project machines and CI)")
+    golden = os.path.join(golden_dir, "params_clip.npz")
     cfg = json.load(open(os.path.join(os.path.dirname(golden), "config.json")))["clip"]
     over = [f"model.{k}={cfg[k]}" for k in ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers",
                                              "num_temporal_layers", "num_auxiliary_layers", "num_unimodal_layers",
@@ -279,6 +277,21 @@ def test_init_from_official_npz_and_from_export(tmp_path):
                        device=torch.device("cpu"))
     for k, v in again.state_dict().items():
         assert torch.equal(clip.state_dict()[k], v), k
+
+
+def test_init_from_an_export_keeps_its_position_embedding_shape(tmp_path):
+    """A random-init run sizes its position embeddings to its clips (here 4 x 4 x 4, not the
+    official 16 x 16 x 16); a later run initialised from its export takes that shape from the
+    file's metadata instead of failing on it."""
+    trainer = make_trainer(tmp_path, "train.compile=false")
+    path = str(tmp_path / "model.safetensors")
+    trainer.task.export(trainer.model, path)
+    assert trainer.task.model_config.pos_emb_shape == (4, 4, 4)
+    mc = build_config("tiny", [*TINY, f"model.init={path}"], 1).model
+    again = build_clip(mc, vocab=50, device=torch.device("cpu"))
+    assert again.config.pos_emb_shape == (4, 4, 4)
+    for k, v in trainer.task.module.clip.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import videoprism
-from videoprism.checkpoint import load_checkpoint
+from videoprism.checkpoint import load_checkpoint, safetensors_config
 from videoprism.config import CLIPConfig, official_config
 from videoprism.train.config import ModelConfig
 
@@ -21,8 +21,9 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     """A `FactorizedVideoCLIP` of `mc.name` with the overrides of `mc`, initialised per `mc.init`.
 
     A randomly initialised model gets position embeddings of exactly the training clip
-    size (no interpolation in every step) unless model.pos_emb_shape says otherwise; a
-    checkpoint keeps the official shape (or model.pos_emb_shape)."""
+    size (no interpolation in every step) unless model.pos_emb_shape says otherwise; an
+    official checkpoint keeps the official shape, our export the shape it was trained with
+    (its metadata), either unless model.pos_emb_shape says otherwise."""
     # The kind is checked before the overrides, which an encoder config would reject as unknown fields.
     if not isinstance(official_config(mc.name), CLIPConfig):
         raise ValueError(f"model.name={mc.name!r} is not a video-text (LvT) model; use videoprism_lvt_v1_*")
@@ -33,6 +34,10 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     if mc.init == "random" and not mc.pos_emb_shape:
         grid = mc.resolution // base.patch_size
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
+    elif mc.init.endswith(".safetensors") and not mc.pos_emb_shape and os.path.isfile(mc.init):
+        saved = safetensors_config(mc.init)[1].get("pos_emb_shape")
+        if saved:
+            overrides["pos_emb_shape"] = tuple(saved)
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
     if mc.init != "random":
         if not os.path.isfile(mc.init):

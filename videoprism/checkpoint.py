@@ -267,13 +267,10 @@ def _config_classes() -> dict:
             "FactorizedVideoClassifier": ClassifierConfig}
 
 
-def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
-    """Rebuild a model written by `save_safetensors` from the class name and config in its
-    metadata, and load its weights (on the CPU). `overrides` replace config fields (e.g.
-    attention_backend); `expect` names the class the file must hold."""
+def safetensors_config(path: str) -> tuple[str | None, dict]:
+    """The model class name and config fields (JSON values) that `save_safetensors` wrote into
+    the metadata of `path`; (None, {}) for a file without them."""
     from safetensors import SafetensorError, safe_open
-
-    from videoprism.models import build_model
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -282,15 +279,29 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
             meta = fh.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if "config" not in meta:
+        return meta.get("class"), {}
+    try:
+        values = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: the config metadata is not JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: the config metadata is not a JSON object")
+    return meta.get("class"), values
+
+
+def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
+    """Rebuild a model written by `save_safetensors` from the class name and config in its
+    metadata, and load its weights (on the CPU). `overrides` replace config fields (e.g.
+    attention_backend); `expect` names the class the file must hold."""
+    from videoprism.models import build_model
+
+    name, saved = safetensors_config(path)
     configs = _config_classes()
-    name = meta.get("class")
-    if name not in configs or "config" not in meta or (expect and name != expect):
+    if name not in configs or not saved or (expect and name != expect):
         raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
                               "its config (save_safetensors writes both)")
-    try:
-        values = {**json.loads(meta["config"]), **overrides}
-    except (json.JSONDecodeError, TypeError) as e:
-        raise CheckpointError(f"{path}: the config metadata is not a JSON object ({e})") from None
+    values = {**saved, **overrides}
     fields = {f.name for f in dataclasses.fields(configs[name])}
     if set(values) - fields:
         raise CheckpointError(f"{path}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "

@@ -230,8 +230,9 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
     losses, val = {}, {}
     for prec in ("fp32", "bf16"):
         torch._dynamo.reset()
-        task, cfg = make_task(f"train.precision={prec}", "train.compile=true", "train.compile_backend=aot_eager",
-                              f"train.out_dir={tmp_path / prec}", "checkpoint.export=false")
+        task, cfg = make_task(f"train.precision={prec}", f"train.compile={prec == 'bf16'}",
+                              "train.compile_backend=aot_eager", f"train.out_dir={tmp_path / prec}",
+                              "checkpoint.export=false")
         data = RandomClips(micro_batch=4, rank=0, world=1, frames=T, resolution=R, vocab=20, seed=0)
         trainer = Trainer(cfg, task, data, Dist(0, 1, torch.device("cpu")), name=prec)
         assert trainer.autocast == (prec == "bf16")

@@ -187,11 +187,11 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
 def test_bf16_precision_trains_like_fp32(tmp_path):
     """train.precision=bf16 (what 'auto' does on a GPU), run here on the CPU: the compiled step
     (aot_eager traces the custom ops' fake impls under autocast) with GradCache accumulation,
-    fp32 master weights, losses near the fp32 run's."""
+    fp32 master weights, losses near the eager fp32 run's."""
     losses = {}
     for prec in ("fp32", "bf16"):
         torch._dynamo.reset()
-        trainer = make_trainer(tmp_path / prec, f"train.precision={prec}", "train.compile=true",
+        trainer = make_trainer(tmp_path / prec, f"train.precision={prec}", f"train.compile={prec == 'bf16'}",
                                "train.compile_backend=aot_eager", "train.micro_batch=2")
         assert trainer.autocast == (prec == "bf16") and trainer.accum == 2
         losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]

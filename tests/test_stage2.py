@@ -18,12 +18,12 @@ T, R, P = 2, 16, 4          # 2 frames of 16x16 pixels, 4x4 patches: N = 16 posi
 N = (R // P) ** 2
 
 
-def tiny_clip(seed: int = 0):
+def tiny_clip(seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return videoprism.from_official(
-        "videoprism_lvt_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
-        num_temporal_layers=1, num_auxiliary_layers=1, num_unimodal_layers=1, vocabulary_size=20, patch_size=P,
-        pos_emb_shape=(T, R // P, R // P), attention_backend="reference")
+    config = dict(model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1, num_temporal_layers=1,
+                  num_auxiliary_layers=1, num_unimodal_layers=1, vocabulary_size=20, patch_size=P,
+                  pos_emb_shape=(T, R // P, R // P), attention_backend="reference")
+    return videoprism.from_official("videoprism_lvt_v1_base", **{**config, **overrides})
 
 
 def tiny_cfg(*overrides):
@@ -35,6 +35,15 @@ def tiny_cfg(*overrides):
 def make_task(*overrides, seed=0):
     cfg = tiny_cfg(*overrides)
     return Stage2Task(cfg, Dist(0, 1, torch.device("cpu")), Teacher(tiny_clip(seed)), None), cfg
+
+
+def make_trainer(task, cfg, dev: torch.device, name: str):
+    """The real trainer over seeded random clips of the tiny model's size."""
+    from videoprism.train.data import RandomClips
+    from videoprism.train.trainer import Trainer
+
+    data = RandomClips(micro_batch=4, rank=0, world=1, frames=T, resolution=R, vocab=20, seed=0)
+    return Trainer(cfg, task, data, Dist(0, 1, dev), name=name)
 
 
 def video(b=4, seed=1):
@@ -223,9 +232,7 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
     """train.precision=bf16 (what 'auto' does on a GPU), run here on the CPU: the step under bf16
     autocast, the frozen teacher's weights in bf16, the student's fp32 master weights; compiled
     (aot_eager traces the custom ops' fake impls under autocast); losses near the fp32 run's."""
-    from videoprism.train.data import RandomClips
     from videoprism.train.metrics import MetricsLogger
-    from videoprism.train.trainer import Trainer
 
     losses, val = {}, {}
     for prec in ("fp32", "bf16"):
@@ -233,8 +240,7 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
         task, cfg = make_task(f"train.precision={prec}", f"train.compile={prec == 'bf16'}",
                               "train.compile_backend=aot_eager", f"train.out_dir={tmp_path / prec}",
                               "checkpoint.export=false")
-        data = RandomClips(micro_batch=4, rank=0, world=1, frames=T, resolution=R, vocab=20, seed=0)
-        trainer = Trainer(cfg, task, data, Dist(0, 1, torch.device("cpu")), name=prec)
+        trainer = make_trainer(task, cfg, torch.device("cpu"), prec)
         assert trainer.autocast == (prec == "bf16")
         losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]
         assert {p.dtype for p in task.teacher.parameters()} == {torch.bfloat16 if prec == "bf16" else torch.float32}
@@ -252,21 +258,12 @@ def _stage2_losses(dev: torch.device, backend: str, compile_: bool, out_dir, ste
     the Triton kernels tile) and the given attention backend; asserts no graph break."""
     from torch._dynamo.utils import counters
 
-    from videoprism.train.data import RandomClips
-    from videoprism.train.trainer import Trainer
-
     torch._dynamo.reset()
     counters.clear()
-    torch.manual_seed(0)
-    clip = videoprism.from_official(
-        "videoprism_lvt_v1_base", model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1,
-        num_temporal_layers=1, num_auxiliary_layers=1, num_unimodal_layers=1, vocabulary_size=20, patch_size=P,
-        pos_emb_shape=(T, R // P, R // P), attention_backend=backend).to(dev)
-    cfg = tiny_cfg("train.precision=fp32", f"train.compile={str(compile_).lower()}", "train.compile_backend=aot_eager",
+    clip = tiny_clip(0, model_dim=32, mlp_dim=64, attention_backend=backend).to(dev)
+    cfg = tiny_cfg("train.precision=fp32", f"train.compile={compile_}", "train.compile_backend=aot_eager",
                    f"train.device={dev.type}", f"train.out_dir={out_dir}", "checkpoint.export=false")
-    d = Dist(0, 1, dev)
-    data = RandomClips(micro_batch=4, rank=0, world=1, frames=T, resolution=R, vocab=20, seed=0)
-    trainer = Trainer(cfg, Stage2Task(cfg, d, Teacher(clip), None), data, d, name=backend)
+    trainer = make_trainer(Stage2Task(cfg, Dist(0, 1, dev), Teacher(clip), None), cfg, dev, backend)
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     return losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import tarfile
 
 import av
@@ -415,6 +416,22 @@ def test_loader_is_deterministic_and_independent_of_workers(synth):
     c = [b["video"] for b in _loader(synth, seed=6)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the workers' signal masks from Linux /proc")
+def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
+    """A scheduler's SIGTERM / SIGUSR1 reaches the whole process group; the trainer saves a
+    checkpoint on it (train/preemption.py), which a worker killed by it would prevent."""
+    it = iter(_loader(synth, num_workers=1))
+    next(it)
+    me = os.getpid()
+    workers = [pid for task in os.listdir(f"/proc/{me}/task")
+               for pid in open(f"/proc/{me}/task/{task}/children").read().split()]
+    assert workers
+    for pid in workers:
+        ignored = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:")).split()[1], 16)
+        assert all(ignored >> (s - 1) & 1 for s in (signal.SIGTERM, signal.SIGUSR1)), (pid, hex(ignored))
+    del it
 
 
 def test_ranks_read_disjoint_shards(synth):

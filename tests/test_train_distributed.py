@@ -1,6 +1,8 @@
 """Both stages through their real entry points (`python -m train.stageN`, torchrun):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
-3 steps) under DDP and FSDP2, and SIGKILL + --resume equals the uninterrupted run.
+3 steps) under DDP and FSDP2, SIGKILL + --resume equals the uninterrupted run, and a
+preemption notice to one rank stops both at one step with a checkpoint that --auto-resume
+continues from.
 
 One uninterrupted 10-step reference run per stage serves every comparison (the schedule is
 constant, so its first 3 steps are a 3-step run); the stage-1 reference's export is the
@@ -103,3 +105,54 @@ def test_grad_cache_accumulation_on_two_processes_equals_one_batch(tmp_path, mod
     ref, got = losses(str(tmp_path / "one")), losses(str(tmp_path / "acc"))
     for step in (1, 2, 3):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int, deadline: float) -> int:
+    """The pid of the torchrun worker whose environment says RANK=`rank`."""
+    want = f"RANK={rank}".encode()
+    while time.time() < deadline and launcher.poll() is None:
+        for task in os.listdir(f"/proc/{launcher.pid}/task"):
+            try:
+                children = open(f"/proc/{launcher.pid}/task/{task}/children").read().split()
+            except OSError:
+                continue
+            for pid in children:
+                try:
+                    if want in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                        return int(pid)
+                except OSError:
+                    continue
+        time.sleep(0.05)
+    raise AssertionError(f"no torchrun worker with RANK={rank} appeared")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through Linux /proc")
+def test_preemption_notice_to_one_rank_stops_both_and_auto_resume_continues(tmp_path, refs):
+    """SIGTERM to rank 1 alone (a scheduler's notices arrive at slightly different moments):
+    both ranks stop after the same step with one complete checkpoint; the same command with
+    --auto-resume (which started the first run afresh: no checkpoint yet) finishes the run
+    with the uninterrupted run's losses."""
+    from videoprism.train import checkpoint as ckpt
+
+    out = str(tmp_path)
+    args = ["train.steps=10", "checkpoint.interval=0", "checkpoint.export=false", "--auto-resume"]
+    p = subprocess.Popen(command(1, out, args, nproc=2), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    rank1 = _worker_pid(p, 1, deadline)
+    metrics = tmp_path / "metrics.jsonl"
+    while not (metrics.exists() and '"loss"' in metrics.read_text()) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(rank1, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0, "the run ended before the notice"
+    assert "SIGTERM: stopped after step" in stdout, stdout[-2000:] + stderr[-4000:]
+    saved = ckpt.step_dirs(os.path.join(out, "checkpoints"))
+    assert len(saved) == 1 and 1 <= saved[0][0] < 10, saved
+    assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(saved[0][1]))
+    resumed = run(1, out, *args, nproc=2)
+    assert f"resumed from {saved[0][1]}" in resumed
+    ref, got = losses(refs[1]), losses(out)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])

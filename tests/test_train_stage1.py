@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from videoprism.train.config import build_config
 from videoprism.train.data import RandomClips
 from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist
+from videoprism.train.preemption import Preempted
 from videoprism.train.stage1 import Stage1Task
 from videoprism.train.trainer import NonFiniteLossError, Trainer
 
@@ -119,6 +121,58 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     make_trainer(tmp_path, *args, "train.steps=1").fit()  # a fresh run in the same out_dir
     assert steps() == [1]
     assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
+
+
+class SignalAt(RandomClips):
+    """Random clips; fetching the batch of step `at` sends `signum` to this process, as a
+    scheduler's notice arriving in the middle of a step. Records the handler it finds."""
+
+    def __init__(self, at: int, signum: int):
+        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        self.at, self.signum, self.handler = at, signum, None
+
+    def next_batch(self, step):
+        if step == self.at:
+            self.handler = signal.getsignal(self.signum)
+            if callable(self.handler):  # a default handler would end pytest itself
+                os.kill(os.getpid(), self.signum)
+        return super().next_batch(step)
+
+
+def _losses(out) -> dict[int, float]:
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path, signum):
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=0", "train.steps=5", "optim.decay=cosine")
+    make_trainer(tmp_path / "ref", *args).fit()
+    before = signal.getsignal(signum)
+    data = SignalAt(2, signum)
+    with pytest.raises(Preempted) as stop:
+        make_trainer(tmp_path / "run", *args, data=data).fit()
+    # The step the signal arrived in (batch index 2 = step 3) completes, then the checkpoint.
+    assert stop.value.code == 128 + signum and stop.value.step == 3
+    root = str(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in ckpt.step_dirs(root)] == [3] and stop.value.checkpoint == ckpt.latest(root)
+    assert signal.getsignal(signum) == before  # the trainer's handler is gone again
+    trainer = make_trainer(tmp_path / "run", *args)
+    trainer.resume(str(tmp_path / "run"))
+    trainer.fit()
+    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
+def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
+    data = SignalAt(0, signal.SIGTERM)
+    make_trainer(tmp_path, "train.compile=false", "train.steps=1", "checkpoint.save_on_signal=false",
+                 data=data).fit()
+    assert data.handler == signal.getsignal(signal.SIGTERM) and not callable(data.handler)
 
 
 def test_grad_cache_accumulation_gives_the_whole_batch_gradient(tmp_path):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import OptimConfig, build_config, help_text, save_config
+from videoprism.train.config import OptimConfig, build_config, help_text, parse_args, save_config
 from videoprism.train.data import trim_text
 from videoprism.train.losses import contrastive_loss, cosine_distance
 from videoprism.train.optim import lr_at
@@ -61,6 +61,20 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
             build_config(str(toml), [], 1)
     with pytest.raises(ValueError, match="does not exist"):
         build_config(str(tmp_path / "missing.json"), [], 1)
+
+
+def test_resume_flags(tmp_path):
+    out = str(tmp_path / "run")
+    assert parse_args([f"train.out_dir={out}"], 1)[1] is None
+    assert parse_args([f"train.out_dir={out}", "--resume"], 1)[1] == out
+    assert parse_args([f"train.out_dir={out}", "--resume", "elsewhere"], 1)[1] == "elsewhere"
+    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] is None  # nothing saved yet: start at 0
+    os.makedirs(os.path.join(out, "checkpoints", "step_00000004.tmp"))  # an unfinished save does not count
+    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] is None
+    os.makedirs(os.path.join(out, "checkpoints", "step_00000002"))
+    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] == out
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", "--auto-resume"], 1)
 
 
 def test_fields_with_choices_are_checked_when_set():

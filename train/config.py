@@ -147,6 +147,9 @@ class CheckpointConfig:
     interval: int = f(1000, "Steps between checkpoints (0 = only at the end).")
     keep: int = f(3, "Keep the latest k checkpoints.")
     export: bool = f(True, "Write the final weights as safetensors.")
+    save_on_signal: bool = f(True, "On SIGTERM or SIGUSR1 (a scheduler's preemption notice), finish the current "
+                                   "step, save a checkpoint and exit with status 128 + the signal (143, 138); "
+                                   "--resume continues exactly. false: the signal ends the run at once.")
 
 
 @dataclass
@@ -370,8 +373,8 @@ def help_text(stage: int) -> str:
 
 
 def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
-    """`--config NAME [--resume [PATH]] [section.field=value ...]` -> (config, resume path or None).
-    `--resume` without a path resumes from the run's own out_dir."""
+    """`--config NAME [--resume [PATH] | --auto-resume] [section.field=value ...]` -> (config, resume
+    path or None). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -382,8 +385,17 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
                         "config.json a run writes to its out_dir")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from the latest checkpoint of PATH (default: train.out_dir)")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="resume from train.out_dir's latest checkpoint if it has one, else start at step 0: one "
+                        "command for a job that a scheduler may preempt and requeue")
     p.add_argument("overrides", nargs="*", help="section.field=value")
     args = p.parse_args(argv)
+    if args.auto_resume and args.resume is not None:
+        p.error("--resume and --auto-resume exclude each other")
     cfg = build_config(args.config, args.overrides, stage)
     resume = None if args.resume is None else (args.resume or cfg.train.out_dir)
+    if args.auto_resume:
+        from videoprism.train.checkpoint import latest
+
+        resume = cfg.train.out_dir if latest(os.path.join(cfg.train.out_dir, "checkpoints")) else None
     return cfg, resume

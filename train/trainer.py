@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Protocol
@@ -25,6 +26,7 @@ from videoprism.train.config import Config, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import Dist, all_reduce_mean, grad_sync, parallelize
+from videoprism.train.preemption import Preempted, PreemptionNotice
 
 
 class Task(Protocol):
@@ -176,26 +178,11 @@ class Trainer:
             print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "
                   f"way (kept, never resumed from): {', '.join(retired)}")
         self.task.module.train()
+        notice = PreemptionNotice()
         try:
-            while self.step < tc.steps:
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                t0 = time.perf_counter()
-                rec = self.train_step()
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                dt = time.perf_counter() - t0
-                flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
-                rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
-                           mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt,
-                           peak_mem_gb=peak_memory_gb(d.device))
-                log.step(self.step, rec, show=self.step % tc.log_every == 0 or self.step == tc.steps)
-                self._report_rejects(log)
-                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step < tc.steps:
-                    self.save()
-                if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.steps:
-                    self._evaluate(log)
-            path = self.save()
+            with notice.catching(cfg.checkpoint.save_on_signal):
+                self._loop(log, peak, notice)
+                path = self.save()  # a notice now is too late to act on, but must not cut this save
             results = self._evaluate(log)
             results["checkpoint"], results["config"] = path, config_path
             if cfg.checkpoint.export:
@@ -212,6 +199,36 @@ class Trainer:
         if self.skipped_samples:
             results["rejects"] = self.rejects_path
         return results
+
+    def _loop(self, log: MetricsLogger, peak: float, notice: PreemptionNotice) -> None:
+        """Steps up to train.steps, with the interval checkpoints and evaluations; on a
+        preemption notice, a checkpoint at the step boundary and `Preempted`."""
+        cfg, tc, d = self.cfg, self.cfg.train, self.dist
+        while self.step < tc.steps:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            t0 = time.perf_counter()
+            rec = self.train_step()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            dt = time.perf_counter() - t0
+            flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
+            rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
+                       mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt,
+                       peak_mem_gb=peak_memory_gb(d.device))
+            log.step(self.step, rec, show=self.step % tc.log_every == 0 or self.step == tc.steps)
+            self._report_rejects(log)
+            if self.step == tc.steps:
+                return  # the final checkpoint follows at once
+            signum = notice.requested(d.device) if cfg.checkpoint.save_on_signal else 0
+            if signum or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                path = self.save()
+            if signum:
+                log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
+                            f"{path}; the same command with --resume continues from it")
+                raise Preempted(signum, self.step, path)
+            if tc.eval_every and self.step % tc.eval_every == 0:
+                self._evaluate(log)
 
     def _report_rejects(self, log: MetricsLogger) -> None:
         """Each sample or manifest line the data layer skipped since the last step: one line on the console

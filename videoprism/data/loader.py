@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,15 @@ class _Item:
 
 def _identity(x):
     return x
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and SIGUSR1 to their parent, as torch's workers do SIGINT:
+    a scheduler signals the whole process group, and a trainer that saves a checkpoint on the
+    notice (videoprism/train/preemption.py) needs its workers alive until it has. A worker
+    still exits with its parent (DataLoader's watchdog)."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class _PyAVItems(torch.utils.data.Dataset):
@@ -193,6 +203,7 @@ class VideoTextLoader:
         dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads),
                                          sampler=range(self.position, len(order)), batch_size=None,
                                          collate_fn=_identity, num_workers=self.num_workers,
+                                         worker_init_fn=_ignore_stop_signals,
                                          prefetch_factor=4 if self.num_workers > 0 else None)
         yield from dl
 

@@ -1,0 +1,61 @@
+"""Preemption: a scheduler's notice (SIGTERM, or SIGUSR1 as in SLURM's `--signal=USR1@120`)
+becomes a checkpoint at the next step boundary instead of the loss of every step since the
+last interval checkpoint.
+
+The handler only records the signal; the training loop asks `requested()` after each step,
+which agrees across ranks (all-reduce max) because a scheduler signals the ranks at slightly
+different moments and a checkpoint needs every rank at the same step. The run then saves and
+raises `Preempted`, a SystemExit with status 128 + the signal number, the status the signal
+itself would have given.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(SystemExit):
+    """The run stopped on a preemption notice after saving `checkpoint` at `step`."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class PreemptionNotice:
+    """Records the first preemption signal this process receives while active."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def _record(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    @contextlib.contextmanager
+    def catching(self, enabled: bool):
+        """Install the handler for SIGNALS (only the main thread may), restore the old ones on exit."""
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._record) for s in SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def requested(self, device: torch.device) -> int:
+        """The signal any rank received (0: none). A collective: every rank must call it at the
+        same step."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+

@@ -94,6 +94,26 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, refs, stage):
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
 
 
+def test_async_checkpoints_on_two_processes_resume_exactly(tmp_path, refs):
+    """FSDP2 on 2 ranks with checkpoint.async_save: the writer threads' collectives run beside
+    the training loop's without a deadlock, and a run resumed from an asynchronously written
+    checkpoint goes on with the uninterrupted run's losses."""
+    from videoprism.train import checkpoint as ckpt
+
+    out = str(tmp_path)
+    common = ["checkpoint.export=false", "parallel.mode=fsdp", "checkpoint.async_save=true", "checkpoint.interval=1",
+              "checkpoint.keep=5"]
+    run(1, out, "train.steps=3", *common, nproc=2)
+    root = os.path.join(out, "checkpoints")
+    assert [s for s, _ in ckpt.step_dirs(root)] == [1, 2, 3]
+    assert "resumed from" in run(1, out, "train.steps=5", *common, "--resume", os.path.join(root, "step_00000002"),
+                                 nproc=2)
+    ref, got = losses(refs[1]), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_grad_cache_accumulation_on_two_processes_equals_one_batch(tmp_path, mode):
     """Stage 1, 2 ranks x 2 micro-batches of 2 with GradCache = 1 rank, one batch of 8: the

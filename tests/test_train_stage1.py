@@ -175,6 +175,51 @@ def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
     assert data.handler == signal.getsignal(signal.SIGTERM) and not callable(data.handler)
 
 
+class Watch(RandomClips):
+    """Random clips that note, per step, whether `path` exists when the step's batch is fetched."""
+
+    def __init__(self, path):
+        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        self.path, self.seen = path, {}
+
+    def next_batch(self, step):
+        self.seen[step] = os.path.isdir(self.path)
+        return super().next_batch(step)
+
+
+def test_async_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypatch):
+    """checkpoint.async_save with a slow disk: the steps after a save run while it is written
+    (its folder appears only once the write is done), and what it holds is the state of its
+    own step, equal to a synchronous run's, not of the updates made meanwhile."""
+    import time
+
+    import torch.distributed.checkpoint.filesystem as fs
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=2", "checkpoint.keep=5", "train.steps=5")
+    make_trainer(tmp_path / "sync", *args).fit()
+    write = fs._write_item
+
+    def slow_write(*a, **k):
+        time.sleep(0.005)
+        return write(*a, **k)
+
+    monkeypatch.setattr(fs, "_write_item", slow_write)
+    watch = Watch(str(tmp_path / "async" / "checkpoints" / "step_00000002"))
+    make_trainer(tmp_path / "async", *args, "checkpoint.async_save=true", data=watch).fit()
+    assert watch.seen[2] is False and watch.seen[4] is True  # written behind step 3, in place by step 5
+    for step in (2, 4, 5):
+        loaded = []
+        for run in ("sync", "async"):
+            trainer = make_trainer(tmp_path / "load", *args)
+            trainer.resume(str(tmp_path / run / "checkpoints" / f"step_{step:08d}"))
+            loaded.append((trainer.task.module.state_dict(), trainer.optimizer.state_dict()["state"]))
+        (m1, o1), (m2, o2) = loaded
+        assert all(torch.equal(m1[k], m2[k]) for k in m1), step
+        assert all(torch.equal(o1[i][k], o2[i][k]) for i in o1 for k in o1[i]), step
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "async" / "checkpoints"))] == [2, 4, 5]
+
+
 def test_grad_cache_accumulation_gives_the_whole_batch_gradient(tmp_path):
     """Two micro-batches of 2 with stage1.grad_cache give the gradient of the contrastive loss
     over all 4 clips (one micro-batch of 4: the oracle); accumulating per-micro-step losses

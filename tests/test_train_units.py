@@ -260,22 +260,24 @@ _SAVE_THEN_CRASH = textwrap.dedent("""
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 4)).sum().backward(); opt.step()
-    kw = dict(trainer_state={"step": 1, "nonfinite": 0}, rank_state={"rng": ckpt.rng_state(), "data": {"p": 1}}, keep=2)
-    ckpt.save(root, 1, model, opt, **kw)
+    saver = ckpt.Saver(root, keep=2, async_save=where == "async_write")
+    kw = dict(trainer_state={"step": 1, "nonfinite": 0}, rank_state={"rng": ckpt.rng_state(), "data": {"p": 1}})
+    saver.save(1, model, opt, **kw)
     torch.save(model.state_dict(), os.path.join(root, "expected.pt"))
     die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     if where == "rename":
         os.rename = die                  # every file written, the rename never happens
     else:
         import torch.distributed.checkpoint.filesystem as fs
-        fs._write_item = die             # killed while DCP writes the tensors
+        fs._write_item = die             # killed while DCP writes the tensors (in the writer thread if async)
     with torch.no_grad():
         model.weight.add_(1.0)
-    ckpt.save(root, 2, model, opt, **kw)
+    saver.save(2, model, opt, **kw, wait=False)
+    saver.finish()
 """)
 
 
-@pytest.mark.parametrize("where", ["dcp_write", "rename"])
+@pytest.mark.parametrize("where", ["dcp_write", "rename", "async_write"])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     root = str(tmp_path / "ck")
     r = subprocess.run([sys.executable, "-c", _SAVE_THEN_CRASH, root, where], capture_output=True, text=True)
@@ -291,21 +293,25 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     for k, v in model.state_dict().items():
         assert torch.equal(v, expected[k])
     # A later save of the same step clears the leftover and keeps the latest k.
+    saver = ckpt.Saver(root, keep=2)
     for step in (2, 3):
-        ckpt.save(root, step, model, opt, trainer_state=state, rank_state=rank_state, keep=2)
+        saver.save(step, model, opt, trainer_state=state, rank_state=rank_state)
     assert [s for s, _ in ckpt.step_dirs(root)] == [2, 3]
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
 
 
-def test_single_process_checkpoint_warns_nothing(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_single_process_checkpoint_warns_nothing(tmp_path, async_save):
     """DCP's "assuming the intent is to save in a single process" warning is not shown in the
     progress bar of every one-process run (it warns even with no_dist=True)."""
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        path = ckpt.save(str(tmp_path), 1, model, opt, trainer_state={"step": 1}, rank_state={}, keep=1)
+    saver = ckpt.Saver(str(tmp_path), keep=1, async_save=async_save)
+    with warnings.catch_warnings(record=True) as seen:  # the writer thread's warnings too: finish() is inside
+        path = saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={}, wait=False)
+        saver.finish()
         assert ckpt.load(path, model, opt, trainer_keys=["step"])[0]["step"] == 1
+    assert not [str(w.message) for w in seen if "single process" in str(w.message)]
 
 
 def test_alternating_datasets_follow_weights_and_seed():

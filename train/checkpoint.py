@@ -6,7 +6,8 @@ model), plus `rank<r>.pt` per rank with what differs between ranks (RNG states, 
 position).
 
 Atomicity: everything is written into `step_XXXXXXXX.tmp`, then rank 0 renames it to
-`step_XXXXXXXX` (an atomic rename on POSIX) after a barrier. A crash at any moment
+`step_XXXXXXXX` (an atomic rename on POSIX) after a barrier; an asynchronous save (`Saver`)
+renames once its background write has finished on every rank. A crash at any moment
 leaves either no new folder or a complete one; `latest()` never returns a `.tmp`.
 A complete folder is never rewritten: when a run starts, `retire()` renames the
 checkpoints at or after its first step (other than the one it resumed from) to
@@ -20,7 +21,6 @@ import random
 import re
 import shutil
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -48,14 +48,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
-def _single_process_quiet():
+def _quiet_single_process() -> None:
     """DCP warns "torch.distributed is disabled ... assuming the intent is to save in a single
     process" on every call without a process group, even with `no_dist=True` asked for: in the
-    middle of the progress bar of a one-process run it reads like a fault, so it is dropped."""
-    with warnings.catch_warnings():
+    middle of the progress bar of a one-process run it reads like a fault. A filter for that
+    one message, not a `catch_warnings` block around the call: an asynchronous save warns
+    from its writer thread, after such a block has ended."""
+    if not _distributed():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process", category=UserWarning)
-        yield
 
 
 def rng_state() -> dict:
@@ -106,34 +106,76 @@ def retire(root: str, step: int, *, keep: str | None = None) -> list[str]:
     return moved
 
 
-def save(root: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-         trainer_state: dict, rank_state: dict, keep: int) -> str:
-    """Write checkpoint `step` atomically; drop all but the latest `keep`. Collective.
+class Saver:
+    """Writes the checkpoints of one run into `root`, keeping the latest `keep`. Collective.
 
-    An existing `step` folder is the one this run resumed from (`retire()` moved any other
-    aside) and the state has not moved since: it is kept as it is, never rewritten (a crash
-    between removing and replacing it would leave nothing loadable)."""
-    final = os.path.join(root, f"step_{step:08d}")
-    if os.path.isdir(final):
-        return final
-    tmp = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd,
-             "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
-    with _single_process_quiet():
+    Synchronous, or asynchronous (`async_save`): DCP copies the state to host memory, a
+    background thread writes it while training goes on, and `finish()` renames it into place
+    once written. The loop calls `finish()` at the first step boundary where no rank is still
+    writing (trainer: one all-reduce a step), at the next save, and before exiting, so one
+    write is in flight at most and a crash before its rename leaves the previous checkpoint.
+    """
+
+    def __init__(self, root: str, *, keep: int, async_save: bool = False):
+        self.root, self.keep, self.async_save = root, keep, async_save
+        self.pending: tuple[str, str, object] | None = None  # (tmp folder, final folder, upload future)
+        # The writer thread's collectives (DCP plans the write across ranks) get a group of their
+        # own: on the default group they would interleave with the training loop's. Created here,
+        # at the same point on every rank, as new_group requires.
+        self.group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+
+    @property
+    def writing(self) -> bool:
+        """A background write is still running on this rank."""
+        return self.pending is not None and not self.pending[2].done()
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+             trainer_state: dict, rank_state: dict, wait: bool = True) -> str:
+        """Checkpoint `step`, complete on return unless asynchronous and not `wait`. Returns its
+        final path. An existing `step` folder is the one this run resumed from (`retire()` moved
+        any other aside) and the state has not moved since: it is kept as it is, never rewritten
+        (a crash between removing and replacing it would leave nothing loadable)."""
+        self.finish()
+        final = os.path.join(self.root, f"step_{step:08d}")
+        if os.path.isdir(final):
+            return final
+        tmp = final + ".tmp"
+        if _rank() == 0:
+            os.makedirs(self.root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
+        _barrier()
+        os.makedirs(tmp, exist_ok=True)
+        torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd,
+                 "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
+        _quiet_single_process()
+        if self.async_save and not wait:
+            # Returns once the state is copied to host memory: the next update cannot reach it.
+            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+            self.pending = (tmp, final, future)
+            return final
         dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
-    torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
-    _barrier()
-    if _rank() == 0:
-        os.rename(tmp, final)
-        for _, old in step_dirs(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+        self._publish(tmp, final)
+        return final
+
+    def finish(self) -> None:
+        """Wait for the background write (its error, such as a full disk, is raised here) and
+        rename it into place. Collective; nothing to do without one."""
+        if self.pending is None:
+            return
+        tmp, final, future = self.pending
+        self.pending = None
+        future.result()
+        self._publish(tmp, final)
+
+    def _publish(self, tmp: str, final: str) -> None:
+        _barrier()
+        if _rank() == 0:
+            os.rename(tmp, final)
+            for _, old in step_dirs(self.root)[:-self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -145,8 +187,8 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+    _quiet_single_process()
+    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(strict=True))
     rank_file = os.path.join(path, f"rank{_rank()}.pt")

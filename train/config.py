@@ -147,6 +147,9 @@ class CheckpointConfig:
     interval: int = f(1000, "Steps between checkpoints (0 = only at the end).")
     keep: int = f(3, "Keep the latest k checkpoints.")
     export: bool = f(True, "Write the final weights as safetensors.")
+    async_save: bool = f(False, "Write interval checkpoints in a background thread (DCP async_save): the step waits "
+                                "only for the copy of the state to host memory, not for the disk. Costs host memory "
+                                "for one copy of this rank's model and optimizer state.")
     save_on_signal: bool = f(True, "On SIGTERM or SIGUSR1 (a scheduler's preemption notice), finish the current "
                                    "step, save a checkpoint and exit with status 128 + the signal (143, 138); "
                                    "--resume continues exactly. false: the signal ends the run at once.")

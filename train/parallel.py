@@ -128,3 +128,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
+    """Element-wise max of small integer flags over the ranks (the ranks' agreement on what to
+    do at a step boundary); the values themselves on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()

@@ -2,9 +2,9 @@
 becomes a checkpoint at the next step boundary instead of the loss of every step since the
 last interval checkpoint.
 
-The handler only records the signal; the training loop asks `requested()` after each step,
-which agrees across ranks (all-reduce max) because a scheduler signals the ranks at slightly
-different moments and a checkpoint needs every rank at the same step. The run then saves and
+The handler only records the signal; the training loop reads it after each step, agreed
+across ranks (all-reduce max), because a scheduler signals the ranks at slightly different
+moments and a checkpoint needs every rank at the same step. The run then saves and
 raises `Preempted`, a SystemExit with status 128 + the signal number, the status the signal
 itself would have given.
 """
@@ -13,9 +13,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-
-import torch
-import torch.distributed as dist
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -49,13 +46,3 @@ class PreemptionNotice:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-    def requested(self, device: torch.device) -> int:
-        """The signal any rank received (0: none). A collective: every rank must call it at the
-        same step."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
-

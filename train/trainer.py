@@ -25,7 +25,7 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import Config, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
-from videoprism.train.parallel import Dist, all_reduce_mean, grad_sync, parallelize
+from videoprism.train.parallel import Dist, all_reduce_max, all_reduce_mean, grad_sync, parallelize
 from videoprism.train.preemption import Preempted, PreemptionNotice
 
 
@@ -76,16 +76,16 @@ class Trainer:
         self.step = 0
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
+        self.saver = ckpt.Saver(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.resumed_from: str | None = None
         self.skipped_samples = 0
         self.rejects_path = os.path.join(tc.out_dir, f"rejects.rank{dist_.rank}.jsonl")
 
     # ---- state -----------------------------------------------------------------------
-    def save(self) -> str:
-        return ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer,
-                         trainer_state={"step": self.step, "nonfinite": self.nonfinite},
-                         rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict()},
-                         keep=self.cfg.checkpoint.keep)
+    def save(self, wait: bool = True) -> str:
+        return self.saver.save(self.step, self.model, self.optimizer,
+                               trainer_state={"step": self.step, "nonfinite": self.nonfinite},
+                               rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict()}, wait=wait)
 
     def resume(self, path: str) -> None:
         """`path`: a run's out_dir (its latest checkpoint) or a step_* folder."""
@@ -220,13 +220,17 @@ class Trainer:
             self._report_rejects(log)
             if self.step == tc.steps:
                 return  # the final checkpoint follows at once
-            signum = notice.requested(d.device) if cfg.checkpoint.save_on_signal else 0
-            if signum or (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
-                path = self.save()
+            # One collective a step: a notice on any rank, a background write on any rank.
+            signum, writing = all_reduce_max([notice.signum, int(self.saver.writing)], d.device)
+            if not writing:
+                self.saver.finish()
             if signum:
+                path = self.save()
                 log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
                             f"{path}; the same command with --resume continues from it")
                 raise Preempted(signum, self.step, path)
+            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+                self.save(wait=False)
             if tc.eval_every and self.step % tc.eval_every == 0:
                 self._evaluate(log)
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import signal
 
 import pytest
 
@@ -58,3 +60,32 @@ def test_index_of_an_all_bad_manifest_still_writes_the_report(tmp_path, capsys):
     assert "no usable sample" in capsys.readouterr().err
     report = [json.loads(line) for line in open(str(tmp_path / "clean.rejects.jsonl"))]
     assert [r["path"] for r in report] == [f"{m}:{n}" for n in (1, 2, 3)] and all(r["reason"] for r in report)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the crash is injected into forked workers")
+def test_files_that_crash_the_decoder_are_rejected_and_the_others_kept(tmp_path, monkeypatch):
+    """A decoder segfault kills its worker and breaks the whole process pool: the index pins
+    each crash on its file and still probes every other file."""
+    from videoprism.data import index
+
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "12", "--size", "32", "--frames", "4", "--workers", "1"]) == 0
+    manifest = os.path.join(d, "train.jsonl")
+    names = [json.loads(line)["path"] for line in open(manifest)]
+    victims = {os.path.basename(names[1]), os.path.basename(names[6])}
+    assert run(["data", "index", manifest, "--out", os.path.join(d, "ok.jsonl"), "--workers", "3", "--quiet"]) == 0
+    real = index.probe
+
+    def crashing(sample, **kw):
+        if os.path.basename(sample.path) in victims:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a segfault or the OOM killer would end it
+        return real(sample, **kw)
+
+    monkeypatch.setattr(index, "probe", crashing)
+    out = os.path.join(d, "clean.jsonl")
+    assert run(["data", "index", manifest, "--out", out, "--workers", "3", "--quiet"]) == 0
+    expected = [line for line in open(os.path.join(d, "ok.jsonl")) if os.path.basename(json.loads(line)["path"]) not in victims]
+    assert open(out).readlines() == expected
+    report = [json.loads(line) for line in open(os.path.join(d, "clean.rejects.jsonl"))]
+    assert sorted(os.path.basename(r["path"]) for r in report) == sorted(victims)
+    assert all("crashed" in r["reason"] for r in report)

@@ -1,6 +1,7 @@
 """`videoprism data index`: probe every file of a dataset once, write a clean manifest and a rejects report.
 
-Each sample is opened with PyAV in a pool of processes: packet index (codec, frame count, fps, size, duration),
+Each sample is opened with PyAV in a pool of processes (a file that crashes its process is pinned down and
+rejected, the others keep their results): packet index (codec, frame count, fps, size, duration),
 a decode of its first frame and of its whole last GOP (every frame with `full=True`), and the frame count of its
 window against `min_frames`. Good samples go to the clean manifest with the probe fields added (the loader then
 knows codec, size and frame count without opening the file, and DALI never meets a file it cannot decode); bad
@@ -10,8 +11,10 @@ could not be parsed.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
@@ -33,12 +36,54 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
             "height": idx.height, "duration": round(idx.duration, 6)}
 
 
+# Per job, set by the worker that starts it (shared memory): which files were being probed when a pool broke.
+_STARTED = None
+
+
+def _init_worker(started) -> None:
+    global _STARTED
+    _STARTED = started
+
+
 def _probe_job(args) -> tuple[dict | None, str | None]:
-    sample, min_frames, full = args
+    i, sample, min_frames, full = args
+    if _STARTED is not None:
+        _STARTED[i] = 1
     try:
         return probe(sample, min_frames=min_frames, full=full), None
     except BadVideoError as e:
         return None, e.reason
+
+
+def _probe_all(jobs: list, workers: int, bar) -> list[tuple[dict | None, str | None]]:
+    """Probe every job in worker processes. A file that kills its worker (a decoder crash, the
+    OOM killer) breaks the whole pool: the jobs that had started are then probed again one at a
+    time, each in a fresh process, which pins the crash on its file (rejected, with the reason)
+    and keeps the others' results; the jobs not yet started go to a new pool."""
+    results: list = [None] * len(jobs)
+    todo = list(range(len(jobs)))
+    while todo:
+        started = multiprocessing.RawArray("b", len(jobs))
+        with ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker, initargs=(started,)) as pool:
+            futures = {pool.submit(_probe_job, (i, *jobs[i])): i for i in todo}
+            for f in as_completed(futures):
+                if f.exception() is None:
+                    results[futures[f]] = f.result()
+                    bar.update(1)
+        lost = [i for f, i in futures.items() if f.exception() is not None]
+        for i in (i for i in lost if started[i]):
+            results[i] = _probe_alone(i, jobs[i])
+            bar.update(1)
+        todo = [i for i in lost if not started[i]]
+    return results
+
+
+def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:
+    with ProcessPoolExecutor(1) as pool:
+        try:
+            return pool.submit(_probe_job, (i, *job)).result()
+        except BrokenProcessPool:
+            return None, "the decoder crashed on it (its process died while probing the file)"
 
 
 def index_dataset(source, out: str, *, rejects_path: str | None = None, workers: int | None = None,
@@ -54,12 +99,8 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     base = os.path.dirname(os.path.abspath(out))
     os.makedirs(base, exist_ok=True)
     jobs = [(s, min_frames, full) for s in samples]
-    workers = workers or os.cpu_count() or 1
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(_progress(pool.map(_probe_job, jobs, chunksize=4), len(jobs), progress))
-    else:
-        results = list(_progress(map(_probe_job, jobs), len(jobs), progress))
+    with _progress(len(jobs), progress) as bar:
+        results = _probe_all(jobs, workers or os.cpu_count() or 1, bar)
     kept = 0
     with open(out + ".tmp", "w") as fo, open(rejects_path, "w") as fr:
         for where, reason in line_rejects:
@@ -77,9 +118,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path}
 
 
-def _progress(it, total: int, show: bool):
-    if not show:
-        return it
+def _progress(total: int, show: bool):
     from tqdm import tqdm
 
-    return tqdm(it, total=total, unit="file", desc="index")
+    return tqdm(total=total, unit="file", desc="index", disable=not show)

@@ -212,7 +212,7 @@ def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
         stage1.main(["train.steps=abc"])
 
 
-@pytest.mark.parametrize("name", ["encoder", "attention", "token_ops", "data", "train_step"])
+@pytest.mark.parametrize("name", ["encoder", "attention", "token_ops", "data", "train_step", "checkpoint"])
 def test_bench_help_names_the_module_and_explains_every_option(name, capsys):
     module = importlib.import_module(f"bench.{name}")
     with pytest.raises(SystemExit):

@@ -1,0 +1,92 @@
+"""Checkpoint benchmark: how long a training step stalls for an interval checkpoint,
+synchronous vs asynchronous (`checkpoint.async_save`), side by side in one run.
+
+    python -m bench.checkpoint                                  # CPU, base LvT model + AdamW state
+    python -m bench.checkpoint --device cuda --out bench/results/checkpoint_gpu.json
+
+Each repeat saves the same state (fp32 weights and the two AdamW moments of a video-text
+model) through the trainer's `Saver` into a fresh folder. "stall" is what the training loop
+waits: the whole write when synchronous, the copy of the state to host memory when
+asynchronous; "total" runs until the checkpoint is renamed into place. The modes alternate,
+so page-cache and disk effects fall on both alike. Floors: bytes / host copy bandwidth for
+the asynchronous stall, bytes / disk write bandwidth for the synchronous one.
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+import videoprism
+from bench.common import Report, Timing, arg_parser
+from videoprism.train import checkpoint as ckpt
+
+
+def _timing(seconds: list[float]) -> Timing:
+    ms = [s * 1e3 for s in seconds]
+    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return Timing(statistics.median(ms), q[1], q[7])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = arg_parser("bench.checkpoint", __doc__)
+    p.add_argument("--device", default="cpu", help="where the state lives: cpu or cuda (default: %(default)s)")
+    p.add_argument("--model", default="videoprism_lvt_v1_base", help="official video-text model name (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3, help="saves per mode, after one warm-up each (default: %(default)s)")
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error(f"--reps must be >= 1, got {args.reps}")
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = videoprism.from_official(args.model).to(device)
+    opt = torch.optim.AdamW(model.parameters())
+    for prm in model.parameters():
+        prm.grad = torch.zeros_like(prm)
+    opt.step()  # creates both moments
+    numel = sum(prm.numel() for prm in model.parameters())
+    state_gb = 3 * 4 * numel / 1e9
+    root = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
+    report = Report("checkpoint", str(device), meta={"model": args.model, "params_m": round(numel / 1e6, 1),
+                                                     "state_gb": round(state_gb, 3), "dir": root})
+    stalls: dict[str, list[float]] = {"sync": [], "async": []}
+    totals: dict[str, list[float]] = {"sync": [], "async": []}
+    try:
+        for rep in range(args.reps + 1):
+            for mode in ("sync", "async"):
+                saver = ckpt.Saver(f"{root}/{mode}{rep}", keep=1, async_save=mode == "async")
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={}, wait=False)
+                t1 = time.perf_counter()
+                saver.finish()
+                t2 = time.perf_counter()
+                shutil.rmtree(f"{root}/{mode}{rep}", ignore_errors=True)
+                if rep:  # the first round warms the allocator, the page cache and DCP's planner
+                    stalls[mode].append(t1 - t0)
+                    totals[mode].append(t2 - t0)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    for mode in ("sync", "async"):
+        stall = _timing(stalls[mode])
+        report.add(mode=mode, state_gb=round(state_gb, 3), stall_s=round(stall.median_ms / 1e3, 3),
+                   stall_p20_s=round(stall.p20_ms / 1e3, 3), stall_p80_s=round(stall.p80_ms / 1e3, 3),
+                   stall_gbps=round(state_gb / (stall.median_ms / 1e3), 2),
+                   total_s=round(statistics.median(totals[mode]), 3))
+    sync, async_ = statistics.median(stalls["sync"]), statistics.median(stalls["async"])
+    report.meta["async_stall_reduction"] = round(sync / async_, 2)
+    report.show()
+    print(f"# the step stalls {sync:.2f} s for a synchronous checkpoint, {async_:.2f} s for an asynchronous one "
+          f"({sync / async_:.1f}x less)")
+    if args.out:
+        report.save(args.out)
+
+
+if __name__ == "__main__":
+    main()

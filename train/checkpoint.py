@@ -59,7 +59,10 @@ def _quiet_single_process() -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's key array as a list: the rank file then holds only types `torch.load(weights_only=True)` takes.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (name, keys.tolist(), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -68,7 +71,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -195,5 +199,5 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     if not os.path.exists(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with fewer ranks; resume "
                                 "with the same number of processes")
-    rank_state = torch.load(rank_file, weights_only=False)
+    rank_state = torch.load(rank_file, weights_only=True)  # no unpickling of arbitrary objects
     return {k: int(v) for k, v in state["trainer"].items()}, rank_state

@@ -314,6 +314,29 @@ def test_single_process_checkpoint_warns_nothing(tmp_path, async_save):
     assert not [str(w.message) for w in seen if "single process" in str(w.message)]
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_path, monkeypatch, async_save):
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Saver(str(tmp_path), keep=2, async_save=async_save)
+    first = saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={})
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fs, "_write_item", full)
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        saver.save(2, model, opt, trainer_state={"step": 2}, rank_state={}, wait=False)
+        saver.finish()
+    msg = str(err.value)
+    assert isinstance(err.value, OSError) and "\n" not in msg  # a command prints it as one line, exit status 2
+    assert str(tmp_path / "step_00000002.tmp") in msg and "No space left on device" in msg
+    assert f"latest complete checkpoint ({first}) is intact" in msg and "train.out_dir" in msg
+    assert ckpt.latest(str(tmp_path)) == first
+
+
 def test_alternating_datasets_follow_weights_and_seed():
     from videoprism.train.data import ManifestData
 

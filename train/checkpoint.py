@@ -21,11 +21,13 @@ import random
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -56,6 +58,27 @@ def _quiet_single_process() -> None:
     from its writer thread, after such a block has ended."""
     if not _distributed():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process", category=UserWarning)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, permissions, a failing file system)."""
+
+
+@contextmanager
+def _writing(tmp: str, root: str):
+    """A failed write as one OSError naming the folder, each failing rank's error and the fix
+    (a command prints it as one line), instead of DCP's CheckpointException, a BaseException
+    that carries a traceback per rank."""
+    try:
+        yield
+    except (CheckpointException, OSError) as e:
+        failures = {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) \
+            else {_rank(): e}
+        what = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
+        raise CheckpointWriteError(
+            f"writing checkpoint {tmp} failed ({what}); the latest complete checkpoint "
+            f"({latest(root) or 'none yet'}) is intact: free space or fix the permissions under {root}, or set "
+            "train.out_dir to another disk, then --resume") from e
 
 
 def rng_state() -> dict:
@@ -148,18 +171,19 @@ class Saver:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
         _barrier()
-        os.makedirs(tmp, exist_ok=True)
-        torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd,
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
         _quiet_single_process()
-        if self.async_save and not wait:
-            # Returns once the state is copied to host memory: the next update cannot reach it.
-            future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
-            self.pending = (tmp, final, future)
-            return final
-        dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+        with _writing(tmp, self.root):
+            os.makedirs(tmp, exist_ok=True)
+            torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
+            if self.async_save and not wait:
+                # Returns once the state is copied to host memory: the next update cannot reach it.
+                future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
+                self.pending = (tmp, final, future)
+                return final
+            dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
         self._publish(tmp, final)
         return final
 
@@ -170,7 +194,8 @@ class Saver:
             return
         tmp, final, future = self.pending
         self.pending = None
-        future.result()
+        with _writing(tmp, self.root):
+            future.result()
         self._publish(tmp, final)
 
     def _publish(self, tmp: str, final: str) -> None:

@@ -337,6 +337,34 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert ckpt.latest(str(tmp_path)) == first
 
 
+@pytest.mark.parametrize("damage", ["truncated_shard", "garbage_rank_file", "other_model"])
+def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_path, damage):
+    import glob
+
+    def model_opt(width=3):
+        model = torch.nn.Sequential(torch.nn.Linear(4, width))
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return model, opt
+
+    path = ckpt.Saver(str(tmp_path), keep=1).save(1, *model_opt(), trainer_state={"step": 1}, rank_state={})
+    width = 3
+    if damage == "truncated_shard":
+        open(glob.glob(os.path.join(path, "*.distcp"))[0], "r+b").truncate(10)
+    elif damage == "garbage_rank_file":
+        open(os.path.join(path, "rank0.pt"), "wb").write(b"not a torch file")
+    else:
+        width = 5  # a run with another model config
+    with pytest.raises(ckpt.CheckpointReadError) as err:
+        ckpt.load(path, *model_opt(width), trainer_keys=["step"])
+    msg = str(err.value)
+    assert isinstance(err.value, ValueError) and "\n" not in msg and len(msg) < 1000
+    assert msg.startswith(f"checkpoint {path} does not load") and "earlier checkpoints/step_*" in msg
+    if damage == "other_model":
+        assert "Size mismatch" in msg and "--config OUT_DIR/config.json" in msg
+
+
 def test_alternating_datasets_follow_weights_and_seed():
     from videoprism.train.data import ManifestData
 

@@ -17,6 +17,7 @@ of another run's and a resume never jumps into an abandoned future.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -64,19 +65,32 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (a full disk, permissions, a failing file system)."""
 
 
+class CheckpointReadError(ValueError):
+    """A checkpoint does not load into this run (another model config, a damaged file)."""
+
+
+def _failures(e: BaseException) -> str:
+    """The error of each failing rank on one line: DCP's CheckpointException (a BaseException)
+    carries one per rank, with a traceback each."""
+    failures = {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
+
+    def one(x: BaseException) -> str:
+        text = " ".join(str(x).split())
+        text = text if len(text) <= 300 else text[:297] + "..."
+        return f"{type(x).__name__}: {text}" if text else type(x).__name__
+
+    return "; ".join(f"rank {r}: {one(x)}" for r, x in sorted(failures.items()))
+
+
 @contextmanager
 def _writing(tmp: str, root: str):
-    """A failed write as one OSError naming the folder, each failing rank's error and the fix
-    (a command prints it as one line), instead of DCP's CheckpointException, a BaseException
-    that carries a traceback per rank."""
+    """A failed write as one OSError naming the folder, the errors and the fix (a command
+    prints it as one line)."""
     try:
         yield
     except (CheckpointException, OSError) as e:
-        failures = {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) \
-            else {_rank(): e}
-        what = "; ".join(f"rank {r}: {type(x).__name__}: {x}" for r, x in sorted(failures.items()))
         raise CheckpointWriteError(
-            f"writing checkpoint {tmp} failed ({what}); the latest complete checkpoint "
+            f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete checkpoint "
             f"({latest(root) or 'none yet'}) is intact: free space or fix the permissions under {root}, or set "
             "train.out_dir to another disk, then --resume") from e
 
@@ -216,13 +230,19 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    _quiet_single_process()
-    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=StateDictOptions(strict=True))
     rank_file = os.path.join(path, f"rank{_rank()}.pt")
     if not os.path.exists(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with fewer ranks; resume "
                                 "with the same number of processes")
-    rank_state = torch.load(rank_file, weights_only=True)  # no unpickling of arbitrary objects
+    _quiet_single_process()
+    try:
+        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=True))
+        rank_state = torch.load(rank_file, weights_only=True)  # no unpickling of arbitrary objects
+    except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointReadError(
+            f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "
+            "means another model config (resume with the run's own config: --config OUT_DIR/config.json); a "
+            "damaged file, resume from an earlier checkpoints/step_* folder") from e
     return {k: int(v) for k, v in state["trainer"].items()}, rank_state

@@ -434,6 +434,50 @@ def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     del it
 
 
+_KILLED_MID_DECODE = """
+import os, signal, sys, time
+import videoprism.data.decode as decode
+from videoprism.data.loader import build_loader
+real = decode.decode_clip
+def stuck(*a, **k):  # the first clip decodes; then every decode hangs, as in a stuck decoder
+    if os.path.exists(sys.argv[2]):
+        time.sleep(600)
+    open(sys.argv[2], "w").close()
+    return real(*a, **k)
+decode.decode_clip = stuck
+loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=1,
+                      train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=1)
+it = iter(loader)
+next(it)
+me = os.getpid()
+with open(sys.argv[3], "w") as f:
+    f.write(" ".join(p for t in os.listdir(f"/proc/{me}/task") for p in open(f"/proc/{me}/task/{t}/children").read().split()))
+time.sleep(0.5)  # the worker is inside a hung decode now
+os.kill(me, signal.SIGKILL)  # the parent dies without any cleanup
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="Linux only (PR_SET_PDEATHSIG, /proc)")
+def test_a_worker_stuck_in_a_decode_dies_with_its_parent(tmp_path, synth):
+    """Workers ignore the stop signals, so the kernel must end them when their parent dies:
+    torch's own watchdog never runs while a worker hangs inside a decode."""
+    import subprocess
+    import sys
+    import time
+
+    # Files, not pipes: a leaked worker would hold a pipe open and hang the wait for its end.
+    with open(tmp_path / "stderr", "w") as err:
+        r = subprocess.run([sys.executable, "-c", _KILLED_MID_DECODE, synth, str(tmp_path / "first"),
+                            str(tmp_path / "pids")], stdout=subprocess.DEVNULL, stderr=err, timeout=120)
+    assert r.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
+    workers = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    assert workers
+    deadline = time.time() + 5
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        time.sleep(0.05)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")], "a worker outlived its parent"
+
+
 def test_ranks_read_disjoint_shards(synth):
     ids = [torch.cat([b["index"] for b in _loader(synth, rank=r, world_size=3, batch_size=2)]) for r in range(3)]
     sets = [set(i.tolist()) for i in ids]

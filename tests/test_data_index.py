@@ -6,6 +6,8 @@ import json
 import multiprocessing
 import os
 import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -62,12 +64,24 @@ def test_index_of_an_all_bad_manifest_still_writes_the_report(tmp_path, capsys):
     assert [r["path"] for r in report] == [f"{m}:{n}" for n in (1, 2, 3)] and all(r["reason"] for r in report)
 
 
+class SlowSubmit(ProcessPoolExecutor):
+    """A pool whose jobs trickle in, so a worker can die while the rest are being submitted."""
+
+    def submit(self, *args, **kwargs):
+        time.sleep(0.05)
+        return super().submit(*args, **kwargs)
+
+
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the crash is injected into forked workers")
-def test_files_that_crash_the_decoder_are_rejected_and_the_others_kept(tmp_path, monkeypatch):
-    """A decoder segfault kills its worker and breaks the whole process pool: the index pins
-    each crash on its file and still probes every other file."""
+@pytest.mark.parametrize("submission", ["at_once", "trickling"])
+def test_files_that_crash_the_decoder_are_rejected_and_the_others_kept(tmp_path, monkeypatch, submission):
+    """A decoder segfault kills its worker and breaks the whole process pool (also while jobs
+    are still being submitted): the index pins each crash on its file and still probes every
+    other file."""
     from videoprism.data import index
 
+    if submission == "trickling":
+        monkeypatch.setattr(index, "ProcessPoolExecutor", SlowSubmit)
     d = str(tmp_path)
     assert run(["data", "synth", "--out", d, "--num", "12", "--size", "32", "--frames", "4", "--workers", "1"]) == 0
     manifest = os.path.join(d, "train.jsonl")
@@ -89,3 +103,14 @@ def test_files_that_crash_the_decoder_are_rejected_and_the_others_kept(tmp_path,
     report = [json.loads(line) for line in open(os.path.join(d, "clean.rejects.jsonl"))]
     assert sorted(os.path.basename(r["path"]) for r in report) == sorted(victims)
     assert all("crashed" in r["reason"] for r in report)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the fault is injected into forked workers")
+def test_workers_that_die_before_any_file_stop_the_index_with_a_message(tmp_path, monkeypatch, capsys):
+    from videoprism.data import index
+
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "4", "--size", "32", "--frames", "4", "--workers", "1"]) == 0
+    monkeypatch.setattr(index, "_init_worker", lambda started: os._exit(1))
+    assert run(["data", "index", os.path.join(d, "train.jsonl"), "--out", os.path.join(d, "c.jsonl"), "--quiet"]) == 2
+    assert "died before they started on any file" in capsys.readouterr().err

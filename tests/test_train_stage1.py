@@ -179,6 +179,20 @@ def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
     assert data.handler == signal.getsignal(signal.SIGTERM) and not callable(data.handler)
 
 
+def test_auto_resume_starts_afresh_without_a_checkpoint_and_resumes_with_one(tmp_path):
+    args = ("train.compile=false", "train.steps=2")
+    trainer = make_trainer(tmp_path, *args)
+    os.makedirs(tmp_path / "checkpoints" / "step_00000004.tmp")  # an unfinished save does not count
+    trainer.resume(str(tmp_path), if_any=True)
+    assert trainer.step == 0 and trainer.resumed_from is None
+    trainer.fit()
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(str(tmp_path), if_any=True)
+    assert trainer.step == 2 and trainer.resumed_from == str(tmp_path / "checkpoints" / "step_00000002")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        make_trainer(tmp_path / "empty", *args).resume(str(tmp_path / "empty"))
+
+
 class Watch(RandomClips):
     """Random clips that note, per step, whether `path` exists when the step's batch is fetched."""
 
@@ -222,6 +236,34 @@ def test_async_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypatch):
         assert all(torch.equal(m1[k], m2[k]) for k in m1), step
         assert all(torch.equal(o1[i][k], o2[i][k]) for i in o1 for k in o1[i]), step
     assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "async" / "checkpoints"))] == [2, 4, 5]
+
+
+def test_a_failed_run_waits_for_its_async_write_and_leaves_it_unpublished(tmp_path, monkeypatch):
+    """The run stops (too many non-finite steps) while the step-2 checkpoint is still being
+    written: fit() waits for the writer (which would otherwise outlive the process group it
+    uses) and does not rename its folder into place."""
+    import threading
+    import time
+
+    import torch.distributed.checkpoint.filesystem as fs
+    from videoprism.train import checkpoint as ckpt
+
+    write = fs._write_item
+
+    def slow_write(*a, **k):
+        time.sleep(0.01)
+        return write(*a, **k)
+
+    monkeypatch.setattr(fs, "_write_item", slow_write)
+    trainer = make_trainer(tmp_path, "train.compile=false", "checkpoint.interval=2", "checkpoint.async_save=true",
+                           "train.max_nonfinite=0", "train.steps=5", data=NaNOnce({2}))
+    before = set(threading.enumerate())
+    with pytest.raises(NonFiniteLossError):
+        trainer.fit()
+    assert trainer.saver.pending is None
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive() and "ThreadPool" in t.name]
+    root = str(tmp_path / "checkpoints")
+    assert ckpt.step_dirs(root) == [] and os.path.isdir(os.path.join(root, "step_00000002.tmp"))
 
 
 def test_grad_cache_accumulation_gives_the_whole_batch_gradient(tmp_path):

@@ -63,18 +63,17 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
         build_config(str(tmp_path / "missing.json"), [], 1)
 
 
-def test_resume_flags(tmp_path):
+def test_resume_flags(tmp_path, capsys):
+    from videoprism.train.config import ResumeFrom
+
     out = str(tmp_path / "run")
     assert parse_args([f"train.out_dir={out}"], 1)[1] is None
-    assert parse_args([f"train.out_dir={out}", "--resume"], 1)[1] == out
-    assert parse_args([f"train.out_dir={out}", "--resume", "elsewhere"], 1)[1] == "elsewhere"
-    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] is None  # nothing saved yet: start at 0
-    os.makedirs(os.path.join(out, "checkpoints", "step_00000004.tmp"))  # an unfinished save does not count
-    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] is None
-    os.makedirs(os.path.join(out, "checkpoints", "step_00000002"))
-    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] == out
+    assert parse_args([f"train.out_dir={out}", "--resume"], 1)[1] == ResumeFrom(out)
+    assert parse_args([f"train.out_dir={out}", "--resume", "elsewhere"], 1)[1] == ResumeFrom("elsewhere")
+    assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] == ResumeFrom(out, if_any=True)
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--auto-resume"], 1)
+    assert "--resume and --auto-resume exclude each other" in capsys.readouterr().err
 
 
 def test_fields_with_choices_are_checked_when_set():

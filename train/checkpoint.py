@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import warnings
+from concurrent import futures
 from contextlib import contextmanager
 
 import numpy as np
@@ -75,7 +76,7 @@ def _failures(e: BaseException) -> str:
     failures = {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
 
     def one(x: BaseException) -> str:
-        text = " ".join(str(x).split())
+        text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(x)).split())  # torch bolds parts of some messages
         text = text if len(text) <= 300 else text[:297] + "..."
         return f"{type(x).__name__}: {text}" if text else type(x).__name__
 
@@ -89,17 +90,20 @@ def _writing(tmp: str, root: str):
     try:
         yield
     except (CheckpointException, OSError) as e:
-        raise CheckpointWriteError(
-            f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete checkpoint "
-            f"({latest(root) or 'none yet'}) is intact: free space or fix the permissions under {root}, or set "
-            "train.out_dir to another disk, then --resume") from e
+        errors = [x for x, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
+               "--resume") if any(isinstance(x, OSError) for x in errors) else ""
+        raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete "
+                                   f"checkpoint ({latest(root) or 'none yet'}) is intact{fix}") from e
+
+
+# What a numpy array needs from the unpickler (numpy 2 moved `core` to `_core`).
+_NUMPY_ARRAYS = [getattr(np, "_core", None) and np._core.multiarray._reconstruct or np.core.multiarray._reconstruct,
+                 np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def rng_state() -> dict:
-    # numpy's key array as a list: the rank file then holds only types `torch.load(weights_only=True)` takes.
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (name, keys.tolist(), pos, has_gauss, gauss)}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -108,8 +112,7 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -212,6 +215,14 @@ class Saver:
             future.result()
         self._publish(tmp, final)
 
+    def drop(self) -> None:
+        """After a failure elsewhere: wait for the background write without raising its error
+        or publishing it (its thread must not outlive the process group it uses; its `.tmp`
+        folder is cleared by a later save of the same step). Not collective."""
+        if self.pending is not None:
+            futures.wait([self.pending[2]])
+            self.pending = None
+
     def _publish(self, tmp: str, final: str) -> None:
         _barrier()
         if _rank() == 0:
@@ -239,7 +250,11 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
-        rank_state = torch.load(rank_file, weights_only=True)  # no unpickling of arbitrary objects
+        # No unpickling of arbitrary objects; numpy arrays (its RNG state) are plain data.
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            rank_state = torch.load(rank_file, weights_only=True)
+    except (torch.OutOfMemoryError, dist.DistError):
+        raise  # the device or the process group failed, not the checkpoint
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointReadError(
             f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "

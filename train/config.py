@@ -375,9 +375,9 @@ def help_text(stage: int) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
-    """`--config NAME [--resume [PATH] | --auto-resume] [section.field=value ...]` -> (config, resume
-    path or None). `--resume` without a path resumes from the run's own out_dir."""
+def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom | None]:
+    """`--config NAME [--resume [PATH] | --auto-resume] [section.field=value ...]` -> (config,
+    ResumeFrom or None). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
     p = argparse.ArgumentParser(
@@ -396,9 +396,15 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, str | None]:
     if args.auto_resume and args.resume is not None:
         p.error("--resume and --auto-resume exclude each other")
     cfg = build_config(args.config, args.overrides, stage)
-    resume = None if args.resume is None else (args.resume or cfg.train.out_dir)
     if args.auto_resume:
-        from videoprism.train.checkpoint import latest
+        return cfg, ResumeFrom(cfg.train.out_dir, if_any=True)
+    return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir)
 
-        resume = cfg.train.out_dir if latest(os.path.join(cfg.train.out_dir, "checkpoints")) else None
-    return cfg, resume
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """Where a run continues from: a run's out_dir (its latest checkpoint) or a step_* folder.
+    `if_any` (--auto-resume): start at step 0 when `path` holds no checkpoint yet, which the
+    trainer decides once the ranks can agree on it."""
+    path: str
+    if_any: bool = False

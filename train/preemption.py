@@ -45,4 +45,5 @@ class PreemptionNotice:
             yield self
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                # None: a handler installed from C, which Python cannot put back; the default then.
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)

@@ -18,7 +18,7 @@ from torch import nn
 from videoprism.cli import run_command
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
-from videoprism.train.config import Config, parse_args
+from videoprism.train.config import Config, ResumeFrom, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
@@ -163,7 +163,7 @@ class Stage1Task:
             videoprism.save_safetensors(clip, path)
 
 
-def run(cfg: Config, resume: str | None = None) -> dict:
+def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths."""
     dist_ = init_distributed(cfg.train.device)
     try:
@@ -180,7 +180,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
                   f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "
                   f"the global batch of {cfg.train.global_batch}")
         if resume is not None:
-            trainer.resume(resume)
+            trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()
         if dist_.main:
             _report(results, cfg)

@@ -22,7 +22,7 @@ from videoprism.cli import run_command
 from videoprism.config import EncoderConfig, narrow_config
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
-from videoprism.train.config import Config, parse_args
+from videoprism.train.config import Config, ResumeFrom, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
@@ -135,7 +135,7 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
                                           attention_backend=cfg.model.attention_backend, device=device))
 
 
-def run(cfg: Config, resume: str | None = None) -> dict:
+def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     """Train stage 2 per `cfg`; returns the final validation losses and the output paths."""
     dist_ = init_distributed(cfg.train.device)
     try:
@@ -148,7 +148,7 @@ def run(cfg: Config, resume: str | None = None) -> dict:
         task = Stage2Task(cfg, dist_, teacher, val)
         trainer = Trainer(cfg, task, data, dist_, name="stage2")
         if resume is not None:
-            trainer.resume(resume)
+            trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()
         if dist_.main:
             print_outputs(results, cfg.train.out_dir, keys=("val_token_loss", "val_global_loss"))

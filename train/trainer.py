@@ -87,12 +87,21 @@ class Trainer:
                                trainer_state={"step": self.step, "nonfinite": self.nonfinite},
                                rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict()}, wait=wait)
 
-    def resume(self, path: str) -> None:
-        """`path`: a run's out_dir (its latest checkpoint) or a step_* folder."""
+    def resume(self, path: str, *, if_any: bool = False) -> None:
+        """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any`: start at
+        step 0 when there is none yet, as every rank must: they decide together (a shared file
+        system whose nodes see different folders would otherwise split the run)."""
         if os.path.basename(path.rstrip("/")).startswith("step_"):
             target = path
         else:
             target = ckpt.latest(os.path.join(path, "checkpoints")) or ckpt.latest(path)
+            if if_any:
+                some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist.device)
+                if some and none:
+                    raise FileNotFoundError(f"--auto-resume: some ranks see a checkpoint under {path!r} and some do "
+                                            "not; train.out_dir must be one folder that every node sees alike")
+                if none:
+                    return
             if target is None:
                 raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint under it (looked for "
                                         f"{os.path.join(path, 'checkpoints', 'step_*')})")
@@ -193,6 +202,7 @@ class Trainer:
                 results["plot"] = plot_curves(log.path, os.path.join(tc.out_dir, "curves.png"),
                                               keys=("loss", *self.task.loss_keys))
         finally:
+            self.saver.drop()  # only after a failure is a write still in flight here
             log.close()
         results["nonfinite"] = self.nonfinite
         results["skipped_samples"] = self.skipped_samples

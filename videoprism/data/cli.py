@@ -15,7 +15,7 @@ def _cmd_index(args) -> int:
         r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
                           rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
                           progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}; {r['rejected']} rejected -> {r['rejects']}")

@@ -64,17 +64,26 @@ def _probe_all(jobs: list, workers: int, bar) -> list[tuple[dict | None, str | N
     todo = list(range(len(jobs)))
     while todo:
         started = multiprocessing.RawArray("b", len(jobs))
+        futures = {}
         with ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker, initargs=(started,)) as pool:
-            futures = {pool.submit(_probe_job, (i, *jobs[i])): i for i in todo}
+            try:
+                for i in todo:
+                    futures[pool.submit(_probe_job, (i, *jobs[i]))] = i
+            except BrokenProcessPool:
+                pass  # broken while jobs were still being submitted: the unsubmitted ones go to the next pool
             for f in as_completed(futures):
                 if f.exception() is None:
                     results[futures[f]] = f.result()
                     bar.update(1)
-        lost = [i for f, i in futures.items() if f.exception() is not None]
-        for i in (i for i in lost if started[i]):
+        done = {i for f, i in futures.items() if f.exception() is None}
+        suspects = [i for i in todo if i not in done and started[i]]
+        if not done and not suspects:
+            raise OSError("data index: the probe processes died before they started on any file, so the cause is "
+                          "not a file: check memory and that PyAV imports (python -c 'import av')")
+        for i in suspects:
             results[i] = _probe_alone(i, jobs[i])
             bar.update(1)
-        todo = [i for i in lost if not started[i]]
+        todo = [i for i in todo if i not in done and not started[i]]
     return results
 
 

@@ -27,10 +27,13 @@ share of an epoch passes `max_bad_share` (default 1%).
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
+import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,13 +61,20 @@ def _identity(x):
     return x
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _init_worker(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM and SIGUSR1 to their parent, as torch's workers do SIGINT:
-    a scheduler signals the whole process group, and a trainer that saves a checkpoint on the
-    notice (videoprism/train/preemption.py) needs its workers alive until it has. A worker
-    still exits with its parent (DataLoader's watchdog)."""
+    a scheduler signals the whole process group (SLURM: every process of the job), and a trainer
+    that saves a checkpoint on the notice (videoprism/train/preemption.py) needs its workers
+    alive until it has. So that a worker that ignores them, or is stuck in a decoder, never
+    outlives its parent, Linux kills it when the parent thread that started it dies
+    (PR_SET_PDEATHSIG); torch's own watchdog acts only between items."""
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        parent = multiprocessing.parent_process()
+        if parent is not None and os.getppid() != parent.pid:  # it died before the request took effect
+            os._exit(0)
 
 
 class _PyAVItems(torch.utils.data.Dataset):
@@ -203,7 +213,7 @@ class VideoTextLoader:
         dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads),
                                          sampler=range(self.position, len(order)), batch_size=None,
                                          collate_fn=_identity, num_workers=self.num_workers,
-                                         worker_init_fn=_ignore_stop_signals,
+                                         worker_init_fn=_init_worker,
                                          prefetch_factor=4 if self.num_workers > 0 else None)
         yield from dl
 

@@ -97,9 +97,9 @@ def _writing(tmp: str, root: str):
                                    f"checkpoint ({latest(root) or 'none yet'}) is intact{fix}") from e
 
 
-# What a numpy array needs from the unpickler (numpy 2 moved `core` to `_core`).
-_NUMPY_ARRAYS = [getattr(np, "_core", None) and np._core.multiarray._reconstruct or np.core.multiarray._reconstruct,
-                 np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+# What a numpy array (numpy's RNG state in the rank files) needs from the unpickler.
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed `core` to `_core`
+_NUMPY_ARRAYS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def rng_state() -> dict:

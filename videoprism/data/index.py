@@ -10,10 +10,11 @@ could not be parsed.
 """
 from __future__ import annotations
 
+import collections
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
@@ -64,18 +65,7 @@ def _probe_all(jobs: list, workers: int, bar) -> list[tuple[dict | None, str | N
     todo = list(range(len(jobs)))
     while todo:
         started = multiprocessing.RawArray("b", len(jobs))
-        futures = {}
-        with ProcessPoolExecutor(min(workers, len(todo)), initializer=_init_worker, initargs=(started,)) as pool:
-            try:
-                for i in todo:
-                    futures[pool.submit(_probe_job, (i, *jobs[i]))] = i
-            except BrokenProcessPool:
-                pass  # broken while jobs were still being submitted: the unsubmitted ones go to the next pool
-            for f in as_completed(futures):
-                if f.exception() is None:
-                    results[futures[f]] = f.result()
-                    bar.update(1)
-        done = {i for f, i in futures.items() if f.exception() is None}
+        done = _pool_round(todo, jobs, min(workers, len(todo)), started, results, bar)
         suspects = [i for i in todo if i not in done and started[i]]
         if not done and not suspects:
             raise OSError("data index: the probe processes died before they started on any file, so the cause is "
@@ -85,6 +75,36 @@ def _probe_all(jobs: list, workers: int, bar) -> list[tuple[dict | None, str | N
             bar.update(1)
         todo = [i for i in todo if i not in done and not started[i]]
     return results
+
+
+def _pool_round(todo: list[int], jobs: list, workers: int, started, results: list, bar) -> set[int]:
+    """One pool over `todo` until it finishes or breaks; returns the jobs it finished. At most
+    4 jobs a worker are in flight (a million-file manifest is not a million futures)."""
+    done: set[int] = set()
+    queue = collections.deque(todo)
+    inflight: dict = {}
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(started,)) as pool:
+        try:
+            while queue or inflight:
+                while queue and len(inflight) < 4 * workers:
+                    i = queue.popleft()
+                    inflight[pool.submit(_probe_job, (i, *jobs[i]))] = i
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                    break
+                for f in finished:
+                    i = inflight.pop(f)
+                    results[i] = f.result()  # an error of the probe itself (a bug) is raised here
+                    done.add(i)
+                    bar.update(1)
+        except BrokenProcessPool:
+            pass  # from submit(): a worker died meanwhile
+    for f, i in inflight.items():  # finished before the break
+        if f.done() and f.exception() is None:
+            results[i] = f.result()
+            done.add(i)
+            bar.update(1)
+    return done
 
 
 def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:

@@ -25,12 +25,6 @@ from bench.common import Report, Timing, arg_parser
 from videoprism.train import checkpoint as ckpt
 
 
-def _timing(seconds: list[float]) -> Timing:
-    ms = [s * 1e3 for s in seconds]
-    q = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
-    return Timing(statistics.median(ms), q[1], q[7])
-
-
 def main(argv: list[str] | None = None) -> None:
     p = arg_parser("bench.checkpoint", __doc__)
     p.add_argument("--device", default="cpu", help="where the state lives: cpu or cuda (default: %(default)s)")
@@ -73,13 +67,15 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    stall_s = {}
     for mode in ("sync", "async"):
-        stall = _timing(stalls[mode])
+        stall = Timing.of([t * 1e3 for t in stalls[mode]])
+        stall_s[mode] = stall.median_ms / 1e3
         report.add(mode=mode, state_gb=round(state_gb, 3), stall_s=round(stall.median_ms / 1e3, 3),
                    stall_p20_s=round(stall.p20_ms / 1e3, 3), stall_p80_s=round(stall.p80_ms / 1e3, 3),
                    stall_gbps=round(state_gb / (stall.median_ms / 1e3), 2),
                    total_s=round(statistics.median(totals[mode]), 3))
-    sync, async_ = statistics.median(stalls["sync"]), statistics.median(stalls["async"])
+    sync, async_ = stall_s["sync"], stall_s["async"]
     report.meta["async_stall_reduction"] = round(sync / async_, 2)
     report.show()
     print(f"# the step stalls {sync:.2f} s for a synchronous checkpoint, {async_:.2f} s for an asynchronous one "

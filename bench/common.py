@@ -38,6 +38,12 @@ class Timing:
     p20_ms: float
     p80_ms: float
 
+    @classmethod
+    def of(cls, ms: list[float]) -> "Timing":
+        """Median and 20/80 % quantiles of repeated measurements in ms."""
+        qs = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+        return cls(statistics.median(ms), qs[1], qs[7])
+
     @property
     def spread(self) -> float:
         """(p80 - p20) / median: the relative spread of the repeats."""
@@ -65,8 +71,7 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
         fn()
         _sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
-    qs = statistics.quantiles(ts, n=10, method="inclusive") if len(ts) > 1 else [ts[0]] * 9
-    return Timing(statistics.median(ts), qs[1], qs[7])
+    return Timing.of(ts)
 
 
 def device_name(device: torch.device | str) -> str:

@@ -22,6 +22,8 @@ from videoprism.train.preemption import Preempted
 from videoprism.train.stage1 import Stage1Task
 from videoprism.train.trainer import NonFiniteLossError, Trainer
 
+from .test_train_distributed import losses as run_losses
+
 # A model small enough for a few CPU steps per second: 4 frames of 16x16, 4x4 patches.
 TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.num_spatial_layers=1",
         "model.num_temporal_layers=1", "model.num_unimodal_layers=1", "model.patch_size=4",
@@ -29,12 +31,16 @@ TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.nu
         "optim.warmup_steps=0", "optim.lr=3e-3", "checkpoint.export=false", "train.log_every=1"]
 
 
+# The random clips of every test here: one micro-batch of 4 clips of TINY's size.
+CLIPS = dict(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+
+
 def make_trainer(tmp_path, *overrides, data=None, vocab=50):
     cfg = build_config("tiny", [*TINY, f"train.out_dir={tmp_path}", *overrides], 1)
     d = Dist(0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     clip = build_clip(cfg.model, vocab=vocab, device=d.device)
-    data = data or RandomClips(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+    data = data or RandomClips(**CLIPS)
     return Trainer(cfg, Stage1Task(cfg, d, clip, None), data, d, name="test")
 
 
@@ -42,7 +48,7 @@ class NaNOnce(RandomClips):
     """Random clips as float video; the batch of step `bad_step` holds a NaN."""
 
     def __init__(self, bad_steps):
-        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        super().__init__(**CLIPS)
         self.bad_steps = bad_steps
 
     def next_batch(self, step):
@@ -128,7 +134,7 @@ class SignalAt(RandomClips):
     scheduler's notice arriving in the middle of a step. Records the handler it finds."""
 
     def __init__(self, at: int, signum: int):
-        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        super().__init__(**CLIPS)
         self.at, self.signum, self.handler = at, signum, None
 
     def next_batch(self, step):
@@ -139,9 +145,19 @@ class SignalAt(RandomClips):
         return super().next_batch(step)
 
 
-def _losses(out) -> dict[int, float]:
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+def _slow_disk(monkeypatch, seconds: float) -> None:
+    """Every tensor DCP writes takes `seconds` longer: a checkpoint write spans several steps."""
+    import time
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    write = fs._write_item
+
+    def slow_write(*a, **k):
+        time.sleep(seconds)
+        return write(*a, **k)
+
+    monkeypatch.setattr(fs, "_write_item", slow_write)
 
 
 @pytest.mark.parametrize("signum, async_save", [(signal.SIGTERM, False), (signal.SIGUSR1, True)])
@@ -166,7 +182,7 @@ def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exact
     trainer = make_trainer(tmp_path / "run", *args)
     trainer.resume(str(tmp_path / "run"))
     trainer.fit()
-    ref, got = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    ref, got = run_losses(tmp_path / "ref"), run_losses(tmp_path / "run")
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in got:
         assert got[step] == pytest.approx(ref[step], abs=1e-6), step
@@ -197,7 +213,7 @@ class Watch(RandomClips):
     """Random clips that note, per step, whether `path` exists when the step's batch is fetched."""
 
     def __init__(self, path):
-        super().__init__(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        super().__init__(**CLIPS)
         self.path, self.seen = path, {}
 
     def next_batch(self, step):
@@ -209,20 +225,11 @@ def test_async_checkpoints_hold_the_state_of_their_step(tmp_path, monkeypatch):
     """checkpoint.async_save with a slow disk: the steps after a save run while it is written
     (its folder appears only once the write is done), and what it holds is the state of its
     own step, equal to a synchronous run's, not of the updates made meanwhile."""
-    import time
-
-    import torch.distributed.checkpoint.filesystem as fs
     from videoprism.train import checkpoint as ckpt
 
     args = ("train.compile=false", "checkpoint.interval=2", "checkpoint.keep=5", "train.steps=5")
     make_trainer(tmp_path / "sync", *args).fit()
-    write = fs._write_item
-
-    def slow_write(*a, **k):
-        time.sleep(0.005)
-        return write(*a, **k)
-
-    monkeypatch.setattr(fs, "_write_item", slow_write)
+    _slow_disk(monkeypatch, 0.005)
     watch = Watch(str(tmp_path / "async" / "checkpoints" / "step_00000002"))
     make_trainer(tmp_path / "async", *args, "checkpoint.async_save=true", data=watch).fit()
     assert watch.seen[2] is False and watch.seen[4] is True  # written behind step 3, in place by step 5
@@ -243,18 +250,10 @@ def test_a_failed_run_waits_for_its_async_write_and_leaves_it_unpublished(tmp_pa
     written: fit() waits for the writer (which would otherwise outlive the process group it
     uses) and does not rename its folder into place."""
     import threading
-    import time
 
-    import torch.distributed.checkpoint.filesystem as fs
     from videoprism.train import checkpoint as ckpt
 
-    write = fs._write_item
-
-    def slow_write(*a, **k):
-        time.sleep(0.01)
-        return write(*a, **k)
-
-    monkeypatch.setattr(fs, "_write_item", slow_write)
+    _slow_disk(monkeypatch, 0.01)
     trainer = make_trainer(tmp_path, "train.compile=false", "checkpoint.interval=2", "checkpoint.async_save=true",
                            "train.max_nonfinite=0", "train.steps=5", data=NaNOnce({2}))
     before = set(threading.enumerate())
@@ -460,7 +459,7 @@ def test_gpu_compiled_triton_step_matches_eager(tmp_path):
         d = Dist(0, 1, dev)
         torch.manual_seed(0)
         clip = build_clip(cfg.model, vocab=50, device=dev)
-        data = RandomClips(micro_batch=4, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
+        data = RandomClips(**CLIPS)
         trainer = Trainer(cfg, Stage1Task(cfg, d, clip, None), data, d, name=name)
         runs[name] = [trainer.train_step()["loss"] for _ in range(3)]
         assert sum(counters["graph_break"].values()) == 0

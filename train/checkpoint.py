@@ -70,17 +70,20 @@ class CheckpointReadError(ValueError):
     """A checkpoint does not load into this run (another model config, a damaged file)."""
 
 
-def _failures(e: BaseException) -> str:
-    """The error of each failing rank on one line: DCP's CheckpointException (a BaseException)
-    carries one per rank, with a traceback each."""
-    failures = {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
+def _rank_errors(e: BaseException) -> dict[int, BaseException]:
+    """The error of each failing rank: DCP's CheckpointException (a BaseException) carries one
+    per rank, with a traceback each; any other error is this rank's."""
+    return {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
 
+
+def _failures(e: BaseException) -> str:
+    """`_rank_errors(e)` on one line."""
     def one(x: BaseException) -> str:
         text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(x)).split())  # torch bolds parts of some messages
         text = text if len(text) <= 300 else text[:297] + "..."
         return f"{type(x).__name__}: {text}" if text else type(x).__name__
 
-    return "; ".join(f"rank {r}: {one(x)}" for r, x in sorted(failures.items()))
+    return "; ".join(f"rank {r}: {one(x)}" for r, x in sorted(_rank_errors(e).items()))
 
 
 @contextmanager
@@ -90,9 +93,8 @@ def _writing(tmp: str, root: str):
     try:
         yield
     except (CheckpointException, OSError) as e:
-        errors = [x for x, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
         fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
-               "--resume") if any(isinstance(x, OSError) for x in errors) else ""
+               "--resume") if any(isinstance(x, OSError) for x in _rank_errors(e).values()) else ""
         raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete "
                                    f"checkpoint ({latest(root) or 'none yet'}) is intact{fix}") from e
 
@@ -167,6 +169,7 @@ class Saver:
         # own: on the default group they would interleave with the training loop's. Created here,
         # at the same point on every rank, as new_group requires.
         self.group = dist.new_group(backend="gloo") if async_save and _distributed() else None
+        _quiet_single_process()
 
     @property
     def writing(self) -> bool:
@@ -191,7 +194,6 @@ class Saver:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd,
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
-        _quiet_single_process()
         with _writing(tmp, self.root):
             os.makedirs(tmp, exist_ok=True)
             torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))

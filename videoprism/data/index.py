@@ -90,20 +90,19 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, results: lis
                     i = queue.popleft()
                     inflight[pool.submit(_probe_job, (i, *jobs[i]))] = i
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                if any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
-                    break
+                broken = False
                 for f in finished:
                     i = inflight.pop(f)
+                    if isinstance(f.exception(), BrokenProcessPool):
+                        broken = True
+                        continue
                     results[i] = f.result()  # an error of the probe itself (a bug) is raised here
                     done.add(i)
                     bar.update(1)
+                if broken:
+                    break
         except BrokenProcessPool:
             pass  # from submit(): a worker died meanwhile
-    for f, i in inflight.items():  # finished before the break
-        if f.done() and f.exception() is None:
-            results[i] = f.result()
-            done.add(i)
-            bar.update(1)
     return done
 
 

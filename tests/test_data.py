@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import tarfile
@@ -476,6 +477,57 @@ def test_a_worker_stuck_in_a_decode_dies_with_its_parent(tmp_path, synth):
     while time.time() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
         time.sleep(0.05)
     assert not [p for p in workers if os.path.exists(f"/proc/{p}")], "a worker outlived its parent"
+
+
+forked_workers = pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                                    reason="the fault is injected into forked workers")
+
+
+@forked_workers
+def test_a_file_that_crashes_the_decoder_is_skipped_and_the_epoch_goes_on(synth, monkeypatch):
+    """A libav segfault kills its worker process. A plain DataLoader then raises in the main thread
+    wherever it is (here: inside the consumer's sleep, as it would inside an optimizer step); the
+    loader instead skips the file as a bad sample and delivers every other sample as a run
+    without that file would."""
+    import time
+
+    import videoprism.data.decode as decode
+
+    ref = _loader(synth, seed=3, num_workers=2, batch_size=3, max_bad_share=0.2)
+    ref_ids = torch.cat([b["index"] for b in ref]).tolist()
+    ref_videos = {}
+    for b in _loader(synth, seed=3, batch_size=3):
+        ref_videos.update(zip(b["index"].tolist(), b["video"]))
+    victims = {ref.samples[ref_ids[2]].name: ref_ids[2], ref.samples[ref_ids[10]].name: ref_ids[10]}
+    real = decode.decode_clip
+
+    def crashing(*a, name=None, **k):
+        if name in victims:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(*a, name=name, **k)
+
+    monkeypatch.setattr(decode, "decode_clip", crashing)
+    run = _loader(synth, seed=3, num_workers=2, batch_size=3, max_bad_share=0.2)
+    batches = []
+    for b in run:
+        batches.append(b)
+        time.sleep(0.2)  # the workers run ahead and meet the victims while the main thread is elsewhere
+    ids = torch.cat([b["index"] for b in batches]).tolist()
+    kept = [i for i in ref_ids if i not in victims.values()]
+    assert ids == kept[: len(kept) - len(kept) % 3]
+    assert all(torch.equal(v, ref_videos[i]) for b in batches for i, v in zip(b["index"].tolist(), b["video"]))
+    rejects = dict(run.drain_rejects())
+    assert set(rejects) == set(victims)
+    assert all(r == "the decoder crashed on it (its worker process was killed by SIGSEGV)" for r in rejects.values())
+
+
+@forked_workers
+def test_workers_that_keep_dying_between_files_stop_the_run_with_a_message(synth, monkeypatch):
+    from videoprism.data import loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "_init_worker", lambda _: os.kill(os.getpid(), signal.SIGKILL))
+    with pytest.raises(RuntimeError, match=r"died 3 times in a row between files \(killed by SIGKILL.*Lower data.workers"):
+        next(iter(_loader(synth, num_workers=1)))
 
 
 def test_ranks_read_disjoint_shards(synth):

@@ -78,10 +78,16 @@ def _init_worker(_worker_id: int) -> None:
 
 
 class _PyAVItems(torch.utils.data.Dataset):
-    """Position j of the epoch order -> `_Item`, decoded with PyAV (runs in DataLoader workers)."""
+    """Position j of the epoch order -> `_Item`, decoded with PyAV (runs in DataLoader workers).
 
-    def __init__(self, loader: "VideoTextLoader", order: np.ndarray, epoch: int, threads: int):
+    `started[w]` (shared memory) is the position worker w is decoding, -1 between items: when a decoder
+    crash kills a worker, it names the file. `crashed` maps the positions whose decode killed a worker
+    earlier in this epoch to the reason; they are skipped without decoding them again."""
+
+    def __init__(self, loader: "VideoTextLoader", order: np.ndarray, epoch: int, threads: int, started=None,
+                 crashed: dict[int, str] | None = None):
         self.loader, self.order, self.epoch, self.threads = loader, order, epoch, threads
+        self.started, self.crashed = started, crashed or {}
 
     def __len__(self):
         return len(self.order)
@@ -90,7 +96,12 @@ class _PyAVItems(torch.utils.data.Dataset):
         from .decode import decode_clip  # PyAV: imported where it decodes (the GPU machines lack it)
 
         sid = int(self.order[pos])
+        if pos in self.crashed:
+            return _Item(pos, sid, bad=self.crashed[pos])
         s = self.loader.samples[sid]
+        worker = torch.utils.data.get_worker_info()
+        if self.started is not None and worker is not None:
+            self.started[worker.id] = pos
         try:
             video = decode_clip(s.source(), self.loader.num_frames, self.loader.resolution,
                                 self.loader.augment(self.epoch, sid), start=s.start, end=s.end, name=s.name,
@@ -99,7 +110,37 @@ class _PyAVItems(torch.utils.data.Dataset):
             return _Item(pos, sid, bad=e.reason)
         except OSError as e:  # the file vanished or cannot be read between listing and decoding
             return _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
+        finally:
+            if self.started is not None and worker is not None:
+                self.started[worker.id] = -1
         return _Item(pos, sid, video=video)
+
+
+def _watch_workers_synchronously(it) -> None:
+    """Make a worker's death an exception of `next(it)`, never one raised at a random point.
+
+    torch's SIGCHLD handler raises "DataLoader worker is killed by signal" in the main thread wherever it
+    happens to be (in the middle of an optimizer step, say), where nothing can recover. Unregistering the
+    iterator's workers from it (private API, checked by tests/test_data.py under each torch we support)
+    leaves the iterator's own check: a `next()` that waits for a dead worker's item raises RuntimeError
+    within torch's status interval (5 s)."""
+    if getattr(it, "_worker_pids_set", False):
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
+        it._worker_pids_set = False
+
+
+def _dead_workers(it, started) -> list[tuple[int | None, str]]:
+    """(position it was decoding or None, how it ended) for each worker of `it` that died."""
+    out = []
+    for wid, w in enumerate(getattr(it, "_workers", ())):
+        code = w.exitcode
+        if code is None:
+            continue
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+               else f"exit code {code}")
+        pos = int(started[wid])
+        out.append((pos if pos >= 0 else None, how))
+    return out
 
 
 class VideoTextLoader:
@@ -208,14 +249,45 @@ class VideoTextLoader:
         self._budget, self._committed = self._new_budget(), 0
 
     def _pyav_items(self, order: np.ndarray):
+        """The items from `position` on. A decoder that crashes (a libav segfault) kills its worker process
+        and, in a plain DataLoader, the run: here its file is skipped as a bad sample ("the decoder crashed
+        on it") and the workers restart at the first item not yet delivered, so the items come exactly as
+        in a run without that file."""
         # One decoder thread per worker: the workers already fill the cores.
         threads = 1 if self.num_workers > 0 else 0
-        dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads),
-                                         sampler=range(self.position, len(order)), batch_size=None,
-                                         collate_fn=_identity, num_workers=self.num_workers,
-                                         worker_init_fn=_init_worker,
-                                         prefetch_factor=4 if self.num_workers > 0 else None)
-        yield from dl
+        crashed: dict[int, str] = {}
+        start, unexplained = self.position, 0  # deaths in a row with no file to blame and no item delivered
+        while True:
+            started = multiprocessing.Array("q", [-1] * self.num_workers, lock=False) if self.num_workers else None
+            dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads, started, crashed),
+                                             sampler=range(start, len(order)), batch_size=None,
+                                             collate_fn=_identity, num_workers=self.num_workers,
+                                             worker_init_fn=_init_worker,
+                                             prefetch_factor=4 if self.num_workers > 0 else None)
+            it = iter(dl)
+            _watch_workers_synchronously(it)
+            while True:
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    dead = _dead_workers(it, started)
+                    if not dead:
+                        raise  # an error of the decoding code itself, re-raised from its worker
+                    error = str(e)  # not `e`: its traceback holds the iterator, whose end stops the workers
+                    break
+                start, unexplained = item.pos + 1, 0
+                yield item
+            del it  # shuts the surviving workers down before new ones start
+            blamed = [(pos, how) for pos, how in dead if pos is not None]
+            for pos, how in blamed:
+                crashed[pos] = f"the decoder crashed on it (its worker process was {how})"
+            unexplained = 0 if blamed else unexplained + 1
+            if unexplained >= 3:
+                raise RuntimeError(
+                    f"data loader workers died {unexplained} times in a row between files ({dead[0][1]}; {error}): "
+                    "out of memory? Lower data.workers or the batch size")
 
     def _dali_items(self, order: np.ndarray):
         from .dali_pipeline import DaliClips

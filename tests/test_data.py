@@ -484,11 +484,12 @@ forked_workers = pytest.mark.skipif(multiprocessing.get_start_method() != "fork"
 
 
 @forked_workers
-def test_a_file_that_crashes_the_decoder_is_skipped_and_the_epoch_goes_on(synth, monkeypatch):
-    """A libav segfault kills its worker process. A plain DataLoader then raises in the main thread
-    wherever it is (here: inside the consumer's sleep, as it would inside an optimizer step); the
-    loader instead skips the file as a bad sample and delivers every other sample as a run
-    without that file would."""
+@pytest.mark.parametrize("fault", ["segfault", "hang"])
+def test_a_file_that_crashes_or_hangs_the_decoder_is_skipped_and_the_epoch_goes_on(synth, monkeypatch, fault):
+    """A libav segfault kills its worker process: a plain DataLoader then raises in the main thread
+    wherever it is (here: inside the consumer's sleep, as it would inside an optimizer step). A hung
+    decode stalls it forever. The loader instead skips the file as a bad sample and delivers every
+    other sample as a run without that file would."""
     import time
 
     import videoprism.data.decode as decode
@@ -501,13 +502,16 @@ def test_a_file_that_crashes_the_decoder_is_skipped_and_the_epoch_goes_on(synth,
     victims = {ref.samples[ref_ids[2]].name: ref_ids[2], ref.samples[ref_ids[10]].name: ref_ids[10]}
     real = decode.decode_clip
 
-    def crashing(*a, name=None, **k):
+    def faulty(*a, name=None, **k):
         if name in victims:
+            if fault == "hang":
+                time.sleep(600)
             os.kill(os.getpid(), signal.SIGSEGV)
         return real(*a, name=name, **k)
 
-    monkeypatch.setattr(decode, "decode_clip", crashing)
-    run = _loader(synth, seed=3, num_workers=2, batch_size=3, max_bad_share=0.2)
+    monkeypatch.setattr(decode, "decode_clip", faulty)
+    run = _loader(synth, seed=3, num_workers=2, batch_size=3, max_bad_share=0.2, decode_timeout=3)
+    t0 = time.monotonic()
     batches = []
     for b in run:
         batches.append(b)
@@ -518,7 +522,11 @@ def test_a_file_that_crashes_the_decoder_is_skipped_and_the_epoch_goes_on(synth,
     assert all(torch.equal(v, ref_videos[i]) for b in batches for i, v in zip(b["index"].tolist(), b["video"]))
     rejects = dict(run.drain_rejects())
     assert set(rejects) == set(victims)
-    assert all(r == "the decoder crashed on it (its worker process was killed by SIGSEGV)" for r in rejects.values())
+    if fault == "segfault":
+        assert all(r == "the decoder crashed on it (its worker process was killed by SIGSEGV)" for r in rejects.values())
+    else:
+        assert all(r == "the decoder hung on it (no result after 3 s: data.decode_timeout)" for r in rejects.values())
+    assert time.monotonic() - t0 < 60
 
 
 @forked_workers
@@ -526,7 +534,8 @@ def test_workers_that_keep_dying_between_files_stop_the_run_with_a_message(synth
     from videoprism.data import loader as loader_mod
 
     monkeypatch.setattr(loader_mod, "_init_worker", lambda _: os.kill(os.getpid(), signal.SIGKILL))
-    with pytest.raises(RuntimeError, match=r"died 3 times in a row between files \(killed by SIGKILL.*Lower data.workers"):
+    with pytest.raises(RuntimeError, match=r"died 3 times in a row between files \(last: its worker process was "
+                                           r"killed by SIGKILL; .*Lower data.workers"):
         next(iter(_loader(synth, num_workers=1)))
 
 

@@ -88,6 +88,8 @@ class DataConfig:
     max_bad_share: float = f(0.01, "Stop with an error when more than this share of samples is unreadable "
                                           "(counted by each rank over its share of an epoch, and over a manifest's "
                                           "lines: with few samples per rank one bad file weighs more).")
+    decode_timeout: float = f(120.0, "Seconds a worker may spend decoding one clip before it is killed and the "
+                                     "file skipped as bad (a hung decoder; 0 = no limit; needs data.workers > 0).")
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
                               "say left or right; raise it for data without such captions).")

@@ -217,7 +217,7 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
     loaders = [build_loader(path, num_frames=frames, resolution=cfg.model.resolution, batch_size=micro_batch,
                             train=True, seed=seed, rank=dist_.rank, world_size=dist_.world, tokenizer=tokenizer,
                             device=dist_.device, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
-                            flip_prob=dc.flip_prob)
+                            flip_prob=dc.flip_prob, decode_timeout=dc.decode_timeout)
                for path, _, frames in datasets]
     return ManifestData(loaders, [w for _, w, _ in datasets], seed)
 

@@ -21,9 +21,10 @@ Decoders, per file: `backend="pyav"` decodes with PyAV (the fastest CPU decoder 
 files whose codec DALI takes on that device, and PyAV for the others; `backend="auto"` is DALI on a GPU when DALI
 is installed, else PyAV.
 
-Bad samples (missing, empty, truncated, corrupt, non-video, unsupported, too few frames; bad manifest lines) are
-skipped and recorded (`loader.rejects`: (name, reason)); `TooManyBadSamplesError` stops the run when the skipped
-share of an epoch passes `max_bad_share` (default 1%).
+Bad samples (missing, empty, truncated, corrupt, non-video, unsupported, too few frames; bad manifest lines; files
+whose decode kills its worker process or hangs past `decode_timeout`) are skipped and recorded (`loader.rejects`:
+(name, reason)); `TooManyBadSamplesError` stops the run when the skipped share of an epoch passes `max_bad_share`
+(default 1%).
 """
 from __future__ import annotations
 
@@ -67,9 +68,11 @@ def _init_worker(_worker_id: int) -> None:
     that saves a checkpoint on the notice (videoprism/train/preemption.py) needs its workers
     alive until it has. So that a worker that ignores them, or is stuck in a decoder, never
     outlives its parent, Linux kills it when the parent thread that started it dies
-    (PR_SET_PDEATHSIG); torch's own watchdog acts only between items."""
+    (PR_SET_PDEATHSIG); torch's own watchdog acts only between items. SIGALRM gets its default
+    action back (a handler inherited through fork would defuse the decode timeout, see _PyAVItems)."""
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         parent = multiprocessing.parent_process()
@@ -77,17 +80,41 @@ def _init_worker(_worker_id: int) -> None:
             os._exit(0)
 
 
+class _InFlight:
+    """The position each DataLoader worker is decoding (-1 between items), in shared memory: when a worker
+    dies, this names the file it was on."""
+
+    def __init__(self, workers: int):
+        self.pos = multiprocessing.Array("q", [-1] * workers, lock=False)
+
+    def faults(self, it, decode_timeout: float) -> list[tuple[int | None, str]]:
+        """(position, reason to skip it) for each worker of the iterator `it` that died in a decode; (None,
+        how) for one that died between items."""
+        out = []
+        for wid, w in enumerate(getattr(it, "_workers", ())):  # a DataLoader without workers has none
+            pos, code = int(self.pos[wid]), w.exitcode
+            if code is None:
+                continue
+            if code == -signal.SIGALRM and pos >= 0:  # the decode's own alarm (_PyAVItems)
+                out.append((pos, f"the decoder hung on it (no result after {decode_timeout:g} s: "
+                                 "data.decode_timeout)"))
+                continue
+            how = (f"its worker process was killed by {signal.Signals(-code).name}"
+                   if code < 0 and -code in signal.valid_signals() else f"its worker process exited with {code}")
+            out.append((pos, f"the decoder crashed on it ({how})") if pos >= 0 else (None, how))
+        return out
+
+
 class _PyAVItems(torch.utils.data.Dataset):
     """Position j of the epoch order -> `_Item`, decoded with PyAV (runs in DataLoader workers).
 
-    `started[w]` (shared memory) is the position worker w is decoding, -1 between items: when a decoder
-    crash kills a worker, it names the file. `crashed` maps the positions whose decode killed a worker
-    earlier in this epoch to the reason; they are skipped without decoding them again."""
+    `in_flight` records the position each worker decodes; `faulty` maps the positions whose decode killed or
+    hung a worker earlier in this epoch to the reason: they are skipped without decoding them again."""
 
-    def __init__(self, loader: "VideoTextLoader", order: np.ndarray, epoch: int, threads: int, started=None,
-                 crashed: dict[int, str] | None = None):
+    def __init__(self, loader: "VideoTextLoader", order: np.ndarray, epoch: int, threads: int,
+                 in_flight: _InFlight | None = None, faulty: dict[int, str] | None = None):
         self.loader, self.order, self.epoch, self.threads = loader, order, epoch, threads
-        self.started, self.crashed = started, crashed or {}
+        self.in_flight, self.faulty = in_flight, faulty or {}
 
     def __len__(self):
         return len(self.order)
@@ -96,12 +123,17 @@ class _PyAVItems(torch.utils.data.Dataset):
         from .decode import decode_clip  # PyAV: imported where it decodes (the GPU machines lack it)
 
         sid = int(self.order[pos])
-        if pos in self.crashed:
-            return _Item(pos, sid, bad=self.crashed[pos])
+        if pos in self.faulty:
+            return _Item(pos, sid, bad=self.faulty[pos])
         s = self.loader.samples[sid]
         worker = torch.utils.data.get_worker_info()
-        if self.started is not None and worker is not None:
-            self.started[worker.id] = pos
+        track = self.in_flight is not None and worker is not None
+        if track:
+            self.in_flight.pos[worker.id] = pos
+            # A decode hung inside libav never returns to Python, so no Python-level timeout can end it; the
+            # kernel ends the process when the alarm fires (SIGALRM's default action), and the parent's
+            # next() sees a worker that died on this position.
+            signal.setitimer(signal.ITIMER_REAL, self.loader.decode_timeout)
         try:
             video = decode_clip(s.source(), self.loader.num_frames, self.loader.resolution,
                                 self.loader.augment(self.epoch, sid), start=s.start, end=s.end, name=s.name,
@@ -111,8 +143,9 @@ class _PyAVItems(torch.utils.data.Dataset):
         except OSError as e:  # the file vanished or cannot be read between listing and decoding
             return _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
         finally:
-            if self.started is not None and worker is not None:
-                self.started[worker.id] = -1
+            if track:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                self.in_flight.pos[worker.id] = -1
         return _Item(pos, sid, video=video)
 
 
@@ -129,31 +162,17 @@ def _watch_workers_synchronously(it) -> None:
         it._worker_pids_set = False
 
 
-def _dead_workers(it, started) -> list[tuple[int | None, str]]:
-    """(position it was decoding or None, how it ended) for each worker of `it` that died."""
-    out = []
-    for wid, w in enumerate(getattr(it, "_workers", ())):
-        code = w.exitcode
-        if code is None:
-            continue
-        how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
-               else f"exit code {code}")
-        pos = int(started[wid])
-        out.append((pos if pos >= 0 else None, how))
-    return out
-
-
 class VideoTextLoader:
     def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
                  seed: int, rank: int, world_size: int, tokenizer: Tokenizer, backend: str, device: torch.device,
                  num_workers: int, max_bad_share: float, drop_last: bool, flip_prob: float = TRAIN_FLIP_PROB,
-                 source_rejects=()):
+                 decode_timeout: float = 120.0, source_rejects=()):
         self.samples = samples
         self.flip_prob = flip_prob
         self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
-        self.max_bad_share, self.drop_last = max_bad_share, drop_last
+        self.max_bad_share, self.drop_last, self.decode_timeout = max_bad_share, drop_last, decode_timeout
         self.source_rejects = list(source_rejects)
         self._unreported = list(self.source_rejects)  # for drain_rejects(): a trainer reports each skip once
         self.epoch, self.position = 0, 0
@@ -249,17 +268,17 @@ class VideoTextLoader:
         self._budget, self._committed = self._new_budget(), 0
 
     def _pyav_items(self, order: np.ndarray):
-        """The items from `position` on. A decoder that crashes (a libav segfault) kills its worker process
-        and, in a plain DataLoader, the run: here its file is skipped as a bad sample ("the decoder crashed
-        on it") and the workers restart at the first item not yet delivered, so the items come exactly as
-        in a run without that file."""
+        """The items from `position` on. A file whose decode kills its worker process (a libav segfault) or
+        hangs past `decode_timeout` would end or stall a plain DataLoader's run: here it is skipped as a bad
+        sample and the workers restart at the first item not yet delivered, so the items come exactly as in
+        a run without that file."""
         # One decoder thread per worker: the workers already fill the cores.
         threads = 1 if self.num_workers > 0 else 0
-        crashed: dict[int, str] = {}
+        faulty: dict[int, str] = {}
         start, unexplained = self.position, 0  # deaths in a row with no file to blame and no item delivered
         while True:
-            started = multiprocessing.Array("q", [-1] * self.num_workers, lock=False) if self.num_workers else None
-            dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads, started, crashed),
+            in_flight = _InFlight(self.num_workers) if self.num_workers else None
+            dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads, in_flight, faulty),
                                              sampler=range(start, len(order)), batch_size=None,
                                              collate_fn=_identity, num_workers=self.num_workers,
                                              worker_init_fn=_init_worker,
@@ -271,23 +290,22 @@ class VideoTextLoader:
                     item = next(it)
                 except StopIteration:
                     return
-                except RuntimeError as e:
-                    dead = _dead_workers(it, started)
-                    if not dead:
+                except RuntimeError as e:  # a worker died (torch checks every 5 s while it waits)
+                    faults = in_flight.faults(it, self.decode_timeout) if in_flight else []
+                    if not faults:
                         raise  # an error of the decoding code itself, re-raised from its worker
                     error = str(e)  # not `e`: its traceback holds the iterator, whose end stops the workers
                     break
                 start, unexplained = item.pos + 1, 0
                 yield item
             del it  # shuts the surviving workers down before new ones start
-            blamed = [(pos, how) for pos, how in dead if pos is not None]
-            for pos, how in blamed:
-                crashed[pos] = f"the decoder crashed on it (its worker process was {how})"
+            blamed = {pos: why for pos, why in faults if pos is not None}
+            faulty.update(blamed)
             unexplained = 0 if blamed else unexplained + 1
             if unexplained >= 3:
                 raise RuntimeError(
-                    f"data loader workers died {unexplained} times in a row between files ({dead[0][1]}; {error}): "
-                    "out of memory? Lower data.workers or the batch size")
+                    f"data loader workers died {unexplained} times in a row between files (last: {faults[0][1]}; "
+                    f"{error}): out of memory? Lower data.workers or the batch size")
 
     def _dali_items(self, order: np.ndarray):
         from .dali_pipeline import DaliClips
@@ -331,11 +349,14 @@ def _dali_available() -> bool:
 def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, train: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str, backend: str = "auto",
                  device: torch.device | str = "cpu", num_workers: int = 0, max_bad_share: float = 0.01,
-                 drop_last: bool | None = None, flip_prob: float = TRAIN_FLIP_PROB) -> VideoTextLoader:
+                 drop_last: bool | None = None, flip_prob: float = TRAIN_FLIP_PROB,
+                 decode_timeout: float = 120.0) -> VideoTextLoader:
     """A `VideoTextLoader` over a .jsonl manifest or a list of WebDataset .tar shards (see the module docstring).
 
     `drop_last` defaults to `train`. `flip_prob`: share of training clips mirrored horizontally (0 by default: a
     mirror contradicts captions that say left or right). Bad manifest lines count against `max_bad_share` of the lines when reading.
+    `decode_timeout`: seconds one clip may take in a worker before the worker is killed and the file skipped (a
+    hung decoder; 0 = no limit; only with `num_workers` > 0: the main process cannot interrupt its own decode).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -350,6 +371,8 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if not 0.0 <= flip_prob <= 1.0:
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob!r}")
+    if not isinstance(decode_timeout, (int, float)) or decode_timeout < 0:
+        raise ValueError(f"decode_timeout must be seconds >= 0 (0 = no limit), got {decode_timeout!r}")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer(tokenizer)
     samples, rejects = read_source(source, max_bad_share=max_bad_share)
@@ -359,4 +382,4 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
                            seed=seed, rank=rank, world_size=world_size, tokenizer=tokenizer, backend=backend,
                            device=torch.device(device), num_workers=num_workers, max_bad_share=max_bad_share,
                            drop_last=train if drop_last is None else drop_last, flip_prob=flip_prob,
-                           source_rejects=rejects)
+                           decode_timeout=float(decode_timeout), source_rejects=rejects)

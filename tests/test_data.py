@@ -435,6 +435,30 @@ def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     del it
 
 
+_START_METHOD = """
+import json, multiprocessing, os, sys
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[2])
+    from videoprism.data.loader import build_loader
+    loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=4,
+                          train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=2)
+    print(json.dumps([[b["index"].tolist(), b["video"].double().mean().item()] for b in loader]))
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_loader_workers_run_under_every_start_method(synth, method):
+    """forkserver is Python 3.14's default: there a worker's OS parent is the fork server, not the loader."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _START_METHOD, synth, method], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = [[b["index"].tolist(), b["video"].double().mean().item()] for b in _loader(synth)]
+    assert json.loads(r.stdout.splitlines()[-1]) == ref
+
+
 _KILLED_MID_DECODE = """
 import os, signal, sys, time
 import videoprism.data.decode as decode

@@ -75,8 +75,10 @@ def _init_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        # The loader died before the request took effect? (Not `os.getppid() != parent.pid`: with the
+        # forkserver start method, Python 3.14's default, the OS parent is the fork server.)
         parent = multiprocessing.parent_process()
-        if parent is not None and os.getppid() != parent.pid:  # it died before the request took effect
+        if parent is not None and not parent.is_alive():
             os._exit(0)
 
 

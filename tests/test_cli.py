@@ -23,7 +23,7 @@ SMALL = ["--set", "model_dim=32", "--set", "num_heads=2", "--set", "mlp_dim=64",
 
 
 def run(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "videoprism.cli", *args], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "videoprism", *args], capture_output=True, text=True, timeout=300)
     if check and r.returncode != 0:
         raise AssertionError(f"exit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
     return r

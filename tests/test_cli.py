@@ -52,14 +52,20 @@ def test_embed_corrupt_file_one_line_error(tmp_path, media_dir):
     assert not (tmp_path / "e.npy").exists()
 
 
-def test_embed_skip_bad_keeps_going(tmp_path, media_dir):
-    out = tmp_path / "e.safetensors"
-    r = run("embed", str(tmp_path / "missing.mp4"), os.path.join(media_dir, "water_bottle_drumming_vp9.webm"),
+@pytest.mark.parametrize("ext", [".safetensors", ".npy"])
+def test_embed_skip_bad_keeps_going(tmp_path, media_dir, ext):
+    out = tmp_path / f"e{ext}"
+    good = os.path.join(media_dir, "water_bottle_drumming_vp9.webm")
+    r = run("embed", str(tmp_path / "missing.mp4"), good,
             "--skip-bad", "--num-frames", "2", "--resolution", "36", "--quiet", "--out", str(out), *SMALL)
     assert "skipped:" in r.stderr and "missing.mp4" in r.stderr
-    from safetensors.torch import load_file
+    if ext == ".npy":  # no names inside: the rows' videos are listed next to it
+        assert np.load(out).shape[0] == 1
+        assert (tmp_path / "e.videos.txt").read_text() == f"{good}\n"
+    else:
+        from safetensors.torch import load_file
 
-    assert load_file(str(out))["embeddings"].shape[0] == 1
+        assert load_file(str(out))["embeddings"].shape[0] == 1
 
 
 def test_convert_then_load(tmp_path, golden_dir, golden_config, golden_inputs):
@@ -162,6 +168,7 @@ def _bad_inputs(tmp):
 
     (tmp / "garbage.model").write_bytes(b"not a sentencepiece model")
     (tmp / "bad.jsonl").write_text('{"path": "a.webm", "caption": \n[1, 2]\n')
+    (tmp / "empty.jsonl").write_text("")
     # train.steps=1: a case that wrongly passed would train one step, not the tiny preset's 1200.
     tiny = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", f"train.out_dir={tmp}/run", "train.steps=1"]
     rand = [*tiny, "data.source=random", "train.global_batch=2"]
@@ -170,15 +177,36 @@ def _bad_inputs(tmp):
         (stage1.main, [*tiny, "train.stepz=3"], "unknown field 'stepz'"),
         (stage1.main, ["--config", "tin"], "unknown config preset 'tin'"),
         (stage1.main, [*tiny, f"data.train={tmp}/none.jsonl"], "none.jsonl' does not exist"),
-        (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' is not a file"),
+        (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl"], "set data.tokenizer=PATH.model"),
+        (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' does not exist"),
         (stage1.main, [*rand, "model.name=videoprism_v1_base"], "not a video-text (LvT) model"),
         (stage1.main, [*tiny, f"data.tokenizer={tmp}/garbage.model"], "is not a SentencePiece model"),
-        (stage1.main, [*rand, "train.global_batch=0"], "train.global_batch must be >= 1"),
+        (stage1.main, [*rand, "train.global_batch=0"], "train.global_batch=0 is out of range: it must be >= 1"),
+        (stage1.main, [*rand, "train.log_every=0"], "train.log_every=0 is out of range: it must be >= 1"),
+        (stage1.main, [*rand, "train.mask_ratio=1.5"], "train.mask_ratio=1.5 is out of range: it must be in [0, 1)"),
+        (stage1.main, [*rand, "data.flip_prob=2"], "data.flip_prob=2.0 is out of range: it must be in [0, 1]"),
+        (stage1.main, [*rand, f"data.val={tmp}/none.jsonl"], "data.val='" + f"{tmp}/none.jsonl' does not exist"),
+        (stage1.main, [*rand, f"train.out_dir={tmp}/garbage.model/run"], "garbage.model' is a file"),
         (stage1.main, [*rand, "--resume", f"{tmp}/none"], "no complete checkpoint"),
-        (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "no such weights file"),
+        (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
+        (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
+        (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),
         (pipeline.main, ["--out", str(tmp), "--config", "huge"], "unknown config preset 'huge'"),
-        (main, ["embed", "x.mp4", "--model", "videoprism_foo"], "unknown model name 'videoprism_foo'"),
+        (pipeline.main, ["--out", str(tmp), "stage2.decoder_heads=3"], "not divisible by stage2.decoder_heads=3"),
+        (pipeline.main, ["--out", str(tmp), f"stage2.teacher={tmp}/t.safetensors"], "the pipeline sets"),
+        (pipeline.main, ["--out", str(tmp), "--clips", "0"], "--clips must be >= 2"),
+        (main, ["embed", str(tmp / "garbage.model"), "--model", "videoprism_foo"], "unknown model name 'videoprism_foo'"),
         (main, ["embed", "x.mp4", "--out", "x.txt"], "must end in .npy or .safetensors"),
+        (main, ["embed", str(tmp / "garbage.model"), "--out", f"{tmp}/garbage.model/e.npy"],
+         "cannot create its folder"),
+        (main, ["data", "index", str(tmp / "empty.jsonl"), "--out", f"{tmp}/c.jsonl", "--quiet"], "holds no sample"),
+        (main, ["data", "index", str(tmp), "--out", f"{tmp}/c.jsonl", "--quiet"], "is a folder"),
+        (main, ["data", "index", str(tmp / "bad.jsonl"), "--out", f"{tmp}/garbage.model/c.jsonl", "--quiet"],
+         "cannot create its folder"),
+        (main, ["embed", str(tmp / "garbage.model"), f"{tmp}/none.webm", f"{tmp}/none2.webm", "--out",
+                f"{tmp}/e.npy"], "none.webm: no such file (and 1 more)"),
+        (main, ["embed", str(tmp / "garbage.model"), "--attention-backend", "fast", "--out", f"{tmp}/e.npy"],
+         "--attention-backend fast: choose one of"),
         (main, ["embed", str(tmp / "bad.jsonl"), "--quiet", "--out", f"{tmp}/e.npy", *SMALL], "bad.jsonl: not a video"),
     ]
 
@@ -202,6 +230,17 @@ def _assert_one_line_error(entry, argv, needle, capsys):
     assert entry(argv) == 2, argv
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and not ln.startswith("warning:")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (argv, lines)
+
+
+def test_triton_attention_on_the_cpu_fails_before_the_run_starts(tmp_path, capsys, monkeypatch):
+    from videoprism.ops import attention
+    from videoprism.train import stage1
+
+    monkeypatch.setattr(attention, "INTERPRET", False)  # the suite runs Triton's interpreter on the CPU
+    argv = ["--config", "tiny", "data.source=random", f"train.out_dir={tmp_path}/run", "model.attention_backend=triton",
+            "train.device=cpu"]
+    _assert_one_line_error(stage1.main, argv, "model.attention_backend=triton needs a GPU", capsys)
+    assert not (tmp_path / "run").exists()  # nothing written: no config.json, no retired checkpoints
 
 
 def test_bad_input_traceback_on_request(tmp_path, monkeypatch):

@@ -389,3 +389,45 @@ def test_alternating_datasets_follow_weights_and_seed():
     assert [again.next_batch(step) for step in range(400)] == picks  # same on every rank / after resume
     other = ManifestData([Stream("video"), Stream("image")], [3.0, 1.0], seed=5)
     assert [other.next_batch(step) for step in range(400)] != picks
+
+
+@pytest.mark.parametrize("records", [[], [{"step": 5, "t2v_R@1": 0.5}], [{"step": 1, "loss": 2.0, "clips_per_s": 3.0}]])
+def test_curves_plot_whatever_the_log_holds(tmp_path, records):
+    """A resume of a finished run logs no step: the plot has a single (empty) panel then."""
+    import json
+
+    from videoprism.train.metrics import plot_curves
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    png = plot_curves(str(log), str(tmp_path / "curves.png"))
+    assert os.path.getsize(png) > 1000
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=0", "optim.lr=0.0 is out of range: it must be > 0"),
+    ("optim.beta2=1", "optim.beta2=1.0 is out of range: it must be in [0, 1)"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 is out of range: it must be >= 1"),
+    ("model.num_auxiliary_layers=-2", "model.num_auxiliary_layers=-2 is out of range: it must be >= -1"),
+    ("data.decode_timeout=-1", "data.decode_timeout=-1.0 is out of range: it must be >= 0"),
+    ("train.micro_batch=64", "train.micro_batch=64 is larger than train.global_batch=32"),
+])
+def test_out_of_range_values_are_refused_with_the_field_and_the_range(override, needle):
+    with pytest.raises(ValueError) as e:
+        build_config("tiny", [override], 1)
+    assert needle in str(e.value)
+
+
+def test_every_preset_passes_its_own_checks():
+    """Presets set fields directly (no range check when set): the combined check and a re-read of each value
+    through the overrides must accept them."""
+    import dataclasses
+
+    from videoprism.train.config import PRESETS
+
+    for stage in (1, 2):
+        for preset in PRESETS:
+            cfg = build_config(preset, [], stage)
+            overrides = [f"{sec.name}.{fl.name}={getattr(getattr(cfg, sec.name), fl.name)}"
+                         for sec in dataclasses.fields(cfg) for fl in dataclasses.fields(getattr(cfg, sec.name))]
+            build_config(preset, overrides, stage)

@@ -132,6 +132,23 @@ def latest(root: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
+def find(path: str, *, required: bool) -> str | None:
+    """The checkpoint `--resume PATH` names: PATH itself when it is a step_* folder, else the latest
+    complete one of the run whose out_dir (or checkpoints folder) PATH is. None when there is none,
+    or, if `required`, FileNotFoundError naming where it looked."""
+    if os.path.basename(path.rstrip("/")).startswith("step_"):
+        if os.path.isdir(path):
+            return path
+        target = None
+    else:
+        target = latest(os.path.join(path, "checkpoints")) or latest(path)
+    if target is None and required:
+        raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint there (looked for "
+                                f"{os.path.join(path, 'checkpoints', 'step_*')}); pass the run's out_dir or one of "
+                                "its checkpoints/step_* folders")
+    return target
+
+
 def retire(root: str, step: int, *, keep: str | None = None) -> list[str]:
     """Rename the complete checkpoints under `root` at step >= `step`, except `keep` (the one
     the run resumed from), to `<name>.abandoned[N]`: they belong to a run this one replaces.
@@ -245,8 +262,12 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
     rank_file = os.path.join(path, f"rank{_rank()}.pt")
     if not os.path.exists(rank_file):
-        raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written with fewer ranks; resume "
-                                "with the same number of processes")
+        written = [n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)]
+        if written:
+            raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by {len(written)} ranks; "
+                                    "resume with the same number of processes")
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (no rank files): resume from the run's out_dir "
+                                "(its latest complete checkpoint) or an intact checkpoints/step_* folder")
     _quiet_single_process()
     try:
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())

@@ -17,42 +17,56 @@ import typing
 from dataclasses import dataclass, field
 
 
-def f(default, help: str, choices: tuple | None = None):
-    """A dataclass field with its documentation and, optionally, its allowed values."""
-    meta = {"help": help, "choices": choices}
+def f(default, help: str, choices: tuple | None = None, valid: str | None = None):
+    """A dataclass field with its documentation and, optionally, its allowed values: `choices`, or a
+    numeric range `valid` written as in the docs: ">= 1", "> 0", "[0, 1]", "[0, 1)"."""
+    meta = {"help": help, "choices": choices, "valid": valid}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def check_choice(section: str, obj, name: str) -> None:
-    """Raise if field `name` of the config section `obj` holds a value outside its choices."""
-    allowed = obj.__dataclass_fields__[name].metadata.get("choices")
+def _in_range(value, valid: str) -> bool:
+    if valid[0] in "><":
+        op, bound = valid.split()
+        return value >= float(bound) if op == ">=" else value > float(bound)
+    lo, hi = (float(t) for t in valid[1:-1].split(","))
+    return (lo <= value if valid[0] == "[" else lo < value) and (value <= hi if valid[-1] == "]" else value < hi)
+
+
+def check_field(section: str, obj, name: str) -> None:
+    """Raise if field `name` of the config section `obj` holds a value outside its choices or range."""
+    meta = obj.__dataclass_fields__[name].metadata
     value = getattr(obj, name)
-    if allowed and value not in allowed:
-        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+    if meta.get("valid") and not _in_range(value, meta["valid"]):
+        where = "in " if meta["valid"][0] in "[(" else ""
+        raise ValueError(f"{section}.{name}={value!r} is out of range: it must be {where}{meta['valid']} (see --help)")
 
 
 @dataclass
 class ModelConfig:
     name: str = f("videoprism_lvt_v1_base", "Official model name whose configuration is the starting point.")
     init: str = f("random", "Initial weights: 'random', an official Flax .npz checkpoint, or our .safetensors.")
-    model_dim: int = f(0, "Override of the token width D (0 = the official value).")
-    num_heads: int = f(0, "Override of the attention heads (0 = official).")
-    mlp_dim: int = f(0, "Override of the FFN width (0 = official).")
-    num_spatial_layers: int = f(0, "Override of the spatial blocks (0 = official).")
-    num_temporal_layers: int = f(0, "Override of the temporal blocks (0 = official).")
-    num_auxiliary_layers: int = f(-1, "Override of the auxiliary blocks before the pooler (-1 = official).")
-    num_unimodal_layers: int = f(0, "Override of the text blocks (0 = official).")
-    patch_size: int = f(0, "Override of the patch side in pixels (0 = official 18).")
-    vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).")
+    model_dim: int = f(0, "Override of the token width D (0 = the official value).", valid=">= 0")
+    num_heads: int = f(0, "Override of the attention heads (0 = official).", valid=">= 0")
+    mlp_dim: int = f(0, "Override of the FFN width (0 = official).", valid=">= 0")
+    num_spatial_layers: int = f(0, "Override of the spatial blocks (0 = official).", valid=">= 0")
+    num_temporal_layers: int = f(0, "Override of the temporal blocks (0 = official).", valid=">= 0")
+    num_auxiliary_layers: int = f(-1, "Override of the auxiliary blocks before the pooler (-1 = official).",
+                                  valid=">= -1")
+    num_unimodal_layers: int = f(0, "Override of the text blocks (0 = official).", valid=">= 0")
+    patch_size: int = f(0, "Override of the patch side in pixels (0 = official 18).", valid=">= 0")
+    vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).",
+                             valid=">= 0")
     pos_emb_shape: str = f("", "Position-embedding grid 'T,H,W' ('' = the clip size for a random init, the "
                                "official shape for a checkpoint).")
     attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU) or one "
                                        "backend of videoprism.ops.factorized_attention.",
                                choices=("auto", "reference", "triton", "flex", "flash", "sdpa"))
-    num_frames: int = f(16, "Frames per clip.")
-    resolution: int = f(288, "Frame side in pixels (a multiple of the patch size).")
+    num_frames: int = f(16, "Frames per clip.", valid=">= 1")
+    resolution: int = f(288, "Frame side in pixels (a multiple of the patch size).", valid=">= 1")
 
     def overrides(self, vocab: int | None = None) -> dict:
         """Official config fields that differ from the named configuration."""
@@ -84,39 +98,43 @@ class DataConfig:
                        "step by weight (alternating gradient descent); FRAMES=1 makes images one-frame videos.")
     val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
     tokenizer: str = f("", "SentencePiece model of the captions ('' = DIR/spm.model next to the first manifest).")
-    workers: int = f(2, "Decoding worker processes per rank.")
+    workers: int = f(2, "Decoding worker processes per rank.", valid=">= 0")
     max_bad_share: float = f(0.01, "Stop with an error when more than this share of samples is unreadable "
                                           "(counted by each rank over its share of an epoch, and over a manifest's "
-                                          "lines: with few samples per rank one bad file weighs more).")
+                                          "lines: with few samples per rank one bad file weighs more).",
+                             valid="[0, 1]")
     decode_timeout: float = f(120.0, "Seconds a worker may spend decoding one clip before it is killed and the "
-                                     "file skipped as bad (a hung decoder; 0 = no limit; needs data.workers > 0).")
+                                     "file skipped as bad (a hung decoder; 0 = no limit; needs data.workers > 0).",
+                              valid=">= 0")
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
-                              "say left or right; raise it for data without such captions).")
+                              "say left or right; raise it for data without such captions).", valid="[0, 1]")
 
 
 @dataclass
 class OptimConfig:
     name: str = f("adafactor", "'adamw' (fused where the device has it) or 'adafactor' (torch.optim.Adafactor).",
                   choices=("adamw", "adafactor"))
-    lr: float = f(5e-4, "Peak learning rate.")
-    min_lr: float = f(0.0, "Learning rate at the end of the decay.")
-    warmup_steps: int = f(20000, "Linear warm-up from 0 to lr.")
+    lr: float = f(5e-4, "Peak learning rate.", valid="> 0")
+    min_lr: float = f(0.0, "Learning rate at the end of the decay.", valid=">= 0")
+    warmup_steps: int = f(20000, "Linear warm-up from 0 to lr.", valid=">= 0")
     decay: str = f("linear", "Decay after warm-up: 'linear', 'cosine' (to min_lr) or 'constant'.",
                    choices=("linear", "cosine", "constant"))
-    weight_decay: float = f(1e-4, "Decoupled weight decay.")
-    beta1: float = f(0.9, "AdamW beta1.")
-    beta2: float = f(0.999, "AdamW beta2.")
-    grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 = off).")
+    weight_decay: float = f(1e-4, "Decoupled weight decay.", valid=">= 0")
+    beta1: float = f(0.9, "AdamW beta1.", valid="[0, 1)")
+    beta2: float = f(0.999, "AdamW beta2.", valid="[0, 1)")
+    grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 = off).", valid=">= 0")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = f(200000, "Optimizer steps.")
-    global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.")
-    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).")
-    seed: int = f(0, "Seed of initialisation, masks and data order.")
-    mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).")
+    steps: int = f(200000, "Optimizer steps.", valid=">= 1")
+    global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.", valid=">= 1")
+    micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).",
+                         valid=">= 0")
+    seed: int = f(0, "Seed of initialisation, masks and data order.", valid=">= 0")
+    mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).",
+                          valid="[0, 1)")
     compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break); in stage 2 the frozen teacher too.")
     compile_backend: str = f("inductor", "torch.compile backend: 'inductor' (fused kernels; the fast one), or "
                              "'aot_eager' / 'eager' to tell a compile problem from an Inductor one.",
@@ -125,12 +143,13 @@ class TrainConfig:
     precision: str = f("auto", "'auto' (bf16 autocast on a GPU, fp32 on the CPU), 'bf16' (bf16 autocast on either: "
                        "on the CPU fast only with AMX/AVX512-BF16; the stage-2 teacher's weights in bf16 too) or "
                        "'fp32'.", choices=("auto", "bf16", "fp32"))
-    max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.")
-    log_every: int = f(10, "Steps between progress/JSONL records.")
-    eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).")
+    max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.",
+                           valid=">= 0")
+    log_every: int = f(10, "Steps between progress/JSONL records.", valid=">= 1")
+    eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).", valid=">= 0")
     out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
     device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
-    peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).")
+    peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).", valid=">= 0")
 
     def bf16(self, device_type: str) -> bool:
         """Whether the step runs under bf16 autocast on a `device_type` device (precision resolved)."""
@@ -146,8 +165,8 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = f(1000, "Steps between checkpoints (0 = only at the end).")
-    keep: int = f(3, "Keep the latest k checkpoints.")
+    interval: int = f(1000, "Steps between checkpoints (0 = only at the end).", valid=">= 0")
+    keep: int = f(3, "Keep the latest k checkpoints.", valid=">= 1")
     export: bool = f(True, "Write the final weights as safetensors.")
     async_save: bool = f(False, "Write interval checkpoints in a background thread (DCP async_save): the step waits "
                                 "only for the copy of the state to host memory, not for the disk. Costs host memory "
@@ -160,8 +179,8 @@ class CheckpointConfig:
 @dataclass
 class Stage1Config:
     lit: bool = f(False, "LiT: freeze the video encoder, train the text tower and the pooler.")
-    temperature_init: float = f(0.07, "Initial softmax temperature (CLIP: 0.07), learned as log(1/t).")
-    max_logit_scale: float = f(100.0, "Clamp of the learned 1/temperature (CLIP: 100).")
+    temperature_init: float = f(0.07, "Initial softmax temperature (CLIP: 0.07), learned as log(1/t).", valid="> 0")
+    max_logit_scale: float = f(100.0, "Clamp of the learned 1/temperature (CLIP: 100).", valid="> 0")
     grad_cache: bool = f(True, "With gradient accumulation (train.micro_batch), score the whole global batch in "
                                "the contrastive loss (GradCache: embeddings of every micro-batch without grad, the "
                                "loss and its embedding gradients, then each micro-batch's forward and backward "
@@ -172,12 +191,12 @@ class Stage1Config:
 @dataclass
 class Stage2Config:
     teacher: str = f("", "Stage-1 weights (.safetensors export or official .npz) of the frozen teacher.")
-    decoder_dim: int = f(512, "Width Dd of both decoders.")
-    decoder_layers: int = f(4, "Transformer blocks of each decoder.")
-    decoder_heads: int = f(8, "Attention heads of the decoders.")
+    decoder_dim: int = f(512, "Width Dd of both decoders.", valid=">= 1")
+    decoder_layers: int = f(4, "Transformer blocks of each decoder.", valid=">= 1")
+    decoder_heads: int = f(8, "Attention heads of the decoders.", valid=">= 1")
     shuffle: bool = f(True, "Shuffle the decoder's token slots (false: visible tokens stay in their own slots).")
     global_distill: bool = f(True, "Add the global distillation loss (false: token-wise loss only).")
-    global_weight: float = f(1.0, "Weight of the global loss (the token loss has weight 1).")
+    global_weight: float = f(1.0, "Weight of the global loss (the token loss has weight 1).", valid=">= 0")
 
 
 @dataclass
@@ -263,7 +282,7 @@ def _set(cfg: Config, key: str, value, where: str) -> None:
     sec, name, typ = _field(cfg, key, where)
     setattr(sec, name, value)
     try:
-        check_choice(key.split(".")[0], sec, name)
+        check_field(key.split(".")[0], sec, name)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -347,7 +366,48 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     PRESETS[preset](cfg, stage)
     if data:
         apply_file(cfg, config, data)
-    return apply_overrides(cfg, overrides)
+    return _check_combined(apply_overrides(cfg, overrides))
+
+
+def _check_combined(cfg: Config) -> Config:
+    """Constraints between fields (each field's own range is checked when it is set)."""
+    s2 = cfg.stage2
+    if s2.decoder_dim % s2.decoder_heads:
+        raise ValueError(f"stage2.decoder_dim={s2.decoder_dim} is not divisible by stage2.decoder_heads="
+                         f"{s2.decoder_heads}; pick heads that divide the width (e.g. 8 for 512)")
+    if cfg.train.micro_batch > cfg.train.global_batch:
+        raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
+                         f"{cfg.train.global_batch}; lower it (0 = no accumulation)")
+    return cfg
+
+
+def check_inputs(cfg: Config, stage: int) -> None:
+    """The files a run reads and the folder it writes, and the device its kernels need: checked before the
+    model is built and the data decoded, so a wrong path fails in a second with the field that holds it."""
+    import torch
+
+    files = [("data.val", cfg.data.val), ("data.tokenizer", cfg.data.tokenizer)]
+    if cfg.model.init != "random":
+        files.append(("model.init", cfg.model.init))
+    if stage == 2:
+        files.append(("stage2.teacher", cfg.stage2.teacher))
+    for key, path in files:
+        if path and not os.path.isfile(path):
+            what = "is a folder" if os.path.isdir(path) else "does not exist"
+            raise FileNotFoundError(f"{key}={path!r} {what}; pass the path of a file (see --help)")
+    out = os.path.abspath(cfg.train.out_dir)
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"train.out_dir={cfg.train.out_dir!r} cannot be created: {parent!r} is a file; "
+                                 "pick another folder")
+    from videoprism.ops import attention
+
+    cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if cpu and cfg.model.attention_backend == "triton" and not attention.INTERPRET:
+        raise ValueError("model.attention_backend=triton needs a GPU and this run is on the CPU; use 'reference' "
+                         "or 'auto' (or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -368,8 +428,8 @@ def help_text(stage: int) -> str:
     for sec in dataclasses.fields(cfg):
         obj = getattr(cfg, sec.name)
         for fl in dataclasses.fields(obj):
-            choices = fl.metadata.get("choices")
-            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+            choices, valid = fl.metadata.get("choices"), fl.metadata.get("valid")
+            extra = f" One of: {', '.join(map(str, choices))}." if choices else f" Valid: {valid}." if valid else ""
             lines.append(f"  {sec.name}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}{extra}")
     lines.append("\nA config file (--config FILE.toml or .json) sets `preset = NAME` and [section] tables of "
                  "these fields; every run writes its resolved config to OUT_DIR/config.json, which --config reads "

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
-from videoprism.train.config import check_choice
+from videoprism.train.config import check_field
 from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
 
 
@@ -194,12 +194,15 @@ def tokenizer_for(cfg) -> Tokenizer | None:
     if not path:
         first = parse_datasets(cfg.data.train, cfg.model.num_frames)[0][0]
         path = os.path.join(os.path.dirname(os.path.abspath(first)), "spm.model")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"data.tokenizer is not set and {path} (the default: spm.model next to the first "
+                                    "data.train manifest) does not exist; set data.tokenizer=PATH.model")
     return Tokenizer(path)
 
 
 def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: int, vocab: int):
     dc, seed = cfg.data, cfg.train.seed
-    check_choice("data", dc, "source")
+    check_field("data", dc, "source")
     if dc.source == "random":
         return RandomClips(micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, frames=cfg.model.num_frames,
                            resolution=cfg.model.resolution, vocab=vocab, seed=seed)

@@ -97,8 +97,9 @@ def plot_curves(jsonl: str, png: str, *, keys: tuple[str, ...] = ("loss",)) -> s
             by_step[r["step"]] = r
     steps = sorted(by_step)
     panels = [k for k in keys if any(k in by_step[s] for s in steps)] + ["clips_per_s"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
-    for ax, key in zip(axes, panels):
+    # squeeze=False: one panel (a run that logged no loss, e.g. a resume of a finished run) is still a list.
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], panels):
         xs = [s for s in steps if key in by_step[s]]
         ax.plot(xs, [by_step[s][key] for s in xs])
         ax.set_xlabel("step")

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from videoprism.train.config import OptimConfig, check_choice
+from videoprism.train.config import OptimConfig, check_field
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -17,7 +17,7 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     cosine or constant decay from lr to min_lr at `total_steps`."""
     # Checked before the warm-up returns: a typo would otherwise stop the run only when the
     # warm-up ends (step 20000 in the paper's settings).
-    check_choice("optim", cfg, "decay")
+    check_field("optim", cfg, "decay")
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":

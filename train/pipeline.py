@@ -32,24 +32,23 @@ from videoprism.train.probe import run_probes
 from videoprism.train.trainer import NonFiniteLossError
 
 PROBE_LABELS = ["direction", "colour", "shape"]
+PIPELINE_KEYS = ("data.train", "data.val", "train.out_dir", "stage2.teacher")
 
 
-def _data(out: str, clips: int, frames: int, resolution: int, scene: str) -> str:
-    """OUT/data, generated unless a previous run left the same data there."""
-    root = os.path.join(out, "data")
+def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> None:
+    """The synthetic data in `root`, generated unless a previous run left the same data there."""
     meta_path = os.path.join(root, "synth.json")
     want = {"num": clips, "size": resolution, "num_frames": frames, "scene": scene}
     if os.path.exists(meta_path):
         with open(meta_path) as fh:
             have = json.load(fh)
         if all(have.get(k) == v for k, v in want.items()):
-            return root
+            return
         shutil.rmtree(root)
     t0 = time.perf_counter()
     meta = generate(root, clips, size=resolution, num_frames=frames, scene=scene)
     print(f"synthetic data ({scene!r} scenes): {meta['num_train']} train + {meta['num_val']} val clips in {root} "
           f"({time.perf_counter() - t0:.0f} s)")
-    return root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,16 +74,25 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument("overrides", nargs="*", help="section.field=value, applied to both stages")
     args = p.parse_args(argv)
     if args.probe_steps < 1 or not args.probe_lr > 0:
-        p.error(f"--probe-steps must be >= 1 and --probe-lr > 0, got {args.probe_steps} and {args.probe_lr}")
+        raise ValueError(f"--probe-steps must be >= 1 and --probe-lr > 0, got {args.probe_steps} and {args.probe_lr}")
+    if args.clips < 2:
+        raise ValueError(f"--clips must be >= 2 (the train and validation splits get one each), got {args.clips}")
+    ours = [o for o in args.overrides if o.split("=", 1)[0] in PIPELINE_KEYS]
+    if ours:
+        raise ValueError(f"{', '.join(ours)}: the pipeline sets {', '.join(PIPELINE_KEYS)} itself (use --out; for other data "
+                "or another teacher run python -m train.stage1 / train.stage2)")
     t_start = time.perf_counter()
 
-    probe_cfg = build_config(args.config, args.overrides, 1)
-    root = _data(args.out, args.clips, probe_cfg.model.num_frames, probe_cfg.model.resolution, args.scene)
+    # Both stages' configs are built (and so checked) before the data and stage 1 take minutes.
+    root = os.path.join(args.out, "data")
     data = [f"data.train={root}/train.jsonl", f"data.val={root}/val.jsonl"]
     cfg1 = build_config(args.config, [*data, f"train.out_dir={args.out}/stage1", *args.overrides], 1)
-    res1 = stage1.run(cfg1)
     cfg2 = build_config(args.config, [*data, f"train.out_dir={args.out}/stage2",
-                                      f"stage2.teacher={res1['export']}", *args.overrides], 2)
+                                      f"stage2.teacher={args.out}/stage1/model.safetensors", *args.overrides], 2)
+    if not cfg1.checkpoint.export:
+        raise ValueError("checkpoint.export=false: stage 2 distils from stage 1's exported weights; leave it on")
+    _data(root, args.clips, cfg1.model.num_frames, cfg1.model.resolution, args.scene)
+    res1 = stage1.run(cfg1)
     res2 = stage2.run(cfg2)
 
     # Probes on frozen features of the same clips, eval transform.

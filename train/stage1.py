@@ -26,7 +26,7 @@ from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dic
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed
-from videoprism.train.trainer import NonFiniteLossError, Trainer
+from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
 
 
 class ContrastiveModel(nn.Module):
@@ -165,6 +165,7 @@ class Stage1Task:
 
 def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths."""
+    preflight(cfg, 1, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)

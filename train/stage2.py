@@ -30,7 +30,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed
-from videoprism.train.trainer import NonFiniteLossError, Trainer
+from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
 
 
 class Stage2Task:
@@ -137,6 +137,7 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
 
 def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     """Train stage 2 per `cfg`; returns the final validation losses and the output paths."""
+    preflight(cfg, 2, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
         torch.manual_seed(cfg.train.seed)

@@ -22,7 +22,7 @@ from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import Config, save_config
+from videoprism.train.config import Config, ResumeFrom, check_inputs, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import Dist, all_reduce_max, all_reduce_mean, grad_sync, parallelize
@@ -49,17 +49,20 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
+    """What a run can check in a second before it builds the model and decodes data: the input files,
+    the output folder, the device, and the checkpoint --resume names."""
+    check_inputs(cfg, stage)
+    if resume is not None and not resume.if_any:
+        ckpt.find(resume.path, required=True)
+
+
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
 
     def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str):
         self.cfg, self.task, self.data, self.dist, self.name = cfg, task, data, dist_, name
         tc = cfg.train
-        if tc.global_batch < 1 or tc.micro_batch < 0:
-            raise ValueError(f"train.global_batch must be >= 1 and train.micro_batch >= 0 (0 = no accumulation), "
-                             f"got {tc.global_batch} and {tc.micro_batch}")
-        if tc.seed < 0:
-            raise ValueError(f"train.seed must be >= 0, got {tc.seed}")
         if tc.global_batch % dist_.world:
             raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {dist_.world} ranks")
         per_rank = tc.global_batch // dist_.world
@@ -91,20 +94,14 @@ class Trainer:
         """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any`: start at
         step 0 when there is none yet, as every rank must: they decide together (a shared file
         system whose nodes see different folders would otherwise split the run)."""
-        if os.path.basename(path.rstrip("/")).startswith("step_"):
-            target = path
-        else:
-            target = ckpt.latest(os.path.join(path, "checkpoints")) or ckpt.latest(path)
-            if if_any:
-                some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist.device)
-                if some and none:
-                    raise FileNotFoundError(f"--auto-resume: some ranks see a checkpoint under {path!r} and some do "
-                                            "not; train.out_dir must be one folder that every node sees alike")
-                if none:
-                    return
-            if target is None:
-                raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint under it (looked for "
-                                        f"{os.path.join(path, 'checkpoints', 'step_*')})")
+        target = ckpt.find(path, required=not if_any)
+        if if_any:
+            some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist.device)
+            if some and none:
+                raise FileNotFoundError(f"--auto-resume: some ranks see a checkpoint under {path!r} and some do "
+                                        "not; train.out_dir must be one folder that every node sees alike")
+            if none:
+                return
         state, rank_state = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.resumed_from = target

@@ -85,7 +85,11 @@ def cmd_embed(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)  # before decoding anything: a bad --out fails now, not at the end
+    try:  # before decoding anything: a bad --out fails now, not at the end
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file where a folder of the path should be: "File exists" names neither
+        raise ValueError(f"--out {args.out}: cannot create its folder {out_dir} ({e.strerror}: {e.filename}); pick "
+                         "another path") from None
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out {args.out}: cannot write to {out_dir}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,8 +99,16 @@ def cmd_embed(args) -> int:
         raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    missing = [v for v in args.videos if not os.path.isfile(v)]
+    if missing and not args.skip_bad:  # now, not after the model is built and the other clips embedded
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{missing[0]}: no such file{more}; fix the path, or pass --skip-bad to embed the others")
     overrides = parse_overrides(args.set)
     if args.attention_backend:
+        from videoprism.ops.attention import BACKENDS
+
+        if args.attention_backend not in BACKENDS:
+            raise ValueError(f"--attention-backend {args.attention_backend}: choose one of {', '.join(BACKENDS)}")
         overrides["attention_backend"] = args.attention_backend
     model, source = _build(args.model, args.checkpoint, overrides, device=device)
     if isinstance(model, vp.FactorizedVideoClassifier):
@@ -137,15 +149,21 @@ def cmd_embed(args) -> int:
     if not embeddings:
         raise ValueError("no video could be decoded (each is reported above as skipped)")
     out = torch.stack(embeddings)
+    rows = ""
     if ext == ".npy":
         np.save(args.out, out.numpy())
+        if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
+            rows = os.path.splitext(args.out)[0] + ".videos.txt"
+            with open(rows, "w", encoding="utf-8") as fh:
+                fh.write("".join(f"{n}\n" for n in names))
+            rows = f"; row i is line i of {rows}"
     else:
         from safetensors.torch import save_file
 
         save_file({"embeddings": out.contiguous()}, args.out, metadata={"videos": "\n".join(names),
                                                                         "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
-          f"{num_frames} frames at {resolution}x{resolution}, {source})")
+          f"{num_frames} frames at {resolution}x{resolution}, {source}){rows}")
     return 0
 
 

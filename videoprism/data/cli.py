@@ -19,6 +19,9 @@ def _cmd_index(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}; {r['rejected']} rejected -> {r['rejects']}")
+    if r["total"] == 0:
+        print(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
+        return 2
     if r["kept"] == 0:
         print(f"error: no usable sample in {' '.join(args.source)}; the reasons are in {r['rejects']}", file=sys.stderr)
         return 2

@@ -129,7 +129,8 @@ def sample_from_record(rec, base: str) -> Sample:
 def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
     """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest {path!r} does not exist; pass a .jsonl file (one JSON object per line) "
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"manifest {path!r} {what}; pass a .jsonl file (one JSON object per line) "
                                 "or WebDataset .tar shards")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
@@ -146,6 +147,9 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
             budget.skip(f"{path}:{n}", f"bad JSON ({e.msg} at column {e.colno})")
         except ValueError as e:
             budget.skip(f"{path}:{n}", str(e))
+    if not lines:
+        raise NoUsableSamplesError(f"manifest {path!r} is empty; it needs one JSON object per line, e.g. "
+                                   '{"path": "clips/a.mp4", "caption": "a dog runs"}', [])
     if not samples:
         raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects

@@ -33,15 +33,18 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
 
-from bench.common import Report, arg_parser, measure_peaks, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
 from bench.exp2_peak import exp2_peak_gops
+from videoprism.cli import run_command
 from videoprism.ops.attention import factorized_attention
 
 MODELS = {"base": (12, 64), "large": (16, 64), "giant": (16, 88)}
+BACKENDS = ("reference", "sdpa", "flex", "flash", "xformers", "triton")
 
 
 def _xformers(qkv, *, axis, softcap, pos, **_):
@@ -82,18 +85,24 @@ def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ..
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     p = arg_parser("bench.attention", __doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default here: %(default)s; cuda wherever one is available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="q, k, v dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--models", default="base,giant,large",
-                   help=f"comma-separated from {list(MODELS)} (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=16, help="clips per call (default: %(default)s)")
-    p.add_argument("--backends", default="reference,sdpa,flex,flash,xformers,triton",
+    p.add_argument("--models", type=comma_list(MODELS), default=None,
+                   help=f"comma-separated from {list(MODELS)} (default: base,giant,large; not with --tiny)")
+    p.add_argument("--batch", type=positive_int, default=None, help="clips per call (default: 16; not with --tiny)")
+    p.add_argument("--backends", type=comma_list(BACKENDS), default=",".join(BACKENDS),
                    help="comma-separated attention backends; unavailable ones are skipped (default: %(default)s)")
-    p.add_argument("--modes", default="fwd,fwd+bwd", help="comma-separated: fwd, fwd+bwd (default: %(default)s)")
+    p.add_argument("--modes", type=comma_list(("fwd", "fwd+bwd")), default="fwd,fwd+bwd",
+                   help="comma-separated: fwd, fwd+bwd (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
     p.add_argument("--budget-s", type=float, default=110.0,
                    help="stop starting new cases after this many seconds; the GPU script has a time box "
@@ -103,17 +112,20 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = p.parse_args(argv)
+    if args.tiny and (args.models or args.batch):
+        # --tiny fixes the model and the batch: an ignored --models or --batch would look honoured in the rows.
+        p.error("--tiny times its own 2-head model at batch 1: leave out --models and --batch, or --tiny")
 
     if args.no_autotune:
         from videoprism.kernels import factorized_attention_space
 
         factorized_attention_space.AUTOTUNE = False
-    device = torch.device(args.device)
+    device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     out = args.out or f"bench/results/attention_{device.type}{'_tiny' if args.tiny else ''}.json"
-    models = {"tiny": (2, 16)} if args.tiny else {m: MODELS[m] for m in args.models.split(",")}
-    batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch, 16, (16, 8), (128, 90))
-    backends = [b for b in args.backends.split(",") if b in ("reference", "sdpa", "flex", "triton") or _available(b)]
+    models = {"tiny": (2, 16)} if args.tiny else {m: MODELS[m] for m in args.models or ("base", "giant", "large")}
+    batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch or 16, 16, (16, 8), (128, 90))
+    backends = [b for b in args.backends if b in ("reference", "sdpa", "flex", "triton") or _available(b)]
     t_start = time.perf_counter()
     peaks = {**measure_peaks(device), "exp2_gops": exp2_peak_gops(device)}
     elt = torch.finfo(dtype).bits // 8
@@ -140,7 +152,7 @@ def main(argv=None) -> None:
                     call = lambda x, kw=kw: _xformers(x, **kw)  # noqa: E731
                 else:
                     call = lambda x, kw=kw, be=backend: factorized_attention(x, backend=be, **kw)  # noqa: E731
-                for mode in args.modes.split(","):
+                for mode in args.modes:
                     row = dict(model=model, axis=axis, case=label, seqs=n_seq, backend=backend, cap=cap, mode=mode)
                     bwd = mode == "fwd+bwd"
                     x = qkv.detach().requires_grad_(bwd)
@@ -242,4 +254,4 @@ def _chart(report: Report, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

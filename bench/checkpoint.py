@@ -15,27 +15,38 @@ from __future__ import annotations
 
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
 import videoprism
-from bench.common import Report, Timing, arg_parser
+from bench.common import Report, Timing, arg_parser, device_arg, positive_int
+from videoprism.cli import run_command
+from videoprism.config import CONFIGS, CLIPConfig
 from videoprism.train import checkpoint as ckpt
 
+VIDEO_TEXT = [name for name, (cls, _) in CONFIGS.items() if cls is CLIPConfig]
 
-def main(argv: list[str] | None = None) -> None:
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
     p = arg_parser("bench.checkpoint", __doc__)
-    p.add_argument("--device", default="cpu", help="where the state lives: cpu or cuda (default: %(default)s)")
-    p.add_argument("--model", default="videoprism_lvt_v1_base", help="official video-text model name (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=3, help="saves per mode, after one warm-up each (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="where the state lives: cpu or cuda (default: %(default)s)")
+    p.add_argument("--model", default="videoprism_lvt_v1_base", choices=VIDEO_TEXT, metavar="NAME",
+                   help=f"official video-text model name: {', '.join(VIDEO_TEXT)} (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=3,
+                   help="saves per mode, after one warm-up each (default: %(default)s)")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
-    if args.reps < 1:
-        p.error(f"--reps must be >= 1, got {args.reps}")
-    device = torch.device(args.device)
+    device = args.device
     torch.manual_seed(0)
     model = videoprism.from_official(args.model).to(device)
     opt = torch.optim.AdamW(model.parameters())
@@ -85,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,6 +8,8 @@
   counting bytes read + written), so every row can say what share of the peak it got.
 * `Report`: rows with the device name, torch/triton versions, commit and date,
   printed as a table and written as JSON.
+* `arg_parser` and the argparse types of the options (`positive_int`, `comma_list`, `device_arg`): a bad
+  argument is argparse's one-line error naming the option, exit status 2, before anything is built or timed.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -30,6 +32,48 @@ def arg_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
     show the file name) and the module docstring, laid out as written, is the description."""
     return argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def positive_int(value: str) -> int:
+    """argparse `type` of a count (batch, reps, frames, ...): 0 or less would fail deep inside a run or time nothing."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
+def comma_list(choices: Iterable[str] | None = None, item: Callable[[str], object] = str) -> Callable[[str], list]:
+    """argparse `type` of a comma-separated list: "eager,compile" -> ["eager", "compile"], each item one of
+    `choices` (when given) and then converted by `item`. An unknown item is an error, not a row: the rows are
+    labelled by what was asked, so a near miss ("compiled" for "compile") would time something else under its name."""
+    def parse(value: str) -> list:
+        out = []
+        for text in value.split(","):
+            if choices is not None and text not in choices:
+                raise argparse.ArgumentTypeError(f"invalid choice: {text!r} "
+                                                 f"(choose from {', '.join(map(repr, choices))})")
+            out.append(item(text))
+        return out
+
+    return parse
+
+
+def device_arg(value: str) -> torch.device:
+    """argparse `type` of --device: cpu, cuda or cuda:N, and a CUDA device must be visible here, so that a missing
+    GPU or a typo is found at once, not by a traceback once the model or the data is set up."""
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: no such CUDA GPU here ({torch.cuda.device_count()} visible); "
+                                         f"use --device cpu")
+    return device
 
 
 @dataclass

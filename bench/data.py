@@ -35,7 +35,8 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.common import Report, arg_parser, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, positive_int, timeit
+from videoprism.cli import run_command
 from videoprism.data.transforms import Augment, apply_augment
 
 try:
@@ -167,36 +168,45 @@ def default_clips(media: str, frames: int) -> list[tuple[str, float | None, floa
     return clips
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     p = arg_parser("bench.data", __doc__)
-    p.add_argument("--device", default="cpu", help="cpu, or cuda to add the DALI GPU rows (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=288,
+    p.add_argument("--device", type=device_arg, default="cpu",
+                   help="cpu, or cuda to add the DALI GPU rows (default: %(default)s)")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per clip (default: %(default)s)")
+    p.add_argument("--resolution", type=positive_int, default=288,
                    help="square output frame size in pixels (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=5, help="timed repeats per row (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed repeats per row (default: %(default)s)")
     p.add_argument("--media", default=SHARED_MEDIA, help="folder with the shared clips (default: %(default)s)")
     p.add_argument("--clips", default=None, help="time the clips of DIR/clips.jsonl instead (no PyAV needed)")
     p.add_argument("--write-clips", default=None, metavar="DIR", help="write the --clips set to DIR and exit")
-    p.add_argument("--gpu-batches", default="1,8",
+    p.add_argument("--gpu-batches", type=comma_list(item=positive_int), default="1,8",
                    help="clips per DALI GPU run, comma-separated (default: %(default)s)")
     p.add_argument("--train-step", default=TRAIN_STEP_GPU,
                    help="bench.train_step JSON with the stage-1 rows (default: %(default)s)")
     p.add_argument("--out", default="bench/results/data_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     T, R = args.frames, args.resolution
     if args.write_clips:
         if av is None:
-            raise SystemExit("error: --write-clips needs PyAV (pip install av)")
+            raise ValueError("--write-clips needs PyAV (pip install av)")
         print(f"wrote {write_clips(args.write_clips, T)}")
         return
     if args.clips:
         from videoprism.data.manifest import read_source
 
-        samples, _ = read_source(os.path.join(args.clips, "clips.jsonl"))
+        manifest = os.path.join(args.clips, "clips.jsonl")
+        if not os.path.isfile(manifest):
+            raise ValueError(f"--clips {args.clips}: no clips.jsonl there; pass a folder written by --write-clips DIR")
+        samples, _ = read_source(manifest)
         clips = [(s.path, s.start, s.end, s) for s in samples]
     elif av is None:
-        raise SystemExit("error: PyAV is not installed: pass --clips DIR (a set written by --write-clips; "
+        raise ValueError("PyAV is not installed: pass --clips DIR (a set written by --write-clips; "
                          "bench/dali_wheel.sh prepare writes .device/dali_clips)")
     else:
         clips = default_clips(args.media, T)
@@ -215,10 +225,9 @@ def main(argv=None) -> None:
         DaliClips = None
         print("note: NVIDIA DALI is not installed (pip install nvidia-dali-cuda130): no DALI rows, DALI GPU "
               "skipped", file=sys.stderr)
-    dali_gpu = DaliClips is not None and device.type == "cuda" and torch.cuda.is_available()
+    dali_gpu = DaliClips is not None and device.type == "cuda"  # device_arg has checked that CUDA is there
     if DaliClips is not None and not dali_gpu:
-        print("note: no CUDA device requested/available: DALI GPU rows skipped", file=sys.stderr)
-    gpu_batches = [int(b) for b in args.gpu_batches.split(",")]
+        print("note: no CUDA device requested: DALI GPU rows skipped", file=sys.stderr)
 
     meta = {"frames": T, "resolution": R, "torch_threads": torch.get_num_threads(), "pyav": av is not None,
             "clips": args.clips or "shared media + generated"}
@@ -266,9 +275,9 @@ def main(argv=None) -> None:
             t = timeit(fn, "cpu", warmup=1, reps=args.reps)
             rows[method] = report.add(t, clip=name, method=method, clips_per_s=round(1e3 / t.median_ms, 3))
         if dali_gpu:
-            dg = DaliClips(batch_size=max(gpu_batches), num_frames=T, resolution=R, device=device,
+            dg = DaliClips(batch_size=max(args.gpu_batches), num_frames=T, resolution=R, device=device,
                            num_threads=os.cpu_count() or 1)
-            for b in gpu_batches:
+            for b in args.gpu_batches:
                 t = timeit(lambda: dg.run([data] * b, [idx] * b, [box] * b, [aug.flip] * b), device)
                 row = report.add(t, clip=name, method=f"dali-gpu x{b}", clips_per_s=round(b * 1e3 / t.median_ms, 3),
                                  ms_per_clip=round(t.median_ms / b, 3))
@@ -283,4 +292,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,31 +9,50 @@ of the card's measured matmul peak; writes JSON.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 import videoprism as vp
-from bench.common import Report, arg_parser, measure_peaks, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from videoprism.cli import run_command
+from videoprism.config import CONFIGS, EncoderConfig, official_config
 from videoprism.flops import encoder_flops
+from videoprism.ops.attention import BACKENDS
+
+ENCODERS = [name for name, (cls, _) in CONFIGS.items() if cls is EncoderConfig]
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     p = arg_parser("bench.encoder", __doc__)
-    p.add_argument("--model", default="videoprism_v1_base", help="official encoder name (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--model", default="videoprism_v1_base", choices=ENCODERS, metavar="NAME",
+                   help=f"official encoder name: {', '.join(ENCODERS)} (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model and input dtype (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=1, help="clips per forward (default: %(default)s)")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip (default: %(default)s)")
-    p.add_argument("--resolution", type=int, default=288,
+    p.add_argument("--batch", type=positive_int, default=1, help="clips per forward (default: %(default)s)")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per clip (default: %(default)s)")
+    p.add_argument("--resolution", type=positive_int, default=288,
                    help="square frame size in pixels (default: %(default)s)")
-    p.add_argument("--backends", default="reference", help="comma-separated attention backends (default: %(default)s)")
-    p.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=5,
+    p.add_argument("--backends", type=comma_list(BACKENDS), default="reference",
+                   help=f"comma-separated attention backends from {', '.join(BACKENDS)} (default: %(default)s)")
+    p.add_argument("--modes", type=comma_list(("eager", "compile")), default="eager,compile",
+                   help="comma-separated: eager, compile (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=5,
                    help="timed repeats on the CPU; the GPU uses do_bench (default: %(default)s)")
     p.add_argument("--out", default="bench/results/encoder_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
+    patch = official_config(args.model).patch_size
+    if args.resolution % patch:  # else the first forward fails, after the peaks are measured and the model built
+        p.error(f"--resolution {args.resolution}: must be a multiple of the patch size {patch}, "
+                f"e.g. {max(1, args.resolution // patch) * patch}")
 
-    device = torch.device(args.device)
+    device = args.device
     dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.frames, args.resolution, args.resolution, 3)
     torch.manual_seed(0)
@@ -41,14 +60,14 @@ def main(argv=None) -> None:
     peaks = measure_peaks(device)
     report = Report("encoder forward", str(device), meta={"model": args.model, "shape": list(shape),
                                                           "dtype": args.dtype, **peaks})
-    for backend in args.backends.split(","):
+    for backend in args.backends:
         # SDPA has no soft-cap: it runs the same shapes with the cap off (a speed reference only).
         cap = {"atten_logit_cap": 0.0} if backend == "sdpa" else {}
         model = vp.from_official(args.model, attention_backend=backend, device=device, dtype=dtype, **cap).eval()
         cfg = model.config
         n = (args.resolution // cfg.patch_size) ** 2
         flops = encoder_flops(cfg, args.batch, args.frames, n)
-        for mode in args.modes.split(","):
+        for mode in args.modes:
             fn = torch.compile(model) if mode == "compile" else model
             with torch.no_grad():
                 t = timeit(lambda: fn(video.to(dtype)), device, warmup=2, reps=args.reps)
@@ -58,11 +77,11 @@ def main(argv=None) -> None:
                        clips_per_s=round(args.batch / (t.median_ms * 1e-3), 3))
     report.show()
     rows = {(r["backend"], r["mode"]): r["ms"] for r in report.rows}
-    for backend in args.backends.split(","):
+    for backend in args.backends:
         if (backend, "eager") in rows and (backend, "compile") in rows:
             print(f"{backend}: compile speed-up over eager {rows[(backend, 'eager')] / rows[(backend, 'compile')]:.2f}x")
     report.save(args.out)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

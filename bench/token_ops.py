@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 
 import torch
 
-from bench.common import Report, arg_parser, measure_peaks, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
 from videoprism.masking import accept_blocks_ref, bevt_mask, num_visible, propose_blocks, tube_mask
@@ -153,20 +155,26 @@ def _with_grad(fn, *inputs):
     return fn(*leaves), leaves
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     p = arg_parser("bench.token_ops", __doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default here: %(default)s; cuda wherever one is available)")
-    p.add_argument("--batch", type=int, default=None, help="clips per call (default 32 on CUDA, 2 on the CPU)")
+    p.add_argument("--batch", type=positive_int, default=None, help="clips per call (default 32 on CUDA, 2 on the CPU)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="token dtype (default bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--models", default="base,giant", help=f"comma-separated from {list(MODELS)} (default: %(default)s)")
-    p.add_argument("--stages", default="stage1,stage2",
+    p.add_argument("--models", type=comma_list(MODELS), default="base,giant",
+                   help=f"comma-separated from {list(MODELS)} (default: %(default)s)")
+    p.add_argument("--stages", type=comma_list(STAGES), default="stage1,stage2",
                    help=f"comma-separated from {list(STAGES)} (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph device times (dev_ms)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<device>.json)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
+    device = a.device
     cuda = device.type == "cuda"
     batch = a.batch or (32 if cuda else 2)
     dtype = getattr(torch, a.dtype or ("bfloat16" if cuda else "float32"))
@@ -187,8 +195,8 @@ def main(argv=None) -> None:
         for impl, accept in (("triton", bevt_accept_blocks_triton), ("torch", accept_blocks_ref)):
             t = timeit(lambda: accept(*geometry, T, GRID, budget), device, **tkw)
             report.add(t, model="-", stage="stage2", op="bevt_blocks", mode="fwd", impl=impl, rounds=geometry[0].shape[0])
-    for model in a.models.split(","):
-        for stage in a.stages.split(","):
+    for model in a.models:
+        for stage in a.stages:
             case = make_case(model, stage, batch, dtype, device, gen)
             for name, run, bytes_fwd, bytes_bwd in op_specs(case, batch):
                 times = {}
@@ -231,4 +239,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -22,13 +22,15 @@ listed in the JSON.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
 
-from bench.common import Report, arg_parser, measure_peaks, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from videoprism.cli import run_command
 from videoprism.flops import video_tower_flops
-from videoprism.train.config import build_config
+from videoprism.train.config import PRESETS, build_config
 from videoprism.train.data import RandomClips
 from videoprism.train.distill import Teacher
 from videoprism.train.modeling import build_clip
@@ -104,38 +106,43 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
     return t, row
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Bad arguments and inputs end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     p = arg_parser("bench.train_step", __doc__)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--preset", default=None, help="config preset (default: base on CUDA, tiny on the CPU)")
-    p.add_argument("--frames", default=None, help="comma-separated frame counts (default: 16,8 on CUDA, 8 on CPU)")
-    p.add_argument("--batch", type=int, default=None, help="clips per step (default: 16 on CUDA, 8 on CPU)")
-    p.add_argument("--modes", default=None, help="comma-separated modes (default: all on CUDA, eager,compiled on CPU)")
-    p.add_argument("--stages", default="1,2", help="comma-separated training stages, 1 and/or 2 (default: %(default)s)")
-    p.add_argument("--reps", type=int, default=5,
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--preset", default=None, choices=PRESETS,
+                   help="config preset (default: base on CUDA, tiny on the CPU)")
+    p.add_argument("--frames", type=comma_list(item=positive_int), default=None,
+                   help="comma-separated frame counts (default: 16,8 on CUDA, 8 on CPU)")
+    p.add_argument("--batch", type=positive_int, default=None, help="clips per step (default: 16 on CUDA, 8 on CPU)")
+    p.add_argument("--modes", type=comma_list(MODES), default=None,
+                   help=f"comma-separated from {', '.join(MODES)} (default: all on CUDA, eager,compiled on CPU)")
+    p.add_argument("--stages", type=comma_list(("1", "2"), int), default="1,2",
+                   help="comma-separated training stages, 1 and/or 2 (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=5,
                    help="timed steps per row on the CPU; the GPU uses do_bench (default: %(default)s)")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row after this many seconds (default: %(default)s)")
     p.add_argument("--out", default="bench/results/train_step_cpu.json", help="JSON path (default: %(default)s)")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
+    device = args.device
     cuda = device.type == "cuda"
     preset = args.preset or ("base" if cuda else "tiny")
-    frames = [int(f) for f in (args.frames or ("16,8" if cuda else "8")).split(",")]
+    frames = args.frames or ([16, 8] if cuda else [8])
     batch = args.batch or (16 if cuda else 8)
-    modes = (args.modes or ("eager,compiled,compiled+triton" if cuda else "eager,compiled")).split(",")
-    stages = [int(s) for s in args.stages.split(",")]
-    for m in modes:
-        if m not in MODES:
-            raise SystemExit(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    modes = args.modes or (["eager", "compiled", "compiled+triton"] if cuda else ["eager", "compiled"])
     peaks = measure_peaks(device)
     report = Report("train step", str(device), meta={"preset": preset, "batch": batch, **peaks,
                                                        "mixed_precision": "bf16 autocast" if cuda else "fp32",
                                                        "triton_tile_search": os.environ.get("VIDEOPRISM_TRITON_AUTOTUNE",
                                                                                             "1") == "1"})
     # Most important first: the stage-1 and stage-2 targets at the largest frame count.
-    plan = [(s, f, m) for f in frames for s in stages for m in (modes if s == 1 else reversed(modes))]
+    plan = [(s, f, m) for f in frames for s in args.stages for m in (modes if s == 1 else reversed(modes))]
     start, skipped = time.perf_counter(), []
     for stage, f, mode in plan:
         if time.perf_counter() - start > args.budget_s:
@@ -171,4 +178,4 @@ def _ratios(report: Report) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The bench scripts' arguments: a bad one ends the run with one line naming the option, exit status 2, no
+traceback, before anything is built or timed; good ones get through to the benchmark.
+
+Most cases call the script's `main` in this process: a fresh `python -m bench.X` spends ~3 s importing torch, so one
+run per script checks the command as a user runs it (the `__main__` exit status) and the rest stay fast.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The first work of each script once its arguments are accepted (data: with and without --clips). A case that
+# reaches one has let its argument through: it fails there instead of running a benchmark.
+FIRST_WORK = {
+    "encoder": ["bench.encoder.measure_peaks"],
+    "token_ops": ["bench.token_ops.measure_peaks"],
+    "train_step": ["bench.train_step.measure_peaks"],
+    "attention": ["bench.attention.measure_peaks"],
+    "checkpoint": ["videoprism.from_official"],
+    "data": ["videoprism.data.manifest.read_source", "bench.data.default_clips"],
+}
+
+BAD = [
+    ("encoder", ["--model", "foo"], "--model"),
+    ("encoder", ["--device", "gpu"], "--device"),
+    ("encoder", ["--device", "cuda:99"], "--device"),
+    ("encoder", ["--backends", "bogus"], "--backends"),
+    ("encoder", ["--backends", "reference,"], "--backends"),
+    ("encoder", ["--modes", "compiled"], "--modes"),
+    ("encoder", ["--batch", "0"], "--batch"),
+    ("encoder", ["--reps", "0"], "--reps"),
+    ("encoder", ["--resolution", "100"], "--resolution"),
+    ("token_ops", ["--models", "foo"], "--models"),
+    ("token_ops", ["--stages", "stage3"], "--stages"),
+    ("token_ops", ["--batch", "-1"], "--batch"),
+    ("token_ops", ["--device", "cuda:99"], "--device"),
+    ("train_step", ["--preset", "foo"], "--preset"),
+    ("train_step", ["--frames", "abc"], "--frames"),
+    ("train_step", ["--frames", "8,0"], "--frames"),
+    ("train_step", ["--modes", "bogus"], "--modes"),
+    ("train_step", ["--stages", "3"], "--stages"),
+    ("train_step", ["--batch", "0"], "--batch"),
+    ("checkpoint", ["--model", "foo"], "--model"),
+    ("checkpoint", ["--model", "videoprism_v1_base"], "--model"),  # an encoder, not a video-text model
+    ("checkpoint", ["--reps", "0"], "--reps"),
+    ("checkpoint", ["--device", "cuda:99"], "--device"),
+    ("data", ["--clips", "/nope"], "--clips"),
+    ("data", ["--gpu-batches", "1,x"], "--gpu-batches"),
+    ("data", ["--frames", "0"], "--frames"),
+    ("data", ["--reps", "0"], "--reps"),
+    ("attention", ["--modes", "bwd"], "--modes"),
+    ("attention", ["--models", "foo"], "--models"),
+    ("attention", ["--tiny", "--models", "base"], "--models"),
+    ("attention", ["--tiny", "--batch", "2"], "--batch"),
+    ("attention", ["--backends", "bogus"], "--backends"),
+    ("attention", ["--batch", "0"], "--batch"),
+    *[pytest.param(name, ["--device", "cuda"], "--device", id=f"{name}-no-gpu",
+                   marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"))
+      for name in FIRST_WORK],
+]
+
+
+class ReachedWork(Exception):
+    """Not a ValueError or OSError: run_command lets it through to the test."""
+
+
+@pytest.fixture
+def tripwire(monkeypatch):
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK", raising=False)
+
+    def arm(name: str):
+        def reached(*args, **kwargs):
+            raise ReachedWork(f"bench.{name} got past its arguments")
+
+        for target in FIRST_WORK[name]:
+            monkeypatch.setattr(target, reached)
+        return importlib.import_module(f"bench.{name}")
+
+    return arm
+
+
+def _assert_one_line_error(rc, err: str, option: str):
+    assert rc == 2, (rc, err)
+    assert "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if "error: " in ln]  # argparse puts its usage lines first
+    assert len(errors) == 1 and option in errors[0], err
+
+
+@pytest.mark.parametrize("name, argv, option", BAD)
+def test_bad_argument_one_line_exit_2(name, argv, option, tripwire, capsys):
+    module = tripwire(name)
+    try:
+        rc = module.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    _assert_one_line_error(rc, capsys.readouterr().err, option)
+
+
+@pytest.mark.parametrize("name, argv, option", [
+    ("encoder", ["--model", "foo"], "--model"),
+    ("token_ops", ["--stages", "stage3"], "--stages"),
+    ("train_step", ["--modes", "bogus"], "--modes"),
+    ("checkpoint", ["--model", "foo"], "--model"),
+    ("data", ["--clips", "/nope"], "--clips"),  # a ValueError of the script, through run_command
+    ("attention", ["--tiny", "--models", "base"], "--models"),
+])
+def test_bad_argument_as_a_user_runs_it(name, argv, option):
+    env = {k: v for k, v in os.environ.items() if k != "VIDEOPRISM_TRACEBACK"}
+    r = subprocess.run([sys.executable, "-m", f"bench.{name}", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    _assert_one_line_error(r.returncode, r.stderr, option)
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("encoder", ["--device", "cpu", "--batch", "2", "--resolution", "36", "--backends", "reference,sdpa",
+                 "--modes", "eager,compile"]),
+    ("token_ops", ["--device", "cpu", "--models", "base", "--stages", "stage1,stage2", "--batch", "2"]),
+    ("train_step", ["--preset", "tiny", "--frames", "8,4", "--modes", "eager,compiled", "--stages", "2,1"]),
+    ("checkpoint", ["--model", "videoprism_lvt_v1_base", "--reps", "2"]),
+    ("data", ["--clips", "{tmp}", "--frames", "8", "--gpu-batches", "1,4"]),
+    ("attention", ["--tiny", "--modes", "fwd,fwd+bwd", "--backends", "reference,triton"]),
+])
+def test_good_arguments_get_to_the_benchmark(name, argv, tripwire, tmp_path):
+    (tmp_path / "clips.jsonl").write_text("")
+    module = tripwire(name)
+    with pytest.raises(ReachedWork):
+        module.main([a.format(tmp=tmp_path) for a in argv])

@@ -407,7 +407,7 @@ def test_curves_plot_whatever_the_log_holds(tmp_path, records):
 @pytest.mark.parametrize("override, needle", [
     ("optim.lr=0", "optim.lr=0.0 is out of range: it must be > 0"),
     ("optim.beta2=1", "optim.beta2=1.0 is out of range: it must be in [0, 1)"),
-    ("checkpoint.keep=0", "checkpoint.keep=0 is out of range: it must be >= 1"),
+    ("checkpoint.keep=-1", "checkpoint.keep=-1 is out of range: it must be >= 0"),
     ("model.num_auxiliary_layers=-2", "model.num_auxiliary_layers=-2 is out of range: it must be >= -1"),
     ("data.decode_timeout=-1", "data.decode_timeout=-1.0 is out of range: it must be >= 0"),
     ("train.micro_batch=64", "train.micro_batch=64 is larger than train.global_batch=32"),

@@ -166,7 +166,7 @@ class ParallelConfig:
 @dataclass
 class CheckpointConfig:
     interval: int = f(1000, "Steps between checkpoints (0 = only at the end).", valid=">= 0")
-    keep: int = f(3, "Keep the latest k checkpoints.", valid=">= 1")
+    keep: int = f(3, "Keep the latest k checkpoints (0 = all).", valid=">= 0")
     export: bool = f(True, "Write the final weights as safetensors.")
     async_save: bool = f(False, "Write interval checkpoints in a background thread (DCP async_save): the step waits "
                                 "only for the copy of the state to host memory, not for the disk. Costs host memory "

@@ -62,6 +62,8 @@ def test_embed_skip_bad_keeps_going(tmp_path, media_dir, ext):
     if ext == ".npy":  # no names inside: the rows' videos are listed next to it
         assert np.load(out).shape[0] == 1
         assert (tmp_path / "e.videos.txt").read_text() == f"{good}\n"
+        run("embed", good, "--num-frames", "2", "--resolution", "36", "--quiet", "--out", str(out), *SMALL)
+        assert not (tmp_path / "e.videos.txt").exists()  # it would describe the earlier rows
     else:
         from safetensors.torch import load_file
 
@@ -188,6 +190,8 @@ def _bad_inputs(tmp):
         (stage1.main, [*rand, f"data.val={tmp}/none.jsonl"], "data.val='" + f"{tmp}/none.jsonl' does not exist"),
         (stage1.main, [*rand, f"train.out_dir={tmp}/garbage.model/run"], "garbage.model' is a file"),
         (stage1.main, [*rand, "--resume", f"{tmp}/none"], "no complete checkpoint"),
+        (stage1.main, [*rand, "--resume", f"{tmp}/run/checkpoints/step_00000100"], "step_00000100' does not exist"),
+        (stage1.main, [*rand, "stage1.temperature_init=2"], "stage1.temperature_init must be in [1/stage1.max_logit"),
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
         (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
         (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),
@@ -205,6 +209,7 @@ def _bad_inputs(tmp):
          "cannot create its folder"),
         (main, ["embed", str(tmp / "garbage.model"), f"{tmp}/none.webm", f"{tmp}/none2.webm", "--out",
                 f"{tmp}/e.npy"], "none.webm: no such file (and 1 more)"),
+        (main, ["embed", str(tmp), "--out", f"{tmp}/e.npy"], "a folder, not a video file"),
         (main, ["embed", str(tmp / "garbage.model"), "--attention-backend", "fast", "--out", f"{tmp}/e.npy"],
          "--attention-backend fast: choose one of"),
         (main, ["embed", str(tmp / "bad.jsonl"), "--quiet", "--out", f"{tmp}/e.npy", *SMALL], "bad.jsonl: not a video"),

@@ -137,11 +137,11 @@ def find(path: str, *, required: bool) -> str | None:
     complete one of the run whose out_dir (or checkpoints folder) PATH is. None when there is none,
     or, if `required`, FileNotFoundError naming where it looked."""
     if os.path.basename(path.rstrip("/")).startswith("step_"):
-        if os.path.isdir(path):
-            return path
-        target = None
-    else:
-        target = latest(os.path.join(path, "checkpoints")) or latest(path)
+        if os.path.isdir(path) or not required:
+            return path if os.path.isdir(path) else None
+        raise FileNotFoundError(f"--resume {path!r} does not exist; pass the run's out_dir (its latest checkpoint) "
+                                "or one of its checkpoints/step_* folders")
+    target = latest(os.path.join(path, "checkpoints")) or latest(path)
     if target is None and required:
         raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint there (looked for "
                                 f"{os.path.join(path, 'checkpoints', 'step_*')}); pass the run's out_dir or one of "

@@ -375,6 +375,10 @@ def _check_combined(cfg: Config) -> Config:
     if s2.decoder_dim % s2.decoder_heads:
         raise ValueError(f"stage2.decoder_dim={s2.decoder_dim} is not divisible by stage2.decoder_heads="
                          f"{s2.decoder_heads}; pick heads that divide the width (e.g. 8 for 512)")
+    s1 = cfg.stage1
+    if not 1 / s1.max_logit_scale <= s1.temperature_init < 1:
+        raise ValueError(f"stage1.temperature_init must be in [1/stage1.max_logit_scale, 1) = "
+                         f"[{1 / s1.max_logit_scale:g}, 1), got {s1.temperature_init}")
     if cfg.train.micro_batch > cfg.train.global_batch:
         raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
                          f"{cfg.train.global_batch}; lower it (0 = no accumulation)")

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
-from videoprism.train.config import check_field
+from videoprism.train.config import DataConfig, check_field
 from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
 
 
@@ -121,23 +121,24 @@ class ManifestData:
 _DECODED: dict[tuple, dict] = {}
 
 
-def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer, workers: int,
-               max_bad_share: float) -> tuple[dict, list[tuple[str, str]]]:
+def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer,
+               dc: DataConfig) -> tuple[dict, list[tuple[str, str]]]:
     """Every clip of `manifest` (eval transform) -> ({"video" uint8 [N, T, R, R, 3], "text_ids",
-    "text_paddings", "label_<name>" [N]}, the (name, reason) of the skipped lines and clips).
+    "text_paddings", "label_<name>" [N]}, the (name, reason) of the skipped lines and clips), decoded
+    with the workers, bad-sample share and decode timeout of `dc`.
     Memoised per process (file, mtime, size, tokenizer): the demo's stages and probes decode once."""
     key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path)
     if key not in _DECODED:
-        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer,
-                                    workers=workers, max_bad_share=max_bad_share)
+        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer, dc=dc)
     return _DECODED[key]
 
 
-def _decode_all(manifest, *, frames, resolution, tokenizer, workers, max_bad_share) -> dict:
+def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> dict:
     from videoprism.data.loader import build_loader
 
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,
-                          tokenizer=tokenizer, num_workers=workers, max_bad_share=max_bad_share, backend="pyav")
+                          tokenizer=tokenizer, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
+                          decode_timeout=dc.decode_timeout, backend="pyav")
     parts: dict[str, list] = {}
     for batch in loader:
         for k, v in batch.items():
@@ -212,7 +213,7 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
             raise ValueError("data.cache=true takes one training manifest; set data.cache=false to alternate datasets")
         path, _, frames = datasets[0]
         clips, rejects = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
-                                    workers=dc.workers, max_bad_share=dc.max_bad_share)
+                                    dc=dc)
         return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed,
                            rejects=rejects)
     from videoprism.data.loader import build_loader
@@ -230,7 +231,7 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> l
     if not cfg.data.val or cfg.data.source == "random":
         return None
     clips, rejects = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
-                                tokenizer=tokenizer, workers=cfg.data.workers, max_bad_share=cfg.data.max_bad_share)
+                                tokenizer=tokenizer, dc=cfg.data)
     for name, reason in rejects:
         print(f"data.val: skipped {name}: {reason}", file=sys.stderr)
     n = clips["video"].shape[0]

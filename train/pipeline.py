@@ -98,8 +98,7 @@ def _main(argv: list[str] | None) -> int:
     # Probes on frozen features of the same clips, eval transform.
     t0 = time.perf_counter()
     tok = tokenizer_for(cfg1)
-    kw = dict(frames=cfg1.model.num_frames, resolution=cfg1.model.resolution, tokenizer=tok,
-              workers=cfg1.data.workers, max_bad_share=cfg1.data.max_bad_share)
+    kw = dict(frames=cfg1.model.num_frames, resolution=cfg1.model.resolution, tokenizer=tok, dc=cfg1.data)
     (train, _), (val, _) = decode_all(cfg1.data.train, **kw), decode_all(cfg1.data.val, **kw)  # skips: reported
     backend = cfg1.model.attention_backend
     enc1 = model_from_safetensors(res1["export"], expect="FactorizedVideoCLIP", attention_backend=backend).vision_encoder

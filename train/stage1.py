@@ -33,10 +33,7 @@ class ContrastiveModel(nn.Module):
     """The CLIP model plus the learned temperature, stored as log(1 / t) (CLIP)."""
 
     def __init__(self, clip: nn.Module, *, temperature_init: float, max_logit_scale: float, lit: bool):
-        super().__init__()
-        if not 1 / max_logit_scale <= temperature_init < 1:
-            raise ValueError(f"stage1.temperature_init must be in [1/stage1.max_logit_scale, 1) = "
-                             f"[{1 / max_logit_scale:g}, 1), got {temperature_init}")
+        super().__init__()  # temperature_init in [1 / max_logit_scale, 1): checked with the config
         self.clip = clip
         # Shape [1], not a scalar: FSDP2 shards no 0-d parameter.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature_init)]))

@@ -102,7 +102,8 @@ def cmd_embed(args) -> int:
     missing = [v for v in args.videos if not os.path.isfile(v)]
     if missing and not args.skip_bad:  # now, not after the model is built and the other clips embedded
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ValueError(f"{missing[0]}: no such file{more}; fix the path, or pass --skip-bad to embed the others")
+        what = "a folder, not a video file" if os.path.isdir(missing[0]) else "no such file"
+        raise ValueError(f"{missing[0]}: {what}{more}; fix the path, or pass --skip-bad to embed the others")
     overrides = parse_overrides(args.set)
     if args.attention_backend:
         from videoprism.ops.attention import BACKENDS
@@ -152,11 +153,13 @@ def cmd_embed(args) -> int:
     rows = ""
     if ext == ".npy":
         np.save(args.out, out.numpy())
+        listing = os.path.splitext(args.out)[0] + ".videos.txt"
         if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
-            rows = os.path.splitext(args.out)[0] + ".videos.txt"
-            with open(rows, "w", encoding="utf-8") as fh:
+            with open(listing, "w", encoding="utf-8") as fh:
                 fh.write("".join(f"{n}\n" for n in names))
-            rows = f"; row i is line i of {rows}"
+            rows = f"; row i is line i of {listing}"
+        elif os.path.exists(listing):  # an earlier run's, which would describe other rows
+            os.remove(listing)
     else:
         from safetensors.torch import save_file
 

@@ -28,13 +28,16 @@ whose decode kills its worker process or hangs past `decode_timeout`) are skippe
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,11 +78,29 @@ def _init_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        # The loader died before the request took effect? (Not `os.getppid() != parent.pid`: with the
-        # forkserver start method, Python 3.14's default, the OS parent is the fork server.)
+        # Did the loader die before the request took effect? Its sentinel pipe says so under every start
+        # method, but under fork a sibling worker may hold a copy of it open; being reparented says so
+        # except under forkserver (Python 3.14's default), where the OS parent is the fork server.
         parent = multiprocessing.parent_process()
-        if parent is not None and not parent.is_alive():
+        if parent is not None and (not parent.is_alive() or (
+                multiprocessing.get_start_method() != "forkserver" and os.getppid() != parent.pid)):
             os._exit(0)
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators with workers (_pyav_items)
+
+
+def _kill_workers_at_exit() -> None:
+    """multiprocessing's exit handler SIGTERMs its daemonic children, then joins them: ours ignore SIGTERM
+    (_init_worker), so a process that exits while a loader iterator is alive (an uncaught error) would wait
+    for them forever. This handler is registered after multiprocessing's, so it runs before it."""
+    for it in list(_LIVE_ITERATORS):
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+
+
+atexit.register(_kill_workers_at_exit)  # multiprocessing.connection registered multiprocessing's on import
 
 
 class _InFlight:
@@ -92,8 +113,15 @@ class _InFlight:
     def faults(self, it, decode_timeout: float) -> list[tuple[int | None, str]]:
         """(position, reason to skip it) for each worker of the iterator `it` that died in a decode; (None,
         how) for one that died between items."""
+        workers = getattr(it, "_workers", ())  # a DataLoader without workers has none
+        # The error may come before the worker is gone: a dying worker's pipe closes (ConnectionResetError
+        # while the parent fetches a tensor it shared) before the kernel reaps it.
+        ended = multiprocessing.connection.wait([w.sentinel for w in workers], timeout=1.0)
+        for w in workers:
+            if w.sentinel in ended:
+                w.join(0.5)  # its pipes close a moment before the kernel can report how it ended
         out = []
-        for wid, w in enumerate(getattr(it, "_workers", ())):  # a DataLoader without workers has none
+        for wid, w in enumerate(workers):
             pos, code = int(self.pos[wid]), w.exitcode
             if code is None:
                 continue
@@ -271,13 +299,15 @@ class VideoTextLoader:
 
     def _pyav_items(self, order: np.ndarray):
         """The items from `position` on. A file whose decode kills its worker process (a libav segfault) or
-        hangs past `decode_timeout` would end or stall a plain DataLoader's run: here it is skipped as a bad
-        sample and the workers restart at the first item not yet delivered, so the items come exactly as in
-        a run without that file."""
+        hangs past `decode_timeout` would end or stall a plain DataLoader's run: here the workers restart at
+        the first item not yet delivered, so the items come exactly as in a run without that file. A
+        worker can also die of its environment (the OOM killer, a full /dev/shm) while decoding a good
+        file: so a file is skipped as a bad sample only when its decode kills a worker a second time."""
         # One decoder thread per worker: the workers already fill the cores.
         threads = 1 if self.num_workers > 0 else 0
-        faulty: dict[int, str] = {}
-        start, unexplained = self.position, 0  # deaths in a row with no file to blame and no item delivered
+        faulty: dict[int, str] = {}  # position -> reason: skipped without decoding
+        suspects: set[int] = set()  # positions whose decode a worker died in once
+        start, fruitless = self.position, 0  # restarts in a row that delivered no item and blamed no file
         while True:
             in_flight = _InFlight(self.num_workers) if self.num_workers else None
             dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads, in_flight, faulty),
@@ -285,29 +315,37 @@ class VideoTextLoader:
                                              collate_fn=_identity, num_workers=self.num_workers,
                                              worker_init_fn=_init_worker,
                                              prefetch_factor=4 if self.num_workers > 0 else None)
-            it = iter(dl)
-            _watch_workers_synchronously(it)
+            it = None
             while True:
                 try:
+                    if it is None:
+                        it = iter(dl)
+                        _watch_workers_synchronously(it)
+                        _LIVE_ITERATORS.add(it)
                     item = next(it)
                 except StopIteration:
                     return
-                except RuntimeError as e:  # a worker died (torch checks every 5 s while it waits)
+                except Exception as e:  # a worker died: RuntimeError, or a closed pipe while fetching its item
                     faults = in_flight.faults(it, self.decode_timeout) if in_flight else []
                     if not faults:
                         raise  # an error of the decoding code itself, re-raised from its worker
                     error = str(e)  # not `e`: its traceback holds the iterator, whose end stops the workers
                     break
-                start, unexplained = item.pos + 1, 0
+                start, fruitless = item.pos + 1, 0
                 yield item
             del it  # shuts the surviving workers down before new ones start
-            blamed = {pos: why for pos, why in faults if pos is not None}
+            blamed = {pos: why for pos, why in faults if pos in suspects}
             faulty.update(blamed)
-            unexplained = 0 if blamed else unexplained + 1
-            if unexplained >= 3:
+            suspects.update(pos for pos, _ in faults if pos is not None)
+            fruitless = 0 if blamed else fruitless + 1
+            how = "; ".join(f"{'between files' if pos is None else self.samples[int(order[pos])].name}: {why}"
+                            for pos, why in faults)
+            print(f"warning: a data loader worker died ({how}); the workers restart at position {start} of epoch "
+                  f"{self.epoch} (a file is skipped when its decode kills a worker twice)", file=sys.stderr)
+            if fruitless >= 3:
                 raise RuntimeError(
-                    f"data loader workers died {unexplained} times in a row between files (last: {faults[0][1]}; "
-                    f"{error}): out of memory? Lower data.workers or the batch size")
+                    f"data loader workers died {fruitless} times in a row with no item delivered in between (last: "
+                    f"{how}; {error}): out of memory or /dev/shm full? Lower data.workers or the batch size")
 
     def _dali_items(self, order: np.ndarray):
         from .dali_pipeline import DaliClips

@@ -13,6 +13,7 @@ the asynchronous stall, bytes / disk write bandwidth for the synchronous one.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -46,6 +47,12 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
+    if args.dir:  # now, not after the model and its optimizer state are built
+        try:
+            os.makedirs(args.dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--dir {args.dir}: cannot create it ({e.strerror}: {e.filename}); pick another "
+                             "folder") from None
     device = args.device
     torch.manual_seed(0)
     model = videoprism.from_official(args.model).to(device)

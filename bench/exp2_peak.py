@@ -10,11 +10,14 @@ bench/attention.py adds this floor to its roofline.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from bench.common import arg_parser, device_name, timeit
+from videoprism.cli import run_command
 from videoprism.kernels.factorized_attention_space import _exp2
 
 
@@ -42,12 +45,17 @@ def exp2_peak_gops(device: torch.device | str) -> float | None:
     return x.numel() * steps / (t.median_ms * 1e-3) / 1e9
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """No GPU ends the run with one `error: ...` line and exit status 2, as in the other bench scripts."""
+    return run_command(_main, argv)
+
+
+def _main(argv) -> None:
     arg_parser("bench.exp2_peak", __doc__).parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: bench.exp2_peak needs a CUDA GPU (it measures the GPU's special-function unit)")
+        raise ValueError("bench.exp2_peak needs a CUDA GPU (it measures the GPU's special-function unit)")
     print(f"{device_name('cuda')}: {exp2_peak_gops('cuda'):.0f} G exp2/s")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

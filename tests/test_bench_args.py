@@ -61,6 +61,7 @@ BAD = [
     ("attention", ["--tiny", "--batch", "2"], "--batch"),
     ("attention", ["--backends", "bogus"], "--backends"),
     ("attention", ["--batch", "0"], "--batch"),
+    ("checkpoint", ["--dir", __file__ + "/ckpt"], "--dir"),  # under a file
     *[pytest.param(name, ["--device", "cuda"], "--device", id=f"{name}-no-gpu",
                    marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"))
       for name in FIRST_WORK],
@@ -116,6 +117,13 @@ def test_bad_argument_as_a_user_runs_it(name, argv, option):
     r = subprocess.run([sys.executable, "-m", f"bench.{name}", *argv], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     _assert_one_line_error(r.returncode, r.stderr, option)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_exp2_peak_without_a_gpu_is_one_line_exit_2(capsys):
+    from bench import exp2_peak
+
+    _assert_one_line_error(exp2_peak.main([]), capsys.readouterr().err, "needs a CUDA GPU")
 
 
 @pytest.mark.parametrize("name, argv", [

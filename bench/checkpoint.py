@@ -13,7 +13,6 @@ the asynchronous stall, bytes / disk write bandwidth for the synchronous one.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import sys
@@ -26,6 +25,7 @@ import videoprism
 from bench.common import Report, Timing, arg_parser, device_arg, positive_int
 from videoprism.cli import run_command
 from videoprism.config import CONFIGS, CLIPConfig
+from videoprism.paths import make_folder
 from videoprism.train import checkpoint as ckpt
 
 VIDEO_TEXT = [name for name, (cls, _) in CONFIGS.items() if cls is CLIPConfig]
@@ -48,11 +48,7 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
     if args.dir:  # now, not after the model and its optimizer state are built
-        try:
-            os.makedirs(args.dir, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"--dir {args.dir}: cannot create it ({e.strerror}: {e.filename}); pick another "
-                             "folder") from None
+        make_folder(args.dir, f"--dir {args.dir}")
     device = args.device
     torch.manual_seed(0)
     model = videoprism.from_official(args.model).to(device)

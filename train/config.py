@@ -390,6 +390,8 @@ def check_inputs(cfg: Config, stage: int) -> None:
     model is built and the data decoded, so a wrong path fails in a second with the field that holds it."""
     import torch
 
+    from videoprism.ops import attention
+
     files = [("data.val", cfg.data.val), ("data.tokenizer", cfg.data.tokenizer)]
     if cfg.model.init != "random":
         files.append(("model.init", cfg.model.init))
@@ -406,8 +408,6 @@ def check_inputs(cfg: Config, stage: int) -> None:
     if not os.path.isdir(parent):
         raise NotADirectoryError(f"train.out_dir={cfg.train.out_dir!r} cannot be created: {parent!r} is a file; "
                                  "pick another folder")
-    from videoprism.ops import attention
-
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     if cpu and cfg.model.attention_backend == "triton" and not attention.INTERPRET:
         raise ValueError("model.attention_backend=triton needs a GPU and this run is on the CPU; use 'reference' "

@@ -79,8 +79,8 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError(f"--clips must be >= 2 (the train and validation splits get one each), got {args.clips}")
     ours = [o for o in args.overrides if o.split("=", 1)[0] in PIPELINE_KEYS]
     if ours:
-        raise ValueError(f"{', '.join(ours)}: the pipeline sets {', '.join(PIPELINE_KEYS)} itself (use --out; for other data "
-                "or another teacher run python -m train.stage1 / train.stage2)")
+        raise ValueError(f"{', '.join(ours)}: the pipeline sets {', '.join(PIPELINE_KEYS)} itself (use --out; for "
+                         "other data or another teacher run python -m train.stage1 / train.stage2)")
     t_start = time.perf_counter()
 
     # Both stages' configs are built (and so checked) before the data and stage 1 take minutes.

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from videoprism.paths import make_folder
+
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     """`fn(*args)` as a command: an error of the user's input exits with status 2 and one line,
@@ -85,11 +87,7 @@ def cmd_embed(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    try:  # before decoding anything: a bad --out fails now, not at the end
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # a file where a folder of the path should be: "File exists" names neither
-        raise ValueError(f"--out {args.out}: cannot create its folder {out_dir} ({e.strerror}: {e.filename}); pick "
-                         "another path") from None
+    make_folder(out_dir, f"--out {args.out}")
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"--out {args.out}: cannot write to {out_dir}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,6 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
+from ..paths import make_folder
 from .manifest import Sample, read_source
 
 
@@ -125,11 +126,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
         samples, line_rejects = [], e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
     base = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(base, exist_ok=True)
-    except OSError as e:  # a file where a folder of the path should be: "File exists" names neither
-        raise OSError(f"--out {out}: cannot create its folder {base} ({e.strerror}: {e.filename}); pick another "
-                      "path") from None
+    make_folder(base, f"--out {out}")
     jobs = [(s, min_frames, full) for s in samples]
     with _progress(len(jobs), progress) as bar:
         results = _probe_all(jobs, workers or os.cpu_count() or 1, bar)

@@ -1,6 +1,6 @@
 """Both stages through their real entry points (`python -m train.stageN`, torchrun):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
-3 steps) under DDP and FSDP2, SIGKILL + --resume equals the uninterrupted run, and a
+3 steps) under DDP and FSDP2, 4 under HSDP (2 groups of 2), SIGKILL + --resume equals the uninterrupted run, and a
 preemption notice to one rank stops both at one step with a checkpoint that --auto-resume
 continues from.
 
@@ -69,9 +69,47 @@ def refs(tmp_path_factory) -> dict[int, str]:
 def test_two_processes_equal_one(tmp_path, refs, stage, mode):
     run(stage, str(tmp_path), "train.steps=3", "checkpoint.export=false", f"parallel.mode={mode}",
         *stage_args(stage, refs), nproc=2)
+    assert sharding(str(tmp_path)) == ({"shard": 2} if mode == "fsdp" else None)
     ref, got = losses(refs[stage]), losses(str(tmp_path))
     for step in (1, 2, 3):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
+
+
+def sharding(out: str) -> dict | None:
+    """The mesh the run's first metrics record says the parameters were sharded over."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return json.loads(f.readline())["sharding"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_hsdp_on_four_processes_equals_one(tmp_path, refs, stage):
+    """HSDP, 2 shard groups of 2 ranks (gloo, CPU): the 1-process losses, parameters sharded over
+    a (replicate 2, shard 2) mesh; stage 1 then resumes from the 2-D mesh's checkpoint exactly."""
+    out = str(tmp_path)
+    hsdp = ["checkpoint.export=false", "parallel.mode=hsdp", "parallel.shard_size=2", "checkpoint.interval=2",
+            *stage_args(stage, refs)]
+    run(stage, out, "train.steps=3", *hsdp, nproc=4)
+    assert sharding(out) == {"replicate": 2, "shard": 2}
+    ref, got = losses(refs[stage]), losses(out)
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    if stage == 1:
+        step2 = os.path.join(out, "checkpoints", "step_00000002")
+        assert "resumed from" in run(1, out, "train.steps=5", *hsdp, "--resume", step2, nproc=4)
+        got = losses(out)
+        assert sorted(got) == [1, 2, 3, 4, 5]
+        for step in got:
+            assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+def test_hsdp_shard_size_must_divide_the_world():
+    import torch
+
+    from videoprism.train.parallel import Dist, shard_mesh
+
+    with pytest.raises(ValueError, match=r"parallel.shard_size=3 does not divide the 4 ranks"):
+        shard_mesh("hsdp", Dist(0, 4, torch.device("cpu")), 3)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -158,9 +158,13 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    mode: str = f("auto", "'auto' (ddp when more than one rank), 'none', 'ddp' or 'fsdp' (FSDP2, per-block "
-                          "fully_shard with a bf16/fp32 mixed-precision policy on GPU).",
-                  choices=("auto", "none", "ddp", "fsdp"))
+    mode: str = f("auto", "'auto' (ddp when more than one rank), 'none', 'ddp', 'fsdp' (FSDP2, per-block "
+                          "fully_shard with a bf16/fp32 mixed-precision policy on GPU) or 'hsdp' (FSDP2 sharded "
+                          "within groups of parallel.shard_size ranks, replicated across the groups: the "
+                          "per-block all-gathers stay inside a node, only the gradient all-reduce crosses nodes).",
+                  choices=("auto", "none", "ddp", "fsdp", "hsdp"))
+    shard_size: int = f(0, "Ranks per shard group in hsdp mode; must divide the world size (0 = the ranks of one "
+                           "node, torchrun's LOCAL_WORLD_SIZE).", valid=">= 0")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Process group, device, and the parallel wrapping of the trainable module (torchtitan order):
-activation checkpointing, then compile, then DDP or per-block FSDP2 `fully_shard`.
+activation checkpointing, then compile, then DDP or per-block FSDP2 `fully_shard` (over all
+ranks, or HSDP: sharded within groups, replicated across them).
 
 One entry point serves one CPU, one GPU, or `torchrun` on many nodes: the process group
 comes up when torchrun's environment says there is more than one rank (NCCL on GPU,
@@ -71,21 +72,38 @@ def apply_activation_checkpointing(module: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
+def shard_mesh(mode: str, dist_: Dist, shard_size: int):
+    """The device mesh FSDP2 shards over: all ranks ('fsdp'), or ('replicate', 'shard') groups
+    of `shard_size` consecutive ranks ('hsdp', HSDP: parameters sharded within a group,
+    replicated across groups, so the per-block all-gathers stay on a node's fast links)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if mode == "fsdp":
+        return init_device_mesh(dist_.device.type, (dist_.world,))
+    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", dist_.world))
+    if shard > dist_.world or dist_.world % shard:
+        raise ValueError(f"parallel.shard_size={shard}{' (LOCAL_WORLD_SIZE)' if not shard_size else ''} does not "
+                         f"divide the {dist_.world} ranks; set parallel.shard_size to a divisor of the world size "
+                         "(the GPUs of one node)")
+    return init_device_mesh(dist_.device.type, (dist_.world // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | None, mixed_precision: bool,
-                act_ckpt: bool) -> nn.Module:
-    """Returns the module to call in the train step (the same object for 'none' and 'fsdp').
-    `compile`: the torch.compile backend ("inductor", ...), None for eager."""
+                act_ckpt: bool, shard_size: int = 0) -> nn.Module:
+    """Returns the module to call in the train step (the same object for 'none', 'fsdp' and
+    'hsdp'). `compile`: the torch.compile backend ("inductor", ...), None for eager."""
     if mode == "auto":
         mode = "ddp" if dist_.world > 1 else "none"
-    if mode not in ("none", "ddp", "fsdp"):
-        raise ValueError(f"parallel.mode must be 'auto', 'none', 'ddp' or 'fsdp', got {mode!r}")
+    if mode not in ("none", "ddp", "fsdp", "hsdp"):
+        raise ValueError(f"parallel.mode must be 'auto', 'none', 'ddp', 'fsdp' or 'hsdp', got {mode!r}")
     if mode == "none" and dist_.world > 1:
         raise ValueError(f"parallel.mode=none with {dist_.world} ranks would train diverging copies; use ddp or fsdp")
     if act_ckpt:
         apply_activation_checkpointing(module)
-    if mode == "fsdp":
+    if mode in ("fsdp", "hsdp"):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        mesh = shard_mesh(mode, dist_, shard_size)
         on_gpu = dist_.device.type == "cuda" and mixed_precision
         # bf16 compute, fp32 gradient reduction and master weights (torchtitan default).
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu \
@@ -94,8 +112,8 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
             if compile:
                 # Per-block compile: FSDP2's hooks live between blocks, not inside a graph.
                 block.compile(backend=compile, fullgraph=True)
-            fully_shard(block, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
         return module
     if compile:
         module.compile(backend=compile, fullgraph=True)
@@ -105,6 +123,15 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
         ids = [dist_.device.index] if dist_.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
     return module
+
+
+def shard_layout(module: nn.Module) -> dict[str, int] | None:
+    """Ranks per dimension of the mesh the parameters are sharded over ({'shard': 8} for fsdp,
+    {'replicate': 4, 'shard': 8} for hsdp), None when they are plain tensors (none, ddp)."""
+    mesh = getattr(next(module.parameters()), "device_mesh", None)
+    if mesh is None:
+        return None
+    return dict(zip(mesh.mesh_dim_names or ("shard",), mesh.shape))
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import Config, ResumeFrom, check_inputs, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
-from videoprism.train.parallel import Dist, all_reduce_max, all_reduce_mean, grad_sync, parallelize
+from videoprism.train.parallel import Dist, all_reduce_max, all_reduce_mean, grad_sync, parallelize, shard_layout
 from videoprism.train.preemption import Preempted, PreemptionNotice
 
 
@@ -74,7 +74,8 @@ class Trainer:
         self.autocast = tc.bf16(dist_.device.type)
         self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_,
                                  compile=tc.compile_backend if tc.compile else None,
-                                 mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing)
+                                 mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing,
+                                 shard_size=cfg.parallel.shard_size)
         self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim, dist_.device)
         self.step = 0
         self.nonfinite = 0
@@ -178,7 +179,8 @@ class Trainer:
         if d.main:
             save_config(cfg, config_path)
             if self.step == 0:
-                log.write({"config": cfg.to_dict(), "world": d.world, "accum": self.accum, "peak_tflops": peak})
+                log.write({"config": cfg.to_dict(), "world": d.world, "sharding": shard_layout(self.task.module),
+                           "accum": self.accum, "peak_tflops": peak})
         retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
         if retired and d.main:
             print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "

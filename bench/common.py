@@ -191,7 +191,9 @@ class Report:
     def show(self) -> None:
         print(f"# {self.name} on {self.meta['device']} (torch {self.meta['torch']}, triton {self.meta['triton']}, "
               f"commit {self.meta['commit']}, {self.meta['date']})")
-        extra = {k: v for k, v in self.meta.items() if k not in ("device", "torch", "triton", "commit", "date")}
+        # Nested details (per-row profiles, ...) are for the JSON, not the header line.
+        extra = {k: v for k, v in self.meta.items()
+                 if k not in ("device", "torch", "triton", "commit", "date") and not isinstance(v, dict)}
         if extra:
             print("# " + ", ".join(f"{k}={v}" for k, v in extra.items()))
         if not self.rows:

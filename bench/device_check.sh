@@ -48,8 +48,9 @@ step build 120 env TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install -q --no-build-iso
 # The attention tile search is off here (fixed tiles, recorded in the JSON meta): it compiles
 # ~5 candidates per kernel variant, a minute or more per stage that this time box lacks; the
 # attention step below measures what the search gains.
+# --profile: each row's kernel time by kind and the GPU's busy share, to say why a row misses its target.
 step train-step 300 env VIDEOPRISM_TRITON_AUTOTUNE=0 $PY -m bench.train_step --device cuda --frames 16 --modes eager,compiled+triton \
-  --budget-s 250 --out bench/results/train_step_gpu.json
+  --profile --budget-s 250 --out bench/results/train_step_gpu.json
 step token-ops 70 $PY -m bench.token_ops --device cuda --out bench/results/token_ops_gpu.json
 step attention 85 $PY -m bench.attention --device cuda --budget-s 70 --out bench/results/attention_gpu.json
 # Modules that need PyAV/DALI (absent there) fail collection; the rest run.

@@ -17,7 +17,8 @@ alone (teacher_ms, its share of the step and its own MFU), to tell which half mi
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
 only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
 Rows run in order of importance and stop when --budget-s would be passed; skipped rows are
-listed in the JSON.
+listed in the JSON. `--profile` adds where each row's time goes (bench/step_profile.py): kernel
+time by kind, the top kernels and, on a GPU, the share of the step the GPU is busy.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import time
 import torch
 
 from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from bench.step_profile import profile_calls, summary
 from videoprism.cli import run_command
 from videoprism.flops import video_tower_flops
 from videoprism.train.config import PRESETS, build_config
@@ -75,7 +77,7 @@ def make_trainer(stage: int, preset: str, *, frames: int, batch: int, mode: str,
     return Trainer(cfg, task, data, d, name=f"stage{stage}")
 
 
-def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
+def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
     trainer = make_trainer(stage, preset, frames=frames, batch=batch, mode=mode, device=device)
     t0 = time.perf_counter()
     trainer.train_step()  # compiles, if it will
@@ -100,6 +102,9 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps):
         tf = video_tower_flops(trainer.task.model_config, batch, frames, trainer.task.num_patches)
         row.update(teacher_ms=round(tt.median_ms, 2), teacher_pct_of_step=round(100 * tt.median_ms / t.median_ms, 1),
                    teacher_mfu_pct=round(100 * tf / (tt.median_ms * 1e-3) / (peak * 1e12), 1))
+    if profile:
+        # After the timing (the profiler's own overhead stays out of the numbers above).
+        row["profile"] = profile_calls(trainer.train_step, device)
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -125,6 +130,10 @@ def _main(argv) -> None:
                    help="comma-separated training stages, 1 and/or 2 (default: %(default)s)")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="timed steps per row on the CPU; the GPU uses do_bench (default: %(default)s)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing each row, profile 2 steps: its kernel time by kind (matmul, Inductor-fused, "
+                        "attention, token ops, optimizer, other), the top kernels, and on a GPU the share of the "
+                        "step the GPU is busy (bench/step_profile.py); in the JSON and a time_split column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row after this many seconds (default: %(default)s)")
     p.add_argument("--out", default="bench/results/train_step_cpu.json", help="JSON path (default: %(default)s)")
@@ -153,16 +162,25 @@ def _main(argv) -> None:
         # shapes (checked: the second frame count got symbolic T).
         torch._dynamo.reset()
         try:
-            t, row = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps)
+            t, row = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps,
+                               args.profile)
         except torch.OutOfMemoryError as e:
             skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
             torch.cuda.empty_cache()
             continue
+        prof = row.pop("profile", None)
+        if prof:
+            row["time_split"] = summary(prof)
+            report.meta.setdefault("profiles", {})[f"stage{stage} {f} frames {mode}"] = prof
         report.add(t, **row)
         report.save(args.out)  # after every row: a time-boxed run keeps what it measured
     _ratios(report)
     report.meta["skipped"] = skipped
     report.show()
+    for label, prof in report.meta.get("profiles", {}).items():
+        print(f"# {label}: top kernels ({'device' if cuda else 'CPU self'} ms per step, share, kind)")
+        for name, ms, pct, kind in prof["top"][:6]:
+            print(f"#   {ms:9.3f}  {pct:5.1f}%  {kind:9s}  {name[:90]}")
     report.save(args.out)
 
 

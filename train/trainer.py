@@ -76,7 +76,7 @@ class Trainer:
                                  compile=tc.compile_backend if tc.compile else None,
                                  mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing,
                                  shard_size=cfg.parallel.shard_size)
-        self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim, dist_.device)
+        self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim)
         self.step = 0
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")

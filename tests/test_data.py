@@ -585,6 +585,65 @@ def test_a_worker_killed_once_in_a_good_file_costs_a_restart_not_the_file(synth,
     assert "a data loader worker died" in capfd.readouterr().err
 
 
+def test_epoch_moves_to_another_number_of_ranks_without_repeats_or_gaps(synth):
+    """Positions of 3 ranks (unequal: one skipped bad files) moved to 2 ranks, and those to 3 again: the new
+    ranks' orders and everything read before are disjoint and together the epoch; the states survive JSON;
+    the next epoch is dealt as usual."""
+    def layout(world, **kw):
+        return [_loader(synth, seed=5, rank=r, world_size=world, **kw) for r in range(world)]
+
+    def read_set(loaders):
+        return [int(x) for ld in loaders for x in ld.epoch_order(ld.epoch)[:ld.position]]
+
+    old = layout(3)
+    epoch = set(range(len(old[0].samples)))
+    # 18 samples on 3 ranks: 6 each; on 2 ranks, what is left of 18 (18 - 7 = 11) loses its odd one.
+    for ld, p in zip(old, (2, 3, 2)):
+        ld.position = p
+    read = read_set(old)
+    states = json.loads(json.dumps([ld.state_dict() for ld in old]))
+    new = layout(2)
+    for ld in new:
+        ld.load_resharded(states)
+    rest = [int(x) for ld in new for x in ld.epoch_order(ld.epoch)]
+    assert len(read) + len(rest) == len(set(read) | set(rest)) == 17 and set(read) | set(rest) <= epoch
+    assert len(new[0].epoch_order(0)) == len(new[1].epoch_order(0)) == 5
+
+    for ld, p in zip(new, (1, 2)):  # a second move, 2 -> 3, in the same epoch
+        ld.position = p
+    read2 = read + read_set(new)
+    states = json.loads(json.dumps([ld.state_dict() for ld in new]))
+    again = layout(3)
+    for ld in again:
+        ld.load_resharded(states)
+    rest = [int(x) for ld in again for x in ld.epoch_order(ld.epoch)]
+    assert len(read2) + len(rest) == len(set(read2) | set(rest)) == 16  # 17 - 3 read = 7 left: 6 dealt
+
+    # A same-size resume keeps the chain; the next epoch drops it.
+    same = _loader(synth, seed=5, rank=1, world_size=3)
+    same.load_state_dict(again[1].state_dict())
+    assert same.epoch_order(0).tolist() == again[1].epoch_order(0).tolist()
+    assert layout(3)[1].epoch_order(1).tolist() == again[1].epoch_order(1).tolist()
+
+    with pytest.raises(ValueError, match="different epochs"):
+        mixed = [ld.state_dict() for ld in layout(2)]
+        mixed[1]["epoch"] = 1
+        layout(1)[0].load_resharded(mixed)
+    with pytest.raises(ValueError, match="saved over other samples"):
+        _loader(synth, seed=5, max_bad_share=1.0).load_resharded([{**states[0], "samples": "1:x"}, states[1]])
+
+
+def test_resharded_loader_reads_the_rest_of_the_epoch(synth):
+    """Decoded: 2 ranks read a batch each, a 1-rank loader resumed from both states reads every other sample
+    of the epoch, once."""
+    two = [_loader(synth, seed=4, batch_size=2, rank=r, world_size=2) for r in range(2)]
+    head = [int(i) for ld in two for i in next(iter(ld))["index"]]
+    one = _loader(synth, seed=4, batch_size=2)
+    one.load_resharded([ld.state_dict() for ld in two])
+    tail = [int(i) for b in one for i in b["index"]]
+    assert len(head) == 4 and len(head) + len(tail) == len(set(head) | set(tail)) == 18
+
+
 @forked_workers
 def test_resume_after_a_crash_gives_the_rest_of_the_run(synth, monkeypatch):
     """The checkpointed position and bad-sample count stay right across a crash: a resumed loader gives the

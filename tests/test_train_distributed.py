@@ -1,6 +1,7 @@
 """Both stages through their real entry points (`python -m train.stageN`, torchrun):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
-3 steps) under DDP and FSDP2, 4 under HSDP (2 groups of 2), SIGKILL + --resume equals the uninterrupted run, and a
+3 steps) under DDP and FSDP2, 4 under HSDP (2 groups of 2), a checkpoint resumes on another
+number of processes, SIGKILL + --resume equals the uninterrupted run, and a
 preemption notice to one rank stops both at one step with a checkpoint that --auto-resume
 continues from.
 
@@ -102,6 +103,23 @@ def test_hsdp_on_four_processes_equals_one(tmp_path, refs, stage):
         assert sorted(got) == [1, 2, 3, 4, 5]
         for step in got:
             assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, before, after):
+    """A checkpoint of FSDP2 on 2 ranks resumed on 1 process, and one of 1 process on 2 FSDP2 ranks: DCP
+    reshards model and optimizer, the data source carries its global position over, and the run goes on
+    with the uninterrupted run's losses (same global batches, same masks)."""
+    out = str(tmp_path)
+    mode = {1: "parallel.mode=auto", 2: "parallel.mode=fsdp"}
+    common = ["checkpoint.export=false", "checkpoint.interval=2"]
+    run(1, out, "train.steps=2", *common, mode[before], nproc=before)
+    resumed = run(1, out, "train.steps=5", *common, mode[after], "--resume", nproc=after)
+    assert f"(written by {before} ranks, resumed on {after})" in resumed
+    ref, got = losses(refs[1]), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
 def test_hsdp_shard_size_must_divide_the_world():

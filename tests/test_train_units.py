@@ -286,8 +286,9 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randn(2, 4)).sum().backward(); opt.step()  # optimizer state to be overwritten
-    state, rank_state = ckpt.load(ckpt.latest(root), model, opt, trainer_keys=["step", "nonfinite"])
-    assert state["step"] == 1 and rank_state["data"] == {"p": 1}
+    state, ranks = ckpt.load(ckpt.latest(root), model, opt, trainer_keys=["step", "nonfinite"])
+    rank_state = ckpt.read_rank_state(ckpt.latest(root), 0)
+    assert state["step"] == 1 and ranks == 1 and rank_state["data"] == {"p": 1}
     expected = torch.load(os.path.join(root, "expected.pt"))
     for k, v in model.state_dict().items():
         assert torch.equal(v, expected[k])
@@ -356,7 +357,10 @@ def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_
     else:
         width = 5  # a run with another model config
     with pytest.raises(ckpt.CheckpointReadError) as err:
-        ckpt.load(path, *model_opt(width), trainer_keys=["step"])
+        if damage == "garbage_rank_file":
+            ckpt.read_rank_state(path, 0)
+        else:
+            ckpt.load(path, *model_opt(width), trainer_keys=["step"])
     msg = str(err.value)
     assert isinstance(err.value, ValueError) and "\n" not in msg and len(msg) < 1000
     assert msg.startswith(f"checkpoint {path} does not load") and "earlier checkpoints/step_*" in msg
@@ -431,3 +435,32 @@ def test_every_preset_passes_its_own_checks():
             overrides = [f"{sec.name}.{fl.name}={getattr(getattr(cfg, sec.name), fl.name)}"
                          for sec in dataclasses.fields(cfg) for fl in dataclasses.fields(getattr(cfg, sec.name))]
             build_config(preset, overrides, stage)
+
+
+def test_in_memory_sources_move_to_another_number_of_ranks():
+    """RandomClips and CachedClips count global samples: 2 ranks x 2 micro-steps of 3, then 3 ranks of 2
+    resumed from both states (global micro-batch 6 either way), serve the rows one rank of 6 serves."""
+    from videoprism.train.data import CachedClips, RandomClips
+
+    clips = {"video": torch.arange(40)[:, None].expand(40, 2).contiguous()}
+
+    def sources(kind, micro, rank, world):
+        if kind == "random":
+            return RandomClips(micro_batch=micro, rank=rank, world=world, frames=1, resolution=2, vocab=9, seed=1,
+                               text_length=4)
+        return CachedClips(clips, micro_batch=micro, rank=rank, world=world, seed=1)
+
+    for kind in ("random", "cached"):
+        one = sources(kind, 6, 0, 1)
+        expected = [one.next_batch(s)["video"] for s in range(5)]
+        old = [sources(kind, 3, r, 2) for r in range(2)]
+        for s in range(2):
+            got = torch.cat([src.next_batch(s)["video"] for src in old])
+            assert torch.equal(got, expected[s]), kind
+        new = [sources(kind, 2, r, 3) for r in range(3)]
+        for src in new:
+            src.load_resharded([src_old.state_dict() for src_old in old])
+        for s in range(2, 5):  # 40 clips: step 4 (rows 24-30) still in epoch 0; then wraps identically
+            assert torch.equal(torch.cat([src.next_batch(s)["video"] for src in new]), expected[s]), (kind, s)
+        with pytest.raises(ValueError, match="not a whole number of this run.s global micro-batches of 5"):
+            sources(kind, 5, 0, 1).load_resharded([src_old.state_dict() for src_old in old])

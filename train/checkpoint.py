@@ -251,31 +251,42 @@ class Saver:
         _barrier()
 
 
+def written_ranks(path: str) -> int:
+    """How many ranks wrote the checkpoint at `path` (its rank<r>.pt files, r = 0..n-1)."""
+    ranks = sorted(int(m.group(1)) for m in map(re.compile(r"rank(\d+)\.pt").fullmatch, os.listdir(path)) if m)
+    if not ranks or ranks != list(range(len(ranks))):
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (rank files {ranks or 'none'}): resume from the "
+                                "run's out_dir (its latest complete checkpoint) or an intact checkpoints/step_* folder")
+    return len(ranks)
+
+
+def read_rank_state(path: str, rank: int) -> dict:
+    """The RNG states and data position rank `rank` saved in the checkpoint at `path`."""
+    try:
+        # No unpickling of arbitrary objects; numpy arrays (its RNG state) are plain data.
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            return torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointReadError(f"checkpoint {path} does not load (rank{rank}.pt: {_failures(e)}): a damaged file, "
+                                  "resume from an earlier checkpoints/step_* folder") from e
+
+
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-         trainer_keys: list[str]) -> tuple[dict, dict]:
-    """Load `path` into model and optimizer (in place, any parallel layout); returns
-    (trainer_state, this rank's rank_state)."""
+         trainer_keys: list[str]) -> tuple[dict, int]:
+    """Load `path` into model and optimizer (in place, any parallel layout and number of ranks: DCP
+    reshards); returns (trainer_state, the number of ranks that wrote it). The rank files (RNG states,
+    data positions) are read with `read_rank_state`."""
     if not os.path.isdir(path) or not _STEP_DIR.match(os.path.basename(path.rstrip("/"))):
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
+    ranks = written_ranks(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    rank_file = os.path.join(path, f"rank{_rank()}.pt")
-    if not os.path.exists(rank_file):
-        written = [n for n in os.listdir(path) if re.fullmatch(r"rank\d+\.pt", n)]
-        if written:
-            raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by {len(written)} ranks; "
-                                    "resume with the same number of processes")
-        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (no rank files): resume from the run's out_dir "
-                                "(its latest complete checkpoint) or an intact checkpoints/step_* folder")
     _quiet_single_process()
     try:
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=True))
-        # No unpickling of arbitrary objects; numpy arrays (its RNG state) are plain data.
-        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
-            rank_state = torch.load(rank_file, weights_only=True)
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the device or the process group failed, not the checkpoint
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
@@ -283,4 +294,4 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
             f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "
             "means another model config (resume with the run's own config: --config OUT_DIR/config.json); a "
             "damaged file, resume from an earlier checkpoints/step_* folder") from e
-    return {k: int(v) for k, v in state["trainer"].items()}, rank_state
+    return {k: int(v) for k, v in state["trainer"].items()}, ranks

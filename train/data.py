@@ -50,10 +50,14 @@ class RandomClips:
         return {"video": torch.stack(video), "text_ids": torch.stack(ids), "text_paddings": torch.stack(pad)}
 
     def state_dict(self) -> dict:
-        return {"calls": self.calls}
+        return {"calls": self.calls, "samples": self.calls * self.world * self.micro}
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = int(state["calls"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """From every rank's state of a run with another number of ranks: the same global stream goes on."""
+        self.calls = _global_position(states, "samples", self.world * self.micro) // (self.world * self.micro)
 
 
 def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int]]:
@@ -115,6 +119,12 @@ class ManifestData:
     def load_state_dict(self, state: dict) -> None:
         for ld, s in zip(self.loaders, state["loaders"]):
             ld.load_state_dict(s)
+        self.iters = [None] * len(self.loaders)
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """From every rank's state of a run with another number of ranks (VideoTextLoader.load_resharded)."""
+        for i, ld in enumerate(self.loaders):
+            ld.load_resharded([s["loaders"][i] for s in states])
         self.iters = [None] * len(self.loaders)
 
 
@@ -185,6 +195,28 @@ class CachedClips:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """From every rank's state of a run with another number of ranks: the position is global already."""
+        self.epoch = int(states[0]["epoch"])
+        self.position = _global_position(states, "position", self.micro * self.world)
+
+
+def _global_position(states: list[dict], key: str, unit: int) -> int:
+    """`key` of the ranks' states (one global count, the same on every rank) as a whole number of this run's
+    global micro-batches of `unit` samples."""
+    if any(key not in s for s in states):
+        raise ValueError(f"the checkpoint's data state has no global position ('{key}': written before resuming "
+                         f"on another number of ranks was possible); resume with {len(states)} processes")
+    values = {(int(s.get("epoch", 0)), int(s[key])) for s in states}
+    if len(values) != 1:
+        raise ValueError(f"the checkpoint's ranks disagree on the data position ({sorted(values)})")
+    value = values.pop()[1]
+    if value % unit:
+        raise ValueError(f"the checkpoint's data position ({value} samples) is not a whole number of this run's "
+                         f"global micro-batches of {unit}: keep train.global_batch (and a train.micro_batch "
+                         "that divides it on the new number of ranks)")
+    return value
 
 
 def tokenizer_for(cfg) -> Tokenizer | None:

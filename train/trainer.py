@@ -103,13 +103,28 @@ class Trainer:
                                         "not; train.out_dir must be one folder that every node sees alike")
             if none:
                 return
-        state, rank_state = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
+        state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
+        d = self.dist
+        if written == d.world:
+            own = ckpt.read_rank_state(target, d.rank)
+            self.data.load_state_dict(own["data"])
+        else:
+            # Another number of ranks (a node lost, or added): DCP resharded the model and optimizer; the data
+            # position is rebuilt from every old rank's, so that the epoch goes on without repeats or gaps.
+            if not hasattr(self.data, "load_resharded"):
+                raise ValueError(f"checkpoint {target} was written by {written} ranks and this run has {d.world}; "
+                                 f"its data source ({type(self.data).__name__}) cannot move to another number of "
+                                 f"ranks: resume with {written} processes")
+            olds = [ckpt.read_rank_state(target, r) for r in range(written)]
+            self.data.load_resharded([o["data"] for o in olds])
+            own = olds[d.rank] if d.rank < written else None
+        if own is not None:  # a rank new to the run keeps the run's seeded generators
+            ckpt.set_rng_state(own["rng"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.resumed_from = target
-        ckpt.set_rng_state(rank_state["rng"])
-        self.data.load_state_dict(rank_state["data"])
-        if self.dist.main:
-            print(f"resumed from {target} at step {self.step}")
+        if d.main:
+            moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
+            print(f"resumed from {target} at step {self.step}{moved}")
 
     # ---- one optimizer step --------------------------------------------------------------
     def train_step(self) -> dict:

@@ -206,6 +206,9 @@ class VideoTextLoader:
         self.source_rejects = list(source_rejects)
         self._unreported = list(self.source_rejects)  # for drain_rejects(): a trainer reports each skip once
         self.epoch, self.position = 0, 0
+        # Reads of this epoch by another number of ranks, before a resume that changed it: [world, [position
+        # of each of its ranks]] per earlier layout; this epoch's order leaves their samples out.
+        self.segments: list[list] = []
         self._budget = self._new_budget()
         self._committed = 0  # rejects of this epoch up to `position` (the ones a resume must not count twice)
         self._dali = None
@@ -215,12 +218,19 @@ class VideoTextLoader:
 
     # ---- order and transforms ------------------------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Sample ids this rank reads in `epoch`, in order."""
+        """Sample ids this rank reads in `epoch`, in order: rank r of w takes every w-th of the epoch's
+        permutation from r on (the tail that would leave ranks unequal is dropped in training). In an epoch
+        resumed on another number of ranks, the samples the earlier layouts read are left out first."""
         n = len(self.samples)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
-        if self.train:
-            order = order[: n - n % self.world_size]
-        return order[self.rank::self.world_size]
+        for world, positions in self.segments if epoch == self.epoch else []:
+            layout = self._trimmed(order, world)
+            read = np.concatenate([layout[r::world][:p] for r, p in enumerate(positions)])
+            order = order[~np.isin(order, read)]
+        return self._trimmed(order, self.world_size)[self.rank::self.world_size]
+
+    def _trimmed(self, order: np.ndarray, world: int) -> np.ndarray:
+        return order[: len(order) - len(order) % world] if self.train else order
 
     def augment(self, epoch: int, sample_id: int) -> Augment:
         if not self.train:
@@ -259,22 +269,50 @@ class VideoTextLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "samples": self._fingerprint,
+                "world_size": self.world_size, "samples": self._fingerprint, "segments": self.segments,
                 "rejects": [list(r) for r in self._budget.rejects[: self._committed]]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_same_data(self, state: dict) -> None:
         if state.get("samples", self._fingerprint) != self._fingerprint:
             raise ValueError(f"the data position was saved over other samples ({state['samples']}; now "
                              f"{self._fingerprint}, as count:hash): resume with the manifest or shards the run "
                              "started with (a re-indexed manifest is other data; start a new run for it)")
-        for key in ("seed", "world_size", "rank"):
+        if state["seed"] != self.seed:
+            raise ValueError(f"data state was saved with seed={state['seed']}, this loader has seed={self.seed}; "
+                             "resume with the same seed")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_same_data(state)
+        for key in ("world_size", "rank"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"data state was saved with {key}={state[key]}, this loader has "
-                                 f"{key}={getattr(self, key)}; resume with the same {key}")
+                                 f"{key}={getattr(self, key)}; resume with the same {key} (or with "
+                                 "load_resharded, given every rank's state)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.segments = state.get("segments", [])
         self._budget = self._new_budget()
         self._budget.load_state_dict({"rejects": state["rejects"]})
         self._committed = self._budget.bad
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Continue from the states of all ranks of a run with another number of ranks (`states[r]`: rank
+        r's): the rest of their epoch, without the samples any of them read, is dealt anew over this run's
+        ranks. Each sample of the epoch is read once; which rank reads it and the batches it lands in
+        change (so losses are not those of an uninterrupted run). The bad-sample count starts again."""
+        for r, state in enumerate(states):
+            self._check_same_data(state)
+            if (state["rank"], state["world_size"]) != (r, len(states)):
+                raise ValueError(f"data state {r} of {len(states)} says rank {state['rank']} of "
+                                 f"{state['world_size']}: the checkpoint's rank files do not belong together")
+        epochs = sorted({int(s["epoch"]) for s in states})
+        if len(epochs) > 1:
+            raise ValueError(f"the {len(states)} ranks of the checkpoint were in different epochs ({epochs}): "
+                             f"its data position cannot move to {self.world_size} ranks; resume with "
+                             f"{len(states)} processes (or from another checkpoint)")
+        self.epoch, self.position = epochs[0], 0
+        self.segments = [*states[0].get("segments", []), [len(states), [int(s["position"]) for s in states]]]
+        self._budget = self._new_budget()
+        self._committed = 0
 
     # ---- iteration -------------------------------------------------------------------------------------------
     def __iter__(self):
@@ -294,7 +332,7 @@ class VideoTextLoader:
         if pending and not self.drop_last:
             self.position, self._committed = len(order), self._budget.bad
             yield self._collate(pending)
-        self.epoch, self.position = self.epoch + 1, 0
+        self.epoch, self.position, self.segments = self.epoch + 1, 0, []
         self._budget, self._committed = self._new_budget(), 0
 
     def _pyav_items(self, order: np.ndarray):

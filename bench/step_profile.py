@@ -6,8 +6,8 @@ kernels, Inductor's fused elementwise/norm kernels, the optimizer, or the GPU wa
 the host (launch-bound). `profile_calls(fn, device)` answers it in one pass:
 
 * on CUDA: every kernel's device time (the profiler's device events, self time, so nothing
-  is counted twice), grouped by `CATEGORIES`, and `busy` = kernel time / wall time of the
-  profiled calls (well under 100% means the host or a sync leaves the GPU idle);
+  is counted twice), grouped by `CATEGORIES`, and `busy` = time with a kernel running / wall
+  time of the profiled calls (well under 100% means the host or a sync leaves the GPU idle);
 * on the CPU: the self time of each aten op, grouped the same way, the ops the optimizer
   runs counted as optimizer (Inductor's compiled regions are not split further there).
 """
@@ -21,14 +21,18 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-# First match wins: Inductor's matmul templates before its other kernels ("triton_" names), our
-# kernels by their function names (kernels/*.py and csrc/*.cu start with these words).
+# First match wins: attention before matmul (flash and memory-efficient SDPA kernels carry "cutlass" in their
+# template arguments), collectives and copies before the token ops ("ncclDevKernel_AllGather"), Inductor's matmul
+# templates before its other kernels ("triton_" names); our kernels by their function names (kernels/*.py,
+# csrc/*.cu start with these words).
 CATEGORIES = [
-    ("matmul", r"gemm|xmma|nvjet|cutlass|cublas|^triton_tem_|^aten::(mm|addmm|bmm|baddbmm|linear)$"),
+    ("attention", r"^_?(space|time)_(fwd|bwd)|flash|fmha|attention|sdpa"),
+    ("comm", r"^nccl|^c10d::|^gloo|all_?reduce|all_?gather|reduce_?scatter"),
+    ("memcpy", r"^mem(cpy|set)"),
+    ("matmul", r"^triton_tem_|gemm|xmma|nvjet|cutlass|cublas|^aten::(mm|addmm|bmm|baddbmm|linear)$"),
     ("fused", r"^triton_"),
-    ("attention", r"^_?(space|time)_(fwd|bwd)|flash|fmha|attention"),
     ("token_ops", r"gather|scatter|shuffle|patchify|bevt"),
-    ("optimizer", r"adam|adafactor|multi_tensor|foreach"),
+    ("optimizer", r"adam|adafactor|lpnorm"),  # lpnorm: the gradient clipping's foreach norm
 ]
 
 
@@ -65,26 +69,46 @@ def profile_calls(fn: Callable[[], object], device: torch.device, *, calls: int 
         if cuda:
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3 / calls
-    # Self times (nothing counted twice), summed per (name, category) over the calls.
+    return {"ms_per_call": round(wall_ms, 3), **split_events(prof.events(), cuda=cuda, calls=calls,
+                                                            wall_ms=wall_ms, top=top)}
+
+
+def split_events(events, *, cuda: bool, calls: int, wall_ms: float, top: int = 12) -> dict:
+    """The profiler's events of `calls` calls -> {"split_pct", "top", "busy_pct" (CUDA)} of `profile_calls`."""
+    # Self times (nothing counted twice), summed per (name, category). On a GPU the profiler also records
+    # each record_function span that launched kernels ("## Call CompiledFxGraph ##", "Optimizer.step") as
+    # a device event over its kernels: not a kernel, left out.
     by_key: dict[tuple[str, str], float] = {}
-    for e in prof.events():
-        if cuda != (e.device_type == DeviceType.CUDA):
+    spans = []
+    for e in events:
+        if cuda != (e.device_type == DeviceType.CUDA) or getattr(e, "is_user_annotation", False):
             continue
         us = e.self_device_time_total if cuda else e.self_cpu_time_total
         if us > 0:
             key = (e.name, _event_category(e))
             by_key[key] = by_key.get(key, 0.0) + us / 1e3 / calls
-    events = sorted(by_key.items(), key=lambda kv: -kv[1])
+            spans.append((e.time_range.start, e.time_range.end))
+    ranked = sorted(by_key.items(), key=lambda kv: -kv[1])
     total = sum(by_key.values()) or 1.0
     split: dict[str, float] = {}
-    for (_, cat), ms in events:
+    for (_, cat), ms in ranked:
         split[cat] = split.get(cat, 0.0) + ms
-    out = {"ms_per_call": round(wall_ms, 3),
-           "split_pct": {c: round(100 * ms / total, 1) for c, ms in sorted(split.items(), key=lambda kv: -kv[1])},
-           "top": [[name[:120], round(ms, 4), round(100 * ms / total, 1), cat] for (name, cat), ms in events[:top]]}
+    out = {"split_pct": {c: round(100 * ms / total, 1) for c, ms in sorted(split.items(), key=lambda kv: -kv[1])},
+           "top": [[name[:120], round(ms, 4), round(100 * ms / total, 1), cat] for (name, cat), ms in ranked[:top]]}
     if cuda:
-        out["busy_pct"] = round(100 * total / wall_ms, 1)
+        # Time with at least one kernel running (kernels overlapping on other streams, NCCL's, count once).
+        out["busy_pct"] = round(100 * busy_ms(spans) / calls / wall_ms, 1)
     return out
+
+
+def busy_ms(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of the (start, end) intervals in microseconds, in ms."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e3
 
 
 def summary(p: dict) -> str:

@@ -586,7 +586,7 @@ def test_a_worker_killed_once_in_a_good_file_costs_a_restart_not_the_file(synth,
 
 
 def test_epoch_moves_to_another_number_of_ranks_without_repeats_or_gaps(synth):
-    """Positions of 3 ranks (unequal: one skipped bad files) moved to 2 ranks, and those to 3 again: the new
+    """Positions of 3 ranks (unequal, as when one skipped bad files) moved to 2 ranks, and those to 3 again: the new
     ranks' orders and everything read before are disjoint and together the epoch; the states survive JSON;
     the next epoch is dealt as usual."""
     def layout(world, **kw):
@@ -602,9 +602,16 @@ def test_epoch_moves_to_another_number_of_ranks_without_repeats_or_gaps(synth):
         ld.position = p
     read = read_set(old)
     states = json.loads(json.dumps([ld.state_dict() for ld in old]))
-    new = layout(2)
+    for r, state in enumerate(states):  # skips the old ranks counted before the checkpoint
+        state["rejects"] = [[f"bad{r}.mp4", "truncated"]]
+    new = layout(2, max_bad_share=0.3)
     for ld in new:
         ld.load_resharded(states)
+    # The share stays one of the rank's whole epoch (9 of 18), not of what is left of it (5); the old ranks'
+    # skips are dealt over the new ranks, none lost or counted twice.
+    assert [ld._budget.total for ld in new] == [9, 9]
+    assert [ld.rejects for ld in new] == [[("bad0.mp4", "truncated"), ("bad2.mp4", "truncated")],
+                                          [("bad1.mp4", "truncated")]]
     rest = [int(x) for ld in new for x in ld.epoch_order(ld.epoch)]
     assert len(read) + len(rest) == len(set(read) | set(rest)) == 17 and set(read) | set(rest) <= epoch
     assert len(new[0].epoch_order(0)) == len(new[1].epoch_order(0)) == 5

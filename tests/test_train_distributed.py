@@ -105,30 +105,66 @@ def test_hsdp_on_four_processes_equals_one(tmp_path, refs, stage):
             assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, before, after):
-    """A checkpoint of FSDP2 on 2 ranks resumed on 1 process, and one of 1 process on 2 FSDP2 ranks: DCP
-    reshards model and optimizer, the data source carries its global position over, and the run goes on
-    with the uninterrupted run's losses (same global batches, same masks)."""
+@pytest.mark.parametrize("before, mode_before, after, mode_after", [(2, "fsdp", 1, "fsdp"), (1, "auto", 2, "ddp")])
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, before, mode_before, after, mode_after):
+    """A checkpoint of FSDP2 on 2 ranks resumed on 1 process (with the same parallel.mode, which one process
+    runs unwrapped), and one of 1 process on 2 DDP ranks: DCP reshards model and optimizer, the data source
+    carries its global position over, and the run goes on with the uninterrupted run's losses (same global
+    batches, same masks)."""
     out = str(tmp_path)
-    mode = {1: "parallel.mode=auto", 2: "parallel.mode=fsdp"}
     common = ["checkpoint.export=false", "checkpoint.interval=2"]
-    run(1, out, "train.steps=2", *common, mode[before], nproc=before)
-    resumed = run(1, out, "train.steps=5", *common, mode[after], "--resume", nproc=after)
+    run(1, out, "train.steps=2", *common, f"parallel.mode={mode_before}", nproc=before)
+    resumed = run(1, out, "train.steps=5", *common, f"parallel.mode={mode_after}", "--resume", nproc=after)
     assert f"(written by {before} ranks, resumed on {after})" in resumed
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [(r["world"], r["sharding"]) for r in records if "resumed_from" in r] == [(after, None)]
     ref, got = losses(refs[1]), losses(out)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
-def test_hsdp_shard_size_must_divide_the_world():
-    import torch
+@pytest.mark.parametrize("cache", [False, True])
+def test_manifest_run_resumes_on_another_number_of_ranks(tmp_path, cache):
+    """Real clips through the trainer: 2 ranks checkpoint after 2 steps, 1 process goes on from every rank's
+    position (the streamed loader: the rest of each old rank's epoch; the decoded cache: its global position)
+    and finishes."""
+    from videoprism.data.synth import generate
 
-    from videoprism.train.parallel import Dist, shard_mesh
+    data = str(tmp_path / "synth")
+    generate(data, 24, seed=1, size=32, num_frames=8, workers=1)
+    out = str(tmp_path / "run")
+    args = ["data.source=manifest", f"data.train={data}/train.jsonl", f"data.cache={str(cache).lower()}",
+            "data.workers=0", "checkpoint.export=false", "checkpoint.interval=2", "train.global_batch=4"]
+    run(1, out, "train.steps=2", *args, nproc=2)
+    resumed = run(1, out, "train.steps=4", *args, "--resume")
+    assert "(written by 2 ranks, resumed on 1)" in resumed
+    assert sorted(losses(out)) == [1, 2, 3, 4]
 
+
+def test_hsdp_groups_and_their_errors(monkeypatch):
+    from videoprism.train.parallel import hsdp_groups
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert hsdp_groups(16, 8) == (2, 8)
     with pytest.raises(ValueError, match=r"parallel.shard_size=3 does not divide the 4 ranks"):
-        shard_mesh("hsdp", Dist(0, 4, torch.device("cpu")), 3)
+        hsdp_groups(4, 3)
+    with pytest.raises(ValueError, match=r"LOCAL_WORLD_SIZE is not set .* set parallel.shard_size"):
+        hsdp_groups(4, 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert hsdp_groups(32, 0) == (4, 8)
+    with pytest.raises(ValueError, match=r"parallel.shard_size=8 \(LOCAL_WORLD_SIZE\) does not divide the 4 ranks"):
+        hsdp_groups(4, 0)
+
+
+def test_hsdp_that_cannot_be_laid_out_fails_before_the_model_is_built(tmp_path):
+    """Checked in the preflight: one line, exit 2, no traceback, before any data or model."""
+    r = subprocess.run(command(1, str(tmp_path), ["parallel.mode=hsdp", "parallel.shard_size=3"]), cwd=ROOT,
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "WORLD_SIZE": "4", "VIDEOPRISM_TRACEBACK": ""})
+    assert r.returncode == 2 and r.stderr.strip() == ("error: parallel.shard_size=3 does not divide the 4 ranks; set "
+                                                      "parallel.shard_size to a divisor of the world size (the GPUs "
+                                                      "of one node)"), r.stderr
 
 
 @pytest.mark.parametrize("stage", [1, 2])

@@ -452,7 +452,7 @@ def test_in_memory_sources_move_to_another_number_of_ranks():
 
     for kind in ("random", "cached"):
         one = sources(kind, 6, 0, 1)
-        expected = [one.next_batch(s)["video"] for s in range(5)]
+        expected = [one.next_batch(s)["video"] for s in range(8)]
         old = [sources(kind, 3, r, 2) for r in range(2)]
         for s in range(2):
             got = torch.cat([src.next_batch(s)["video"] for src in old])
@@ -460,7 +460,7 @@ def test_in_memory_sources_move_to_another_number_of_ranks():
         new = [sources(kind, 2, r, 3) for r in range(3)]
         for src in new:
             src.load_resharded([src_old.state_dict() for src_old in old])
-        for s in range(2, 5):  # 40 clips: step 4 (rows 24-30) still in epoch 0; then wraps identically
+        for s in range(2, 8):  # 40 clips: steps 0-5 in epoch 0, its last 4 dropped, step 6 the next epoch's
             assert torch.equal(torch.cat([src.next_batch(s)["video"] for src in new]), expected[s]), (kind, s)
         with pytest.raises(ValueError, match="not a whole number of this run.s global micro-batches of 5"):
             sources(kind, 5, 0, 1).load_resharded([src_old.state_dict() for src_old in old])

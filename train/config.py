@@ -161,10 +161,11 @@ class ParallelConfig:
     mode: str = f("auto", "'auto' (ddp when more than one rank), 'none', 'ddp', 'fsdp' (FSDP2, per-block "
                           "fully_shard with a bf16/fp32 mixed-precision policy on GPU) or 'hsdp' (FSDP2 sharded "
                           "within groups of parallel.shard_size ranks, replicated across the groups: the "
-                          "per-block all-gathers stay inside a node, only the gradient all-reduce crosses nodes).",
+                          "per-block all-gathers stay inside a node, only the gradient all-reduce crosses nodes). "
+                          "fsdp and hsdp on one process run unwrapped.",
                   choices=("auto", "none", "ddp", "fsdp", "hsdp"))
-    shard_size: int = f(0, "Ranks per shard group in hsdp mode; must divide the world size (0 = the ranks of one "
-                           "node, torchrun's LOCAL_WORLD_SIZE).", valid=">= 0")
+    shard_size: int = f(0, "Ranks per shard group in hsdp mode (other modes ignore it); must divide the world size "
+                           "(0 = the ranks of one node, torchrun's LOCAL_WORLD_SIZE).", valid=">= 0")
 
 
 @dataclass

@@ -116,13 +116,21 @@ class ManifestData:
     def state_dict(self) -> dict:
         return {"loaders": [ld.state_dict() for ld in self.loaders]}
 
+    def _check_datasets(self, state: dict) -> None:
+        if len(state["loaders"]) != len(self.loaders):
+            raise ValueError(f"the checkpoint's data position is of {len(state['loaders'])} training manifests and "
+                             f"data.train lists {len(self.loaders)}: resume with the run's data.train "
+                             "(--config OUT_DIR/config.json)")
+
     def load_state_dict(self, state: dict) -> None:
+        self._check_datasets(state)
         for ld, s in zip(self.loaders, state["loaders"]):
             ld.load_state_dict(s)
         self.iters = [None] * len(self.loaders)
 
     def load_resharded(self, states: list[dict]) -> None:
         """From every rank's state of a run with another number of ranks (VideoTextLoader.load_resharded)."""
+        self._check_datasets(states[0])
         for i, ld in enumerate(self.loaders):
             ld.load_resharded([s["loaders"][i] for s in states])
         self.iters = [None] * len(self.loaders)

@@ -72,20 +72,30 @@ def apply_activation_checkpointing(module: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed, block.forward)
 
 
+def hsdp_groups(world: int, shard_size: int) -> tuple[int, int]:
+    """(replicas, ranks per shard group) of `parallel.mode=hsdp` on `world` ranks: `shard_size`, or 0 for the
+    ranks of one node (torchrun's LOCAL_WORLD_SIZE)."""
+    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+    if not shard:
+        raise ValueError("parallel.mode=hsdp: parallel.shard_size=0 means the ranks of one node, but LOCAL_WORLD_SIZE "
+                         "is not set (a launcher other than torchrun); set parallel.shard_size to the GPUs of a node")
+    if world % shard:
+        raise ValueError(f"parallel.shard_size={shard}{'' if shard_size else ' (LOCAL_WORLD_SIZE)'} does not divide "
+                         f"the {world} ranks; set parallel.shard_size to a divisor of the world size (the GPUs of "
+                         "one node)")
+    return world // shard, shard
+
+
 def shard_mesh(mode: str, dist_: Dist, shard_size: int):
     """The device mesh FSDP2 shards over: all ranks ('fsdp'), or ('replicate', 'shard') groups
-    of `shard_size` consecutive ranks ('hsdp', HSDP: parameters sharded within a group,
-    replicated across groups, so the per-block all-gathers stay on a node's fast links)."""
+    of consecutive ranks ('hsdp', HSDP: parameters sharded within a group, replicated across
+    groups, so the per-block all-gathers stay on a node's fast links)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if mode == "fsdp":
         return init_device_mesh(dist_.device.type, (dist_.world,))
-    shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", dist_.world))
-    if shard > dist_.world or dist_.world % shard:
-        raise ValueError(f"parallel.shard_size={shard}{' (LOCAL_WORLD_SIZE)' if not shard_size else ''} does not "
-                         f"divide the {dist_.world} ranks; set parallel.shard_size to a divisor of the world size "
-                         "(the GPUs of one node)")
-    return init_device_mesh(dist_.device.type, (dist_.world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(dist_.device.type, hsdp_groups(dist_.world, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | None, mixed_precision: bool,
@@ -98,6 +108,8 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
         raise ValueError(f"parallel.mode must be 'auto', 'none', 'ddp', 'fsdp' or 'hsdp', got {mode!r}")
     if mode == "none" and dist_.world > 1:
         raise ValueError(f"parallel.mode=none with {dist_.world} ranks would train diverging copies; use ddp or fsdp")
+    if mode in ("fsdp", "hsdp") and dist_.world == 1:
+        mode = "none"  # one process: nothing to shard (a run resumed on fewer ranks with its saved config)
     if act_ckpt:
         apply_activation_checkpointing(module)
     if mode in ("fsdp", "hsdp"):

@@ -25,7 +25,8 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import Config, ResumeFrom, check_inputs, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
-from videoprism.train.parallel import Dist, all_reduce_max, all_reduce_mean, grad_sync, parallelize, shard_layout
+from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, parallelize,
+                                      shard_layout)
 from videoprism.train.preemption import Preempted, PreemptionNotice
 
 
@@ -53,6 +54,8 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
     """What a run can check in a second before it builds the model and decodes data: the input files,
     the output folder, the device, and the checkpoint --resume names."""
     check_inputs(cfg, stage)
+    if cfg.parallel.mode == "hsdp":
+        hsdp_groups(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.shard_size)
     if resume is not None and not resume.if_any:
         ckpt.find(resume.path, required=True)
 
@@ -193,9 +196,11 @@ class Trainer:
         config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:
             save_config(cfg, config_path)
+            layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
             if self.step == 0:
-                log.write({"config": cfg.to_dict(), "world": d.world, "sharding": shard_layout(self.task.module),
-                           "accum": self.accum, "peak_tflops": peak})
+                log.write({"config": cfg.to_dict(), **layout, "peak_tflops": peak})
+            elif self.resumed_from:  # the layout may differ from the first record's (resumed on other ranks)
+                log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout})
         retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
         if retired and d.main:
             print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "

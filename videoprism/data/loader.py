@@ -221,13 +221,16 @@ class VideoTextLoader:
         """Sample ids this rank reads in `epoch`, in order: rank r of w takes every w-th of the epoch's
         permutation from r on (the tail that would leave ranks unequal is dropped in training). In an epoch
         resumed on another number of ranks, the samples the earlier layouts read are left out first."""
-        n = len(self.samples)
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        order = self._permutation(epoch)
         for world, positions in self.segments if epoch == self.epoch else []:
             layout = self._trimmed(order, world)
             read = np.concatenate([layout[r::world][:p] for r, p in enumerate(positions)])
             order = order[~np.isin(order, read)]
         return self._trimmed(order, self.world_size)[self.rank::self.world_size]
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
 
     def _trimmed(self, order: np.ndarray, world: int) -> np.ndarray:
         return order[: len(order) - len(order) % world] if self.train else order
@@ -254,7 +257,9 @@ class VideoTextLoader:
 
     # ---- state -----------------------------------------------------------------------------------------------
     def _new_budget(self) -> BadSampleBudget:
-        return BadSampleBudget(total=len(self.epoch_order(self.epoch)), max_share=self.max_bad_share,
+        # The share is of this rank's whole epoch, also when the epoch is the rest of one begun on other ranks.
+        total = len(self._trimmed(self._permutation(self.epoch), self.world_size)[self.rank::self.world_size])
+        return BadSampleBudget(total=total, max_share=self.max_bad_share,
                                what=f"samples of epoch {self.epoch} on rank {self.rank}")
 
     @functools.cached_property
@@ -298,7 +303,9 @@ class VideoTextLoader:
         """Continue from the states of all ranks of a run with another number of ranks (`states[r]`: rank
         r's): the rest of their epoch, without the samples any of them read, is dealt anew over this run's
         ranks. Each sample of the epoch is read once; which rank reads it and the batches it lands in
-        change (so losses are not those of an uninterrupted run). The bad-sample count starts again."""
+        change (so losses are not those of an uninterrupted run). The skipped samples the old ranks counted
+        in this epoch are dealt over the new ranks (old rank r's to new rank r mod world), so the epoch's
+        bad-sample share is still of the whole epoch."""
         for r, state in enumerate(states):
             self._check_same_data(state)
             if (state["rank"], state["world_size"]) != (r, len(states)):
@@ -312,7 +319,9 @@ class VideoTextLoader:
         self.epoch, self.position = epochs[0], 0
         self.segments = [*states[0].get("segments", []), [len(states), [int(s["position"]) for s in states]]]
         self._budget = self._new_budget()
-        self._committed = 0
+        self._budget.load_state_dict({"rejects": [r for old, state in enumerate(states)
+                                                  if old % self.world_size == self.rank for r in state["rejects"]]})
+        self._committed = self._budget.bad
 
     # ---- iteration -------------------------------------------------------------------------------------------
     def __iter__(self):

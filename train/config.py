@@ -458,7 +458,8 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
                    help=f"a preset ({', '.join(PRESETS)}; default tiny) or a .toml/.json config file, e.g. the "
                         "config.json a run writes to its out_dir")
     p.add_argument("--resume", nargs="?", const="", default=None,
-                   help="resume from the latest checkpoint of PATH (default: train.out_dir)")
+                   help="resume from the latest checkpoint of PATH (default: train.out_dir), also on another number "
+                        "of processes (the model, optimizer and data position reshard)")
     p.add_argument("--auto-resume", action="store_true",
                    help="resume from train.out_dir's latest checkpoint if it has one, else start at step 0: one "
                         "command for a job that a scheduler may preempt and requeue")

@@ -7,7 +7,8 @@ the host (launch-bound). `profile_calls(fn, device)` answers it in one pass:
 
 * on CUDA: every kernel's device time (the profiler's device events, self time, so nothing
   is counted twice), grouped by `CATEGORIES`, and `busy` = time with a kernel running / wall
-  time of the profiled calls (well under 100% means the host or a sync leaves the GPU idle);
+  time of the profiled calls (well under 100% means the host or a sync leaves the GPU idle; the
+  profiler's own host overhead makes it read a little low, never high);
 * on the CPU: the self time of each aten op, grouped the same way, the ops the optimizer
   runs counted as optimizer (Inductor's compiled regions are not split further there).
 """

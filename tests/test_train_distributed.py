@@ -142,6 +142,28 @@ def test_manifest_run_resumes_on_another_number_of_ranks(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
+def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
+    """Resuming a 1-rank checkpoint with a damaged rank file on 2 ranks (rank 0 reads the old rank files for
+    both): each rank stops with the one-line error naming the file, none waits for the other."""
+    out = str(tmp_path)
+    run(1, out, "train.steps=2", "checkpoint.export=false")
+    open(os.path.join(out, "checkpoints", "step_00000002", "rank0.pt"), "wb").write(b"not a torch file")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VIDEOPRISM_TRACEBACK": ""}
+    r = subprocess.run(command(1, out, ["train.steps=4", "checkpoint.export=false", "--resume"], nproc=2), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: checkpoint ")]
+    assert len(errors) == 2 and all("does not load (rank0.pt: " in e for e in errors), r.stderr[-3000:]
+
+
+def test_on_main_rank_returns_or_raises_in_one_process():
+    from videoprism.train.parallel import on_main_rank
+
+    assert on_main_rank(lambda: [1, 2]) == [1, 2]
+    with pytest.raises(KeyError, match="x"):
+        on_main_rank(lambda: {}["x"])
+
+
 def test_hsdp_groups_and_their_errors(monkeypatch):
     from videoprism.train.parallel import hsdp_groups
 

@@ -177,3 +177,21 @@ def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def on_main_rank(fn):
+    """`fn()` run by rank 0 alone, its result (or its error, raised) on every rank: one reader of a shared
+    file instead of one per rank (a metadata storm on a cluster file system)."""
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    box = [None]
+    if not distributed or dist.get_rank() == 0:
+        try:
+            box[0] = (True, fn())
+        except Exception as e:  # noqa: BLE001 - handed to every rank, raised there
+            box[0] = (False, e)
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

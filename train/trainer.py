@@ -25,8 +25,8 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import Config, ResumeFrom, check_inputs, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
-from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, parallelize,
-                                      shard_layout)
+from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
+                                      parallelize, shard_layout)
 from videoprism.train.preemption import Preempted, PreemptionNotice
 
 
@@ -113,14 +113,15 @@ class Trainer:
             self.data.load_state_dict(own["data"])
         else:
             # Another number of ranks (a node lost, or added): DCP resharded the model and optimizer; the data
-            # position is rebuilt from every old rank's, so that the epoch goes on without repeats or gaps.
+            # position is rebuilt from every old rank's (rank 0 reads their files, every rank gets them), so
+            # that the epoch goes on without repeats or gaps.
             if not hasattr(self.data, "load_resharded"):
                 raise ValueError(f"checkpoint {target} was written by {written} ranks and this run has {d.world}; "
                                  f"its data source ({type(self.data).__name__}) cannot move to another number of "
                                  f"ranks: resume with {written} processes")
-            olds = [ckpt.read_rank_state(target, r) for r in range(written)]
-            self.data.load_resharded([o["data"] for o in olds])
-            own = olds[d.rank] if d.rank < written else None
+            self.data.load_resharded(on_main_rank(lambda: [ckpt.read_rank_state(target, r)["data"]
+                                                           for r in range(written)]))
+            own = ckpt.read_rank_state(target, d.rank) if d.rank < written else None
         if own is not None:  # a rank new to the run keeps the run's seeded generators
             ckpt.set_rng_state(own["rng"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]

@@ -105,20 +105,22 @@ def test_hsdp_on_four_processes_equals_one(tmp_path, refs, stage):
             assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
-@pytest.mark.parametrize("before, mode_before, after, mode_after", [(2, "fsdp", 1, "fsdp"), (1, "auto", 2, "ddp")])
-def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, before, mode_before, after, mode_after):
+@pytest.mark.parametrize("stage, before, mode_before, after, mode_after",
+                         [(1, 2, "fsdp", 1, "fsdp"), (1, 1, "auto", 2, "ddp"), (2, 2, "fsdp", 1, "fsdp")])
+def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, stage, before, mode_before, after,
+                                                             mode_after):
     """A checkpoint of FSDP2 on 2 ranks resumed on 1 process (with the same parallel.mode, which one process
     runs unwrapped), and one of 1 process on 2 DDP ranks: DCP reshards model and optimizer, the data source
     carries its global position over, and the run goes on with the uninterrupted run's losses (same global
     batches, same masks)."""
     out = str(tmp_path)
-    common = ["checkpoint.export=false", "checkpoint.interval=2"]
-    run(1, out, "train.steps=2", *common, f"parallel.mode={mode_before}", nproc=before)
-    resumed = run(1, out, "train.steps=5", *common, f"parallel.mode={mode_after}", "--resume", nproc=after)
+    common = ["checkpoint.export=false", "checkpoint.interval=2", *stage_args(stage, refs)]
+    run(stage, out, "train.steps=2", *common, f"parallel.mode={mode_before}", nproc=before)
+    resumed = run(stage, out, "train.steps=5", *common, f"parallel.mode={mode_after}", "--resume", nproc=after)
     assert f"(written by {before} ranks, resumed on {after})" in resumed
     records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [(r["world"], r["sharding"]) for r in records if "resumed_from" in r] == [(after, None)]
-    ref, got = losses(refs[1]), losses(out)
+    ref, got = losses(refs[stage]), losses(out)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for step in got:
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])

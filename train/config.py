@@ -113,7 +113,8 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = f("adafactor", "'adamw' (torch's fused AdamW, on the GPU and the CPU) or 'adafactor' (torch.optim.Adafactor).",
+    name: str = f("adafactor", "'adamw' (torch's fused AdamW, on the GPU and the CPU) or 'adafactor' "
+                               "(torch.optim.Adafactor).",
                   choices=("adamw", "adafactor"))
     lr: float = f(5e-4, "Peak learning rate.", valid="> 0")
     min_lr: float = f(0.0, "Learning rate at the end of the decay.", valid=">= 0")

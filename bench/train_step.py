@@ -102,13 +102,12 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
         tf = video_tower_flops(trainer.task.model_config, batch, frames, trainer.task.num_patches)
         row.update(teacher_ms=round(tt.median_ms, 2), teacher_pct_of_step=round(100 * tt.median_ms / t.median_ms, 1),
                    teacher_mfu_pct=round(100 * tf / (tt.median_ms * 1e-3) / (peak * 1e12), 1))
-    if profile:
-        # After the timing (the profiler's own overhead stays out of the numbers above).
-        row["profile"] = profile_calls(trainer.train_step, device)
+    # After the timing (the profiler's own overhead stays out of the numbers above).
+    prof = profile_calls(trainer.train_step, device) if profile else None
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return t, row
+    return t, row, prof
 
 
 def main(argv=None) -> int:
@@ -131,9 +130,10 @@ def _main(argv) -> None:
     p.add_argument("--reps", type=positive_int, default=5,
                    help="timed steps per row on the CPU; the GPU uses do_bench (default: %(default)s)")
     p.add_argument("--profile", action="store_true",
-                   help="after timing each row, profile 2 steps: its kernel time by kind (matmul, Inductor-fused, "
-                        "attention, token ops, optimizer, other), the top kernels, and on a GPU the share of the "
-                        "step the GPU is busy (bench/step_profile.py); in the JSON and a time_split column")
+                   help="after timing each row, profile 2 steps: its kernel time by kind (attention, matmul, "
+                        "Inductor-fused, token ops, optimizer, comm, memcpy, other; bench/step_profile.py), the top "
+                        "kernels, and on a GPU the share of the step the GPU is busy; in the JSON and a time_split "
+                        "column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row after this many seconds (default: %(default)s)")
     p.add_argument("--out", default="bench/results/train_step_cpu.json", help="JSON path (default: %(default)s)")
@@ -162,13 +162,12 @@ def _main(argv) -> None:
         # shapes (checked: the second frame count got symbolic T).
         torch._dynamo.reset()
         try:
-            t, row = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps,
-                               args.profile)
+            t, row, prof = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps,
+                                     args.profile)
         except torch.OutOfMemoryError as e:
             skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
             torch.cuda.empty_cache()
             continue
-        prof = row.pop("profile", None)
         if prof:
             row["time_split"] = summary(prof)
             report.meta.setdefault("profiles", {})[f"stage{stage} {f} frames {mode}"] = prof

@@ -161,8 +161,13 @@ def grad_sync(module: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
+def multi_rank() -> bool:
+    """A process group with more than one rank is up."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if multi_rank():
         x = x.clone()
         dist.all_reduce(x)
         x /= dist.get_world_size()
@@ -172,7 +177,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
     """Element-wise max of small integer flags over the ranks (the ranks' agreement on what to
     do at a step boundary); the values themselves on one process."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not multi_rank():
         return list(values)
     t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -182,7 +187,7 @@ def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
 def on_main_rank(fn):
     """`fn()` run by rank 0 alone, its result (or its error, raised) on every rank: one reader of a shared
     file instead of one per rank (a metadata storm on a cluster file system)."""
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    distributed = multi_rank()
     box = [None]
     if not distributed or dist.get_rank() == 0:
         try:

@@ -54,8 +54,9 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
     """What a run can check in a second before it builds the model and decodes data: the input files,
     the output folder, the device, and the checkpoint --resume names."""
     check_inputs(cfg, stage)
-    if cfg.parallel.mode == "hsdp":
-        hsdp_groups(int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel.shard_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.parallel.mode == "hsdp" and world > 1:  # one process runs unwrapped (parallelize)
+        hsdp_groups(world, cfg.parallel.shard_size)
     if resume is not None and not resume.if_any:
         ckpt.find(resume.path, required=True)
 

@@ -3,8 +3,8 @@
     python -m bench.train_step --device cuda --out bench/results/train_step_gpu.json
     python -m bench.train_step                      # CPU: tiny config, eager vs compiled
 
-Each row times one optimizer step of the real trainer (`Trainer.train_step`: masks, forward,
-loss, backward, clipping, AdamW) on a fixed random batch already on the device, so the
+Each row times one optimizer step of the real trainer (`Trainer.launch_step`: masks, forward,
+loss, backward, clipping, AdamW, queued without waiting for the GPU as the training loop runs it) on a fixed random batch already on the device, so the
 data path is out of the picture (the trainer reports data-wait separately). Modes:
   eager           attention "reference" (plain PyTorch math), no compile
   compiled        the same model under torch.compile(fullgraph=True), Inductor fusing the math
@@ -84,10 +84,12 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
     trainer.train_step()
     warm_s = time.perf_counter() - t0
     inputs = trainer.task.prepare(trainer.data.next_batch(0), 0, 0)
-    flops, tokens = trainer.task.flops(inputs), trainer.task.tokens(inputs)
+    flops, tokens = float(trainer.task.flops(inputs)), trainer.task.tokens(inputs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t = timeit(trainer.train_step, device, warmup=1, reps=reps, warmup_ms=1, rep_ms=reps * 400)
+    # launch_step, as the training loop runs it: nothing in it waits for the GPU, so the host queues the
+    # next step while this one runs (the loop reads each step's record one step later).
+    t = timeit(trainer.launch_step, device, warmup=1, reps=reps, warmup_ms=1, rep_ms=reps * 400)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     s = t.median_ms * 1e-3
     row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
@@ -103,7 +105,7 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
         row.update(teacher_ms=round(tt.median_ms, 2), teacher_pct_of_step=round(100 * tt.median_ms / t.median_ms, 1),
                    teacher_mfu_pct=round(100 * tf / (tt.median_ms * 1e-3) / (peak * 1e12), 1))
     # After the timing (the profiler's own overhead stays out of the numbers above).
-    prof = profile_calls(trainer.train_step, device) if profile else None
+    prof = profile_calls(trainer.launch_step, device) if profile else None
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()

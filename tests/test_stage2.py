@@ -269,6 +269,23 @@ def _stage2_losses(dev: torch.device, backend: str, compile_: bool, out_dir, ste
     return losses
 
 
+@pytest.mark.gpu
+def test_gpu_stage2_step_is_queued_without_a_host_sync(tmp_path):
+    """Teacher and student with the Triton kernels (masked time axis), BEVT masks and slot permutations drawn
+    on the GPU, the FLOP count of the masked pairs kept on the device, bf16 autocast, fused AdamW."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from .test_train_stage1 import launch_without_sync
+
+    dev = torch.device("cuda")
+    clip = tiny_clip(0, model_dim=32, mlp_dim=64, attention_backend="triton").to(dev)
+    cfg = tiny_cfg("train.compile=false", "train.device=cuda", f"train.out_dir={tmp_path}", "checkpoint.export=false",
+                   "optim.name=adamw")
+    trainer = make_trainer(Stage2Task(cfg, Dist(0, 1, dev), Teacher(clip), None), cfg, dev, "sync")
+    recs = launch_without_sync(trainer)
+    assert all(r["_flops"] > 0 and r["token_loss"] > 0 for r in recs)
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="on the CPU the Triton kernels run in "
                                                  "Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")),

@@ -16,6 +16,7 @@ import torch
 import videoprism
 from videoprism.train.config import build_config
 from videoprism.train.data import RandomClips
+from videoprism.train.metrics import read_jsonl
 from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist
 from videoprism.train.preemption import Preempted
@@ -59,8 +60,10 @@ class NaNOnce(RandomClips):
         return batch
 
 
-def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
-    trainer = make_trainer(tmp_path, "train.compile=false", data=NaNOnce({1}))
+@pytest.mark.parametrize("optim", ["adamw", "adafactor"])  # skipped on the device (found_inf) / on the host
+def test_nonfinite_loss_is_skipped_and_counted(tmp_path, optim):
+    trainer = make_trainer(tmp_path, "train.compile=false", f"optim.name={optim}", data=NaNOnce({1}))
+    assert trainer.device_skip == (optim == "adamw")
     trainer.train_step()
     before = {k: v.clone() for k, v in trainer.task.module.state_dict().items()}
     opt_before = {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()}
@@ -73,10 +76,40 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     rec = trainer.train_step()
     assert not rec["skipped"] and trainer.nonfinite == 1
 
-    trainer = make_trainer(tmp_path, "train.compile=false", "train.max_nonfinite=1", data=NaNOnce({0, 1}))
+    trainer = make_trainer(tmp_path, "train.compile=false", f"optim.name={optim}", "train.max_nonfinite=1",
+                           data=NaNOnce({0, 1}))
     trainer.train_step()
     with pytest.raises(NonFiniteLossError, match="train.max_nonfinite=1"):
         trainer.train_step()
+
+
+def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
+    """The host queues step n+1 before it reads step n's record (the GPU never waits for the logging);
+    a checkpoint or an evaluation reads its step first, and the last step is read before the final save."""
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=6", "checkpoint.interval=3",
+                           "train.eval_every=0")
+    calls = []
+    launch, read, save = trainer.launch_step, trainer.read_step, trainer.save
+
+    def launch_step():
+        calls.append(f"launch {trainer.step + 1}")
+        return launch()
+
+    def read_step(pending):
+        calls.append(f"read {pending.step}")
+        return read(pending)
+
+    def save_(*a, **k):
+        calls.append(f"save {trainer.step}")
+        return save(*a, **k)
+
+    trainer.launch_step, trainer.read_step, trainer.save = launch_step, read_step, save_
+    trainer.fit()
+    assert calls == ["launch 1", "launch 2", "read 1", "launch 3", "read 2", "read 3", "save 3",
+                     "launch 4", "launch 5", "read 4", "launch 6", "read 5", "read 6", "save 6"]
+    records = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert all(r["step_time"] > 0 and math.isfinite(r["loss"]) for r in records)
 
 
 def test_temperature_is_clamped_after_the_update_and_can_come_back(tmp_path):
@@ -436,6 +469,38 @@ def test_init_from_an_export_keeps_its_position_embedding_shape(tmp_path):
     assert again.config.pos_emb_shape == (4, 4, 4)
     for k, v in trainer.task.module.clip.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def launch_without_sync(trainer: Trainer, steps: int = 2) -> list[dict]:
+    """Queue `steps` steps of a warm trainer on CUDA under torch's sync debug mode ("error": any host wait for
+    the GPU raises, naming the op), then read them: the loop's pipelining rests on launch_step never waiting."""
+    trainer.train_step()  # first calls: optimizer state, kernel compiles and tile searches may wait; not per step
+    trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = [trainer.launch_step() for _ in range(steps)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [trainer.read_step(p) for p in pending]
+
+
+@pytest.mark.gpu
+def test_gpu_stage1_step_is_queued_without_a_host_sync(tmp_path):
+    """bf16 autocast, the Triton attention kernels and token ops, fused AdamW skipping on the device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    dev = torch.device("cuda")
+    cfg = build_config("tiny", [*TINY, "model.model_dim=32", "model.mlp_dim=64", f"train.out_dir={tmp_path}",
+                                "train.device=cuda", "train.compile=false", "model.attention_backend=triton",
+                                "optim.name=adamw"], 1)
+    torch.manual_seed(0)
+    d = Dist(0, 1, dev)
+    trainer = Trainer(cfg, Stage1Task(cfg, d, build_clip(cfg.model, vocab=50, device=dev), None), RandomClips(**CLIPS),
+                      d, name="sync")
+    assert trainer.device_skip
+    recs = launch_without_sync(trainer)
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in recs)
 
 
 @pytest.mark.gpu

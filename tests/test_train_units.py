@@ -246,9 +246,9 @@ def test_derived_seeds_are_distinct_across_draws_steps_and_micro_steps():
 def test_temporal_pairs_counts_shared_locations():
     from videoprism.flops import temporal_pairs
 
-    pos = torch.tensor([[[0, 1], [0, 2]]])  # location 0 in both frames, 1 and 2 in one each
-    assert temporal_pairs(pos, 2, 2) == 4 + 1 + 1
-    assert temporal_pairs(None, 2, 2) == 8
+    pos = torch.tensor([[[0, 1], [0, 2]]])  # location 0 in both frames, 1 and 2 in one each (of 4)
+    assert float(temporal_pairs(pos, 2, 2, 4)) == 4 + 1 + 1
+    assert temporal_pairs(None, 2, 2, 4) == 8
 
 
 _SAVE_THEN_CRASH = textwrap.dedent("""

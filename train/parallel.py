@@ -25,6 +25,9 @@ class Dist:
     rank: int
     world: int
     device: torch.device
+    # A gloo group beside NCCL for the ranks' per-step flags (all_reduce_max): agreeing on the host
+    # leaves the GPU's queued work alone. None: the default group (gloo on the CPU, or one made elsewhere).
+    host_group: object = None
 
     @property
     def main(self) -> bool:
@@ -46,9 +49,12 @@ def init_distributed(device: str) -> Dist:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+    host_group = None
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    return Dist(rank, world, dev)
+        if device == "cuda":
+            host_group = dist.new_group(backend="gloo")
+    return Dist(rank, world, dev, host_group)
 
 
 def close_distributed() -> None:
@@ -174,13 +180,16 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_max(values: list[int], device: torch.device) -> list[int]:
+def all_reduce_max(values: list[int], dist_: Dist) -> list[int]:
     """Element-wise max of small integer flags over the ranks (the ranks' agreement on what to
-    do at a step boundary); the values themselves on one process."""
+    do at a step boundary); the values themselves on one process. On the host (gloo): a tensor
+    on the GPU would wait behind the step queued there, a host sync every step."""
     if not multi_rank():
         return list(values)
-    t = torch.tensor(values, dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor(values, dtype=torch.int64)
+    if dist_.host_group is None and dist.get_backend() != "gloo":  # NCCL initialised elsewhere: no host group
+        t = t.to(dist_.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dist_.host_group)
     return t.tolist()
 
 

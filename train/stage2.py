@@ -94,7 +94,7 @@ class Stage2Task:
         return stage2_step_flops(self.model_config, batch=b, frames=T, grid_tokens=self.num_patches, visible=K,
                                  dec_dim=s2.decoder_dim, dec_layers=s2.decoder_layers,
                                  dec_mlp_dim=4 * s2.decoder_dim, global_distill=s2.global_distill,
-                                 pairs_per_clip=temporal_pairs(inputs["pos"], T, K))
+                                 pairs_per_clip=temporal_pairs(inputs["pos"], T, K, self.num_patches))
 
     def tokens(self, inputs: dict) -> int:
         return inputs["pos"].numel()

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,7 +41,8 @@ class Task(Protocol):
     def tokens(self, inputs: dict) -> int: ...
     def evaluate(self, module: nn.Module) -> dict: ...
     def export(self, module: nn.Module, path: str) -> None: ...
-    # Optional: `after_step()`, run after each applied update (e.g. clamping a parameter);
+    # Optional: `after_step()`, run after each step's update, also one skipped on the device (so it must
+    # leave parameters an update did not touch as they are: clamping a parameter);
     # `grad_cache = True` with `cached_backward(module, inputs_list, amp, sync) -> (loss, parts)`,
     # which runs the forward and backward of all micro-batches of a step itself (a loss over
     # the whole accumulated batch, such as the contrastive one).
@@ -48,6 +50,16 @@ class Task(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+@dataclass
+class PendingStep:
+    """A launched step's record before it is read: its device scalars (loss, loss parts, gradient
+    norm, the skip flag) stacked into one tensor, so that reading them is one copy to the host."""
+    step: int  # the trainer's step count after it (the number the metrics log it under)
+    keys: list[str]
+    values: torch.Tensor
+    host: dict
 
 
 def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
@@ -81,6 +93,8 @@ class Trainer:
                                  mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing,
                                  shard_size=cfg.parallel.shard_size)
         self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim)
+        # Fused AdamW takes the skip flag as a tensor (`found_inf`, as GradScaler passes it).
+        self.device_skip = isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
         self.step = 0
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
@@ -101,7 +115,7 @@ class Trainer:
         system whose nodes see different folders would otherwise split the run)."""
         target = ckpt.find(path, required=not if_any)
         if if_any:
-            some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist.device)
+            some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist)
             if some and none:
                 raise FileNotFoundError(f"--auto-resume: some ranks see a checkpoint under {path!r} and some do "
                                         "not; train.out_dir must be one folder that every node sees alike")
@@ -132,11 +146,15 @@ class Trainer:
             print(f"resumed from {target} at step {self.step}{moved}")
 
     # ---- one optimizer step --------------------------------------------------------------
-    def train_step(self) -> dict:
-        """Accumulate `accum` micro-batches, clip, and apply the update unless the loss or the
-        gradient is non-finite (then the step is skipped and counted)."""
+    def launch_step(self) -> PendingStep:
+        """Queue one optimizer step: accumulate `accum` micro-batches, clip, and apply the update
+        unless the loss or the gradient is non-finite (then the step is skipped and counted, by
+        `read_step`). With fused AdamW the skip is decided on the device (the optimizer's
+        `found_inf`), so nothing here waits for the GPU and the host queues the next step while
+        this one runs; other optimizers read the flag back first."""
         cfg = self.cfg
-        set_lr(self.optimizer, lr_at(self.step, cfg.optim, cfg.train.steps))
+        lr = lr_at(self.step, cfg.optim, cfg.train.steps)
+        set_lr(self.optimizer, lr)
         cached = self.accum > 1 and getattr(self.task, "grad_cache", False)
         losses, extras, flops, tokens, data_wait, pending = [], {}, 0.0, 0, 0.0, []
         for a in range(self.accum):
@@ -161,31 +179,52 @@ class Trainer:
                                                     sync=lambda last: grad_sync(self.model, last))
             losses.append(loss.detach().float())
             extras = {k: v.detach().float() for k, v in parts.items()}
-        loss = all_reduce_mean(torch.stack(losses).mean())
+        # The step's loss and the loss parts, averaged over the ranks in one collective.
+        scalars = all_reduce_mean(torch.stack([v.reshape(()) for v in (torch.stack(losses).mean(), *extras.values())]))
         params = [p for p in self.task.module.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip)
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
             gnorm = gnorm.full_tensor()
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(gnorm))
-        if finite:
+        # Equal on every rank: the loss is averaged and the gradient norm is of the synchronised gradients.
+        bad = ~(torch.isfinite(scalars[0]) & torch.isfinite(gnorm))
+        if self.device_skip:
+            self.optimizer.found_inf = bad.float()  # read by fused AdamW: a flagged step leaves everything as it was
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(bad):
             self.optimizer.step()
-            if hasattr(self.task, "after_step"):
-                self.task.after_step()
-        else:
-            self.nonfinite += 1
-            if self.nonfinite > cfg.train.max_nonfinite:
-                raise NonFiniteLossError(
-                    f"{self.nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
-                    f"{cfg.train.max_nonfinite}), the last at step {self.step}; lower optim.lr, check the data, "
-                    "or raise the limit")
+        if hasattr(self.task, "after_step"):
+            self.task.after_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        rec = {"loss": float(loss), "grad_norm": float(gnorm), "lr": self.optimizer.param_groups[0]["lr"],
-               "skipped": not finite, "nonfinite": self.nonfinite}
-        rec.update({k: float(all_reduce_mean(v)) for k, v in extras.items()})
-        return {**rec, "_flops": flops * self.dist.world, "_tokens": tokens * self.dist.world,
-                "_data_wait": data_wait}
+        values = {"loss": scalars[0], **dict(zip(extras, scalars[1:])), "grad_norm": gnorm, "skipped": bad}
+        host = {"lr": lr, "_tokens": tokens * self.dist.world, "_data_wait": data_wait}
+        # Stage 2 counts its FLOPs from the masks on the device: read back with the rest.
+        (values if isinstance(flops, torch.Tensor) else host)["_flops"] = flops * self.dist.world
+        return PendingStep(self.step, list(values), torch.stack([v.reshape(()).double() for v in values.values()]),
+                           host)
+
+    def read_step(self, pending: PendingStep) -> dict:
+        """The record of a launched step, read back (waits for that step, not for later ones); counts
+        a skipped step, and stops the run past `train.max_nonfinite` of them."""
+        rec = {**pending.host, **dict(zip(pending.keys, pending.values.tolist()))}
+        rec["skipped"] = bool(rec["skipped"])
+        if rec["skipped"]:
+            self.nonfinite += 1
+            if self.nonfinite > self.cfg.train.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
+                    f"{self.cfg.train.max_nonfinite}), the last step {pending.step}; lower optim.lr, check the data, "
+                    "or raise the limit")
+        rec["nonfinite"] = self.nonfinite
+        return rec
+
+    def train_step(self) -> dict:
+        """One optimizer step and its record (waits for it)."""
+        return self.read_step(self.launch_step())
 
     def _amp(self):
         return torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
@@ -233,37 +272,56 @@ class Trainer:
 
     def _loop(self, log: MetricsLogger, peak: float, notice: PreemptionNotice) -> None:
         """Steps up to train.steps, with the interval checkpoints and evaluations; on a
-        preemption notice, a checkpoint at the step boundary and `Preempted`."""
+        preemption notice, a checkpoint at the step boundary and `Preempted`.
+
+        Pipelined: the host queues step n+1 before it reads step n's record (a copy that waits for
+        step n only), so the GPU does not idle between steps while the host logs, loads the next
+        batch and agrees with the other ranks. A boundary that acts on the model (checkpoint,
+        evaluation, the last step, a notice) reads its step first. A step's time is the time
+        between the reads of its record and the previous one's: the step's share of the run."""
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
+        unread, since = None, time.perf_counter()
         while self.step < tc.steps:
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            t0 = time.perf_counter()
-            rec = self.train_step()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            dt = time.perf_counter() - t0
-            flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
-            rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
-                       mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt,
-                       peak_mem_gb=peak_memory_gb(d.device))
-            log.step(self.step, rec, show=self.step % tc.log_every == 0 or self.step == tc.steps)
+            launched = self.launch_step()
+            if unread is not None:
+                since = self._log_step(log, peak, unread, since)
+            unread = launched
             self._report_rejects(log)
             if self.step == tc.steps:
+                self._log_step(log, peak, unread, since)
                 return  # the final checkpoint follows at once
-            # One collective a step: a notice on any rank, a background write on any rank.
-            signum, writing = all_reduce_max([notice.signum, int(self.saver.writing)], d.device)
+            # One collective a step, on the host: a notice on any rank, a background write on any rank.
+            signum, writing = all_reduce_max([notice.signum, int(self.saver.writing)], d)
             if not writing:
                 self.saver.finish()
+            save = cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0
+            evaluate = tc.eval_every and self.step % tc.eval_every == 0
+            if not (signum or save or evaluate):
+                continue
+            self._log_step(log, peak, unread, since)  # first: the checkpoint holds its non-finite count
+            unread = None
             if signum:
                 path = self.save()
                 log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
                             f"{path}; the same command with --resume continues from it")
                 raise Preempted(signum, self.step, path)
-            if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0:
+            if save:
                 self.save(wait=False)
-            if tc.eval_every and self.step % tc.eval_every == 0:
+            if evaluate:
                 self._evaluate(log)
+            since = time.perf_counter()  # the checkpoint and the evaluation are no step's time
+
+    def _log_step(self, log: MetricsLogger, peak: float, pending: PendingStep, since: float) -> float:
+        """Read a launched step's record and log it with its throughput; returns when it was read."""
+        tc, d = self.cfg.train, self.dist
+        rec = self.read_step(pending)
+        now = time.perf_counter()
+        dt = now - since
+        flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
+        rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
+                   mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt, peak_mem_gb=peak_memory_gb(d.device))
+        log.step(pending.step, rec, show=pending.step % tc.log_every == 0 or pending.step == tc.steps)
+        return now
 
     def _report_rejects(self, log: MetricsLogger) -> None:
         """Each sample or manifest line the data layer skipped since the last step: one line on the console

@@ -37,18 +37,18 @@ def pooler_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
     return 2 * dim * hidden + batch * (4 * tokens * dim * hidden + 4 * tokens * hidden + 2 * hidden * dim)
 
 
-def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int) -> float:
+def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int, num_patches: int) -> float | torch.Tensor:
     """Scored pairs of the masked temporal attention, summed over the batch and divided by
-    the batch size (mean per clip). `pos [B, T, K]` visible patch indices, or None (tube
-    or unmasked: T^2 * K)."""
+    the batch size (mean per clip). `pos [B, T, K]` visible patch indices (< num_patches): a
+    0-d tensor on pos's device, counted there (the trainer reads it back with the step's other
+    scalars instead of waiting for the GPU); or None (tube or unmasked: T^2 * K)."""
     if pos is None:
         return float(frames * frames * visible)
     B = pos.shape[0]
     flat = pos.reshape(B, -1).long()
-    n = int(flat.max()) + 1
-    counts = torch.zeros(B, n, dtype=torch.float64, device=flat.device)
+    counts = torch.zeros(B, num_patches, dtype=torch.float64, device=flat.device)
     counts.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
-    return float((counts * counts).sum() / B)
+    return (counts * counts).sum() / B
 
 
 def encoder_flops(cfg, batch: int, frames: int, visible: int, *, pairs_per_clip: float | None = None) -> float:

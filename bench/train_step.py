@@ -4,7 +4,8 @@
     python -m bench.train_step                      # CPU: tiny config, eager vs compiled
 
 Each row times one optimizer step of the real trainer (`Trainer.launch_step`: masks, forward,
-loss, backward, clipping, AdamW, queued without waiting for the GPU as the training loop runs it) on a fixed random batch already on the device, so the
+loss, backward, clipping, AdamW, queued without waiting for the GPU as the training loop runs
+it) on a fixed random batch already on the device, so the
 data path is out of the picture (the trainer reports data-wait separately). Modes:
   eager           attention "reference" (plain PyTorch math), no compile
   compiled        the same model under torch.compile(fullgraph=True), Inductor fusing the math

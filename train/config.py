@@ -106,7 +106,8 @@ class DataConfig:
     decode_timeout: float = f(120.0, "Seconds a worker may spend decoding one clip before it is killed and the "
                                      "file skipped as bad (a hung decoder; 0 = no limit; needs data.workers > 0).",
                               valid=">= 0")
-    cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos).")
+    cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos; every rank "
+                           "decodes and holds the whole manifest).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
                               "say left or right; raise it for data without such captions).", valid="[0, 1]")
 
@@ -184,7 +185,8 @@ class CheckpointConfig:
 
 @dataclass
 class Stage1Config:
-    lit: bool = f(False, "LiT: freeze the video encoder, train the text tower and the pooler.")
+    lit: bool = f(False, "LiT: freeze the video encoder (the factorized ViT); the text tower, the auxiliary layers "
+                         "after the encoder and the pooler train.")
     temperature_init: float = f(0.07, "Initial softmax temperature (CLIP: 0.07), learned as log(1/t).", valid="> 0")
     max_logit_scale: float = f(100.0, "Clamp of the learned 1/temperature (CLIP: 100).", valid="> 0")
     grad_cache: bool = f(True, "With gradient accumulation (train.micro_batch), score the whole global batch in "

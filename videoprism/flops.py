@@ -1,6 +1,6 @@
 """The one FLOP formula of the project: the trainer's MFU and bench/train_step.py both use it.
 
-Conventions (those of PaLM / torchtitan MFU):
+Conventions (those of PaLM / torchtitan MFU, except that causal attention counts only the pairs it scores):
 * Only matmul FLOPs are counted, 2 per multiply-add. LayerNorm, softmax, GELU, the
   soft-cap and the loss's exp/log are a few % and are left out.
 * Forward FLOPs of a transformer block over `S` tokens of width `D`, FFN width `F`:
@@ -14,7 +14,8 @@ Conventions (those of PaLM / torchtitan MFU):
   location, `sum_loc count(loc)^2` per clip (`T^2 * K` for tube masks, where every visible
   location is visible in all `T` frames). Masked tokens cost nothing and count nothing.
 
-All functions return forward FLOPs for the whole batch as Python floats.
+All functions return forward FLOPs for the whole batch as Python floats; with the masked pair
+count of `temporal_pairs` (a tensor on the mask's device) those that take it return a 0-d tensor.
 """
 from __future__ import annotations
 

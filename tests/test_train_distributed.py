@@ -77,6 +77,22 @@ def test_two_processes_equal_one(tmp_path, refs, stage, mode):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
 
 
+def test_adafactor_on_fsdp2_equals_one_process_and_reshards(tmp_path):
+    """The paper's stage-1 optimizer (train/adafactor.py) on FSDP2's sharded parameters (where
+    torch.optim.Adafactor fails: an in-place square of a partial norm): 2 ranks give the 1-process
+    losses, and their checkpoint (row factors sharded, column factors replicated) resumes on 1 process."""
+    common = ["optim.name=adafactor", "optim.lr=1e-2", "checkpoint.export=false", "checkpoint.interval=2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "fsdp")
+    run(1, ref, "train.steps=5", *common)
+    run(1, out, "train.steps=2", *common, "parallel.mode=fsdp", nproc=2)
+    assert "(written by 2 ranks, resumed on 1)" in run(1, out, "train.steps=5", *common, "parallel.mode=fsdp",
+                                                      "--resume")
+    want, got = losses(ref), losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5] and len(set(want.values())) == 5
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
+
+
 def sharding(out: str) -> dict | None:
     """The mesh the run's first metrics record says the parameters were sharded over."""
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -115,7 +115,8 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: str = f("adafactor", "'adamw' (torch's fused AdamW, on the GPU and the CPU) or 'adafactor' "
-                               "(torch.optim.Adafactor).",
+                               "(torch.optim.Adafactor's update and defaults, without its host reads: "
+                               "train/adafactor.py).",
                   choices=("adamw", "adafactor"))
     lr: float = f(5e-4, "Peak learning rate.", valid="> 0")
     min_lr: float = f(0.0, "Learning rate at the end of the decay.", valid=">= 0")

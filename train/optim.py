@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from videoprism.train.adafactor import Adafactor
 from videoprism.train.config import OptimConfig, check_field
 
 
@@ -31,7 +32,8 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """Weight decay on matrices only (not on biases, norms, embeddings' scales or the
-    temperature), as in CLIP/ViT training."""
+    temperature), as in CLIP/ViT training. Both optimizers take a `found_inf` flag (a 0-d tensor;
+    non-zero: leave everything as it was), so the trainer skips a non-finite step on the device."""
     decay = [p for _, p in params if p.requires_grad and p.ndim >= 2]
     no_decay = [p for _, p in params if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -40,7 +42,8 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConf
         # (the default there is a loop of ~10 aten ops per parameter: 25% of a `tiny` stage-1 step).
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     if cfg.name == "adafactor":
-        return torch.optim.Adafactor(groups, lr=cfg.lr)
+        # torch.optim.Adafactor's update without its per-parameter host reads, and FSDP2-ready (train/adafactor.py).
+        return Adafactor(groups, lr=cfg.lr)
     raise ValueError(f"optim.name must be 'adamw' or 'adafactor', got {cfg.name!r}")
 
 

@@ -41,8 +41,8 @@ class Task(Protocol):
     def tokens(self, inputs: dict) -> int: ...
     def evaluate(self, module: nn.Module) -> dict: ...
     def export(self, module: nn.Module, path: str) -> None: ...
-    # Optional: `after_step()`, run after each step's update, also one skipped on the device (so it must
-    # leave parameters an update did not touch as they are: clamping a parameter);
+    # Optional: `after_step()`, run after each step's update, also a skipped one (so it must leave
+    # parameters an update did not touch as they are: clamping a parameter);
     # `grad_cache = True` with `cached_backward(module, inputs_list, amp, sync) -> (loss, parts)`,
     # which runs the forward and backward of all micro-batches of a step itself (a loss over
     # the whole accumulated batch, such as the contrastive one).
@@ -93,8 +93,6 @@ class Trainer:
                                  mixed_precision=self.autocast, act_ckpt=tc.activation_checkpointing,
                                  shard_size=cfg.parallel.shard_size)
         self.optimizer = build_optimizer(list(task.module.named_parameters()), cfg.optim)
-        # Fused AdamW takes the skip flag as a tensor (`found_inf`, as GradScaler passes it).
-        self.device_skip = isinstance(self.optimizer, torch.optim.AdamW) and bool(self.optimizer.defaults.get("fused"))
         self.step = 0
         self.nonfinite = 0
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
@@ -149,9 +147,9 @@ class Trainer:
     def launch_step(self) -> PendingStep:
         """Queue one optimizer step: accumulate `accum` micro-batches, clip, and apply the update
         unless the loss or the gradient is non-finite (then the step is skipped and counted, by
-        `read_step`). With fused AdamW the skip is decided on the device (the optimizer's
-        `found_inf`), so nothing here waits for the GPU and the host queues the next step while
-        this one runs; other optimizers read the flag back first."""
+        `read_step`). The skip is decided on the device (the optimizer's `found_inf`, as GradScaler
+        passes it), so nothing here waits for the GPU: the host queues the next step while this
+        one runs."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
@@ -188,14 +186,11 @@ class Trainer:
             gnorm = gnorm.full_tensor()
         # Equal on every rank: the loss is averaged and the gradient norm is of the synchronised gradients.
         bad = ~(torch.isfinite(scalars[0]) & torch.isfinite(gnorm))
-        if self.device_skip:
-            self.optimizer.found_inf = bad.float()  # read by fused AdamW: a flagged step leaves everything as it was
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        elif not bool(bad):
+        self.optimizer.found_inf = bad.float()  # a flagged step leaves parameters and state as they were
+        try:
             self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
         if hasattr(self.task, "after_step"):
             self.task.after_step()
         self.optimizer.zero_grad(set_to_none=True)

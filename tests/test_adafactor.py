@@ -1,0 +1,89 @@
+"""train/adafactor.py against its oracle, torch.optim.Adafactor (the same update, to float rounding),
+and the skip flag it takes (found_inf: a flagged step changes nothing, an unflagged one is the plain step).
+FSDP2 (sharded parameters, where torch's optimizer fails) is tested through the trainer in
+tests/test_train_distributed.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from videoprism.train.adafactor import Adafactor
+
+# Matrices, a 3-D tensor (factored over its last two dims), vectors, and single-row / single-column
+# matrices (one factor is a scalar per slice).
+SHAPES = [(7, 5), (3, 4, 6), (9,), (1, 8), (8, 1), (16,)]
+
+
+def params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).requires_grad_() for s in SHAPES]
+
+
+def groups(ps):
+    return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:]}]
+
+
+def set_grads(ps, step):
+    g = torch.Generator().manual_seed(100 + step)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * (10.0 if step % 2 else 0.1)  # relative step clipping on, off
+
+
+@pytest.mark.parametrize("lr, eps", [(0.05, (None, 1e-3)), (1e-3, (1e-20, 1e-2))])
+def test_adafactor_matches_torch_adafactor(lr, eps):
+    ours, theirs = params(), params()
+    opt = Adafactor(groups(ours), lr=lr, eps=eps)
+    ref = torch.optim.Adafactor(groups(theirs), lr=lr, eps=eps, foreach=False)
+    for step in range(8):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    got, want = opt.state_dict()["state"], ref.state_dict()["state"]
+    for i in want:
+        assert got[i].keys() == want[i].keys()
+        for k in want[i]:
+            torch.testing.assert_close(got[i][k].float(), want[i][k].float(), rtol=1e-6, atol=0)
+
+
+def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step():
+    ps, plain = params(), params()
+    opt, ref = Adafactor(groups(ps), lr=0.05), Adafactor(groups(plain), lr=0.05)
+    for step in range(2):
+        set_grads(ps, step)
+        set_grads(plain, step)
+        opt.found_inf = torch.zeros(())
+        opt.step()
+        ref.step()
+    assert all(torch.equal(a, b) for a, b in zip(ps, plain))
+    before, state = [p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict())
+    for p in ps:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    after = opt.state_dict()["state"]
+    assert all(torch.equal(state["state"][i][k], after[i][k]) for i in after for k in after[i])
+
+
+def test_a_flagged_first_step_leaves_a_fresh_state():
+    ps = params()
+    before = [p.detach().clone() for p in ps]
+    opt = Adafactor(groups(ps), lr=0.05)
+    set_grads(ps, 0)
+    opt.found_inf = torch.ones(())
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    for st in opt.state.values():
+        assert st["step"].item() == 0 and all(torch.count_nonzero(v) == 0 for k, v in st.items() if k != "step")
+
+
+def test_bad_hyper_parameters_are_refused_by_name():
+    for kw, name in (({"lr": -1.0}, "lr"), ({"beta2_decay": 0.5}, "beta2_decay"), ({"d": 0.5}, "d"),
+                     ({"eps": (None, -1.0)}, "eps"), ({"weight_decay": -1.0}, "weight_decay")):
+        with pytest.raises(ValueError, match=name):
+            Adafactor(params(), **kw)

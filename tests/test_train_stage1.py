@@ -108,7 +108,11 @@ def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
                      "launch 4", "launch 5", "read 4", "launch 6", "read 5", "read 6", "save 6"]
     records = [r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert all(r["step_time"] > 0 and math.isfinite(r["loss"]) for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # A step read right after the one before it (at a checkpoint, the last step) is still timed as a step,
+    # not as the moment between two reads.
+    times = sorted(r["step_time"] for r in records)
+    assert times[0] > 0.1 * times[len(times) // 2], times
 
 
 def test_temperature_is_clamped_after_the_update_and_can_come_back(tmp_path):

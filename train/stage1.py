@@ -19,7 +19,7 @@ from videoprism.cli import run_command
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
+from videoprism.train.data import build_train_data, build_val_batches, to_device, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
@@ -73,7 +73,7 @@ class Stage1Task:
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         dev = self.dist.device
-        video = batch["video"].to(dev, non_blocking=True)
+        video = to_device(batch["video"], dev)
         b, T, H, W, _ = video.shape
         P = self.model_config.patch_size
         # The mask of every sample of the global micro-batch comes from one seed per
@@ -82,8 +82,7 @@ class Stage1Task:
         pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
         pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
         ids, pads = trim_text(batch["text_ids"], batch["text_paddings"])
-        return {"video": video, "pos": pos, "text_ids": ids.to(dev, non_blocking=True),
-                "text_paddings": pads.to(dev, non_blocking=True)}
+        return {"video": video, "pos": pos, "text_ids": to_device(ids, dev), "text_paddings": to_device(pads, dev)}
 
     @staticmethod
     def _forward(module: nn.Module, inputs: dict):

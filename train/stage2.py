@@ -23,7 +23,7 @@ from videoprism.config import EncoderConfig, narrow_config
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
+from videoprism.train.data import build_train_data, build_val_batches, to_device, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
@@ -70,7 +70,7 @@ class Stage2Task:
         return pos, perm
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
-        video = batch["video"].to(self.dist.device, non_blocking=True)
+        video = to_device(batch["video"], self.dist.device)
         b, T, H, W, _ = video.shape
         pos, perm = self._masks(b, T, H, W, self.cfg.train.seed, step, micro)
         return {"video": video, "pos": pos, "perm": perm}

@@ -55,11 +55,15 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class PendingStep:
     """A launched step's record before it is read: its device scalars (loss, loss parts, gradient
-    norm, the skip flag) stacked into one tensor, so that reading them is one copy to the host."""
+    norm, the skip flag) stacked into one tensor and copied to page-locked host memory behind the
+    step (`done` marks the copy complete on CUDA), so that reading them waits for this step only."""
     step: int  # the trainer's step count after it (the number the metrics log it under)
     keys: list[str]
-    values: torch.Tensor
+    values: torch.Tensor  # on the host (filled when `done` has passed)
     host: dict
+    start: torch.cuda.Event | None  # CUDA: recorded before the step's work, and after it
+    done: torch.cuda.Event | None
+    wall: float  # seconds the host spent queueing the step (on the CPU: running it)
 
 
 def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
@@ -151,6 +155,7 @@ class Trainer:
         passes it), so nothing here waits for the GPU: the host queues the next step while this
         one runs."""
         cfg = self.cfg
+        t_launch, start = time.perf_counter(), self._event()
         lr = lr_at(self.step, cfg.optim, cfg.train.steps)
         set_lr(self.optimizer, lr)
         cached = self.accum > 1 and getattr(self.task, "grad_cache", False)
@@ -199,12 +204,26 @@ class Trainer:
         host = {"lr": lr, "_tokens": tokens * self.dist.world, "_data_wait": data_wait}
         # Stage 2 counts its FLOPs from the masks on the device: read back with the rest.
         (values if isinstance(flops, torch.Tensor) else host)["_flops"] = flops * self.dist.world
-        return PendingStep(self.step, list(values), torch.stack([v.reshape(()).double() for v in values.values()]),
-                           host)
+        stacked = torch.stack([v.reshape(()).double() for v in values.values()])
+        if stacked.device.type == "cuda":
+            # Not .tolist() later: a copy queued then waits behind every step queued after this one.
+            stacked = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True).copy_(stacked, non_blocking=True)
+        return PendingStep(self.step, list(values), stacked, host, start, self._event(),
+                           time.perf_counter() - t_launch)
+
+    def _event(self) -> torch.cuda.Event | None:
+        """A timing event recorded on the current stream (CUDA), or None (the CPU runs each op as it is called)."""
+        if self.dist.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def read_step(self, pending: PendingStep) -> dict:
         """The record of a launched step, read back (waits for that step, not for later ones); counts
         a skipped step, and stops the run past `train.max_nonfinite` of them."""
+        if pending.done is not None:
+            pending.done.synchronize()
         rec = {**pending.host, **dict(zip(pending.keys, pending.values.tolist()))}
         rec["skipped"] = bool(rec["skipped"])
         if rec["skipped"]:
@@ -269,21 +288,22 @@ class Trainer:
         """Steps up to train.steps, with the interval checkpoints and evaluations; on a
         preemption notice, a checkpoint at the step boundary and `Preempted`.
 
-        Pipelined: the host queues step n+1 before it reads step n's record (a copy that waits for
-        step n only), so the GPU does not idle between steps while the host logs, loads the next
-        batch and agrees with the other ranks. A boundary that acts on the model (checkpoint,
-        evaluation, the last step, a notice) reads its step first. A step's time is the time
-        between the reads of its record and the previous one's: the step's share of the run."""
+        Pipelined: the host queues step n+1 before it reads step n's record (which waits for step
+        n only: launch_step copies it to the host behind the step), so the GPU does not idle
+        between steps while the host logs, loads the next batch and agrees with the other ranks. A
+        boundary that acts on the model (checkpoint, evaluation, the last step, a notice) reads its
+        step first."""
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
-        unread, since = None, time.perf_counter()
+        unread, previous = None, None  # the last step queued, and the one before it when no boundary came between
         while self.step < tc.steps:
             launched = self.launch_step()
             if unread is not None:
-                since = self._log_step(log, peak, unread, since)
+                self._log_step(log, peak, unread, previous)
+                previous = unread
             unread = launched
             self._report_rejects(log)
             if self.step == tc.steps:
-                self._log_step(log, peak, unread, since)
+                self._log_step(log, peak, unread, previous)
                 return  # the final checkpoint follows at once
             # One collective a step, on the host: a notice on any rank, a background write on any rank.
             signum, writing = all_reduce_max([notice.signum, int(self.saver.writing)], d)
@@ -293,8 +313,8 @@ class Trainer:
             evaluate = tc.eval_every and self.step % tc.eval_every == 0
             if not (signum or save or evaluate):
                 continue
-            self._log_step(log, peak, unread, since)  # first: the checkpoint holds its non-finite count
-            unread = None
+            self._log_step(log, peak, unread, previous)  # first: the checkpoint holds its non-finite count
+            unread = previous = None
             if signum:
                 path = self.save()
                 log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
@@ -304,19 +324,26 @@ class Trainer:
                 self.save(wait=False)
             if evaluate:
                 self._evaluate(log)
-            since = time.perf_counter()  # the checkpoint and the evaluation are no step's time
 
-    def _log_step(self, log: MetricsLogger, peak: float, pending: PendingStep, since: float) -> float:
-        """Read a launched step's record and log it with its throughput; returns when it was read."""
+    @staticmethod
+    def step_seconds(pending: PendingStep, previous: PendingStep | None) -> float:
+        """A step's share of the run's time. On a GPU: from the end of the step before it (queued
+        back to back, so a gap the host left the GPU idle counts) or, after a boundary (checkpoint,
+        evaluation), from its own start; to its end. On the CPU, which runs a step as it is queued:
+        the time its launch took. Both read events that have passed (call after read_step)."""
+        if pending.done is None:
+            return pending.wall
+        return (previous.done if previous is not None else pending.start).elapsed_time(pending.done) / 1e3
+
+    def _log_step(self, log: MetricsLogger, peak: float, pending: PendingStep, previous: PendingStep | None) -> None:
+        """Read a launched step's record and log it with its throughput."""
         tc, d = self.cfg.train, self.dist
         rec = self.read_step(pending)
-        now = time.perf_counter()
-        dt = now - since
+        dt = self.step_seconds(pending, previous)
         flops, tokens, wait = rec.pop("_flops"), rec.pop("_tokens"), rec.pop("_data_wait")
         rec.update(step_time=dt, clips_per_s=tc.global_batch / dt, tokens_per_s=tokens / dt,
                    mfu=flops / dt / (d.world * peak * 1e12), data_wait=wait / dt, peak_mem_gb=peak_memory_gb(d.device))
         log.step(pending.step, rec, show=pending.step % tc.log_every == 0 or pending.step == tc.steps)
-        return now
 
     def _report_rejects(self, log: MetricsLogger) -> None:
         """Each sample or manifest line the data layer skipped since the last step: one line on the console

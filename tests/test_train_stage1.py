@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -485,7 +486,18 @@ def launch_without_sync(trainer: Trainer, steps: int = 2) -> list[dict]:
         pending = [trainer.launch_step() for _ in range(steps)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return [trainer.read_step(p) for p in pending]
+    recs = [trainer.read_step(p) for p in pending]
+    # Reading a step's record waits for that step, not for the work queued after it (~1 s of GPU sleep here).
+    first = trainer.launch_step()
+    torch.cuda._sleep(2_000_000_000)
+    t0 = time.perf_counter()
+    trainer.read_step(first)
+    waited = time.perf_counter() - t0
+    behind = torch.cuda.Event()
+    behind.record()
+    assert not behind.query() and waited < 0.5, (waited, "read_step waited for work queued after its step")
+    torch.cuda.synchronize()
+    return recs
 
 
 @pytest.mark.gpu

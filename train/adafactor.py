@@ -3,12 +3,10 @@
 torch.optim.Adafactor (torch 2.11-2.14) reads three scalars per parameter back to the host every
 step (the step count, the parameter's RMS, the update's RMS): several hundred host syncs a step
 for a base model, each draining the GPU's queue; and it squares a column norm in place, which
-fails on FSDP2's sharded parameters (a norm over the sharded dimension is a partial sum until
-the ranks reduce it, and cannot change placement in place). This optimizer computes the same
-update with those scalars kept on the device (float64, cast to the parameter's dtype where they
-meet it, as torch's Python floats are), out of place where a sharded tensor is reduced, and it
-takes a `found_inf` flag as fused AdamW does: a flagged step leaves parameters and state as they
-were (the trainer's non-finite skip without a host read).
+fails on FSDP2's sharded parameters. This optimizer computes the same update with those scalars
+kept on the device (float64, cast to the parameter's dtype where they meet it, as torch's Python
+floats are), and it takes a `found_inf` flag as fused AdamW does: a flagged step leaves
+parameters and state as they were (the trainer's non-finite skip without a host read).
 
 Update of a parameter p with gradient g at step t (torch's Adafactor: Shazeer & Stern 2018 with
 the relative step size rho_t = min(lr, 1/sqrt(t)) and 1 - beta2_t = t^beta2_decay):
@@ -23,6 +21,13 @@ the relative step size rho_t = min(lr, 1/sqrt(t)) and 1 - beta2_t = t^beta2_deca
 eps1 defaults to the machine epsilon of the parameter's dtype. The state (step, row_var, col_var,
 variance) has torch's names and shapes; the step lives on the parameter's device.
 
+Sharded parameters (FSDP2/HSDP DTensors, dim 0 sharded over one mesh dimension): each rank works
+on its own rows. What crosses the shards (sum of p^2 and of u^2 for the RMS values; for a matrix,
+whose rows are the sharded dim, the column sums of g^2 and the row sum of R) is gathered from every
+parameter of a group into one buffer and summed in one all-reduce: two collectives a step, not a
+few per parameter. The state is stored as DTensors (R and vectors sharded as p; C sharded as p when
+p has 3+ dims, else replicated), so distributed checkpoints save and reshard it.
+
 Cost per m x n matrix: reads g three times (two norms, the update), p twice; O(m + n) state.
 """
 from __future__ import annotations
@@ -30,25 +35,57 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
-    """A reduction of a sharded tensor, reduced over the ranks (an all-reduce, no host read)."""
-    return x.full_tensor() if isinstance(x, DTensor) else x
+class _Param:
+    """One parameter's local rows (its shard, or the whole tensor) and the group its dim 0 is sharded over."""
+
+    def __init__(self, p: torch.Tensor):
+        self.p, self.group, self.shape = p, None, tuple(p.shape)
+        self.local, self.grad = p, p.grad
+        if isinstance(p, DTensor):
+            sharded = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
+            if sharded and (len(sharded) > 1 or p.placements[sharded[0]] != Shard(0)):
+                raise ValueError(f"Adafactor: a parameter sharded as {p.placements} (shape {self.shape}); "
+                                 "only dim 0 over one mesh dimension (FSDP2, HSDP) is supported")
+            if sharded:
+                self.group = p.device_mesh.get_group(sharded[0])
+            self.local, self.grad = p.to_local(), p.grad.to_local()
+
+    def state_tensor(self, local: torch.Tensor, shape: tuple[int, ...], shard_rows: bool) -> torch.Tensor:
+        """A state tensor from this rank's part: a DTensor over p's mesh (dim 0 sharded as p's when
+        `shard_rows`, else replicated) for a DTensor parameter, `local` itself otherwise."""
+        if not isinstance(self.p, DTensor):
+            return local
+        placements = [pl if shard_rows else Replicate() for pl in self.p.placements]
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(local, self.p.device_mesh, placements, run_check=False, shape=shape, stride=stride)
 
 
-def _placed_as(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """x laid out over the ranks as the parameter p is (DTensor may replicate a product with a
-    tiny factor, e.g. for a [1, n] parameter sharded along its one row), so p can take it in place."""
-    if isinstance(x, DTensor) and x.placements != p.placements:
-        return x.redistribute(p.device_mesh, p.placements)
-    return x
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def _all_reduce_per_group(parts: list[list[torch.Tensor]], groups: list) -> list[list[torch.Tensor]]:
+    """Sum each parameter's tensors over the ranks its shard group spans: one flat float64 buffer and one
+    all-reduce per distinct group (parameters not sharded pass unchanged)."""
+    out = list(parts)
+    for group in {g for g in groups if g is not None}:
+        idx = [i for i, g in enumerate(groups) if g is group]
+        flat = torch.cat([t.reshape(-1).double() for i in idx for t in parts[i]])
+        dist.all_reduce(flat, group=group)
+        pieces = iter(flat.split([t.numel() for i in idx for t in parts[i]]))
+        for i in idx:
+            out[i] = [next(pieces).view(t.shape) for t in parts[i]]
+    return out
 
 
 class Adafactor(torch.optim.Optimizer):
     """torch.optim.Adafactor's update and hyper-parameters (lr, beta2_decay, eps = (eps1, eps2), d,
-    weight_decay), with no host read and a `found_inf` attribute honoured (see the module doc)."""
+    weight_decay), with no host read, two collectives a step on sharded parameters, and a
+    `found_inf` attribute honoured (see the module doc)."""
 
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0):
@@ -73,50 +110,86 @@ class Adafactor(torch.optim.Optimizer):
                 loss = closure()
         found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, p.grad, self.state[p], group, found_inf)
+            params = [_Param(p) for p in group["params"] if p.grad is not None]
+            if params:
+                self._group_step(params, group, found_inf)
         return loss
 
-    @staticmethod
-    def _update(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict, found_inf: torch.Tensor | None) -> None:
-        if g.is_sparse or torch.is_complex(p):
-            raise RuntimeError("Adafactor takes dense real parameters")
-        lr, wd, d = group["lr"], group["weight_decay"], group["d"]
-        eps1, eps2 = group["eps"]
-        eps1 = torch.finfo(p.dtype).eps if eps1 is None else eps1
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        keep = None if found_inf is None else found_inf.to(p.device) == 0
-        step = state["step"]
-        step += 1 if keep is None else keep.to(step.dtype)
-        t = step.double().clamp(min=1)              # a flagged first step stays at 0 (its weight is zeroed)
-        weight = t ** group["beta2_decay"]          # 1 - beta2_t
-        rho = t.rsqrt().clamp(max=lr)               # min(lr, 1/sqrt(t))
-        alpha = (_full(torch.linalg.vector_norm(p)).double() / math.sqrt(p.numel())).clamp(min=eps2) * rho
-        if keep is not None:
-            # A flagged step: zero gradient and zero averaging weight leave the statistics as they were, and
-            # a zero update the parameter (its NaNs must not reach the statistics: where, not a product).
-            g = torch.where(keep, g, 0.0)
-            weight = torch.where(keep, weight, 0.0)
-        if wd:
-            factor = 1 - lr * wd
-            p.mul_(factor if keep is None else torch.where(keep, factor, 1.0).to(p.dtype))
-        w = weight.to(p.dtype)
-        if g.dim() > 1:
-            row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square() / g.size(-1)
-            col_mean = torch.linalg.vector_norm(g, dim=-2, keepdim=True).square() / g.size(-2)
-            if "row_var" not in state:
-                state["row_var"], state["col_var"] = torch.zeros_like(row_mean), torch.zeros_like(col_mean)
-            row_var, col_var = state["row_var"], state["col_var"]
-            row_var.lerp_(row_mean, w)
-            col_var.lerp_(col_mean, w)
-            var = torch.matmul(row_var, col_var).div_(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
-        else:
-            if "variance" not in state:
-                state["variance"] = torch.zeros_like(g)
-            var = state["variance"].lerp_(g * g, w).clone()
-        # In place from here (fresh buffers of a parameter's size each step cost more than the math on a CPU).
-        u = _placed_as(var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g), p)
-        rms_u = _full(torch.linalg.vector_norm(u)).double() / (math.sqrt(u.numel()) * d)
-        p.add_(u.mul_((-alpha / rms_u.clamp(min=1.0)).to(p.dtype)))
+    def _group_step(self, params: list[_Param], group: dict, found_inf: torch.Tensor | None) -> None:
+        lr, wd, d, decay = group["lr"], group["weight_decay"], group["d"], group["beta2_decay"]
+        eps1_opt, eps2 = group["eps"]
+        keep = None if found_inf is None else found_inf.to(params[0].local.device) == 0
+        # Phase 1, local: the step's scalars, the weight decay, the row statistics, and each parameter's
+        # partial sums that cross its shards (sum of p^2; for matrices the column sums of g^2, of R's rows).
+        partial = []
+        for q in params:
+            state = self.state[q.p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=q.local.device)
+            step = state["step"]
+            step += 1 if keep is None else keep.to(step.dtype)
+            t = step.double().clamp(min=1)              # a flagged first step stays at 0 (its weight is zeroed)
+            weight = t ** decay                         # 1 - beta2_t
+            rho = t.rsqrt().clamp(max=lr)               # min(lr, 1/sqrt(t))
+            g = q.grad
+            if keep is not None:
+                # A flagged step: zero gradient and zero averaging weight leave the statistics as they were,
+                # and a zero update the parameter (its NaNs must not reach them: where, not a product).
+                g = torch.where(keep, g, 0.0)
+                weight = torch.where(keep, weight, 0.0)
+            q.grad, q.weight, q.rho = g, weight.to(q.local.dtype), rho
+            parts = [torch.linalg.vector_norm(q.local).double().square()]   # before the weight decay, as torch
+            if wd:
+                factor = 1 - lr * wd
+                q.local.mul_(factor if keep is None else torch.where(keep, factor, 1.0).to(q.local.dtype))
+            if len(q.shape) > 1:
+                row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(q.shape[-1])
+                if "row_var" not in state:
+                    # For a matrix sharded by rows the column statistics span every shard: replicated.
+                    state["row_var"] = q.state_tensor(torch.zeros_like(row_mean), q.shape[:-1] + (1,), True)
+                    col = (*q.shape[:-2], 1, q.shape[-1])
+                    local_col = col if len(q.shape) == 2 else (g.shape[0], *col[1:])
+                    state["col_var"] = q.state_tensor(g.new_zeros(local_col), col, len(q.shape) > 2)
+                row_var = _local(state["row_var"]).lerp_(row_mean, q.weight)
+                # The column sums of g^2 and R's row sum: partial sums for a matrix sharded by rows (summed over
+                # the shards below), whole ones for 3+ dims (dim 0, the sharded one, is a batch dim of the pair).
+                cols = [torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_(), row_var.sum(dim=-2, keepdim=True)]
+                if len(q.shape) == 2:
+                    parts += cols
+                else:
+                    q.cols = cols
+            partial.append(parts)
+        sums = _all_reduce_per_group(partial, [q.group for q in params])  # one all-reduce per shard group
+        # Phase 2, local: the update direction u and its sum of squares. A parameter not sharded takes its update
+        # at once (a buffer of its size freed before the next); sharded ones wait for the sums over their shards.
+        waiting, u_sq = [], []
+        for q, (p_sq, *cols) in zip(params, sums):
+            state = self.state[q.p]
+            eps1 = torch.finfo(q.local.dtype).eps if eps1_opt is None else eps1_opt
+            q.alpha = (p_sq.sqrt() / math.sqrt(math.prod(q.shape))).clamp(min=eps2) * q.rho
+            if len(q.shape) > 1:
+                col_sq, row_sum = cols or q.cols
+                m = q.shape[-2]
+                col_var = _local(state["col_var"]).lerp_(col_sq.to(q.local.dtype).div_(m), q.weight)
+                row_var = _local(state["row_var"])
+                var = torch.matmul(row_var, col_var).div_((row_sum.to(q.local.dtype) / m).clamp_(min=eps1))
+            else:
+                if "variance" not in state:
+                    state["variance"] = q.state_tensor(torch.zeros_like(q.grad), q.shape, True)
+                var = _local(state["variance"]).lerp_(q.grad * q.grad, q.weight).clone()
+            u = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(q.grad)
+            u_sq_q = torch.linalg.vector_norm(u).double().square()
+            if q.group is None:
+                _apply(q, u, u_sq_q, d)
+            else:
+                waiting.append((q, u))
+                u_sq.append([u_sq_q])
+        u_sums = _all_reduce_per_group(u_sq, [q.group for q, _ in waiting])
+        for (q, u), (s,) in zip(waiting, u_sums):
+            _apply(q, u, s, d)
+
+
+def _apply(q: _Param, u: torch.Tensor, u_sq: torch.Tensor, d: float) -> None:
+    """p -= alpha / max(1, RMS(u) / d) * u, with u's sum of squares over the whole parameter."""
+    rms_u = u_sq.sqrt() / (math.sqrt(math.prod(q.shape)) * d)
+    q.local.add_(u.mul_((-q.alpha / rms_u.clamp(min=1.0)).to(q.local.dtype)))

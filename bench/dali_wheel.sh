@@ -99,7 +99,7 @@ print("Device calls, one right after the other on the same warm machine (it goes
 dc = f"VIDEOPRISM_COMMIT={commit} bash bench/device_check.sh"
 for i, c in enumerate(calls, 1):
     if i == len(calls):
-        cmd = f"{dc} gpu-tests checkpoint dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
+        cmd = f"{dc} gpu-tests checkpoint optimizer dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
     elif i == 1:
         cmd = ("bash bench/dali_wheel.sh status   (or the first device_check call: "
                f"{dc} build train-step token-ops attention)")

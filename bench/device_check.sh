@@ -10,7 +10,7 @@
 # steps are time-boxed and ordered so that a first call (build, train-step, token-ops,
 # attention: boxes of 120 + 300 + 70 + 85 s, at most 9.6 minutes; run it with timeout_s=600)
 # answers the open benchmark targets and a second call on the still warm machine (the build
-# persists there) runs the rest (gpu-tests, checkpoint, dali-gpu).
+# persists there) runs the rest (gpu-tests, checkpoint, optimizer, dali-gpu).
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT" bench/results
@@ -20,7 +20,7 @@ export VIDEOPRISM_COMMIT=${VIDEOPRISM_COMMIT:-unknown}
 PY=${PY:-python3}
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 
-ALL_STEPS=(build train-step token-ops attention gpu-tests checkpoint dali-gpu)
+ALL_STEPS=(build train-step token-ops attention gpu-tests checkpoint optimizer dali-gpu)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 for s in "${STEPS[@]}"; do
@@ -58,6 +58,8 @@ step gpu-tests 150 $PY -m pytest -q -ra -m gpu -p no:cacheprovider --continue-on
   --junitxml="$OUT/gpu_tests.xml" tests/
 # The step's stall for an interval checkpoint, synchronous vs checkpoint.async_save (state on the GPU).
 step checkpoint 60 $PY -m bench.checkpoint --device cuda --reps 2 --out bench/results/checkpoint_gpu.json
+# The optimizer step: fused AdamW vs torch.optim.Adafactor vs ours (host syncs per step, time, floor).
+step optimizer 45 $PY -m bench.optimizer --device cuda --out bench/results/optimizer_gpu.json
 # Issue 5: DALI on the GPU once the chunks of its wheel are here (carried by earlier calls on this warm machine:
 # `bash bench/dali_wheel.sh prepare` prints them): install, GPU-vs-CPU graph test, DALI rows -> data_gpu.json.
 if wanted dali-gpu && ! bash bench/dali_wheel.sh status >/dev/null 2>&1; then

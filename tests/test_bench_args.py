@@ -24,6 +24,7 @@ FIRST_WORK = {
     "train_step": ["bench.train_step.measure_peaks"],
     "attention": ["bench.attention.measure_peaks"],
     "checkpoint": ["videoprism.from_official"],
+    "optimizer": ["videoprism.from_official"],
     "data": ["videoprism.data.manifest.read_source", "bench.data.default_clips"],
 }
 
@@ -62,6 +63,7 @@ BAD = [
     ("attention", ["--backends", "bogus"], "--backends"),
     ("attention", ["--batch", "0"], "--batch"),
     ("checkpoint", ["--dir", __file__ + "/ckpt"], "--dir"),  # under a file
+    ("optimizer", ["--model", "videoprism_v1_base"], "--model"),  # an encoder, not a video-text model
     *[pytest.param(name, ["--device", "cuda"], "--device", id=f"{name}-no-gpu",
                    marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"))
       for name in FIRST_WORK],
@@ -133,6 +135,7 @@ def test_exp2_peak_without_a_gpu_is_one_line_exit_2(capsys):
     ("train_step", ["--preset", "tiny", "--frames", "8,4", "--modes", "eager,compiled", "--stages", "2,1",
                     "--profile"]),
     ("checkpoint", ["--model", "videoprism_lvt_v1_base", "--reps", "2"]),
+    ("optimizer", ["--model", "videoprism_lvt_v1_large"]),
     ("data", ["--clips", "{tmp}", "--frames", "8", "--gpu-batches", "1,4"]),
     ("attention", ["--tiny", "--modes", "fwd,fwd+bwd", "--backends", "reference,triton"]),
 ])

@@ -63,7 +63,7 @@ def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step()
     before, state = [p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict())
     for p in ps:
         p.grad = torch.full_like(p, float("nan"))
-    opt.found_inf = torch.ones(())
+    opt.found_inf = torch.ones(1)  # GradScaler's shape
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, ps))
     after = opt.state_dict()["state"]
@@ -107,7 +107,10 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
         for block in sharded:
             fully_shard(block)
         fully_shard(sharded)
-        opts = [Adafactor(m.parameters(), lr=0.05, weight_decay=0.1) for m in (plain, sharded)]
+        # Two parameter groups, as the trainer makes them (weight decay on matrices only): one pair of
+        # all-reduces for both.
+        opts = [Adafactor([{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.1},
+                           {"params": [p for p in m.parameters() if p.ndim == 1]}], lr=0.05) for m in (plain, sharded)]
         calls = []
         real = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -25,7 +25,8 @@ Sharded parameters (FSDP2/HSDP DTensors, dim 0 sharded over one mesh dimension):
 on its own rows. What crosses the shards (sum of p^2 and of u^2 for the RMS values; for a matrix,
 whose rows are the sharded dim, the column sums of g^2 and the row sum of R) is gathered from every
 parameter of a group into one buffer and summed in one all-reduce: two collectives a step, not a
-few per parameter. The state is stored as DTensors (R and vectors sharded as p; C sharded as p when
+few per parameter (their update directions, one local shard's worth, wait in memory for the second).
+The state is stored as DTensors (R and vectors sharded as p; C sharded as p when
 p has 3+ dims, else replicated), so distributed checkpoints save and reshard it.
 
 Cost per m x n matrix: reads g three times (two norms, the update), p twice; O(m + n) state.
@@ -40,10 +41,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 class _Param:
-    """One parameter's local rows (its shard, or the whole tensor) and the group its dim 0 is sharded over."""
+    """One parameter's local rows (its shard, or the whole tensor), the process group its dim 0 is
+    sharded over, and its parameter group's hyper-parameters `hp`."""
 
-    def __init__(self, p: torch.Tensor):
-        self.p, self.group, self.shape = p, None, tuple(p.shape)
+    def __init__(self, p: torch.Tensor, hp: dict):
+        self.p, self.hp, self.group, self.shape = p, hp, None, tuple(p.shape)
         self.local, self.grad = p, p.grad
         if isinstance(p, DTensor):
             sharded = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
@@ -72,7 +74,7 @@ def _all_reduce_per_group(parts: list[list[torch.Tensor]], groups: list) -> list
     """Sum each parameter's tensors over the ranks its shard group spans: one flat float64 buffer and one
     all-reduce per distinct group (parameters not sharded pass unchanged)."""
     out = list(parts)
-    for group in {g for g in groups if g is not None}:
+    for group in dict.fromkeys(g for g in groups if g is not None):  # the same order on every rank
         idx = [i for i, g in enumerate(groups) if g is group]
         flat = torch.cat([t.reshape(-1).double() for i in idx for t in parts[i]])
         dist.all_reduce(flat, group=group)
@@ -108,36 +110,38 @@ class Adafactor(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            params = [_Param(p) for p in group["params"] if p.grad is not None]
-            if params:
-                self._group_step(params, group, found_inf)
+        # All parameter groups at once: their cross-shard sums share the two all-reduces.
+        params = [_Param(p, hp) for hp in self.param_groups for p in hp["params"] if p.grad is not None]
+        if params:
+            self._step(params, getattr(self, "found_inf", None))
         return loss
 
-    def _group_step(self, params: list[_Param], group: dict, found_inf: torch.Tensor | None) -> None:
-        lr, wd, d, decay = group["lr"], group["weight_decay"], group["d"], group["beta2_decay"]
-        eps1_opt, eps2 = group["eps"]
-        keep = None if found_inf is None else found_inf.to(params[0].local.device) == 0
+    def _step(self, params: list[_Param], found_inf: torch.Tensor | None) -> None:
+        dev = params[0].local.device
+        keep = None if found_inf is None else (found_inf.to(dev) == 0).reshape(())  # GradScaler's is [1]
         # Phase 1, local: the step's scalars, the weight decay, the row statistics, and each parameter's
         # partial sums that cross its shards (sum of p^2; for matrices the column sums of g^2, of R's rows).
         partial = []
         for q in params:
+            lr, wd = q.hp["lr"], q.hp["weight_decay"]
             state = self.state[q.p]
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=q.local.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
+            elif state["step"].device != dev:  # loaded from torch's Adafactor, whose step lives on the host
+                state["step"] = state["step"].to(dev)
             step = state["step"]
             step += 1 if keep is None else keep.to(step.dtype)
             t = step.double().clamp(min=1)              # a flagged first step stays at 0 (its weight is zeroed)
-            weight = t ** decay                         # 1 - beta2_t
+            weight = t ** q.hp["beta2_decay"]           # 1 - beta2_t
             rho = t.rsqrt().clamp(max=lr)               # min(lr, 1/sqrt(t))
             g = q.grad
             if keep is not None:
                 # A flagged step: zero gradient and zero averaging weight leave the statistics as they were,
-                # and a zero update the parameter (its NaNs must not reach them: where, not a product).
-                g = torch.where(keep, g, 0.0)
+                # and a zero update the parameter (its NaNs must not reach them: a fill, not a product; in
+                # place, a flagged step's gradient being of no further use).
+                g.masked_fill_(~keep, 0.0)
                 weight = torch.where(keep, weight, 0.0)
-            q.grad, q.weight, q.rho = g, weight.to(q.local.dtype), rho
+            q.weight, q.rho = weight.to(q.local.dtype), rho
             parts = [torch.linalg.vector_norm(q.local).double().square()]   # before the weight decay, as torch
             if wd:
                 factor = 1 - lr * wd
@@ -165,7 +169,8 @@ class Adafactor(torch.optim.Optimizer):
         waiting, u_sq = [], []
         for q, (p_sq, *cols) in zip(params, sums):
             state = self.state[q.p]
-            eps1 = torch.finfo(q.local.dtype).eps if eps1_opt is None else eps1_opt
+            eps1, eps2 = q.hp["eps"]
+            eps1 = torch.finfo(q.local.dtype).eps if eps1 is None else eps1
             q.alpha = (p_sq.sqrt() / math.sqrt(math.prod(q.shape))).clamp(min=eps2) * q.rho
             if len(q.shape) > 1:
                 col_sq, row_sum = cols or q.cols
@@ -180,16 +185,16 @@ class Adafactor(torch.optim.Optimizer):
             u = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(q.grad)
             u_sq_q = torch.linalg.vector_norm(u).double().square()
             if q.group is None:
-                _apply(q, u, u_sq_q, d)
+                _apply(q, u, u_sq_q)
             else:
                 waiting.append((q, u))
                 u_sq.append([u_sq_q])
         u_sums = _all_reduce_per_group(u_sq, [q.group for q, _ in waiting])
         for (q, u), (s,) in zip(waiting, u_sums):
-            _apply(q, u, s, d)
+            _apply(q, u, s)
 
 
-def _apply(q: _Param, u: torch.Tensor, u_sq: torch.Tensor, d: float) -> None:
+def _apply(q: _Param, u: torch.Tensor, u_sq: torch.Tensor) -> None:
     """p -= alpha / max(1, RMS(u) / d) * u, with u's sum of squares over the whole parameter."""
-    rms_u = u_sq.sqrt() / (math.sqrt(math.prod(q.shape)) * d)
+    rms_u = u_sq.sqrt() / (math.sqrt(math.prod(q.shape)) * q.hp["d"])
     q.local.add_(u.mul_((-q.alpha / rms_u.clamp(min=1.0)).to(q.local.dtype)))

@@ -64,6 +64,7 @@ class PendingStep:
     start: torch.cuda.Event | None  # CUDA: recorded before the step's work, and after it
     done: torch.cuda.Event | None
     wall: float  # seconds the host spent queueing the step (on the CPU: running it)
+    ended: float  # when the host had queued it (time.perf_counter)
 
 
 def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
@@ -208,8 +209,8 @@ class Trainer:
         if stacked.device.type == "cuda":
             # Not .tolist() later: a copy queued then waits behind every step queued after this one.
             stacked = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True).copy_(stacked, non_blocking=True)
-        return PendingStep(self.step, list(values), stacked, host, start, self._event(),
-                           time.perf_counter() - t_launch)
+        ended = time.perf_counter()
+        return PendingStep(self.step, list(values), stacked, host, start, self._event(), ended - t_launch, ended)
 
     def _event(self) -> torch.cuda.Event | None:
         """A timing event recorded on the current stream (CUDA), or None (the CPU runs each op as it is called)."""
@@ -327,12 +328,12 @@ class Trainer:
 
     @staticmethod
     def step_seconds(pending: PendingStep, previous: PendingStep | None) -> float:
-        """A step's share of the run's time. On a GPU: from the end of the step before it (queued
-        back to back, so a gap the host left the GPU idle counts) or, after a boundary (checkpoint,
-        evaluation), from its own start; to its end. On the CPU, which runs a step as it is queued:
-        the time its launch took. Both read events that have passed (call after read_step)."""
+        """A step's share of the run's time: from the end of the step before it (queued back to back, so
+        what the host did in between counts, and on a GPU a gap it left the GPU idle) or, after a
+        boundary (checkpoint, evaluation), from its own start; to its end. On a GPU the ends are the
+        device's (events that have passed: call after read_step); the CPU runs a step as it queues it."""
         if pending.done is None:
-            return pending.wall
+            return pending.ended - previous.ended if previous is not None else pending.wall
         return (previous.done if previous is not None else pending.start).elapsed_time(pending.done) / 1e3
 
     def _log_step(self, log: MetricsLogger, peak: float, pending: PendingStep, previous: PendingStep | None) -> None:

@@ -232,8 +232,8 @@ class Trainer:
             if self.nonfinite > self.cfg.train.max_nonfinite:
                 raise NonFiniteLossError(
                     f"{self.nonfinite} steps had a non-finite loss or gradient (limit train.max_nonfinite="
-                    f"{self.cfg.train.max_nonfinite}), the last step {pending.step}; lower optim.lr, check the data, "
-                    "or raise the limit")
+                    f"{self.cfg.train.max_nonfinite}), the last at step {pending.step}; lower optim.lr, check the "
+                    "data, or raise the limit")
         rec["nonfinite"] = self.nonfinite
         return rec
 

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from videoprism.train import adafactor
 from videoprism.train.adafactor import Adafactor
 
 # Matrices, a 3-D tensor (factored over its last two dims), vectors, and single-row / single-column
@@ -31,8 +32,11 @@ def set_grads(ps, step):
         p.grad = torch.randn(p.shape, generator=g) * (10.0 if step % 2 else 0.1)  # relative step clipping on, off
 
 
+@pytest.mark.parametrize("chunk", [None, 40])  # the default (one chunk here), and chunks of a few parameters
 @pytest.mark.parametrize("lr, eps", [(0.05, (None, 1e-3)), (1e-3, (1e-20, 1e-2))])
-def test_adafactor_matches_torch_adafactor(lr, eps):
+def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(adafactor, "_CHUNK", chunk)
     ours, theirs = params(), params()
     opt = Adafactor(groups(ours), lr=lr, eps=eps)
     ref = torch.optim.Adafactor(groups(theirs), lr=lr, eps=eps, foreach=False)

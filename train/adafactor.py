@@ -39,6 +39,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+# Elements of parameters not sharded whose update directions are held at once (128 MB in fp32): enough for a few
+# launches per chunk, not a copy of the whole model.
+_CHUNK = 1 << 25
+
 
 class _Param:
     """One parameter's local rows (its shard, or the whole tensor), the process group its dim 0 is
@@ -119,33 +123,46 @@ class Adafactor(torch.optim.Optimizer):
     def _step(self, params: list[_Param], found_inf: torch.Tensor | None) -> None:
         dev = params[0].local.device
         keep = None if found_inf is None else (found_inf.to(dev) == 0).reshape(())  # GradScaler's is [1]
-        # Phase 1, local: the step's scalars, the weight decay, the row statistics, and each parameter's
-        # partial sums that cross its shards (sum of p^2; for matrices the column sums of g^2, of R's rows).
-        partial = []
+        groups = _indices(params)
         for q in params:
-            lr, wd = q.hp["lr"], q.hp["weight_decay"]
             state = self.state[q.p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
             elif state["step"].device != dev:  # loaded from torch's Adafactor, whose step lives on the host
                 state["step"] = state["step"].to(dev)
-            step = state["step"]
-            step += 1 if keep is None else keep.to(step.dtype)
-            t = step.double().clamp(min=1)              # a flagged first step stays at 0 (its weight is zeroed)
-            weight = t ** q.hp["beta2_decay"]           # 1 - beta2_t
-            rho = t.rsqrt().clamp(max=lr)               # min(lr, 1/sqrt(t))
-            g = q.grad
+        # The step's scalars, vectorised over each parameter group (its hyper-parameters are numbers): a few
+        # launches a group, where one parameter at a time took ~25 small kernels each.
+        for idx in groups:
+            qs = [params[i] for i in idx]
+            hp = qs[0].hp
+            steps = [self.state[q.p]["step"] for q in qs]
+            torch._foreach_add_(steps, 1.0 if keep is None else keep.to(torch.float32))
+            t = torch.stack(steps).double().clamp_(min=1)   # a flagged first step stays at 0 (its weight is zeroed)
+            weight = t.pow(hp["beta2_decay"])               # 1 - beta2_t
+            if keep is not None:
+                weight = torch.where(keep, weight, 0.0)
+            rho = t.rsqrt().clamp_(max=hp["lr"])             # min(lr, 1/sqrt(t))
+            for q, w, r in zip(qs, weight.float().unbind(), rho.unbind()):
+                q.weight, q.rho = w.to(q.local.dtype), r
+        # Phase 1, local: the sums of p^2 (before the weight decay, as torch), the weight decay, the row
+        # statistics, and for each parameter the partial sums that cross its shards (sum of p^2; for matrices
+        # the column sums of g^2 and R's row sum).
+        p_sq = torch.stack(torch._foreach_norm([q.local for q in params])).double().square_().unbind()
+        for idx in groups:
+            lr, wd = params[idx[0]].hp["lr"], params[idx[0]].hp["weight_decay"]
+            if wd:
+                factor = 1 - lr * wd
+                torch._foreach_mul_([params[i].local for i in idx],
+                                    factor if keep is None else torch.where(keep, factor, 1.0))
+        partial = []
+        for q, sq in zip(params, p_sq):
+            state, g = self.state[q.p], q.grad
             if keep is not None:
                 # A flagged step: zero gradient and zero averaging weight leave the statistics as they were,
                 # and a zero update the parameter (its NaNs must not reach them: a fill, not a product; in
                 # place, a flagged step's gradient being of no further use).
                 g.masked_fill_(~keep, 0.0)
-                weight = torch.where(keep, weight, 0.0)
-            q.weight, q.rho = weight.to(q.local.dtype), rho
-            parts = [torch.linalg.vector_norm(q.local).double().square()]   # before the weight decay, as torch
-            if wd:
-                factor = 1 - lr * wd
-                q.local.mul_(factor if keep is None else torch.where(keep, factor, 1.0).to(q.local.dtype))
+            parts = [sq]
             if len(q.shape) > 1:
                 row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(q.shape[-1])
                 if "row_var" not in state:
@@ -164,37 +181,63 @@ class Adafactor(torch.optim.Optimizer):
                     q.cols = cols
             partial.append(parts)
         sums = _all_reduce_per_group(partial, [q.group for q in params])  # one all-reduce per shard group
-        # Phase 2, local: the update direction u and its sum of squares. A parameter not sharded takes its update
-        # at once (a buffer of its size freed before the next); sharded ones wait for the sums over their shards.
-        waiting, u_sq = [], []
-        for q, (p_sq, *cols) in zip(params, sums):
+        # Phases 2 and 3: the update directions u and p -= alpha / max(1, RMS(u) / d) * u. Sharded parameters
+        # all at once (their sums of u^2 share one all-reduce; their directions, one local shard's worth, wait
+        # for it); the others in chunks of at most _CHUNK elements (each chunk's directions held together).
+        for q, (sq, *cols) in zip(params, sums):
+            q.p_sq, q.cols = sq, cols or getattr(q, "cols", None)
+        sharded = [q for q in params if q.group is not None]
+        if sharded:
+            self._update(sharded, dev)
+        chunk, size = [], 0
+        for q in (q for q in params if q.group is None):
+            chunk.append(q)
+            size += q.local.numel()
+            if size >= _CHUNK:
+                self._update(chunk, dev)
+                chunk, size = [], 0
+        if chunk:
+            self._update(chunk, dev)
+
+    def _update(self, params: list[_Param], dev: torch.device) -> None:
+        """u for each parameter, the sums of u^2 (over the shards: one all-reduce), and the update, its
+        scalars (alpha = max(eps2, RMS(p)) * rho_t, the clipping) vectorised over the parameters."""
+        updates = []
+        for q in params:
             state = self.state[q.p]
-            eps1, eps2 = q.hp["eps"]
+            eps1 = q.hp["eps"][0]
             eps1 = torch.finfo(q.local.dtype).eps if eps1 is None else eps1
-            q.alpha = (p_sq.sqrt() / math.sqrt(math.prod(q.shape))).clamp(min=eps2) * q.rho
             if len(q.shape) > 1:
-                col_sq, row_sum = cols or q.cols
+                col_sq, row_sum = q.cols
                 m = q.shape[-2]
                 col_var = _local(state["col_var"]).lerp_(col_sq.to(q.local.dtype).div_(m), q.weight)
                 row_var = _local(state["row_var"])
-                var = torch.matmul(row_var, col_var).div_((row_sum.to(q.local.dtype) / m).clamp_(min=eps1))
+                # R @ C of an [m, 1] and a [1, n] factor: each element one product, as the broadcast one computes.
+                var = torch.mul(row_var, col_var).div_((row_sum.to(q.local.dtype) / m).clamp_(min=eps1))
+                var.clamp_(min=eps1 * eps1)
             else:
                 if "variance" not in state:
                     state["variance"] = q.state_tensor(torch.zeros_like(q.grad), q.shape, True)
-                var = _local(state["variance"]).lerp_(q.grad * q.grad, q.weight).clone()
-            u = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(q.grad)
-            u_sq_q = torch.linalg.vector_norm(u).double().square()
-            if q.group is None:
-                _apply(q, u, u_sq_q)
-            else:
-                waiting.append((q, u))
-                u_sq.append([u_sq_q])
-        u_sums = _all_reduce_per_group(u_sq, [q.group for q, _ in waiting])
-        for (q, u), (s,) in zip(waiting, u_sums):
-            _apply(q, u, s)
+                var = _local(state["variance"]).lerp_(q.grad * q.grad, q.weight).clamp(min=eps1 * eps1)
+            updates.append(var.rsqrt_().mul_(q.grad))
+        u_sq = torch.stack(torch._foreach_norm(updates)).double().square_().unbind()
+        u_sq = torch.stack([s for (s,) in _all_reduce_per_group([[s] for s in u_sq], [q.group for q in params])])
+        # Per parameter: sqrt(numel), eps2, d (host numbers; one copy, page-locked so the host need not wait).
+        consts = torch.tensor([[math.sqrt(math.prod(q.shape)), q.hp["eps"][1], q.hp["d"]] for q in params],
+                              dtype=torch.float64)
+        consts = consts.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else consts.to(dev)
+        root_n, eps2, d = consts.unbind(1)
+        alpha = torch.maximum(torch.stack([q.p_sq for q in params]).sqrt() / root_n, eps2)
+        alpha *= torch.stack([q.rho for q in params])
+        scale = (-alpha / (u_sq.sqrt() / (root_n * d)).clamp_(min=1.0)).float().unbind()
+        for q, u, sc in zip(params, updates, scale):
+            u.mul_(sc.to(q.local.dtype))
+        torch._foreach_add_([q.local for q in params], updates)
 
 
-def _apply(q: _Param, u: torch.Tensor, u_sq: torch.Tensor) -> None:
-    """p -= alpha / max(1, RMS(u) / d) * u, with u's sum of squares over the whole parameter."""
-    rms_u = u_sq.sqrt() / (math.sqrt(math.prod(q.shape)) * q.hp["d"])
-    q.local.add_(u.mul_((-q.alpha / rms_u.clamp(min=1.0)).to(q.local.dtype)))
+def _indices(params: list[_Param]) -> list[list[int]]:
+    """Positions of the parameters of each parameter group, in order."""
+    out: dict[int, list[int]] = {}
+    for i, q in enumerate(params):
+        out.setdefault(id(q.hp), []).append(i)
+    return list(out.values())

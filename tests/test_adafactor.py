@@ -130,3 +130,17 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
         assert all(isinstance(v, DTensor) for st in opts[1].state.values() for k, v in st.items() if k != "step")
     finally:
         dist.destroy_process_group()
+
+
+def test_chunks_hold_at_most_chunk_elements_unless_one_parameter_is_larger(monkeypatch):
+    monkeypatch.setattr(adafactor, "_CHUNK", 40)
+    chunks = []
+    update = Adafactor._update
+    monkeypatch.setattr(Adafactor, "_update",
+                        lambda self, qs, dev: chunks.append([q.local.numel() for q in qs]) or update(self, qs, dev))
+    ps = params()
+    opt = Adafactor(groups(ps), lr=0.05)
+    set_grads(ps, 0)
+    opt.step()
+    assert sum(chunks, []) == [p.numel() for p in ps]  # every parameter once, in order
+    assert all(sum(c) <= 40 or len(c) == 1 for c in chunks) and len(chunks) > 2, chunks

@@ -4,7 +4,7 @@ torch.optim.Adafactor (torch 2.11-2.14) reads three scalars per parameter back t
 step (the step count, the parameter's RMS, the update's RMS): several hundred host syncs a step
 for a base model, each draining the GPU's queue; and it squares a column norm in place, which
 fails on FSDP2's sharded parameters. This optimizer computes the same update with those scalars
-kept on the device (float64, cast to the parameter's dtype where they meet it, as torch's Python
+kept on the device (float64, cast to fp32 and the parameter's dtype where they meet it, as torch's Python
 floats are), and it takes a `found_inf` flag as fused AdamW does: a flagged step leaves
 parameters and state as they were (the trainer's non-finite skip without a host read).
 
@@ -29,7 +29,12 @@ few per parameter (their update directions, one local shard's worth, wait in mem
 The state is stored as DTensors (R and vectors sharded as p; C sharded as p when
 p has 3+ dims, else replicated), so distributed checkpoints save and reshard it.
 
-Cost per m x n matrix: reads g three times (two norms, the update), p twice; O(m + n) state.
+Cost per m x n matrix: reads g three times (two norms, the update; a flagged step's fill once more), p twice
+(three times with weight decay); O(m + n) state. Launches: about 17 ops per matrix and 6 per vector (2 more
+with found_inf), ~45 per parameter group (a TorchDispatchMode count: ~4.5k a step for base LvT's 384
+tensors with found_inf). A parameter group should hold one dtype (the trainer's fp32 master weights): the
+foreach ops fall back to one kernel per tensor otherwise. eps1 follows each parameter's dtype (torch's
+takes the first parameter's for the whole group).
 """
 from __future__ import annotations
 
@@ -39,8 +44,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-# Elements of parameters not sharded whose update directions are held at once (128 MB in fp32): enough for a few
-# launches per chunk, not a copy of the whole model.
+# At most this many elements of parameters not sharded have their update directions held at once (128 MB in
+# fp32; a larger parameter alone): few launches per chunk, not a copy of the whole model. Sharded parameters
+# (FSDP2) hold theirs together, one local shard's worth, for their one all-reduce.
 _CHUNK = 1 << 25
 
 
@@ -51,6 +57,9 @@ class _Param:
     def __init__(self, p: torch.Tensor, hp: dict):
         self.p, self.hp, self.group, self.shape = p, hp, None, tuple(p.shape)
         self.local, self.grad = p, p.grad
+        # Set by the step: averaging weight 1 - beta2_t and rho_t (0-d views), the sum of p^2 over the whole
+        # parameter, and a matrix's [column sums of g^2, row sum of R] over the whole parameter (or None).
+        self.weight = self.rho = self.p_sq = self.cols = None
         if isinstance(p, DTensor):
             sharded = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
             if sharded and (len(sharded) > 1 or p.placements[sharded[0]] != Shard(0)):
@@ -123,6 +132,7 @@ class Adafactor(torch.optim.Optimizer):
     def _step(self, params: list[_Param], found_inf: torch.Tensor | None) -> None:
         dev = params[0].local.device
         keep = None if found_inf is None else (found_inf.to(dev) == 0).reshape(())  # GradScaler's is [1]
+        flagged = None if keep is None else ~keep
         groups = _indices(params)
         for q in params:
             state = self.state[q.p]
@@ -161,7 +171,7 @@ class Adafactor(torch.optim.Optimizer):
                 # A flagged step: zero gradient and zero averaging weight leave the statistics as they were,
                 # and a zero update the parameter (its NaNs must not reach them: a fill, not a product; in
                 # place, a flagged step's gradient being of no further use).
-                g.masked_fill_(~keep, 0.0)
+                g.masked_fill_(flagged, 0.0)
             parts = [sq]
             if len(q.shape) > 1:
                 row_mean = torch.linalg.vector_norm(g, dim=-1, keepdim=True).square_().div_(q.shape[-1])
@@ -176,7 +186,7 @@ class Adafactor(torch.optim.Optimizer):
                 # the shards below), whole ones for 3+ dims (dim 0, the sharded one, is a batch dim of the pair).
                 cols = [torch.linalg.vector_norm(g, dim=-2, keepdim=True).square_(), row_var.sum(dim=-2, keepdim=True)]
                 if len(q.shape) == 2:
-                    parts += cols
+                    parts += cols  # whole after the all-reduce below
                 else:
                     q.cols = cols
             partial.append(parts)
@@ -185,17 +195,19 @@ class Adafactor(torch.optim.Optimizer):
         # all at once (their sums of u^2 share one all-reduce; their directions, one local shard's worth, wait
         # for it); the others in chunks of at most _CHUNK elements (each chunk's directions held together).
         for q, (sq, *cols) in zip(params, sums):
-            q.p_sq, q.cols = sq, cols or getattr(q, "cols", None)
+            q.p_sq = sq
+            if cols:
+                q.cols = cols
         sharded = [q for q in params if q.group is not None]
         if sharded:
             self._update(sharded, dev)
         chunk, size = [], 0
         for q in (q for q in params if q.group is None):
-            chunk.append(q)
-            size += q.local.numel()
-            if size >= _CHUNK:
+            if chunk and size + q.local.numel() > _CHUNK:
                 self._update(chunk, dev)
                 chunk, size = [], 0
+            chunk.append(q)
+            size += q.local.numel()
         if chunk:
             self._update(chunk, dev)
 
@@ -220,8 +232,10 @@ class Adafactor(torch.optim.Optimizer):
                     state["variance"] = q.state_tensor(torch.zeros_like(q.grad), q.shape, True)
                 var = _local(state["variance"]).lerp_(q.grad * q.grad, q.weight).clamp(min=eps1 * eps1)
             updates.append(var.rsqrt_().mul_(q.grad))
-        u_sq = torch.stack(torch._foreach_norm(updates)).double().square_().unbind()
-        u_sq = torch.stack([s for (s,) in _all_reduce_per_group([[s] for s in u_sq], [q.group for q in params])])
+        u_sq = torch.stack(torch._foreach_norm(updates)).double().square_()
+        if any(q.group is not None for q in params):  # summed over the shards
+            u_sq = torch.stack([s for (s,) in _all_reduce_per_group([[s] for s in u_sq.unbind()],
+                                                                    [q.group for q in params])])
         # Per parameter: sqrt(numel), eps2, d (host numbers; one copy, page-locked so the host need not wait).
         consts = torch.tensor([[math.sqrt(math.prod(q.shape)), q.hp["eps"][1], q.hp["d"]] for q in params],
                               dtype=torch.float64)

@@ -3,6 +3,8 @@
 * `timeit(fn)`: median and 20/80 % quantiles in ms. On CUDA it times with events
   through `triton.testing.do_bench` (warm-up and repeat in ms); on the CPU with
   `time.perf_counter` around whole calls after warm-up.
+* `device_ms(fn)` (CUDA): the device time of fn alone, replayed from a CUDA graph: no host
+  dispatch in it, for ops of tens of microseconds whose eager call `timeit` would measure.
 * `measure_peaks(device)`: the two ceilings of the card measured in the same run
   (a large bf16 matmul for TFLOP/s, videoprism/flops.py, a large device-to-device copy for GB/s,
   counting bytes read + written), so every row can say what share of the peak it got.
@@ -116,6 +118,42 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
         _sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(ts)
+
+
+def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
+    """Median device time of fn in ms (CUDA): captured once in a CUDA graph (on a side stream,
+    after two warm-up calls there: compiles and autotuning happen outside the capture), each
+    replay timed by events after a 256 MB L2 flush. No host dispatch in it: what a training
+    step whose host runs ahead of the GPU sees, where `timeit` of an eager call of a few tens
+    of microseconds measures the Python dispatch instead. None (and a note) when fn cannot be
+    captured (a host sync or a CPU tensor in it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            fn()
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    except Exception as e:  # noqa: BLE001 - capture fails in many ways (a sync, a CPU tensor, dynamo); the row keeps its eager time
+        print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        torch.cuda.synchronize()
+        return None
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    events = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    ms = statistics.median(a.elapsed_time(b) for a, b in events)
+    del graph
+    return ms
 
 
 def device_name(device: torch.device | str) -> str:

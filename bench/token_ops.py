@@ -37,12 +37,11 @@ from its forward (autograd runs it on the forward's stream), so its dev_ms is
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, timeit
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
@@ -115,39 +114,6 @@ def op_specs(c: dict, batch: int):
                                           c["visible"], c["mask_emb"], c["pos_emb"]),
          B * m * D * E + B * n * D * E + n * D * 4, B * n * D * E + B * m * D * E + n * D * 4),
     ]
-
-
-def device_ms(fn, reps: int = 30) -> float | None:
-    """Median device time of fn in ms: captured once in a CUDA graph (on a side stream, after
-    two warm-up calls there), each replay timed by events after a 256 MB L2 flush. None (and
-    a note) when fn cannot be captured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    except RuntimeError as e:
-        print(f"  (no CUDA graph: {str(e).splitlines()[0]})")
-        torch.cuda.synchronize()
-        return None
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-    events = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in events)
-    del graph
-    return ms
 
 
 def _with_grad(fn, *inputs):

@@ -144,3 +144,31 @@ def test_good_arguments_get_to_the_benchmark(name, argv, tripwire, tmp_path):
     module = tripwire(name)
     with pytest.raises(ReachedWork):
         module.main([a.format(tmp=tmp_path) for a in argv])
+
+
+@pytest.mark.gpu
+def test_device_ms_times_the_device_work_not_the_host():
+    """device_ms replays a CUDA graph: a kernel that spins is timed as the spin alone (events around
+    it, eagerly, are the oracle) though the host work around its launch (a 20 ms Python sleep, run
+    at capture, not replayed) is longer; a function with a host sync cannot be captured and gives
+    None, not a wrong time."""
+    import time
+
+    from bench.common import device_ms
+
+    cycles = 4_000_000                       # ~2 ms at H100/H200 clocks
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    torch.cuda.synchronize()
+    spin_ms = start.elapsed_time(end)
+
+    def call():
+        time.sleep(0.02)
+        torch.cuda._sleep(cycles)
+
+    ms = device_ms(call, reps=5)
+    assert ms is not None and 0.7 * spin_ms < ms < 1.3 * spin_ms < 20, (ms, spin_ms)
+    x = torch.ones(4, device="cuda")
+    assert device_ms(lambda: x.sum().item(), reps=2) is None

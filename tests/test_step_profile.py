@@ -62,7 +62,8 @@ def test_ops_the_optimizer_runs_count_as_optimizer():
     for p in params:
         p.grad = torch.randn(64)
     opt = torch.optim.AdamW(params, foreach=False)
-    p = profile_calls(opt.step, torch.device("cpu"), calls=2)
+    # Every op in the table (~10 kinds of similar tiny cost; the default top 12 may leave sqrt out).
+    p = profile_calls(opt.step, torch.device("cpu"), calls=2, top=100)
     assert p["split_pct"]["optimizer"] > 95, p
     sqrt = [row for row in p["top"] if row[0] == "aten::sqrt"]
     assert sqrt and sqrt[0][3] == "optimizer"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 
 import torch
 
@@ -170,6 +171,14 @@ def _main(argv) -> None:
         except torch.OutOfMemoryError as e:
             skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
             torch.cuda.empty_cache()
+            continue
+        except Exception as e:  # noqa: BLE001 - one failing row (a compile error on a new card) must not cost the others
+            traceback.print_exc()
+            skipped.append(f"stage{stage} {f} frames {mode}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            report.meta["skipped"] = skipped
+            report.save(args.out)
+            if cuda:
+                torch.cuda.empty_cache()
             continue
         if prof:
             row["time_split"] = summary(prof)

@@ -172,3 +172,31 @@ def test_device_ms_times_the_device_work_not_the_host():
     assert ms is not None and 0.7 * spin_ms < ms < 1.3 * spin_ms < 20, (ms, spin_ms)
     x = torch.ones(4, device="cuda")
     assert device_ms(lambda: x.sum().item(), reps=2) is None
+
+
+def test_train_step_row_that_fails_is_listed_and_the_others_run(monkeypatch, tmp_path, capsys):
+    """A row that raises (a compile error on a card no test ran on) is recorded in meta.skipped with its
+    error; the rows after it still run and are saved."""
+    import json
+
+    from bench import train_step
+    from bench.common import Timing
+
+    calls = []
+
+    def fake_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
+        calls.append((stage, mode))
+        if (stage, mode) == (1, "compiled"):
+            raise RuntimeError("InductorError: a kernel failed to compile\nmore lines")
+        return Timing(10.0, 9.0, 11.0), dict(stage=stage, frames=frames, mode=mode), None
+
+    monkeypatch.setattr(train_step, "bench_row", fake_row)
+    monkeypatch.setattr(train_step, "measure_peaks", lambda device: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    out = tmp_path / "ts.json"
+    assert train_step.main(["--preset", "tiny", "--frames", "8", "--modes", "eager,compiled", "--stages", "1,2",
+                            "--out", str(out)]) in (0, None)
+    assert calls == [(1, "eager"), (1, "compiled"), (2, "compiled"), (2, "eager")]
+    saved = json.loads(out.read_text())
+    assert [(r["stage"], r["mode"]) for r in saved["rows"]] == [(1, "eager"), (2, "compiled"), (2, "eager")]
+    assert saved["meta"]["skipped"] == ["stage1 8 frames compiled: failed: RuntimeError: InductorError: a kernel "
+                                        "failed to compile"]

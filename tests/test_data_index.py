@@ -58,7 +58,8 @@ def test_index_of_an_all_bad_manifest_still_writes_the_report(tmp_path, capsys):
     m = tmp_path / "bad.jsonl"
     m.write_text('{"path": "a.mp4"}\n{"caption": "no path"}\nnot json\n')
     out = str(tmp_path / "clean.jsonl")
-    assert run(["data", "index", str(m), "--out", out, "--quiet"]) == 2
+    # `validate` is DESIGN 7's other name for the command: the same parser and behaviour.
+    assert run(["data", "validate", str(m), "--out", out, "--quiet"]) == 2
     assert "no usable sample" in capsys.readouterr().err
     report = [json.loads(line) for line in open(str(tmp_path / "clean.rejects.jsonl"))]
     assert [r["path"] for r in report] == [f"{m}:{n}" for n in (1, 2, 3)] and all(r["reason"] for r in report)

@@ -56,9 +56,10 @@ def register(subparsers) -> None:
 
     data = subparsers.add_parser("data", help="data tools: index a dataset, generate synthetic data",
                                  description="Data tools for the video-text loader (DESIGN 7).")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,synth}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,synth}")
 
-    p = sub.add_parser("index", help="probe every file, write a clean manifest and a rejects report",
+    p = sub.add_parser("index", aliases=["validate"],
+                       help="probe every file, write a clean manifest and a rejects report (alias: validate)",
                        description="Probe every video of a JSONL manifest or of WebDataset .tar shards in parallel "
                                    "(codec, frames, fps, size, duration; first frame and last GOP decoded) and write "
                                    "a clean manifest with those fields plus a rejects report (one JSON line per bad "

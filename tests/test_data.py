@@ -411,6 +411,14 @@ def test_loader_batches(synth):
     assert len(set(ids.tolist())) == len(ids)  # an epoch never repeats a sample
 
 
+def test_pyav_clips_of_a_gpu_loader_stay_on_the_host(synth):
+    """A loader for a CUDA run hands PyAV's clips over on the host: the trainer copies them page-locked and
+    non-blocking (train/data.py to_device); a pageable copy to the GPU here would make the host wait for the
+    queued training step every batch. (This machine has no GPU: a copy to it would raise.)"""
+    b = next(iter(_loader(synth, backend="pyav", device="cuda")))
+    assert b["video"].device.type == "cpu" and b["video"].shape == (4, 8, 36, 36, 3)
+
+
 def test_loader_is_deterministic_and_independent_of_workers(synth):
     a = [b["video"] for b in _loader(synth, seed=5)]
     b = [b["video"] for b in _loader(synth, seed=5, num_workers=2)]

@@ -23,7 +23,7 @@ def dali_frames(path, indices, device="cpu", box=None, size=None, flip=False):
     with PyAVClip(path) as c:
         h, w = c.index.height, c.index.width
     dali = DaliClips(batch_size=2, num_frames=len(indices), resolution=size or h, device=torch.device(device))
-    (video,) = dali.run([open(path, "rb").read()], [indices], [box or (0, 0, h, w)], [flip])
+    (video,), _ = dali.run([open(path, "rb").read()], [indices], [box or (0, 0, h, w)], [flip])
     return video.cpu()
 
 

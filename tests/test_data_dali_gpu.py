@@ -55,7 +55,7 @@ def run(device, samples, boxes=None, size=None, flips=None, frames=None):
     size = size or plans[0][2]
     dali = DaliClips(batch_size=len(samples), num_frames=T, resolution=size, device=torch.device(device))
     return dali.run([s.read_bytes() for s in samples], frames or [p[1] for p in plans],
-                    boxes or [(0, 0, p[2], p[3]) for p in plans], flips or [False] * len(samples))
+                    boxes or [(0, 0, p[2], p[3]) for p in plans], flips or [False] * len(samples))[0]
 
 
 def check_video(v, size):
@@ -136,3 +136,21 @@ def test_gpu_output_reaches_torch_through_dlpack_without_a_host_copy(clips, monk
     check_video(video, 288)
     # torch saw DALI's device buffer itself (same address): a view, no copy through host memory.
     assert len(seen) == 1 and seen[0][0] == "TensorGPU" and seen[0][1] == seen[0][2] and seen[0][3] == "cuda", seen
+
+
+def test_gpu_graph_returns_without_waiting_for_work_queued_before_it(clips):
+    """The copy out of DALI and the blank-frame check run on the loader's own stream: a spin queued on the
+    consumer's stream (a training step, ~2 s) is still running when run() returns; the clips are ordered
+    before the consumer's next work."""
+    _, frames, h, w = clip_plan(clips[VP9], T)
+    args = ([clips[VP9].read_bytes()], [frames], [(0, 0, h, w)], [False])
+    dali = DaliClips(batch_size=1, num_frames=T, resolution=288, device=torch.device("cuda"))
+    dali.run(*args)                               # builds the pipeline
+    torch.cuda.synchronize()
+    torch.cuda._sleep(4_000_000_000)
+    queued = torch.cuda.Event()
+    queued.record()
+    (video,), (blank,) = dali.run(*args)
+    assert not queued.query(), "run() waited for the work queued on the current stream"
+    assert not blank
+    check_video(video, 288)

@@ -58,6 +58,7 @@ class DaliClips:
         self.batch_size, self.num_frames, self.resolution = batch_size, num_frames, resolution
         self.device, self.num_threads = torch.device(device), num_threads
         self._pipe = None
+        self._stream = None  # CUDA: the stream the outputs are copied and checked on
         self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
 
     def _build(self):
@@ -85,8 +86,9 @@ class DaliClips:
         return pipe
 
     def run(self, encoded: list[bytes], frames: list[list[int]], boxes: list[tuple[int, int, int, int]],
-            flips: list[bool]) -> list[torch.Tensor]:
-        """uint8 [T, R, R, 3] per sample (on `device`). Raises whatever DALI raises; the pipeline is then rebuilt."""
+            flips: list[bool]) -> tuple[list[torch.Tensor], list[bool]]:
+        """(uint8 [T, R, R, 3] per sample on `device`, whether each has an all-zero frame). Raises whatever
+        DALI raises; the pipeline is then rebuilt."""
         inputs = {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
                   "frames": [np.asarray(f, np.int32) for f in frames],
                   "roi_start": [np.array([y, x], np.float32) for y, x, _, _ in boxes],
@@ -102,12 +104,23 @@ class DaliClips:
             # A pipeline that raised is dead (DALI keeps no usable state): drop it, the next run rebuilds it.
             self._pipe, self.rebuilds = None, self.rebuilds + 1
             raise
-        if self.device.type == "cuda":
-            # DLPack hands DALI's device buffer to torch; clone on the device because DALI reuses the buffer.
-            video = torch.from_dlpack(out.as_tensor()).clone()
-        else:
+        if self.device.type != "cuda":
             video = torch.from_numpy(out.as_array())
-        return list(video)
+            return list(video), _blank(video)
+        # On a stream of the loader's own: the host reads the blank flags once the decode and the clone are
+        # done, not once the training step queued ahead of them on the current stream is (on that stream the
+        # read waited for every queued step, and the next step could only be queued after it).
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            # DLPack hands DALI's device buffer to torch (ordered after DALI's work on this stream); clone it
+            # because DALI reuses the buffer.
+            video = torch.from_dlpack(out.as_tensor()).clone()
+            blank = _blank(video)
+        consumer = torch.cuda.current_stream(self.device)
+        consumer.wait_stream(self._stream)
+        video.record_stream(consumer)  # allocated on the loader's stream, used on the consumer's
+        return list(video), blank
 
     def decode_items(self, items, fallback):
         """Yields `_Item`s in order for [(pos, sample_id, sample, augment)]: DALI for the codecs it takes on this
@@ -139,16 +152,20 @@ class DaliClips:
         if not jobs:
             return []
         try:
-            videos = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6)])
+            videos, blank = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6)])
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with no finer type
             if len(jobs) == 1:
                 return [_Item(jobs[0][0], jobs[0][1], bad=f"DALI cannot decode it ({_first_line(e)})")]
             # Retry one by one (the pipeline was rebuilt) so that only the bad file is skipped.
             return [item for j in jobs for item in self._run_jobs([j])]
-        # DALI decodes the frames past a cut as all zeros without raising; a black frame (fade, titles) is all
-        # zeros too. Such a clip goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
-        return [None if bool((v.reshape(v.shape[0], -1).amax(1) == 0).any()) else _Item(pos, sid, video=v)
-                for (pos, sid, *_), v in zip(jobs, videos)]
+        # A clip with an all-zero frame goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
+        return [None if b else _Item(pos, sid, video=v) for (pos, sid, *_), v, b in zip(jobs, videos, blank)]
+
+
+def _blank(video: torch.Tensor) -> list[bool]:
+    """Per clip of a uint8 [B, T, R, R, 3] batch: has it an all-zero frame? DALI decodes the frames past a cut
+    as zeros without raising; a black frame (fade, titles) is zeros too. One host read for the batch."""
+    return (video.reshape(*video.shape[:2], -1).amax(2) == 0).any(1).tolist()
 
 
 def _first_line(e: Exception) -> str:

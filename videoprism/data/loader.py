@@ -412,7 +412,11 @@ class VideoTextLoader:
         samples = [self.samples[i.sample_id] for i in items]
         captions = [s.caption for s in samples]
         ids, paddings = self.tokenizer(captions)
-        video = torch.stack([i.video.to(self.device) for i in items])
+        # DALI's GPU clips are on the device; PyAV's (and DALI's fallbacks) stay on the host for the trainer's
+        # page-locked, non-blocking copy: a pageable .to(cuda) here would wait for the queued training step.
+        dev = next((i.video.device for i in items if i.video.device.type != "cpu"), None)
+        video = torch.stack([i.video if dev is None or i.video.device == dev
+                             else i.video.pin_memory().to(dev, non_blocking=True) for i in items])
         batch = {"video": video, "text_ids": ids, "text_paddings": paddings, "caption": captions,
                  "path": [s.name for s in samples], "dataset": [s.dataset for s in samples],
                  "index": torch.tensor([i.sample_id for i in items], dtype=torch.int64)}

@@ -127,18 +127,21 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
     step whose host runs ahead of the GPU sees, where `timeit` of an eager call of a few tens
     of microseconds measures the Python dispatch instead. None (and a note) when fn cannot be
     captured (a host sync or a CPU tensor in it)."""
+    caller = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
+    stream.wait_stream(caller)
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.stream(stream):
             fn()
             fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        caller.wait_stream(stream)
         with torch.cuda.graph(graph, stream=stream):
             fn()
     except Exception as e:  # noqa: BLE001 - capture fails in many ways (a sync, a CPU tensor, dynamo); the row keeps its eager time
         print(f"  (no CUDA graph: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        # A capture that failed raises out of torch.cuda.graph before it restores the caller's stream.
+        torch.cuda.set_stream(caller)
         torch.cuda.synchronize()
         return None
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
@@ -154,6 +157,12 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
     ms = statistics.median(a.elapsed_time(b) for a, b in events)
     del graph
     return ms
+
+
+def results_path(name: str, device: torch.device) -> str:
+    """The default JSON of a benchmark: bench/results/<name>_<cpu|cuda>.json (a GPU run never
+    overwrites the committed CPU results)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{device.type}.json")
 
 
 def device_name(device: torch.device | str) -> str:

@@ -35,7 +35,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.data.transforms import Augment, apply_augment
 
@@ -188,9 +188,10 @@ def _main(argv) -> None:
                    help="clips per DALI GPU run, comma-separated (default: %(default)s)")
     p.add_argument("--train-step", default=TRAIN_STEP_GPU,
                    help="bench.train_step JSON with the stage-1 rows (default: %(default)s)")
-    p.add_argument("--out", default="bench/results/data_cpu.json", help="JSON path (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/data_<device>.json)")
     args = p.parse_args(argv)
     device = args.device
+    args.out = args.out or results_path("data", device)
     T, R = args.frames, args.resolution
     if args.write_clips:
         if av is None:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 import videoprism as vp
-from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.config import CONFIGS, EncoderConfig, official_config
 from videoprism.flops import encoder_flops
@@ -45,7 +45,7 @@ def _main(argv) -> None:
                    help="comma-separated: eager, compile (default: %(default)s)")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="timed repeats on the CPU; the GPU uses do_bench (default: %(default)s)")
-    p.add_argument("--out", default="bench/results/encoder_cpu.json", help="JSON path (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/encoder_<device>.json)")
     args = p.parse_args(argv)
     patch = official_config(args.model).patch_size
     if args.resolution % patch:  # else the first forward fails, after the peaks are measured and the model built
@@ -53,6 +53,7 @@ def _main(argv) -> None:
                 f"e.g. {max(1, args.resolution // patch) * patch}")
 
     device = args.device
+    args.out = args.out or results_path("encoder", device)
     dtype = getattr(torch, args.dtype)
     shape = (args.batch, args.frames, args.resolution, args.resolution, 3)
     torch.manual_seed(0)

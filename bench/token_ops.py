@@ -41,7 +41,7 @@ import sys
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
@@ -200,7 +200,7 @@ def _main(argv) -> None:
             if cuda:
                 torch.cuda.empty_cache()
     report.show()
-    out = a.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"token_ops_{device.type}.json")
+    out = a.out or results_path("token_ops", device)
     report.save(out)
 
 

@@ -30,7 +30,7 @@ import traceback
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, results_path, timeit
 from bench.step_profile import profile_calls, summary
 from videoprism.cli import run_command
 from videoprism.flops import video_tower_flops
@@ -140,10 +140,11 @@ def _main(argv) -> None:
                         "column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row after this many seconds (default: %(default)s)")
-    p.add_argument("--out", default="bench/results/train_step_cpu.json", help="JSON path (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<device>.json)")
     args = p.parse_args(argv)
 
     device = args.device
+    args.out = args.out or results_path("train_step", device)
     cuda = device.type == "cuda"
     preset = args.preset or ("base" if cuda else "tiny")
     frames = args.frames or ([16, 8] if cuda else [8])

@@ -175,10 +175,16 @@ def autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+# Sequences up to this length take the fixed config, searched or not: the text tower's (K = the
+# trimmed text length, up to 8 values in a run) would otherwise be searched once per new length in
+# the first steps of a run, ~15 compiles each (5 candidates x 3 kernels), stalling every rank.
+SEARCH_MIN_K = 65
+
+
 def _prune(fwd: bool):
     def prune(configs, named_args, **kw):
         bd, default = kw["BLOCK_D"], _default_config(fwd, kw["BLOCK_D"], named_args["K"])
-        if INTERPRET or not AUTOTUNE:
+        if INTERPRET or not AUTOTUNE or named_args["K"] < SEARCH_MIN_K:
             return [default]
         # Large head dims do not fit the big tiles in registers / shared memory.
         keep = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * bd <= 128 * 64 * 128]

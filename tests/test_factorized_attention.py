@@ -465,3 +465,19 @@ def test_space_kernels_at_other_tiles(tiles, monkeypatch):
     finally:
         for k in kernels:
             k.cache.clear()
+
+
+def test_tile_search_skips_short_sequences(monkeypatch):
+    """With the search on (a GPU run), a frame of K >= SEARCH_MIN_K tokens gets every candidate that fits;
+    a text-length sequence gets the one fixed config, so a new text length never starts a search mid-run."""
+    from videoprism.kernels import factorized_attention_space as sp
+
+    monkeypatch.setattr(sp, "INTERPRET", False)
+    monkeypatch.setattr(sp, "AUTOTUNE", True)
+    for fwd in (True, False):
+        prune, configs = sp._prune(fwd), sp._configs(fwd)
+        assert len(prune(configs, {"K": 256}, BLOCK_D=64)) == len(configs)
+        assert len(prune(configs, {"K": sp.SEARCH_MIN_K}, BLOCK_D=64)) == len(configs)
+        for K in (8, 40, sp.SEARCH_MIN_K - 1):
+            (only,) = prune(configs, {"K": K}, BLOCK_D=64)
+            assert str(only) == str(sp._default_config(fwd, 64, K))

@@ -45,7 +45,7 @@ import time
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, results_path, timeit
 from bench.exp2_peak import exp2_peak_gops
 from videoprism.cli import run_command
 from videoprism.ops.attention import factorized_attention
@@ -118,7 +118,7 @@ def _main(argv) -> None:
                    help="use the Triton kernels' fixed default tile configs instead of the search (the library default)")
     p.add_argument("--no-graph", action="store_true",
                    help="skip the CUDA-graph device times (dev_ms): the eager call times only")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = p.parse_args(argv)
     if args.tiny and (args.models or args.batch):
@@ -131,7 +131,7 @@ def _main(argv) -> None:
         factorized_attention_space.AUTOTUNE = False
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    out = args.out or f"bench/results/attention_{device.type}{'_tiny' if args.tiny else ''}.json"
+    out = args.out or results_path("attention", device, "_tiny" if args.tiny else "")
     models = {"tiny": (2, 16)} if args.tiny else {m: MODELS[m] for m in args.models or ("base", "giant", "large")}
     batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch or 16, 16, (16, 8), (128, 90))
     backends = [b for b in args.backends if b in ("reference", "sdpa", "flex", "triton") or _available(b)]

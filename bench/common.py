@@ -159,10 +159,11 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
     return ms
 
 
-def results_path(name: str, device: torch.device) -> str:
-    """The default JSON of a benchmark: bench/results/<name>_<cpu|cuda>.json (a GPU run never
-    overwrites the committed CPU results)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{device.type}.json")
+def results_path(name: str, device: torch.device, suffix: str = "") -> str:
+    """The default JSON of a benchmark: bench/results/<name>_<cpu|gpu><suffix>.json, the names of the
+    committed results (a GPU run never overwrites the CPU ones)."""
+    kind = "gpu" if device.type == "cuda" else device.type
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{kind}{suffix}.json")
 
 
 def device_name(device: torch.device | str) -> str:

@@ -188,7 +188,7 @@ def _main(argv) -> None:
                    help="clips per DALI GPU run, comma-separated (default: %(default)s)")
     p.add_argument("--train-step", default=TRAIN_STEP_GPU,
                    help="bench.train_step JSON with the stage-1 rows (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/data_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/data_<cpu|gpu>.json)")
     args = p.parse_args(argv)
     device = args.device
     args.out = args.out or results_path("data", device)

@@ -45,7 +45,7 @@ def _main(argv) -> None:
                    help="comma-separated: eager, compile (default: %(default)s)")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="timed repeats on the CPU; the GPU uses do_bench (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/encoder_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/encoder_<cpu|gpu>.json)")
     args = p.parse_args(argv)
     patch = official_config(args.model).patch_size
     if args.resolution % patch:  # else the first forward fails, after the peaks are measured and the model built

@@ -138,7 +138,7 @@ def _main(argv) -> None:
     p.add_argument("--stages", type=comma_list(STAGES), default="stage1,stage2",
                    help=f"comma-separated from {list(STAGES)} (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph device times (dev_ms)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<cpu|gpu>.json)")
     a = p.parse_args(argv)
     device = a.device
     cuda = device.type == "cuda"

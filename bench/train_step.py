@@ -140,7 +140,7 @@ def _main(argv) -> None:
                         "column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row after this many seconds (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
     args = p.parse_args(argv)
 
     device = args.device

@@ -208,3 +208,13 @@ def test_train_step_row_that_fails_is_listed_and_the_others_run(monkeypatch, tmp
     assert [(r["stage"], r["mode"]) for r in saved["rows"]] == [(1, "eager"), (2, "compiled"), (2, "eager")]
     assert saved["meta"]["skipped"] == ["stage1 8 frames compiled: failed: RuntimeError: InductorError: a kernel "
                                         "failed to compile"]
+
+
+def test_default_results_are_named_by_device_kind():
+    """A GPU run's JSON goes where the committed GPU results are, never over the CPU ones."""
+    from bench.common import results_path
+
+    results = os.path.join(ROOT, "bench", "results")
+    assert results_path("train_step", torch.device("cuda")) == os.path.join(results, "train_step_gpu.json")
+    assert results_path("train_step", torch.device("cpu")) == os.path.join(results, "train_step_cpu.json")
+    assert results_path("attention", torch.device("cpu"), "_tiny") == os.path.join(results, "attention_cpu_tiny.json")

@@ -187,7 +187,7 @@ def _main(argv) -> None:
                     tiles = {"tiles": _chosen_tiles(axis, bwd)} if backend == "triton" and device.type == "cuda" else {}
                     dev = {}
                     if device.type == "cuda" and not args.no_graph:
-                        d_ms = device_ms(fn)
+                        d_ms = device_ms(fn, reps=20)
                         if d_ms:
                             dev = dict(dev_ms=round(d_ms, 4), dev_tflops=round(flops / d_ms / 1e9, 3),
                                        dev_pct_floor=round(100 * floor * 1e3 / d_ms, 1))

@@ -8,6 +8,8 @@ Each row times `optimizer.step()` on the model's parameters with fixed random gr
 already created by a first step). `host_syncs` counts the times one step makes the host wait
 for the GPU (torch's sync debug mode; CUDA only): torch's Adafactor reads three scalars per
 parameter back, ours none, so only there does the GPU's queue run dry inside the step.
+`aten_ops` counts the ops one step dispatches (a TorchDispatchMode): the host's share of a step,
+which on a GPU is about one launch each and can outlast the kernels of a small step.
 Floor: the bytes a step must move over the measured copy bandwidth (AdamW: read p, g, m, v and
 write p, m, v, 28 bytes per fp32 parameter; Adafactor: read g three times and p twice, write
 p, 24 bytes per parameter, its factored state being O(rows + columns)). On a CPU the copy
@@ -20,6 +22,7 @@ import sys
 import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import videoprism
 from bench.common import Report, arg_parser, device_arg, measure_peaks, timeit
@@ -32,7 +35,9 @@ VIDEO_TEXT = [name for name, (cls, _) in CONFIGS.items() if cls is CLIPConfig]
 OPTIMIZERS = {
     "adamw (fused)": (lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), 7),
     "torch.optim.Adafactor": (lambda ps: torch.optim.Adafactor(ps, lr=1e-4), 6),
-    "adafactor (ours)": (lambda ps: Adafactor(ps, lr=1e-4), 6),
+    # Ours both ways (the device's default is stacked on a GPU, per parameter on the CPU): launches vs copies.
+    "adafactor (ours, per parameter)": (lambda ps: Adafactor(ps, lr=1e-4, stack=False), 6),
+    "adafactor (ours, stacked)": (lambda ps: Adafactor(ps, lr=1e-4, stack=True), 6),
 }
 
 
@@ -49,6 +54,24 @@ def host_syncs(fn, device: torch.device) -> int | None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops(fn) -> int:
+    """How many aten ops one call of fn dispatches: the host's work per step, on any device (each one a
+    dispatch, and on a GPU about one kernel launch)."""
+    with _CountOps() as c:
+        fn()
+    return c.n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +100,8 @@ def _main(argv: list[str] | None) -> None:
         opt.step()  # creates the state
         t = timeit(opt.step, device, warmup=1, reps=5, warmup_ms=50, rep_ms=500)
         floor_ms = words * 4 * numel / (peaks["copy_gbps"] * 1e9) * 1e3
-        report.add(t, optimizer=name, host_syncs=host_syncs(opt.step, device), floor_ms=round(floor_ms, 3),
+        report.add(t, optimizer=name, host_syncs=host_syncs(opt.step, device), aten_ops=aten_ops(opt.step),
+                   floor_ms=round(floor_ms, 3),
                    pct_of_floor=round(100 * floor_ms / t.median_ms, 1))
         del opt
     base = {r["optimizer"]: r["ms"] for r in report.rows}["torch.optim.Adafactor"]

@@ -13,8 +13,17 @@ from videoprism.train import adafactor
 from videoprism.train.adafactor import Adafactor
 
 # Matrices, a 3-D tensor (factored over its last two dims), vectors, and single-row / single-column
-# matrices (one factor is a scalar per slice).
-SHAPES = [(7, 5), (3, 4, 6), (9,), (1, 8), (8, 1), (16,)]
+# matrices (one factor is a scalar per slice); shapes repeated within a parameter group (updated as one
+# stacked tensor) and across the two groups (kept apart: their hyper-parameters differ).
+SHAPES = [(7, 5), (3, 4, 6), (9,), (7, 5), (9,), (3, 4, 6), (1, 8), (8, 1), (16,), (1, 8), (16,), (7, 5), (16,)]
+
+
+@pytest.fixture(params=[False, True], ids=["per-parameter", "stacked"])
+def stacking(request, monkeypatch):
+    """Both ways of updating: one parameter at a time (the CPU's default) and same-shape parameters as one
+    stacked tensor (the GPU's), here on the CPU."""
+    monkeypatch.setattr(adafactor, "STACK_DEVICES", ("cpu", "cuda") if request.param else ("cuda",))
+    return request.param
 
 
 def params(seed=0):
@@ -23,7 +32,7 @@ def params(seed=0):
 
 
 def groups(ps):
-    return [{"params": ps[:3], "weight_decay": 0.1}, {"params": ps[3:]}]
+    return [{"params": ps[:6], "weight_decay": 0.1}, {"params": ps[6:]}]
 
 
 def set_grads(ps, step):
@@ -34,7 +43,7 @@ def set_grads(ps, step):
 
 @pytest.mark.parametrize("chunk", [None, 40])  # the default (one chunk here), and chunks of a few parameters
 @pytest.mark.parametrize("lr, eps", [(0.05, (None, 1e-3)), (1e-3, (1e-20, 1e-2))])
-def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch):
+def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch, stacking):
     if chunk:
         monkeypatch.setattr(adafactor, "_CHUNK", chunk)
     ours, theirs = params(), params()
@@ -54,7 +63,7 @@ def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch):
             torch.testing.assert_close(got[i][k].float(), want[i][k].float(), rtol=1e-6, atol=0)
 
 
-def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step():
+def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step(stacking):
     ps, plain = params(), params()
     opt, ref = Adafactor(groups(ps), lr=0.05), Adafactor(groups(plain), lr=0.05)
     for step in range(2):
@@ -74,7 +83,7 @@ def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step()
     assert all(torch.equal(state["state"][i][k], after[i][k]) for i in after for k in after[i])
 
 
-def test_a_flagged_first_step_leaves_a_fresh_state():
+def test_a_flagged_first_step_leaves_a_fresh_state(stacking):
     ps = params()
     before = [p.detach().clone() for p in ps]
     opt = Adafactor(groups(ps), lr=0.05)
@@ -93,7 +102,7 @@ def test_bad_hyper_parameters_are_refused_by_name():
             Adafactor(params(), **kw)
 
 
-def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tmp_path, monkeypatch):
+def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tmp_path, monkeypatch, stacking):
     """FSDP2 parameters (DTensors, here on a one-rank mesh): the sums that cross shards go out in one
     all-reduce before the update direction and one after, not a few per parameter; the update is the
     unsharded one and the state is stored as DTensors (what distributed checkpoints save and reshard)."""
@@ -132,15 +141,35 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
         dist.destroy_process_group()
 
 
-def test_chunks_hold_at_most_chunk_elements_unless_one_parameter_is_larger(monkeypatch):
+def test_chunks_hold_at_most_chunk_elements_unless_one_parameter_is_larger(monkeypatch, stacking):
     monkeypatch.setattr(adafactor, "_CHUNK", 40)
     chunks = []
     update = Adafactor._update
-    monkeypatch.setattr(Adafactor, "_update",
-                        lambda self, qs, dev: chunks.append([q.local.numel() for q in qs]) or update(self, qs, dev))
+    monkeypatch.setattr(Adafactor, "_update", lambda self, bs, flagged, dev: chunks.append(
+        [q.local.numel() for b in bs for q in b.params]) or update(self, bs, flagged, dev))
     ps = params()
     opt = Adafactor(groups(ps), lr=0.05)
     set_grads(ps, 0)
     opt.step()
-    assert sum(chunks, []) == [p.numel() for p in ps]  # every parameter once, in order
+    assert sorted(sum(chunks, [])) == sorted(p.numel() for p in ps)  # every parameter once
     assert all(sum(c) <= 40 or len(c) == 1 for c in chunks) and len(chunks) > 2, chunks
+
+
+def test_same_shape_parameters_share_their_launches(monkeypatch):
+    """A step over 16 matrices and 16 vectors of one shape each issues about as many ops as over one of
+    each (they are updated as stacked tensors; one at a time it was ~17 ops a matrix, ~6 a vector): the
+    host's dispatch per step stays flat in the model's depth."""
+    from bench.optimizer import aten_ops
+
+    monkeypatch.setattr(adafactor, "STACK_DEVICES", ("cpu",))
+
+    def ops(n):
+        ps = [torch.randn(6, 5).requires_grad_() for _ in range(n)] + [torch.randn(7).requires_grad_() for _ in range(n)]
+        opt = Adafactor(ps, lr=0.01)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()                      # the first step creates the state
+        return aten_ops(opt.step)
+
+    one, many = ops(1), ops(16)
+    assert many <= one + 16, (one, many)   # the per-parameter step-count scalars and views, not ~23 ops each

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.device_guard import on_tensor_device
+
 
 @triton.jit
 def _bevt_accept_kernel(top_ptr, left_ptr, bh_ptr, bw_ptr, start_ptr, length_ptr, out_ptr,
@@ -59,6 +61,7 @@ def _bevt_accept_kernel(top_ptr, left_ptr, bh_ptr, bw_ptr, start_ptr, length_ptr
     tl.store(out_ptr + offs, mask != 0, mask=valid)
 
 
+@on_tensor_device
 def bevt_accept_blocks_triton(top, left, bh, bw, start, length, frames: int, grid: tuple[int, int],
                               budget: int) -> torch.Tensor:
     """The rounds in one launch (same result as the reference, bit for bit: integer logic)."""

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.device_guard import on_tensor_device
 from videoprism.kernels.factorized_attention import MASK_VALUE
 
 # Triton decides interpreter vs. compiler when a kernel is decorated, from this variable.
@@ -439,6 +440,7 @@ def _flags(qkv: torch.Tensor, K: int, Dh: int, softcap: float, has_kp: bool, cau
                 EVEN_K=even_k(K), DOT_PREC=dot_precision(qkv.dtype), BLOCK_D=block_d(Dh))
 
 
+@on_tensor_device
 def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, softcap: float, scale: float,
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the space-axis forward. Returns (o [B, T, K, H, Dh], m2, log2 l [B, T, H, K] fp32:
@@ -456,6 +458,7 @@ def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, sof
     return o, m, logl
 
 
+@on_tensor_device
 def attention_space_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, m: torch.Tensor,
                         logl: torch.Tensor, key_padding: torch.Tensor | None, softcap: float, scale: float,
                         causal: bool) -> torch.Tensor:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels import factorized_attention_space as _space
+from videoprism.kernels.device_guard import on_tensor_device
 from videoprism.kernels.factorized_attention_space import (
     _MASK,
     INTERPRET,
@@ -281,6 +282,7 @@ def _launch(kernel, tensors, strides, qkv, pos, key_padding, softcap, scale, cau
     return tensors[-1]
 
 
+@on_tensor_device
 def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding: torch.Tensor | None,
                        softcap: float, scale: float, causal: bool) -> torch.Tensor:
     """Launch the time-axis forward: qkv [B, T, K, 3, H, Dh] (any strides) -> o [B, T, K, H, Dh]."""
@@ -290,6 +292,7 @@ def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding:
                    qkv, pos, key_padding, softcap, scale, causal)
 
 
+@on_tensor_device
 def attention_time_bwd(do: torch.Tensor, qkv: torch.Tensor, pos: torch.Tensor | None,
                        key_padding: torch.Tensor | None, softcap: float, scale: float, causal: bool) -> torch.Tensor:
     """Launch the time-axis backward. Returns dqkv [B, T, K, 3, H, Dh] (contiguous)."""

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.device_guard import on_tensor_device
+
 
 def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """out[b, j] = x[b, idx[b, j]] with torch.gather."""
@@ -140,6 +142,7 @@ def _scatter_tokens_fwd_kernel(src_ptr, idx_ptr, table_ptr, out_ptr, L, M, D, n_
                 tl.store(out_ptr + tl.cast(row, tl.int64) * D + d, acc.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
+@on_tensor_device
 def gather_tokens_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Triton gather; x [B, L, D] and idx [B, M] int64, both contiguous, indices in range."""
     B, L, D = x.shape
@@ -154,6 +157,7 @@ def gather_tokens_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def scatter_tokens_triton(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
     """Triton scatter-add; src [B, M, D] and idx [B, M] int64, both contiguous, indices in range."""
     B, M, D = src.shape

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.device_guard import on_tensor_device
+
 UINT8_SCALE = 1.0 / 255.0
 
 
@@ -91,6 +93,7 @@ def feature_block(F: int) -> int:
     return min((1024, 512, 256), key=lambda bf: triton.cdiv(F, bf) * bf - F)
 
 
+@on_tensor_device
 def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Contiguous video [B, T, H, W, 3] and pos [B, T, K] int64, indices in range."""
     B, T, H, W, C = video.shape

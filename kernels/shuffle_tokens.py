@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from videoprism.kernels.device_guard import on_tensor_device
 from videoprism.kernels.gather_tokens import NUM_WARPS, row_tile
 
 
@@ -105,6 +106,7 @@ def _shuffle_tokens_bwd_kernel(g_ptr, perm_ptr, gvis_ptr, gpos_ptr, gmask_part_p
     tl.store(gmask_part_ptr + pid_i * D + d, acc_mask, mask=d < D)
 
 
+@on_tensor_device
 def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> torch.Tensor:
     """Contiguous inputs, perm int64 a permutation per sample (checked by the caller)."""
     B, m, D = visible.shape
@@ -120,6 +122,7 @@ def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> tor
     return out
 
 
+@on_tensor_device
 def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
     """-> (d visible [B, m, D] in grad's dtype, d mask_emb [D], d pos_emb [n, D]), the two
     embedding grads in the accumulation dtype (fp32, fp64 for fp64)."""

@@ -583,3 +583,39 @@ def test_triton_patchify_refuses_int32_overflowing_shapes():
     pos = torch.zeros(1, 1, 4, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match="values per frame"):
         patchify_gather_triton(video, pos, 18)
+
+
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launcher enters its first tensor's device when
+    that is another one (a model on cuda:1 while the current device is 0), and leaves CPU tensors and the
+    current device alone. Fake CUDA tensors stand in for real ones (no GPU here); the launch is stubbed."""
+    import contextlib
+    import inspect
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from videoprism.kernels import (bevt_blocks, factorized_attention_space, factorized_attention_time,
+                                    gather_tokens, patchify_gather, shuffle_tokens)
+    from videoprism.kernels.device_guard import on_tensor_device
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(d):
+        entered.append(torch.device(d))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launch = on_tensor_device(lambda x, n: n)
+    with FakeTensorMode():
+        on_1, on_0 = torch.empty(2, device="cuda:1"), torch.empty(2, device="cuda:0")
+    assert launch(on_1, 3) == 3 and entered == [torch.device("cuda:1")]
+    assert launch(on_0, 3) == 3 and launch(torch.empty(2), 3) == 3 and launch(7, 3) == 3
+    assert entered == [torch.device("cuda:1")]
+    # Every public launcher of the kernels package is guarded.
+    launchers = [f for m in (bevt_blocks, factorized_attention_space, factorized_attention_time, gather_tokens,
+                             patchify_gather, shuffle_tokens)
+                 for name, f in inspect.getmembers(m, inspect.isfunction)
+                 if f.__module__ == m.__name__ and (name.endswith("_triton") or name.startswith("attention_"))]
+    assert len(launchers) == 10 and all(f.__code__.co_name == "run" for f in launchers), launchers

@@ -77,6 +77,19 @@ def test_two_processes_equal_one(tmp_path, refs, stage, mode):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_compiled_fsdp_on_two_processes_equals_one(tmp_path, refs, stage):
+    """train.compile (the default) with FSDP2: each block's forward is compiled with fullgraph and FSDP2's
+    hooks run outside the graph (compiling the block's whole call traced them, and stage 2's decoder layers
+    failed their first forward at the hooks' dynamo.disable). The eager backend runs the same ops: the
+    uncompiled 1-process losses."""
+    run(stage, str(tmp_path), "train.steps=3", "checkpoint.export=false", "parallel.mode=fsdp", "train.compile=true",
+        "train.compile_backend=eager", *stage_args(stage, refs), nproc=2)
+    ref, got = losses(refs[stage]), losses(str(tmp_path))
+    for step in (1, 2, 3):
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
 def test_adafactor_on_fsdp2_equals_one_process_and_reshards(tmp_path):
     """The paper's stage-1 optimizer (train/adafactor.py) on FSDP2's sharded parameters (where
     torch.optim.Adafactor fails: an in-place square of a partial norm): 2 ranks give the 1-process

@@ -128,8 +128,10 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
             else MixedPrecisionPolicy()
         for block in blocks(module):
             if compile:
-                # Per-block compile: FSDP2's hooks live between blocks, not inside a graph.
-                block.compile(backend=compile, fullgraph=True)
+                # Per-block compile of the block's forward, not of its call: FSDP2's hooks, which the call
+                # runs around the forward, stay outside the graph (`block.compile()` traced them, and their
+                # dynamo.disable failed the first fullgraph forward).
+                block.forward = torch.compile(block.forward, backend=compile, fullgraph=True)
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(module, mesh=mesh, mp_policy=mp)
         return module

@@ -248,6 +248,8 @@ class Trainer:
     def fit(self) -> dict:
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
         peak = tc.peak_tflops or matmul_peak_tflops(d.device)
+        if d.device.type == "cuda":  # the peak's 8192^2 operands (384 MB) are not the run's memory
+            torch.cuda.reset_peak_memory_stats(d.device)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
         config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:

@@ -413,7 +413,7 @@ def test_loader_batches(synth):
 
 def test_pyav_clips_of_a_gpu_loader_stay_on_the_host(synth):
     """A loader for a CUDA run hands PyAV's clips over on the host: the trainer copies them page-locked and
-    non-blocking (train/data.py to_device); a pageable copy to the GPU here would make the host wait for the
+    non-blocking (videoprism/data/device.py to_device); a pageable copy to the GPU here would make the host wait for the
     queued training step every batch. (This machine has no GPU: a copy to it would raise.)"""
     b = next(iter(_loader(synth, backend="pyav", device="cuda")))
     assert b["video"].device.type == "cpu" and b["video"].shape == (4, 8, 36, 36, 3)

@@ -67,9 +67,8 @@ class _Param:
     def __init__(self, p: torch.Tensor, hp: dict):
         self.p, self.hp, self.group, self.shape = p, hp, None, tuple(p.shape)
         self.local, self.grad = p, p.grad
-        # Set by the step: averaging weight 1 - beta2_t and rho_t (0-d views), the sum of p^2 over the whole
-        # parameter, and a matrix's [column sums of g^2, row sum of R] over the whole parameter (or None).
-        self.weight = self.rho = self.p_sq = self.cols = None
+        # Set by the step: averaging weight 1 - beta2_t and rho_t (0-d views), the sum of p^2 of the local rows.
+        self.weight = self.rho = self.p_sq = None
         if isinstance(p, DTensor):
             sharded = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
             if sharded and (len(sharded) > 1 or p.placements[sharded[0]] != Shard(0)):
@@ -94,8 +93,8 @@ def _local(x: torch.Tensor) -> torch.Tensor:
 
 
 def _all_reduce_per_group(parts: list[list[torch.Tensor]], groups: list) -> list[list[torch.Tensor]]:
-    """Sum each parameter's tensors over the ranks its shard group spans: one flat float64 buffer and one
-    all-reduce per distinct group (parameters not sharded pass unchanged)."""
+    """Sum each bucket's tensors over the ranks its shard group spans: one flat float64 buffer and one
+    all-reduce per distinct group (buckets not sharded pass unchanged)."""
     out = list(parts)
     for group in dict.fromkeys(g for g in groups if g is not None):  # the same order on every rank
         idx = [i for i, g in enumerate(groups) if g is group]

@@ -23,16 +23,6 @@ from videoprism.train.config import DataConfig, check_field
 from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
 
 
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch tensor onto the device without making the host wait for the GPU: a 'non-blocking'
-    copy from pageable memory first waits for everything queued on the stream (the previous step),
-    from page-locked memory it does not. (The copy into page-locked memory runs on the host while
-    the GPU works.) Device tensors, such as DALI's, pass through."""
-    if device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
-
-
 class RandomClips:
     """Random uint8 clips `[b, T, R, R, 3]` and captions of random length; sample `g` of the
     global stream depends only on (seed, g)."""

@@ -19,7 +19,8 @@ from videoprism.cli import run_command
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, to_device, tokenizer_for, trim_text
+from videoprism.data.device import to_device
+from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict

@@ -23,7 +23,8 @@ from videoprism.config import EncoderConfig, narrow_config
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, to_device, tokenizer_for
+from videoprism.data.device import to_device
+from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs

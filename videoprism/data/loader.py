@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .device import to_device
 from .errors import BadSampleBudget, BadVideoError
 from .manifest import Sample, read_source
 from .text import Tokenizer
@@ -413,10 +414,9 @@ class VideoTextLoader:
         captions = [s.caption for s in samples]
         ids, paddings = self.tokenizer(captions)
         # DALI's GPU clips are on the device; PyAV's (and DALI's fallbacks) stay on the host for the trainer's
-        # page-locked, non-blocking copy: a pageable .to(cuda) here would wait for the queued training step.
+        # copy (to_device): a pageable .to(cuda) here would wait for the queued training step.
         dev = next((i.video.device for i in items if i.video.device.type != "cpu"), None)
-        video = torch.stack([i.video if dev is None or i.video.device == dev
-                             else i.video.pin_memory().to(dev, non_blocking=True) for i in items])
+        video = torch.stack([i.video if dev is None else to_device(i.video, dev) for i in items])
         batch = {"video": video, "text_ids": ids, "text_paddings": paddings, "caption": captions,
                  "path": [s.name for s in samples], "dataset": [s.dataset for s in samples],
                  "index": torch.tensor([i.sample_id for i in items], dtype=torch.int64)}

@@ -680,18 +680,29 @@ def test_resume_after_a_crash_gives_the_rest_of_the_run(synth, monkeypatch):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the worker's state from Linux /proc")
-def test_workers_are_unregistered_from_torchs_sigchld_check(synth):
-    """The private torch API the crash recovery rests on: once the loader's iterator runs, a worker's
-    death is not raised by torch's SIGCHLD check (which would fire anywhere in the main thread)."""
+def test_workers_are_unregistered_from_torchs_sigchld_check(synth, monkeypatch):
+    """The private torch API the crash recovery rests on: a worker's death is not raised by torch's SIGCHLD
+    check (which would fire anywhere in the main thread), from before the workers get their first item."""
     import time
 
     from torch.utils.data._utils.signal_handling import _error_if_any_worker_fails
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
     from videoprism.data import loader as loader_mod
 
+    # torch's _reset sends the workers their first items: record whether the SIGCHLD check watched them then.
+    watched_at_dispatch = []
+    base_reset = _MultiProcessingDataLoaderIter._reset
+
+    def reset(self, *a, **k):
+        watched_at_dispatch.append(self._worker_pids_set)
+        return base_reset(self, *a, **k)
+
+    monkeypatch.setattr(_MultiProcessingDataLoaderIter, "_reset", reset)
     loader = _loader(synth, num_workers=1, batch_size=1)
     items = loader._pyav_items(loader.epoch_order(0))
     next(items)
+    assert watched_at_dispatch == [False]
     (it,) = [i for i in loader_mod._LIVE_ITERATORS if getattr(i, "_workers", None)]
     pid = it._workers[0].pid
     os.kill(pid, signal.SIGKILL)

@@ -180,17 +180,32 @@ class _PyAVItems(torch.utils.data.Dataset):
         return _Item(pos, sid, video=video)
 
 
-def _watch_workers_synchronously(it) -> None:
-    """Make a worker's death an exception of `next(it)`, never one raised at a random point.
+class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
+    """A DataLoader iterator whose workers' deaths are exceptions of `next()`, never ones raised at a
+    random point.
 
     torch's SIGCHLD handler raises "DataLoader worker is killed by signal" in the main thread wherever it
-    happens to be (in the middle of an optimizer step, say), where nothing can recover. Unregistering the
-    iterator's workers from it (private API, checked by tests/test_data.py under each torch we support)
-    leaves the iterator's own check: a `next()` that waits for a dead worker's item raises RuntimeError
-    within torch's status interval (5 s)."""
-    if getattr(it, "_worker_pids_set", False):
-        torch.utils.data._utils.signal_handling._remove_worker_pids(id(it))
-        it._worker_pids_set = False
+    happens to be (in the middle of an optimizer step, say), where nothing can recover. The iterator's
+    __init__ registers its workers with that check and then calls `_reset`, which hands them their first
+    items: unregistering them here, before any item is sent (private API, checked by tests/test_data.py
+    under each torch we support), leaves no moment in which a decode can crash while they are watched
+    (unregistering after `iter()` returned left one: a first item that killed its worker at once raised
+    inside `iter()`, with no iterator to ask which worker died). What is left is the iterator's own
+    check: a `next()` that waits for a dead worker's item raises RuntimeError within torch's status
+    interval (5 s)."""
+
+    def _reset(self, loader, first_iter=False) -> None:
+        if self._worker_pids_set:
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(self))
+            self._worker_pids_set = False
+        super()._reset(loader, first_iter)
+
+
+class _WatchedDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes are watched only by `next()` (_SynchronouslyWatchedIter)."""
+
+    def _get_iterator(self):
+        return _SynchronouslyWatchedIter(self) if self.num_workers > 0 else super()._get_iterator()
 
 
 class VideoTextLoader:
@@ -358,17 +373,16 @@ class VideoTextLoader:
         start, fruitless = self.position, 0  # restarts in a row that delivered no item and blamed no file
         while True:
             in_flight = _InFlight(self.num_workers) if self.num_workers else None
-            dl = torch.utils.data.DataLoader(_PyAVItems(self, order, self.epoch, threads, in_flight, faulty),
-                                             sampler=range(start, len(order)), batch_size=None,
-                                             collate_fn=_identity, num_workers=self.num_workers,
-                                             worker_init_fn=_init_worker,
-                                             prefetch_factor=4 if self.num_workers > 0 else None)
+            dl = _WatchedDataLoader(_PyAVItems(self, order, self.epoch, threads, in_flight, faulty),
+                                    sampler=range(start, len(order)), batch_size=None,
+                                    collate_fn=_identity, num_workers=self.num_workers,
+                                    worker_init_fn=_init_worker,
+                                    prefetch_factor=4 if self.num_workers > 0 else None)
             it = None
             while True:
                 try:
                     if it is None:
                         it = iter(dl)
-                        _watch_workers_synchronously(it)
                         _LIVE_ITERATORS.add(it)
                     item = next(it)
                 except StopIteration:

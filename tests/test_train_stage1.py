@@ -377,6 +377,10 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
         assert trainer.autocast == (prec == "bf16") and trainer.accum == 2
         losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]
         assert {p.dtype for p in trainer.task.module.parameters()} == {torch.float32}
+        autocast_in_eval = []  # evaluation runs in the step's precision (on a GPU fp32 is the kernels' slow path)
+        trainer.task.evaluate = lambda module: autocast_in_eval.append(torch.is_autocast_enabled("cpu")) or {}
+        trainer._evaluate(log=None)
+        assert autocast_in_eval == [prec == "bf16"]
     assert losses["bf16"] != losses["fp32"]  # the autocast is in effect
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
 

@@ -105,16 +105,22 @@ def test_lr_schedule():
         lr_at(0, c, 110)
 
 
-def test_contrastive_loss_matches_naive_formula():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_contrastive_loss_matches_naive_formula(autocast):
+    """Also under bf16 autocast (the GPU training step's), which would run the logits' matmuls in bf16:
+    at the largest logit scale (100) that was 1.5e-3 off the fp32 loss here."""
     g = torch.Generator().manual_seed(0)
-    v = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    t = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
-    s = torch.tensor([2.0])
-    logits = math.exp(2.0) * v @ t.T
+    v = F.normalize(torch.randn(6, 64, generator=g), dim=-1)
+    t = F.normalize(v + 0.5 * torch.randn(6, 64, generator=g), dim=-1)
+    s = torch.tensor([math.log(100.0)])
+    logits = 100.0 * v @ t.T
     naive = 0.0
     for i in range(6):  # -log softmax of the matching pair, in both directions
         naive += -torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i]
-    assert torch.allclose(contrastive_loss(v, t, s), naive / 12, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = contrastive_loss(v, t, s)
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, naive / 12, atol=1e-5)
 
 
 def test_cosine_distance():

@@ -30,8 +30,11 @@ def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = torch.arange(rank * b, (rank + 1) * b, device=video.device)
     scale = logit_scale.exp()
-    v2t = scale * video.float() @ all_text.float().T      # [b, B]
-    t2v = scale * text.float() @ all_video.float().T      # [b, B]
+    # In fp32 even under autocast, which would run these matmuls in bf16 whatever their inputs: at a
+    # logit scale up to 100 bf16's 2^-8 makes each logit ~0.3 off.
+    with torch.autocast(video.device.type, enabled=False):
+        v2t = scale.float() * video.float() @ all_text.float().T      # [b, B]
+        t2v = scale.float() * text.float() @ all_video.float().T      # [b, B]
     return 0.5 * (F.cross_entropy(v2t, labels) + F.cross_entropy(t2v, labels))
 
 

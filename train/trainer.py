@@ -367,7 +367,7 @@ class Trainer:
 
     def _evaluate(self, log: MetricsLogger) -> dict:
         self.task.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._amp():  # as the training step: in fp32 the GPU kernels take their slow path
             metrics = self.task.evaluate(self.model)
         self.task.module.train()
         if metrics:

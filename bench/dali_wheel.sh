@@ -9,7 +9,7 @@
 #   bash bench/dali_wheel.sh install   # there: join, check sha256, pip install --target /tmp/site (plus the deps the
 #                                      # machine lacks); prints the `export PYTHONPATH=...` to use
 #   bash bench/dali_wheel.sh gpu       # there: install, then tests/test_data_dali_gpu.py and bench/data.py's DALI
-#                                      # rows -> bench/results/data_gpu.json (both copied to $OUT when it is set)
+#                                      # rows -> $OUT/data_gpu.json (bench/results/ when $OUT is not set)
 #
 # All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined wheel first, then every chunk),
 # .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
@@ -205,11 +205,11 @@ gpu() {
     flags=(-P)
     echo "note: videoprism is not built here: running with videoprism.data alone ($shim)"
   fi
-  mkdir -p bench/results
+  local out=${OUT:-bench/results}
+  mkdir -p "$out"
   $PY "${flags[@]}" -m pytest -q -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
     ${OUT:+--junitxml="$OUT/dali_gpu_tests.xml"} || rc=1
-  $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 --out bench/results/data_gpu.json || rc=1
-  [ -z "${OUT:-}" ] || cp bench/results/data_gpu.json "$OUT/" 2>/dev/null || true
+  $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 --out "$out/data_gpu.json" || rc=1
   return $rc
 }
 

@@ -17,8 +17,8 @@ alone (teacher_ms, its share of the step and its own MFU), to tell which half mi
 
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
 only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
-Rows run in order of importance and stop when --budget-s would be passed; skipped rows are
-listed in the JSON. `--profile` adds where each row's time goes (bench/step_profile.py): kernel
+Rows run in order of importance; a row that would end past --budget-s (by the time its mode's last
+row took) is skipped and listed in the JSON, which is saved whole after every row. `--profile` adds where each row's time goes (bench/step_profile.py): kernel
 time by kind, the top kernels and, on a GPU, the share of the step the GPU is busy.
 """
 from __future__ import annotations
@@ -87,12 +87,17 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
     warm_s = time.perf_counter() - t0
     inputs = trainer.task.prepare(trainer.data.next_batch(0), 0, 0)
     flops, tokens = float(trainer.task.flops(inputs)), trainer.task.tokens(inputs)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     # launch_step, as the training loop runs it: nothing in it waits for the GPU, so the host queues the
     # next step while this one runs (the loop reads each step's record one step later).
     t = timeit(trainer.launch_step, device, warmup=1, reps=reps, warmup_ms=1, rep_ms=reps * 400)
-    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    mem = None
+    if device.type == "cuda":  # two plain steps: do_bench's 256 MB L2-flush buffer is not the step's memory
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.launch_step()
+        trainer.launch_step()
+        torch.cuda.synchronize(device)
+        mem = torch.cuda.max_memory_allocated(device) / 2**30
     s = t.median_ms * 1e-3
     row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
                clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
@@ -139,7 +144,8 @@ def _main(argv) -> None:
                         "kernels, and on a GPU the share of the step the GPU is busy; in the JSON and a time_split "
                         "column")
     p.add_argument("--budget-s", type=float, default=540,
-                   help="start no row after this many seconds (default: %(default)s)")
+                   help="start no row that would end after this many seconds, by the time the last row of "
+                        "its mode took (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
     args = p.parse_args(argv)
 
@@ -158,9 +164,19 @@ def _main(argv) -> None:
     # Most important first: the stage-1 and stage-2 targets at the largest frame count.
     plan = [(s, f, m) for f in frames for s in args.stages for m in (modes if s == 1 else reversed(modes))]
     start, skipped = time.perf_counter(), []
+    took: dict[str, float] = {}  # mode -> seconds its last row took (compile, timing, profile)
+
+    def save():  # after every row, complete: a run cut by its time box keeps what it measured
+        _ratios(report)
+        report.meta["skipped"] = skipped
+        report.save(args.out)
+
     for stage, f, mode in plan:
-        if time.perf_counter() - start > args.budget_s:
-            skipped.append(f"stage{stage} {f} frames {mode}")
+        elapsed = time.perf_counter() - start
+        if elapsed + took.get(mode, 0.0) > args.budget_s:
+            skipped.append(f"stage{stage} {f} frames {mode}: over --budget-s {args.budget_s:g} "
+                           f"({elapsed:.0f} s spent, its mode's last row took {took.get(mode, 0.0):.0f} s)")
+            save()
             continue
         # Each row compiles as a fresh process would: Dynamo remembers the shapes of earlier rows
         # (per code object) and would compile a row with other frames or text length for dynamic
@@ -176,24 +192,22 @@ def _main(argv) -> None:
         except Exception as e:  # noqa: BLE001 - one failing row (a compile error on a new card) must not cost the others
             traceback.print_exc()
             skipped.append(f"stage{stage} {f} frames {mode}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            report.meta["skipped"] = skipped
-            report.save(args.out)
+            save()
             if cuda:
                 torch.cuda.empty_cache()
             continue
+        took[mode] = time.perf_counter() - start - elapsed
         if prof:
             row["time_split"] = summary(prof)
             report.meta.setdefault("profiles", {})[f"stage{stage} {f} frames {mode}"] = prof
         report.add(t, **row)
-        report.save(args.out)  # after every row: a time-boxed run keeps what it measured
-    _ratios(report)
-    report.meta["skipped"] = skipped
+        save()
     report.show()
     for label, prof in report.meta.get("profiles", {}).items():
         print(f"# {label}: top kernels ({'device' if cuda else 'CPU self'} ms per step, share, kind)")
         for name, ms, pct, kind in prof["top"][:6]:
             print(f"#   {ms:9.3f}  {pct:5.1f}%  {kind:9s}  {name[:90]}")
-    report.save(args.out)
+    save()
 
 
 def _ratios(report: Report) -> None:

@@ -210,6 +210,39 @@ def test_train_step_row_that_fails_is_listed_and_the_others_run(monkeypatch, tmp
                                         "failed to compile"]
 
 
+def test_train_step_skips_a_row_that_would_end_past_the_budget_and_saves_whole_reports(monkeypatch, tmp_path):
+    """--budget-s: a row starts only if the last row of its mode would still fit (a compiled row that starts
+    just before the budget runs minutes past it and is killed by the caller's time box); each save
+    carries the speed-ups and the skipped rows so far, not only the last."""
+    import json
+    import types
+
+    from bench import train_step
+    from bench.common import Timing
+
+    clock, out = [0.0], tmp_path / "ts.json"
+    monkeypatch.setattr(train_step, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    seconds = {(1, "eager"): 10, (1, "compiled"): 60, (2, "compiled"): 90, (2, "eager"): 15}
+    calls = []
+
+    def fake_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
+        calls.append((stage, mode))
+        if calls[-1] == (2, "eager"):  # what a caller's time box would leave on disk at this point
+            saved = json.loads(out.read_text())
+            assert saved["rows"][1]["speedup_vs_eager"] == 2.0
+            assert saved["meta"]["skipped"][0].startswith("stage2 8 frames compiled: over --budget-s 100")
+        clock[0] += seconds[(stage, mode)]
+        return Timing(20.0 if mode == "eager" else 10.0, 9.0, 21.0), dict(stage=stage, frames=frames, mode=mode), None
+
+    monkeypatch.setattr(train_step, "bench_row", fake_row)
+    monkeypatch.setattr(train_step, "measure_peaks", lambda device: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    train_step.main(["--preset", "tiny", "--frames", "8", "--modes", "eager,compiled", "--budget-s", "100",
+                     "--out", str(out)])
+    # At 70 s the stage-2 compiled row (60 s by the stage-1 one) would end at 130: skipped; eager (10 s) fits.
+    assert calls == [(1, "eager"), (1, "compiled"), (2, "eager")]
+    assert [(r["stage"], r["mode"]) for r in json.loads(out.read_text())["rows"]] == calls
+
+
 def test_default_results_are_named_by_device_kind():
     """A GPU run's JSON goes where the committed GPU results are, never over the CPU ones."""
     from bench.common import results_path

@@ -6,9 +6,11 @@
 Cases (per model: heads H and head dim Dh of VideoPrism B 12x64, L 16x64, g 16x88), for a
 batch of B clips of T frames on an N = 16x16 patch grid:
   space  B*T sequences of K tokens: K = 256 (full frame), 128 and 90 (50% / 65% masked).
-  time   B*N sequences of T = 16 and 8 frames (identity pos), and the masked time axis
+  time   B*N sequences of T = 16 and 8 frames (identity pos), B*128 of stage 1's tube mask
+         (the same 128 visible locations in every frame), and the masked time axis
          (K = 90 visible tokens per frame, a random visible set per frame, so the sequences
-         are the frames where each location is visible).
+         are the frames where each location is visible). A search the Triton kernels run
+         here is kept on disk and reused by bench.train_step's rows (the keys: K, flags).
 Backends: eager math ("reference", fp32 softmax), "sdpa" (cap 0; the time axis goes through
 permuted views), "flex" (cap 50, compiled; on the masked time axis each call also builds its
 block mask over the T*K tokens of a clip), "flash" and xformers (if installed; cap 50 / 0,
@@ -88,6 +90,9 @@ def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ..
            ("time", f"T={T0}", T0, N, None, batch * N, batch * N * T0 * T0),
            ("time", f"T={T0} K={K} masked", T0, K, pos, int((counts > 0).sum()), int((counts ** 2).sum()))]
     out += [("space", f"K={k} masked", T0, k, None, batch * T0, batch * T0 * k * k) for k in visible[::-1]]
+    # Stage 1's tube mask: the same visible columns in every frame, the identity time axis over them.
+    k1 = visible[0]
+    out += [("time", f"T={T0} K={k1} tube", T0, k1, None, batch * k1, batch * k1 * T0 * T0)]
     out += [("time", f"T={t}", t, N, None, batch * N, batch * N * t * t) for t in frames[1:]]
     return out
 

@@ -102,7 +102,7 @@ for i, c in enumerate(calls, 1):
         cmd = f"{dc} gpu-tests checkpoint optimizer dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
     elif i == 1:
         cmd = ("bash bench/dali_wheel.sh status   (or the first device_check call: "
-               f"{dc} build train-step token-ops attention)")
+               f"{dc} build attention train-step token-ops)")
     else:
         cmd = "bash bench/dali_wheel.sh status"
     print(f"  call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"

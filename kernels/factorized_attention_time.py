@@ -169,7 +169,7 @@ _KEY = ["T", "K", "H", "HAS_POS", "BLOCK_T", "BLOCK_D", "SOFTCAP", "CAUSAL", "HA
 
 
 @triton.autotune(configs=_time_configs(True), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(True)},
-                 do_bench=autotune_bench)
+                 do_bench=autotune_bench, cache_results=_space.CACHE_SEARCH)
 @triton.jit
 def _time_fwd_kernel(
     qkv, o, pos, kp,
@@ -211,7 +211,7 @@ def _time_fwd_kernel(
 
 
 @triton.autotune(configs=_time_configs(False), key=_KEY, prune_configs_by={"early_config_prune": _time_prune(False)},
-                 do_bench=autotune_bench)
+                 do_bench=autotune_bench, cache_results=_space.CACHE_SEARCH)
 @triton.jit
 def _time_bwd_kernel(
     qkv, do, dqkv, pos, kp,

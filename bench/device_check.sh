@@ -46,10 +46,10 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 # sm_90 only here: the H100/H200 are Hopper; CI builds sm_80 + sm_90. ~45 s on 16 cores.
 step build 110 env TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e .
-# The attention kernels' tile search at base shapes, SDPA/flex/ours side by side (the eager reference,
-# slow and measured before, left out); the picks stay in
-# Triton's cache directory, so the training step below runs with searched tiles without compiling
-# the candidates again (a key it did not see here is searched there: ~15 compiles).
+# The attention kernels' tile search at base shapes, SDPA/flex/ours side by side (the eager
+# reference, slow and measured before, left out); the picks stay in Triton's cache directory, so
+# the training step below runs with searched tiles without compiling the candidates again (a key
+# it did not see here is searched there: ~15 compiles).
 step attention 80 $PY -m bench.attention --device cuda --backends sdpa,flex,triton --budget-s 65 --out "$OUT/attention_gpu.json"
 # Issues 6 and 7: stage 1 eager vs compiled+triton, then stage 2 (compiled+triton first), base,
 # 16 frames. Each compiled row spends most of its time in Inductor; the JSON is saved per row.

@@ -543,7 +543,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cuda(const at:
         constexpr int VEC = decltype(vec)::value;
         const int64_t row_vecs = D / VEC;
         const int tx = static_cast<int>(std::min<int64_t>(kThreads, (row_vecs + 31) / 32 * 32));
-        const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>((row_vecs + tx - 1) / tx));
+        const int64_t col_blocks = (row_vecs + tx - 1) / tx;
+        TORCH_CHECK(col_blocks <= 65535, "shuffle_with_mask_tokens backward: rows of D = ", D,
+                    " features take more column blocks than CUDA's grid.y allows (65535); use backend='triton'");
+        const dim3 grid(static_cast<unsigned>(n_blocks), static_cast<unsigned>(col_blocks));
         shuffle_bwd_kernel<scalar_t, VEC><<<grid, tx, 0, stream>>>(gc.data_ptr<scalar_t>(), pc.data_ptr<int64_t>(),
                                                                    gvis.data_ptr<scalar_t>(), gpos.data_ptr<acc_t>(),
                                                                    part.data_ptr<acc_t>(), B, m, n, row_vecs);

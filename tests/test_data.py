@@ -8,11 +8,12 @@ import os
 import signal
 import tarfile
 
-import av
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
+av = pytest.importorskip("av", reason="PyAV decodes every clip here (the GPU machines lack it)")
 
 from videoprism.data import BadVideoError, TooManyBadSamplesError, read_clip
 from videoprism.data.loader import build_loader

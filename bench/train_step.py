@@ -17,9 +17,11 @@ alone (teacher_ms, its share of the step and its own MFU), to tell which half mi
 
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
 only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
-Rows run in order of importance; a row that would end past --budget-s (by the time its mode's last
-row took) is skipped and listed in the JSON, which is saved whole after every row. `--profile` adds where each row's time goes (bench/step_profile.py): kernel
-time by kind, the top kernels and, on a GPU, the share of the step the GPU is busy.
+Rows run in order of importance; a row that would end past --budget-s (by the time the last row of
+its stage and mode took, a stage-2 row before any: twice stage 1's) is skipped and listed in the
+JSON, which is saved whole after every row. `--profile` adds where each row's time goes
+(bench/step_profile.py): kernel time by kind, the top kernels and, on a GPU, the share of the
+step the GPU is busy.
 """
 from __future__ import annotations
 
@@ -145,7 +147,7 @@ def _main(argv) -> None:
                         "column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row that would end after this many seconds, by the time the last row of "
-                        "its mode took (default: %(default)s)")
+                        "its stage and mode took (stage 2 before any: twice stage 1's) (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
     args = p.parse_args(argv)
 
@@ -164,7 +166,12 @@ def _main(argv) -> None:
     # Most important first: the stage-1 and stage-2 targets at the largest frame count.
     plan = [(s, f, m) for f in frames for s in args.stages for m in (modes if s == 1 else reversed(modes))]
     start, skipped = time.perf_counter(), []
-    took: dict[str, float] = {}  # mode -> seconds its last row took (compile, timing, profile)
+    took: dict[tuple[int, str], float] = {}  # (stage, mode) -> seconds its last row took (compile, timing, profile)
+
+    def estimate(stage: int, mode: str) -> float:
+        # A stage-2 row before any of its own: twice stage 1's (the teacher, the student and two decoders to
+        # compile; 1.8x the FLOPs at base).
+        return took.get((stage, mode), 2.0 * took.get((1, mode), 0.0) if stage == 2 else 0.0)
 
     def save():  # after every row, complete: a run cut by its time box keeps what it measured
         _ratios(report)
@@ -173,9 +180,9 @@ def _main(argv) -> None:
 
     for stage, f, mode in plan:
         elapsed = time.perf_counter() - start
-        if elapsed + took.get(mode, 0.0) > args.budget_s:
+        if elapsed + estimate(stage, mode) > args.budget_s:
             skipped.append(f"stage{stage} {f} frames {mode}: over --budget-s {args.budget_s:g} "
-                           f"({elapsed:.0f} s spent, its mode's last row took {took.get(mode, 0.0):.0f} s)")
+                           f"({elapsed:.0f} s spent, the row would take ~{estimate(stage, mode):.0f} s)")
             save()
             continue
         # Each row compiles as a fresh process would: Dynamo remembers the shapes of earlier rows
@@ -196,7 +203,7 @@ def _main(argv) -> None:
             if cuda:
                 torch.cuda.empty_cache()
             continue
-        took[mode] = time.perf_counter() - start - elapsed
+        took[(stage, mode)] = time.perf_counter() - start - elapsed
         if prof:
             row["time_split"] = summary(prof)
             report.meta.setdefault("profiles", {})[f"stage{stage} {f} frames {mode}"] = prof

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H100/H200, torch 2.11, Triton 3.6, no PyAV/DALI): build the
-# extension there, then the GPU benchmarks and tests in order of importance. Logs and result
-# files land under $OUT as each step ends (a call cut short still returns what finished).
+# extension there, then the GPU benchmarks and tests in order of importance. The log and results
+# land under $OUT as they are written (a call cut short still returns what it measured).
 #
 #   VIDEOPRISM_COMMIT=$(git rev-parse --short HEAD) bash bench/device_check.sh build attention train-step token-ops
 #   VIDEOPRISM_COMMIT=... bash bench/device_check.sh gpu-tests        # the second call, on the still warm machine

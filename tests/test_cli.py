@@ -148,7 +148,7 @@ def test_embed_progress_bar_shows_the_rate_once(tmp_path, capsys):
 def test_help_states_defaults(capsys):
     from videoprism.train import pipeline
 
-    for entry, argv, defaults in ((pipeline.main, ["--help"], ("runs/demo", "1000", "tiny", "600", "0.01")),
+    for entry, argv, defaults in ((pipeline.main, ["--help"], ("runs/demo", "1000", "tiny", "1500", "0.003")),
                                   (main, ["embed", "--help"], ("videoprism_public_v1_base", "none"))):
         with pytest.raises(SystemExit):
             entry(argv)

@@ -209,7 +209,10 @@ gpu() {
   mkdir -p "$out"
   $PY "${flags[@]}" -m pytest -q -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
     ${OUT:+--junitxml="$OUT/dali_gpu_tests.xml"} || rc=1
-  $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 --out "$out/data_gpu.json" || rc=1
+  # Against the training step measured in this call when there is one (device_check's train-step), else the committed.
+  local ts=()
+  [ -f "$out/train_step_gpu.json" ] && ts=(--train-step "$out/train_step_gpu.json")
+  $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 "${ts[@]}" --out "$out/data_gpu.json" || rc=1
   return $rc
 }
 

@@ -150,7 +150,7 @@ def _main(argv) -> None:
     report = Report("token ops", str(device), meta={"dtype": str(dtype).replace("torch.", ""), "batch": batch,
                                                     "copy_gbps": round(peaks["copy_gbps"], 1),
                                                     "threads": torch.get_num_threads()})
-    out = a.out or results_path("token_ops", device)
+    out_path = a.out or results_path("token_ops", device)
     gen = torch.Generator(device=device).manual_seed(0)
     for stage, (mask_fn, ratio) in STAGES.items():    # mask generation per step (launch-bound on GPU)
         t = timeit(lambda: mask_fn(batch, T, GRID, ratio, generator=gen, device=device), device, **tkw)
@@ -200,9 +200,9 @@ def _main(argv) -> None:
             del case
             if cuda:
                 torch.cuda.empty_cache()
-            report.save(out)  # after every case: a run cut by its time box keeps what it measured
+            report.save(out_path)  # after every case: a run cut by its time box keeps what it measured
     report.show()
-    report.save(out)
+    report.save(out_path)
 
 
 if __name__ == "__main__":

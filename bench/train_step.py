@@ -194,6 +194,7 @@ def _main(argv) -> None:
                                      args.profile)
         except torch.OutOfMemoryError as e:
             skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
+            save()
             torch.cuda.empty_cache()
             continue
         except Exception as e:  # noqa: BLE001 - one failing row (a compile error on a new card) must not cost the others

@@ -131,10 +131,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 # the searched configs ran in 1.67 ms against 2.21 ms for the fixed defaults. Each candidate
 # costs a Triton compile (about a second) per kernel variant (dtype, head dim, flags); the
 # search's timings are kept in Triton's cache directory (CACHE_SEARCH, keyed by the kernel's
-# source, the Triton version, the GPU, the key and the candidates), so a variant is searched
-# once per machine, not once per process: a resumed run, every rank after the first and the
+# source, the Triton version, the compile target (sm_90: an H100 and an H200 share picks in a
+# shared cache directory), the key and the candidates), so a variant is searched once per
+# machine, not once per process: a resumed run, a rank started after a search has ended and the
 # training benchmark after bench.attention take the earlier pick without compiling the other
-# candidates. `VIDEOPRISM_TRITON_AUTOTUNE=0` (the test suite sets it) uses one config per
+# candidates (ranks that start together on a cold cache each search). `VIDEOPRISM_TRITON_AUTOTUNE=0` (the test suite sets it) uses one config per
 # head dim instead. The defaults are always among the candidates.
 AUTOTUNE = os.environ.get("VIDEOPRISM_TRITON_AUTOTUNE", "1") == "1"
 CACHE_SEARCH = True  # triton.autotune(cache_results=...) of every searched kernel (the interpreter never caches)

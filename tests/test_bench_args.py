@@ -243,6 +243,31 @@ def test_train_step_skips_a_row_that_would_end_past_the_budget_and_saves_whole_r
     assert [(r["stage"], r["mode"]) for r in json.loads(out.read_text())["rows"]] == calls
 
 
+def test_token_ops_runs_every_case_and_saves_its_rows(monkeypatch, tmp_path):
+    """The whole loop, the timer stubbed (each function still runs once): every op and mode of each case
+    reaches the JSON, with its ratio to the torch composition (the tripwire tests stop before the loop)."""
+    import json
+
+    from bench import token_ops
+    from bench.common import Timing
+
+    def timeit(fn, device, **kw):
+        fn()
+        return Timing(1.0, 0.9, 1.1)
+
+    monkeypatch.setattr(token_ops, "timeit", timeit)
+    monkeypatch.setattr(token_ops, "measure_peaks", lambda device: {"matmul_tflops": 1.0, "copy_gbps": 100.0})
+    out = tmp_path / "token_ops.json"
+    assert token_ops.main(["--device", "cpu", "--models", "base", "--stages", "stage1,stage2", "--batch", "1",
+                           "--out", str(out)]) in (0, None)
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["model"] == "base"]
+    for stage in ("stage1", "stage2"):
+        got = {(r["op"], r["mode"]) for r in rows if r["stage"] == stage}
+        assert got == {("patchify", "fwd")} | {(op, m) for op in ("gather", "scatter", "shuffle")
+                                               for m in ("fwd", "bwd", "fwd+bwd")}, stage
+    assert all(r["x_torch"] == 1.0 for r in rows)
+
+
 def test_default_results_are_named_by_device_kind():
     """A GPU run's JSON goes where the committed GPU results are, never over the CPU ones."""
     from bench.common import results_path

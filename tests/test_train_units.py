@@ -129,6 +129,18 @@ def test_cosine_distance():
     assert float(cosine_distance(a, b)) == pytest.approx(0.5)
 
 
+def test_retrieval_ranks_in_fp32_under_autocast():
+    """Evaluation runs under the step's autocast: the similarity that ranks the clips stays fp32 (in bf16,
+    whose resolution near 1 is 2^-8, a caption's own clip ahead of a near-twin by 2e-4 loses its rank)."""
+    g = torch.Generator().manual_seed(3)
+    v = F.normalize(torch.randn(20, 64, generator=g), dim=-1)
+    t = F.normalize(0.5002 * v + 0.4998 * v.roll(-1, 0), dim=-1)  # own clip first, the next one a close second
+    groups = torch.arange(20)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = retrieval_metrics(v, t, groups)
+    assert m["t2v_R@1"] == 1.0
+
+
 def test_retrieval_metrics_brute_force():
     g = torch.Generator().manual_seed(1)
     n = 40

@@ -67,7 +67,7 @@ def _main(argv: list[str] | None) -> int:
                         "so stage 1 must learn motion; the default) or 'pair' (a second, changing shape also "
                         "captioned)")
     p.add_argument("--config", default="tiny", help="config preset of both stages (default: %(default)s)")
-    # Measured on the demo's stage-2 features: direction 55% at 300 steps / lr 1e-3, 87% at 600 / 1e-2.
+    # The defaults' measurements: train/probe.py (PROBE_STEPS).
     p.add_argument("--probe-steps", type=int, default=PROBE_STEPS,
                    help="optimizer steps of each probe (default: %(default)s)")
     p.add_argument("--probe-lr", type=float, default=PROBE_LR,

@@ -36,7 +36,8 @@ def retrieval_metrics(video: torch.Tensor, text: torch.Tensor, groups: torch.Ten
     if video.shape != text.shape or video.shape[0] != groups.shape[0]:
         raise ValueError(f"retrieval needs matching [N, D] video/text embeddings and N group ids, got "
                          f"{tuple(video.shape)}, {tuple(text.shape)} and {tuple(groups.shape)}")
-    sim = text.float() @ video.float().T
+    with torch.autocast(text.device.type, enabled=False):  # fp32 ranks under the evaluation's autocast too
+        sim = text.float() @ video.float().T
     out = {}
     for name, s in (("t2v", sim), ("v2t", sim.T)):
         for k, r in recall_at_k(s, groups, groups).items():

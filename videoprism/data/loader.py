@@ -205,7 +205,10 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
     """A DataLoader whose worker processes are watched only by `next()` (_SynchronouslyWatchedIter)."""
 
     def _get_iterator(self):
-        return _SynchronouslyWatchedIter(self) if self.num_workers > 0 else super()._get_iterator()
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()  # as the base class: a warning when workers outnumber the cores
+        return _SynchronouslyWatchedIter(self)
 
 
 class VideoTextLoader:

@@ -173,7 +173,17 @@ def test_bevt_block_kernel_equals_the_reference(rounds, batch, frames, grid, bud
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", list(MASKS))
 def test_masks_on_the_gpu(kind):
+    """The GPU path (BEVT's block rounds are a Triton kernel there) keeps the CPU tests' properties."""
     pos = MASKS[kind](32, 16, (16, 16), 0.65, seed=0, device="cuda")
-    assert pos.device.type == "cuda" and pos.shape == (32, 16, 90)
-    assert bool((pos[..., 1:] > pos[..., :-1]).all())
+    assert pos.device.type == "cuda" and pos.shape == (32, 16, 90) and pos.dtype == torch.int64
+    assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos.min()) >= 0 and int(pos.max()) < 256
     assert torch.equal(pos, MASKS[kind](32, 16, (16, 16), 0.65, seed=0, device="cuda"))
+    assert not torch.equal(pos, MASKS[kind](32, 16, (16, 16), 0.65, seed=1, device="cuda"))
+    pos = pos.cpu()
+    masked = masked_grid(pos, (16, 16))
+    if kind == "tube":
+        assert torch.equal(pos, pos[:, :1].expand_as(pos)) and not torch.equal(pos[0], pos[1])
+    else:
+        assert masked_neighbour_share(masked) > 0.65 + 0.15     # uniform masks: ~0.65
+        same = (masked[:, 1:] & masked[:, :-1]).double().sum() / masked[:, :-1].double().sum()
+        assert float(same) > 0.75 and not torch.equal(pos, pos[:, :1].expand_as(pos))

@@ -202,7 +202,6 @@ def _main(argv) -> None:
                 torch.cuda.empty_cache()
             report.save(out_path)  # after every case: a run cut by its time box keeps what it measured
     report.show()
-    report.save(out_path)
 
 
 if __name__ == "__main__":

@@ -192,14 +192,14 @@ def _main(argv) -> None:
         try:
             t, row, prof = bench_row(stage, preset, f, batch, mode, device, peaks["matmul_tflops"], args.reps,
                                      args.profile)
-        except torch.OutOfMemoryError as e:
-            skipped.append(f"stage{stage} {f} frames {mode}: out of memory ({str(e).splitlines()[0]})")
-            save()
-            torch.cuda.empty_cache()
-            continue
         except Exception as e:  # noqa: BLE001 - one failing row (a compile error on a new card) must not cost the others
-            traceback.print_exc()
-            skipped.append(f"stage{stage} {f} frames {mode}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            first = str(e).splitlines()[0] if str(e) else ""
+            if isinstance(e, torch.OutOfMemoryError):
+                why = f"out of memory ({first})"
+            else:
+                traceback.print_exc()
+                why = f"failed: {type(e).__name__}: {first[:200]}"
+            skipped.append(f"stage{stage} {f} frames {mode}: {why}")
             save()
             if cuda:
                 torch.cuda.empty_cache()
@@ -215,7 +215,6 @@ def _main(argv) -> None:
         print(f"# {label}: top kernels ({'device' if cuda else 'CPU self'} ms per step, share, kind)")
         for name, ms, pct, kind in prof["top"][:6]:
             print(f"#   {ms:9.3f}  {pct:5.1f}%  {kind:9s}  {name[:90]}")
-    save()
 
 
 def _ratios(report: Report) -> None:

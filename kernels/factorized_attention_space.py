@@ -135,8 +135,9 @@ def dot_precision(dtype: torch.dtype) -> str:
 # shared cache directory), the key and the candidates), so a variant is searched once per
 # machine, not once per process: a resumed run, a rank started after a search has ended and the
 # training benchmark after bench.attention take the earlier pick without compiling the other
-# candidates (ranks that start together on a cold cache each search). `VIDEOPRISM_TRITON_AUTOTUNE=0` (the test suite sets it) uses one config per
-# head dim instead. The defaults are always among the candidates.
+# candidates (ranks that start together on a cold cache each search).
+# `VIDEOPRISM_TRITON_AUTOTUNE=0` (the test suite sets it) uses one config per head dim instead.
+# The defaults are always among the candidates.
 AUTOTUNE = os.environ.get("VIDEOPRISM_TRITON_AUTOTUNE", "1") == "1"
 CACHE_SEARCH = True  # triton.autotune(cache_results=...) of every searched kernel (the interpreter never caches)
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from videoprism.cli import run_command
+from videoprism.data.device import to_device
 from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.data.device import to_device
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs

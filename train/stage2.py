@@ -20,10 +20,10 @@ from torch import nn
 import videoprism
 from videoprism.cli import run_command
 from videoprism.config import EncoderConfig, narrow_config
+from videoprism.data.device import to_device
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.data.device import to_device
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance

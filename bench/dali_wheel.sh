@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# NVIDIA DALI for the lent GPU machines, which have no DALI, no PyAV/FFmpeg and no internet: the wheel (~190 MiB)
-# travels in chunks over consecutive device calls on the same warm machine, is joined and installed there.
+# NVIDIA DALI for the lent GPU machines, which have no DALI, no PyAV/FFmpeg and no internet, while a device call
+# carries at most 64 MiB: DALI's wheel (190 MiB; 469 MiB unpacked) travels as a pack of what the machine runs —
+# the install tree for one Python (cp312) and one GPU (sm_90: H100/H200), host symbol tables stripped, device code
+# for other GPUs dropped (tools/fatbin.py, checked with cuobjdump), xz-compressed: ~47 MiB, one call.
 #
-#   bash bench/dali_wheel.sh prepare   # here (registry reachable): the wheel and the small deps DALI imports into
-#                                      # .whl/, chunks + SHA256SUMS, the clip set .device/dali_clips; prints the
-#                                      # device calls with their carry lists (sized against this working tree)
+#   bash bench/dali_wheel.sh prepare   # here (registry reachable): the pack into .whl/dali/ (in chunks should it
+#                                      # outgrow a call) + SHA256SUMS, the small deps DALI imports into .whl/deps/,
+#                                      # the clip set .device/dali_clips; prints the device calls with their carry
+#                                      # lists (sized against this working tree)
 #   bash bench/dali_wheel.sh status    # there: which chunks are present and intact (exit 1 while one is missing)
-#   bash bench/dali_wheel.sh install   # there: join, check sha256, pip install --target /tmp/site (plus the deps the
+#   bash bench/dali_wheel.sh install   # there: join, check sha256, unpack into /tmp/site (plus the deps the
 #                                      # machine lacks); prints the `export PYTHONPATH=...` to use
 #   bash bench/dali_wheel.sh gpu       # there: install, then tests/test_data_dali_gpu.py and bench/data.py's DALI
 #                                      # rows -> $OUT/data_gpu.json (bench/results/ when $OUT is not set)
 #
-# All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined wheel first, then every chunk),
+# All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined pack first, then every chunk),
 # .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
-# Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps), DALI_CLIPS (.device/dali_clips), CHUNK_MIB (55),
-# CALL_MIB (64).
+# Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps), DALI_CLIPS (.device/dali_clips), DALI_SM (90),
+# CHUNK_MIB (55), CALL_MIB (64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 SPEC=nvidia-dali-cuda130==2.4.0
+PYTAG=312  # the GPU machines' Python (3.12): the pack keeps its extension modules only
 # What `import nvidia.dali` and a pipeline run need besides numpy (measured by importing it with nothing else on the
 # path), plus makefun. Left out, as the video graph does not load them: nvtx, libcst (dynamic mode), and the
 # nvidia-nvimgcodec-cu13 / nvidia-libnvcomp-cu13 libraries (image decoding, compression; DALI dlopens them lazily).
@@ -29,6 +33,7 @@ SUMS=$DIR/SHA256SUMS
 DEPS_DIR=${DALI_DEPS:-.whl/deps}
 SITE=${DALI_SITE:-/tmp/site}
 CLIPS=${DALI_CLIPS:-.device/dali_clips}
+SM=${DALI_SM:-90}
 CHUNK_MIB=${CHUNK_MIB:-55}
 CALL_MIB=${CALL_MIB:-64}
 MiB=$((1 << 20))
@@ -42,6 +47,32 @@ download() {  # download DEST SPEC...: cp312 manylinux x86_64 wheels, no deps
     --platform manylinux2014_x86_64 -d "$@"
 }
 
+pack() {  # pack WHEEL OUT: the install tree for cp$PYTAG and sm_$SM, stripped, pruned, checked, as .tar.xz
+  local wheel=$1 out=$2 tree dump gen=$PY
+  [ -x .venv/bin/python ] && gen=.venv/bin/python  # the project's venv: Triton's cuobjdump for the check
+  command -v strip >/dev/null || die "prepare needs strip (binutils) to pack DALI"
+  command -v xz >/dev/null || die "prepare needs xz to pack DALI"
+  dump=$($gen -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" \
+    2>/dev/null) || dump=""
+  [ -x "$dump" ] || die "prepare checks the pruned libraries with the cuobjdump Triton ships: make setup first"
+  tree=$(mktemp -d)
+  $PY -m zipfile -e "$wheel" "$tree"
+  # Extension modules built for other Pythons (3.10-3.15, free-threaded): 12 files, 40 MiB.
+  find "$tree" -name '*.cpython-3*' ! -name "*.cpython-$PYTAG-*" -delete
+  local libs
+  mapfile -t libs < <(find "$tree" -type f -name '*.so*')
+  # Host symbol tables (.symtab/.strtab: 50 MiB in libdali_operators.so alone); the dynamic ones stay.
+  strip --strip-unneeded "${libs[@]}"
+  local log
+  log=$($gen -m tools.fatbin prune --sm "$SM" --check-with "$dump" "${libs[@]}" 2>&1) \
+    || { echo "$log" >&2; rm -rf "$tree"; die "pruning DALI's device code failed (above)"; }
+  grep -v ' 0.00 MiB' <<< "${log//$tree\//}" || true
+  echo "packing $(du -sm "$tree" | cut -f1) MiB with xz -9 (about two minutes on two cores)"
+  tar -C "$tree" -cf - . | xz -9e -T0 > "$out.tmp"
+  rm -rf "$tree"
+  mv "$out.tmp" "$out"
+}
+
 prepare() {
   mkdir -p "$DIR" "$DEPS_DIR"
   local wheel
@@ -52,8 +83,12 @@ prepare() {
   fi
   # shellcheck disable=SC2086
   download "$DEPS_DIR" $DEPS
+  local base name
+  base=$(basename "$wheel" .whl)
+  name=${base%%-py3-*}-cp$PYTAG-sm$SM.tar.xz  # nvidia_dali_cuda130-2.4.0-cp312-sm90.tar.xz
+  [ -f ".whl/$name" ] || pack "$wheel" ".whl/$name"
   local size tree room n chunk
-  size=$(stat -c %s "$wheel")
+  size=$(stat -c %s ".whl/$name")
   tree=$(git ls-files -z -co --exclude-standard | $PY -c \
     "import os,sys; print(sum(os.path.getsize(p) for p in sys.stdin.read().split('\0') if os.path.isfile(p)))")
   room=$((CALL_MIB * MiB - tree - MiB))  # what a call can carry besides the tree (1 MiB kept for slack)
@@ -61,8 +96,8 @@ prepare() {
   n=$(((size + chunk - 1) / chunk))
   chunk=$(((size + n - 1) / n))  # equal chunks
   rm -f "$DIR"/part-*
-  split -b "$chunk" -d -a 2 "$wheel" "$DIR/part-"
-  (cd "$DIR" && sha256sum "../../$wheel" | sed "s|../../.whl/||" > SHA256SUMS.tmp \
+  split -b "$chunk" -d -a 2 ".whl/$name" "$DIR/part-"
+  (cd "$DIR" && sha256sum "../$name" | sed "s|\.\./||" > SHA256SUMS.tmp \
     && sha256sum part-* >> SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
   if [ ! -f "$CLIPS/clips.jsonl" ]; then  # needs torch + PyAV: the project's venv where there is one
     local gen=$PY
@@ -82,30 +117,31 @@ def size(p):
 folder = os.path.dirname(sums)
 parts = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("part-"))
 calls = [[sums, p] for p in parts]  # every call carries the tiny SHA256SUMS, so `status` can check what arrived
-for extra in (deps, clips):
+golden = ".device/shared/golden/visible"  # the goldens for device_check's gpu-tests, when linked (README)
+for extra in (deps, clips) + ((golden,) if os.path.isdir(golden) else ()):
     for c in reversed(calls):
         if tree + sum(map(size, c)) + size(extra) <= limit - (1 << 20):
             c.append(extra)
             break
     else:
         calls.append([sums, extra])
-wheel = open(sums).readline().split()[1]
+pack = open(sums).readline().split()[1]
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-print(f"\n{wheel}: {os.path.getsize(os.path.join('.whl', wheel)) / 2**20:.1f} MiB in {len(parts)} chunks of "
+print(f"\n{pack}: {os.path.getsize(os.path.join('.whl', pack)) / 2**20:.1f} MiB in {len(parts)} chunks of "
       f"{size(parts[0]) / 2**20:.1f} MiB; deps {size(deps) / 2**20:.1f} MiB; clips {size(clips) / 2**20:.1f} MiB; "
       f"working tree (tracked + untracked, not ignored) {tree / 2**20:.1f} MiB; {limit >> 20} MiB per call")
 print("Device calls, one right after the other on the same warm machine (it goes back after a short idle; ignored "
       "paths that a call does not name stay there):")
 dc = f"VIDEOPRISM_COMMIT={commit} bash bench/device_check.sh"
+print(f"  before them (the plan of bench/device_check.sh): {dc} build attention train-step token-ops  "
+      "(timeout_s=600)")
 for i, c in enumerate(calls, 1):
     if i == len(calls):
-        cmd = f"{dc} gpu-tests checkpoint optimizer dali-gpu   (DALI alone: {dc} dali-gpu; it needs no build)"
-    elif i == 1:
-        cmd = ("bash bench/dali_wheel.sh status   (or the first device_check call: "
-               f"{dc} build attention train-step token-ops)")
+        cmd = (f"{dc} dali-gpu gpu-tests   (timeout_s: what the budget leaves; `build` first on a fresh machine; "
+               "DALI alone needs no build)")
     else:
         cmd = "bash bench/dali_wheel.sh status"
-    print(f"  call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"
+    print(f"  DALI call {i}: carry={json.dumps(c)}  ({(tree + sum(map(size, c))) / 2**20:.1f} MiB with the tree)\n"
           f"          command: {cmd}")
 EOF
 }
@@ -141,21 +177,31 @@ sys.exit(not os.path.realpath(d.__file__).startswith(os.path.realpath(sys.argv[1
 
 install() {
   check_chunks >/dev/null || die "cannot install: chunks missing (above)"
-  local wheel want tmp
-  read -r want wheel < "$SUMS"
-  local ver=${wheel#nvidia_dali_cuda130-}; ver=${ver%%-*}
+  local pack want tmp
+  read -r want pack < "$SUMS"
+  local ver=${pack#nvidia_dali_cuda130-}; ver=${ver%%-*}
+  local tag sm
+  tag=$($PY -c "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')")
+  [ "cp$tag" = "$(cut -d- -f3 <<< "$pack")" ] || die "$pack holds DALI for $(cut -d- -f3 <<< "$pack"), this $PY is" \
+    "cp$tag: set PYTAG in bench/dali_wheel.sh and run prepare again"
+  sm=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .) || sm=""
+  [ -z "$sm" ] || [ "sm$sm" = "$(cut -d- -f4 <<< "${pack%.tar.xz}")" ] || die "$pack holds device code for" \
+    "$(cut -d- -f4 <<< "${pack%.tar.xz}") only, this GPU is sm$sm: DALI_SM=$sm bash bench/dali_wheel.sh prepare"
   if [ -d "$SITE/nvidia_dali_cuda130-$ver.dist-info" ] && [ -d "$SITE/nvidia/dali" ]; then
     echo "nvidia-dali-cuda130 $ver already installed in $SITE"
   else
     tmp=$(mktemp -d)
-    cat "$DIR"/part-* > "$tmp/$wheel"
-    if [ "$(sha256sum "$tmp/$wheel" | cut -d' ' -f1)" != "$want" ]; then
+    cat "$DIR"/part-* > "$tmp/$pack"
+    if [ "$(sha256sum "$tmp/$pack" | cut -d' ' -f1)" != "$want" ]; then
       rm -rf "$tmp"
-      die "joined $wheel: sha256 differs from $SUMS"
+      die "joined $pack: sha256 differs from $SUMS"
     fi
-    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$tmp/$wheel" \
-      || { rm -rf "$tmp"; die "pip install of $wheel failed"; }
+    mkdir -p "$SITE"
+    # Python's tarfile: no xz binary needed there; the 'data' filter refuses links and paths out of $SITE.
+    $PY -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" \
+      "$tmp/$pack" "$SITE" || { rm -rf "$tmp"; die "unpacking $pack into $SITE failed"; }
     rm -rf "$tmp"
+    echo "unpacked $pack into $SITE"
   fi
   local w mod
   for w in "$DEPS_DIR"/*.whl; do  # only what this Python lacks: never shadow the machine's own numpy, packaging...
@@ -209,9 +255,12 @@ gpu() {
   mkdir -p "$out"
   $PY "${flags[@]}" -m pytest -q -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
     ${OUT:+--junitxml="$OUT/dali_gpu_tests.xml"} || rc=1
-  # Against the training step measured in this call when there is one (device_check's train-step), else the committed.
-  local ts=()
-  [ -f "$out/train_step_gpu.json" ] && ts=(--train-step "$out/train_step_gpu.json")
+  # Against the training step measured on this machine when there is one (device_check's train-step, in this call's
+  # $OUT or an earlier call's copy in .device/results), else the committed one.
+  local ts=() f
+  for f in "$out/train_step_gpu.json" .device/results/train_step_gpu.json; do
+    [ -f "$f" ] && { ts=(--train-step "$f"); break; }
+  done
   $PY "${flags[@]}" -m bench.data --device cuda --clips "$CLIPS" --reps 3 "${ts[@]}" --out "$out/data_gpu.json" || rc=1
   return $rc
 }

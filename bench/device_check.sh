@@ -10,9 +10,11 @@
 # start (a minute or more) and idle time included, so the steps are time-boxed and ordered:
 #   call 1 (timeout_s=600): build, attention, train-step, token-ops: boxes of 110 + 80 + 280 + 70 s
 #          (9 minutes, 9.7 with each box's 10 s kill grace) answer the open benchmark targets;
-#   call 2 (timeout_s=200), at once (a machine idle for 30 s is given back, and the build with it;
-#          on a fresh machine run `build gpu-tests`): gpu-tests (150 s), what the budget leaves;
-#   checkpoint, optimizer, dali-gpu (which needs calls that carry DALI's wheel first): a later session.
+#   call 2 at once (a machine idle for 30 s is given back, and the build with it; on a fresh machine
+#          add `build`): dali-gpu gpu-tests (90 + 150 s; timeout_s = what the budget leaves), carrying
+#          DALI's pack, its deps, the clip set and the goldens (`bash bench/dali_wheel.sh prepare`
+#          prints the carry list; ~57 MiB with the tree); a cut call still returns what ran;
+#   checkpoint, optimizer: a later session.
 # Every step writes its results straight under $OUT as it goes (rows saved one by one), so a
 # step cut by its box, or a call cut by the run tool, still returns what it measured.
 set -uo pipefail
@@ -24,7 +26,7 @@ export VIDEOPRISM_COMMIT=${VIDEOPRISM_COMMIT:-unknown}
 PY=${PY:-python3}
 exec > >(tee -a "$OUT/device_check.log") 2>&1
 
-ALL_STEPS=(build attention train-step token-ops gpu-tests checkpoint optimizer dali-gpu)
+ALL_STEPS=(build attention train-step token-ops dali-gpu gpu-tests checkpoint optimizer)
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=("${ALL_STEPS[@]}")
 for s in "${STEPS[@]}"; do
@@ -39,6 +41,9 @@ step() {  # step NAME SECONDS CMD...: time-boxed, never stops the script; result
   local t0=$SECONDS
   timeout -k 10 "$secs" "$@"
   echo "=== $name: exit $? after $((SECONDS - t0))s"
+  # A later call on this warm machine starts with an empty $OUT: keep a copy where it can read it
+  # (dali-gpu compares its clips/s with the training step's).
+  mkdir -p .device/results && cp "$OUT"/*.json .device/results/ 2>/dev/null || true
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -59,6 +64,14 @@ step attention 80 "$PY" -m bench.attention --device cuda --backends sdpa,flex,tr
 step train-step 280 "$PY" -m bench.train_step --device cuda --frames 16 --modes eager,compiled+triton \
   --profile --budget-s 260 --out "$OUT/train_step_gpu.json"
 step token-ops 70 "$PY" -m bench.token_ops --device cuda --out "$OUT/token_ops_gpu.json"
+# Issue 5: DALI on the GPU once its pack is here (carried by this call or an earlier one on this warm machine:
+# `bash bench/dali_wheel.sh prepare` prints the carry list): install, GPU-vs-CPU graph test, DALI rows ->
+# data_gpu.json (against this call's train_step_gpu.json when there is one). Needs no build.
+if wanted dali-gpu && ! bash bench/dali_wheel.sh status >/dev/null 2>&1; then
+  echo "=== dali-gpu: skipped: $(bash bench/dali_wheel.sh status 2>&1 >/dev/null | head -1)"
+else
+  step dali-gpu 90 env PY="$PY" OUT="$OUT" bash bench/dali_wheel.sh gpu
+fi
 # The GPU tests, most valuable first, in three processes (a device assert or an illegal address
 # poisons the CUDA context for the rest of its process); -v: each test's name and result as it
 # ends (a cut run prints no summary and writes no XML). The official goldens travel when the
@@ -92,11 +105,4 @@ step gpu-tests 150 bash -c gpu_tests
 step checkpoint 60 "$PY" -m bench.checkpoint --device cuda --reps 2 --out "$OUT/checkpoint_gpu.json"
 # The optimizer step: fused AdamW vs torch.optim.Adafactor vs ours (host syncs per step, time, floor).
 step optimizer 45 "$PY" -m bench.optimizer --device cuda --out "$OUT/optimizer_gpu.json"
-# Issue 5: DALI on the GPU once the chunks of its wheel are here (carried by earlier calls on this warm machine:
-# `bash bench/dali_wheel.sh prepare` prints them): install, GPU-vs-CPU graph test, DALI rows -> data_gpu.json.
-if wanted dali-gpu && ! bash bench/dali_wheel.sh status >/dev/null 2>&1; then
-  echo "=== dali-gpu: skipped: $(bash bench/dali_wheel.sh status 2>&1 >/dev/null | head -1)"
-else
-  step dali-gpu 90 env PY="$PY" OUT="$OUT" bash bench/dali_wheel.sh gpu
-fi
 ls -la "$OUT"

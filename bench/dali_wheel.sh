@@ -17,12 +17,12 @@
 # All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined pack first, then every chunk),
 # .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
 # Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps), DALI_CLIPS (.device/dali_clips), DALI_SM (90),
-# CHUNK_MIB (55), CALL_MIB (64).
+# DALI_PYTHON (312: the Python the pack is for), CHUNK_MIB (55), CALL_MIB (64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 SPEC=nvidia-dali-cuda130==2.4.0
-PYTAG=312  # the GPU machines' Python (3.12): the pack keeps its extension modules only
+PYTAG=${DALI_PYTHON:-312}  # the GPU machines' Python (3.12): the pack keeps its extension modules only
 # What `import nvidia.dali` and a pipeline run need besides numpy (measured by importing it with nothing else on the
 # path), plus makefun. Left out, as the video graph does not load them: nvtx, libcst (dynamic mode), and the
 # nvidia-nvimgcodec-cu13 / nvidia-libnvcomp-cu13 libraries (image decoding, compression; DALI dlopens them lazily).
@@ -41,8 +41,8 @@ export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 die() { echo "dali_wheel: $*" >&2; exit 2; }
 
-download() {  # download DEST SPEC...: cp312 manylinux x86_64 wheels, no deps
-  $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+download() {  # download DEST SPEC...: cp$PYTAG manylinux x86_64 wheels, no deps
+  $PY -m pip download -q --no-deps --only-binary=:all: --python-version "3.${PYTAG#3}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$@"
 }
@@ -183,7 +183,7 @@ install() {
   local tag sm
   tag=$($PY -c "import sys; print(f'{sys.version_info[0]}{sys.version_info[1]}')")
   [ "cp$tag" = "$(cut -d- -f3 <<< "$pack")" ] || die "$pack holds DALI for $(cut -d- -f3 <<< "$pack"), this $PY is" \
-    "cp$tag: set PYTAG in bench/dali_wheel.sh and run prepare again"
+    "cp$tag: DALI_PYTHON=${tag} bash bench/dali_wheel.sh prepare (and carry its deps)"
   sm=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .) || sm=""
   [ -z "$sm" ] || [ "sm$sm" = "$(cut -d- -f4 <<< "${pack%.tar.xz}")" ] || die "$pack holds device code for" \
     "$(cut -d- -f4 <<< "${pack%.tar.xz}") only, this GPU is sm$sm: DALI_SM=$sm bash bench/dali_wheel.sh prepare"
@@ -227,8 +227,15 @@ install() {
       > "$SITE/nvidia/__init__.py"
   fi
   import_check || die "nvidia.dali does not import from $SITE (see above)"
-  if ! { ldconfig -p 2>/dev/null | grep -q libnvcuvid.so; } \
-      && ! ls /usr/lib/x86_64-linux-gnu/libnvcuvid.so* >/dev/null 2>&1; then
+  # NVDEC's library comes with the driver (the lent machines mount theirs read-only under /usr/local/nvidia).
+  local found="" d ldp=${LD_LIBRARY_PATH:-}
+  for d in /usr/lib/x86_64-linux-gnu /usr/local/nvidia/lib64 /usr/local/nvidia/lib ${ldp//:/ }; do
+    if ls "$d"/libnvcuvid.so* >/dev/null 2>&1; then found=$d; break; fi
+  done
+  [ -n "$found" ] || ! ldconfig -p 2>/dev/null | grep -q libnvcuvid.so || found=ldconfig
+  if [ -n "$found" ]; then
+    echo "libnvcuvid.so (NVDEC): $found"
+  else
     echo "warning: libnvcuvid.so (NVDEC, from the driver) not found: DALI's GPU video decoder will fail (a container" \
          "needs the 'video' driver capability)" >&2
   fi

@@ -1,8 +1,8 @@
 """CUDA fat binaries inside ELF shared libraries: list their images, keep one GPU architecture's.
 
 Why: the lent GPU machines have no DALI and a device call carries at most 64 MiB, while DALI's
-libraries hold device code for seven targets (sm_75 ... sm_120 and PTX): 92 MiB of its 469
-MiB unpacked. Keeping only the card's cubins (sm_90 for H100/H200) is what lets the packed
+libraries hold device code for six GPUs (sm_75 ... sm_120) and PTX: 105 MiB of its 469 MiB
+unpacked, 90 of them not for sm_90. Keeping only the card's cubins (sm_90 for H100/H200) is what lets the packed
 install travel in one call (bench/dali_wheel.sh). The result is what `nvcc -gencode
 arch=compute_90,code=sm_90` would have embedded: the driver picks a cubin by its header's SM.
 

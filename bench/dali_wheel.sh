@@ -13,6 +13,8 @@
 #                                      # machine lacks); prints the `export PYTHONPATH=...` to use
 #   bash bench/dali_wheel.sh gpu       # there: install, then tests/test_data_dali_gpu.py and bench/data.py's DALI
 #                                      # rows -> $OUT/data_gpu.json (bench/results/ when $OUT is not set)
+#   bash bench/dali_wheel.sh shim      # prints a folder with `videoprism` minus its extension (gpu uses it where
+#                                      # the extension is not built)
 #
 # All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined pack first, then every chunk),
 # .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
@@ -242,26 +244,40 @@ install() {
   echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
 }
 
+shim() {  # prints a folder holding `videoprism` without the extension: every module and subpackage of the
+  # package linked, its __init__ (which loads videoprism._C and the model) replaced by an empty one
+  local dir=${DALI_SHIM:-/tmp/videoprism_no_ext} f
+  rm -rf "$dir" && mkdir -p "$dir/videoprism"
+  echo '"""videoprism without its extension (bench/dali_wheel.sh shim): data, CLI helpers, pure modules."""' \
+    > "$dir/videoprism/__init__.py"
+  for f in "$PWD"/videoprism/*; do
+    case $(basename "$f") in __init__.py | __pycache__ | *.so) ;; *) ln -s "$f" "$dir/videoprism/" ;; esac
+  done
+  echo "$dir"
+}
+
 gpu() {
   install
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   local flags=() rc=0
   if ! $PY -c "import videoprism" 2>/dev/null; then
-    # The extension is not built here (device_check.sh's build step did not run): the data layer needs none of it,
-    # so import it through a package shell holding only videoprism/data, ahead of the repo (-P: no cwd on the path).
-    local shim=/tmp/videoprism_data_only
-    mkdir -p "$shim/videoprism"
-    echo '"""videoprism.data alone (bench/dali_wheel.sh gpu, where the extension is not built)."""' \
-      > "$shim/videoprism/__init__.py"
-    ln -sfn "$PWD/videoprism/data" "$shim/videoprism/data"
+    # The extension is not built here (device_check.sh's build step did not run): the data layer and the benchmark
+    # need none of it, so import them through a package shell, ahead of the repo (-P: no cwd on the path).
+    local shim
+    shim=$(shim)
     export PYTHONPATH=$SITE:$shim:$PWD${PYTHONPATH#"$SITE"}
     flags=(-P)
-    echo "note: videoprism is not built here: running with videoprism.data alone ($shim)"
+    echo "note: videoprism is not built here: running without its extension ($shim)"
   fi
   local out=${OUT:-bench/results}
   mkdir -p "$out"
-  $PY "${flags[@]}" -m pytest -q -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
-    ${OUT:+--junitxml="$OUT/dali_gpu_tests.xml"} || rc=1
+  local xml=${OUT:-/tmp}/dali_gpu_tests.xml
+  $PY "${flags[@]}" -m pytest -v -ra -p no:cacheprovider --import-mode=importlib -m gpu tests/test_data_dali_gpu.py \
+    --junitxml="$xml" || rc=1
+  # pytest exits 0 when every test skipped (no CUDA, no clip set): that is no result.
+  $PY -c "import sys, xml.etree.ElementTree as E; s = E.parse(sys.argv[1]).getroot().iter('testsuite').__next__()
+sys.exit(int(s.get('tests', 0)) == int(s.get('skipped', 0)))" "$xml" \
+    || { echo "dali_wheel: no DALI GPU test ran (all skipped: the reasons are above)" >&2; rc=1; }
   # Against the training step measured on this machine when there is one (device_check's train-step, in this call's
   # $OUT or an earlier call's copy in .device/results), else the committed one.
   local ts=() f
@@ -277,5 +293,6 @@ case ${1:-} in
   status) check_chunks ;;
   install) install ;;
   gpu) gpu ;;
-  *) echo "usage: bash bench/dali_wheel.sh prepare|status|install|gpu (see the header of this file)" >&2; exit 2 ;;
+  shim) shim ;;
+  *) echo "usage: bash bench/dali_wheel.sh prepare|status|install|gpu|shim (see the header of this file)" >&2; exit 2 ;;
 esac

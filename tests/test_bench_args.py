@@ -276,3 +276,23 @@ def test_default_results_are_named_by_device_kind():
     assert results_path("train_step", torch.device("cuda")) == os.path.join(results, "train_step_gpu.json")
     assert results_path("train_step", torch.device("cpu")) == os.path.join(results, "train_step_cpu.json")
     assert results_path("attention", torch.device("cpu"), "_tiny") == os.path.join(results, "attention_cpu_tiny.json")
+
+
+def test_data_method_that_fails_is_a_row_and_the_others_run(monkeypatch, tmp_path):
+    """A decoder that raises on a clip (NVDEC refusing a profile, a B-frame stream DALI mishandles) is recorded
+    as an error row for that clip and method; every other row is measured and the JSON is written."""
+    import json
+
+    pytest.importorskip("av")
+    from bench import data
+
+    clips = tmp_path / "clips"
+    data.write_clips(str(clips), frames=8, hd=False)
+    monkeypatch.setattr(data, "pyav_seek", lambda *a: (_ for _ in ()).throw(RuntimeError("seek refused\ndetail")))
+    out = tmp_path / "data.json"
+    assert data.main(["--clips", str(clips), "--frames", "8", "--reps", "1", "--out", str(out)]) in (0, None)
+    rows = json.loads(out.read_text())["rows"]
+    failed = [r for r in rows if r["method"] == "pyav-seek"]
+    assert len(failed) == 4 and all(r["error"] == "seek refused" and "ms" not in r for r in failed)
+    ok = [r for r in rows if r["method"] != "pyav-seek"]
+    assert {r["method"] for r in ok} >= {"videoprism-pyav", "pyav-decode-all"} and all(r["ms"] > 0 for r in ok)

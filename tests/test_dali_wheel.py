@@ -84,3 +84,24 @@ def test_a_pack_for_another_python_is_refused_with_the_fix(repo, tmp_path):
     r = run(repo, "install", tmp_path / "site")
     assert r.returncode == 2 and f"holds DALI for cp39, this" in r.stderr and f"is {TAG}" in r.stderr, r.stderr
     assert not (tmp_path / "site").exists()
+
+
+def test_shim_runs_the_benchmark_without_the_extension(tmp_path):
+    """`gpu` on a machine where the extension is not built imports videoprism through `shim`: bench.data and the
+    data layer must load from it alone (the editable install's finder, which would hide a missing module, removed;
+    videoprism._C made unimportable)."""
+    env = {**os.environ, "DALI_SHIM": str(tmp_path / "shim")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "dali_wheel.sh"), "shim"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    shim = r.stdout.strip().splitlines()[-1]
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]\n"
+            "sys.modules['videoprism._C'] = None  # import fails: not built\n"
+            "import runpy, videoprism, videoprism.data.dali_pipeline, videoprism.data.loader\n"
+            "assert videoprism.__file__.startswith(sys.argv[1]), videoprism.__file__\n"
+            "sys.argv = ['bench.data', '--help']\n"
+            "runpy.run_module('bench.data', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-P", "-c", code, shim], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": f"{shim}:{ROOT}"})
+    assert r.returncode == 0 and "--clips" in r.stdout, r.stderr[-2000:]

@@ -119,6 +119,63 @@ def test_file_breaking_inside_dali_is_skipped_and_the_run_goes_on(tmp_path, synt
     assert [p for p, _ in rejects] == [cut] and rejects[0][1]
 
 
+def test_good_files_dali_cannot_decode_go_to_pyav_and_their_shape_is_left_to_it(monkeypatch, tmp_path, synth,
+                                                                                  capsys):
+    """NVDEC refuses some valid files (AV1 on Hopper, sizes under its minimum, profiles): stand-in, a DALI that
+    fails every run. Every clip still arrives, decoded by PyAV exactly as the PyAV loader does; after
+    DECLINE_AFTER such files of one (codec, size) that DALI never decoded, it is no longer asked."""
+    from videoprism.data import dali_pipeline
+
+    recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
+    for r in recs:
+        r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    calls = []
+
+    def refuse(self, encoded, *rest):
+        calls.append(len(encoded))
+        raise RuntimeError("Error in MIXED operator `decoders__Video` encountered:\nCodec configuration not "
+                           "supported on this GPU\nmore")
+
+    monkeypatch.setattr(DaliClips, "run", refuse)
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
+              tokenizer=os.path.join(synth, "spm.model"))
+    dali = build_loader(str(m), backend="dali", **kw)
+    got = list(dali)
+    want = list(build_loader(str(m), backend="pyav", **kw))
+    assert not dali.rejects and len(got) == len(want) > 2 and sum(len(b["index"]) for b in got) == len(recs)
+    assert all(torch.equal(a["video"], b["video"]) and a["path"] == b["path"] for a, b in zip(got, want))
+    # The first batch: once together, then one by one (4 failures >= DECLINE_AFTER); no call after it.
+    assert dali_pipeline.DECLINE_AFTER <= 4 and calls == [4, 1, 1, 1, 1]
+    assert dali._dali.declined == {("vp9", 64, 64): "Codec configuration not supported on this GPU"}
+    assert "DALI cannot decode vp9 64x64 clips" in capsys.readouterr().err
+
+
+def test_a_shape_dali_decodes_is_never_left_to_pyav(monkeypatch, tmp_path, synth):
+    """Files DALI fails on among files of the same shape it decodes are the files' fault, not DALI's limit:
+    they go to PyAV one by one, the shape stays DALI's."""
+    recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
+    for r in recs:
+        r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    real, odd = DaliClips.run, {open(recs[i]["path"], "rb").read() for i in (1, 5, 6, 9, 13)}
+
+    def picky(self, encoded, *rest):
+        if any(e in odd for e in encoded):
+            raise RuntimeError("odd file")
+        return real(self, encoded, *rest)
+
+    monkeypatch.setattr(DaliClips, "run", picky)
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
+              tokenizer=os.path.join(synth, "spm.model"))
+    dali = build_loader(str(m), backend="dali", **kw)
+    got = list(dali)
+    assert not dali.rejects and sum(len(b["index"]) for b in got) == len(recs) and dali._dali.declined == {}
+    assert dali._dali._shapes[("vp9", 64, 64)] == [len(recs) - len(odd), len(odd)]
+
+
 def test_clip_with_black_frames_is_kept(tmp_path, synth):
     """All-zero frames from DALI are a cut or black content: a clip that opens black is decoded
     (by PyAV, as the DALI-less loader would), not rejected."""

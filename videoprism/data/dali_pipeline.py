@@ -11,11 +11,15 @@ GPU outputs reach torch through DLPack and are copied on the device (DALI reuses
 run), never through host memory.
 
 Traps handled (measured): after any error a DALI pipeline is dead, so it is rebuilt and the batch is retried one
-sample at a time to find and skip the bad file; the decoder returns all-zero frames past a cut without raising,
-and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded again by PyAV, which
-rejects a cut file (too few frames) and decodes a black one.
+sample at a time to find the file; that file goes to PyAV, which rejects a bad one with its reason and decodes a
+good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI failed on
+three times and never decoded goes straight to PyAV from then on. The decoder returns all-zero frames past a cut
+without raising, and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded
+again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
 """
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
@@ -23,9 +27,11 @@ import torch
 from .errors import BadVideoError
 from .transforms import uniform_indices
 
-# Codecs fn.decoders.video takes on each backend (DALI 2.x docs).
+# Codecs fn.decoders.video takes on each backend (DALI 2.x docs). Not AV1 on the GPU: NVDEC has none on the
+# A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
 DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
-               "gpu": {"vp8", "vp9", "mjpeg", "av1", "mpeg4", "h264", "hevc"}}
+               "gpu": {"vp8", "vp9", "mjpeg", "mpeg4", "h264", "hevc"}}
+DECLINE_AFTER = 3  # DALI failures on one (codec, height, width), with no success, before PyAV takes it over
 
 
 def dali_handles(codec: str, device: torch.device) -> bool:
@@ -60,6 +66,9 @@ class DaliClips:
         self._pipe = None
         self._stream = None  # CUDA: the stream the outputs are copied and checked on
         self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
+        # (codec, height, width) -> [clips DALI decoded, clips DALI failed on that PyAV then decoded]
+        self._shapes: dict[tuple[str, int, int], list[int]] = {}
+        self.declined: dict[tuple[str, int, int], str] = {}  # shapes left to PyAV -> DALI's last reason
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -67,7 +76,7 @@ class DaliClips:
         gpu = self.device.type == "cuda"
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
-                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=1,
+                      device_id=_device_index(self.device) if gpu else None, prefetch_queue_depth=1,
                       exec_dynamic=True)
         def graph():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
@@ -124,8 +133,9 @@ class DaliClips:
 
     def decode_items(self, items, fallback):
         """Yields `_Item`s in order for [(pos, sample_id, sample, augment)]: DALI for the codecs it takes on this
-        device, `fallback[pos]` (PyAV) for the others and for clips DALI returned all-zero frames for (a cut
-        file, or a clip that is black there: PyAV tells them apart)."""
+        device, `fallback[pos]` (PyAV) for the others, for clips DALI returned all-zero frames for (a cut file,
+        or a clip that is black there: PyAV tells them apart) and for files DALI failed on (PyAV decodes them or
+        says why not)."""
         from .loader import _Item
 
         results: dict[int, _Item] = {}
@@ -133,20 +143,43 @@ class DaliClips:
         for pos, sid, sample, aug in items:
             try:
                 codec, frames, h, w = clip_plan(sample, self.num_frames)
-                if not dali_handles(codec, self.device):
+                if not dali_handles(codec, self.device) or (codec, h, w) in self.declined:
                     results[pos] = fallback[pos]
                     continue
-                dali_jobs.append((pos, sid, sample.name, sample.read_bytes(), frames, aug.box(h, w), aug.flip))
+                dali_jobs.append((pos, sid, (codec, h, w), sample.read_bytes(), frames, aug.box(h, w), aug.flip))
             except BadVideoError as e:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
                 results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
-        for job, item in zip(dali_jobs, self._run_jobs(dali_jobs)):
-            results[job[0]] = fallback[job[0]] if item is None else item
+        for (pos, sid, shape, *_), got in zip(dali_jobs, self._run_jobs(dali_jobs)):
+            tally = self._shapes.setdefault(shape, [0, 0])
+            if isinstance(got, str):  # DALI failed on this file alone
+                reason, got = got, self._pyav_after_dali(pos, sid, got, fallback)
+                tally[1] += got.bad is None  # a good file: DALI's limit, not the file's fault
+                if tally[1] >= DECLINE_AFTER and tally[0] == 0 and shape not in self.declined:
+                    self.declined[shape] = reason
+                    print(f"note: DALI cannot decode {shape[0]} {shape[2]}x{shape[1]} clips on {self.device} "
+                          f"({reason}); PyAV decodes them from now on", file=sys.stderr)
+            elif got is not None:
+                tally[0] += 1
+            results[pos] = fallback[pos] if got is None else got
         for pos, *_ in items:
             yield results[pos]
 
+    @staticmethod
+    def _pyav_after_dali(pos, sid, reason, fallback):
+        """PyAV's `_Item` for a file DALI failed on: decoded, or bad with PyAV's reason; DALI's reason where PyAV
+        is not installed (the lent GPU machines)."""
+        from .loader import _Item
+
+        try:
+            return fallback[pos]
+        except ImportError:
+            return _Item(pos, sid, bad=f"DALI cannot decode it ({reason})")
+
     def _run_jobs(self, jobs):
+        """Per job: its `_Item` (decoded by DALI), None (an all-zero frame: PyAV decides) or a str (DALI failed on
+        this file alone: the reason)."""
         from .loader import _Item
 
         if not jobs:
@@ -155,11 +188,16 @@ class DaliClips:
             videos, blank = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6)])
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with no finer type
             if len(jobs) == 1:
-                return [_Item(jobs[0][0], jobs[0][1], bad=f"DALI cannot decode it ({_first_line(e)})")]
-            # Retry one by one (the pipeline was rebuilt) so that only the bad file is skipped.
+                return [error_reason(e)]
+            # Retry one by one (the pipeline was rebuilt) so that only the failing file is singled out.
             return [item for j in jobs for item in self._run_jobs([j])]
         # A clip with an all-zero frame goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
         return [None if b else _Item(pos, sid, video=v) for (pos, sid, *_), v, b in zip(jobs, videos, blank)]
+
+
+def _device_index(device: torch.device) -> int:
+    """The CUDA device DALI runs on: the one named, else torch's current one (not always 0)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _blank(video: torch.Tensor) -> list[bool]:
@@ -168,7 +206,7 @@ def _blank(video: torch.Tensor) -> list[bool]:
     return (video.reshape(*video.shape[:2], -1).amax(2) == 0).any(1).tolist()
 
 
-def _first_line(e: Exception) -> str:
+def error_reason(e: Exception) -> str:
     """The reason of a DALI error: it reads "Error in CPU operator `...` ... encountered:" and
     then the cause on the next line; else its first line."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and "Critical error" not in ln]

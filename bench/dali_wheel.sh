@@ -139,7 +139,7 @@ print(f"  before them (the plan of bench/device_check.sh): {dc} build attention 
       "(timeout_s=600)")
 for i, c in enumerate(calls, 1):
     if i == len(calls):
-        cmd = (f"{dc} dali-gpu gpu-tests   (timeout_s: what the budget leaves; `build` first on a fresh machine; "
+        cmd = (f"{dc} token-tests dali-gpu gpu-tests   (timeout_s: what the budget leaves; `build` first on a fresh machine; "
                "DALI alone needs no build)")
     else:
         cmd = "bash bench/dali_wheel.sh status"

@@ -5,7 +5,8 @@
 # for other GPUs dropped (tools/fatbin.py, checked with cuobjdump), xz-compressed: ~47 MiB, one call.
 #
 #   bash bench/dali_wheel.sh prepare   # here (registry reachable): the pack into .whl/dali/ (in chunks should it
-#                                      # outgrow a call) + SHA256SUMS, the small deps DALI imports into .whl/deps/,
+#                                      # outgrow a call) + SHA256SUMS, the small deps DALI imports into
+#                                      # .whl/deps-cp312/,
 #                                      # the clip set .device/dali_clips; prints the device calls with their carry
 #                                      # lists (sized against this working tree)
 #   bash bench/dali_wheel.sh status    # there: which chunks are present and intact (exit 1 while one is missing)
@@ -17,8 +18,8 @@
 #                                      # the extension is not built)
 #
 # All of it is git-ignored: .whl/dali/part-NN, .whl/dali/SHA256SUMS (the joined pack first, then every chunk),
-# .whl/deps/*.whl (cp312 manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
-# Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps), DALI_CLIPS (.device/dali_clips), DALI_SM (90),
+# .whl/deps-cp312/*.whl (manylinux), .device/dali_clips/ (clips.jsonl with probe fields + the clips).
+# Env: PY (python3), DALI_SITE (/tmp/site), DALI_DEPS (.whl/deps-cp312), DALI_CLIPS (.device/dali_clips), DALI_SM (90),
 # DALI_PYTHON (312: the Python the pack is for), CHUNK_MIB (55), CALL_MIB (64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ DEPS="optree==0.20.0 typing_extensions==4.16.0 gast==0.7.0 astunparse==1.6.3 six
 makefun==1.16.0"
 DIR=.whl/dali
 SUMS=$DIR/SHA256SUMS
-DEPS_DIR=${DALI_DEPS:-.whl/deps}
+DEPS_DIR=${DALI_DEPS:-.whl/deps-cp$PYTAG}  # install reads the one of its pack's Python
 SITE=${DALI_SITE:-/tmp/site}
 CLIPS=${DALI_CLIPS:-.device/dali_clips}
 SM=${DALI_SM:-90}
@@ -62,7 +63,7 @@ pack() {  # pack WHEEL OUT: the install tree for cp$PYTAG and sm_$SM, stripped, 
   # Extension modules built for other Pythons (3.10-3.15, free-threaded): 12 files, 40 MiB.
   find "$tree" -name '*.cpython-3*' ! -name "*.cpython-$PYTAG-*" -delete
   local libs
-  mapfile -t libs < <(find "$tree" -type f -name '*.so*')
+  mapfile -t libs < <(find "$tree" -type f -name '*.so*' -exec sh -c 'head -c4 "$1" | grep -q ELF' _ {} \; -print)
   # Host symbol tables (.symtab/.strtab: 50 MiB in libdali_operators.so alone); the dynamic ones stay.
   strip --strip-unneeded "${libs[@]}"
   local log
@@ -177,6 +178,25 @@ print('nvidia.dali', d.__version__, 'from', os.path.dirname(d.__file__))
 sys.exit(not os.path.realpath(d.__file__).startswith(os.path.realpath(sys.argv[1]) + os.sep))" "$SITE"
 }
 
+nvdec() {  # DALI dlopens NVDEC's library (the driver's): check that it loads; where it lies only in the driver's
+  # folder (the lent machines mount theirs read-only at /usr/local/nvidia), put that folder on LD_LIBRARY_PATH
+  local d
+  if $PY -c "import ctypes; ctypes.CDLL('libnvcuvid.so.1')" 2>/dev/null; then
+    echo "libnvcuvid.so.1 (NVDEC): loads"
+    return 0
+  fi
+  for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+    if [ -e "$d/libnvcuvid.so.1" ]; then
+      export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      echo "libnvcuvid.so.1 (NVDEC): in $d, now on LD_LIBRARY_PATH"
+      echo "export LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+      return 0
+    fi
+  done
+  echo "warning: libnvcuvid.so.1 (NVDEC, from the driver) not found: DALI's GPU video decoder will fail (a container" \
+       "needs the 'video' driver capability)" >&2
+}
+
 install() {
   check_chunks >/dev/null || die "cannot install: chunks missing (above)"
   local pack want tmp
@@ -189,7 +209,9 @@ install() {
   sm=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d .) || sm=""
   [ -z "$sm" ] || [ "sm$sm" = "$(cut -d- -f4 <<< "${pack%.tar.xz}")" ] || die "$pack holds device code for" \
     "$(cut -d- -f4 <<< "${pack%.tar.xz}") only, this GPU is sm$sm: DALI_SM=$sm bash bench/dali_wheel.sh prepare"
-  if [ -d "$SITE/nvidia_dali_cuda130-$ver.dist-info" ] && [ -d "$SITE/nvidia/dali" ]; then
+  local done=$SITE/.dali-pack-$want  # written once the whole pack is unpacked: a call cut mid-way unpacks again
+  [ -n "${DALI_DEPS:-}" ] || DEPS_DIR=.whl/deps-$(cut -d- -f3 <<< "$pack")
+  if [ -f "$done" ]; then
     echo "nvidia-dali-cuda130 $ver already installed in $SITE"
   else
     tmp=$(mktemp -d)
@@ -203,6 +225,7 @@ install() {
     $PY -c "import sys, tarfile; tarfile.open(sys.argv[1], 'r:xz').extractall(sys.argv[2], filter='data')" \
       "$tmp/$pack" "$SITE" || { rm -rf "$tmp"; die "unpacking $pack into $SITE failed"; }
     rm -rf "$tmp"
+    touch "$done"
     echo "unpacked $pack into $SITE"
   fi
   local w mod
@@ -229,18 +252,7 @@ install() {
       > "$SITE/nvidia/__init__.py"
   fi
   import_check || die "nvidia.dali does not import from $SITE (see above)"
-  # NVDEC's library comes with the driver (the lent machines mount theirs read-only under /usr/local/nvidia).
-  local found="" d ldp=${LD_LIBRARY_PATH:-}
-  for d in /usr/lib/x86_64-linux-gnu /usr/local/nvidia/lib64 /usr/local/nvidia/lib ${ldp//:/ }; do
-    if ls "$d"/libnvcuvid.so* >/dev/null 2>&1; then found=$d; break; fi
-  done
-  [ -n "$found" ] || ! ldconfig -p 2>/dev/null | grep -q libnvcuvid.so || found=ldconfig
-  if [ -n "$found" ]; then
-    echo "libnvcuvid.so (NVDEC): $found"
-  else
-    echo "warning: libnvcuvid.so (NVDEC, from the driver) not found: DALI's GPU video decoder will fail (a container" \
-         "needs the 'video' driver capability)" >&2
-  fi
+  nvdec
   echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
 }
 

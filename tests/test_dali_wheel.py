@@ -67,6 +67,17 @@ def test_install_joins_checks_and_unpacks_the_pack(repo, tmp_path):
     assert r.returncode == 0 and "already installed" in r.stdout, r.stderr
 
 
+def test_an_unpack_cut_short_is_done_again(repo, tmp_path):
+    """A call cut while unpacking leaves the package's folders but not the whole tree: the next call unpacks."""
+    make_pack(repo)
+    site = tmp_path / "site"
+    (site / "nvidia" / "dali").mkdir(parents=True)
+    (site / "nvidia_dali_cuda130-9.9.9.dist-info").mkdir()
+    r = run(repo, "install", site)
+    assert r.returncode == 0 and "unpacked" in r.stdout and "already installed" not in r.stdout, r.stderr
+    assert (site / "nvidia" / "dali" / "__init__.py").is_file()
+
+
 def test_missing_or_damaged_chunks_are_named(repo, tmp_path):
     folder = make_pack(repo)
     (folder / "part-01").unlink()

@@ -119,18 +119,25 @@ def test_file_breaking_inside_dali_is_skipped_and_the_run_goes_on(tmp_path, synt
     assert [p for p, _ in rejects] == [cut] and rejects[0][1]
 
 
-def test_good_files_dali_cannot_decode_go_to_pyav_and_their_shape_is_left_to_it(monkeypatch, tmp_path, synth,
-                                                                                  capsys):
-    """NVDEC refuses some valid files (AV1 on Hopper, sizes under its minimum, profiles): stand-in, a DALI that
-    fails every run. Every clip still arrives, decoded by PyAV exactly as the PyAV loader does; after
-    DECLINE_AFTER such files of one (codec, size) that DALI never decoded, it is no longer asked."""
-    from videoprism.data import dali_pipeline
-
+def _same_shape_manifest(tmp_path, synth):
     recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
     for r in recs:
         r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
     m = tmp_path / "m.jsonl"
     m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
+              tokenizer=os.path.join(synth, "spm.model"))
+    return recs, str(m), kw
+
+
+def test_good_files_dali_cannot_decode_go_to_pyav_and_their_shape_is_left_to_it(monkeypatch, tmp_path, synth,
+                                                                                  capsys):
+    """NVDEC refuses some valid files (AV1 on Hopper, sizes under its minimum, profiles): stand-in, a DALI that
+    fails every run. Every clip still arrives, decoded by PyAV exactly as the PyAV loader does; once DALI failed
+    on DECLINE_AFTER good files of one (codec, size) in two batches and decoded none, it is no longer asked."""
+    from videoprism.data import dali_pipeline
+
+    recs, m, kw = _same_shape_manifest(tmp_path, synth)
     calls = []
 
     def refuse(self, encoded, *rest):
@@ -139,28 +146,48 @@ def test_good_files_dali_cannot_decode_go_to_pyav_and_their_shape_is_left_to_it(
                            "supported on this GPU\nmore")
 
     monkeypatch.setattr(DaliClips, "run", refuse)
-    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
-              tokenizer=os.path.join(synth, "spm.model"))
-    dali = build_loader(str(m), backend="dali", **kw)
+    dali = build_loader(m, backend="dali", **kw)
     got = list(dali)
-    want = list(build_loader(str(m), backend="pyav", **kw))
-    assert not dali.rejects and len(got) == len(want) > 2 and sum(len(b["index"]) for b in got) == len(recs)
+    want = list(build_loader(m, backend="pyav", **kw))
+    assert not dali.rejects and len(got) == len(want) > 3 and sum(len(b["index"]) for b in got) == len(recs)
     assert all(torch.equal(a["video"], b["video"]) and a["path"] == b["path"] for a, b in zip(got, want))
-    # The first batch: once together, then one by one (4 failures >= DECLINE_AFTER); no call after it.
-    assert dali_pipeline.DECLINE_AFTER <= 4 and calls == [4, 1, 1, 1, 1]
-    assert dali._dali.declined == {("vp9", 64, 64): "Codec configuration not supported on this GPU"}
+    # Two batches: each once together, then one by one; none after them.
+    assert dali_pipeline.DECLINE_AFTER <= 8 and calls == [4, 1, 1, 1, 1] * 2
+    assert dali._dali.shapes.declined == {("vp9", 64, 64): "Codec configuration not supported on this GPU"}
     assert "DALI cannot decode vp9 64x64 clips" in capsys.readouterr().err
+
+
+def test_a_declined_shape_is_tried_again_and_given_back(monkeypatch, tmp_path, synth, capsys):
+    """A shape declined after failures that passed (a GPU out of memory for a while) goes back to DALI once one
+    of the clips still sent to it (one in PROBE_EVERY) decodes."""
+    from videoprism.data import dali_pipeline
+
+    recs, m, kw = _same_shape_manifest(tmp_path, synth)
+    monkeypatch.setattr(dali_pipeline, "PROBE_EVERY", 2)
+    real, calls = DaliClips.run, []
+
+    def flaky(self, encoded, *rest):
+        calls.append(len(encoded))
+        if len(calls) <= 10:  # the first two batches (4 + 1 + 1 + 1 + 1 calls each)
+            raise RuntimeError("out of memory")
+        return real(self, encoded, *rest)
+
+    monkeypatch.setattr(DaliClips, "run", flaky)
+    dali = build_loader(m, backend="dali", **kw)
+    got = list(dali)
+    assert not dali.rejects and sum(len(b["index"]) for b in got) == len(recs)
+    shapes = dali._dali.shapes
+    assert shapes.declined == {} and shapes.ok[("vp9", 64, 64)] >= 1
+    # Batch 3: its 2nd and 4th clips probe DALI (one run of two), which decodes them; batch 4 is DALI's whole.
+    assert calls[10:12] == [2, 4]
+    assert "it decodes them again" in capsys.readouterr().err
 
 
 def test_a_shape_dali_decodes_is_never_left_to_pyav(monkeypatch, tmp_path, synth):
     """Files DALI fails on among files of the same shape it decodes are the files' fault, not DALI's limit:
     they go to PyAV one by one, the shape stays DALI's."""
-    recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
-    for r in recs:
-        r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
-    m = tmp_path / "m.jsonl"
-    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    real, odd = DaliClips.run, {open(recs[i]["path"], "rb").read() for i in (1, 5, 6, 9, 13)}
+    recs, m, kw = _same_shape_manifest(tmp_path, synth)
+    real, odd = DaliClips.run, {open(recs[i]["path"], "rb").read() for i in (0, 1, 2, 5, 6, 9, 13)}
 
     def picky(self, encoded, *rest):
         if any(e in odd for e in encoded):
@@ -168,12 +195,11 @@ def test_a_shape_dali_decodes_is_never_left_to_pyav(monkeypatch, tmp_path, synth
         return real(self, encoded, *rest)
 
     monkeypatch.setattr(DaliClips, "run", picky)
-    kw = dict(num_frames=8, resolution=36, batch_size=4, train=False, seed=0,
-              tokenizer=os.path.join(synth, "spm.model"))
-    dali = build_loader(str(m), backend="dali", **kw)
+    dali = build_loader(m, backend="dali", **kw)
     got = list(dali)
-    assert not dali.rejects and sum(len(b["index"]) for b in got) == len(recs) and dali._dali.declined == {}
-    assert dali._dali._shapes[("vp9", 64, 64)] == [len(recs) - len(odd), len(odd)]
+    shapes = dali._dali.shapes
+    assert not dali.rejects and sum(len(b["index"]) for b in got) == len(recs) and shapes.declined == {}
+    assert (shapes.ok[("vp9", 64, 64)], shapes.failed[("vp9", 64, 64)]) == (len(recs) - len(odd), len(odd))
 
 
 def test_clip_with_black_frames_is_kept(tmp_path, synth):

@@ -105,3 +105,25 @@ def test_unknown_bytes_between_containers_are_an_error(kernels):
     truncated[8:16] = (len(one) - 16 + 8).to_bytes(8, "little")  # the header claims 8 bytes more than the images
     with pytest.raises(ValueError, match="images end at"):
         fatbin.containers(bytes(truncated) + bytes(8), 0, len(truncated) + 8)
+
+
+def test_inputs_that_are_not_plain_libraries(kernels, tmp_path):
+    """Not ELF: skipped with a note; a truncated ELF: an error naming the file; a separate debug file (sections
+    SHT_NOBITS, offsets pointing at other bytes): nothing to prune, no error."""
+    text = tmp_path / "linker_script.so"
+    text.write_text("INPUT(libfoo.so.1)\n")
+    tiny = tmp_path / "tiny.so"
+    tiny.write_bytes(b"\x7fELF")
+    assert fatbin.main(["prune", "--sm", "90", str(text), str(tiny)]) == 0  # both skipped
+    lib = kernels / "trunc_src.so"
+    subprocess.run([cuda_tool("nvcc"), "-shared", "-Xcompiler", "-fPIC", "-gencode", "arch=compute_80,code=sm_80",
+                    "-gencode", "arch=compute_90,code=sm_90", "-o", lib, kernels / "k.cu"], check=True)
+    cut = tmp_path / "cut.so"
+    cut.write_bytes(lib.read_bytes()[:-4096])
+    assert fatbin.main(["prune", "--sm", "90", str(cut)]) == 1
+    objcopy = shutil.which("objcopy") or pytest.skip("no objcopy")
+    debug = tmp_path / "lib.debug"
+    subprocess.run([objcopy, "--only-keep-debug", lib, debug], check=True)
+    before = debug.read_bytes()
+    assert fatbin.census(before) == {} and fatbin.main(["prune", "--sm", "90", str(debug)]) == 0
+    assert debug.read_bytes() == before

@@ -25,8 +25,11 @@ containers stop the tool with an error rather than guess.
     python -m tools.fatbin list LIB...           # images per section, kind and SM
     python -m tools.fatbin prune --sm 90 LIB...  # in place; prints the bytes freed
     python -m tools.fatbin prune --sm 90 --check-with CUOBJDUMP LIB...
-        # and NVIDIA's reader must find the same sm_90 cubins, byte for byte, before and after
-        # (Triton ships cuobjdump: triton/backends/nvidia/bin/)
+        # and NVIDIA's reader must find the same sm_90 cubins of `.nv_fatbin` (the code the runtime
+        # loads), byte for byte, before and after (Triton ships cuobjdump: triton/backends/nvidia/bin/)
+
+`prune` always checks, before it writes, that the kept cubins of every section are byte for byte
+what they were; files that are not ELF are skipped with a note.
 """
 from __future__ import annotations
 
@@ -61,18 +64,31 @@ class Container:
     images: tuple[Image, ...]
 
 
+class NotELF(ValueError):
+    pass
+
+
 def elf_sections(data: bytes) -> dict[str, tuple[int, int]]:
-    """Section name -> (file offset, size) of a 64-bit little-endian ELF file."""
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        raise ValueError("not a 64-bit little-endian ELF file")
+    """Section name -> (file offset, size) of a 64-bit little-endian ELF file, sections with file bytes only
+    (not SHT_NOBITS, whose offset holds another section's bytes, as in a separate debug file)."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise NotELF("not a 64-bit little-endian ELF file")
     shoff, = struct.unpack_from("<Q", data, 0x28)
     entsize, count, names = struct.unpack_from("<HHH", data, 0x3A)
+    if shoff == 0 or count == 0:
+        return {}
+    if entsize < 40 or names >= count or shoff + count * entsize > len(data):
+        raise ValueError("section headers beyond the end of the file: truncated?")
     headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * entsize) for i in range(count)]
     base = headers[names][4]
     out = {}
-    for name, _, _, _, offset, size in headers:
+    for name, kind, _, _, offset, size in headers:
+        if kind == 8:  # SHT_NOBITS
+            continue
+        if offset + size > len(data) or base + name >= len(data):
+            raise ValueError(f"a section beyond the end of the file (offset {offset}, size {size}): truncated?")
         start = base + name
-        out[data[start:data.index(b"\0", start)].decode()] = (offset, size)
+        out[data[start:data.index(b"\0", start)].decode(errors="replace")] = (offset, size)
     return out
 
 
@@ -146,8 +162,15 @@ def census(data: bytes) -> Counter:
     return out
 
 
+def image_digests(data: bytes, sm: int) -> list[str]:
+    """sha256 of every SM `sm` cubin in the fat binary sections, as this module reads them, sorted."""
+    return sorted(hashlib.sha256(data[i.offset:i.offset + i.size]).hexdigest()
+                  for found in fatbins(data).values() for c in found for i in c.images if i.kind == 2 and i.sm == sm)
+
+
 def cubin_digests(cuobjdump: str, path: str, sm: int) -> list[str]:
-    """sha256 of every sm_`sm` cubin that NVIDIA's cuobjdump extracts from `path`, sorted."""
+    """sha256 of every sm_`sm` cubin that NVIDIA's cuobjdump extracts from `path` (those of `.nv_fatbin`: it does
+    not read `__nv_relfatbin`), sorted."""
     with tempfile.TemporaryDirectory() as out:
         r = subprocess.run([cuobjdump, "-xelf", "all", os.path.abspath(path)], cwd=out, capture_output=True, text=True)
         if r.returncode != 0 and "does not contain device code" not in r.stderr + r.stdout:
@@ -180,12 +203,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{path}: {section} {kind} sm_{sm}: {n / 2**20:.2f} MiB")
                 continue
             want = cubin_digests(args.check_with, path, args.sm) if args.check_with else None
+            kept = image_digests(data, args.sm)
             freed = prune(data, args.sm)
+            if image_digests(data, args.sm) != kept:  # before writing: a bug here never damages the file
+                raise ValueError(f"pruning changed the sm_{args.sm} cubins (a bug in this tool): file left as it was")
             if freed:
                 with open(path, "wb") as f:
                     f.write(data)
             if want is not None and cubin_digests(args.check_with, path, args.sm) != want:
                 raise ValueError(f"cuobjdump finds other sm_{args.sm} cubins after pruning: the file is damaged")
+        except NotELF as e:
+            print(f"{path}: skipped: {e}")
+            continue
         except ValueError as e:
             print(f"{path}: {e}", file=sys.stderr)
             return 1

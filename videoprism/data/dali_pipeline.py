@@ -12,8 +12,9 @@ run), never through host memory.
 
 Traps handled (measured): after any error a DALI pipeline is dead, so it is rebuilt and the batch is retried one
 sample at a time to find the file; that file goes to PyAV, which rejects a bad one with its reason and decodes a
-good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI failed on
-three times and never decoded goes straight to PyAV from then on. The decoder returns all-zero frames past a cut
+good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI never decoded
+and failed on for good files in two batches goes straight to PyAV from then on, but for one clip in PROBE_EVERY,
+which tries DALI again (a success gives it back). The decoder returns all-zero frames past a cut
 without raising, and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded
 again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
 """
@@ -31,7 +32,44 @@ from .transforms import uniform_indices
 # A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
 DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
                "gpu": {"vp8", "vp9", "mjpeg", "mpeg4", "h264", "hevc"}}
-DECLINE_AFTER = 3  # DALI failures on one (codec, height, width), with no success, before PyAV takes it over
+DECLINE_AFTER = 3  # good files DALI failed on, of one (codec, height, width) it never decoded, before PyAV takes it
+PROBE_EVERY = 256  # of a declined shape's clips, one in this many still goes to DALI
+
+
+class _Shapes:
+    """What DALI did with each (codec, height, width): which shapes to leave to PyAV."""
+
+    def __init__(self):
+        self.ok: dict[tuple, int] = {}  # clips DALI decoded
+        self.failed: dict[tuple, int] = {}  # good files (PyAV decoded them) DALI failed on
+        self.batches: dict[tuple, set[int]] = {}  # the batches those failures came in
+        self.declined: dict[tuple, str] = {}  # shapes left to PyAV -> DALI's reason
+        self._seen: dict[tuple, int] = {}  # clips of a declined shape since it was declined
+
+    def to_dali(self, shape) -> bool:
+        if shape not in self.declined:
+            return True
+        self._seen[shape] = self._seen.get(shape, 0) + 1
+        return self._seen[shape] % PROBE_EVERY == 0
+
+    def decoded(self, shape) -> None:
+        self.ok[shape] = self.ok.get(shape, 0) + 1
+        if self.declined.pop(shape, None) is not None:
+            print(f"note: DALI decoded a {_name(shape)} clip again: it decodes them again", file=sys.stderr)
+
+    def failed_good_file(self, shape, batch: int, reason: str, device) -> None:
+        self.failed[shape] = self.failed.get(shape, 0) + 1
+        self.batches.setdefault(shape, set()).add(batch)
+        if (self.failed[shape] >= DECLINE_AFTER and len(self.batches[shape]) >= 2 and not self.ok.get(shape)
+                and shape not in self.declined):
+            self.declined[shape], self._seen[shape] = reason, 0
+            print(f"note: DALI cannot decode {_name(shape)} clips on {device} ({reason}); PyAV decodes them from "
+                  f"now on (DALI is tried again on one in {PROBE_EVERY})", file=sys.stderr)
+
+
+def _name(shape) -> str:
+    codec, h, w = shape
+    return f"{codec} {w}x{h}"
 
 
 def dali_handles(codec: str, device: torch.device) -> bool:
@@ -66,9 +104,8 @@ class DaliClips:
         self._pipe = None
         self._stream = None  # CUDA: the stream the outputs are copied and checked on
         self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
-        # (codec, height, width) -> [clips DALI decoded, clips DALI failed on that PyAV then decoded]
-        self._shapes: dict[tuple[str, int, int], list[int]] = {}
-        self.declined: dict[tuple[str, int, int], str] = {}  # shapes left to PyAV -> DALI's last reason
+        self.shapes = _Shapes()
+        self._batches = 0  # decode_items calls so far
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -133,49 +170,40 @@ class DaliClips:
 
     def decode_items(self, items, fallback):
         """Yields `_Item`s in order for [(pos, sample_id, sample, augment)]: DALI for the codecs it takes on this
-        device, `fallback[pos]` (PyAV) for the others, for clips DALI returned all-zero frames for (a cut file,
+        device, PyAV (`fallback[pos]`) for the others, for clips DALI returned all-zero frames for (a cut file,
         or a clip that is black there: PyAV tells them apart) and for files DALI failed on (PyAV decodes them or
-        says why not)."""
+        says why not). PyAV decodes in this process, as the demux pass of `clip_plan` does for a manifest
+        without probe fields: a clean manifest (`videoprism data index`) holds files PyAV decoded there."""
         from .loader import _Item
 
+        self._batches += 1
         results: dict[int, _Item] = {}
         dali_jobs = []
         for pos, sid, sample, aug in items:
             try:
                 codec, frames, h, w = clip_plan(sample, self.num_frames)
-                if not dali_handles(codec, self.device) or (codec, h, w) in self.declined:
-                    results[pos] = fallback[pos]
+                if not dali_handles(codec, self.device) or not self.shapes.to_dali((codec, h, w)):
+                    results[pos] = _pyav(fallback, pos, sid, f"DALI does not take {codec} here")
                     continue
                 dali_jobs.append((pos, sid, (codec, h, w), sample.read_bytes(), frames, aug.box(h, w), aug.flip))
             except BadVideoError as e:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
                 results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
-        for (pos, sid, shape, *_), got in zip(dali_jobs, self._run_jobs(dali_jobs)):
-            tally = self._shapes.setdefault(shape, [0, 0])
-            if isinstance(got, str):  # DALI failed on this file alone
-                reason, got = got, self._pyav_after_dali(pos, sid, got, fallback)
-                tally[1] += got.bad is None  # a good file: DALI's limit, not the file's fault
-                if tally[1] >= DECLINE_AFTER and tally[0] == 0 and shape not in self.declined:
-                    self.declined[shape] = reason
-                    print(f"note: DALI cannot decode {shape[0]} {shape[2]}x{shape[1]} clips on {self.device} "
-                          f"({reason}); PyAV decodes them from now on", file=sys.stderr)
-            elif got is not None:
-                tally[0] += 1
-            results[pos] = fallback[pos] if got is None else got
+        done = list(zip(dali_jobs, self._run_jobs(dali_jobs)))
+        for (_, _, shape, *_), got in done:  # successes first: a shape DALI decodes here is never declined
+            if isinstance(got, _Item):
+                self.shapes.decoded(shape)
+        for (pos, sid, shape, *_), got in done:
+            if got is None:  # an all-zero frame
+                got = _pyav(fallback, pos, sid, "an all-zero frame (a cut file or a black one)")
+            elif isinstance(got, str):  # DALI failed on this file alone
+                reason, got = got, _pyav(fallback, pos, sid, f"DALI cannot decode it ({got})")
+                if got.bad is None:  # a good file: DALI's limit, not the file's fault
+                    self.shapes.failed_good_file(shape, self._batches, reason, self.device)
+            results[pos] = got
         for pos, *_ in items:
             yield results[pos]
-
-    @staticmethod
-    def _pyav_after_dali(pos, sid, reason, fallback):
-        """PyAV's `_Item` for a file DALI failed on: decoded, or bad with PyAV's reason; DALI's reason where PyAV
-        is not installed (the lent GPU machines)."""
-        from .loader import _Item
-
-        try:
-            return fallback[pos]
-        except ImportError:
-            return _Item(pos, sid, bad=f"DALI cannot decode it ({reason})")
 
     def _run_jobs(self, jobs):
         """Per job: its `_Item` (decoded by DALI), None (an all-zero frame: PyAV decides) or a str (DALI failed on
@@ -193,6 +221,17 @@ class DaliClips:
             return [item for j in jobs for item in self._run_jobs([j])]
         # A clip with an all-zero frame goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
         return [None if b else _Item(pos, sid, video=v) for (pos, sid, *_), v, b in zip(jobs, videos, blank)]
+
+
+def _pyav(fallback, pos: int, sid: int, why: str):
+    """PyAV's `_Item` for position `pos`: decoded, or bad with PyAV's reason; where PyAV is not installed (the lent
+    GPU machines), bad with `why` (what sent the clip to PyAV)."""
+    from .loader import _Item
+
+    try:
+        return fallback[pos]
+    except ImportError:
+        return _Item(pos, sid, bad=f"{why}, and PyAV is not installed (pip install av)")
 
 
 def _device_index(device: torch.device) -> int:

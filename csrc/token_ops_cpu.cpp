@@ -116,7 +116,9 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& idx, int6
 
 at::Tensor shuffle_tokens_fwd_cpu(const at::Tensor& visible, const at::Tensor& perm, const at::Tensor& mask_emb,
                                   const at::Tensor& pos_emb) {
-  const auto [B, m, n, D] = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  // Named copies, not structured bindings: lambdas capture them below (C++20 for bindings).
+  const auto dims = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  const int64_t B = dims[0], m = dims[1], n = dims[2], D = dims[3];
   auto vc = visible.contiguous();
   auto pc = perm.contiguous();
   const auto acc = acc_type(vc.scalar_type());
@@ -197,7 +199,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cpu(const at::
 }
 
 at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, int64_t P) {
-  const auto [B, T, H, W, K] = check_patchify(video, pos, P);
+  const auto dims = check_patchify(video, pos, P);  // named copies: the lambdas below capture them
+  const int64_t B = dims[0], T = dims[1], H = dims[2], W = dims[3], K = dims[4];
   auto vc = video.contiguous();
   auto pc = pos.contiguous();
   const int64_t F = P * P * 3, NW = W / P, N = (H / P) * NW, run = 3 * P;

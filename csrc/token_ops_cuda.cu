@@ -486,7 +486,9 @@ at::Tensor scatter_tokens_cuda(const at::Tensor& src, const at::Tensor& idx, int
 
 at::Tensor shuffle_tokens_fwd_cuda(const at::Tensor& visible, const at::Tensor& perm, const at::Tensor& mask_emb,
                                    const at::Tensor& pos_emb) {
-  const auto [B, m, n, D] = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  // Named copies, not structured bindings: lambdas capture them below (C++20 for bindings).
+  const auto dims = check_shuffle_fwd(visible, perm, mask_emb, pos_emb);
+  const int64_t B = dims[0], m = dims[1], n = dims[2], D = dims[3];
   c10::cuda::CUDAGuard guard(visible.device());
   auto vc = visible.contiguous();
   auto pc = perm.contiguous();
@@ -563,7 +565,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cuda(const at:
 }
 
 at::Tensor patchify_gather_cuda(const at::Tensor& video, const at::Tensor& pos, int64_t P) {
-  const auto [B, T, H, W, K] = check_patchify(video, pos, P);
+  const auto dims = check_patchify(video, pos, P);  // named copies: the lambdas below capture them
+  const int64_t B = dims[0], T = dims[1], H = dims[2], W = dims[3], K = dims[4];
   c10::cuda::CUDAGuard guard(video.device());
   auto vc = video.contiguous();
   auto pc = pos.contiguous();

@@ -8,8 +8,9 @@
 #   bash tools/gpu_versions_check.sh               # ~6 min with the wheels cached, ~10 min without
 #   bash tools/gpu_versions_check.sh -k attention  # extra arguments go to pytest
 #
-# Env: PYTHON (python3.12 on PATH, else pyenv's), TORCH (2.11.0), WORK (/tmp/videoprism_gpu_versions).
-# The extension builds without its CUDA kernels (VIDEOPRISM_NO_CUDA=1; CI compiles those), and
+# Env: PYTHON (python3.12 on PATH, else pyenv's), TORCH (2.11.0), WORK (/tmp/videoprism_gpu_versions), CUDA (1).
+# The installed extension builds without its CUDA kernels (VIDEOPRISM_NO_CUDA=1), which are compiled on their
+# own for sm_90 against the same torch (CUDA=0 skips that), and
 # numpy stays below 2.4, which Triton 3.6's interpreter needs (tests/conftest.py says so too).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,6 +37,19 @@ cd "$WORK/repo"
 VIDEOPRISM_NO_CUDA=1 "$VENV/bin/pip" install -q --no-build-isolation -e ".[test,dali]"
 "$VENV/bin/python" -c "import sys, torch, triton, av, numpy; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'triton', triton.__version__, 'av', av.__version__, 'numpy', numpy.__version__)"
+# The CUDA kernels too, against this torch's headers, for the GPU machines' sm_90, into a scratch folder (CI
+# compiles them against the newest torch only): ~1 min; CUDA=0 skips it, no nvcc skips it with a note.
+if [ "${CUDA:-1}" = 1 ]; then
+  if [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext \
+      --build-lib "$WORK/cuda_build" --build-temp "$WORK/cuda_build/tmp" > "$WORK/cuda_build.log" 2>&1 \
+      || { tail -30 "$WORK/cuda_build.log"; echo "gpu_versions_check: the CUDA build failed (log above)" >&2; exit 1; }
+    n=$(grep -c "warning" "$WORK/cuda_build.log" || true)
+    echo "CUDA extension for sm_90 against torch $TORCH: built, $n compiler warnings ($WORK/cuda_build.log)"
+  else
+    echo "note: no nvcc at ${CUDA_HOME:-/usr/local/cuda}: the CUDA kernels are not compiled against torch $TORCH"
+  fi
+fi
 # The clone sits outside the checkout, so the tests find ../shared through VIDEOPRISM_SHARED.
 SHARED=$(cd "$ROOT/.." && pwd)/shared
 [ -d "$SHARED" ] && export VIDEOPRISM_SHARED=$SHARED

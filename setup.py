@@ -3,7 +3,9 @@
 C++ CPU kernels always build. CUDA kernels build when a CUDA toolkit is found and
 the installed torch is a CUDA build (our machines: torch 2.14.1+cu130 and CUDA 13 at
 /usr/local/cuda), so CI compiles the CUDA sources even without a GPU. Targets sm_80
-(A100) and sm_90 (H100/H200) unless TORCH_CUDA_ARCH_LIST says otherwise.
+(A100; its code also runs on sm_86/sm_89) and sm_90 (H100/H200), plus sm_90 PTX that the
+driver compiles on newer GPUs (Blackwell: sm_100, sm_120) at first use, unless
+TORCH_CUDA_ARCH_LIST says otherwise (e.g. "10.0" to build Blackwell code ahead of time).
 
 `kernels/` (Triton sources) installs as `videoprism.kernels` and `train/` as
 `videoprism.train`: no installed top-level module takes a generic name.
@@ -49,7 +51,7 @@ def _extension():
     # No -std flag: torch's BuildExtension picks the standard its headers need.
     cxx_flags = ["-O3"]
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         cu = sorted(glob.glob("csrc/*.cu"))
         return cpp_extension.CUDAExtension(
             "videoprism._C",

@@ -50,7 +50,7 @@ step() {  # step NAME SECONDS CMD...: time-boxed, never stops the script; result
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
-# sm_90 only here: the H100/H200 are Hopper; CI builds sm_80 + sm_90. ~45 s on 16 cores.
+# sm_90 only here: the H100/H200 are Hopper; CI builds sm_80 + sm_90 (+ PTX). ~45 s on 16 cores.
 step build 110 env TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e .
 # The attention kernels' tile search at base shapes, SDPA/flex/ours side by side (the eager
 # reference, slow and measured before, left out); the picks stay in Triton's cache directory, so

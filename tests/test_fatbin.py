@@ -127,3 +127,17 @@ def test_inputs_that_are_not_plain_libraries(kernels, tmp_path):
     before = debug.read_bytes()
     assert fatbin.census(before) == {} and fatbin.main(["prune", "--sm", "90", str(debug)]) == 0
     assert debug.read_bytes() == before
+
+
+def test_the_extension_ships_sm80_and_sm90_code_and_sm90_ptx():
+    """setup.py's default targets: A100 (and sm_86/89) and H100/H200 code, plus PTX the driver compiles on newer
+    GPUs (Blackwell), without which the CUDA ops would find no kernel image there."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("TORCH_CUDA_ARCH_LIST chose the targets of this build")
+    import videoprism._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        found = {(kind, sm) for _, kind, sm in fatbin.census(f.read())}
+    if not found:
+        pytest.skip("the extension was built without its CUDA kernels (no CUDA toolkit or a CPU torch)")
+    assert found == {("elf", 80), ("elf", 90), ("ptx", 90)}

@@ -51,12 +51,14 @@ def _extension():
     # No -std flag: torch's BuildExtension picks the standard its headers need.
     cxx_flags = ["-O3"]
     if _want_cuda():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         cu = sorted(glob.glob("csrc/*.cu"))
         return cpp_extension.CUDAExtension(
             "videoprism._C",
             cpp + cu,
-            define_macros=[("WITH_CUDA", None)],
+            # The targets, for torch.ops.videoprism.cuda_arch_list(): bare tokens, '/' for ';' and ' ' (nvcc
+            # splits -D values at ',').
+            define_macros=[("WITH_CUDA", None), ("VIDEOPRISM_CUDA_ARCHS", "/".join(archs.replace(";", " ").split()))],
             include_dirs=_pip_cuda_includes(),
             # No --use_fast_math: it implies -ftz=true, which flushed subnormal fp32 values to
             # zero in the kernels' sums (scatter duplicates, shuffle fwd/bwd adds), unlike torch

@@ -8,6 +8,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <string>
+
 // `import videoprism._C` loads this library, which runs the registrations below; the
 // module itself is empty (the ops live in torch.ops.videoprism).
 extern "C" PyObject* PyInit__C(void) {
@@ -15,7 +18,24 @@ extern "C" PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 
+// The GPU targets the CUDA kernels were compiled for, as TORCH_CUDA_ARCH_LIST spells them ("8.0;9.0+PTX"); empty
+// in a build without them. setup.py passes them as bare tokens joined by '/', stringified here: a quoted -D value
+// would not survive the build's shell, and nvcc splits -D values at ','.
+#define VIDEOPRISM_STR2(x) #x
+#define VIDEOPRISM_STR(x) VIDEOPRISM_STR2(x)
+static std::string cuda_arch_list() {
+#ifdef VIDEOPRISM_CUDA_ARCHS
+  std::string archs = VIDEOPRISM_STR(VIDEOPRISM_CUDA_ARCHS);
+  std::replace(archs.begin(), archs.end(), '/', ';');
+  return archs;
+#else
+  return "";
+#endif
+}
+
 TORCH_LIBRARY(videoprism, m) {
+  // What this build holds: which GPUs its CUDA kernels run on natively (and "+PTX": JIT-compiled on newer ones).
+  m.def("cuda_arch_list() -> str", &cuda_arch_list);
   // out[b, j, :] = x[b, idx[b, j], :]      x [B, L, D], idx [B, M] int64 -> [B, M, D]
   m.def("gather_tokens_native(Tensor x, Tensor idx) -> Tensor");
   // out[b, l, :] = sum_{j: idx[b, j] == l} src[b, j, :]   src [B, M, D] -> [B, length, D]

@@ -51,13 +51,14 @@ def _extension():
     # No -std flag: torch's BuildExtension picks the standard its headers need.
     cxx_flags = ["-O3"]
     if _want_cuda():
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        # An empty value counts as unset (torch would detect the GPUs, or fail without one).
+        archs = os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
         cu = sorted(glob.glob("csrc/*.cu"))
         return cpp_extension.CUDAExtension(
             "videoprism._C",
             cpp + cu,
-            # The targets, for torch.ops.videoprism.cuda_arch_list(): bare tokens, '/' for ';' and ' ' (nvcc
-            # splits -D values at ',').
+            # The targets, for videoprism._C.cuda_arch_list: bare tokens, '/' for ';' and ' ' (nvcc splits -D
+            # values at ',').
             define_macros=[("WITH_CUDA", None), ("VIDEOPRISM_CUDA_ARCHS", "/".join(archs.replace(";", " ").split()))],
             include_dirs=_pip_cuda_includes(),
             # No --use_fast_math: it implies -ftz=true, which flushed subnormal fp32 values to

@@ -11,14 +11,7 @@
 #include <algorithm>
 #include <string>
 
-// `import videoprism._C` loads this library, which runs the registrations below; the
-// module itself is empty (the ops live in torch.ops.videoprism).
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-
-// The GPU targets the CUDA kernels were compiled for, as TORCH_CUDA_ARCH_LIST spells them ("8.0;9.0+PTX"); empty
+// The GPU targets the CUDA kernels were compiled for, as TORCH_CUDA_ARCH_LIST lists them ("8.0;9.0+PTX"); empty
 // in a build without them. setup.py passes them as bare tokens joined by '/', stringified here: a quoted -D value
 // would not survive the build's shell, and nvcc splits -D values at ','.
 #define VIDEOPRISM_STR2(x) #x
@@ -33,9 +26,20 @@ static std::string cuda_arch_list() {
 #endif
 }
 
+// `import videoprism._C` loads this library, which runs the registrations below; the module
+// holds one constant, `cuda_arch_list` (what this build runs on natively, and "+PTX": JIT-compiled
+// on newer GPUs); the ops live in torch.ops.videoprism.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list().c_str()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+
 TORCH_LIBRARY(videoprism, m) {
-  // What this build holds: which GPUs its CUDA kernels run on natively (and "+PTX": JIT-compiled on newer ones).
-  m.def("cuda_arch_list() -> str", &cuda_arch_list);
   // out[b, j, :] = x[b, idx[b, j], :]      x [B, L, D], idx [B, M] int64 -> [B, M, D]
   m.def("gather_tokens_native(Tensor x, Tensor idx) -> Tensor");
   // out[b, l, :] = sum_{j: idx[b, j] == l} src[b, j, :]   src [B, M, D] -> [B, length, D]

@@ -41,11 +41,17 @@ torch.__version__, 'triton', triton.__version__, 'av', av.__version__, 'numpy', 
 # compiles them against the newest torch only): ~1 min; CUDA=0 skips it, no nvcc skips it with a note.
 if [ "${CUDA:-1}" = 1 ]; then
   if [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
-    TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext \
+    rm -rf "$WORK/cuda_build"
+    VIDEOPRISM_NO_CUDA=0 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-2} "$VENV/bin/python" setup.py -q build_ext \
       --build-lib "$WORK/cuda_build" --build-temp "$WORK/cuda_build/tmp" > "$WORK/cuda_build.log" 2>&1 \
       || { tail -30 "$WORK/cuda_build.log"; echo "gpu_versions_check: the CUDA build failed (log above)" >&2; exit 1; }
+    # A build without CUDA kernels (a CPU torch) also succeeds: check that sm_90 code is in the library.
+    "$VENV/bin/python" -c "import glob, sys; from tools import fatbin
+lib = glob.glob(sys.argv[1] + '/videoprism/_C*.so')[0]
+sys.exit(('elf', 90) not in {(k, sm) for _, k, sm in fatbin.census(open(lib, 'rb').read())})" "$WORK/cuda_build" \
+      || { echo "gpu_versions_check: the build holds no sm_90 code ($WORK/cuda_build.log)" >&2; exit 1; }
     n=$(grep -c "warning" "$WORK/cuda_build.log" || true)
-    echo "CUDA extension for sm_90 against torch $TORCH: built, $n compiler warnings ($WORK/cuda_build.log)"
+    echo "CUDA extension for sm_90 against torch $TORCH: built, $n compiler warning lines ($WORK/cuda_build.log)"
   else
     echo "note: no nvcc at ${CUDA_HOME:-/usr/local/cuda}: the CUDA kernels are not compiled against torch $TORCH"
   fi

@@ -12,9 +12,9 @@ run), never through host memory.
 
 Traps handled (measured): after any error a DALI pipeline is dead, so it is rebuilt and the batch is retried one
 sample at a time to find the file; that file goes to PyAV, which rejects a bad one with its reason and decodes a
-good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI never decoded
-and failed on for good files in two batches goes straight to PyAV from then on, but for one clip in PROBE_EVERY,
-which tries DALI again (a success gives it back). The decoder returns all-zero frames past a cut
+good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI failed on for
+good files in two batches, 3 at least and 8 for each it decoded, goes straight to PyAV from then on, but for one
+clip in PROBE_EVERY, which tries DALI again on its own (a success gives the shape back). The decoder returns all-zero frames past a cut
 without raising, and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded
 again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
 """
@@ -32,7 +32,8 @@ from .transforms import uniform_indices
 # A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
 DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
                "gpu": {"vp8", "vp9", "mjpeg", "mpeg4", "h264", "hevc"}}
-DECLINE_AFTER = 3  # good files DALI failed on, of one (codec, height, width) it never decoded, before PyAV takes it
+DECLINE_AFTER = 3  # good files DALI failed on, of one (codec, height, width), before PyAV takes it over...
+FAILURES_PER_SUCCESS = 8  # ...and this many for each clip of that shape DALI decoded
 PROBE_EVERY = 256  # of a declined shape's clips, one in this many still goes to DALI
 
 
@@ -55,12 +56,15 @@ class _Shapes:
     def decoded(self, shape) -> None:
         self.ok[shape] = self.ok.get(shape, 0) + 1
         if self.declined.pop(shape, None) is not None:
-            print(f"note: DALI decoded a {_name(shape)} clip again: it decodes them again", file=sys.stderr)
+            print(f"note: DALI decoded a {_name(shape)} clip again: it gets them again", file=sys.stderr)
 
     def failed_good_file(self, shape, batch: int, reason: str, device) -> None:
         self.failed[shape] = self.failed.get(shape, 0) + 1
         self.batches.setdefault(shape, set()).add(batch)
-        if (self.failed[shape] >= DECLINE_AFTER and len(self.batches[shape]) >= 2 and not self.ok.get(shape)
+        # Mostly failing, not never decoded: the key ignores the profile, and a shape whose files NVDEC mostly
+        # refuses (4:4:4, 10-bit) may hold a few it takes.
+        ok = self.ok.get(shape, 0)
+        if (self.failed[shape] >= max(DECLINE_AFTER, FAILURES_PER_SUCCESS * ok) and len(self.batches[shape]) >= 2
                 and shape not in self.declined):
             self.declined[shape], self._seen[shape] = reason, 0
             print(f"note: DALI cannot decode {_name(shape)} clips on {device} ({reason}); PyAV decodes them from "
@@ -190,7 +194,10 @@ class DaliClips:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
                 results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
-        done = list(zip(dali_jobs, self._run_jobs(dali_jobs)))
+        # A declined shape's probe runs alone: when it fails, as it mostly will, the batch is not retried clip by clip.
+        probes = [j for j in dali_jobs if j[2] in self.shapes.declined]
+        regular = [j for j in dali_jobs if j[2] not in self.shapes.declined]
+        done = list(zip(regular, self._run_jobs(regular))) + [(j, *self._run_jobs([j])) for j in probes]
         for (_, _, shape, *_), got in done:  # successes first: a shape DALI decodes here is never declined
             if isinstance(got, _Item):
                 self.shapes.decoded(shape)

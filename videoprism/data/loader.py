@@ -18,8 +18,8 @@ the position, never on `num_workers` or the decoder.
 
 Decoders, per file: `backend="pyav"` decodes with PyAV (the fastest CPU decoder measured here, see decode.py);
 `backend="dali"` runs the DALI graph (dali_pipeline.py) on the GPU when `device` is CUDA, else on the CPU, for the
-files whose codec DALI takes on that device, and PyAV for the others; `backend="auto"` is DALI on a GPU when DALI
-is installed, else PyAV.
+files whose codec DALI takes on that device, and PyAV for the others and for files DALI fails on (it decodes them or
+says why not; dali_pipeline.py); `backend="auto"` is DALI on a GPU when DALI is installed, else PyAV.
 
 Bad samples (missing, empty, truncated, corrupt, non-video, unsupported, too few frames; bad manifest lines; files
 whose decode kills its worker process or hangs past `decode_timeout`) are skipped and recorded (`loader.rejects`:

@@ -40,6 +40,10 @@ SM=${DALI_SM:-90}
 CHUNK_MIB=${CHUNK_MIB:-55}
 CALL_MIB=${CALL_MIB:-64}
 MiB=$((1 << 20))
+# prepare's tools (tools.fatbin with Triton's cuobjdump, bench.data --write-clips with torch and PyAV): the project's
+# venv where there is one
+TOOLS_PY=$PY
+[ -x .venv/bin/python ] && TOOLS_PY=.venv/bin/python
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 die() { echo "dali_wheel: $*" >&2; exit 2; }
@@ -51,12 +55,11 @@ download() {  # download DEST SPEC...: cp$PYTAG manylinux x86_64 wheels, no deps
 }
 
 pack() {  # pack WHEEL OUT: the install tree for cp$PYTAG and sm_$SM, stripped, pruned, checked, as .tar.xz
-  local wheel=$1 out=$2 tree dump gen=$PY
-  [ -x .venv/bin/python ] && gen=.venv/bin/python  # the project's venv: Triton's cuobjdump for the check
+  local wheel=$1 out=$2 tree dump
   command -v strip >/dev/null || die "prepare needs strip (binutils) to pack DALI"
   command -v xz >/dev/null || die "prepare needs xz to pack DALI"
-  dump=$($gen -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/cuobjdump'))" \
-    2>/dev/null) || dump=""
+  dump=$($TOOLS_PY -c "from tools.fatbin import triton_cuobjdump; print(triton_cuobjdump() or '')" 2>/dev/null) \
+    || dump=""
   [ -x "$dump" ] || die "prepare checks the pruned libraries with the cuobjdump Triton ships: make setup first"
   tree=$(mktemp -d)
   $PY -m zipfile -e "$wheel" "$tree"
@@ -67,7 +70,7 @@ pack() {  # pack WHEEL OUT: the install tree for cp$PYTAG and sm_$SM, stripped, 
   # Host symbol tables (.symtab/.strtab: 50 MiB in libdali_operators.so alone); the dynamic ones stay.
   strip --strip-unneeded "${libs[@]}"
   local log
-  log=$($gen -m tools.fatbin prune --sm "$SM" --check-with "$dump" "${libs[@]}" 2>&1) \
+  log=$($TOOLS_PY -m tools.fatbin prune --sm "$SM" --check-with "$dump" "${libs[@]}" 2>&1) \
     || { echo "$log" >&2; rm -rf "$tree"; die "pruning DALI's device code failed (above)"; }
   grep -v ' 0.00 MiB' <<< "${log//$tree\//}" || true
   echo "packing $(du -sm "$tree" | cut -f1) MiB with xz -9 (about two minutes on two cores)"
@@ -102,10 +105,8 @@ prepare() {
   split -b "$chunk" -d -a 2 ".whl/$name" "$DIR/part-"
   (cd "$DIR" && sha256sum "../$name" | sed "s|\.\./||" > SHA256SUMS.tmp \
     && sha256sum part-* >> SHA256SUMS.tmp && mv SHA256SUMS.tmp SHA256SUMS)
-  if [ ! -f "$CLIPS/clips.jsonl" ]; then  # needs torch + PyAV: the project's venv where there is one
-    local gen=$PY
-    [ -x .venv/bin/python ] && gen=.venv/bin/python
-    OMP_WAIT_POLICY=PASSIVE $gen -m bench.data --write-clips "$CLIPS"
+  if [ ! -f "$CLIPS/clips.jsonl" ]; then
+    OMP_WAIT_POLICY=PASSIVE $TOOLS_PY -m bench.data --write-clips "$CLIPS"
   fi
   plan "$tree"
 }

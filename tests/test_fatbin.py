@@ -22,9 +22,7 @@ def cuda_tool(name):
 
 
 def cuobjdump():
-    triton = pytest.importorskip("triton")
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    return tool if os.access(tool, os.X_OK) else pytest.skip("Triton ships no cuobjdump here")
+    return fatbin.triton_cuobjdump() or pytest.skip("no Triton, or one that ships no cuobjdump")
 
 
 @pytest.fixture(scope="module")

@@ -168,6 +168,16 @@ def image_digests(data: bytes, sm: int) -> list[str]:
                   for found in fatbins(data).values() for c in found for i in c.images if i.kind == 2 and i.sm == sm)
 
 
+def triton_cuobjdump() -> str | None:
+    """The cuobjdump Triton's wheel ships (no CUDA toolkit needed), or None where Triton or it is missing."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return tool if os.access(tool, os.X_OK) else None
+
+
 def cubin_digests(cuobjdump: str, path: str, sm: int) -> list[str]:
     """sha256 of every sm_`sm` cubin that NVIDIA's cuobjdump extracts from `path` (those of `.nv_fatbin`: it does
     not read `__nv_relfatbin`), sorted."""

@@ -209,15 +209,15 @@ def _compiled(kernel) -> dict:
     """Tiles, launch options and resources of one compiled kernel: registers and local-memory
     bytes per thread (spills; from the cubin with the cuobjdump Triton ships), shared memory
     and the main loop's instruction mix (loop_profile)."""
-    import triton
+    from tools.fatbin import triton_cuobjdump
 
     names = kernel.src.fn.arg_names
     tiles = {names[i[0]]: v for i, v in kernel.src.constants.items()
              if names[i[0]].startswith("BLOCK_") or names[i[0]] == "HEADS"}
     info = {"tiles": tiles, "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
             "shared_bytes": kernel.metadata.shared}
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if os.path.exists(tool):
+    tool = triton_cuobjdump()
+    if tool:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
             fh.write(kernel.asm["cubin"])
             fh.flush()

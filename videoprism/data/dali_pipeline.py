@@ -14,9 +14,9 @@ Traps handled (measured): after any error a DALI pipeline is dead, so it is rebu
 sample at a time to find the file; that file goes to PyAV, which rejects a bad one with its reason and decodes a
 good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (codec, size) that DALI failed on for
 good files in two batches, 3 at least and 8 for each it decoded, goes straight to PyAV from then on, but for one
-clip in PROBE_EVERY, which tries DALI again on its own (a success gives the shape back). The decoder returns all-zero frames past a cut
-without raising, and black frames (a fade-in) are all zeros too, so a sample with an all-zero frame is decoded
-again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
+clip in PROBE_EVERY, which tries DALI again on its own (a success gives the shape back). The decoder returns
+all-zero frames past a cut without raising, and black frames (a fade-in) are all zeros too, so a sample with an
+all-zero frame is decoded again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class _Shapes:
         self.batches: dict[tuple, set[int]] = {}  # the batches those failures came in
         self.declined: dict[tuple, str] = {}  # shapes left to PyAV -> DALI's reason
         self._seen: dict[tuple, int] = {}  # clips of a declined shape since it was declined
+        self.batch = 0  # decode_items calls so far
 
     def to_dali(self, shape) -> bool:
         if shape not in self.declined:
@@ -58,9 +59,9 @@ class _Shapes:
         if self.declined.pop(shape, None) is not None:
             print(f"note: DALI decoded a {_name(shape)} clip again: it gets them again", file=sys.stderr)
 
-    def failed_good_file(self, shape, batch: int, reason: str, device) -> None:
+    def failed_good_file(self, shape, reason: str, device) -> None:
         self.failed[shape] = self.failed.get(shape, 0) + 1
-        self.batches.setdefault(shape, set()).add(batch)
+        self.batches.setdefault(shape, set()).add(self.batch)
         # Mostly failing, not never decoded: the key ignores the profile, and a shape whose files NVDEC mostly
         # refuses (4:4:4, 10-bit) may hold a few it takes.
         ok = self.ok.get(shape, 0)
@@ -109,7 +110,6 @@ class DaliClips:
         self._stream = None  # CUDA: the stream the outputs are copied and checked on
         self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
         self.shapes = _Shapes()
-        self._batches = 0  # decode_items calls so far
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -180,7 +180,7 @@ class DaliClips:
         without probe fields: a clean manifest (`videoprism data index`) holds files PyAV decoded there."""
         from .loader import _Item
 
-        self._batches += 1
+        self.shapes.batch += 1
         results: dict[int, _Item] = {}
         dali_jobs = []
         for pos, sid, sample, aug in items:
@@ -207,7 +207,7 @@ class DaliClips:
             elif isinstance(got, str):  # DALI failed on this file alone
                 reason, got = got, _pyav(fallback, pos, sid, f"DALI cannot decode it ({got})")
                 if got.bad is None:  # a good file: DALI's limit, not the file's fault
-                    self.shapes.failed_good_file(shape, self._batches, reason, self.device)
+                    self.shapes.failed_good_file(shape, reason, self.device)
             results[pos] = got
         for pos, *_ in items:
             yield results[pos]

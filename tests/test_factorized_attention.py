@@ -353,6 +353,8 @@ def test_unsupported_combinations_name_a_backend_that_works():
             factorized_attention(torch.zeros(1, 65, 1, 3, 1, 8), axis="time", backend="triton")
         with pytest.raises(ValueError, match="256"):
             factorized_attention(torch.zeros(1, 1, 1, 3, 1, 264), axis="space", backend="triton")
+        with pytest.raises(ValueError, match="32 frames"):
+            factorized_attention(torch.zeros(1, 33, 1, 3, 1, 136, requires_grad=True), axis="time", backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,6 +122,12 @@ def _triton(qkv, *, axis, softcap, pos, key_padding, causal, scale):
     if T > 64:
         raise ValueError(f"attention backend 'triton' holds the whole time axis in registers, up to 64 frames; "
                          f"got T={T}; use 'flex' or 'reference'")
+    if qkv.dtype == torch.float32 and qkv.requires_grad and T > 32 and Dh > 128:
+        # The fp32 time backward at BLOCK_T = 64, BLOCK_D = 256 holds four 64 KB tiles in shared
+        # memory (256 KB; sm_90 gives a program 227 KB): Triton would raise OutOfResources in the
+        # backward, on the GPU only. The forward alone (192 KB) fits.
+        raise ValueError(f"attention backend 'triton' trains in float32 on up to 32 frames at head dims above "
+                         f"128; got T={T}, Dh={Dh}; use bf16/fp16 (autocast), 'flex' or 'reference'")
     return _time_fwd(qkv, pos, key_padding, softcap, scale, causal)
 
 

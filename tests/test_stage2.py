@@ -300,3 +300,26 @@ def test_compiled_triton_stage2_step_matches_eager(tmp_path, device):
     want = _stage2_losses(dev, "reference", False, tmp_path / "eager")
     got = _stage2_losses(dev, "triton", True, tmp_path / "triton")
     assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_validation_losses_are_the_same_on_every_rank_and_for_any_batching():
+    """Every rank scores the whole validation split (FSDP needs them in step): with per-clip masks
+    keyed by the clip's index, rank 1 of 2 and rank 0 of 1, in batches of 1, 2 or all 5 clips, score
+    the same masks, so the logged losses (rank 0's) do not depend on the number of ranks; they equal
+    a mean over clips of each clip scored alone."""
+    clips = video(5, seed=3)
+    got = []
+    for rank, world, b in [(0, 1, 5), (1, 2, 2), (0, 4, 1)]:
+        task, _ = make_task()
+        task.dist = Dist(rank, world, torch.device("cpu"))
+        task.val = [{"video": clips[i:i + b]} for i in range(0, 5, b)]
+        with torch.no_grad():
+            got.append(task.evaluate(task.module))
+    assert set(got[0]) == {"val_token_loss", "val_global_loss"}
+    for other in got[1:]:
+        assert other == pytest.approx(got[0], rel=1e-5)
+    task, _ = make_task()
+    with torch.no_grad():
+        pos, perm = task._val_masks(3, 2, T, R, R)
+        assert torch.equal(pos[1:], task._val_masks(4, 1, T, R, R)[0])  # clip 4 alone or after clip 3
+        assert not torch.equal(pos[0], pos[1]) and not torch.equal(perm[0], perm[1])

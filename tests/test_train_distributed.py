@@ -187,6 +187,58 @@ def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
     assert len(errors) == 2 and all("does not load (rank0.pt: " in e for e in errors), r.stderr[-3000:]
 
 
+def test_a_rank_whose_view_of_out_dir_lags_resumes_from_rank_0s_checkpoint(tmp_path, refs):
+    """A node whose view of a shared out_dir lags (an NFS attribute cache) does not see the newest
+    checkpoint: every rank still loads rank 0's pick, and the run goes on with the uninterrupted
+    run's losses (each rank choosing alone mixed two checkpoints, then hung in the final save)."""
+    out = str(tmp_path / "run")
+    run(1, out, "train.steps=4", "checkpoint.interval=2", "checkpoint.export=false")
+    lagging = tmp_path / "lagging_rank1.py"
+    lagging.write_text("import os, sys\n"
+                       "from videoprism.train import checkpoint, stage1\n"
+                       "if os.environ['RANK'] == '1':\n"
+                       "    listed = checkpoint.step_dirs\n"
+                       "    checkpoint.step_dirs = lambda root: listed(root)[:-1]\n"
+                       "sys.exit(stage1.main(sys.argv[1:]))\n")
+    cmd = command(1, out, ["train.steps=6", "checkpoint.export=false", "--auto-resume"], nproc=2)
+    cmd[cmd.index("-m", 2):cmd.index("--config")] = [str(lagging)]  # the script instead of -m train.stage1
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "resumed from" in r.stdout and "step_00000004" in r.stdout
+    ref, got = losses(refs[1]), losses(out)
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+def test_an_srun_step_of_separate_runs_is_refused(monkeypatch):
+    """`srun torchrun` without --nnodes/--rdzv-endpoint on 4 nodes is 4 whole runs writing one
+    out_dir; `srun -n 8 python -m train.stage1` is 8. A batch script's own shell and a joined
+    rendezvous pass."""
+    from videoprism.train.parallel import _check_slurm_launch
+
+    for key in ("TORCHELASTIC_RUN_ID", "GROUP_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    with pytest.raises(ValueError, match=r"8 tasks but they are 8 separate runs of 1 rank\(s\).*--nnodes"):
+        _check_slurm_launch(1)
+    _check_slurm_launch(8)  # a launcher that set WORLD_SIZE for all 8
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # each node's torchrun alone
+    with pytest.raises(ValueError, match=r"4 separate runs of 8 rank\(s\)"):
+        _check_slurm_launch(8)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "4")  # one rendezvous of the 4 nodes
+    _check_slurm_launch(32)
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")
+    monkeypatch.setenv("SLURM_STEP_ID", str(0xFFFFFFFB))  # the batch step
+    _check_slurm_launch(8)
+    monkeypatch.delenv("SLURM_STEP_ID")
+    _check_slurm_launch(8)
+
+
 def test_on_main_rank_returns_or_raises_in_one_process():
     from videoprism.train.parallel import on_main_rank
 

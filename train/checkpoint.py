@@ -47,6 +47,30 @@ def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
+def _agreed(fn):
+    """`fn()` evaluated by rank 0, its result (or error) on every rank (parallel.on_main_rank)."""
+    from videoprism.train.parallel import on_main_rank
+
+    return on_main_rank(fn)
+
+
+def _save_synced(obj, path: str) -> None:
+    """torch.save, on disk before it returns (DCP syncs its own files): once the folder is renamed into
+    place the older checkpoints are deleted, so a power loss must not find this file still in the page cache."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
@@ -107,7 +131,9 @@ _NUMPY_ARRAYS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This rank's device only (torch.cuda.set_device(LOCAL_RANK)): the states of the node's other GPUs are
+        # other ranks', and a list indexed by device would not fit a resume with other GPUs visible.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -115,8 +141,13 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written by get_rng_state_all(): one state per visible device
+            here = torch.cuda.current_device()
+            cuda = cuda[here] if here < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def step_dirs(root: str) -> list[tuple[int, str]]:
@@ -201,8 +232,8 @@ class Saver:
         (a crash between removing and replacing it would leave nothing loadable)."""
         self.finish()
         final = os.path.join(self.root, f"step_{step:08d}")
-        if os.path.isdir(final):
-            return final
+        if _agreed(lambda: os.path.isdir(final)):  # one answer for all ranks: a rank that returned here would
+            return final                           # leave the others in the save's collectives
         tmp = final + ".tmp"
         if _rank() == 0:
             os.makedirs(self.root, exist_ok=True)
@@ -213,7 +244,7 @@ class Saver:
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
         with _writing(tmp, self.root):
             os.makedirs(tmp, exist_ok=True)
-            torch.save(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
+            _save_synced(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
             if self.async_save and not wait:
                 # Returns once the state is copied to host memory: the next update cannot reach it.
                 future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
@@ -246,6 +277,7 @@ class Saver:
         _barrier()
         if _rank() == 0:
             os.rename(tmp, final)
+            _sync_folder(self.root)  # the rename on disk before the checkpoints it replaces are deleted
             for _, old in step_dirs(self.root)[:-self.keep] if self.keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
@@ -279,7 +311,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     if not os.path.isdir(path) or not _STEP_DIR.match(os.path.basename(path.rstrip("/"))):
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
-    ranks = written_ranks(path)
+    ranks = _agreed(lambda: written_ranks(path))  # rank 0's listing (its error) on every rank
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
     _quiet_single_process()

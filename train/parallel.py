@@ -43,6 +43,7 @@ def init_distributed(device: str) -> Dist:
         raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    _check_slurm_launch(world)
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -55,6 +56,23 @@ def init_distributed(device: str) -> Dist:
         if device == "cuda":
             host_group = dist.new_group(backend="gloo")
     return Dist(rank, world, dev, host_group)
+
+
+def _check_slurm_launch(world: int) -> None:
+    """An `srun` step of several tasks whose processes did not join one process group: `srun torchrun` without
+    --nnodes/--rdzv-endpoint starts one standalone torchrun per node (each a whole run of its own, all writing
+    the same out_dir), and `srun python -m train.stageN` one single-process run per task."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    if not step.isdigit() or int(step) >= 0xFFFFFFF0:  # not an srun step: a batch script's own shell, or no SLURM
+        return
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    launchers = int(os.environ.get("GROUP_WORLD_SIZE", "0")) if "TORCHELASTIC_RUN_ID" in os.environ else world
+    if tasks > 1 and launchers < tasks:
+        raise ValueError(
+            f"this SLURM step has {tasks} tasks but they are {tasks // max(launchers, 1)} separate runs of "
+            f"{world} rank(s) each, not one: give torchrun --nnodes $SLURM_NNODES --rdzv-backend c10d "
+            "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 --rdzv-id "
+            "$SLURM_JOB_ID (one srun task per node), or launch the script with torchrun instead of plain srun")
 
 
 def close_distributed() -> None:

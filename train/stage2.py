@@ -55,20 +55,30 @@ class Stage2Task:
             # Eager, each of its LayerNorms, GELUs and residual adds is a pass over 4096 tokens a clip.
             teacher.compile(backend=cfg.train.compile_backend, fullgraph=True)
 
-    def _masks(self, b: int, T: int, H: int, W: int, seed: int, step: int, micro: int):
-        """BEVT mask and slot permutation of this rank's rows of the global micro-batch, drawn
-        from `derive_seed(..., seed, step, micro)`."""
+    def _draw(self, g: int, T: int, H: int, W: int, seed: int, *keys: int):
+        """BEVT mask and slot permutation of `g` clips, drawn from `derive_seed(..., seed, *keys)`."""
         dev, P = self.dist.device, self.model_config.patch_size
-        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
-        g = b * self.dist.world
-        pos = bevt_mask(g, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=derive_seed(MASK, seed, step, micro),
-                        device=dev)[rows]
+        pos = bevt_mask(g, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=derive_seed(MASK, seed, *keys),
+                        device=dev)
         if self.cfg.stage2.shuffle:
-            gen = torch.Generator(device=dev).manual_seed(derive_seed(SLOTS, seed, step, micro))
-            perm = random_slots(g, T * self.num_patches, generator=gen, device=dev)[rows]
+            gen = torch.Generator(device=dev).manual_seed(derive_seed(SLOTS, seed, *keys))
+            perm = random_slots(g, T * self.num_patches, generator=gen, device=dev)
         else:
             perm = identity_slots(pos, self.num_patches)
         return pos, perm
+
+    def _masks(self, b: int, T: int, H: int, W: int, seed: int, step: int, micro: int):
+        """This rank's rows of the global micro-batch's masks (the same draws on any number of ranks)."""
+        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        pos, perm = self._draw(b * self.dist.world, T, H, W, seed, step, micro)
+        return pos[rows], perm[rows]
+
+    def _val_masks(self, first: int, b: int, T: int, H: int, W: int):
+        """Masks of validation clips first..first+b-1, one draw per clip keyed by its index in the split:
+        every rank (each scores the whole split, as FSDP needs) and any world or batch size scores the
+        same masks, so the logged losses compare across runs."""
+        draws = [self._draw(1, T, H, W, VALIDATION, first + j) for j in range(b)]
+        return torch.cat([p for p, _ in draws]), torch.cat([q for _, q in draws])
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         video = to_device(batch["video"], self.dist.device)
@@ -105,12 +115,14 @@ class Stage2Task:
         if not self.val:
             return {}
         sums: dict[str, float] = {}
-        for i, batch in enumerate(self.val):
+        n, first = sum(batch["video"].shape[0] for batch in self.val), 0
+        for batch in self.val:
             video = batch["video"].to(self.dist.device)
             b, T, H, W, _ = video.shape
-            pos, perm = self._masks(b, T, H, W, VALIDATION, i, 0)
+            pos, perm = self._val_masks(first, b, T, H, W)
+            first += b
             for k, v in self.losses(module, {"video": video, "pos": pos, "perm": perm}).items():
-                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) / len(self.val)
+                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) * b / n  # a mean over clips
         return sums
 
     def export(self, module: nn.Module, path: str) -> None:

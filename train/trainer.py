@@ -116,14 +116,15 @@ class Trainer:
         """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any`: start at
         step 0 when there is none yet, as every rank must: they decide together (a shared file
         system whose nodes see different folders would otherwise split the run)."""
-        target = ckpt.find(path, required=not if_any)
-        if if_any:
-            some, none = all_reduce_max([int(target is not None), int(target is None)], self.dist)
-            if some and none:
-                raise FileNotFoundError(f"--auto-resume: some ranks see a checkpoint under {path!r} and some do "
-                                        "not; train.out_dir must be one folder that every node sees alike")
-            if none:
-                return
+        # Rank 0 picks the checkpoint and every rank loads that one: ranks that each listed the folder could pick
+        # different steps (a node whose view of a shared file system lags) and train on a mix of two checkpoints.
+        target = on_main_rank(lambda: ckpt.find(path, required=not if_any))
+        if target is None:
+            return
+        missing, = all_reduce_max([int(not os.path.isdir(target))], self.dist)
+        if missing:
+            raise FileNotFoundError(f"--resume: rank 0 resumes from {target} and some ranks do not see it; "
+                                    "train.out_dir must be one folder that every node sees alike")
         state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
         d = self.dist
         if written == d.world:

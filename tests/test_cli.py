@@ -171,6 +171,8 @@ def _bad_inputs(tmp):
     (tmp / "garbage.model").write_bytes(b"not a sentencepiece model")
     (tmp / "bad.jsonl").write_text('{"path": "a.webm", "caption": \n[1, 2]\n')
     (tmp / "empty.jsonl").write_text("")
+    (tmp / "clip.mp4").write_bytes(b"\0\0\0\x20ftypisom" + bytes(range(256)) * 8)
+    (tmp / "out.npy").mkdir()
     # train.steps=1: a case that wrongly passed would train one step, not the tiny preset's 1200.
     tiny = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", f"train.out_dir={tmp}/run", "train.steps=1"]
     rand = [*tiny, "data.source=random", "train.global_batch=2"]
@@ -178,6 +180,9 @@ def _bad_inputs(tmp):
         (stage1.main, [*tiny, "train.steps=abc"], "train.steps: expected an integer, got 'abc'"),
         (stage1.main, [*tiny, "train.stepz=3"], "unknown field 'stepz'"),
         (stage1.main, ["--config", "tin"], "unknown config preset 'tin'"),
+        (stage1.main, ["model.num_frames=2", "--config", "tiny", "train.steps=abc"], "train.steps: expected an integer"),
+        (stage1.main, [*rand, "--resume", "train.steps=abc"], "train.steps: expected an integer"),
+        (stage1.main, [*rand, "lr=1"], "e.g. optim.lr"),
         (stage1.main, [*tiny, f"data.train={tmp}/none.jsonl"], "none.jsonl' does not exist"),
         (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl"], "set data.tokenizer=PATH.model"),
         (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' does not exist"),
@@ -203,13 +208,20 @@ def _bad_inputs(tmp):
         (main, ["embed", "x.mp4", "--out", "x.txt"], "must end in .npy or .safetensors"),
         (main, ["embed", str(tmp / "garbage.model"), "--out", f"{tmp}/garbage.model/e.npy"],
          "cannot create its folder"),
-        (main, ["data", "index", str(tmp / "empty.jsonl"), "--out", f"{tmp}/c.jsonl", "--quiet"], "holds no sample"),
+        (main, ["data", "index", str(tmp / "empty.jsonl"), "--out", f"{tmp}/c.jsonl", "--quiet"], "is empty"),
+        (main, ["data", "index", str(tmp / "bad.jsonl"), "--out", str(tmp), "--quiet"], "is a folder; pass a .jsonl"),
         (main, ["data", "index", str(tmp), "--out", f"{tmp}/c.jsonl", "--quiet"], "is a folder"),
         (main, ["data", "index", str(tmp / "bad.jsonl"), "--out", f"{tmp}/garbage.model/c.jsonl", "--quiet"],
          "cannot create its folder"),
         (main, ["embed", str(tmp / "garbage.model"), f"{tmp}/none.webm", f"{tmp}/none2.webm", "--out",
                 f"{tmp}/e.npy"], "none.webm: no such file (and 1 more)"),
         (main, ["embed", str(tmp), "--out", f"{tmp}/e.npy"], "a folder, not a video file"),
+        (main, ["embed", str(tmp / "garbage.model"), "--out", f"{tmp}/out.npy"], "out.npy: is a folder"),
+        (main, ["embed", str(tmp / "garbage.model"), "--model", "videoprism_vc_v1_base", "--out", f"{tmp}/e.npy"],
+         "--set num_classes=N"),
+        (main, ["data", "index", str(tmp / "clip.mp4"), "--out", f"{tmp}/c.jsonl", "--quiet"],
+         "clip.mp4' is a binary file, not a JSONL manifest"),
+        (main, ["data", "synth", "--out", str(tmp / "garbage.model"), "--num", "2"], "--out"),
         (main, ["embed", str(tmp / "garbage.model"), "--attention-backend", "fast", "--out", f"{tmp}/e.npy"],
          "--attention-backend fast: choose one of"),
         (main, ["embed", str(tmp / "bad.jsonl"), "--quiet", "--out", f"{tmp}/e.npy", *SMALL], "bad.jsonl: not a video"),

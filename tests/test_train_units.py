@@ -53,7 +53,7 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
                          ('[optim]\nnope = 1\n', "run.toml: unknown field 'nope'"),
                          ('[train]\nsteps = 1.5\n', "train.steps must be int"),
                          ('optim = 3\n', "'optim' must be a table"),
-                         ('preset = "huge"\n', "run.toml: preset 'huge'"),
+                         ('preset = "huge"\n', "run.toml: unknown preset 'huge'"),
                          ('[optim]\ndecay = "cosin"\n', "optim.decay='cosin' is not one of 'linear', 'cosine'"),
                          ('[optim\n', "not a valid TOML config")):
         toml.write_text(text)

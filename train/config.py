@@ -275,7 +275,9 @@ def _parse(value: str, typ):
 def _field(cfg: Config, key: str, where: str):
     """(section object, field name, field type) of `section.field`; errors say where and what exists."""
     if "." not in key:
-        raise ValueError(f"{where}: key {key!r} needs a section, e.g. train.{key} (see --help)")
+        owners = [f.name for f in dataclasses.fields(cfg) if key in typing.get_type_hints(type(getattr(cfg, f.name)))]
+        raise ValueError(f"{where}: key {key!r} needs a section, e.g. {owners[0] if owners else 'train'}.{key} "
+                         "(see --help)")
     section, name = key.split(".", 1)
     sec = getattr(cfg, section, None)
     if sec is None or not dataclasses.is_dataclass(sec):
@@ -314,7 +316,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def read_config_file(path: str) -> dict:
     """A config file as {"preset": NAME (optional), SECTION: {FIELD: value}}: TOML (.toml) or JSON."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist; pass a preset name ({', '.join(PRESETS)}) or a "
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise ValueError(f"config file {path!r} {what}; pass a preset name ({', '.join(PRESETS)}) or a "
                          ".toml/.json file")
     try:
         if path.endswith(".toml"):
@@ -365,8 +368,8 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     data = read_config_file(config) if config not in PRESETS and (os.sep in config or "." in config) else {}
     preset = data.get("preset", "tiny") if data else config
     if preset not in PRESETS:
-        where = f"{config}: preset" if data else "config preset"
-        raise ValueError(f"unknown {where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
+        where = f"{config}: unknown preset" if data else "unknown config preset"
+        raise ValueError(f"{where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
     cfg = Config()
     if stage == 2:
         # Stage-2 paper settings (DESIGN 5): 65% BEVT masking, cosine to 1e-5, wd 0.05.
@@ -417,6 +420,9 @@ def check_inputs(cfg: Config, stage: int) -> None:
     if not os.path.isdir(parent):
         raise NotADirectoryError(f"train.out_dir={cfg.train.out_dir!r} cannot be created: {parent!r} is a file; "
                                  "pick another folder")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"train.out_dir={cfg.train.out_dir!r} cannot be written: {parent!r} is not writable; "
+                              "pick another folder")
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     if cpu and cfg.model.attention_backend == "triton" and not attention.INTERPRET:
         raise ValueError("model.attention_backend=triton needs a GPU and this run is on the CPU; use 'reference' "
@@ -468,7 +474,10 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
                    help="resume from train.out_dir's latest checkpoint if it has one, else start at step 0: one "
                         "command for a job that a scheduler may preempt and requeue")
     p.add_argument("overrides", nargs="*", help="section.field=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after the options
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides.append(args.resume)  # `--resume section.field=value`: an override, not a path
+        args.resume = ""
     if args.auto_resume and args.resume is not None:
         p.error("--resume and --auto-resume exclude each other")
     cfg = build_config(args.config, args.overrides, stage)

@@ -76,7 +76,7 @@ def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int
             raise ValueError(f"data.train entry {item!r}: WEIGHT must be > 0 and FRAMES >= 1")
         if not os.path.exists(parts[0]):
             raise FileNotFoundError(f"data.train manifest {parts[0]!r} does not exist; generate the synthetic "
-                                    "data (videoprism data synth DIR) or fix the path")
+                                    "data (videoprism data synth --out DIR --num N) or fix the path")
         out.append((parts[0], weight, frames))
     if not out:
         raise ValueError("data.train is empty; pass data.train=PATH/train.jsonl (or data.source=random)")

@@ -24,6 +24,7 @@ import time
 
 from videoprism.cli import run_command
 from videoprism.data.synth import SCENES, generate
+from videoprism.paths import make_folder
 from videoprism.train import stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
@@ -92,6 +93,7 @@ def _main(argv: list[str] | None) -> int:
                                       f"stage2.teacher={args.out}/stage1/model.safetensors", *args.overrides], 2)
     if not cfg1.checkpoint.export:
         raise ValueError("checkpoint.export=false: stage 2 distils from stage 1's exported weights; leave it on")
+    make_folder(args.out, f"--out {args.out}")
     _data(root, args.clips, cfg1.model.num_frames, cfg1.model.resolution, args.scene)
     res1 = stage1.run(cfg1)
     res2 = stage2.run(cfg2)

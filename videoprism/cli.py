@@ -66,12 +66,19 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device:
         return vp.model_from_safetensors(checkpoint, **overrides).to(device).eval(), checkpoint
     name = name or DEFAULT_MODEL
     if checkpoint is None:
+        model = vp.from_official(name, **overrides)  # an unknown name fails before the warning
         print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
               f".safetensors for real features)", file=sys.stderr)
-        model = vp.from_official(name, **overrides)
     else:
         model = vp.load_checkpoint(checkpoint, vp.from_official(name, device="meta", **overrides))
     return model.to(device).eval(), name
+
+
+def check_out_file(out: str) -> None:
+    """The output file `--out OUT` can be written: checked before any work, with one line naming --out."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out}: is a folder; pass a file path in it")
+    make_folder(os.path.dirname(os.path.abspath(out)), f"--out {out}")
 
 
 def cmd_embed(args) -> int:
@@ -86,10 +93,7 @@ def cmd_embed(args) -> int:
     for flag, value in (("--num-frames", args.num_frames), ("--resolution", args.resolution)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    make_folder(out_dir, f"--out {args.out}")
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out {args.out}: cannot write to {out_dir}")
+    check_out_file(args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -173,6 +177,7 @@ def cmd_convert(args) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: must end in .safetensors (load_checkpoint picks the format by it)")
+    check_out_file(args.out)
     overrides = parse_overrides(args.set)
     if args.num_classes:
         overrides["num_classes"] = args.num_classes

@@ -130,7 +130,8 @@ def official_config(name: str, **overrides):
     if "pos_emb_shape" in values:
         values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
     if cls is ClassifierConfig and "num_classes" not in overrides:
-        raise ValueError(f"{name} is a classifier: pass num_classes=...")
+        raise ValueError(f"{name} is a classifier: pass num_classes=N (videoprism convert --num-classes N, "
+                         "videoprism embed --set num_classes=N)")
     return cls(**values)
 
 

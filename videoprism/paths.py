@@ -13,3 +13,5 @@ def make_folder(folder: str, option: str) -> None:
     except OSError as e:
         raise OSError(f"{option}: cannot create its folder {folder} ({e.strerror}: {e.filename}); pick another "
                       "path") from None
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"{option}: cannot write to {folder}; pick another path")

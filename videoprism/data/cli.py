@@ -29,12 +29,14 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_synth(args) -> int:
+    from ..paths import make_folder
     from .synth import generate
 
     try:
+        make_folder(args.out, f"--out {args.out}")
         meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
                         num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers)
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "

@@ -123,10 +123,15 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     try:
         samples, line_rejects = read_source(source, max_bad_share=1.0)
     except NoUsableSamplesError as e:  # still worth a report: it says why every line was refused
+        if not e.rejects:  # an empty manifest: nothing to report, and an earlier --out stays as it was
+            raise
         samples, line_rejects = [], e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
+    for option, path in (("--out", out), ("--rejects", rejects_path)):
+        if os.path.isdir(path):
+            raise ValueError(f"{option} {path}: is a folder; pass a .jsonl file path")
+        make_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}")
     base = os.path.dirname(os.path.abspath(out))
-    make_folder(base, f"--out {out}")
     jobs = [(s, min_frames, full) for s in samples]
     with _progress(len(jobs), progress) as bar:
         results = _probe_all(jobs, workers or os.cpu_count() or 1, bar)

@@ -134,6 +134,10 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
                                 "or WebDataset .tar shards")
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
+        if b"\0" in f.read(4096):  # a video or an archive given as the manifest: one error, not a reject per "line"
+            raise ValueError(f"manifest {path!r} is a binary file, not a JSONL manifest; pass a .jsonl file (one "
+                             "JSON object per line) or WebDataset .tar shards")
+        f.seek(0)
         lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
     budget = BadSampleBudget(total=len(lines), max_share=max_bad_share, what=f"lines of {path}")
     samples = []

@@ -13,6 +13,7 @@ targets is reported as "truncated".
 from __future__ import annotations
 
 import bisect
+import collections
 import io
 import os
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class PyAVClip:
                 raise BadVideoError(self.name, "empty file (0 bytes)")
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
+        self._src, self._threads = src, threads
         try:
             self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -125,14 +127,26 @@ class PyAVClip:
     def _build_index(self) -> VideoIndex:
         s = self._stream
         pts, keys = [], []
+        # The end of the data over every stream (seconds): a cut cuts them all, while a longer audio track
+        # only makes the container's duration longer than the video.
+        data_end = None
         try:
-            for packet in self._container.demux(s):
+            # Every stream: a demux pass reads their packets anyway.
+            for packet in self._container.demux():
+                if packet.stream.index != s.index:
+                    if packet.pts is not None and packet.stream.time_base is not None and packet.size:
+                        end = float((packet.pts + (packet.duration or 0)) * packet.stream.time_base)
+                        data_end = end if data_end is None else max(data_end, end)
+                    continue
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None or packet.size == 0:
                     continue
-                pts.append(ts)
                 if packet.is_keyframe:
-                    keys.append(ts)
+                    keys.append(ts)  # a discarded keyframe still is where decoding can start
+                # Packets an edit list discards (a stream-copied cut before a keyframe) are decoded as
+                # references but never shown: they are not frames of the clip.
+                if not packet.is_discard:
+                    pts.append(ts)
         except av.error.FFmpegError as e:
             raise BadVideoError(self.name, f"corrupt container (demux failed: {_msg(e)})") from None
         if not pts:
@@ -147,7 +161,11 @@ class PyAVClip:
                            time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
         # A cut WebM/Matroska file demuxes cleanly up to the cut: only the declared duration tells it is short.
         declared, slack = self._declared_duration(fps)
-        if declared is not None and index.duration < declared - slack:
+        video_end = float(pts[-1] * s.time_base) + (1.0 / fps if fps > 0 else 0.0)
+        data_end = video_end if data_end is None else max(data_end, video_end)
+        # Short both as a span and as an end time: a format may declare its duration from 0 rather than
+        # from the first timestamp (WebM written with a start offset), and audio may run past the video.
+        if declared is not None and index.duration < declared - slack and data_end < declared - slack:
             raise BadVideoError(self.name, f"truncated: frames end at {index.duration:.2f} s of the declared "
                                            f"{declared:.2f} s")
         return index
@@ -162,8 +180,7 @@ class PyAVClip:
             return float(s.duration * s.time_base), slack
         if c.duration is None:
             return None, slack
-        declared = c.duration / 1e6
-        return declared, slack if len(c.streams) == 1 else max(slack, 1.0, 0.05 * declared)
+        return c.duration / 1e6, slack
 
     def sample_indices(self, num_frames: int, start: float | None = None, end: float | None = None) -> list[int]:
         """Clip frame indices of `num_frames` uniform samples over the clip or its [start, end) window."""
@@ -190,10 +207,18 @@ class PyAVClip:
                     # (the first seek also rewinds the demux pass of the index).
                     self._container.seek(key, stream=self._stream, backward=True, any_frame=False)
                     it, last = self._container.decode(self._stream), None
-                picked = None
+                picked, first = None, last is None
+                shown = self.index.pts[bisect.bisect_left(self.index.pts, key)]  # the first frame from `key` on
                 for frame in it:
-                    last = self._last_pts = frame.pts if frame.pts is not None else (last or 0) + 1
+                    if frame.pts is None or (last is not None and frame.pts <= last) or (first and frame.pts > shown):
+                        # No timestamp, timestamps out of presentation order (AVI with B-frames), or a seek
+                        # that landed after the keyframe asked for (MPEG-TS): timestamps cannot find the frame.
+                        raise _Unseekable
+                    first = False
+                    last = self._last_pts = frame.pts
                     if last >= t:
+                        if last != t:
+                            raise _Unseekable  # the frame of the index is not where the decoder puts it
                         picked = frame
                         break
                 if picked is None:
@@ -201,6 +226,36 @@ class PyAVClip:
                 yield picked
         except av.error.FFmpegError as e:
             raise BadVideoError(self.name, f"corrupt stream (decoding failed: {_msg(e)})") from None
+
+    def _frames_in_order(self, indices: list[int]):
+        """As `_frames_at`, counting the frames the decoder outputs from the start of a fresh open: for
+        streams whose timestamps cannot locate a frame."""
+        stream_index = self._stream.index
+        self._container.close()
+        src = self._src
+        self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
+        self._stream = self._container.streams.get(stream_index)[0]
+        self._stream.thread_type = "AUTO"
+        self._stream.codec_context.thread_count = self._threads
+        self._last_pts = None
+        wanted = collections.Counter(indices)
+        try:
+            for i, frame in enumerate(self._container.decode(self._stream)):
+                if i > indices[-1]:
+                    return
+                self._last_pts = self.index.pts[min(i, len(self.index.pts) - 1)]
+                for _ in range(wanted.get(i, 0)):
+                    yield frame
+        except av.error.FFmpegError as e:
+            raise BadVideoError(self.name, f"corrupt stream (decoding failed: {_msg(e)})") from None
+
+    def _frames(self, indices: list[int], keep: bool = True):
+        """The frames at `indices` (their count when not `keep`), by timestamp, else by count from the start."""
+        try:
+            return [f for f in self._frames_at(indices)] if keep else sum(1 for _ in self._frames_at(indices))
+        except _Unseekable:
+            it = self._frames_in_order(indices)
+            return list(it) if keep else sum(1 for _ in it)
 
     def _short(self, got: int, wanted: int, what: str) -> BadVideoError:
         last = self._last_pts
@@ -213,7 +268,7 @@ class PyAVClip:
         # One reformatter for the clip keeps its swscale context: `frame.to_ndarray(format="rgb24")` builds a new
         # one per frame, which cost more than decoding on small clips (same output bits).
         rgb = VideoReformatter()
-        frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in self._frames_at(indices)]
+        frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in self._frames(indices)]
         if len(frames) < len(indices):
             raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))
@@ -226,9 +281,13 @@ class PyAVClip:
         n = self.index.num_frames
         first = 0 if full else bisect.bisect_left(self.index.pts, self.index.keyframes[-1])
         indices = sorted({0, *range(first, n)})
-        got = sum(1 for _ in self._frames_at(indices))
+        got = self._frames(indices, keep=False)
         if got < len(indices):
             raise self._short(got, len(indices), "checked frames")
+
+
+class _Unseekable(Exception):
+    """The decoder's timestamps do not locate the index's frames (see `_frames_at`)."""
 
 
 def _msg(e: Exception) -> str:

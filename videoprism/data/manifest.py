@@ -178,7 +178,9 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
                     base = os.path.basename(m.name)
                     key, _, ext = base.partition(".")
                     entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
-                    ext = "." + ext.lower()
+                    # WebDataset keys end at the first dot, so "clip.v1.mp4" is key "clip", extension
+                    # "v1.mp4": the member's kind is its last extension.
+                    ext = "." + ext.rsplit(".", 1)[-1].lower()
                     if ext in VIDEO_EXTENSIONS:
                         entry["video"] = (m.offset_data, m.size, m.name)
                     elif ext in (".txt", ".json"):

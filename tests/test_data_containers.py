@@ -1,0 +1,72 @@
+"""Frame sampling against a full decode (the oracle) on clips whose timestamps are awkward: an edit list that
+discards leading frames, MPEG-TS (imprecise seeks), H.264 with B-frames in AVI (no presentation timestamps), WebM
+with a start offset or with audio longer than the video. Needs the ffmpeg command line to make the clips."""
+import shutil
+import subprocess
+
+import av
+import numpy as np
+import pytest
+
+from videoprism.data.decode import PyAVClip
+
+pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line")
+SRC = ["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25:duration=4"]
+
+
+def ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", *args], check=True)
+
+
+def full_decode(path):
+    with av.open(path) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    d = tmp_path_factory.mktemp("containers")
+    bf3 = str(d / "bf3.mp4")
+    ffmpeg(*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", bf3)
+    out = {
+        "editlist": ["-ss", "0.5", "-i", bf3, "-c", "copy"],
+        "ts": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", "-f", "mpegts"],
+        "avi": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3"],
+        "offset_webm": [*SRC, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "12", "-output_ts_offset", "10"],
+        "audio_longer_webm": [*SRC, "-f", "lavfi", "-i", "sine=duration=7", "-c:v", "libvpx-vp9", "-deadline",
+                              "realtime", "-g", "12", "-c:a", "libopus"],
+    }
+    ext = {"editlist": "mp4", "ts": "mp4", "avi": "avi", "offset_webm": "webm", "audio_longer_webm": "webm"}
+    paths = {}
+    for name, args in out.items():
+        paths[name] = str(d / f"{name}.{ext[name]}")
+        ffmpeg(*args, paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("name", ["editlist", "ts", "avi", "offset_webm", "audio_longer_webm"])
+def test_sampled_frames_are_those_of_a_full_decode(clips, name):
+    oracle = full_decode(clips[name])
+    with PyAVClip(clips[name]) as clip:
+        assert clip.index.num_frames == len(oracle)
+        for t in (8, len(oracle)):
+            idx = clip.sample_indices(t)
+            got = clip.decode(idx).numpy()
+            np.testing.assert_array_equal(got, oracle[idx])
+        clip.verify(full=True)
+
+
+def test_shard_member_with_dotted_extension_is_a_video(tmp_path):
+    import io
+    import tarfile
+
+    from videoprism.data.manifest import read_shards
+
+    tar = tmp_path / "a.tar"
+    with tarfile.open(tar, "w") as t:
+        for name, data in (("clip.v1.mp4", b"\0" * 10), ("clip.v1.txt", b"a cat")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    samples, rejects = read_shards([str(tar)], max_bad_share=1.0)
+    assert rejects == [] and [s.member for s in samples] == ["clip.v1.mp4"] and samples[0].caption == "a cat"

@@ -47,7 +47,7 @@ import time
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, results_path, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
 from bench.exp2_peak import exp2_peak_gops
 from videoprism.cli import run_command
 from videoprism.ops.attention import factorized_attention
@@ -192,9 +192,11 @@ def _main(argv) -> None:
                     tiles = {"tiles": _chosen_tiles(axis, bwd)} if backend == "triton" and device.type == "cuda" else {}
                     dev = {}
                     if device.type == "cuda" and not args.no_graph:
-                        d_ms = device_ms(fn, reps=20)
+                        dt = device_timing(fn, reps=20)
+                        d_ms = dt.median_ms if dt is not None else None
                         if d_ms:
-                            dev = dict(dev_ms=round(d_ms, 4), dev_tflops=round(flops / d_ms / 1e9, 3),
+                            dev = dict(dev_ms=round(d_ms, 4), dev_p20_ms=round(dt.p20_ms, 4),
+                                       dev_p80_ms=round(dt.p80_ms, 4), dev_tflops=round(flops / d_ms / 1e9, 3),
                                        dev_pct_floor=round(100 * floor * 1e3 / d_ms, 1))
                     report.add(t, **row, tflops=round(flops / s / 1e12, 3), gbps=round(nbytes / s / 1e9, 1),
                                pct_flops_peak=round(100 * flops / s / 1e12 / peaks["matmul_tflops"], 1),

@@ -124,7 +124,13 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
 
 
 def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
-    """Median device time of fn in ms (CUDA): captured once in a CUDA graph (on a side stream,
+    """Median of `device_timing` in ms (None where fn cannot be captured)."""
+    t = device_timing(fn, reps)
+    return None if t is None else t.median_ms
+
+
+def device_timing(fn: Callable[[], object], reps: int = 30) -> Timing | None:
+    """Device time of fn (CUDA; median and p20/p80 in ms): captured once in a CUDA graph (on a side stream,
     after two warm-up calls there: compiles and autotuning happen outside the capture), each
     replay timed by events after a 256 MB L2 flush. No host dispatch in it: what a training
     step whose host runs ahead of the GPU sees, where `timeit` of an eager call of a few tens
@@ -157,9 +163,9 @@ def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
         end.record()
         events.append((start, end))
     torch.cuda.synchronize()
-    ms = statistics.median(a.elapsed_time(b) for a, b in events)
+    t = Timing.of([a.elapsed_time(b) for a, b in events])
     del graph
-    return ms
+    return t
 
 
 def results_path(name: str, device: torch.device, suffix: str = "") -> str:
@@ -258,7 +264,11 @@ class Report:
 
     def save(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
+        # Whole or not at all: a time box that kills the run mid-write must not leave a truncated file
+        # in place of the rows saved before.
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"name": self.name, "meta": self.meta, "rows": self.rows}, f, indent=1)
+        os.replace(tmp, path)
         print(f"wrote {path}")
 

@@ -41,7 +41,7 @@ import sys
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_ms, measure_peaks, positive_int, results_path, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.patchify_gather import patchify_gather_ref
@@ -183,7 +183,11 @@ def _main(argv) -> None:
                                          mbytes=round(nbytes / 1e6, 1), gbps=round(gbps, 1),
                                          pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
                         if cuda and not a.no_graph and mode != "bwd":
-                            dev[mode] = (row, nbytes, device_ms(fn))
+                            dt = device_timing(fn)
+                            if dt is not None:
+                                row.update(dev_p20_ms=round(dt.p20_ms, 4), dev_p80_ms=round(dt.p80_ms, 4),
+                                           dev_spread=round(dt.spread, 3))
+                            dev[mode] = (row, nbytes, None if dt is None else dt.median_ms)
                         elif cuda and not a.no_graph:
                             dev[mode] = (row, nbytes, None)
                     if "bwd" in dev and dev["fwd"][2] is not None and dev["fwd+bwd"][2] is not None:

@@ -18,7 +18,7 @@ alone (teacher_ms, its share of the step and its own MFU), to tell which half mi
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
 only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
 Rows run in order of importance; a row that would end past --budget-s (by the time the last row of
-its stage and mode took, a stage-2 row before any: twice stage 1's) is skipped and listed in the
+its stage and mode took, a stage-2 row before any: stage 1's) is skipped and listed in the
 JSON, which is saved whole after every row. `--profile` adds where each row's time goes
 (bench/step_profile.py): kernel time by kind, the top kernels and, on a GPU, the share of the
 step the GPU is busy.
@@ -147,7 +147,7 @@ def _main(argv) -> None:
                         "column")
     p.add_argument("--budget-s", type=float, default=540,
                    help="start no row that would end after this many seconds, by the time the last row of "
-                        "its stage and mode took (stage 2 before any: twice stage 1's) (default: %(default)s)")
+                        "its stage and mode took (stage 2 before any: stage 1's) (default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
     args = p.parse_args(argv)
 
@@ -169,9 +169,10 @@ def _main(argv) -> None:
     took: dict[tuple[int, str], float] = {}  # (stage, mode) -> seconds its last row took (compile, timing, profile)
 
     def estimate(stage: int, mode: str) -> float:
-        # A stage-2 row before any of its own: twice stage 1's (the teacher, the student and two decoders to
-        # compile; 1.8x the FLOPs at base).
-        return took.get((stage, mode), 2.0 * took.get((1, mode), 0.0) if stage == 2 else 0.0)
+        # A stage-2 row before any of its own: stage 1's. A row's time is mostly its compile, not its FLOPs,
+        # and a row skipped here returns no more than one the caller's time box cuts: guessing high (it was
+        # 2x) skipped stage 2's compiled row, the one its two targets need, to run its eager row instead.
+        return took.get((stage, mode), took.get((1, mode), 0.0) if stage == 2 else 0.0)
 
     def save():  # after every row, complete: a run cut by its time box keeps what it measured
         _ratios(report)

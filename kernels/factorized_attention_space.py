@@ -183,10 +183,11 @@ def autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-# Sequences up to this length take the fixed config, searched or not: the text tower's (K = the
-# trimmed text length, up to 8 values in a run) would otherwise be searched once per new length in
-# the first steps of a run, ~15 compiles each (5 candidates x 3 kernels), stalling every rank.
-SEARCH_MIN_K = 65
+# Sequences shorter than this take the fixed config, searched or not: the text tower's (K = the
+# trimmed text length, a multiple of 8 up to 64, plus the class token: up to 8 values in a run, the
+# longest 65) would otherwise be searched once per new length in the first steps of a run, ~15
+# compiles each (5 candidates x 3 kernels), stalling every rank.
+SEARCH_MIN_K = 66
 
 
 def _prune(fwd: bool):

@@ -238,7 +238,7 @@ def test_train_step_skips_a_row_that_would_end_past_the_budget_and_saves_whole_r
     monkeypatch.setattr(train_step, "measure_peaks", lambda device: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
     train_step.main(["--preset", "tiny", "--frames", "8", "--modes", "eager,compiled", "--budget-s", "100",
                      "--out", str(out)])
-    # At 70 s the stage-2 compiled row (twice the stage-1 one's 60 s) would end at 190: skipped; eager (20 s) fits.
+    # At 70 s the stage-2 compiled row (estimated at the stage-1 one's 60 s) would end at 130: skipped; eager (20 s) fits.
     assert calls == [(1, "eager"), (1, "compiled"), (2, "eager")]
     assert [(r["stage"], r["mode"]) for r in json.loads(out.read_text())["rows"]] == calls
 

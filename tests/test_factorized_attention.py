@@ -481,6 +481,6 @@ def test_tile_search_skips_short_sequences(monkeypatch):
         prune, configs = sp._prune(fwd), sp._configs(fwd)
         assert len(prune(configs, {"K": 256}, BLOCK_D=64)) == len(configs)
         assert len(prune(configs, {"K": sp.SEARCH_MIN_K}, BLOCK_D=64)) == len(configs)
-        for K in (8, 40, sp.SEARCH_MIN_K - 1):
+        for K in (8, 40, 65):  # 65: the text tower's longest sequence, 64 tokens and the class token
             (only,) = prune(configs, {"K": K}, BLOCK_D=64)
             assert str(only) == str(sp._default_config(fwd, 64, K))

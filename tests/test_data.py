@@ -190,6 +190,10 @@ def test_window_samples_inside_window():
     clip = read_clip(VP9, 8, 512, start=2.0, end=4.0)
     expect = torch.from_numpy(frames[[24 + i for i in uniform_indices(24, 8)]])
     assert torch.equal(clip, expect)
+    from videoprism.data.decode import PyAVClip
+
+    with PyAVClip(VP9) as c:  # the window's own frames: 8 samples of 24 or 25 frames can be the same
+        assert c.index.window(2.0, 4.0) == list(range(24, 48))
 
 
 def test_keyframe_seeking_gives_the_frames_of_a_full_decode(tmp_path):

@@ -187,3 +187,23 @@ def test_masks_on_the_gpu(kind):
         assert masked_neighbour_share(masked) > 0.65 + 0.15     # uniform masks: ~0.65
         same = (masked[:, 1:] & masked[:, :-1]).double().sum() / masked[:, :-1].double().sum()
         assert float(same) > 0.75 and not torch.equal(pos, pos[:, :1].expand_as(pos))
+
+
+def test_bevt_top_up_grows_the_blocks(monkeypatch):
+    """The top-up after the block rounds masks unmasked patches next to masked ones first: with the rounds
+    replaced by one 2x2 block per frame and a budget of 6 (2 to top up, 8 free 4-neighbours), both
+    top-up patches are 4-neighbours of the block (a uniform top-up: ~1.6% of frames)."""
+    import videoprism.masking as masking
+
+    def one_block(top, left, bh, bw, start, length, frames, grid, budget):
+        mask = torch.zeros(top.shape[1], frames, *grid, dtype=torch.bool, device=top.device)
+        mask[..., 3:5, 3:5] = True
+        return mask.reshape(top.shape[1], frames, -1)
+
+    monkeypatch.setattr(masking, "accept_blocks_ref", one_block)
+    pos = masking.bevt_mask(8, 4, (8, 8), 6 / 64, seed=0)
+    masked = masked_grid(pos, (8, 8))
+    assert bool(masked[..., 3:5, 3:5].all()) and int(masked.sum()) == 8 * 4 * 6
+    ring = torch.zeros(8, 8, dtype=torch.bool)
+    ring[2, 3:5] = ring[5, 3:5] = ring[3:5, 2] = ring[3:5, 5] = True
+    assert int((masked & ring).sum()) == 8 * 4 * 2

@@ -127,6 +127,11 @@ def test_cosine_distance():
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     b = torch.tensor([[2.0, 0.0], [1.0, 0.0]])
     assert float(cosine_distance(a, b)) == pytest.approx(0.5)
+    # The stage-2 token loss's shape [B, n, D]: the mean over all B * n positions, by a literal loop.
+    g = torch.Generator().manual_seed(0)
+    p, t = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    terms = [1 - float(p[i, j] @ t[i, j]) / float(p[i, j].norm() * t[i, j].norm()) for i in range(3) for j in range(5)]
+    assert float(cosine_distance(p, t)) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 def test_retrieval_ranks_in_fp32_under_autocast():

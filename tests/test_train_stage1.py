@@ -385,9 +385,11 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
 
 
-def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
-    """A manifest with a missing and a corrupt clip: the loader skips them, training finishes, and
-    each skip is reported with its path and reason (console and rejects.rank0.jsonl)."""
+@pytest.mark.parametrize("cache", [False, True], ids=["stream", "cache"])
+def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
+    """A manifest with a missing and a corrupt clip: the loader (or the decode of a cached set) skips
+    them, training finishes, and each skip is reported with its path and reason (console and
+    rejects.rank0.jsonl)."""
     from videoprism.data.synth import generate
 
     root = tmp_path / "data"
@@ -399,7 +401,7 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path):
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     from videoprism.train.data import build_train_data, tokenizer_for
 
-    overrides = ["train.compile=false", "data.source=manifest", "data.cache=false", f"data.train={root}/train.jsonl",
+    overrides = ["train.compile=false", "data.source=manifest", f"data.cache={str(cache).lower()}", f"data.train={root}/train.jsonl",
                  "data.workers=0", "data.max_bad_share=0.5", "train.steps=5", "checkpoint.interval=0"]
     tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
     trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)

@@ -487,3 +487,21 @@ def test_in_memory_sources_move_to_another_number_of_ranks():
             assert torch.equal(torch.cat([src.next_batch(s)["video"] for src in new]), expected[s]), (kind, s)
         with pytest.raises(ValueError, match="not a whole number of this run.s global micro-batches of 5"):
             sources(kind, 5, 0, 1).load_resharded([src_old.state_dict() for src_old in old])
+
+
+def test_decoded_sets_keep_only_the_clips_every_rank_decoded():
+    """A file that failed on one rank alone is dropped on every rank (the rows stay aligned across ranks) and
+    reported where it was decoded; when every rank decoded the same clips nothing changes."""
+    from videoprism.train.data import _clips_every_rank_has
+
+    ids = torch.tensor([3, 5, 8, 9])
+    clips = {"video": torch.arange(4).view(4, 1) * 10, "text_ids": torch.arange(4).view(4, 1)}
+    names = {3: "a.webm", 5: "b.webm", 8: "c.webm", 9: "d.webm"}
+    same, rejects = _clips_every_rank_has(clips, ids, names, [("x.webm", "bad")], [[3, 5, 8, 9]] * 2, "m.jsonl")
+    assert same is clips and rejects == [("x.webm", "bad")]
+    kept, rejects = _clips_every_rank_has(clips, ids, names, [], [[3, 5, 8, 9], [3, 8, 9], [3, 5, 8]], "m.jsonl")
+    assert kept["video"].flatten().tolist() == [0, 20] and kept["text_ids"].flatten().tolist() == [0, 2]
+    assert rejects == [("b.webm", "skipped on another rank (decoded here)"),
+                       ("d.webm", "skipped on another rank (decoded here)")]
+    with pytest.raises(ValueError, match="m.jsonl: no clip decoded on every rank"):
+        _clips_every_rank_has(clips, ids, names, [], [[3, 5], [8, 9]], "m.jsonl")

@@ -158,13 +158,45 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> d
                           tokenizer=tokenizer, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
                           decode_timeout=dc.decode_timeout, backend="pyav")
     parts: dict[str, list] = {}
+    names: dict[int, str] = {}
     for batch in loader:
         for k, v in batch.items():
-            if isinstance(v, torch.Tensor) and k != "index":
+            if isinstance(v, torch.Tensor):
                 parts.setdefault(k, []).append(v)
+        names.update(zip(batch["index"].tolist(), batch["path"]))
     if not parts:
         raise ValueError(f"{manifest}: no readable clip")
-    return {k: torch.cat(v) for k, v in parts.items()}, loader.drain_rejects()
+    clips = {k: torch.cat(v) for k, v in parts.items()}
+    ids = clips.pop("index")
+    return _clips_every_rank_has(clips, ids, names, loader.drain_rejects(), _gather_ids(ids), manifest)
+
+
+def _gather_ids(ids: torch.Tensor) -> list[list[int]]:
+    """The sample ids each rank decoded ([ids] in one process)."""
+    import torch.distributed as dist
+
+    from videoprism.train.parallel import multi_rank
+
+    if not multi_rank():
+        return [ids.tolist()]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ids.tolist())
+    return everyone
+
+
+def _clips_every_rank_has(clips: dict, ids: torch.Tensor, names: dict[int, str], rejects: list,
+                          everyone: list[list[int]], manifest: str) -> tuple[dict, list]:
+    """Only the clips every rank decoded: a file that failed or timed out on one rank alone (a flaky mount,
+    a decode near data.decode_timeout) is dropped on all, so the ranks hold the same rows in the same order
+    (under FSDP every rank must run the same evaluation forwards; a cached training set is indexed by row)."""
+    common = set.intersection(*map(set, everyone))
+    keep = torch.tensor([i in common for i in ids.tolist()], dtype=torch.bool)
+    if bool(keep.all()):
+        return clips, rejects
+    if not bool(keep.any()):
+        raise ValueError(f"{manifest}: no clip decoded on every rank")
+    dropped = [(names[i], "skipped on another rank (decoded here)") for i in ids[~keep].tolist()]
+    return {k: v[keep] for k, v in clips.items()}, [*rejects, *dropped]
 
 
 class CachedClips:

@@ -288,3 +288,29 @@ def test_bench_help_names_the_module_and_explains_every_option(name, capsys):
         assert action.help, (name, action.option_strings)
         if action.default not in (None, False, argparse.SUPPRESS):  # flags and computed defaults say it in words
             assert "%(default)s" in action.help, (name, action.option_strings, action.help)
+
+
+def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_traceback(capsys, monkeypatch):
+    import torch
+
+    from videoprism.cli import run_command
+
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK", raising=False)
+
+    def huge():  # a real failed CPU allocation (1 PiB)
+        torch.empty(2**50, dtype=torch.uint8)
+
+    def gpu_oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    for fn, needle in ((huge, "can't allocate memory"), (gpu_oom, "Tried to allocate 20.00 GiB")):
+        assert run_command(fn) == 1
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and needle in lines[0], lines
+        assert lines[0].endswith("use a smaller batch, fewer frames or a lower resolution")
+
+    def bug():
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_command(bug)

@@ -25,7 +25,11 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     OSError (a missing or unreadable path), TooManyBadSamplesError and the caller's `errors`:
     their messages name the input and the fix. Other exceptions are bugs and keep their
     traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
+    Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
+    the cause is the sizes asked for, not a bug.
     """
+    import torch
+
     from videoprism.data.errors import TooManyBadSamplesError
 
     try:
@@ -35,6 +39,14 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1" or not (
+                isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first):
+            raise
+        print(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
+              file=sys.stderr)
+        return 1
 
 
 DEFAULT_MODEL = "videoprism_public_v1_base"

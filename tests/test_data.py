@@ -831,3 +831,14 @@ def test_loader_flip_prob_mirrors_the_same_crops(synth):
     assert torch.equal(flipped, plain.flip(3))
     with pytest.raises(ValueError, match="flip_prob"):
         _loader(synth, flip_prob=1.5)
+
+
+def test_bad_sample_budget_allows_exactly_the_configured_share():
+    """29 of 100 bad is 29%, not past max_bad_share=0.29 (0.29 * 100 rounds to 28.999...)."""
+    from videoprism.data.errors import BadSampleBudget, TooManyBadSamplesError
+
+    b = BadSampleBudget(total=100, max_share=0.29)
+    for i in range(29):
+        b.skip(f"f{i}", "bad")
+    with pytest.raises(TooManyBadSamplesError, match="30 of 100"):
+        b.skip("f29", "bad")

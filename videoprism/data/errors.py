@@ -62,7 +62,9 @@ class BadSampleBudget:
 
     def skip(self, path: str, reason: str) -> None:
         self.rejects.append((str(path), reason))
-        if self.bad > self.max_share * self.total:
+        # bad / total, not max_share * total: the product rounds (0.29 * 100 = 28.999...), which stopped a run
+        # at exactly the share; the quotient of two ints rounds as the share's literal does.
+        if self.bad > 0 and (self.total == 0 or self.bad / self.total > self.max_share):
             shown = "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:])
             raise TooManyBadSamplesError(
                 f"{self.bad} of {self.total} {self.what} are bad ({self.bad / max(self.total, 1):.1%} > max_bad_share "

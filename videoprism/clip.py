@@ -52,6 +52,10 @@ class TextEncoder(nn.Module):
         nn.init.normal_(self.cls_emb, std=self.model_dim**-0.5)
 
     def forward(self, ids: torch.Tensor, paddings: torch.Tensor) -> torch.Tensor:
+        """[B, L] ids and paddings (1 = padded) -> [B, L + 1, D], the class token last (the text
+        embedding). The states of real positions and of the class token equal the official model's;
+        those of padded positions do not: padding masks keys only here, while the official causal
+        mask also masks a padded query's whole row (it then attends uniformly). No output reads them."""
         if ids.dim() != 2 or tuple(paddings.shape) != tuple(ids.shape):
             raise ValueError(f"text_ids and text_paddings must both be [B, L], got {tuple(ids.shape)} "
                              f"and {tuple(paddings.shape)}")

@@ -340,7 +340,10 @@ class Trainer:
         return (previous.done if previous is not None else pending.start).elapsed_time(pending.done) / 1e3
 
     def _log_step(self, log: MetricsLogger, peak: float, pending: PendingStep, previous: PendingStep | None) -> None:
-        """Read a launched step's record and log it with its throughput."""
+        """Read a launched step's record and log it with its throughput. `data_wait` is the host's time in
+        next_batch + prepare over the step's time: on a GPU the host queues a step while the previous one
+        runs, so loading that overlaps the GPU's work shows here too; the GPU starved for data only where
+        the step time grows with it."""
         tc, d = self.cfg.train, self.dist
         rec = self.read_step(pending)
         dt = self.step_seconds(pending, previous)

@@ -303,7 +303,11 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
     def gpu_oom():
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
 
-    for fn, needle in ((huge, "can't allocate memory"), (gpu_oom, "Tried to allocate 20.00 GiB")):
+    def cublas_oom():
+        raise RuntimeError("CUDA error: out of memory\nCompile with TORCH_USE_CUDA_DSA")
+
+    for fn, needle in ((huge, "can't allocate memory"), (gpu_oom, "Tried to allocate 20.00 GiB"),
+                       (cublas_oom, "CUDA error: out of memory")):
         assert run_command(fn) == 1
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: out of memory (") and needle in lines[0], lines

@@ -70,3 +70,26 @@ def test_shard_member_with_dotted_extension_is_a_video(tmp_path):
             t.addfile(ti, io.BytesIO(data))
     samples, rejects = read_shards([str(tar)], max_bad_share=1.0)
     assert rejects == [] and [s.member for s in samples] == ["clip.v1.mp4"] and samples[0].caption == "a cat"
+    # Sidecars of a sample ("clip.preview.mp4", "clip.meta.txt") never replace its plain fields, in either order.
+    for order in (1, -1):
+        members = [("b.preview.mp4", b"\1" * 4), ("b.mp4", b"\0" * 10), ("b.meta.txt", b"x"), ("b.txt", b"a dog")]
+        with tarfile.open(tar, "w") as t:
+            for name, data in members[::order]:
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                t.addfile(ti, io.BytesIO(data))
+        samples, rejects = read_shards([str(tar)], max_bad_share=1.0)
+        assert [(s.member, s.caption) for s in samples] == [("b.mp4", "a dog")] and rejects == []
+
+
+def test_an_unseekable_stream_is_not_seeked_again(clips, monkeypatch):
+    """After the timestamps failed to locate a frame once, later calls (verify after decode, other windows)
+    count frames from the start without first decoding up to the failure again."""
+    tried = []
+    with PyAVClip(clips["ts"]) as clip:
+        real = clip._frames_at
+        monkeypatch.setattr(clip, "_frames_at", lambda idx: (tried.append(1), real(idx))[1])
+        clip.decode(clip.sample_indices(8))
+        clip.decode(clip.sample_indices(4, 1.0, 2.0))
+        clip.verify()
+    assert len(tried) == 1

@@ -237,6 +237,14 @@ def test_an_srun_step_of_separate_runs_is_refused(monkeypatch):
     _check_slurm_launch(8)
     monkeypatch.delenv("SLURM_STEP_ID")
     _check_slurm_launch(8)
+    # A sweep (`srun -n 8 bash -c 'python -m train.stage1 train.out_dir=runs/$SLURM_PROCID'`): separate on purpose.
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    with pytest.raises(ValueError, match="VIDEOPRISM_SEPARATE_RUNS=1"):
+        _check_slurm_launch(1)
+    monkeypatch.setenv("VIDEOPRISM_SEPARATE_RUNS", "1")
+    _check_slurm_launch(1)
 
 
 def test_on_main_rank_returns_or_raises_in_one_process():

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 import warnings
 
 import pytest
@@ -505,3 +506,81 @@ def test_decoded_sets_keep_only_the_clips_every_rank_decoded():
                        ("d.webm", "skipped on another rank (decoded here)")]
     with pytest.raises(ValueError, match="m.jsonl: no clip decoded on every rank"):
         _clips_every_rank_has(clips, ids, names, [], [[3, 5], [8, 9]], "m.jsonl")
+
+
+def test_resume_refuses_when_rank_0_lags_behind_another_rank(tmp_path, monkeypatch):
+    """Rank 0 picks the checkpoint, but rank 0 may be the node whose view lags: with --auto-resume it saw none
+    and the whole run restarted at step 0 (then deleted its own fresh checkpoints as older than the real ones).
+    Another rank that sees a newer checkpoint than rank 0's pick stops the run."""
+    from videoprism.train import trainer as tr
+
+    root = tmp_path / "run"
+    for step in (2, 4):
+        (root / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    seen_by_rank0 = {"run": None}
+    monkeypatch.setattr(tr, "on_main_rank", lambda fn: seen_by_rank0["run"])  # rank 0 sees nothing yet
+    # This process plays another rank; the max over ranks is its own flags.
+    monkeypatch.setattr(tr, "all_reduce_max", lambda values, d: list(values))
+    fake = SimpleNamespace(dist=None)
+    with pytest.raises(FileNotFoundError, match="rank 0 sees no checkpoint and some ranks see a newer one"):
+        tr.Trainer.resume(fake, str(root), if_any=True)
+    seen_by_rank0["run"] = str(root / "checkpoints" / "step_00000002")  # rank 0 lists an older step
+    with pytest.raises(FileNotFoundError, match="rank 0 resumes from .*step_00000002 and some ranks see a newer"):
+        tr.Trainer.resume(fake, str(root), if_any=True)
+
+
+class _FakeLoader:
+    """Rank 0 decodes clips 0 and 1; rank 1 fails as a loader with no readable clip would."""
+
+    def __init__(self, fail):
+        self.fail = fail
+
+    def __iter__(self):
+        if self.fail:
+            raise ValueError("rank 1 broke")
+        yield {"video": torch.zeros(2, 1), "index": torch.tensor([0, 1]), "path": ["a", "b"]}
+
+    def drain_rejects(self):
+        return []
+
+
+def _decode_all_on_two_ranks(rank, port, errors):
+    import torch.distributed as dist
+
+    import videoprism.data.loader as loader
+    from videoprism.train import data as td
+
+    loader.build_loader = lambda *a, **k: _FakeLoader(rank == 1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        td._decode_all("m.jsonl", frames=2, resolution=16, tokenizer=None, dc=SimpleNamespace(
+            workers=0, max_bad_share=0.0, decode_timeout=0))
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_fails_to_decode_a_set_does_not_leave_the_others_in_the_gather():
+    """_decode_all's all_gather must be reached by a rank whose loader raised (no readable clip, too many bad
+    samples): otherwise the other ranks wait in it until the collective times out."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    errors = ctx.Manager().dict()
+    procs = [ctx.Process(target=_decode_all_on_two_ranks, args=(r, port, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "a rank waits in the gather"
+    assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]

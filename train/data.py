@@ -159,28 +159,37 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> d
                           decode_timeout=dc.decode_timeout, backend="pyav")
     parts: dict[str, list] = {}
     names: dict[int, str] = {}
-    for batch in loader:
-        for k, v in batch.items():
-            if isinstance(v, torch.Tensor):
-                parts.setdefault(k, []).append(v)
-        names.update(zip(batch["index"].tolist(), batch["path"]))
-    if not parts:
-        raise ValueError(f"{manifest}: no readable clip")
+    try:
+        for batch in loader:
+            for k, v in batch.items():
+                if isinstance(v, torch.Tensor):
+                    parts.setdefault(k, []).append(v)
+            names.update(zip(batch["index"].tolist(), batch["path"]))
+        if not parts:
+            raise ValueError(f"{manifest}: no readable clip")
+    except Exception as e:  # every rank must still reach the gather below, or the others wait there forever
+        _gather_ids(None)
+        raise e
     clips = {k: torch.cat(v) for k, v in parts.items()}
     ids = clips.pop("index")
-    return _clips_every_rank_has(clips, ids, names, loader.drain_rejects(), _gather_ids(ids), manifest)
+    everyone = _gather_ids(ids)
+    failed = [r for r, got in enumerate(everyone) if got is None]
+    if failed:
+        raise ValueError(f"{manifest}: rank(s) {failed} could not decode it (their error is in their log)")
+    return _clips_every_rank_has(clips, ids, names, loader.drain_rejects(), everyone, manifest)
 
 
-def _gather_ids(ids: torch.Tensor) -> list[list[int]]:
-    """The sample ids each rank decoded ([ids] in one process)."""
+def _gather_ids(ids: torch.Tensor | None) -> list:
+    """The sample ids each rank decoded ([ids] in one process); None for a rank that failed."""
     import torch.distributed as dist
 
     from videoprism.train.parallel import multi_rank
 
+    mine = None if ids is None else ids.tolist()
     if not multi_rank():
-        return [ids.tolist()]
+        return [mine]
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, ids.tolist())
+    dist.all_gather_object(everyone, mine)
     return everyone
 
 

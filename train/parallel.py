@@ -63,6 +63,8 @@ def _check_slurm_launch(world: int) -> None:
     --nnodes/--rdzv-endpoint starts one standalone torchrun per node (each a whole run of its own, all writing
     the same out_dir), and `srun python -m train.stageN` one single-process run per task."""
     step = os.environ.get("SLURM_STEP_ID", "")
+    if os.environ.get("VIDEOPRISM_SEPARATE_RUNS") == "1":  # e.g. a sweep: one run per task, each its own out_dir
+        return
     if not step.isdigit() or int(step) >= 0xFFFFFFF0:  # not an srun step: a batch script's own shell, or no SLURM
         return
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)
@@ -72,7 +74,8 @@ def _check_slurm_launch(world: int) -> None:
             f"this SLURM step has {tasks} tasks but they are {tasks // max(launchers, 1)} separate runs of "
             f"{world} rank(s) each, not one: give torchrun --nnodes $SLURM_NNODES --rdzv-backend c10d "
             "--rdzv-endpoint $(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 --rdzv-id "
-            "$SLURM_JOB_ID (one srun task per node), or launch the script with torchrun instead of plain srun")
+            "$SLURM_JOB_ID (one srun task per node), or launch the script with torchrun instead of plain srun "
+            "(separate runs on purpose, each with its own train.out_dir: set VIDEOPRISM_SEPARATE_RUNS=1)")
 
 
 def close_distributed() -> None:

@@ -78,6 +78,12 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
         ckpt.find(resume.path, required=True)
 
 
+def _step_of(path: str) -> int:
+    """The step of a checkpoints/step_XXXXXXXX folder (-1 for another name)."""
+    m = ckpt._STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else -1
+
+
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
 
@@ -119,12 +125,19 @@ class Trainer:
         # Rank 0 picks the checkpoint and every rank loads that one: ranks that each listed the folder could pick
         # different steps (a node whose view of a shared file system lags) and train on a mix of two checkpoints.
         target = on_main_rank(lambda: ckpt.find(path, required=not if_any))
+        # Every rank checks rank 0's pick against its own view: rank 0 may be the node that lags (it would
+        # start at step 0, or load an older step, while the others see a newer checkpoint).
+        own = ckpt.find(path, required=False)
+        missing = target is not None and not os.path.isdir(target)
+        newer = own is not None and (target is None or _step_of(own) > _step_of(target))
+        missing, newer = all_reduce_max([int(missing), int(newer)], self.dist)
+        if missing or newer:
+            picked = f"rank 0 resumes from {target}" if target is not None else "rank 0 sees no checkpoint"
+            raise FileNotFoundError(f"--resume under {path!r}: {picked} and some ranks "
+                                    f"{'do not see it' if missing else 'see a newer one'}; train.out_dir must be "
+                                    "one folder that every node sees alike")
         if target is None:
             return
-        missing, = all_reduce_max([int(not os.path.isdir(target))], self.dist)
-        if missing:
-            raise FileNotFoundError(f"--resume: rank 0 resumes from {target} and some ranks do not see it; "
-                                    "train.out_dir must be one folder that every node sees alike")
         state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
         d = self.dist
         if written == d.world:

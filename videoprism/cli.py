@@ -42,7 +42,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1" or not (
-                isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first):
+                isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first
+                or "out of memory" in first.lower()):  # "CUDA error: out of memory" from cuBLAS, NCCL
             raise
         print(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
               file=sys.stderr)

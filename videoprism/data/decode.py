@@ -94,7 +94,7 @@ class PyAVClip:
                 raise BadVideoError(self.name, "empty file (0 bytes)")
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
-        self._src, self._threads = src, threads
+        self._src, self._threads, self._unseekable = src, threads, False
         try:
             self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -131,8 +131,9 @@ class PyAVClip:
         # only makes the container's duration longer than the video.
         data_end = None
         try:
-            # Every stream: a demux pass reads their packets anyway.
-            for packet in self._container.demux():
+            # The video and audio streams: a cut ends them all; other streams (a second video track, telemetry,
+            # subtitles whose cues may span the whole file) would only add reads or a misleading end.
+            for packet in self._container.demux(s, *(a for a in self._container.streams.audio)):
                 if packet.stream.index != s.index:
                     if packet.pts is not None and packet.stream.time_base is not None and packet.size:
                         end = float((packet.pts + (packet.duration or 0)) * packet.stream.time_base)
@@ -251,11 +252,13 @@ class PyAVClip:
 
     def _frames(self, indices: list[int], keep: bool = True):
         """The frames at `indices` (their count when not `keep`), by timestamp, else by count from the start."""
-        try:
-            return [f for f in self._frames_at(indices)] if keep else sum(1 for _ in self._frames_at(indices))
-        except _Unseekable:
-            it = self._frames_in_order(indices)
-            return list(it) if keep else sum(1 for _ in it)
+        if not self._unseekable:
+            try:
+                return [f for f in self._frames_at(indices)] if keep else sum(1 for _ in self._frames_at(indices))
+            except _Unseekable:
+                self._unseekable = True  # the next call (verify after decode, another window) goes straight on
+        it = self._frames_in_order(indices)
+        return list(it) if keep else sum(1 for _ in it)
 
     def _short(self, got: int, wanted: int, what: str) -> BadVideoError:
         last = self._last_pts

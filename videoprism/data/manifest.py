@@ -168,6 +168,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
             raise FileNotFoundError(f"shard {tar_path!r} does not exist")
         tar_path = os.path.abspath(tar_path)
         by_key: dict[str, dict] = {}
+        plain_slots: dict[str, set] = {}  # per key, the slots a plain field filled
         members = 0
         try:
             with tarfile.open(tar_path, "r:") as tar:
@@ -176,15 +177,20 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
                     if not m.isfile():
                         continue
                     base = os.path.basename(m.name)
-                    key, _, ext = base.partition(".")
-                    entry = by_key.setdefault(os.path.join(os.path.dirname(m.name), key), {})
-                    # WebDataset keys end at the first dot, so "clip.v1.mp4" is key "clip", extension
-                    # "v1.mp4": the member's kind is its last extension.
-                    ext = "." + ext.rsplit(".", 1)[-1].lower()
-                    if ext in VIDEO_EXTENSIONS:
-                        entry["video"] = (m.offset_data, m.size, m.name)
-                    elif ext in (".txt", ".json"):
-                        entry[ext] = tar.extractfile(m).read()
+                    key, _, field = base.partition(".")
+                    key = os.path.join(os.path.dirname(m.name), key)
+                    entry = by_key.setdefault(key, {})
+                    # WebDataset keys end at the first dot, so "clip.v1.mp4" is key "clip", field "v1.mp4":
+                    # the member's kind is its last extension. A plain field ("mp4") wins over a compound
+                    # one ("preview.mp4") of the same kind, whichever comes first in the tar.
+                    ext = "." + field.rsplit(".", 1)[-1].lower()
+                    slot = "video" if ext in VIDEO_EXTENSIONS else ext if ext in (".txt", ".json") else None
+                    plain = "." not in field
+                    if slot is None or (slot in entry and (slot in plain_slots.get(key, ()) or not plain)):
+                        continue
+                    if plain:
+                        plain_slots.setdefault(key, set()).add(slot)
+                    entry[slot] = (m.offset_data, m.size, m.name) if slot == "video" else tar.extractfile(m).read()
         except (tarfile.TarError, EOFError) as e:
             # A cut or corrupt shard: keep the members before the damage (a video cut with the
             # shard fails to decode later and is skipped then); the rest of the shard is lost.

@@ -122,7 +122,7 @@ def _triton(qkv, *, axis, softcap, pos, key_padding, causal, scale):
     if T > 64:
         raise ValueError(f"attention backend 'triton' holds the whole time axis in registers, up to 64 frames; "
                          f"got T={T}; use 'flex' or 'reference'")
-    if qkv.dtype == torch.float32 and qkv.requires_grad and T > 32 and Dh > 128:
+    if qkv.dtype == torch.float32 and qkv.requires_grad and torch.is_grad_enabled() and T > 32 and Dh > 128:
         # The fp32 time backward at BLOCK_T = 64, BLOCK_D = 256 holds four 64 KB tiles in shared
         # memory (256 KB; sm_90 gives a program 227 KB): Triton would raise OutOfResources in the
         # backward, on the GPU only. The forward alone (192 KB) fits.

@@ -31,12 +31,15 @@ def clips(tmp_path_factory):
     out = {
         "editlist": ["-ss", "0.5", "-i", bf3, "-c", "copy"],
         "ts": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", "-f", "mpegts"],
+        # Cut mid-GOP, the packets before the first keyframe kept: the decoder shows none of them.
+        "midgop_ts": ["-i", bf3, "-ss", "0.5", "-c", "copy", "-copyinkf", "-f", "mpegts"],
         "avi": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3"],
         "offset_webm": [*SRC, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "12", "-output_ts_offset", "10"],
         "audio_longer_webm": [*SRC, "-f", "lavfi", "-i", "sine=duration=7", "-c:v", "libvpx-vp9", "-deadline",
                               "realtime", "-g", "12", "-c:a", "libopus"],
     }
-    ext = {"editlist": "mp4", "ts": "mp4", "avi": "avi", "offset_webm": "webm", "audio_longer_webm": "webm"}
+    ext = {"editlist": "mp4", "ts": "ts", "midgop_ts": "ts", "avi": "avi", "offset_webm": "webm",
+           "audio_longer_webm": "webm"}
     paths = {}
     for name, args in out.items():
         paths[name] = str(d / f"{name}.{ext[name]}")
@@ -44,7 +47,7 @@ def clips(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name", ["editlist", "ts", "avi", "offset_webm", "audio_longer_webm"])
+@pytest.mark.parametrize("name", ["editlist", "ts", "midgop_ts", "avi", "offset_webm", "audio_longer_webm"])
 def test_sampled_frames_are_those_of_a_full_decode(clips, name):
     oracle = full_decode(clips[name])
     with PyAVClip(clips[name]) as clip:

@@ -127,6 +127,7 @@ class PyAVClip:
     def _build_index(self) -> VideoIndex:
         s = self._stream
         pts, keys = [], []
+        leading = []  # shown packets before the first keyframe (decode order): a stream cut mid-GOP; none decode
         # The end of the data over every stream (seconds): a cut cuts them all, while a longer audio track
         # only makes the container's duration longer than the video.
         data_end = None
@@ -147,9 +148,11 @@ class PyAVClip:
                 # Packets an edit list discards (a stream-copied cut before a keyframe) are decoded as
                 # references but never shown: they are not frames of the clip.
                 if not packet.is_discard:
-                    pts.append(ts)
+                    (pts if keys else leading).append(ts)
         except av.error.FFmpegError as e:
             raise BadVideoError(self.name, f"corrupt container (demux failed: {_msg(e)})") from None
+        if not keys:  # no packet flagged as a keyframe: every one counts
+            pts = leading
         if not pts:
             raise BadVideoError(self.name, "no frames (the video stream is empty or cut before its first frame)")
         pts.sort()

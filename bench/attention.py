@@ -33,7 +33,7 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
                kernels' floor is the exp2/tanh term, twice the matmul term.
 Two times on CUDA: `ms`, do_bench of the eager call (host dispatch included: the custom op,
 the Triton launcher, flex's compiled wrapper), and `dev_ms`, the same call replayed from a
-CUDA graph (bench/common.py `device_ms`; `--no-graph` skips it), the time a step whose host
+CUDA graph (bench/common.py `device_timing`; `--no-graph` skips it), the time a step whose host
 runs ahead of the GPU sees. Where a kernel takes less than its call's host work, `ms` is
 the host's: the H200 run of 1ab87c7 timed triton space fwd at K = 128 and K = 90 and flex
 at K = 128 all at 0.196 ms, whatever their work. dev_tflops and dev_pct_floor are of

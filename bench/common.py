@@ -3,7 +3,7 @@
 * `timeit(fn)`: median and 20/80 % quantiles in ms. On CUDA it times with events
   through `triton.testing.do_bench` (warm-up and repeat in ms); on the CPU with
   `time.perf_counter` around whole calls after warm-up.
-* `device_ms(fn)` (CUDA): the device time of fn alone, replayed from a CUDA graph: no host
+* `device_timing(fn)` (CUDA): the device time of fn alone (median, p20/p80), replayed from a CUDA graph: no host
   dispatch in it, for ops of tens of microseconds whose eager call `timeit` would measure.
 * `measure_peaks(device)`: the two ceilings of the card measured in the same run
   (a large bf16 matmul for TFLOP/s, videoprism/flops.py, a large device-to-device copy for GB/s,
@@ -121,12 +121,6 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
         _sync(device)
         ts.append((time.perf_counter() - t0) * 1e3)
     return Timing.of(ts)
-
-
-def device_ms(fn: Callable[[], object], reps: int = 30) -> float | None:
-    """Median of `device_timing` in ms (None where fn cannot be captured)."""
-    t = device_timing(fn, reps)
-    return None if t is None else t.median_ms
 
 
 def device_timing(fn: Callable[[], object], reps: int = 30) -> Timing | None:

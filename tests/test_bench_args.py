@@ -147,14 +147,14 @@ def test_good_arguments_get_to_the_benchmark(name, argv, tripwire, tmp_path):
 
 
 @pytest.mark.gpu
-def test_device_ms_times_the_device_work_not_the_host():
-    """device_ms replays a CUDA graph: a kernel that spins is timed as the spin alone (events around
+def test_device_timing_times_the_device_work_not_the_host():
+    """device_timing replays a CUDA graph: a kernel that spins is timed as the spin alone (events around
     it, eagerly, are the oracle) though the host work around its launch (a 20 ms Python sleep, run
     at capture, not replayed) is longer; a function with a host sync cannot be captured and gives
     None, not a wrong time."""
     import time
 
-    from bench.common import device_ms
+    from bench.common import device_timing
 
     import statistics
 
@@ -174,11 +174,12 @@ def test_device_ms_times_the_device_work_not_the_host():
         time.sleep(0.02)
         torch.cuda._sleep(cycles)
 
-    ms = device_ms(call, reps=5)
+    timing = device_timing(call, reps=5)
+    ms = timing.median_ms if timing is not None else None
     assert ms is not None and 0.7 * spin_ms < ms < 1.3 * spin_ms < 20, (ms, spin_ms)
     x = torch.ones(4, device="cuda")
     stream = torch.cuda.current_stream()
-    assert device_ms(lambda: x.sum().item(), reps=2) is None
+    assert device_timing(lambda: x.sum().item(), reps=2) is None
     assert torch.cuda.current_stream() == stream   # the failed capture left the caller's stream current
 
 

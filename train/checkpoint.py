@@ -37,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from videoprism.train.parallel import on_main_rank
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -46,13 +48,6 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
-
-
-def _agreed(fn):
-    """`fn()` evaluated by rank 0, its result (or error) on every rank (parallel.on_main_rank)."""
-    from videoprism.train.parallel import on_main_rank
-
-    return on_main_rank(fn)
 
 
 def _save_synced(obj, path: str) -> None:
@@ -154,6 +149,12 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda)
 
 
+def step_of(path: str) -> int:
+    """The step of a step_XXXXXXXX folder (-1 for another name)."""
+    m = _STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    return int(m.group(1)) if m else -1
+
+
 def step_dirs(root: str) -> list[tuple[int, str]]:
     """Complete checkpoints under `root`, oldest first."""
     if not os.path.isdir(root):
@@ -236,7 +237,7 @@ class Saver:
         (a crash between removing and replacing it would leave nothing loadable)."""
         self.finish()
         final = os.path.join(self.root, f"step_{step:08d}")
-        if _agreed(lambda: os.path.isdir(final)):  # one answer for all ranks: a rank that returned here would
+        if on_main_rank(lambda: os.path.isdir(final)):  # one answer for all ranks: a rank that returned here would
             return final                           # leave the others in the save's collectives
         tmp = final + ".tmp"
         if _rank() == 0:
@@ -312,10 +313,10 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     """Load `path` into model and optimizer (in place, any parallel layout and number of ranks: DCP
     reshards); returns (trainer_state, the number of ranks that wrote it). The rank files (RNG states,
     data positions) are read with `read_rank_state`."""
-    if not os.path.isdir(path) or not _STEP_DIR.match(os.path.basename(path.rstrip("/"))):
+    if not os.path.isdir(path) or step_of(path) < 0:
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
-    ranks = _agreed(lambda: written_ranks(path))  # rank 0's listing (its error) on every rank
+    ranks = on_main_rank(lambda: written_ranks(path))  # rank 0's listing (its error) on every rank
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
     _quiet_single_process()

@@ -167,9 +167,9 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> d
             names.update(zip(batch["index"].tolist(), batch["path"]))
         if not parts:
             raise ValueError(f"{manifest}: no readable clip")
-    except Exception as e:  # every rank must still reach the gather below, or the others wait there forever
+    except Exception:  # every rank must still reach the gather below, or the others wait there forever
         _gather_ids(None)
-        raise e
+        raise
     clips = {k: torch.cat(v) for k, v in parts.items()}
     ids = clips.pop("index")
     everyone = _gather_ids(ids)

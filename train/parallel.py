@@ -62,9 +62,9 @@ def _check_slurm_launch(world: int) -> None:
     """An `srun` step of several tasks whose processes did not join one process group: `srun torchrun` without
     --nnodes/--rdzv-endpoint starts one standalone torchrun per node (each a whole run of its own, all writing
     the same out_dir), and `srun python -m train.stageN` one single-process run per task."""
-    step = os.environ.get("SLURM_STEP_ID", "")
     if os.environ.get("VIDEOPRISM_SEPARATE_RUNS") == "1":  # e.g. a sweep: one run per task, each its own out_dir
         return
+    step = os.environ.get("SLURM_STEP_ID", "")
     if not step.isdigit() or int(step) >= 0xFFFFFFF0:  # not an srun step: a batch script's own shell, or no SLURM
         return
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS") or 1)

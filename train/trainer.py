@@ -78,12 +78,6 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
         ckpt.find(resume.path, required=True)
 
 
-def _step_of(path: str) -> int:
-    """The step of a checkpoints/step_XXXXXXXX folder (-1 for another name)."""
-    m = ckpt._STEP_DIR.match(os.path.basename(path.rstrip("/")))
-    return int(m.group(1)) if m else -1
-
-
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
 
@@ -124,12 +118,12 @@ class Trainer:
         system whose nodes see different folders would otherwise split the run)."""
         # Rank 0 picks the checkpoint and every rank loads that one: ranks that each listed the folder could pick
         # different steps (a node whose view of a shared file system lags) and train on a mix of two checkpoints.
-        target = on_main_rank(lambda: ckpt.find(path, required=not if_any))
         # Every rank checks rank 0's pick against its own view: rank 0 may be the node that lags (it would
         # start at step 0, or load an older step, while the others see a newer checkpoint).
         own = ckpt.find(path, required=False)
+        target = on_main_rank(lambda: own if own is not None or if_any else ckpt.find(path, required=True))
         missing = target is not None and not os.path.isdir(target)
-        newer = own is not None and (target is None or _step_of(own) > _step_of(target))
+        newer = own is not None and (target is None or ckpt.step_of(own) > ckpt.step_of(target))
         missing, newer = all_reduce_max([int(missing), int(newer)], self.dist)
         if missing or newer:
             picked = f"rank 0 resumes from {target}" if target is not None else "rank 0 sees no checkpoint"

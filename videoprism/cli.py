@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import make_folder
+from videoprism.paths import check_out_file
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -28,8 +28,6 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
     the cause is the sizes asked for, not a bug.
     """
-    import torch
-
     from videoprism.data.errors import TooManyBadSamplesError
 
     try:
@@ -87,13 +85,6 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device:
     return model.to(device).eval(), name
 
 
-def check_out_file(out: str) -> None:
-    """The output file `--out OUT` can be written: checked before any work, with one line naming --out."""
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out}: is a folder; pass a file path in it")
-    make_folder(os.path.dirname(os.path.abspath(out)), f"--out {out}")
-
-
 def cmd_embed(args) -> int:
     import videoprism as vp
     from tqdm import tqdm
@@ -106,7 +97,7 @@ def cmd_embed(args) -> int:
     for flag, value in (("--num-frames", args.num_frames), ("--resolution", args.resolution)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
-    check_out_file(args.out)
+    check_out_file(args.out, f"--out {args.out}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
@@ -190,7 +181,7 @@ def cmd_convert(args) -> int:
 
     if not args.out.endswith(".safetensors"):
         raise ValueError(f"--out {args.out}: must end in .safetensors (load_checkpoint picks the format by it)")
-    check_out_file(args.out)
+    check_out_file(args.out, f"--out {args.out}")
     overrides = parse_overrides(args.set)
     if args.num_classes:
         overrides["num_classes"] = args.num_classes

@@ -15,3 +15,11 @@ def make_folder(folder: str, option: str) -> None:
                       "path") from None
     if not os.access(folder, os.W_OK):
         raise OSError(f"{option}: cannot write to {folder}; pick another path")
+
+
+def check_out_file(path: str, option: str, want: str = "a file path in it") -> None:
+    """The output file `option` names can be written, checked before any work: not a folder, its folder
+    made (make_folder)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{option}: is a folder; pass {want}")
+    make_folder(os.path.dirname(os.path.abspath(path)), option)

@@ -96,24 +96,31 @@ class PyAVClip:
             raise BadVideoError(self.name, "empty file (0 bytes)")
         self._src, self._threads, self._unseekable = src, threads, False
         try:
-            self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
+            self._container = self._open()
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise BadVideoError(self.name, f"not a video, or a truncated or corrupt one (cannot read the container: "
                                            f"{_msg(e)})") from None
         try:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
-            self._stream = self._container.streams.video[0]
-            if self._stream.codec_context is None:
+            if self._container.streams.video[0].codec_context is None:
                 raise BadVideoError(self.name, "unsupported codec (this FFmpeg has no decoder for its video stream)")
-            # Frame + slice threads: the decoder is the cost; 0 lets FFmpeg use every core (the loader passes 1
-            # per worker so that workers do not oversubscribe the cores).
-            self._stream.thread_type = "AUTO"
-            self._stream.codec_context.thread_count = threads
+            self._stream = self._decoder()
             self.index = self._build_index()
         except BaseException:
             self._container.close()
             raise
+
+    def _open(self):
+        return av.open(io.BytesIO(self._src) if isinstance(self._src, bytes) else self._src, **_OPEN_OPTIONS)
+
+    def _decoder(self):
+        """The first video stream, its decoder set up: frame + slice threads (the decoder is the cost; 0 lets
+        FFmpeg use every core, the loader passes 1 per worker so that workers do not oversubscribe the cores)."""
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = self._threads
+        return stream
 
     def __enter__(self) -> "PyAVClip":
         return self
@@ -234,13 +241,9 @@ class PyAVClip:
     def _frames_in_order(self, indices: list[int]):
         """As `_frames_at`, counting the frames the decoder outputs from the start of a fresh open: for
         streams whose timestamps cannot locate a frame."""
-        stream_index = self._stream.index
         self._container.close()
-        src = self._src
-        self._container = av.open(io.BytesIO(src) if isinstance(src, bytes) else src, **_OPEN_OPTIONS)
-        self._stream = self._container.streams.get(stream_index)[0]
-        self._stream.thread_type = "AUTO"
-        self._stream.codec_context.thread_count = self._threads
+        self._container = self._open()
+        self._stream = self._decoder()
         self._last_pts = None
         wanted = collections.Counter(indices)
         try:

@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
-from ..paths import make_folder
+from ..paths import check_out_file
 from .manifest import Sample, read_source
 
 
@@ -128,9 +128,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
         samples, line_rejects = [], e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
     for option, path in (("--out", out), ("--rejects", rejects_path)):
-        if os.path.isdir(path):
-            raise ValueError(f"{option} {path}: is a folder; pass a .jsonl file path")
-        make_folder(os.path.dirname(os.path.abspath(path)), f"{option} {path}")
+        check_out_file(path, f"{option} {path}", "a .jsonl file path")
     base = os.path.dirname(os.path.abspath(out))
     jobs = [(s, min_frames, full) for s in samples]
     with _progress(len(jobs), progress) as bar:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from videoprism import ops
 from videoprism.config import EncoderConfig, resolve_config
@@ -108,7 +109,10 @@ class FactorizedEncoder(nn.Module):
         K = x.shape[2]
 
         spatial = interpolate_spatial_pos_emb(self.spatial_pos_emb, cfg.pos_emb_shape[1:], grid)
-        x = x + (spatial if pos is None else spatial[pos])
+        # embedding(), not spatial[pos]: its backward sums the rows of repeated indices in a fixed
+        # order on the CPU and the GPU; indexing's (index_put_ accumulate) does not on the CPU, so
+        # two runs of one seed drifted apart from the first step.
+        x = x + (spatial if pos is None else F.embedding(pos, spatial))
 
         padding = None
         if frame_paddings is not None:

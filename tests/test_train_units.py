@@ -584,3 +584,42 @@ def test_a_rank_that_fails_to_decode_a_set_does_not_leave_the_others_in_the_gath
             p.kill()
     assert alive == [False, False], "a rank waits in the gather"
     assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]
+
+
+def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
+    """Under FSDP2's bf16 compute policy (what a GPU run gets; forced here on a one-rank CPU
+    mesh) the encoder's parameters arrive in bf16 and the temperature in fp32, exactly its
+    master value; in one group with the rest it was rounded to bf16 (the negative control)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from videoprism.masking import tube_mask
+    from videoprism.train.modeling import build_clip
+    from videoprism.train.parallel import shard
+    from videoprism.train.stage1 import ContrastiveModel
+
+    cfg = build_config("tiny", ["model.num_frames=2", "model.resolution=16"], 1)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        seen = {}
+        for own_fp32 in (True, False):
+            torch.manual_seed(0)
+            m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.0123,
+                                 max_logit_scale=100, lit=False)
+            master = m.logit_scale.detach().clone()
+            m.fp32_own_params = own_fp32
+            shard(m, init_device_mesh("cpu", (1,)), bf16=True, compile=None)
+            m.clip.vision_encoder.register_forward_pre_hook(
+                lambda mod, args: seen.update(encoder=mod.spatial_pos_emb.dtype))
+            pos = tube_mask(2, 2, (2, 2), 0.5, seed=0)[:, :1]
+            video = torch.randint(0, 256, (2, 2, 16, 16, 3), dtype=torch.uint8)
+            v, t, log_scale = m(video, torch.randint(0, 50, (2, 5)), torch.zeros(2, 5), pos=pos)
+            assert seen["encoder"] == torch.bfloat16 and v.dtype == torch.bfloat16
+            if own_fp32:
+                assert log_scale.dtype == torch.float32 and torch.equal(log_scale.detach(), master)
+                contrastive_loss(v, t, log_scale).backward()
+                assert m.logit_scale.grad is not None and m.logit_scale.grad.dtype == torch.float32
+            else:
+                assert log_scale.dtype == torch.bfloat16 and not torch.equal(log_scale.detach().float(), master)
+    finally:
+        dist.destroy_process_group()

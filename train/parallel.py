@@ -140,21 +140,8 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
     if act_ckpt:
         apply_activation_checkpointing(module)
     if mode in ("fsdp", "hsdp"):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = shard_mesh(mode, dist_, shard_size)
-        on_gpu = dist_.device.type == "cuda" and mixed_precision
-        # bf16 compute, fp32 gradient reduction and master weights (torchtitan default).
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_gpu \
-            else MixedPrecisionPolicy()
-        for block in blocks(module):
-            if compile:
-                # Per-block compile of the block's forward, not of its call: FSDP2's hooks, which the call
-                # runs around the forward, stay outside the graph (`block.compile()` traced them, and their
-                # dynamo.disable failed the first fullgraph forward).
-                block.forward = torch.compile(block.forward, backend=compile, fullgraph=True)
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(module, mesh=mesh, mp_policy=mp)
+        shard(module, shard_mesh(mode, dist_, shard_size), bf16=dist_.device.type == "cuda" and mixed_precision,
+              compile=compile)
         return module
     if compile:
         module.compile(backend=compile, fullgraph=True)
@@ -164,6 +151,33 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
         ids = [dist_.device.index] if dist_.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
     return module
+
+
+def shard(module: nn.Module, mesh, *, bf16: bool, compile: str | None) -> None:
+    """FSDP2 in place: one `fully_shard` group per transformer block, then the rest. `bf16`:
+    bf16 compute with fp32 gradient reduction and master weights (torchtitan's default).
+
+    A module with `fp32_own_params = True` (stage 1's, whose own parameter is the temperature)
+    keeps its own parameters in fp32 in the forward: its children get their own bf16 groups
+    and its group computes in fp32. (In the root group with the rest, the forward saw the
+    temperature in bf16: 1/t in steps of 1.6-3 %; DDP and one process see fp32.) Groups do not
+    rename parameters, so checkpoints of either layout load into the other."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in blocks(module):
+        if compile:
+            # Per-block compile of the block's forward, not of its call: FSDP2's hooks, which the call
+            # runs around the forward, stay outside the graph (`block.compile()` traced them, and their
+            # dynamo.disable failed the first fullgraph forward).
+            block.forward = torch.compile(block.forward, backend=compile, fullgraph=True)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    if getattr(module, "fp32_own_params", False):
+        for child in module.children():
+            fully_shard(child, mesh=mesh, mp_policy=mp)
+        mp = MixedPrecisionPolicy()
+    fully_shard(module, mesh=mesh, mp_policy=mp)
 
 
 def shard_layout(module: nn.Module) -> dict[str, int] | None:

@@ -33,6 +33,8 @@ from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
 class ContrastiveModel(nn.Module):
     """The CLIP model plus the learned temperature, stored as log(1 / t) (CLIP)."""
 
+    fp32_own_params = True  # the temperature, under FSDP's bf16 policy too (train.parallel.shard)
+
     def __init__(self, clip: nn.Module, *, temperature_init: float, max_logit_scale: float, lit: bool):
         super().__init__()  # temperature_init in [1 / max_logit_scale, 1): checked with the config
         self.clip = clip

@@ -1,6 +1,7 @@
 """Checkpoint loading: strict, all-or-nothing, clear errors; safetensors round trip."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -121,10 +122,35 @@ def test_safetensors_round_trip(tmp_path, golden_dir, golden_config, golden_inpu
         vp.load_safetensors(path, vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"])))
 
 
+def test_safetensors_files_repeat_byte_for_byte(tmp_path):
+    """The same weights give the same file: safetensors writes metadata from a hash map (six
+    orders in sixteen saves of one process here); we sort it in place. The file still loads,
+    with its metadata and tensors, by safetensors itself."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from videoprism.checkpoint import write_safetensors
+
+    tensors = {"w": torch.arange(12.0).view(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    meta = {"config": '{"name": "caf\u00e9 \u00e9"}', "class": "M", "videos": "a.mp4\nb\u00e9.webm", "z": ""}
+    path = str(tmp_path / "w.safetensors")
+    digests = set()
+    for _ in range(12):
+        write_safetensors(tensors, path, meta)
+        digests.add(hashlib.sha256(open(path, "rb").read()).hexdigest())
+    assert len(digests) == 1 and not os.path.exists(path + ".tmp")
+    with safe_open(path, framework="pt") as fh:
+        assert fh.metadata() == meta
+        assert all(torch.equal(fh.get_tensor(k), v) for k, v in tensors.items())
+    size = int.from_bytes(open(path, "rb").read(8), "little")
+    header = open(path, "rb").read()[8:8 + size].decode().rstrip()
+    assert list(json.loads(header)["__metadata__"]) == sorted(meta)
+
+
 def test_safetensors_metadata_and_dtype_are_checked(tmp_path):
     """A file whose config lacks a field (a default would stand in silently), holds a malformed
     field, or stores another dtype than the model's is refused with a CheckpointError."""
-    import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file

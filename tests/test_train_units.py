@@ -623,3 +623,18 @@ def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
                 assert log_scale.dtype == torch.bfloat16 and not torch.equal(log_scale.detach().float(), master)
     finally:
         dist.destroy_process_group()
+
+
+def test_seed_process_seeds_every_global_generator():
+    """The RNG states a checkpoint saves (torch, Python, numpy) repeat for a seed."""
+    import random
+
+    import numpy as np
+
+    from videoprism.train.seeds import seed_process
+
+    def draws(seed):
+        seed_process(seed)
+        return torch.rand(2).tolist(), random.random(), np.random.rand()
+
+    assert draws(5) == draws(5) and all(a != b for a, b in zip(draws(5), draws(6)))

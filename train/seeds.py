@@ -6,7 +6,10 @@ on the number of ranks, and a resumed run draws what the uninterrupted one did.
 """
 from __future__ import annotations
 
+import random
+
 import numpy as np
+import torch
 
 # What is drawn: the first key of every seed, so two kinds of draw never share one.
 MASK, SLOTS, SAMPLE, DATASET, EPOCH = range(5)
@@ -24,3 +27,11 @@ def derive_seed(draw: int, seed: int, *keys: int) -> int:
     earlier."""
     state = np.random.SeedSequence([draw, seed, *keys]).generate_state(1, np.uint64)[0]
     return int(state >> np.uint64(1))
+
+
+def seed_process(seed: int) -> None:
+    """The global generators of a run: torch's (parameter init) and, though no draw of ours
+    uses them, Python's and numpy's, so the RNG states a checkpoint saves repeat with the run."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

@@ -26,7 +26,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
-from videoprism.train.seeds import MASK, derive_seed
+from videoprism.train.seeds import MASK, derive_seed, seed_process
 from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
 
 
@@ -167,7 +167,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     preflight(cfg, 1, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
-        torch.manual_seed(cfg.train.seed)
+        seed_process(cfg.train.seed)
         tokenizer = tokenizer_for(cfg)
         clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
         trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=_micro(cfg, dist_),

@@ -30,7 +30,7 @@ from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
-from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed
+from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
 
 
@@ -153,7 +153,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     preflight(cfg, 2, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
-        torch.manual_seed(cfg.train.seed)
+        seed_process(cfg.train.seed)
         teacher = build_teacher(cfg, dist_.device)
         tokenizer = tokenizer_for(cfg)
         micro = cfg.train.micro_batch or cfg.train.global_batch // dist_.world

@@ -212,8 +212,6 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
 
 def save_safetensors(model: nn.Module, path: str) -> None:
     """Our weights: the state dict + the config (JSON) in the safetensors metadata."""
-    from safetensors.torch import save_file
-
     meta = {"class": type(model).__name__}
     if hasattr(model, "config"):
         config = model.config
@@ -225,9 +223,29 @@ def save_safetensors(model: nn.Module, path: str) -> None:
         meta["config"] = json.dumps(asdict(config))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_safetensors(state, path, meta)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, written so that the same tensors and metadata give the same
+    bytes: safetensors writes the metadata from a hash map whose order changes from process to
+    process, so its keys are put back in sorted order in place (the header keeps its length, the
+    tensor offsets do not move). Atomic: never a half-written file under the final name."""
+    from safetensors.torch import save_file
+
     tmp = f"{path}.tmp"
-    save_file(state, tmp, metadata=meta)
-    os.replace(tmp, path)  # never leave a half-written file under the final name
+    save_file(tensors, tmp, metadata=metadata)
+    with open(tmp, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        raw = fh.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        # safetensors' JSON: compact, non-ASCII as is; the padding of the original is kept.
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size and raw.rstrip(b" ") != text:
+            fh.seek(8)
+            fh.write(text.ljust(size, b" "))
+    os.replace(tmp, path)
 
 
 def load_safetensors(path: str, model: nn.Module) -> nn.Module:

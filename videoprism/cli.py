@@ -167,10 +167,9 @@ def cmd_embed(args) -> int:
         elif os.path.exists(listing):  # an earlier run's, which would describe other rows
             os.remove(listing)
     else:
-        from safetensors.torch import save_file
+        from videoprism.checkpoint import write_safetensors
 
-        save_file({"embeddings": out.contiguous()}, args.out, metadata={"videos": "\n".join(names),
-                                                                        "model": source})
+        write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": "\n".join(names), "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
           f"{num_frames} frames at {resolution}x{resolution}, {source}){rows}")
     return 0

@@ -258,6 +258,10 @@ def test_triton_attention_on_the_cpu_fails_before_the_run_starts(tmp_path, capsy
             "train.device=cpu"]
     _assert_one_line_error(stage1.main, argv, "model.attention_backend=triton needs a GPU", capsys)
     assert not (tmp_path / "run").exists()  # nothing written: no config.json, no retired checkpoints
+    for backend, why in (("flex", "FlexAttention has no backward on the CPU"), ("flash", "need a GPU")):
+        argv[4] = f"model.attention_backend={backend}"
+        _assert_one_line_error(stage1.main, argv, why, capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_traceback_on_request(tmp_path, monkeypatch):

@@ -295,6 +295,10 @@ def test_flex_matches_reference(axis, masked):
     kw = dict(axis=axis, softcap=50.0, pos=pos, key_padding=padding(B, T, K, axis, gen), causal=True)
     torch.testing.assert_close(factorized_attention(x, backend="flex", **kw),
                                factorized_attention_ref(x, **kw), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'flex' has no backward on the CPU.*'reference'"):
+        factorized_attention(x.requires_grad_(), backend="flex", **kw)
+    with torch.no_grad():
+        factorized_attention(x, backend="flex", **kw)
 
 
 def test_sdpa_matches_reference_without_cap():

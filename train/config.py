@@ -424,9 +424,14 @@ def check_inputs(cfg: Config, stage: int) -> None:
         raise PermissionError(f"train.out_dir={cfg.train.out_dir!r} cannot be written: {parent!r} is not writable; "
                               "pick another folder")
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-    if cpu and cfg.model.attention_backend == "triton" and not attention.INTERPRET:
+    backend = cfg.model.attention_backend
+    if cpu and backend == "triton" and not attention.INTERPRET:
         raise ValueError("model.attention_backend=triton needs a GPU and this run is on the CPU; use 'reference' "
                          "or 'auto' (or TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)")
+    if cpu and backend in ("flex", "flash"):
+        why = "FlexAttention has no backward on the CPU" if backend == "flex" else "flash-attn's kernels need a GPU"
+        raise ValueError(f"model.attention_backend={backend} cannot train on the CPU ({why}) and this run is on the "
+                         "CPU; use 'reference' or 'auto'")
 
 
 def save_config(cfg: Config, path: str) -> None:

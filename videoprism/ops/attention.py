@@ -162,6 +162,11 @@ def _flex(qkv, *, axis, softcap, pos, key_padding, causal, scale):
 
     B, T, K, _, H, Dh = qkv.shape
     dev = qkv.device
+    if dev.type == "cpu" and qkv.requires_grad:
+        if torch.is_grad_enabled():
+            raise ValueError("attention backend 'flex' has no backward on the CPU (FlexAttention's limit); use "
+                             "'reference' to train on the CPU, or run the forward under torch.no_grad()")
+        qkv = qkv.detach()  # flex refuses any CPU input that requires grad, even under no_grad
     q, k, v = qkv.unbind(3)                                               # [B, T, K, H, Dh] views
     block_mask, frame = None, None
     if axis == "space":                                                   # sequences (b, t)

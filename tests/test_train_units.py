@@ -93,6 +93,17 @@ def test_help_lists_every_field():
             assert f"{section}.{name}=" in text
 
 
+
+def test_help_shows_the_values_of_the_chosen_config(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "base", "optim.lr=0.25", "--help"], 1)
+    text = capsys.readouterr().out
+    assert "those of --config base and the overrides given" in text
+    assert "train.global_batch=4096" in text and "optim.lr=0.25" in text and "optim.name='adafactor'" in text
+    assert "train.global_batch=32" in help_text(1)  # tiny by default
+    assert "default preset 'tiny' (--config nope: unknown config preset" in help_text(1, "nope")
+
+
 def test_lr_schedule():
     c = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay="cosine")
     assert lr_at(0, c, 110) == pytest.approx(0.1)

@@ -445,10 +445,15 @@ def save_config(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
-def help_text(stage: int) -> str:
-    cfg = build_config("tiny", [], stage)
-    lines = [f"Configuration fields (presets: {', '.join(PRESETS)}; values shown are those of the default "
-             "preset 'tiny'; `--config base` etc. change many of them):"]
+def help_text(stage: int, config: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Every field with its documentation and its value in `config` with `overrides` (what
+    `--config X [overrides] --help` shows), or in the default preset if those do not build."""
+    shown = f"--config {config}" + (" and the overrides given" if overrides else "")
+    try:
+        cfg = build_config(config, list(overrides), stage)
+    except (ValueError, OSError) as e:
+        cfg, shown = build_config("tiny", [], stage), f"the default preset 'tiny' (--config {config}: {e})"
+    lines = [f"Configuration fields (presets: {', '.join(PRESETS)}); values shown are those of {shown}:"]
     for sec in dataclasses.fields(cfg):
         obj = getattr(cfg, sec.name)
         for fl in dataclasses.fields(obj):
@@ -466,9 +471,14 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     ResumeFrom or None). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
+    # The field listing shows the values of the --config (and overrides) on the command line.
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="tiny")
+    known, rest = pre.parse_known_args(argv)
     p = argparse.ArgumentParser(
         prog=f"python -m train.stage{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"VideoPrism stage-{stage} training.", epilog=help_text(stage))
+        description=f"VideoPrism stage-{stage} training.",
+        epilog=help_text(stage, known.config, [a for a in rest if "=" in a and not a.startswith("-")]))
     p.add_argument("--config", default="tiny",
                    help=f"a preset ({', '.join(PRESETS)}; default tiny) or a .toml/.json config file, e.g. the "
                         "config.json a run writes to its out_dir")

@@ -270,6 +270,11 @@ def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "1")
     with pytest.raises(ValueError, match="expected an integer"):
         stage1.main(["train.steps=abc"])
+    # The data tools too (they caught their own errors and printed one line).
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["data", "index", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")])
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK")
+    assert main(["data", "index", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "clean.jsonl")]) == 2
 
 
 @pytest.mark.parametrize("name", ["encoder", "attention", "token_ops", "data", "train_step", "checkpoint"])

@@ -1,7 +1,6 @@
-"""`videoprism data index` and `synth` through their argparse commands: clean manifest and rejects report."""
+"""`videoprism data index` and `synth` through the `videoprism` command: clean manifest and rejects report."""
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -11,16 +10,13 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from videoprism.data.cli import register
+from videoprism.cli import main
 from videoprism.data.manifest import read_manifest
 from .test_data import make_bad_files, write_clip
 
 
 def run(argv):
-    parser = argparse.ArgumentParser(prog="videoprism")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return main(argv)  # the `videoprism` command, errors as one line and exit status 2
 
 
 def test_synth_then_index_keeps_good_files_and_reports_every_bad_one(tmp_path):

@@ -11,13 +11,11 @@ import sys
 def _cmd_index(args) -> int:
     from .index import index_dataset
 
-    try:
-        r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
-                          rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
-                          progress=not args.quiet)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    # Bad input raises: `videoprism` runs every command through cli.run_command (one line, or the
+    # traceback with VIDEOPRISM_TRACEBACK=1).
+    r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
+                      rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
+                      progress=not args.quiet)
     print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}; {r['rejected']} rejected -> {r['rejects']}")
     if r["total"] == 0:
         print(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
@@ -32,13 +30,9 @@ def _cmd_synth(args) -> int:
     from ..paths import make_folder
     from .synth import generate
 
-    try:
-        make_folder(args.out, f"--out {args.out}")
-        meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
-                        num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    make_folder(args.out, f"--out {args.out}")
+    meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
+                    num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers)
     print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
           f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, synth.json")
     return 0

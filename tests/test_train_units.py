@@ -54,6 +54,8 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
                          ('[optim]\nnope = 1\n', "run.toml: unknown field 'nope'"),
                          ('[train]\nsteps = 1.5\n', "train.steps must be int"),
                          ('optim = 3\n', "'optim' must be a table"),
+                         ('steps = 3\n', r"top-level key 'steps' is not a config section; put it under \[train\]"),
+                         ('nope = 3\n', "top-level key 'nope' is not a config section; sections: model, data"),
                          ('preset = "huge"\n', "run.toml: unknown preset 'huge'"),
                          ('[optim]\ndecay = "cosin"\n', "optim.decay='cosin' is not one of 'linear', 'cosine'"),
                          ('[optim\n', "not a valid TOML config")):
@@ -62,6 +64,9 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
             build_config(str(toml), [], 1)
     with pytest.raises(ValueError, match="does not exist"):
         build_config(str(tmp_path / "missing.json"), [], 1)
+    (tmp_path / "run.yaml").write_text("preset: base\n")
+    with pytest.raises(ValueError, match="only .toml and .json files are read, got '.yaml'"):
+        build_config(str(tmp_path / "run.yaml"), [], 1)
 
 
 def test_resume_flags(tmp_path, capsys):

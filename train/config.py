@@ -272,17 +272,25 @@ def _parse(value: str, typ):
                          f"got {value!r}") from None
 
 
+def _sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg)]
+
+
+def _sections_with(cfg: Config, name: str) -> list[str]:
+    """The sections that have a field `name`."""
+    return [s for s in _sections(cfg) if name in typing.get_type_hints(type(getattr(cfg, s)))]
+
+
 def _field(cfg: Config, key: str, where: str):
     """(section object, field name, field type) of `section.field`; errors say where and what exists."""
     if "." not in key:
-        owners = [f.name for f in dataclasses.fields(cfg) if key in typing.get_type_hints(type(getattr(cfg, f.name)))]
+        owners = _sections_with(cfg, key)
         raise ValueError(f"{where}: key {key!r} needs a section, e.g. {owners[0] if owners else 'train'}.{key} "
                          "(see --help)")
     section, name = key.split(".", 1)
     sec = getattr(cfg, section, None)
     if sec is None or not dataclasses.is_dataclass(sec):
-        raise ValueError(f"{where}: unknown config section {section!r}; sections: "
-                         f"{', '.join(fl.name for fl in dataclasses.fields(cfg))}")
+        raise ValueError(f"{where}: unknown config section {section!r}; sections: {', '.join(_sections(cfg))}")
     hints = typing.get_type_hints(type(sec))
     if name not in hints:
         raise ValueError(f"{where}: unknown field {name!r} in section {section!r}; fields: {', '.join(hints)}")
@@ -319,8 +327,12 @@ def read_config_file(path: str) -> dict:
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise ValueError(f"config file {path!r} {what}; pass a preset name ({', '.join(PRESETS)}) or a "
                          ".toml/.json file")
+    ext = os.path.splitext(path)[1]
+    if ext not in (".toml", ".json"):
+        raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext or 'no extension'!r}; "
+                         "write the config as TOML or JSON (see --help)")
     try:
-        if path.endswith(".toml"):
+        if ext == ".toml":
             try:
                 import tomllib
             except ImportError:  # Python 3.10
@@ -331,7 +343,7 @@ def read_config_file(path: str) -> dict:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
     except (ValueError, UnicodeDecodeError) as e:   # json/toml decode errors are ValueErrors
-        raise ValueError(f"{path}: not a valid {'TOML' if path.endswith('.toml') else 'JSON'} config ({e})") from None
+        raise ValueError(f"{path}: not a valid {ext[1:].upper()} config ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a table of sections, got {type(data).__name__}")
     return data
@@ -351,6 +363,10 @@ def apply_file(cfg: Config, path: str, data: dict) -> Config:
         if section == "preset":
             continue
         if not isinstance(table, dict):
+            if section not in _sections(cfg):  # a field written at the top level: name its section
+                owners = _sections_with(cfg, section)
+                fix = f"put it under [{owners[0]}]" if owners else f"sections: {', '.join(_sections(cfg))}"
+                raise ValueError(f"{path}: top-level key {section!r} is not a config section; {fix} (see --help)")
             raise ValueError(f"{path}: {section!r} must be a table of fields ([{section}] in TOML), "
                              f"got {table!r}")
         for name, value in table.items():

@@ -194,7 +194,10 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
             raise CheckpointError(f"{path}: {key} has dtype {arr.dtype}; expected a float array")
         if tuple(arr.shape) != shape:
             raise CheckpointError(f"{path}: {key} has shape {tuple(arr.shape)} but the model expects {shape}; "
-                                  f"the checkpoint is for another configuration")
+                                  "the checkpoint is for another configuration: use the model name of its size "
+                                  "(a large checkpoint needs a *_large model) or override the fields that differ "
+                                  "(from_official(..., model_dim=...); on the command line --model NAME or "
+                                  "--set model_dim=...)")
         for name, rows, value in fill(np.asarray(arr, dtype=np.float32)):
             t = torch.from_numpy(np.ascontiguousarray(value))
             target = new[name] if rows is None else new[name][rows]

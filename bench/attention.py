@@ -1,4 +1,4 @@
-"""Factorized attention: every backend side by side at VideoPrism's shapes (STYLE 8).
+"""Factorized attention: every backend side by side at VideoPrism's shapes.
 
     python -m bench.attention --device cuda                 # bf16, B/L/g shapes, JSON + PNG
     python -m bench.attention --tiny                        # CPU smoke test (seconds)

@@ -1,4 +1,4 @@
-"""One benchmark runner for every benchmark in bench/ (STYLE 8).
+"""One benchmark runner for every benchmark in bench/.
 
 * `timeit(fn)`: median and 20/80 % quantiles in ms. On CUDA it times with events
   through `triton.testing.do_bench` (warm-up and repeat in ms); on the CPU with

@@ -13,7 +13,7 @@ Rows: per-clip latency (median, p20/p80 ms) and clips/s of one clip at a time, f
 * `dali-cpu`: the DALI graph of dali_pipeline.py on the CPU (VP8/VP9/MJPEG only; decodes from frame 0);
 * `dali-gpu xB`: the same graph on the GPU (NVDEC), a batch of B copies of the clip per run (B from --gpu-batches).
 Baselines get their frame indices for free (computed before timing); every row then applies the same transform.
-`ratio` = videoprism-pyav clips/s over the best CPU baseline of that clip (issue 5 asks >= 0.9).
+`ratio` = videoprism-pyav clips/s over the best CPU baseline of that clip (the target: >= 0.9).
 
 `--clips DIR` times the clips of DIR/clips.jsonl (a clean manifest of `videoprism data index`: codec, frames, fps and
 size per clip, so no demux pass is needed) instead of the shared and generated ones: the GPU machines have neither
@@ -45,7 +45,9 @@ try:
 except ImportError:  # the GPU machines: only the DALI rows (with --clips)
     av = None
 
-SHARED_MEDIA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "media"))
+# The shared folder beside the checkout, or where VIDEOPRISM_SHARED points (as for the tests).
+SHARED_MEDIA = os.path.join(os.environ.get("VIDEOPRISM_SHARED") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")), "media")
 TRAIN_STEP_GPU = "bench/results/train_step_gpu.json"
 # Encoder settings of make_720p per codec: H.264 as measured in data_cpu.json, VP9 for a small file.
 ENCODERS = {"h264": ("libx264", "mp4", {"preset": "ultrafast", "crf": "28"}),
@@ -212,6 +214,7 @@ def _main(argv) -> None:
                          "bench/dali_wheel.sh prepare writes .device/dali_clips)")
     else:
         clips = default_clips(args.media, T)
+        shared = any(c[0].startswith(os.path.join(args.media, "")) for c in clips)
     if av is None:
         print("note: PyAV is not installed: no PyAV rows", file=sys.stderr)
 
@@ -232,7 +235,7 @@ def _main(argv) -> None:
         print("note: no CUDA device requested: DALI GPU rows skipped", file=sys.stderr)
 
     meta = {"frames": T, "resolution": R, "torch_threads": torch.get_num_threads(), "pyav": av is not None,
-            "clips": args.clips or "shared media + generated"}
+            "clips": args.clips or ("shared media + generated" if shared else "generated")}
     step = None
     if dali_gpu:
         step, why = stage1_consumption(args.train_step, T)

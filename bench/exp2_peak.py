@@ -1,4 +1,4 @@
-"""The special-function unit's measured rate: a third ceiling for attention (STYLE 8).
+"""The special-function unit's measured rate: a third ceiling for attention.
 
 Softmax attention spends one exponential per score (two with the logit cap's tanh) against
 4 * Dh matmul FLOPs per score. Hopper's MUFU unit does 16 exp2 / tanh / rcp a clock per SM

@@ -1,4 +1,4 @@
-"""Token ops side by side with the torch composition and the copy floor (STYLE 8).
+"""Token ops side by side with the torch composition and the copy floor.
 
     python -m bench.token_ops --device cuda        # bf16 tokens, batch 32: triton, cuda, torch
     python -m bench.token_ops --device cpu         # fp32 tokens, batch 2: cpp, torch

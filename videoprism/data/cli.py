@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     from .synth import DEFAULT_SCENE, SCENES
 
     data = subparsers.add_parser("data", help="data tools: index a dataset, generate synthetic data",
-                                 description="Data tools for the video-text loader (DESIGN 7).")
+                                 description="Data tools for the video-text loader.")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,synth}")
 
     p = sub.add_parser("index", aliases=["validate"],

@@ -242,7 +242,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
         size = int.from_bytes(fh.read(8), "little")
         raw = fh.read(size)
         header = json.loads(raw)
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
         # safetensors' JSON: compact, non-ASCII as is; the padding of the original is kept.
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         if len(text) <= size and raw.rstrip(b" ") != text:

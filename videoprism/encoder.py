@@ -109,9 +109,9 @@ class FactorizedEncoder(nn.Module):
         K = x.shape[2]
 
         spatial = interpolate_spatial_pos_emb(self.spatial_pos_emb, cfg.pos_emb_shape[1:], grid)
-        # embedding(), not spatial[pos]: its backward sums the rows of repeated indices in a fixed
-        # order on the CPU and the GPU; indexing's (index_put_ accumulate) does not on the CPU, so
-        # two runs of one seed drifted apart from the first step.
+        # embedding(), not spatial[pos]: its CPU backward sums the rows of repeated indices in a
+        # fixed order; indexing's (index_put_ with accumulate) does not, so two CPU runs of one
+        # seed drifted apart from the first steps.
         x = x + (spatial if pos is None else F.embedding(pos, spatial))
 
         padding = None

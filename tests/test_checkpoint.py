@@ -123,6 +123,23 @@ def test_safetensors_round_trip(tmp_path, golden_dir, golden_config, golden_inpu
         vp.load_safetensors(path, vp.from_official("videoprism_v1_base", **golden_overrides(golden_config["encoder"])))
 
 
+def test_folders_and_paths_as_checkpoint_arguments(tmp_path):
+    """A folder is named as one (it was 'no such checkpoint file', or a full .tmp file left beside it
+    on save); pathlib paths work; the extension's case does not matter."""
+    import pathlib
+
+    m = vp.from_official("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
+                         num_temporal_layers=1, pos_emb_shape=(2, 2, 2))
+    with pytest.raises(IsADirectoryError, match="is a folder; pass a file name"):
+        vp.save_safetensors(m, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    for load in (vp.load_checkpoint, vp.load_safetensors, vp.load_flax_checkpoint):
+        with pytest.raises(vp.CheckpointError, match="is a folder; pass the checkpoint file inside it"):
+            load(str(tmp_path), m)
+    vp.save_safetensors(m, str(tmp_path / "w.SAFETENSORS"))
+    vp.load_checkpoint(pathlib.Path(tmp_path / "w.SAFETENSORS"), m)
+
+
 def test_safetensors_files_repeat_byte_for_byte(tmp_path):
     """The same weights give the same file: safetensors writes metadata from a hash map (six
     orders in sixteen saves of one process here); we sort it in place. The file still loads,

@@ -134,6 +134,18 @@ def _math_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + 3 * n + offs, _rcp(1.0 + tl.abs(x) / 25.0), mask=ok)
 
 
+def test_bad_arguments_name_what_is_wrong():
+    """Each of these ran before: a truthy string as causal, a NaN cap (as no cap), integer qkv."""
+    x = make_qkv(1, 2, 3, 2, 8, torch.Generator().manual_seed(0)).float()
+    for kw, needle in (({"causal": "no"}, "causal must be True or False"),
+                       ({"softcap": float("nan")}, "softcap must be a finite number"),
+                       ({"softcap": "50"}, "softcap must be a finite number")):
+        with pytest.raises(ValueError, match=needle):
+            factorized_attention(x, axis="space", backend="reference", **kw)
+    with pytest.raises(ValueError, match="qkv must be a float tensor"):
+        factorized_attention(x.long(), axis="space", backend="reference")
+
+
 @pytest.mark.parametrize("dev", [pytest.param("cpu", marks=interp), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_math_helpers_meet_their_documented_error(dev):
     """The kernels' tanh, exp2 and reciprocal (PTX approximations on a GPU, Triton's portable

@@ -123,6 +123,10 @@ def test_inverse_slot_map():
             assert torch.equal(slot[b, t], expect)
     with pytest.raises(ValueError, match="num_patches"):
         inverse_slot_map(pos, 5)
+    # A repeated or out-of-range index let one slot win silently, or failed inside scatter_.
+    for bad in ([[[0, 0, 3]]], [[[0, 1, 30]]], [[[-1, 1, 2]]]):
+        with pytest.raises(ValueError, match=r"indices in \[0, 30\) in increasing order"):
+            inverse_slot_map(torch.tensor(bad), 30)
 
 
 def _block_geometry(rounds, batch, frames, grid, seed):

@@ -103,6 +103,35 @@ def test_bad_video_errors():
         m(torch.rand(1, 2, 12, 12, 3), torch.zeros(1, 3))
 
 
+@pytest.mark.parametrize("call, needle", [
+    # Each ran before and returned numbers: a 0-255 float video, a padding of 2 (attention masked
+    # it, the feed-forward scaled by 1 - 2), float ids truncated to ints, an infinite cap (NaN).
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3) * 255), r"video values span \[.*\]: a float video must be in \[0, 1\]"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), torch.tensor([[0.0, 2.0]])), "frame_paddings must hold only 0"),
+    (lambda m, c: c(None, torch.rand(2, 5) * 40, torch.zeros(2, 5)), "text_ids must be integer token ids"),
+    (lambda m, c: c(None, torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 5)), "text_ids must be integer"),
+    (lambda m, c: c(None, torch.ones(2, 5, dtype=torch.long), torch.full((2, 5), 0.5)), "text_paddings must hold only"),
+    (lambda m, c: c(None, torch.ones(2, 5, dtype=torch.long).to("meta"), torch.zeros(2, 5)),
+     "text_ids is on meta but the model on cpu"),
+    (lambda m, c: vp.from_official("videoprism_v1_base", atten_logit_cap=float("inf"), device="meta"),
+     "atten_logit_cap must be a finite number"),
+    # Each failed deep inside torch with a message that named none of the arguments.
+    (lambda m, c: m(torch.rand(0, 2, 12, 12, 3)), "video holds no clip or no frame"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3).to("meta")), "video is on meta but the model on cpu"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.zeros(1, 2, 0, dtype=torch.long)), "K = 0"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.tensor([[[0, 4]]])), r"indices in \[0, 4\)"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.ones(1, 2, 2, dtype=torch.bool)),
+     "pos must hold integer patch indices"),
+    (lambda m, c: c(None, torch.full((2, 5), 50), torch.zeros(2, 5)), "vocabulary_size is 50"),
+    (lambda m, c: c(None, torch.full((2, 5), -1), torch.zeros(2, 5)), r"span \[-1, -1\]"),
+    (lambda m, c: vp.from_official("videoprism_v1_base", attention_backend="fast", device="meta"),
+     "attention_backend must be one of"),
+])
+def test_bad_inputs_fail_naming_the_argument(call, needle):
+    with pytest.raises(ValueError, match=needle):
+        call(tiny(), tiny("videoprism_lvt_v1_base"))
+
+
 def test_clip_text_tower_causal_and_odd_dims():
     m = tiny("videoprism_lvt_v1_base")
     ids = torch.randint(0, 50, (2, 6))

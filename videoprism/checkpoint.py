@@ -154,9 +154,15 @@ def flax_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Fill]]:
     return lay.entries
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+def _check_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a folder; pass the checkpoint file inside it (.npz or .safetensors)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    _check_file(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable .npz checkpoint (not a zip archive of .npy arrays)")
     try:
@@ -224,6 +230,10 @@ def save_safetensors(model: nn.Module, path: str) -> None:
         if own is not None:
             config = narrow_config(config, own)
         meta["config"] = json.dumps(asdict(config))
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; pass a file name, e.g. "
+                                f"{os.path.join(path, 'model.safetensors')}")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_safetensors(state, path, meta)
@@ -257,8 +267,7 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_file(path)
     try:
         state = load_file(path)
     except (SafetensorError, OSError) as e:
@@ -294,8 +303,7 @@ def safetensors_config(path: str) -> tuple[str | None, dict]:
     the metadata of `path`; (None, {}) for a file without them."""
     from safetensors import SafetensorError, safe_open
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    _check_file(path)
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -344,8 +352,11 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
 
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:
     """Load weights by file type: an official Flax `.npz` or our `.safetensors`."""
-    if path.endswith(".npz"):
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
         return load_flax_checkpoint(path, model)
-    if path.endswith(".safetensors"):
+    if ext == ".safetensors":
         return load_safetensors(path, model)
+    _check_file(path)
     raise CheckpointError(f"{path}: unknown checkpoint type; expected an official .npz or a .safetensors file")

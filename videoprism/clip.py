@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from videoprism.checks import check_paddings, check_text_ids
 from videoprism.config import CLIPConfig, resolve_config
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack, l2_normalize, layer_norm
@@ -56,9 +57,9 @@ class TextEncoder(nn.Module):
         embedding). The states of real positions and of the class token equal the official model's;
         those of padded positions do not: padding masks keys only here, while the official causal
         mask also masks a padded query's whole row (it then attends uniformly). No output reads them."""
-        if ids.dim() != 2 or tuple(paddings.shape) != tuple(ids.shape):
-            raise ValueError(f"text_ids and text_paddings must both be [B, L], got {tuple(ids.shape)} "
-                             f"and {tuple(paddings.shape)}")
+        device = self.cls_emb.device
+        check_text_ids(ids, self.token_emb.num_embeddings, device)
+        check_paddings("text_paddings", paddings, tuple(ids.shape), device)
         B, L = ids.shape
         D = self.model_dim
         scale = math.sqrt(D)

@@ -6,6 +6,7 @@ Field names are the official ones (videoprism/models.py CONFIGS) so that
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
@@ -49,7 +50,12 @@ class EncoderConfig:
                 lo = 0 if f.name.endswith("_layers") else 1
                 ok, want = _is_int(v) and v >= lo, f"an int >= {lo}"
             elif isinstance(d, float):
-                ok, want = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, "a number >= 0"
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+                want = "a finite number >= 0"
+            elif f.name == "attention_backend":
+                from videoprism.ops.attention import BACKENDS
+
+                ok, want = v in (None, "auto", *BACKENDS), f"one of {', '.join(BACKENDS)}, 'auto' or None"
             else:  # str, or str | None
                 ok, want = isinstance(v, str) or (v is None and d is None), "a string"
             if not ok:

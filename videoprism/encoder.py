@@ -16,25 +16,13 @@ from torch.nn import functional as F
 
 from videoprism import ops
 from videoprism.config import EncoderConfig, resolve_config
-from videoprism.masking import check_pos_sorted
+from videoprism.checks import check_paddings, check_pos, check_video
 from videoprism.layers import (
     TransformerStack,
     interpolate_spatial_pos_emb,
     interpolate_temporal_pos_emb,
     layer_norm,
 )
-
-
-def check_video(video: torch.Tensor, patch_size: int) -> None:
-    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[-1] != 3:
-        shape = tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__
-        raise ValueError(f"video must be a [B, T, H, W, 3] tensor (channels last), got {shape}")
-    if video.dtype != torch.uint8 and not video.is_floating_point():
-        raise ValueError(f"video must be uint8 in [0, 255] or float in [0, 1], got dtype {video.dtype}")
-    H, W = video.shape[2:4]
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"video frames of {H}x{W} pixels are not a multiple of patch_size {patch_size}; "
-                         f"resize or crop to e.g. {max(1, H // patch_size) * patch_size} pixels")
 
 
 def patchify(video: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -93,17 +81,21 @@ class FactorizedEncoder(nn.Module):
                 crop_temporal_pos_emb: bool = False):
         cfg = self.config
         P = cfg.patch_size
-        check_video(video, P)
+        device = self.spatial_pos_emb.device
+        check_video(video, P, device)
         B, T, H, W, _ = video.shape
         grid = (H // P, W // P)
+        if frame_paddings is not None:
+            check_paddings("frame_paddings", frame_paddings, (B, T), device)
 
         if pos is None:
             x = self.patch_projection(patchify(video, P).to(self.patch_projection.weight.dtype))
         else:
-            if pos.dim() != 3 or pos.shape[0] != B or pos.shape[1] not in (1, T):
+            if not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] != B or pos.shape[1] not in (1, T):
+                got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
                 raise ValueError(f"pos must be [B, T, K] = [{B}, {T}, K] visible patch indices (or [{B}, 1, K], a "
-                                 f"tube mask), got {tuple(pos.shape)}")
-            check_pos_sorted(pos)
+                                 f"tube mask), got {got}")
+            check_pos(pos, grid[0] * grid[1], device)
             x = self.patch_projection(ops.patchify_gather(video, pos.expand(B, T, -1), P)
                                       .to(self.patch_projection.weight.dtype))
         K = x.shape[2]
@@ -116,8 +108,6 @@ class FactorizedEncoder(nn.Module):
 
         padding = None
         if frame_paddings is not None:
-            if tuple(frame_paddings.shape) != (B, T):
-                raise ValueError(f"frame_paddings must be [B, T] = [{B}, {T}], got {tuple(frame_paddings.shape)}")
             # Every token of a padded frame is padded, in both stacks (official semantics).
             padding = frame_paddings.to(x.dtype)[:, :, None].expand(B, T, K)
 

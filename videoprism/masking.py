@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from videoprism.checks import check_pos
+
 __all__ = ["tube_mask", "bevt_mask", "inverse_slot_map", "num_visible"]
 
 # BEiT block-wise masking: blocks of at least 16 patches on the 16x16 grid (scaled
@@ -166,23 +168,6 @@ def accept_blocks_ref(top, left, bh, bw, start, length, frames: int, grid: tuple
     return mask.reshape(B, frames, h * w)
 
 
-def check_pos_sorted(pos: torch.Tensor) -> None:
-    """Visible indices must increase within each frame (sorted, no repeats): the masked time axis finds a
-    location's frames by binary search. On the CPU a ValueError; on a GPU an asynchronous device assert (no host
-    sync per call; a failure ends the process with this message); skipped inside compiled graphs (the masks of
-    this module are sorted by construction)."""
-    if pos.shape[-1] < 2 or torch.compiler.is_compiling():
-        return
-    ok = (pos[..., 1:] > pos[..., :-1]).all()
-    msg = ("pos must hold each frame's visible patch indices in increasing order without repeats (as "
-           "videoprism.masking returns them); sort them with pos.sort(-1).values")
-    if pos.device.type == "cpu":
-        if not bool(ok):
-            raise ValueError(msg)
-    else:
-        torch._assert_async(ok, msg)
-
-
 def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     """slot [B, T, N] int32 with slot[b, t, pos[b, t, k]] = k and -1 where patch n is masked
     in frame t.
@@ -190,10 +175,9 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     The masked time axis uses it: the key of token (b, t, k) in frame t' sits at slot
     `slot[b, t', pos[b, t, k]]` (absent when -1), an O(1) lookup instead of a search.
     """
-    if pos.dim() != 3 or pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"pos must be [B, T, K] int32/int64, got {tuple(pos.shape)} {pos.dtype}")
-    if pos.shape[2] > num_patches:
+    if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] > num_patches:
         raise ValueError(f"pos has K={pos.shape[2]} slots but num_patches={num_patches}; K must be <= N")
+    check_pos(pos, num_patches)
     B, T, K = pos.shape
     slot = torch.full((B, T, num_patches), -1, dtype=torch.int32, device=pos.device)
     k = torch.arange(K, dtype=torch.int32, device=pos.device).expand(B, T, K)

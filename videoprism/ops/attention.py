@@ -13,11 +13,13 @@ Backends (the exact math is in kernels/factorized_attention.py):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from videoprism.checks import check_pos
 from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
-from videoprism.masking import check_pos_sorted
 
 BACKENDS = ("reference", "triton", "flex", "flash", "sdpa")
 
@@ -267,29 +269,34 @@ def _sdpa(qkv, *, axis, softcap, pos, key_padding, causal, scale):
 _IMPL = {"reference": factorized_attention_ref, "triton": _triton, "flex": _flex, "flash": _flash, "sdpa": _sdpa}
 
 
-def _validate(qkv, axis, softcap, pos, key_padding):
+def _validate(qkv, axis, softcap, pos, key_padding, causal):
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"qkv must be a [B, T, K, 3, H, Dh] tensor (the qkv projection viewed per head), "
                          f"got {tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv)}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"qkv must be a float tensor (float32, float16 or bfloat16), got {qkv.dtype}")
     if axis not in ("space", "time"):
         raise ValueError(f"axis must be 'space' (within a frame) or 'time' (across frames), got {axis!r}")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 = no cap), got {softcap}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 <= softcap < math.inf:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = no cap), got {softcap!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
     btk = tuple(qkv.shape[:3])
     if pos is not None:
         if axis != "time":
             raise ValueError("pos (the spatial index of each token) only applies to axis='time'; pass pos=None "
                              "for axis='space'")
-        if tuple(pos.shape) != btk or pos.dtype.is_floating_point or pos.dtype == torch.bool:
+        if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != btk:
             raise ValueError(f"pos must be an integer [B, T, K] = {list(btk)} tensor of spatial indices, "
-                             f"got {pos.dtype} {tuple(pos.shape)}")
-        check_pos_sorted(pos)
+                             f"got {tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
     if key_padding is not None and (tuple(key_padding.shape) != btk or key_padding.dtype != torch.bool):
         raise ValueError(f"key_padding must be a bool [B, T, K] = {list(btk)} tensor (True = padded key), "
                          f"got {key_padding.dtype} {tuple(key_padding.shape)}")
     for name, t in (("pos", pos), ("key_padding", key_padding)):
         if t is not None and t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device} but qkv on {qkv.device}; move it to qkv's device")
+    if pos is not None:
+        check_pos(pos)
 
 
 def factorized_attention(
@@ -312,7 +319,7 @@ def factorized_attention(
     Dh^-0.5. `backend` None (or "auto") picks "triton" on CUDA, "reference" elsewhere. See
     kernels/factorized_attention.py for the exact math.
     """
-    _validate(qkv, axis, softcap, pos, key_padding)
+    _validate(qkv, axis, softcap, pos, key_padding, causal)
     backend = default_backend(qkv.device) if backend in (None, "auto") else backend
     if backend not in _IMPL:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} (or None for the default)")

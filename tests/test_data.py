@@ -293,6 +293,9 @@ def test_tokenizer_matches_sentencepiece_oracle():
         assert ids[row, : len(expect)].tolist() == expect
         assert (ids[row, len(expect):] == 0).all()
         assert pad[row].tolist() == [0.0] * len(expect) + [1.0] * (64 - len(expect))
+    for bad, needle in ((["ok", None], "got a NoneType: None"), ([b"x"], "got a bytes"), ("one", "wrap it")):
+        with pytest.raises(TypeError, match=needle):
+            tok(bad)
 
 
 # ---- manifests -------------------------------------------------------------------------------------------------------

@@ -126,6 +126,7 @@ def test_bad_video_errors():
     (lambda m, c: c(None, torch.full((2, 5), -1), torch.zeros(2, 5)), r"span \[-1, -1\]"),
     (lambda m, c: vp.from_official("videoprism_v1_base", attention_backend="fast", device="meta"),
      "attention_backend must be one of"),
+    (lambda m, c: vp.FactorizedVideoCLIP(m.config), "this model takes a CLIPConfig, got a EncoderConfig"),
 ])
 def test_bad_inputs_fail_naming_the_argument(call, needle):
     with pytest.raises(ValueError, match=needle):

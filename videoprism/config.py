@@ -120,6 +120,9 @@ def narrow_config(config, cls):
 def resolve_config(cls, config, overrides: dict):
     """A model's config from its constructor's arguments: `config` with `overrides` applied (a field set
     both ways takes the override), or `cls(**overrides)` without a config."""
+    if config is not None and not isinstance(config, cls):
+        raise ValueError(f"this model takes a {cls.__name__}, got a {type(config).__name__} (build it with "
+                         "videoprism.from_official(name) or the matching config class)")
     return dataclasses.replace(config, **overrides) if config is not None else cls(**overrides)
 
 

@@ -55,6 +55,9 @@ class Tokenizer:
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
             raise TypeError("Tokenizer takes a list of captions, got one str; wrap it: tokenizer([text])")
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"Tokenizer takes a list of str captions, got a {type(text).__name__}: {text!r:.60}")
         ids = torch.zeros(len(texts), self.max_length, dtype=torch.int64)
         paddings = torch.ones(len(texts), self.max_length, dtype=torch.float32)
         for row, text in enumerate(texts):

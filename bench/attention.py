@@ -24,11 +24,15 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
                space: B*T * K^2;  time: B*N * T^2;  masked time: sum_l n_l^2
   FLOPs bwd  = 2 x fwd (dV, dP, dQ, dK), so fwd+bwd = 3 x fwd (recomputation not counted).
   bytes fwd  = 4 * E * H * Dh * elt   (read q, k, v; write o: the least any kernel can move)
-  bytes bwd  = 8 * E * H * Dh * elt   (read q, k, v, o, do; write dq, dk, dv)
+  bytes bwd  = 8 * E * H * Dh * elt on the space axis (read q, k, v, o, do; write dq, dk, dv:
+               delta = rowsum(o * do) needs o, as a key-tiled kernel cannot hold a whole row),
+               7 * E * H * Dh * elt on the time axis (a sequence fits one tile, so delta =
+               rowsum(p * dp) there and o is not read)
   specials   = (1 + cap) * sum of S_q * S_k * H  exp2 (+ tanh with the cap) per fwd; 2 x in
                fwd+bwd (the backward recomputes them once; ours, in two kernels, twice)
   floor      = max(FLOPs / matmul peak, bytes / copy peak, specials / exp2 peak), all measured
-               in this run (bench/exp2_peak.py; on the CPU the last term is left out);
+               in this run, the matmul peak in the run's dtype (bench/exp2_peak.py; on the CPU the
+               last term is left out);
                pct_floor = floor / time (100% = at the roofline). At head dim 64 the capped
                kernels' floor is the exp2/tanh term, twice the matmul term.
 Two times on CUDA: `ms`, do_bench of the eager call (host dispatch included: the custom op,
@@ -50,6 +54,7 @@ import torch
 from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
 from bench.exp2_peak import exp2_peak_gops
 from videoprism.cli import run_command
+from videoprism.flops import temporal_pairs
 from videoprism.ops.attention import factorized_attention
 
 MODELS = {"base": (12, 64), "large": (16, 64), "giant": (16, 88)}
@@ -85,10 +90,11 @@ def cases(batch: int, grid: int, frames: tuple[int, ...], visible: tuple[int, ..
     K = visible[-1]
     pos = torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T0)])
                        for _ in range(batch)])
-    counts = torch.stack([torch.bincount(p.flatten(), minlength=N) for p in pos])       # n_l per clip
+    pairs = round(float(temporal_pairs(pos, T0, K, N)) * batch)                          # sum of n_l^2
+    seqs = sum(int(torch.unique(p).numel()) for p in pos)                                # locations seen
     out = [("space", f"K={N}", T0, N, None, batch * T0, batch * T0 * N * N),
            ("time", f"T={T0}", T0, N, None, batch * N, batch * N * T0 * T0),
-           ("time", f"T={T0} K={K} masked", T0, K, pos, int((counts > 0).sum()), int((counts ** 2).sum()))]
+           ("time", f"T={T0} K={K} masked", T0, K, pos, seqs, pairs)]
     out += [("space", f"K={k} masked", T0, k, None, batch * T0, batch * T0 * k * k) for k in visible[::-1]]
     # Stage 1's tube mask: the same visible columns in every frame, the identity time axis over them.
     k1 = visible[0]
@@ -141,7 +147,7 @@ def _main(argv) -> None:
     batch, grid, frames, visible = (1, 4, (4, 2), (8, 6)) if args.tiny else (args.batch or 16, 16, (16, 8), (128, 90))
     backends = [b for b in args.backends if b in ("reference", "sdpa", "flex", "triton") or _available(b)]
     t_start = time.perf_counter()
-    peaks = {**measure_peaks(device), "exp2_gops": exp2_peak_gops(device)}
+    peaks = {**measure_peaks(device, dtype), "exp2_gops": exp2_peak_gops(device)}
     elt = torch.finfo(dtype).bits // 8
     report = Report("factorized attention", str(device), meta={
         "dtype": str(dtype).replace("torch.", ""), "batch": batch, "grid": grid, "backends": backends,
@@ -158,7 +164,8 @@ def _main(argv) -> None:
             pos_d = None if pos is None else pos.to(device)
             tokens = batch * T * K
             flops_fwd = 4 * H * Dh * sq_sk
-            bytes_fwd = 4 * tokens * H * Dh * elt
+            unit = tokens * H * Dh * elt          # one [E, H, Dh] tensor
+            bwd_units = 8 if axis == "space" else 7
             for backend in backends:
                 cap = 0.0 if backend in ("sdpa", "xformers") else 50.0
                 kw = dict(axis=axis, softcap=cap, pos=pos_d)
@@ -167,7 +174,8 @@ def _main(argv) -> None:
                 else:
                     call = lambda x, kw=kw, be=backend: factorized_attention(x, backend=be, **kw)  # noqa: E731
                 for mode in args.modes:
-                    row = dict(model=model, axis=axis, case=label, seqs=n_seq, backend=backend, cap=cap, mode=mode)
+                    row = dict(model=model, axis=axis, case=label, H=H, Dh=Dh, T=T, K=K, seqs=n_seq, backend=backend,
+                               cap=cap, mode=mode)
                     bwd = mode == "fwd+bwd"
                     x = qkv.detach().requires_grad_(bwd)
 
@@ -184,7 +192,7 @@ def _main(argv) -> None:
                         continue
                     t = timeit(fn, device, warmup=1, reps=3 if device.type == "cpu" else 10)
                     flops = flops_fwd * (3 if bwd else 1)
-                    nbytes = bytes_fwd * (3 if bwd else 1)
+                    nbytes = unit * (4 + bwd_units if bwd else 4)
                     s = t.median_ms * 1e-3
                     specials = (1 + (cap > 0)) * H * sq_sk * (2 if bwd else 1)
                     floor = max(flops / (peaks["matmul_tflops"] * 1e12), nbytes / (peaks["copy_gbps"] * 1e9),
@@ -196,7 +204,8 @@ def _main(argv) -> None:
                         d_ms = dt.median_ms if dt is not None else None
                         if d_ms:
                             dev = dict(dev_ms=round(d_ms, 4), dev_p20_ms=round(dt.p20_ms, 4),
-                                       dev_p80_ms=round(dt.p80_ms, 4), dev_tflops=round(flops / d_ms / 1e9, 3),
+                                       dev_p80_ms=round(dt.p80_ms, 4), dev_spread=round(dt.spread, 3),
+                                       dev_tflops=round(flops / d_ms / 1e9, 3),
                                        dev_pct_floor=round(100 * floor * 1e3 / d_ms, 1))
                     report.add(t, **row, tflops=round(flops / s / 1e12, 3), gbps=round(nbytes / s / 1e9, 1),
                                pct_flops_peak=round(100 * flops / s / 1e12 / peaks["matmul_tflops"], 1),

@@ -176,19 +176,21 @@ def device_name(device: torch.device | str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def measure_peaks(device: torch.device | str) -> dict:
-    """Measured ceilings: matmul TFLOP/s (bf16 on CUDA, fp32 on the CPU; the same
-    measurement as the trainer's MFU denominator) and copy GB/s (bytes read + written)."""
-    from videoprism.flops import matmul_peak_tflops
+def measure_peaks(device: torch.device | str, dtype: torch.dtype | None = None) -> dict:
+    """Measured ceilings: matmul TFLOP/s in `dtype` (default bf16 on CUDA, fp32 on the CPU:
+    the same measurement as the trainer's MFU denominator; a benchmark of fp32 kernels on a
+    GPU passes float32, whose ceiling is ~15x lower) and copy GB/s (bytes read + written)."""
+    from videoprism.flops import matmul_peak_tflops, peak_dtype
 
     device = torch.device(device)
+    dtype = dtype or peak_dtype(device)
     nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     t_cp = timeit(lambda: dst.copy_(src), device)
     return {
-        "matmul_tflops": matmul_peak_tflops(device),
-        "matmul_dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "matmul_tflops": matmul_peak_tflops(device, dtype=dtype),
+        "matmul_dtype": str(dtype).removeprefix("torch."),
         "copy_gbps": 2 * src.numel() * 4 / (t_cp.median_ms * 1e-3) / 1e9,
     }
 

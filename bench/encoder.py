@@ -58,7 +58,7 @@ def _main(argv) -> None:
     shape = (args.batch, args.frames, args.resolution, args.resolution, 3)
     torch.manual_seed(0)
     video = torch.rand(shape, device=device)
-    peaks = measure_peaks(device)
+    peaks = measure_peaks(device, dtype)
     report = Report("encoder forward", str(device), meta={"model": args.model, "shape": list(shape),
                                                           "dtype": args.dtype, **peaks})
     for backend in args.backends:

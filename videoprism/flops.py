@@ -137,15 +137,21 @@ def stage2_step_flops(cfg, *, batch: int, frames: int, grid_tokens: int, visible
     return teacher + 3 * student - patch_embed_flops(cfg, batch, frames, visible)
 
 
-def matmul_peak_tflops(device: torch.device | str, *, n: int | None = None) -> float:
-    """Measured matmul ceiling of the device in TFLOP/s (bf16 on CUDA, fp32 on the CPU),
-    the denominator of MFU: the best of a few timed `n x n` products after a warm-up."""
+def peak_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a step computes its matmuls in: bf16 on CUDA (autocast), fp32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def matmul_peak_tflops(device: torch.device | str, *, n: int | None = None, dtype: torch.dtype | None = None) -> float:
+    """Measured matmul ceiling of the device in TFLOP/s for `dtype` (default `peak_dtype`: the
+    denominator of MFU): the best of a few timed `n x n` products after a warm-up. fp32 on CUDA
+    is true fp32 unless TF32 is allowed (torch.backends.cuda.matmul.allow_tf32), as in the run."""
     import time
 
     device = torch.device(device)
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 1024)  # 512 on the CPU underestimated the ceiling (a model ran above it)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = dtype or peak_dtype(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")

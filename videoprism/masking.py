@@ -172,8 +172,10 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     """slot [B, T, N] int32 with slot[b, t, pos[b, t, k]] = k and -1 where patch n is masked
     in frame t.
 
-    The masked time axis uses it: the key of token (b, t, k) in frame t' sits at slot
-    `slot[b, t', pos[b, t, k]]` (absent when -1), an O(1) lookup instead of a search.
+    The masked time axis as a table: the key of token (b, t, k) in frame t' sits at slot
+    `slot[b, t', pos[b, t, k]]` (absent when -1). The attention kernels find it by a binary
+    search of frame t' instead (`pos` sorted; no [B, T, N] table to build and read each step),
+    the reference by `searchsorted`; this table is for code that looks slots up many times.
     """
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] > num_patches:
         raise ValueError(f"pos has K={pos.shape[2]} slots but num_patches={num_patches}; K must be <= N")

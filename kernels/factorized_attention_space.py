@@ -269,9 +269,13 @@ def _space_fwd_kernel(
     o [B, T, K, H, Dh]; m2 and log2(l) stored fp32 [B, T, H, K] for the backward (kept apart,
     not as one logsumexp, because MASK_VALUE + log2(l) rounds back to MASK_VALUE in fp32 and
     would lose the uniform 1/l of a fully masked row).
-    FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls), + K^2 exp2 (+ K^2 tanh with the cap). Bytes:
-    4 * B*T*K*H*Dh elements (q, k, v read once per query tile, o written) + K/BLOCK_M
-    re-reads of k, v (from L2).
+    FLOPs: 4 * B*T*H * K^2 * Dh (2 matmuls); specials B*T*H * K^2 exp2 (+ as many tanh with
+    the cap). Bytes: 4 * B*T*K*H*Dh elements (q, k, v read once per query tile, o written)
+    + 8 * B*T*H*K (the fp32 m2, log2 l) + K/BLOCK_M re-reads of k, v (from L2).
+    Floor = max(FLOPs / matmul peak, bytes / HBM bandwidth, specials / MUFU rate). VideoPrism-B,
+    16 clips x 16 frames, K = 256, H = 12, Dh = 64, bf16, capped, on an H200 (785 TFLOP/s and
+    4.22 TB/s measured, MUFU 132 SMs x 16/clk x 1.98 GHz = 4.2 T/s): 0.066 ms of matmul,
+    0.095 ms of bytes (403 MB), 0.096 ms of exp2 + tanh: ~0.096 ms (bench.attention prints it).
     Per score element the loop issues the two MMAs' share, one MUFU.EX2 (+ one MUFU.TANH for
     bf16 with the cap) and ~10 other instructions; at head dim 64 the MUFU unit (16/clk/SM)
     is as fast as the tensor cores' 256 FLOPs an element, so the exponentials, not the MMAs,
@@ -340,7 +344,10 @@ def _space_bwd_dq_kernel(
         p = 2^(s2 - m2 - log2 l) ; dp = do @ v^T ; ds = p * (dp - delta)
         ds *= 1 - tanh^2(s_raw / c)      (the cap's derivative) ; ds = 0 where masked
         dq = scale * ds @ k              -> dqkv[:, :, :, 0]
-    FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq). Bytes: q, o, do, dq once + k, v per query tile.
+    FLOPs: 6 * B*T*H * K^2 * Dh (s, dp, dq); specials as the forward's (p and the cap's
+    derivative recomputed). Bytes: q, o, do, dq once + k, v per query tile (once from HBM,
+    the re-reads from L2): >= 6 * B*T*K*H*Dh elements. Floor: max of the three terms, as
+    the forward's; at its shapes above 0.14 ms of bytes (604 MB; matmul 0.098, specials 0.096).
     """
     pid_m, pid_bth, b64, t64, h = _program_tile(K, T, H, BLOCK_M)
     base = qkv + b64 * s_b + t64 * s_t + h * s_h
@@ -396,7 +403,11 @@ def _space_bwd_dkdv_kernel(
     role of the key tile, BLOCK_M the query tile), looping over every query tile:
         dv += p^T @ do ; dk += scale * ds^T @ q     -> dqkv[:, :, :, 1] and [:, :, :, 2]
     No atomics: each program owns its keys, so the result is deterministic.
-    FLOPs: 8 * B*T*H * K^2 * Dh (s, dp, dv, dk). Bytes: k, v, dk, dv once + q, do per key tile.
+    FLOPs: 8 * B*T*H * K^2 * Dh (s, dp, dv, dk); specials as the forward's. Bytes: k, v, dk,
+    dv once + q, do per key tile (once from HBM): >= 6 * B*T*K*H*Dh elements. Floor: max of
+    the three terms; at the forward's shapes 0.14 ms of bytes (matmul 0.131 ms, specials
+    0.096 ms). The two parts move >= 12 elements a token-head-dim where one fused
+    backward would move 8 (bench.attention's floor: the least any kernel can move).
     """
     pid_n, pid_bth, b64, t64, h = _program_tile(K, T, H, BLOCK_N)
     base = qkv + b64 * s_b + t64 * s_t + h * s_h

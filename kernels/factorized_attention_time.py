@@ -189,9 +189,15 @@ def _time_fwd_kernel(
         o = softmax(s) @ v
     Layout: q, k, v gathered per frame through the strides of qkv [B, T, K, 3, H, Dh]
     (identity: slot k in every frame; masked: the searched slots); o [B, T, K, H, Dh].
-    FLOPs: 4 * (#sequences) * H * T^2 * Dh on the padded BLOCK_T (>= 16) tile.
+    FLOPs: useful 4 * H * Dh * sum_l n_l^2 (n_l = frames where location l is visible: T for
+    every location without pos); executed 4 * (#sequences) * H * BLOCK_T^2 * BLOCK_D, on the
+    padded tile (BLOCK_T >= 16: 4x the useful at T = 8; giant's Dh 88 pads to 128, +45%).
     Bytes: every token's q, k, v read once and o written once: 4 * B*T*K*H*Dh elements
     (+ the int pos rows, L2-resident, on the masked axis).
+    Floor = max(useful FLOPs / matmul peak, bytes / HBM bandwidth, specials / MUFU rate):
+    bandwidth-bound (the T x T scores are small). VideoPrism-B, 16 clips x 16 frames x 256
+    locations, H = 12, Dh = 64, bf16, H200 (4.22 TB/s measured): 403 MB, 0.095 ms; measured
+    0.142 ms (67% of floor, bench/RESULTS.md).
     """
     b, slot, valid, n_live = _time_rows(pos, p_b, p_t, p_k, B, T, K, HAS_POS, LOG2K, BLOCK_S, BLOCK_T)
     if n_live == 0:
@@ -229,8 +235,10 @@ def _time_bwd_kernel(
         dv = p^T @ do ; dp = do @ v^T ; delta = rowsum(p * dp) (= rowsum(do * o))
         ds = p * (dp - delta) * (1 - tanh^2(s_raw / c)), 0 where masked
         dq = scale * ds @ k ; dk = scale * ds^T @ q  -> dqkv [B, T, K, 3, H, Dh]
-    FLOPs: 10 * (#sequences) * H * T^2 * Dh (s, dp, dv, dq, dk).
-    Bytes: q, k, v, do read and dq, dk, dv written once: 7 * B*T*K*H*Dh elements.
+    FLOPs: 10 * (#sequences) * H * T^2 * Dh (s, dp, dv, dq, dk), on the padded tile as the
+    forward's. Bytes: q, k, v, do read and dq, dk, dv written once: 7 * B*T*K*H*Dh elements
+    (o is not read: delta comes from p * dp, the whole sequence being in one tile).
+    Floor: bandwidth-bound as the forward; at its shapes above 705 MB, 0.167 ms.
     """
     b, slot, valid, n_live = _time_rows(pos, p_b, p_t, p_k, B, T, K, HAS_POS, LOG2K, BLOCK_S, BLOCK_T)
     if n_live == 0:

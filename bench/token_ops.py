@@ -17,22 +17,31 @@ Also the time to draw each stage's mask for the batch on the device (tube_mask, 
 a GPU BEVT's block rounds as PyTorch ops vs the one-launch kernel (kernels/bevt_blocks.py).
 Implementations: the op's backends ("triton", "cuda" on GPU; "cpp" on the CPU) and
 "torch", the composition a user would write (torch.gather / cat / zeros + scatter_add_,
-the reshape-permute patchify) with autograd for the backward.
+the reshape-permute patchify) with autograd for the backward: gather_tokens_ref,
+scatter_tokens_torch, shuffle_with_mask_tokens_torch and patchify_gather_ref of kernels/,
+the same functions the tests check against.
 
 Bytes (the least any implementation must move; E = element size, E_p = 4):
   patchify   B*T*K*972 * (1 + 4)
   gather     fwd 2*B*m*D*E              bwd B*m*D*E + B*n*D*E
   scatter    fwd B*m*D*E + B*n*D*E      bwd 2*B*m*D*E
   shuffle    fwd B*m*D*E + B*n*D*E + n*D*E_p     bwd B*n*D*E + B*m*D*E + n*D*E_p
-  fwd+bwd = the sum. GB/s = bytes / time; pct_copy = GB/s / (device copy GB/s measured in
-  this run, read + write), the floor; x_torch = torch time / this time.
+  fwd+bwd = the sum. Index bytes are left out (under 1%). floor_ms = bytes / (device copy GB/s
+  measured in this run, read + write); GB/s = bytes / time; pct_copy = GB/s / copy GB/s =
+  floor_ms / ms; x_torch = torch time / this time. Columns D, K, m, n: the case's shape
+  (patchify reads K only: B*T*K patches of P*P*3 = 972 values).
 Two times on CUDA: `ms` (do_bench of the eager call: includes the host side, the Python
 custom-op and autograd dispatch, which at these 30-100 us sizes can exceed the kernels and
 then is what gets measured) and `dev_ms` (the same call captured once in a CUDA graph and
 replayed after an L2 flush: device time only, what a step whose host runs ahead of the GPU
-sees); dev_gbps / dev_pct_copy from dev_ms. The backward alone cannot be captured apart
-from its forward (autograd runs it on the forward's stream), so its dev_ms is
-(fwd+bwd) - fwd, marked dev_derived.
+sees); dev_gbps / dev_pct_copy from dev_ms, dev_p20_ms / dev_p80_ms / dev_spread its
+quantiles. dev_ms is measured for fwd and fwd+bwd only: the backward alone cannot be
+captured apart from its forward (autograd runs it on the forward's stream, not the
+capture's), and the difference (fwd+bwd) - fwd is no measurement (it read 0.0385 ms for
+scatter's backward, a gather of the same shape whose own fwd row measured 0.0421 ms: 87%
+of copy against 80%). So bwd rows carry the eager `ms` only; the backward kernels' device
+times are the adjoint op's fwd rows (gather's backward is the scatter kernel, scatter's the
+gather kernel; the shuffle's backward shows only inside fwd+bwd).
 """
 from __future__ import annotations
 
@@ -44,34 +53,15 @@ import torch
 from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
+from videoprism.kernels.gather_tokens import gather_tokens_ref, scatter_tokens_torch
 from videoprism.kernels.patchify_gather import patchify_gather_ref
+from videoprism.kernels.shuffle_tokens import shuffle_with_mask_tokens_torch
 from videoprism.masking import accept_blocks_ref, bevt_mask, num_visible, propose_blocks, tube_mask
 from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
 
 MODELS = {"base": 768, "giant": 1408}
 STAGES = {"stage1": (tube_mask, 0.5), "stage2": (bevt_mask, 0.65)}
 T, GRID, P = 16, (16, 16), 18
-
-
-# ----------------------------------------------------------------------------- torch compositions
-def torch_gather(x, idx):
-    return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
-
-
-def torch_scatter(src, idx, length):
-    B, _, D = src.shape
-    return src.new_zeros(B, length, D).scatter_add(1, idx[:, :, None].expand(-1, -1, D), src)
-
-
-def torch_shuffle(visible, perm, mask_emb, pos_emb):
-    B, m, D = visible.shape
-    n = perm.shape[1]
-    c = torch.cat([visible, mask_emb.to(visible.dtype).expand(B, n - m, D)], dim=1)
-    return torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(visible.dtype)
-
-
-def torch_patchify(video, pos, patch_size):
-    return patchify_gather_ref(video, pos, patch_size)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -101,16 +91,16 @@ def op_specs(c: dict, batch: int):
     F = P * P * 3
     return [
         ("patchify", lambda be: (patchify_gather(c["video"], c["pos"], P, backend=be) if be != "torch"
-                                 else torch_patchify(c["video"], c["pos"], P), ()),
+                                 else patchify_gather_ref(c["video"], c["pos"], P), ()),
          B * T * c["K"] * F * 5, None),
         ("gather", lambda be: _with_grad(lambda x: gather_tokens(x, c["idx"], backend=be) if be != "torch"
-                                         else torch_gather(x, c["idx"]), c["tokens"]),
+                                         else gather_tokens_ref(x, c["idx"]), c["tokens"]),
          2 * B * m * D * E, B * m * D * E + B * n * D * E),
         ("scatter", lambda be: _with_grad(lambda s: scatter_tokens(s, c["idx"], n, backend=be) if be != "torch"
-                                          else torch_scatter(s, c["idx"], n), c["visible"]),
+                                          else scatter_tokens_torch(s, c["idx"], n), c["visible"]),
          B * m * D * E + B * n * D * E, 2 * B * m * D * E),
         ("shuffle", lambda be: _with_grad(lambda v, me, pe: shuffle_with_mask_tokens(v, c["perm"], me, pe, backend=be)
-                                          if be != "torch" else torch_shuffle(v, c["perm"], me, pe),
+                                          if be != "torch" else shuffle_with_mask_tokens_torch(v, c["perm"], me, pe),
                                           c["visible"], c["mask_emb"], c["pos_emb"]),
          B * m * D * E + B * n * D * E + n * D * 4, B * n * D * E + B * m * D * E + n * D * 4),
     ]
@@ -174,31 +164,24 @@ def _main(argv) -> None:
                     if bytes_bwd is not None:
                         modes["bwd"] = (lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), bytes_bwd)
                         modes["fwd+bwd"] = (lambda: torch.autograd.grad(*run(impl), grad), bytes_fwd + bytes_bwd)
-                    dev = {}
                     for mode, (fn, nbytes) in modes.items():
                         t = timeit(fn, device, **tkw)
                         times[(impl, mode)] = t.median_ms
                         gbps = nbytes / (t.median_ms * 1e-3) / 1e9
-                        row = report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, K=case["K"],
-                                         mbytes=round(nbytes / 1e6, 1), gbps=round(gbps, 1),
-                                         pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
+                        row = report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, D=case["D"],
+                                         K=case["K"], m=case["m"], n=case["n"], mbytes=round(nbytes / 1e6, 1),
+                                         floor_ms=round(nbytes / (peaks["copy_gbps"] * 1e9) * 1e3, 4),
+                                         gbps=round(gbps, 1), pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
+                        # Device times of what can be captured alone: fwd and fwd+bwd (module docstring).
                         if cuda and not a.no_graph and mode != "bwd":
                             dt = device_timing(fn)
-                            if dt is not None:
-                                row.update(dev_p20_ms=round(dt.p20_ms, 4), dev_p80_ms=round(dt.p80_ms, 4),
-                                           dev_spread=round(dt.spread, 3))
-                            dev[mode] = (row, nbytes, None if dt is None else dt.median_ms)
-                        elif cuda and not a.no_graph:
-                            dev[mode] = (row, nbytes, None)
-                    if "bwd" in dev and dev["fwd"][2] is not None and dev["fwd+bwd"][2] is not None:
-                        dev["bwd"] = (dev["bwd"][0], dev["bwd"][1], dev["fwd+bwd"][2] - dev["fwd"][2])
-                        dev["bwd"][0]["dev_derived"] = True
-                    for row, nbytes, ms in dev.values():
-                        if ms is not None and ms > 0:
-                            dev_gbps = nbytes / (ms * 1e-3) / 1e9
-                            row.update(dev_ms=round(ms, 4), dev_gbps=round(dev_gbps, 1),
-                                       dev_pct_copy=round(100 * dev_gbps / peaks["copy_gbps"], 1))
-                    del out, leaves, grad, dev
+                            if dt is not None and dt.median_ms > 0:
+                                dev_gbps = nbytes / (dt.median_ms * 1e-3) / 1e9
+                                row.update(dev_ms=round(dt.median_ms, 4), dev_p20_ms=round(dt.p20_ms, 4),
+                                           dev_p80_ms=round(dt.p80_ms, 4), dev_spread=round(dt.spread, 3),
+                                           dev_gbps=round(dev_gbps, 1),
+                                           dev_pct_copy=round(100 * dev_gbps / peaks["copy_gbps"], 1))
+                    del out, leaves, grad
                 for row in report.rows[-len(times):]:
                     row["x_torch"] = round(times[("torch", row["mode"])] / row["ms"], 2)
             del case

@@ -10,7 +10,9 @@
 
 namespace videoprism {
 
-// fp32 accumulation for half types, fp64 for fp64.
+// The type the token ops sum in, fp32 (for half types and fp32; uint8 too) or fp64 for fp64: also the type of
+// the shuffle's embedding grads and of patchify_gather's output (float32 for uint8/half/fp32 video, float64 for
+// float64). The Python twin is kernels/gather_tokens.py acc_dtype.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_index(const char* op, const char* name, const at::Tensor& idx, const at::Tensor& x, int64_t cols) {
@@ -73,7 +75,5 @@ inline std::array<int64_t, 5> check_patchify(const at::Tensor& video, const at::
   TORCH_CHECK(pos.device() == video.device(), op, ": pos is on ", pos.device(), " but video on ", video.device());
   return {video.size(0), video.size(1), video.size(2), video.size(3), pos.size(2)};
 }
-
-inline at::ScalarType patchify_out_type(at::ScalarType video) { return video == at::kDouble ? at::kDouble : at::kFloat; }
 
 }  // namespace videoprism

@@ -2,6 +2,14 @@
 // rows are split over threads by at::parallel_for; a row that is a pure copy goes
 // through memcpy, converting rows through simple loops over contiguous data that the
 // compiler vectorises (-O3). Math and layouts: kernels/<op>.py.
+//
+// Every kernel takes contiguous copies of its inputs (free when they already are) and
+// writes a contiguous output. Bytes per op are those of the Triton docstrings (E = element
+// size, Ea = 4, 8 for fp64), differences stated at each kernel; the floor is bytes / the
+// CPU's copy bandwidth (read + write) that bench.token_ops measures in the same run
+// (copy_gbps in bench/results/token_ops_cpu.json: 11.8 GB/s on the 2-core CI machine). At
+// its CPU shapes (B=2, fp32, D=768, stage 2: m = 1440 of n = 4096) that is e.g. gather
+// 2*B*m*D*4 = 17.7 MB -> 1.5 ms.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -40,6 +48,8 @@ inline void patch_row(float* __restrict__ dst, const uint8_t* __restrict__ src, 
 
 }  // namespace
 
+// gather: x [B, L, D], idx [B, M] -> out [B, M, D]; one memcpy of D*E bytes per output row.
+// Bytes as kernels/gather_tokens.py: 2*B*M*D*E (+ 8*B*M index bytes).
 at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
   check_tokens("gather_tokens", "x", x);
   check_index("gather_tokens", "idx", idx, x, -1);
@@ -61,6 +71,11 @@ at::Tensor gather_tokens_cpu(const at::Tensor& x, const at::Tensor& idx) {
   return out;
 }
 
+// scatter: src [B, M, D], idx [B, M] -> out [B, L, D]. Differs from the GPU kernels' first/last
+// table: a CSR per sample by a counting sort (offsets [B, L+1] and order [B, M] int64, built
+// with idx read twice: about 8*(2*B*M + 2*B*(L+1)) bytes, cache-resident at these sizes), then
+// each output row once: zeros (memset), a memcpy, or the sources summed in ascending j in Ea.
+// Token bytes as kernels/gather_tokens.py: B*M*D*E read + B*L*D*E written.
 at::Tensor scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& idx, int64_t length) {
   check_tokens("scatter_tokens", "src", src);
   check_float("scatter_tokens", "src", src);
@@ -114,6 +129,9 @@ at::Tensor scatter_tokens_cpu(const at::Tensor& src, const at::Tensor& idx, int6
   return out;
 }
 
+// shuffle forward: visible [B, m, D], perm [B, n], mask_emb [D], pos_emb [n, D] -> out [B, n, D],
+// rows in b-major order (pos_emb rows re-read per sample: from the CPU caches at these sizes).
+// Bytes as kernels/shuffle_tokens.py: B*m*D*E + (n*D + D)*Ea read, B*n*D*E written (+ 8*B*n).
 at::Tensor shuffle_tokens_fwd_cpu(const at::Tensor& visible, const at::Tensor& perm, const at::Tensor& mask_emb,
                                   const at::Tensor& pos_emb) {
   // Named copies, not structured bindings: lambdas capture them below (C++20 for bindings).
@@ -152,6 +170,10 @@ at::Tensor shuffle_tokens_fwd_cpu(const at::Tensor& visible, const at::Tensor& p
   return out;
 }
 
+// shuffle backward: grad [B, n, D], perm [B, n] -> (d visible [B, m, D], d mask_emb [D], d pos_emb
+// [n, D]); a task owns kSlots = 16 slots and walks the batch. Bytes as kernels/shuffle_tokens.py's
+// backward (B*n*D*E read, B*m*D*E + n*D*Ea written, + 8*B*n) plus the partial mask-embedding
+// rows: ceil(n/16)*D*Ea zeroed, accumulated and read back by part.sum(0) (as Triton's 16-slot blocks).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cpu(const at::Tensor& grad, const at::Tensor& perm,
                                                                       int64_t m) {
   check_shuffle_bwd(grad, perm, m);
@@ -198,13 +220,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> shuffle_tokens_bwd_cpu(const at::
   return {gvis, part.sum(0), gpos};
 }
 
+// patchify: video [B, T, H, W, 3], pos [B, T, K] -> out [B, T, K, P*P*3] (acc_type: fp32, fp64 for
+// fp64); a patch is P runs of 3P contiguous input elements (row stride 3W), converted by
+// patch_row. Bytes as kernels/patchify_gather.py: B*T*K*P*P*3 * (E_in + E_out) (+ 8*B*T*K).
 at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, int64_t P) {
   const auto dims = check_patchify(video, pos, P);  // named copies: the lambdas below capture them
   const int64_t B = dims[0], T = dims[1], H = dims[2], W = dims[3], K = dims[4];
   auto vc = video.contiguous();
   auto pc = pos.contiguous();
   const int64_t F = P * P * 3, NW = W / P, N = (H / P) * NW, run = 3 * P;
-  auto out = at::empty({B, T, K, F}, vc.options().dtype(patchify_out_type(vc.scalar_type())));
+  auto out = at::empty({B, T, K, F}, vc.options().dtype(acc_type(vc.scalar_type())));
   const int64_t* ip = pc.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, vc.scalar_type(), "patchify_gather_cpu", [&] {
     using out_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

@@ -17,6 +17,13 @@
 // in release builds, as torch's own index kernels do): free for these memory-bound
 // kernels, where a separate checking pass would cost a quarter of the op. Math:
 // kernels/<op>.py.
+//
+// Bytes and floors below: E = element size of the tokens, Ea = 4 (fp32 sums and
+// embeddings; 8 for fp64); the floor is bytes / copy bandwidth (read + write), quoted at
+// VideoPrism-B stage 2 (B=32, m = M = 1440 of n = L = 4096 tokens, D=768, bf16; patchify
+// K=90, P=18, T=16) on an H200 (copy 4218 GB/s, the figure of the Triton docstrings), index
+// bytes left out of the floor (under 1%). Where a kernel moves what its Triton twin moves,
+// the formula is cited from that docstring; differences are stated.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -121,6 +128,9 @@ __device__ __forceinline__ void for_tile_vecs(int count, int row_vecs, Load load
 }
 
 // ---- gather: out[r] = x[b, idx[r]], r = b*M + j; a byte copy, V is the copy unit.
+// Layout: x [B, L, D], idx [B, M] int64, out [B, M, D], all contiguous (the host makes them
+// so); a block owns block_rows consecutive output rows. Bytes as kernels/gather_tokens.py:
+// B*M*D*E read + B*M*D*E written (+ 8*B*M index bytes): 141.6 MB -> floor 33.6 us.
 template <typename V>
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(const V* __restrict__ x, const int64_t* __restrict__ idx, V* __restrict__ out, int L, int M,
@@ -146,6 +156,10 @@ __global__ void __launch_bounds__(kThreads)
 // ---- scatter, pass 1: thread per index r = b*M + j; table[0][b*L + l] = max(M - j) and
 // table[1][b*L + l] = max(j + 1) over the j with idx[b, j] = l (a zeroed int32 [2, B*L]
 // table): the first and last source of every output row, deterministic.
+// Layout: idx [B, M] int64 contiguous, table int32 [2, B*L] (zeroed by the host: at::zeros,
+// 8*B*L bytes written). Bytes: 8*B*M index bytes read, at most 8*B*M of table atomics (hits
+// in L2): 0.4 MB + 1 MB at stage 2, a few tenths of a microsecond: launch-bound, not
+// bandwidth-bound.
 __global__ void scatter_sources_kernel(const int64_t* __restrict__ idx, int* __restrict__ table, int L, int M,
                                        int64_t n_idx, int64_t n_rows) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -165,6 +179,11 @@ __global__ void scatter_sources_kernel(const int64_t* __restrict__ idx, int* __r
 // source, then a scan of idx[b, first+1..last] for l), so the tile loop stays as lean as
 // gather's. 5 blocks per SM: 48 registers (64 without the bound); the few spills it costs
 // are in the duplicate path.
+// Layout: src [B, M, D], idx [B, M] int64, out [B, L, D] contiguous; table from pass 1. Bytes
+// as kernels/gather_tokens.py (scatter): B*M*D*E read + B*L*D*E written (+ 8*B*L table
+// reads): 272.1 MB -> floor 64.5 us. A row with several sources re-reads idx[b, first..last]
+// (per column thread: broadcasts from L1/L2) as the Triton duplicate scan does; its extra
+// source rows are the B*M*D*E counted once in total.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads, 5)
     scatter_rows_kernel(const T* __restrict__ src, const int64_t* __restrict__ idx, const int* __restrict__ table,
@@ -225,6 +244,10 @@ __global__ void __launch_bounds__(kThreads, 5)
 // moves). Only the token and pos_emb vectors are loaded in the load phase; mask_emb (one
 // L1-resident row) is read in the store phase: the earlier kernel held all three, 80 bytes
 // per vector, and its 128 registers per thread left 2 blocks per SM.
+// Layout: visible [B, m, D], perm [B, n] int64, mask_emb [D] and pos_emb [n, D] in the
+// accumulation type (Ea), out [B, n, D], all contiguous. Bytes as kernels/shuffle_tokens.py
+// (forward): B*m*D*E + (n*D + D)*Ea read, B*n*D*E written (+ 8*B*n index bytes): 284.7 MB
+// -> floor 67.5 us.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     shuffle_fwd_kernel(const T* __restrict__ vis, const int64_t* __restrict__ perm,
@@ -276,6 +299,14 @@ __global__ void __launch_bounds__(kThreads)
 // issued before any is used: the earlier kernel asserted each perm value (a possible
 // trap) between its loads, so the compiler could not issue a load before the previous
 // check, and it had one sample in flight (36% of copy bandwidth at stage 2).
+// Layout: grad [B, n, D], perm [B, n] int64 contiguous -> gvis [B, m, D] (grad's type), gpos
+// [n, D] and part [ceil(n / kSlots), D] in Ea; grid (slot block, column block), one VEC-wide
+// column per thread. Bytes: kernels/shuffle_tokens.py's backward (B*n*D*E read, B*m*D*E +
+// n*D*Ea written, + 8*B*n index bytes) plus the mask-embedding partial rows, which differ:
+// kSlots = 4 slots per block (Triton: 16) gives n/4 partial rows of D*Ea, written here and
+// read back by the host's part.sum(0): 2*(n/kSlots)*D*Ea = 6.3 MB at stage 2 (Triton 1.6 MB).
+// 291.0 MB -> floor 69.0 us (Triton's 284.7 + 1.6 MB: 67.9 us). A perm value outside
+// [0, n) (asserted) goes into neither d visible nor d mask_emb, as in the Triton kernel.
 constexpr int kSlots = 4;
 constexpr int kSamples = 2;
 template <typename T, int VEC>
@@ -338,6 +369,11 @@ __global__ void shuffle_bwd_kernel(const T* __restrict__ grad, const int64_t* __
 // no partial stores (the earlier kernel did two runtime divisions per 4 features). The
 // staging reads are element loads, kStageUnroll in flight per thread, coalesced along
 // each run. tile_runs is a multiple of 4 when it can be, so each tile starts 16-byte aligned.
+// Layout: video [B, T, H, W, 3] channels last, pos [B, T, K] int64, out [B, T, K, P*P*3] fp32
+// (fp64 for fp64), all contiguous. Bytes as kernels/patchify_gather.py: B*T*K*P*P*3 *
+// (E_in + E_out) (+ 8*B*T*K index bytes): 223.9 MB (uint8 -> fp32) -> floor 53.1 us; the
+// 54-byte runs are not 32-byte-sector aligned, so DRAM reads exceed the 44.8 MB of uint8
+// counted (a run spans 2 or 3 sectors: at worst 96/54 = 1.8x). Shared memory: tile_runs * 3P * E_in.
 constexpr int kStageUnroll = 8;
 constexpr int kMaxTileRuns = 512;    // run-start table size
 constexpr int kPatchTileElems = 8192;
@@ -573,7 +609,7 @@ at::Tensor patchify_gather_cuda(const at::Tensor& video, const at::Tensor& pos, 
   const int64_t F = P * P * 3, NW = W / P, N = (H / P) * NW;
   check_int32("patchify_gather", "H*W*3 (elements per frame)", H * W * 3);
   check_int32("patchify_gather", "K (patches per frame)", K);
-  auto out = at::empty({B, T, K, F}, vc.options().dtype(patchify_out_type(vc.scalar_type())));
+  auto out = at::empty({B, T, K, F}, vc.options().dtype(acc_type(vc.scalar_type())));
   if (out.numel() == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t run = 3 * P, n_runs = B * T * K * P;

@@ -44,18 +44,35 @@ def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the token ops sum in (fp32 for half types and fp32, fp64 for fp64), and so the
+    dtype of the shuffle's embedding grads and of patchify_gather's output (float32 for uint8
+    and the half types, float64 for float64: gradcheck runs in double). The C++ twin is
+    csrc/token_ops.h acc_type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc_type(dtype: torch.dtype):
+    """acc_dtype as a Triton type (the kernels' ACC constexpr)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
+
+
 def scatter_tokens_ref(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
     """out [B, length, D] zeros with out[b, idx[b, j]] += src[b, j] (fp32 accumulation for
     half types, rounded once)."""
-    acc = torch.float64 if src.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(src.dtype)
     B, _, D = src.shape
     out = torch.zeros(B, length, D, dtype=acc, device=src.device)
     out.scatter_add_(1, idx[:, :, None].expand(-1, -1, D), src.to(acc))
     return out.to(src.dtype)
 
 
-def _acc_type(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def scatter_tokens_torch(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
+    """The torch composition a user would write (zeros + scatter_add in src's dtype: every add
+    rounded, in an unspecified order on CUDA): plain PyTorch, the baseline of bench.token_ops
+    and of the tests' error bounds. The gather's composition is gather_tokens_ref itself."""
+    B, _, D = src.shape
+    return src.new_zeros(B, length, D).scatter_add_(1, idx[:, :, None].expand(-1, -1, D), src)
 
 
 TILE_ELEMS = 8192   # elements per program: 16 KB of bf16 (32 KB of fp32), 32 per thread at 8 warps
@@ -144,7 +161,9 @@ def _scatter_tokens_fwd_kernel(src_ptr, idx_ptr, table_ptr, out_ptr, L, M, D, n_
 
 @on_tensor_device
 def gather_tokens_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Triton gather; x [B, L, D] and idx [B, M] int64, both contiguous, indices in range."""
+    """Triton gather; x [B, L, D] and idx [B, M] int64 (made contiguous here: a copy only when
+    they are not), indices in range."""
+    x, idx = x.contiguous(), idx.contiguous()   # the kernel indexes rows as dense [B, L, D]
     B, L, D = x.shape
     M = idx.shape[1]
     out = torch.empty(B, M, D, dtype=x.dtype, device=x.device)
@@ -159,7 +178,8 @@ def gather_tokens_triton(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 @on_tensor_device
 def scatter_tokens_triton(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """Triton scatter-add; src [B, M, D] and idx [B, M] int64, both contiguous, indices in range."""
+    """Triton scatter-add; src [B, M, D] and idx [B, M] int64 (made contiguous here), indices in range."""
+    src, idx = src.contiguous(), idx.contiguous()
     B, M, D = src.shape
     out = torch.empty(B, length, D, dtype=src.dtype, device=src.device)
     if out.numel() == 0:
@@ -172,6 +192,6 @@ def scatter_tokens_triton(src: torch.Tensor, idx: torch.Tensor, length: int) -> 
     BLOCK_R, BLOCK_D = row_tile(D)
     grid = (triton.cdiv(B * length, BLOCK_R), triton.cdiv(D, BLOCK_D))
     _scatter_tokens_fwd_kernel[grid](src, idx, table, out, length, M, D, B * length,
-                                     ACC=_acc_type(src.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                     ACC=tl_acc_type(src.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
                                      BLOCK_J=DUP_SCAN_BLOCK, num_warps=NUM_WARPS)
     return out

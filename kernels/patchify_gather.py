@@ -7,7 +7,7 @@ indices, row-major on the (H/P) x (W/P) grid) -> patches [B, T, K, P*P*3]:
 which is the official patchify ('(m p)(n q) c -> (m n)(p q c)') followed by a gather
 of the visible patches, without reading the hidden pixels. s(v) = fp32(v) * fp32(1/255)
 for uint8 (one rounding, bit-identical in every backend), v unchanged for floats.
-Output dtype: float32 for uint8/fp16/bf16/fp32 input, float64 for float64.
+Output dtype: float32 for uint8/fp16/bf16/fp32 input, float64 for float64 (acc_dtype).
 
 Layout: one output row of F = P*P*3 values is P runs of 3P contiguous input elements
 (row stride 3W). A Triton program covers [BLOCK_R patches, BLOCK_F features]: per-patch
@@ -28,24 +28,33 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels.device_guard import on_tensor_device
+from videoprism.kernels.gather_tokens import acc_dtype
 
 UINT8_SCALE = 1.0 / 255.0
 
 
-def output_dtype(video_dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 input (so gradcheck can run in double)."""
-    return torch.float64 if video_dtype == torch.float64 else torch.float32
+def patch_grid(video: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The official patchify's layout: [B, T, H, W, C] -> [B, T, (H/P)*(W/P), P*P*C], patches
+    row-major, features (p, q, c); values and dtype unchanged (reshape/permute: a copy)."""
+    B, T, H, W, C = video.shape
+    P = patch_size
+    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(B, T, (H // P) * (W // P), P * P * C)
+
+
+def pixel_values(x: torch.Tensor) -> torch.Tensor:
+    """s(v) of the module docstring: uint8 -> fp32(v) * fp32(1/255) (one rounding, what every
+    backend does), floats unchanged. Elementwise, so it commutes with the gather: the masked
+    patchify (student) and the unmasked one (teacher, videoprism.encoder.patchify) agree bit
+    for bit."""
+    return x.float() * UINT8_SCALE if x.dtype == torch.uint8 else x
 
 
 def patchify_gather_ref(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Patchify every frame (reshape/permute, reads all pixels), then torch.gather."""
-    B, T, H, W, C = video.shape
-    P = patch_size
-    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6).reshape(B, T, -1, P * P * C)
-    x = torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, P * P * C))
-    if video.dtype == torch.uint8:
-        return x.float() * UINT8_SCALE
-    return x.to(output_dtype(video.dtype))
+    """Patchify every frame (reshape/permute, reads all pixels), then torch.gather, then scale."""
+    x = patch_grid(video, patch_size)
+    x = torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, x.shape[3]))
+    return pixel_values(x).to(acc_dtype(video.dtype))
 
 
 def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -95,7 +104,9 @@ def feature_block(F: int) -> int:
 
 @on_tensor_device
 def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Contiguous video [B, T, H, W, 3] and pos [B, T, K] int64, indices in range."""
+    """video [B, T, H, W, 3] and pos [B, T, K] int64 (made contiguous here: a copy only when they
+    are not), indices in range."""
+    video, pos = video.contiguous(), pos.contiguous()   # the kernel reads video as dense [B, T, H, W, 3]
     B, T, H, W, C = video.shape
     K = pos.shape[2]
     P = patch_size
@@ -105,7 +116,7 @@ def patchify_gather_triton(video: torch.Tensor, pos: torch.Tensor, patch_size: i
         if v >= 2**31:
             raise ValueError(f"patchify_gather (triton): {what} = {v} is 2^31 or more; split the batch or use "
                              "backend='cuda'")
-    out = torch.empty(B, T, K, F, dtype=output_dtype(video.dtype), device=video.device)
+    out = torch.empty(B, T, K, F, dtype=acc_dtype(video.dtype), device=video.device)
     if out.numel() == 0:
         return out
     # 8192 elements per program (8 patches of 972 features at P = 18), 8 warps: a few

@@ -9,6 +9,8 @@ Backward, from g = dL/dout [B, n, D]:
     d visible[b, perm[b, i]] = g[b, i]                    for perm[b, i] < m (the unshuffle)
     d mask_emb               = sum_{b, i : perm[b, i] >= m} g[b, i]
     d pos_emb[i]             = sum_b g[b, i]
+(A perm value outside [0, n), which no permutation has, goes into neither d visible nor
+d mask_emb in the Triton and CUDA kernels; the CPU op raises.)
 The concatenated sequence `c` is never materialised. The forward walks its rows in
 slot-major order (i, b), so the programs (and CUDA blocks) reading one pos_emb row are
 neighbours and the row comes from cache, not B times through L2. The backward reads g
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels.device_guard import on_tensor_device
-from videoprism.kernels.gather_tokens import NUM_WARPS, row_tile
+from videoprism.kernels.gather_tokens import NUM_WARPS, acc_dtype, row_tile, tl_acc_type
 
 
 def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
@@ -39,14 +41,21 @@ def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask
     types, fp64 for fp64)."""
     B, m, D = visible.shape
     n = perm.shape[1]
-    acc = torch.float64 if visible.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(visible.dtype)
     c = torch.cat([visible.to(acc), mask_emb.to(acc).expand(B, n - m, D)], dim=1)
     x = torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(acc)
     return x.to(visible.dtype)
 
 
-def _acc_type(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def shuffle_with_mask_tokens_torch(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
+                                   pos_emb: torch.Tensor) -> torch.Tensor:
+    """The torch composition a user would write, in visible's dtype (cat, gather, add; the
+    embeddings cast first, the sum rounded in that dtype): the plain-PyTorch baseline of
+    bench.token_ops, its backward the autograd of these ops."""
+    B, m, D = visible.shape
+    n = perm.shape[1]
+    c = torch.cat([visible, mask_emb.to(visible.dtype).expand(B, n - m, D)], dim=1)
+    return torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(visible.dtype)
 
 
 @triton.jit
@@ -97,8 +106,9 @@ def _shuffle_tokens_bwd_kernel(g_ptr, perm_ptr, gvis_ptr, gpos_ptr, gmask_part_p
         g = tl.load(g_ptr + row[:, None] * D + d[None, :], mask=ok, other=0.0)
         p = tl.load(perm_ptr + row, mask=i_ok, other=0)
         vis = (p >= 0) & (p < m)
+        hid = (p >= m) & (p < n)          # a mask slot; p outside [0, n) is invalid: in neither sum (as CUDA)
         acc_pos += g.to(ACC)
-        acc_mask += tl.sum(tl.where(vis[:, None], 0.0, g.to(ACC)), axis=0)
+        acc_mask += tl.sum(tl.where(hid[:, None], g.to(ACC), 0.0), axis=0)
         tl.store(gvis_ptr + (vis_base + p)[:, None] * D + d[None, :], g, mask=ok & vis[:, None])
         row += n
         vis_base += m
@@ -108,7 +118,12 @@ def _shuffle_tokens_bwd_kernel(g_ptr, perm_ptr, gvis_ptr, gpos_ptr, gmask_part_p
 
 @on_tensor_device
 def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> torch.Tensor:
-    """Contiguous inputs, perm int64 a permutation per sample (checked by the caller)."""
+    """perm int64 a permutation per sample (checked by the caller). The inputs are made
+    contiguous here (a copy only when they are not) and the embeddings brought to the
+    accumulation dtype (free for fp32 parameters)."""
+    acc = acc_dtype(visible.dtype)
+    visible, perm = visible.contiguous(), perm.contiguous()
+    mask_emb, pos_emb = mask_emb.to(acc).contiguous(), pos_emb.to(acc).contiguous()
     B, m, D = visible.shape
     n = perm.shape[1]
     out = torch.empty(B, n, D, dtype=visible.dtype, device=visible.device)
@@ -117,7 +132,7 @@ def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> tor
     BLOCK_R, BLOCK_D = row_tile(D)
     grid = (triton.cdiv(B * n, BLOCK_R), triton.cdiv(D, BLOCK_D))
     _shuffle_tokens_fwd_kernel[grid](visible, perm, mask_emb, pos_emb, out, B, m, n, D,
-                                     ACC=_acc_type(visible.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
+                                     ACC=tl_acc_type(visible.dtype), BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D,
                                      num_warps=NUM_WARPS)
     return out
 
@@ -125,9 +140,11 @@ def shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb) -> tor
 @on_tensor_device
 def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
     """-> (d visible [B, m, D] in grad's dtype, d mask_emb [D], d pos_emb [n, D]), the two
-    embedding grads in the accumulation dtype (fp32, fp64 for fp64)."""
+    embedding grads in the accumulation dtype (fp32, fp64 for fp64). grad and perm are made
+    contiguous here."""
+    grad, perm = grad.contiguous(), perm.contiguous()
     B, n, D = grad.shape
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad.dtype)
     gvis = torch.empty(B, m, D, dtype=grad.dtype, device=grad.device)
     gpos = torch.empty(n, D, dtype=acc, device=grad.device)
     BLOCK_D = row_tile(D)[1]
@@ -136,7 +153,7 @@ def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
     part = torch.empty(n_blocks, D, dtype=acc, device=grad.device)
     if n * D > 0:
         _shuffle_tokens_bwd_kernel[(n_blocks, triton.cdiv(D, BLOCK_D))](
-            grad, perm, gvis, gpos, part, B, m, n, D, ACC=_acc_type(grad.dtype), BLOCK_I=BLOCK_I, BLOCK_D=BLOCK_D,
+            grad, perm, gvis, gpos, part, B, m, n, D, ACC=tl_acc_type(grad.dtype), BLOCK_I=BLOCK_I, BLOCK_D=BLOCK_D,
             STAGES=3)
     return gvis, part.sum(0), gpos
 
@@ -146,7 +163,7 @@ def shuffle_with_mask_tokens_bwd_ref(grad: torch.Tensor, perm: torch.Tensor, m: 
     into the visible rows and the mask rows, sum the slot grads over the batch. Returns
     (d visible in grad's dtype, d mask_emb, d pos_emb) with the embedding grads in fp32
     (fp64 for fp64)."""
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad.dtype)
     g = grad.to(acc)
     c = torch.zeros_like(g).scatter_(1, perm[:, :, None].expand(-1, -1, g.shape[2]), g)
     return c[:, :m].to(grad.dtype).contiguous(), c[:, m:].sum((0, 1)), g.sum(0)

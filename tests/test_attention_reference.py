@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
+from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
 
 
 def _attend(q, k, v, keep, cap):

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from videoprism.kernels.gather_tokens import gather_tokens_ref, scatter_tokens_ref
+from videoprism.kernels.gather_tokens import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_torch
 from videoprism.kernels.patchify_gather import patchify_gather_ref
 from videoprism.kernels.shuffle_tokens import shuffle_with_mask_tokens_bwd_ref, shuffle_with_mask_tokens_ref
 from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
@@ -134,7 +134,7 @@ def test_scatter_matches_reference(backend, dtype, shape):
     # Each row's sources are summed in ascending j in fp32, as in the reference: same bits.
     assert_computed_equal(out, scatter_tokens_ref(src, rep, L), backend)
     oracle = scatter_tokens_ref(src.double(), rep, L)
-    plain = torch.zeros(B, L, D, dtype=dtype).scatter_add_(1, rep[:, :, None].expand(-1, -1, D), src)
+    plain = scatter_tokens_torch(src, rep, L)
     assert_close_2x(out, oracle, plain, dtype, scale=scatter_tokens_ref(src.double().abs(), rep, L))
 
 
@@ -214,6 +214,52 @@ def test_patchify_matches_reference(backend, dtype, case):
     out = patchify_gather(strided, pos, P, backend=backend)
     assert out.dtype == torch.float32
     assert torch.equal(out, patchify_gather_ref(video, pos, P))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton launchers on CPU tensors need TRITON_INTERPRET=1")
+def test_triton_launchers_take_strided_inputs():
+    """The public Triton launchers (not only the ops) accept non-contiguous tensors: the kernels
+    index dense rows, so each launcher makes its inputs contiguous (they read wrong rows before)."""
+    from videoprism.kernels import gather_tokens as gt
+    from videoprism.kernels import patchify_gather as pg
+    from videoprism.kernels import shuffle_tokens as st
+
+    g = gen(13)
+    B, L, M, D = 2, 9, 5, 6
+    x = torch.randn(B, L, D, generator=g)
+    idx = torch.stack([torch.randperm(L, generator=g)[:M] for _ in range(B)])
+    assert torch.equal(gt.gather_tokens_triton(noncontig(x), noncontig(idx)), gather_tokens_ref(x, idx))
+    src = torch.randn(B, M, D, generator=g)
+    assert torch.equal(gt.scatter_tokens_triton(noncontig(src), noncontig(idx), L), scatter_tokens_ref(src, idx, L))
+    visible, perm, me, pe = shuffle_inputs(B, 3, 7, D, torch.float32, seed=13)
+    me_strided = torch.stack([me, me], 1)[:, 0]                       # stride 2
+    pe_strided = pe.t().contiguous().t()                               # column-major [n, D]
+    out = st.shuffle_with_mask_tokens_fwd_triton(noncontig(visible), noncontig(perm), me_strided, pe_strided)
+    assert torch.equal(out, shuffle_with_mask_tokens_ref(visible, perm, me, pe))
+    grad = torch.randn(B, 7, D, generator=g)
+    for got, want in zip(st.shuffle_with_mask_tokens_bwd_triton(noncontig(grad), noncontig(perm), 3),
+                         shuffle_with_mask_tokens_bwd_ref(grad, perm, 3)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)     # the embedding grads are sums
+    video = torch.randint(0, 256, (1, 2, 6, 9, 3), generator=g, dtype=torch.uint8)
+    pos = torch.tensor([[[0, 5, 2], [4, 1, 3]]])
+    strided = video.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)   # channels-first buffer
+    assert torch.equal(pg.patchify_gather_triton(strided, noncontig(pos), 3), pg.patchify_gather_ref(video, pos, 3))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the Triton kernel on CPU tensors needs TRITON_INTERPRET=1")
+def test_triton_shuffle_backward_drops_out_of_range_perm_values():
+    """A perm value outside [0, n) (no permutation: the op raises on the CPU, the CUDA kernel
+    asserts) goes into neither d visible nor d mask_emb, in the Triton kernel as in the CUDA one
+    (`ps >= m && ps < n`); d pos_emb still sums every slot."""
+    from videoprism.kernels.shuffle_tokens import shuffle_with_mask_tokens_bwd_triton
+
+    m, n, D = 2, 5, 4
+    grad = torch.randn(1, n, D, generator=gen(14))
+    perm = torch.tensor([[0, 7, 2, -1, 4]])                            # 7 >= n and -1: invalid
+    gv, gm, gp = shuffle_with_mask_tokens_bwd_triton(grad, perm, m)
+    assert torch.equal(gv[0, 0], grad[0, 0])                           # row 1 has no valid source: not written
+    torch.testing.assert_close(gm, grad[0, 2] + grad[0, 4], rtol=0, atol=1e-6)
+    torch.testing.assert_close(gp, grad[0], rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- gradients, opcheck, compile
@@ -352,7 +398,7 @@ def test_gpu_backends_agree(dtype, D):
         assert torch.equal(gather_tokens(x, idx, backend=be), ref_g)
         assert torch.equal(gather_tokens(noncontig(x), idx, backend=be), ref_g)
         assert torch.equal(scatter_tokens(src, idx, L, backend=be), scatter_tokens_ref(src, idx, L))
-        plain = torch.zeros(B, L, D, dtype=dtype, device=dev).scatter_add_(1, rep[:, :, None].expand(-1, -1, D), src)
+        plain = scatter_tokens_torch(src, rep, L)
         assert_close_2x(scatter_tokens(src, rep, L, backend=be), scatter_tokens_ref(src.double(), rep, L), plain,
                         dtype, scale=scatter_tokens_ref(src.double().abs(), rep, L))
     n, m = 1440, 504

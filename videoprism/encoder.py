@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from videoprism import ops
 from videoprism.config import EncoderConfig, resolve_config
 from videoprism.checks import check_paddings, check_pos, check_video
+from videoprism.kernels.patchify_gather import patch_grid, pixel_values
 from videoprism.layers import (
     TransformerStack,
     interpolate_spatial_pos_emb,
@@ -26,14 +27,11 @@ from videoprism.layers import (
 
 
 def patchify(video: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B, T, H, W, 3] -> [B, T, N, P*P*3]: row-major patches, (p, q, c) features, in [0, 1]."""
-    B, T, H, W, C = video.shape
-    P = patch_size
-    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6)
-    x = x.reshape(B, T, (H // P) * (W // P), P * P * C)
-    # Times fp32(1/255), as the masked patch gather does (kernels/patchify_gather.py UINT8_SCALE): a division
-    # differs in the last bit for half the values, and the teacher (unmasked) and student (masked) must agree.
-    return x.float() * (1.0 / 255.0) if video.dtype == torch.uint8 else x
+    """[B, T, H, W, 3] -> [B, T, N, P*P*3]: row-major patches, (p, q, c) features, in [0, 1].
+    The layout and the uint8 scaling (times fp32(1/255)) of the masked patch gather's reference
+    (kernels/patchify_gather.py), without the gather: the teacher (unmasked) and the student
+    (masked) must agree bit for bit. A float video keeps its dtype."""
+    return pixel_values(patch_grid(video, patch_size))
 
 
 class FactorizedEncoder(nn.Module):

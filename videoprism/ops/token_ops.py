@@ -91,7 +91,7 @@ def _gather_op(x: Tensor, idx: Tensor, backend: str) -> Tensor:
     if backend == "reference":
         return _gather.gather_tokens_ref(x, idx)
     if backend == "triton":
-        return _gather.gather_tokens_triton(x.contiguous(), idx.contiguous())
+        return _gather.gather_tokens_triton(x, idx)
     return _native.gather_tokens_native(x, idx)
 
 
@@ -106,7 +106,7 @@ def _scatter_op(src: Tensor, idx: Tensor, length: int, backend: str) -> Tensor:
     if backend == "reference":
         return _gather.scatter_tokens_ref(src, idx, length)
     if backend == "triton":
-        return _gather.scatter_tokens_triton(src.contiguous(), idx.contiguous(), length)
+        return _gather.scatter_tokens_triton(src, idx, length)
     return _native.scatter_tokens_native(src, idx, length)
 
 
@@ -186,9 +186,7 @@ def _shuffle_op(visible: Tensor, perm: Tensor, mask_emb: Tensor, pos_emb: Tensor
     if backend == "reference":
         return _shuffle.shuffle_with_mask_tokens_ref(visible, perm, mask_emb, pos_emb)
     if backend == "triton":
-        acc = torch.float64 if visible.dtype == torch.float64 else torch.float32
-        return _shuffle.shuffle_with_mask_tokens_fwd_triton(visible.contiguous(), perm.contiguous(),
-                                                            mask_emb.to(acc).contiguous(), pos_emb.to(acc).contiguous())
+        return _shuffle.shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb)
     return _native.shuffle_tokens_fwd_native(visible, perm, mask_emb, pos_emb)
 
 
@@ -202,14 +200,14 @@ def _shuffle_bwd_op(grad: Tensor, perm: Tensor, m: int, backend: str) -> tuple[T
     if backend == "reference":
         return _shuffle.shuffle_with_mask_tokens_bwd_ref(grad, perm, m)
     if backend == "triton":
-        return _shuffle.shuffle_with_mask_tokens_bwd_triton(grad.contiguous(), perm.contiguous(), m)
+        return _shuffle.shuffle_with_mask_tokens_bwd_triton(grad, perm, m)
     return _native.shuffle_tokens_bwd_native(grad, perm, m)
 
 
 @_shuffle_bwd_op.register_fake
 def _(grad, perm, m, backend):
     B, n, D = grad.shape
-    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    acc = _gather.acc_dtype(grad.dtype)
     return grad.new_empty(B, m, D), grad.new_empty(D, dtype=acc), grad.new_empty(n, D, dtype=acc)
 
 
@@ -267,7 +265,7 @@ def _patchify_op(video: Tensor, pos: Tensor, patch_size: int, backend: str) -> T
     if backend == "reference":
         return _patchify.patchify_gather_ref(video, pos, patch_size)
     if backend == "triton":
-        return _patchify.patchify_gather_triton(video.contiguous(), pos.contiguous(), patch_size)
+        return _patchify.patchify_gather_triton(video, pos, patch_size)
     return _native.patchify_gather_native(video, pos, patch_size)
 
 
@@ -275,7 +273,7 @@ def _patchify_op(video: Tensor, pos: Tensor, patch_size: int, backend: str) -> T
 def _(video, pos, patch_size, backend):
     B, T, _, _, C = video.shape
     return video.new_empty(B, T, pos.shape[2], patch_size * patch_size * C,
-                           dtype=_patchify.output_dtype(video.dtype))
+                           dtype=_gather.acc_dtype(video.dtype))
 
 
 def _patchify_setup(ctx, inputs, output):

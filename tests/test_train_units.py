@@ -64,6 +64,9 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
             build_config(str(toml), [], 1)
     with pytest.raises(ValueError, match="does not exist"):
         build_config(str(tmp_path / "missing.json"), [], 1)
+    (tmp_path / "RUN.JSON").write_text('{"preset": "base"}')
+    (tmp_path / "run").write_text('{"preset": "base"}')  # no extension: read as JSON
+    assert build_config(str(tmp_path / "RUN.JSON"), [], 1) == build_config(str(tmp_path / "run"), [], 1)
     (tmp_path / "run.yaml").write_text("preset: base\n")
     with pytest.raises(ValueError, match="only .toml and .json files are read, got '.yaml'"):
         build_config(str(tmp_path / "run.yaml"), [], 1)
@@ -107,6 +110,9 @@ def test_help_shows_the_values_of_the_chosen_config(capsys):
     assert "train.global_batch=4096" in text and "optim.lr=0.25" in text and "optim.name='adafactor'" in text
     assert "train.global_batch=32" in help_text(1)  # tiny by default
     assert "default preset 'tiny' (--config nope: unknown config preset" in help_text(1, "nope")
+    with pytest.raises(SystemExit):  # --config without its value: the real parser's error, exit 2
+        parse_args(["--config"], 1)
+    assert "usage: python -m train.stage1" in capsys.readouterr().err
 
 
 def test_lr_schedule():

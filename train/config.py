@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -327,9 +328,9 @@ def read_config_file(path: str) -> dict:
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise ValueError(f"config file {path!r} {what}; pass a preset name ({', '.join(PRESETS)}) or a "
                          ".toml/.json file")
-    ext = os.path.splitext(path)[1]
+    ext = os.path.splitext(path)[1].lower() or ".json"  # no extension: JSON, as before
     if ext not in (".toml", ".json"):
-        raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext or 'no extension'!r}; "
+        raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext!r}; "
                          "write the config as TOML or JSON (see --help)")
     try:
         if ext == ".toml":
@@ -487,14 +488,22 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     ResumeFrom or None). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
-    # The field listing shows the values of the --config (and overrides) on the command line.
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default="tiny")
-    known, rest = pre.parse_known_args(argv)
+    # --help lists the fields with their values in the --config (and overrides) on the command line;
+    # read here only for --help, and any error in them is left to the real parser.
+    given = sys.argv[1:] if argv is None else argv
+    config, rest = "tiny", []
+    if "-h" in given or "--help" in given:
+        pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+        pre.add_argument("--config", default="tiny")
+        try:
+            known, rest = pre.parse_known_args(given)
+            config = known.config
+        except argparse.ArgumentError:
+            pass
     p = argparse.ArgumentParser(
         prog=f"python -m train.stage{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"VideoPrism stage-{stage} training.",
-        epilog=help_text(stage, known.config, [a for a in rest if "=" in a and not a.startswith("-")]))
+        epilog=help_text(stage, config, [a for a in rest if "=" in a and not a.startswith("-")]))
     p.add_argument("--config", default="tiny",
                    help=f"a preset ({', '.join(PRESETS)}; default tiny) or a .toml/.json config file, e.g. the "
                         "config.json a run writes to its out_dir")

@@ -175,7 +175,9 @@ def shard(module: nn.Module, mesh, *, bf16: bool, compile: str | None) -> None:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     if getattr(module, "fp32_own_params", False):
         for child in module.children():
-            fully_shard(child, mesh=mesh, mp_policy=mp)
+            # Kept unsharded from forward to backward, as in the root group they came from (no second
+            # all-gather of the embeddings and the pooler a micro-step).
+            fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
         mp = MixedPrecisionPolicy()
     fully_shard(module, mesh=mesh, mp_policy=mp)
 

@@ -48,12 +48,12 @@ def check_video(video, patch_size: int, device: torch.device | None = None) -> N
 
 
 def check_paddings(name: str, paddings, shape: tuple[int, ...], device: torch.device | None = None) -> None:
-    """`paddings` of `shape`, float or bool, 1 (True) = padded, 0 = real: nothing in between."""
+    """`paddings` of `shape` (float, int or bool), 1 (True) = padded, 0 = real: nothing in between."""
     if not isinstance(paddings, torch.Tensor) or tuple(paddings.shape) != tuple(shape):
         got = tuple(paddings.shape) if isinstance(paddings, torch.Tensor) else type(paddings).__name__
         raise ValueError(f"{name} must be a {list(shape)} tensor (1 = padded, 0 = real), got {got}")
-    if not (paddings.is_floating_point() or paddings.dtype == torch.bool):
-        raise ValueError(f"{name} must be float (1.0 = padded) or bool (True = padded), got {paddings.dtype}")
+    if paddings.is_complex():
+        raise ValueError(f"{name} must be float (1.0 = padded), bool (True = padded) or int, got {paddings.dtype}")
     _check_device(name, paddings, device)
     if paddings.dtype != torch.bool and _read_values(paddings) and not ((paddings == 0) | (paddings == 1)).all():
         raise ValueError(f"{name} must hold only 0 (real) and 1 (padded), got values such as "
@@ -86,8 +86,9 @@ def check_pos(pos, num_patches: int | None = None, device: torch.device | None =
     if not isinstance(pos, torch.Tensor) or pos.dim() != 3:
         got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
         raise ValueError(f"pos must be a [B, T, K] tensor of visible patch indices, got {got}")
-    if pos.dtype.is_floating_point or pos.dtype.is_complex or pos.dtype == torch.bool:
-        raise ValueError(f"pos must hold integer patch indices (int64, as videoprism.masking returns), got {pos.dtype}")
+    if pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"pos must hold int64 (or int32) patch indices, as videoprism.masking returns them, got "
+                         f"{pos.dtype}")
     if pos.shape[-1] < 1:
         raise ValueError("pos keeps no patch (K = 0); a mask must keep at least one patch per frame")
     _check_device("pos", pos, device)

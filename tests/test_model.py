@@ -126,7 +126,7 @@ def test_bad_video_errors():
     (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.zeros(1, 2, 0, dtype=torch.long)), "K = 0"),
     (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.tensor([[[0, 4]]])), r"indices in \[0, 4\)"),
     (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), pos=torch.ones(1, 2, 2, dtype=torch.bool)),
-     "pos must hold int64 \\(or int32\\) patch indices"),
+     "pos must hold integer patch indices, int64 \\(or int32\\)"),
     (lambda m, c: c(None, torch.full((2, 5), 50), torch.zeros(2, 5)), "vocabulary_size is 50"),
     (lambda m, c: c(None, torch.full((2, 5), -1), torch.zeros(2, 5)), r"span \[-1, -1\]"),
     (lambda m, c: vp.from_official("videoprism_v1_base", attention_backend="fast", device="meta"),

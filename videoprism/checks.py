@@ -87,8 +87,8 @@ def check_pos(pos, num_patches: int | None = None, device: torch.device | None =
         got = tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__
         raise ValueError(f"pos must be a [B, T, K] tensor of visible patch indices, got {got}")
     if pos.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"pos must hold int64 (or int32) patch indices, as videoprism.masking returns them, got "
-                         f"{pos.dtype}")
+        raise ValueError(f"pos must hold integer patch indices, int64 (or int32) as videoprism.masking returns "
+                         f"them, got {pos.dtype}")
     if pos.shape[-1] < 1:
         raise ValueError("pos keeps no patch (K = 0); a mask must keep at least one patch per frame")
     _check_device("pos", pos, device)

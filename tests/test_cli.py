@@ -85,9 +85,11 @@ def test_convert_then_load(tmp_path, golden_dir, golden_config, golden_inputs):
 
 def test_help_explains_every_command():
     out = run("--help").stdout
-    for cmd in ("embed", "convert", "data"):
+    for cmd in ("embed", "convert", "data", "eval"):
         assert cmd in out
     assert "--num-frames" in run("embed", "--help").stdout
+    for task in ("retrieval", "probe"):
+        assert "--num-frames" in run("eval", task, "--help").stdout
 
 
 def _small_encoder_file(tmp_path) -> str:
@@ -149,7 +151,8 @@ def test_help_states_defaults(capsys):
     from videoprism.train import pipeline
 
     for entry, argv, defaults in ((pipeline.main, ["--help"], ("runs/demo", "1000", "tiny", "1500", "0.003")),
-                                  (main, ["embed", "--help"], ("videoprism_public_v1_base", "none"))):
+                                  (main, ["embed", "--help"], ("videoprism_public_v1_base", "none")),
+                                  (main, ["eval", "probe", "--help"], ("1500", "0.003", "bfloat16", "16"))):
         with pytest.raises(SystemExit):
             entry(argv)
         text = " ".join(capsys.readouterr().out.split())

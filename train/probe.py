@@ -42,20 +42,23 @@ class ProbeHead(nn.Module):
 
 def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
                 num_heads: int, steps: int = PROBE_STEPS, batch_size: int = 64, lr: float = PROBE_LR,
-                seed: int = 0) -> tuple[float, float]:
-    """Train a probe head with AdamW (cosine schedule); returns (validation accuracy, training
-    accuracy): a low training accuracy says the probe underfit, not that the features lack the label."""
+                seed: int = 0, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """Train a probe head with AdamW (cosine schedule) on `device`; returns (validation accuracy, training
+    accuracy): a low training accuracy says the probe underfit, not that the features lack the label.
+    The features stay where they are (the host, for many clips): each batch moves to `device` as float32."""
     if train_y.min() < 0 or val_y.min() < 0:
         raise ValueError("probe labels must be class ids >= 0 (the manifest misses labels for some clips)")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     num_classes = int(max(train_y.max(), val_y.max())) + 1
-    head = ProbeHead(train_x.shape[-1], num_heads, num_classes)
+    head = ProbeHead(train_x.shape[-1], num_heads, num_classes).to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    train_y, val_y = train_y.to(device), val_y.to(device)
     for _ in range(steps):
         idx = torch.randint(0, train_x.shape[0], (batch_size,), generator=g)
-        loss = nn.functional.cross_entropy(head(train_x[idx]), train_y[idx])
+        x = train_x[idx].to(device, torch.float32)
+        loss = nn.functional.cross_entropy(head(x), train_y[idx.to(device)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,29 +67,49 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
 
     def accuracy(x, y):
         with torch.no_grad():
-            pred = torch.cat([head(x[i:i + 256]).argmax(-1) for i in range(0, x.shape[0], 256)])
+            pred = torch.cat([head(x[i:i + 256].to(device, torch.float32)).argmax(-1)
+                              for i in range(0, x.shape[0], 256)])
         return float((pred == y).float().mean())
 
     return accuracy(val_x, val_y), accuracy(train_x, train_y)
 
 
-def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *, steps: int = PROBE_STEPS,
-               lr: float = PROBE_LR, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Validation accuracy per label (`train`/`val`: decoded clips with `video` and `label_<name>`),
-    with its training accuracy (`<name>_train`), chance level (1 / classes) and the majority-class
-    share of the validation split."""
-    heads = encoder.config.num_heads
-    tx = extract_features(encoder, train["video"], device=device)
-    vx = extract_features(encoder, val["video"], device=device)
+def label_key(name: str) -> str:
+    """The loader's batch key of a label: a manifest's int `label` is "label", a dict's entry k is "label_k"."""
+    return "label" if name == "label" else f"label_{name}"
+
+
+def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tensor, val_labels: dict,
+                   labels: list[str], *, num_heads: int, steps: int = PROBE_STEPS, lr: float = PROBE_LR,
+                   device: torch.device | str = "cpu") -> dict:
+    """One probe per label on frozen features `[N, L, D]` (`*_labels`: the loader's label fields, -1 where a
+    clip has none: such clips sit out that label's probe). Per label: validation accuracy, training accuracy
+    (`<name>_train`), chance level (1 / classes), the majority-class share of the validation clips
+    (`<name>_majority`) and the clips used (`<name>_clips`: [train, val])."""
     out = {}
     for name in labels:
-        key = f"label_{name}"
-        if key not in train or key not in val:
-            raise ValueError(f"probe label {name!r} is not in the manifest (have: "
-                             f"{sorted(k[6:] for k in train if k.startswith('label_'))})")
-        out[name], out[f"{name}_train"] = train_probe(tx, train[key], vx, val[key], num_heads=heads, steps=steps,
-                                                      lr=lr)
-        classes = int(max(train[key].max(), val[key].max())) + 1
-        out[f"{name}_chance"] = 1.0 / classes
-        out[f"{name}_majority"] = float(torch.bincount(val[key]).max() / val[key].shape[0])
+        key = label_key(name)
+        if key not in train_labels or key not in val_labels:
+            have = sorted(k[6:] if k.startswith("label_") else k for k in train_labels if k.startswith("label"))
+            raise ValueError(f"probe label {name!r} is not in the manifest (have: {have or 'no labels'})")
+        ty, vy = train_labels[key], val_labels[key]
+        tk, vk = ty >= 0, vy >= 0
+        if not tk.any() or not vk.any():
+            raise ValueError(f"probe label {name!r}: no {'training' if not tk.any() else 'validation'} clip has it")
+        tx, ty = (train_x, ty) if tk.all() else (train_x[tk], ty[tk])
+        vx, vy = (val_x, vy) if vk.all() else (val_x[vk], vy[vk])
+        out[name], out[f"{name}_train"] = train_probe(tx, ty, vx, vy, num_heads=num_heads, steps=steps, lr=lr,
+                                                      device=device)
+        out[f"{name}_chance"] = 1.0 / (int(max(ty.max(), vy.max())) + 1)
+        out[f"{name}_majority"] = float(torch.bincount(vy).max() / vy.shape[0])
+        out[f"{name}_clips"] = [int(ty.shape[0]), int(vy.shape[0])]
     return out
+
+
+def run_probes(encoder: nn.Module, train: dict, val: dict, labels: list[str], *, steps: int = PROBE_STEPS,
+               lr: float = PROBE_LR, device: torch.device | str = "cpu") -> dict:
+    """`probe_features` on the encoder's features of decoded clips (`train`/`val`: `video` and the label fields)."""
+    tx = extract_features(encoder, train["video"], device=device)
+    vx = extract_features(encoder, val["video"], device=device)
+    return probe_features(tx, train, vx, val, labels, num_heads=encoder.config.num_heads, steps=steps, lr=lr,
+                          device=device)

@@ -1,8 +1,9 @@
-"""`videoprism` command line: embed videos, convert official checkpoints, data tools.
+"""`videoprism` command line: embed videos, convert official checkpoints, data tools, evaluation.
 
     videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] --out FILE.npy
     videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
     videoprism data {index,synth} ...
+    videoprism eval {retrieval,probe} ...
 """
 from __future__ import annotations
 
@@ -85,31 +86,31 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device:
     return model.to(device).eval(), name
 
 
-def cmd_embed(args) -> int:
-    import videoprism as vp
-    from tqdm import tqdm
-
-    from videoprism.data import BadVideoError, read_clip
-
-    ext = os.path.splitext(args.out)[1]
-    if ext not in (".npy", ".safetensors"):
-        raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
-    for flag, value in (("--num-frames", args.num_frames), ("--resolution", args.resolution)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
-    check_out_file(args.out, f"--out {args.out}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str | None) -> str:
+    """--device: the name given (checked), else cuda when a GPU is visible, else cpu."""
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-    missing = [v for v in args.videos if not os.path.isfile(v)]
-    if missing and not args.skip_bad:  # now, not after the model is built and the other clips embedded
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        what = "a folder, not a video file" if os.path.isdir(missing[0]) else "no such file"
-        raise ValueError(f"{missing[0]}: {what}{more}; fix the path, or pass --skip-bad to embed the others")
+    return device
+
+
+def check_clip_size(args) -> None:
+    """--num-frames / --resolution are positive when given (before any slow work)."""
+    for flag, value in (("--num-frames", args.num_frames), ("--resolution", args.resolution)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer (leave it out for the model's own)")
+
+
+def load_model(args, device: str):
+    """The model of the shared model options (`add_model_args`) in eval mode on `device` -> (model, what it
+    was built from, frames, resolution). A classifier comes back as its encoder: its forward gives class
+    logits, not features."""
+    import videoprism as vp
+
     overrides = parse_overrides(args.set)
     if args.attention_backend:
         from videoprism.ops.attention import BACKENDS
@@ -119,13 +120,33 @@ def cmd_embed(args) -> int:
         overrides["attention_backend"] = args.attention_backend
     model, source = _build(args.model, args.checkpoint, overrides, device=device)
     if isinstance(model, vp.FactorizedVideoClassifier):
-        # Its forward gives class logits, not features: embed with its encoder.
         model = model.encoder
     cfg = model.config
     num_frames = args.num_frames if args.num_frames is not None else cfg.pos_emb_shape[0]
     resolution = args.resolution if args.resolution is not None else cfg.patch_size * cfg.pos_emb_shape[1]
     if resolution % cfg.patch_size:
         raise ValueError(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
+    return model, source, num_frames, resolution
+
+
+def cmd_embed(args) -> int:
+    import videoprism as vp
+    from tqdm import tqdm
+
+    from videoprism.data import BadVideoError, read_clip
+
+    ext = os.path.splitext(args.out)[1]
+    if ext not in (".npy", ".safetensors"):
+        raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
+    check_clip_size(args)
+    check_out_file(args.out, f"--out {args.out}")
+    device = resolve_device(args.device)
+    missing = [v for v in args.videos if not os.path.isfile(v)]
+    if missing and not args.skip_bad:  # now, not after the model is built and the other clips embedded
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        what = "a folder, not a video file" if os.path.isdir(missing[0]) else "no such file"
+        raise ValueError(f"{missing[0]}: {what}{more}; fix the path, or pass --skip-bad to embed the others")
+    model, source, num_frames, resolution = load_model(args, device)
     is_clip = isinstance(model, vp.FactorizedVideoCLIP)
 
     embeddings, names, skipped = [], [], []
@@ -191,6 +212,20 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def add_model_args(p: argparse.ArgumentParser, names: str) -> None:
+    """The options that pick a model and its input (embed, eval): `load_model` reads them."""
+    p.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
+                                   f"which carry their config): {names}")
+    p.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
+                                        "training run's model.safetensors (random weights if omitted)")
+    p.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
+    p.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the model (repeatable), e.g. --set model_dim=32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from videoprism.config import CONFIGS
 
@@ -206,19 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "classifier checkpoint embeds with its encoder), or the L2-normalised video "
                                    "embedding [D] of an LvT model.")
     e.add_argument("videos", nargs="+", help="video files (any container/codec FFmpeg decodes)")
-    e.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
-                                   f"which carry their config): {names}")
-    e.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
-                                        "training run's model.safetensors (random weights if omitted)")
-    e.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
-    e.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
+    add_model_args(e, names)
     e.add_argument("--pool", choices=("none", "mean"), default="none",
                    help="encoder models: 'mean' averages the tokens into one [D] vector (default: %(default)s)")
     e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
-    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    e.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field of the model (repeatable), e.g. --set model_dim=32")
     e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
@@ -235,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     from videoprism.data.cli import register
+    from videoprism.train.evaluate import register as register_eval
 
     register(sub)
+    register_eval(sub, names)
     return p
 
 

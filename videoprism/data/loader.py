@@ -4,7 +4,7 @@
                           rank=0, world_size=1, tokenizer="data/spm.model", backend="auto", num_workers=2)
     for batch in loader:          # one epoch from the current position
         batch["video"]            # uint8 [B, T, R, R, 3] (on the GPU with the DALI GPU backend)
-        batch["text_ids"]         # int64 [B, 64]
+        batch["text_ids"]         # int64 [B, 64] (with a tokenizer; tokenizer=None: no text fields)
         batch["text_paddings"]    # float32 [B, 64], 1.0 = padding
         batch["label"] / batch["label_<name>"]  # int64 [B] when the manifest has labels (-1 where missing)
         batch["caption"], batch["path"], batch["dataset"]  # lists of str; batch["index"]: int64 [B] sample ids
@@ -213,7 +213,7 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
 
 class VideoTextLoader:
     def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
-                 seed: int, rank: int, world_size: int, tokenizer: Tokenizer, backend: str, device: torch.device,
+                 seed: int, rank: int, world_size: int, tokenizer: Tokenizer | None, backend: str, device: torch.device,
                  num_workers: int, max_bad_share: float, drop_last: bool, flip_prob: float = TRAIN_FLIP_PROB,
                  decode_timeout: float = 120.0, source_rejects=()):
         self.samples = samples
@@ -223,6 +223,10 @@ class VideoTextLoader:
         self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
         self.max_bad_share, self.drop_last, self.decode_timeout = max_bad_share, drop_last, decode_timeout
         self.source_rejects = list(source_rejects)
+        # Label fields of the whole source, so every batch has the same keys (-1 where a clip has none): per-batch
+        # keys would misalign the batches of a consumer that concatenates them.
+        self.int_label = any(isinstance(s.label, int) for s in samples)
+        self.label_names = sorted({k for s in samples if isinstance(s.label, dict) for k in s.label})
         self._unreported = list(self.source_rejects)  # for drain_rejects(): a trainer reports each skip once
         self.epoch, self.position = 0, 0
         # Reads of this epoch by another number of ranks, before a resume that changed it: [world, [position
@@ -429,18 +433,18 @@ class VideoTextLoader:
     def _collate(self, items: list[_Item]) -> dict:
         samples = [self.samples[i.sample_id] for i in items]
         captions = [s.caption for s in samples]
-        ids, paddings = self.tokenizer(captions)
         # DALI's GPU clips are on the device; PyAV's (and DALI's fallbacks) stay on the host for the trainer's
         # copy (to_device): a pageable .to(cuda) here would wait for the queued training step.
         dev = next((i.video.device for i in items if i.video.device.type != "cpu"), None)
         video = torch.stack([i.video if dev is None else to_device(i.video, dev) for i in items])
-        batch = {"video": video, "text_ids": ids, "text_paddings": paddings, "caption": captions,
+        batch = {"video": video, "caption": captions,
                  "path": [s.name for s in samples], "dataset": [s.dataset for s in samples],
                  "index": torch.tensor([i.sample_id for i in items], dtype=torch.int64)}
-        if any(isinstance(s.label, int) for s in samples):
+        if self.tokenizer is not None:
+            batch["text_ids"], batch["text_paddings"] = self.tokenizer(captions)
+        if self.int_label:
             batch["label"] = torch.tensor([s.label if isinstance(s.label, int) else -1 for s in samples])
-        keys = sorted({k for s in samples if isinstance(s.label, dict) for k in s.label})
-        for k in keys:
+        for k in self.label_names:
             batch[f"label_{k}"] = torch.tensor([s.label.get(k, -1) if isinstance(s.label, dict) else -1
                                                 for s in samples])
         return batch
@@ -455,14 +459,15 @@ def _dali_available() -> bool:
 
 
 def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, train: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str, backend: str = "auto",
+                 rank: int = 0, world_size: int = 1, tokenizer: Tokenizer | str | None, backend: str = "auto",
                  device: torch.device | str = "cpu", num_workers: int = 0, max_bad_share: float = 0.01,
                  drop_last: bool | None = None, flip_prob: float = TRAIN_FLIP_PROB,
                  decode_timeout: float = 120.0) -> VideoTextLoader:
     """A `VideoTextLoader` over a .jsonl manifest or a list of WebDataset .tar shards (see the module docstring).
 
     `drop_last` defaults to `train`. `flip_prob`: share of training clips mirrored horizontally (0 by default: a
-    mirror contradicts captions that say left or right). Bad manifest lines count against `max_bad_share` of the lines when reading.
+    mirror contradicts captions that say left or right). `tokenizer=None`: batches without text (features for a
+    probe). Bad manifest lines count against `max_bad_share` of the lines when reading.
     `decode_timeout`: seconds one clip may take in a worker before the worker is killed and the file skipped (a
     hung decoder; 0 = no limit; only with `num_workers` > 0: the main process cannot interrupt its own decode).
     """

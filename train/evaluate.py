@@ -1,0 +1,223 @@
+"""`videoprism eval`: evaluate a trained or official model on manifests, outside a training run.
+
+    videoprism eval retrieval VAL.jsonl --checkpoint RUN/model.safetensors [--tokenizer spm.model]
+    videoprism eval probe TRAIN.jsonl VAL.jsonl --checkpoint X [--labels direction,colour]
+
+* `retrieval`: zero-shot text->video and video->text R@1/5/10 of a video-text (LvT) model, the protocol of
+  training's validation (train/retrieval.py: a hit is an item with the query's caption).
+* `probe`: frozen-feature attentive probes (train/probe.py, as the demo's), one per label, on an encoder's tokens:
+  a stage-2 export, an official or our encoder or classifier, or an LvT model's video tower.
+
+Clips stream through the loader's evaluation transform (uniform frames, shorter side resized, centre crop; DALI on
+a GPU when installed, else PyAV) in batches on `--device`. Bad files are skipped and reported as in training; more
+than `--max-bad-share` of them stops the command. The probe keeps every clip's tokens on the host, in bfloat16 by
+default: clips x T*N x D x 2 bytes (base at 16 frames: 6.3 MB a clip, 1000 clips 6.3 GB).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from videoprism.cli import add_model_args, check_clip_size, load_model, resolve_device
+from videoprism.paths import check_out_file
+
+FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def encode_manifest(model, manifest: str, *, frames: int, resolution: int, device: str, batch_size: int,
+                    workers: int, max_bad_share: float, tokenizer=None, feature_dtype=torch.bfloat16,
+                    progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+    """Every readable clip of `manifest` through `model` (no gradients) -> (host tensors in manifest order, the
+    skipped (name, reason) pairs). An LvT model with a tokenizer gives "video" and "text" `[N, D]` embeddings and
+    the caption fields; an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along."""
+    from tqdm import tqdm
+
+    import videoprism as vp
+    from videoprism.data.device import to_device
+    from videoprism.data.loader import build_loader
+    from videoprism.train.data import trim_text
+
+    loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=batch_size, train=False,
+                          tokenizer=tokenizer, device=device, num_workers=workers, max_bad_share=max_bad_share)
+    dev = torch.device(device)
+    clip = isinstance(model, vp.FactorizedVideoCLIP)
+    parts: dict[str, list] = {}
+    bar = tqdm(total=len(loader.samples), unit="clip", desc=os.path.basename(manifest), disable=not progress,
+               smoothing=0)
+    with torch.no_grad():
+        for batch in loader:
+            video = to_device(batch["video"], dev)
+            if clip:
+                ids, pads = trim_text(batch["text_ids"], batch["text_paddings"])
+                v, t, _ = model(video, to_device(ids, dev), to_device(pads, dev))
+                out = {"video": v.float().cpu(), "text": t.float().cpu(), "text_ids": batch["text_ids"],
+                       "text_paddings": batch["text_paddings"]}
+            else:
+                tokens, _ = model(video)
+                out = {"tokens": tokens.to("cpu", feature_dtype)}
+            out.update({k: v for k, v in batch.items() if k.startswith("label")})
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+            bar.update(video.shape[0])
+    bar.close()
+    rejects = loader.drain_rejects()
+    for name, reason in rejects:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    if not parts:
+        raise ValueError(f"{manifest}: no readable clip (each is reported above as skipped)")
+    return {k: torch.cat(v) for k, v in parts.items()}, rejects
+
+
+def _tokenizer(path: str | None, manifest: str, vocabulary: int):
+    """--tokenizer, else spm.model next to the manifest (as `data synth` writes it and training defaults to);
+    its ids must fit the model's text embedding."""
+    from videoprism.data.text import Tokenizer
+
+    if path is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(manifest)), "spm.model")
+        if not os.path.isfile(path):
+            raise ValueError(f"--tokenizer not given and {path} (the default: spm.model next to the manifest) does "
+                             "not exist; pass --tokenizer PATH.model (the captions' SentencePiece model the "
+                             "checkpoint was trained with)")
+    tok = Tokenizer(path)
+    if tok.vocab_size > vocabulary:
+        raise ValueError(f"--tokenizer {path}: {tok.vocab_size} pieces, but the model's text embedding has "
+                         f"{vocabulary} rows; pass the tokenizer the checkpoint was trained with")
+    return tok
+
+
+def _common(args) -> tuple:
+    """Checks before slow work, then the model: -> (model, source, frames, resolution, device)."""
+    check_clip_size(args)
+    for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value < lo:
+            raise ValueError(f"{flag} {value}: must be >= {lo}")
+    if not 0 <= args.max_bad_share <= 1:
+        raise ValueError(f"--max-bad-share {args.max_bad_share}: must be a share in [0, 1]")
+    if args.out is not None:
+        if not args.out.endswith(".json"):
+            raise ValueError(f"--out {args.out}: must end in .json")
+        check_out_file(args.out, f"--out {args.out}")
+    for m in args.manifests:
+        if not os.path.isfile(m):
+            raise ValueError(f"{m}: {'a folder, not a manifest' if os.path.isdir(m) else 'no such file'}")
+    device = resolve_device(args.device)
+    model, source, frames, resolution = load_model(args, device)
+    return model, source, frames, resolution, device
+
+
+def _stream_kw(args, frames: int, resolution: int, device: str) -> dict:
+    return dict(frames=frames, resolution=resolution, device=device, batch_size=args.batch_size,
+                workers=args.workers, max_bad_share=args.max_bad_share, progress=not args.quiet)
+
+
+def _write(args, results: dict) -> None:
+    if args.out is not None:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=1)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+
+
+def cmd_retrieval(args) -> int:
+    import videoprism as vp
+    from videoprism.train.retrieval import caption_groups, retrieval_metrics
+
+    args.manifests = [args.manifest]
+    model, source, frames, resolution, device = _common(args)
+    if not isinstance(model, vp.FactorizedVideoCLIP):
+        raise ValueError(f"{source}: a {type(model).__name__} has no text tower; retrieval needs a video-text (LvT) "
+                         "model, e.g. a stage-1 run's model.safetensors (for an encoder: videoprism eval probe)")
+    tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
+    enc, rejects = encode_manifest(model, args.manifest, tokenizer=tok, **_stream_kw(args, frames, resolution, device))
+    metrics = retrieval_metrics(enc["video"], enc["text"], caption_groups(enc["text_ids"], enc["text_paddings"]))
+    n = enc["video"].shape[0]
+    print(f"zero-shot retrieval, {n} clips of {args.manifest} ({frames} frames at {resolution}x{resolution}, "
+          f"{source}; {len(rejects)} skipped):")
+    for d in ("t2v", "v2t"):
+        print(f"  {d}  " + "  ".join(f"R@{k} {100 * metrics[f'{d}_R@{k}']:5.1f}%" for k in (1, 5, 10)))
+    print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}%")
+    _write(args, {"task": "retrieval", "model": source, "manifest": args.manifest, "clips": n, "frames": frames,
+                  "resolution": resolution, "skipped": [list(r) for r in rejects], **metrics})
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import videoprism as vp
+    from videoprism.train.probe import probe_features
+
+    if args.steps < 1 or not args.lr > 0:
+        raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
+    args.manifests = [args.train, args.val]
+    model, source, frames, resolution, device = _common(args)
+    encoder = model.vision_encoder if isinstance(model, vp.FactorizedVideoCLIP) else model
+    kw = dict(**_stream_kw(args, frames, resolution, device), feature_dtype=FEATURE_DTYPES[args.features])
+    train, train_rejects = encode_manifest(encoder, args.train, **kw)
+    val, val_rejects = encode_manifest(encoder, args.val, **kw)
+    names = sorted(k[6:] if k.startswith("label_") else k for k in train if k.startswith("label"))
+    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else names
+    if not labels:
+        raise ValueError(f"{args.train}: no clip has a 'label'; add labels to the manifest (an int, or a dict of "
+                         "ints such as {\"colour\": 2}; README, Data format)")
+    results = probe_features(train.pop("tokens"), train, val.pop("tokens"), val, labels,
+                             num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
+    print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
+          f"steps each, lr {args.lr:g}): validation accuracy (training accuracy)")
+    print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
+    for name in labels:
+        clips = "/".join(map(str, results[f"{name}_clips"]))
+        print(f"  {name:<12} {clips:>11} {100 * results[f'{name}_chance']:6.1f}% "
+              f"{100 * results[f'{name}_majority']:8.1f}% {100 * results[name]:6.1f}% ({100 * results[name + '_train']:5.1f}%)")
+    _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
+                  "resolution": resolution, "steps": args.steps, "lr": args.lr,
+                  "skipped": [list(r) for r in train_rejects + val_rejects], **results})
+    return 0
+
+
+def register(subparsers, names: str) -> None:
+    """Add `eval` (with `retrieval` and `probe`) to the `videoprism` sub-parsers (`names`: the official models)."""
+    from videoprism.train.probe import PROBE_LR, PROBE_STEPS
+
+    ev = subparsers.add_parser("eval", help="evaluate a model on manifests: zero-shot retrieval, attentive probes",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        add_model_args(p, names)
+        p.add_argument("--batch-size", type=int, default=16, help="clips per forward (default: %(default)s)")
+        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                       help="decoding processes (default: %(default)s)")
+        p.add_argument("--max-bad-share", type=float, default=0.01,
+                       help="stop when more than this share of the clips is unreadable (default: %(default)s)")
+        p.add_argument("--out", help="also write the results (and the skipped files) to this .json")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("retrieval", help="zero-shot text<->video retrieval of a video-text (LvT) model",
+                       description="Embed every clip and its caption of MANIFEST and report text->video and "
+                                   "video->text recall at 1, 5 and 10 (a hit: an item whose caption equals the "
+                                   "query's) with the chance level, as training's validation does.")
+    r.add_argument("manifest", help="a .jsonl manifest (path, caption)")
+    r.add_argument("--tokenizer", help="the captions' SentencePiece model (default: spm.model next to the manifest)")
+    common(r)
+    r.set_defaults(func=cmd_retrieval)
+
+    p = sub.add_parser("probe", help="frozen-feature attentive probes for the manifest's labels",
+                       description="Extract the frozen encoder's tokens of every clip of TRAIN and VAL, train one "
+                                   "attentive probe (a MAP pooler and a linear layer) per label on TRAIN's and report "
+                                   "its accuracy on VAL with the chance level and the majority class's share. "
+                                   "Labels come from the manifests' `label` field (an int: the label 'label'; a "
+                                   "dict: one label per key); clips without a label sit out its probe.")
+    p.add_argument("train", help="the probes' training manifest (.jsonl with labels)")
+    p.add_argument("val", help="the validation manifest")
+    p.add_argument("--labels", help="comma-separated labels to probe (default: every label of TRAIN)")
+    p.add_argument("--steps", type=int, default=PROBE_STEPS, help="optimizer steps of each probe (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=PROBE_LR, help="peak learning rate, cosine decay (default: %(default)s)")
+    p.add_argument("--features", choices=sorted(FEATURE_DTYPES), default="bfloat16",
+                   help="dtype of the tokens kept on the host (default: %(default)s; float32 takes twice the memory)")
+    common(p)
+    p.set_defaults(func=cmd_probe)

@@ -1,14 +1,21 @@
-"""What pip builds and installs: the sdist holds what the extension's build needs."""
+"""What pip builds and installs: the sdist holds what the extension's build needs, and the installed
+packages import nothing that pyproject.toml does not declare."""
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 INSTALLED = ("videoprism", "train", "kernels")  # train/ and kernels/ install as videoprism.train / .kernels
+# Not [project] dependencies: flash-attn (attention backend 'flash', imported when chosen), DALI (the `dali`
+# extra: nvidia.dali), Triton (a dependency of torch's CUDA builds, which the extension is built against).
+OPTIONAL = {"flash_attn", "nvidia", "triton"}
 
 
 def test_sdist_has_extension_sources(tmp_path):
@@ -29,3 +36,39 @@ def test_sdist_has_extension_sources(tmp_path):
         have = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     want = {f"csrc/{f}" for f in os.listdir(os.path.join(ROOT, "csrc"))}
     assert want <= have, f"missing from the sdist: {sorted(want - have)}"
+
+
+def test_runtime_imports_are_dependencies():
+    """Every third-party module the installed packages import is a declared dependency: matplotlib (every
+    training run plots its curves) was only in the test extra, so an installed run failed at its end."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    declared = {_dist_name(r) for r in project["dependencies"]}
+    imported = {}
+    for top in INSTALLED:
+        for folder, _, files in os.walk(os.path.join(ROOT, top)):
+            for f in files:
+                if f.endswith(".py"):
+                    path = os.path.join(folder, f)
+                    with open(path, encoding="utf-8") as fh:
+                        tree = ast.parse(fh.read())
+                    for node in ast.walk(tree):
+                        if isinstance(node, ast.Import):
+                            names = [a.name for a in node.names]
+                        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                            names = [node.module]
+                        else:
+                            continue
+                        for name in names:
+                            imported.setdefault(name.split(".")[0], os.path.relpath(path, ROOT))
+    third_party = {m: p for m, p in imported.items()
+                   if m not in sys.stdlib_module_names and m not in OPTIONAL and m != "videoprism"}
+    missing = {m: p for m, p in third_party.items() if m not in declared}  # import names = distribution names here
+    assert not missing, f"imported but not in [project] dependencies: {missing}"
+
+
+def _dist_name(requirement: str) -> str:
+    for sep in "<>=!~;[ ":
+        requirement = requirement.split(sep)[0]
+    return requirement.strip().lower()

@@ -53,9 +53,8 @@ import torch
 from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
-from videoprism.kernels.gather_tokens import gather_tokens_ref, scatter_tokens_torch
-from videoprism.kernels.patchify_gather import patchify_gather_ref
-from videoprism.kernels.shuffle_tokens import shuffle_with_mask_tokens_torch
+from videoprism.kernels.token_ops_ref import (gather_tokens_ref, patchify_gather_ref, scatter_tokens_torch,
+                                              shuffle_with_mask_tokens_torch)
 from videoprism.masking import accept_blocks_ref, bevt_mask, num_visible, propose_blocks, tube_mask
 from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
 

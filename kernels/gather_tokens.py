@@ -1,4 +1,4 @@
-"""Token gather and its adjoint, token scatter: Triton kernels and plain-PyTorch references.
+"""Token gather and its adjoint, token scatter: Triton kernels (references: token_ops_ref.py).
 
     gather:  out[b, j, :] = x[b, idx[b, j], :]                 x [B, L, D], idx [B, M] -> [B, M, D]
     scatter: out[b, l, :] = sum_{j : idx[b, j] == l} src[b, j]  src [B, M, D], idx [B, M] -> [B, L, D]
@@ -37,42 +37,12 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels.device_guard import on_tensor_device
-
-
-def gather_tokens_ref(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """out[b, j] = x[b, idx[b, j]] with torch.gather."""
-    return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the token ops sum in (fp32 for half types and fp32, fp64 for fp64), and so the
-    dtype of the shuffle's embedding grads and of patchify_gather's output (float32 for uint8
-    and the half types, float64 for float64: gradcheck runs in double). The C++ twin is
-    csrc/token_ops.h acc_type."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from videoprism.kernels.token_ops_ref import acc_dtype
 
 
 def tl_acc_type(dtype: torch.dtype):
     """acc_dtype as a Triton type (the kernels' ACC constexpr)."""
     return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
-
-
-def scatter_tokens_ref(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """out [B, length, D] zeros with out[b, idx[b, j]] += src[b, j] (fp32 accumulation for
-    half types, rounded once)."""
-    acc = acc_dtype(src.dtype)
-    B, _, D = src.shape
-    out = torch.zeros(B, length, D, dtype=acc, device=src.device)
-    out.scatter_add_(1, idx[:, :, None].expand(-1, -1, D), src.to(acc))
-    return out.to(src.dtype)
-
-
-def scatter_tokens_torch(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
-    """The torch composition a user would write (zeros + scatter_add in src's dtype: every add
-    rounded, in an unspecified order on CUDA): plain PyTorch, the baseline of bench.token_ops
-    and of the tests' error bounds. The gather's composition is gather_tokens_ref itself."""
-    B, _, D = src.shape
-    return src.new_zeros(B, length, D).scatter_add_(1, idx[:, :, None].expand(-1, -1, D), src)
 
 
 TILE_ELEMS = 8192   # elements per program: 16 KB of bf16 (32 KB of fp32), 32 per thread at 8 warps

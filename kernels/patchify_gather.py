@@ -1,4 +1,4 @@
-"""Masked patch gather (DESIGN 3, 4, 6.2): Triton kernel and plain-PyTorch reference.
+"""Masked patch gather (DESIGN 3, 4, 6.2): Triton kernel (reference: token_ops_ref.py).
 
 video [B, T, H, W, 3] (uint8 or float, channels last), pos [B, T, K] (visible patch
 indices, row-major on the (H/P) x (W/P) grid) -> patches [B, T, K, P*P*3]:
@@ -28,43 +28,7 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels.device_guard import on_tensor_device
-from videoprism.kernels.gather_tokens import acc_dtype
-
-UINT8_SCALE = 1.0 / 255.0
-
-
-def patch_grid(video: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The official patchify's layout: [B, T, H, W, C] -> [B, T, (H/P)*(W/P), P*P*C], patches
-    row-major, features (p, q, c); values and dtype unchanged (reshape/permute: a copy)."""
-    B, T, H, W, C = video.shape
-    P = patch_size
-    x = video.reshape(B, T, H // P, P, W // P, P, C).permute(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(B, T, (H // P) * (W // P), P * P * C)
-
-
-def pixel_values(x: torch.Tensor) -> torch.Tensor:
-    """s(v) of the module docstring: uint8 -> fp32(v) * fp32(1/255) (one rounding, what every
-    backend does), floats unchanged. Elementwise, so it commutes with the gather: the masked
-    patchify (student) and the unmasked one (teacher, videoprism.encoder.patchify) agree bit
-    for bit."""
-    return x.float() * UINT8_SCALE if x.dtype == torch.uint8 else x
-
-
-def patchify_gather_ref(video: torch.Tensor, pos: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Patchify every frame (reshape/permute, reads all pixels), then torch.gather, then scale."""
-    x = patch_grid(video, patch_size)
-    x = torch.gather(x, 2, pos[..., None].expand(-1, -1, -1, x.shape[3]))
-    return pixel_values(x).to(acc_dtype(video.dtype))
-
-
-def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """[B, T, h*w, P*P*3] (every patch, row-major) -> [B, T, h*P, w*P, 3]: the inverse of the
-    official patchify (the video gradient of patchify_gather is the scattered patches
-    unpatchified)."""
-    B, T = patches.shape[:2]
-    (h, w), P = grid, patch_size
-    x = patches.reshape(B, T, h, w, P, P, 3).permute(0, 1, 2, 4, 3, 5, 6)
-    return x.reshape(B, T, h * P, w * P, 3)
+from videoprism.kernels.token_ops_ref import UINT8_SCALE, acc_dtype
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Token shuffle with mask tokens and slot position embedding (DESIGN 5, 6.4): Triton
-kernels and the plain-PyTorch reference.
+kernels (references: token_ops_ref.py).
 
 Forward, visible [B, m, D], perm [B, n] (a permutation of [0, n) per sample),
 mask_emb [D], pos_emb [n, D] -> out [B, n, D] in visible's dtype:
@@ -32,30 +32,8 @@ import triton
 import triton.language as tl
 
 from videoprism.kernels.device_guard import on_tensor_device
-from videoprism.kernels.gather_tokens import NUM_WARPS, acc_dtype, row_tile, tl_acc_type
-
-
-def shuffle_with_mask_tokens_ref(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
-                                 pos_emb: torch.Tensor) -> torch.Tensor:
-    """Literal DESIGN 5: concat, gather by perm, add the slot embedding (in fp32 for half
-    types, fp64 for fp64)."""
-    B, m, D = visible.shape
-    n = perm.shape[1]
-    acc = acc_dtype(visible.dtype)
-    c = torch.cat([visible.to(acc), mask_emb.to(acc).expand(B, n - m, D)], dim=1)
-    x = torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(acc)
-    return x.to(visible.dtype)
-
-
-def shuffle_with_mask_tokens_torch(visible: torch.Tensor, perm: torch.Tensor, mask_emb: torch.Tensor,
-                                   pos_emb: torch.Tensor) -> torch.Tensor:
-    """The torch composition a user would write, in visible's dtype (cat, gather, add; the
-    embeddings cast first, the sum rounded in that dtype): the plain-PyTorch baseline of
-    bench.token_ops, its backward the autograd of these ops."""
-    B, m, D = visible.shape
-    n = perm.shape[1]
-    c = torch.cat([visible, mask_emb.to(visible.dtype).expand(B, n - m, D)], dim=1)
-    return torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + pos_emb.to(visible.dtype)
+from videoprism.kernels.gather_tokens import NUM_WARPS, row_tile, tl_acc_type
+from videoprism.kernels.token_ops_ref import acc_dtype
 
 
 @triton.jit
@@ -158,12 +136,3 @@ def shuffle_with_mask_tokens_bwd_triton(grad, perm, m: int):
     return gvis, part.sum(0), gpos
 
 
-def shuffle_with_mask_tokens_bwd_ref(grad: torch.Tensor, perm: torch.Tensor, m: int):
-    """Reference backward: unshuffle g with a scatter (c[b, perm[b, i]] = g[b, i]), split c
-    into the visible rows and the mask rows, sum the slot grads over the batch. Returns
-    (d visible in grad's dtype, d mask_emb, d pos_emb) with the embedding grads in fp32
-    (fp64 for fp64)."""
-    acc = acc_dtype(grad.dtype)
-    g = grad.to(acc)
-    c = torch.zeros_like(g).scatter_(1, perm[:, :, None].expand(-1, -1, g.shape[2]), g)
-    return c[:, :m].to(grad.dtype).contiguous(), c[:, m:].sum((0, 1)), g.sum(0)

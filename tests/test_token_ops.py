@@ -17,9 +17,9 @@ import os
 import pytest
 import torch
 
-from videoprism.kernels.gather_tokens import gather_tokens_ref, scatter_tokens_ref, scatter_tokens_torch
-from videoprism.kernels.patchify_gather import patchify_gather_ref
-from videoprism.kernels.shuffle_tokens import shuffle_with_mask_tokens_bwd_ref, shuffle_with_mask_tokens_ref
+from videoprism.kernels.token_ops_ref import (gather_tokens_ref, patchify_gather_ref, scatter_tokens_ref,
+                                              scatter_tokens_torch, shuffle_with_mask_tokens_bwd_ref,
+                                              shuffle_with_mask_tokens_ref)
 from videoprism.ops import gather_tokens, patchify_gather, scatter_tokens, shuffle_with_mask_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -243,7 +243,7 @@ def test_triton_launchers_take_strided_inputs():
     video = torch.randint(0, 256, (1, 2, 6, 9, 3), generator=g, dtype=torch.uint8)
     pos = torch.tensor([[[0, 5, 2], [4, 1, 3]]])
     strided = video.permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)   # channels-first buffer
-    assert torch.equal(pg.patchify_gather_triton(strided, noncontig(pos), 3), pg.patchify_gather_ref(video, pos, 3))
+    assert torch.equal(pg.patchify_gather_triton(strided, noncontig(pos), 3), patchify_gather_ref(video, pos, 3))
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the Triton kernel on CPU tensors needs TRITON_INTERPRET=1")

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from videoprism import ops
 from videoprism.config import EncoderConfig, resolve_config
 from videoprism.checks import check_paddings, check_pos, check_video
-from videoprism.kernels.patchify_gather import patch_grid, pixel_values
+from videoprism.kernels.token_ops_ref import patch_grid, pixel_values
 from videoprism.layers import (
     TransformerStack,
     interpolate_spatial_pos_emb,

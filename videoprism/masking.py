@@ -109,7 +109,10 @@ def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, s
     blocks = propose_blocks(batch, frames, (h, w), budget, gen, device)
     accept = accept_blocks_ref
     if device.type == "cuda":   # the reference is launch-bound there (~8 tiny ops per round)
-        from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton as accept
+        try:
+            from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton as accept
+        except ImportError:  # a CUDA torch without Triton (Triton ships with Linux builds): the reference
+            pass
     mask = accept(*blocks, frames, (h, w), budget).reshape(batch, frames, h, w)
     # Top-up: score masked patches 3, unmasked ones next to a masked patch in [1, 2),
     # the rest in [0, 1); the K lowest scores stay visible.

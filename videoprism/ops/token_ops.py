@@ -33,9 +33,15 @@ import torch
 from torch import Tensor
 
 import videoprism._C  # noqa: F401  (registers the native kernels: torch.ops.videoprism.*_native)
-from videoprism.kernels import gather_tokens as _gather
-from videoprism.kernels import patchify_gather as _patchify
-from videoprism.kernels import shuffle_tokens as _shuffle
+from videoprism.kernels import token_ops_ref as _ref
+
+try:  # Triton ships with the CUDA builds of torch only; the CPU path needs none (as in ops/attention.py).
+    from videoprism.kernels import gather_tokens as _gather
+    from videoprism.kernels import patchify_gather as _patchify
+    from videoprism.kernels import shuffle_tokens as _shuffle
+    _TRITON_MISSING = None
+except ImportError as e:  # pragma: no cover - depends on the install
+    _TRITON_MISSING = e
 
 __all__ = ["BACKENDS", "default_backend", "gather_tokens", "patchify_gather", "scatter_tokens",
            "shuffle_with_mask_tokens"]
@@ -45,7 +51,9 @@ _native = torch.ops.videoprism
 
 
 def default_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" else "cpp"
+    if device.type != "cuda":
+        return "cpp"
+    return "triton" if _TRITON_MISSING is None else "cuda"
 
 
 def _resolve(backend: str | None, device: torch.device, op: str) -> str:
@@ -56,6 +64,9 @@ def _resolve(backend: str | None, device: torch.device, op: str) -> str:
         raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got {device}; use 'cpp' on the CPU")
     if backend == "cpp" and device.type != "cpu":
         raise ValueError(f"{op}: backend 'cpp' runs on the CPU, got {device} tensors; use 'cuda' or 'triton'")
+    if backend == "triton" and _TRITON_MISSING is not None:
+        raise ValueError(f"{op}: backend 'triton' needs Triton, which this torch lacks ({_TRITON_MISSING}); use "
+                         f"{'cuda' if device.type == 'cuda' else 'cpp'} (or a CUDA build of torch, which brings it)")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{op}: backend 'triton' on {device} tensors needs Triton's interpreter "
                          "(TRITON_INTERPRET=1 before triton is imported); use 'cpp' on the CPU")
@@ -89,7 +100,7 @@ def _check_tokens(x: Tensor, name: str, op: str) -> None:
 def _gather_op(x: Tensor, idx: Tensor, backend: str) -> Tensor:
     _check_range(idx, x.shape[1], "gather_tokens: idx")
     if backend == "reference":
-        return _gather.gather_tokens_ref(x, idx)
+        return _ref.gather_tokens_ref(x, idx)
     if backend == "triton":
         return _gather.gather_tokens_triton(x, idx)
     return _native.gather_tokens_native(x, idx)
@@ -104,7 +115,7 @@ def _(x, idx, backend):
 def _scatter_op(src: Tensor, idx: Tensor, length: int, backend: str) -> Tensor:
     _check_range(idx, length, "scatter_tokens: idx")
     if backend == "reference":
-        return _gather.scatter_tokens_ref(src, idx, length)
+        return _ref.scatter_tokens_ref(src, idx, length)
     if backend == "triton":
         return _gather.scatter_tokens_triton(src, idx, length)
     return _native.scatter_tokens_native(src, idx, length)
@@ -184,7 +195,7 @@ def _check_permutation(perm: Tensor) -> None:
 def _shuffle_op(visible: Tensor, perm: Tensor, mask_emb: Tensor, pos_emb: Tensor, backend: str) -> Tensor:
     _check_permutation(perm)
     if backend == "reference":
-        return _shuffle.shuffle_with_mask_tokens_ref(visible, perm, mask_emb, pos_emb)
+        return _ref.shuffle_with_mask_tokens_ref(visible, perm, mask_emb, pos_emb)
     if backend == "triton":
         return _shuffle.shuffle_with_mask_tokens_fwd_triton(visible, perm, mask_emb, pos_emb)
     return _native.shuffle_tokens_fwd_native(visible, perm, mask_emb, pos_emb)
@@ -198,7 +209,7 @@ def _(visible, perm, mask_emb, pos_emb, backend):
 @torch.library.custom_op("videoprism::shuffle_with_mask_tokens_backward", mutates_args=())
 def _shuffle_bwd_op(grad: Tensor, perm: Tensor, m: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "reference":
-        return _shuffle.shuffle_with_mask_tokens_bwd_ref(grad, perm, m)
+        return _ref.shuffle_with_mask_tokens_bwd_ref(grad, perm, m)
     if backend == "triton":
         return _shuffle.shuffle_with_mask_tokens_bwd_triton(grad, perm, m)
     return _native.shuffle_tokens_bwd_native(grad, perm, m)
@@ -207,7 +218,7 @@ def _shuffle_bwd_op(grad: Tensor, perm: Tensor, m: int, backend: str) -> tuple[T
 @_shuffle_bwd_op.register_fake
 def _(grad, perm, m, backend):
     B, n, D = grad.shape
-    acc = _gather.acc_dtype(grad.dtype)
+    acc = _ref.acc_dtype(grad.dtype)
     return grad.new_empty(B, m, D), grad.new_empty(D, dtype=acc), grad.new_empty(n, D, dtype=acc)
 
 
@@ -263,7 +274,7 @@ def _patchify_op(video: Tensor, pos: Tensor, patch_size: int, backend: str) -> T
     _, _, H, W, _ = video.shape
     _check_range(pos, (H // patch_size) * (W // patch_size), "patchify_gather: pos")
     if backend == "reference":
-        return _patchify.patchify_gather_ref(video, pos, patch_size)
+        return _ref.patchify_gather_ref(video, pos, patch_size)
     if backend == "triton":
         return _patchify.patchify_gather_triton(video, pos, patch_size)
     return _native.patchify_gather_native(video, pos, patch_size)
@@ -273,7 +284,7 @@ def _patchify_op(video: Tensor, pos: Tensor, patch_size: int, backend: str) -> T
 def _(video, pos, patch_size, backend):
     B, T, _, _, C = video.shape
     return video.new_empty(B, T, pos.shape[2], patch_size * patch_size * C,
-                           dtype=_gather.acc_dtype(video.dtype))
+                           dtype=_ref.acc_dtype(video.dtype))
 
 
 def _patchify_setup(ctx, inputs, output):
@@ -292,7 +303,7 @@ def _patchify_backward(ctx, grad):
     grid = (H // P, W // P)
     K, F = grad.shape[2], grad.shape[3]
     full = _scatter_op(grad.reshape(B * T, K, F), pos.reshape(B * T, K), grid[0] * grid[1], ctx.backend)
-    return _patchify.unpatchify(full.reshape(B, T, -1, F), grid, P).to(ctx.video_dtype), None, None, None
+    return _ref.unpatchify(full.reshape(B, T, -1, F), grid, P).to(ctx.video_dtype), None, None, None
 
 
 _patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)

@@ -115,6 +115,13 @@ def test_help_shows_the_values_of_the_chosen_config(capsys):
     assert "usage: python -m train.stage1" in capsys.readouterr().err
 
 
+def test_usage_names_the_command_that_was_run():
+    """Installed, the module is videoprism.train.stage1 (or the console script), not the repository's train.stage1."""
+    for module in ("videoprism.train.stage1", "train.stage2"):
+        r = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: python -m {module} "), r.stdout[:200]
+
+
 def test_lr_schedule():
     c = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, decay="cosine")
     assert lr_at(0, c, 110) == pytest.approx(0.1)

@@ -488,6 +488,8 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     ResumeFrom or None). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
+    from videoprism.cli import command_name
+
     # --help lists the fields with their values in the --config (and overrides) on the command line;
     # read here only for --help, and any error in them is left to the real parser.
     given = sys.argv[1:] if argv is None else argv
@@ -501,7 +503,7 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
         except argparse.ArgumentError:
             pass
     p = argparse.ArgumentParser(
-        prog=f"python -m train.stage{stage}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=command_name(f"train.stage{stage}"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"VideoPrism stage-{stage} training.",
         epilog=help_text(stage, config, [a for a in rest if "=" in a and not a.startswith("-")]))
     p.add_argument("--config", default="tiny",

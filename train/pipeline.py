@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 
-from videoprism.cli import run_command
+from videoprism.cli import command_name, run_command
 from videoprism.data.synth import SCENES, generate
 from videoprism.paths import make_folder
 from videoprism.train import stage1, stage2
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.pipeline", description=__doc__,
+    p = argparse.ArgumentParser(prog=command_name("train.pipeline"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder: data, stage1, stage2 (default: %(default)s)")
     p.add_argument("--clips", type=int, default=1000,
@@ -82,7 +82,8 @@ def _main(argv: list[str] | None) -> int:
     ours = [o for o in args.overrides if o.split("=", 1)[0] in PIPELINE_KEYS]
     if ours:
         raise ValueError(f"{', '.join(ours)}: the pipeline sets {', '.join(PIPELINE_KEYS)} itself (use --out; for "
-                         "other data or another teacher run python -m train.stage1 / train.stage2)")
+                         "other data or another teacher run the stages on their own: python -m train.stage1 / "
+                         "train.stage2, installed videoprism-stage1 / videoprism-stage2)")
     t_start = time.perf_counter()
 
     # Both stages' configs are built (and so checked) before the data and stage 1 take minutes.

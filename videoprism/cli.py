@@ -49,6 +49,17 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
         return 1
 
 
+def command_name(module: str) -> str:
+    """How the user started entry point `module` (e.g. "train.stage1"), for its usage line: `python -m
+    train.stage1` from the repository, `python -m videoprism.train.stage1` or the console script
+    (`videoprism-stage1`) installed; `python -m <module>` when called in-process."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in (module, f"videoprism.{module}"):
+        return f"python -m {spec.name}"
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return script if script.startswith("videoprism-") else f"python -m {module}"
+
+
 DEFAULT_MODEL = "videoprism_public_v1_base"
 
 

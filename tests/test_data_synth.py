@@ -57,3 +57,14 @@ def test_cli_scene_option(tmp_path, capsys):
     assert len(json.loads(open(tmp_path / "train.jsonl").readline())["caption"].split()) == 5
     assert main(["data", "synth", "--out", str(tmp_path / "one"), "--num", "1"]) == 2
     assert "num must be >= 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_bar_counts_every_clip_and_leaves_the_output_unchanged(tmp_path, capsys, workers):
+    generate(str(tmp_path / "quiet"), 6, seed=2, size=16, num_frames=2, workers=workers)
+    assert capsys.readouterr().err == ""
+    generate(str(tmp_path / "bar"), 6, seed=2, size=16, num_frames=2, workers=workers, progress=True)
+    err = capsys.readouterr().err
+    assert "6/6" in err and "clip/s" in err
+    for name in ("train.jsonl", "val.jsonl", "clips/000004.webm"):
+        assert (tmp_path / "quiet" / name).read_bytes() == (tmp_path / "bar" / name).read_bytes()

@@ -47,7 +47,7 @@ def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> No
             return
         shutil.rmtree(root)
     t0 = time.perf_counter()
-    meta = generate(root, clips, size=resolution, num_frames=frames, scene=scene)
+    meta = generate(root, clips, size=resolution, num_frames=frames, scene=scene, progress=True)
     print(f"synthetic data ({scene!r} scenes): {meta['num_train']} train + {meta['num_val']} val clips in {root} "
           f"({time.perf_counter() - t0:.0f} s)")
 

@@ -32,7 +32,8 @@ def _cmd_synth(args) -> int:
 
     make_folder(args.out, f"--out {args.out}")
     meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
-                    num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers)
+                    num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers,
+                    progress=not args.quiet)
     print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
           f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, synth.json")
     return 0
@@ -90,4 +91,5 @@ def register(subparsers) -> None:
                         "scenes); 'pair': a second, growing, shrinking or still shape, also captioned "
                         "(default: %(default)s)")
     p.add_argument("--workers", type=_positive, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)

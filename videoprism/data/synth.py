@@ -21,6 +21,7 @@ Everything is a function of the seed: one generator per clip keyed by (seed, cli
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -150,8 +151,11 @@ def _is_val(i: int, num: int) -> bool:
 
 
 def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size: int = 96, num_frames: int = 16,
-             fps: int = 8, scene: str = DEFAULT_SCENE, workers: int | None = None) -> dict:
-    """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict."""
+             fps: int = 8, scene: str = DEFAULT_SCENE, workers: int | None = None, progress: bool = False) -> dict:
+    """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict.
+    `progress`: a bar with clips/s on stderr while the clips are encoded."""
+    from tqdm import tqdm
+
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
     if scene not in SCENES:
@@ -166,11 +170,13 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            records = list(pool.map(_make_clip, jobs, chunksize=8))
-    else:
-        records = [_make_clip(j) for j in jobs]
+    bar = tqdm(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        records = []
+        for r in (pool.map(_make_clip, jobs, chunksize=8) if pool is not None else map(_make_clip, jobs)):
+            records.append(r)
+            bar.update()
+    bar.close()
     splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
               "val": [r for i, r in enumerate(records) if _is_val(i, num)]}
     for split, recs in splits.items():

@@ -142,7 +142,7 @@ def test_clips_without_a_label_sit_out_its_probe():
     want = train_probe(tx[keep_t], ty[keep_t], vx[keep_v], vy[keep_v], num_heads=2, steps=5)
     assert (got["label"], got["label_train"]) == want
     assert got["label_clips"] == [10, 5]
-    with pytest.raises(ValueError, match="'colour' is not in the manifest.*label"):
+    with pytest.raises(ValueError, match=r"'colour' is not in the training manifest \(it has: \['label'\]\)"):
         probe_features(tx, {"label": ty}, vx, {"label": vy}, ["colour"], num_heads=2, steps=5)
     with pytest.raises(ValueError, match="no validation clip has it"):
         probe_features(tx, {"label": ty}, vx, {"label": torch.full((6,), -1)}, ["label"], num_heads=2, steps=5)
@@ -171,6 +171,104 @@ def test_bad_input_one_line_errors(data, tmp_path, capsys):
     assert "must end in .json" in error("retrieval", manifest, "--checkpoint", clip, "--out", str(tmp_path / "r.txt"))
     assert "no such file" in error("retrieval", str(tmp_path / "none.jsonl"), "--checkpoint", clip)
     assert "--batch-size 0" in error("retrieval", manifest, "--checkpoint", clip, "--batch-size", "0")
-    assert "'speed' is not in the manifest" in error("probe", manifest, manifest, "--checkpoint", enc,
-                                                     "--labels", "speed", "--steps", "1")
+    assert "no clip has the label 'speed'" in error("probe", manifest, manifest, "--checkpoint", enc,
+                                                    "--labels", "speed", "--steps", "1")
     assert "--steps must be >= 1" in error("probe", manifest, manifest, "--checkpoint", enc, "--steps", "0")
+
+
+def test_probe_labels_are_checked_before_the_model_and_name_the_manifest(data, tmp_path, capsys):
+    """A label that VAL lacks, an unknown or empty --labels: one line naming the manifest that lacks it and its labels,
+    before the model loads (a missing checkpoint is not the error reported) and the clips are encoded."""
+    _, d = data
+    train = os.path.join(d, "train.jsonl")
+    val = tmp_path / "val_colour_only.jsonl"
+    val.write_text("".join(json.dumps({**rec, "label": {"colour": rec["label"]["colour"]}}) + "\n"
+                           for rec in map(json.loads, open(os.path.join(d, "val.jsonl")))))
+    nowhere = str(tmp_path / "no_such_model.safetensors")
+
+    def error(*argv) -> str:
+        capsys.readouterr()
+        assert main(["eval", "probe", *argv, "--checkpoint", nowhere, "--quiet", "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "no_such_model" not in err, err
+        return err
+
+    err = error(train, str(val))  # every label of TRAIN by default: VAL has only colour
+    assert err.startswith(f"error: {val}: ") and "'direction'" in err and "['colour']" in err and "--labels" in err
+    err = error(train, str(val), "--labels", "colour,shape")
+    assert err.startswith(f"error: {val}: ") and "'shape'" in err
+    err = error(train, train, "--labels", "speed")
+    assert err.startswith(f"error: {train}: ") and "'speed'" in err and "['colour', 'direction', 'shape']" in err
+    assert "--labels ' , ': no label name" in error(train, train, "--labels", " , ")
+    # Past the checks, the missing checkpoint is what stops it: the labels were fine.
+    assert "no_such_model" in (main(["eval", "probe", train, str(val), "--labels", "colour", "--checkpoint", nowhere,
+                                     "--quiet"]), capsys.readouterr().err)[1]
+    # probe_features on its own names the split that lacks the label, with that split's labels.
+    x = torch.zeros(2, 3, 8)
+    with pytest.raises(ValueError, match=r"'shape' is not in the validation manifest \(it has: \['colour'\]\)"):
+        probe_features(x, {"label_shape": torch.zeros(2, dtype=torch.long)}, x,
+                       {"label_colour": torch.zeros(2, dtype=torch.long)}, ["shape"], num_heads=2, steps=1)
+
+
+def test_retrieval_bf16_equals_training_validation_under_its_autocast(data, tmp_path):
+    """Training validates under its train.precision (auto: bf16 autocast on a GPU): eval --precision bf16 reports
+    what Stage1Task.evaluate reports under a bf16 run's autocast, and its forward is that autocast's; auto is bf16
+    exactly where training's auto is."""
+    import argparse
+    import types
+
+    from videoprism.train.data import build_val_batches
+    from videoprism.train.evaluate import _stream_kw, encode_manifest
+    from videoprism.train.stage1 import Stage1Task
+
+    root, d = data
+    manifest = os.path.join(d, "train.jsonl")
+    out = tmp_path / "r.json"
+    assert main(["eval", "retrieval", manifest, "--checkpoint", str(root / "clip.safetensors"), "--batch-size", "8",
+                 "--workers", "0", "--quiet", "--precision", "bf16", "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["precision"] == "bf16"
+
+    cfg = build_config("tiny", [f"model.num_frames={FRAMES}", f"model.resolution={RES}", "model.patch_size=8",
+                                f"data.val={manifest}", "data.workers=0", "train.precision=bf16"], 1)
+    assert cfg.train.bf16("cpu")
+    model = vp.model_from_safetensors(str(root / "clip.safetensors")).eval()
+    tok = Tokenizer(os.path.join(d, "spm.model"))
+    task = types.SimpleNamespace(val=build_val_batches(cfg, tok, batch_size=8),
+                                 dist=types.SimpleNamespace(device=torch.device("cpu")))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's _evaluate of a bf16 run
+        want = Stage1Task.evaluate(task, model)
+    assert {k: got[k] for k in want} == want
+
+    kw = dict(frames=FRAMES, resolution=RES, device="cpu", batch_size=8, workers=0, max_bad_share=0.0,
+              tokenizer=tok, progress=False)
+    enc16, enc32 = encode_manifest(model, manifest, bf16=True, **kw)[0], encode_manifest(model, manifest, **kw)[0]
+    first = task.val[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        v, _, _ = model(first["video"], first["text_ids"], first["text_paddings"])
+    assert torch.allclose(enc16["video"][:8], v.float(), atol=1e-6)
+    assert not torch.equal(enc16["video"], enc32["video"])
+
+    def bf16(precision, device):
+        return _stream_kw(argparse.Namespace(precision=precision, batch_size=1, workers=0, max_bad_share=0.0,
+                                             quiet=True), FRAMES, RES, device)["bf16"]
+
+    for precision in ("auto", "bf16", "fp32"):
+        tc = build_config("tiny", [f"train.precision={precision}"], 1).train
+        for device in ("cpu", "cuda"):
+            assert bf16(precision, device) == tc.bf16(torch.device(device).type), (precision, device)
+
+
+def test_too_many_bad_files_names_the_flag(data, tmp_path, capsys):
+    _, d = data
+    lines = open(os.path.join(d, "train.jsonl")).read().splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:5] + ["not json"] + [l.replace(".webm", ".missing.webm") for l in lines[5:7]]
+                             + lines[7:]) + "\n")
+    for argv in (["retrieval", str(bad), "--tokenizer", os.path.join(d, "spm.model")],
+                 ["probe", str(bad), str(bad), "--steps", "1"]):
+        capsys.readouterr()
+        assert main(["eval", *argv, "--checkpoint", os.path.join(os.path.dirname(d), "clip.safetensors"),
+                     "--quiet", "--workers", "0", "--max-bad-share", "0.05"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and "--max-bad-share" in err, err

@@ -9,13 +9,15 @@
   a stage-2 export, an official or our encoder or classifier, or an LvT model's video tower.
 
 Clips stream through the loader's evaluation transform (uniform frames, shorter side resized, centre crop; DALI on
-a GPU when installed, else PyAV) in batches on `--device`. Bad files are skipped and reported as in training; more
+a GPU when installed, else PyAV) in batches on `--device`, under bf16 autocast on a GPU as in training
+(`--precision`; training's validation runs under its train.precision, `auto` by default). Bad files are skipped and reported as in training; more
 than `--max-bad-share` of them stops the command. The probe keeps every clip's tokens on the host, in bfloat16 by
 default: clips x T*N x D x 2 bytes (base at 16 frames: 6.3 MB a clip, 1000 clips 6.3 GB).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -30,10 +32,11 @@ FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def encode_manifest(model, manifest: str, *, frames: int, resolution: int, device: str, batch_size: int,
                     workers: int, max_bad_share: float, tokenizer=None, feature_dtype=torch.bfloat16,
-                    progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+                    bf16: bool = False, progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
     """Every readable clip of `manifest` through `model` (no gradients) -> (host tensors in manifest order, the
     skipped (name, reason) pairs). An LvT model with a tokenizer gives "video" and "text" `[N, D]` embeddings and
-    the caption fields; an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along."""
+    the caption fields; an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along.
+    `bf16`: the forward under bf16 autocast, as a training step and its validation (train.precision)."""
     from tqdm import tqdm
 
     import videoprism as vp
@@ -48,7 +51,8 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     parts: dict[str, list] = {}
     bar = tqdm(total=len(loader.samples), unit="clip", desc=os.path.basename(manifest), disable=not progress,
                smoothing=0)
-    with torch.no_grad():
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), amp:
         for batch in loader:
             video = to_device(batch["video"], dev)
             if clip:
@@ -90,8 +94,43 @@ def _tokenizer(path: str | None, manifest: str, vocabulary: int):
     return tok
 
 
-def _common(args) -> tuple:
-    """Checks before slow work, then the model: -> (model, source, frames, resolution, device)."""
+def _label_names(manifest: str, max_bad_share: float) -> list[str]:
+    """The probe labels of a manifest's clips, named as `eval probe` names them: "label" for an int `label`,
+    the keys of a dict one (the loader's fields "label" / "label_<key>")."""
+    from videoprism.data.manifest import read_source
+
+    samples, _ = read_source(manifest, max_bad_share=max_bad_share)  # its bad lines are reported when encoded
+    names = {k for s in samples if isinstance(s.label, dict) for k in s.label}
+    if any(isinstance(s.label, int) for s in samples):
+        names.add("label")
+    return sorted(names)
+
+
+def _probe_labels(args) -> list[str]:
+    """--labels (else every label of TRAIN), each checked against both manifests: before the model loads and
+    the clips are encoded, which is most of the command's time."""
+    have = {m: _label_names(m, args.max_bad_share) for m in (args.train, args.val)}
+    if args.labels is not None:
+        labels = list(dict.fromkeys(x.strip() for x in args.labels.split(",") if x.strip()))
+        if not labels:
+            raise ValueError(f"--labels {args.labels!r}: no label name; pass comma-separated names, e.g. --labels "
+                             f"{','.join(have[args.train]) or 'colour,shape'}")
+    else:
+        labels = have[args.train]
+        if not labels:
+            raise ValueError(f"{args.train}: no clip has a 'label'; add labels to the manifest (an int, or a dict of "
+                             "ints such as {\"colour\": 2}; README, Data format)")
+    both = [n for n in have[args.train] if n in have[args.val]]
+    for name in labels:
+        for m in (args.train, args.val):
+            if name not in have[m]:
+                raise ValueError(f"{m}: no clip has the label {name!r} (its labels: {have[m] or 'none'}); pass "
+                                 f"--labels with labels both manifests have ({','.join(both) or 'none'})")
+    return labels
+
+
+def _check(args) -> str:
+    """The checks of the options and manifests before any slow work -> the device."""
     check_clip_size(args)
     for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
         if value < lo:
@@ -105,14 +144,20 @@ def _common(args) -> tuple:
     for m in args.manifests:
         if not os.path.isfile(m):
             raise ValueError(f"{m}: {'a folder, not a manifest' if os.path.isdir(m) else 'no such file'}")
-    device = resolve_device(args.device)
+    return resolve_device(args.device)
+
+
+def _common(args) -> tuple:
+    """Checks before slow work, then the model: -> (model, source, frames, resolution, device)."""
+    device = _check(args)
     model, source, frames, resolution = load_model(args, device)
     return model, source, frames, resolution, device
 
 
 def _stream_kw(args, frames: int, resolution: int, device: str) -> dict:
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.device(device).type == "cuda")
     return dict(frames=frames, resolution=resolution, device=device, batch_size=args.batch_size,
-                workers=args.workers, max_bad_share=args.max_bad_share, progress=not args.quiet)
+                workers=args.workers, max_bad_share=args.max_bad_share, bf16=bf16, progress=not args.quiet)
 
 
 def _write(args, results: dict) -> None:
@@ -134,7 +179,8 @@ def cmd_retrieval(args) -> int:
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; retrieval needs a video-text (LvT) "
                          "model, e.g. a stage-1 run's model.safetensors (for an encoder: videoprism eval probe)")
     tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
-    enc, rejects = encode_manifest(model, args.manifest, tokenizer=tok, **_stream_kw(args, frames, resolution, device))
+    kw = _stream_kw(args, frames, resolution, device)
+    enc, rejects = encode_manifest(model, args.manifest, tokenizer=tok, **kw)
     metrics = retrieval_metrics(enc["video"], enc["text"], caption_groups(enc["text_ids"], enc["text_paddings"]))
     n = enc["video"].shape[0]
     print(f"zero-shot retrieval, {n} clips of {args.manifest} ({frames} frames at {resolution}x{resolution}, "
@@ -143,7 +189,8 @@ def cmd_retrieval(args) -> int:
         print(f"  {d}  " + "  ".join(f"R@{k} {100 * metrics[f'{d}_R@{k}']:5.1f}%" for k in (1, 5, 10)))
     print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}%")
     _write(args, {"task": "retrieval", "model": source, "manifest": args.manifest, "clips": n, "frames": frames,
-                  "resolution": resolution, "skipped": [list(r) for r in rejects], **metrics})
+                  "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32",
+                  "skipped": [list(r) for r in rejects], **metrics})
     return 0
 
 
@@ -154,16 +201,13 @@ def cmd_probe(args) -> int:
     if args.steps < 1 or not args.lr > 0:
         raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
     args.manifests = [args.train, args.val]
-    model, source, frames, resolution, device = _common(args)
+    device = _check(args)
+    labels = _probe_labels(args)
+    model, source, frames, resolution = load_model(args, device)
     encoder = model.vision_encoder if isinstance(model, vp.FactorizedVideoCLIP) else model
     kw = dict(**_stream_kw(args, frames, resolution, device), feature_dtype=FEATURE_DTYPES[args.features])
     train, train_rejects = encode_manifest(encoder, args.train, **kw)
     val, val_rejects = encode_manifest(encoder, args.val, **kw)
-    names = sorted(k[6:] if k.startswith("label_") else k for k in train if k.startswith("label"))
-    labels = [x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else names
-    if not labels:
-        raise ValueError(f"{args.train}: no clip has a 'label'; add labels to the manifest (an int, or a dict of "
-                         "ints such as {\"colour\": 2}; README, Data format)")
     results = probe_features(train.pop("tokens"), train, val.pop("tokens"), val, labels,
                              num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
     print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
@@ -174,7 +218,7 @@ def cmd_probe(args) -> int:
         print(f"  {name:<12} {clips:>11} {100 * results[f'{name}_chance']:6.1f}% "
               f"{100 * results[f'{name}_majority']:8.1f}% {100 * results[name]:6.1f}% ({100 * results[name + '_train']:5.1f}%)")
     _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
-                  "resolution": resolution, "steps": args.steps, "lr": args.lr,
+                  "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps, "lr": args.lr,
                   "skipped": [list(r) for r in train_rejects + val_rejects], **results})
     return 0
 
@@ -195,6 +239,9 @@ def register(subparsers, names: str) -> None:
         p.add_argument("--max-bad-share", type=float, default=0.01,
                        help="stop when more than this share of the clips is unreadable (default: %(default)s)")
         p.add_argument("--out", help="also write the results (and the skipped files) to this .json")
+        p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="the forward's: 'auto' is bf16 autocast on a GPU and fp32 on the CPU, as training's "
+                            "train.precision and so its validation (default: %(default)s)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("retrieval", help="zero-shot text<->video retrieval of a video-text (LvT) model",

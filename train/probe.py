@@ -89,9 +89,11 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
     out = {}
     for name in labels:
         key = label_key(name)
-        if key not in train_labels or key not in val_labels:
-            have = sorted(k[6:] if k.startswith("label_") else k for k in train_labels if k.startswith("label"))
-            raise ValueError(f"probe label {name!r} is not in the manifest (have: {have or 'no labels'})")
+        for split, fields in (("training", train_labels), ("validation", val_labels)):
+            if key not in fields:
+                have = sorted(k[6:] if k.startswith("label_") else k for k in fields if k.startswith("label"))
+                raise ValueError(f"probe label {name!r} is not in the {split} manifest (it has: "
+                                 f"{have or 'no labels'})")
         ty, vy = train_labels[key], val_labels[key]
         tk, vk = ty >= 0, vy >= 0
         if not tk.any() or not vk.any():

@@ -69,7 +69,7 @@ class BadSampleBudget:
             raise TooManyBadSamplesError(
                 f"{self.bad} of {self.total} {self.what} are bad ({self.bad / max(self.total, 1):.1%} > max_bad_share "
                 f"{self.max_share:.1%}); last: {shown}. Clean the data with `videoprism data index MANIFEST --out "
-                f"CLEAN.jsonl` or raise max_bad_share (training: data.max_bad_share).")
+                f"CLEAN.jsonl` or raise max_bad_share (training: data.max_bad_share; videoprism eval: --max-bad-share).")
 
     def state_dict(self) -> dict:
         return {"rejects": [list(r) for r in self.rejects]}

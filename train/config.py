@@ -157,7 +157,13 @@ class TrainConfig:
 
     def bf16(self, device_type: str) -> bool:
         """Whether the step runs under bf16 autocast on a `device_type` device (precision resolved)."""
-        return self.precision == "bf16" or (self.precision == "auto" and device_type == "cuda")
+        return bf16_autocast(self.precision, device_type)
+
+
+def bf16_autocast(precision: str, device_type: str) -> bool:
+    """A precision setting ('auto', 'bf16', 'fp32') resolved: bf16 autocast or not on a `device_type` device
+    ('auto': bf16 on a GPU, fp32 on the CPU). Training's train.precision and `videoprism eval --precision`."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
 
 
 @dataclass

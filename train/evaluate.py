@@ -32,11 +32,14 @@ FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 def encode_manifest(model, manifest: str, *, frames: int, resolution: int, device: str, batch_size: int,
                     workers: int, max_bad_share: float, tokenizer=None, feature_dtype=torch.bfloat16,
-                    bf16: bool = False, progress: bool = True) -> tuple[dict, list[tuple[str, str]]]:
+                    bf16: bool = False, decoder: str = "auto", progress: bool = True) -> tuple[dict, list]:
     """Every readable clip of `manifest` through `model` (no gradients) -> (host tensors in manifest order, the
     skipped (name, reason) pairs). An LvT model with a tokenizer gives "video" and "text" `[N, D]` embeddings and
     the caption fields; an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along.
-    `bf16`: the forward under bf16 autocast, as a training step and its validation (train.precision)."""
+    `bf16`: the forward under bf16 autocast, as a training step and its validation (train.precision). `decoder`:
+    the loader's backend ("auto": DALI on a GPU when installed, else PyAV).
+    Each field fills one buffer sized for every clip of the manifest (skipped clips leave its tail unused): the
+    features are held once, not as batches and again as their concatenation."""
     from tqdm import tqdm
 
     import videoprism as vp
@@ -45,11 +48,13 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     from videoprism.train.data import trim_text
 
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=batch_size, train=False,
-                          tokenizer=tokenizer, device=device, num_workers=workers, max_bad_share=max_bad_share)
+                          tokenizer=tokenizer, device=device, num_workers=workers, max_bad_share=max_bad_share,
+                          backend=decoder)
     dev = torch.device(device)
     clip = isinstance(model, vp.FactorizedVideoCLIP)
-    parts: dict[str, list] = {}
-    bar = tqdm(total=len(loader.samples), unit="clip", desc=os.path.basename(manifest), disable=not progress,
+    total, n = len(loader.samples), 0
+    buffers: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
                smoothing=0)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with torch.no_grad(), amp:
@@ -64,16 +69,20 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
                 tokens, _ = model(video)
                 out = {"tokens": tokens.to("cpu", feature_dtype)}
             out.update({k: v for k, v in batch.items() if k.startswith("label")})
+            b = video.shape[0]
             for k, v in out.items():
-                parts.setdefault(k, []).append(v)
-            bar.update(video.shape[0])
+                if k not in buffers:
+                    buffers[k] = torch.empty((total, *v.shape[1:]), dtype=v.dtype)
+                buffers[k][n:n + b] = v
+            n += b
+            bar.update(b)
     bar.close()
     rejects = loader.drain_rejects()
     for name, reason in rejects:
         print(f"skipped {name}: {reason}", file=sys.stderr)
-    if not parts:
+    if n == 0:
         raise ValueError(f"{manifest}: no readable clip (each is reported above as skipped)")
-    return {k: torch.cat(v) for k, v in parts.items()}, rejects
+    return {k: v[:n] for k, v in buffers.items()}, rejects
 
 
 def _tokenizer(path: str | None, manifest: str, vocabulary: int):
@@ -155,9 +164,11 @@ def _common(args) -> tuple:
 
 
 def _stream_kw(args, frames: int, resolution: int, device: str) -> dict:
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.device(device).type == "cuda")
+    from videoprism.train.config import bf16_autocast
+
     return dict(frames=frames, resolution=resolution, device=device, batch_size=args.batch_size,
-                workers=args.workers, max_bad_share=args.max_bad_share, bf16=bf16, progress=not args.quiet)
+                workers=args.workers, max_bad_share=args.max_bad_share, decoder=args.decoder,
+                bf16=bf16_autocast(args.precision, torch.device(device).type), progress=not args.quiet)
 
 
 def _write(args, results: dict) -> None:
@@ -213,13 +224,17 @@ def cmd_probe(args) -> int:
     print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
           f"steps each, lr {args.lr:g}): validation accuracy (training accuracy)")
     print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
-    for name in labels:
-        clips = "/".join(map(str, results[f"{name}_clips"]))
-        print(f"  {name:<12} {clips:>11} {100 * results[f'{name}_chance']:6.1f}% "
-              f"{100 * results[f'{name}_majority']:8.1f}% {100 * results[name]:6.1f}% ({100 * results[name + '_train']:5.1f}%)")
+    # Per label, nested: a label may be named like a top-level field (a label called "model" or "steps").
+    per_label = {name: {"accuracy": results[name], "train_accuracy": results[f"{name}_train"],
+                        "chance": results[f"{name}_chance"], "majority": results[f"{name}_majority"],
+                        "clips": results[f"{name}_clips"]} for name in labels}
+    for name, r in per_label.items():
+        clips = "/".join(map(str, r["clips"]))
+        print(f"  {name:<12} {clips:>11} {100 * r['chance']:6.1f}% {100 * r['majority']:8.1f}% "
+              f"{100 * r['accuracy']:6.1f}% ({100 * r['train_accuracy']:5.1f}%)")
     _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
-                  "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps, "lr": args.lr,
-                  "skipped": [list(r) for r in train_rejects + val_rejects], **results})
+                  "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps,
+                  "lr": args.lr, "skipped": [list(r) for r in train_rejects + val_rejects], "labels": per_label})
     return 0
 
 
@@ -242,6 +257,10 @@ def register(subparsers, names: str) -> None:
         p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="the forward's: 'auto' is bf16 autocast on a GPU and fp32 on the CPU, as training's "
                             "train.precision and so its validation (default: %(default)s)")
+        p.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",
+                       help="'auto': DALI on a GPU when installed, else PyAV; 'pyav': the decoder of training's "
+                            "validation, whose frames DALI's match to >= 40 dB PSNR, not bit for bit (default: "
+                            "%(default)s)")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("retrieval", help="zero-shot text<->video retrieval of a video-text (LvT) model",

@@ -267,7 +267,7 @@ def register(subparsers, names: str) -> None:
                        description="Embed every clip and its caption of MANIFEST and report text->video and "
                                    "video->text recall at 1, 5 and 10 (a hit: an item whose caption equals the "
                                    "query's) with the chance level, as training's validation does.")
-    r.add_argument("manifest", help="a .jsonl manifest (path, caption)")
+    r.add_argument("manifest", help="a .jsonl manifest (path, caption) or a WebDataset .tar shard")
     r.add_argument("--tokenizer", help="the captions' SentencePiece model (default: spm.model next to the manifest)")
     common(r)
     r.set_defaults(func=cmd_retrieval)
@@ -278,7 +278,7 @@ def register(subparsers, names: str) -> None:
                                    "its accuracy on VAL with the chance level and the majority class's share. "
                                    "Labels come from the manifests' `label` field (an int: the label 'label'; a "
                                    "dict: one label per key); clips without a label sit out its probe.")
-    p.add_argument("train", help="the probes' training manifest (.jsonl with labels)")
+    p.add_argument("train", help="the probes' training manifest (.jsonl with labels, or a .tar shard)")
     p.add_argument("val", help="the validation manifest")
     p.add_argument("--labels", help="comma-separated labels to probe (default: every label of TRAIN)")
     p.add_argument("--steps", type=int, default=PROBE_STEPS, help="optimizer steps of each probe (default: %(default)s)")

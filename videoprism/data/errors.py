@@ -50,6 +50,8 @@ class BadSampleBudget:
     total: int
     max_share: float = 0.01
     what: str = "samples"
+    # The command that cleans the data, as specific as the caller knows it (the manifest, the frames a clip needs).
+    clean: str = "videoprism data index MANIFEST --out CLEAN.jsonl"
     rejects: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self):
@@ -68,8 +70,8 @@ class BadSampleBudget:
             shown = "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:])
             raise TooManyBadSamplesError(
                 f"{self.bad} of {self.total} {self.what} are bad ({self.bad / max(self.total, 1):.1%} > max_bad_share "
-                f"{self.max_share:.1%}); last: {shown}. Clean the data with `videoprism data index MANIFEST --out "
-                f"CLEAN.jsonl` or raise max_bad_share (training: data.max_bad_share; videoprism eval: --max-bad-share).")
+                f"{self.max_share:.1%}); last: {shown}. Clean the data with `{self.clean}` or raise the share "
+                f"(training: data.max_bad_share; videoprism eval: --max-bad-share).")
 
     def state_dict(self) -> dict:
         return {"rejects": [list(r) for r in self.rejects]}

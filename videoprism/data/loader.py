@@ -215,8 +215,9 @@ class VideoTextLoader:
     def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
                  seed: int, rank: int, world_size: int, tokenizer: Tokenizer | None, backend: str, device: torch.device,
                  num_workers: int, max_bad_share: float, drop_last: bool, flip_prob: float = TRAIN_FLIP_PROB,
-                 decode_timeout: float = 120.0, source_rejects=()):
+                 decode_timeout: float = 120.0, source_rejects=(), source_name: str = ""):
         self.samples = samples
+        self.source_name = source_name  # the manifest or shards, for the bad-share error
         self.flip_prob = flip_prob
         self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
@@ -282,8 +283,11 @@ class VideoTextLoader:
     def _new_budget(self) -> BadSampleBudget:
         # The share is of this rank's whole epoch, also when the epoch is the rest of one begun on other ranks.
         total = len(self._trimmed(self._permutation(self.epoch), self.world_size)[self.rank::self.world_size])
+        of = f"{self.source_name}, " if self.source_name else ""
         return BadSampleBudget(total=total, max_share=self.max_bad_share,
-                               what=f"samples of epoch {self.epoch} on rank {self.rank}")
+                               what=f"samples of {of}epoch {self.epoch} on rank {self.rank}",
+                               clean=f"videoprism data index {self.source_name or 'MANIFEST'} --out CLEAN.jsonl "
+                                     f"--min-frames {self.num_frames}")
 
     @functools.cached_property
     def _fingerprint(self) -> str:
@@ -495,4 +499,12 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
                            seed=seed, rank=rank, world_size=world_size, tokenizer=tokenizer, backend=backend,
                            device=torch.device(device), num_workers=num_workers, max_bad_share=max_bad_share,
                            drop_last=train if drop_last is None else drop_last, flip_prob=flip_prob,
-                           decode_timeout=float(decode_timeout), source_rejects=rejects)
+                           decode_timeout=float(decode_timeout), source_rejects=rejects,
+                           source_name=_source_name(source))
+
+
+def _source_name(source) -> str:
+    """A manifest path or shard paths as the user can type them again (the shell's word splitting)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return " ".join(os.fspath(s) for s in source)

@@ -139,7 +139,8 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
                              "JSON object per line) or WebDataset .tar shards")
         f.seek(0)
         lines = [(n, raw) for n, raw in enumerate(f, 1) if raw.strip()]
-    budget = BadSampleBudget(total=len(lines), max_share=max_bad_share, what=f"lines of {path}")
+    budget = BadSampleBudget(total=len(lines), max_share=max_bad_share, what=f"lines of {path}",
+                             clean=f"videoprism data index {path} --out CLEAN.jsonl")
     samples = []
     for n, raw in lines:
         try:
@@ -196,7 +197,8 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
             # shard fails to decode later and is skipped then); the rest of the shard is lost.
             broken.append((tar_path, f"truncated or not a tar file: read stopped after {members} members ({e})"))
         groups.extend((tar_path, k, v) for k, v in by_key.items())
-    budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples")
+    budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples",
+                             clean=f"videoprism data index {' '.join(map(str, paths))} --out CLEAN.jsonl")
     for where, reason in broken:
         budget.skip(where, reason)
     samples = []

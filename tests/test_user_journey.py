@@ -33,3 +33,45 @@ def test_bad_share_error_names_the_manifest_and_the_min_frames_that_cleans_it(tm
     assert f"samples of {path}" in msg
     assert f"`videoprism data index {path} --out CLEAN.jsonl --min-frames 8`" in msg
     assert "--max-bad-share" in msg  # the eval commands' option, beside training's data.max_bad_share
+
+
+def test_index_rejects_a_short_window_naming_the_window(tmp_path):
+    # The report's path is the whole file: "clip.mp4: too few frames: 5, need 8" for a 20-frame file read as if
+    # the file were short. The reason must name the window it counted.
+    from videoprism.cli import main
+
+    d = str(tmp_path)
+    write_clip(os.path.join(d, "clip.mp4"), 20)  # 10 fps: 2 s
+    src = _manifest(d, [{"path": "clip.mp4", "caption": "whole"},
+                        {"path": "clip.mp4", "caption": "half a second", "start": 0.0, "end": 0.5}])
+    out = os.path.join(d, "clean.jsonl")
+    assert main(["data", "index", src, "--out", out, "--min-frames", "8", "--workers", "1", "--quiet"]) == 0
+    (rej,) = [json.loads(line) for line in open(os.path.join(d, "clean.rejects.jsonl"))]
+    assert rej["reason"] == "too few frames: 5 in the window [0.0, 0.5) s (the file has 20), need 8", rej
+    (kept,) = [json.loads(line) for line in open(out)]
+    assert kept["caption"] == "whole"
+
+
+def test_embed_a_bad_or_short_clip_says_how_to_go_on(tmp_path, capsys):
+    # "error: short.mp4: too few frames: 3, need 4" named no way on; an image-like 1-frame clip met it too.
+    from videoprism.cli import main
+
+    d = str(tmp_path)
+    write_clip(os.path.join(d, "short.mp4"), 3)
+    with open(os.path.join(d, "notes.mp4"), "w") as f:
+        f.write("not a video\n")
+    tiny = ["--model", "videoprism_v1_base", "--resolution", "16", "--device", "cpu", "--set", "model_dim=16",
+            "--set", "num_heads=2", "--set", "mlp_dim=32", "--set", "num_spatial_layers=1",
+            "--set", "num_temporal_layers=1", "--set", "patch_size=8", "--quiet", "--out", os.path.join(d, "e.npy")]
+
+    def error(*argv) -> str:
+        capsys.readouterr()
+        assert main(["embed", *argv, *tiny]) == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    err = error(os.path.join(d, "short.mp4"), "--num-frames", "4")
+    assert err.startswith("error: ") and "too few frames: 3, need 4" in err, err
+    assert "--num-frames, now 4" in err and "--skip-bad" in err, err
+    err = error(os.path.join(d, "notes.mp4"), "--num-frames", "4")
+    assert "notes.mp4: not a video" in err and "--skip-bad" in err and "--num-frames" not in err, err
+    assert main(["embed", os.path.join(d, "short.mp4"), "--num-frames", "3", *tiny]) == 0  # the way on works

@@ -169,7 +169,12 @@ def cmd_embed(args) -> int:
         except BadVideoError as e:
             if not args.skip_bad:
                 bar.close()
-                raise  # one line and exit status 2 from run_command
+                # One line and exit status 2 from run_command, with the ways on: a clip shorter than the
+                # model's frames (a short clip, an image) embeds with fewer frames.
+                fix = "pass --skip-bad to embed the others"
+                if e.reason.startswith("too few frames"):
+                    fix = f"embed it with fewer frames (--num-frames, now {num_frames}), or {fix}"
+                raise BadVideoError(e.path, f"{e.reason}; {fix}") from None
             skipped.append(str(e))
             continue
         with torch.no_grad():

@@ -30,7 +30,10 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
             idx = clip.index
             window = idx.window(sample.start, sample.end)
             if len(window) < min_frames:
-                raise BadVideoError(sample.name, f"too few frames: {len(window)}, need {min_frames}")
+                # A window names itself: the report's path is the whole file, which may have frames enough.
+                where = "" if sample.start is None and sample.end is None else \
+                    f" in the window [{sample.start}, {sample.end}) s (the file has {idx.num_frames})"
+                raise BadVideoError(sample.name, f"too few frames: {len(window)}{where}, need {min_frames}")
             clip.verify(full=full)
     except OSError as e:
         raise BadVideoError(sample.name, f"unreadable ({e.strerror or e})") from None

@@ -31,8 +31,9 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
             window = idx.window(sample.start, sample.end)
             if len(window) < min_frames:
                 # A window names itself: the report's path is the whole file, which may have frames enough.
-                where = "" if sample.start is None and sample.end is None else \
-                    f" in the window [{sample.start}, {sample.end}) s (the file has {idx.num_frames})"
+                where = "" if sample.start is None and sample.end is None else (
+                    f" in the window [{sample.start or 0.0}, {'end' if sample.end is None else sample.end}) s "
+                    f"(the file has {idx.num_frames})")
                 raise BadVideoError(sample.name, f"too few frames: {len(window)}{where}, need {min_frames}")
             clip.verify(full=full)
     except OSError as e:

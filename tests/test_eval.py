@@ -285,3 +285,18 @@ def test_streamed_fields_stay_aligned_past_a_skipped_clip(data, tmp_path):
     with torch.no_grad():
         want = torch.cat([enc(read_clip(os.path.join(d, r["path"]), FRAMES, RES)[None])[0] for r in good])
     assert torch.allclose(got["tokens"], want, atol=1e-5)
+
+
+def test_probe_on_one_manifest_for_both_splits_encodes_it_once(data, tmp_path, monkeypatch):
+    import videoprism.train.evaluate as ev
+
+    root, d = data
+    train = os.path.join(d, "train.jsonl")
+    calls = []
+    real = ev.encode_manifest
+    monkeypatch.setattr(ev, "encode_manifest", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    out = tmp_path / "p.json"
+    assert main(["eval", "probe", train, train, "--checkpoint", str(root / "enc.safetensors"), "--labels", "colour",
+                 "--steps", "2", "--workers", "0", "--quiet", "--out", str(out)]) == 0
+    n = sum(1 for _ in open(train))
+    assert calls == [train] and json.loads(out.read_text())["labels"]["colour"]["clips"] == [n, n]

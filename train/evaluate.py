@@ -54,10 +54,10 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     clip = isinstance(model, vp.FactorizedVideoCLIP)
     total, n = len(loader.samples), 0
     buffers: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
-               smoothing=0)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.no_grad(), amp:
+    # The bar as a context: an error (too many bad clips) closes it, so the error line starts a line of its own.
+    with tqdm(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
+              smoothing=0) as bar, torch.no_grad(), amp:
         for batch in loader:
             video = to_device(batch["video"], dev)
             if clip:
@@ -76,7 +76,6 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
                 buffers[k][n:n + b] = v
             n += b
             bar.update(b)
-    bar.close()
     rejects = loader.drain_rejects()
     for name, reason in rejects:
         print(f"skipped {name}: {reason}", file=sys.stderr)
@@ -218,8 +217,10 @@ def cmd_probe(args) -> int:
     encoder = model.vision_encoder if isinstance(model, vp.FactorizedVideoCLIP) else model
     kw = dict(**_stream_kw(args, frames, resolution, device), feature_dtype=FEATURE_DTYPES[args.features])
     train, train_rejects = encode_manifest(encoder, args.train, **kw)
-    val, val_rejects = encode_manifest(encoder, args.val, **kw)
-    results = probe_features(train.pop("tokens"), train, val.pop("tokens"), val, labels,
+    # One manifest for both (a quick check that the probe fits): encoded once.
+    same = os.path.samefile(args.train, args.val)
+    val, val_rejects = (train, []) if same else encode_manifest(encoder, args.val, **kw)
+    results = probe_features(train["tokens"], train, val["tokens"], val, labels,
                              num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
     print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
           f"steps each, lr {args.lr:g}): validation accuracy (training accuracy)")

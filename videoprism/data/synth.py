@@ -170,13 +170,12 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
-    bar = tqdm(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0)
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
+    with tqdm(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
         records = []
-        for r in (pool.map(_make_clip, jobs, chunksize=8) if pool is not None else map(_make_clip, jobs)):
+        for r in (pool.map(_make_clip, jobs, chunksize=8) if workers > 1 else map(_make_clip, jobs)):
             records.append(r)
             bar.update()
-    bar.close()
     splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
               "val": [r for i, r in enumerate(records) if _is_val(i, num)]}
     for split, recs in splits.items():

@@ -246,6 +246,25 @@ def test_auto_resume_starts_afresh_without_a_checkpoint_and_resumes_with_one(tmp
         make_trainer(tmp_path / "empty", *args).resume(str(tmp_path / "empty"))
 
 
+def test_resume_reports_what_the_config_changed(tmp_path, capsys):
+    """A resume with other values (a longer schedule, another lr) goes on with them and says so, on the console and
+    in metrics.jsonl; the same config says nothing."""
+    make_trainer(tmp_path, "train.compile=false", "train.steps=2").fit()
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=2")
+    trainer.resume(str(tmp_path))
+    capsys.readouterr()
+    trainer.fit()
+    assert "differs" not in capsys.readouterr().out
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=3", "optim.lr=1e-3")
+    trainer.resume(str(tmp_path))
+    trainer.fit()
+    assert "optim.lr: 0.003 -> 0.001; train.steps: 2 -> 3" in capsys.readouterr().out
+    records = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "resumed_from" in r]
+    assert "config_changes" not in records[0]
+    assert records[-1]["config_changes"] == ["optim.lr: 0.003 -> 0.001", "train.steps: 2 -> 3"]
+    assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 3
+
+
 class Watch(RandomClips):
     """Random clips that note, per step, whether `path` exists when the step's batch is fetched."""
 

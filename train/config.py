@@ -457,6 +457,22 @@ def check_inputs(cfg: Config, stage: int) -> None:
                          "CPU; use 'reference' or 'auto'")
 
 
+def config_changes(old: dict, new: dict) -> list[str]:
+    """`section.field: old -> new` for every field whose value differs between two configs' dicts (`to_dict`, a
+    run's config.json), fields of one only included: what a resume changed."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                out.append(f"{section}: {a!r} -> {b!r}")
+            continue
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                out.append(f"{section}.{name}: {a.get(name, '(unset)')!r} -> {b.get(name, '(unset)')!r}")
+    return out
+
+
 def save_config(cfg: Config, path: str) -> None:
     """The resolved config as JSON, written atomically. It holds every field, so `--config`
     reads back exactly this run's settings whatever preset it names (none: tiny)."""

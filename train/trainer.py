@@ -23,7 +23,7 @@ from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import Config, ResumeFrom, check_inputs, save_config
+from videoprism.train.config import Config, ResumeFrom, check_inputs, config_changes, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
@@ -261,12 +261,25 @@ class Trainer:
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
         config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:
+            changes = []
+            if self.resumed_from and os.path.isfile(config_path):
+                # What this resume changed (train.steps moves the schedule's end, optim.lr its height): said once,
+                # and kept in metrics.jsonl; the run goes on with the new values.
+                try:
+                    with open(config_path, encoding="utf-8") as fh:
+                        changes = config_changes(json.load(fh), cfg.to_dict())
+                except (OSError, ValueError):  # unreadable: nothing to compare with, and it is rewritten below
+                    changes = []
+                if changes:
+                    log.message(f"[{self.name}] resumed with a config that differs from the run's {config_path}: "
+                                + "; ".join(changes))
             save_config(cfg, config_path)
             layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
             if self.step == 0:
                 log.write({"config": cfg.to_dict(), **layout, "peak_tflops": peak})
             elif self.resumed_from:  # the layout may differ from the first record's (resumed on other ranks)
-                log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout})
+                log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout,
+                           **({"config_changes": changes} if changes else {})})
         retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
         if retired and d.main:
             print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "

@@ -108,10 +108,7 @@ def _label_names(manifest: str, max_bad_share: float) -> list[str]:
     from videoprism.data.manifest import read_source
 
     samples, _ = read_source(manifest, max_bad_share=max_bad_share)  # its bad lines are reported when encoded
-    names = {k for s in samples if isinstance(s.label, dict) for k in s.label}
-    if any(isinstance(s.label, int) for s in samples):
-        names.add("label")
-    return sorted(names)
+    return sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
 
 
 def _probe_labels(args) -> list[str]:

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import functools
-import hashlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +44,7 @@ import torch
 
 from .device import to_device
 from .errors import BadSampleBudget, BadVideoError
-from .manifest import Sample, read_source
+from .manifest import Sample, SampleList, read_source
 from .text import Tokenizer
 from .transforms import TRAIN_FLIP_PROB, Augment
 
@@ -212,11 +211,11 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
 
 
 class VideoTextLoader:
-    def __init__(self, samples: list[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
+    def __init__(self, samples: Sequence[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
                  seed: int, rank: int, world_size: int, tokenizer: Tokenizer | None, backend: str, device: torch.device,
                  num_workers: int, max_bad_share: float, drop_last: bool, flip_prob: float = TRAIN_FLIP_PROB,
                  decode_timeout: float = 120.0, source_rejects=(), source_name: str = ""):
-        self.samples = samples
+        self.samples = samples if isinstance(samples, SampleList) else SampleList(samples)
         self.source_name = source_name  # the manifest or shards, for the bad-share error
         self.flip_prob = flip_prob
         self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
@@ -226,8 +225,7 @@ class VideoTextLoader:
         self.source_rejects = list(source_rejects)
         # Label fields of the whole source, so every batch has the same keys (-1 where a clip has none): per-batch
         # keys would misalign the batches of a consumer that concatenates them.
-        self.int_label = any(isinstance(s.label, int) for s in samples)
-        self.label_names = sorted({k for s in samples if isinstance(s.label, dict) for k in s.label})
+        self.int_label, self.label_names = self.samples.int_label, self.samples.label_names
         self._unreported = list(self.source_rejects)  # for drain_rejects(): a trainer reports each skip once
         self.epoch, self.position = 0, 0
         # Reads of this epoch by another number of ranks, before a resume that changed it: [world, [position
@@ -289,15 +287,11 @@ class VideoTextLoader:
                                clean=f"videoprism data index {self.source_name or 'MANIFEST'} --out CLEAN.jsonl "
                                      f"--min-frames {self.num_frames}")
 
-    @functools.cached_property
+    @property
     def _fingerprint(self) -> str:
         """Of the sample list the position indexes into: a resume over other data would silently repeat and drop
-        samples (the epoch order is a permutation of the list). Hashed once: the list never changes, and every
-        checkpoint saves it."""
-        h = hashlib.sha256()
-        for s in self.samples:
-            h.update(f"{s.name}\0{s.start}\0{s.end}\n".encode())
-        return f"{len(self.samples)}:{h.hexdigest()[:16]}"
+        samples (the epoch order is a permutation of the list)."""
+        return self.samples.fingerprint
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "rank": self.rank,

@@ -195,6 +195,7 @@ def test_retrieval_metrics_brute_force():
         assert m[f"t2v_R@{k}"] == pytest.approx(hits / n)
     rows = [tuple(r) for r in ids.tolist()]
     assert m["chance_R@1"] == pytest.approx(sum(rows.count(r) for r in rows) / n / n)
+    assert m["captions"] == len(set(rows)) == n - 1
 
 
 def test_retrieval_ties_count_against_the_model():

@@ -194,7 +194,8 @@ def cmd_retrieval(args) -> int:
           f"{source}; {len(rejects)} skipped):")
     for d in ("t2v", "v2t"):
         print(f"  {d}  " + "  ".join(f"R@{k} {100 * metrics[f'{d}_R@{k}']:5.1f}%" for k in (1, 5, 10)))
-    print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}%")
+    print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}% ({metrics['captions']} distinct captions as tokenized, "
+          f"of {n} clips)")
     _write(args, {"task": "retrieval", "model": source, "manifest": args.manifest, "clips": n, "frames": frames,
                   "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32",
                   "skipped": [list(r) for r in rejects], **metrics})

@@ -44,4 +44,7 @@ def retrieval_metrics(video: torch.Tensor, text: torch.Tensor, groups: torch.Ten
             out[f"{name}_R@{k}"] = r
     sizes = torch.bincount(groups).float()
     out["chance_R@1"] = float((sizes[groups] / groups.shape[0]).mean())
+    # Captions whose token sequences are equal count as one (a tokenizer that drops digits or case can merge
+    # captions that differ as text): fewer of them than clips raises the chance level above.
+    out["captions"] = int((sizes > 0).sum())
     return out

@@ -197,7 +197,8 @@ def _report(results: dict, cfg: Config) -> None:
     if "t2v_R@1" in results:
         print("zero-shot retrieval (validation): " + ", ".join(
             f"{k} {100 * results[k]:.1f}%" for k in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5",
-                                                     "v2t_R@10", "chance_R@1")))
+                                                     "v2t_R@10", "chance_R@1"))
+              + f" ({results['captions']} distinct captions as tokenized)")
     print_outputs(results, cfg.train.out_dir)
 
 

@@ -30,6 +30,8 @@ from .errors import BadSampleBudget, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration")
+_KNOWN_FIELDS = frozenset({"path", "caption", "dataset", "start", "end", "label", "offset", "size", "member",
+                           *PROBE_FIELDS})  # the rest of a line is kept as `extra`
 
 
 @dataclass(frozen=True)
@@ -186,11 +188,10 @@ def sample_from_record(rec, base: str) -> Sample:
         raise ValueError(f"'dataset' must be a string, got {dataset!r}")
     if member is not None and not isinstance(member, str):
         raise ValueError(f"'member' must be a string (the name inside the tar), got {member!r}")
-    known = {"path", "caption", "dataset", "start", "end", "label", "offset", "size", "member", *PROBE_FIELDS}
     return Sample(path=os.path.normpath(os.path.join(base, path)), caption=caption, dataset=dataset, start=start,
                   end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
-                  extra={k: v for k, v in rec.items() if k not in known})
+                  extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
 
 
 def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:

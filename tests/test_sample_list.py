@@ -87,3 +87,27 @@ def test_what_a_loader_reads_of_every_sample_is_gathered_on_append():
     assert SampleList(want[:49]).fingerprint != got.fingerprint
     back = pickle.loads(pickle.dumps(got))  # a spawned worker's copy
     assert list(back) == want and back.fingerprint == got.fingerprint and back.label_names == got.label_names
+
+
+def test_a_non_utf8_file_name_is_one_usable_sample(tmp_path):
+    """A file name that is not UTF-8 reaches a manifest as a lone surrogate ("caf\\udce9.mp4": how os.listdir gives
+    it and json.dumps writes it). The fingerprint's strict UTF-8 encode raised inside append after the record was
+    stored: the line was reported as rejected and kept all the same (len 2 with 1 reject), and the fingerprint
+    counted a sample it had not hashed."""
+    import json
+
+    from videoprism.data.loader import build_loader
+    from videoprism.data.manifest import read_manifest
+
+    odd = os.fsdecode(b"caf\xe9.mp4")
+    p = tmp_path / "m.jsonl"
+    p.write_text(json.dumps({"path": odd, "caption": "a"}) + "\n" + json.dumps({"path": "b.mp4", "caption": "b"})
+                 + "\n")
+    samples, rejects = read_manifest(str(p), max_bad_share=1.0)
+    assert rejects == []
+    assert [s.path for s in samples] == [str(tmp_path / odd), str(tmp_path / "b.mp4")]
+    # The fingerprint covers both samples: without the odd one it differs, and a checkpoint can save it.
+    assert samples.fingerprint.startswith("2:")
+    assert samples.fingerprint != SampleList([Sample(samples[1].path, "b"), samples[1]]).fingerprint
+    loader = build_loader(str(p), num_frames=2, resolution=16, batch_size=1, train=True, tokenizer=None)
+    assert loader.state_dict()["samples"] == samples.fingerprint

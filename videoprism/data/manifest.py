@@ -84,6 +84,13 @@ class Sample:
         return rec
 
 
+def _fingerprint_line(s: Sample) -> bytes:
+    """What the checkpoint fingerprint hashes of a sample. surrogatepass: a path with a lone surrogate (a non-UTF-8
+    file name as Python lists it, "caf\\udce9.mp4", which json.dumps writes and json.loads gives back) is a usable
+    sample; strict UTF-8 raised on it. Every other name encodes as before, so older checkpoints still resume."""
+    return f"{s.name}\0{s.start}\0{s.end}\n".encode("utf-8", "surrogatepass")
+
+
 class SampleList(Sequence):
     """Samples stored compactly: each one's field values pickled into one bytearray, with the end offsets in an
     int64 array; `samples[i]` builds the Sample from its bytes. For a manifest of millions of clips:
@@ -103,15 +110,19 @@ class SampleList(Sequence):
             self.append(s)
 
     def append(self, s: Sample) -> None:
+        # Everything that can fail first: a sample is either appended whole (record, labels, fingerprint) or not at
+        # all (read_manifest rejects the line it could not append).
         # A tuple of the values, not the dataclass: no field names in every record.
-        self._data += pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size,
-                                    s.member, s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
+        record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size, s.member,
+                               s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
+        key = _fingerprint_line(s)
+        self._data += record
         self._ends.append(len(self._data))
         if isinstance(s.label, dict):
             self._label_names.update(s.label)
         elif isinstance(s.label, int):
             self.int_label = True
-        self._hash.update(f"{s.name}\0{s.start}\0{s.end}\n".encode())
+        self._hash.update(key)
         self._fingerprint = None
 
     @property

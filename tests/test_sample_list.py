@@ -111,3 +111,23 @@ def test_a_non_utf8_file_name_is_one_usable_sample(tmp_path):
     assert samples.fingerprint != SampleList([Sample(samples[1].path, "b"), samples[1]]).fingerprint
     loader = build_loader(str(p), num_frames=2, resolution=16, batch_size=1, train=True, tokenizer=None)
     assert loader.state_dict()["samples"] == samples.fingerprint
+
+
+def test_a_copy_or_an_unpickled_list_appends_on_its_own():
+    """copy.copy shared the two buffers (an append to the copy grew the original, whose fingerprint then counted
+    a sample it never hashed), and an unpickled or copied list raised on append (its hash state was None)."""
+    import copy
+    import hashlib
+    import pickle
+
+    want = _samples(6)
+    for make in (lambda sl: copy.copy(sl), lambda sl: pickle.loads(pickle.dumps(sl))):
+        original = SampleList(want[:5])
+        fp = original.fingerprint
+        other = make(original)
+        other.append(want[5])
+        assert len(original) == 5 and list(original) == want[:5] and original.fingerprint == fp
+        h = hashlib.sha256()
+        for s in want:
+            h.update(f"{s.name}\0{s.start}\0{s.end}\n".encode())
+        assert list(other) == want and other.fingerprint == f"6:{h.hexdigest()[:16]}" == SampleList(want).fingerprint

@@ -116,6 +116,10 @@ class SampleList(Sequence):
         record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size, s.member,
                                s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
         key = _fingerprint_line(s)
+        if self._hash is None:  # an unpickled copy (the hash state does not pickle): hashed again, once
+            self._hash = hashlib.sha256()
+            for old in self:
+                self._hash.update(_fingerprint_line(old))
         self._data += record
         self._ends.append(len(self._data))
         if isinstance(s.label, dict):
@@ -142,6 +146,14 @@ class SampleList(Sequence):
         state = dict(self.__dict__, _fingerprint=self.fingerprint)
         state["_hash"] = None
         return state
+
+    def __copy__(self) -> "SampleList":
+        # The default copy shares the buffers: appending to the copy would change the original.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__, _data=bytearray(self._data), _ends=array.array("q", self._ends),
+                            _label_names=set(self._label_names),
+                            _hash=None if self._hash is None else self._hash.copy())
+        return new
 
     def __len__(self) -> int:
         return len(self._ends)

@@ -8,11 +8,12 @@
 * `probe`: frozen-feature attentive probes (train/probe.py, as the demo's), one per label, on an encoder's tokens:
   a stage-2 export, an official or our encoder or classifier, or an LvT model's video tower.
 
-Clips stream through the loader's evaluation transform (uniform frames, shorter side resized, centre crop; DALI on
-a GPU when installed, else PyAV) in batches on `--device`, under bf16 autocast on a GPU as in training
-(`--precision`; training's validation runs under its train.precision, `auto` by default). Bad files are skipped and reported as in training; more
-than `--max-bad-share` of them stops the command. The probe keeps every clip's tokens on the host, in bfloat16 by
-default: clips x T*N x D x 2 bytes (base at 16 frames: 6.3 MB a clip, 1000 clips 6.3 GB).
+Clips stream through the loader's evaluation transform (uniform frames, shorter side resized, centre crop;
+`--decoder`: DALI on a GPU when installed, else PyAV) in batches on `--device`, under bf16 autocast on a GPU as
+training's steps and validation run by default (`--precision`, as train.precision). Bad files are skipped and
+reported as in training; more than `--max-bad-share` of them stops the command. The probe keeps every clip's tokens
+on the host, in bfloat16 by default: clips x T*N x D x 2 bytes (base at 16 frames: 6.3 MB a clip, 1000 clips
+6.3 GB).
 """
 from __future__ import annotations
 

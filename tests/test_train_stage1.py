@@ -263,6 +263,11 @@ def test_resume_reports_what_the_config_changed(tmp_path, capsys):
     assert "config_changes" not in records[0]
     assert records[-1]["config_changes"] == ["optim.lr: 0.003 -> 0.001", "train.steps: 2 -> 3"]
     assert json.load(open(tmp_path / "config.json"))["train"]["steps"] == 3
+    (tmp_path / "config.json").write_text("[]")  # not a config (edited by hand): nothing to compare, no crash
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=3")
+    trainer.resume(str(tmp_path))
+    trainer.fit()
+    assert "differs" not in capsys.readouterr().out
 
 
 class Watch(RandomClips):

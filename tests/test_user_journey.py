@@ -75,3 +75,15 @@ def test_embed_a_bad_or_short_clip_says_how_to_go_on(tmp_path, capsys):
     err = error(os.path.join(d, "notes.mp4"), "--num-frames", "4")
     assert "notes.mp4: not a video" in err and "--skip-bad" in err and "--num-frames" not in err, err
     assert main(["embed", os.path.join(d, "short.mp4"), "--num-frames", "3", *tiny]) == 0  # the way on works
+
+
+def test_clean_command_quotes_a_path_with_spaces(tmp_path):
+    d = str(tmp_path / "my videos")
+    os.makedirs(d)
+    write_clip(os.path.join(d, "short.mp4"), 3)
+    path = _manifest(d, [{"path": "short.mp4", "caption": "a"}], "val set.jsonl")
+    loader = build_loader(path, num_frames=8, resolution=32, batch_size=1, train=False, tokenizer=None,
+                          max_bad_share=0.0)
+    with pytest.raises(TooManyBadSamplesError) as e:
+        list(loader)
+    assert f"`videoprism data index '{path}' --out CLEAN.jsonl --min-frames 8`" in str(e.value)

@@ -268,7 +268,8 @@ class Trainer:
                 try:
                     with open(config_path, encoding="utf-8") as fh:
                         changes = config_changes(json.load(fh), cfg.to_dict())
-                except (OSError, ValueError):  # unreadable: nothing to compare with, and it is rewritten below
+                except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not a config: nothing to
+                    # compare with, and it is rewritten below
                     changes = []
                 if changes:
                     log.message(f"[{self.name}] resumed with a config that differs from the run's {config_path}: "

@@ -498,7 +498,9 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
 
 
 def _source_name(source) -> str:
-    """A manifest path or shard paths as the user can type them again (the shell's word splitting)."""
+    """A manifest path or shard paths as the user can type them again (quoted for the shell where needed)."""
+    import shlex
+
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return " ".join(os.fspath(s) for s in source)
+        return shlex.quote(os.fspath(source))
+    return " ".join(shlex.quote(os.fspath(s)) for s in source)

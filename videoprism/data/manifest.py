@@ -22,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ def sample_from_record(rec, base: str) -> Sample:
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
 
 
-def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
+def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[SampleList, list[tuple[str, str]]]:
     """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason)."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
@@ -233,7 +234,7 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
         f.seek(0)
         total = sum(1 for raw in f if raw.strip())
         budget = BadSampleBudget(total=total, max_share=max_bad_share, what=f"lines of {path}",
-                                 clean=f"videoprism data index {path} --out CLEAN.jsonl")
+                                 clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
         samples = SampleList()
         f.seek(0)
         for n, raw in enumerate(f, 1):
@@ -257,7 +258,7 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[list[Sampl
     return samples, budget.rejects
 
 
-def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[Sample], list[tuple[str, str]]]:
+def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[SampleList, list[tuple[str, str]]]:
     """Samples of WebDataset tar shards (one per key) and the rejected keys as (`TAR:KEY`, reason)."""
     groups: list[tuple[str, str, dict]] = []
     broken: list[tuple[str, str]] = []
@@ -295,7 +296,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[list[
             broken.append((tar_path, f"truncated or not a tar file: read stopped after {members} members ({e})"))
         groups.extend((tar_path, k, v) for k, v in by_key.items())
     budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples",
-                             clean=f"videoprism data index {' '.join(map(str, paths))} --out CLEAN.jsonl")
+                             clean=f"videoprism data index {' '.join(shlex.quote(str(p)) for p in paths)} --out CLEAN.jsonl")
     for where, reason in broken:
         budget.skip(where, reason)
     samples = SampleList()

@@ -1,4 +1,5 @@
-"""`videoprism data ...` sub-commands: `index` (probe a dataset, write a clean manifest) and `synth` (make data).
+"""`videoprism data ...` sub-commands: `index` (probe a dataset, write a clean manifest), `pack` (a manifest's samples
+in one file every process maps) and `synth` (make data).
 
 `register(subparsers)` adds them to the top-level `videoprism` parser (videoprism/cli.py calls it).
 """
@@ -16,13 +17,27 @@ def _cmd_index(args) -> int:
     r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
                       rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
                       progress=not args.quiet)
-    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}; {r['rejected']} rejected -> {r['rejects']}")
+    packed = f" (packed: {r['pack']})" if r["pack"] else ""
+    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}; {r['rejected']} rejected -> "
+          f"{r['rejects']}")
     if r["total"] == 0:
         print(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
         return 2
     if r["kept"] == 0:
         print(f"error: no usable sample in {' '.join(args.source)}; the reasons are in {r['rejects']}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_pack(args) -> int:
+    from .pack import write_pack
+
+    for manifest in args.manifest:
+        if manifest.endswith(".tar"):  # shards are packed as the clean manifest of their members
+            raise ValueError(f"{manifest} is a WebDataset shard; `videoprism data index SHARDS --out CLEAN.jsonl` "
+                             "writes and packs a manifest of its members")
+        r = write_pack(manifest, progress=not args.quiet)
+        print(f"packed {r['samples']} samples ({r['rejected']} rejected lines kept for the reports) -> {r['pack']}")
     return 0
 
 
@@ -47,13 +62,13 @@ def _positive(value: str) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the `data` command (with `index` and `synth`) to the `videoprism` sub-parsers."""
+    """Add the `data` command (with `index`, `pack` and `synth`) to the `videoprism` sub-parsers."""
     # Light: synth imports PyAV only when it encodes.
     from .synth import DEFAULT_SCENE, SCENES
 
-    data = subparsers.add_parser("data", help="data tools: index a dataset, generate synthetic data",
+    data = subparsers.add_parser("data", help="data tools: index a dataset, pack a manifest, generate synthetic data",
                                  description="Data tools for the video-text loader.")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,synth}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,pack,synth}")
 
     p = sub.add_parser("index", aliases=["validate"],
                        help="probe every file, write a clean manifest and a rejects report (alias: validate)",
@@ -70,6 +85,18 @@ def register(subparsers) -> None:
     p.add_argument("--full", action="store_true", help="decode every frame instead of the first and the last GOP")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_index)
+
+    p = sub.add_parser("pack", help="write a manifest's samples to MANIFEST.pack, which loaders map instead of "
+                                    "parsing the JSON",
+                       description="Read a JSONL manifest once and write its samples (and its rejected lines) to "
+                                   "MANIFEST.pack beside it. Every loader of the manifest (each rank, each "
+                                   "DataLoader worker, `videoprism eval`) then maps that file instead of parsing "
+                                   "and validating every line: no startup time, one copy in memory per machine. "
+                                   "A pack is used only while the manifest is unchanged (size, time, folder); "
+                                   "pack again after editing it. `data index` packs the clean manifest it writes.")
+    p.add_argument("manifest", nargs="+", help="one or more .jsonl manifests")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pack)
 
     p = sub.add_parser("synth", help="write synthetic video-text clips, manifests and a SentencePiece model",
                        description="Write real encoded clips of a coloured shape moving in a captioned direction, "

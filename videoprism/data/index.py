@@ -21,6 +21,7 @@ from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import check_out_file
 from .manifest import Sample, read_source
+from .pack import write_pack
 
 
 def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
@@ -151,7 +152,11 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
             kept += 1
     os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest
     total = len(samples) + len(line_rejects)
-    return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path}
+    # The clean manifest is what a run reads on every rank: packed (pack.py), so that costs nothing at startup. An
+    # empty one has nothing to pack; an older pack of `out` no longer matches it and is ignored.
+    packed = write_pack(out)["pack"] if kept else None
+    return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path,
+            "pack": packed}
 
 
 def _progress(total: int, show: bool):

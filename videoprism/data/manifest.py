@@ -23,7 +23,9 @@ import math
 import os
 import pickle
 import shlex
+import sys
 import tarfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -101,14 +103,32 @@ class SampleList(Sequence):
       copied page by page into every worker over an epoch (pytorch/pytorch#13246); these two buffers are two
       objects, whatever the length.
     What a loader needs of every sample is gathered as they are appended, not by passes over millions of them:
-    the label fields (`int_label`, `label_names`) and the `fingerprint` a checkpoint keeps of the list."""
+    the label fields (`int_label`, `label_names`) and the `fingerprint` a checkpoint keeps of the list.
+    A list read from a manifest's pack (pack.py) maps the pack's buffers instead of holding them: shared with every
+    process that maps the same file; a spawned process gets the pack's name and maps it again."""
 
     def __init__(self, samples=()):
         self._data, self._ends = bytearray(), array.array("q")
         self.int_label, self._label_names = False, set()
         self._hash, self._fingerprint = hashlib.sha256(), None
+        self._pack = None  # the manifest whose pack (pack.py) the buffers map, read-only
         for s in samples:
             self.append(s)
+
+    @classmethod
+    def mapped(cls, data: memoryview, ends: memoryview, *, int_label: bool, label_names: list[str],
+               fingerprint: str, source: str) -> "SampleList":
+        """A list over the buffers of `source`'s mapped pack (pack.read_pack), with what was gathered when it
+        was packed."""
+        new = cls()
+        new._data, new._ends, new._pack = data, ends, source
+        new.int_label, new._label_names = int_label, set(label_names)
+        new._hash, new._fingerprint = None, fingerprint
+        return new
+
+    def buffers(self) -> tuple[bytes | bytearray | memoryview, array.array | memoryview]:
+        """The records and their end offsets (what pack.write_pack stores)."""
+        return self._data, self._ends
 
     def append(self, s: Sample) -> None:
         # Everything that can fail first: a sample is either appended whole (record, labels, fingerprint) or not at
@@ -117,6 +137,8 @@ class SampleList(Sequence):
         record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size, s.member,
                                s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
         key = _fingerprint_line(s)
+        if self._pack is not None:  # a mapped pack is read-only: this list takes its own copy first
+            self._data, self._ends, self._pack = bytearray(self._data), array.array("q", self._ends), None
         if self._hash is None:  # an unpickled copy (the hash state does not pickle): hashed again, once
             self._hash = hashlib.sha256()
             for old in self:
@@ -144,14 +166,25 @@ class SampleList(Sequence):
         return self._fingerprint
 
     def __getstate__(self) -> dict:  # a spawned DataLoader worker gets a pickled copy: hashlib objects do not pickle
-        state = dict(self.__dict__, _fingerprint=self.fingerprint)
-        state["_hash"] = None
+        state = dict(self.__dict__, _fingerprint=self.fingerprint, _hash=None)
+        if self._pack is not None:  # the pack's name, not its bytes: the spawned process maps the same file
+            state.update(_data=None, _ends=None)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._pack is not None:
+            from .pack import map_buffers
+
+            self._data, self._ends = map_buffers(self._pack, self._fingerprint)
+
     def __copy__(self) -> "SampleList":
-        # The default copy shares the buffers: appending to the copy would change the original.
+        # The default copy shares the buffers: appending to the copy would change the original (a mapped pack's
+        # read-only buffers are shared; the first append copies them).
         new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__, _data=bytearray(self._data), _ends=array.array("q", self._ends),
+        owned = self._pack is None
+        new.__dict__.update(self.__dict__, _data=bytearray(self._data) if owned else self._data,
+                            _ends=array.array("q", self._ends) if owned else self._ends,
                             _label_names=set(self._label_names),
                             _hash=None if self._hash is None else self._hash.copy())
         return new
@@ -218,12 +251,52 @@ def sample_from_record(rec, base: str) -> Sample:
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
 
 
-def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[SampleList, list[tuple[str, str]]]:
-    """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason)."""
+def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = True,
+                  progress: bool = False) -> tuple[SampleList, list[tuple[str, str]]]:
+    """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason), from its pack (pack.py)
+    when it has one that matches it, else parsed (with a progress bar when `progress`)."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"manifest {path!r} {what}; pass a .jsonl file (one JSON object per line) "
                                 "or WebDataset .tar shards")
+    if use_pack:
+        packed = _read_packed(path, max_bad_share)
+        if packed is not None:
+            return packed
+    started = time.monotonic()
+    samples, rejects = _parse_manifest(path, max_bad_share, progress)
+    took = time.monotonic() - started
+    if use_pack and took > _PACK_HINT_SECONDS:
+        print(f"note: reading {path} ({len(samples) + len(rejects)} lines) took {took:.0f} s; `videoprism data "
+              f"pack {shlex.quote(path)}` writes it once to a file every process maps instead", file=sys.stderr)
+    return samples, rejects
+
+
+_PACK_HINT_SECONDS = 20.0
+
+
+def _read_packed(path: str, max_bad_share: float):
+    """read_manifest's result from the manifest's pack; None when it has none or one that does not match."""
+    from .pack import StalePack, pack_path, read_pack
+
+    try:
+        packed = read_pack(path)
+    except StalePack as e:
+        print(f"note: {pack_path(path)} {e}; reading {path} instead (`videoprism data pack {shlex.quote(path)}` "
+              "writes it again)", file=sys.stderr)
+        return None
+    if packed is None:
+        return None
+    samples, rejects, lines = packed
+    # The share is checked at read time, as a parse would: the pack keeps every rejected line.
+    budget = BadSampleBudget(total=lines, max_share=max_bad_share, what=f"lines of {path}",
+                             clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
+    for where, reason in rejects:
+        budget.skip(where, reason)
+    return samples, rejects
+
+
+def _parse_manifest(path: str, max_bad_share: float, progress: bool) -> tuple[SampleList, list[tuple[str, str]]]:
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         if b"\0" in f.read(4096):  # a video or an archive given as the manifest: one error, not a reject per "line"
@@ -237,25 +310,35 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01) -> tuple[SampleList
                                  clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
         samples = SampleList()
         f.seek(0)
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
-                samples.append(sample_from_record(json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()),
-                                                  base))
-            except UnicodeDecodeError as e:
-                budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
-            except json.JSONDecodeError as e:
-                budget.skip(f"{path}:{n}", f"bad JSON ({e.msg} at column {e.colno})")
-            except ValueError as e:
-                budget.skip(f"{path}:{n}", str(e))
+        with _line_bar(total, path, progress) as bar:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                if n % 16384 == 0:  # in steps: a bar's update per line would cost more than a line's parse
+                    bar.update(min(16384, total - bar.n))
+                try:
+                    # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
+                    samples.append(sample_from_record(
+                        json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()), base))
+                except UnicodeDecodeError as e:
+                    budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
+                except json.JSONDecodeError as e:
+                    budget.skip(f"{path}:{n}", f"bad JSON ({e.msg} at column {e.colno})")
+                except ValueError as e:
+                    budget.skip(f"{path}:{n}", str(e))
+            bar.update(total - bar.n)
     if not total:
         raise NoUsableSamplesError(f"manifest {path!r} is empty; it needs one JSON object per line, e.g. "
                                    '{"path": "clips/a.mp4", "caption": "a dog runs"}', [])
     if not samples:
         raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
+
+
+def _line_bar(total: int, path: str, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="line", unit_scale=True, desc=f"read {os.path.basename(path)}", disable=not show)
 
 
 def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[SampleList, list[tuple[str, str]]]:

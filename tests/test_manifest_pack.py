@@ -1,0 +1,154 @@
+"""Packed manifests (videoprism/data/pack.py): a pack gives exactly what parsing its manifest gives, is used only
+while it matches the manifest, and costs a reader neither parse time nor private memory."""
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+
+import pytest
+
+from tests.test_sample_list import _private_growth, _samples
+from videoprism.data.errors import TooManyBadSamplesError
+from videoprism.data.manifest import SampleList, read_manifest
+from videoprism.data.pack import pack_path, write_pack
+
+
+def _manifest(folder, n=300, bad_lines=()) -> str:
+    """A manifest of `n` varied samples (windows, int and dict labels, byte ranges, probe and extra fields) with
+    the lines of `bad_lines` inserted after the first."""
+    path = os.path.join(folder, "m.jsonl")
+    lines = [json.dumps(dict(s.to_record(), path=f"clips/{os.path.basename(s.path)}")) for s in _samples(n)]
+    lines[1:1] = bad_lines
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return path
+
+
+def _same(got, want) -> None:
+    (gs, gr), (ws, wr) = got, want
+    assert list(gs) == list(ws) and gr == wr
+    assert [s.probe for s in gs] == [s.probe for s in ws] and [s.extra for s in gs] == [s.extra for s in ws]
+    assert (gs.fingerprint, gs.int_label, gs.label_names) == (ws.fingerprint, ws.int_label, ws.label_names)
+
+
+def test_a_pack_reads_back_what_the_manifest_parses_to(tmp_path, capsys):
+    m = _manifest(tmp_path, bad_lines=['{"path": "x.mp4"}', "not json"])
+    parsed = read_manifest(m, max_bad_share=0.05)
+    assert write_pack(m) == {"pack": pack_path(m), "samples": 300, "rejected": 2}
+    packed = read_manifest(m, max_bad_share=0.05)
+    assert packed[0]._pack == m  # from the pack, not parsed again
+    _same(packed, parsed)
+    assert packed[1] == [(f"{m}:2", "'caption' must be a non-empty string, got None"),
+                         (f"{m}:3", "bad JSON (Expecting value at column 1)")]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_pack_applies_the_readers_bad_share(tmp_path):
+    """The pack keeps every rejected line: the share is the reader's, as when it parses."""
+    m = _manifest(tmp_path, n=20, bad_lines=["{", "{"])
+    write_pack(m)
+    with pytest.raises(TooManyBadSamplesError, match="2 of 22 lines"):
+        read_manifest(m, max_bad_share=0.05)
+    assert len(read_manifest(m, max_bad_share=0.1)[0]) == 20
+
+
+@pytest.mark.parametrize("change", ["edit", "touch", "move", "damage", "cut", "foreign"])
+def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, change):
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    pack = pack_path(m)
+    if change == "edit":  # same size, one caption changed
+        text = open(m, encoding="utf-8").read()
+        open(m, "w", encoding="utf-8").write(text.replace("a clip number 7 ", "a clip number 9 ", 1))
+    elif change == "touch":
+        st = os.stat(m)
+        os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    elif change == "move":  # relative paths now resolve in the new folder
+        os.makedirs(tmp_path / "moved")
+        for f in (m, pack):
+            shutil.move(f, tmp_path / "moved")
+        m, pack = str(tmp_path / "moved" / "m.jsonl"), pack_path(str(tmp_path / "moved" / "m.jsonl"))
+    elif change == "damage":
+        with open(pack, "r+b") as fh:
+            fh.seek(20)
+            fh.write(b"\xff\xff")
+    elif change == "cut":
+        os.truncate(pack, os.path.getsize(pack) - 3)
+    else:
+        open(pack, "wb").write(b"PK\x03\x04 not a pack")
+    got = read_manifest(m)
+    assert got[0]._pack is None
+    _same(got, read_manifest(m, use_pack=False))
+    if change == "move":
+        assert got[0][0].path == str(tmp_path / "moved" / "clips" / "clip_00000000.mp4")
+    err = capsys.readouterr().err
+    assert f"note: {pack}" in err and "videoprism data pack" in err
+
+
+def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path):
+    m = _manifest(tmp_path, n=40)
+    write_pack(m)
+    samples, _ = read_manifest(m)
+    state = pickle.dumps(samples)
+    assert len(state) < 1000  # the pack's name, not its records
+    back = pickle.loads(state)
+    assert list(back) == list(samples) and back.fingerprint == samples.fingerprint
+    grown = copy.copy(samples)
+    grown.append(samples[0])
+    assert len(grown) == 41 and len(samples) == 40 and list(read_manifest(m)[0]) == list(samples)
+    assert grown.fingerprint == SampleList(list(samples) + [samples[0]]).fingerprint
+    write_pack(m)  # packed again (same samples, so the same fingerprint): a spawned process still maps it
+    assert list(pickle.loads(state)) == list(samples)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux /proc memory accounting")
+def test_a_packed_list_costs_a_reader_no_private_memory(tmp_path):
+    m = _manifest(tmp_path, n=20_000)
+    write_pack(m)
+    samples, _ = read_manifest(m)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_private_growth, args=(samples, child))
+    p.start()
+    grew = parent.recv()
+    p.join()
+    assert grew < os.path.getsize(pack_path(m)) / 10, grew
+
+
+def test_a_loader_over_a_pack_yields_the_batches_of_the_manifest(tmp_path):
+    from videoprism.data.loader import build_loader
+    from videoprism.data.synth import generate
+
+    generate(str(tmp_path), 10, seed=3, size=32, num_frames=4, workers=1)
+    m = str(tmp_path / "train.jsonl")
+    kw = dict(num_frames=2, resolution=16, batch_size=3, train=True, seed=1, tokenizer=None)
+    want = list(build_loader(m, **kw))
+    write_pack(m)
+    loader = build_loader(m, **kw)
+    assert loader.samples._pack == m
+    got = list(loader)
+    assert [b["path"] for b in got] == [b["path"] for b in want]
+    assert all((g["video"] == w["video"]).all() for g, w in zip(got, want))
+    assert loader.state_dict()["samples"] == build_loader(m, **kw).samples.fingerprint
+
+
+def test_data_pack_and_index_commands(tmp_path, capsys):
+    from videoprism.cli import main
+    from videoprism.data.synth import generate
+
+    generate(str(tmp_path), 10, seed=3, size=32, num_frames=4, workers=1)
+    m = str(tmp_path / "train.jsonl")
+    assert main(["data", "pack", m, "--quiet"]) == 0
+    assert f"packed 9 samples (0 rejected lines kept for the reports) -> {m}.pack" in capsys.readouterr().out
+    assert os.path.isfile(pack_path(m))
+    clean = str(tmp_path / "clean.jsonl")
+    assert main(["data", "index", m, "--out", clean, "--quiet", "--workers", "1"]) == 0
+    assert f"(packed: {clean}.pack)" in capsys.readouterr().out
+    _same(read_manifest(clean), read_manifest(clean, use_pack=False))
+    assert read_manifest(clean)[0]._pack == clean
+    assert main(["data", "pack", str(tmp_path / "missing.jsonl")]) != 0
+    assert "missing.jsonl" in capsys.readouterr().err

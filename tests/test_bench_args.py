@@ -26,6 +26,7 @@ FIRST_WORK = {
     "checkpoint": ["videoprism.from_official"],
     "optimizer": ["videoprism.from_official"],
     "data": ["videoprism.data.manifest.read_source", "bench.data.default_clips"],
+    "manifest": ["bench.manifest.write_manifest"],
 }
 
 BAD = [
@@ -64,9 +65,11 @@ BAD = [
     ("attention", ["--batch", "0"], "--batch"),
     ("checkpoint", ["--dir", __file__ + "/ckpt"], "--dir"),  # under a file
     ("optimizer", ["--model", "videoprism_v1_base"], "--model"),  # an encoder, not a video-text model
+    ("manifest", ["--lines", "0"], "--lines"),
+    ("manifest", ["--reps", "x"], "--reps"),
     *[pytest.param(name, ["--device", "cuda"], "--device", id=f"{name}-no-gpu",
                    marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"))
-      for name in FIRST_WORK],
+      for name in FIRST_WORK if name != "manifest"],  # a CPU benchmark: no --device
 ]
 
 
@@ -138,6 +141,7 @@ def test_exp2_peak_without_a_gpu_is_one_line_exit_2(capsys):
     ("optimizer", ["--model", "videoprism_lvt_v1_large"]),
     ("data", ["--clips", "{tmp}", "--frames", "8", "--gpu-batches", "1,4"]),
     ("attention", ["--tiny", "--modes", "fwd,fwd+bwd", "--backends", "reference,triton"]),
+    ("manifest", ["--lines", "10", "--reps", "1"]),
 ])
 def test_good_arguments_get_to_the_benchmark(name, argv, tripwire, tmp_path):
     (tmp_path / "clips.jsonl").write_text("")

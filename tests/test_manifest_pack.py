@@ -152,3 +152,13 @@ def test_data_pack_and_index_commands(tmp_path, capsys):
     assert read_manifest(clean)[0]._pack == clean
     assert main(["data", "pack", str(tmp_path / "missing.jsonl")]) != 0
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_the_startup_benchmark_reads_the_pack_it_wrote(tmp_path):
+    """bench.manifest's pack rows come from a mapped pack (measure raises on a parse) and beat the parse."""
+    from bench import manifest as bench_manifest
+
+    out = tmp_path / "r.json"
+    assert bench_manifest.main(["--lines", "3000", "--reps", "1", "--out", str(out)]) == 0
+    parse, pack = json.loads(out.read_text())["rows"]
+    assert (parse["mode"], pack["mode"]) == ("parse", "pack") and pack["read_s"] < parse["read_s"]

@@ -1,0 +1,132 @@
+"""Manifest startup benchmark: what reading a training manifest costs each rank, parsed from JSON vs mapped from
+its pack (`videoprism data pack`, videoprism/data/pack.py), side by side in one run.
+
+    python -m bench.manifest                              # 1M synthetic lines
+    python -m bench.manifest --lines 200000 --out bench/results/manifest_cpu.json
+
+Every rank reads the whole manifest before its first step. Each repeat reads it in a fresh process (as a rank
+starts) and reports: `read_s`, the time `read_manifest` takes; `private_mb`, the memory that process owns after it
+(RssAnon growth: what 8 ranks of a node pay 8 times; a pack's pages are file-backed and shared); `worker_mb`,
+what a forked DataLoader worker copies of it while it touches every sample (Private_Dirty growth). The lines are
+varied as real ones are (windows, int and dict labels, probe and extra fields). Floors: a pack's read is a header
+read and a map, ~0 s; its bytes are read from disk or page cache as samples are touched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.common import Report, Timing, arg_parser, positive_int
+from videoprism.cli import run_command
+
+MODES = ("parse", "pack")
+
+
+def write_manifest(path: str, lines: int) -> None:
+    """`lines` varied manifest lines (relative paths; windows, labels, probe and extra fields on some)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(lines):
+            rec = {"path": f"clips/{i // 1000:05d}/clip_{i:08d}.mp4", "caption": f"a person does thing {i % 977}"}
+            if i % 3 == 0:
+                rec.update(start=1.5, end=4.0 + i % 7, dataset="webvid")
+            if i % 4 == 1:
+                rec["label"] = {"colour": i % 3, "shape": i % 5}
+            if i % 5 == 2:
+                rec.update(codec="h264", frames=240, fps=30.0, width=640, height=360, duration=8.0)
+                rec["source_id"] = f"yt:{i:011d}"
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _kb(field: str, path: str = "/proc/self/status") -> int:
+    with open(path) as fh:
+        return sum(int(line.split()[1]) for line in fh if line.startswith(field))
+
+
+def measure(manifest: str, mode: str) -> dict:
+    """In a fresh process: read the manifest as a rank does, then fork a worker that touches every sample."""
+    from videoprism.data.manifest import read_manifest
+
+    before = _kb("RssAnon")
+    t0 = time.perf_counter()
+    samples, _ = read_manifest(manifest, use_pack=mode == "pack")
+    read_s = time.perf_counter() - t0
+    private_mb = (_kb("RssAnon") - before) / 1e3
+    if mode == "pack" and samples.buffers()[0].__class__ is not memoryview:
+        raise RuntimeError(f"{manifest} was parsed, not mapped: its pack does not match it")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: every sample built once, as an epoch's __getitem__ calls do
+        start = _kb("Private_Dirty", "/proc/self/smaps_rollup")
+        for i in range(len(samples)):
+            samples[i]
+        os.write(w, str(_kb("Private_Dirty", "/proc/self/smaps_rollup") - start).encode())
+        os._exit(0)
+    os.close(w)
+    worker_mb = int(os.read(r, 64)) / 1e3
+    os.waitpid(pid, 0)
+    return {"read_s": read_s, "private_mb": private_mb, "worker_mb": worker_mb, "samples": len(samples)}
+
+
+def _in_fresh_process(manifest: str, mode: str) -> dict:
+    code = f"import json, bench.manifest as m; print(json.dumps(m.measure({manifest!r}, {mode!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bad arguments end the run with one `error: ...` line and exit status 2, not a traceback."""
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> None:
+    from videoprism.data.pack import write_pack
+
+    p = arg_parser("bench.manifest", __doc__)
+    p.add_argument("--lines", type=positive_int, default=1_000_000, help="manifest lines (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=3, help="fresh-process reads per mode (default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON output path")
+    args = p.parse_args(argv)
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        raise RuntimeError("bench.manifest measures memory with Linux /proc accounting; run it on Linux")
+    root = tempfile.mkdtemp(prefix="bench_manifest_")
+    try:
+        manifest = os.path.join(root, "m.jsonl")
+        write_manifest(manifest, args.lines)
+        t0 = time.perf_counter()
+        packed = write_pack(manifest)
+        pack_s = time.perf_counter() - t0
+        sizes = {"parse": os.path.getsize(manifest) / 1e6, "pack": os.path.getsize(packed["pack"]) / 1e6}
+        report = Report("manifest", "cpu", meta={"lines": args.lines, "pack_write_s": round(pack_s, 2),
+                                                 "reps": args.reps})
+        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        for _ in range(args.reps):
+            for mode in MODES:  # alternating: page-cache effects fall on both alike
+                runs[mode].append(_in_fresh_process(manifest, mode))
+        medians = {}
+        for mode in MODES:
+            t = Timing.of([r["read_s"] * 1e3 for r in runs[mode]])
+            medians[mode] = t.median_ms
+            report.add(mode=mode, file_mb=round(sizes[mode], 1), read_s=round(t.median_ms / 1e3, 3),
+                       read_p20_s=round(t.p20_ms / 1e3, 3), read_p80_s=round(t.p80_ms / 1e3, 3),
+                       private_mb=round(sorted(r["private_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1),
+                       worker_mb=round(sorted(r["worker_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    parse, pack = report.rows
+    report.meta["startup_ratio"] = round(medians["parse"] / medians["pack"], 1)
+    report.show()
+    print(f"# a rank's manifest read: {parse['read_s']:.2f} s and {parse['private_mb']:.0f} MB of its own parsed, "
+          f"{pack['read_s'] * 1e3:.1f} ms and {pack['private_mb']:.0f} MB mapped from the pack "
+          f"({pack['file_mb']:.0f} MB, shared by the processes of a machine)")
+    if args.out:
+        report.save(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

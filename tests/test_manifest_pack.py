@@ -40,7 +40,7 @@ def test_a_pack_reads_back_what_the_manifest_parses_to(tmp_path, capsys):
     parsed = read_manifest(m, max_bad_share=0.05)
     assert write_pack(m) == {"pack": pack_path(m), "samples": 300, "rejected": 2}
     packed = read_manifest(m, max_bad_share=0.05)
-    assert packed[0]._pack == m  # from the pack, not parsed again
+    assert packed[0]._pack == os.path.abspath(m)  # from the pack, not parsed again
     _same(packed, parsed)
     assert packed[1] == [(f"{m}:2", "'caption' must be a non-empty string, got None"),
                          (f"{m}:3", "bad JSON (Expecting value at column 1)")]
@@ -89,12 +89,14 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
     assert f"note: {pack}" in err and "videoprism data pack" in err
 
 
-def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path):
+def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path, monkeypatch):
     m = _manifest(tmp_path, n=40)
     write_pack(m)
-    samples, _ = read_manifest(m)
+    monkeypatch.chdir(tmp_path)
+    samples, _ = read_manifest("m.jsonl")  # a relative name: the unpickling process may run elsewhere
     state = pickle.dumps(samples)
     assert len(state) < 1000  # the pack's name, not its records
+    monkeypatch.chdir("/")
     back = pickle.loads(state)
     assert list(back) == list(samples) and back.fingerprint == samples.fingerprint
     grown = copy.copy(samples)

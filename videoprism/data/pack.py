@@ -91,7 +91,7 @@ def read_pack(manifest: str):
     from .manifest import SampleList
 
     samples = SampleList.mapped(data, ends, int_label=header["int_label"], label_names=header["label_names"],
-                                fingerprint=header["fingerprint"], source=manifest)
+                                fingerprint=header["fingerprint"], source=os.path.abspath(manifest))
     return samples, [tuple(r) for r in header["rejects"]], header["lines"]
 
 

@@ -85,6 +85,32 @@ def test_resume_flags(tmp_path, capsys):
     assert "--resume and --auto-resume exclude each other" in capsys.readouterr().err
 
 
+def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, monkeypatch):
+    """`--resume` with no --config built the tiny preset: a base run resumed so got tiny's model (and every
+    schedule field moved). Now it takes the run's config.json, keeps the run's folder and applies the overrides."""
+    from videoprism.train.config import ResumeFrom, save_config
+
+    run = tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    saved = build_config("base", ["train.out_dir=run", "optim.lr=0.003"], 1)  # out_dir relative to the first cwd
+    save_config(saved, str(run / "config.json"))
+    monkeypatch.chdir("/")  # resumed from elsewhere
+    step = str(run / "checkpoints" / "step_00000010")
+    for argv in (["--resume", step], ["--resume", str(run)], ["--auto-resume", f"train.out_dir={run}"],
+                 [f"train.out_dir={run}", "--resume"]):
+        cfg, resume = parse_args(argv, 1)
+        assert cfg.model == saved.model and cfg.optim == saved.optim and cfg.train.out_dir == str(run), argv
+        assert resume.path in (step, str(run))
+        assert f"config: {run / 'config.json'}" in capsys.readouterr().err
+    cfg, _ = parse_args(["--resume", step, "optim.lr=0.5"], 1)
+    assert cfg.optim.lr == 0.5 and cfg.model == saved.model
+    cfg, _ = parse_args(["--resume", step, "--config", "tiny"], 1)  # --config given: it wins
+    assert cfg.model == build_config("tiny", [], 1).model
+    cfg, resume = parse_args(["--resume", str(tmp_path / "other")], 1)  # no config.json: tiny, said
+    assert cfg == build_config("tiny", [], 1) and resume == ResumeFrom(str(tmp_path / "other"))
+    assert "no config.json there or above it" in capsys.readouterr().err
+
+
 def test_fields_with_choices_are_checked_when_set():
     for bad in ("optim.decay=cosin", "optim.name=sgd", "parallel.mode=ddpp", "train.device=gpu",
                 "data.source=files", "model.attention_backend=fast"):

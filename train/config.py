@@ -528,9 +528,10 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
         prog=command_name(f"train.stage{stage}"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"VideoPrism stage-{stage} training.",
         epilog=help_text(stage, config, [a for a in rest if "=" in a and not a.startswith("-")]))
-    p.add_argument("--config", default="tiny",
-                   help=f"a preset ({', '.join(PRESETS)}; default tiny) or a .toml/.json config file, e.g. the "
-                        "config.json a run writes to its out_dir")
+    p.add_argument("--config", default=None,
+                   help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json config file, e.g. the config.json a run "
+                        "writes to its out_dir. Default: with --resume/--auto-resume, the config.json of the run "
+                        "resumed (its out_dir kept, the overrides applied on top); else tiny")
     p.add_argument("--resume", nargs="?", const="", default=None,
                    help="resume from the latest checkpoint of PATH (default: train.out_dir), also on another number "
                         "of processes (the model, optimizer and data position reshard)")
@@ -544,10 +545,44 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
         args.resume = ""
     if args.auto_resume and args.resume is not None:
         p.error("--resume and --auto-resume exclude each other")
-    cfg = build_config(args.config, args.overrides, stage)
+    if args.config is None and (args.resume is not None or args.auto_resume):
+        cfg = _resumed_config(args.resume or build_config("tiny", args.overrides, stage).train.out_dir,
+                              args.overrides, stage, required=bool(args.resume))
+    else:
+        cfg = build_config(args.config or "tiny", args.overrides, stage)
     if args.auto_resume:
         return cfg, ResumeFrom(cfg.train.out_dir, if_any=True)
     return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir)
+
+
+def run_config_path(path: str) -> str | None:
+    """The config.json of the run that `--resume PATH` names: in PATH (its out_dir), or above it (PATH is its
+    checkpoints folder or one of its step_* folders). None when there is none."""
+    folder = os.path.abspath(path)
+    for _ in range(3):
+        candidate = os.path.join(folder, "config.json")
+        if os.path.isfile(candidate):
+            return candidate
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _resumed_config(path: str, overrides: list[str], stage: int, *, required: bool) -> Config:
+    """A resume without --config continues the run as it was configured: its saved config.json, its out_dir
+    (where that file lies, wherever the command runs from), then the overrides. A preset here could change the
+    model under the checkpoint (tiny weights for a base run) and moves every schedule field."""
+    main = os.environ.get("RANK", "0") == "0"
+    saved = run_config_path(path)
+    if saved is None:
+        if required and main:
+            print(f"note: --resume {path}: no config.json there or above it; continuing with the tiny preset and "
+                  "the overrides (pass --config with the run's settings)", file=sys.stderr)
+        return build_config("tiny", overrides, stage)
+    keep_dir = [] if any(o.startswith("train.out_dir=") for o in overrides) else [
+        f"train.out_dir={os.path.dirname(saved)}"]
+    if main:
+        print(f"config: {saved} (the resumed run's; --config to start from another)", file=sys.stderr)
+    return build_config(saved, keep_dir + overrides, stage)
 
 
 @dataclass(frozen=True)

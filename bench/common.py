@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+
+from videoprism.paths import write_json_atomic
 
 
 def arg_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
@@ -259,12 +260,8 @@ class Report:
             print("  ".join(fmt(r.get(c, "")).rjust(widths[c]) for c in cols))
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         # Whole or not at all: a time box that kills the run mid-write must not leave a truncated file
         # in place of the rows saved before.
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"name": self.name, "meta": self.meta, "rows": self.rows}, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomic(path, {"name": self.name, "meta": self.meta, "rows": self.rows})
         print(f"wrote {path}")
 

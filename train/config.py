@@ -476,12 +476,9 @@ def config_changes(old: dict, new: dict) -> list[str]:
 def save_config(cfg: Config, path: str) -> None:
     """The resolved config as JSON, written atomically. It holds every field, so `--config`
     reads back exactly this run's settings whatever preset it names (none: tiny)."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(cfg.to_dict(), fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    from videoprism.paths import write_json_atomic
+
+    write_json_atomic(path, cfg.to_dict(), indent=2)
 
 
 def help_text(stage: int, config: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> str:

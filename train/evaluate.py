@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 
 import torch
 
 from videoprism.cli import add_model_args, check_clip_size, load_model, resolve_device
-from videoprism.paths import check_out_file
+from videoprism.paths import check_out_file, write_json_atomic
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -170,10 +169,7 @@ def _stream_kw(args, frames: int, resolution: int, device: str) -> dict:
 
 def _write(args, results: dict) -> None:
     if args.out is not None:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=1)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, results)
         print(f"wrote {args.out}")
 
 

@@ -1,6 +1,7 @@
-"""Output folders of the commands, created up front with an error that names the option."""
+"""Output folders of the commands, created up front with an error that names the option, and JSON written whole."""
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -23,3 +24,19 @@ def check_out_file(path: str, option: str, want: str = "a file path in it") -> N
     if os.path.isdir(path):
         raise ValueError(f"{option}: is a folder; pass {want}")
     make_folder(os.path.dirname(os.path.abspath(path)), option)
+
+
+def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
+    """`obj` as JSON in `path`, whole or not at all: a kill or a full disk mid-write leaves the previous file (a
+    run's config.json, a result an earlier run saved), never a truncated one. The temporary file is this process's
+    own, so two processes writing the same path never write into one file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=indent)
+            fh.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

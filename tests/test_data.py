@@ -309,14 +309,17 @@ def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):
            json.dumps({"path": "a.mp4", "caption": "x", "start": 3, "end": 1}).encode(),
            json.dumps(["not", "an", "object"]).encode(),
            b'{"path": "a.mp4", "caption": "x", "start": NaN}',  # json parses NaN and Infinity
-           b'{"path": "a.mp4", "caption": "x", "end": Infinity}']
+           b'{"path": "a.mp4", "caption": "x", "end": Infinity}',
+           # a dict key named as the int label: both were the probe "label", the dict's unreachable
+           json.dumps({"path": "a.mp4", "caption": "x", "label": {"label": 2}}).encode()]
     p = tmp_path / "m.jsonl"
     p.write_bytes(b"\n".join(lines + bad) + b"\n")
     samples, rejects = read_manifest(str(p), max_bad_share=1.0)
     assert len(samples) == 3
     reasons = dict(rejects)
-    for n, word in zip(range(4, 12), ["bad JSON", "'path'", "'caption'", "not UTF-8", "'end'", "object",
-                                      "'start' must be a non-negative, finite", "'end' must be a non-negative, finite"]):
+    for n, word in zip(range(4, 13), ["bad JSON", "'path'", "'caption'", "not UTF-8", "'end'", "object",
+                                      "'start' must be a non-negative, finite", "'end' must be a non-negative, finite",
+                                      "'label' dict key 'label' is the name of an int label"]):
         assert word in reasons[f"{p}:{n}"], reasons
     with pytest.raises(TooManyBadSamplesError, match="max_bad_share"):
         read_manifest(str(p), max_bad_share=0.5)

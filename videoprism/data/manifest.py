@@ -218,6 +218,9 @@ def _label(value):
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     if isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        if "label" in value:  # the name of an int label (batch field "label", probe "label"): one name, two labels
+            raise ValueError("'label' dict key 'label' is the name of an int label; rename the key (e.g. "
+                             '{"class": 3}) or give the int itself ("label": 3)')
         return dict(value)
     raise ValueError(f"'label' must be an int or a dict of ints, got {value!r}")
 

@@ -83,6 +83,30 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, optim):
         trainer.train_step()
 
 
+def test_a_plot_that_fails_leaves_the_finished_run_and_a_cut_record_its_line(tmp_path, monkeypatch, capsys):
+    """The curves come last: a plot that raised (a full disk, matplotlib) failed the finished run after its
+    checkpoint and export. And a metrics.jsonl cut in the middle of a record (a kill, a full disk) glued the
+    resume's first record to it and broke the plot and every reader of the log."""
+    from videoprism.train import trainer as trainer_mod
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0, "clips_per_s": 1.0}\n{"step": 1, "lo')
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=2", "train.eval_every=0",
+                           "checkpoint.export=true")
+
+    def broken_plot(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_mod, "plot_curves", broken_plot)
+    results = trainer.fit()
+    assert results["plot"] is None and os.path.isfile(results["export"]) and os.path.isdir(results["checkpoint"])
+    assert f"could not plot {tmp_path / 'curves.png'} (OSError" in capsys.readouterr().out
+    records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2] and "config" in records[1]
+    monkeypatch.undo()
+    assert os.path.getsize(trainer_mod.plot_curves(os.path.join(tmp_path, "metrics.jsonl"),
+                                                   str(tmp_path / "c.png"))) > 1000
+
+
 def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
     """The host queues step n+1 before it reads step n's record (the GPU never waits for the logging);
     a checkpoint or an evaluation reads its step first, and the last step is read before the final save."""

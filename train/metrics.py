@@ -25,7 +25,7 @@ def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> No
     files written (checkpoint, export, plot, the resolved config), where the per-step metrics are and how many
     steps were skipped."""
     for key in (*keys, "checkpoint", "export", "plot", "config"):
-        if key in results:
+        if results.get(key) is not None:  # a plot that failed was said when it did
             print(f"{key}: {results[key]}")
     print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}; bad samples "
           f"skipped: {results['skipped_samples']}" + (f" (listed in {results['rejects']})" if "rejects" in results else ""))
@@ -47,6 +47,7 @@ class MetricsLogger:
         self.bar = None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
+            _end_a_cut_line(self.path)
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
@@ -78,9 +79,33 @@ class MetricsLogger:
             self.bar.close()
 
 
+def _end_a_cut_line(path: str) -> None:
+    """A run killed (or out of disk) in the middle of a record leaves a line with no newline: a resume's first
+    record would be glued to it and both lost. Ending the cut line keeps the damage to that one record."""
+    try:
+        with open(path, "rb+") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The records of a metrics log; a line that is not a JSON object (a record cut by a kill) is left out."""
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
 
 
 def plot_curves(jsonl: str, png: str, *, keys: tuple[str, ...] = ("loss",)) -> str:

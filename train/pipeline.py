@@ -124,7 +124,7 @@ def _main(argv: list[str] | None) -> int:
                  for s in ("stage 1", "stage 2")]
         print(f"  {name:<10} {100 * probes['stage 1'][name + '_chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
     for stage, res in (("stage 1", res1), ("stage 2", res2)):
-        print(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot']}")
+        print(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
     print(f"total time {time.perf_counter() - t_start:.0f} s")
     return 0
 

@@ -298,8 +298,7 @@ class Trainer:
                 self.task.export(self.model, export)
                 results["export"] = export
             if d.main:
-                results["plot"] = plot_curves(log.path, os.path.join(tc.out_dir, "curves.png"),
-                                              keys=("loss", *self.task.loss_keys))
+                results["plot"] = self._plot(log)
         finally:
             self.saver.drop()  # only after a failure is a write still in flight here
             log.close()
@@ -308,6 +307,17 @@ class Trainer:
         if self.skipped_samples:
             results["rejects"] = self.rejects_path
         return results
+
+    def _plot(self, log: MetricsLogger) -> str | None:
+        """The curves PNG. Its failure (a full disk, a broken matplotlib) is said, not raised: it comes after the
+        final checkpoint, evaluation and export, and must not turn a finished run into a failed one."""
+        png = os.path.join(self.cfg.train.out_dir, "curves.png")
+        try:
+            return plot_curves(log.path, png, keys=("loss", *self.task.loss_keys))
+        except Exception as e:  # noqa: BLE001 - any failure of a plot leaves the run's results standing
+            log.message(f"[{self.name}] could not plot {png} ({type(e).__name__}: {e}); the metrics are in "
+                        f"{log.path}")
+            return None
 
     def _loop(self, log: MetricsLogger, peak: float, notice: PreemptionNotice) -> None:
         """Steps up to train.steps, with the interval checkpoints and evaluations; on a

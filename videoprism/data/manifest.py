@@ -292,11 +292,15 @@ def _read_packed(path: str, max_bad_share: float):
         return None
     samples, rejects, lines = packed
     # The share is checked at read time, as a parse would: the pack keeps every rejected line.
-    budget = BadSampleBudget(total=lines, max_share=max_bad_share, what=f"lines of {path}",
-                             clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
+    budget = _line_budget(path, lines, max_bad_share)
     for where, reason in rejects:
         budget.skip(where, reason)
     return samples, rejects
+
+
+def _line_budget(path: str, lines: int, max_bad_share: float) -> BadSampleBudget:
+    return BadSampleBudget(total=lines, max_share=max_bad_share, what=f"lines of {path}",
+                           clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
 
 
 def _parse_manifest(path: str, max_bad_share: float, progress: bool) -> tuple[SampleList, list[tuple[str, str]]]:
@@ -309,8 +313,7 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool) -> tuple[Sa
         # line's bytes beside the samples would double the peak memory of a large manifest.
         f.seek(0)
         total = sum(1 for raw in f if raw.strip())
-        budget = BadSampleBudget(total=total, max_share=max_bad_share, what=f"lines of {path}",
-                                 clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
+        budget = _line_budget(path, total, max_bad_share)
         samples = SampleList()
         f.seek(0)
         with _line_bar(total, path, progress) as bar:

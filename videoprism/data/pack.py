@@ -22,7 +22,7 @@ import struct
 import sys
 
 MAGIC = b"VPPACK\x00\x01"
-VERSION = 1
+VERSION = 1  # bump when the record layout or the validation of a line changes: a pack holds the result of both
 
 
 def pack_path(manifest: str) -> str:

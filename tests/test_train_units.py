@@ -104,6 +104,8 @@ def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, mon
         assert f"config: {run / 'config.json'}" in capsys.readouterr().err
     cfg, _ = parse_args(["--resume", step, "optim.lr=0.5"], 1)
     assert cfg.optim.lr == 0.5 and cfg.model == saved.model
+    monkeypatch.chdir(tmp_path)  # from where it ran: its out_dir as saved (no change to report on resume)
+    assert parse_args(["--resume", "run"], 1)[0] == saved
     cfg, _ = parse_args(["--resume", step, "--config", "tiny"], 1)  # --config given: it wins
     assert cfg.model == build_config("tiny", [], 1).model
     cfg, resume = parse_args(["--resume", str(tmp_path / "other")], 1)  # no config.json: tiny, said

@@ -575,11 +575,14 @@ def _resumed_config(path: str, overrides: list[str], stage: int, *, required: bo
             print(f"note: --resume {path}: no config.json there or above it; continuing with the tiny preset and "
                   "the overrides (pass --config with the run's settings)", file=sys.stderr)
         return build_config("tiny", overrides, stage)
-    keep_dir = [] if any(o.startswith("train.out_dir=") for o in overrides) else [
-        f"train.out_dir={os.path.dirname(saved)}"]
     if main:
         print(f"config: {saved} (the resumed run's; --config to start from another)", file=sys.stderr)
-    return build_config(saved, keep_dir + overrides, stage)
+    cfg = build_config(saved, overrides, stage)
+    run_dir = os.path.dirname(saved)
+    if os.path.abspath(cfg.train.out_dir) == run_dir or any(o.startswith("train.out_dir=") for o in overrides):
+        return cfg
+    # Its out_dir is relative to where it first ran (or the run was moved): the run's folder is where it is now.
+    return build_config(saved, [f"train.out_dir={run_dir}", *overrides], stage)
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,7 @@ def cmd_probe(args) -> int:
           f"steps each, lr {args.lr:g}): validation accuracy (training accuracy)")
     print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
     # Per label, nested: a label may be named like a top-level field (a label called "model" or "steps").
-    per_label = {name: {"accuracy": results[name], "train_accuracy": results[f"{name}_train"],
-                        "chance": results[f"{name}_chance"], "majority": results[f"{name}_majority"],
-                        "clips": results[f"{name}_clips"]} for name in labels}
+    per_label = {name: results[name] for name in labels}
     for name, r in per_label.items():
         clips = "/".join(map(str, r["clips"]))
         print(f"  {name:<12} {clips:>11} {100 * r['chance']:6.1f}% {100 * r['majority']:8.1f}% "

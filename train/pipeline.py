@@ -120,9 +120,9 @@ def _main(argv: list[str] | None) -> int:
           f"each, lr {args.probe_lr:g}, {t_probe:.0f} s):")
     print(f"  {'label':<10} {'chance':>7} {'stage 1':>14} {'stage 2':>14}")
     for name in PROBE_LABELS:
-        cells = [f"{100 * probes[s][name]:5.1f}% ({100 * probes[s][name + '_train']:3.0f}%)"
+        cells = [f"{100 * probes[s][name]['accuracy']:5.1f}% ({100 * probes[s][name]['train_accuracy']:3.0f}%)"
                  for s in ("stage 1", "stage 2")]
-        print(f"  {name:<10} {100 * probes['stage 1'][name + '_chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
+        print(f"  {name:<10} {100 * probes['stage 1'][name]['chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
     for stage, res in (("stage 1", res1), ("stage 2", res2)):
         print(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
     print(f"total time {time.perf_counter() - t_start:.0f} s")

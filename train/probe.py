@@ -83,9 +83,10 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
                    labels: list[str], *, num_heads: int, steps: int = PROBE_STEPS, lr: float = PROBE_LR,
                    device: torch.device | str = "cpu") -> dict:
     """One probe per label on frozen features `[N, L, D]` (`*_labels`: the loader's label fields, -1 where a
-    clip has none: such clips sit out that label's probe). Per label: validation accuracy, training accuracy
-    (`<name>_train`), chance level (1 / classes), the majority-class share of the validation clips
-    (`<name>_majority`) and the clips used (`<name>_clips`: [train, val])."""
+    clip has none: such clips sit out that label's probe). Per label name, its own dict: validation `accuracy`,
+    `train_accuracy`, `chance` (1 / classes), `majority` (the majority-class share of the validation clips) and
+    `clips` ([train, val]). Nested, not `<name>_train` keys: a label may be named so (dict keys `colour` and
+    `colour_train`), and one label's results would overwrite another's."""
     out = {}
     for name in labels:
         key = label_key(name)
@@ -100,11 +101,11 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
             raise ValueError(f"probe label {name!r}: no {'training' if not tk.any() else 'validation'} clip has it")
         tx, ty = (train_x, ty) if tk.all() else (train_x[tk], ty[tk])
         vx, vy = (val_x, vy) if vk.all() else (val_x[vk], vy[vk])
-        out[name], out[f"{name}_train"] = train_probe(tx, ty, vx, vy, num_heads=num_heads, steps=steps, lr=lr,
-                                                      device=device)
-        out[f"{name}_chance"] = 1.0 / (int(max(ty.max(), vy.max())) + 1)
-        out[f"{name}_majority"] = float(torch.bincount(vy).max() / vy.shape[0])
-        out[f"{name}_clips"] = [int(ty.shape[0]), int(vy.shape[0])]
+        acc, train_acc = train_probe(tx, ty, vx, vy, num_heads=num_heads, steps=steps, lr=lr, device=device)
+        out[name] = {"accuracy": acc, "train_accuracy": train_acc,
+                     "chance": 1.0 / (int(max(ty.max(), vy.max())) + 1),
+                     "majority": float(torch.bincount(vy).max() / vy.shape[0]),
+                     "clips": [int(ty.shape[0]), int(vy.shape[0])]}
     return out
 
 

@@ -111,6 +111,12 @@ def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, mon
     cfg, resume = parse_args(["--resume", str(tmp_path / "other")], 1)  # no config.json: tiny, said
     assert cfg == build_config("tiny", [], 1) and resume == ResumeFrom(str(tmp_path / "other"))
     assert "no config.json there or above it" in capsys.readouterr().err
+    other = f"train.out_dir={tmp_path / 'other'}"
+    cfg, resume = parse_args(["--resume", other], 1)  # its out_dir's, without PATH: said too
+    assert cfg == build_config("tiny", [other], 1) and resume == ResumeFrom(str(tmp_path / "other"))
+    assert "no config.json there or above it" in capsys.readouterr().err
+    parse_args(["--auto-resume", other], 1)  # a requeued job's first start: nothing to say
+    assert "config" not in capsys.readouterr().err
 
 
 def test_fields_with_choices_are_checked_when_set():
@@ -447,7 +453,9 @@ def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_
     assert isinstance(err.value, ValueError) and "\n" not in msg and len(msg) < 1000
     assert msg.startswith(f"checkpoint {path} does not load") and "earlier checkpoints/step_*" in msg
     if damage == "other_model":
-        assert "Size mismatch" in msg and "--config OUT_DIR/config.json" in msg
+        # The fix for both ways it happens: a --config of another model, or a resume without one whose run has no
+        # config.json (the message named that missing file as the fix).
+        assert "Size mismatch" in msg and "without --config" in msg and "run's preset and model fields" in msg
 
 
 def test_alternating_datasets_follow_weights_and_seed():

@@ -329,6 +329,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointReadError(
             f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "
-            "means another model config (resume with the run's own config: --config OUT_DIR/config.json); a "
-            "damaged file, resume from an earlier checkpoints/step_* folder") from e
+            "means another model config (resume without --config to take the run's OUT_DIR/config.json; where it "
+            "has none, pass --config with the run's preset and model fields); a damaged file, resume from an "
+            "earlier checkpoints/step_* folder") from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

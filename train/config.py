@@ -544,7 +544,7 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
         p.error("--resume and --auto-resume exclude each other")
     if args.config is None and (args.resume is not None or args.auto_resume):
         cfg = _resumed_config(args.resume or build_config("tiny", args.overrides, stage).train.out_dir,
-                              args.overrides, stage, required=bool(args.resume))
+                              args.overrides, stage, required=args.resume is not None)
     else:
         cfg = build_config(args.config or "tiny", args.overrides, stage)
     if args.auto_resume:
@@ -567,7 +567,8 @@ def run_config_path(path: str) -> str | None:
 def _resumed_config(path: str, overrides: list[str], stage: int, *, required: bool) -> Config:
     """A resume without --config continues the run as it was configured: its saved config.json, its out_dir
     (where that file lies, wherever the command runs from), then the overrides. A preset here could change the
-    model under the checkpoint (tiny weights for a base run) and moves every schedule field."""
+    model under the checkpoint (tiny weights for a base run) and moves every schedule field. `required`
+    (--resume, with or without PATH): a missing config.json is said; --auto-resume's first start has none yet."""
     main = os.environ.get("RANK", "0") == "0"
     saved = run_config_path(path)
     if saved is None:

@@ -127,6 +127,23 @@ def test_fields_with_choices_are_checked_when_set():
     assert "One of: linear, cosine, constant." in help_text(1)
 
 
+def test_help_of_a_resume_shows_the_resumed_runs_values(tmp_path, capsys):
+    """`--resume PATH --help` (no --config) lists the values that resume takes, those of the run's config.json,
+    not tiny's: the epilog said "those of --config tiny" for a base run."""
+    run = tmp_path / "run"
+    save_config(build_config("base", [f"train.out_dir={run}"], 1), str(run / "config.json"))
+    for argv in (["--resume", str(run / "checkpoints" / "step_00000002")], ["--resume", f"train.out_dir={run}"],
+                 ["--auto-resume", f"train.out_dir={run}"]):
+        with pytest.raises(SystemExit):
+            parse_args([*argv, "optim.lr=0.25", "--help"], 1)
+        text = capsys.readouterr().out
+        assert f"those of --config {run / 'config.json'} and the overrides given" in text, argv
+        assert "train.global_batch=4096" in text and "optim.lr=0.25" in text, argv
+    with pytest.raises(SystemExit):  # no config.json there: tiny, as that resume takes
+        parse_args(["--resume", str(tmp_path / "other"), "--help"], 1)
+    assert "those of --config tiny:" in capsys.readouterr().out
+
+
 def test_help_lists_every_field():
     text = help_text(1)
     cfg = build_config("base", [], 1)

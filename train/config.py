@@ -515,16 +515,35 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     config, rest = "tiny", []
     if "-h" in given or "--help" in given:
         pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
-        pre.add_argument("--config", default="tiny")
+        _resume_args(pre)
         try:
             known, rest = pre.parse_known_args(given)
-            config = known.config
-        except argparse.ArgumentError:
+            _override_not_path(known, rest)
+            config = known.config or _help_config(known, [a for a in rest if "=" in a], stage)
+        except (argparse.ArgumentError, ValueError):
             pass
     p = argparse.ArgumentParser(
         prog=command_name(f"train.stage{stage}"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"VideoPrism stage-{stage} training.",
         epilog=help_text(stage, config, [a for a in rest if "=" in a and not a.startswith("-")]))
+    _resume_args(p)
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    args = p.parse_intermixed_args(argv)  # overrides before and after the options
+    _override_not_path(args, args.overrides)
+    if args.auto_resume and args.resume is not None:
+        p.error("--resume and --auto-resume exclude each other")
+    if args.config is None and (args.resume is not None or args.auto_resume):
+        cfg = _resumed_config(_resumed_dir(args.resume, args.overrides, stage), args.overrides, stage,
+                              required=args.resume is not None)
+    else:
+        cfg = build_config(args.config or "tiny", args.overrides, stage)
+    if args.auto_resume:
+        return cfg, ResumeFrom(cfg.train.out_dir, if_any=True)
+    return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir)
+
+
+def _resume_args(p) -> None:
+    """--config, --resume, --auto-resume: on the parser, and on the --help pre-parser that picks the values shown."""
     p.add_argument("--config", default=None,
                    help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json config file, e.g. the config.json a run "
                         "writes to its out_dir. Default: with --resume/--auto-resume, the config.json of the run "
@@ -535,21 +554,26 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     p.add_argument("--auto-resume", action="store_true",
                    help="resume from train.out_dir's latest checkpoint if it has one, else start at step 0: one "
                         "command for a job that a scheduler may preempt and requeue")
-    p.add_argument("overrides", nargs="*", help="section.field=value")
-    args = p.parse_intermixed_args(argv)  # overrides before and after the options
+
+
+def _override_not_path(args, overrides: list[str]) -> None:
+    """`--resume section.field=value`: argparse took the override for --resume's PATH; it is an override."""
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
-        args.overrides.append(args.resume)  # `--resume section.field=value`: an override, not a path
+        overrides.append(args.resume)
         args.resume = ""
-    if args.auto_resume and args.resume is not None:
-        p.error("--resume and --auto-resume exclude each other")
-    if args.config is None and (args.resume is not None or args.auto_resume):
-        cfg = _resumed_config(args.resume or build_config("tiny", args.overrides, stage).train.out_dir,
-                              args.overrides, stage, required=args.resume is not None)
-    else:
-        cfg = build_config(args.config or "tiny", args.overrides, stage)
-    if args.auto_resume:
-        return cfg, ResumeFrom(cfg.train.out_dir, if_any=True)
-    return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir)
+
+
+def _resumed_dir(resume: str | None, overrides: list[str], stage: int) -> str:
+    """Where a resume without --config looks for the run's config.json: PATH, else the default out_dir (or the
+    train.out_dir override)."""
+    return resume or build_config("tiny", overrides, stage).train.out_dir
+
+
+def _help_config(known, overrides: list[str], stage: int) -> str:
+    """The config whose values --help shows without --config: the resumed run's config.json, as the resume takes."""
+    if known.resume is None and not known.auto_resume:
+        return "tiny"
+    return run_config_path(_resumed_dir(known.resume, overrides, stage)) or "tiny"
 
 
 def run_config_path(path: str) -> str | None:

@@ -330,3 +330,21 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_command(bug)
+
+
+def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    """The README's main command, shrunk (20 clips, 2 steps a stage, 3 probe steps): every stage runs and the
+    closing table holds each probe label with its chance level and both stages' accuracies (their values are the
+    demo's to judge: tests/test_stage2.py checks learning)."""
+    import re
+
+    from videoprism.train import pipeline
+
+    assert pipeline.main(["--out", str(tmp_path), "--clips", "20", "--probe-steps", "3", "train.steps=2",
+                          "train.global_batch=4", "train.eval_every=0"]) == 0
+    out = capsys.readouterr().out
+    assert "stage-1 zero-shot retrieval on the validation split (2 clips): t2v_R@1" in out
+    for name in pipeline.PROBE_LABELS:
+        assert re.search(rf"^  {name} +\d+\.\d% +\d+\.\d% \( *\d+%\) +\d+\.\d% \( *\d+%\)$", out, re.M), out
+    for stage in ("stage1", "stage2"):
+        assert f"weights {tmp_path / stage / 'model.safetensors'}, curves {tmp_path / stage / 'curves.png'}" in out

@@ -442,6 +442,91 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert ckpt.latest(str(tmp_path)) == first
 
 
+def _fail_on_publish(monkeypatch, where: str) -> None:
+    """An I/O error where rank 0 puts a written checkpoint in place: its rename, or the sync of the folder."""
+    import errno
+    import stat
+
+    rename, fsync = os.rename, os.fsync
+
+    def eio(*a):
+        raise OSError(errno.EIO, "Input/output error")
+
+    if where == "rename":
+        monkeypatch.setattr(os, "rename", lambda a, b: eio() if ckpt.step_of(str(b)) >= 0 else rename(a, b))
+    else:
+        monkeypatch.setattr(os, "fsync", lambda fd: eio() if stat.S_ISDIR(os.fstat(fd).st_mode) else fsync(fd))
+
+
+@pytest.mark.parametrize("where", ["rename", "folder_sync"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_checkpoint_that_cannot_be_put_in_place_is_the_same_one_line_error(tmp_path, monkeypatch, where,
+                                                                              async_save):
+    """The rename into place and the folder's sync were outside the error handling of the write: a failing disk
+    there ended the run with a bare "[Errno 5] Input/output error", no folder, no fix."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Saver(str(tmp_path), keep=1, async_save=async_save)
+    first = saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={})
+    _fail_on_publish(monkeypatch, where)
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        saver.save(2, model, opt, trainer_state={"step": 2}, rank_state={}, wait=False)
+        saver.finish()
+    monkeypatch.undo()
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "step_00000002.tmp") in msg and "Input/output error" in msg
+    assert "train.out_dir" in msg and "--resume" in msg
+    # The previous checkpoint stays: not renamed over, and not deleted (keep=1) before the new one is on disk.
+    assert ckpt.load(first, model, opt, trainer_keys=["step"])[0]["step"] == 1
+    assert ckpt.latest(str(tmp_path)) == (first if where == "rename" else str(tmp_path / "step_00000002"))
+
+
+def _publish_on_two_ranks(rank, port, root, errors):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters())
+        saver = ckpt.Saver(root, keep=1)
+        saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={})
+        if rank == 0:
+            _fail_on_publish(pytest.MonkeyPatch(), "rename")
+        saver.save(2, model, opt, trainer_state={"step": 2}, rank_state={})
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
+    """Rank 0 renames the written folder into place between two barriers: its error left the other ranks in the
+    second one, to fail there when rank 0's process group closed ("Connection closed by peer", a traceback) or
+    wait until the collective timed out, instead of stopping with rank 0's one-line message."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")
+    errors = ctx.Manager().dict()
+    procs = [ctx.Process(target=_publish_on_two_ranks, args=(r, port, str(tmp_path), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False], "a rank waits in the barrier"
+    for r in range(2):
+        assert errors[r].startswith("CheckpointWriteError: writing checkpoint") and "Input/output error" in errors[r]
+    assert ckpt.latest(str(tmp_path)) == str(tmp_path / "step_00000001")
+
+
 @pytest.mark.parametrize("damage", ["truncated_shard", "garbage_rank_file", "other_model"])
 def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_path, damage):
     import glob

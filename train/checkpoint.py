@@ -63,8 +63,8 @@ def _sync_folder(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as e:  # a file system that cannot sync a folder (EINVAL): rank 0 alone must not fail here,
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):  # between the save's two barriers
+    except OSError as e:  # a file system that cannot sync a folder (EINVAL) has not failed the save
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:
         os.close(fd)
@@ -240,10 +240,7 @@ class Saver:
         if on_main_rank(lambda: os.path.isdir(final)):  # one answer for all ranks: a rank that returned here would
             return final                           # leave the others in the save's collectives
         tmp = final + ".tmp"
-        if _rank() == 0:
-            os.makedirs(self.root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of the same step
-        _barrier()
+        on_main_rank(lambda: self._clear(tmp))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd,
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
@@ -278,14 +275,26 @@ class Saver:
             futures.wait([self.pending[2]])
             self.pending = None
 
+    def _clear(self, tmp: str) -> None:
+        """Rank 0, before the ranks write `tmp`: the checkpoints folder made, leftovers of a crashed save of the
+        same step removed. Run through on_main_rank, as `_rename_into_place`."""
+        with _writing(tmp, self.root):
+            os.makedirs(self.root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
     def _publish(self, tmp: str, final: str) -> None:
         _barrier()
-        if _rank() == 0:
+        # on_main_rank, not rank 0 between two barriers: its error (a failing disk) reaches every rank as the
+        # same one-line CheckpointWriteError; the others failed in the second barrier when rank 0's process
+        # group closed (a gloo traceback) or waited there until the collective timed out.
+        on_main_rank(lambda: self._rename_into_place(tmp, final))
+
+    def _rename_into_place(self, tmp: str, final: str) -> None:
+        with _writing(tmp, self.root):
             os.rename(tmp, final)
             _sync_folder(self.root)  # the rename on disk before the checkpoints it replaces are deleted
-            for _, old in step_dirs(self.root)[:-self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+        for _, old in step_dirs(self.root)[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def written_ranks(path: str) -> int:

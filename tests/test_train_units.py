@@ -405,6 +405,45 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
 
 
+_DELETE_THEN_CRASH = textwrap.dedent("""
+    import os, shutil, signal, sys, torch
+    from videoprism.train import checkpoint as ckpt
+    root = sys.argv[1]
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward(); opt.step()
+    saver = ckpt.Saver(root, keep=1)
+    kw = dict(trainer_state={"step": 1}, rank_state={})
+    saver.save(1, model, opt, **kw)
+
+    def cut(path, **k):  # killed after the first file of a checkpoint older than keep is deleted
+        if not os.path.isdir(path):  # the save's clearing of a leftover .tmp
+            return
+        os.remove(os.path.join(path, sorted(os.listdir(path))[0]))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shutil.rmtree = cut
+    saver.save(2, model, opt, **kw)
+""")
+
+
+def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_partial_one(tmp_path):
+    """keep=k deletes the checkpoints older than the latest k file by file (seconds for a large one, in the
+    window of a preemption's hard kill): a kill then left a partial folder under its step_* name, listed as a
+    complete checkpoint (and the one `--resume` takes once the newer one is damaged or retired)."""
+    root = str(tmp_path)
+    r = subprocess.run([sys.executable, "-c", _DELETE_THEN_CRASH, root], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr[-2000:]
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    for _, path in ckpt.step_dirs(root):  # every folder listed as complete loads
+        ckpt.load(path, model, opt, trainer_keys=["step"])
+        ckpt.read_rank_state(path, 0)
+    assert [s for s, _ in ckpt.step_dirs(root)] == [2]
+    ckpt.Saver(root, keep=1).save(3, model, opt, trainer_state={"step": 3}, rank_state={})
+    assert sorted(os.listdir(root)) == ["step_00000003"]  # the next save clears what the kill left
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_single_process_checkpoint_warns_nothing(tmp_path, async_save):
     """DCP's "assuming the intent is to save in a single process" warning is not shown in the

@@ -24,7 +24,7 @@ import re
 import shutil
 import warnings
 from concurrent import futures
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -293,8 +293,15 @@ class Saver:
         with _writing(tmp, self.root):
             os.rename(tmp, final)
             _sync_folder(self.root)  # the rename on disk before the checkpoints it replaces are deleted
+        # The checkpoints older than the latest k leave the step_* names before they are deleted file by file
+        # (seconds for a large one, within a preemption's hard kill): a kill left a partial folder that step_dirs
+        # listed as complete. One that cannot be renamed is left whole; what such a kill left goes now.
         for _, old in step_dirs(self.root)[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            with suppress(OSError):
+                os.rename(old, old + ".deleting")
+        for name in os.listdir(self.root):
+            if _STEP_DIR.match(name.removesuffix(".deleting")) and name.endswith(".deleting"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
 def written_ranks(path: str) -> int:

@@ -190,6 +190,33 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
 
 
+@pytest.mark.parametrize("damage", ["rank_file", "metadata"])
+def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_path, damage):
+    """A latest checkpoint damaged after it was written (a file lost) stops --resume / --auto-resume with one line
+    naming the complete checkpoint before it: the fix said "resume from the run's out_dir (its latest complete
+    checkpoint)", the damaged one again (a requeued job failed the same way each time), or "an earlier
+    checkpoints/step_* folder" without naming one. Resumed from it, the damaged one is renamed out of the way
+    and keep=2 deletes no good one."""
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=3")
+    make_trainer(tmp_path, *args).fit()
+    root = tmp_path / "checkpoints"
+    os.remove(root / "step_00000003" / ("rank0.pt" if damage == "rank_file" else ".metadata"))
+    with pytest.raises((FileNotFoundError, ckpt.CheckpointReadError)) as err:  # both: one line, exit status 2
+        make_trainer(tmp_path, *args).resume(str(tmp_path), if_any=True)
+    previous = str(root / "step_00000002")
+    msg = str(err.value)
+    assert "\n" not in msg and str(root / "step_00000003") in msg and msg.endswith(f"--resume {previous}")
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(previous)
+    trainer.fit()
+    assert [s for s, _ in ckpt.step_dirs(str(root))] == [2, 3] and (root / "step_00000003.abandoned").is_dir()
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(str(tmp_path), if_any=True)  # the next requeue goes on from the new step 3
+    assert trainer.step == 3
+
+
 class SignalAt(RandomClips):
     """Random clips; fetching the batch of step `at` sends `signum` to this process, as a
     scheduler's notice arriving in the middle of a step. Records the handler it finds."""

@@ -308,9 +308,17 @@ def written_ranks(path: str) -> int:
     """How many ranks wrote the checkpoint at `path` (its rank<r>.pt files, r = 0..n-1)."""
     ranks = sorted(int(m.group(1)) for m in map(re.compile(r"rank(\d+)\.pt").fullmatch, os.listdir(path)) if m)
     if not ranks or ranks != list(range(len(ranks))):
-        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (rank files {ranks or 'none'}): resume from the "
-                                "run's out_dir (its latest complete checkpoint) or an intact checkpoints/step_* folder")
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (rank files {ranks or 'none'}): {_earlier(path)}")
     return len(ranks)
+
+
+def _earlier(path: str) -> str:
+    """The fix for a checkpoint that does not load: the complete one before it, named. While the damaged one is
+    the latest, `--resume OUT_DIR` and `--auto-resume` take it again; resumed from the one before, the run
+    renames it out of the way (`retire`)."""
+    before = [p for s, p in step_dirs(os.path.dirname(path.rstrip("/"))) if s < step_of(path)]
+    return (f"resume from the checkpoint before it, --resume {before[-1]}" if before else
+            "no complete checkpoint before it: restore the file, or start afresh without --resume")
 
 
 def read_rank_state(path: str, rank: int) -> dict:
@@ -320,8 +328,8 @@ def read_rank_state(path: str, rank: int) -> dict:
         with torch.serialization.safe_globals(_NUMPY_ARRAYS):
             return torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointReadError(f"checkpoint {path} does not load (rank{rank}.pt: {_failures(e)}): a damaged file, "
-                                  "resume from an earlier checkpoints/step_* folder") from e
+        raise CheckpointReadError(f"checkpoint {path} does not load (rank{rank}.pt: {_failures(e)}): a damaged file; "
+                                  f"{_earlier(path)}") from e
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -346,6 +354,6 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         raise CheckpointReadError(
             f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "
             "means another model config (resume without --config to take the run's OUT_DIR/config.json; where it "
-            "has none, pass --config with the run's preset and model fields); a damaged file, resume from an "
-            "earlier checkpoints/step_* folder") from e
+            "has none, pass --config with the run's preset and model fields); a damaged file: "
+            f"{_earlier(path)}") from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

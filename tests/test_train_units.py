@@ -72,6 +72,25 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
         build_config(str(tmp_path / "run.yaml"), [], 1)
 
 
+def test_a_config_json_that_cannot_be_written_is_one_line_naming_it_and_the_fix(tmp_path, monkeypatch):
+    """A full disk when a run writes (a resume: rewrites) OUT_DIR/config.json stopped it with "[Errno 28] No
+    space left on device", naming no file and no fix. The file it had stays whole."""
+    import builtins
+
+    import videoprism.paths as paths
+
+    path = str(tmp_path / "config.json")
+    save_config(build_config("tiny", [], 1), path)
+    before = open(path).read()
+    monkeypatch.setattr(paths, "open", lambda *a, **k: builtins.open("/dev/full", "w"), raising=False)
+    with pytest.raises(OSError) as err:
+        save_config(build_config("tiny", ["train.steps=7"], 1), path)
+    msg = str(err.value)
+    assert msg.startswith(f"writing the run's config {path} failed (No space left on device)") and "\n" not in msg
+    assert "train.out_dir" in msg
+    assert open(path).read() == before and os.listdir(tmp_path) == ["config.json"]
+
+
 def test_resume_flags(tmp_path, capsys):
     from videoprism.train.config import ResumeFrom
 

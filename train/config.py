@@ -478,7 +478,12 @@ def save_config(cfg: Config, path: str) -> None:
     reads back exactly this run's settings whatever preset it names (none: tiny)."""
     from videoprism.paths import write_json_atomic
 
-    write_json_atomic(path, cfg.to_dict(), indent=2)
+    try:
+        write_json_atomic(path, cfg.to_dict(), indent=2)
+    except OSError as e:  # a full disk fails in write() or close(): an OSError that names no file
+        raise OSError(f"writing the run's config {path} failed ({e.strerror or e}): free space or fix the "
+                      f"permissions under {os.path.dirname(os.path.abspath(path))}, or set train.out_dir to "
+                      "another disk") from e
 
 
 def help_text(stage: int, config: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> str:

@@ -107,6 +107,61 @@ def test_a_plot_that_fails_leaves_the_finished_run_and_a_cut_record_its_line(tmp
                                                    str(tmp_path / "c.png"))) > 1000
 
 
+class _FullDisk:
+    """A file opened to append whose writes fail half-way, as on a full disk: half the text lands, then ENOSPC."""
+
+    def __init__(self, path):
+        import builtins
+
+        self.fh = builtins.open(path, "a")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def write(self, text):
+        import errno
+
+        self.fh.write(text[:len(text) // 2])
+        self.fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_metrics_that_cannot_be_written_are_said_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl records are what the run observed, its checkpoints what it keeps: a full disk (or a failing
+    one) when a record was appended ended a run of hours with "[Errno 28] No space left on device", naming no
+    file, and dropped the checkpoint being written in the background. Now the first failed record is said with
+    the file and the fix, the run goes on, and when writing works again the count of records lost is said and
+    the records go on whole (the cut one ended, not glued to the next)."""
+    import builtins
+
+    from videoprism.train import checkpoint as ckpt
+    from videoprism.train import metrics as metrics_mod
+
+    appends = []
+
+    def fake_open(path, mode="r", *a, **k):
+        if mode == "a" and str(path).endswith("metrics.jsonl"):
+            appends.append(path)
+            if len(appends) in (3, 4):  # the records of steps 2 and 3 (the first is the config's)
+                return _FullDisk(path)
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(metrics_mod, "open", fake_open, raising=False)
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=5", "checkpoint.interval=2",
+                           "checkpoint.keep=5", "checkpoint.async_save=true")
+    results = trainer.fit()
+    out = capsys.readouterr().out
+    assert out.count("cannot write") == 1 and "metrics.jsonl (No space left on device)" in out
+    assert "2 records lost" in out
+    assert results["checkpoint"] == ckpt.latest(str(tmp_path / "checkpoints"))
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path / "checkpoints"))] == [2, 4, 5]
+    records = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records if "loss" in r] == [1, 4, 5]
+
+
 def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
     """The host queues step n+1 before it reads step n's record (the GPU never waits for the logging);
     a checkpoint or an evaluation reads its step first, and the last step is read before the final save."""

@@ -45,6 +45,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = metrics_path(out_dir)
         self.bar = None
+        self.lost = 0  # records not written since the last one that was (see write)
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             _end_a_cut_line(self.path)
@@ -65,10 +66,27 @@ class MetricsLogger:
         self.write({"step": step, **record})
 
     def write(self, record: dict) -> None:
+        """Append `record`. A record that cannot be written (a full or failing disk) is said, not raised: the
+        records are what the run observed, its checkpoints what it keeps (a full disk stops the run at the next
+        one, with its own message), and a run of hours must not end on a log line. Said once until a record is
+        written again, which says how many were lost."""
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        try:
+            if self.lost:
+                _end_a_cut_line(self.path)  # the failed write may have left half a record
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if not self.lost:
+                self.message(f"cannot write {self.path} ({e.strerror or e}): training goes on without its "
+                             f"records until it can; free space or fix the permissions under "
+                             f"{os.path.dirname(self.path)}")
+            self.lost += 1
+            return
+        if self.lost:
+            self.message(f"{self.path} written again; {self.lost} record{'s' if self.lost > 1 else ''} lost")
+            self.lost = 0
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -162,6 +162,44 @@ def test_metrics_that_cannot_be_written_are_said_and_the_run_goes_on(tmp_path, m
     assert [r["step"] for r in records if "loss" in r] == [1, 4, 5]
 
 
+class RejectAt(RandomClips):
+    """Random clips; after the batch of step `at` the data layer reports one skipped sample."""
+
+    def __init__(self, at: int):
+        super().__init__(**CLIPS)
+        self.at, self.rejects = at, []
+
+    def next_batch(self, step):
+        if step == self.at:
+            self.rejects.append(("clip_7.mp4", "moov atom not found"))
+        return super().next_batch(step)
+
+    def drain_rejects(self):
+        out, self.rejects = self.rejects, []
+        return out
+
+
+def test_a_bad_sample_whose_report_cannot_be_written_does_not_end_the_run(tmp_path, monkeypatch, capsys):
+    """A bad sample is skipped and listed in rejects.rank<r>.jsonl: that file failing to take the line (a full
+    disk) ended the run with "[Errno 28] No space left on device", a long run dying of one bad sample. The
+    sample is said on the console, the failure once with the file and the fix, and the run goes on."""
+    import builtins
+
+    from videoprism.train import trainer as trainer_mod
+
+    def fake_open(path, mode="r", *a, **k):
+        if str(path).endswith("rejects.rank0.jsonl"):
+            return builtins.open("/dev/full", "w")
+        return builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "open", fake_open, raising=False)
+    results = make_trainer(tmp_path, "train.compile=false", "train.steps=3", data=RejectAt(1)).fit()
+    out = capsys.readouterr().out
+    assert results["skipped_samples"] == 1 and os.path.isdir(results["checkpoint"])
+    assert "skipped clip_7.mp4: moov atom not found" in out
+    assert f"cannot write {tmp_path / 'rejects.rank0.jsonl'} (No space left on device)" in out
+
+
 def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
     """The host queues step n+1 before it reads step n's record (the GPU never waits for the logging);
     a checkpoint or an evaluation reads its step first, and the last step is read before the final save."""

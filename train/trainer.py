@@ -104,6 +104,7 @@ class Trainer:
         self.saver = ckpt.Saver(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.resumed_from: str | None = None
         self.skipped_samples = 0
+        self.rejects_unwritten = 0  # skipped samples not in the rejects file (it could not be written)
         self.rejects_path = os.path.join(tc.out_dir, f"rejects.rank{dist_.rank}.jsonl")
 
     # ---- state -----------------------------------------------------------------------
@@ -391,14 +392,19 @@ class Trainer:
         if not rejects:
             return
         self.skipped_samples += len(rejects)
-        with open(self.rejects_path, "a") as f:
-            for name, reason in rejects:
-                f.write(json.dumps({"step": self.step, "path": name, "reason": reason}) + "\n")
-                text = f"[{self.name}] step {self.step}: skipped {name}: {reason}"
-                if self.dist.main:
-                    log.message(text)
-                else:
-                    print(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
+        say = log.message if self.dist.main else lambda text: print(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
+        for name, reason in rejects:
+            say(f"[{self.name}] step {self.step}: skipped {name}: {reason}")
+        try:
+            with open(self.rejects_path, "a") as f:
+                f.write("".join(json.dumps({"step": self.step, "path": name, "reason": reason}) + "\n"
+                                for name, reason in rejects))
+        except OSError as e:  # a full disk: said once, not raised (a run must not die of one bad sample's report)
+            if not self.rejects_unwritten:
+                say(f"[{self.name}] cannot write {self.rejects_path} ({e.strerror or e}): skipped samples are said "
+                    f"on the console only until it can; free space or fix the permissions under "
+                    f"{os.path.dirname(self.rejects_path)}")
+            self.rejects_unwritten += len(rejects)
 
     def _evaluate(self, log: MetricsLogger) -> dict:
         self.task.module.eval()

@@ -200,6 +200,34 @@ def test_a_bad_sample_whose_report_cannot_be_written_does_not_end_the_run(tmp_pa
     assert f"cannot write {tmp_path / 'rejects.rank0.jsonl'} (No space left on device)" in out
 
 
+def test_an_export_that_cannot_be_written_is_one_line_and_resume_writes_it_again(tmp_path, monkeypatch, capsys):
+    """The export follows the final checkpoint: a full disk there ended a finished run with a SafetensorError
+    traceback (not an OSError: run_command took it for a bug). It is one line naming the file, the checkpoint
+    that holds the trained model and the fix; the same command with --resume writes the export."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from videoprism.cli import run_command
+
+    def full(*a, **k):  # what safetensors raises on ENOSPC
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    args = ("train.compile=false", "train.steps=2", "checkpoint.export=true")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert run_command(make_trainer(tmp_path, *args).fit) == 2
+    err = capsys.readouterr().err.strip()
+    final = tmp_path / "checkpoints" / "step_00000002"
+    assert "\n" not in err and err.startswith(f"error: writing {tmp_path / 'model.safetensors'} failed (")
+    assert "No space left on device" in err and f"the trained model is in {final}" in err and "--resume" in err
+    assert not [n for n in os.listdir(tmp_path) if "safetensors" in n]
+    monkeypatch.undo()
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(str(tmp_path))
+    results = trainer.fit()
+    assert results["export"] == str(tmp_path / "model.safetensors")
+    videoprism.model_from_safetensors(results["export"])
+
+
 def test_the_loop_reads_each_step_after_queueing_the_next(tmp_path):
     """The host queues step n+1 before it reads step n's record (the GPU never waits for the logging);
     a checkpoint or an evaluation reads its step first, and the last step is read before the final save."""

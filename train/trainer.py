@@ -295,9 +295,7 @@ class Trainer:
             results = self._evaluate(log)
             results["checkpoint"], results["config"] = path, config_path
             if cfg.checkpoint.export:
-                export = os.path.join(tc.out_dir, "model.safetensors")
-                self.task.export(self.model, export)
-                results["export"] = export
+                results["export"] = self._export(path)
             if d.main:
                 results["plot"] = self._plot(log)
         finally:
@@ -308,6 +306,18 @@ class Trainer:
         if self.skipped_samples:
             results["rejects"] = self.rejects_path
         return results
+
+    def _export(self, checkpoint: str) -> str:
+        """The trained model as OUT_DIR/model.safetensors. Its failure (a full disk) comes after the final
+        `checkpoint`, which holds the model: the message says so and how to write the export again (a resume of a
+        finished run trains nothing and exports)."""
+        export = os.path.join(self.cfg.train.out_dir, "model.safetensors")
+        try:
+            self.task.export(self.model, export)
+        except OSError as e:
+            raise OSError(f"{e}; the trained model is in {checkpoint}: then the same command with --resume "
+                          "writes the export") from e
+        return export
 
     def _plot(self, log: MetricsLogger) -> str | None:
         """The curves PNG. Its failure (a full disk, a broken matplotlib) is said, not raised: it comes after the

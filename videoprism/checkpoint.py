@@ -244,9 +244,22 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     bytes: safetensors writes the metadata from a hash map whose order changes from process to
     process, so its keys are put back in sorted order in place (the header keeps its length, the
     tensor offsets do not move). Atomic: never a half-written file under the final name."""
-    from safetensors.torch import save_file
+    from safetensors import SafetensorError
 
     tmp = f"{path}.tmp"
+    try:
+        _write_sorted(tensors, tmp, metadata)
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:  # a full disk: safetensors' error is no OSError and names no file
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a partial file would hold the space the user frees
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise OSError(f"writing {path} failed ({cause}): free space or write it to another disk") from e
+
+
+def _write_sorted(tensors: dict[str, torch.Tensor], tmp: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     save_file(tensors, tmp, metadata=metadata)
     with open(tmp, "r+b") as fh:
         size = int.from_bytes(fh.read(8), "little")
@@ -259,7 +272,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
         if len(text) <= size and raw.rstrip(b" ") != text:
             fh.seek(8)
             fh.write(text.ljust(size, b" "))
-    os.replace(tmp, path)
 
 
 def load_safetensors(path: str, model: nn.Module) -> nn.Module:

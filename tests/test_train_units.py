@@ -424,6 +424,25 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
 
 
+def test_a_checkpoint_of_a_replaced_run_that_cannot_be_retired_is_one_line(tmp_path, monkeypatch):
+    """A run that starts at step s renames the checkpoints at or after s out of the way; a rename that failed
+    stopped it with "[Errno 13] Permission denied: ..." and no fix (and, on rank 0 between two barriers, left
+    the other ranks in the second)."""
+    import errno
+
+    (tmp_path / "step_00000003").mkdir()
+
+    def denied(*a):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", denied)
+    with pytest.raises(OSError) as err:
+        ckpt.retire(str(tmp_path), 0)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot rename checkpoint {tmp_path / 'step_00000003'} of the run this one replaces")
+    assert "(Permission denied)" in msg and "move it away yourself" in msg and "\n" not in msg
+
+
 _DELETE_THEN_CRASH = textwrap.dedent("""
     import os, shutil, signal, sys, torch
     from videoprism.train import checkpoint as ckpt

@@ -188,20 +188,28 @@ def find(path: str, *, required: bool) -> str | None:
 def retire(root: str, step: int, *, keep: str | None = None) -> list[str]:
     """Rename the complete checkpoints under `root` at step >= `step`, except `keep` (the one
     the run resumed from), to `<name>.abandoned[N]`: they belong to a run this one replaces.
-    Collective; returns the new names (rank 0; [] elsewhere)."""
+    Collective: rank 0 renames, every rank gets the new names, or its error (on_main_rank: raised
+    between two barriers, it left the other ranks in the second)."""
+    return on_main_rank(lambda: _retire(root, step, keep))
+
+
+def _retire(root: str, step: int, keep: str | None) -> list[str]:
     moved = []
-    if _rank() == 0:
-        keep_real = os.path.realpath(keep) if keep else None
-        for s, path in step_dirs(root):
-            if s < step or os.path.realpath(path) == keep_real:
-                continue
-            target, n = path + ".abandoned", 1
-            while os.path.exists(target):
-                n += 1
-                target = f"{path}.abandoned{n}"
+    keep_real = os.path.realpath(keep) if keep else None
+    for s, path in step_dirs(root):
+        if s < step or os.path.realpath(path) == keep_real:
+            continue
+        target, n = path + ".abandoned", 1
+        while os.path.exists(target):
+            n += 1
+            target = f"{path}.abandoned{n}"
+        try:
             os.rename(path, target)
-            moved.append(target)
-    _barrier()
+        except OSError as e:  # left in place, a later --resume would land in the replaced run: stop here
+            raise OSError(f"cannot rename checkpoint {path} of the run this one replaces out of the way "
+                          f"({e.strerror or e}): fix the permissions under {root} or move it away yourself, "
+                          "then run again") from e
+        moved.append(target)
     return moved
 
 

@@ -576,10 +576,9 @@ def _publish_on_two_ranks(rank, port, root, errors):
         dist.destroy_process_group()
 
 
-def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
-    """Rank 0 renames the written folder into place between two barriers: its error left the other ranks in the
-    second one, to fail there when rank 0's process group closed ("Connection closed by peer", a traceback) or
-    wait until the collective timed out, instead of stopping with rank 0's one-line message."""
+def _on_two_ranks(target, *args) -> tuple[list[bool], dict]:
+    """Run `target(rank, port, *args, errors)` in two forked gloo ranks; (which were still alive after 60 s, and
+    were killed: a rank left waiting in a collective), {rank: error text})."""
     import socket
 
     import torch.multiprocessing as mp
@@ -589,7 +588,7 @@ def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
         port = s.getsockname()[1]
     ctx = mp.get_context("fork")
     errors = ctx.Manager().dict()
-    procs = [ctx.Process(target=_publish_on_two_ranks, args=(r, port, str(tmp_path), errors)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, errors)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -598,6 +597,14 @@ def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
     for p in procs:
         if p.is_alive():
             p.kill()
+    return alive, errors
+
+
+def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
+    """Rank 0 renames the written folder into place between two barriers: its error left the other ranks in the
+    second one, to fail there when rank 0's process group closed ("Connection closed by peer", a traceback) or
+    wait until the collective timed out, instead of stopping with rank 0's one-line message."""
+    alive, errors = _on_two_ranks(_publish_on_two_ranks, str(tmp_path))
     assert alive == [False, False], "a rank waits in the barrier"
     for r in range(2):
         assert errors[r].startswith("CheckpointWriteError: writing checkpoint") and "Input/output error" in errors[r]
@@ -809,24 +816,7 @@ def _decode_all_on_two_ranks(rank, port, errors):
 def test_a_rank_that_fails_to_decode_a_set_does_not_leave_the_others_in_the_gather():
     """_decode_all's all_gather must be reached by a rank whose loader raised (no readable clip, too many bad
     samples): otherwise the other ranks wait in it until the collective times out."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    errors = ctx.Manager().dict()
-    procs = [ctx.Process(target=_decode_all_on_two_ranks, args=(r, port, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    alive = [p.is_alive() for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
+    alive, errors = _on_two_ranks(_decode_all_on_two_ranks)
     assert alive == [False, False], "a rank waits in the gather"
     assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]
 

@@ -46,6 +46,20 @@ def test_a_pack_reads_back_what_the_manifest_parses_to(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_packs_rejects_name_the_manifest_as_its_reader_does(tmp_path, monkeypatch):
+    """A rejected line is `FILE:LINE` with FILE as the reader names the manifest. The pack kept the name it was
+    packed by: packed as `m.jsonl` in its folder, a run elsewhere reported (rejects.rank<r>.jsonl, the bad-share
+    error) `m.jsonl:2`, a file it could not find, where the parse says the path it was given."""
+    m = _manifest(tmp_path, n=20, bad_lines=["{"])
+    monkeypatch.chdir(tmp_path)
+    write_pack("m.jsonl")
+    monkeypatch.chdir("/")
+    got = read_manifest(m, max_bad_share=0.1)
+    assert got[0]._pack == m
+    _same(got, read_manifest(m, max_bad_share=0.1, use_pack=False))
+    assert got[1] == [(f"{m}:2", "bad JSON (Expecting property name enclosed in double quotes at column 2)")]
+
+
 def test_a_pack_applies_the_readers_bad_share(tmp_path):
     """The pack keeps every rejected line: the share is the reader's, as when it parses."""
     m = _manifest(tmp_path, n=20, bad_lines=["{", "{"])

@@ -22,7 +22,8 @@ import struct
 import sys
 
 MAGIC = b"VPPACK\x00\x01"
-VERSION = 1  # bump when the record layout or the validation of a line changes: a pack holds the result of both
+VERSION = 2  # bump when the record layout or the validation of a line changes: a pack holds the result of both
+# 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
 
 
 def pack_path(manifest: str) -> str:
@@ -42,10 +43,13 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
 
     stamp = _stamp(manifest)  # before reading: an edit during the read leaves a pack that no reader takes
     samples, rejects = read_manifest(manifest, max_bad_share=1.0, use_pack=False, progress=progress)
+    # A reject is `FILE:LINE` with FILE as the reader names the manifest (a relative name here is another file in
+    # a run elsewhere): the line number is kept, the name is the reader's (read_pack).
+    lines = [[int(where.rpartition(":")[2]), reason] for where, reason in rejects]
     header = json.dumps({
         "version": VERSION, "byteorder": sys.byteorder, "manifest": stamp, "count": len(samples),
         "lines": len(samples) + len(rejects), "int_label": samples.int_label, "label_names": samples.label_names,
-        "fingerprint": samples.fingerprint, "rejects": rejects}).encode()
+        "fingerprint": samples.fingerprint, "rejects": lines}).encode()
     data, ends = samples.buffers()
     path = pack_path(manifest)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -92,7 +96,7 @@ def read_pack(manifest: str):
 
     samples = SampleList.mapped(data, ends, int_label=header["int_label"], label_names=header["label_names"],
                                 fingerprint=header["fingerprint"], source=os.path.abspath(manifest))
-    return samples, [tuple(r) for r in header["rejects"]], header["lines"]
+    return samples, [(f"{manifest}:{n}", reason) for n, reason in header["rejects"]], header["lines"]
 
 
 def map_buffers(manifest: str, fingerprint: str):

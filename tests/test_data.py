@@ -459,20 +459,38 @@ import json, multiprocessing, os, sys
 if __name__ == "__main__":
     multiprocessing.set_start_method(sys.argv[2])
     from videoprism.data.loader import build_loader
-    loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=4,
+    from videoprism.data.pack import write_pack
+    m, packed = os.path.join(sys.argv[1], "train.jsonl"), sys.argv[3] == "packed"
+    if packed:
+        write_pack(m)
+    loader = build_loader(m, num_frames=8, resolution=36, batch_size=4,
                           train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=2)
+    if packed:  # mapped; then the next version of the data is packed over it before the workers start
+        assert loader.samples._pack == m, loader.samples._pack
+        lines = open(m).readlines()
+        open(m, "w").writelines(lines[:-1])
+        write_pack(m)
     print(json.dumps([[b["index"].tolist(), b["video"].double().mean().item()] for b in loader]))
 """
 
 
+@pytest.mark.parametrize("packed", ["parsed", "packed"])
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_loader_workers_run_under_every_start_method(synth, method):
-    """forkserver is Python 3.14's default: there a worker's OS parent is the fork server, not the loader."""
+def test_loader_workers_run_under_every_start_method(tmp_path, synth, method, packed):
+    """forkserver is Python 3.14's default: there a worker's OS parent is the fork server, not the loader. Over a
+    packed manifest the workers map the loader's pack, the one it read even if the manifest was packed again."""
+    import shutil
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _START_METHOD, synth, method], capture_output=True, text=True,
-                       timeout=300)
+    folder = synth
+    if packed == "packed":  # a copy of the manifest, beside the clips: the fixture's stays as it is
+        folder = str(tmp_path)
+        shutil.copy(os.path.join(synth, "train.jsonl"), folder)
+        for name in ("clips", "spm.model"):
+            os.symlink(os.path.join(synth, name), os.path.join(folder, name))
+    r = subprocess.run([sys.executable, "-c", _START_METHOD, folder, method, packed], capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = [[b["index"].tolist(), b["video"].double().mean().item()] for b in _loader(synth)]
     assert json.loads(r.stdout.splitlines()[-1]) == ref

@@ -120,6 +120,41 @@ def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path,
     assert list(pickle.loads(state)) == list(samples)
 
 
+def _names(samples, conn) -> None:
+    conn.send([s.name for s in samples])
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("change", ["packed again", "removed"])
+def test_a_worker_started_after_the_pack_changed_maps_its_parents_pack(tmp_path, method, change):
+    """A spawned or forkserver process (a DataLoader worker under those start methods, each epoch's or a restart's)
+    mapped the pack by name: once it was packed again over an edited manifest (the next version of the data,
+    prepared during a run) or removed, every worker died at start and the run stopped at its next epoch ("workers
+    died 3 times ... out of memory?"), where a parsed manifest was read once. It gets the parent's open file."""
+    import multiprocessing
+
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    samples, _ = read_manifest(m)
+    assert samples._pack == m
+    if change == "removed":
+        os.remove(pack_path(m))
+    else:
+        _manifest(tmp_path, n=29)
+        write_pack(m)
+    ctx = multiprocessing.get_context(method)
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_names, args=(samples, child))
+    p.start()
+    child.close()  # the child's end: a child that dies ends the pipe
+    try:
+        got = parent.recv() if parent.poll(60) else None
+    except EOFError:
+        got = None
+    p.join()
+    assert got == [s.name for s in samples], f"the {method} process ended with exit code {p.exitcode}"
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="Linux /proc memory accounting")
 def test_a_packed_list_costs_a_reader_no_private_memory(tmp_path):
     m = _manifest(tmp_path, n=20_000)

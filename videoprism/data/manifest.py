@@ -105,23 +105,24 @@ class SampleList(Sequence):
     What a loader needs of every sample is gathered as they are appended, not by passes over millions of them:
     the label fields (`int_label`, `label_names`) and the `fingerprint` a checkpoint keeps of the list.
     A list read from a manifest's pack (pack.py) maps the pack's buffers instead of holding them: shared with every
-    process that maps the same file; a spawned process gets the pack's name and maps it again."""
+    process that maps the same file; a process it starts (spawn, forkserver) is handed the open pack and maps it
+    too, any other unpickling maps the pack by name."""
 
     def __init__(self, samples=()):
         self._data, self._ends = bytearray(), array.array("q")
         self.int_label, self._label_names = False, set()
         self._hash, self._fingerprint = hashlib.sha256(), None
-        self._pack = None  # the manifest whose pack (pack.py) the buffers map, read-only
+        self._pack, self._file = None, None  # the manifest whose pack (pack.py) the buffers map read-only, its file
         for s in samples:
             self.append(s)
 
     @classmethod
     def mapped(cls, data: memoryview, ends: memoryview, *, int_label: bool, label_names: list[str],
-               fingerprint: str, source: str) -> "SampleList":
-        """A list over the buffers of `source`'s mapped pack (pack.read_pack), with what was gathered when it
-        was packed."""
+               fingerprint: str, source: str, file) -> "SampleList":
+        """A list over the buffers of `source`'s mapped pack (pack.read_pack), open as `file`, with what was
+        gathered when it was packed."""
         new = cls()
-        new._data, new._ends, new._pack = data, ends, source
+        new._data, new._ends, new._pack, new._file = data, ends, source, file
         new.int_label, new._label_names = int_label, set(label_names)
         new._hash, new._fingerprint = None, fingerprint
         return new
@@ -138,7 +139,8 @@ class SampleList(Sequence):
                                s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
         key = _fingerprint_line(s)
         if self._pack is not None:  # a mapped pack is read-only: this list takes its own copy first
-            self._data, self._ends, self._pack = bytearray(self._data), array.array("q", self._ends), None
+            self._data, self._ends = bytearray(self._data), array.array("q", self._ends)
+            self._pack = self._file = None
         if self._hash is None:  # an unpickled copy (the hash state does not pickle): hashed again, once
             self._hash = hashlib.sha256()
             for old in self:
@@ -166,9 +168,16 @@ class SampleList(Sequence):
         return self._fingerprint
 
     def __getstate__(self) -> dict:  # a spawned DataLoader worker gets a pickled copy: hashlib objects do not pickle
-        state = dict(self.__dict__, _fingerprint=self.fingerprint, _hash=None)
-        if self._pack is not None:  # the pack's name, not its bytes: the spawned process maps the same file
+        from multiprocessing import context, reduction
+
+        state = dict(self.__dict__, _fingerprint=self.fingerprint, _hash=None, _file=None)
+        if self._pack is not None:  # the pack, not its bytes: the other process maps the same file
             state.update(_data=None, _ends=None)
+            if context.get_spawning_popen() is not None:
+                # A process being started (a DataLoader worker under spawn or forkserver, every epoch) is handed
+                # this open file: by name, a pack packed again over an edited manifest or removed during the run
+                # killed every such worker at start.
+                state["_file"] = reduction.DupFd(self._file.fileno())
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -176,7 +185,8 @@ class SampleList(Sequence):
         if self._pack is not None:
             from .pack import map_buffers
 
-            self._data, self._ends = map_buffers(self._pack, self._fingerprint)
+            fd = None if state["_file"] is None else state["_file"].detach()
+            self._file, self._data, self._ends = map_buffers(self._pack, self._fingerprint, fd)
 
     def __copy__(self) -> "SampleList":
         # The default copy shares the buffers: appending to the copy would change the original (a mapped pack's

@@ -84,29 +84,33 @@ def read_pack(manifest: str):
         return None
     except OSError as e:
         raise StalePack(f"cannot be opened ({e.strerror})") from None
-    with fh:
+    try:  # kept open while the list lives: a process it starts is handed this file (SampleList.__getstate__)
         try:
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # ValueError: an empty file
             raise StalePack(f"cannot be mapped ({e})") from None
-    header, ends, data = _parse(mapped)
-    if header["manifest"] != _stamp(manifest):
-        raise StalePack("was written for another version of the manifest (its size, time or folder changed since)")
+        header, ends, data = _parse(mapped)
+        if header["manifest"] != _stamp(manifest):
+            raise StalePack("was written for another version of the manifest (its size, time or folder changed "
+                            "since)")
+    except BaseException:
+        fh.close()
+        raise
     from .manifest import SampleList
 
     samples = SampleList.mapped(data, ends, int_label=header["int_label"], label_names=header["label_names"],
-                                fingerprint=header["fingerprint"], source=os.path.abspath(manifest))
+                                fingerprint=header["fingerprint"], source=os.path.abspath(manifest), file=fh)
     return samples, [(f"{manifest}:{n}", reason) for n, reason in header["rejects"]], header["lines"]
 
 
-def map_buffers(manifest: str, fingerprint: str):
-    """The (data, ends) views of `manifest`'s pack, for a SampleList unpickled in a spawned process."""
-    with open(pack_path(manifest), "rb") as fh:
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    header, ends, data = _parse(mapped)
+def map_buffers(manifest: str, fingerprint: str, fd: int | None = None):
+    """(file, data, ends) of `manifest`'s pack for a SampleList unpickled in another process: the very file its
+    parent maps when handed its descriptor `fd` (a process it starts), else the pack of that name."""
+    fh = os.fdopen(fd, "rb") if fd is not None else open(pack_path(manifest), "rb")
+    header, ends, data = _parse(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
     if header["fingerprint"] != fingerprint:
         raise StalePack(f"{pack_path(manifest)} changed while its samples were in use (packed again?)")
-    return data, ends
+    return fh, data, ends
 
 
 def _parse(mapped: mmap.mmap):

@@ -120,6 +120,21 @@ def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path,
     assert list(pickle.loads(state)) == list(samples)
 
 
+def test_two_writers_of_one_pack_never_write_one_file(tmp_path, monkeypatch):
+    """Two `data pack` runs of one manifest at once (one per node of a job, on a shared file system, in containers
+    where every process has the same pid) wrote the same `PACK.<pid>.tmp`: each truncated the other's half-written
+    file, the first renamed it into place while the second still wrote into it, and the second's rename failed
+    with "cannot write ... copy the manifest to a folder you can write". Each writes its own file."""
+    m = _manifest(tmp_path, n=20)
+    monkeypatch.setattr(os, "getpid", lambda: 7)
+    theirs = tmp_path / "m.jsonl.pack.7.tmp"  # the other node's pack, half written
+    theirs.write_bytes(b"VPPACK half of it")
+    write_pack(m)
+    assert theirs.read_bytes() == b"VPPACK half of it"
+    assert read_manifest(m)[0]._pack == m
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "m.jsonl.pack", "m.jsonl.pack.7.tmp"]
+
+
 def _names(samples, conn) -> None:
     conn.send([s.name for s in samples])
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import secrets
 import struct
 import sys
 
@@ -52,9 +53,10 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
         "fingerprint": samples.fingerprint, "rejects": lines}).encode()
     data, ends = samples.buffers()
     path = pack_path(manifest)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    # A name of its own: `data pack` on every node of a job (containers: one pid for all) wrote into one file.
+    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "xb") as fh:
             fh.write(MAGIC + struct.pack("<Q", len(header)) + header)
             fh.write(b"\0" * (-fh.tell() % 8))
             fh.write(ends.tobytes())

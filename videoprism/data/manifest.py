@@ -264,14 +264,19 @@ def sample_from_record(rec, base: str) -> Sample:
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
 
 
-def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = True,
-                  progress: bool = False) -> tuple[SampleList, list[tuple[str, str]]]:
-    """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason), from its pack (pack.py)
-    when it has one that matches it, else parsed (with a progress bar when `progress`)."""
+def check_manifest(path: str) -> None:
+    """FileNotFoundError naming the fix unless `path` is a file."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise FileNotFoundError(f"manifest {path!r} {what}; pass a .jsonl file (one JSON object per line) "
                                 "or WebDataset .tar shards")
+
+
+def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = True,
+                  progress: bool = False) -> tuple[SampleList, list[tuple[str, str]]]:
+    """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason), from its pack (pack.py)
+    when it has one that matches it, else parsed (with a progress bar when `progress`)."""
+    check_manifest(path)
     if use_pack:
         packed = _read_packed(path, max_bad_share)
         if packed is not None:

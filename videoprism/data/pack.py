@@ -40,8 +40,9 @@ def _stamp(manifest: str) -> dict:
 def write_pack(manifest: str, *, progress: bool = False) -> dict:
     """Read `manifest` as JSON and write `MANIFEST.pack` atomically; returns {"pack", "samples", "rejected"}.
     Every line is kept or recorded as rejected (a reader applies its own max_bad_share)."""
-    from .manifest import read_manifest
+    from .manifest import check_manifest, read_manifest
 
+    check_manifest(manifest)  # its message, not the stat's bare "[Errno 2]"
     stamp = _stamp(manifest)  # before reading: an edit during the read leaves a pack that no reader takes
     samples, rejects = read_manifest(manifest, max_bad_share=1.0, use_pack=False, progress=progress)
     # A reject is `FILE:LINE` with FILE as the reader names the manifest (a relative name here is another file in

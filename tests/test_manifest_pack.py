@@ -69,7 +69,7 @@ def test_a_pack_applies_the_readers_bad_share(tmp_path):
     assert len(read_manifest(m, max_bad_share=0.1)[0]) == 20
 
 
-@pytest.mark.parametrize("change", ["edit", "touch", "move", "damage", "cut", "foreign"])
+@pytest.mark.parametrize("change", ["edit", "touch", "move", "linked folder", "damage", "cut", "foreign"])
 def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, change):
     m = _manifest(tmp_path, n=30)
     write_pack(m)
@@ -85,6 +85,9 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
         for f in (m, pack):
             shutil.move(f, tmp_path / "moved")
         m, pack = str(tmp_path / "moved" / "m.jsonl"), pack_path(str(tmp_path / "moved" / "m.jsonl"))
+    elif change == "linked folder":  # the same files under another name (/data -> /lustre/data): paths differ
+        os.symlink(tmp_path, f"{tmp_path}_link")
+        m, pack = f"{tmp_path}_link/m.jsonl", f"{tmp_path}_link/m.jsonl.pack"
     elif change == "damage":
         with open(pack, "r+b") as fh:
             fh.seek(20)
@@ -100,6 +103,8 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
         assert got[0][0].path == str(tmp_path / "moved" / "clips" / "clip_00000000.mp4")
     err = capsys.readouterr().err
     assert f"note: {pack}" in err and "videoprism data pack" in err
+    if change in ("move", "linked folder"):  # what changed, not "its size, time or folder changed"
+        assert f"{pack} was packed for the manifest in {tmp_path}, not {os.path.dirname(m)}" in err
 
 
 def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path, monkeypatch):

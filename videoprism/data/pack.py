@@ -93,9 +93,13 @@ def read_pack(manifest: str):
         except (OSError, ValueError) as e:  # ValueError: an empty file
             raise StalePack(f"cannot be mapped ({e})") from None
         header, ends, data = _parse(mapped)
-        if header["manifest"] != _stamp(manifest):
-            raise StalePack("was written for another version of the manifest (its size, time or folder changed "
-                            "since)")
+        packed, now = header["manifest"], _stamp(manifest)
+        if packed["folder"] != now["folder"]:  # moved, or the same folder by another name (a symlink)
+            raise StalePack(f"was packed for the manifest in {packed['folder']}, not {now['folder']} (its relative "
+                            "paths resolve against its folder)")
+        if packed != now:
+            raise StalePack("was written for another version of the manifest (its size or modification time "
+                            "changed since)")
     except BaseException:
         fh.close()
         raise

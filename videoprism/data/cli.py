@@ -77,7 +77,8 @@ def register(subparsers) -> None:
                                    "a clean manifest with those fields plus a rejects report (one JSON line per bad "
                                    "file or manifest line: path and reason). Train on the clean manifest.")
     p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")
-    p.add_argument("--out", required=True, help="clean manifest to write (.jsonl); paths are made relative to it")
+    p.add_argument("--out", required=True, help="clean manifest to write (.jsonl), packed to OUT.pack as `data pack` "
+                                                "does; paths are made relative to it")
     p.add_argument("--rejects", default=None, help="rejects report (default: OUT with .rejects.jsonl)")
     p.add_argument("--workers", type=_positive, default=None, help="probe processes (default: all cores)")
     p.add_argument("--min-frames", type=_positive, default=1,

@@ -308,7 +308,7 @@ class Saver:
             with suppress(OSError):
                 os.rename(old, old + ".deleting")
         for name in os.listdir(self.root):
-            if _STEP_DIR.match(name.removesuffix(".deleting")) and name.endswith(".deleting"):
+            if name.endswith(".deleting") and _STEP_DIR.match(name.removesuffix(".deleting")):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 

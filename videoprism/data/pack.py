@@ -1,7 +1,7 @@
 """A manifest's samples packed into one file beside it (`MANIFEST.pack`), mapped into memory by every reader.
 
 Every rank reads the whole manifest (the loader shards each epoch's order, so a run resumes on another number of
-ranks). Parsing and validating JSON costs ~9 s and builds ~0.17 GB per million lines in every rank: at 36M clips,
+ranks). Parsing and validating JSON costs ~12 s and ~0.16 GB per million lines in every rank (bench/manifest.py): at 36M clips,
 minutes of startup and ~6 GB per rank, 8 copies per node. A pack holds what that parse produces (SampleList's
 two buffers, its label fields and fingerprint, the rejected lines), written once by `videoprism data pack` or
 `data index`; a reader maps it read-only, so startup is a header read and the ranks (and their DataLoader workers,

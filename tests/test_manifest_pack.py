@@ -7,6 +7,12 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
@@ -107,6 +113,47 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
         assert f"{pack} was packed for the manifest in {tmp_path}, not {os.path.dirname(m)}" in err
 
 
+def _with_header(pack: str, edit) -> None:
+    """Rewrite `pack` with its header replaced by `edit(header)`, the records kept (moved to the new alignment)."""
+    raw = open(pack, "rb").read()
+    n = struct.unpack_from("<Q", raw, 8)[0]
+    body = raw[16 + n + (-(16 + n) % 8):]
+    header = json.dumps(edit(json.loads(raw[16:16 + n]))).encode()
+    pad = b"\0" * (-(16 + len(header)) % 8)
+    open(pack, "wb").write(raw[:8] + struct.pack("<Q", len(header)) + header + pad + body)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: list(h),                                      # valid JSON, not an object
+    lambda h: {k: v for k, v in h.items() if k != "manifest"},  # a field missing
+    lambda h: dict(h, manifest="m.jsonl"),                  # a field of another type
+    lambda h: dict(h, manifest=dict(h["manifest"], folder=None)),
+    lambda h: dict(h, rejects=[[2]]),                       # a reject without its reason
+    lambda h: dict(h, label_names=3),
+    lambda h: dict(h, count=-1),
+], ids=["list", "no manifest", "manifest a string", "folder null", "reject cut", "label_names a number",
+        "negative count"])
+def test_a_pack_whose_header_has_another_shape_is_a_damaged_pack(tmp_path, capsys, edit):
+    """A header of valid JSON but another shape (another program's file, a hand edit) raised a KeyError, TypeError
+    or IndexError out of every reader, where a damaged pack is ignored with a note and the manifest parsed."""
+    m = _manifest(tmp_path, n=30, bad_lines=["{"])
+    write_pack(m)
+    _with_header(pack_path(m), edit)
+    got = read_manifest(m, max_bad_share=0.1)
+    assert got[0]._pack is None
+    _same(got, read_manifest(m, max_bad_share=0.1, use_pack=False))
+    err = capsys.readouterr().err
+    assert f"note: {pack_path(m)} is damaged (header" in err and f"`videoprism data pack {m}` writes it again" in err
+
+
+def test_the_header_rewrite_of_the_test_keeps_a_pack_usable(tmp_path):
+    """The oracle of the test above: _with_header with no change gives a pack every reader still maps."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    _with_header(pack_path(m), lambda h: dict(h, extra="a longer header moves the records"))
+    assert read_manifest(m)[0]._pack == m
+
+
 def test_a_packed_list_travels_to_spawned_workers_and_copies_on_append(tmp_path, monkeypatch):
     m = _manifest(tmp_path, n=40)
     write_pack(m)
@@ -138,6 +185,58 @@ def test_two_writers_of_one_pack_never_write_one_file(tmp_path, monkeypatch):
     assert theirs.read_bytes() == b"VPPACK half of it"
     assert read_manifest(m)[0]._pack == m
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl", "m.jsonl.pack", "m.jsonl.pack.7.tmp"]
+
+
+_PACK_STOPPED = textwrap.dedent("""
+    import os, signal, sys
+    from videoprism.data import pack
+    real = os.replace
+
+    def stop(tmp, path):  # the pack written, not yet renamed into place
+        if sys.argv[2] == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        print(tmp, flush=True)
+        sys.stdin.readline()  # a live writer: goes on when told
+        real(tmp, path)
+
+    os.replace = stop
+    pack.write_pack(sys.argv[1])
+""")
+
+
+def test_a_pack_removes_the_files_of_writers_that_are_gone_not_of_live_ones(tmp_path, capsys):
+    """A `data pack` killed while writing left its tmp file beside the manifest forever (the size of the pack: GBs
+    at tens of millions of clips). The next pack of that manifest removes it once its writer is provably gone: a
+    process of this machine that no longer runs, or a file untouched for a day (another node's, whose pid cannot be
+    looked up here). A live writer's file, another manifest's and a fresh one of another node stay."""
+    m = _manifest(tmp_path, n=20)
+    with subprocess.Popen([sys.executable, "-c", _PACK_STOPPED, m, "live"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as live:
+        live_tmp = live.stdout.readline().strip()
+        assert os.path.isfile(live_tmp), live_tmp
+        killed = subprocess.run([sys.executable, "-c", _PACK_STOPPED, m, "killed"], capture_output=True, text=True)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert "removed" not in killed.stderr  # the live writer's file is not its to remove
+        (dead,) = [p for p in map(str, tmp_path.glob("*.tmp")) if p != live_tmp]
+        # The dead writer's file as another node's (another pid space): its pid means nothing here.
+        space = dead.split(".pack.")[1].split(".")[0]
+        node_fresh, node_old = (dead.replace(f".{space}.", f".{s}.") for s in ("0" * 12, "1" * 12))
+        other_manifest = dead.replace("m.jsonl.pack", "n.jsonl.pack")
+        for f in (node_fresh, node_old, other_manifest):
+            shutil.copy(dead, f)
+        day_ago = time.time() - 25 * 3600
+        os.utime(node_old, (day_ago, day_ago))
+        write_pack(m)
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.wait(60) == 0  # its file was left to it: renamed into place
+    assert not os.path.exists(dead) and not os.path.exists(node_old)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.jsonl", "m.jsonl.pack", os.path.basename(node_fresh),
+                                                   os.path.basename(other_manifest)])
+    assert read_manifest(m)[0]._pack == m
+    notes = [line for line in capsys.readouterr().err.splitlines() if "removed" in line]
+    assert len(notes) == 1 and "removed 2 unfinished pack file(s)" in notes[0], notes
+    assert dead in notes[0] and node_old in notes[0]
 
 
 def _names(samples, conn) -> None:

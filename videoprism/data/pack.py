@@ -15,12 +15,15 @@ it when packed); any other pack is ignored with a note, and the manifest is read
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
+import re
 import secrets
 import struct
 import sys
+import time
 
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 2  # bump when the record layout or the validation of a line changes: a pack holds the result of both
@@ -54,8 +57,13 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
         "fingerprint": samples.fingerprint, "rejects": lines}).encode()
     data, ends = samples.buffers()
     path = pack_path(manifest)
-    # A name of its own: `data pack` on every node of a job (containers: one pid for all) wrote into one file.
-    tmp = f"{path}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    # A name of its own: `data pack` on every node of a job (containers: one pid for all) wrote into one file. Its
+    # pid space and pid tell a later pack whether its writer is gone (_remove_stale).
+    tmp = f"{path}.{_pid_space()}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    stale = _remove_stale(path)
+    if stale:
+        print(f"note: removed {len(stale)} unfinished pack file(s) of {manifest} whose writer is gone (a `data pack` "
+              f"or `data index` killed while writing): {', '.join(stale)}", file=sys.stderr)
     try:
         with open(tmp, "xb") as fh:
             fh.write(MAGIC + struct.pack("<Q", len(header)) + header)
@@ -71,6 +79,59 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
         raise OSError(f"cannot write {path} ({e.strerror}); the pack is written beside its manifest: copy the "
                       "manifest and its videos to a folder you can write, or go on without a pack") from None
     return {"pack": path, "samples": len(samples), "rejected": len(rejects)}
+
+
+# A writer writes its file from start to end in minutes (seconds per million clips): one untouched for a day has
+# no writer left, wherever that ran.
+_STALE_SECONDS = 24 * 3600
+
+
+def _remove_stale(path: str) -> list[str]:
+    """Remove the tmp files of the pack `path` whose writers are provably gone, and return their names: a writer in
+    this pid space whose process is not running (killed), or any untouched for _STALE_SECONDS (another machine's or
+    container's, whose pid means nothing here; or of a version that named no pid space). A live writer's is kept."""
+    folder, name = os.path.split(path)
+    # As write_pack names them: [pid space.]pid.token.tmp (no pid space: an older version's)
+    named = re.compile(re.escape(name) + r"\.(?:([0-9a-f]{12})\.)?(\d{1,9})\.[0-9a-f]{16}\.tmp")
+    here, removed = _pid_space(), []
+    try:
+        entries = list(os.scandir(folder or "."))
+    except OSError:  # a folder this process may write but not list: nothing to tell apart, and no reason to fail
+        return []
+    for entry in entries:
+        m = named.fullmatch(entry.name)
+        if m is None:
+            continue
+        try:
+            killed = m[1] == here and not _running(int(m[2]))
+            if killed or time.time() - entry.stat().st_mtime > _STALE_SECONDS:
+                os.remove(entry.path)
+                removed.append(os.path.join(folder, entry.name))
+        except OSError:  # gone already (renamed into place by its writer, removed by another pack), or another
+            pass         # user's in a sticky folder: left, the pack is written all the same
+    return removed
+
+
+def _pid_space() -> str:
+    """12 hex digits naming this machine's boot and pid namespace: a writer's pid can be looked up only by a process
+    that shares both (a container may have a namespace of its own, another node has another boot). Without /proc
+    (not Linux), a random value, shared with no other process: such files are removed by age only."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            space = f"{fh.read().strip()}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return secrets.token_hex(6)
+    return hashlib.sha256(space.encode()).hexdigest()[:12]
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal sent: the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 class StalePack(Exception):
@@ -120,6 +181,40 @@ def map_buffers(manifest: str, fingerprint: str, fd: int | None = None):
     return fh, data, ends
 
 
+# What a header holds, checked before any field is used: valid JSON of another shape (another program's file, a hand
+# edit) is a damaged pack like any other, not a KeyError or TypeError from the reader. [T]: a list of T; a tuple: a
+# list of those types, in order.
+_HEADER = {"version": int, "byteorder": str, "manifest": {"size": int, "mtime_ns": int, "folder": str},
+           "count": int, "lines": int, "int_label": bool, "label_names": [str], "fingerprint": str,
+           "rejects": [(int, str)]}
+
+
+def _check_shape(value, shape, name: str) -> None:
+    """ValueError naming the first part of `value` (called `name`) that `shape` (as _HEADER) does not describe."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} is {_shown(value)}, not an object")
+        for key, sub in shape.items():
+            if key not in value:
+                raise ValueError(f"{name} has no {key!r}")
+            _check_shape(value[key], sub, f"{name}.{key}")
+    elif isinstance(shape, (list, tuple)):
+        if not isinstance(value, list) or isinstance(shape, tuple) and len(value) != len(shape):
+            raise ValueError(f"{name} is {_shown(value)}, not a list" + (f" of {len(shape)}" if len(shape) > 1 else ""))
+        for i, item in enumerate(value):
+            _check_shape(item, shape[i] if isinstance(shape, tuple) else shape[0], f"{name}[{i}]")
+    elif not isinstance(value, shape) or shape is int and isinstance(value, bool):  # JSON true is no integer
+        raise ValueError(f"{name} is {_shown(value)}, not {_KINDS[shape]}")
+
+
+_KINDS = {int: "an integer", str: "a string", bool: "true or false"}
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _parse(mapped: mmap.mmap):
     """(header, ends, data) of a mapped pack, its structure checked (a cut or foreign file raises StalePack)."""
     view = memoryview(mapped)
@@ -128,9 +223,12 @@ def _parse(mapped: mmap.mmap):
             raise StalePack("is not a videoprism pack (bad magic bytes)")
         (n,) = struct.unpack_from("<Q", view, 8)
         header = json.loads(bytes(view[16:16 + n]))
-        if header.get("version") != VERSION:
+        if isinstance(header, dict) and header.get("version") != VERSION:
             raise StalePack(f"has format version {header.get('version')}, this videoprism reads {VERSION}")
+        _check_shape(header, _HEADER, "header")
         count = header["count"]
+        if count < 0:
+            raise ValueError(f"header.count is {count}, not a count")
         ends_at = 16 + n + (-(16 + n) % 8)
         data_at = ends_at + 8 * count
         if data_at > len(view):
@@ -141,5 +239,5 @@ def _parse(mapped: mmap.mmap):
         if count and ends[-1] != len(view) - data_at:
             raise StalePack("is cut short or has extra bytes")
         return header, ends, view[data_at:]
-    except (ValueError, KeyError, TypeError, struct.error) as e:
+    except (ValueError, TypeError, struct.error) as e:
         raise StalePack(f"is damaged ({e})") from None

@@ -58,7 +58,8 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
                          ('nope = 3\n', "top-level key 'nope' is not a config section; sections: model, data"),
                          ('preset = "huge"\n', "run.toml: unknown preset 'huge'"),
                          ('[optim]\ndecay = "cosin"\n', "optim.decay='cosin' is not one of 'linear', 'cosine'"),
-                         ('[optim\n', "not a valid TOML config")):
+                         ('[optim\n', "not a valid TOML config"),
+                         ('launch_dir = "runs"\n', "run.toml: launch_dir must be the absolute folder the run was")):
         toml.write_text(text)
         with pytest.raises(ValueError, match=needle):
             build_config(str(toml), [], 1)
@@ -136,6 +137,51 @@ def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, mon
     assert "no config.json there or above it" in capsys.readouterr().err
     parse_args(["--auto-resume", other], 1)  # a requeued job's first start: nothing to say
     assert "config" not in capsys.readouterr().err
+
+
+def test_a_resume_from_another_folder_reads_the_files_the_run_read(tmp_path, capsys, monkeypatch):
+    """A resume without --config took the run's config.json with its relative paths (manifests, tokenizer, teacher)
+    as they were written, resolved from wherever the resume ran: from another folder it stopped on a missing file
+    or, where that folder held files of the same relative names, trained on those. They resolve from the folder the
+    run was launched from, which config.json records; paths given on the resume's command line from the resume's
+    folder; a config.json written before that record, as before."""
+    import json
+
+    from videoprism.paths import write_json_atomic
+    from videoprism.train.config import config_changes
+    from videoprism.train.data import parse_datasets
+
+    first, other = tmp_path / "first", tmp_path / "other"
+    for folder in (first, other):  # the same relative names in both folders, each file holding its folder's name
+        for name in ("data/a.jsonl", "data/b.jsonl", "data/val.jsonl", "data/spm.model", "teacher.safetensors"):
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(str(folder))
+
+    def read(cfg):  # the folder of each file the config names, opened as a run opens it (from the current folder)
+        train = [(open(path).read(), weight, frames) for path, weight, frames in parse_datasets(cfg.data.train, 8)]
+        return train, [open(path).read() for path in (cfg.data.val, cfg.data.tokenizer, cfg.stage2.teacher)]
+
+    monkeypatch.chdir(first)
+    run = first / "run"
+    saved = build_config("tiny", ["data.train=data/a.jsonl:2, data/b.jsonl:1:1", "data.val=data/val.jsonl",
+                                  "data.tokenizer=data/spm.model", "stage2.teacher=teacher.safetensors",
+                                  f"train.out_dir={run}"], 2)
+    save_config(saved, str(run / "config.json"))
+    want = read(saved)  # what the run read
+    assert want == ([(str(first), 2.0, 8), (str(first), 1.0, 1)], [str(first)] * 3)
+    assert read(parse_args(["--resume", "run"], 2)[0]) == want
+    monkeypatch.chdir(other)
+    cfg, _ = parse_args(["--resume", str(run)], 2)
+    assert read(cfg) == want and cfg.model == saved.model and cfg.train.out_dir == str(run)
+    assert config_changes(json.load(open(run / "config.json")), cfg.to_dict()) == []  # the same files: no change
+    cfg, _ = parse_args(["--resume", str(run), "data.val=data/val.jsonl"], 2)  # an override: from this folder
+    assert read(cfg) == (want[0], [str(other), str(first), str(first)])
+    changes = config_changes(json.load(open(run / "config.json")), cfg.to_dict())
+    assert changes == [f"data.val: {str(first / 'data/val.jsonl')!r} -> {str(other / 'data/val.jsonl')!r}"]
+    write_json_atomic(str(run / "config.json"), saved.to_dict())  # as written before the record: as before
+    cfg, _ = parse_args(["--resume", str(run)], 2)
+    assert cfg.data == saved.data and read(cfg) == ([(str(other), 2.0, 8), (str(other), 1.0, 1)], [str(other)] * 3)
+    capsys.readouterr()
 
 
 def test_fields_with_choices_are_checked_when_set():

@@ -385,10 +385,46 @@ def apply_file(cfg: Config, path: str, data: dict) -> Config:
     return cfg
 
 
+# config.json records the folder its run was launched from, which its relative paths were resolved from: a resume
+# (or --config OUT_DIR/config.json) run from elsewhere reads the same files, not others of the same relative name.
+LAUNCH_DIR = "launch_dir"
+# The fields that name files a run reads (data.train: comma-separated PATH[:WEIGHT[:FRAMES]]). Not train.out_dir: a
+# resume writes to the run's folder where it is now (_resumed_config), a new run to its own.
+_PATH_FIELDS = ("data.train", "data.val", "data.tokenizer", "model.init", "stage2.teacher")
+
+
+def _launch_dir(path: str, data: dict) -> str:
+    folder = data[LAUNCH_DIR]
+    if not isinstance(folder, str) or not os.path.isabs(folder):
+        raise ValueError(f"{path}: {LAUNCH_DIR} must be the absolute folder the run was launched from (its relative "
+                         f"paths resolve from there), got {folder!r}; fix it or remove the key")
+    return folder
+
+
+def _paths_from(data: dict, folder: str) -> dict:
+    """A config's dict (a config file's, `to_dict`'s) with the relative paths of its _PATH_FIELDS joined to `folder`,
+    without its LAUNCH_DIR. A section that is not a table is left to apply_file to name."""
+    out = {k: v for k, v in data.items() if k != LAUNCH_DIR}
+    for key in _PATH_FIELDS:
+        section, name = key.split(".")
+        table = out.get(section)
+        if not isinstance(table, dict) or not isinstance(table.get(name), str):
+            continue
+        value = table[name]
+        if key == "data.train":
+            value = ",".join(os.path.join(folder, item.strip()) for item in value.split(",") if item.strip())
+        elif value and not (key == "model.init" and value == "random"):
+            value = os.path.join(folder, value)
+        out[section] = {**table, name: value}
+    return out
+
+
 def build_config(config: str, overrides: list[str], stage: int) -> Config:
     """Stage defaults, then `config` (a preset name, or a .toml/.json file naming its preset),
     then the overrides."""
     data = read_config_file(config) if config not in PRESETS and (os.sep in config or "." in config) else {}
+    if LAUNCH_DIR in data:
+        data = _paths_from(data, _launch_dir(config, data))
     preset = data.get("preset", "tiny") if data else config
     if preset not in PRESETS:
         where = f"{config}: unknown preset" if data else "unknown config preset"
@@ -459,7 +495,9 @@ def check_inputs(cfg: Config, stage: int) -> None:
 
 def config_changes(old: dict, new: dict) -> list[str]:
     """`section.field: old -> new` for every field whose value differs between two configs' dicts (`to_dict`, a
-    run's config.json), fields of one only included: what a resume changed."""
+    run's config.json), fields of one only included: what a resume changed. Paths are compared as the files they
+    name: relative ones joined to the dict's LAUNCH_DIR (without one, the current folder, as they are read)."""
+    old, new = (_paths_from(d, d.get(LAUNCH_DIR) or os.getcwd()) for d in (old, new))
     out = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
@@ -475,11 +513,12 @@ def config_changes(old: dict, new: dict) -> list[str]:
 
 def save_config(cfg: Config, path: str) -> None:
     """The resolved config as JSON, written atomically. It holds every field, so `--config`
-    reads back exactly this run's settings whatever preset it names (none: tiny)."""
+    reads back exactly this run's settings whatever preset it names (none: tiny), and the folder its relative paths
+    resolve from (LAUNCH_DIR: this process's)."""
     from videoprism.paths import write_json_atomic
 
     try:
-        write_json_atomic(path, cfg.to_dict(), indent=2)
+        write_json_atomic(path, {**cfg.to_dict(), LAUNCH_DIR: os.getcwd()}, indent=2)
     except OSError as e:  # a full disk fails in write() or close(): an OSError that names no file
         raise OSError(f"writing the run's config {path} failed ({e.strerror or e}): free space or fix the "
                       f"permissions under {os.path.dirname(os.path.abspath(path))}, or set train.out_dir to "

@@ -311,6 +311,43 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
 
 
+def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    """A save that failed (a full disk, a kill) left its step_N.tmp folder, a checkpoint's size, which only a later
+    save of the same step removed: resumed with another interval (or train.steps), a run never saved that step
+    again and kept it for ever. A run removes every such folder as it starts, says so on one line, and leaves the
+    complete checkpoints and every other name as they were."""
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.keep=5")
+    make_trainer(tmp_path, *args, "train.steps=2").fit()
+    root = tmp_path / "checkpoints"
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(fs, "_write_item", full_disk)
+        trainer = make_trainer(tmp_path, *args, "train.steps=3")
+        trainer.resume(str(tmp_path))
+        with pytest.raises(ckpt.CheckpointWriteError):
+            trainer.fit()
+    left = root / "step_00000003.tmp"
+    assert left.is_dir() and any(left.iterdir())  # what the failed save left: its rank file, DCP's files
+    (root / "notes.tmp").write_text("not a checkpoint")
+    capsys.readouterr()
+    trainer = make_trainer(tmp_path, *args, "train.steps=4", "checkpoint.interval=0")  # saves step 4 only
+    trainer.resume(str(tmp_path))
+    trainer.fit()
+    assert sorted(os.listdir(root)) == ["notes.tmp", "step_00000002", "step_00000004"]
+    removed = [line for line in capsys.readouterr().out.splitlines() if "did not finish" in line]
+    assert removed == [f"[test] 1 folder(s) of checkpoint saves that did not finish removed: {left}"]
+    assert ckpt.read_rank_state(ckpt.latest(str(root)), 0)["data"] == trainer.data.state_dict()
+
+
 @pytest.mark.parametrize("damage", ["rank_file", "metadata"])
 def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_path, damage):
     """A latest checkpoint damaged after it was written (a file lost) stops --resume / --auto-resume with one line

@@ -8,7 +8,8 @@ position).
 Atomicity: everything is written into `step_XXXXXXXX.tmp`, then rank 0 renames it to
 `step_XXXXXXXX` (an atomic rename on POSIX) after a barrier; an asynchronous save (`Saver`)
 renames once its background write has finished on every rank. A crash at any moment
-leaves either no new folder or a complete one; `latest()` never returns a `.tmp`.
+leaves either no new folder or a complete one; `latest()` never returns a `.tmp`, and the
+next run in that folder removes it (`clear_unfinished()`).
 A complete folder is never rewritten: when a run starts, `retire()` renames the
 checkpoints at or after its first step (other than the one it resumed from) to
 `step_XXXXXXXX.abandoned[N]`, which `latest()` ignores, so a later save never meets one
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 from videoprism.train.parallel import on_main_rank
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")  # a save being written, or one that did not finish
 
 
 def _distributed() -> bool:
@@ -213,6 +215,26 @@ def _retire(root: str, step: int, keep: str | None) -> list[str]:
     return moved
 
 
+def clear_unfinished(root: str) -> list[str]:
+    """Remove the `step_XXXXXXXX.tmp` folders under `root`, each a save that did not finish (a kill, a full disk):
+    a checkpoint's size of disk each, which only a later save of the same step cleared. Called as a run starts,
+    when none is being written (this run's first save comes later; one run writes an out_dir). Collective: rank 0
+    removes, every rank gets the folders removed (on_main_rank: no rank writes a save before they are gone)."""
+    return on_main_rank(lambda: _clear_unfinished(root))
+
+
+def _clear_unfinished(root: str) -> list[str]:
+    removed = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        path = os.path.join(root, name)
+        if not _TMP_DIR.match(name):
+            continue
+        shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed costs disk, not the run
+        if not os.path.exists(path):
+            removed.append(path)
+    return removed
+
+
 class Saver:
     """Writes the checkpoints of one run into `root`, keeping the latest `keep`. Collective.
 
@@ -278,7 +300,7 @@ class Saver:
     def drop(self) -> None:
         """After a failure elsewhere: wait for the background write without raising its error
         or publishing it (its thread must not outlive the process group it uses; its `.tmp`
-        folder is cleared by a later save of the same step). Not collective."""
+        folder is cleared when a run next starts, `clear_unfinished`). Not collective."""
         if self.pending is not None:
             futures.wait([self.pending[2]])
             self.pending = None

@@ -286,6 +286,10 @@ class Trainer:
         if retired and d.main:
             print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "
                   f"way (kept, never resumed from): {', '.join(retired)}")
+        unfinished = ckpt.clear_unfinished(self.ckpt_dir)
+        if unfinished:
+            log.message(f"[{self.name}] {len(unfinished)} folder(s) of checkpoint saves that did not finish removed: "
+                        + ", ".join(unfinished))
         self.task.module.train()
         notice = PreemptionNotice()
         try:

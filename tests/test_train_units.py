@@ -788,6 +788,31 @@ def test_in_memory_sources_move_to_another_number_of_ranks():
             sources(kind, 5, 0, 1).load_resharded([src_old.state_dict() for src_old in old])
 
 
+def test_in_memory_sources_resume_with_another_micro_batch_on_the_same_ranks():
+    """A resume that changes train.micro_batch (accumulation for memory) on the same ranks goes on with the
+    global stream: RandomClips counted its calls, so micro-batches of 2 after 2 calls of 4 replayed samples 4-7."""
+    from videoprism.train.data import CachedClips, RandomClips
+
+    clips = {"video": torch.arange(40)[:, None].expand(40, 2).contiguous()}
+
+    def sources(kind, micro):
+        if kind == "random":
+            return RandomClips(micro_batch=micro, rank=0, world=1, frames=1, resolution=2, vocab=9, seed=1,
+                               text_length=4)
+        return CachedClips(clips, micro_batch=micro, rank=0, world=1, seed=1)
+
+    for kind in ("random", "cached"):
+        one = sources(kind, 4)
+        expected = [one.next_batch(s)["video"] for s in range(4)]
+        old = sources(kind, 4)
+        for s in range(2):
+            old.next_batch(s)
+        new = sources(kind, 2)
+        new.load_state_dict(old.state_dict())
+        for s in range(2, 4):
+            assert torch.equal(torch.cat([new.next_batch(s)["video"] for _ in range(2)]), expected[s]), (kind, s)
+
+
 def test_decoded_sets_keep_only_the_clips_every_rank_decoded():
     """A file that failed on one rank alone is dropped on every rank (the rows stay aligned across ranks) and
     reported where it was decoded; when every rank decoded the same clips nothing changes."""

@@ -50,10 +50,12 @@ class RandomClips:
         return {"video": torch.stack(video), "text_ids": torch.stack(ids), "text_paddings": torch.stack(pad)}
 
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "samples": self.calls * self.world * self.micro}
+        return {"samples": self.calls * self.world * self.micro}
 
     def load_state_dict(self, state: dict) -> None:
-        self.calls = int(state["calls"])
+        # The global sample count, not the calls: a resume with another train.micro_batch makes calls of another
+        # size (its call count replayed or skipped samples).
+        self.load_resharded([state])
 
     def load_resharded(self, states: list[dict]) -> None:
         """From every rank's state of a run with another number of ranks: the same global stream goes on."""

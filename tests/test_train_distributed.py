@@ -280,6 +280,23 @@ def test_hsdp_that_cannot_be_laid_out_fails_before_the_model_is_built(tmp_path):
                                                       "of one node)"), r.stderr
 
 
+@pytest.mark.parametrize("world, overrides, message", [
+    ("1", ["train.micro_batch=3"], "train.micro_batch=3 does not divide the per-rank batch 8 (train.global_batch 8 / 1 "
+                                   "ranks); set it to a divisor of 8 (0 = no accumulation)"),
+    ("3", [], "train.global_batch=8 is not divisible by the 3 ranks; set it to a multiple of 3")])
+def test_a_batch_that_cannot_be_split_fails_before_the_data_is_decoded(tmp_path, monkeypatch, capsys, world,
+                                                                          overrides, message):
+    """Checked in the preflight: with data.cache (the tiny preset's) the Trainer, which checked it, came after
+    the decode of the whole manifest."""
+    from videoprism.train import stage1
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
+    monkeypatch.setattr(stage1, "build_train_data", lambda *a, **k: pytest.fail("the data was built"))
+    assert stage1.main(["--config", "tiny", *TINY, f"train.out_dir={tmp_path}", *overrides]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, refs, stage):
     args = ["train.steps=10", "checkpoint.interval=2", "checkpoint.export=false", *stage_args(stage, refs)]

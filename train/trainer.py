@@ -23,7 +23,7 @@ from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import Config, ResumeFrom, check_inputs, config_changes, save_config
+from videoprism.train.config import Config, ResumeFrom, TrainConfig, check_inputs, config_changes, save_config
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
@@ -67,11 +67,26 @@ class PendingStep:
     ended: float  # when the host had queued it (time.perf_counter)
 
 
+def accumulation(tc: TrainConfig, world: int) -> tuple[int, int]:
+    """(clips per rank per forward, micro-steps per optimizer step) of train.global_batch and
+    train.micro_batch on `world` ranks."""
+    if tc.global_batch % world:
+        raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {world} ranks; set it to a "
+                         f"multiple of {world}")
+    per_rank = tc.global_batch // world
+    micro = tc.micro_batch or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} (train.global_batch "
+                         f"{tc.global_batch} / {world} ranks); set it to a divisor of {per_rank} (0 = no accumulation)")
+    return micro, per_rank // micro
+
+
 def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
     """What a run can check in a second before it builds the model and decodes data: the input files,
-    the output folder, the device, and the checkpoint --resume names."""
+    the output folder, the device, the batch split, and the checkpoint --resume names."""
     check_inputs(cfg, stage)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
     if cfg.parallel.mode == "hsdp" and world > 1:  # one process runs unwrapped (parallelize)
         hsdp_groups(world, cfg.parallel.shard_size)
     if resume is not None and not resume.if_any:
@@ -84,14 +99,7 @@ class Trainer:
     def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str):
         self.cfg, self.task, self.data, self.dist, self.name = cfg, task, data, dist_, name
         tc = cfg.train
-        if tc.global_batch % dist_.world:
-            raise ValueError(f"train.global_batch={tc.global_batch} is not divisible by the {dist_.world} ranks")
-        per_rank = tc.global_batch // dist_.world
-        self.micro = tc.micro_batch or per_rank
-        if per_rank % self.micro:
-            raise ValueError(f"train.micro_batch={self.micro} does not divide the per-rank batch {per_rank} "
-                             f"(global_batch {tc.global_batch} / {dist_.world} ranks)")
-        self.accum = per_rank // self.micro
+        self.micro, self.accum = accumulation(tc, dist_.world)
         self.autocast = tc.bf16(dist_.device.type)
         self.model = parallelize(task.module, mode=cfg.parallel.mode, dist_=dist_,
                                  compile=tc.compile_backend if tc.compile else None,

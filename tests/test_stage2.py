@@ -177,6 +177,26 @@ def test_position_count_mismatch_is_reported():
         task.module.decoder_input(torch.randn(1, 3, 16), torch.arange(5)[None])
 
 
+def test_a_training_manifest_of_other_frames_fails_before_the_teacher_is_built(tmp_path, monkeypatch, capsys):
+    """Images (data.train PATH:WEIGHT:1, stage 1's one-frame videos) or any FRAMES other than model.num_frames:
+    the decoder's position embedding holds model.num_frames x N slots. Checked in the preflight, naming the
+    entry; the first step's error named model.num_frames/resolution, after the teacher and the data were built."""
+    from videoprism.train import stage2
+
+    (tmp_path / "images.jsonl").write_text("")
+    (tmp_path / "teacher.safetensors").write_text("")
+    monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
+    monkeypatch.setattr(stage2, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
+    images = f"{tmp_path}/images.jsonl"
+    assert stage2.main(["--config", "tiny", "data.source=manifest", f"data.train={images},{images}:1:1",
+                        f"data.tokenizer={tmp_path}/teacher.safetensors", f"train.out_dir={tmp_path}/out",
+                        f"stage2.teacher={tmp_path}/teacher.safetensors"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: data.train: {images!r} is read as 1-frame clips (its FRAMES) and stage 2 trains clips of "
+        "model.num_frames=8 (the decoder's position embedding has a slot per token of such a clip); drop its FRAMES "
+        "(one-frame images are for stage 1)")
+
+
 def test_both_stages_end_by_saying_where_their_metrics_are(tmp_path, capsys):
     from videoprism.train import stage1, stage2
 

@@ -24,6 +24,7 @@ from torch import nn
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import Config, ResumeFrom, TrainConfig, check_inputs, config_changes, save_config
+from videoprism.train.data import parse_datasets
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
@@ -87,6 +88,13 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
     check_inputs(cfg, stage)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
+    if stage == 2 and cfg.data.source == "manifest":
+        for path, _, frames in parse_datasets(cfg.data.train, cfg.model.num_frames):
+            if frames != cfg.model.num_frames:  # else the first step fails, after the teacher and the data are built
+                raise ValueError(f"data.train: {path!r} is read as {frames}-frame clips (its FRAMES) and stage 2 "
+                                 f"trains clips of model.num_frames={cfg.model.num_frames} (the decoder's position "
+                                 "embedding has a slot per token of such a clip); drop its FRAMES (one-frame images "
+                                 "are for stage 1)")
     if cfg.parallel.mode == "hsdp" and world > 1:  # one process runs unwrapped (parallelize)
         hsdp_groups(world, cfg.parallel.shard_size)
     if resume is not None and not resume.if_any:

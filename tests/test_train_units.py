@@ -931,6 +931,44 @@ def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
         dist.destroy_process_group()
 
 
+def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path):
+    """FSDP2 compiles each block's forward: one code object (TransformerBlock.forward) to Dynamo for every
+    block, with a graph per kind of block (spatial, temporal, text) and per pass (the training step, GradCache's
+    no-grad embedding, the evaluation on full clips, its last smaller batch): 12 here, past Dynamo's 8 per code
+    object, and fullgraph failed a run with a data.val at its evaluation. On a one-rank CPU mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from videoprism.masking import tube_mask
+    from videoprism.train.modeling import build_clip
+    from videoprism.train.parallel import shard
+    from videoprism.train.stage1 import ContrastiveModel
+
+    cfg = build_config("tiny", ["model.num_frames=2", "model.resolution=16", "model.patch_size=8",
+                                "model.model_dim=16", "model.mlp_dim=32", "model.num_unimodal_layers=1"], 1)
+
+    def forward(m, b, masked):
+        pos = tube_mask(b, 2, (2, 2), 0.5, seed=0)[:, :1] if masked else None
+        video = torch.randint(0, 256, (b, 2, 16, 16, 3), dtype=torch.uint8)
+        return m(video, torch.randint(1, 50, (b, 8)), torch.zeros(b, 8), pos=pos)
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
+            m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.07,
+                                 max_logit_scale=100, lit=False)
+            shard(m, init_device_mesh("cpu", (1,)), bf16=False, compile="eager")
+            contrastive_loss(*forward(m, 2, masked=True)).backward()
+            with torch.no_grad():
+                forward(m, 2, masked=True)
+                forward(m, 2, masked=False)
+                forward(m, 1, masked=False)
+    finally:
+        torch._dynamo.reset()
+        dist.destroy_process_group()
+
+
 def test_seed_process_seeds_every_global_generator():
     """The RNG states a checkpoint saves (torch, Python, numpy) repeat for a seed."""
     import random

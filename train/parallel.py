@@ -166,6 +166,11 @@ def shard(module: nn.Module, mesh, *, bf16: bool, compile: str | None) -> None:
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    if compile:
+        # Every block's forward is one code object to dynamo, with a graph per kind of block (spatial, temporal,
+        # auxiliary, text) and per pass (the step, GradCache's no-grad one, the evaluation on full clips, its last
+        # smaller batch): past dynamo's default limit of 8, fullgraph fails the run.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks(module):
         if compile:
             # Per-block compile of the block's forward, not of its call: FSDP2's hooks, which the call

@@ -200,6 +200,7 @@ def _bad_inputs(tmp):
         (stage1.main, [*rand, "--resume", f"{tmp}/none"], "no complete checkpoint"),
         (stage1.main, [*rand, "--resume", f"{tmp}/run/checkpoints/step_00000100"], "step_00000100' does not exist"),
         (stage1.main, [*rand, "stage1.temperature_init=2"], "stage1.temperature_init must be in [1/stage1.max_logit"),
+        (stage1.main, [*rand, "optim.min_lr=1", "optim.lr=0.1"], "optim.min_lr=1 is above optim.lr=0.1"),
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
         (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
         (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),

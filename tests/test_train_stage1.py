@@ -783,3 +783,14 @@ def test_gpu_compiled_triton_step_matches_eager(tmp_path):
         runs[name] = [trainer.train_step()["loss"] for _ in range(3)]
         assert sum(counters["graph_break"].values()) == 0
     assert runs["compiled"] == pytest.approx(runs["eager"], abs=2e-4)
+
+
+@pytest.mark.parametrize("lit", [True, False])
+def test_lit_on_a_random_video_encoder_is_said(tmp_path, capsys, lit):
+    from videoprism.train import stage1
+
+    cfg = build_config("tiny", [*TINY, f"train.out_dir={tmp_path}", "train.steps=1", "train.compile=false",
+                                f"stage1.lit={str(lit).lower()}"], 1)
+    stage1.run(cfg)
+    said = "stage1.lit=true with model.init=random freezes a randomly initialised video encoder" in capsys.readouterr().out
+    assert said == lit

@@ -450,6 +450,10 @@ def _check_combined(cfg: Config) -> Config:
     if not 1 / s1.max_logit_scale <= s1.temperature_init < 1:
         raise ValueError(f"stage1.temperature_init must be in [1/stage1.max_logit_scale, 1) = "
                          f"[{1 / s1.max_logit_scale:g}, 1), got {s1.temperature_init}")
+    o = cfg.optim
+    if o.decay != "constant" and o.min_lr > o.lr:
+        raise ValueError(f"optim.min_lr={o.min_lr:g} is above optim.lr={o.lr:g}: the {o.decay} decay would raise the "
+                         "learning rate; set optim.min_lr below optim.lr (0 decays to zero)")
     if cfg.train.micro_batch > cfg.train.global_batch:
         raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
                          f"{cfg.train.global_batch}; lower it (0 = no accumulation)")

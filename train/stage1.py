@@ -27,7 +27,7 @@ from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dic
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
-from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
+from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight
 
 
 class ContrastiveModel(nn.Module):
@@ -170,15 +170,18 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         seed_process(cfg.train.seed)
         tokenizer = tokenizer_for(cfg)
         clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
-        trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=_micro(cfg, dist_),
-                                        vocab=clip.config.vocabulary_size)
-        val = build_val_batches(cfg, tokenizer, batch_size=_micro(cfg, dist_))
+        micro, _ = accumulation(cfg.train, dist_.world)
+        trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=clip.config.vocabulary_size)
+        val = build_val_batches(cfg, tokenizer, batch_size=micro)
         task = Stage1Task(cfg, dist_, clip, val)
         trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
         if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
             print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "
                   f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "
                   f"the global batch of {cfg.train.global_batch}")
+        if cfg.stage1.lit and cfg.model.init == "random" and dist_.main:
+            print("note: stage1.lit=true with model.init=random freezes a randomly initialised video encoder (LiT "
+                  "tunes the text tower to pretrained video features): set model.init to the video weights")
         if resume is not None:
             trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()
@@ -187,10 +190,6 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         return results
     finally:
         close_distributed()
-
-
-def _micro(cfg: Config, dist_: Dist) -> int:
-    return cfg.train.micro_batch or cfg.train.global_batch // dist_.world
 
 
 def _report(results: dict, cfg: Config) -> None:

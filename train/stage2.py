@@ -31,7 +31,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
-from videoprism.train.trainer import NonFiniteLossError, Trainer, preflight
+from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight
 
 
 class Stage2Task:
@@ -156,7 +156,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         seed_process(cfg.train.seed)
         teacher = build_teacher(cfg, dist_.device)
         tokenizer = tokenizer_for(cfg)
-        micro = cfg.train.micro_batch or cfg.train.global_batch // dist_.world
+        micro, _ = accumulation(cfg.train, dist_.world)
         data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
         val = build_val_batches(cfg, tokenizer, batch_size=micro)
         task = Stage2Task(cfg, dist_, teacher, val)

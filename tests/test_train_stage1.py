@@ -598,6 +598,68 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
     assert torch.isfinite(cached_loss)
 
 
+class Frames(RandomClips):
+    """Random clips whose frame count cycles with the step: datasets of other clip lengths and images
+    (one-frame videos) alternating, as data.train=a.jsonl,b.jsonl:1:2,... draws them."""
+
+    def __init__(self, cycle):
+        super().__init__(**CLIPS)
+        self.cycle = cycle
+
+    def next_batch(self, step):
+        self.frames = self.cycle[step % len(self.cycle)]
+        return super().next_batch(step)
+
+
+def compiled_graphs_per_step(tmp_path, cycle, steps, *overrides, val=()):
+    """The graphs dynamo compiles at each step of a compiled stage-1 run (train.compile_backend=eager) on clips
+    of the `cycle` frame counts, with an evaluation on validation batches of the `val` sizes after every cycle.
+    Under dynamo's default recompile limit (8), whatever ran before."""
+    from torch._dynamo.utils import counters
+
+    from videoprism.train.metrics import MetricsLogger
+
+    torch._dynamo.reset()
+    counters.clear()
+    source = RandomClips(**{**CLIPS, "seed": 9}).next_batch(0)
+    log = MetricsLogger(str(tmp_path), total_steps=steps, start_step=0, enabled=False, desc="test")
+    per_step = []
+    try:
+        with torch._dynamo.config.patch(recompile_limit=8):
+            trainer = make_trainer(tmp_path, "train.compile=true", "train.compile_backend=eager", *overrides,
+                                   data=Frames(cycle))
+            trainer.task.val = [{k: v[:b] for k, v in source.items()} for b in val]
+            for _ in range(steps):
+                before = counters["stats"]["unique_graphs"]
+                trainer.train_step()
+                if val and trainer.step % len(cycle) == 0:
+                    trainer._evaluate(log)
+                per_step.append(counters["stats"]["unique_graphs"] - before)
+    finally:
+        torch._dynamo.reset()
+    return per_step
+
+
+def test_compiled_run_on_videos_and_images_with_grad_cache_and_evaluation_stays_under_the_recompile_limit(tmp_path):
+    """The compiled module's forward is one code object: a graph per pass (the step, GradCache's no-grad one)
+    and clip shape (the first frame count, the others as one dynamic graph, images), and two for the evaluation
+    (its last smaller batch): 8, dynamo's default limit. A graph per pass at the first caption length (compiled
+    again when it first changed) and one per contiguity of the trimmed captions made it 9: fullgraph failed the
+    run at its first evaluation."""
+    per_step = compiled_graphs_per_step(tmp_path, (4, 2, 1), 3, "train.global_batch=8", "train.micro_batch=4",
+                                        "stage1.grad_cache=true", val=(4, 3))
+    assert per_step == [2, 2, 4], per_step
+
+
+def test_compiled_steps_compile_nothing_once_every_kind_of_step_has_run(tmp_path):
+    """Videos and images alternating: a graph each at their first step, none after. The caption length was
+    static in the first graphs (each compiled again when it first changed, here at step 5) and trim_text's
+    view of the padded captions contiguous only at the full length (a graph guarded on it compiled again at
+    the other)."""
+    per_step = compiled_graphs_per_step(tmp_path, (4, 1), 8)
+    assert per_step == [1, 1, 0, 0, 0, 0, 0, 0], per_step
+
+
 def test_bf16_precision_trains_like_fp32(tmp_path):
     """train.precision=bf16 (what 'auto' does on a GPU), run here on the CPU: the compiled step
     (aot_eager traces the custom ops' fake impls under autocast) with GradCache accumulation,

@@ -327,4 +327,6 @@ def trim_text(ids: torch.Tensor, paddings: torch.Tensor, multiple: int = 8) -> t
     positions are masked out as keys and the class token carries no position."""
     real = int((paddings < 0.5).sum(1).max()) if paddings.numel() else 0
     keep = min(ids.shape[1], max(multiple, -(-real // multiple) * multiple))
-    return ids[:, :keep], paddings[:, :keep]
+    # Contiguous: a view is contiguous only when it keeps every column, and a compiled graph guards on its
+    # strides (a batch with a full-length caption and one without compiled the step twice).
+    return ids[:, :keep].contiguous(), paddings[:, :keep].contiguous()

@@ -230,6 +230,29 @@ def test_train_compile_compiles_the_teacher_whole():
     assert not tokens.requires_grad
 
 
+def test_compiled_teacher_serves_the_steps_and_the_evaluation_with_one_graph(tmp_path):
+    """The frozen teacher runs without autograd in the step and in the evaluation alike: one graph for both
+    (dynamo guards the caller's grad mode; the step's grad-enabled call compiled it a second time), beside
+    the student's graph of each."""
+    from torch._dynamo.utils import counters
+
+    from videoprism.train.metrics import MetricsLogger
+
+    torch._dynamo.reset()
+    counters.clear()
+    task, cfg = make_task("train.compile=true", "train.compile_backend=eager", f"train.out_dir={tmp_path}")
+    trainer = make_trainer(task, cfg, torch.device("cpu"), "teacher")
+    task.val = [{"video": video(4, seed)} for seed in (1, 2)]  # the step's batch size
+    per_pass = []
+    for run in (trainer.train_step, lambda: trainer._evaluate(MetricsLogger(str(tmp_path), total_steps=1,
+                                                                            start_step=1, enabled=False, desc="t"))):
+        before = counters["stats"]["unique_graphs"]
+        run()
+        per_pass.append(counters["stats"]["unique_graphs"] - before)
+    torch._dynamo.reset()
+    assert per_pass == [2, 1], per_pass
+
+
 def test_compiled_student_step_has_no_graph_break():
     """The student the trainer compiles (encoder on BEVT-visible tokens, shuffle op, both
     decoders) traces as one graph and gives the eager losses; the backward follows."""

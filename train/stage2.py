@@ -87,7 +87,10 @@ class Stage2Task:
         return {"video": video, "pos": pos, "perm": perm}
 
     def losses(self, module: nn.Module, inputs: dict) -> dict:
-        token_target, global_target = self.teacher(inputs["video"])
+        # Outside the teacher's compiled call, not only in its forward: dynamo guards the caller's grad mode, and
+        # the step (grad on) and the evaluation (off) compiled the frozen teacher twice over the same clips.
+        with torch.no_grad():
+            token_target, global_target = self.teacher(inputs["video"])
         token_pred, global_pred = module(inputs["video"], inputs["pos"], inputs["perm"])
         out = {"token_loss": cosine_distance(token_pred, token_target)}
         if global_pred is not None:

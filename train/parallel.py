@@ -144,6 +144,7 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
               compile=compile)
         return module
     if compile:
+        _allow_graphs_per_pass()
         module.compile(backend=compile, fullgraph=True)
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -151,6 +152,14 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
         ids = [dist_.device.index] if dist_.device.type == "cuda" else None
         return DDP(module, device_ids=ids)
     return module
+
+
+def _allow_graphs_per_pass() -> None:
+    """A compiled run has a graph per pass (the step, GradCache's no-grad one, the evaluation on full clips, its last
+    smaller batch) and clip shape (datasets of other frame counts, images), and under FSDP per kind of block (every
+    block's forward is one code object to dynamo: spatial, temporal, auxiliary, text): a busy stage-1 run made 8 of
+    one code object, dynamo's default limit, past which fullgraph fails the run. Each compiles once."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def shard(module: nn.Module, mesh, *, bf16: bool, compile: str | None) -> None:
@@ -167,10 +176,7 @@ def shard(module: nn.Module, mesh, *, bf16: bool, compile: str | None) -> None:
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     if compile:
-        # Every block's forward is one code object to dynamo, with a graph per kind of block (spatial, temporal,
-        # auxiliary, text) and per pass (the step, GradCache's no-grad one, the evaluation on full clips, its last
-        # smaller batch): past dynamo's default limit of 8, fullgraph fails the run.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _allow_graphs_per_pass()
     for block in blocks(module):
         if compile:
             # Per-block compile of the block's forward, not of its call: FSDP2's hooks, which the call

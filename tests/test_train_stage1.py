@@ -434,6 +434,29 @@ def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exact
         assert got[step] == pytest.approx(ref[step], abs=1e-6), step
 
 
+def test_a_notice_at_an_evaluation_step_still_evaluates_it(tmp_path):
+    """The notice's step is a train.eval_every step: the resume continues after it, so the run evaluates it
+    after the checkpoint and before exiting; the evaluations of the stopped and resumed run are the
+    uninterrupted run's (the notice skipped this one for good)."""
+    args = ("train.compile=false", "train.steps=5", "train.eval_every=3", "checkpoint.interval=0")
+
+    def evaluations(out, data=None, resume=False):
+        trainer = make_trainer(out, *args, data=data)
+        trainer.task.evaluate = lambda module: {"at_step": trainer.step}
+        if resume:
+            trainer.resume(str(out))
+        trainer.fit()
+
+    evaluations(tmp_path / "ref")
+    with pytest.raises(Preempted) as stop:
+        evaluations(tmp_path / "run", data=SignalAt(2, signal.SIGTERM))  # batch index 2: step 3
+    assert stop.value.step == 3
+    evaluations(tmp_path / "run", resume=True)
+    ref, got = ([r["eval"] for r in read_jsonl(str(out / "metrics.jsonl")) if "eval" in r]
+                for out in (tmp_path / "ref", tmp_path / "run"))
+    assert got == ref == [{"at_step": 3}, {"at_step": 5}]
+
+
 def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
     data = SignalAt(0, signal.SIGTERM)
     make_trainer(tmp_path, "train.compile=false", "train.steps=1", "checkpoint.save_on_signal=false",

@@ -352,7 +352,7 @@ class Trainer:
 
     def _loop(self, log: MetricsLogger, peak: float, notice: PreemptionNotice) -> None:
         """Steps up to train.steps, with the interval checkpoints and evaluations; on a
-        preemption notice, a checkpoint at the step boundary and `Preempted`.
+        preemption notice, a checkpoint at the step boundary (then the evaluation due there) and `Preempted`.
 
         Pipelined: the host queues step n+1 before it reads step n's record (which waits for step
         n only: launch_step copies it to the host behind the step), so the GPU does not idle
@@ -385,6 +385,8 @@ class Trainer:
                 path = self.save()
                 log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
                             f"{path}; the same command with --resume continues from it")
+                if evaluate:  # the resume continues after this step and would never evaluate it; after the
+                    self._evaluate(log)  # checkpoint, which a kill during the evaluation leaves complete
                 raise Preempted(signum, self.step, path)
             if save:
                 self.save(wait=False)

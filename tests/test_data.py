@@ -454,6 +454,37 @@ def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     del it
 
 
+_NOTICE_TO_THE_GROUP = """
+import json, multiprocessing, os, signal, sys
+if __name__ == "__main__":
+    multiprocessing.set_start_method("forkserver")
+    from videoprism.data.loader import build_loader
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the trainer's handler: it saves, then exits
+    loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=4,
+                          train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=1)
+    out = []
+    for i, b in enumerate(loader):
+        if i == 0:
+            os.killpg(0, signal.SIGTERM)  # as SLURM signals every process of the job, torchrun a worker's group
+        out.append([b["index"].tolist(), b["video"].double().mean().item()])
+    print(json.dumps(out))
+"""
+
+
+def test_a_notice_to_the_process_group_leaves_the_fork_servers_workers_alive(synth):
+    """forkserver (Python 3.14's default): the workers' parent is the fork server, in the loader's process group.
+    It died of a notice to the group, and the loader read every worker as dead (exit 255): a restart inside the
+    trainer's save budget, and a strike against the file in flight ("the decoder crashed on it")."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _NOTICE_TO_THE_GROUP, synth], capture_output=True, text=True,
+                       timeout=300, start_new_session=True)
+    assert r.returncode == 0 and "worker died" not in r.stderr, r.stderr[-3000:]
+    ref = [[b["index"].tolist(), b["video"].double().mean().item()] for b in _loader(synth)]
+    assert json.loads(r.stdout.splitlines()[-1]) == ref
+
+
 _START_METHOD = """
 import json, multiprocessing, os, sys
 if __name__ == "__main__":

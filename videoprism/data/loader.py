@@ -200,6 +200,24 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
         super()._reset(loader, first_iter)
 
 
+def _start_fork_server(ctx) -> None:
+    """Under forkserver (Python 3.14's default) the workers' OS parent is the fork server, a child of the loader's
+    process in its process group that keeps the default action of SIGTERM and SIGUSR1: a scheduler's notice to
+    the group (_init_worker) killed it, the loader read every worker as dead (exit 255) and restarted them, inside
+    the trainer's save budget and with a strike against each file in flight. Started here with both signals
+    blocked, which it inherits (a blocked signal is never delivered); this thread unblocks them after, so a
+    notice in between reaches the trainer then. Nothing to do when it runs already."""
+    if ctx.get_start_method() != "forkserver":
+        return
+    import multiprocessing.forkserver
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 class _WatchedDataLoader(torch.utils.data.DataLoader):
     """A DataLoader whose worker processes are watched only by `next()` (_SynchronouslyWatchedIter)."""
 
@@ -207,6 +225,7 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
         if self.num_workers == 0:
             return super()._get_iterator()
         self.check_worker_number_rationality()  # as the base class: a warning when workers outnumber the cores
+        _start_fork_server(self.multiprocessing_context or multiprocessing.get_context())
         return _SynchronouslyWatchedIter(self)
 
 

@@ -62,6 +62,16 @@ class ContrastiveModel(nn.Module):
         self.logit_scale.clamp_(max=self.max_log_scale)
 
 
+def captions(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's captions, trimmed (trim_text), on the device, their length marked dynamic: it changes from batch
+    to batch, and graphs compiled at the first length (one per pass and clip shape) were each compiled again when it
+    first changed."""
+    ids, pads = (to_device(x, device) for x in trim_text(batch["text_ids"], batch["text_paddings"]))
+    for x in (ids, pads):
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+    return ids, pads
+
+
 class Stage1Task:
     loss_keys = ("temperature",)
 
@@ -84,17 +94,8 @@ class Stage1Task:
         seed = derive_seed(MASK, self.cfg.train.seed, step, micro)
         pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
         pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
-        ids, pads = self._text(batch)
+        ids, pads = captions(batch, dev)
         return {"video": video, "pos": pos, "text_ids": ids, "text_paddings": pads}
-
-    def _text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's captions, trimmed (trim_text), on the device, their length marked dynamic: it changes from
-        batch to batch, and graphs compiled at the first length (one per pass and clip shape) were each compiled
-        again when it first changed."""
-        ids, pads = (to_device(x, self.dist.device) for x in trim_text(batch["text_ids"], batch["text_paddings"]))
-        for x in (ids, pads):
-            torch._dynamo.maybe_mark_dynamic(x, 1)
-        return ids, pads
 
     @staticmethod
     def _forward(module: nn.Module, inputs: dict):
@@ -150,7 +151,7 @@ class Stage1Task:
         dev = self.dist.device
         vs, ts, ids, pads = [], [], [], []
         for batch in self.val:
-            v, t, _ = module(batch["video"].to(dev), *self._text(batch))
+            v, t, _ = module(batch["video"].to(dev), *captions(batch, dev))
             vs.append(v.float().cpu())
             ts.append(t.float().cpu())
             ids.append(batch["text_ids"])

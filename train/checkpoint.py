@@ -226,12 +226,11 @@ def clear_unfinished(root: str) -> list[str]:
 def _clear_unfinished(root: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        path = os.path.join(root, name)
-        if not _TMP_DIR.match(name):
-            continue
-        shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed costs disk, not the run
-        if not os.path.exists(path):
-            removed.append(path)
+        if _TMP_DIR.match(name):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True)  # one that cannot be removed costs disk, not the run
+            if not os.path.exists(path):
+                removed.append(path)
     return removed
 
 

@@ -59,8 +59,9 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
     path = pack_path(manifest)
     # A name of its own: `data pack` on every node of a job (containers: one pid for all) wrote into one file. Its
     # pid space and pid tell a later pack whether its writer is gone (_remove_stale).
-    tmp = f"{path}.{_pid_space()}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    stale = _remove_stale(path)
+    space = _pid_space()
+    tmp = f"{path}.{space}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    stale = _remove_stale(path, space)
     if stale:
         print(f"note: removed {len(stale)} unfinished pack file(s) of {manifest} whose writer is gone (a `data pack` "
               f"or `data index` killed while writing): {', '.join(stale)}", file=sys.stderr)
@@ -86,14 +87,15 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
 _STALE_SECONDS = 24 * 3600
 
 
-def _remove_stale(path: str) -> list[str]:
+def _remove_stale(path: str, here: str) -> list[str]:
     """Remove the tmp files of the pack `path` whose writers are provably gone, and return their names: a writer in
-    this pid space whose process is not running (killed), or any untouched for _STALE_SECONDS (another machine's or
-    container's, whose pid means nothing here; or of a version that named no pid space). A live writer's is kept."""
+    this pid space (`here`, _pid_space) whose process is not running (killed), or any untouched for _STALE_SECONDS
+    (another machine's or container's, whose pid means nothing here; or of a version that named no pid space). A
+    live writer's is kept."""
     folder, name = os.path.split(path)
     # As write_pack names them: [pid space.]pid.token.tmp (no pid space: an older version's)
     named = re.compile(re.escape(name) + r"\.(?:([0-9a-f]{12})\.)?(\d{1,9})\.[0-9a-f]{16}\.tmp")
-    here, removed = _pid_space(), []
+    removed = []
     try:
         entries = list(os.scandir(folder or "."))
     except OSError:  # a folder this process may write but not list: nothing to tell apart, and no reason to fail

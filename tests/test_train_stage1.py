@@ -457,6 +457,75 @@ def test_a_notice_at_an_evaluation_step_still_evaluates_it(tmp_path):
     assert got == ref == [{"at_step": 3}, {"at_step": 5}]
 
 
+def test_a_notice_in_the_last_step_stops_after_the_final_checkpoint_and_resume_finishes(tmp_path, capsys):
+    """The last step's notice: the final checkpoint is written, then the run stops at once (the kill that
+    follows would cut the evaluation or the export) with status 128 + signal; the same command with --resume
+    trains nothing and does the evaluation and the export."""
+    args = ("train.compile=false", "train.steps=3", "checkpoint.interval=0", "checkpoint.export=true")
+
+    def trainer_at(data=None):
+        trainer = make_trainer(tmp_path, *args, data=data)
+        trainer.task.evaluate = lambda module: {"at_step": trainer.step}
+        return trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        trainer_at(SignalAt(2, signal.SIGTERM)).fit()  # batch index 2: the last step
+    assert stop.value.code == 128 + signal.SIGTERM and stop.value.step == 3
+    assert stop.value.checkpoint.endswith("step_00000003")
+    assert "SIGTERM after the final checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "model.safetensors").exists()
+    assert not any("eval" in r for r in read_jsonl(str(tmp_path / "metrics.jsonl")))
+    assert signal.getsignal(signal.SIGTERM) == before
+    trainer = trainer_at()
+    trainer.resume(str(tmp_path))
+    results = trainer.fit()
+    assert results["at_step"] == 3 and os.path.isfile(results["export"])
+
+
+def test_a_notice_during_the_final_evaluation_stops_it_at_once(tmp_path, capsys):
+    """A notice while the final evaluation runs (minutes at scale) ends it: the checkpoint is complete, and
+    without the handler the signal's default action ended the process with no word."""
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=0",
+                           "checkpoint.export=true")
+    evaluated = []
+
+    def evaluate(module):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        evaluated.append(trainer.step)  # reached only if the handler let the evaluation go on
+        return {}
+
+    trainer.task.evaluate = evaluate
+    with pytest.raises(Preempted) as stop:
+        trainer.fit()
+    assert stop.value.code == 128 + signal.SIGUSR1 and stop.value.step == 2 and not evaluated
+    assert "SIGUSR1 after the final checkpoint" in capsys.readouterr().out
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_notice_during_startup_stops_the_run_at_once(tmp_path, monkeypatch, capsys):
+    """Startup (the model, data.cache's decode of a manifest, the resume's load: minutes at scale) has no
+    step to finish: a notice ends the run there with a line and status 128 + signal, not silently."""
+    from videoprism.train import stage1
+
+    built = []
+
+    def data_then_notice(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        built.append(1)  # reached only if the handler let the startup go on
+        return RandomClips(**CLIPS)
+
+    monkeypatch.setattr(stage1, "build_train_data", data_then_notice)
+    cfg = build_config("tiny", [*TINY, f"train.out_dir={tmp_path}", "train.steps=1", "data.source=random"], 1)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted) as stop:
+        stage1.run(cfg)
+    assert stop.value.code == 128 + signal.SIGTERM and not built
+    assert "SIGTERM before the first step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
+
+
 def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
     data = SignalAt(0, signal.SIGTERM)
     make_trainer(tmp_path, "train.compile=false", "train.steps=1", "checkpoint.save_on_signal=false",

@@ -7,20 +7,27 @@ across ranks (all-reduce max), because a scheduler signals the ranks at slightly
 moments and a checkpoint needs every rank at the same step. The run then saves and
 raises `Preempted`, a SystemExit with status 128 + the signal number, the status the signal
 itself would have given.
+
+Outside the steps (startup: the model, the data cache, the compile; after the final
+checkpoint: the evaluation, export and plot) there is no step to finish: `stopping` ends the
+run at once, with a line saying what was kept and the same exit status, instead of the
+signal's default action (a silent exit).
 """
 from __future__ import annotations
 
 import contextlib
 import signal
 import threading
+from typing import Callable
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(SystemExit):
-    """The run stopped on a preemption notice after saving `checkpoint` at `step`."""
+    """The run stopped on a preemption notice; `checkpoint` holds it up to `step` (None, None: before its first
+    step, with nothing to save)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str):
+    def __init__(self, signum: int, step: int | None, checkpoint: str | None):
         super().__init__(128 + signum)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
@@ -37,13 +44,32 @@ class PreemptionNotice:
     @contextlib.contextmanager
     def catching(self, enabled: bool):
         """Install the handler for SIGNALS (only the main thread may), restore the old ones on exit."""
-        if not enabled or threading.current_thread() is not threading.main_thread():
+        with _handling(enabled, self._record):
             yield self
-            return
-        previous = {s: signal.signal(s, self._record) for s in SIGNALS}
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                # None: a handler installed from C, which Python cannot put back; the default then.
-                signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+@contextlib.contextmanager
+def stopping(enabled: bool, stop: Callable[[int], BaseException]):
+    """While the block runs, a notice raises `stop(signum)` (a `Preempted` whose message the callable has
+    said) as soon as the main thread runs Python; further notices are ignored while it unwinds."""
+    def _raise(signum: int, frame) -> None:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise stop(signum)
+
+    with _handling(enabled, _raise):
+        yield
+
+
+@contextlib.contextmanager
+def _handling(enabled: bool, handler):
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            # None: a handler installed from C, which Python cannot put back; the default then.
+            signal.signal(s, signal.SIG_DFL if old is None else old)

@@ -27,7 +27,7 @@ from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dic
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
-from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight
+from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
 
 
 class ContrastiveModel(nn.Module):
@@ -176,23 +176,25 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     preflight(cfg, 1, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
-        seed_process(cfg.train.seed)
-        tokenizer = tokenizer_for(cfg)
-        clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
-        micro, _ = accumulation(cfg.train, dist_.world)
-        trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=clip.config.vocabulary_size)
-        val = build_val_batches(cfg, tokenizer, batch_size=micro)
-        task = Stage1Task(cfg, dist_, clip, val)
-        trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
-        if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
-            print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "
-                  f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "
-                  f"the global batch of {cfg.train.global_batch}")
-        if cfg.stage1.lit and cfg.model.init == "random" and dist_.main:
-            print("note: stage1.lit=true with model.init=random freezes a randomly initialised video encoder (LiT "
-                  "tunes the text tower to pretrained video features): set model.init to the video weights")
-        if resume is not None:
-            trainer.resume(resume.path, if_any=resume.if_any)
+        with stopping_before_training(cfg, dist_):
+            seed_process(cfg.train.seed)
+            tokenizer = tokenizer_for(cfg)
+            clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
+            micro, _ = accumulation(cfg.train, dist_.world)
+            trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro,
+                                            vocab=clip.config.vocabulary_size)
+            val = build_val_batches(cfg, tokenizer, batch_size=micro)
+            task = Stage1Task(cfg, dist_, clip, val)
+            trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
+            if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
+                print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "
+                      f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "
+                      f"the global batch of {cfg.train.global_batch}")
+            if cfg.stage1.lit and cfg.model.init == "random" and dist_.main:
+                print("note: stage1.lit=true with model.init=random freezes a randomly initialised video encoder "
+                      "(LiT tunes the text tower to pretrained video features): set model.init to the video weights")
+            if resume is not None:
+                trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()
         if dist_.main:
             _report(results, cfg)

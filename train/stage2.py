@@ -31,7 +31,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
-from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight
+from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
 
 
 class Stage2Task:
@@ -156,16 +156,17 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
     preflight(cfg, 2, resume)
     dist_ = init_distributed(cfg.train.device)
     try:
-        seed_process(cfg.train.seed)
-        teacher = build_teacher(cfg, dist_.device)
-        tokenizer = tokenizer_for(cfg)
-        micro, _ = accumulation(cfg.train, dist_.world)
-        data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
-        val = build_val_batches(cfg, tokenizer, batch_size=micro)
-        task = Stage2Task(cfg, dist_, teacher, val)
-        trainer = Trainer(cfg, task, data, dist_, name="stage2")
-        if resume is not None:
-            trainer.resume(resume.path, if_any=resume.if_any)
+        with stopping_before_training(cfg, dist_):
+            seed_process(cfg.train.seed)
+            teacher = build_teacher(cfg, dist_.device)
+            tokenizer = tokenizer_for(cfg)
+            micro, _ = accumulation(cfg.train, dist_.world)
+            data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
+            val = build_val_batches(cfg, tokenizer, batch_size=micro)
+            task = Stage2Task(cfg, dist_, teacher, val)
+            trainer = Trainer(cfg, task, data, dist_, name="stage2")
+            if resume is not None:
+                trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()
         if dist_.main:
             print_outputs(results, cfg.train.out_dir, keys=("val_token_loss", "val_global_loss"))

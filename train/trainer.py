@@ -29,7 +29,7 @@ from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
                                       parallelize, shard_layout)
-from videoprism.train.preemption import Preempted, PreemptionNotice
+from videoprism.train.preemption import Preempted, PreemptionNotice, stopping
 
 
 class Task(Protocol):
@@ -100,6 +100,21 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
     if resume is not None and not resume.if_any:
         ckpt.find(resume.path, required=True)
 
+
+@contextlib.contextmanager
+def stopping_before_training(cfg: Config, dist_: Dist):
+    """Startup (the teacher, the model, data.cache's decode of a whole manifest, the resume's load): a
+    preemption notice ends the run at once with a line and status 128 + the signal; nothing of this run
+    is lost, as it has taken no step."""
+    try:
+        with stopping(cfg.checkpoint.save_on_signal, lambda s: Preempted(s, None, None)):
+            yield
+    except Preempted as stop:
+        if dist_.main:
+            print(f"{signal.Signals(stop.signum).name} before the first step: stopped (no step taken, nothing "
+                  "lost); the same command with --auto-resume starts again from train.out_dir's latest checkpoint, "
+                  "if any", file=sys.stderr, flush=True)
+        raise
 
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
@@ -312,12 +327,24 @@ class Trainer:
             with notice.catching(cfg.checkpoint.save_on_signal):
                 self._loop(log, peak, notice)
                 path = self.save()  # a notice now is too late to act on, but must not cut this save
-            results = self._evaluate(log)
-            results["checkpoint"], results["config"] = path, config_path
-            if cfg.checkpoint.export:
-                results["export"] = self._export(path)
-            if d.main:
-                results["plot"] = self._plot(log)
+            # After the final checkpoint a notice (or one that came in the last step or the save, agreed by the
+            # ranks) stops the run at once: the kill that follows would cut the evaluation or the export.
+            try:
+                with stopping(cfg.checkpoint.save_on_signal, lambda s: Preempted(s, self.step, path)):
+                    signum, = all_reduce_max([notice.signum], d)
+                    if signum:
+                        raise Preempted(signum, self.step, path)
+                    results = self._evaluate(log)
+                    results["checkpoint"], results["config"] = path, config_path
+                    if cfg.checkpoint.export:
+                        results["export"] = self._export(path)
+                    if d.main:
+                        results["plot"] = self._plot(log)
+            except Preempted as stop:
+                log.message(f"[{self.name}] {signal.Signals(stop.signum).name} after the final checkpoint {path}: "
+                            "stopped before the final evaluation, export and plot were done; the same command with "
+                            "--resume does them (it trains nothing)")
+                raise
         finally:
             self.saver.drop()  # only after a failure is a write still in flight here
             log.close()

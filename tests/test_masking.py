@@ -211,3 +211,43 @@ def test_bevt_top_up_grows_the_blocks(monkeypatch):
     ring = torch.zeros(8, 8, dtype=torch.bool)
     ring[2, 3:5] = ring[5, 3:5] = ring[3:5, 2] = ring[3:5, 5] = True
     assert int((masked & ring).sum()) == 8 * 4 * 2
+
+
+def test_bevt_blocks_are_drawn_per_sample():
+    """DESIGN 4: per-sample random rectangles. Two samples of a batch share about as many masked patches as
+    two independent block masks of the ratio (here 0.69-0.79 of one sample's masked patches), not the
+    ~0.95 of one set of blocks drawn for the whole batch (only the top-up would differ then)."""
+    grid, B, T = (16, 16), 8, 8
+    masked = masked_grid(bevt_mask(B, T, grid, 0.65, seed=0), grid)
+    shared = [float((masked[0] & masked[j]).sum() / masked[0].sum()) for j in range(1, B)]
+    assert max(shared) < 0.85, shared
+
+
+@pytest.mark.parametrize("grid,frames", [((16, 16), 8), ((8, 8), 4), ((32, 32), 2), ((12, 20), 3)])
+def test_bevt_block_proposals_follow_the_beit_geometry(grid, frames):
+    """DESIGN 4 (BEiT block-wise masking): a block's area is drawn in [min_block, budget] with min_block 16
+    patches at the 16x16 grid, scaled with the grid area (4 at 8x8, 64 at 32x32); its aspect ratio h/w
+    log-uniform in [0.3, 1/0.3] (as many tall blocks as wide ones); its sides whole patches inside the
+    grid; its run 1..T consecutive frames inside the clip. Sides are rounded to whole patches (the
+    bounds below allow half a patch per side)."""
+    from videoprism.masking import propose_blocks
+
+    h, w = grid
+    n = h * w
+    budget, min_block = round(0.65 * n), 16 * n / 256
+    top, left, bh, bw, start, length = propose_blocks(64, frames, grid, budget, torch.Generator().manual_seed(0),
+                                                      "cpu")
+    assert bool((top >= 0).all() and (top + bh <= h).all() and (left >= 0).all() and (left + bw <= w).all())
+    assert bool((bh >= 1).all() and (bw >= 1).all())
+    assert bool((length >= 1).all() and (start >= 0).all() and (start + length <= frames).all())
+    assert int(length.max()) == frames and int(length.min()) == 1
+    area = (bh * bw).double()
+    # The smallest blocks are near min_block, never far below it (a side rounds down by half a patch at most).
+    assert 0.7 * min_block <= float(area.min()) <= 1.25 * min_block, (float(area.min()), min_block)
+    assert float(area.max()) > 0.75 * budget
+    # Tall and wide blocks alike; blocks that no side of the grid clamped keep h/w within the range.
+    tall, wide = float((bh > bw).double().mean()), float((bw > bh).double().mean())
+    assert tall > 0.35 and wide > 0.35, (tall, wide)
+    free = (bh < h) & (bw < w)
+    assert bool(((bh[free] + 0.5) / (bw[free] - 0.5) >= 0.3).all())
+    assert bool(((bh[free] - 0.5) / (bw[free] + 0.5) <= 1 / 0.3).all())

@@ -195,6 +195,66 @@ def test_shuffle_backward_matches_reference(backend, dtype, shape):
     assert_close_2x(pe.grad, gp64, grad.sum(0), dtype, scale=mag[2])
 
 
+def test_shuffle_embedding_grads_keep_fp32_sums_with_mixed_dtypes():
+    """mask_emb and pos_emb may differ in dtype (shuffle_with_mask_tokens's docstring): each gets its grad in its
+    own dtype, the fp32 sum rounded once, never the other embedding's dtype on the way (a bf16 detour costs
+    mask_emb ~3 significant digits). Oracle: the literal float64 sums of DESIGN 6.4."""
+    B, m, n, D = 3, 5, 12, 16
+    visible, perm, me, pe = shuffle_inputs(B, m, n, D, torch.bfloat16)
+    me, pe = me.float().requires_grad_(), pe.to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(B, n, D, generator=gen(9)).to(torch.bfloat16)
+    for backend in ["reference"] + CPU_BACKENDS:
+        me.grad = pe.grad = None
+        shuffle_with_mask_tokens(visible, perm, me, pe, backend=backend).backward(grad)
+        want_me = sum(grad[b, i].double() for b in range(B) for i in range(n) if perm[b, i] >= m)
+        assert me.grad.dtype == torch.float32 and pe.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(me.grad.double(), want_me, rtol=1e-6, atol=1e-6, msg=backend)
+        torch.testing.assert_close(pe.grad.double(), grad.double().sum(0), rtol=2**-8, atol=0, msg=backend)
+
+
+def test_cpu_ops_run_the_native_kernels_not_the_reference(monkeypatch):
+    """backend=None on the CPU picks "cpp" (the module docstring), and "cpp" runs the C++ kernels of
+    videoprism._C, forward and backward: with every reference made to fail, the ops still work and give
+    the reference's results. (Were "cpp" to fall back to the reference, every "cpp against the reference"
+    test above would compare the reference with itself.)"""
+    import videoprism.ops.token_ops as token_ops
+    from videoprism.kernels import token_ops_ref
+
+    assert token_ops.default_backend(torch.device("cpu")) == "cpp"
+    g = gen(11)
+    x = torch.randn(2, 6, 5, generator=g)
+    idx = torch.tensor([[5, 0, 2, 2], [1, 1, 4, 3]])
+    visible, perm, me, pe = shuffle_inputs(2, 3, 7, 5, torch.float32)
+    video, pos = torch.rand(2, 2, 4, 6, 3, generator=g), torch.tensor([[[0, 5], [1, 2]], [[3, 4], [0, 1]]])
+    cot = torch.randn(2, 7, 5, generator=g)
+    want = (gather_tokens_ref(x, idx), scatter_tokens_ref(x[:, :4], idx, 6),
+            shuffle_with_mask_tokens_ref(visible, perm, me, pe), shuffle_with_mask_tokens_bwd_ref(cot, perm, 3),
+            patchify_gather_ref(video, pos, 2))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU op ran the plain-PyTorch reference")
+
+    for name in ("gather_tokens_ref", "scatter_tokens_ref", "shuffle_with_mask_tokens_ref",
+                 "shuffle_with_mask_tokens_bwd_ref", "patchify_gather_ref"):
+        monkeypatch.setattr(token_ops_ref, name, refuse)
+    for backend in (None, "cpp"):
+        xs, vs, vid = x.clone().requires_grad_(), visible.clone().requires_grad_(), video.clone().requires_grad_()
+        mes, pes = me.clone().requires_grad_(), pe.clone().requires_grad_()
+        assert torch.equal(gather_tokens(xs, idx, backend=backend), want[0])
+        assert torch.equal(scatter_tokens(x[:, :4], idx, 6, backend=backend), want[1])
+        out = shuffle_with_mask_tokens(vs, perm, mes, pes, backend=backend)
+        assert torch.equal(out, want[2])
+        out.backward(cot)
+        assert torch.equal(vs.grad, want[3][0])
+        torch.testing.assert_close(mes.grad, want[3][1], rtol=1e-6, atol=1e-6)   # sums: another order
+        torch.testing.assert_close(pes.grad, want[3][2], rtol=1e-6, atol=1e-6)
+        patches = patchify_gather(vid, pos, 2, backend=backend)
+        assert torch.equal(patches, want[4])
+        gather_tokens(xs, idx, backend=backend).sum().backward()          # scatter as the backward
+        patches.sum().backward()
+        assert xs.grad is not None and vid.grad is not None
+
+
 PATCH_CASES = [(1, 1, 2, 3, 1, 4), (2, 3, 4, 5, 3, 7), (1, 2, 3, 3, 5, 9), (2, 1, 2, 2, 18, 2)]  # B, T, h, w, P, K
 
 

@@ -83,6 +83,29 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, optim):
         trainer.train_step()
 
 
+def test_the_optimizer_gets_gradients_clipped_to_optim_grad_clip(tmp_path):
+    """optim.grad_clip clips the global gradient norm: the optimizer steps with gradients of norm
+    min(norm, clip) (the logged grad_norm is the norm before clipping); 0 turns clipping off."""
+    seen = []
+    for clip in (1e-3, 0.0):
+        trainer = make_trainer(tmp_path / str(clip), "train.compile=false", "train.steps=1", f"optim.grad_clip={clip}",
+                               "checkpoint.interval=0")
+        params = [p for p in trainer.task.module.parameters() if p.requires_grad]
+        step = trainer.optimizer.step
+
+        def recording_step(*args, _step=step, _params=params, **kwargs):
+            grads = [p.grad.norm() for p in _params if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack(grads))))
+            return _step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        trainer.fit()
+        logged = [r["grad_norm"] for r in read_jsonl(str(tmp_path / str(clip) / "metrics.jsonl")) if "grad_norm" in r]
+        assert len(logged) == 1 and logged[0] > 1e-2              # clipping 1e-3 has work to do
+        for norm, raw in zip(seen[-1:], logged):
+            assert norm == pytest.approx(min(raw, clip) if clip else raw, rel=1e-4)
+
+
 def test_a_plot_that_fails_leaves_the_finished_run_and_a_cut_record_its_line(tmp_path, monkeypatch, capsys):
     """The curves come last: a plot that raised (a full disk, matplotlib) failed the finished run after its
     checkpoint and export. And a metrics.jsonl cut in the middle of a record (a kill, a full disk) glued the

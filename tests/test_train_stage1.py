@@ -457,6 +457,46 @@ def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exact
         assert got[step] == pytest.approx(ref[step], abs=1e-6), step
 
 
+class GlobalRngClips(SignalAt):
+    """SignalAt's clips with noise drawn from the global generators of torch, numpy and Python, as an
+    augmentation or dropout drawing from them would: only a resume that restores all three (DESIGN 8: RNG
+    is part of the checkpoint) continues their streams where the checkpoint left them."""
+
+    def next_batch(self, step):
+        import random
+
+        import numpy as np
+
+        batch = super().next_batch(step)
+        scale = 1.0 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
+        batch["video"] = batch["video"].float() / 255 * scale + 0.1 * torch.rand(batch["video"].shape)
+        return batch
+
+
+def test_resume_continues_the_global_random_streams(tmp_path):
+    """Oracle: the uninterrupted run. Stopped after step 3 and resumed, a run whose batches draw from the
+    global generators gives the uninterrupted run's losses (a resume that kept the freshly seeded
+    generators would draw step 4's noise from where step 1's came from)."""
+    from videoprism.train.seeds import seed_process
+
+    args = ("train.compile=false", "checkpoint.interval=0", "train.steps=5", "optim.decay=cosine")
+
+    def trainer(out, signal_at=-1):  # seeded as the entry points (train/stage1.py) seed a process
+        seed_process(0)
+        return make_trainer(out, *args, data=GlobalRngClips(signal_at, signal.SIGTERM))
+
+    trainer(tmp_path / "ref").fit()
+    with pytest.raises(Preempted):
+        trainer(tmp_path / "run", signal_at=2).fit()
+    trainer = trainer(tmp_path / "run")
+    trainer.resume(str(tmp_path / "run"))
+    trainer.fit()
+    ref, got = run_losses(tmp_path / "ref"), run_losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+
+
 def test_a_notice_at_an_evaluation_step_still_evaluates_it(tmp_path):
     """The notice's step is a train.eval_every step: the resume continues after it, so the run evaluates it
     after the checkpoint and before exiting; the evaluations of the stopped and resumed run are the

@@ -152,8 +152,11 @@ def matmul_peak_tflops(device: torch.device | str, *, n: int | None = None, dtyp
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 1024)  # 512 on the CPU underestimated the ceiling (a model ran above it)
     dtype = dtype or peak_dtype(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: the trainer measures this after a resume restored the global generators (DESIGN 8),
+    # and operands drawn from them moved the run's torch stream off the checkpoint's.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = float("inf")
     # On a GPU ~150 ms of rounds: the clocks ramp up within the first ones, and the best round counts.
     for i in range(21 if cuda else 6):

@@ -37,3 +37,42 @@ def test_flip_mirrors_the_frames():
     mirrored = apply_augment(frames, Augment(train=True, area=1.0, flip=True), 20)
     assert torch.equal(plain, frames)  # full-frame box at the same size: no resampling
     assert torch.equal(mirrored, torch.from_numpy(frames.numpy()[:, :, ::-1].copy()))
+
+
+def _white_box(t, h, w, y0, x0, ch, cw):
+    """uint8 [t, h, w, 3] frames, black but for a white (y0, x0, ch, cw) box."""
+    frames = torch.zeros(t, h, w, 3, dtype=torch.uint8)
+    frames[:, y0:y0 + ch, x0:x0 + cw] = 255
+    return frames
+
+
+@pytest.mark.parametrize("h, w", [(40, 60), (60, 40)])
+def test_the_output_shows_exactly_the_box(h, w):
+    """apply_augment resizes the crop box, nothing else: with the frames white inside the box and black outside,
+    every output pixel is white. Boxes of train draws (of both orientations) and the eval box, whose oracle
+    is its definition: the centred square of side min(H, W)."""
+    side = min(h, w)
+    boxes = [(Augment(), ((h - side) // 2, (w - side) // 2, side, side))]
+    for aug in _draws(40):
+        y0, x0, ch, cw = aug.box(h, w)
+        assert 0 <= y0 and y0 + ch <= h and 0 <= x0 and x0 + cw <= w
+        boxes.append((aug, (y0, x0, ch, cw)))
+    assert any(b[2] > b[3] for _, b in boxes) and any(b[3] > b[2] for _, b in boxes)  # tall and wide boxes
+    for aug, box in boxes:
+        out = apply_augment(_white_box(2, h, w, *box), aug, 16)
+        assert out.shape == (2, 16, 16, 3)
+        assert bool((out == 255).all()), (aug, box)
+
+
+def test_train_crop_positions_cover_the_frame_edge_to_edge():
+    """u = v = 0 puts the box at the top-left corner, u, v -> 1 at the bottom-right one, and u, v in [0, 1)
+    reach each of the W - cw + 1 (H - ch + 1) positions, as a uniformly random crop position must."""
+    h, w = 40, 50
+    at = lambda u, v: Augment(train=True, area=0.25, log_ratio=0.0, u=u, v=v).box(h, w)  # noqa: E731
+    y0, x0, ch, cw = at(0.0, 0.0)
+    assert (y0, x0) == (0, 0) and (ch, cw) == (22, 22)
+    y0, x0, ch, cw = at(0.9999, 0.9999)
+    assert y0 + ch == h and x0 + cw == w
+    grid = [i / 1000 for i in range(1000)]
+    assert {at(u, 0.5)[1] for u in grid} == set(range(w - cw + 1))
+    assert {at(0.5, v)[0] for v in grid} == set(range(h - ch + 1))

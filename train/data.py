@@ -27,6 +27,8 @@ class RandomClips:
     """Random uint8 clips `[b, T, R, R, 3]` and captions of random length; sample `g` of the
     global stream depends only on (seed, g)."""
 
+    strided_ranks = False  # rank r of w: rows [r*b, (r+1)*b) of each global micro-batch (train.step_masks)
+
     def __init__(self, *, micro_batch: int, rank: int, world: int, frames: int, resolution: int, vocab: int,
                  seed: int, text_length: int = MAX_TEXT_LENGTH):
         self.micro, self.rank, self.world = micro_batch, rank, world
@@ -88,6 +90,10 @@ def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int
 class ManifestData:
     """One loader per dataset; step `s` reads from the dataset drawn with a generator seeded
     by (seed, s), identical on every rank and after a resume."""
+
+    # The loader deals an epoch's samples round-robin: rank r of w holds every w-th clip of a global
+    # micro-batch from r (train.step_masks keys the masks by that order).
+    strided_ranks = True
 
     def __init__(self, loaders: list, weights: list[float], seed: int):
         self.loaders, self.seed = loaders, seed
@@ -214,6 +220,8 @@ class CachedClips:
     """Decoded clips served in a seeded permutation per epoch. The position counts global
     samples, so rank r of w gets rows [r*b, (r+1)*b) of every global micro-batch of w*b
     clips: the same global batches on any number of ranks."""
+
+    strided_ranks = False
 
     def __init__(self, clips: dict, *, micro_batch: int, rank: int, world: int, seed: int,
                  rejects: list[tuple[str, str]] = ()):

@@ -27,6 +27,7 @@ from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dic
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
+from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
 
 
@@ -75,25 +76,32 @@ def captions(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 class Stage1Task:
     loss_keys = ("temperature",)
 
-    def __init__(self, cfg: Config, dist_: Dist, clip: nn.Module, val_batches: list[dict] | None):
+    def __init__(self, cfg: Config, dist_: Dist, clip: nn.Module, val_batches: list[dict] | None, *,
+                 strided_ranks: bool = False):
+        """`strided_ranks`: the data source's (train.data): rank r of w holds every w-th clip of a global
+        micro-batch from r, not the block [r*b, (r+1)*b) (train.step_masks)."""
         self.cfg, self.dist, self.val = cfg, dist_, val_batches
         self.model_config = clip.config
         self.grad_cache = cfg.stage1.grad_cache
+        self.step_masks = StepMasks(self._draw_masks, strided=strided_ranks)
         s1 = cfg.stage1
         # .to(): the temperature is created on the CPU; the clip is already on the device.
         self.module = ContrastiveModel(clip, temperature_init=s1.temperature_init,
                                        max_logit_scale=s1.max_logit_scale, lit=s1.lit).to(dist_.device)
 
+    def _draw_masks(self, clips: int, step: int, T: int, H: int, W: int) -> tuple[torch.Tensor]:
+        """Tube masks of the step's `clips` (its global batch), row i clip i's."""
+        P = self.model_config.patch_size
+        return (tube_mask(clips, T, (H // P, W // P), self.cfg.train.mask_ratio,
+                          seed=derive_seed(MASK, self.cfg.train.seed, step), device=self.dist.device),)
+
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         dev = self.dist.device
         video = to_device(batch["video"], dev)
         b, T, H, W, _ = video.shape
-        P = self.model_config.patch_size
-        # The mask of every sample of the global micro-batch comes from one seed per
-        # (step, micro-step), so any number of ranks sees the same masks.
-        seed = derive_seed(MASK, self.cfg.train.seed, step, micro)
-        pos = tube_mask(b * self.dist.world, T, (H // P, W // P), self.cfg.train.mask_ratio, seed=seed, device=dev)
-        pos = pos[self.dist.rank * b:(self.dist.rank + 1) * b]
+        # A clip's mask is keyed by its index in the step's global batch: the same on any split of it.
+        pos, = self.step_masks(step, micro, b, (T, H, W), dist_=self.dist,
+                               accum=accumulation(self.cfg.train, self.dist.world)[1])
         ids, pads = captions(batch, dev)
         return {"video": video, "pos": pos, "text_ids": ids, "text_paddings": pads}
 
@@ -184,7 +192,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
             trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro,
                                             vocab=clip.config.vocabulary_size)
             val = build_val_batches(cfg, tokenizer, batch_size=micro)
-            task = Stage1Task(cfg, dist_, clip, val)
+            task = Stage1Task(cfg, dist_, clip, val, strided_ranks=trainer_data.strided_ranks)
             trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
             if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
                 print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "

@@ -31,14 +31,20 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
 from videoprism.train.parallel import Dist, close_distributed, init_distributed
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
+from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
 
 
 class Stage2Task:
     loss_keys = ("token_loss", "global_loss")
 
-    def __init__(self, cfg: Config, dist_: Dist, teacher: Teacher, val_batches: list[dict] | None):
+    def __init__(self, cfg: Config, dist_: Dist, teacher: Teacher, val_batches: list[dict] | None, *,
+                 strided_ranks: bool = False):
+        """`strided_ranks`: as Stage1Task's (the data source's row order)."""
         self.cfg, self.dist, self.teacher, self.val = cfg, dist_, teacher, val_batches
+        # Training masks and slot permutations: clip i of a step's global batch gets row i of one draw per step.
+        self.step_masks = StepMasks(lambda g, step, T, H, W: self._draw(g, T, H, W, self.cfg.train.seed, step),
+                                    strided=strided_ranks)
         enc = teacher.encoder
         self.model_config = enc.config
         P = enc.config.patch_size
@@ -67,12 +73,6 @@ class Stage2Task:
             perm = identity_slots(pos, self.num_patches)
         return pos, perm
 
-    def _masks(self, b: int, T: int, H: int, W: int, seed: int, step: int, micro: int):
-        """This rank's rows of the global micro-batch's masks (the same draws on any number of ranks)."""
-        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
-        pos, perm = self._draw(b * self.dist.world, T, H, W, seed, step, micro)
-        return pos[rows], perm[rows]
-
     def _val_masks(self, first: int, b: int, T: int, H: int, W: int):
         """Masks of validation clips first..first+b-1, one draw per clip keyed by its index in the split:
         every rank (each scores the whole split, as FSDP needs) and any world or batch size scores the
@@ -83,7 +83,8 @@ class Stage2Task:
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
         video = to_device(batch["video"], self.dist.device)
         b, T, H, W, _ = video.shape
-        pos, perm = self._masks(b, T, H, W, self.cfg.train.seed, step, micro)
+        pos, perm = self.step_masks(step, micro, b, (T, H, W), dist_=self.dist,
+                                    accum=accumulation(self.cfg.train, self.dist.world)[1])
         return {"video": video, "pos": pos, "perm": perm}
 
     def losses(self, module: nn.Module, inputs: dict) -> dict:
@@ -163,7 +164,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
             micro, _ = accumulation(cfg.train, dist_.world)
             data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
             val = build_val_batches(cfg, tokenizer, batch_size=micro)
-            task = Stage2Task(cfg, dist_, teacher, val)
+            task = Stage2Task(cfg, dist_, teacher, val, strided_ranks=data.strided_ranks)
             trainer = Trainer(cfg, task, data, dist_, name="stage2")
             if resume is not None:
                 trainer.resume(resume.path, if_any=resume.if_any)

@@ -1,9 +1,9 @@
 """Both stages through their real entry points (`python -m train.stageN`, torchrun):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
-3 steps) under DDP and FSDP2, 4 under HSDP (2 groups of 2), a checkpoint resumes on another
-number of processes, SIGKILL + --resume equals the uninterrupted run, and a
-preemption notice to one rank stops both at one step with a checkpoint that --auto-resume
-continues from.
+3 steps) under DDP and FSDP2, also split into accumulated micro-batches, 4 under HSDP (2 groups
+of 2), a checkpoint resumes on another number of processes, SIGKILL + --resume equals the
+uninterrupted run, and a preemption notice to one rank stops both at one step with a checkpoint
+that --auto-resume continues from.
 
 One uninterrupted 10-step reference run per stage serves every comparison (the schedule is
 constant, so its first 3 steps are a 3-step run); the stage-1 reference's export is the
@@ -337,15 +337,17 @@ def test_async_checkpoints_on_two_processes_resume_exactly(tmp_path, refs):
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_grad_cache_accumulation_on_two_processes_equals_one_batch(tmp_path, mode):
-    """Stage 1, 2 ranks x 2 micro-batches of 2 with GradCache = 1 rank, one batch of 8: the
-    contrastive loss scores the whole global batch either way. No mask (ratio 0): the masks
-    of different micro-batch splits would differ."""
-    common = ("train.steps=3", "checkpoint.export=false", "train.mask_ratio=0")
-    run(1, str(tmp_path / "one"), *common)
-    run(1, str(tmp_path / "acc"), *common, f"parallel.mode={mode}", "train.micro_batch=2", nproc=2)
-    ref, got = losses(str(tmp_path / "one")), losses(str(tmp_path / "acc"))
+@pytest.mark.parametrize("stage, mode, micro", [(1, "ddp", 2), (1, "fsdp", 1), (2, "ddp", 2), (2, "fsdp", 1)])
+def test_accumulation_on_two_processes_equals_one_batch(tmp_path, refs, stage, mode, micro):
+    """2 ranks x 2 or 4 accumulated micro-batches = 1 rank, one batch of 8 (the reference run), masks as
+    configured (50% tube, 65% BEVT): a clip's masks are keyed by its index in the step's global batch
+    (train/step_masks.py), so every split of it masks each clip alike. Stage 1 with GradCache (stage1.grad_cache,
+    its default): the contrastive loss scores the whole global batch either way."""
+    run(stage, str(tmp_path), "train.steps=3", "checkpoint.export=false", f"parallel.mode={mode}",
+        f"train.micro_batch={micro}", *stage_args(stage, refs), nproc=2)
+    records = [json.loads(line) for line in open(os.path.join(str(tmp_path), "metrics.jsonl"))]
+    assert records[0]["accum"] == 8 // (2 * micro)
+    ref, got = losses(refs[stage]), losses(str(tmp_path))
     for step in (1, 2, 3):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
 

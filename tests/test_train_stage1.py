@@ -693,19 +693,21 @@ def test_a_failed_run_waits_for_its_async_write_and_leaves_it_unpublished(tmp_pa
 def test_grad_cache_accumulation_gives_the_whole_batch_gradient(tmp_path):
     """Two micro-batches of 2 with stage1.grad_cache give the gradient of the contrastive loss
     over all 4 clips (one micro-batch of 4: the oracle); accumulating per-micro-step losses
-    does not (fewer negatives). No mask (ratio 0), so both see the same tokens."""
+    does not (fewer negatives). Masks as configured: a clip's mask is keyed by its index in the step's
+    global batch (train/step_masks.py), so both see the same tokens."""
     from videoprism.train.parallel import grad_sync
 
     def grads(trainer):
         return {n: p.grad.clone() for n, p in trainer.task.module.named_parameters() if p.grad is not None}
 
-    whole = make_trainer(tmp_path, "train.compile=false", "train.mask_ratio=0")
+    whole = make_trainer(tmp_path, "train.compile=false")
+    assert whole.cfg.train.mask_ratio == 0.5
     loss, _ = whole.task.loss(whole.model, whole.task.prepare(whole.data.next_batch(0), 0, 0))
     loss.backward()
     want = grads(whole)
     for cache in (True, False):
         two = RandomClips(micro_batch=2, rank=0, world=1, frames=4, resolution=16, vocab=50, seed=0)
-        acc = make_trainer(tmp_path, "train.compile=false", "train.mask_ratio=0", "train.micro_batch=2",
+        acc = make_trainer(tmp_path, "train.compile=false", "train.micro_batch=2",
                            f"stage1.grad_cache={str(cache).lower()}", data=two)
         assert acc.accum == 2
         micro = [acc.task.prepare(acc.data.next_batch(0), 0, a) for a in range(2)]

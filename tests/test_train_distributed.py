@@ -180,11 +180,50 @@ def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
     run(1, out, "train.steps=2", "checkpoint.export=false")
     open(os.path.join(out, "checkpoints", "step_00000002", "rank0.pt"), "wb").write(b"not a torch file")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VIDEOPRISM_TRACEBACK": ""}
-    r = subprocess.run(command(1, out, ["train.steps=4", "checkpoint.export=false", "--resume"], nproc=2), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=env)
+    cmd = command(1, out, ["train.steps=4", "checkpoint.export=false", "--resume"], nproc=2)
+    # Each rank's stderr to its own file: on the shared pipe one rank's line could land inside the other's.
+    logs = tmp_path / "logs"
+    at = cmd.index("torch.distributed.run") + 1
+    cmd[at:at] = ["--log-dir", str(logs), "--redirects", "2"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error: checkpoint ")]
-    assert len(errors) == 2 and all("does not load (rank0.pt: " in e for e in errors), r.stderr[-3000:]
+    files = sorted(logs.rglob("stderr.log"))
+    errors = [[line for line in f.read_text().splitlines() if line.startswith("error: checkpoint ")] for f in files]
+    assert len(files) == 2 and all(len(e) == 1 and "does not load (rank0.pt: " in e[0] for e in errors), \
+        [f.read_text()[-1500:] for f in files] or r.stderr[-3000:]
+
+
+def test_the_ranks_of_a_finished_run_leave_together(tmp_path):
+    """Rank 0 still writing its plot while rank 1 tore its process groups down and exited: now and then an
+    abort at rank 1's interpreter exit (-6), and torchrun failed the finished run. Rank 1 now exits after rank
+    0's plot, and the run succeeds."""
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    script = tmp_path / "slow_plot_on_rank0.py"
+    script.write_text("import atexit, os, sys, time\n"
+                      "from videoprism.train import stage1, trainer\n"
+                      f"stamps = {str(stamps)!r}\n"
+                      "rank = os.environ['RANK']\n"
+                      "def stamp(name):\n"
+                      "    open(os.path.join(stamps, name), 'w').write(repr(time.time()))\n"
+                      "if rank == '0':\n"
+                      "    plot = trainer.plot_curves\n"
+                      "    def slow_plot(*a, **k):\n"
+                      "        time.sleep(3)\n"
+                      "        out = plot(*a, **k)\n"
+                      "        stamp('rank0_plotted')\n"
+                      "        return out\n"
+                      "    trainer.plot_curves = slow_plot\n"
+                      "atexit.register(stamp, 'rank' + rank + '_exit')\n"
+                      "sys.exit(stage1.main(sys.argv[1:]))\n")
+    cmd = command(1, str(tmp_path / "run"), ["train.steps=2", "checkpoint.export=false", "parallel.mode=fsdp"],
+                  nproc=2)
+    cmd[cmd.index("-m", 2):cmd.index("--config")] = [str(script)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    plotted, rank1_exit = (float((stamps / n).read_text()) for n in ("rank0_plotted", "rank1_exit"))
+    assert rank1_exit >= plotted
 
 
 def test_a_rank_whose_view_of_out_dir_lags_resumes_from_rank_0s_checkpoint(tmp_path, refs):

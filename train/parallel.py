@@ -78,6 +78,16 @@ def _check_slurm_launch(world: int) -> None:
             "(separate runs on purpose, each with its own train.out_dir: set VIDEOPRISM_SEPARATE_RUNS=1)")
 
 
+def leave_together(dist_: Dist) -> None:
+    """The end of a finished run: every rank waits for the others before its process groups go. A rank that
+    tore its gloo groups down and exited while another still worked (rank 0 writing the plot) now and then
+    aborted at interpreter exit on a loaded machine ("terminate called without an active exception", exit
+    -6: 3 of 13 two-rank runs here), and torchrun reported the finished run as failed. Never after a
+    failure: the other ranks may never come."""
+    if multi_rank():
+        dist.barrier(group=dist_.host_group)
+
+
 def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -24,7 +24,7 @@ from videoprism.train.data import build_train_data, build_val_batches, tokenizer
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
-from videoprism.train.parallel import Dist, close_distributed, init_distributed
+from videoprism.train.parallel import Dist, close_distributed, init_distributed, leave_together
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
@@ -206,6 +206,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         results = trainer.fit()
         if dist_.main:
             _report(results, cfg)
+        leave_together(dist_)
         return results
     finally:
         close_distributed()

@@ -29,7 +29,7 @@ from videoprism.train.distill import Stage2Model, Teacher, identity_slots, rando
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
-from videoprism.train.parallel import Dist, close_distributed, init_distributed
+from videoprism.train.parallel import Dist, close_distributed, init_distributed, leave_together
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
@@ -171,6 +171,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         results = trainer.fit()
         if dist_.main:
             print_outputs(results, cfg.train.out_dir, keys=("val_token_loss", "val_global_loss"))
+        leave_together(dist_)
         return results
     finally:
         close_distributed()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import zlib
 
 import pytest
 
@@ -75,7 +76,7 @@ def test_a_pack_applies_the_readers_bad_share(tmp_path):
     assert len(read_manifest(m, max_bad_share=0.1)[0]) == 20
 
 
-@pytest.mark.parametrize("change", ["edit", "touch", "move", "linked folder", "damage", "cut", "foreign"])
+@pytest.mark.parametrize("change", ["edit", "move", "linked folder", "damage", "cut", "foreign"])
 def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, change):
     m = _manifest(tmp_path, n=30)
     write_pack(m)
@@ -83,9 +84,6 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
     if change == "edit":  # same size, one caption changed
         text = open(m, encoding="utf-8").read()
         open(m, "w", encoding="utf-8").write(text.replace("a clip number 7 ", "a clip number 9 ", 1))
-    elif change == "touch":
-        st = os.stat(m)
-        os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     elif change == "move":  # relative paths now resolve in the new folder
         os.makedirs(tmp_path / "moved")
         for f in (m, pack):
@@ -114,13 +112,15 @@ def test_a_pack_that_does_not_match_its_manifest_is_not_used(tmp_path, capsys, c
 
 
 def _with_header(pack: str, edit) -> None:
-    """Rewrite `pack` with its header replaced by `edit(header)`, the records kept (moved to the new alignment)."""
+    """Rewrite `pack` with its header replaced by `edit(header)` (and its checksum, as a writer would: the shape
+    is checked past it), the records kept (moved to the new alignment)."""
     raw = open(pack, "rb").read()
     n = struct.unpack_from("<Q", raw, 8)[0]
-    body = raw[16 + n + (-(16 + n) % 8):]
+    body = raw[20 + n + (-(20 + n) % 8):]
     header = json.dumps(edit(json.loads(raw[16:16 + n]))).encode()
-    pad = b"\0" * (-(16 + len(header)) % 8)
-    open(pack, "wb").write(raw[:8] + struct.pack("<Q", len(header)) + header + pad + body)
+    pad = b"\0" * (-(20 + len(header)) % 8)
+    open(pack, "wb").write(raw[:8] + struct.pack("<Q", len(header)) + header + struct.pack("<I", zlib.crc32(header))
+                           + pad + body)
 
 
 @pytest.mark.parametrize("edit", [
@@ -329,3 +329,157 @@ def test_the_startup_benchmark_reads_the_pack_it_wrote(tmp_path):
     assert bench_manifest.main(["--lines", "3000", "--reps", "1", "--out", str(out)]) == 0
     parse, pack = json.loads(out.read_text())["rows"]
     assert (parse["mode"], pack["mode"]) == ("parse", "pack") and pack["read_s"] < parse["read_s"]
+
+
+def _replace_keeping_size_and_time(m: str, how: str) -> None:
+    """Replace manifest `m` by one of other content, the same size and the same modification time, as `cp -p`,
+    `rsync -t` or a tar extract of another version does (`rewritten`: in place; `renamed`: a new file moved over
+    it)."""
+    st = os.stat(m)
+    text = open(m, encoding="utf-8").read()
+    new = text.replace("a clip number 7 ", "a clip number 9 ", 1)
+    assert new != text and len(new) == len(text)
+    target = m if how == "rewritten" else m + ".new"
+    with open(target, "w", encoding="utf-8") as fh:
+        fh.write(new)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if how == "renamed":
+        os.replace(target, m)
+    assert (os.stat(m).st_size, os.stat(m).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("how", ["rewritten", "renamed"])
+def test_a_manifest_replaced_with_the_same_size_and_time_is_not_read_from_its_pack(tmp_path, capsys, how):
+    """The pack took a manifest as unchanged while its size and modification time were: another version of the
+    same size copied over it with its time (`cp -p`, `rsync -t`, a tar extract) trained on the old samples. Its
+    content is checked against the pack's hash of it whenever the file is not the one packed (inode, change time)."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    _replace_keeping_size_and_time(m, how)
+    got = read_manifest(m)
+    assert got[0]._pack is None
+    _same(got, read_manifest(m, use_pack=False))
+    assert got[0][7].caption.startswith("a clip number 9 ")
+    err = capsys.readouterr().err
+    assert f"note: {pack_path(m)} was written for another version of the manifest (its content differs" in err
+    assert f"`videoprism data pack {m}` writes it again" in err
+
+
+@pytest.mark.parametrize("change", ["copied", "touched"])
+def test_a_copied_manifest_is_read_from_its_pack_once_its_content_is_checked(tmp_path, capsys, change):
+    """A dataset folder copied to another machine or file system at the same path (`cp -a`, rsync -a, a restore):
+    each file is another inode with another change time, the same content. Its pack is used after its content is
+    checked (a note says so and what brings the startup back to a header read), not ignored for a parse of
+    minutes. A manifest touched (its modification time changed, its content not) is read from its pack alike."""
+    os.makedirs(tmp_path / "data")
+    m2 = m = _manifest(tmp_path / "data", n=30)
+    write_pack(m)
+    if change == "copied":
+        os.rename(tmp_path / "data", tmp_path / "elsewhere")
+        shutil.copytree(tmp_path / "elsewhere", tmp_path / "data")  # copy2: the times kept, new inodes
+    else:
+        st = os.stat(m)
+        os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    got = read_manifest(m2)
+    assert got[0]._pack == m2
+    _same(got, read_manifest(m2, use_pack=False))
+    err = capsys.readouterr().err
+    assert f"note: {pack_path(m2)} is used: {m2} was copied, moved or touched since it was packed" in err
+    assert "its content matches the pack's" in err and f"`videoprism data pack {m2}` packs it again" in err
+    write_pack(m2)  # packed again: the header read alone
+    assert read_manifest(m2)[0]._pack == m2 and capsys.readouterr().err == ""
+
+
+def test_a_pack_is_written_after_its_manifests_last_change_time_has_passed(tmp_path):
+    """An edit within the time stamps' resolution of the packed version keeps its size, time and change time: the
+    pack records the manifest only once a change from then on gets another change time (the read of the
+    manifest starts past the tick of its last change, on the file system's own clock)."""
+    from videoprism.data.pack import _resolution_ns
+
+    m = _manifest(tmp_path, n=5)
+    write_pack(m)
+    raw = open(pack_path(m), "rb").read()
+    header = json.loads(raw[16:16 + struct.unpack_from("<Q", raw, 8)[0]])
+    ctime = header["manifest"]["ctime_ns"]
+    assert ctime == os.stat(m).st_ctime_ns
+    assert header["manifest"]["read_after_ns"] - ctime > _resolution_ns(ctime)
+
+
+def _flip(path: str, at: int) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        b = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([b[0] ^ 0x04]))
+
+
+def test_a_flipped_byte_in_a_packs_records_never_reaches_a_reader(tmp_path, capsys):
+    """A pack had no checksum of its records: bit rot, or a copy with a hole in it, read wrong captions or paths
+    silently. Each record is checked as it is read; a damaged one is read from the manifest instead, with a note."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    raw = open(pack_path(m), "rb").read()
+    _flip(pack_path(m), raw.index("a clip number 17 ".encode()) + 14)
+    got = read_manifest(m)
+    assert got[0]._pack == m  # the header and index are sound: mapped, its records checked as read
+    _same(got, read_manifest(m, use_pack=False))
+    assert got[0][17].caption.startswith("a clip number 17 ")
+    err = capsys.readouterr().err
+    assert f"note: {pack_path(m)} is damaged (record 17 fails its checksum); reading {m} instead" in err
+    assert err.count("note:") == 1  # parsed once, not once a record
+
+
+def test_a_damaged_record_of_a_pack_whose_manifest_changed_since_stops_with_the_fix(tmp_path):
+    """The manifest read in place of a damaged record must hold the samples the run was given (its checkpoint's
+    positions index into them): one edited since is no replacement, and the run stops saying so."""
+    from videoprism.data.pack import StalePack
+
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    samples, _ = read_manifest(m)
+    _manifest(tmp_path, n=29)  # the next version of the data, prepared during the run
+    _flip(pack_path(m), open(pack_path(m), "rb").read().index("a clip number 17 ".encode()) + 14)
+    assert samples[16] == read_manifest(m, use_pack=False)[0][16]
+    with pytest.raises(StalePack, match=r"record 17 fails its checksum.* no longer holds the samples"):
+        samples[17]
+
+
+def test_a_header_value_changed_by_damage_is_a_damaged_pack(tmp_path, capsys):
+    """A flipped byte inside a header string (a label name, a fingerprint) left valid JSON of the right shape: read
+    as it was. The header has a checksum."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    raw = open(pack_path(m), "rb").read()
+    _flip(pack_path(m), raw.index(b'"colour"') + 2)
+    got = read_manifest(m)
+    assert got[0]._pack is None and got[0].label_names == ["colour", "shape"]
+    assert f"note: {pack_path(m)} is damaged (header checksum" in capsys.readouterr().err
+
+
+def _old_pack(m: str) -> None:
+    """`m`'s pack as videoprism wrote it before records had checksums (format 2): its manifest's size, time and
+    folder, the header straight after its length, the ends, the records."""
+    samples, rejects = read_manifest(m, max_bad_share=1.0, use_pack=False)
+    st = os.stat(m)
+    header = json.dumps({
+        "version": 2, "byteorder": sys.byteorder,
+        "manifest": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "folder": os.path.dirname(os.path.abspath(m))},
+        "count": len(samples), "lines": len(samples) + len(rejects), "int_label": samples.int_label,
+        "label_names": samples.label_names, "fingerprint": samples.fingerprint, "rejects": []}).encode()
+    data, ends = samples.buffers()
+    with open(pack_path(m), "wb") as fh:
+        fh.write(b"VPPACK\x00\x01" + struct.pack("<Q", len(header)) + header)
+        fh.write(b"\0" * (-fh.tell() % 8))
+        fh.write(ends.tobytes())
+        fh.write(data)
+
+
+def test_a_pack_of_the_older_format_is_stale_not_misread(tmp_path, capsys):
+    m = _manifest(tmp_path, n=30)
+    _old_pack(m)
+    got = read_manifest(m)
+    assert got[0]._pack is None
+    _same(got, read_manifest(m, use_pack=False))
+    from videoprism.data.pack import VERSION
+
+    assert f"note: {pack_path(m)} has format version 2, this videoprism reads {VERSION}" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import shlex
 import sys
 import tarfile
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -108,6 +109,8 @@ class SampleList(Sequence):
     process that maps the same file; a process it starts (spawn, forkserver) is handed the open pack and maps it
     too, any other unpickling maps the pack by name."""
 
+    _crcs = None  # a mapped pack's CRC-32 of each record, checked as it is read (pack.py); None: not checked
+
     def __init__(self, samples=()):
         self._data, self._ends = bytearray(), array.array("q")
         self.int_label, self._label_names = False, set()
@@ -117,12 +120,12 @@ class SampleList(Sequence):
             self.append(s)
 
     @classmethod
-    def mapped(cls, data: memoryview, ends: memoryview, *, int_label: bool, label_names: list[str],
-               fingerprint: str, source: str, file) -> "SampleList":
+    def mapped(cls, data: memoryview, ends: memoryview, crcs: memoryview, *, int_label: bool,
+               label_names: list[str], fingerprint: str, source: str, file) -> "SampleList":
         """A list over the buffers of `source`'s mapped pack (pack.read_pack), open as `file`, with what was
         gathered when it was packed."""
         new = cls()
-        new._data, new._ends, new._pack, new._file = data, ends, source, file
+        new._data, new._ends, new._crcs, new._pack, new._file = data, ends, crcs, source, file
         new.int_label, new._label_names = int_label, set(label_names)
         new._hash, new._fingerprint = None, fingerprint
         return new
@@ -139,8 +142,9 @@ class SampleList(Sequence):
                                s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
         key = _fingerprint_line(s)
         if self._pack is not None:  # a mapped pack is read-only: this list takes its own copy first
+            self._check_all()  # a damaged record is not copied into the list's own buffers
             self._data, self._ends = bytearray(self._data), array.array("q", self._ends)
-            self._pack = self._file = None
+            self._pack = self._file = self._crcs = None
         if self._hash is None:  # an unpickled copy (the hash state does not pickle): hashed again, once
             self._hash = hashlib.sha256()
             for old in self:
@@ -172,7 +176,7 @@ class SampleList(Sequence):
 
         state = dict(self.__dict__, _fingerprint=self.fingerprint, _hash=None, _file=None)
         if self._pack is not None:  # the pack, not its bytes: the other process maps the same file
-            state.update(_data=None, _ends=None)
+            state.update(_data=None, _ends=None, _crcs=None)
             if context.get_spawning_popen() is not None:
                 # A process being started (a DataLoader worker under spawn or forkserver, every epoch) is handed
                 # this open file: by name, a pack packed again over an edited manifest or removed during the run
@@ -186,7 +190,7 @@ class SampleList(Sequence):
             from .pack import map_buffers
 
             fd = None if state["_file"] is None else state["_file"].detach()
-            self._file, self._data, self._ends = map_buffers(self._pack, self._fingerprint, fd)
+            self._file, self._data, self._ends, self._crcs = map_buffers(self._pack, self._fingerprint, fd)
 
     def __copy__(self) -> "SampleList":
         # The default copy shares the buffers: appending to the copy would change the original (a mapped pack's
@@ -210,8 +214,43 @@ class SampleList(Sequence):
             raise IndexError(f"sample {i} of {n}")
         i %= n
         start = self._ends[i - 1] if i else 0
-        *head, probe, extra = pickle.loads(memoryview(self._data)[start:self._ends[i]])
+        record = memoryview(self._data)[start:self._ends[i]]
+        if self._crcs is not None and zlib.crc32(record) != self._crcs[i]:
+            self._read_instead(i)
+            return self[i]
+        *head, probe, extra = pickle.loads(record)
         return Sample(*head, probe=probe or {}, extra=extra or {})
+
+    def _check_all(self) -> None:
+        """Every record of a mapped pack checked (before the list copies them into buffers it checks no more)."""
+        if self._crcs is not None:
+            from .pack import record_crcs
+
+            sums = record_crcs(self._data, self._ends)
+            if sums != array.array("I", self._crcs):
+                self._read_instead(next(i for i, (a, b) in enumerate(zip(sums, self._crcs)) if a != b))
+
+    def _read_instead(self, i: int) -> None:
+        """Record `i` of the mapped pack failed its checksum: the pack is damaged, and this list reads its manifest
+        instead, as a reader does a damaged pack (a note, the manifest parsed), once in this process. The manifest
+        must still hold the very samples (fingerprint): the positions of a run or its checkpoint index into them."""
+        from .pack import StalePack, pack_path
+
+        manifest, pack = self._pack, pack_path(self._pack)
+        damage = f"{pack} is damaged (record {i} fails its checksum)"
+        print(f"note: {damage}; reading {manifest} instead (`videoprism data pack {shlex.quote(manifest)}` writes it "
+              "again)", file=sys.stderr)
+        try:
+            parsed, _ = _parse_manifest(manifest, 1.0, False)
+        except (OSError, ValueError) as e:
+            raise StalePack(f"{damage}, and {manifest} cannot be read instead: {e}") from None
+        if parsed.fingerprint != self.fingerprint:
+            raise StalePack(f"{damage}, and {manifest}, read instead, no longer holds the samples this process was "
+                            f"given ({parsed.fingerprint}, not {self.fingerprint}: changed since they were read): "
+                            "restore the manifest they came from, or start over from `videoprism data pack "
+                            f"{shlex.quote(manifest)}`")
+        self._data, self._ends, self._hash = parsed._data, parsed._ends, parsed._hash
+        self._pack = self._file = self._crcs = None
 
 
 def _number(rec: dict, key: str) -> float | None:

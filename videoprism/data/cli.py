@@ -93,8 +93,9 @@ def register(subparsers) -> None:
                                    "MANIFEST.pack beside it. Every loader of the manifest (each rank, each "
                                    "DataLoader worker, `videoprism eval`) then maps that file instead of parsing "
                                    "and validating every line: no startup time, one copy in memory per machine. "
-                                   "A pack is used only while the manifest is unchanged (size, time, folder); "
-                                   "pack again after editing it. `data index` packs the clean manifest it writes.")
+                                   "A pack is used only while the manifest is unchanged (the same file, or a copy "
+                                   "of the same content, in the same folder); pack again after editing it. "
+                                   "`data index` packs the clean manifest it writes.")
     p.add_argument("manifest", nargs="+", help="one or more .jsonl manifests")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)

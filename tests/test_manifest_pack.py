@@ -327,8 +327,9 @@ def test_the_startup_benchmark_reads_the_pack_it_wrote(tmp_path):
 
     out = tmp_path / "r.json"
     assert bench_manifest.main(["--lines", "3000", "--reps", "1", "--out", str(out)]) == 0
-    parse, pack = json.loads(out.read_text())["rows"]
-    assert (parse["mode"], pack["mode"]) == ("parse", "pack") and pack["read_s"] < parse["read_s"]
+    parse, pack, copied = json.loads(out.read_text())["rows"]
+    assert (parse["mode"], pack["mode"], copied["mode"]) == ("parse", "pack", "pack_copied")
+    assert pack["read_s"] < parse["read_s"] and copied["read_s"] < parse["read_s"]
 
 
 def _replace_keeping_size_and_time(m: str, how: str) -> None:
@@ -483,3 +484,39 @@ def test_a_pack_of_the_older_format_is_stale_not_misread(tmp_path, capsys):
     from videoprism.data.pack import VERSION
 
     assert f"note: {pack_path(m)} has format version 2, this videoprism reads {VERSION}" in capsys.readouterr().err
+
+
+def test_a_pack_written_within_its_manifests_last_tick_is_used_after_a_content_check(tmp_path, capsys, monkeypatch):
+    """A pack whose writer could not wait out the manifest's last tick (the file system's clock behind the
+    manifest's change time: clocks that disagree) does not vouch for the manifest by its stamp: every read checks
+    the content, and says why."""
+    from videoprism.data import pack
+
+    monkeypatch.setattr(pack, "_SETTLE_S", 0.0)
+    monkeypatch.setattr(pack, "_resolution_ns", lambda stamp_ns: 10**12)
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    got = read_manifest(m)
+    assert got[0]._pack == m
+    _same(got, read_manifest(m, use_pack=False))
+    assert f"{m} was packed within its time stamps' resolution of a change to it, and its content matches the " \
+           "pack's" in capsys.readouterr().err
+
+
+def test_a_manifest_changed_while_it_is_packed_leaves_no_pack(tmp_path, monkeypatch):
+    """The content hash and the parse are two reads: an edit between them would pack a hash of one version with
+    the samples of another. The manifest's stamp after both must be the one before."""
+    from videoprism.data import manifest as manifest_module
+
+    m = _manifest(tmp_path, n=30)
+    real = manifest_module.read_manifest
+
+    def edited_first(path, **kw):
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"path": "clips/late.mp4", "caption": "a late line"}) + "\n")
+        return real(path, **kw)
+
+    monkeypatch.setattr(manifest_module, "read_manifest", edited_first)
+    with pytest.raises(ValueError, match="changed while it was packed; pack it again once it is written"):
+        write_pack(m)
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl"]

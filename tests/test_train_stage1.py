@@ -429,6 +429,17 @@ def _slow_disk(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(fs, "_write_item", slow_write)
 
 
+def resumed_equals_uninterrupted(trainer: Trainer, ref, run) -> None:
+    """`trainer` resumed from `run`'s latest checkpoint and trained to the end gives the 5 steps' losses of the
+    uninterrupted run `ref`."""
+    trainer.resume(str(run))
+    trainer.fit()
+    want, got = run_losses(ref), run_losses(run)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+
+
 @pytest.mark.parametrize("signum, async_save", [(signal.SIGTERM, False), (signal.SIGUSR1, True)])
 def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exactly(tmp_path, signum, async_save):
     """With async_save, the notice comes while the step-2 interval checkpoint may still be
@@ -448,13 +459,7 @@ def test_preemption_notice_saves_at_the_step_boundary_and_resume_continues_exact
     assert [s for s, _ in ckpt.step_dirs(root)] == ([2, 3] if async_save else [3])
     assert stop.value.checkpoint == ckpt.latest(root)
     assert signal.getsignal(signum) == before  # the trainer's handler is gone again
-    trainer = make_trainer(tmp_path / "run", *args)
-    trainer.resume(str(tmp_path / "run"))
-    trainer.fit()
-    ref, got = run_losses(tmp_path / "ref"), run_losses(tmp_path / "run")
-    assert sorted(got) == [1, 2, 3, 4, 5]
-    for step in got:
-        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+    resumed_equals_uninterrupted(make_trainer(tmp_path / "run", *args), tmp_path / "ref", tmp_path / "run")
 
 
 class GlobalRngClips(SignalAt):
@@ -488,13 +493,7 @@ def test_resume_continues_the_global_random_streams(tmp_path):
     trainer(tmp_path / "ref").fit()
     with pytest.raises(Preempted):
         trainer(tmp_path / "run", signal_at=2).fit()
-    trainer = trainer(tmp_path / "run")
-    trainer.resume(str(tmp_path / "run"))
-    trainer.fit()
-    ref, got = run_losses(tmp_path / "ref"), run_losses(tmp_path / "run")
-    assert sorted(got) == [1, 2, 3, 4, 5]
-    for step in got:
-        assert got[step] == pytest.approx(ref[step], abs=1e-6), step
+    resumed_equals_uninterrupted(trainer(tmp_path / "run"), tmp_path / "ref", tmp_path / "run")
 
 
 def test_a_notice_at_an_evaluation_step_still_evaluates_it(tmp_path):

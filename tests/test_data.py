@@ -442,11 +442,16 @@ def test_loader_is_deterministic_and_independent_of_workers(synth):
 def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     """A scheduler's SIGTERM / SIGUSR1 reaches the whole process group; the trainer saves a
     checkpoint on it (train/preemption.py), which a worker killed by it would prevent."""
+    def children() -> set[str]:
+        me = os.getpid()
+        return {pid for task in os.listdir(f"/proc/{me}/task")
+                for pid in open(f"/proc/{me}/task/{task}/children").read().split()}
+
+    # Only this loader's workers: earlier tests of the session may leave a fork server or resource tracker.
+    before = children()
     it = iter(_loader(synth, num_workers=1))
     next(it)
-    me = os.getpid()
-    workers = [pid for task in os.listdir(f"/proc/{me}/task")
-               for pid in open(f"/proc/{me}/task/{task}/children").read().split()]
+    workers = children() - before
     assert workers
     for pid in workers:
         ignored = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigIgn:")).split()[1], 16)

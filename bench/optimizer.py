@@ -12,7 +12,8 @@ parameter back, ours none, so only there does the GPU's queue run dry inside the
 which on a GPU is about one launch each and can outlast the kernels of a small step.
 Floor: the bytes a step must move over the measured copy bandwidth (AdamW: read p, g, m, v and
 write p, m, v, 28 bytes per fp32 parameter; Adafactor: read g three times and p twice, write
-p, 24 bytes per parameter, its factored state being O(rows + columns)). On a CPU the copy
+p, 24 bytes per parameter, its factored state being O(rows + columns); with momentum and absolute
+steps p is read once and M read and written, 28 bytes). On a CPU the copy
 bandwidth is measured on one 64 MB copy, which a multi-threaded fused kernel can beat: a row
 above 100% of its floor there says the floor is loose, not that the step beat memory.
 """
@@ -38,6 +39,9 @@ OPTIMIZERS = {
     # Ours both ways (the device's default is stacked on a GPU, per parameter on the CPU): launches vs copies.
     "adafactor (ours, per parameter)": (lambda ps: Adafactor(ps, lr=1e-4, stack=False), 6),
     "adafactor (ours, stacked)": (lambda ps: Adafactor(ps, lr=1e-4, stack=True), 6),
+    # The CoCa-style switches, the device's default layout: M read and written, p's norm not read.
+    "adafactor (ours, momentum 0.9, absolute step)": (
+        lambda ps: Adafactor(ps, lr=1e-4, momentum=0.9, relative_step=False), 7),
 }
 
 

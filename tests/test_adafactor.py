@@ -63,9 +63,77 @@ def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch, stacking
             torch.testing.assert_close(got[i][k].float(), want[i][k].float(), rtol=1e-6, atol=0)
 
 
-def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step(stacking):
+# A step size far above any parameter's RMS here: torch's alpha = max(eps2, RMS(p)) * lr / BIG is then lr itself.
+BIG = 1e4
+
+
+@pytest.mark.parametrize("momentum, relative", [(0.9, True), (0.0, False), (0.9, False)])
+def test_the_switches_match_torch_adafactor_steps_averaged(momentum, relative, stacking):
+    """momentum and relative_step=False against an oracle built on torch.optim.Adafactor: at each step torch's
+    optimizer, without weight decay, steps a copy of our current parameters (its statistics do not depend on
+    them) and gives the step s; the oracle decays the parameters, averages s into M and adds M. Without the
+    relative step torch's runs with eps2 = BIG and lr / BIG, so that its alpha is lr."""
+    lr = 0.05
+    ours, want = params(), params()
+    shadows = [p.detach().clone().requires_grad_() for p in want]
+    opt = Adafactor(groups(ours), lr=lr, momentum=momentum, relative_step=relative)
+    ref = torch.optim.Adafactor(shadows, lr=lr if relative else lr / BIG, eps=(None, 1e-3 if relative else BIG),
+                                foreach=False)
+    decay = [0.1] * 6 + [0.0] * (len(SHAPES) - 6)  # groups()'s weight decay
+    moms = [torch.zeros_like(p) for p in want]
+    for step in range(8):
+        set_grads(ours, step)
+        set_grads(shadows, step)
+        with torch.no_grad():
+            for p, sh in zip(want, shadows):
+                sh.copy_(p)
+            ref.step()
+            for p, sh, m, wd in zip(want, shadows, moms, decay):
+                s = sh - p
+                p.mul_(1 - lr * wd)
+                m.lerp_(s, 1 - momentum)
+                p.add_(m)
+        opt.step()
+        for a, b in zip(ours, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    got, theirs = opt.state_dict()["state"], ref.state_dict()["state"]
+    for i in theirs:
+        assert got[i].keys() - theirs[i].keys() == ({"momentum"} if momentum else set())
+        for k in theirs[i]:
+            torch.testing.assert_close(got[i][k].float(), theirs[i][k].float(), rtol=1e-6, atol=0)
+        if momentum:
+            torch.testing.assert_close(got[i]["momentum"], moms[i], rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_dict_without_the_switches_loads_as_torch_adafactor():
+    """A checkpoint written before momentum and relative_step existed holds parameter groups without them:
+    the step is then torch's."""
+    ours, theirs = params(), params()
+    opt = Adafactor(groups(ours), lr=0.05, momentum=0.9, relative_step=False)
+    ref = torch.optim.Adafactor(groups(theirs), lr=0.05, foreach=False)
+    set_grads(theirs, 0)
+    ref.step()
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            a.copy_(b)
+    old = copy.deepcopy(Adafactor(groups(params()), lr=0.05).state_dict())
+    old["state"] = copy.deepcopy(ref.state_dict()["state"])
+    for group in old["param_groups"]:
+        del group["momentum"], group["relative_step"]
+    opt.load_state_dict(old)
+    for step in (1, 2):
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("switches", [{}, {"momentum": 0.9, "relative_step": False}], ids=["torch", "switches"])
+def test_a_flagged_step_changes_nothing_and_an_unflagged_one_is_the_plain_step(stacking, switches):
     ps, plain = params(), params()
-    opt, ref = Adafactor(groups(ps), lr=0.05), Adafactor(groups(plain), lr=0.05)
+    opt, ref = Adafactor(groups(ps), lr=0.05, **switches), Adafactor(groups(plain), lr=0.05, **switches)
     for step in range(2):
         set_grads(ps, step)
         set_grads(plain, step)
@@ -97,12 +165,15 @@ def test_a_flagged_first_step_leaves_a_fresh_state(stacking):
 
 def test_bad_hyper_parameters_are_refused_by_name():
     for kw, name in (({"lr": -1.0}, "lr"), ({"beta2_decay": 0.5}, "beta2_decay"), ({"d": 0.5}, "d"),
-                     ({"eps": (None, -1.0)}, "eps"), ({"weight_decay": -1.0}, "weight_decay")):
+                     ({"eps": (None, -1.0)}, "eps"), ({"weight_decay": -1.0}, "weight_decay"),
+                     ({"momentum": 1.0}, "momentum"), ({"momentum": -0.1}, "momentum")):
         with pytest.raises(ValueError, match=name):
             Adafactor(params(), **kw)
 
 
-def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tmp_path, monkeypatch, stacking):
+@pytest.mark.parametrize("switches", [{}, {"momentum": 0.9, "relative_step": False}], ids=["torch", "switches"])
+def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tmp_path, monkeypatch, stacking,
+                                                                                switches):
     """FSDP2 parameters (DTensors, here on a one-rank mesh): the sums that cross shards go out in one
     all-reduce before the update direction and one after, not a few per parameter; the update is the
     unsharded one and the state is stored as DTensors (what distributed checkpoints save and reshard)."""
@@ -123,7 +194,8 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
         # Two parameter groups, as the trainer makes them (weight decay on matrices only): one pair of
         # all-reduces for both.
         opts = [Adafactor([{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.1},
-                           {"params": [p for p in m.parameters() if p.ndim == 1]}], lr=0.05) for m in (plain, sharded)]
+                           {"params": [p for p in m.parameters() if p.ndim == 1]}], lr=0.05, **switches)
+                for m in (plain, sharded)]
         calls = []
         real = dist.all_reduce
         monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -137,6 +209,7 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
         for a, b in zip(plain.parameters(), sharded.parameters()):
             torch.testing.assert_close(a, b.full_tensor(), rtol=1e-6, atol=1e-7)
         assert all(isinstance(v, DTensor) for st in opts[1].state.values() for k, v in st.items() if k != "step")
+        assert all(("momentum" in st) == bool(switches) for st in opts[1].state.values())
     finally:
         dist.destroy_process_group()
 

@@ -93,8 +93,10 @@ def test_compiled_fsdp_on_two_processes_equals_one(tmp_path, refs, stage):
 def test_adafactor_on_fsdp2_equals_one_process_and_reshards(tmp_path):
     """The paper's stage-1 optimizer (train/adafactor.py) on FSDP2's sharded parameters (where
     torch.optim.Adafactor fails: an in-place square of a partial norm): 2 ranks give the 1-process
-    losses, and their checkpoint (row factors sharded, column factors replicated) resumes on 1 process."""
-    common = ["optim.name=adafactor", "optim.lr=1e-2", "checkpoint.export=false", "checkpoint.interval=2"]
+    losses, and their checkpoint (row factors sharded, column factors replicated, the momentum sharded as the
+    parameters) resumes on 1 process."""
+    common = ["optim.name=adafactor", "optim.lr=1e-2", "optim.adafactor_momentum=0.9", "checkpoint.export=false",
+              "checkpoint.interval=2"]
     ref, out = str(tmp_path / "ref"), str(tmp_path / "fsdp")
     run(1, ref, "train.steps=5", *common)
     run(1, out, "train.steps=2", *common, "parallel.mode=fsdp", nproc=2)

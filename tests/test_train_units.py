@@ -251,6 +251,21 @@ def test_lr_schedule():
         lr_at(0, c, 110)
 
 
+def test_adafactor_switches_reach_the_optimizer_and_adamw_refuses_them():
+    from videoprism.train.optim import build_optimizer
+
+    cfg = build_config("base", ["optim.adafactor_momentum=0.9", "optim.adafactor_relative_step=false"], 1)
+    opt = build_optimizer([("w", torch.nn.Parameter(torch.ones(3, 3)))], cfg.optim)
+    assert [(g["momentum"], g["relative_step"]) for g in opt.param_groups] == [(0.9, False)] * 2
+    default = build_optimizer([("w", torch.nn.Parameter(torch.ones(3, 3)))], build_config("base", [], 1).optim)
+    assert [(g["momentum"], g["relative_step"]) for g in default.param_groups] == [(0.0, True)] * 2
+    for over in ("optim.adafactor_momentum=0.9", "optim.adafactor_relative_step=false"):
+        with pytest.raises(ValueError, match="apply to optim.name=adafactor, not 'adamw'"):
+            build_config("tiny", [over], 1)
+    with pytest.raises(ValueError, match=r"optim.adafactor_momentum=1.0 is out of range"):
+        build_config("base", ["optim.adafactor_momentum=1"], 1)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_weight_decay_reaches_matrices_only(name):
     """build_optimizer (its docstring, CLIP/ViT practice): decoupled weight decay on matrices (linear weights,

@@ -10,16 +10,25 @@ parameters and state as they were (the trainer's non-finite skip without a host 
 
 Update of a parameter p with gradient g at step t (torch's Adafactor: Shazeer & Stern 2018 with
 the relative step size rho_t = min(lr, 1/sqrt(t)) and 1 - beta2_t = t^beta2_decay):
-    alpha = max(eps2, RMS(p)) * rho_t
+    alpha = max(eps2, RMS(p)) * rho_t     (relative_step=False: alpha = lr)
     p    *= 1 - lr * weight_decay
     2+ dims: R = lerp(R, mean over the last dim of g^2, t^beta2_decay)         [..., m, 1]
              C = lerp(C, mean over the next-to-last dim of g^2, t^beta2_decay) [..., 1, n]
              V = R @ C / max(mean of R over its rows, eps1)
     vectors: V = lerp(V, g^2, t^beta2_decay)
     u     = g / sqrt(max(V, eps1^2))
-    p    -= alpha / max(1, RMS(u) / d) * u
+    s     = -alpha / max(1, RMS(u) / d) * u
+    p    += s                             (momentum b1 > 0: M = lerp(M, s, 1 - b1); p += M)
 eps1 defaults to the machine epsilon of the parameter's dtype. The state (step, row_var, col_var,
-variance) has torch's names and shapes; the step lives on the parameter's device.
+variance) has torch's names and shapes, plus `momentum` (p's shape) when b1 > 0; the step lives on the
+parameter's device.
+
+The defaults are torch's (relative step, no momentum): a step moves each parameter by about lr times
+its own RMS. `relative_step=False` and `momentum` are the switches of optax's and praxis' Adafactor
+(multiply_by_parameter_scale=False, momentum): with both, the step is lr in absolute terms, averaged
+over steps, as in the CoCa / ViT-g recipes (beta1 = 0.9), the lineage of the paper's "Adafactor, lr 5e-4".
+The momentum averages the whole step, lr included, without bias correction (as optax); weight decay
+stays outside it (decoupled, as torch's).
 
 Sharded parameters (FSDP2/HSDP DTensors, dim 0 sharded over one mesh dimension): each rank works
 on its own rows. What crosses the shards (sum of p^2 and of u^2 for the RMS values; for a matrix,
@@ -36,7 +45,8 @@ LvT's step (384 tensors, 130 matrices of 10 shapes): 735 aten ops stacked, 3919 
 stacking copy).
 
 Cost per m x n matrix: reads g three times (two norms, the update; a flagged step's fill once more; +2
-passes when stacked), p twice (three times with weight decay); O(m + n) state. A parameter group should hold
+passes when stacked), p twice (three times with weight decay, once less with relative_step=False); O(m + n)
+state, and M (m x n, read and written once) with momentum. A parameter group should hold
 one dtype (the trainer's fp32 master weights): the foreach ops fall back to one kernel per tensor otherwise.
 eps1 follows each parameter's dtype (torch's takes the first parameter's for the whole group).
 """
@@ -60,6 +70,10 @@ _CHUNK = 1 << 25
 STACK_DEVICES = ("cuda",)
 
 
+# The hyper-parameters beyond torch's Adafactor, at the values that give its update.
+_SWITCHES = {"momentum": 0.0, "relative_step": True}
+
+
 class _Param:
     """One parameter's local rows (its shard, or the whole tensor), the process group its dim 0 is
     sharded over, and its parameter group's hyper-parameters `hp`."""
@@ -67,7 +81,8 @@ class _Param:
     def __init__(self, p: torch.Tensor, hp: dict):
         self.p, self.hp, self.group, self.shape = p, hp, None, tuple(p.shape)
         self.local, self.grad = p, p.grad
-        # Set by the step: averaging weight 1 - beta2_t and rho_t (0-d views), the sum of p^2 of the local rows.
+        # Set by the step: averaging weight 1 - beta2_t and rho_t (0-d views), the sum of p^2 of the local rows (0
+        # where the step is not relative: alpha needs no RMS of p).
         self.weight = self.rho = self.p_sq = None
         if isinstance(p, DTensor):
             sharded = [i for i, pl in enumerate(p.placements) if not isinstance(pl, Replicate)]
@@ -109,12 +124,13 @@ def _all_reduce_per_group(parts: list[list[torch.Tensor]], groups: list) -> list
 class Adafactor(torch.optim.Optimizer):
     """torch.optim.Adafactor's update and hyper-parameters (lr, beta2_decay, eps = (eps1, eps2), d,
     weight_decay), with no host read, two collectives a step on sharded parameters, and a
-    `found_inf` attribute honoured (see the module doc). `stack`: update same-shape parameters as one
-    stacked tensor (None: on the devices of STACK_DEVICES)."""
+    `found_inf` attribute honoured (see the module doc); `momentum` (b1, 0 = none) and `relative_step`
+    (False: lr is the step's size, not its size relative to the parameter's RMS) as optax's. `stack`:
+    update same-shape parameters as one stacked tensor (None: on the devices of STACK_DEVICES)."""
 
     def __init__(self, params, lr: float = 1e-2, beta2_decay: float = -0.8,
                  eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, weight_decay: float = 0.0,
-                 stack: bool | None = None):
+                 momentum: float = 0.0, relative_step: bool = True, stack: bool | None = None):
         if not lr >= 0.0:
             raise ValueError(f"Adafactor: lr must be >= 0, got {lr}")
         if not beta2_decay <= 0.0:
@@ -125,9 +141,18 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"Adafactor: the clipping threshold d must be >= 1, got {d}")
         if not weight_decay >= 0.0:
             raise ValueError(f"Adafactor: weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Adafactor: momentum must be in [0, 1), got {momentum}")
         super().__init__(params, {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d,
-                                  "weight_decay": weight_decay})
+                                  "weight_decay": weight_decay, "momentum": momentum, "relative_step": bool(relative_step)})
         self.stack = stack
+
+    def __setstate__(self, state):
+        # A state dict saved before the switches existed holds groups without them: torch's update.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for k, v in _SWITCHES.items():
+                group.setdefault(k, v)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,11 +187,17 @@ class Adafactor(torch.optim.Optimizer):
             weight = t.pow(hp["beta2_decay"])               # 1 - beta2_t
             if keep is not None:
                 weight = torch.where(keep, weight, 0.0)
-            rho = t.rsqrt().clamp_(max=hp["lr"])             # min(lr, 1/sqrt(t))
+            # min(lr, 1/sqrt(t)); the step's own size with relative_step=False
+            rho = t.rsqrt().clamp_(max=hp["lr"]) if hp["relative_step"] else torch.full_like(t, hp["lr"])
             for q, w, r in zip(qs, weight.float().unbind(), rho.unbind()):
                 q.weight, q.rho = w.to(q.local.dtype), r
-        # The sums of p^2 (before the weight decay, as torch), then the weight decay.
-        for q, sq in zip(params, torch.stack(torch._foreach_norm([q.local for q in params])).double().square_()):
+        # The sums of p^2 (before the weight decay, as torch) where the step is relative, then the weight decay.
+        relative = [q for q in params if q.hp["relative_step"]]
+        sums = torch.stack(torch._foreach_norm([q.local for q in relative])).double().square_() if relative else []
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        for q in params:
+            q.p_sq = zero
+        for q, sq in zip(relative, sums):
             q.p_sq = sq
         for idx in _indices(params):
             lr, wd = params[idx[0]].hp["lr"], params[idx[0]].hp["weight_decay"]
@@ -261,16 +292,27 @@ class Adafactor(torch.optim.Optimizer):
         if any(b.group is not None for b in buckets):  # summed over the shards
             u_sq = [s for (s,) in _all_reduce_per_group([[s] for s in u_sq], [b.group for b in buckets])]
         params = [q for b in buckets for q in b.params]
-        # Per parameter: sqrt(numel), eps2, d (host numbers; one copy, page-locked so the host need not wait).
-        consts = torch.tensor([[math.sqrt(math.prod(q.shape)), q.hp["eps"][1], q.hp["d"]] for q in params],
-                              dtype=torch.float64)
+        # Per parameter: sqrt(numel), eps2, d, whether the step is relative (host numbers; one copy, page-locked
+        # so the host need not wait).
+        consts = torch.tensor([[math.sqrt(math.prod(q.shape)), q.hp["eps"][1], q.hp["d"], q.hp["relative_step"]]
+                               for q in params], dtype=torch.float64)
         consts = consts.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else consts.to(dev)
-        root_n, eps2, d = consts.unbind(1)
-        alpha = torch.maximum(torch.cat([b.p_sq for b in buckets]).sqrt() / root_n, eps2)
-        alpha *= torch.stack([q.rho for q in params])
+        root_n, eps2, d, relative = consts.unbind(1)
+        rms = torch.cat([b.p_sq for b in buckets]).sqrt() / root_n
+        alpha = torch.where(relative > 0, torch.maximum(rms, eps2), 1.0) * torch.stack([q.rho for q in params])
         scale = (-alpha / (torch.cat(u_sq).sqrt() / (root_n * d)).clamp_(min=1.0)).float()
         for b, sc in zip(buckets, scale.split([len(b.params) for b in buckets])):
             b.update.mul_(sc.to(b.update.dtype).view(-1, *[1] * (b.update.dim() - 1)))
+            beta1 = b.hp["momentum"]
+            if beta1:
+                # M moves toward the step; a flagged step leaves M as it was and p where it is.
+                for q in b.params:
+                    if "momentum" not in self.state[q.p]:
+                        self.state[q.p]["momentum"] = q.state_tensor(torch.zeros_like(q.local), q.shape, True)
+                weight = 1.0 - beta1 if flagged is None else torch.where(flagged, 0.0, 1.0 - beta1).to(b.update.dtype)
+                b.update = _lerp_state([_local(self.state[q.p]["momentum"]) for q in b.params], b.update, weight)
+                if flagged is not None:
+                    b.update = b.update * (~flagged).to(b.update.dtype)
         torch._foreach_add_([q.local for q in params], [u for b in buckets for u in b.update.unbind(0)])
 
 

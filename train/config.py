@@ -127,6 +127,11 @@ class OptimConfig:
     weight_decay: float = f(1e-4, "Decoupled weight decay.", valid=">= 0")
     beta1: float = f(0.9, "AdamW beta1.", valid="[0, 1)")
     beta2: float = f(0.999, "AdamW beta2.", valid="[0, 1)")
+    adafactor_relative_step: bool = f(True, "Adafactor: a step moves each parameter by about lr times its own RMS "
+                                            "(torch's and optax's default); false: by about lr, as AdamW's steps.")
+    adafactor_momentum: float = f(0.0, "Adafactor: average of its steps with this beta1 (0 = none, torch's); the "
+                                       "CoCa and ViT-g recipes, the paper's lineage, use 0.9 with "
+                                       "adafactor_relative_step=false.", valid="[0, 1)")
     grad_clip: float = f(1.0, "Clip the global gradient norm to this value (0 = off).", valid=">= 0")
 
 
@@ -454,6 +459,9 @@ def _check_combined(cfg: Config) -> Config:
     if o.decay != "constant" and o.min_lr > o.lr:
         raise ValueError(f"optim.min_lr={o.min_lr:g} is above optim.lr={o.lr:g}: the {o.decay} decay would raise the "
                          "learning rate; set optim.min_lr below optim.lr (0 decays to zero)")
+    if o.name != "adafactor" and (o.adafactor_momentum or not o.adafactor_relative_step):
+        raise ValueError(f"optim.adafactor_momentum / optim.adafactor_relative_step apply to optim.name=adafactor, not "
+                         f"{o.name!r}; drop them (AdamW's are optim.beta1 and optim.beta2)")
     if cfg.train.micro_batch > cfg.train.global_batch:
         raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
                          f"{cfg.train.global_batch}; lower it (0 = no accumulation)")

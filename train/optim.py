@@ -43,7 +43,7 @@ def build_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: OptimConf
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     if cfg.name == "adafactor":
         # torch.optim.Adafactor's update without its per-parameter host reads, and FSDP2-ready (train/adafactor.py).
-        return Adafactor(groups, lr=cfg.lr)
+        return Adafactor(groups, lr=cfg.lr, momentum=cfg.adafactor_momentum, relative_step=cfg.adafactor_relative_step)
     raise ValueError(f"optim.name must be 'adamw' or 'adafactor', got {cfg.name!r}")
 
 

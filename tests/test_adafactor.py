@@ -41,6 +41,17 @@ def set_grads(ps, step):
         p.grad = torch.randn(p.shape, generator=g) * (10.0 if step % 2 else 0.1)  # relative step clipping on, off
 
 
+def steps_agree(opt, ours, ref, theirs, steps):
+    """Both optimizers step on the same gradients; the parameters agree after each step."""
+    for step in steps:
+        set_grads(ours, step)
+        set_grads(theirs, step)
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("chunk", [None, 40])  # the default (one chunk here), and chunks of a few parameters
 @pytest.mark.parametrize("lr, eps", [(0.05, (None, 1e-3)), (1e-3, (1e-20, 1e-2))])
 def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch, stacking):
@@ -49,13 +60,7 @@ def test_adafactor_matches_torch_adafactor(lr, eps, chunk, monkeypatch, stacking
     ours, theirs = params(), params()
     opt = Adafactor(groups(ours), lr=lr, eps=eps)
     ref = torch.optim.Adafactor(groups(theirs), lr=lr, eps=eps, foreach=False)
-    for step in range(8):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    steps_agree(opt, ours, ref, theirs, range(8))
     got, want = opt.state_dict()["state"], ref.state_dict()["state"]
     for i in want:
         assert got[i].keys() == want[i].keys()
@@ -121,13 +126,7 @@ def test_a_state_dict_without_the_switches_loads_as_torch_adafactor():
     for group in old["param_groups"]:
         del group["momentum"], group["relative_step"]
     opt.load_state_dict(old)
-    for step in (1, 2):
-        set_grads(ours, step)
-        set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    steps_agree(opt, ours, ref, theirs, (1, 2))
 
 
 @pytest.mark.parametrize("switches", [{}, {"momentum": 0.9, "relative_step": False}], ids=["torch", "switches"])

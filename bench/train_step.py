@@ -8,7 +8,8 @@ loss, backward, clipping, AdamW, queued without waiting for the GPU as the train
 it) on a fixed random batch already on the device, so the
 data path is out of the picture (the trainer reports data-wait separately). Modes:
   eager           attention "reference" (plain PyTorch math), no compile
-  compiled        the same model under torch.compile(fullgraph=True), Inductor fusing the math
+  compiled        the same model with each transformer block under torch.compile(fullgraph=True) (the
+                  trainer's train.compile), Inductor fusing the math
   compiled+triton torch.compile with the fused Triton attention kernels (attention "triton")
 The token ops (patch gather, shuffle) use their device default in every mode (Triton on
 CUDA, C++ on the CPU). bf16 autocast on GPU. Stage 2 rows time the teacher forward on every

@@ -77,13 +77,13 @@ def test_two_processes_equal_one(tmp_path, refs, stage, mode):
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_compiled_fsdp_on_two_processes_equals_one(tmp_path, refs, stage):
-    """train.compile (the default) with FSDP2: each block's forward is compiled with fullgraph and FSDP2's
+@pytest.mark.parametrize("stage, mode", [(1, "fsdp"), (2, "fsdp"), (1, "ddp")])
+def test_compiled_blocks_on_two_processes_equal_one(tmp_path, refs, stage, mode):
+    """train.compile (the default) with FSDP2 or DDP: each block's forward is compiled with fullgraph and FSDP2's
     hooks run outside the graph (compiling the block's whole call traced them, and stage 2's decoder layers
     failed their first forward at the hooks' dynamo.disable). The eager backend runs the same ops: the
     uncompiled 1-process losses."""
-    run(stage, str(tmp_path), "train.steps=3", "checkpoint.export=false", "parallel.mode=fsdp", "train.compile=true",
+    run(stage, str(tmp_path), "train.steps=3", "checkpoint.export=false", f"parallel.mode={mode}", "train.compile=true",
         "train.compile_backend=eager", *stage_args(stage, refs), nproc=2)
     ref, got = losses(refs[stage]), losses(str(tmp_path))
     for step in (1, 2, 3):

@@ -964,7 +964,7 @@ def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
                                  max_logit_scale=100, lit=False)
             master = m.logit_scale.detach().clone()
             m.fp32_own_params = own_fp32
-            shard(m, init_device_mesh("cpu", (1,)), bf16=True, compile=None)
+            shard(m, init_device_mesh("cpu", (1,)), bf16=True)
             m.clip.vision_encoder.register_forward_pre_hook(
                 lambda mod, args: seen.update(encoder=mod.spatial_pos_emb.dtype))
             pos = tube_mask(2, 2, (2, 2), 0.5, seed=0)[:, :1]
@@ -982,7 +982,7 @@ def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
 
 
 def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path):
-    """FSDP2 compiles each block's forward: one code object (TransformerBlock.forward) to Dynamo for every
+    """The trainer compiles each block's forward, under FSDP2 too: one code object (TransformerBlock.forward) to Dynamo for every
     block, with a graph per kind of block (spatial, temporal, text) and per pass (the training step, GradCache's
     no-grad embedding, the evaluation on full clips, its last smaller batch): 12 here, past Dynamo's 8 per code
     object, and fullgraph failed a run with a data.val at its evaluation. On a one-rank CPU mesh."""
@@ -991,7 +991,7 @@ def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path
 
     from videoprism.masking import tube_mask
     from videoprism.train.modeling import build_clip
-    from videoprism.train.parallel import shard
+    from videoprism.train.parallel import compile_blocks, shard
     from videoprism.train.stage1 import ContrastiveModel
 
     cfg = build_config("tiny", ["model.num_frames=2", "model.resolution=16", "model.patch_size=8",
@@ -1008,7 +1008,8 @@ def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path
         with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
             m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.07,
                                  max_logit_scale=100, lit=False)
-            shard(m, init_device_mesh("cpu", (1,)), bf16=False, compile="eager")
+            compile_blocks(m, "eager")
+            shard(m, init_device_mesh("cpu", (1,)), bf16=False)
             contrastive_loss(*forward(m, 2, masked=True)).backward()
             with torch.no_grad():
                 forward(m, 2, masked=True)

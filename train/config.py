@@ -144,7 +144,9 @@ class TrainConfig:
     seed: int = f(0, "Seed of initialisation, masks and data order.", valid=">= 0")
     mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).",
                           valid="[0, 1)")
-    compile: bool = f(True, "torch.compile the forward (fullgraph, no graph break); in stage 2 the frozen teacher too.")
+    compile: bool = f(True, "torch.compile each transformer block's forward (fullgraph, no graph break; each kind of "
+                            "block compiles once), the stage-2 frozen teacher's too; embeddings, pooler and loss run "
+                            "eager.")
     compile_backend: str = f("inductor", "torch.compile backend: 'inductor' (fused kernels; the fast one), or "
                              "'aot_eager' / 'eager' to tell a compile problem from an Inductor one.",
                              choices=("inductor", "aot_eager", "eager"))

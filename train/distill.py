@@ -31,6 +31,8 @@ class Teacher(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # a frozen teacher never leaves eval mode
 
+    # No autograd whoever calls it, and one grad mode for its compiled blocks in the step and the evaluation
+    # alike (dynamo guards the grad mode: a grad-enabled step compiled each block kind a second time).
     @torch.no_grad()
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, _ = self.encoder(video)

@@ -29,7 +29,7 @@ from videoprism.train.distill import Stage2Model, Teacher, identity_slots, rando
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
-from videoprism.train.parallel import Dist, close_distributed, init_distributed, leave_together
+from videoprism.train.parallel import Dist, close_distributed, compile_blocks, init_distributed, leave_together
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
@@ -59,7 +59,7 @@ class Stage2Task:
         if cfg.train.compile:
             # The frozen teacher sees all T*N tokens: 39% of a base step's FLOPs (bench/RESULTS.md).
             # Eager, each of its LayerNorms, GELUs and residual adds is a pass over 4096 tokens a clip.
-            teacher.compile(backend=cfg.train.compile_backend, fullgraph=True)
+            compile_blocks(teacher, cfg.train.compile_backend)
 
     def _draw(self, g: int, T: int, H: int, W: int, seed: int, *keys: int):
         """BEVT mask and slot permutation of `g` clips, drawn from `derive_seed(..., seed, *keys)`."""
@@ -88,10 +88,7 @@ class Stage2Task:
         return {"video": video, "pos": pos, "perm": perm}
 
     def losses(self, module: nn.Module, inputs: dict) -> dict:
-        # Outside the teacher's compiled call, not only in its forward: dynamo guards the caller's grad mode, and
-        # the step (grad on) and the evaluation (off) compiled the frozen teacher twice over the same clips.
-        with torch.no_grad():
-            token_target, global_target = self.teacher(inputs["video"])
+        token_target, global_target = self.teacher(inputs["video"])  # no grad: Teacher.forward's own
         token_pred, global_pred = module(inputs["video"], inputs["pos"], inputs["perm"])
         out = {"token_loss": cosine_distance(token_pred, token_target)}
         if global_pred is not None:

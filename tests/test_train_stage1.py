@@ -754,6 +754,27 @@ def test_compiled_train_step_has_no_graph_break(tmp_path):
     assert torch.isfinite(cached_loss)
 
 
+def test_compiled_blocks_with_activation_checkpointing_train_as_plain_eager_blocks(tmp_path):
+    """train.activation_checkpointing wraps each block's forward in a checkpoint, and train.compile then compiles
+    that (aot_eager: AOTAutograd's handling of the recomputation, without Inductor's rounding): the plain eager
+    run's losses, no graph break."""
+    from torch._dynamo.utils import counters
+
+    losses, graphs = {}, {}
+    for name, over in (("plain", ["train.compile=false"]),
+                       ("compiled+ckpt", ["train.compile=true", "train.compile_backend=aot_eager",
+                                          "train.activation_checkpointing=true"])):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer = make_trainer(tmp_path / name, *over)
+        losses[name] = [trainer.train_step()["loss"] for _ in range(3)]
+        graphs[name] = counters["stats"]["unique_graphs"]
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch._dynamo.reset()
+    assert graphs["plain"] == 0 and graphs["compiled+ckpt"] >= 3, graphs  # spatial, temporal, text blocks
+    assert losses["compiled+ckpt"] == pytest.approx(losses["plain"], abs=1e-5), losses
+
+
 class Frames(RandomClips):
     """Random clips whose frame count cycles with the step: datasets of other clip lengths and images
     (one-frame videos) alternating, as data.train=a.jsonl,b.jsonl:1:2,... draws them."""

@@ -144,7 +144,8 @@ class Adafactor(torch.optim.Optimizer):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Adafactor: momentum must be in [0, 1), got {momentum}")
         super().__init__(params, {"lr": lr, "beta2_decay": beta2_decay, "eps": eps, "d": d,
-                                  "weight_decay": weight_decay, "momentum": momentum, "relative_step": bool(relative_step)})
+                                  "weight_decay": weight_decay, "momentum": momentum,
+                                  "relative_step": bool(relative_step)})
         self.stack = stack
 
     def __setstate__(self, state):

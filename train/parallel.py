@@ -166,7 +166,7 @@ def compile_blocks(module: nn.Module, backend: str) -> None:
     """torch.compile (fullgraph) each transformer block's forward, in place: torchtitan's regional compile. Every
     block's forward is one code object to dynamo, so each kind of block (spatial, temporal, auxiliary, text, decoder)
     compiles once per pass and shape, where a compile of the whole model unrolls the depth into one graph: base stage
-    1's cold compile took 56 s against 127 s, for the same step time (CPU, 2 frames; the README's Training section).
+    1's cold start took 47 s against 121 s, step times within noise (CPU, 2 frames; bench/RESULTS.md).
     What lies between blocks (embeddings, pooler, loss, token ops) runs eager, a few dozen kernels a step. The forward
     is compiled, not the call: FSDP2's hooks, which the call runs around it, stay outside the graph (`block.compile()`
     traced them, and their dynamo.disable failed the first fullgraph forward); an activation-checkpointed forward

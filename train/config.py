@@ -117,7 +117,7 @@ class DataConfig:
 class OptimConfig:
     name: str = f("adafactor", "'adamw' (torch's fused AdamW, on the GPU and the CPU) or 'adafactor' "
                                "(torch.optim.Adafactor's update and defaults, without its host reads: "
-                               "train/adafactor.py).",
+                               "train/adafactor.py; optim.adafactor_* switch on optax's momentum and absolute steps).",
                   choices=("adamw", "adafactor"))
     lr: float = f(5e-4, "Peak learning rate.", valid="> 0")
     min_lr: float = f(0.0, "Learning rate at the end of the decay.", valid=">= 0")

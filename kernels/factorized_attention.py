@@ -34,24 +34,6 @@ import torch
 MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 
 
-def time_gather_index(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every token (b, t, k) and frame t', the slot k' of frame t' holding the same
-    spatial location, and whether that location is visible in t'.
-
-    pos: [B, T, K] int, sorted within each frame. Returns (idx [B, T, K, T'] int64,
-    valid [B, T, K, T'] bool); idx is clamped into range where invalid.
-    """
-    B, T, K = pos.shape
-    pos = pos.long()
-    # searchsorted over each frame t' for every query location (b, t, k).
-    values = pos.reshape(B, 1, T * K).expand(B, T, T * K).contiguous()   # [B, T', T*K]
-    idx = torch.searchsorted(pos.contiguous(), values).clamp_(max=K - 1)   # [B, T', T*K]
-    valid = torch.gather(pos, 2, idx) == values
-    idx = idx.reshape(B, T, T, K).permute(0, 2, 3, 1)                      # [B, T, K, T']
-    valid = valid.reshape(B, T, T, K).permute(0, 2, 3, 1)
-    return idx, valid
-
-
 def _softcapped_softmax_av(q, k, v, keep, softcap: float):
     """q [..., S, Dh], k/v [..., S', Dh], keep [..., S, S'] bool (broadcastable)."""
     s = torch.matmul(q, k.transpose(-1, -2))
@@ -72,12 +54,14 @@ def factorized_attention_ref(
     key_padding: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    num_locations: int | None = None,
 ) -> torch.Tensor:
     """Reference factorized attention. qkv [B, T, K, 3, H, Dh] -> [B, T, K, H, Dh].
 
     Computes in fp32 (softmax in fp32 as the official model does; fp64 inputs in fp64, which
     makes it the tests' high-precision oracle) and returns the input dtype. Differentiable
-    through autograd.
+    through autograd. `num_locations` (masked time axis): the spatial grid's size N, above every
+    index of pos; None reads it from pos (a host read, which a compiled caller must avoid).
     """
     if qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"qkv must be [B, T, K, 3, H, Dh], got {tuple(qkv.shape)}")
@@ -113,28 +97,38 @@ def factorized_attention_ref(
         o = _softcapped_softmax_av(q, k, v, keep, softcap)                  # [B, K, H, T, Dh]
         return o.permute(0, 3, 1, 2, 4).to(qkv.dtype)
 
-    # Masked time axis: gather, for every query token, the key/value of each frame t'
-    # at the same spatial location (invalid where that location is hidden in t').
-    idx, valid = time_gather_index(pos)                                     # [B, T, K, T']
-    bi = torch.arange(B, device=dev)[:, None, None, None]
-    ti = torch.arange(T, device=dev)[None, None, None, :]
-    kg, vg = k[bi, ti, idx], v[bi, ti, idx]                                 # [B, T, K, T', H, Dh]
-    keep = torch.ones_like(valid)
-    if key_padding is not None:
-        keep = keep & ~key_padding.bool()[bi, ti, idx]
-    if causal:
-        keep = keep & (ti <= torch.arange(T, device=dev)[None, :, None, None])
-    # Each query has its own T' keys: a product and a sum over Dh, not an einsum (which would
-    # run as B*T*K*H matmuls of one row each): on the CPU 1.2-1.6x faster eager, 1.9-2.4x compiled.
-    s = (q[:, :, :, None] * kg).sum(-1)                                     # [B, T, K, T', H]
+    # Masked time axis on the dense grid: every visible token scattered to its location n of the
+    # [B, T, N] grid (each slot written once: the backward is a gather, not a scatter-add), the
+    # time axis of every location attended as for an unmasked clip, the visible queries gathered
+    # back. A frame where the location is hidden holds no key at all (-inf, weight exactly 0),
+    # unlike a padded or future key (finite MASK_VALUE): a fully padded row is uniform over the
+    # frames where its location is visible, never over unrelated tokens. A visible query's own
+    # frame is visible, so its row max stays finite; hidden query rows (dropped) are set to 0.
+    # Against gathering every query's T keys (up to 2d030c3), fwd+bwd on the CPU at B 2, T 16, K 90 of
+    # N 256, 12x64 heads: eager 499 -> 193 ms, compiled 145 -> 84 ms (bench/RESULTS.md); its q/k/v grid
+    # holds 3N rows a frame where the gathered keys and values held 2KT.
+    N = int(pos.max()) + 1 if num_locations is None else num_locations
+    pos = pos.long()
+
+    def to_grid(a, fill):                                                   # [B, T, K, ...] -> [B, T, N, ...]
+        idx = pos.reshape(B, T, K, *[1] * (a.dim() - 3)).expand(a.shape)
+        return torch.full((B, T, N, *a.shape[3:]), fill, dtype=a.dtype, device=dev).scatter(2, idx, a)
+
+    grid = to_grid(x, 0).permute(0, 2, 4, 3, 1, 5)                        # [B, N, H, 3, T, Dh]
+    visible = to_grid(torch.ones_like(pos, dtype=torch.bool), False).permute(0, 2, 1)  # [B, N, T]
+    s = (grid[:, :, :, 0] * scale) @ grid[:, :, :, 1].transpose(-1, -2)    # [B, N, H, T, T']
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    s = torch.where(keep[..., None], s, torch.full((), MASK_VALUE, dtype=s.dtype, device=dev))
-    # A frame where the location is hidden holds no key at all (-inf, weight exactly 0), unlike
-    # a padded or future key (finite MASK_VALUE): a fully padded row is uniform over the frames
-    # where its location is visible, never over unrelated tokens of the other frames. The
-    # query's own frame is always visible, so the row max stays finite.
-    s = s.masked_fill(~valid[..., None], float("-inf"))
-    p = torch.softmax(s, dim=3)
-    o = (p[..., None] * vg).sum(3)                                          # [B, T, K, H, Dh]
+    keep = None
+    if key_padding is not None:
+        keep = ~to_grid(key_padding.bool(), True).permute(0, 2, 1)[:, :, None, None, :]  # [B, N, 1, 1, T']
+    if causal:
+        c = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        keep = c if keep is None else keep & c
+    if keep is not None:
+        s = torch.where(keep, s, torch.full((), MASK_VALUE, dtype=s.dtype, device=dev))
+    query = visible[:, :, None, :, None]                                    # [B, N, 1, T, 1]
+    s = s.masked_fill(~visible[:, :, None, None, :] & query, float("-inf")).masked_fill(~query, 0.0)
+    o = (torch.softmax(s, dim=-1) @ grid[:, :, :, 2]).permute(0, 3, 1, 2, 4)  # [B, T, N, H, Dh]
+    o = o.gather(2, pos[:, :, :, None, None].expand(B, T, K, H, Dh))
     return o.to(qkv.dtype)

@@ -122,7 +122,8 @@ class FactorizedEncoder(nn.Module):
         # A tube mask keeps slot k at one location in every frame: the time axis is then the
         # column of each slot, as for an unmasked clip (pos=None), with no search for it.
         time_pos = None if pos is None or pos.shape[1] == 1 else pos
-        x = self.temporal_ln(self.temporal_encoder(x, pos=time_pos, padding=padding))
+        x = self.temporal_ln(self.temporal_encoder(x, pos=time_pos, num_locations=grid[0] * grid[1],
+                                                   padding=padding))
 
         aux = {}
         if return_intermediate:

@@ -41,10 +41,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, device=device, dtype=dtype)
         self.post = nn.Linear(dim, dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, *, axis: str, pos=None, key_padding=None, causal: bool = False):
+    def forward(self, x: torch.Tensor, *, axis: str, pos=None, num_locations=None, key_padding=None,
+                causal: bool = False):
         B, T, K, _ = x.shape
         qkv = self.qkv(x).view(B, T, K, 3, self.num_heads, self.head_dim)
-        o = factorized_attention(qkv, axis=axis, softcap=self.atten_logit_cap, pos=pos,
+        o = factorized_attention(qkv, axis=axis, softcap=self.atten_logit_cap, pos=pos, num_locations=num_locations,
                                  key_padding=key_padding, causal=causal, backend=self.attention_backend)
         return self.post(o.reshape(B, T, K, -1))
 
@@ -94,10 +95,10 @@ class TransformerBlock(nn.Module):
         self.post_ln_attn = layer_norm(dim, **kw) if hybrid else nn.Identity()
         self.post_ln_ffn = layer_norm(dim, **kw) if hybrid else nn.Identity()
 
-    def forward(self, x, *, axis: str, pos=None, padding=None, causal: bool = False):
+    def forward(self, x, *, axis: str, pos=None, num_locations=None, padding=None, causal: bool = False):
         keep = None if padding is None else (1.0 - padding.to(x.dtype))[..., None]
         key_padding = None if padding is None else padding > 0
-        x = x + self.post_ln_attn(self.attn(self.ln_attn(x), axis=axis, pos=pos,
+        x = x + self.post_ln_attn(self.attn(self.ln_attn(x), axis=axis, pos=pos, num_locations=num_locations,
                                             key_padding=key_padding, causal=causal))
         return x + self.post_ln_ffn(self.ffn(self.ln_ffn(x), keep))
 
@@ -117,10 +118,11 @@ class TransformerStack(nn.Module):
             for _ in range(num_layers)
         )
 
-    def forward(self, x: torch.Tensor, *, pos=None, padding=None) -> torch.Tensor:
-        """x [B, T, K, D]; pos [B, T, K] (time axis, masked video); padding [B, T, K] (1 = padded)."""
+    def forward(self, x: torch.Tensor, *, pos=None, num_locations=None, padding=None) -> torch.Tensor:
+        """x [B, T, K, D]; pos [B, T, K] (time axis, masked video) on a grid of `num_locations` patches;
+        padding [B, T, K] (1 = padded)."""
         for layer in self.layers:
-            x = layer(x, axis=self.axis, pos=pos, padding=padding, causal=self.causal)
+            x = layer(x, axis=self.axis, pos=pos, num_locations=num_locations, padding=padding, causal=self.causal)
         return x
 
 

@@ -309,6 +309,7 @@ def factorized_attention(
     causal: bool = False,
     backend: str | None = None,
     scale: float | None = None,
+    num_locations: int | None = None,
 ) -> torch.Tensor:
     """Attention along one axis of `qkv [B, T, K, 3, H, Dh]` (any strides) -> `[B, T, K, H, Dh]`.
 
@@ -316,13 +317,16 @@ def factorized_attention(
     spatial location across frames (`pos [B, T, K]` int, sorted per frame, gives each token's
     spatial index; None = identity). `key_padding [B, T, K]` bool, True = padded key; `causal`
     along the axis; `softcap` c > 0 caps logits to c * tanh(s / c); `scale` defaults to
-    Dh^-0.5. `backend` None (or "auto") picks "triton" on CUDA, "reference" elsewhere. See
-    kernels/factorized_attention.py for the exact math.
+    Dh^-0.5. `backend` None (or "auto") picks "triton" on CUDA, "reference" elsewhere.
+    `num_locations`: the spatial grid's size (above every index of pos), which the reference's
+    masked time axis lays its tokens on (None: read from pos, a host read); the other backends
+    search each frame's sorted pos. See kernels/factorized_attention.py for the exact math.
     """
     _validate(qkv, axis, softcap, pos, key_padding, causal)
     backend = default_backend(qkv.device) if backend in (None, "auto") else backend
     if backend not in _IMPL:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} (or None for the default)")
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    kw = {"num_locations": num_locations} if backend == "reference" and pos is not None else {}
     return _IMPL[backend](qkv, axis=axis, softcap=float(softcap), pos=pos, key_padding=key_padding, causal=causal,
-                          scale=scale)
+                          scale=scale, **kw)

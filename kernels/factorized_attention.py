@@ -34,15 +34,23 @@ import torch
 MASK_VALUE = -0.7 * torch.finfo(torch.float32).max
 
 
-def _softcapped_softmax_av(q, k, v, keep, softcap: float):
-    """q [..., S, Dh], k/v [..., S', Dh], keep [..., S, S'] bool (broadcastable)."""
-    s = torch.matmul(q, k.transpose(-1, -2))
+def _attend(q, k, v, *, scale: float, softcap: float, keep=None, causal: bool = False, present=None):
+    """softmax(cap(q k^T * scale) with masked keys) @ v. q [..., S, Dh], k/v [..., S', Dh]; keep [..., S, S']
+    bool (broadcastable), False = a masked key (finite MASK_VALUE), as is a future key under `causal`;
+    `present [..., S]` bool (the masked time axis's grid, S = S'): an absent key is no key at all (-inf), an
+    absent query's row is 0 (dropped later)."""
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
+    if causal:
+        c = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+        keep = c if keep is None else keep & c
     if keep is not None:
         s = torch.where(keep, s, torch.full((), MASK_VALUE, dtype=s.dtype, device=s.device))
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v)
+    if present is not None:
+        query = present[..., :, None]
+        s = s.masked_fill(~present[..., None, :] & query, float("-inf")).masked_fill(~query, 0.0)
+    return torch.matmul(torch.softmax(s, dim=-1), v)
 
 
 def factorized_attention_ref(
@@ -68,7 +76,7 @@ def factorized_attention_ref(
     B, T, K, _, H, Dh = qkv.shape
     scale = Dh**-0.5 if scale is None else scale
     x = qkv if qkv.dtype == torch.float64 else qkv.float()
-    q, k, v = x[:, :, :, 0] * scale, x[:, :, :, 1], x[:, :, :, 2]          # [B, T, K, H, Dh]
+    q, k, v = x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2]                  # [B, T, K, H, Dh]
     dev = qkv.device
 
     if axis == "space":
@@ -76,10 +84,7 @@ def factorized_attention_ref(
         keep = None
         if key_padding is not None:
             keep = ~key_padding.bool()[:, :, None, None, :]                 # [B, T, 1, 1, K]
-        if causal:
-            c = torch.ones(K, K, dtype=torch.bool, device=dev).tril()
-            keep = c if keep is None else keep & c
-        o = _softcapped_softmax_av(q, k, v, keep, softcap)                  # [B, T, H, K, Dh]
+        o = _attend(q, k, v, scale=scale, softcap=softcap, keep=keep, causal=causal)  # [B, T, H, K, Dh]
         return o.permute(0, 1, 3, 2, 4).to(qkv.dtype)
 
     if axis != "time":
@@ -91,10 +96,7 @@ def factorized_attention_ref(
         keep = None
         if key_padding is not None:
             keep = ~key_padding.bool().permute(0, 2, 1)[:, :, None, None, :]  # [B, K, 1, 1, T]
-        if causal:
-            c = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            keep = c if keep is None else keep & c
-        o = _softcapped_softmax_av(q, k, v, keep, softcap)                  # [B, K, H, T, Dh]
+        o = _attend(q, k, v, scale=scale, softcap=softcap, keep=keep, causal=causal)  # [B, K, H, T, Dh]
         return o.permute(0, 3, 1, 2, 4).to(qkv.dtype)
 
     # Masked time axis on the dense grid: every visible token scattered to its location n of the
@@ -116,19 +118,11 @@ def factorized_attention_ref(
 
     grid = to_grid(x, 0).permute(0, 2, 4, 3, 1, 5)                        # [B, N, H, 3, T, Dh]
     visible = to_grid(torch.ones_like(pos, dtype=torch.bool), False).permute(0, 2, 1)  # [B, N, T]
-    s = (grid[:, :, :, 0] * scale) @ grid[:, :, :, 1].transpose(-1, -2)    # [B, N, H, T, T']
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
     keep = None
     if key_padding is not None:
         keep = ~to_grid(key_padding.bool(), True).permute(0, 2, 1)[:, :, None, None, :]  # [B, N, 1, 1, T']
-    if causal:
-        c = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        keep = c if keep is None else keep & c
-    if keep is not None:
-        s = torch.where(keep, s, torch.full((), MASK_VALUE, dtype=s.dtype, device=dev))
-    query = visible[:, :, None, :, None]                                    # [B, N, 1, T, 1]
-    s = s.masked_fill(~visible[:, :, None, None, :] & query, float("-inf")).masked_fill(~query, 0.0)
-    o = (torch.softmax(s, dim=-1) @ grid[:, :, :, 2]).permute(0, 3, 1, 2, 4)  # [B, T, N, H, Dh]
+    o = _attend(grid[:, :, :, 0], grid[:, :, :, 1], grid[:, :, :, 2], scale=scale, softcap=softcap, keep=keep,
+                causal=causal, present=visible[:, :, None, :])             # [B, N, H, T, Dh]
+    o = o.permute(0, 3, 1, 2, 4)                                            # [B, T, N, H, Dh]
     o = o.gather(2, pos[:, :, :, None, None].expand(B, T, K, H, Dh))
     return o.to(qkv.dtype)

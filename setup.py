@@ -12,6 +12,9 @@ TORCH_CUDA_ARCH_LIST says otherwise (e.g. "10.0" to build Blackwell code ahead o
 """
 import glob
 import os
+import subprocess
+import sys
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -20,6 +23,7 @@ from setuptools import find_packages, setup
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
+import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,8 +32,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _want_cuda() -> bool:
     if os.environ.get("VIDEOPRISM_NO_CUDA", "0") == "1":
         return False
-    import torch
-
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
@@ -46,10 +48,37 @@ def _pip_cuda_includes() -> list[str]:
     return dirs
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch runs OpenMP and the C++ compiler takes it. The CPU kernels split their rows with
+    at::parallel_for, an inline template that compiles to a plain loop on the calling thread unless _OPENMP is
+    defined: built without the flag (up to 706bd25) every CPU kernel ran on one thread. Linked so, the library
+    needs libgomp.so.1, which torch's wheels ship and load first (torch/lib): the loader shares that copy, one
+    thread pool for torch and these kernels. A compiler without OpenMP builds them single-threaded, with a warning
+    (videoprism._C.intra_op_threads() then says 1)."""
+    if not torch.backends.openmp.is_available():
+        return []
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as fh:
+            fh.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run([compiler, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    if not ok:
+        print(f"warning: {compiler} -fopenmp does not build a program here: the CPU kernels of videoprism._C build "
+              "single-threaded (install the compiler's OpenMP runtime, e.g. libgomp, or set CXX)", file=sys.stderr)
+        return []
+    return ["-fopenmp"]
+
+
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     # No -std flag: torch's BuildExtension picks the standard its headers need.
-    cxx_flags = ["-O3"]
+    omp = _openmp_flags()
+    cxx_flags, link_flags = ["-O3", *omp], omp
     if _want_cuda():
         # An empty value counts as unset (torch would detect the GPUs, or fail without one).
         archs = os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
@@ -65,8 +94,10 @@ def _extension():
             # zero in the kernels' sums (scatter duplicates, shuffle fwd/bwd adds), unlike torch
             # and the references; the kernels have no division or transcendental to speed up.
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=link_flags,
         )
-    return cpp_extension.CppExtension("videoprism._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    return cpp_extension.CppExtension("videoprism._C", cpp, extra_compile_args={"cxx": cxx_flags},
+                                      extra_link_args=link_flags)
 
 
 packages = find_packages(include=["videoprism", "videoprism.*"])

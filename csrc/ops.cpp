@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <string>
 
+#include "token_ops.h"
+
 // The GPU targets the CUDA kernels were compiled for, as TORCH_CUDA_ARCH_LIST lists them ("8.0;9.0+PTX"); empty
 // in a build without them. setup.py passes them as bare tokens joined by '/', stringified here: a quoted -D value
 // would not survive the build's shell, and nvcc splits -D values at ','.
@@ -26,11 +28,21 @@ static std::string cuda_arch_list() {
 #endif
 }
 
-// `import videoprism._C` loads this library, which runs the registrations below; the module
-// holds one constant, `cuda_arch_list` (what this build runs on natively, and "+PTX": JIT-compiled
-// on newer GPUs); the ops live in torch.ops.videoprism.
+static PyObject* intra_op_threads(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(videoprism::intra_op_threads());
+}
+
+// `import videoprism._C` loads this library, which runs the registrations below; the module holds
+// `cuda_arch_list` (what this build runs on natively, and "+PTX": JIT-compiled on newer GPUs) and
+// `intra_op_threads()` (how many threads the CPU kernels use now: 1 means a build without OpenMP);
+// the ops live in torch.ops.videoprism.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {
+      {"intra_op_threads", intra_op_threads, METH_NOARGS,
+       "intra_op_threads() -> int: the threads the CPU kernels split their work over (torch.get_num_threads(), "
+       "or 1 when built without OpenMP)"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list().c_str()) < 0) {
     Py_DECREF(module);

@@ -76,4 +76,8 @@ inline std::array<int64_t, 5> check_patchify(const at::Tensor& video, const at::
   return {video.size(0), video.size(1), video.size(2), video.size(3), pos.size(2)};
 }
 
+// The number of threads at::parallel_for spreads the CPU kernels' rows over (token_ops_cpu.cpp, built with
+// their flags): torch's intra-op thread count, or 1 in a build without OpenMP (setup.py says why).
+int64_t intra_op_threads();
+
 }  // namespace videoprism

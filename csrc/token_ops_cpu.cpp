@@ -1,5 +1,5 @@
 // CPU kernels of the token ops (the "cpp" backend). Each is one pass over the bytes:
-// rows are split over threads by at::parallel_for; a row that is a pure copy goes
+// rows are split over threads by at::parallel_for (with OpenMP: setup.py); a row that is a pure copy goes
 // through memcpy, converting rows through simple loops over contiguous data that the
 // compiler vectorises (-O3). Math and layouts: kernels/<op>.py.
 //
@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -247,6 +248,14 @@ at::Tensor patchify_gather_cpu(const at::Tensor& video, const at::Tensor& pos, i
     });
   });
   return out;
+}
+
+int64_t intra_op_threads() {
+  // One single-element task per thread: each that runs one marks its slot (distinct slots, no race).
+  const int64_t n = at::get_num_threads();
+  std::vector<char> ran(n, 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { ran[at::get_thread_num()] = 1; });
+  return std::count(ran.begin(), ran.end(), 1);
 }
 
 TORCH_LIBRARY_IMPL(videoprism, CPU, m) {

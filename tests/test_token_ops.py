@@ -255,6 +255,52 @@ def test_cpu_ops_run_the_native_kernels_not_the_reference(monkeypatch):
         assert xs.grad is not None and vid.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernels_split_rows_over_threads_with_the_same_bits(dtype):
+    """The C++ kernels spread their rows over torch's intra-op threads (at::parallel_for compiles to a loop on one
+    thread in an extension built without OpenMP, as ours was up to 706bd25: setup.py), and give the same bits on
+    one thread and on four, and the reference's, at sizes that split into several tasks of 64 rows (16 slots for
+    the shuffle backward's blocks): repeated scatter indices, the shuffle's embedding sums, uint8 patches."""
+    import videoprism._C as ext
+
+    g = gen(21)
+    x = torch.randn(2, 600, 33, generator=g).to(dtype)
+    rep = torch.randint(0, 600, (2, 500), generator=g)                   # repeats: scatter sums rows
+    visible, perm, me, pe = shuffle_inputs(3, 100, 300, 17, dtype, seed=4)
+    cot = torch.randn(3, 300, 17, generator=g).to(dtype)
+    video = torch.randint(0, 256, (2, 4, 18, 18, 3), generator=g, dtype=torch.uint8)
+    pos = torch.rand(2, 4, 36, generator=g).argsort(-1)[..., :30].sort(-1).values
+
+    def run():
+        v, m, p = visible.clone().requires_grad_(), me.clone().requires_grad_(), pe.clone().requires_grad_()
+        shuffle_with_mask_tokens(v, perm, m, p, backend="cpp").backward(cot)
+        return (gather_tokens(x, rep, backend="cpp"), scatter_tokens(x[:, :500], rep, 600, backend="cpp"),
+                shuffle_with_mask_tokens(visible, perm, me, pe, backend="cpp"), v.grad, m.grad, p.grad,
+                patchify_gather(video, pos, 3, backend="cpp"))
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert ext.intra_op_threads() == 4, "the C++ kernels run on one thread: build the extension with OpenMP"
+        many = run()
+        torch.set_num_threads(1)
+        assert ext.intra_op_threads() == 1
+        one = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(many, one):
+        assert torch.equal(a, b)
+    gv, gm, gp = shuffle_with_mask_tokens_bwd_ref(cot, perm, 100)
+    want = (gather_tokens_ref(x, rep), scatter_tokens_ref(x[:, :500], rep, 600),
+            shuffle_with_mask_tokens_ref(visible, perm, me, pe), gv, gm, gp, patchify_gather_ref(video, pos, 3))
+    for name, out, ref in zip(("gather", "scatter", "shuffle", "d visible", "d mask_emb", "d pos_emb", "patchify"),
+                              many, want):
+        if name in ("d mask_emb", "d pos_emb"):  # sums in another order than the reference's
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(out, ref), name
+
+
 PATCH_CASES = [(1, 1, 2, 3, 1, 4), (2, 3, 4, 5, 3, 7), (1, 2, 3, 3, 5, 9), (2, 1, 2, 2, 18, 2)]  # B, T, h, w, P, K
 
 

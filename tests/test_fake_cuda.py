@@ -173,9 +173,10 @@ def check_step(module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     assert not off, f"not on the GPU: {off}"
 
 
-# Each stage with both optimizers (Adafactor with and without its momentum and relative step), and the switches that change the step's code path: GradCache (its own
-# backward over accumulated micro-batches), activation checkpointing (recompute in the backward), LiT
-# (a frozen encoder), unshuffled slots (identity_slots, built from the mask on its device).
+# Each stage with both optimizers (Adafactor with its momentum and absolute steps in stage 1, torch's update in
+# stage 2), and the switches that change the step's code path: GradCache (its own backward over accumulated
+# micro-batches), activation checkpointing (recompute in the backward), LiT (a frozen encoder), unshuffled slots
+# (identity_slots, built from the mask on its device).
 CASES = [(1, "optim.name=adamw"),
          (1, "optim.name=adafactor", "optim.adafactor_momentum=0.9", "optim.adafactor_relative_step=false"),
          (1, "train.micro_batch=1", "stage1.grad_cache=true", "train.activation_checkpointing=true"),

@@ -241,6 +241,7 @@ def test_retrieval_bf16_equals_training_validation_under_its_autocast(data, tmp_
 
     from videoprism.train.data import build_val_batches
     from videoprism.train.evaluate import encode_manifest
+    from videoprism.train.parallel import Dist
     from videoprism.train.stage1 import Stage1Task
 
     root, d = data
@@ -256,8 +257,8 @@ def test_retrieval_bf16_equals_training_validation_under_its_autocast(data, tmp_
     assert cfg.train.bf16("cpu")
     model = vp.model_from_safetensors(str(root / "clip.safetensors")).eval()
     tok = Tokenizer(os.path.join(d, "spm.model"))
-    task = types.SimpleNamespace(val=build_val_batches(cfg, tok, batch_size=8),
-                                 dist=types.SimpleNamespace(device=torch.device("cpu")))
+    one = Dist(0, 1, torch.device("cpu"))
+    task = types.SimpleNamespace(val=build_val_batches(cfg, tok, batch_size=8, dist_=one), dist=one)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's _evaluate of a bf16 run
         want = Stage1Task.evaluate(task, model)
     assert {k: got[k] for k in want} == want

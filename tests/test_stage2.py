@@ -242,7 +242,8 @@ def test_compiled_teacher_serves_the_steps_and_the_evaluation_with_the_same_grap
     counters.clear()
     task, cfg = make_task("train.compile=true", "train.compile_backend=eager", f"train.out_dir={tmp_path}")
     trainer = make_trainer(task, cfg, torch.device("cpu"), "teacher")
-    task.val = [{"video": video(4, seed)} for seed in (1, 2)]  # the step's batch size
+    task.val = [{"video": video(4, seed), "index": torch.arange(4) + 4 * i}  # the step's batch size
+                for i, seed in enumerate((1, 2))]
 
     def evaluate():
         trainer._evaluate(MetricsLogger(str(tmp_path), total_steps=1, start_step=1, enabled=False, desc="t"))
@@ -295,7 +296,7 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
         losses[prec] = [trainer.train_step()["loss"] for _ in range(3)]
         assert {p.dtype for p in task.teacher.parameters()} == {torch.bfloat16 if prec == "bf16" else torch.float32}
         assert {p.dtype for p in task.module.parameters()} == {torch.float32}
-        task.val = [{"video": video(2)}]
+        task.val = [{"video": video(2), "index": torch.arange(2)}]
         val[prec] = trainer._evaluate(MetricsLogger(str(tmp_path), total_steps=3, start_step=3, enabled=False,
                                                     desc=prec))
     assert losses["bf16"] != losses["fp32"]  # the autocast is in effect
@@ -352,17 +353,17 @@ def test_compiled_triton_stage2_step_matches_eager(tmp_path, device):
     assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_validation_losses_are_the_same_on_every_rank_and_for_any_batching():
-    """Every rank scores the whole validation split (FSDP needs them in step): with per-clip masks
-    keyed by the clip's index, rank 1 of 2 and rank 0 of 1, in batches of 1, 2 or all 5 clips, score
-    the same masks, so the logged losses (rank 0's) do not depend on the number of ranks; they equal
-    a mean over clips of each clip scored alone."""
-    clips = video(5, seed=3)
+def test_validation_losses_are_the_same_for_any_batching_and_idle_batches_add_nothing():
+    """With per-clip masks keyed by the clip's manifest index, batches of 1, 2 or all 5 clips score the same
+    masks, and a rank's idle batches (index -1, which build_val_batches adds so every rank runs as many
+    forwards) count for nothing, so the logged losses do not depend on the batching (batches of 1: the mean
+    over clips of each clip scored alone). Over ranks: tests/test_train_distributed.py."""
+    clips, index = video(5, seed=3), torch.tensor([7, 2, 9, 4, 0])  # manifest indices: a share's, in any order
+    idle = {"video": torch.zeros_like(clips[:2]), "index": torch.full((2,), -1)}
     got = []
-    for rank, world, b in [(0, 1, 5), (1, 2, 2), (0, 4, 1)]:
+    for b, idle_batches in [(5, 0), (2, 1), (1, 2)]:
         task, _ = make_task()
-        task.dist = Dist(rank, world, torch.device("cpu"))
-        task.val = [{"video": clips[i:i + b]} for i in range(0, 5, b)]
+        task.val = [{"video": clips[i:i + b], "index": index[i:i + b]} for i in range(0, 5, b)] + [idle] * idle_batches
         with torch.no_grad():
             got.append(task.evaluate(task.module))
     assert set(got[0]) == {"val_token_loss", "val_global_loss"}
@@ -370,8 +371,8 @@ def test_validation_losses_are_the_same_on_every_rank_and_for_any_batching():
         assert other == pytest.approx(got[0], rel=1e-5)
     task, _ = make_task()
     with torch.no_grad():
-        pos, perm = task._val_masks(3, 2, T, R, R)
-        assert torch.equal(pos[1:], task._val_masks(4, 1, T, R, R)[0])  # clip 4 alone or after clip 3
+        pos, perm = task._val_masks(torch.tensor([3, 4]), T, R, R)
+        assert torch.equal(pos[1:], task._val_masks(torch.tensor([4]), T, R, R)[0])  # clip 4 alone or after clip 3
         assert not torch.equal(pos[0], pos[1]) and not torch.equal(perm[0], perm[1])
 
 

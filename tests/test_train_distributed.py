@@ -175,6 +175,38 @@ def test_manifest_run_resumes_on_another_number_of_ranks(tmp_path, cache):
     assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
+def evaluations(out: str) -> list[dict]:
+    return [r["eval"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval" in r]
+
+
+def test_validation_sharded_over_two_ranks_equals_one_process(tmp_path):
+    """Each rank decodes and scores its share of the validation split (5 clips in batches of 2 on 2 ranks: rank 1
+    ends with an idle batch, the forwards collective under FSDP); the logged evaluation is the 1-process run's:
+    stage 1's zero-shot retrieval over the whole split, stage 2's distillation losses (the 1-process stage 1
+    its teacher)."""
+    from videoprism.data.synth import generate
+
+    data = tmp_path / "synth"
+    generate(str(data), 24, seed=1, size=32, num_frames=8, workers=1)
+    val = data / "val5.jsonl"
+    val.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
+    args = ["data.source=manifest", f"data.train={data}/train.jsonl", f"data.val={val}", "data.cache=true",
+            "data.workers=0", "train.global_batch=4", "train.steps=2", "train.eval_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for stage in (1, 2):
+        teacher = [f"stage2.teacher={one / 'stage1' / 'model.safetensors'}"] if stage == 2 else []
+        run(stage, str(one / f"stage{stage}"), *args, *teacher)
+        run(stage, str(two / f"stage{stage}"), *args, *teacher, "parallel.mode=fsdp", "checkpoint.export=false",
+            nproc=2)
+        want, got = evaluations(str(one / f"stage{stage}")), evaluations(str(two / f"stage{stage}"))
+        assert len(want) == len(got) == 2, (want, got)  # steps 1 and 2
+        if stage == 1:
+            assert want[0]["captions"] == 5 and got == want
+        else:
+            for w, g in zip(want, got):
+                assert g == pytest.approx(w, abs=1e-5)
+
+
 def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
     """Resuming a 1-rank checkpoint with a damaged rank file on 2 ranks (rank 0 reads the old rank files for
     both): each rank stops with the one-line error naming the file, none waits for the other."""

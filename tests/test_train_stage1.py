@@ -804,7 +804,7 @@ def compiled_graphs_per_step(tmp_path, cycle, steps, *overrides, val=()):
     try:
         trainer = make_trainer(tmp_path, "train.compile=true", "train.compile_backend=eager", *overrides,
                                data=Frames(cycle))
-        trainer.task.val = [{k: v[:b] for k, v in source.items()} for b in val]
+        trainer.task.val = [{**{k: v[:b] for k, v in source.items()}, "index": torch.arange(b)} for b in val]
         for _ in range(steps):
             before = counters["stats"]["unique_graphs"]
             trainer.train_step()

@@ -942,6 +942,48 @@ def test_a_rank_that_fails_to_decode_a_set_does_not_leave_the_others_in_the_gath
     assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]
 
 
+def _val_shares_on_two_ranks(rank, port, manifest, results):
+    import torch.distributed as dist
+
+    from videoprism.data.text import Tokenizer
+    from videoprism.train.data import build_val_batches
+    from videoprism.train.parallel import Dist
+
+    # A forked child must not enter OpenMP (the decode's resize): the pool the parent's tests started is not
+    # there, and the child waits for it forever.
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = build_config("tiny", [f"data.val={manifest}", "data.workers=0", "model.num_frames=4",
+                                    "model.resolution=32"], 1)
+        tok = Tokenizer(os.path.join(os.path.dirname(manifest), "spm.model"))
+        batches = build_val_batches(cfg, tok, batch_size=2, dist_=Dist(rank, 2, torch.device("cpu")))
+        results[rank] = [(b["index"].tolist(), tuple(b["video"].shape), int(b["video"].sum() > 0),
+                          int((b["text_paddings"] < 0.5).sum())) for b in batches]
+    except Exception as e:  # noqa: BLE001
+        results[rank] = repr(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(tmp_path):
+    """Of a 5-clip validation split on 2 ranks, rank r decodes clips r, r+2, ... only (not the whole split);
+    both hold two batches of 2, rank 1's second an idle one (black clips, empty captions, index -1), so both
+    run the evaluation's forwards in step (collective under FSDP)."""
+    from videoprism.data.synth import generate
+
+    data = tmp_path / "synth"
+    generate(str(data), 8, seed=1, size=32, num_frames=4, workers=1)
+    manifest = data / "val5.jsonl"
+    manifest.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
+    alive, results = _on_two_ranks(_val_shares_on_two_ranks, str(manifest))
+    assert alive == [False, False], "a rank waits in a collective"
+    clip = (2, 4, 32, 32, 3)
+    assert results[0] == [([0, 2], clip, 1, results[0][0][3]), ([4], (1, 4, 32, 32, 3), 1, results[0][1][3])]
+    assert results[0][0][3] > 0 and results[0][1][3] > 0  # real captions
+    assert results[1] == [([1, 3], clip, 1, results[1][0][3]), ([-1, -1], clip, 0, 0)]
+
+
 def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
     """Under FSDP2's bf16 compute policy (what a GPU run gets; forced here on a one-rank CPU
     mesh) the encoder's parameters arrive in bf16 and the temperature in fp32, exactly its

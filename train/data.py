@@ -20,6 +20,7 @@ import torch
 
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
 from videoprism.train.config import DataConfig, check_field
+from videoprism.train.parallel import all_reduce_max
 from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
 
 
@@ -148,24 +149,31 @@ _DECODED: dict[tuple, dict] = {}
 
 
 def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer,
-               dc: DataConfig) -> tuple[dict, list[tuple[str, str]]]:
+               dc: DataConfig, shard: tuple[int, int] | None = None) -> tuple[dict, list[tuple[str, str]]]:
     """Every clip of `manifest` (eval transform) -> ({"video" uint8 [N, T, R, R, 3], "text_ids",
-    "text_paddings", "label_<name>" [N]}, the (name, reason) of the skipped lines and clips), decoded
-    with the workers, bad-sample share and decode timeout of `dc`.
-    Memoised per process (file, mtime, size, tokenizer): the demo's stages and probes decode once."""
-    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path)
+    "text_paddings", "label_<name>", "index" [N] (the clip's sample index in the manifest)}, the (name,
+    reason) of the skipped lines and clips), decoded with the workers, bad-sample share and decode
+    timeout of `dc`. Every rank decodes the whole set and keeps the clips every rank decoded.
+    `shard=(rank, world)`: this rank's share instead, every world-th clip from `rank` on (possibly none
+    on a rank; the bad-sample share counts within the share).
+    Memoised per process (file, mtime, size, tokenizer, shard): the demo's stages and probes decode once."""
+    if shard is not None and shard[1] == 1:
+        shard = None  # the whole set: one decode for a one-process run's validation and probes
+    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path, shard)
     if key not in _DECODED:
-        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer, dc=dc)
+        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer, dc=dc,
+                                    shard=shard)
     return _DECODED[key]
 
 
-def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> dict:
+def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig, shard=None) -> dict:
     from videoprism.data.loader import build_loader
 
+    rank, world = shard or (0, 1)
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,
-                          tokenizer=tokenizer, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
-                          decode_timeout=dc.decode_timeout, backend="pyav")
-    parts: dict[str, list] = {}
+                          rank=rank, world_size=world, tokenizer=tokenizer, num_workers=dc.workers,
+                          max_bad_share=dc.max_bad_share, decode_timeout=dc.decode_timeout, backend="pyav")
+    parts: dict[str, list] = {"index": [torch.zeros(0, dtype=torch.int64)]}
     names: dict[int, str] = {}
     try:
         for batch in loader:
@@ -173,18 +181,21 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig) -> d
                 if isinstance(v, torch.Tensor):
                     parts.setdefault(k, []).append(v)
             names.update(zip(batch["index"].tolist(), batch["path"]))
-        if not parts:
+        if not names and shard is None:  # a share may be empty: the whole set is checked below
             raise ValueError(f"{manifest}: no readable clip")
     except Exception:  # every rank must still reach the gather below, or the others wait there forever
         _gather_ids(None)
         raise
     clips = {k: torch.cat(v) for k, v in parts.items()}
-    ids = clips.pop("index")
-    everyone = _gather_ids(ids)
+    everyone = _gather_ids(clips["index"])
     failed = [r for r, got in enumerate(everyone) if got is None]
     if failed:
         raise ValueError(f"{manifest}: rank(s) {failed} could not decode it (their error is in their log)")
-    return _clips_every_rank_has(clips, ids, names, loader.drain_rejects(), everyone, manifest)
+    if shard is None:
+        return _clips_every_rank_has(clips, clips["index"], names, loader.drain_rejects(), everyone, manifest)
+    if not any(everyone):
+        raise ValueError(f"{manifest}: no readable clip")
+    return clips, loader.drain_rejects()
 
 
 def _gather_ids(ids: torch.Tensor | None) -> list:
@@ -317,16 +328,28 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
     return ManifestData(loaders, [w for _, w, _ in datasets], seed)
 
 
-def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int) -> list[dict] | None:
-    """The validation split decoded once, as a list of batches (None without data.val)."""
+def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist_) -> list[dict] | None:
+    """This rank's share of the validation split (None without data.val): every world-th clip from its
+    rank on, decoded once, in batches of `batch_size` with each clip's manifest index in "index". Each
+    rank decodes, holds and scores 1/world of the split; the evaluation gathers the results
+    (parallel.gather_rows). Every rank gets the same number of batches, as the evaluation's forwards
+    are collective under FSDP: a rank with fewer ends with idle ones (a black clip, an empty caption,
+    index -1), whose results are dropped."""
     if not cfg.data.val or cfg.data.source == "random":
         return None
-    clips, rejects = decode_all(cfg.data.val, frames=cfg.model.num_frames, resolution=cfg.model.resolution,
-                                tokenizer=tokenizer, dc=cfg.data)
+    T, R = cfg.model.num_frames, cfg.model.resolution
+    clips, rejects = decode_all(cfg.data.val, frames=T, resolution=R, tokenizer=tokenizer, dc=cfg.data,
+                                shard=(dist_.rank, dist_.world))
     for name, reason in rejects:
         print(f"data.val: skipped {name}: {reason}", file=sys.stderr)
-    n = clips["video"].shape[0]
-    return [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
+    n = clips["index"].shape[0]
+    batches = [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
+    rounds = all_reduce_max([len(batches)], dist_)[0]
+    idle = {"video": torch.zeros(batch_size, T, R, R, 3, dtype=torch.uint8),
+            "text_ids": torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64),
+            "text_paddings": torch.ones(batch_size, MAX_TEXT_LENGTH),
+            "index": torch.full((batch_size,), -1, dtype=torch.int64)}
+    return batches + [idle] * (rounds - len(batches))
 
 
 def trim_text(ids: torch.Tensor, paddings: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -258,6 +258,26 @@ def all_reduce_max(values: list[int], dist_: Dist) -> list[int]:
     return t.tolist()
 
 
+def gather_objects(obj, dist_: Dist) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] in one process. Over the host group: small
+    results of a sharded evaluation, not tensors on the step's path."""
+    if not multi_rank():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=dist_.host_group)
+    return out
+
+
+def gather_rows(rows: dict[str, torch.Tensor], dist_: Dist) -> dict[str, torch.Tensor]:
+    """Rows sharded over the ranks (CPU tensors, one row per clip, keyed alike on every rank, an "index" [n]
+    among them) as one process holding them all would have them: concatenated and ordered by index, on
+    every rank."""
+    parts = gather_objects(rows, dist_)
+    out = {k: torch.cat([p[k] for p in parts]) for k in rows}
+    order = torch.argsort(out["index"])
+    return {k: v[order] for k, v in out.items()}
+
+
 def on_main_rank(fn):
     """`fn()` run by rank 0 alone, its result (or its error, raised) on every rank: one reader of a shared
     file instead of one per rank (a metadata storm on a cluster file system)."""

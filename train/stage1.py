@@ -24,7 +24,7 @@ from videoprism.train.data import build_train_data, build_val_batches, tokenizer
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
-from videoprism.train.parallel import Dist, close_distributed, init_distributed, leave_together
+from videoprism.train.parallel import Dist, close_distributed, gather_rows, init_distributed, leave_together
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
@@ -153,19 +153,21 @@ class Stage1Task:
         return inputs["pos"].numel()
 
     def evaluate(self, module: nn.Module) -> dict:
-        """Zero-shot retrieval on the validation split, full clips (no mask)."""
+        """Zero-shot retrieval on the validation split, full clips (no mask): each rank embeds its share, the
+        metrics rank over all of it (the same on every rank)."""
         if not self.val:
             return {}
         dev = self.dist.device
-        vs, ts, ids, pads = [], [], [], []
+        parts: dict[str, list] = {"video": [], "text": [], "text_ids": [], "text_paddings": [], "index": []}
         for batch in self.val:
             v, t, _ = module(batch["video"].to(dev), *captions(batch, dev))
-            vs.append(v.float().cpu())
-            ts.append(t.float().cpu())
-            ids.append(batch["text_ids"])
-            pads.append(batch["text_paddings"])
-        groups = caption_groups(torch.cat(ids), torch.cat(pads))
-        return retrieval_metrics(torch.cat(vs), torch.cat(ts), groups)
+            real = batch["index"] >= 0
+            for k, x in (("video", v.float().cpu()), ("text", t.float().cpu()), ("text_ids", batch["text_ids"]),
+                         ("text_paddings", batch["text_paddings"]), ("index", batch["index"])):
+                parts[k].append(x[real])
+        rows = gather_rows({k: torch.cat(x) for k, x in parts.items()}, self.dist)
+        groups = caption_groups(rows["text_ids"], rows["text_paddings"])
+        return retrieval_metrics(rows["video"], rows["text"], groups)
 
     def export(self, module: nn.Module, path: str) -> None:
         """The trained CLIP (without the temperature) as safetensors, loadable into a
@@ -191,7 +193,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
             micro, _ = accumulation(cfg.train, dist_.world)
             trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro,
                                             vocab=clip.config.vocabulary_size)
-            val = build_val_batches(cfg, tokenizer, batch_size=micro)
+            val = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
             task = Stage1Task(cfg, dist_, clip, val, strided_ranks=trainer_data.strided_ranks)
             trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
             if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:

@@ -29,7 +29,8 @@ from videoprism.train.distill import Stage2Model, Teacher, identity_slots, rando
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
-from videoprism.train.parallel import Dist, close_distributed, compile_blocks, init_distributed, leave_together
+from videoprism.train.parallel import (Dist, close_distributed, compile_blocks, gather_objects, init_distributed,
+                                       leave_together)
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
@@ -73,11 +74,11 @@ class Stage2Task:
             perm = identity_slots(pos, self.num_patches)
         return pos, perm
 
-    def _val_masks(self, first: int, b: int, T: int, H: int, W: int):
-        """Masks of validation clips first..first+b-1, one draw per clip keyed by its index in the split:
-        every rank (each scores the whole split, as FSDP needs) and any world or batch size scores the
-        same masks, so the logged losses compare across runs."""
-        draws = [self._draw(1, T, H, W, VALIDATION, first + j) for j in range(b)]
+    def _val_masks(self, index: torch.Tensor, T: int, H: int, W: int):
+        """Masks of the validation clips of manifest indices `index` (an idle row's -1: clip 0's), one draw per
+        clip keyed by its index: any number of ranks and any batching score the same masks, so the logged
+        losses compare across runs."""
+        draws = [self._draw(1, T, H, W, VALIDATION, max(i, 0)) for i in index.tolist()]
         return torch.cat([p for p, _ in draws]), torch.cat([q for _, q in draws])
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict:
@@ -112,19 +113,23 @@ class Stage2Task:
         return inputs["pos"].numel()
 
     def evaluate(self, module: nn.Module) -> dict:
-        """Distillation losses on the validation split with fixed masks (seeded per batch)."""
+        """Distillation losses on the validation split with fixed masks (per clip): each rank scores its
+        share, the means are over every clip of the split (the same on every rank)."""
         if not self.val:
             return {}
         sums: dict[str, float] = {}
-        n, first = sum(batch["video"].shape[0] for batch in self.val), 0
+        count = 0
         for batch in self.val:
             video = batch["video"].to(self.dist.device)
             b, T, H, W, _ = video.shape
-            pos, perm = self._val_masks(first, b, T, H, W)
-            first += b
+            pos, perm = self._val_masks(batch["index"], T, H, W)
+            real = int((batch["index"] >= 0).sum())  # a batch is all real clips or all idle ones
+            count += real
             for k, v in self.losses(module, {"video": video, "pos": pos, "perm": perm}).items():
-                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) * b / n  # a mean over clips
-        return sums
+                sums[f"val_{k}"] = sums.get(f"val_{k}", 0.0) + float(v) * real
+        ranks = gather_objects((sums, count), self.dist)
+        n = sum(c for _, c in ranks)
+        return {k: sum(s[k] for s, _ in ranks) / n for k in sums}
 
     def export(self, module: nn.Module, path: str) -> None:
         """The student encoder as a `FactorizedEncoder` safetensors file (collective under FSDP)."""
@@ -160,7 +165,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
             tokenizer = tokenizer_for(cfg)
             micro, _ = accumulation(cfg.train, dist_.world)
             data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
-            val = build_val_batches(cfg, tokenizer, batch_size=micro)
+            val = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
             task = Stage2Task(cfg, dist_, teacher, val, strided_ranks=data.strided_ranks)
             trainer = Trainer(cfg, task, data, dist_, name="stage2")
             if resume is not None:

@@ -506,7 +506,7 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer(tokenizer)
     samples, rejects = read_source(source, max_bad_share=max_bad_share)
-    if len(samples) < world_size:
+    if train and len(samples) < world_size:  # an evaluation's share may be empty; a training epoch's may not
         raise ValueError(f"{len(samples)} samples cannot be sharded over world_size={world_size} ranks")
     return VideoTextLoader(samples, num_frames=num_frames, resolution=resolution, batch_size=batch_size, train=train,
                            seed=seed, rank=rank, world_size=world_size, tokenizer=tokenizer, backend=backend,

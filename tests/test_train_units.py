@@ -968,7 +968,7 @@ def _val_shares_on_two_ranks(rank, port, manifest, results):
 
 def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(tmp_path):
     """Of a 5-clip validation split on 2 ranks, rank r decodes clips r, r+2, ... only (not the whole split);
-    both hold two batches of 2, rank 1's second an idle one (black clips, empty captions, index -1), so both
+    both hold two batches of 2, rank 1's second an idle one (black clips, one-token captions, index -1), so both
     run the evaluation's forwards in step (collective under FSDP)."""
     from videoprism.data.synth import generate
 
@@ -981,7 +981,7 @@ def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(
     clip = (2, 4, 32, 32, 3)
     assert results[0] == [([0, 2], clip, 1, results[0][0][3]), ([4], (1, 4, 32, 32, 3), 1, results[0][1][3])]
     assert results[0][0][3] > 0 and results[0][1][3] > 0  # real captions
-    assert results[1] == [([1, 3], clip, 1, results[1][0][3]), ([-1, -1], clip, 0, 0)]
+    assert results[1] == [([1, 3], clip, 1, results[1][0][3]), ([-1, -1], clip, 0, 2)]  # a token per caption
 
 
 def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):

@@ -333,7 +333,7 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist
     rank on, decoded once, in batches of `batch_size` with each clip's manifest index in "index". Each
     rank decodes, holds and scores 1/world of the split; the evaluation gathers the results
     (parallel.gather_rows). Every rank gets the same number of batches, as the evaluation's forwards
-    are collective under FSDP: a rank with fewer ends with idle ones (a black clip, an empty caption,
+    are collective under FSDP: a rank with fewer ends with idle ones (a black clip, a one-token caption,
     index -1), whose results are dropped."""
     if not cfg.data.val or cfg.data.source == "random":
         return None
@@ -345,9 +345,12 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist
     n = clips["index"].shape[0]
     batches = [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
     rounds = all_reduce_max([len(batches)], dist_)[0]
+    # A one-token caption: every causal attention row keeps a key, as a real caption's rows do (all keys padded
+    # is an input no real batch has, and no kernel needs to handle).
+    pads = torch.ones(batch_size, MAX_TEXT_LENGTH)
+    pads[:, 0] = 0.0
     idle = {"video": torch.zeros(batch_size, T, R, R, 3, dtype=torch.uint8),
-            "text_ids": torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64),
-            "text_paddings": torch.ones(batch_size, MAX_TEXT_LENGTH),
+            "text_ids": torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64), "text_paddings": pads,
             "index": torch.full((batch_size,), -1, dtype=torch.int64)}
     return batches + [idle] * (rounds - len(batches))
 

@@ -1,7 +1,8 @@
 """Both stages through their real entry points (`python -m train.stageN`, torchrun):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
 3 steps) under DDP and FSDP2, also split into accumulated micro-batches, 4 under HSDP (2 groups
-of 2), a checkpoint resumes on another number of processes, SIGKILL + --resume equals the
+of 2), a checkpoint resumes on another number of processes, the validation split sharded over 2
+ranks scores as on 1, SIGKILL + --resume equals the
 uninterrupted run, and a preemption notice to one rank stops both at one step with a checkpoint
 that --auto-resume continues from.
 

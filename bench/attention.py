@@ -41,7 +41,8 @@ CUDA graph (bench/common.py `device_timing`; `--no-graph` skips it), the time a 
 runs ahead of the GPU sees. Where a kernel takes less than its call's host work, `ms` is
 the host's: the H200 run of 1ab87c7 timed triton space fwd at K = 128 and K = 90 and flex
 at K = 128 all at 0.196 ms, whatever their work. dev_tflops and dev_pct_floor are of
-dev_ms; the printed speed-ups use dev_ms where a row has it.
+dev_ms; the printed speed-ups use dev_ms where both rows have it, else both rows' ms
+(each ratio says which: "dev" or "call").
 """
 from __future__ import annotations
 
@@ -238,18 +239,28 @@ def _chosen_tiles(axis: str, bwd: bool) -> str:
     return "; ".join(out)
 
 
-def _speedups(report: Report) -> None:
-    """triton's speed-up over each other backend, fwd+bwd, per case (the issue's targets): of the
-    device times (dev_ms) where the row has them, else of the call times."""
-    ms = {(r["model"], r["axis"], r["case"], r["backend"], r["mode"]): r.get("dev_ms", r["ms"])
-          for r in report.rows if "ms" in r}
-    for (model, axis, case, backend, mode), t in sorted(ms.items()):
+def _speedups(report: Report) -> dict:
+    """triton's speed-up over each other backend, fwd+bwd, per case (the issue's targets), printed and returned
+    ({(model, axis, case): {backend: (ratio, "dev" | "call")}}): of the device times (dev_ms) where both rows
+    have them, else of the call times (ms) of both. Never a call time against a device time: a backend whose
+    call could not be captured in a CUDA graph has no dev_ms, and its call time (host dispatch included) over
+    triton's device time would credit triton with the other backend's host work."""
+    rows = {(r["model"], r["axis"], r["case"], r["backend"], r["mode"]): r for r in report.rows if "ms" in r}
+    out = {}
+    for (model, axis, case, backend, mode), r in sorted(rows.items()):
         if backend != "triton" or mode != "fwd+bwd":
             continue
-        others = {b: ms[(model, axis, case, b, mode)] / t for (m, a, c, b, mo) in ms
-                  if (m, a, c, mo) == (model, axis, case, mode) and b != "triton"}
+        others = {}
+        for (m, a, c, b, mo), o in rows.items():
+            if (m, a, c, mo) != (model, axis, case, mode) or b == "triton":
+                continue
+            kind = "dev" if r.get("dev_ms") and o.get("dev_ms") else "call"
+            key = "dev_ms" if kind == "dev" else "ms"
+            others[b] = (o[key] / r[key], kind)
+        out[(model, axis, case)] = others
         print(f"triton fwd+bwd speed-up, {model} {axis} {case}: " +
-              ", ".join(f"{b} {x:.2f}x" for b, x in sorted(others.items())))
+              ", ".join(f"{b} {x:.2f}x ({kind})" for b, (x, kind) in sorted(others.items())))
+    return out
 
 
 def _chart(report: Report, path: str) -> None:

@@ -201,7 +201,7 @@ def _main(argv) -> None:
                     tiles = {"tiles": _chosen_tiles(axis, bwd)} if backend == "triton" and device.type == "cuda" else {}
                     dev = {}
                     if device.type == "cuda" and not args.no_graph:
-                        dt = device_timing(fn, reps=20)
+                        dt = device_timing(fn, reps=20, device=device)
                         d_ms = dt.median_ms if dt is not None else None
                         if d_ms:
                             dev = dict(dev_ms=round(d_ms, 4), dev_p20_ms=round(dt.p20_ms, 4),

@@ -105,16 +105,20 @@ def _sync(device: torch.device) -> None:
 def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 2, reps: int = 10,
            warmup_ms: float = 25, rep_ms: float = 100, host_clock: bool = False) -> Timing:
     """Median and p20/p80 of fn in ms. CUDA: triton's do_bench (events, L2 flushed, as many repeats as fit
-    rep_ms), unless `host_clock`: `reps` calls on the host clock, the device synchronised after each (for calls of
-    hundreds of ms, of which do_bench would time one)."""
+    rep_ms), unless `host_clock`: `reps` calls on the host clock, the device synchronised after the warm-up and
+    after each (for calls of hundreds of ms, of which do_bench would time one). do_bench records its events on
+    the current device's stream: it runs with `device` current (cuda:1's work timed by events on cuda:0's idle
+    stream would read the host's launch time)."""
     device = torch.device(device)
     if device.type == "cuda" and not host_clock:
         import triton.testing
 
-        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        with torch.cuda.device(device):
+            q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return Timing(*q)
     for _ in range(warmup):
         fn()
+    _sync(device)  # the warm-up's queued work is not the first timed call's
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -124,13 +128,19 @@ def timeit(fn: Callable[[], object], device: torch.device | str = "cpu", *, warm
     return Timing.of(ts)
 
 
-def device_timing(fn: Callable[[], object], reps: int = 30) -> Timing | None:
+def device_timing(fn: Callable[[], object], reps: int = 30, device: torch.device | str | None = None) -> Timing | None:
     """Device time of fn (CUDA; median and p20/p80 in ms): captured once in a CUDA graph (on a side stream,
     after two warm-up calls there: compiles and autotuning happen outside the capture), each
     replay timed by events after a 256 MB L2 flush. No host dispatch in it: what a training
     step whose host runs ahead of the GPU sees, where `timeit` of an eager call of a few tens
     of microseconds measures the Python dispatch instead. None (and a note) when fn cannot be
-    captured (a host sync or a CPU tensor in it)."""
+    captured (a host sync or a CPU tensor in it). Streams, graph and events are `device`'s (default: the
+    current device), the device fn's work runs on."""
+    with torch.cuda.device(device):
+        return _device_timing(fn, reps)
+
+
+def _device_timing(fn: Callable[[], object], reps: int) -> Timing | None:
     caller = torch.cuda.current_stream()
     stream = torch.cuda.Stream()
     stream.wait_stream(caller)

@@ -173,7 +173,7 @@ def _main(argv) -> None:
                                          gbps=round(gbps, 1), pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
                         # Device times of what can be captured alone: fwd and fwd+bwd (module docstring).
                         if cuda and not a.no_graph and mode != "bwd":
-                            dt = device_timing(fn)
+                            dt = device_timing(fn, device=device)
                             if dt is not None and dt.median_ms > 0:
                                 dev_gbps = nbytes / (dt.median_ms * 1e-3) / 1e9
                                 row.update(dev_ms=round(dt.median_ms, 4), dev_p20_ms=round(dt.p20_ms, 4),

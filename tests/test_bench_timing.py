@@ -21,3 +21,50 @@ def test_attention_speedups_never_divide_a_call_time_by_a_device_time(capsys):
     got = attention._speedups(report)[("base", "space", "K=256")]
     assert got == {"flex": (2.0, "call"), "sdpa": (2.0, "dev")}
     assert "flex 2.00x (call), sdpa 2.00x (dev)" in capsys.readouterr().out
+
+
+def test_host_clock_timing_waits_for_the_warm_up_before_the_first_timed_call(monkeypatch):
+    """timeit(host_clock=True) on CUDA: a warm-up call's queued device work must not land in the first timed call
+    (with --reps 5 that call is the p80's neighbour)."""
+    from bench import common
+
+    log = []
+    monkeypatch.setattr(common, "_sync", lambda device: log.append("sync"))
+    common.timeit(lambda: log.append("call"), "cuda", warmup=2, reps=2, host_clock=True)
+    assert log == ["call", "call", "sync", "call", "sync", "call", "sync"]
+
+
+class _FakeCudaDevice:
+    """torch.cuda.device without a GPU: records which device is current."""
+    current = None
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.prev, _FakeCudaDevice.current = _FakeCudaDevice.current, self.device
+
+    def __exit__(self, *exc):
+        _FakeCudaDevice.current = self.prev
+
+
+def test_cuda_timers_run_on_the_benchmarked_device(monkeypatch):
+    """do_bench and the CUDA-graph timer record their events on the current device's stream: with --device cuda:1
+    they must run with cuda:1 current, or they time cuda:0's idle stream (the host's launch time) instead of the
+    work."""
+    import torch
+    import triton.testing
+
+    from bench import common
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "device", _FakeCudaDevice)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, **kw: (seen.append(("do_bench", _FakeCudaDevice.current)), [1.0, 0.9, 1.1])[1])
+    device = torch.device("cuda:1")
+    assert common.timeit(lambda: None, device) == Timing(1.0, 0.9, 1.1)
+    assert seen == [("do_bench", device)]
+    monkeypatch.setattr(common, "_device_timing", raising=False,
+                        value=lambda fn, reps: seen.append(("graph", _FakeCudaDevice.current)) or Timing(1.0, 0.9, 1.1))
+    assert common.device_timing(lambda: None, device=device) == Timing(1.0, 0.9, 1.1)
+    assert seen[1:] == [("graph", device)]

@@ -68,3 +68,29 @@ def test_cuda_timers_run_on_the_benchmarked_device(monkeypatch):
                         value=lambda fn, reps: seen.append(("graph", _FakeCudaDevice.current)) or Timing(1.0, 0.9, 1.1))
     assert common.device_timing(lambda: None, device=device) == Timing(1.0, 0.9, 1.1)
     assert seen[1:] == [("graph", device)]
+
+
+def test_commit_says_when_the_run_is_not_that_commits_code(tmp_path, monkeypatch):
+    """The JSON's commit is HEAD's hash with "-dirty" when the code differs from it (a run on uncommitted changes
+    is no measurement of HEAD); rewritten results under bench/results do not count."""
+    import subprocess
+
+    from bench import common
+
+    monkeypatch.delenv("VIDEOPRISM_COMMIT", raising=False)
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "bench" / "common.py"))  # a checkout at tmp_path
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "kernel.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}\n")
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert common._commit() == head
+    (tmp_path / "bench" / "results" / "r.json").write_text('{"rows": []}\n')
+    assert common._commit() == head
+    (tmp_path / "kernel.py").write_text("x = 2\n")
+    assert common._commit() == head + "-dirty"
+    monkeypatch.setenv("VIDEOPRISM_COMMIT", "abc1234")
+    assert common._commit() == "abc1234"

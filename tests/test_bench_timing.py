@@ -94,3 +94,17 @@ def test_commit_says_when_the_run_is_not_that_commits_code(tmp_path, monkeypatch
     assert common._commit() == head + "-dirty"
     monkeypatch.setenv("VIDEOPRISM_COMMIT", "abc1234")
     assert common._commit() == "abc1234"
+
+
+def test_token_ops_ratio_to_torch_of_device_times_where_both_rows_have_them():
+    """x_torch is of the eager calls; dev_x_torch of the CUDA-graph device times, where both rows have one (an
+    eager call of a few tens of microseconds is the host's time: x_torch read 0.70 for a kernel 2.37x faster than
+    the torch composition on the device)."""
+    from bench.token_ops import torch_ratios
+
+    rows = [dict(impl="triton", mode="fwd+bwd", ms=0.5, dev_ms=0.1), dict(impl="triton", mode="bwd", ms=0.3),
+            dict(impl="torch", mode="fwd+bwd", ms=0.35, dev_ms=0.237), dict(impl="torch", mode="bwd", ms=0.6)]
+    torch_ratios(rows)
+    assert (rows[0]["x_torch"], rows[0]["dev_x_torch"]) == (0.7, 2.37)
+    assert rows[1]["x_torch"] == 2.0 and "dev_x_torch" not in rows[1]
+    assert (rows[2]["x_torch"], rows[2]["dev_x_torch"]) == (1.0, 1.0)

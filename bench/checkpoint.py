@@ -8,8 +8,9 @@ Each repeat saves the same state (fp32 weights and the two AdamW moments of a vi
 model) through the trainer's `Saver` into a fresh folder. "stall" is what the training loop
 waits: the whole write when synchronous, the copy of the state to host memory when
 asynchronous; "total" runs until the checkpoint is renamed into place. The modes alternate,
-so page-cache and disk effects fall on both alike. Floors: bytes / host copy bandwidth for
-the asynchronous stall, bytes / disk write bandwidth for the synchronous one.
+so page-cache and disk effects fall on both alike. stall_gbps = state bytes (fp32 weights + both
+moments, GB = 1e9 bytes) / stall. No floor is measured: compare stall_gbps with the host's copy
+bandwidth (asynchronous) or the disk's write bandwidth (synchronous).
 """
 from __future__ import annotations
 

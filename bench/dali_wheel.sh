@@ -130,7 +130,7 @@ for extra in (deps, clips) + ((golden,) if os.path.isdir(golden) else ()):
     else:
         calls.append([sums, extra])
 pack = open(sums).readline().split()[1]
-commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
 print(f"\n{pack}: {os.path.getsize(os.path.join('.whl', pack)) / 2**20:.1f} MiB in {len(parts)} chunks of "
       f"{size(parts[0]) / 2**20:.1f} MiB; deps {size(deps) / 2**20:.1f} MiB; clips {size(clips) / 2**20:.1f} MiB; "
       f"working tree (tracked + untracked, not ignored) {tree / 2**20:.1f} MiB; {limit >> 20} MiB per call")

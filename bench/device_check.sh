@@ -3,7 +3,7 @@
 # extension there, then the GPU benchmarks and tests in order of importance. The log and results
 # land under $OUT as they are written (a call cut short still returns what it measured).
 #
-#   VIDEOPRISM_COMMIT=$(git rev-parse --short HEAD) bash bench/device_check.sh build attention train-step token-ops
+#   VIDEOPRISM_COMMIT=$(git describe --always --dirty) bash bench/device_check.sh build attention train-step token-ops
 #   VIDEOPRISM_COMMIT=... bash bench/device_check.sh token-tests dali-gpu gpu-tests   # the second call, at once
 #
 # One call may run at most 10 minutes and a session has 15 minutes of device time, the machine's

@@ -206,13 +206,13 @@ def measure_peaks(device: torch.device | str, dtype: torch.dtype | None = None) 
     }
 
 
-def _commit(root: str | None = None) -> str:
-    """VIDEOPRISM_COMMIT when set, else HEAD's short hash of the checkout at `root` (default: this one), with
-    "-dirty" when its files differ from HEAD (tracked changes or untracked files; bench/results, which the runs
-    themselves rewrite, left out): the numbers of a run on uncommitted code are not that commit's."""
+def _commit() -> str:
+    """VIDEOPRISM_COMMIT when set, else HEAD's short hash of this checkout, with "-dirty" when its files differ
+    from HEAD (tracked changes or untracked files; bench/results, which the runs themselves rewrite, left out):
+    the numbers of a run on uncommitted code are not that commit's."""
     if os.environ.get("VIDEOPRISM_COMMIT"):
         return os.environ["VIDEOPRISM_COMMIT"]
-    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=root).stdout.strip()

@@ -345,6 +345,8 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist
     n = clips["index"].shape[0]
     batches = [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
     rounds = all_reduce_max([len(batches)], dist_)[0]
+    if rounds == len(batches):
+        return batches
     # A one-token caption: every causal attention row keeps a key, as a real caption's rows do (all keys padded
     # is an input no real batch has, and no kernel needs to handle).
     pads = torch.ones(batch_size, MAX_TEXT_LENGTH)

@@ -1,4 +1,4 @@
-"""`videoprism embed` and `videoprism convert`, run as a user runs them (a subprocess)."""
+"""`videoprism embed`, `embed-text` and `convert`, run as a user runs them (a subprocess or `main`)."""
 from __future__ import annotations
 
 import argparse
@@ -85,10 +85,11 @@ def test_convert_then_load(tmp_path, golden_dir, golden_config, golden_inputs):
 
 def test_help_explains_every_command():
     out = run("--help").stdout
-    for cmd in ("embed", "convert", "data", "eval"):
+    for cmd in ("embed", "embed-text", "convert", "data", "eval"):
         assert cmd in out
     assert "--num-frames" in run("embed", "--help").stdout
-    for task in ("retrieval", "probe"):
+    assert "--tokenizer" in run("embed-text", "--help").stdout
+    for task in ("retrieval", "zeroshot", "probe"):
         assert "--num-frames" in run("eval", task, "--help").stdout
 
 
@@ -158,6 +159,75 @@ def test_help_states_defaults(capsys):
         text = " ".join(capsys.readouterr().out.split())
         for d in defaults:
             assert f"default {d}" in text or f"default: {d}" in text, (argv, d)
+
+
+def _small_clip_file(tmp_path) -> tuple[str, str]:
+    """A small random LvT model saved as our .safetensors, and a SentencePiece model whose pieces fit its text tower."""
+    from videoprism.data.synth import train_spm
+
+    spm = str(tmp_path / "spm.model")
+    train_spm([f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
+               for d in ("left", "right", "up", "down")], spm, vocab_size=40)
+    clip = vp.from_official("videoprism_lvt_v1_base", model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1,
+                            num_temporal_layers=1, num_auxiliary_layers=0, num_unimodal_layers=1, vocabulary_size=40,
+                            patch_size=8, pos_emb_shape=(2, 4, 4))
+    vp.save_safetensors(clip, str(tmp_path / "clip.safetensors"))
+    return str(tmp_path / "clip.safetensors"), spm
+
+
+@pytest.mark.parametrize("ext", [".npy", ".safetensors"])
+def test_embed_text_rows_equal_each_text_embedded_alone(tmp_path, ext):
+    """Batched (and trimmed to the batch's longest text) as one text at a time through the Python API, in the order
+    of the arguments then the file's lines; a .safetensors keeps the texts."""
+    from safetensors import safe_open
+
+    from videoprism.data.text import Tokenizer
+
+    ckpt, spm = _small_clip_file(tmp_path)
+    texts = ["a red circle moves left", "blue", "a green square moves up while a red circle moves down, slowly"]
+    (tmp_path / "more.txt").write_text("a red square moves right\nup\n")
+    out = tmp_path / f"t{ext}"
+    assert main(["embed-text", *texts, "--texts-file", str(tmp_path / "more.txt"), "--checkpoint", ckpt,
+                 "--tokenizer", spm, "--batch-size", "2", "--quiet", "--out", str(out)]) == 0
+    texts += ["a red square moves right", "up"]
+    if ext == ".npy":
+        got = torch.from_numpy(np.load(out))
+    else:
+        with safe_open(str(out), "pt") as f:
+            got = f.get_tensor("embeddings")
+            assert f.metadata()["texts"].split("\n") == texts
+    model, tok = vp.model_from_safetensors(ckpt).eval(), Tokenizer(spm)
+    with torch.no_grad():
+        want = torch.cat([model.encode_text(*tok([t])) for t in texts])
+    assert got.shape == (5, 32)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the texts give different rows
+
+
+def test_embed_text_bad_input_one_line_errors(tmp_path, capsys):
+    ckpt, spm = _small_clip_file(tmp_path)
+    enc = _small_encoder_file(tmp_path)
+
+    def error(*argv) -> str:
+        capsys.readouterr()
+        assert main(["embed-text", *argv, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
+        return err[0]
+
+    base = ["--checkpoint", ckpt, "--tokenizer", spm, "--out", str(tmp_path / "t.npy")]
+    assert "no text to embed" in error(*base)
+    assert "text 2 is empty" in error("a dog", "  ", *base)
+    (tmp_path / "t.txt").write_text("a dog\n\n")
+    assert f"line 2 of {tmp_path / 't.txt'} is empty" in error("--texts-file", str(tmp_path / "t.txt"), *base)
+    assert "must end in .npy or .safetensors" in error("a dog", *base[:4], "--out", "t.txt")
+    assert "--tokenizer nope.model: no such file" in error("a dog", "--checkpoint", ckpt, "--tokenizer", "nope.model")
+    assert "no text tower" in error("a dog", "--checkpoint", enc, "--tokenizer", spm)
+    big = SPM  # the shared SentencePiece model: 1000 pieces, more than this text tower's 40
+    if os.path.isfile(big):
+        assert "the tokenizer the checkpoint was trained with" in error("a dog", "--checkpoint", ckpt, "--tokenizer",
+                                                                         big)
+    assert not (tmp_path / "t.npy").exists()
 
 
 def test_embed_rejects_bad_output_name(media_dir):
@@ -345,6 +415,8 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
                           "train.global_batch=4", "train.eval_every=0"]) == 0
     out = capsys.readouterr().out
     assert "stage-1 zero-shot retrieval on the validation split (2 clips): t2v_R@1" in out
+    assert re.search(r"^stage-1 zero-shot classification .*: direction \d+\.\d%, colour \d+\.\d%, shape \d+\.\d% "
+                     r"\(chance 25\.0%, 16\.7%, 33\.3%\)$", out, re.M), out
     for name in pipeline.PROBE_LABELS:
         assert re.search(rf"^  {name} +\d+\.\d% +\d+\.\d% \( *\d+%\) +\d+\.\d% \( *\d+%\)$", out, re.M), out
     for stage in ("stage1", "stage2"):

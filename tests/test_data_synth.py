@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from videoprism.data.synth import COLOURS, DIRECTIONS, _clip_spec, _is_val, caption_of, generate, render
+from videoprism.data.synth import (COLOURS, DIRECTIONS, _clip_spec, _is_val, caption_of, class_names, generate,
+                                   prompt_templates, render)
 
 
 def _exact(frames, colour_id):
@@ -68,3 +69,26 @@ def test_progress_bar_counts_every_clip_and_leaves_the_output_unchanged(tmp_path
     assert "6/6" in err and "clip/s" in err
     for name in ("train.jsonl", "val.jsonl", "clips/000004.webm"):
         assert (tmp_path / "quiet" / name).read_bytes() == (tmp_path / "bar" / name).read_bytes()
+
+
+def test_prompt_files_hold_every_caption_of_each_class_and_no_other(tmp_path):
+    """Each label's prompt templates, filled with a clip's class name, include the clip's own 'single' caption (and
+    its main clause in a 'pair' scene), and filled with another class never do: the prompts speak the captions'
+    words and a class differs from the others only in its own word. synth.json names the files and the classes."""
+    meta = generate(str(tmp_path), 24, seed=3, size=16, num_frames=2, scene="single", workers=1)
+    assert meta["classes"] == class_names()
+    for label, rel in meta["prompts"].items():
+        templates = open(tmp_path / rel).read().splitlines()
+        assert templates == prompt_templates(label) and all(t.count("{}") == 1 for t in templates)
+        assert len(templates) == len(set(templates))
+        names = meta["classes"][label]
+        for line in open(tmp_path / "train.jsonl"):
+            rec = json.loads(line)
+            filled = {c: {t.replace("{}", c) for t in templates} for c in names}
+            own = names[rec["label"][label]]
+            assert rec["caption"] in filled[own]
+            assert not any(rec["caption"] in filled[c] for c in names if c != own)
+        pair = caption_of(_clip_spec(3, 0, "pair")).split(" while ")[0]
+        assert pair in filled[names[_clip_spec(3, 0, "pair")[label]]]
+    with pytest.raises(ValueError, match="synthetic labels are colour, shape, direction"):
+        prompt_templates("verb")

@@ -324,3 +324,142 @@ def test_probe_on_one_manifest_for_both_splits_encodes_it_once(data, tmp_path, m
                  "--steps", "2", "--workers", "0", "--quiet", "--out", str(out)]) == 0
     n = sum(1 for _ in open(train))
     assert calls == [train] and json.loads(out.read_text())["labels"]["colour"]["clips"] == [n, n]
+
+
+def _classes(d: str, label: str) -> list[str]:
+    return json.load(open(os.path.join(d, "synth.json")))["classes"][label]
+
+
+def test_zeroshot_equals_clip_by_clip_oracle(data, tmp_path):
+    """`eval zeroshot` against each clip embedded alone through the embed path, each prompt tokenized and embedded
+    alone, the template mean taken by hand and each clip's class ranked by a literal loop."""
+    root, d = data
+    manifest = os.path.join(d, "val.jsonl")
+    classes, templates = _classes(d, "direction"), ["a red circle moves {}", "{}", "a blue square slides {}"]
+    out = tmp_path / "z.json"
+    argv = ["eval", "zeroshot", manifest, "--checkpoint", str(root / "clip.safetensors"), "--label", "direction",
+            "--classes-file", os.path.join(d, "synth.json"), "--batch-size", "3", "--workers", "0", "--quiet",
+            "--out", str(out)]
+    for t in templates:
+        argv += ["--template", t]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+
+    model = vp.model_from_safetensors(str(root / "clip.safetensors")).eval()
+    tok = Tokenizer(os.path.join(d, "spm.model"))
+    lines = [json.loads(x) for x in open(manifest)]
+    with torch.no_grad():
+        cls = []
+        for c in classes:
+            prompts = [model.encode_text(*tok([t.replace("{}", c)]))[0].double() for t in templates]
+            prompts = [p / p.norm() for p in prompts]
+            mean = sum(prompts) / len(prompts)
+            cls.append(mean / mean.norm())
+        video = [model.encode_video(read_clip(os.path.join(d, rec["path"]), FRAMES, RES)[None])[0][0].double()
+                 for rec in lines]
+    labels = [rec["label"]["direction"] for rec in lines]
+    hits = []
+    for v, y in zip(video, labels):
+        scores = [float(v @ c) for c in cls]
+        ahead = sum(1 for j, s in enumerate(scores) if j != y and s >= scores[y])
+        hits.append(ahead == 0)
+    assert got["clips"] == len(lines) and got["classes"] == 4 and got["templates"] == templates
+    assert got["top1"] == pytest.approx(sum(hits) / len(hits), abs=1e-6) and "top5" not in got
+    per = {c: [h for h, y in zip(hits, labels) if y == i] for i, c in enumerate(classes)}
+    for c in classes:
+        assert got["per_class"][c]["clips"] == len(per[c])
+        if per[c]:
+            assert got["per_class"][c]["top1"] == pytest.approx(sum(per[c]) / len(per[c]), abs=1e-6)
+    present = [sum(h) / len(h) for h in per.values() if h]
+    assert got["mean_class_accuracy"] == pytest.approx(sum(present) / len(present), abs=1e-6)
+    assert got["chance"] == 0.25 and got["majority"] == max(len(h) for h in per.values()) / len(lines)
+
+
+def test_zero_shot_metrics_by_hand():
+    """Top-1, top-5, mean class accuracy on planted embeddings, and ties counting against the model."""
+    from videoprism.train.zeroshot import zero_shot_metrics
+
+    C = 7
+    classes = torch.eye(C)
+    # Clip i is class i's direction rotated towards class (i + 1): top-1 right for clips 0..4; clips 5 and 6 lean
+    # further to the next class (top-1 wrong, rank 1: top-5 right); clip 7 is class 0 seen as class 3 at rank ~1.
+    video = torch.zeros(8, C)
+    for i in range(7):
+        w = 0.9 if i < 5 else 0.3
+        video[i, i], video[i, (i + 1) % C] = w, (1 - w * w) ** 0.5
+    video[7, 3] = 1.0
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+    m = zero_shot_metrics(video, classes, labels, [f"c{i}" for i in range(C)])
+    assert m["top1"] == 5 / 8 and m["top5"] == 7 / 8  # clip 7: its class scores 0, tied with 5 others: rank 6
+    assert m["per_class"]["c0"] == {"clips": 2, "top1": 0.5} and m["per_class"]["c5"]["top1"] == 0.0
+    assert m["mean_class_accuracy"] == pytest.approx((0.5 + 1 + 1 + 1 + 1 + 0 + 0) / 7)
+    assert m["chance"] == 1 / 7 and m["majority"] == 2 / 8 and m["clips"] == 8
+    # A collapsed model (every clip equally close to every class) is wrong everywhere, whatever the class order.
+    flat = zero_shot_metrics(torch.ones(4, 3) / 3 ** 0.5, torch.ones(3, 3) / 3 ** 0.5, torch.tensor([0, 1, 2, 0]),
+                             ["a", "b", "c"])
+    assert flat["top1"] == 0.0 and "top5" not in flat
+    assert flat["per_class"]["b"] == {"clips": 1, "top1": 0.0}
+    with pytest.raises(ValueError, match=r"label ids must be in \[0, 3\)"):
+        zero_shot_metrics(torch.ones(1, 3), torch.eye(3), torch.tensor([3]), ["a", "b", "c"])
+
+
+def test_zeroshot_bad_input_one_line_errors(data, tmp_path, capsys):
+    """Each bad option is one line naming the option or manifest and the fix; the label, class and template checks
+    come before the model loads (the missing checkpoint is not what is reported)."""
+    root, d = data
+    manifest = os.path.join(d, "val.jsonl")
+    nowhere = str(tmp_path / "no_such_model.safetensors")
+
+    def error(*argv, checkpoint=nowhere) -> str:
+        capsys.readouterr()
+        assert main(["eval", "zeroshot", manifest, *argv, "--checkpoint", checkpoint, "--quiet", "--workers", "0"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "no_such_model" not in err, err
+        return err
+
+    assert "pick one with --label" in error("--classes", "a,b")
+    assert "no clip has the label 'speed'" in error("--label", "speed", "--classes", "a,b")
+    assert "one of the two" in error("--label", "shape")
+    assert "one of the two" in error("--label", "shape", "--classes", "a", "--classes-file", "x.txt")
+    assert "class id 2, but 2 class names" in error("--label", "shape", "--classes", "circle,square")
+    assert "both named 'square'" in error("--label", "shape", "--classes", "circle,square, square")
+    assert "class 1 is ''" in error("--label", "shape", "--classes", "circle,,triangle")
+    assert "exactly one '{}'" in error("--label", "shape", "--classes", "circle,square,triangle", "--template", "x")
+    assert "given twice" in error("--label", "shape", "--classes", "circle,square,triangle", "--template", "a {}",
+                                  "--template", "a {}")
+    txt = tmp_path / "shapes.txt"
+    txt.write_text("circle\n\nsquare\n")
+    assert "class id 2, but 2 class names" in error("--label", "shape", "--classes-file", str(txt))  # blank lines skip
+    bad = tmp_path / "c.json"
+    bad.write_text('{"colour": ["red"]}')
+    assert "no list of class names for the label 'shape'" in error("--label", "shape", "--classes-file", str(bad))
+    bad.write_text("[1, 2")
+    assert "not JSON" in error("--label", "shape", "--classes-file", str(bad))
+    # Past the checks: an encoder has no text tower.
+    assert "no text tower" in error("--label", "shape", "--classes", "circle,square,triangle",
+                                    checkpoint=str(root / "enc.safetensors"))
+    unlabelled = tmp_path / "nolabel.jsonl"
+    unlabelled.write_text("".join(json.dumps({k: v for k, v in rec.items() if k != "label"}) + "\n"
+                                  for rec in map(json.loads, open(manifest))))
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", str(unlabelled), "--classes", "a", "--checkpoint", nowhere, "--quiet"]) == 2
+    assert "no clip has a 'label'" in capsys.readouterr().err
+
+
+def test_zeroshot_on_a_manifest_mixing_int_and_dict_labels(data, tmp_path):
+    """Clips with an int label sit out a dict label's classification and the others an int one's; the class-count
+    check reads each kind alone."""
+    root, d = data
+    lines = [json.loads(x) for x in open(os.path.join(d, "val.jsonl"))]
+    for rec in lines[:2]:
+        rec["label"] = 5  # an int label, beyond the 3 shape classes
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({**r, "path": os.path.join(d, r["path"])}) + "\n" for r in lines))
+    shutil.copy(os.path.join(d, "spm.model"), tmp_path / "spm.model")
+    out = tmp_path / "z.json"
+    assert main(["eval", "zeroshot", str(mixed), "--checkpoint", str(root / "clip.safetensors"), "--label", "shape",
+                 "--classes", "circle,square,triangle", "--workers", "0", "--quiet", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["clips"] == len(lines) - 2
+    assert main(["eval", "zeroshot", str(mixed), "--checkpoint", str(root / "clip.safetensors"), "--label", "label",
+                 "--classes", "a,b,c,d,e,f", "--workers", "0", "--quiet", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["clips"] == 2

@@ -2,9 +2,13 @@
 
     videoprism eval retrieval VAL.jsonl --checkpoint RUN/model.safetensors [--tokenizer spm.model]
     videoprism eval probe TRAIN.jsonl VAL.jsonl --checkpoint X [--labels direction,colour]
+    videoprism eval zeroshot VAL.jsonl --checkpoint X --label direction --classes left,right,up,down
 
 * `retrieval`: zero-shot text->video and video->text R@1/5/10 of a video-text (LvT) model, the protocol of
   training's validation (train/retrieval.py: a hit is an item with the query's caption).
+* `zeroshot`: zero-shot classification of a video-text (LvT) model (train/zeroshot.py): each class a text prompt
+  (`--template`, the class name in its `{}`), a clip's class the prompt closest to its video embedding; top-1,
+  top-5 and mean per-class accuracy against the manifest's labels.
 * `probe`: frozen-feature attentive probes (train/probe.py, as the demo's), one per label, on an encoder's tokens:
   a stage-2 export, an official or our encoder or classifier, or an LvT model's video tower.
 
@@ -35,7 +39,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
                     bf16: bool = False, decoder: str = "auto", progress: bool = True) -> tuple[dict, list]:
     """Every readable clip of `manifest` through `model` (no gradients) -> (host tensors in manifest order, the
     skipped (name, reason) pairs). An LvT model with a tokenizer gives "video" and "text" `[N, D]` embeddings and
-    the caption fields; an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along.
+    the caption fields (without a tokenizer, "video" alone); an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along.
     `bf16`: the forward under bf16 autocast, as a training step and its validation (train.precision). `decoder`:
     the loader's backend ("auto": DALI on a GPU when installed, else PyAV).
     Each field fills one buffer sized for every clip of the manifest (skipped clips leave its tail unused): the
@@ -60,7 +64,10 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
               smoothing=0) as bar, torch.no_grad(), amp:
         for batch in loader:
             video = to_device(batch["video"], dev)
-            if clip:
+            if clip and tokenizer is None:
+                v, _, _ = model(video)
+                out = {"video": v.float().cpu()}
+            elif clip:
                 ids, pads = trim_text(batch["text_ids"], batch["text_paddings"])
                 v, t, _ = model(video, to_device(ids, dev), to_device(pads, dev))
                 out = {"video": v.float().cpu(), "text": t.float().cpu(), "text_ids": batch["text_ids"],
@@ -87,7 +94,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
 def _tokenizer(path: str | None, manifest: str, vocabulary: int):
     """--tokenizer, else spm.model next to the manifest (as `data synth` writes it and training defaults to);
     its ids must fit the model's text embedding."""
-    from videoprism.data.text import Tokenizer
+    from videoprism.cli import load_tokenizer
 
     if path is None:
         path = os.path.join(os.path.dirname(os.path.abspath(manifest)), "spm.model")
@@ -95,11 +102,7 @@ def _tokenizer(path: str | None, manifest: str, vocabulary: int):
             raise ValueError(f"--tokenizer not given and {path} (the default: spm.model next to the manifest) does "
                              "not exist; pass --tokenizer PATH.model (the captions' SentencePiece model the "
                              "checkpoint was trained with)")
-    tok = Tokenizer(path)
-    if tok.vocab_size > vocabulary:
-        raise ValueError(f"--tokenizer {path}: {tok.vocab_size} pieces, but the model's text embedding has "
-                         f"{vocabulary} rows; pass the tokenizer the checkpoint was trained with")
-    return tok
+    return load_tokenizer(path, vocabulary)
 
 
 def _label_names(manifest: str, max_bad_share: float) -> list[str]:
@@ -232,11 +235,117 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def _zeroshot_label(args) -> tuple[str, int]:
+    """--label (else the manifest's only label), checked against the manifest before the model loads -> (its name,
+    its largest class id)."""
+    from videoprism.data.manifest import read_source
+
+    samples, _ = read_source(args.manifest, max_bad_share=args.max_bad_share)  # bad lines: reported when encoded
+    have = sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
+    if not have:
+        raise ValueError(f"{args.manifest}: no clip has a 'label'; add class ids to the manifest (an int, or a dict "
+                         "of ints such as {\"direction\": 2}; README, Data format)")
+    name = args.label
+    if name is None:
+        if len(have) > 1:
+            raise ValueError(f"{args.manifest}: its clips have the labels {', '.join(have)}; pick one with --label")
+        name = have[0]
+    if name not in have:
+        raise ValueError(f"{args.manifest}: no clip has the label {name!r} (its labels: {', '.join(have)}); pass "
+                         "--label with one of them")
+    if name == "label":
+        ids = [s.label for s in samples if isinstance(s.label, int)]
+    else:
+        ids = [s.label[name] for s in samples if isinstance(s.label, dict) and name in s.label]
+    return name, max(ids)
+
+
+def _zeroshot_classes(args, label: str) -> list[str]:
+    """--classes "a,b,c" or --classes-file: a .txt (one name per line) or a .json (a list; an object with a list
+    per label, such as `data synth`'s synth.json, whose lists are under "classes")."""
+    import json
+
+    from videoprism.train.zeroshot import check_classes
+
+    if (args.classes is None) == (args.classes_file is None):
+        raise ValueError("give the class names with --classes a,b,c or --classes-file FILE (one of the two), in "
+                         "label-id order")
+    if args.classes is not None:
+        return check_classes(args.classes.split(","), f"--classes {args.classes!r}")
+    path = args.classes_file
+    if not os.path.isfile(path):
+        raise ValueError(f"--classes-file {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
+    with open(path, encoding="utf-8") as fh:
+        if not path.endswith(".json"):
+            return check_classes([x for x in fh.read().splitlines() if x.strip()], path)
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--classes-file {path}: not JSON ({e}); give a list of names, or a .txt with one a "
+                             "line") from None
+    if isinstance(data, dict):
+        table = data.get("classes", data)
+        if not isinstance(table, dict) or label not in table:
+            raise ValueError(f"--classes-file {path}: no list of class names for the label {label!r} (a JSON list, or "
+                             "an object with one list per label)")
+        data = table[label]
+    if not isinstance(data, list):
+        raise ValueError(f"--classes-file {path}: the class names must be a JSON list of strings")
+    return check_classes(data, f"{path} ({label})")
+
+
+def cmd_zeroshot(args) -> int:
+    import videoprism as vp
+    from videoprism.train.probe import label_key
+    from videoprism.train.zeroshot import check_templates, class_embeddings, zero_shot_metrics
+
+    args.manifests = [args.manifest]
+    device = _check(args)
+    templates = list(args.template or [])
+    if args.templates_file is not None:
+        if not os.path.isfile(args.templates_file):
+            raise ValueError(f"--templates-file {args.templates_file}: no such file")
+        with open(args.templates_file, encoding="utf-8") as fh:
+            templates += [x.strip() for x in fh.read().splitlines() if x.strip()]
+        if not templates:
+            raise ValueError(f"--templates-file {args.templates_file}: no template in it (one a line, each with {{}})")
+    templates = check_templates(templates or ["{}"])
+    label, top = _zeroshot_label(args)
+    classes = _zeroshot_classes(args, label)
+    if top >= len(classes):
+        raise ValueError(f"{args.manifest}: label {label!r} has class id {top}, but {len(classes)} class names were "
+                         f"given; name every class, in id order (0..{top} at least)")
+    model, source, frames, resolution = load_model(args, device)
+    if not isinstance(model, vp.FactorizedVideoCLIP):
+        raise ValueError(f"{source}: a {type(model).__name__} has no text tower; zero-shot classification needs a "
+                         "video-text (LvT) model, e.g. a stage-1 run's model.safetensors (for an encoder: "
+                         "videoprism eval probe)")
+    tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
+    kw = _stream_kw(args, frames, resolution, device)
+    cls = class_embeddings(model, tok, classes, templates, device=device, bf16=kw["bf16"])
+    enc, rejects = encode_manifest(model, args.manifest, **kw)
+    y = enc[label_key(label)]
+    has = y >= 0  # clips without this label sit out
+    if not has.any():
+        raise ValueError(f"{args.manifest}: no readable clip has the label {label!r}")
+    m = zero_shot_metrics(enc["video"][has], cls, y[has], classes)
+    print(f"zero-shot classification of {label!r}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
+          f"{len(templates)} template(s); {frames} frames at {resolution}x{resolution}, {source}; {len(rejects)} "
+          "skipped):")
+    top5 = f"  top-5 {100 * m['top5']:5.1f}%" if "top5" in m else ""
+    print(f"  top-1 {100 * m['top1']:5.1f}%{top5}  mean class accuracy {100 * m['mean_class_accuracy']:5.1f}%  "
+          f"(chance {100 * m['chance']:.1f}%, majority class {100 * m['majority']:.1f}%)")
+    _write(args, {"task": "zeroshot", "model": source, "manifest": args.manifest, "label": label,
+                  "templates": templates, "frames": frames, "resolution": resolution,
+                  "precision": "bf16" if kw["bf16"] else "fp32", "skipped": [list(r) for r in rejects], **m})
+    return 0
+
+
 def register(subparsers, names: str) -> None:
-    """Add `eval` (with `retrieval` and `probe`) to the `videoprism` sub-parsers (`names`: the official models)."""
+    """Add `eval` (with `retrieval`, `zeroshot` and `probe`) to the `videoprism` sub-parsers (`names`: the official models)."""
     from videoprism.train.probe import PROBE_LR, PROBE_STEPS
 
-    ev = subparsers.add_parser("eval", help="evaluate a model on manifests: zero-shot retrieval, attentive probes",
+    ev = subparsers.add_parser("eval", help="evaluate a model on manifests: zero-shot retrieval and classification, attentive probes",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
@@ -265,6 +374,30 @@ def register(subparsers, names: str) -> None:
     r.add_argument("--tokenizer", help="the captions' SentencePiece model (default: spm.model next to the manifest)")
     common(r)
     r.set_defaults(func=cmd_retrieval)
+
+    z = sub.add_parser("zeroshot", help="zero-shot classification of a video-text (LvT) model",
+                       description="Embed one text prompt per class and template (the class name in the template's "
+                                   "{}; a class's embedding is the mean over its templates) and every clip of "
+                                   "MANIFEST; a clip's prediction is the class closest to its video embedding. "
+                                   "Reports top-1, top-5 (more than 5 classes) and mean per-class accuracy against "
+                                   "the manifest's label, with the chance level and the majority class's share. "
+                                   "Clips without the label sit out.",
+                       epilog="example: videoprism eval zeroshot k400_val.jsonl --model videoprism_lvt_public_v1_base "
+                              "--checkpoint lvt_base.npz --tokenizer c4_en.model --classes-file k400_classes.txt "
+                              "--template 'a video of {}.' --template '{}'")
+    z.add_argument("manifest", help="a .jsonl manifest (path, caption, label) or a WebDataset .tar shard")
+    z.add_argument("--label", help="which label to classify: a key of the manifest's dict labels, or 'label' for an "
+                                   "int one (default: the manifest's only label)")
+    z.add_argument("--classes", help="comma-separated class names in label-id order (id 0 first)")
+    z.add_argument("--classes-file", help="class names in id order: a .txt with one a line, or a .json list (or an "
+                                          "object with a list per label, such as data synth's synth.json)")
+    z.add_argument("--template", action="append", metavar="TEXT",
+                   help="prompt template with {} for the class name (repeatable: the class embedding averages them; "
+                        "default: the bare name '{}'), e.g. --template 'a video of {}.'")
+    z.add_argument("--templates-file", help="more templates, one a line (added to --template's)")
+    z.add_argument("--tokenizer", help="the text tower's SentencePiece model (default: spm.model next to the manifest)")
+    common(z)
+    z.set_defaults(func=cmd_zeroshot)
 
     p = sub.add_parser("probe", help="frozen-feature attentive probes for the manifest's labels",
                        description="Extract the frozen encoder's tokens of every clip of TRAIN and VAL, train one "

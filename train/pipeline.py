@@ -9,8 +9,9 @@
 2. stage 1 (`tiny`): video-text contrastive training, zero-shot retrieval on the
    validation split;
 3. stage 2 (`tiny`): masked video modeling distilled from the stage-1 model;
-4. attentive probes on the frozen stage-1 and stage-2 encoders for motion direction,
-   colour and shape.
+4. zero-shot classification of direction, colour and shape with the stage-1 model (prompts
+   in the captions' wording, the class left open: data/prompts/<label>.txt), and attentive
+   probes on the frozen stage-1 and stage-2 encoders for the same labels.
 Extra `key=value` arguments apply to both stages (e.g. train.steps=100).
 """
 from __future__ import annotations
@@ -23,13 +24,14 @@ import sys
 import time
 
 from videoprism.cli import command_name, run_command
-from videoprism.data.synth import SCENES, generate
+from videoprism.data.synth import SCENES, class_names, generate, prompt_templates
 from videoprism.paths import make_folder
 from videoprism.train import stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
 from videoprism.train.modeling import model_from_safetensors
-from videoprism.train.probe import PROBE_LR, PROBE_STEPS, run_probes
+from videoprism.train.probe import PROBE_LR, PROBE_STEPS, label_key, run_probes
+from videoprism.train.zeroshot import class_embeddings, video_embeddings, zero_shot_metrics
 from videoprism.train.trainer import NonFiniteLossError
 
 PROBE_LABELS = ["direction", "colour", "shape"]
@@ -105,7 +107,12 @@ def _main(argv: list[str] | None) -> int:
     kw = dict(frames=cfg1.model.num_frames, resolution=cfg1.model.resolution, tokenizer=tok, dc=cfg1.data)
     (train, _), (val, _) = decode_all(cfg1.data.train, **kw), decode_all(cfg1.data.val, **kw)  # skips: reported
     backend = cfg1.model.attention_backend
-    enc1 = model_from_safetensors(res1["export"], expect="FactorizedVideoCLIP", attention_backend=backend).vision_encoder
+    clip1 = model_from_safetensors(res1["export"], expect="FactorizedVideoCLIP", attention_backend=backend)
+    enc1 = clip1.vision_encoder
+    emb = video_embeddings(clip1, val["video"])
+    zero_shot = {name: zero_shot_metrics(emb, class_embeddings(clip1, tok, class_names()[name], prompt_templates(name),
+                                                               device="cpu"), val[label_key(name)], class_names()[name])
+                 for name in PROBE_LABELS}
     enc2 = model_from_safetensors(res2["export"], expect="FactorizedEncoder", attention_backend=backend)
     probes = {name: run_probes(enc, train, val, PROBE_LABELS, steps=args.probe_steps, lr=args.probe_lr)
               for name, enc in (("stage 1", enc1), ("stage 2", enc2))}
@@ -116,6 +123,9 @@ def _main(argv: list[str] | None) -> int:
           + ", ".join(f"{k} {100 * res1[k]:.1f}%" for k in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1",
                                                              "v2t_R@5", "v2t_R@10"))
           + f" (chance R@1 {100 * res1['chance_R@1']:.1f}%)")
+    print("stage-1 zero-shot classification (prompts in the captions' wording, the class left open): "
+          + ", ".join(f"{name} {100 * zero_shot[name]['top1']:.1f}%" for name in PROBE_LABELS)
+          + " (chance " + ", ".join(f"{100 * zero_shot[name]['chance']:.1f}%" for name in PROBE_LABELS) + ")")
     print(f"frozen-feature attentive probes, validation accuracy (training accuracy) ({args.probe_steps} steps "
           f"each, lr {args.probe_lr:g}, {t_probe:.0f} s):")
     print(f"  {'label':<10} {'chance':>7} {'stage 1':>14} {'stage 2':>14}")

@@ -1,9 +1,10 @@
-"""`videoprism` command line: embed videos, convert official checkpoints, data tools, evaluation.
+"""`videoprism` command line: embed videos and texts, convert official checkpoints, data tools, evaluation.
 
     videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] --out FILE.npy
+    videoprism embed-text TEXT... --tokenizer SPM.model [--model NAME] [--checkpoint X] --out FILE.npy
     videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
     videoprism data {index,synth} ...
-    videoprism eval {retrieval,probe} ...
+    videoprism eval {retrieval,zeroshot,probe} ...
 """
 from __future__ import annotations
 
@@ -212,6 +213,70 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def load_tokenizer(path: str, vocabulary: int):
+    """The SentencePiece model at `path`, whose ids must fit the model's text embedding (`vocabulary` rows)."""
+    from videoprism.data.text import Tokenizer
+
+    tok = Tokenizer(path)
+    if tok.vocab_size > vocabulary:
+        raise ValueError(f"--tokenizer {path}: {tok.vocab_size} pieces, but the model's text embedding has "
+                         f"{vocabulary} rows; pass the tokenizer the checkpoint was trained with")
+    return tok
+
+
+def cmd_embed_text(args) -> int:
+    import videoprism as vp
+    from tqdm import tqdm
+
+    from videoprism.train.data import trim_text
+
+    ext = os.path.splitext(args.out)[1]
+    if ext not in (".npy", ".safetensors"):
+        raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    texts = list(args.texts)
+    if args.texts_file is not None:
+        if not os.path.isfile(args.texts_file):
+            raise ValueError(f"--texts-file {args.texts_file}: no such file")
+        with open(args.texts_file, encoding="utf-8") as fh:
+            texts += [line.rstrip("\n") for line in fh]
+    if not texts:
+        raise ValueError("no text to embed; give texts as arguments or --texts-file FILE (one a line)")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            where = f"line {i - len(args.texts) + 1} of {args.texts_file}" if i >= len(args.texts) else f"text {i + 1}"
+            raise ValueError(f"{where} is empty; every text needs words (rows follow the texts, so none is dropped)")
+    check_out_file(args.out, f"--out {args.out}")
+    if not os.path.isfile(args.tokenizer):
+        raise ValueError(f"--tokenizer {args.tokenizer}: no such file; pass the text tower's SentencePiece .model "
+                         "(the official LvT models: c4_en; a stage-1 run: its data.tokenizer)")
+    device = resolve_device(args.device)
+    ours = args.checkpoint is not None and args.checkpoint.endswith(".safetensors")  # carries its config
+    name = args.model if ours or args.model else "videoprism_lvt_public_v1_base"
+    model, source = _build(name, args.checkpoint, parse_overrides(args.set), device=device)
+    if not isinstance(model, vp.FactorizedVideoCLIP):
+        raise ValueError(f"{source}: a {type(model).__name__} has no text tower; embed-text needs a video-text (LvT) "
+                         "model, e.g. videoprism_lvt_public_v1_base or a stage-1 run's model.safetensors")
+    tok = load_tokenizer(args.tokenizer, model.config.vocabulary_size)
+    out = []
+    with tqdm(total=len(texts), unit="text", desc="embed-text", disable=args.quiet, smoothing=0) as bar, \
+            torch.no_grad():
+        for i in range(0, len(texts), args.batch_size):
+            ids, pads = trim_text(*tok(texts[i:i + args.batch_size]))
+            out.append(model.encode_text(ids.to(device), pads.to(device)).float().cpu())
+            bar.update(ids.shape[0])
+    emb = torch.cat(out)
+    if ext == ".npy":
+        np.save(args.out, emb.numpy())
+    else:
+        from videoprism.checkpoint import write_safetensors
+
+        write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(texts), "model": source})
+    print(f"wrote {args.out}: {tuple(emb.shape)} L2-normalised text embeddings, row i = text i ({source})")
+    return 0
+
+
 def cmd_convert(args) -> int:
     import videoprism as vp
 
@@ -264,6 +329,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
+
+    t = sub.add_parser("embed-text", help="embed texts with the text tower of a video-text (LvT) model",
+                       description="Tokenize each text as training's captions (SentencePiece, at most 64 tokens) and "
+                                   "write its L2-normalised text embedding [D], row i for text i: with `embed`'s "
+                                   "video embeddings of the same LvT model, `video @ text.T` scores text-video "
+                                   "pairs (zero-shot retrieval and classification).",
+                       epilog="example: videoprism embed-text 'a person drums on a bottle' 'a dog runs' --model "
+                              "videoprism_lvt_public_v1_base --checkpoint lvt_base.npz --tokenizer c4_en.model "
+                              "--out text.npy")
+    t.add_argument("texts", nargs="*", help="texts to embed (or --texts-file)")
+    t.add_argument("--texts-file", help="more texts, one a line (after the arguments' texts)")
+    t.add_argument("--tokenizer", required=True, help="the text tower's SentencePiece .model (official LvT models: "
+                                                      "c4_en; a training run: its data.tokenizer)")
+    t.add_argument("--model", help=f"official model name (default videoprism_lvt_public_v1_base; not needed with our "
+                                   f".safetensors): {names}")
+    t.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
+                                        "stage-1 run's model.safetensors (random weights if omitted)")
+    t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the model (repeatable)")
+    t.add_argument("--batch-size", type=int, default=256, help="texts per forward (default: %(default)s)")
+    t.add_argument("--out", default="text_embeddings.npy", help="output .npy or .safetensors (default: %(default)s)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_embed_text)
 
     c = sub.add_parser("convert", help="convert an official Flax .npz checkpoint to safetensors",
                        description="Read an official checkpoint (e.g. flax_base_f16r288_repeated.npz) strictly "

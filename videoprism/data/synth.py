@@ -16,6 +16,7 @@ by default, H.264 in MP4 on request) written with PyAV, so they go through the s
                                               every 10th clip goes to val, the last one when num < 10)
     out_dir/spm.model                        (SentencePiece trained on the canonical captions; pad 0, eos 1, unk 2,
                                               no BOS, like the official c4_en model)
+    out_dir/prompts/<label>.txt              (zero-shot prompt templates per label: `prompt_templates`)
     out_dir/synth.json                       (class names per label, file names, settings)
 Everything is a function of the seed: one generator per clip keyed by (seed, clip), single-threaded encoders.
 """
@@ -66,13 +67,34 @@ def _clip_spec(seed: int, i: int, scene: str = DEFAULT_SCENE) -> dict:
             "verb": int(rng.integers(len(VERBS))), "scene": scene, "rng": rng}
 
 
+def _main_clause(colour: str, shape: str, verb: str, direction: str) -> str:
+    return f"a {colour} {shape} {verb} {direction}"
+
+
 def caption_of(spec: dict) -> str:
-    names = list(COLOURS), list(DIRECTIONS), list(ACTIONS)
-    main = (f"a {names[0][spec['colour']]} {SHAPES[spec['shape']]} {VERBS[spec['verb']]} "
-            f"{names[1][spec['direction']]}")
+    main = _main_clause(list(COLOURS)[spec["colour"]], SHAPES[spec["shape"]], VERBS[spec["verb"]],
+                        list(DIRECTIONS)[spec["direction"]])
     if spec["scene"] == "single":
         return main
-    return f"{main} while a {names[0][spec['colour2']]} {SHAPES[spec['shape2']]} {names[2][spec['action']]}"
+    return f"{main} while a {list(COLOURS)[spec['colour2']]} {SHAPES[spec['shape2']]} {list(ACTIONS)[spec['action']]}"
+
+
+def class_names() -> dict[str, list[str]]:
+    """Each label's class names in label-id order (synth.json's "classes")."""
+    return {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+
+
+def prompt_templates(label: str) -> list[str]:
+    """Zero-shot prompts for `label` ("colour", "shape" or "direction"): the captions' main clause ("a red circle
+    moves left") with `{}` for the label's word, once for every value of the other words (the prompt ensemble of
+    `videoprism eval zeroshot`, train/zeroshot.py: a class's embedding averages them, so no colour, shape or verb
+    is favoured)."""
+    words = {"colour": list(COLOURS), "shape": list(SHAPES), "verb": list(VERBS), "direction": list(DIRECTIONS)}
+    if label not in class_names():
+        raise ValueError(f"synthetic labels are {', '.join(class_names())}, got {label!r}")
+    words[label] = ["{}"]
+    return [_main_clause(c, s, v, d) for c in words["colour"] for s in words["shape"] for v in words["verb"]
+            for d in words["direction"]]
 
 
 def render(spec: dict, size: int, num_frames: int) -> np.ndarray:
@@ -182,10 +204,15 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
         with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     train_spm([r["caption"] for r in records], os.path.join(out_dir, "spm.model"))
+    prompts = {label: os.path.join("prompts", f"{label}.txt") for label in class_names()}
+    os.makedirs(os.path.join(out_dir, "prompts"), exist_ok=True)
+    for label, rel in prompts.items():
+        with open(os.path.join(out_dir, rel), "w") as f:
+            f.writelines(t + "\n" for t in prompt_templates(label))
     meta = {"num": num, "seed": seed, "codec": codec, "size": size, "num_frames": num_frames, "fps": fps, "scene": scene,
             "train": "train.jsonl", "val": "val.jsonl", "spm_model": "spm.model",
             "num_train": len(splits["train"]), "num_val": len(splits["val"]),
-            "classes": {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}}
+            "classes": class_names(), "prompts": prompts}
     with open(os.path.join(out_dir, "synth.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta

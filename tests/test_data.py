@@ -367,6 +367,30 @@ def write_shard(path: str, samples) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
+def test_video_only_shard_members_and_lines_are_samples_for_readers_without_text(tmp_path, synth):
+    """A shard key without a .txt member, like a manifest line without a caption, is a bad sample for a reader with
+    a tokenizer (stage 1, retrieval) and a clip for one without (stage 2, probes): batches carry caption None."""
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    shard = str(tmp_path / "shard-000.tar")
+    with tarfile.open(shard, "w") as tar:
+        for i, s in enumerate(samples[:2]):
+            tar.add(s.path, arcname=f"{i:04d}.webm")
+        info = tarfile.TarInfo("0000.txt")
+        info.size = len(b"a caption")
+        tar.addfile(info, io.BytesIO(b"a caption"))
+    got, rejects = read_shards([shard], max_bad_share=1.0)
+    assert [g.caption for g in got] == ["a caption"] and rejects == [(f"{shard}:0001", rejects[0][1])]
+    assert rejects[0][1].startswith("no .txt member: no caption")
+    got, rejects = read_shards([shard], captions=False)
+    assert [g.caption for g in got] == ["a caption", None] and not rejects and got.uncaptioned == 1
+    kw = dict(num_frames=4, resolution=32, batch_size=2, train=False, backend="pyav")
+    batch = next(iter(build_loader([shard], tokenizer=None, **kw)))
+    assert batch["caption"] == ["a caption", None] and batch["video"].shape[0] == 2 and "text_ids" not in batch
+    tok = Tokenizer(os.path.join(synth, "spm.model"))
+    batch = next(iter(build_loader([shard], tokenizer=tok, max_bad_share=0.5, **kw)))
+    assert batch["caption"] == ["a caption"] and batch["text_ids"].shape[0] == 1
+
+
 def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
     samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
     shard = str(tmp_path / "shard-000.tar")

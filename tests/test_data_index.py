@@ -52,13 +52,34 @@ def test_index_rejects_wrong_arguments(tmp_path, capsys):
 
 def test_index_of_an_all_bad_manifest_still_writes_the_report(tmp_path, capsys):
     m = tmp_path / "bad.jsonl"
-    m.write_text('{"path": "a.mp4"}\n{"caption": "no path"}\nnot json\n')
+    m.write_text('{"path": "a.mp4", "caption": ""}\n{"caption": "no path"}\nnot json\n')
     out = str(tmp_path / "clean.jsonl")
     # `validate` is DESIGN 7's other name for the command: the same parser and behaviour.
     assert run(["data", "validate", str(m), "--out", out, "--quiet"]) == 2
     assert "no usable sample" in capsys.readouterr().err
     report = [json.loads(line) for line in open(str(tmp_path / "clean.rejects.jsonl"))]
     assert [r["path"] for r in report] == [f"{m}:{n}" for n in (1, 2, 3)] and all(r["reason"] for r in report)
+
+
+def test_index_keeps_video_only_lines_and_says_how_many(tmp_path, capsys):
+    """A decodable clip without a caption is clean (stage 2 and probes read it): kept without a caption and counted;
+    a reader that needs captions then skips it as a bad line."""
+    write_clip(str(tmp_path / "g.mp4"), 12)
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "g.mp4", "caption": "a clip"}\n{"path": "g.mp4", "label": 2}\n{"path": "missing.mp4"}\n')
+    out = str(tmp_path / "clean.jsonl")
+    assert run(["data", "index", str(m), "--out", out, "--workers", "1", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "2 of 3 samples kept" in said and "(1 of them video-only, without a caption" in said
+    lines = [json.loads(x) for x in open(out)]
+    assert [x.get("caption") for x in lines] == ["a clip", None] and "caption" not in lines[1]
+    assert lines[1]["label"] == 2
+    video_only, _ = read_manifest(out, captions=False)
+    assert len(video_only) == 2 and video_only.uncaptioned == 1
+    captioned, rejects = read_manifest(out, max_bad_share=0.5)
+    assert len(captioned) == 1 and rejects == [(f"{out}:2", rejects[0][1])] and "no caption" in rejects[0][1]
+    report = [json.loads(x) for x in open(tmp_path / "clean.rejects.jsonl")]
+    assert [r["path"] for r in report] == [str(tmp_path / "missing.mp4")]
 
 
 class SlowSubmit(ProcessPoolExecutor):

@@ -463,3 +463,29 @@ def test_zeroshot_on_a_manifest_mixing_int_and_dict_labels(data, tmp_path):
     assert main(["eval", "zeroshot", str(mixed), "--checkpoint", str(root / "clip.safetensors"), "--label", "label",
                  "--classes", "a,b,c,d,e,f", "--workers", "0", "--quiet", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["clips"] == 2
+
+
+def test_probe_and_zeroshot_read_manifests_without_captions(data, tmp_path, capsys):
+    """A classification dataset's manifest (path and label, no caption): `eval probe` and `eval zeroshot` give what
+    they give on the captioned manifest; `eval retrieval` needs the captions."""
+    root, d = data
+    for split in ("train", "val"):
+        recs = [json.loads(x) for x in open(os.path.join(d, f"{split}.jsonl"))]
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({"path": os.path.join(d, r["path"]), "label": r["label"]}) + "\n" for r in recs))
+    shutil.copy(os.path.join(d, "spm.model"), tmp_path / "spm.model")
+    clip = str(root / "clip.safetensors")
+    common = ["--checkpoint", clip, "--workers", "0", "--quiet"]
+    for folder in (d, str(tmp_path)):
+        assert main(["eval", "probe", os.path.join(folder, "train.jsonl"), os.path.join(folder, "val.jsonl"),
+                     "--labels", "colour", "--steps", "5", *common, "--out", os.path.join(folder, "p.json")]) == 0
+        assert main(["eval", "zeroshot", os.path.join(folder, "val.jsonl"), "--label", "shape", "--classes",
+                     "circle,square,triangle", *common, "--out", os.path.join(folder, "z.json")]) == 0
+    for name in ("p.json", "z.json"):
+        got, want = (json.load(open(os.path.join(f, name))) for f in (str(tmp_path), d))
+        for k in ("manifest", "train", "val"):
+            got.pop(k, None), want.pop(k, None)
+        assert got == want, name
+    capsys.readouterr()
+    assert main(["eval", "retrieval", str(tmp_path / "val.jsonl"), *common]) == 2
+    assert "no caption (stage 1 and retrieval need one" in capsys.readouterr().err

@@ -42,15 +42,37 @@ def _same(got, want) -> None:
 
 
 def test_a_pack_reads_back_what_the_manifest_parses_to(tmp_path, capsys):
-    m = _manifest(tmp_path, bad_lines=['{"path": "x.mp4"}', "not json"])
+    m = _manifest(tmp_path, bad_lines=['{"path": "x.mp4", "caption": ""}', "not json"])
     parsed = read_manifest(m, max_bad_share=0.05)
     assert write_pack(m) == {"pack": pack_path(m), "samples": 300, "rejected": 2}
     packed = read_manifest(m, max_bad_share=0.05)
     assert packed[0]._pack == os.path.abspath(m)  # from the pack, not parsed again
     _same(packed, parsed)
-    assert packed[1] == [(f"{m}:2", "'caption' must be a non-empty string, got None"),
+    assert packed[1] == [(f"{m}:2", "'caption' must be a non-empty string, got ''"),
                          (f"{m}:3", "bad JSON (Expecting value at column 1)")]
     assert capsys.readouterr().err == ""
+
+
+def test_a_pack_with_video_only_lines_serves_readers_without_captions_only(tmp_path, capsys):
+    """A line without a caption is a sample for a reader that needs none (stage 2, probes) and a rejected line for
+    one that needs captions (stage 1, retrieval), from the pack as from the parse: the pack keeps such lines and
+    counts them, and a reader that needs captions parses the manifest instead (which lines to reject, the pack
+    does not say)."""
+    m = _manifest(tmp_path, n=100, bad_lines=['{"path": "x.mp4"}', '{"path": "y.mp4", "caption": null}'])
+    assert write_pack(m) == {"pack": pack_path(m), "samples": 102, "rejected": 0}
+    video_only = read_manifest(m, max_bad_share=0.05, captions=False)
+    assert video_only[0]._pack == os.path.abspath(m) and video_only[0].uncaptioned == 2
+    _same(video_only, read_manifest(m, max_bad_share=0.05, captions=False, use_pack=False))
+    assert [s.caption for s in video_only[0][1:3]] == [None, None] and video_only[1] == []
+    assert video_only[0][1].to_record() == {"path": os.path.join(tmp_path, "x.mp4")}  # no "caption": None
+    capsys.readouterr()
+    needed = read_manifest(m, max_bad_share=0.05)
+    assert needed[0]._pack is None and "holds 2 video-only lines" in capsys.readouterr().err
+    _same(needed, read_manifest(m, max_bad_share=0.05, use_pack=False))
+    assert len(needed[0]) == 100 and needed[0].uncaptioned == 0
+    assert [r[0] for r in needed[1]] == [f"{m}:2", f"{m}:3"] and all("no caption" in r[1] for r in needed[1])
+    with pytest.raises(TooManyBadSamplesError, match="2 of 102 lines"):
+        read_manifest(m, max_bad_share=0.01)
 
 
 def test_a_packs_rejects_name_the_manifest_as_its_reader_does(tmp_path, monkeypatch):

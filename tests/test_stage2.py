@@ -420,3 +420,37 @@ def test_losses_are_cosine_distances_to_the_teacher_and_the_total_weighs_the_glo
     torch.testing.assert_close(parts["global_loss"], global_)
     torch.testing.assert_close(total, token + 0.25 * global_)
     assert abs(float(token) - float(global_)) > 1e-3  # the two terms are told apart
+
+
+def test_stage2_trains_and_validates_on_video_only_lines_without_a_tokenizer(tmp_path, capsys):
+    """Stage 2 reads no text: a manifest whose lines have no caption, in a folder without spm.model and no
+    data.tokenizer, trains and validates (data.cache on and off); stage 1 on it stops at the bad-sample share with
+    the lines and the reason."""
+    import json
+    import os
+
+    pytest.importorskip("av", reason="PyAV decodes the clips")
+    from videoprism.data.synth import generate
+    from videoprism.train import stage1, stage2
+
+    generate(str(tmp_path / "synth"), 6, seed=1, size=16, num_frames=2, workers=1)
+    os.makedirs(tmp_path / "video_only")
+    m = tmp_path / "video_only" / "m.jsonl"
+    recs = [json.loads(x) for f in ("train.jsonl", "val.jsonl") for x in open(tmp_path / "synth" / f)]
+    m.write_text("".join(json.dumps({"path": str(tmp_path / "synth" / r["path"])}) + "\n" for r in recs))
+    common = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", "train.global_batch=2",
+              "train.steps=2", "train.eval_every=1", "data.workers=0"]
+    assert stage1.main([*common, "data.source=random", f"train.out_dir={tmp_path}/s1", "train.steps=1"]) == 0
+    for cache in ("true", "false"):
+        out = tmp_path / f"s2_{cache}"
+        assert stage2.main([*common, f"data.train={m}", f"data.val={m}", f"data.cache={cache}", f"train.out_dir={out}",
+                            f"stage2.teacher={tmp_path}/s1/model.safetensors"]) == 0
+        evals = [r for r in map(json.loads, open(out / "metrics.jsonl")) if "eval" in r]
+        assert [r["step"] for r in evals] == [1, 2] and all(r["eval"]["val_token_loss"] > 0 for r in evals)
+    # Cached: the decoded set is checked whole; streamed: the manifest's lines, stopping at the first past the share.
+    for cache, said in (("true", f"6 of 6 samples of {m} have no caption"), ("false", f"1 of 6 lines of {m} are bad")):
+        capsys.readouterr()
+        assert stage1.main([*common, f"data.train={m}", f"data.tokenizer={tmp_path}/synth/spm.model",
+                            f"data.cache={cache}", f"train.out_dir={tmp_path}/s1_text_{cache}"]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "stage 1 and retrieval need" in err and "\n" not in err.strip(), err

@@ -911,7 +911,7 @@ class _FakeLoader:
     def __iter__(self):
         if self.fail:
             raise ValueError("rank 1 broke")
-        yield {"video": torch.zeros(2, 1), "index": torch.tensor([0, 1]), "path": ["a", "b"]}
+        yield {"video": torch.zeros(2, 1), "index": torch.tensor([0, 1]), "path": ["a", "b"], "caption": ["a", None]}
 
     def drain_rejects(self):
         return []
@@ -926,7 +926,7 @@ def _decode_all_on_two_ranks(rank, port, errors):
     loader.build_loader = lambda *a, **k: _FakeLoader(rank == 1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        td._decode_all("m.jsonl", frames=2, resolution=16, tokenizer=None, dc=SimpleNamespace(
+        td._decode_all("m.jsonl", frames=2, resolution=16, dc=SimpleNamespace(
             workers=0, max_bad_share=0.0, decode_timeout=0))
     except Exception as e:  # noqa: BLE001
         errors[rank] = str(e)

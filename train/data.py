@@ -148,39 +148,72 @@ class ManifestData:
 _DECODED: dict[tuple, dict] = {}
 
 
-def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer,
+def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokenizer | None,
                dc: DataConfig, shard: tuple[int, int] | None = None) -> tuple[dict, list[tuple[str, str]]]:
-    """Every clip of `manifest` (eval transform) -> ({"video" uint8 [N, T, R, R, 3], "text_ids",
-    "text_paddings", "label_<name>", "index" [N] (the clip's sample index in the manifest)}, the (name,
+    """Every clip of `manifest` (eval transform) -> ({"video" uint8 [N, T, R, R, 3], "label_<name>", "index" [N]
+    (the clip's sample index in the manifest), with a tokenizer "text_ids" and "text_paddings"}, the (name,
     reason) of the skipped lines and clips), decoded with the workers, bad-sample share and decode
     timeout of `dc`. Every rank decodes the whole set and keeps the clips every rank decoded.
     `shard=(rank, world)`: this rank's share instead, every world-th clip from `rank` on (possibly none
     on a rank; the bad-sample share counts within the share).
-    Memoised per process (file, mtime, size, tokenizer, shard): the demo's stages and probes decode once."""
+    Without a tokenizer (stage 2, probes) video-only lines are clips too; with one, a clip without a caption is
+    skipped as a bad sample (NO_CAPTION). Memoised per process (file, mtime, size, shard), the captions tokenized
+    per tokenizer: the demo's stages and probes decode once."""
     if shard is not None and shard[1] == 1:
         shard = None  # the whole set: one decode for a one-process run's validation and probes
-    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, tokenizer.model_path, shard)
+    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, shard)
     if key not in _DECODED:
-        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, tokenizer=tokenizer, dc=dc,
-                                    shard=shard)
-    return _DECODED[key]
+        _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, dc=dc, shard=shard)
+    clips, captions, names, rejects = _DECODED[key]
+    if tokenizer is None:
+        return clips, rejects
+    text_key = (*key, tokenizer.model_path, tokenizer.max_length)
+    if text_key not in _DECODED:
+        _DECODED[text_key] = _with_text(clips, captions, names, rejects, tokenizer, manifest, dc.max_bad_share)
+    return _DECODED[text_key]
 
 
-def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig, shard=None) -> dict:
+def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenizer: Tokenizer, manifest: str,
+               max_bad_share: float) -> tuple[dict, list]:
+    """The clips with their tokenized captions; those without a caption skipped as bad samples, within the
+    bad-sample share of what was read (the clips and the lines skipped before)."""
+    from videoprism.data.errors import TooManyBadSamplesError
+    from videoprism.data.manifest import NO_CAPTION
+
+    missing = [name for name, c in zip(names, captions) if c is None]
+    if missing:
+        total, bad = len(captions) + len(rejects), len(missing) + len(rejects)
+        if bad / total > max_bad_share:
+            raise TooManyBadSamplesError(
+                f"{len(missing)} of {total} samples of {manifest} have no caption ({bad / total:.1%} bad with "
+                f"{len(rejects)} skipped before > max_bad_share {max_bad_share:.1%}), e.g. {missing[0]}: stage 1 "
+                "and retrieval need a caption per clip (stage 2 and probes read video-only lines); add the "
+                "captions or raise the share (training: data.max_bad_share)")
+        keep = torch.tensor([c is not None for c in captions], dtype=torch.bool)
+        clips, captions = {k: v[keep] for k, v in clips.items()}, [c for c in captions if c is not None]
+        rejects = [*rejects, *((name, NO_CAPTION) for name in missing)]
+    ids, pads = tokenizer(captions)
+    return {**clips, "text_ids": ids, "text_paddings": pads}, rejects
+
+
+def _decode_all(manifest, *, frames, resolution, dc: DataConfig, shard=None) -> tuple[dict, list, list, list]:
+    """-> (clips without text, each clip's caption (None: a video-only line), each clip's name, rejects)."""
     from videoprism.data.loader import build_loader
 
     rank, world = shard or (0, 1)
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,
-                          rank=rank, world_size=world, tokenizer=tokenizer, num_workers=dc.workers,
+                          rank=rank, world_size=world, tokenizer=None, num_workers=dc.workers,
                           max_bad_share=dc.max_bad_share, decode_timeout=dc.decode_timeout, backend="pyav")
     parts: dict[str, list] = {"index": [torch.zeros(0, dtype=torch.int64)]}
     names: dict[int, str] = {}
+    captions: dict[int, str | None] = {}
     try:
         for batch in loader:
             for k, v in batch.items():
                 if isinstance(v, torch.Tensor):
                     parts.setdefault(k, []).append(v)
             names.update(zip(batch["index"].tolist(), batch["path"]))
+            captions.update(zip(batch["index"].tolist(), batch["caption"]))
         if not names and shard is None:  # a share may be empty: the whole set is checked below
             raise ValueError(f"{manifest}: no readable clip")
     except Exception:  # every rank must still reach the gather below, or the others wait there forever
@@ -192,10 +225,14 @@ def _decode_all(manifest, *, frames, resolution, tokenizer, dc: DataConfig, shar
     if failed:
         raise ValueError(f"{manifest}: rank(s) {failed} could not decode it (their error is in their log)")
     if shard is None:
-        return _clips_every_rank_has(clips, clips["index"], names, loader.drain_rejects(), everyone, manifest)
-    if not any(everyone):
+        clips, rejects = _clips_every_rank_has(clips, clips["index"], names, loader.drain_rejects(), everyone,
+                                               manifest)
+    elif not any(everyone):
         raise ValueError(f"{manifest}: no readable clip")
-    return clips, loader.drain_rejects()
+    else:
+        rejects = loader.drain_rejects()
+    ids = clips["index"].tolist()
+    return clips, [captions[i] for i in ids], [names[i] for i in ids], rejects
 
 
 def _gather_ids(ids: torch.Tensor | None) -> list:
@@ -347,13 +384,14 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist
     rounds = all_reduce_max([len(batches)], dist_)[0]
     if rounds == len(batches):
         return batches
-    # A one-token caption: every causal attention row keeps a key, as a real caption's rows do (all keys padded
-    # is an input no real batch has, and no kernel needs to handle).
-    pads = torch.ones(batch_size, MAX_TEXT_LENGTH)
-    pads[:, 0] = 0.0
     idle = {"video": torch.zeros(batch_size, T, R, R, 3, dtype=torch.uint8),
-            "text_ids": torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64), "text_paddings": pads,
             "index": torch.full((batch_size,), -1, dtype=torch.int64)}
+    if tokenizer is not None:
+        # A one-token caption: every causal attention row keeps a key, as a real caption's rows do (all keys padded
+        # is an input no real batch has, and no kernel needs to handle).
+        pads = torch.ones(batch_size, MAX_TEXT_LENGTH)
+        pads[:, 0] = 0.0
+        idle.update(text_ids=torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64), text_paddings=pads)
     return batches + [idle] * (rounds - len(batches))
 
 

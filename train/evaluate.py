@@ -39,7 +39,8 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
                     bf16: bool = False, decoder: str = "auto", progress: bool = True) -> tuple[dict, list]:
     """Every readable clip of `manifest` through `model` (no gradients) -> (host tensors in manifest order, the
     skipped (name, reason) pairs). An LvT model with a tokenizer gives "video" and "text" `[N, D]` embeddings and
-    the caption fields (without a tokenizer, "video" alone); an encoder gives "tokens" `[N, T*N', D]` in `feature_dtype`. Label fields come along.
+    the caption fields (without a tokenizer, "video" alone); an encoder gives "tokens" `[N, T*N', D]` in
+    `feature_dtype`. Label fields come along.
     `bf16`: the forward under bf16 autocast, as a training step and its validation (train.precision). `decoder`:
     the loader's backend ("auto": DALI on a GPU when installed, else PyAV).
     Each field fills one buffer sized for every clip of the manifest (skipped clips leave its tail unused): the
@@ -110,7 +111,8 @@ def _label_names(manifest: str, max_bad_share: float) -> list[str]:
     the keys of a dict one (the loader's fields "label" / "label_<key>")."""
     from videoprism.data.manifest import read_source
 
-    samples, _ = read_source(manifest, max_bad_share=max_bad_share)  # its bad lines are reported when encoded
+    # Video-only lines (no caption) are clips to a probe; bad lines are reported when encoded.
+    samples, _ = read_source(manifest, max_bad_share=max_bad_share, captions=False)
     return sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
 
 
@@ -240,7 +242,8 @@ def _zeroshot_label(args) -> tuple[str, int]:
     its largest class id)."""
     from videoprism.data.manifest import read_source
 
-    samples, _ = read_source(args.manifest, max_bad_share=args.max_bad_share)  # bad lines: reported when encoded
+    # Video-only lines (no caption) are clips here; bad lines are reported when encoded.
+    samples, _ = read_source(args.manifest, max_bad_share=args.max_bad_share, captions=False)
     have = sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
     if not have:
         raise ValueError(f"{args.manifest}: no clip has a 'label'; add class ids to the manifest (an int, or a dict "

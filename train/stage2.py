@@ -24,7 +24,7 @@ from videoprism.data.device import to_device
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
-from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
+from videoprism.train.data import build_train_data, build_val_batches
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
@@ -162,10 +162,10 @@ def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
         with stopping_before_training(cfg, dist_):
             seed_process(cfg.train.seed)
             teacher = build_teacher(cfg, dist_.device)
-            tokenizer = tokenizer_for(cfg)
             micro, _ = accumulation(cfg.train, dist_.world)
-            data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro, vocab=2)
-            val = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
+            # No tokenizer: stage 2 reads no text, so its manifests may hold video-only lines (no caption).
+            data = build_train_data(cfg, dist_, None, micro_batch=micro, vocab=2)
+            val = build_val_batches(cfg, None, batch_size=micro, dist_=dist_)
             task = Stage2Task(cfg, dist_, teacher, val, strided_ranks=data.strided_ranks)
             trainer = Trainer(cfg, task, data, dist_, name="stage2")
             if resume is not None:

@@ -18,7 +18,9 @@ def _cmd_index(args) -> int:
                       rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
                       progress=not args.quiet)
     packed = f" (packed: {r['pack']})" if r["pack"] else ""
-    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}; {r['rejected']} rejected -> "
+    video_only = (f" ({r['video_only']} of them video-only, without a caption: stage 1 and retrieval skip those)"
+                  if r["video_only"] else "")
+    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}{video_only}; {r['rejected']} rejected -> "
           f"{r['rejects']}")
     if r["total"] == 0:
         print(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)

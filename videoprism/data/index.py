@@ -122,11 +122,13 @@ def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:
 
 def index_dataset(source, out: str, *, rejects_path: str | None = None, workers: int | None = None,
                   min_frames: int = 1, full: bool = False, progress: bool = False) -> dict:
-    """Write the clean manifest `out` and the rejects report; returns counts {"total", "kept", "rejected"}."""
+    """Write the clean manifest `out` and the rejects report; returns counts {"total", "kept", "rejected",
+    "video_only"}. Video-only lines (no caption) are kept: a decodable file is clean whatever a stage needs of it
+    (stage 1 skips them as bad samples; stage 2 and probes use them); "video_only" counts the kept ones."""
     if min_frames < 1:
         raise ValueError(f"min_frames must be >= 1, got {min_frames}")
     try:
-        samples, line_rejects = read_source(source, max_bad_share=1.0)
+        samples, line_rejects = read_source(source, max_bad_share=1.0, captions=False)
     except NoUsableSamplesError as e:  # still worth a report: it says why every line was refused
         if not e.rejects:  # an empty manifest: nothing to report, and an earlier --out stays as it was
             raise
@@ -138,7 +140,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     jobs = [(s, min_frames, full) for s in samples]
     with _progress(len(jobs), progress) as bar:
         results = _probe_all(jobs, workers or os.cpu_count() or 1, bar)
-    kept = 0
+    kept = video_only = 0
     with open(out + ".tmp", "w") as fo, open(rejects_path, "w") as fr:
         for where, reason in line_rejects:
             fr.write(json.dumps({"path": where, "reason": reason}) + "\n")
@@ -150,13 +152,14 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
             rec.update(fields)
             fo.write(json.dumps(rec) + "\n")
             kept += 1
+            video_only += sample.caption is None
     os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest
     total = len(samples) + len(line_rejects)
     # The clean manifest is what a run reads on every rank: packed (pack.py), so that costs nothing at startup. An
     # empty one has nothing to pack; an older pack of `out` no longer matches it and is ignored.
     packed = write_pack(out, progress=progress)["pack"] if kept else None  # its read: minutes at 10M+ clips
     return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path,
-            "pack": packed}
+            "pack": packed, "video_only": video_only}
 
 
 def _progress(total: int, show: bool):

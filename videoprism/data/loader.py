@@ -7,7 +7,8 @@
         batch["text_ids"]         # int64 [B, 64] (with a tokenizer; tokenizer=None: no text fields)
         batch["text_paddings"]    # float32 [B, 64], 1.0 = padding
         batch["label"] / batch["label_<name>"]  # int64 [B] when the manifest has labels (-1 where missing)
-        batch["caption"], batch["path"], batch["dataset"]  # lists of str; batch["index"]: int64 [B] sample ids
+        batch["caption"], batch["path"], batch["dataset"]  # lists of str (caption None: a video-only line, read
+                                  # without a tokenizer); batch["index"]: int64 [B] sample ids
     state = loader.state_dict()   # {"epoch", "position", "rejects"}: save it with the checkpoint
     loader.load_state_dict(state) # the next iteration yields exactly the batches that would have come next
 
@@ -483,8 +484,9 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
     """A `VideoTextLoader` over a .jsonl manifest or a list of WebDataset .tar shards (see the module docstring).
 
     `drop_last` defaults to `train`. `flip_prob`: share of training clips mirrored horizontally (0 by default: a
-    mirror contradicts captions that say left or right). `tokenizer=None`: batches without text (features for a
-    probe). Bad manifest lines count against `max_bad_share` of the lines when reading.
+    mirror contradicts captions that say left or right). `tokenizer=None`: batches without text (stage 2, features
+    for a probe), which also read video-only lines (no caption; `batch["caption"]` None for them). Bad manifest
+    lines count against `max_bad_share` of the lines when reading.
     `decode_timeout`: seconds one clip may take in a worker before the worker is killed and the file skipped (a
     hung decoder; 0 = no limit; only with `num_workers` > 0: the main process cannot interrupt its own decode).
     """
@@ -505,7 +507,8 @@ def build_loader(source, *, num_frames: int, resolution: int, batch_size: int, t
         raise ValueError(f"decode_timeout must be seconds >= 0 (0 = no limit), got {decode_timeout!r}")
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = Tokenizer(tokenizer)
-    samples, rejects = read_source(source, max_bad_share=max_bad_share)
+    # Video-only lines (no caption) are samples unless the batches carry text.
+    samples, rejects = read_source(source, max_bad_share=max_bad_share, captions=tokenizer is not None)
     if train and len(samples) < world_size:  # an evaluation's share may be empty; a training epoch's may not
         raise ValueError(f"{len(samples)} samples cannot be sharded over world_size={world_size} ranks")
     return VideoTextLoader(samples, num_frames=num_frames, resolution=resolution, batch_size=batch_size, train=train,

@@ -3,13 +3,16 @@
 Manifest line (JSON object, UTF-8):
     {"path": "clips/a.webm", "caption": "a red circle moves left", "dataset": "synth",
      "start": 1.5, "end": 4.0, "label": 3}
-`path` is required (relative paths resolve against the manifest's folder), `caption` is required and non-empty,
-`start`/`end` (seconds) select a window, `label` is an int or a dict of ints (e.g. {"colour": 2, "shape": 0}).
+`path` is required (relative paths resolve against the manifest's folder); `caption`, when present, is a non-empty
+string: a reader that needs captions (`captions=True`: stage 1, retrieval) rejects a line without one, the others
+(stage 2, probes, zero-shot classification) take video-only lines; `start`/`end` (seconds) select a window,
+`label` is an int or a dict of ints (e.g. {"colour": 2, "shape": 0}).
 `offset`/`size` (bytes) make `path` a byte range, as `videoprism data index` writes for WebDataset members. A clean
 manifest from `index` also carries the probe fields (`codec`, `frames`, `fps`, `width`, `height`, `duration`).
 
 WebDataset shard: a tar whose members are grouped by key (the name up to the first "."): one video member (.mp4,
-.webm, .mkv, .avi, .mov, .m4v), a `.txt` caption and optionally a `.json` object with start/end/label/dataset.
+.webm, .mkv, .avi, .mov, .m4v), a `.txt` caption (which only a reader that needs captions requires) and optionally
+a `.json` object with start/end/label/dataset.
 
 Bad lines or members (bad JSON, missing path, empty or non-UTF-8 caption, ...) are skipped and reported; reading
 stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`.
@@ -41,7 +44,7 @@ _KNOWN_FIELDS = frozenset({"path", "caption", "dataset", "start", "end", "label"
 @dataclass(frozen=True)
 class Sample:
     path: str  # absolute path of the video file (or of the tar holding it)
-    caption: str
+    caption: str | None  # None: a video-only line (readers with captions=False)
     dataset: str = ""
     start: float | None = None
     end: float | None = None
@@ -79,7 +82,8 @@ class Sample:
         """The manifest line of this sample (paths relative to `base` when given)."""
         rec = dict(self.extra)
         rec["path"] = os.path.relpath(self.path, base) if base else self.path
-        rec["caption"] = self.caption
+        if self.caption is not None:
+            rec["caption"] = self.caption
         for key in ("dataset", "start", "end", "label", "offset", "size", "member"):
             value = getattr(self, key)
             if value not in (None, ""):
@@ -114,6 +118,7 @@ class SampleList(Sequence):
     def __init__(self, samples=()):
         self._data, self._ends = bytearray(), array.array("q")
         self.int_label, self._label_names = False, set()
+        self.uncaptioned = 0  # samples without a caption
         self._hash, self._fingerprint = hashlib.sha256(), None
         self._pack, self._file = None, None  # the manifest whose pack (pack.py) the buffers map read-only, its file
         for s in samples:
@@ -121,12 +126,12 @@ class SampleList(Sequence):
 
     @classmethod
     def mapped(cls, data: memoryview, ends: memoryview, crcs: memoryview, *, int_label: bool,
-               label_names: list[str], fingerprint: str, source: str, file) -> "SampleList":
+               label_names: list[str], uncaptioned: int, fingerprint: str, source: str, file) -> "SampleList":
         """A list over the buffers of `source`'s mapped pack (pack.read_pack), open as `file`, with what was
         gathered when it was packed."""
         new = cls()
         new._data, new._ends, new._crcs, new._pack, new._file = data, ends, crcs, source, file
-        new.int_label, new._label_names = int_label, set(label_names)
+        new.int_label, new._label_names, new.uncaptioned = int_label, set(label_names), uncaptioned
         new._hash, new._fingerprint = None, fingerprint
         return new
 
@@ -155,6 +160,7 @@ class SampleList(Sequence):
             self._label_names.update(s.label)
         elif isinstance(s.label, int):
             self.int_label = True
+        self.uncaptioned += s.caption is None
         self._hash.update(key)
         self._fingerprint = None
 
@@ -241,7 +247,7 @@ class SampleList(Sequence):
         print(f"note: {damage}; reading {manifest} instead (`videoprism data pack {shlex.quote(manifest)}` writes it "
               "again)", file=sys.stderr)
         try:
-            parsed, _ = _parse_manifest(manifest, 1.0, False)
+            parsed, _ = _parse_manifest(manifest, 1.0, False, captions=False)  # as packed
         except (OSError, ValueError) as e:
             raise StalePack(f"{damage}, and {manifest} cannot be read instead: {e}") from None
         if parsed.fingerprint != self.fingerprint:
@@ -281,8 +287,8 @@ def sample_from_record(rec, base: str) -> Sample:
     path = rec.get("path")
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"'path' must be a non-empty string, got {path!r}")
-    caption = rec.get("caption")
-    if not isinstance(caption, str) or not caption.strip():
+    caption = rec.get("caption")  # absent (or null): a video-only line
+    if caption is not None and (not isinstance(caption, str) or not caption.strip()):
         raise ValueError(f"'caption' must be a non-empty string, got {caption!r}")
     start, end = _number(rec, "start"), _number(rec, "end")
     if start is not None and end is not None and end <= start:
@@ -311,17 +317,23 @@ def check_manifest(path: str) -> None:
                                 "or WebDataset .tar shards")
 
 
-def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = True,
-                  progress: bool = False) -> tuple[SampleList, list[tuple[str, str]]]:
+# Why a reader that needs captions rejects a line or member without one.
+NO_CAPTION = ("no caption (stage 1 and retrieval need one per clip; stage 2, probes and zero-shot classification "
+              "read video-only lines)")
+
+
+def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = True, progress: bool = False,
+                  captions: bool = True) -> tuple[SampleList, list[tuple[str, str]]]:
     """Samples of a JSONL manifest and the rejected lines as (`FILE:LINE`, reason), from its pack (pack.py)
-    when it has one that matches it, else parsed (with a progress bar when `progress`)."""
+    when it has one that matches it, else parsed (with a progress bar when `progress`). `captions`: a line
+    without a caption is rejected (NO_CAPTION); False keeps it (`Sample.caption` None)."""
     check_manifest(path)
     if use_pack:
-        packed = _read_packed(path, max_bad_share)
+        packed = _read_packed(path, max_bad_share, captions)
         if packed is not None:
             return packed
     started = time.monotonic()
-    samples, rejects = _parse_manifest(path, max_bad_share, progress)
+    samples, rejects = _parse_manifest(path, max_bad_share, progress, captions)
     took = time.monotonic() - started
     if use_pack and took > _PACK_HINT_SECONDS:
         print(f"note: reading {path} ({len(samples) + len(rejects)} lines) took {took:.0f} s; `videoprism data "
@@ -332,8 +344,10 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = Tr
 _PACK_HINT_SECONDS = 20.0
 
 
-def _read_packed(path: str, max_bad_share: float):
-    """read_manifest's result from the manifest's pack; None when it has none or one that does not match."""
+def _read_packed(path: str, max_bad_share: float, captions: bool):
+    """read_manifest's result from the manifest's pack; None when it has none or one that does not match, or when
+    the reader needs captions and the pack holds video-only lines (the pack keeps them: which lines those are, the
+    parse says)."""
     from .pack import StalePack, pack_path, read_pack
 
     try:
@@ -345,6 +359,10 @@ def _read_packed(path: str, max_bad_share: float):
     if packed is None:
         return None
     samples, rejects, lines = packed
+    if captions and samples.uncaptioned:
+        print(f"note: {pack_path(path)} holds {samples.uncaptioned} video-only lines, which a reader that needs "
+              f"captions rejects; reading {path} instead", file=sys.stderr)
+        return None
     # The share is checked at read time, as a parse would: the pack keeps every rejected line.
     budget = _line_budget(path, lines, max_bad_share)
     for where, reason in rejects:
@@ -357,7 +375,8 @@ def _line_budget(path: str, lines: int, max_bad_share: float) -> BadSampleBudget
                            clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
 
 
-def _parse_manifest(path: str, max_bad_share: float, progress: bool) -> tuple[SampleList, list[tuple[str, str]]]:
+def _parse_manifest(path: str, max_bad_share: float, progress: bool,
+                    captions: bool) -> tuple[SampleList, list[tuple[str, str]]]:
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         if b"\0" in f.read(4096):  # a video or an archive given as the manifest: one error, not a reject per "line"
@@ -378,8 +397,10 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool) -> tuple[Sa
                     bar.update(min(16384, total - bar.n))
                 try:
                     # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
-                    samples.append(sample_from_record(
-                        json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()), base))
+                    s = sample_from_record(json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()), base)
+                    if captions and s.caption is None:
+                        raise ValueError(NO_CAPTION)
+                    samples.append(s)
                 except UnicodeDecodeError as e:
                     budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
                 except json.JSONDecodeError as e:
@@ -401,8 +422,10 @@ def _line_bar(total: int, path: str, show: bool):
     return tqdm(total=total, unit="line", unit_scale=True, desc=f"read {os.path.basename(path)}", disable=not show)
 
 
-def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[SampleList, list[tuple[str, str]]]:
-    """Samples of WebDataset tar shards (one per key) and the rejected keys as (`TAR:KEY`, reason)."""
+def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
+                captions: bool = True) -> tuple[SampleList, list[tuple[str, str]]]:
+    """Samples of WebDataset tar shards (one per key) and the rejected keys as (`TAR:KEY`, reason). `captions`: a
+    key without a .txt member is rejected (NO_CAPTION); False keeps it as a video-only sample."""
     groups: list[tuple[str, str, dict]] = []
     broken: list[tuple[str, str]] = []
     for tar_path in paths:
@@ -445,7 +468,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[Sampl
     samples = SampleList()
     for tar_path, key, entry in groups:
         try:
-            samples.append(_shard_sample(tar_path, entry))
+            samples.append(_shard_sample(tar_path, entry, captions))
         except UnicodeDecodeError as e:
             budget.skip(f"{tar_path}:{key}", f"caption or json not UTF-8 ({e.reason} at byte {e.start})")
         except (ValueError, json.JSONDecodeError) as e:
@@ -455,11 +478,11 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01) -> tuple[Sampl
     return samples, budget.rejects
 
 
-def _shard_sample(tar_path: str, entry: dict) -> Sample:
+def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
     if "video" not in entry:
         raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")
-    if ".txt" not in entry:
-        raise ValueError("no .txt caption member")
+    if ".txt" not in entry and captions:
+        raise ValueError(f"no .txt member: {NO_CAPTION}")
     try:
         rec = json.loads(entry[".json"].decode("utf-8")) if ".json" in entry else {}
     except json.JSONDecodeError as e:
@@ -467,16 +490,18 @@ def _shard_sample(tar_path: str, entry: dict) -> Sample:
     if not isinstance(rec, dict):
         raise ValueError("the .json member must hold an object")
     offset, size, member = entry["video"]
-    rec.update(path=tar_path, caption=entry[".txt"].decode("utf-8").strip(), offset=offset, size=size, member=member)
+    # The .txt member is the caption (a "caption" in the .json is not).
+    caption = entry[".txt"].decode("utf-8").strip() if ".txt" in entry else None
+    rec.update(path=tar_path, caption=caption, offset=offset, size=size, member=member)
     return sample_from_record(rec, os.path.dirname(tar_path))
 
 
-def read_source(source: str | list[str], *, max_bad_share: float = 0.01):
-    """A manifest (.jsonl) or a list of shards (.tar), chosen by extension."""
+def read_source(source: str | list[str], *, max_bad_share: float = 0.01, captions: bool = True):
+    """A manifest (.jsonl) or a list of shards (.tar), chosen by extension. `captions`: read_manifest's."""
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     paths = [os.fspath(p) for p in paths]
     if paths and all(p.endswith(".tar") for p in paths):
-        return read_shards(paths, max_bad_share=max_bad_share)
+        return read_shards(paths, max_bad_share=max_bad_share, captions=captions)
     if len(paths) == 1:
-        return read_manifest(paths[0], max_bad_share=max_bad_share)
+        return read_manifest(paths[0], max_bad_share=max_bad_share, captions=captions)
     raise ValueError(f"data source must be one .jsonl manifest or a list of .tar shards, got {paths}")

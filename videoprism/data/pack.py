@@ -33,9 +33,10 @@ import time
 import zlib
 
 MAGIC = b"VPPACK\x00\x01"
-VERSION = 3  # bump when the record layout or the validation of a line changes: a pack holds the result of both
+VERSION = 4  # bump when the record layout or the validation of a line changes: a pack holds the result of both
 # 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
 # 3: the manifest's inode, change time and SHA-256; a CRC-32 of the header and of each record
+# 4: video-only lines (no caption) are samples, counted in the header's "uncaptioned" (3 rejected them)
 
 
 def pack_path(manifest: str) -> str:
@@ -138,7 +139,9 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
             # edit from here on (during the read too) changes the stamp.
             stamp = _settled_stamp(manifest, fh.fileno())
             stamp["sha256"] = content_hash(manifest)
-            samples, rejects = read_manifest(manifest, max_bad_share=1.0, use_pack=False, progress=progress)
+            # Video-only lines kept (counted in the header): a reader that needs captions parses instead.
+            samples, rejects = read_manifest(manifest, max_bad_share=1.0, use_pack=False, progress=progress,
+                                             captions=False)
             if any(_stamp(manifest)[k] != stamp[k] for k in _FILE):  # the hash and the parse may differ
                 raise ValueError(f"{manifest} changed while it was packed; pack it again once it is written")
             # A reject is `FILE:LINE` with FILE as the reader names the manifest (a relative name here is another
@@ -147,7 +150,8 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
             header = json.dumps({
                 "version": VERSION, "byteorder": sys.byteorder, "manifest": stamp, "count": len(samples),
                 "lines": len(samples) + len(rejects), "int_label": samples.int_label,
-                "label_names": samples.label_names, "fingerprint": samples.fingerprint, "rejects": lines}).encode()
+                "label_names": samples.label_names, "uncaptioned": samples.uncaptioned,
+                "fingerprint": samples.fingerprint, "rejects": lines}).encode()
             data, ends = samples.buffers()
             try:
                 fh.write(MAGIC + struct.pack("<Q", len(header)) + header + struct.pack("<I", zlib.crc32(header)))
@@ -274,7 +278,8 @@ def read_pack(manifest: str):
     from .manifest import SampleList
 
     samples = SampleList.mapped(data, ends, crcs, int_label=header["int_label"], label_names=header["label_names"],
-                                fingerprint=header["fingerprint"], source=os.path.abspath(manifest), file=fh)
+                                uncaptioned=header["uncaptioned"], fingerprint=header["fingerprint"],
+                                source=os.path.abspath(manifest), file=fh)
     return samples, [(f"{manifest}:{n}", reason) for n, reason in header["rejects"]], header["lines"]
 
 
@@ -294,8 +299,8 @@ def map_buffers(manifest: str, fingerprint: str, fd: int | None = None):
 _HEADER = {"version": int, "byteorder": str,
            "manifest": {"size": int, "mtime_ns": int, "ctime_ns": int, "ino": int, "folder": str,
                         "read_after_ns": int, "sha256": str},
-           "count": int, "lines": int, "int_label": bool, "label_names": [str], "fingerprint": str,
-           "rejects": [(int, str)]}
+           "count": int, "lines": int, "int_label": bool, "label_names": [str], "uncaptioned": int,
+           "fingerprint": str, "rejects": [(int, str)]}
 
 
 def _check_shape(value, shape, name: str) -> None:

@@ -40,6 +40,7 @@ from videoprism.flops import video_tower_flops
 from videoprism.train.config import PRESETS, build_config
 from videoprism.train.data import RandomClips
 from videoprism.train.distill import Teacher
+from videoprism.train.metrics import peak_memory_gb
 from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist
 from videoprism.train.stage1 import Stage1Task
@@ -100,7 +101,7 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
         trainer.launch_step()
         trainer.launch_step()
         torch.cuda.synchronize(device)
-        mem = torch.cuda.max_memory_allocated(device) / 2**30
+        mem = peak_memory_gb(device)
     s = t.median_ms * 1e-3
     row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
                clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),

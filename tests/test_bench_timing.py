@@ -108,3 +108,21 @@ def test_token_ops_ratio_to_torch_of_device_times_where_both_rows_have_them():
     assert (rows[0]["x_torch"], rows[0]["dev_x_torch"]) == (0.7, 2.37)
     assert rows[1]["x_torch"] == 2.0 and "dev_x_torch" not in rows[1]
     assert (rows[2]["x_torch"], rows[2]["dev_x_torch"]) == (1.0, 1.0)
+
+
+def test_attention_chart_draws_device_times_and_hatches_call_times(monkeypatch, tmp_path):
+    """The chart's bars are the rows' device times (dev_ms) where they have one; a row with its call time only is
+    drawn hatched and the axis says so (it plotted every row's call time, host dispatch included)."""
+    import matplotlib.axes
+
+    from bench import attention
+
+    bars = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar",
+                        lambda self, x, h, w, **kw: bars.append((kw["label"], h, kw.get("hatch"))))
+    report = Report("attention", "cpu", meta={"dtype": "bfloat16"})
+    _row(report, "triton", 1.0, dev_ms=0.5)
+    _row(report, "flex", 2.0)
+    attention._chart(report, str(tmp_path / "a.png"))
+    assert bars == [("triton", 0.5, None), ("flex", 2.0, "//")]
+    assert (tmp_path / "a.png").is_file()

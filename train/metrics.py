@@ -32,10 +32,12 @@ def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> No
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory in GB (1e9 bytes, as the field names say): the GPU's allocated tensors since the last
+    reset, or on the CPU the process's peak resident set."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_allocated(device) / 1e9
     # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 class MetricsLogger:

@@ -52,7 +52,7 @@ def _cmd_synth(args) -> int:
                     num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers,
                     progress=not args.quiet)
     print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
-          f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, synth.json")
+          f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, prompts/, synth.json")
     return 0
 
 
@@ -107,8 +107,9 @@ def register(subparsers) -> None:
                                    "alone ('a red circle moves left', --scene single) or with a second shape that "
                                    "grows, shrinks or stays still ('a red circle moves left while a blue square "
                                    "grows', --scene pair), train.jsonl/val.jsonl "
-                                   "(labels: colour, shape, direction), spm.model trained on the captions and "
-                                   "synth.json. Deterministic for a seed.")
+                                   "(labels: colour, shape, direction), spm.model trained on the captions, "
+                                   "prompts/<label>.txt (zero-shot prompt templates for `videoprism eval zeroshot`) "
+                                   "and synth.json (the class names). Deterministic for a seed.")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--num", type=_positive, required=True,
                    help="number of clips, at least 2 (1 in 10 goes to val.jsonl; the last one when fewer than 10)")

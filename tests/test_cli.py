@@ -421,3 +421,14 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
         assert re.search(rf"^  {name} +\d+\.\d% +\d+\.\d% \( *\d+%\) +\d+\.\d% \( *\d+%\)$", out, re.M), out
     for stage in ("stage1", "stage2"):
         assert f"weights {tmp_path / stage / 'model.safetensors'}, curves {tmp_path / stage / 'curves.png'}" in out
+    # results.json holds what the summary printed.
+    import json
+
+    assert f"results: {tmp_path / 'results.json'}" in out
+    res = json.load(open(tmp_path / "results.json"))
+    assert res["validation_clips"] == 2 and f"t2v_R@1 {100 * res['retrieval']['t2v_R@1']:.1f}%" in out
+    for name in pipeline.PROBE_LABELS:
+        assert f"{name} {100 * res['zero_shot'][name]['top1']:.1f}%" in out
+        acc = [100 * res["probes"][s][name]["accuracy"] for s in ("stage1", "stage2")]
+        assert re.search(rf"^  {name} +\d+\.\d% +{acc[0]:5.1f}% .* {acc[1]:5.1f}% ", out, re.M), (name, acc)
+    assert res["runs"]["stage2"]["export"] == str(tmp_path / "stage2" / "model.safetensors")

@@ -25,7 +25,7 @@ import time
 
 from videoprism.cli import command_name, run_command
 from videoprism.data.synth import SCENES, class_names, generate, prompt_templates
-from videoprism.paths import make_folder
+from videoprism.paths import make_folder, write_json_atomic
 from videoprism.train import stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
@@ -35,6 +35,7 @@ from videoprism.train.zeroshot import class_embeddings, video_embeddings, zero_s
 from videoprism.train.trainer import NonFiniteLossError
 
 PROBE_LABELS = ["direction", "colour", "shape"]
+RETRIEVAL_KEYS = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5", "v2t_R@10")
 PIPELINE_KEYS = ("data.train", "data.val", "train.out_dir", "stage2.teacher")
 
 
@@ -120,8 +121,7 @@ def _main(argv: list[str] | None) -> int:
 
     print("\n=== VideoPrism tiny demo (synthetic data, CPU) ===")
     print("stage-1 zero-shot retrieval on the validation split ({} clips): ".format(val["video"].shape[0])
-          + ", ".join(f"{k} {100 * res1[k]:.1f}%" for k in ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1",
-                                                             "v2t_R@5", "v2t_R@10"))
+          + ", ".join(f"{k} {100 * res1[k]:.1f}%" for k in RETRIEVAL_KEYS)
           + f" (chance R@1 {100 * res1['chance_R@1']:.1f}%)")
     print("stage-1 zero-shot classification (prompts in the captions' wording, the class left open): "
           + ", ".join(f"{name} {100 * zero_shot[name]['top1']:.1f}%" for name in PROBE_LABELS)
@@ -135,7 +135,19 @@ def _main(argv: list[str] | None) -> int:
         print(f"  {name:<10} {100 * probes['stage 1'][name]['chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
     for stage, res in (("stage 1", res1), ("stage 2", res2)):
         print(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
-    print(f"total time {time.perf_counter() - t_start:.0f} s")
+    total = time.perf_counter() - t_start
+    # What the summary printed, for scripts: every number above with its chance level, and the paths.
+    results = os.path.join(args.out, "results.json")
+    write_json_atomic(results, {
+        "validation_clips": int(val["video"].shape[0]),
+        "retrieval": {k: res1[k] for k in (*RETRIEVAL_KEYS, "chance_R@1", "captions")},
+        "zero_shot": {name: {k: v for k, v in zero_shot[name].items() if k != "per_class"} for name in PROBE_LABELS},
+        "probes": {s.replace(" ", ""): probes[s] for s in probes},
+        "runs": {s.replace(" ", ""): {k: res[k] for k in ("checkpoint", "export", "plot")}
+                 for s, res in (("stage 1", res1), ("stage 2", res2))},
+        "probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "total_s": round(total, 1)})
+    print(f"results: {results}")
+    print(f"total time {total:.0f} s")
     return 0
 
 

@@ -111,6 +111,29 @@ def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_embed_streams_batches_equal_to_each_clip_alone(tmp_path, workers):
+    """Decoding workers and batches of 2 give, row for row in the order of the arguments, each clip decoded alone
+    (read_clip) through the model alone; a file that cannot give the frames is skipped with --skip-bad, and the
+    listing names the rows."""
+    from videoprism.data import read_clip
+
+    ckpt = _small_encoder_file(tmp_path)
+    for n, name in ((12, "a.mp4"), (9, "b.mp4"), (1, "short.mp4")):
+        write_clip(str(tmp_path / name), n)
+    videos = [str(tmp_path / v) for v in ("a.mp4", "c.mp4", "short.mp4", "b.mp4", "a.mp4")]
+    videos[1] = str(tmp_path / "enc.safetensors")  # not a video
+    out = tmp_path / "e.npy"
+    assert main(["embed", *videos, "--checkpoint", ckpt, "--batch-size", "2", "--workers", workers, "--skip-bad",
+                 "--quiet", "--out", str(out)]) == 0
+    got = torch.from_numpy(np.load(out))
+    model = vp.model_from_safetensors(ckpt).eval()
+    with torch.no_grad():
+        want = torch.stack([model(read_clip(v, 2, 32)[None])[0][0] for v in (videos[0], videos[3], videos[4])])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (tmp_path / "e.videos.txt").read_text().splitlines() == [videos[0], videos[3], videos[4]]
+
+
 def test_embed_classifier_checkpoint_gives_encoder_features(tmp_path):
     """A classifier's forward is class logits; embed uses its encoder (same features as the
     encoder alone), not the logits."""

@@ -142,15 +142,23 @@ def load_model(args, device: str):
 
 
 def cmd_embed(args) -> int:
+    import json
+    import tempfile
+
     import videoprism as vp
     from tqdm import tqdm
 
-    from videoprism.data import BadVideoError, read_clip
+    from videoprism.data import BadVideoError
+    from videoprism.data.device import to_device
+    from videoprism.data.loader import build_loader
 
     ext = os.path.splitext(args.out)[1]
     if ext not in (".npy", ".safetensors"):
         raise ValueError(f"--out {args.out}: must end in .npy or .safetensors")
     check_clip_size(args)
+    for flag, value, lo in (("--batch-size", args.batch_size, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < lo:
+            raise ValueError(f"{flag} {value}: must be >= {lo}")
     check_out_file(args.out, f"--out {args.out}")
     device = resolve_device(args.device)
     missing = [v for v in args.videos if not os.path.isfile(v)]
@@ -160,48 +168,68 @@ def cmd_embed(args) -> int:
         raise ValueError(f"{missing[0]}: {what}{more}; fix the path, or pass --skip-bad to embed the others")
     model, source, num_frames, resolution = load_model(args, device)
     is_clip = isinstance(model, vp.FactorizedVideoCLIP)
+    # The clips stream through the evaluation loader (decoding workers, batches), as `eval` reads a manifest: the
+    # videos become a temporary video-only manifest, in the order given; rejects name a video as it was given.
+    given = {os.path.normpath(os.path.abspath(v)): v for v in args.videos}
+    workers = args.workers if args.workers is not None else (0 if len(args.videos) == 1 else
+                                                              min(8, os.cpu_count() or 1))
 
-    embeddings, names, skipped = [], [], []
-    # tqdm's own rate (unit="clip") is the clips/s of the bar; smoothing=0 makes it the average since the start.
-    bar = tqdm(args.videos, unit="clip", desc="embed", disable=args.quiet, smoothing=0)
-    for path in bar:
-        try:
-            clip = read_clip(path, num_frames, resolution)
-        except BadVideoError as e:
+    rows: dict[int, torch.Tensor] = {}
+    skipped: list[str] = []
+
+    def reported(rejects) -> None:
+        for name, reason in rejects:
+            name = given.get(name, name)
             if not args.skip_bad:
-                bar.close()
                 # One line and exit status 2 from run_command, with the ways on: a clip shorter than the
                 # model's frames (a short clip, an image) embeds with fewer frames.
                 fix = "pass --skip-bad to embed the others"
-                if e.reason.startswith("too few frames"):
+                if reason.startswith("too few frames"):
                     fix = f"embed it with fewer frames (--num-frames, now {num_frames}), or {fix}"
-                raise BadVideoError(e.path, f"{e.reason}; {fix}") from None
-            skipped.append(str(e))
-            continue
-        with torch.no_grad():
-            video = clip[None].to(device)
-            if is_clip:
-                emb, _, _ = model(video)
-            else:
-                emb, _ = model(video)
-                if args.pool == "mean":
-                    emb = emb.mean(dim=1)
-        embeddings.append(emb[0].float().cpu())
-        names.append(path)
-    bar.close()
+                raise BadVideoError(name, f"{reason}; {fix}")
+            skipped.append(f"{name}: {reason}")
+
+    dev = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="videoprism-embed-") as tmp:
+        manifest = os.path.join(tmp, "videos.jsonl")
+        with open(manifest, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"path": os.path.abspath(v)}) + "\n" for v in args.videos)
+        loader = build_loader(manifest, num_frames=num_frames, resolution=resolution, batch_size=args.batch_size,
+                              train=False, tokenizer=None, device=dev, num_workers=workers, max_bad_share=1.0,
+                              backend=args.decoder)
+        # tqdm's own rate (unit="clip") is the clips/s of the bar; smoothing=0 makes it the average since the start.
+        with tqdm(total=len(args.videos), unit="clip", desc="embed", disable=args.quiet, smoothing=0) as bar, \
+                torch.no_grad():
+            for batch in loader:
+                rejects = loader.drain_rejects()
+                reported(rejects)
+                video = to_device(batch["video"], dev)
+                if is_clip:
+                    emb, _, _ = model(video)
+                else:
+                    emb, _ = model(video)
+                    if args.pool == "mean":
+                        emb = emb.mean(dim=1)
+                rows.update(zip(batch["index"].tolist(), emb.float().cpu()))
+                bar.update(len(rejects) + video.shape[0])
+            rejects = loader.drain_rejects()
+            reported(rejects)
+            bar.update(len(rejects))
     for s in skipped:
         print(f"skipped: {s}", file=sys.stderr)
-    if not embeddings:
+    if not rows:
         raise ValueError("no video could be decoded (each is reported above as skipped)")
-    out = torch.stack(embeddings)
-    rows = ""
+    order = sorted(rows)
+    out = torch.stack([rows[i] for i in order])
+    names = [args.videos[i] for i in order]
+    listing_note = ""
     if ext == ".npy":
         np.save(args.out, out.numpy())
         listing = os.path.splitext(args.out)[0] + ".videos.txt"
         if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
             with open(listing, "w", encoding="utf-8") as fh:
                 fh.write("".join(f"{n}\n" for n in names))
-            rows = f"; row i is line i of {listing}"
+            listing_note = f"; row i is line i of {listing}"
         elif os.path.exists(listing):  # an earlier run's, which would describe other rows
             os.remove(listing)
     else:
@@ -209,7 +237,7 @@ def cmd_embed(args) -> int:
 
         write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": "\n".join(names), "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
-          f"{num_frames} frames at {resolution}x{resolution}, {source}){rows}")
+          f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
     return 0
 
 
@@ -327,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder models: 'mean' averages the tokens into one [D] vector (default: %(default)s)")
     e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
     e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
+    e.add_argument("--batch-size", type=int, default=8, help="clips per forward (default: %(default)s)")
+    e.add_argument("--workers", type=int, help="decoding processes (default: none for one video, else up to 8, "
+                                               "one per core)")
+    e.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",
+                   help="'auto': DALI on a GPU when installed, else PyAV (default: %(default)s)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_embed)
 

@@ -345,10 +345,12 @@ def cmd_zeroshot(args) -> int:
 
 
 def register(subparsers, names: str) -> None:
-    """Add `eval` (with `retrieval`, `zeroshot` and `probe`) to the `videoprism` sub-parsers (`names`: the official models)."""
+    """Add `eval` (with `retrieval`, `zeroshot` and `probe`) to the `videoprism` sub-parsers (`names`: the official
+    models)."""
     from videoprism.train.probe import PROBE_LR, PROBE_STEPS
 
-    ev = subparsers.add_parser("eval", help="evaluate a model on manifests: zero-shot retrieval and classification, attentive probes",
+    ev = subparsers.add_parser("eval", help="evaluate a model on manifests: zero-shot retrieval and classification, "
+                                            "attentive probes",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ev.add_subparsers(dest="eval_command", required=True)
 

@@ -80,6 +80,14 @@ def test_index_keeps_video_only_lines_and_says_how_many(tmp_path, capsys):
     assert len(captioned) == 1 and rejects == [(f"{out}:2", rejects[0][1])] and "no caption" in rejects[0][1]
     report = [json.loads(x) for x in open(tmp_path / "clean.rejects.jsonl")]
     assert [r["path"] for r in report] == [str(tmp_path / "missing.mp4")]
+    # --require-captions: rejected as a reader that needs captions rejects them, so the pack serves such readers.
+    strict = str(tmp_path / "strict.jsonl")
+    assert run(["data", "index", str(m), "--out", strict, "--workers", "1", "--quiet", "--require-captions"]) == 0
+    assert [json.loads(x)["caption"] for x in open(strict)] == ["a clip"]
+    report = [json.loads(x) for x in open(tmp_path / "strict.rejects.jsonl")]
+    assert [r["path"] for r in report] == [f"{m}:2", f"{m}:3"] and "no caption" in report[0]["reason"]
+    capsys.readouterr()
+    assert read_manifest(strict)[0]._pack is not None and capsys.readouterr().err == ""
 
 
 class SlowSubmit(ProcessPoolExecutor):

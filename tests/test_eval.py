@@ -489,3 +489,19 @@ def test_probe_and_zeroshot_read_manifests_without_captions(data, tmp_path, caps
     capsys.readouterr()
     assert main(["eval", "retrieval", str(tmp_path / "val.jsonl"), *common]) == 2
     assert "no caption (stage 1 and retrieval need one" in capsys.readouterr().err
+
+
+def test_a_diverged_models_nan_scores_are_misses():
+    """NaN compares false with everything, so a rank counted from comparisons put a NaN score first: a diverged
+    model read as perfect in zero-shot classification and retrieval."""
+    from videoprism.train.retrieval import recall_at_k
+    from videoprism.train.zeroshot import zero_shot_metrics
+
+    nan = torch.full((4, 8), float("nan"))
+    cls = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    m = zero_shot_metrics(nan, cls, torch.tensor([0, 1, 2, 0]), ["a", "b", "c"])
+    assert m["top1"] == 0.0 and m["mean_class_accuracy"] == 0.0
+    sim = torch.eye(3)
+    sim[1, 0] = float("nan")
+    groups = torch.arange(3)
+    assert recall_at_k(sim, groups, groups, ks=(1,))[1] == pytest.approx(2 / 3)  # query 1 misses; 0 and 2 hit

@@ -2,6 +2,7 @@
 retrieval metrics, the FLOP formula, text trimming, and atomic checkpoints."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -1075,3 +1076,39 @@ def test_seed_process_seeds_every_global_generator():
         return torch.rand(2).tolist(), random.random(), np.random.rand()
 
     assert draws(5) == draws(5) and all(a != b for a, b in zip(draws(5), draws(6)))
+
+
+def test_caption_less_lines_get_the_same_verdict_on_every_rank_and_are_held_once(tmp_path):
+    """decode_all with a tokenizer checks the lines without a caption against the share of the whole manifest (as a
+    reader that needs captions does), so every rank's share passes or fails alike: rank 0's share alone held 1
+    caption-less clip of 2 (50% > 30%) and raised while rank 1 went on into the next collective. The clips with
+    captions replace the memo's set without text (a filtered copy, not a second copy kept)."""
+    from videoprism.data.errors import TooManyBadSamplesError
+    from videoprism.data.synth import generate
+    from videoprism.data.text import Tokenizer
+    from videoprism.train import data as td
+    from videoprism.train.config import DataConfig
+
+    generate(str(tmp_path / "synth"), 5, seed=2, size=16, num_frames=2, workers=1)
+    recs = [json.loads(x) for x in open(tmp_path / "synth" / "train.jsonl")][:4]
+    del recs[0]["caption"]
+    m = tmp_path / "synth" / "val4.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = Tokenizer(tmp_path / "synth" / "spm.model")
+    td._DECODED.clear()
+    try:
+        got = [td.decode_all(str(m), frames=2, resolution=16, tokenizer=tok, dc=DataConfig(workers=0, max_bad_share=0.3),
+                             shard=(r, 2)) for r in (0, 1)]
+        assert [g[0]["index"].tolist() for g in got] == [[2], [1, 3]]
+        assert [g[0]["text_ids"].shape[0] for g in got] == [1, 2] and "no caption" in got[0][1][0][1]
+        assert len(td._DECODED) == 3  # rank 0: its text set only; rank 1 (nothing dropped): both, sharing tensors
+        td._DECODED.clear()
+        for r in (0, 1):
+            with pytest.raises(TooManyBadSamplesError, match="1 of 4 lines"):
+                td.decode_all(str(m), frames=2, resolution=16, tokenizer=tok,
+                              dc=DataConfig(workers=0, max_bad_share=0.2), shard=(r, 2))
+        clips, rejects = td.decode_all(str(m), frames=2, resolution=16, tokenizer=None, dc=DataConfig(workers=0),
+                                       shard=(0, 2))
+        assert clips["index"].tolist() == [0, 2] and not rejects and "text_ids" not in clips
+    finally:
+        td._DECODED.clear()

@@ -157,38 +157,41 @@ def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokeni
     `shard=(rank, world)`: this rank's share instead, every world-th clip from `rank` on (possibly none
     on a rank; the bad-sample share counts within the share).
     Without a tokenizer (stage 2, probes) video-only lines are clips too; with one, a clip without a caption is
-    skipped as a bad sample (NO_CAPTION). Memoised per process (file, mtime, size, shard), the captions tokenized
-    per tokenizer: the demo's stages and probes decode once."""
+    skipped as a bad sample (NO_CAPTION), within the manifest's bad-sample share. Memoised per process (file,
+    mtime, frames, resolution, shard), the captions tokenized per tokenizer: the demo's stages and probes decode
+    once."""
     if shard is not None and shard[1] == 1:
         shard = None  # the whole set: one decode for a one-process run's validation and probes
     key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, shard)
+    text_key = None if tokenizer is None else (*key, tokenizer.model_path, tokenizer.max_length)
+    if text_key is not None and text_key not in _DECODED:
+        # Lines without a caption count against the bad-sample share of the whole manifest, as a reader that needs
+        # captions counts them: the same verdict on every rank (a rank's share alone could pass on one rank and
+        # fail on another, which would leave the others waiting in a collective), and before any decoding.
+        from videoprism.data.manifest import read_source
+
+        read_source(manifest, max_bad_share=dc.max_bad_share, captions=True)
     if key not in _DECODED:
         _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, dc=dc, shard=shard)
     clips, captions, names, rejects = _DECODED[key]
     if tokenizer is None:
         return clips, rejects
-    text_key = (*key, tokenizer.model_path, tokenizer.max_length)
     if text_key not in _DECODED:
-        _DECODED[text_key] = _with_text(clips, captions, names, rejects, tokenizer, manifest, dc.max_bad_share)
+        if any(c is None for c in captions):
+            # The clips with captions are a copy: the set without text is dropped from the memo rather than held
+            # twice (a reader without a tokenizer would decode again).
+            del _DECODED[key]
+        _DECODED[text_key] = _with_text(clips, captions, names, rejects, tokenizer)
     return _DECODED[text_key]
 
 
-def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenizer: Tokenizer, manifest: str,
-               max_bad_share: float) -> tuple[dict, list]:
-    """The clips with their tokenized captions; those without a caption skipped as bad samples, within the
-    bad-sample share of what was read (the clips and the lines skipped before)."""
-    from videoprism.data.errors import TooManyBadSamplesError
+def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenizer: Tokenizer) -> tuple[dict, list]:
+    """The clips with their tokenized captions; those without a caption skipped and reported (their share of the
+    manifest checked by decode_all)."""
     from videoprism.data.manifest import NO_CAPTION
 
     missing = [name for name, c in zip(names, captions) if c is None]
     if missing:
-        total, bad = len(captions) + len(rejects), len(missing) + len(rejects)
-        if bad / total > max_bad_share:
-            raise TooManyBadSamplesError(
-                f"{len(missing)} of {total} samples of {manifest} have no caption ({bad / total:.1%} bad with "
-                f"{len(rejects)} skipped before > max_bad_share {max_bad_share:.1%}), e.g. {missing[0]}: stage 1 "
-                "and retrieval need a caption per clip (stage 2 and probes read video-only lines); add the "
-                "captions or raise the share (training: data.max_bad_share)")
         keep = torch.tensor([c is not None for c in captions], dtype=torch.bool)
         clips, captions = {k: v[keep] for k, v in clips.items()}, [c for c in captions if c is not None]
         rejects = [*rejects, *((name, NO_CAPTION) for name in missing)]

@@ -22,11 +22,13 @@ def recall_at_k(sim: torch.Tensor, query_groups: torch.Tensor, item_groups: torc
     """sim [Q, I]; a query hits at k when its best-scored item of the query's group ranks within
     the top k. Ties count against the model: that item's rank is the number of other items
     scoring at least as high (a topk would break ties by item order, and a collapsed model
-    whose embeddings are all equal would score by how the split happens to be ordered)."""
+    whose embeddings are all equal would score by how the split happens to be ordered). A query whose scores are
+    not all finite (a diverged model's) misses."""
     match = item_groups[None, :] == query_groups[:, None]                      # [Q, I]
     best = sim.masked_fill(~match, float("-inf")).amax(1, keepdim=True)       # [Q, 1]
     rank = ((sim >= best) & ~match).sum(1)                                    # items ahead of it
     rank = torch.where(match.any(1), rank, sim.shape[1])                      # a query with no match never hits
+    rank = torch.where(sim.isfinite().all(1), rank, sim.shape[1])  # NaN compares false with all: a miss, not a hit
     return {k: float((rank < k).float().mean()) for k in ks}
 
 

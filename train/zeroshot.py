@@ -74,7 +74,7 @@ def video_embeddings(model, video: torch.Tensor, *, batch_size: int = 32,
 def zero_shot_metrics(video: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
     """video `[N, D]` and classes `[C, D]` L2-normalised, labels `[N]` class ids in [0, C). A clip's rank of its
     class is the number of other classes scoring at least as high (a tie counts against the model: a collapsed
-    model does not score by class order). -> top-1 and top-5 accuracy (top-5 only for more than 5 classes),
+    model does not score by class order; a clip with a non-finite score, a diverged model's, misses). -> top-1 and top-5 accuracy (top-5 only for more than 5 classes),
     mean per-class accuracy (over the classes the clips have), chance (1 / C), the majority class's share, and
     per class its clips and top-1 accuracy."""
     C = classes.shape[0]
@@ -87,6 +87,7 @@ def zero_shot_metrics(video: torch.Tensor, classes: torch.Tensor, labels: torch.
     own = sim.gather(1, labels[:, None])                                          # [N, 1]
     others = torch.ones_like(sim, dtype=torch.bool).scatter_(1, labels[:, None], False)
     rank = ((sim >= own) & others).sum(1)                                         # classes ahead of its own
+    rank = torch.where(sim.isfinite().all(1), rank, C)  # a NaN compares false with everything: a miss, not a hit
     counts = torch.bincount(labels, minlength=C)
     hits = torch.bincount(labels, weights=(rank < 1).double(), minlength=C)
     present = counts > 0

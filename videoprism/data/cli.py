@@ -16,7 +16,7 @@ def _cmd_index(args) -> int:
     # traceback with VIDEOPRISM_TRACEBACK=1).
     r = index_dataset(args.source if len(args.source) > 1 else args.source[0], args.out,
                       rejects_path=args.rejects, workers=args.workers, min_frames=args.min_frames, full=args.full,
-                      progress=not args.quiet)
+                      captions=args.require_captions, progress=not args.quiet)
     packed = f" (packed: {r['pack']})" if r["pack"] else ""
     video_only = (f" ({r['video_only']} of them video-only, without a caption: stage 1 and retrieval skip those)"
                   if r["video_only"] else "")
@@ -86,6 +86,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-frames", type=_positive, default=1,
                    help="reject clips (or windows) with fewer frames, e.g. the frames per training clip (default: 1)")
     p.add_argument("--full", action="store_true", help="decode every frame instead of the first and the last GOP")
+    p.add_argument("--require-captions", action="store_true",
+                   help="reject lines without a caption (video-only lines are kept by default: stage 2 and probes "
+                        "read them; a stage-1 manifest without them reads from its pack)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_index)
 

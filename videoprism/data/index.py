@@ -121,14 +121,15 @@ def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:
 
 
 def index_dataset(source, out: str, *, rejects_path: str | None = None, workers: int | None = None,
-                  min_frames: int = 1, full: bool = False, progress: bool = False) -> dict:
+                  min_frames: int = 1, full: bool = False, captions: bool = False, progress: bool = False) -> dict:
     """Write the clean manifest `out` and the rejects report; returns counts {"total", "kept", "rejected",
-    "video_only"}. Video-only lines (no caption) are kept: a decodable file is clean whatever a stage needs of it
-    (stage 1 skips them as bad samples; stage 2 and probes use them); "video_only" counts the kept ones."""
+    "video_only"}. Video-only lines (no caption) are kept unless `captions` (then rejected, as stage 1 does): a
+    decodable file is clean whatever a stage needs of it (stage 1 skips them as bad samples; stage 2 and probes use
+    them); "video_only" counts the kept ones."""
     if min_frames < 1:
         raise ValueError(f"min_frames must be >= 1, got {min_frames}")
     try:
-        samples, line_rejects = read_source(source, max_bad_share=1.0, captions=False)
+        samples, line_rejects = read_source(source, max_bad_share=1.0, captions=captions)
     except NoUsableSamplesError as e:  # still worth a report: it says why every line was refused
         if not e.rejects:  # an empty manifest: nothing to report, and an earlier --out stays as it was
             raise

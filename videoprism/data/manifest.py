@@ -335,7 +335,10 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = Tr
     started = time.monotonic()
     samples, rejects = _parse_manifest(path, max_bad_share, progress, captions)
     took = time.monotonic() - started
-    if use_pack and took > _PACK_HINT_SECONDS:
+    from .pack import pack_path
+
+    # No hint where a pack exists but did not serve: the note above said why, and what would.
+    if use_pack and took > _PACK_HINT_SECONDS and not os.path.exists(pack_path(path)):
         print(f"note: reading {path} ({len(samples) + len(rejects)} lines) took {took:.0f} s; `videoprism data "
               f"pack {shlex.quote(path)}` writes it once to a file every process maps instead", file=sys.stderr)
     return samples, rejects
@@ -361,7 +364,8 @@ def _read_packed(path: str, max_bad_share: float, captions: bool):
     samples, rejects, lines = packed
     if captions and samples.uncaptioned:
         print(f"note: {pack_path(path)} holds {samples.uncaptioned} video-only lines, which a reader that needs "
-              f"captions rejects; reading {path} instead", file=sys.stderr)
+              f"captions rejects; reading {path} instead (`videoprism data index --require-captions` writes a "
+              "manifest without them, whose pack serves it)", file=sys.stderr)
         return None
     # The share is checked at read time, as a parse would: the pack keeps every rejected line.
     budget = _line_budget(path, lines, max_bad_share)

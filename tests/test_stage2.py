@@ -454,4 +454,5 @@ def test_stage2_trains_and_validates_on_video_only_lines_without_a_tokenizer(tmp
                             f"data.cache={cache}", f"train.out_dir={tmp_path}/s1_text_{cache}"]) == 2
         err = capsys.readouterr().err
         assert f"1 of 6 lines of {m} are bad" in err and "stage 1 and retrieval need" in err, err
+        assert f"videoprism data index {m} --out CLEAN.jsonl --require-captions" in err, err
         assert "\n" not in err.strip(), err

@@ -368,15 +368,21 @@ def _read_packed(path: str, max_bad_share: float, captions: bool):
               "manifest without them, whose pack serves it)", file=sys.stderr)
         return None
     # The share is checked at read time, as a parse would: the pack keeps every rejected line.
-    budget = _line_budget(path, lines, max_bad_share)
+    budget = _line_budget(path, lines, max_bad_share, captions)
     for where, reason in rejects:
         budget.skip(where, reason)
     return samples, rejects
 
 
-def _line_budget(path: str, lines: int, max_bad_share: float) -> BadSampleBudget:
+def _line_budget(path: str, lines: int, max_bad_share: float, captions: bool) -> BadSampleBudget:
     return BadSampleBudget(total=lines, max_share=max_bad_share, what=f"lines of {path}",
-                           clean=f"videoprism data index {shlex.quote(path)} --out CLEAN.jsonl")
+                           clean=_clean_command(shlex.quote(path), captions))
+
+
+def _clean_command(source: str, captions: bool) -> str:
+    """The `data index` that cleans `source` for its reader: one that needs captions also needs the video-only lines
+    out (--require-captions rejects them)."""
+    return f"videoprism data index {source} --out CLEAN.jsonl" + (" --require-captions" if captions else "")
 
 
 def _parse_manifest(path: str, max_bad_share: float, progress: bool,
@@ -390,7 +396,7 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
         # line's bytes beside the samples would double the peak memory of a large manifest.
         f.seek(0)
         total = sum(1 for raw in f if raw.strip())
-        budget = _line_budget(path, total, max_bad_share)
+        budget = _line_budget(path, total, max_bad_share, captions)
         samples = SampleList()
         f.seek(0)
         with _line_bar(total, path, progress) as bar:
@@ -466,7 +472,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
             broken.append((tar_path, f"truncated or not a tar file: read stopped after {members} members ({e})"))
         groups.extend((tar_path, k, v) for k, v in by_key.items())
     budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples",
-                             clean=f"videoprism data index {' '.join(shlex.quote(str(p)) for p in paths)} --out CLEAN.jsonl")
+                             clean=_clean_command(" ".join(shlex.quote(str(p)) for p in paths), captions))
     for where, reason in broken:
         budget.skip(where, reason)
     samples = SampleList()

@@ -72,12 +72,15 @@ def video_embeddings(model, video: torch.Tensor, *, batch_size: int = 32,
 
 
 def zero_shot_metrics(video: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, names: list[str]) -> dict:
-    """video `[N, D]` and classes `[C, D]` L2-normalised, labels `[N]` class ids in [0, C). A clip's rank of its
-    class is the number of other classes scoring at least as high (a tie counts against the model: a collapsed
-    model does not score by class order; a clip with a non-finite score, a diverged model's, misses). -> top-1 and top-5 accuracy (top-5 only for more than 5 classes),
-    mean per-class accuracy (over the classes the clips have), chance (1 / C), the majority class's share, and
-    per class its clips and top-1 accuracy."""
+    """video `[N, D]` and classes `[C, D]` L2-normalised, labels `[N]` class ids in [0, C), names the C classes'.
+    A clip's rank of its class is the number of other classes scoring at least as high (a tie counts against the
+    model: a collapsed model does not score by class order; a clip with a non-finite score, a diverged model's,
+    misses). -> top-1 and top-5 accuracy (top-5 only for more than 5 classes), mean per-class accuracy (over the
+    classes the clips have), chance (1 / C), the majority class's share, and per class its clips and top-1
+    accuracy."""
     C = classes.shape[0]
+    if len(names) != C:
+        raise ValueError(f"{len(names)} class names for {C} class embeddings")
     if labels.numel() == 0:
         raise ValueError("zero-shot classification needs at least one labelled clip")
     if int(labels.min()) < 0 or int(labels.max()) >= C:

@@ -1097,8 +1097,8 @@ def test_caption_less_lines_get_the_same_verdict_on_every_rank_and_are_held_once
     tok = Tokenizer(tmp_path / "synth" / "spm.model")
     td._DECODED.clear()
     try:
-        got = [td.decode_all(str(m), frames=2, resolution=16, tokenizer=tok, dc=DataConfig(workers=0, max_bad_share=0.3),
-                             shard=(r, 2)) for r in (0, 1)]
+        dc = DataConfig(workers=0, max_bad_share=0.3)
+        got = [td.decode_all(str(m), frames=2, resolution=16, tokenizer=tok, dc=dc, shard=(r, 2)) for r in (0, 1)]
         assert [g[0]["index"].tolist() for g in got] == [[2], [1, 3]]
         assert [g[0]["text_ids"].shape[0] for g in got] == [1, 2] and "no caption" in got[0][1][0][1]
         assert len(td._DECODED) == 3  # rank 0: its text set only; rank 1 (nothing dropped): both, sharing tensors

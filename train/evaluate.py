@@ -106,20 +106,20 @@ def _tokenizer(path: str | None, manifest: str, vocabulary: int):
     return load_tokenizer(path, vocabulary)
 
 
-def _label_names(manifest: str, max_bad_share: float) -> list[str]:
-    """The probe labels of a manifest's clips, named as `eval probe` names them: "label" for an int `label`,
-    the keys of a dict one (the loader's fields "label" / "label_<key>")."""
+def _labelled(manifest: str, max_bad_share: float) -> tuple:
+    """(the manifest's samples, their labels named as `eval probe` and `eval zeroshot` name them: "label" for an
+    int `label`, the keys of a dict one, the loader's fields "label" / "label_<key>")."""
     from videoprism.data.manifest import read_source
 
-    # Video-only lines (no caption) are clips to a probe; bad lines are reported when encoded.
+    # Video-only lines (no caption) are clips to these commands; bad lines are reported when encoded.
     samples, _ = read_source(manifest, max_bad_share=max_bad_share, captions=False)
-    return sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
+    return samples, sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
 
 
 def _probe_labels(args) -> list[str]:
     """--labels (else every label of TRAIN), each checked against both manifests: before the model loads and
     the clips are encoded, which is most of the command's time."""
-    have = {m: _label_names(m, args.max_bad_share) for m in (args.train, args.val)}
+    have = {m: _labelled(m, args.max_bad_share)[1] for m in (args.train, args.val)}
     if args.labels is not None:
         labels = list(dict.fromkeys(x.strip() for x in args.labels.split(",") if x.strip()))
         if not labels:
@@ -240,11 +240,7 @@ def cmd_probe(args) -> int:
 def _zeroshot_label(args) -> tuple[str, int]:
     """--label (else the manifest's only label), checked against the manifest before the model loads -> (its name,
     its largest class id)."""
-    from videoprism.data.manifest import read_source
-
-    # Video-only lines (no caption) are clips here; bad lines are reported when encoded.
-    samples, _ = read_source(args.manifest, max_bad_share=args.max_bad_share, captions=False)
-    have = sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
+    samples, have = _labelled(args.manifest, args.max_bad_share)
     if not have:
         raise ValueError(f"{args.manifest}: no clip has a 'label'; add class ids to the manifest (an int, or a dict "
                          "of ints such as {\"direction\": 2}; README, Data format)")

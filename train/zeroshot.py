@@ -46,20 +46,30 @@ def check_classes(classes: list[str], source: str) -> list[str]:
 
 
 @torch.no_grad()
-def class_embeddings(model, tokenizer, classes: list[str], templates: list[str], *, device: torch.device | str,
-                     bf16: bool = False, batch_size: int = 256) -> torch.Tensor:
-    """`[C, D]` float32 on the CPU, L2-normalised: per class, the normalised mean of its prompts' normalised text
-    embeddings (`model`: a FactorizedVideoCLIP; `bf16`: its text tower under bf16 autocast, as training's)."""
-    prompts = [t.replace("{}", c) for c in classes for t in templates]
+def text_embeddings(model, tokenizer, texts: list[str], *, device: torch.device | str, bf16: bool = False,
+                    batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """`[len(texts), D]` float32 on the CPU, L2-normalised, row i for text i (`model`: a FactorizedVideoCLIP;
+    `bf16`: its text tower under bf16 autocast, as training's; `progress`: a bar with texts/s)."""
+    from tqdm import tqdm
+
     dev = torch.device(device)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     out = []
-    with amp:
-        for i in range(0, len(prompts), batch_size):
-            ids, pads = trim_text(*tokenizer(prompts[i:i + batch_size]))
+    with tqdm(total=len(texts), unit="text", desc="embed-text", disable=not progress, smoothing=0) as bar, amp:
+        for i in range(0, len(texts), batch_size):
+            ids, pads = trim_text(*tokenizer(texts[i:i + batch_size]))
             out.append(model.encode_text(ids.to(dev), pads.to(dev)).float().cpu())
-    emb = torch.cat(out).view(len(classes), len(templates), -1).mean(1)
-    return torch.nn.functional.normalize(emb, dim=-1)
+            bar.update(ids.shape[0])
+    return torch.cat(out)
+
+
+def class_embeddings(model, tokenizer, classes: list[str], templates: list[str], *, device: torch.device | str,
+                     bf16: bool = False) -> torch.Tensor:
+    """`[C, D]` float32 on the CPU, L2-normalised: per class, the normalised mean of its prompts' normalised text
+    embeddings (text_embeddings)."""
+    prompts = [t.replace("{}", c) for c in classes for t in templates]
+    emb = text_embeddings(model, tokenizer, prompts, device=device, bf16=bf16)
+    return torch.nn.functional.normalize(emb.view(len(classes), len(templates), -1).mean(1), dim=-1)
 
 
 @torch.no_grad()

@@ -254,9 +254,7 @@ def load_tokenizer(path: str, vocabulary: int):
 
 def cmd_embed_text(args) -> int:
     import videoprism as vp
-    from tqdm import tqdm
-
-    from videoprism.train.data import trim_text
+    from videoprism.train.zeroshot import text_embeddings
 
     ext = os.path.splitext(args.out)[1]
     if ext not in (".npy", ".safetensors"):
@@ -287,14 +285,7 @@ def cmd_embed_text(args) -> int:
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; embed-text needs a video-text (LvT) "
                          "model, e.g. videoprism_lvt_public_v1_base or a stage-1 run's model.safetensors")
     tok = load_tokenizer(args.tokenizer, model.config.vocabulary_size)
-    out = []
-    with tqdm(total=len(texts), unit="text", desc="embed-text", disable=args.quiet, smoothing=0) as bar, \
-            torch.no_grad():
-        for i in range(0, len(texts), args.batch_size):
-            ids, pads = trim_text(*tok(texts[i:i + args.batch_size]))
-            out.append(model.encode_text(ids.to(device), pads.to(device)).float().cpu())
-            bar.update(ids.shape[0])
-    emb = torch.cat(out)
+    emb = text_embeddings(model, tok, texts, device=device, batch_size=args.batch_size, progress=not args.quiet)
     if ext == ".npy":
         np.save(args.out, emb.numpy())
     else:

@@ -1112,3 +1112,27 @@ def test_caption_less_lines_get_the_same_verdict_on_every_rank_and_are_held_once
         assert clips["index"].tolist() == [0, 2] and not rejects and "text_ids" not in clips
     finally:
         td._DECODED.clear()
+
+
+def test_a_set_decoded_under_a_loose_bad_share_does_not_pass_a_stricter_one(tmp_path):
+    """decode_all's memo is keyed by the bad-sample share: a set read with a broken file under a share of 50% must
+    still fail a later caller that allows 10% (it returned the memoised set)."""
+    from videoprism.data.errors import TooManyBadSamplesError
+    from videoprism.data.synth import generate
+    from videoprism.train import data as td
+    from videoprism.train.config import DataConfig
+
+    generate(str(tmp_path / "synth"), 5, seed=2, size=16, num_frames=2, workers=1)
+    recs = [json.loads(x) for x in open(tmp_path / "synth" / "train.jsonl")][:4]
+    recs[1]["path"] = "gone.webm"
+    m = tmp_path / "synth" / "val4.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    td._DECODED.clear()
+    try:
+        clips, rejects = td.decode_all(str(m), frames=2, resolution=16, tokenizer=None,
+                                       dc=DataConfig(workers=0, max_bad_share=0.5))
+        assert clips["index"].tolist() == [0, 2, 3] and "gone.webm" in rejects[0][0]
+        with pytest.raises(TooManyBadSamplesError):
+            td.decode_all(str(m), frames=2, resolution=16, tokenizer=None, dc=DataConfig(workers=0, max_bad_share=0.1))
+    finally:
+        td._DECODED.clear()

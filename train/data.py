@@ -158,11 +158,12 @@ def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokeni
     on a rank; the bad-sample share counts within the share).
     Without a tokenizer (stage 2, probes) video-only lines are clips too; with one, a clip without a caption is
     skipped as a bad sample (NO_CAPTION), within the manifest's bad-sample share. Memoised per process (file,
-    mtime, frames, resolution, shard), the captions tokenized per tokenizer: the demo's stages and probes decode
-    once."""
+    mtime, frames, resolution, shard, bad-sample share), the captions tokenized per tokenizer: the demo's stages
+    and probes decode once."""
     if shard is not None and shard[1] == 1:
         shard = None  # the whole set: one decode for a one-process run's validation and probes
-    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, shard)
+    # The share too: a set decoded under a looser one must not pass a stricter caller's check unseen.
+    key = (os.path.abspath(manifest), os.path.getmtime(manifest), frames, resolution, shard, dc.max_bad_share)
     text_key = None if tokenizer is None else (*key, tokenizer.model_path, tokenizer.max_length)
     if text_key is not None and text_key not in _DECODED:
         # Lines without a caption count against the bad-sample share of the whole manifest, as a reader that needs

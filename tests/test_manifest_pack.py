@@ -72,7 +72,25 @@ def test_a_pack_with_video_only_lines_serves_readers_without_captions_only(tmp_p
     assert len(needed[0]) == 100 and needed[0].uncaptioned == 0
     assert [r[0] for r in needed[1]] == [f"{m}:2", f"{m}:3"] and all("no caption" in r[1] for r in needed[1])
     with pytest.raises(TooManyBadSamplesError, match="2 of 102 lines"):
-        read_manifest(m, max_bad_share=0.01)
+        read_manifest(m, max_bad_share=0.01, use_pack=False)
+
+
+def test_a_reader_that_needs_captions_stops_on_a_packs_count_without_parsing(tmp_path, monkeypatch):
+    """Past the share, the pack's count of video-only lines (plus the lines rejected when packing) stops a reader
+    that needs captions at once, with the parse's numbers: a parse of a large manifest on every rank took minutes
+    to reach the same verdict."""
+    import videoprism.data.manifest as manifest
+
+    m = _manifest(tmp_path, n=100, bad_lines=['{"path": "x.mp4"}', '{"path": "y.mp4"}', "not json"])
+    write_pack(m)
+    with pytest.raises(TooManyBadSamplesError) as parsed:
+        read_manifest(m, max_bad_share=0.02, use_pack=False)
+    monkeypatch.setattr(manifest, "_parse_manifest", lambda *a, **k: pytest.fail("parsed"))
+    with pytest.raises(TooManyBadSamplesError) as packed:
+        read_manifest(m, max_bad_share=0.02)
+    assert str(parsed.value).startswith("3 of 103 lines") and str(packed.value).startswith("3 of 103 lines")
+    assert "video-only lines: 2 (" in str(packed.value) and "lines rejected when it was packed: 1." in str(packed.value)
+    assert "--require-captions" in str(packed.value)
 
 
 def test_a_packs_rejects_name_the_manifest_as_its_reader_does(tmp_path, monkeypatch):

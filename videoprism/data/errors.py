@@ -66,12 +66,19 @@ class BadSampleBudget:
         self.rejects.append((str(path), reason))
         # bad / total, not max_share * total: the product rounds (0.29 * 100 = 28.999...), which stopped a run
         # at exactly the share; the quotient of two ints rounds as the share's literal does.
-        if self.bad > 0 and (self.total == 0 or self.bad / self.total > self.max_share):
-            shown = "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:])
-            raise TooManyBadSamplesError(
-                f"{self.bad} of {self.total} {self.what} are bad ({self.bad / max(self.total, 1):.1%} > max_bad_share "
-                f"{self.max_share:.1%}); last: {shown}. Clean the data with `{self.clean}` or raise the share "
-                f"(training: data.max_bad_share; videoprism eval: --max-bad-share).")
+        if self.over(self.bad):
+            self.stop(self.bad, "last: " + "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:]))
+
+    def over(self, bad: int) -> bool:
+        """Whether `bad` skipped samples pass the share."""
+        return bad > 0 and (self.total == 0 or bad / self.total > self.max_share)
+
+    def stop(self, bad: int, which: str):
+        """Raise the error for `bad` skipped samples, `which` saying which ones."""
+        raise TooManyBadSamplesError(
+            f"{bad} of {self.total} {self.what} are bad ({bad / max(self.total, 1):.1%} > max_bad_share "
+            f"{self.max_share:.1%}); {which}. Clean the data with `{self.clean}` or raise the share "
+            f"(training: data.max_bad_share; videoprism eval: --max-bad-share).")
 
     def state_dict(self) -> dict:
         return {"rejects": [list(r) for r in self.rejects]}

@@ -31,6 +31,8 @@ def clips(tmp_path_factory):
     out = {
         "editlist": ["-ss", "0.5", "-i", bf3, "-c", "copy"],
         "ts": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", "-f", "mpegts"],
+        # One GOP (x264's default: 250 frames): a seek lands past the only keyframe, and the decoder outputs nothing.
+        "ts_one_gop": [*SRC, "-c:v", "libx264", "-bf", "3", "-f", "mpegts"],
         # Cut mid-GOP, the packets before the first keyframe kept: the decoder shows none of them.
         "midgop_ts": ["-i", bf3, "-ss", "0.5", "-c", "copy", "-copyinkf", "-f", "mpegts"],
         "avi": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3"],
@@ -38,7 +40,7 @@ def clips(tmp_path_factory):
         "audio_longer_webm": [*SRC, "-f", "lavfi", "-i", "sine=duration=7", "-c:v", "libvpx-vp9", "-deadline",
                               "realtime", "-g", "12", "-c:a", "libopus"],
     }
-    ext = {"editlist": "mp4", "ts": "ts", "midgop_ts": "ts", "avi": "avi", "offset_webm": "webm",
+    ext = {"editlist": "mp4", "ts": "ts", "ts_one_gop": "ts", "midgop_ts": "ts", "avi": "avi", "offset_webm": "webm",
            "audio_longer_webm": "webm"}
     paths = {}
     for name, args in out.items():
@@ -47,7 +49,8 @@ def clips(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name", ["editlist", "ts", "midgop_ts", "avi", "offset_webm", "audio_longer_webm"])
+@pytest.mark.parametrize("name", ["editlist", "ts", "ts_one_gop", "midgop_ts", "avi", "offset_webm",
+                                  "audio_longer_webm"])
 def test_sampled_frames_are_those_of_a_full_decode(clips, name):
     oracle = full_decode(clips[name])
     with PyAVClip(clips[name]) as clip:
@@ -57,6 +60,17 @@ def test_sampled_frames_are_those_of_a_full_decode(clips, name):
             got = clip.decode(idx).numpy()
             np.testing.assert_array_equal(got, oracle[idx])
         clip.verify(full=True)
+
+
+@pytest.mark.parametrize("name", ["ts", "ts_one_gop"])
+def test_windows_anywhere_in_an_mpeg_ts_are_those_of_a_full_decode(clips, name):
+    """A window's first seek may land past its keyframe (MPEG-TS seeks by decode time); the decoder then outputs
+    nothing, which read as the end of the data ("truncated: decoded 0 of 8")."""
+    oracle = full_decode(clips[name])
+    for start in (0.0, 1.3, 2.5, 3.0):
+        with PyAVClip(clips[name]) as clip:
+            idx = clip.sample_indices(8, start, 4.0)
+            np.testing.assert_array_equal(clip.decode(idx).numpy(), oracle[idx])
 
 
 def test_shard_member_with_dotted_extension_is_a_video(tmp_path):

@@ -233,6 +233,11 @@ class PyAVClip:
                         picked = frame
                         break
                 if picked is None:
+                    if first:
+                        # Nothing at all since the seek: the demuxer landed past the keyframe's packet (MPEG-TS
+                        # seeks by decode time: with B-frames, after the only keyframe of a one-GOP clip), not at
+                        # the end of the data (the in-order decode tells a cut file all the same).
+                        raise _Unseekable
                     return
                 yield picked
         except av.error.FFmpegError as e:

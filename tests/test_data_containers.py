@@ -1,6 +1,6 @@
 """Frame sampling against a full decode (the oracle) on clips whose timestamps are awkward: an edit list that
 discards leading frames, MPEG-TS (imprecise seeks), H.264 with B-frames in AVI (no presentation timestamps), WebM
-with a start offset or with audio longer than the video. Needs the ffmpeg command line to make the clips."""
+with a start offset or with audio longer than the video, Matroska with a longer second video track or subtitle cue. Needs the ffmpeg command line to make the clips."""
 import shutil
 import subprocess
 
@@ -28,6 +28,9 @@ def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("containers")
     bf3 = str(d / "bf3.mp4")
     ffmpeg(*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", bf3)
+    srt = d / "cue.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:09,000\na cue that outlasts the video\n")
+    vp9 = ["-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "12"]
     out = {
         "editlist": ["-ss", "0.5", "-i", bf3, "-c", "copy"],
         "ts": [*SRC, "-c:v", "libx264", "-g", "12", "-bf", "3", "-f", "mpegts"],
@@ -39,9 +42,13 @@ def clips(tmp_path_factory):
         "offset_webm": [*SRC, "-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "12", "-output_ts_offset", "10"],
         "audio_longer_webm": [*SRC, "-f", "lavfi", "-i", "sine=duration=7", "-c:v", "libvpx-vp9", "-deadline",
                               "realtime", "-g", "12", "-c:a", "libopus"],
+        # Matroska streams declare no duration: the file's spans a longer second video track or a subtitle cue.
+        "two_videos_mkv": [*SRC, "-f", "lavfi", "-i", "testsrc=size=64x48:rate=25:duration=6", "-map", "0", "-map",
+                           "1", *vp9],
+        "subtitle_mkv": [*SRC, "-i", str(srt), *vp9, "-c:s", "srt"],
     }
     ext = {"editlist": "mp4", "ts": "ts", "ts_one_gop": "ts", "midgop_ts": "ts", "avi": "avi", "offset_webm": "webm",
-           "audio_longer_webm": "webm"}
+           "audio_longer_webm": "webm", "two_videos_mkv": "mkv", "subtitle_mkv": "mkv"}
     paths = {}
     for name, args in out.items():
         paths[name] = str(d / f"{name}.{ext[name]}")
@@ -50,7 +57,7 @@ def clips(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["editlist", "ts", "ts_one_gop", "midgop_ts", "avi", "offset_webm",
-                                  "audio_longer_webm"])
+                                  "audio_longer_webm", "two_videos_mkv", "subtitle_mkv"])
 def test_sampled_frames_are_those_of_a_full_decode(clips, name):
     oracle = full_decode(clips[name])
     with PyAVClip(clips[name]) as clip:

@@ -135,13 +135,13 @@ class PyAVClip:
         s = self._stream
         pts, keys = [], []
         leading = []  # shown packets before the first keyframe (decode order): a stream cut mid-GOP; none decode
-        # The end of the data over every stream (seconds): a cut cuts them all, while a longer audio track
-        # only makes the container's duration longer than the video.
+        # The end of the data over every stream (seconds): a cut cuts them all, while a longer audio track, a
+        # second video track or a subtitle cue only makes the container's duration (Matroska's, whose streams
+        # declare none) longer than the video. (A cue that spans a cut hides it here; the decode still samples
+        # only frames that are there.)
         data_end = None
         try:
-            # The video and audio streams: a cut ends them all; other streams (a second video track, telemetry,
-            # subtitles whose cues may span the whole file) would only add reads or a misleading end.
-            for packet in self._container.demux(s, *(a for a in self._container.streams.audio)):
+            for packet in self._container.demux():
                 if packet.stream.index != s.index:
                     if packet.pts is not None and packet.stream.time_base is not None and packet.size:
                         end = float((packet.pts + (packet.duration or 0)) * packet.stream.time_base)

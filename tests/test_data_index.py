@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -140,3 +142,33 @@ def test_workers_that_die_before_any_file_stop_the_index_with_a_message(tmp_path
     monkeypatch.setattr(index, "_init_worker", lambda started: os._exit(1))
     assert run(["data", "index", os.path.join(d, "train.jsonl"), "--out", os.path.join(d, "c.jsonl"), "--quiet"]) == 2
     assert "died before they started on any file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to make a VFR clip")
+def test_a_variable_frame_rate_clip_is_planned_from_its_timestamps(tmp_path):
+    """A clean manifest's frame plan (dali_pipeline.clip_plan) puts frame i at i / fps; for a variable frame rate
+    (24 frames in [0, 1) s, 24 in [1, 5), 24 in [5, 6)) that took a window's frames from past its end. `index`
+    marks such a clip (`cfr` false), and its plan comes from its timestamps, as PyAV's does; a constant-rate clip
+    keeps the plan from its probe fields."""
+    from videoprism.data.dali_pipeline import clip_plan
+    from videoprism.data.decode import PyAVClip
+
+    steps = "if(lt(N,24),N/24/TB,if(lt(N,48),(1+(N-24)/6)/TB,(5+(N-48)/24)/TB))"
+    for name, vf in (("vfr.webm", [f"setpts='{steps}'", "-fps_mode", "vfr"]), ("cfr.webm", [])):
+        subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                        "testsrc2=size=64x48:rate=24:duration=3", *(["-vf", *vf[:1], *vf[1:]] if vf else []),
+                        "-c:v", "libvpx-vp9", "-deadline", "realtime", str(tmp_path / name)], check=True)
+    windows = {"vfr.webm": [(None, None), (1.0, 5.0), (0.5, 5.5), (4.0, None)],
+               "cfr.webm": [(None, None), (0.5, 2.5), (1.0, None)]}
+    recs = [{"path": name, "start": a, "end": b} for name, spans in windows.items() for a, b in spans]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n"
+                                              for r in recs))
+    assert run(["data", "index", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1",
+                "--quiet"]) == 0
+    clean, rejects = read_manifest(str(tmp_path / "clean.jsonl"), captions=False)
+    assert not rejects and len(clean) == len(recs)
+    assert [s.probe["cfr"] for s in clean] == [os.path.basename(s.path) == "cfr.webm" for s in clean]
+    for s in clean:
+        with PyAVClip(s.path) as clip:
+            want = clip.sample_indices(8, s.start, s.end)
+        assert clip_plan(s, 8)[1] == want, (s.path, s.start, s.end)

@@ -83,9 +83,10 @@ def dali_handles(codec: str, device: torch.device) -> bool:
 
 def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int]:
     """(codec, frame indices, height, width) of a sample: from the probe fields of a clean manifest when present
-    (frame i at i / fps: constant frame rate, as `index` measured it), else from a demux pass."""
+    (frame i at i / fps: a constant frame rate, which `index` checked: `cfr`), else from a demux pass (a variable
+    frame rate: the frames' own timestamps place a window)."""
     p = sample.probe
-    if all(k in p for k in ("codec", "frames", "fps", "width", "height")):
+    if all(k in p for k in ("codec", "frames", "fps", "width", "height")) and p.get("cfr", True):
         n, fps = int(p["frames"]), float(p["fps"])
         lo = 0 if sample.start is None else min(n, int(np.ceil(sample.start * fps - 1e-6)))
         hi = n if sample.end is None else min(n, int(np.ceil(sample.end * fps - 1e-6)))

@@ -58,6 +58,17 @@ class VideoIndex:
             return 0.0
         return float((self.pts[-1] - self.pts[0]) * self.time_base) + (1.0 / self.fps if self.fps > 0 else 0.0)
 
+    @property
+    def constant_rate(self) -> bool:
+        """Whether frame i shows at i / fps after the first frame, to a tick of the stream's clock (containers round
+        timestamps to ticks): what a clean manifest's frame plan assumes (dali_pipeline.clip_plan). False for a
+        variable frame rate, or a rate field that the timestamps contradict."""
+        if self.fps <= 0:
+            return len(self.pts) == 1
+        ticks = np.asarray(self.pts, dtype=np.float64) - self.pts[0]
+        want = np.arange(len(ticks)) / self.fps / float(self.time_base)
+        return bool(np.abs(ticks - want).max() <= 1.0 + 1e-6)
+
     def window(self, start: float | None, end: float | None) -> list[int]:
         """Indices of the frames shown in [start, end) seconds, counted from the first frame."""
         if start is None and end is None:

@@ -40,7 +40,7 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
     except OSError as e:
         raise BadVideoError(sample.name, f"unreadable ({e.strerror or e})") from None
     return {"codec": idx.codec, "frames": idx.num_frames, "fps": round(idx.fps, 6), "width": idx.width,
-            "height": idx.height, "duration": round(idx.duration, 6)}
+            "height": idx.height, "duration": round(idx.duration, 6), "cfr": idx.constant_rate}
 
 
 # Per job, set by the worker that starts it (shared memory): which files were being probed when a pool broke.

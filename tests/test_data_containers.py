@@ -1,6 +1,7 @@
 """Frame sampling against a full decode (the oracle) on clips whose timestamps are awkward: an edit list that
 discards leading frames, MPEG-TS (imprecise seeks), H.264 with B-frames in AVI (no presentation timestamps), WebM
-with a start offset or with audio longer than the video, Matroska with a longer second video track or subtitle cue. Needs the ffmpeg command line to make the clips."""
+with a start offset or with audio longer than the video, Matroska with a longer second video track or subtitle cue;
+clips a player turns upright (a display-matrix rotation). Needs the ffmpeg command line to make the clips."""
 import shutil
 import subprocess
 
@@ -117,3 +118,41 @@ def test_an_unseekable_stream_is_not_seeked_again(clips, monkeypatch):
         clip.decode(clip.sample_indices(4, 1.0, 2.0))
         clip.verify()
     assert len(tried) == 1
+
+
+@pytest.fixture(scope="module")
+def turned(tmp_path_factory):
+    """{degrees: an MP4 whose display matrix turns it `degrees` counterclockwise} (ffmpeg's `rotate` tag)."""
+    d = tmp_path_factory.mktemp("turned")
+    up = str(d / "up.mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=8:duration=2", "-c:v", "libx264", "-g", "4", up)
+    paths = {0: up}
+    for degrees in (90, 180, 270):
+        paths[degrees] = str(d / f"r{degrees}.mp4")
+        ffmpeg("-i", up, "-c", "copy", "-metadata:s:v:0", f"rotate={degrees}", paths[degrees])
+    return paths
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270])
+def test_a_turned_clip_decodes_upright_as_the_ffmpeg_command_line_shows_it(turned, degrees):
+    """The oracle: the ffmpeg command line's own decode, which turns a clip by its display matrix (a phone's
+    portrait clip is stored landscape). The index reports the stored size and the rotation."""
+    with PyAVClip(turned[degrees]) as clip:
+        assert clip.rotation == degrees and (clip.index.height, clip.index.width) == (64, 96)
+        got = clip.decode(list(range(clip.index.num_frames))).numpy()
+    raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", turned[degrees], "-f", "rawvideo", "-pix_fmt",
+                          "rgb24", "-"], capture_output=True, check=True).stdout
+    assert got.shape == (16, 96, 64, 3) if degrees % 180 else (16, 64, 96, 3)
+    np.testing.assert_array_equal(got, np.frombuffer(raw, np.uint8).reshape(got.shape))
+
+
+def test_the_index_records_the_rotation(turned, tmp_path):
+    import json
+
+    from videoprism.cli import main
+
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"path": turned[d], "caption": "a test card"}) + "\n" for d in sorted(turned)))
+    assert main(["data", "index", str(m), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1", "--quiet"]) == 0
+    recs = [json.loads(line) for line in open(tmp_path / "clean.jsonl")]
+    assert [(r["rotation"], r["width"], r["height"]) for r in recs] == [(d, 96, 64) for d in sorted(turned)]

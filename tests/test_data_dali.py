@@ -250,6 +250,34 @@ def test_clip_with_black_frames_is_kept(tmp_path, synth):
     assert torch.equal(got[0]["video"], want["video"])
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to turn the clips")
+def test_turned_clips_come_out_of_dali_upright_as_out_of_pyav(tmp_path):
+    """DALI decodes the stored frames of a clip whose display matrix turns it (a portrait phone clip): the loader
+    crops the upright box's pixels and turns (then flips) them, so DALI's clips are PyAV's (upright, checked against
+    the ffmpeg command line in test_data_containers), for random crops with and without flips, from the raw
+    manifest (rotation read off the first frame) and from the clean one (its `rotation` field)."""
+    from videoprism.cli import main
+
+    up = str(tmp_path / "up.mp4")
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=96x64:rate=8:duration=2",
+                    "-c:v", "libvpx-vp9", "-deadline", "realtime", "-g", "4", up], check=True)
+    recs = [{"path": up}]
+    for degrees in (90, 180, 270):
+        recs.append({"path": str(tmp_path / f"r{degrees}.mp4")})
+        subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-i", up, "-c", "copy", "-metadata:s:v:0",
+                        f"rotate={degrees}", recs[-1]["path"]], check=True)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs * 2))
+    assert main(["data", "index", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1",
+                 "--quiet"]) == 0
+    for manifest in ("m.jsonl", "clean.jsonl"):
+        for train, flip_prob in ((True, 0.0), (True, 1.0), (False, 0.0)):
+            kw = dict(num_frames=8, resolution=40, batch_size=8, train=train, tokenizer=None, flip_prob=flip_prob)
+            (dali,) = list(build_loader(str(tmp_path / manifest), backend="dali", **kw))
+            (pyav,) = list(build_loader(str(tmp_path / manifest), backend="pyav", **kw))
+            for a, b in zip(dali["video"], pyav["video"]):
+                assert psnr(a, b) >= 35, (manifest, train, flip_prob)  # ~40-58 dB; turned or flipped wrong: < 10
+
+
 @needs_media
 def test_h264_on_the_cpu_falls_back_to_pyav(tmp_path):
     m = tmp_path / "m.jsonl"

@@ -76,3 +76,27 @@ def test_train_crop_positions_cover_the_frame_edge_to_edge():
     grid = [i / 1000 for i in range(1000)]
     assert {at(u, 0.5)[1] for u in grid} == set(range(w - cw + 1))
     assert {at(0.5, v)[0] for v in grid} == set(range(h - ch + 1))
+
+
+@pytest.mark.parametrize("turns", [0, 1, 2, 3])
+def test_a_box_of_the_upright_frame_crops_the_same_pixels_of_the_stored_one(turns):
+    """stored_box against np.rot90 (the oracle): the upright frame's box and the stored frame's box, turned, hold the
+    same pixels, for boxes anywhere in a non-square frame."""
+    from videoprism.data.transforms import stored_box
+
+    h, w = 7, 12
+    stored = np.arange(h * w).reshape(h, w)
+    upright = np.rot90(stored, turns)
+    rng = np.random.default_rng(turns)
+    for _ in range(50):
+        bh, bw = rng.integers(1, upright.shape[0] + 1), rng.integers(1, upright.shape[1] + 1)
+        y, x = rng.integers(0, upright.shape[0] - bh + 1), rng.integers(0, upright.shape[1] - bw + 1)
+        sy, sx, sh, sw = stored_box((y, x, bh, bw), turns, h, w)
+        assert 0 <= sy and 0 <= sx and sy + sh <= h and sx + sw <= w
+        np.testing.assert_array_equal(np.rot90(stored[sy:sy + sh, sx:sx + sw], turns), upright[y:y + bh, x:x + bw])
+
+
+def test_quarter_turns_of_a_display_rotation():
+    from videoprism.data.transforms import quarter_turns
+
+    assert [quarter_turns(d) for d in (0, 90, 180, -180, -90, 270, 89.9)] == [0, 1, 2, 2, 3, 3, 1]

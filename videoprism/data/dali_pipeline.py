@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import BadVideoError
-from .transforms import uniform_indices
+from .transforms import quarter_turns, stored_box, uniform_indices
 
 # Codecs fn.decoders.video takes on each backend (DALI 2.x docs). Not AV1 on the GPU: NVDEC has none on the
 # A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
@@ -81,10 +81,11 @@ def dali_handles(codec: str, device: torch.device) -> bool:
     return codec in DALI_CODECS["gpu" if device.type == "cuda" else "cpu"]
 
 
-def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int]:
-    """(codec, frame indices, height, width) of a sample: from the probe fields of a clean manifest when present
-    (frame i at i / fps: a constant frame rate, which `index` checked: `cfr`), else from a demux pass (a variable
-    frame rate: the frames' own timestamps place a window)."""
+def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int]:
+    """(codec, frame indices, stored height, stored width, quarter turns to upright) of a sample: from the probe
+    fields of a clean manifest when present (frame i at i / fps: a constant frame rate, which `index` checked:
+    `cfr`; a manifest indexed without `rotation` is taken as upright), else from a demux pass (a variable frame
+    rate: the frames' own timestamps place a window) and the first frame's rotation."""
     p = sample.probe
     if all(k in p for k in ("codec", "frames", "fps", "width", "height")) and p.get("cfr", True):
         n, fps = int(p["frames"]), float(p["fps"])
@@ -92,12 +93,14 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int]:
         hi = n if sample.end is None else min(n, int(np.ceil(sample.end * fps - 1e-6)))
         if hi - lo < num_frames:
             raise BadVideoError(sample.name, f"too few frames: {hi - lo}, need {num_frames}")
-        return p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"]
+        return (p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"],
+                quarter_turns(p.get("rotation", 0)))
     from .decode import PyAVClip  # here, not at the top: the graph itself runs without PyAV (the GPU machines lack it)
 
     with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
-        return idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width
+        return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
+                quarter_turns(clip.rotation))
 
 
 class DaliClips:
@@ -186,11 +189,15 @@ class DaliClips:
         dali_jobs = []
         for pos, sid, sample, aug in items:
             try:
-                codec, frames, h, w = clip_plan(sample, self.num_frames)
+                codec, frames, h, w, turns = clip_plan(sample, self.num_frames)
                 if not dali_handles(codec, self.device) or not self.shapes.to_dali((codec, h, w)):
                     results[pos] = _pyav(fallback, pos, sid, f"DALI does not take {codec} here")
                     continue
-                dali_jobs.append((pos, sid, (codec, h, w), sample.read_bytes(), frames, aug.box(h, w), aug.flip))
+                # DALI decodes stored frames: the upright frame's box, cropped from them, turned after (then flipped:
+                # a flip drawn for the upright clip is left-right there).
+                box = stored_box(aug.box(*((w, h) if turns % 2 else (h, w))), turns, h, w)
+                dali_jobs.append((pos, sid, (codec, h, w), sample.read_bytes(), frames, box, aug.flip and not turns,
+                                  turns, aug.flip))
             except BadVideoError as e:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
@@ -228,7 +235,16 @@ class DaliClips:
             # Retry one by one (the pipeline was rebuilt) so that only the failing file is singled out.
             return [item for j in jobs for item in self._run_jobs([j])]
         # A clip with an all-zero frame goes to PyAV (None here), which finds a cut (too few frames) or decodes it.
-        return [None if b else _Item(pos, sid, video=v) for (pos, sid, *_), v, b in zip(jobs, videos, blank)]
+        return [None if b else _Item(pos, sid, video=_upright(v, turns, flip and turns > 0))
+                for (pos, sid, *_, turns, flip), v, b in zip(jobs, videos, blank)]
+
+
+def _upright(video: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """A clip's uint8 [T, R, R, 3] frames from stored ones: turned `turns` quarter turns counterclockwise, then
+    flipped left-right when `flip`."""
+    if turns:
+        video = torch.rot90(video, turns, dims=(1, 2))
+    return video.flip(2).contiguous() if flip else video.contiguous() if turns else video
 
 
 def _pyav(fallback, pos: int, sid: int, why: str):

@@ -25,7 +25,7 @@ from av.video.reformatter import VideoReformatter
 import torch
 
 from .errors import BadVideoError
-from .transforms import Augment, apply_augment, uniform_indices
+from .transforms import Augment, apply_augment, quarter_turns, uniform_indices
 
 # Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable: PyAV <= 18
 # decodes them strictly unless told to replace bad bytes (a UnicodeDecodeError at open); PyAV 19
@@ -105,7 +105,7 @@ class PyAVClip:
                 raise BadVideoError(self.name, "empty file (0 bytes)")
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
-        self._src, self._threads, self._unseekable = src, threads, False
+        self._src, self._threads, self._unseekable, self._rotation = src, threads, False, None
         try:
             self._container = self._open()
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -288,12 +288,22 @@ class PyAVClip:
         return BadVideoError(self.name, f"truncated: decoded {got} of {wanted} {what}, the data ends at {end:.2f} s "
                                         f"of {self.index.duration:.2f} s")
 
+    @property
+    def rotation(self) -> int:
+        """Degrees (0, 90, 180 or 270) counterclockwise that a player turns the stored frames (the display matrix
+        of a portrait phone clip): read off the first frame, decoded for it."""
+        if self._rotation is None:
+            self._rotation = 90 * quarter_turns(self._frames([0])[0].rotation)
+        return self._rotation
+
     def decode(self, indices: list[int]) -> torch.Tensor:
-        """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices."""
+        """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices, upright (turned as a
+        player shows them: H, W are the index's height and width swapped for a quarter turn)."""
         # One reformatter for the clip keeps its swscale context: `frame.to_ndarray(format="rgb24")` builds a new
         # one per frame, which cost more than decoding on small clips (same output bits).
         rgb = VideoReformatter()
-        frames = [rgb.reformat(f, format="rgb24").to_ndarray() for f in self._frames(indices)]
+        frames = [np.rot90(rgb.reformat(f, format="rgb24").to_ndarray(), quarter_turns(f.rotation))
+                  for f in self._frames(indices)]
         if len(frames) < len(indices):
             raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))

@@ -37,7 +37,7 @@ VERSION = 5  # bump when the record layout or the validation of a line changes: 
 # 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
 # 3: the manifest's inode, change time and SHA-256; a CRC-32 of the header and of each record
 # 4: video-only lines (no caption) are samples, counted in the header's "uncaptioned" (3 rejected them)
-# 5: a line's "cfr" (data index) is a probe field (4 kept it among the extra fields)
+# 5: a line's "cfr" and "rotation" (data index) are probe fields (4 kept them among the extra fields)
 
 
 def pack_path(manifest: str) -> str:

@@ -13,6 +13,11 @@ Spatial: each sample gets a crop box in source pixels plus a horizontal flip, th
 The random draws are made up front (`Augment`), from a generator keyed by (seed, epoch, sample), before the frame
 size is known; `box(h, w)` turns them into pixels. So a sample's transform depends only on the key, never on the
 decoder, the worker or the order in which samples are decoded.
+
+Orientation: a video whose container says to turn it for display (a phone's portrait clip: stored landscape, with a
+display-matrix rotation) is transformed upright, as players and the ffmpeg command line show it. The crop box is
+drawn in the upright frame; a decoder that outputs stored frames crops the same pixels (`stored_box`) and turns
+the result.
 """
 from __future__ import annotations
 
@@ -71,6 +76,26 @@ class Augment:
         y0 = min(h - ch, int(self.v * (h - ch + 1)))
         x0 = min(w - cw, int(self.u * (w - cw + 1)))
         return y0, x0, ch, cw
+
+
+def quarter_turns(degrees: float) -> int:
+    """Counterclockwise quarter turns (0-3) that show a stored frame upright, from its display rotation in degrees
+    counterclockwise (PyAV's `VideoFrame.rotation`, ffprobe's side-data `rotation`); np.rot90/torch.rot90 turn it."""
+    return round(degrees / 90) % 4
+
+
+def stored_box(box: tuple[int, int, int, int], turns: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """The box (y0, x0, crop_h, crop_w) of an upright frame, np.rot90(stored, turns), as a box of the stored frame
+    of height `h` and width `w` (the same pixels)."""
+    y, x, bh, bw = box
+    turns %= 4
+    if turns == 1:  # upright[i, j] = stored[j, w - 1 - i]
+        return x, w - y - bh, bw, bh
+    if turns == 2:  # upright[i, j] = stored[h - 1 - i, w - 1 - j]
+        return h - y - bh, w - x - bw, bh, bw
+    if turns == 3:  # upright[i, j] = stored[h - 1 - j, i]
+        return h - x - bw, y, bw, bh
+    return box
 
 
 def apply_augment(frames: torch.Tensor, aug: Augment, resolution: int) -> torch.Tensor:

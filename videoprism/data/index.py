@@ -3,10 +3,10 @@
 Each sample is opened with PyAV in a pool of processes (a file that crashes its process is pinned down and
 rejected, the others keep their results): packet index (codec, frame count, fps, stored size, duration, whether
 the frame rate is constant), a decode of its first frame (and its display rotation) and of its whole last GOP
-(every frame with `full=True`), and the frame count of its window against `min_frames`. Good samples go to the clean manifest with the probe fields added (the loader then
-knows codec, size and frame count without opening the file, and DALI never meets a file it cannot decode); bad
-ones go to the rejects report, one JSON line each with the path and the reason, after the manifest lines that
-could not be parsed.
+(every frame with `full=True`), and the frame count of its window against `min_frames`. Good samples go to the
+clean manifest with the probe fields added (the loader then knows codec, size, frame count and rotation without
+opening the file, and DALI never meets a file it cannot decode); bad ones go to the rejects report, one JSON line
+each with the path and the reason, after the manifest lines that could not be parsed.
 """
 from __future__ import annotations
 

@@ -560,3 +560,20 @@ def test_a_manifest_changed_while_it_is_packed_leaves_no_pack(tmp_path, monkeypa
     with pytest.raises(ValueError, match="changed while it was packed; pack it again once it is written"):
         write_pack(m)
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl"]
+
+
+def test_a_manifest_written_relative_to_the_current_folder_is_pointed_out(tmp_path, monkeypatch, capsys):
+    """Paths resolve against the manifest's folder; a manifest written with paths relative to where its script ran
+    had every clip skipped as a missing file, and nothing said why."""
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "a.webm").write_bytes(b"video")
+    (tmp_path / "lists").mkdir()
+    m = tmp_path / "lists" / "m.jsonl"
+    m.write_text(json.dumps({"path": "clips/a.webm", "caption": "a cat"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    read_manifest(str(m), use_pack=False)
+    err = capsys.readouterr().err
+    assert f"its own folder, {tmp_path / 'lists'}, which has no 'clips/a.webm'; the current folder has one" in err
+    m.write_text(json.dumps({"path": "../clips/a.webm", "caption": "a cat"}) + "\n")  # right: nothing to say
+    read_manifest(str(m), use_pack=False)
+    assert capsys.readouterr().err == ""

@@ -456,3 +456,15 @@ def test_stage2_trains_and_validates_on_video_only_lines_without_a_tokenizer(tmp
         assert f"1 of 6 lines of {m} are bad" in err and "stage 1 and retrieval need" in err, err
         assert f"videoprism data index {m} --out CLEAN.jsonl --require-captions" in err, err
         assert "\n" not in err.strip(), err
+
+
+def test_a_stage2_checkpoint_exports_its_student_as_the_run_does(tmp_path):
+    """`videoprism export` of a stage-2 run's latest checkpoint: the student encoder its end exports, byte for
+    byte."""
+    from videoprism.train.export import export_checkpoint
+
+    task, cfg = make_task(f"train.out_dir={tmp_path}", "train.steps=2", "train.eval_every=0", "train.compile=false",
+                          "checkpoint.export=true")
+    results = make_trainer(task, cfg, torch.device("cpu"), "stage2").fit()
+    out = export_checkpoint(str(tmp_path), str(tmp_path / "again.safetensors"))
+    assert open(out, "rb").read() == open(results["export"], "rb").read()

@@ -112,9 +112,12 @@ def test_a_plot_that_fails_leaves_the_finished_run_and_a_cut_record_its_line(tmp
     resume's first record to it and broke the plot and every reader of the log."""
     from videoprism.train import trainer as trainer_mod
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0, "clips_per_s": 1.0}\n{"step": 1, "lo')
+    make_trainer(tmp_path, "train.compile=false", "train.steps=1", "train.eval_every=0").fit()
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 1, "lo')  # cut
     trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=2", "train.eval_every=0",
                            "checkpoint.export=true")
+    trainer.resume(str(tmp_path))
 
     def broken_plot(*a, **k):
         raise OSError(28, "No space left on device")
@@ -124,7 +127,7 @@ def test_a_plot_that_fails_leaves_the_finished_run_and_a_cut_record_its_line(tmp
     assert results["plot"] is None and os.path.isfile(results["export"]) and os.path.isdir(results["checkpoint"])
     assert f"could not plot {tmp_path / 'curves.png'} (OSError" in capsys.readouterr().out
     records = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
-    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2] and "config" in records[1]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2] and "resumed_from" in records[-2]
     monkeypatch.undo()
     assert os.path.getsize(trainer_mod.plot_curves(os.path.join(tmp_path, "metrics.jsonl"),
                                                    str(tmp_path / "c.png"))) > 1000
@@ -332,6 +335,11 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     make_trainer(tmp_path, *args, "train.steps=1").fit()  # a fresh run in the same out_dir
     assert steps() == [1]
     assert {"step_00000001.abandoned", "step_00000002.abandoned2"} <= set(os.listdir(root))
+    # Its records too: this run's metrics.jsonl (and curves) hold its own steps only, the replaced run's are kept.
+    from videoprism.train.metrics import read_jsonl
+
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r] == [1]
+    assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl.abandoned")) if "loss" in r] == [1, 2, 3, 2]
 
 
 def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, monkeypatch, capsys):
@@ -1032,3 +1040,29 @@ def test_lit_on_a_random_video_encoder_is_said(tmp_path, capsys, lit):
     stage1.run(cfg)
     said = "stage1.lit=true with model.init=random freezes a randomly initialised video encoder" in capsys.readouterr().out
     assert said == lit
+
+
+def test_a_checkpoint_exports_as_its_run_exports_at_its_end(tmp_path, capsys):
+    """`videoprism export`: the latest checkpoint's model is the run's own export, byte for byte; an earlier
+    checkpoint's is the CLIP a resume from it loads (the oracle: ckpt.load into a fresh trainer). A run folder given
+    to --checkpoint of embed/eval says to export it."""
+    import videoprism
+    from videoprism.cli import main
+    from videoprism.train import checkpoint as ckpt
+
+    results = make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=1",
+                           "checkpoint.keep=5", "train.eval_every=0", "checkpoint.export=true").fit()
+    assert main(["export", str(tmp_path)]) == 0
+    latest = tmp_path / "model.step_00000002.safetensors"
+    assert f"wrote {latest}" in capsys.readouterr().out
+    assert latest.read_bytes() == open(results["export"], "rb").read()
+    first = str(tmp_path / "first.safetensors")
+    assert main(["export", str(tmp_path / "checkpoints" / "step_00000001"), "--out", first]) == 0
+    resumed = make_trainer(tmp_path / "elsewhere", "train.compile=false", "train.steps=2")
+    ckpt.load(str(tmp_path / "checkpoints" / "step_00000001"), resumed.model, resumed.optimizer, trainer_keys=["step"])
+    got = videoprism.model_from_safetensors(first).state_dict()
+    want = resumed.task.module.clip.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], videoprism.model_from_safetensors(str(latest)).state_dict()[k]) for k in got)
+    with pytest.raises(videoprism.CheckpointError, match="videoprism export"):
+        videoprism.load_checkpoint(str(tmp_path / "checkpoints" / "step_00000001"), resumed.task.module.clip)

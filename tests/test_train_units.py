@@ -96,14 +96,21 @@ def test_a_config_json_that_cannot_be_written_is_one_line_naming_it_and_the_fix(
 def test_resume_flags(tmp_path, capsys):
     from videoprism.train.config import ResumeFrom
 
-    out = str(tmp_path / "run")
-    assert parse_args([f"train.out_dir={out}"], 1)[1] is None
+    out, elsewhere = str(tmp_path / "run"), str(tmp_path / "elsewhere")
+    os.makedirs(elsewhere)
+    assert parse_args([f"train.out_dir={out}"], 1)[1:] == (None, False)
+    assert parse_args([f"train.out_dir={out}", "--overwrite"], 1)[1:] == (None, True)
     assert parse_args([f"train.out_dir={out}", "--resume"], 1)[1] == ResumeFrom(out)
-    assert parse_args([f"train.out_dir={out}", "--resume", "elsewhere"], 1)[1] == ResumeFrom("elsewhere")
+    assert parse_args([f"train.out_dir={out}", "--resume", elsewhere], 1)[1] == ResumeFrom(elsewhere)
     assert parse_args([f"train.out_dir={out}", "--auto-resume"], 1)[1] == ResumeFrom(out, if_any=True)
     with pytest.raises(SystemExit):
         parse_args(["--resume", "--auto-resume"], 1)
     assert "--resume and --auto-resume exclude each other" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--overwrite and --auto-resume exclude each other"):
+        parse_args(["--overwrite", "--auto-resume"], 1)
+    # A mistyped path: said as such, not as the tiny preset's empty data.train
+    with pytest.raises(FileNotFoundError, match=f"--resume {tmp_path / 'typo'}: no such file or folder"):
+        parse_args(["--resume", str(tmp_path / "typo")], 1)
 
 
 def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, monkeypatch):
@@ -117,23 +124,25 @@ def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, mon
     save_config(saved, str(run / "config.json"))
     monkeypatch.chdir("/")  # resumed from elsewhere
     step = str(run / "checkpoints" / "step_00000010")
+    os.makedirs(step)
+    os.makedirs(tmp_path / "other")
     for argv in (["--resume", step], ["--resume", str(run)], ["--auto-resume", f"train.out_dir={run}"],
                  [f"train.out_dir={run}", "--resume"]):
-        cfg, resume = parse_args(argv, 1)
+        cfg, resume, _ = parse_args(argv, 1)
         assert cfg.model == saved.model and cfg.optim == saved.optim and cfg.train.out_dir == str(run), argv
         assert resume.path in (step, str(run))
         assert f"config: {run / 'config.json'}" in capsys.readouterr().err
-    cfg, _ = parse_args(["--resume", step, "optim.lr=0.5"], 1)
+    cfg, *_ = parse_args(["--resume", step, "optim.lr=0.5"], 1)
     assert cfg.optim.lr == 0.5 and cfg.model == saved.model
     monkeypatch.chdir(tmp_path)  # from where it ran: its out_dir as saved (no change to report on resume)
     assert parse_args(["--resume", "run"], 1)[0] == saved
-    cfg, _ = parse_args(["--resume", step, "--config", "tiny"], 1)  # --config given: it wins
+    cfg, *_ = parse_args(["--resume", step, "--config", "tiny"], 1)  # --config given: it wins
     assert cfg.model == build_config("tiny", [], 1).model
-    cfg, resume = parse_args(["--resume", str(tmp_path / "other")], 1)  # no config.json: tiny, said
+    cfg, resume, _ = parse_args(["--resume", str(tmp_path / "other")], 1)  # no config.json: tiny, said
     assert cfg == build_config("tiny", [], 1) and resume == ResumeFrom(str(tmp_path / "other"))
     assert "no config.json there or above it" in capsys.readouterr().err
     other = f"train.out_dir={tmp_path / 'other'}"
-    cfg, resume = parse_args(["--resume", other], 1)  # its out_dir's, without PATH: said too
+    cfg, resume, _ = parse_args(["--resume", other], 1)  # its out_dir's, without PATH: said too
     assert cfg == build_config("tiny", [other], 1) and resume == ResumeFrom(str(tmp_path / "other"))
     assert "no config.json there or above it" in capsys.readouterr().err
     parse_args(["--auto-resume", other], 1)  # a requeued job's first start: nothing to say
@@ -172,15 +181,15 @@ def test_a_resume_from_another_folder_reads_the_files_the_run_read(tmp_path, cap
     assert want == ([(str(first), 2.0, 8), (str(first), 1.0, 1)], [str(first)] * 3)
     assert read(parse_args(["--resume", "run"], 2)[0]) == want
     monkeypatch.chdir(other)
-    cfg, _ = parse_args(["--resume", str(run)], 2)
+    cfg, *_ = parse_args(["--resume", str(run)], 2)
     assert read(cfg) == want and cfg.model == saved.model and cfg.train.out_dir == str(run)
     assert config_changes(json.load(open(run / "config.json")), cfg.to_dict()) == []  # the same files: no change
-    cfg, _ = parse_args(["--resume", str(run), "data.val=data/val.jsonl"], 2)  # an override: from this folder
+    cfg, *_ = parse_args(["--resume", str(run), "data.val=data/val.jsonl"], 2)  # an override: from this folder
     assert read(cfg) == (want[0], [str(other), str(first), str(first)])
     changes = config_changes(json.load(open(run / "config.json")), cfg.to_dict())
     assert changes == [f"data.val: {str(first / 'data/val.jsonl')!r} -> {str(other / 'data/val.jsonl')!r}"]
     write_json_atomic(str(run / "config.json"), saved.to_dict())  # as written before the record: as before
-    cfg, _ = parse_args(["--resume", str(run)], 2)
+    cfg, *_ = parse_args(["--resume", str(run)], 2)
     assert cfg.data == saved.data and read(cfg) == ([(str(other), 2.0, 8), (str(other), 1.0, 1)], [str(other)] * 3)
     capsys.readouterr()
 
@@ -736,9 +745,12 @@ def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_
     assert isinstance(err.value, ValueError) and "\n" not in msg and len(msg) < 1000
     assert msg.startswith(f"checkpoint {path} does not load") and "no complete checkpoint before it" in msg
     if damage == "other_model":
-        # The fix for both ways it happens: a --config of another model, or a resume without one whose run has no
-        # config.json (the message named that missing file as the fix).
-        assert "Size mismatch" in msg and "without --config" in msg and "run's preset and model fields" in msg
+        # Without the writing run's config.json, the fix is to give its model fields; with it, the fields this
+        # run changed are the cause (an override, another tokenizer), whatever --config was or was not given.
+        assert "Size mismatch" in msg and "pass --config with its preset and model fields" in msg
+        with pytest.raises(ckpt.CheckpointReadError) as err:
+            ckpt.load(path, *model_opt(width), trainer_keys=["step"], differences=["model.model_dim: 3 -> 5"])
+        assert "differs from the one that wrote it in model.model_dim: 3 -> 5: drop those changes" in str(err.value)
 
 
 def test_alternating_datasets_follow_weights_and_seed():
@@ -1136,3 +1148,56 @@ def test_a_set_decoded_under_a_loose_bad_share_does_not_pass_a_stricter_one(tmp_
             td.decode_all(str(m), frames=2, resolution=16, tokenizer=None, dc=DataConfig(workers=0, max_bad_share=0.1))
     finally:
         td._DECODED.clear()
+
+
+def test_curves_plot_the_run_that_wrote_the_last_records():
+    """A resume from step 5 of a 10-step run drops steps 6-10 (an abandoned future); a fresh start's record
+    drops everything before it; a step logged twice (a resume from the latest) counts once, the later."""
+    from videoprism.train.metrics import run_steps
+
+    steps = lambda a, b, tag: [{"step": s, "loss": float(s), "tag": tag} for s in range(a, b + 1)]  # noqa: E731
+    log = [{"config": {}}, *steps(1, 10, "a"), {"resumed_from": "x", "at_step": 5}, *steps(5, 7, "b")]
+    got = run_steps(log)
+    assert sorted(got) == list(range(1, 8)) and [got[s]["tag"] for s in range(1, 8)] == list("aaaabbb")
+    assert sorted(run_steps([*log, {"config": {}}, *steps(1, 2, "c")])) == [1, 2]
+
+
+def test_a_run_writes_a_folder_of_another_run_only_when_told(tmp_path):
+    """run_folder.check_out_dir: another run's checkpoints and export are kept from a fresh start or a resume from
+    elsewhere unless --overwrite; a run resumes only its own stage's; a stage-2 export never replaces its teacher;
+    a folder with nothing to lose (a run that saved no checkpoint) is written."""
+    from videoprism.train.config import save_config
+    from videoprism.train.run_folder import check_out_dir
+
+    def run(name, stage, step=None, export=False):
+        folder = tmp_path / name
+        save_config(build_config("tiny", [], stage), str(folder / "config.json"), stage=stage)
+        if step is not None:
+            os.makedirs(folder / "checkpoints" / f"step_{step:08d}")
+        if export:
+            (folder / "model.safetensors").write_bytes(b"weights")
+        return str(folder)
+
+    a, c, bare = run("a", 1, step=10, export=True), run("c", 1, step=3), run("bare", 1)
+    for resume in (a, os.path.join(a, "checkpoints"), os.path.join(a, "checkpoints", "step_00000010")):
+        check_out_dir(a, 1, resume=resume, overwrite=False)  # its own run goes on
+    with pytest.raises(ValueError, match=r"holds a stage-1 run \(1 checkpoint\(s\) up to step 10, its export "
+                                         r"model.safetensors\), which this run would replace; continue it with "
+                                         r"--resume .*add --overwrite"):
+        check_out_dir(a, 1, resume=None, overwrite=False)
+    check_out_dir(a, 1, resume=None, overwrite=True)
+    check_out_dir(bare, 1, resume=None, overwrite=False)
+    with pytest.raises(ValueError, match=f"continue {a}'s run there, or add --overwrite"):
+        check_out_dir(c, 1, resume=a, overwrite=False)  # another run's checkpoint into c, which holds its own
+    check_out_dir(str(tmp_path / "new"), 1, resume=a, overwrite=False)
+    with pytest.raises(ValueError, match=f"holds a stage-1 run, which stage 2 cannot resume; stage 2 starts from a "
+                                         f"stage-1 run's export: stage2.teacher={a}/model.safetensors"):
+        check_out_dir(a, 2, resume=a, overwrite=True)
+    with pytest.raises(ValueError, match="holds a stage-2 run, which stage 1 cannot resume"):
+        check_out_dir(str(tmp_path / "new"), 1, resume=run("s2", 2, step=4), overwrite=False)
+    with pytest.raises(ValueError, match="holds a stage-1 run .*; set train.out_dir to a folder of this run's own, or "
+                                         "add --overwrite"):  # no "continue it": stage 2 cannot
+        check_out_dir(a, 2, resume=None, overwrite=False)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="the stage-2 export would overwrite its teacher"):
+            check_out_dir(a, 2, resume=None, overwrite=overwrite, teacher=os.path.join(a, "model.safetensors"))

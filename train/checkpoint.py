@@ -77,7 +77,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _quiet_single_process() -> None:
+def quiet_single_process() -> None:
     """DCP warns "torch.distributed is disabled ... assuming the intent is to save in a single
     process" on every call without a process group, even with `no_dist=True` asked for: in the
     middle of the progress bar of a one-process run it reads like a fault. A filter for that
@@ -196,23 +196,36 @@ def retire(root: str, step: int, *, keep: str | None = None) -> list[str]:
 
 
 def _retire(root: str, step: int, keep: str | None) -> list[str]:
-    moved = []
     keep_real = os.path.realpath(keep) if keep else None
-    for s, path in step_dirs(root):
-        if s < step or os.path.realpath(path) == keep_real:
-            continue
-        target, n = path + ".abandoned", 1
-        while os.path.exists(target):
-            n += 1
-            target = f"{path}.abandoned{n}"
-        try:
-            os.rename(path, target)
-        except OSError as e:  # left in place, a later --resume would land in the replaced run: stop here
-            raise OSError(f"cannot rename checkpoint {path} of the run this one replaces out of the way "
-                          f"({e.strerror or e}): fix the permissions under {root} or move it away yourself, "
-                          "then run again") from e
-        moved.append(target)
-    return moved
+    return [_set_aside(path, "checkpoint") for s, path in step_dirs(root)
+            if s >= step and os.path.realpath(path) != keep_real]
+
+
+def retire_records(out_dir: str) -> list[str]:
+    """At a fresh start in `out_dir`: rename the records of the run this one replaces (metrics.jsonl, whose records
+    the curves of this run would mix in, and the rejects.rank<r>.jsonl files) to `<name>.abandoned[N]`.
+    Collective, as `retire`."""
+    def aside() -> list[str]:
+        names = sorted(n for n in os.listdir(out_dir)
+                       if n == "metrics.jsonl" or re.fullmatch(r"rejects\.rank\d+\.jsonl", n))
+        return [_set_aside(os.path.join(out_dir, n), "record") for n in names]
+
+    return on_main_rank(lambda: aside() if os.path.isdir(out_dir) else [])
+
+
+def _set_aside(path: str, what: str) -> str:
+    """Rename `path` to `<path>.abandoned[N]` (the first free N), returning the new name."""
+    target, n = path + ".abandoned", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.abandoned{n}"
+    try:
+        os.rename(path, target)
+    except OSError as e:  # left in place, a later --resume would land in the replaced run: stop here
+        raise OSError(f"cannot rename {what} {path} of the run this one replaces out of the way ({e.strerror or e}): "
+                      f"fix the permissions under {os.path.dirname(path)} or move it away yourself, then run "
+                      "again") from e
+    return target
 
 
 def clear_unfinished(root: str) -> list[str]:
@@ -251,7 +264,7 @@ class Saver:
         # own: on the default group they would interleave with the training loop's. Created here,
         # at the same point on every rank, as new_group requires.
         self.group = dist.new_group(backend="gloo") if async_save and _distributed() else None
-        _quiet_single_process()
+        quiet_single_process()
 
     @property
     def writing(self) -> bool:
@@ -362,17 +375,18 @@ def read_rank_state(path: str, rank: int) -> dict:
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-         trainer_keys: list[str]) -> tuple[dict, int]:
+         trainer_keys: list[str], differences: list[str] | None = None) -> tuple[dict, int]:
     """Load `path` into model and optimizer (in place, any parallel layout and number of ranks: DCP
     reshards); returns (trainer_state, the number of ranks that wrote it). The rank files (RNG states,
-    data positions) are read with `read_rank_state`."""
+    data positions) are read with `read_rank_state`. `differences`: how this run's config differs from the one of
+    the run that wrote `path` in what shapes the state (None: unknown), which a failed load names as its cause."""
     if not os.path.isdir(path) or step_of(path) < 0:
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
     ranks = on_main_rank(lambda: written_ranks(path))  # rank 0's listing (its error) on every rank
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
-    _quiet_single_process()
+    quiet_single_process()
     try:
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -380,9 +394,15 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the device or the process group failed, not the checkpoint
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if differences:
+            cause = (f"this run's config differs from the one that wrote it in {'; '.join(differences)}: drop "
+                     "those changes")
+        elif differences is None:
+            cause = ("the run that wrote it had another model config (its config.json is gone: pass --config with "
+                     "its preset and model fields)")
+        else:
+            cause = "the same config as the run that wrote it, so not a config change"
         raise CheckpointReadError(
-            f"checkpoint {path} does not load into this run ({_failures(e)}): a size mismatch or a missing key "
-            "means another model config (resume without --config to take the run's OUT_DIR/config.json; where it "
-            "has none, pass --config with the run's preset and model fields); a damaged file: "
-            f"{_earlier(path)}") from e
+            f"checkpoint {path} does not load into this run ({_failures(e)}); a size mismatch or a missing key: "
+            f"{cause}; a damaged file: {_earlier(path)}") from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

@@ -396,6 +396,8 @@ def apply_file(cfg: Config, path: str, data: dict) -> Config:
 # config.json records the folder its run was launched from, which its relative paths were resolved from: a resume
 # (or --config OUT_DIR/config.json) run from elsewhere reads the same files, not others of the same relative name.
 LAUNCH_DIR = "launch_dir"
+RUN_STAGE = "stage"  # and the stage of its run (run_folder.stage_of): not config fields, both
+_RUN_KEYS = (LAUNCH_DIR, RUN_STAGE)
 # The fields that name files a run reads (data.train: comma-separated PATH[:WEIGHT[:FRAMES]]). Not train.out_dir: a
 # resume writes to the run's folder where it is now (_resumed_config), a new run to its own.
 _PATH_FIELDS = ("data.train", "data.val", "data.tokenizer", "model.init", "stage2.teacher")
@@ -411,8 +413,8 @@ def _launch_dir(path: str, data: dict) -> str:
 
 def _paths_from(data: dict, folder: str) -> dict:
     """A config's dict (a config file's, `to_dict`'s) with the relative paths of its _PATH_FIELDS joined to `folder`,
-    without its LAUNCH_DIR. A section that is not a table is left to apply_file to name."""
-    out = {k: v for k, v in data.items() if k != LAUNCH_DIR}
+    without its LAUNCH_DIR and RUN_STAGE. A section that is not a table is left to apply_file to name."""
+    out = {k: v for k, v in data.items() if k not in _RUN_KEYS}
     for key in _PATH_FIELDS:
         section, name = key.split(".")
         table = out.get(section)
@@ -433,6 +435,7 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     data = read_config_file(config) if config not in PRESETS and (os.sep in config or "." in config) else {}
     if LAUNCH_DIR in data:
         data = _paths_from(data, _launch_dir(config, data))
+    data.pop(RUN_STAGE, None)
     preset = data.get("preset", "tiny") if data else config
     if preset not in PRESETS:
         where = f"{config}: unknown preset" if data else "unknown config preset"
@@ -526,14 +529,15 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return out
 
 
-def save_config(cfg: Config, path: str) -> None:
+def save_config(cfg: Config, path: str, stage: int | None = None) -> None:
     """The resolved config as JSON, written atomically. It holds every field, so `--config`
-    reads back exactly this run's settings whatever preset it names (none: tiny), and the folder its relative paths
-    resolve from (LAUNCH_DIR: this process's)."""
+    reads back exactly this run's settings whatever preset it names (none: tiny), the folder its relative paths
+    resolve from (LAUNCH_DIR: this process's) and the stage of the run (RUN_STAGE)."""
     from videoprism.paths import write_json_atomic
 
     try:
-        write_json_atomic(path, {**cfg.to_dict(), LAUNCH_DIR: os.getcwd()}, indent=2)
+        run = {LAUNCH_DIR: os.getcwd(), **({RUN_STAGE: stage} if stage is not None else {})}
+        write_json_atomic(path, {**cfg.to_dict(), **run}, indent=2)
     except OSError as e:  # a full disk fails in write() or close(): an OSError that names no file
         raise OSError(f"writing the run's config {path} failed ({e.strerror or e}): free space or fix the "
                       f"permissions under {os.path.dirname(os.path.abspath(path))}, or set train.out_dir to "
@@ -561,9 +565,9 @@ def help_text(stage: int, config: str = "tiny", overrides: list[str] | tuple[str
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom | None]:
-    """`--config NAME [--resume [PATH] | --auto-resume] [section.field=value ...]` -> (config,
-    ResumeFrom or None). `--resume` without a path resumes from the run's own out_dir."""
+def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom | None, bool]:
+    """`--config NAME [--resume [PATH] | --auto-resume] [--overwrite] [section.field=value ...]` -> (config,
+    ResumeFrom or None, overwrite). `--resume` without a path resumes from the run's own out_dir."""
     import argparse
 
     from videoprism.cli import command_name
@@ -591,14 +595,20 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
     _override_not_path(args, args.overrides)
     if args.auto_resume and args.resume is not None:
         p.error("--resume and --auto-resume exclude each other")
+    if args.auto_resume and args.overwrite:
+        raise ValueError("--overwrite and --auto-resume exclude each other (--auto-resume continues the run in "
+                         "train.out_dir)")
+    if args.resume and not os.path.exists(args.resume):  # a typo: said as such, not as the tiny preset's data
+        raise FileNotFoundError(f"--resume {args.resume}: no such file or folder; pass a run's out_dir (its latest "
+                                "checkpoint) or one of its checkpoints/step_* folders")
     if args.config is None and (args.resume is not None or args.auto_resume):
         cfg = _resumed_config(_resumed_dir(args.resume, args.overrides, stage), args.overrides, stage,
                               required=args.resume is not None)
     else:
         cfg = build_config(args.config or "tiny", args.overrides, stage)
     if args.auto_resume:
-        return cfg, ResumeFrom(cfg.train.out_dir, if_any=True)
-    return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir)
+        return cfg, ResumeFrom(cfg.train.out_dir, if_any=True), False
+    return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir), args.overwrite
 
 
 def _resume_args(p) -> None:
@@ -613,6 +623,10 @@ def _resume_args(p) -> None:
     p.add_argument("--auto-resume", action="store_true",
                    help="resume from train.out_dir's latest checkpoint if it has one, else start at step 0: one "
                         "command for a job that a scheduler may preempt and requeue")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write train.out_dir even though it holds another run's checkpoints or export (a fresh start "
+                        "there, or --resume from another folder into it): its checkpoints are kept as "
+                        "step_*.abandoned, its records as *.abandoned, its export is replaced at the end")
 
 
 def _override_not_path(args, overrides: list[str]) -> None:

@@ -116,8 +116,9 @@ class ManifestData:
                 return next(self.iters[i])
             except StopIteration:  # end of an epoch: the loader moves to the next one
                 self.iters[i] = None
-        raise ValueError(f"training manifest {i} yields no batch: fewer good samples than one micro-batch; "
-                         "lower train.global_batch (or train.micro_batch) or add samples")
+        name = getattr(self.loaders[i], "source_name", "") or f"number {i}"
+        raise ValueError(f"data.train's {name} yields no batch: fewer good samples than one micro-batch; lower "
+                         "train.global_batch (or train.micro_batch) or add samples")
 
     def drain_rejects(self) -> list[tuple[str, str]]:
         return [r for ld in self.loaders for r in ld.drain_rejects()]

@@ -128,18 +128,28 @@ def read_jsonl(path: str) -> list[dict]:
     return out
 
 
+def run_steps(records: list[dict]) -> dict[int, dict]:
+    """{step: record} of the run that wrote the last of a log's `records`: later records of a step win, so a
+    resumed run counts once; a resume from an earlier step drops the steps after it (an abandoned future), and a
+    fresh start's record every step before it."""
+    by_step: dict[int, dict] = {}
+    for r in records:
+        if "config" in r or "resumed_from" in r:
+            at = r.get("at_step", 0)
+            by_step = {s: rec for s, rec in by_step.items() if s <= at}
+        elif "step" in r and "loss" in r:
+            by_step[r["step"]] = r
+    return by_step
+
+
 def plot_curves(jsonl: str, png: str, *, keys: tuple[str, ...] = ("loss",)) -> str:
-    """Loss curves (one panel per key) and clips/s against the step, from the JSONL log.
-    Later records of a step win, so a resumed run plots once."""
+    """Loss curves (one panel per key) and clips/s against the step, from the JSONL log (`run_steps`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = {}
-    for r in read_jsonl(jsonl):
-        if "step" in r and "loss" in r:
-            by_step[r["step"]] = r
+    by_step = run_steps(read_jsonl(jsonl))
     steps = sorted(by_step)
     panels = [k for k in keys if any(k in by_step[s] for s in steps)] + ["clips_per_s"]
     # squeeze=False: one panel (a run that logged no loss, e.g. a resume of a finished run) is still a list.

@@ -99,8 +99,9 @@ def _main(argv: list[str] | None) -> int:
         raise ValueError("checkpoint.export=false: stage 2 distils from stage 1's exported weights; leave it on")
     make_folder(args.out, f"--out {args.out}")
     _data(root, args.clips, cfg1.model.num_frames, cfg1.model.resolution, args.scene)
-    res1 = stage1.run(cfg1)
-    res2 = stage2.run(cfg2)
+    # The demo owns --out: a second run starts both stages over (the first's checkpoints kept as *.abandoned).
+    res1 = stage1.run(cfg1, overwrite=True)
+    res2 = stage2.run(cfg2, overwrite=True)
 
     # Probes on frozen features of the same clips, eval transform.
     t0 = time.perf_counter()

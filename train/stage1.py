@@ -21,9 +21,10 @@ from videoprism.flops import stage1_step_flops
 from videoprism.masking import tube_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
 from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for, trim_text
+from videoprism.train.export import export_module, export_spec
 from videoprism.train.losses import contrastive_loss
 from videoprism.train.metrics import print_outputs
-from videoprism.train.modeling import build_clip, full_state_dict, sub_state_dict
+from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist, close_distributed, gather_rows, init_distributed, leave_together
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.seeds import MASK, derive_seed, seed_process
@@ -74,6 +75,7 @@ def captions(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Ten
 
 
 class Stage1Task:
+    stage = 1
     loss_keys = ("temperature",)
 
     def __init__(self, cfg: Config, dist_: Dist, clip: nn.Module, val_batches: list[dict] | None, *,
@@ -82,6 +84,7 @@ class Stage1Task:
         micro-batch from r, not the block [r*b, (r+1)*b) (train.step_masks)."""
         self.cfg, self.dist, self.val = cfg, dist_, val_batches
         self.model_config = clip.config
+        self.export_spec = export_spec("FactorizedVideoCLIP", clip.config, "clip.")
         self.grad_cache = cfg.stage1.grad_cache
         self.step_masks = StepMasks(self._draw_masks, strided=strided_ranks)
         s1 = cfg.stage1
@@ -172,18 +175,13 @@ class Stage1Task:
     def export(self, module: nn.Module, path: str) -> None:
         """The trained CLIP (without the temperature) as safetensors, loadable into a
         `from_official` model of the same config (collective under FSDP)."""
-        import videoprism
-
-        state = sub_state_dict(full_state_dict(module), "clip.")
-        if self.dist.main:
-            clip = videoprism.FactorizedVideoCLIP(self.model_config)
-            clip.load_state_dict(state, strict=True)
-            videoprism.save_safetensors(clip, path)
+        export_module(module, self.export_spec, path, main=self.dist.main)
 
 
-def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
-    """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths."""
-    preflight(cfg, 1, resume)
+def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) -> dict:
+    """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths. `overwrite`: write
+    train.out_dir even if another run's checkpoints or export are there (run_folder)."""
+    preflight(cfg, 1, resume, overwrite)
     dist_ = init_distributed(cfg.train.device)
     try:
         with stopping_before_training(cfg, dist_):

@@ -17,18 +17,17 @@ import sys
 import torch
 from torch import nn
 
-import videoprism
 from videoprism.cli import run_command
-from videoprism.config import EncoderConfig, narrow_config
 from videoprism.data.device import to_device
 from videoprism.flops import stage2_step_flops, temporal_pairs
 from videoprism.masking import bevt_mask
 from videoprism.train.config import Config, ResumeFrom, parse_args
 from videoprism.train.data import build_train_data, build_val_batches
 from videoprism.train.distill import Stage2Model, Teacher, identity_slots, random_slots
+from videoprism.train.export import export_module, export_spec
 from videoprism.train.losses import cosine_distance
 from videoprism.train.metrics import print_outputs
-from videoprism.train.modeling import build_clip, full_state_dict, model_from_safetensors, sub_state_dict
+from videoprism.train.modeling import build_clip, model_from_safetensors
 from videoprism.train.parallel import (Dist, close_distributed, compile_blocks, gather_objects, init_distributed,
                                        leave_together)
 from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
@@ -37,6 +36,7 @@ from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, 
 
 
 class Stage2Task:
+    stage = 2
     loss_keys = ("token_loss", "global_loss")
 
     def __init__(self, cfg: Config, dist_: Dist, teacher: Teacher, val_batches: list[dict] | None, *,
@@ -48,6 +48,7 @@ class Stage2Task:
                                     strided=strided_ranks)
         enc = teacher.encoder
         self.model_config = enc.config
+        self.export_spec = export_spec("FactorizedEncoder", enc.config, "student.")
         P = enc.config.patch_size
         grid = cfg.model.resolution // P
         self.num_patches = grid * grid
@@ -133,11 +134,7 @@ class Stage2Task:
 
     def export(self, module: nn.Module, path: str) -> None:
         """The student encoder as a `FactorizedEncoder` safetensors file (collective under FSDP)."""
-        state = sub_state_dict(full_state_dict(module), "student.")
-        if self.dist.main:
-            encoder = videoprism.FactorizedEncoder(narrow_config(self.model_config, EncoderConfig))
-            encoder.load_state_dict(state, strict=True)
-            videoprism.save_safetensors(encoder, path)
+        export_module(module, self.export_spec, path, main=self.dist.main)
 
 
 def build_teacher(cfg: Config, device: torch.device) -> Teacher:
@@ -154,9 +151,9 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
                                           attention_backend=cfg.model.attention_backend, device=device))
 
 
-def run(cfg: Config, resume: ResumeFrom | None = None) -> dict:
-    """Train stage 2 per `cfg`; returns the final validation losses and the output paths."""
-    preflight(cfg, 2, resume)
+def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) -> dict:
+    """Train stage 2 per `cfg`; returns the final validation losses and the output paths. `overwrite`: as stage 1's."""
+    preflight(cfg, 2, resume, overwrite)
     dist_ = init_distributed(cfg.train.device)
     try:
         with stopping_before_training(cfg, dist_):

@@ -23,17 +23,21 @@ from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
 from videoprism.train import checkpoint as ckpt
-from videoprism.train.config import Config, ResumeFrom, TrainConfig, check_inputs, config_changes, save_config
+from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
+                                     save_config)
 from videoprism.train.data import parse_datasets
 from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
                                       parallelize, shard_layout)
 from videoprism.train.preemption import Preempted, PreemptionNotice, stopping
+from videoprism.train.run_folder import check_out_dir, export_path
 
 
 class Task(Protocol):
+    stage: int  # 1 or 2: config.json says which, so that a run resumes only its own stage's (run_folder)
     module: nn.Module  # the trainable module (frozen parts such as a teacher live outside)
+    export_spec: dict  # what `export` writes of it (export.export_spec); every checkpoint keeps it
     loss_keys: tuple[str, ...]  # extra scalars returned by `loss`, logged and plotted
 
     def prepare(self, batch: dict, step: int, micro: int) -> dict: ...
@@ -82,10 +86,13 @@ def accumulation(tc: TrainConfig, world: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def preflight(cfg: Config, stage: int, resume: ResumeFrom | None) -> None:
+def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: bool = False) -> None:
     """What a run can check in a second before it builds the model and decodes data: the input files,
-    the output folder, the device, the batch split, and the checkpoint --resume names."""
+    the output folder (and whether another run's work is there: `overwrite`), the device, the batch split, and the
+    checkpoint --resume names."""
     check_inputs(cfg, stage)
+    check_out_dir(cfg.train.out_dir, stage, resume=None if resume is None else resume.path, overwrite=overwrite,
+                  teacher=cfg.stage2.teacher if stage == 2 else "")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
     if stage == 2 and cfg.data.source == "manifest":
@@ -142,7 +149,8 @@ class Trainer:
     def save(self, wait: bool = True) -> str:
         return self.saver.save(self.step, self.model, self.optimizer,
                                trainer_state={"step": self.step, "nonfinite": self.nonfinite},
-                               rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict()}, wait=wait)
+                               rank_state={"rng": ckpt.rng_state(), "data": self.data.state_dict(),
+                                           "export": self.task.export_spec}, wait=wait)
 
     def resume(self, path: str, *, if_any: bool = False) -> None:
         """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any`: start at
@@ -164,7 +172,8 @@ class Trainer:
                                     "one folder that every node sees alike")
         if target is None:
             return
-        state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS)
+        state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS,
+                                   differences=self._state_changes(target))
         d = self.dist
         if written == d.world:
             own = ckpt.read_rank_state(target, d.rank)
@@ -187,6 +196,19 @@ class Trainer:
         if d.main:
             moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
             print(f"resumed from {target} at step {self.step}{moved}")
+
+    def _state_changes(self, checkpoint: str) -> list[str] | None:
+        """How this run's config differs from that of the run that wrote `checkpoint` in the fields that shape the
+        model and optimizer state (the model, the stages' heads, the optimizer, the tokenizer's vocabulary); None
+        when that run's config.json cannot be read."""
+        source = run_config_path(checkpoint)
+        try:
+            with open(source, encoding="utf-8") as fh:
+                changes = config_changes(json.load(fh), self.cfg.to_dict())
+        except (TypeError, OSError, ValueError, AttributeError):  # no config.json (TypeError: None), or not a config
+            return None
+        return [c for c in changes if c.split(".")[0] in ("model", "stage1", "stage2", "optim")
+                or c.startswith("data.tokenizer")]
 
     # ---- one optimizer step --------------------------------------------------------------
     def launch_step(self) -> PendingStep:
@@ -290,33 +312,39 @@ class Trainer:
         peak = tc.peak_tflops or matmul_peak_tflops(d.device)
         if d.device.type == "cuda":  # the peak's 8192^2 operands (384 MB) are not the run's memory
             torch.cuda.reset_peak_memory_stats(d.device)
+        # Before this run writes a record: the checkpoints of a run it replaces (a fresh start, or a resume from an
+        # earlier step: the abandoned future) and, at a fresh start, that run's records, renamed out of the way.
+        retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
+        if self.step == 0:
+            retired += ckpt.retire_records(tc.out_dir)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
+        if retired:
+            log.message(f"[{self.name}] {len(retired)} file(s) of an earlier run at or after step {self.step} renamed "
+                        f"out of the way (kept, never resumed from): {', '.join(retired)}")
         config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:
             changes = []
-            if self.resumed_from and os.path.isfile(config_path):
-                # What this resume changed (train.steps moves the schedule's end, optim.lr its height): said once,
-                # and kept in metrics.jsonl; the run goes on with the new values.
+            source = run_config_path(self.resumed_from) if self.resumed_from else None
+            if source is not None:
+                # What this resume changed against the run that wrote the checkpoint (train.steps moves the
+                # schedule's end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on
+                # with the new values.
                 try:
-                    with open(config_path, encoding="utf-8") as fh:
+                    with open(source, encoding="utf-8") as fh:
                         changes = config_changes(json.load(fh), cfg.to_dict())
                 except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not a config: nothing to
-                    # compare with, and it is rewritten below
+                    # compare with (this run's is written below)
                     changes = []
                 if changes:
-                    log.message(f"[{self.name}] resumed with a config that differs from the run's {config_path}: "
+                    log.message(f"[{self.name}] resumed with a config that differs from the run's {source}: "
                                 + "; ".join(changes))
-            save_config(cfg, config_path)
+            save_config(cfg, config_path, stage=self.task.stage)
             layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
             if self.step == 0:
                 log.write({"config": cfg.to_dict(), **layout, "peak_tflops": peak})
             elif self.resumed_from:  # the layout may differ from the first record's (resumed on other ranks)
                 log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout,
                            **({"config_changes": changes} if changes else {})})
-        retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
-        if retired and d.main:
-            print(f"{len(retired)} checkpoint(s) of an earlier run at or after step {self.step} renamed out of the "
-                  f"way (kept, never resumed from): {', '.join(retired)}")
         unfinished = ckpt.clear_unfinished(self.ckpt_dir)
         if unfinished:
             log.message(f"[{self.name}] {len(unfinished)} folder(s) of checkpoint saves that did not finish removed: "
@@ -358,7 +386,7 @@ class Trainer:
         """The trained model as OUT_DIR/model.safetensors. Its failure (a full disk) comes after the final
         `checkpoint`, which holds the model: the message says so and how to write the export again (a resume of a
         finished run trains nothing and exports)."""
-        export = os.path.join(self.cfg.train.out_dir, "model.safetensors")
+        export = export_path(self.cfg.train.out_dir)
         try:
             self.task.export(self.model, export)
         except OSError as e:

@@ -156,6 +156,10 @@ def flax_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Fill]]:
 
 def _check_file(path: str) -> None:
     if os.path.isdir(path):
+        if os.path.basename(path.rstrip("/")).startswith("step_") or os.path.isdir(os.path.join(path, "checkpoints")):
+            raise CheckpointError(f"{path}: is a training run or checkpoint (a folder); `videoprism export {path}` "
+                                  "writes its model as a .safetensors file to pass here (a finished run's is "
+                                  "OUT_DIR/model.safetensors)")
         raise CheckpointError(f"{path}: is a folder; pass the checkpoint file inside it (.npz or .safetensors)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")

@@ -312,6 +312,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from videoprism.train.export import export_checkpoint
+
+    if args.out is not None:
+        if not args.out.endswith(".safetensors"):
+            raise ValueError(f"--out {args.out}: must end in .safetensors")
+        check_out_file(args.out, f"--out {args.out}")
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def add_model_args(p: argparse.ArgumentParser, names: str) -> None:
     """The options that pick a model and its input (embed, eval): `load_model` reads them."""
     p.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
@@ -391,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable), for checkpoints of non-standard sizes")
     c.set_defaults(func=cmd_convert)
+
+    x = sub.add_parser("export", help="write a training checkpoint's model as safetensors",
+                       description="Write the model of a training checkpoint as the safetensors file its run writes "
+                                   "at the end (OUT_DIR/model.safetensors: stage 1's CLIP, stage 2's student "
+                                   "encoder), for embed, eval or stage2.teacher: an intermediate checkpoint, or a "
+                                   "run that stopped before its end. One process, on the CPU.")
+    x.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one of its checkpoints/step_* "
+                                      "folders")
+    x.add_argument("--out", help="output .safetensors (default: RUN/model.step_XXXXXXXX.safetensors)")
+    x.set_defaults(func=cmd_export)
 
     from videoprism.data.cli import register
     from videoprism.train.evaluate import register as register_eval

@@ -67,18 +67,21 @@ class BadSampleBudget:
         # bad / total, not max_share * total: the product rounds (0.29 * 100 = 28.999...), which stopped a run
         # at exactly the share; the quotient of two ints rounds as the share's literal does.
         if self.over(self.bad):
-            self.stop(self.bad, "last: " + "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:]))
+            # At once, not at the end of the pass: the count is a floor (the rest is unchecked).
+            self.stop(self.bad, "the latest: " + "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:]), so_far=True)
 
     def over(self, bad: int) -> bool:
         """Whether `bad` skipped samples pass the share."""
         return bad > 0 and (self.total == 0 or bad / self.total > self.max_share)
 
-    def stop(self, bad: int, which: str):
-        """Raise the error for `bad` skipped samples, `which` saying which ones."""
+    def stop(self, bad: int, which: str, so_far: bool = False):
+        """Raise the error for `bad` skipped samples (`so_far`: of those checked, the pass stopped there), `which`
+        saying which ones."""
         raise TooManyBadSamplesError(
-            f"{bad} of {self.total} {self.what} are bad ({bad / max(self.total, 1):.1%} > max_bad_share "
-            f"{self.max_share:.1%}); {which}. Clean the data with `{self.clean}` or raise the share "
-            f"(training: data.max_bad_share; videoprism eval: --max-bad-share).")
+            f"{bad} of {self.total} {self.what} are bad{' so far' if so_far else ''} ({bad / max(self.total, 1):.1%} "
+            f"> max_bad_share {self.max_share:.1%}{', the rest unchecked' if so_far else ''}); {which}. Clean the "
+            f"data with `{self.clean}` (its report lists every bad one) or raise the share (training: "
+            "data.max_bad_share; videoprism eval: --max-bad-share).")
 
     def state_dict(self) -> dict:
         return {"rejects": [list(r) for r in self.rejects]}

@@ -404,6 +404,7 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
         budget = _line_budget(path, total, max_bad_share, captions)
         samples = SampleList()
         f.seek(0)
+        looked = False  # at the first sample's file (_relative_to_cwd)
         with _line_bar(total, path, progress) as bar:
             for n, raw in enumerate(f, 1):
                 if not raw.strip():
@@ -412,10 +413,14 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
                     bar.update(min(16384, total - bar.n))
                 try:
                     # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
-                    s = sample_from_record(json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()), base)
+                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip())
+                    s = sample_from_record(rec, base)
                     if captions and s.caption is None:
                         raise ValueError(NO_CAPTION)
                     samples.append(s)
+                    if not looked:
+                        looked = True
+                        _relative_to_cwd(path, rec["path"], s)
                 except UnicodeDecodeError as e:
                     budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
                 except json.JSONDecodeError as e:
@@ -429,6 +434,16 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
     if not samples:
         raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
+
+
+def _relative_to_cwd(manifest: str, written: str, s: Sample) -> None:
+    """A note when the manifest's first file is missing where its path resolves (the manifest's folder) and there
+    is such a file from the current folder: a manifest written with paths relative to where its script ran. Every
+    sample would be skipped as a missing file, and the reason would not say why."""
+    if s.member is None and not os.path.isabs(written) and not os.path.exists(s.path) and os.path.isfile(written):
+        print(f"note: {manifest}: its paths resolve against its own folder, "
+              f"{os.path.dirname(os.path.abspath(manifest))}, which has no {written!r}; the current folder has one: "
+              "write the manifest's paths relative to its folder, or absolute", file=sys.stderr)
 
 
 def _line_bar(total: int, path: str, show: bool):

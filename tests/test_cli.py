@@ -186,7 +186,7 @@ def test_help_states_defaults(capsys):
 
 def _small_clip_file(tmp_path) -> tuple[str, str]:
     """A small random LvT model saved as our .safetensors, and a SentencePiece model whose pieces fit its text tower."""
-    from videoprism.data.synth import train_spm
+    from videoprism.data.text import train_spm
 
     spm = str(tmp_path / "spm.model")
     train_spm([f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
@@ -269,6 +269,9 @@ def _bad_inputs(tmp):
     (tmp / "empty.jsonl").write_text("")
     (tmp / "clip.mp4").write_bytes(b"\0\0\0\x20ftypisom" + bytes(range(256)) * 8)
     (tmp / "out.npy").mkdir()
+    from videoprism.train.config import build_config, save_config
+
+    save_config(build_config("tiny", [f"train.out_dir={tmp}/s1run"], 1), str(tmp / "s1run" / "config.json"), stage=1)
     # train.steps=1: a case that wrongly passed would train one step, not the tiny preset's 1200.
     tiny = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", f"train.out_dir={tmp}/run", "train.steps=1"]
     rand = [*tiny, "data.source=random", "train.global_batch=2"]
@@ -298,6 +301,9 @@ def _bad_inputs(tmp):
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
         (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
         (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),
+        # A stage-1 run given to stage 2 is that, not a missing stage2.teacher (which it also lacks).
+        (stage2.main, ["--config", "tiny", "--resume", f"{tmp}/s1run"], "holds a stage-1 run, which stage 2 cannot"),
+        (stage1.main, [*rand, "data.val=no/such.jsonl"], f"does not exist (from the current folder: {os.getcwd()}/no/"),
         (pipeline.main, ["--out", str(tmp), "--config", "huge"], "unknown config preset 'huge'"),
         (pipeline.main, ["--out", str(tmp), "stage2.decoder_heads=3"], "not divisible by stage2.decoder_heads=3"),
         (pipeline.main, ["--out", str(tmp), f"stage2.teacher={tmp}/t.safetensors"], "the pipeline sets"),

@@ -172,3 +172,27 @@ def test_a_variable_frame_rate_clip_is_planned_from_its_timestamps(tmp_path):
         with PyAVClip(s.path) as clip:
             want = clip.sample_indices(8, s.start, s.end)
         assert clip_plan(s, 8)[1] == want, (s.path, s.start, s.end)
+
+
+def test_data_tokenizer_trains_a_model_that_covers_the_captions(tmp_path, capsys):
+    """`videoprism data tokenizer`: a SentencePiece model of a manifest's captions with the text encoder's ids (pad
+    0, eos 1, unk 2): every caption encodes without an unknown piece, within --vocab-size; video-only lines are
+    left out, and a manifest without captions is refused."""
+    from videoprism.data.text import Tokenizer
+
+    d = tmp_path / "synth"
+    assert run(["data", "synth", "--out", str(d), "--num", "12", "--size", "32", "--frames", "4", "--workers", "1",
+                "--quiet"]) == 0
+    recs = [json.loads(line) for line in open(d / "train.jsonl")]
+    (d / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*recs, {"path": recs[0]["path"]}]))
+    out = tmp_path / "tok" / "spm.model"
+    assert run(["data", "tokenizer", str(d / "mixed.jsonl"), "--out", str(out), "--vocab-size", "60"]) == 0
+    assert f"wrote {out}: " in capsys.readouterr().out
+    tok = Tokenizer(out)
+    assert tok.vocab_size <= 60 and (tok._sp.pad_id(), tok._sp.eos_id(), tok._sp.unk_id()) == (0, 1, 2)
+    for r in recs:
+        ids = tok.encode_one(r["caption"])
+        assert ids and 2 not in ids and max(ids) < tok.vocab_size
+    (d / "none.jsonl").write_text(json.dumps({"path": recs[0]["path"]}) + "\n")
+    assert run(["data", "tokenizer", str(d / "none.jsonl"), "--out", str(out)]) == 2
+    assert "holds no caption to train a tokenizer on" in capsys.readouterr().err

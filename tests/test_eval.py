@@ -258,7 +258,7 @@ def test_retrieval_bf16_equals_training_validation_under_its_autocast(data, tmp_
     model = vp.model_from_safetensors(str(root / "clip.safetensors")).eval()
     tok = Tokenizer(os.path.join(d, "spm.model"))
     one = Dist(0, 1, torch.device("cpu"))
-    task = types.SimpleNamespace(val=build_val_batches(cfg, tok, batch_size=8, dist_=one), dist=one)
+    task = types.SimpleNamespace(val=build_val_batches(cfg, tok, batch_size=8, dist_=one)[0], dist=one)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's _evaluate of a bf16 run
         want = Stage1Task.evaluate(task, model)
     assert {k: got[k] for k in want} == want

@@ -868,7 +868,7 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
 def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
     """A manifest with a missing and a corrupt clip: the loader (or the decode of a cached set) skips
     them, training finishes, and each skip is reported with its path and reason (console and
-    rejects.rank0.jsonl)."""
+    rejects.rank0.jsonl), the validation split's too (they were said on the console only, and not counted)."""
     from videoprism.data.synth import generate
 
     root = tmp_path / "data"
@@ -878,19 +878,22 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
     lines[3] = json.dumps({"path": "clips/broken.webm", "caption": "broken"})
     lines[5] = json.dumps({"path": "clips/missing.webm", "caption": "missing"})
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
-    from videoprism.train.data import build_train_data, tokenizer_for
+    from videoprism.train.data import build_train_data, build_val_batches, tokenizer_for
 
-    overrides = ["train.compile=false", "data.source=manifest", f"data.cache={str(cache).lower()}", f"data.train={root}/train.jsonl",
-                 "data.workers=0", "data.max_bad_share=0.5", "train.steps=5", "checkpoint.interval=0"]
+    overrides = ["train.compile=false", "data.source=manifest", f"data.cache={str(cache).lower()}",
+                 f"data.train={root}/train.jsonl", f"data.val={root}/train.jsonl", "data.workers=0",
+                 "data.max_bad_share=0.5", "train.steps=5", "checkpoint.interval=0"]
     tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
     trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)
     trainer.data = build_train_data(trainer.cfg, trainer.dist, tok, micro_batch=4, vocab=tok.vocab_size)
+    trainer.task.val, trainer.val_rejects = build_val_batches(trainer.cfg, tok, batch_size=4, dist_=trainer.dist)
     results = trainer.fit()  # 16 good clips: 4 batches per epoch, the 5th step starts epoch 2
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl") if '"loss"' in line]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
     reported = [json.loads(line) for line in open(results["rejects"])]
-    assert {os.path.basename(r["path"]) for r in reported} == {"broken.webm", "missing.webm"}
-    assert all(r["reason"] for r in reported) and results["skipped_samples"] == len(reported) >= 2
+    names = {os.path.basename(r["path"]) for r in reported}
+    assert names == {"broken.webm", "missing.webm", "broken.webm (data.val)", "missing.webm (data.val)"}
+    assert all(r["reason"] for r in reported) and results["skipped_samples"] == len(reported) >= 4
 
 
 def test_export_loads_into_from_official(tmp_path):

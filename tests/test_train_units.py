@@ -970,7 +970,7 @@ def _val_shares_on_two_ranks(rank, port, manifest, results):
         cfg = build_config("tiny", [f"data.val={manifest}", "data.workers=0", "model.num_frames=4",
                                     "model.resolution=32"], 1)
         tok = Tokenizer(os.path.join(os.path.dirname(manifest), "spm.model"))
-        batches = build_val_batches(cfg, tok, batch_size=2, dist_=Dist(rank, 2, torch.device("cpu")))
+        batches, _ = build_val_batches(cfg, tok, batch_size=2, dist_=Dist(rank, 2, torch.device("cpu")))
         results[rank] = [(b["index"].tolist(), tuple(b["video"].shape), int(b["video"].sum() > 0),
                           int((b["text_paddings"] < 0.5).sum())) for b in batches]
     except Exception as e:  # noqa: BLE001

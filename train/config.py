@@ -489,7 +489,8 @@ def check_inputs(cfg: Config, stage: int) -> None:
     for key, path in files:
         if path and not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
-            raise FileNotFoundError(f"{key}={path!r} {what}; pass the path of a file (see --help)")
+            where = "" if os.path.isabs(path) else f" (from the current folder: {os.path.abspath(path)})"
+            raise FileNotFoundError(f"{key}={path!r} {what}{where}; pass the path of a file (see --help)")
     out = os.path.abspath(cfg.train.out_dir)
     parent = out
     while not os.path.exists(parent):

@@ -14,7 +14,6 @@ checkpoints.
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 
@@ -370,25 +369,25 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
     return ManifestData(loaders, [w for _, w, _ in datasets], seed)
 
 
-def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist_) -> list[dict] | None:
-    """This rank's share of the validation split (None without data.val): every world-th clip from its
+def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int,
+                      dist_) -> tuple[list[dict] | None, list[tuple[str, str]]]:
+    """(batches, the (name, reason) of the clips and lines skipped) of this rank's share of the validation split
+    (None, [] without data.val): every world-th clip from its
     rank on, decoded once, in batches of `batch_size` with each clip's manifest index in "index". Each
     rank decodes, holds and scores 1/world of the split; the evaluation gathers the results
     (parallel.gather_rows). Every rank gets the same number of batches, as the evaluation's forwards
     are collective under FSDP: a rank with fewer ends with idle ones (a black clip, a one-token caption,
     index -1), whose results are dropped."""
     if not cfg.data.val or cfg.data.source == "random":
-        return None
+        return None, []
     T, R = cfg.model.num_frames, cfg.model.resolution
     clips, rejects = decode_all(cfg.data.val, frames=T, resolution=R, tokenizer=tokenizer, dc=cfg.data,
                                 shard=(dist_.rank, dist_.world))
-    for name, reason in rejects:
-        print(f"data.val: skipped {name}: {reason}", file=sys.stderr)
     n = clips["index"].shape[0]
     batches = [{k: v[i:i + batch_size] for k, v in clips.items()} for i in range(0, n, batch_size)]
     rounds = all_reduce_max([len(batches)], dist_)[0]
     if rounds == len(batches):
-        return batches
+        return batches, rejects
     idle = {"video": torch.zeros(batch_size, T, R, R, 3, dtype=torch.uint8),
             "index": torch.full((batch_size,), -1, dtype=torch.int64)}
     if tokenizer is not None:
@@ -397,7 +396,7 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist
         pads = torch.ones(batch_size, MAX_TEXT_LENGTH)
         pads[:, 0] = 0.0
         idle.update(text_ids=torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64), text_paddings=pads)
-    return batches + [idle] * (rounds - len(batches))
+    return batches + [idle] * (rounds - len(batches)), rejects
 
 
 def trim_text(ids: torch.Tensor, paddings: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

@@ -191,9 +191,10 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
             micro, _ = accumulation(cfg.train, dist_.world)
             trainer_data = build_train_data(cfg, dist_, tokenizer, micro_batch=micro,
                                             vocab=clip.config.vocabulary_size)
-            val = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
+            val, val_rejects = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
             task = Stage1Task(cfg, dist_, clip, val, strided_ranks=trainer_data.strided_ranks)
             trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
+            trainer.val_rejects = val_rejects
             if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
                 print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "
                       f"contrastive loss of each scores {trainer.micro * dist_.world} clips against each other, not "

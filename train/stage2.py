@@ -162,9 +162,10 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
             micro, _ = accumulation(cfg.train, dist_.world)
             # No tokenizer: stage 2 reads no text, so its manifests may hold video-only lines (no caption).
             data = build_train_data(cfg, dist_, None, micro_batch=micro, vocab=2)
-            val = build_val_batches(cfg, None, batch_size=micro, dist_=dist_)
+            val, val_rejects = build_val_batches(cfg, None, batch_size=micro, dist_=dist_)
             task = Stage2Task(cfg, dist_, teacher, val, strided_ranks=data.strided_ranks)
             trainer = Trainer(cfg, task, data, dist_, name="stage2")
+            trainer.val_rejects = val_rejects
             if resume is not None:
                 trainer.resume(resume.path, if_any=resume.if_any)
         results = trainer.fit()

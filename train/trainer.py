@@ -90,9 +90,10 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
     """What a run can check in a second before it builds the model and decodes data: the input files,
     the output folder (and whether another run's work is there: `overwrite`), the device, the batch split, and the
     checkpoint --resume names."""
-    check_inputs(cfg, stage)
+    # Which run this is, first: a stage-1 run resumed by stage 2 is that, not a missing stage2.teacher.
     check_out_dir(cfg.train.out_dir, stage, resume=None if resume is None else resume.path, overwrite=overwrite,
                   teacher=cfg.stage2.teacher if stage == 2 else "")
+    check_inputs(cfg, stage)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
     if stage == 2 and cfg.data.source == "manifest":
@@ -142,6 +143,7 @@ class Trainer:
         self.saver = ckpt.Saver(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.resumed_from: str | None = None
         self.skipped_samples = 0
+        self.val_rejects: list[tuple[str, str]] = []  # the validation split's skipped clips, reported as a step's
         self.rejects_unwritten = 0  # skipped samples not in the rejects file (it could not be written)
         self.rejects_path = os.path.join(tc.out_dir, f"rejects.rank{dist_.rank}.jsonl")
 
@@ -350,6 +352,7 @@ class Trainer:
             log.message(f"[{self.name}] {len(unfinished)} folder(s) of checkpoint saves that did not finish removed: "
                         + ", ".join(unfinished))
         self.task.module.train()
+        self._report_rejects(log)  # those met before the first step (the validation split's, a manifest's lines)
         notice = PreemptionNotice()
         try:
             with notice.catching(cfg.checkpoint.save_on_signal):
@@ -475,7 +478,8 @@ class Trainer:
         """Each sample or manifest line the data layer skipped since the last step: one line on the console
         (every rank: each reads its own shard) and one JSON line in `rejects.rank<r>.jsonl`."""
         drain = getattr(self.data, "drain_rejects", None)
-        rejects = drain() if drain else []
+        rejects = [(f"{name} (data.val)", why) for name, why in self.val_rejects] + (drain() if drain else [])
+        self.val_rejects = []
         if not rejects:
             return
         self.skipped_samples += len(rejects)

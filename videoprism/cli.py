@@ -1,9 +1,11 @@
-"""`videoprism` command line: embed videos and texts, convert official checkpoints, data tools, evaluation.
+"""`videoprism` command line: embed videos and texts, convert official checkpoints, export training checkpoints,
+data tools, evaluation.
 
     videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] --out FILE.npy
     videoprism embed-text TEXT... --tokenizer SPM.model [--model NAME] [--checkpoint X] --out FILE.npy
     videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
-    videoprism data {index,validate,pack,synth} ...
+    videoprism export RUN[/checkpoints/step_N] [--out WEIGHTS.safetensors]
+    videoprism data {index,validate,pack,tokenizer,synth} ...
     videoprism eval {retrieval,zeroshot,probe} ...
 """
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """`videoprism data ...` sub-commands: `index` (probe a dataset, write a clean manifest), `pack` (a manifest's samples
-in one file every process maps) and `synth` (make data).
+in one file every process maps), `tokenizer` (a SentencePiece model of a dataset's captions) and `synth` (make
+data).
 
 `register(subparsers)` adds them to the top-level `videoprism` parser (videoprism/cli.py calls it).
 """
@@ -43,6 +44,24 @@ def _cmd_pack(args) -> int:
     return 0
 
 
+def _cmd_tokenizer(args) -> int:
+    from ..paths import check_out_file
+    from .manifest import read_source
+    from .text import Tokenizer, train_spm
+
+    check_out_file(args.out, f"--out {args.out}", "a .model file path")
+    source = args.source if len(args.source) > 1 else args.source[0]
+    samples, rejects = read_source(source, max_bad_share=1.0, captions=False)
+    captions = [s.caption for s in samples if s.caption is not None]
+    if not captions:
+        raise ValueError(f"{' '.join(args.source)} holds no caption to train a tokenizer on")
+    train_spm(captions, args.out, vocab_size=args.vocab_size)
+    pieces = Tokenizer(args.out).vocab_size
+    print(f"wrote {args.out}: {pieces} pieces from {len(captions)} captions ({len(rejects)} bad lines skipped); "
+          f"data.tokenizer={args.out} tokenizes them for stage 1")
+    return 0
+
+
 def _cmd_synth(args) -> int:
     from ..paths import make_folder
     from .synth import generate
@@ -70,7 +89,7 @@ def register(subparsers) -> None:
 
     data = subparsers.add_parser("data", help="data tools: index a dataset, pack a manifest, generate synthetic data",
                                  description="Data tools for the video-text loader.")
-    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,pack,synth}")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="{index,validate,pack,tokenizer,synth}")
 
     p = sub.add_parser("index", aliases=["validate"],
                        help="probe every file, write a clean manifest and a rejects report (alias: validate)",
@@ -104,6 +123,19 @@ def register(subparsers) -> None:
     p.add_argument("manifest", nargs="+", help="one or more .jsonl manifests")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_pack)
+
+    p = sub.add_parser("tokenizer", help="train a SentencePiece model on a dataset's captions (data.tokenizer)",
+                       description="Train a SentencePiece BPE model on the captions of a JSONL manifest or of "
+                                   "WebDataset .tar shards, with the ids the text encoder expects (pad 0, eos 1, "
+                                   "unk 2, as the official c4_en model's), for stage 1 of a model trained from "
+                                   "scratch (data.tokenizer; official weights come with their own tokenizer, "
+                                   "c4_en). Lines without a caption are left out.")
+    p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")
+    p.add_argument("--out", required=True, help="the model to write (.model)")
+    p.add_argument("--vocab-size", type=_positive, default=8000,
+                   help="pieces at most; fewer when the captions hold fewer (default: %(default)s; the official "
+                        "c4_en has 32000)")
+    p.set_defaults(func=_cmd_tokenizer)
 
     p = sub.add_parser("synth", help="write synthetic video-text clips, manifests and a SentencePiece model",
                        description="Write real encoded clips of a coloured shape moving in a captioned direction, "

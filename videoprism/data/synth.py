@@ -23,14 +23,13 @@ Everything is a function of the seed: one generator per clip keyed by (seed, cli
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from .text import canonicalize_text
+from .text import train_spm
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
            "white": (240, 240, 240), "purple": (150, 60, 200)}
@@ -151,19 +150,6 @@ def _make_clip(args) -> dict:
     encode(render(spec, size, num_frames), os.path.join(out_dir, rel), codec, fps)
     return {"path": rel, "caption": caption_of(spec), "dataset": "synth",
             "label": {k: spec[k] for k in ("colour", "shape", "direction")}}
-
-
-def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> None:
-    """SentencePiece BPE model on the canonical captions, ids laid out like c4_en (pad 0, eos 1, unk 2)."""
-    import sentencepiece as spm
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([canonicalize_text(c) for c in captions]),
-                                   model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    with open(model_path, "wb") as f:
-        f.write(buf.getvalue())
 
 
 def _is_val(i: int, num: int) -> bool:

@@ -65,3 +65,19 @@ class Tokenizer:
             ids[row, : len(tok)] = torch.tensor(tok, dtype=torch.int64)
             paddings[row, : len(tok)] = 0.0
         return ids, paddings
+
+
+def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> None:
+    """A SentencePiece BPE model on the canonical captions (as `Tokenizer` canonicalises them), ids laid out like
+    the official c4_en's (pad 0, eos 1, unk 2), at most `vocab_size` pieces (fewer when the captions hold fewer)."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([canonicalize_text(c) for c in captions]),
+                                   model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    with open(model_path, "wb") as f:
+        f.write(buf.getvalue())

@@ -142,7 +142,7 @@ def test_a_turned_clip_decodes_upright_as_the_ffmpeg_command_line_shows_it(turne
         got = clip.decode(list(range(clip.index.num_frames))).numpy()
     raw = subprocess.run(["ffmpeg", "-loglevel", "error", "-i", turned[degrees], "-f", "rawvideo", "-pix_fmt",
                           "rgb24", "-"], capture_output=True, check=True).stdout
-    assert got.shape == (16, 96, 64, 3) if degrees % 180 else (16, 64, 96, 3)
+    assert got.shape == ((16, 96, 64, 3) if degrees % 180 else (16, 64, 96, 3))
     np.testing.assert_array_equal(got, np.frombuffer(raw, np.uint8).reshape(got.shape))
 
 
@@ -156,3 +156,19 @@ def test_the_index_records_the_rotation(turned, tmp_path):
     assert main(["data", "index", str(m), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1", "--quiet"]) == 0
     recs = [json.loads(line) for line in open(tmp_path / "clean.jsonl")]
     assert [(r["rotation"], r["width"], r["height"]) for r in recs] == [(d, 96, 64) for d in sorted(turned)]
+
+
+def test_a_cut_mov_with_a_timecode_track_is_truncated(tmp_path):
+    """A MOV timecode track holds one packet spanning the whole file: its end says nothing of where the data ends
+    (counting it passed a file cut in half as whole)."""
+    from videoprism.data.errors import BadVideoError
+
+    whole, cut = str(tmp_path / "tc.mov"), str(tmp_path / "cut.mov")
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=96x64:rate=25:duration=8", "-c:v", "libx264", "-timecode",
+           "00:00:00:00", "-movflags", "+faststart", whole)
+    data = open(whole, "rb").read()
+    open(cut, "wb").write(data[:len(data) // 2])
+    with PyAVClip(whole) as clip:
+        assert clip.index.num_frames == 200
+    with pytest.raises(BadVideoError, match="truncated: frames end at"):
+        PyAVClip(cut)

@@ -278,6 +278,28 @@ def test_turned_clips_come_out_of_dali_upright_as_out_of_pyav(tmp_path):
                 assert psnr(a, b) >= 35, (manifest, train, flip_prob)  # ~40-58 dB; turned or flipped wrong: < 10
 
 
+def test_a_clip_planned_by_timestamps_without_pyav_is_skipped_with_the_reason(monkeypatch, synth):
+    """A clean manifest's variable-frame-rate clip is planned from PyAV's timestamps; where PyAV is missing (the lent
+    GPU machines) the clip is skipped with why, not an ImportError out of the loader."""
+    import sys
+
+    from videoprism.data.manifest import read_manifest
+
+    samples, _ = read_manifest(os.path.join(synth, "train.jsonl"))
+    s = samples[0]
+    vfr = type(s)(**{**s.__dict__, "probe": {"codec": "vp9", "frames": 8, "fps": 8.0, "width": 36, "height": 36,
+                                              "cfr": False}})
+
+    class NoPyAV(dict):
+        def __getitem__(self, pos):
+            raise ImportError("No module named 'av'")
+
+    monkeypatch.setitem(sys.modules, "videoprism.data.decode", None)  # `from .decode import ...` fails
+    dali = DaliClips(batch_size=1, num_frames=4, resolution=36, device=torch.device("cpu"))
+    (item,) = list(dali.decode_items([(0, 7, vfr, Augment())], NoPyAV()))
+    assert item.bad.startswith("its frames are placed by PyAV's timestamps") and "PyAV is not installed" in item.bad
+
+
 @needs_media
 def test_h264_on_the_cpu_falls_back_to_pyav(tmp_path):
     m = tmp_path / "m.jsonl"

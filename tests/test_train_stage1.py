@@ -342,6 +342,25 @@ def test_checkpoints_of_a_replaced_run_are_retired_not_resumed(tmp_path):
     assert [r["step"] for r in read_jsonl(str(tmp_path / "metrics.jsonl.abandoned")) if "loss" in r] == [1, 2, 3, 2]
 
 
+def test_a_resume_of_another_folders_run_replaces_the_folders_own_whole(tmp_path):
+    """--resume A's step 4 into B (--overwrite): B's own checkpoints (earlier ones too, which a later --resume of
+    B would have mixed in) and records are set aside, so B's folder holds A's run going on."""
+    from videoprism.train import checkpoint as ckpt
+    from videoprism.train.metrics import read_jsonl, run_steps
+
+    args = ("train.compile=false", "checkpoint.interval=2", "checkpoint.keep=5", "train.eval_every=0")
+    for name in ("a", "b"):
+        make_trainer(tmp_path / name, *args, "train.steps=4").fit()
+    trainer = make_trainer(tmp_path / "b", *args, "train.steps=6")
+    trainer.resume(str(tmp_path / "a" / "checkpoints" / "step_00000004"))
+    trainer.fit()
+    root = tmp_path / "b" / "checkpoints"
+    assert [s for s, _ in ckpt.step_dirs(str(root))] == [6]
+    assert {"step_00000002.abandoned", "step_00000004.abandoned"} <= set(os.listdir(root))
+    assert sorted(run_steps(read_jsonl(str(tmp_path / "b" / "metrics.jsonl")))) == [5, 6]
+    assert (tmp_path / "b" / "metrics.jsonl.abandoned").is_file()
+
+
 def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, monkeypatch, capsys):
     """A save that failed (a full disk, a kill) left its step_N.tmp folder, a checkpoint's size, which only a later
     save of the same step removed: resumed with another interval (or train.steps), a run never saved that step

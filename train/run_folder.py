@@ -52,7 +52,7 @@ def holdings(folder: str) -> list[str]:
     return held
 
 
-def _same(a: str, b: str) -> bool:
+def same_folder(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
@@ -60,7 +60,7 @@ def check_out_dir(out_dir: str, stage: int, *, resume: str | None, overwrite: bo
     """ValueError, with the fix, when this run (stage `stage`, resuming from `resume` or starting fresh) must not
     write `out_dir`: it would overwrite its own teacher; it resumes another stage's run; or `out_dir` holds another
     run and `overwrite` is off."""
-    if teacher and _same(teacher, export_path(out_dir)):
+    if teacher and same_folder(teacher, export_path(out_dir)):
         raise ValueError(f"stage2.teacher={teacher} is this run's export path (train.out_dir/{EXPORT}): the stage-2 "
                          "export would overwrite its teacher; set train.out_dir to another folder")
     source = run_folder(resume) if resume is not None else None
@@ -72,7 +72,7 @@ def check_out_dir(out_dir: str, stage: int, *, resume: str | None, overwrite: bo
                    "stage 1 starts afresh (or from an export: model.init=PATH) in a folder of its own")
             raise ValueError(f"--resume {resume}: {source} holds a stage-{other} run, which stage {stage} cannot "
                              f"resume; {fix}")
-        if _same(source, out_dir):
+        if same_folder(source, out_dir):
             return  # the run goes on in its own folder
     held = holdings(out_dir)
     if not held or overwrite:

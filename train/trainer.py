@@ -31,7 +31,7 @@ from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
                                       parallelize, shard_layout)
 from videoprism.train.preemption import Preempted, PreemptionNotice, stopping
-from videoprism.train.run_folder import check_out_dir, export_path
+from videoprism.train.run_folder import check_out_dir, export_path, run_folder, same_folder
 
 
 class Task(Protocol):
@@ -315,9 +315,11 @@ class Trainer:
         if d.device.type == "cuda":  # the peak's 8192^2 operands (384 MB) are not the run's memory
             torch.cuda.reset_peak_memory_stats(d.device)
         # Before this run writes a record: the checkpoints of a run it replaces (a fresh start, or a resume from an
-        # earlier step: the abandoned future) and, at a fresh start, that run's records, renamed out of the way.
-        retired = ckpt.retire(self.ckpt_dir, self.step, keep=self.resumed_from)
-        if self.step == 0:
+        # earlier step: the abandoned future; a resume of another folder's run: all of them) and, unless it goes on
+        # with the folder's own run, that run's records, renamed out of the way.
+        elsewhere = self.resumed_from is not None and not same_folder(run_folder(self.resumed_from), tc.out_dir)
+        retired = ckpt.retire(self.ckpt_dir, 0 if elsewhere else self.step, keep=self.resumed_from)
+        if self.step == 0 or elsewhere:
             retired += ckpt.retire_records(tc.out_dir)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
         if retired:

@@ -100,7 +100,7 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int]:
     with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
         return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
-                quarter_turns(clip.rotation))
+                quarter_turns(p["rotation"] if "rotation" in p else clip.rotation))
 
 
 class DaliClips:
@@ -202,6 +202,9 @@ class DaliClips:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
                 results[pos] = _Item(pos, sid, bad=f"unreadable ({e.strerror or e})")
+            except ImportError:  # a plan from the timestamps (no probe fields, a variable frame rate) without PyAV
+                results[pos] = _pyav(fallback, pos, sid, "its frames are placed by PyAV's timestamps (no probe "
+                                                         "fields, or a variable frame rate)")
         # A declined shape's probe runs alone: when it fails, as it mostly will, the batch is not retried clip by clip.
         probes = [j for j in dali_jobs if j[2] in self.shapes.declined]
         regular = [j for j in dali_jobs if j[2] not in self.shapes.declined]

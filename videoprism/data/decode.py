@@ -146,17 +146,19 @@ class PyAVClip:
         s = self._stream
         pts, keys = [], []
         leading = []  # shown packets before the first keyframe (decode order): a stream cut mid-GOP; none decode
-        # The end of the data over every stream (seconds): a cut cuts them all, while a longer audio track, a
-        # second video track or a subtitle cue only makes the container's duration (Matroska's, whose streams
-        # declare none) longer than the video. (A cue that spans a cut hides it here; the decode still samples
-        # only frames that are there.)
-        data_end = None
+        # The end of the data (seconds) of the other audio and video streams, and of the rest (subtitles, data
+        # tracks): a cut cuts them all, while a longer audio track, a second video track or a subtitle cue only
+        # makes the container's duration (Matroska's, whose streams declare none) longer than the video. (A packet
+        # that spans a cut hides it: a subtitle cue, or a MOV timecode track's one packet spanning the whole
+        # file, so the rest counts only against the container's duration, which spans them.)
+        ends = {"media": None, "rest": None}
         try:
             for packet in self._container.demux():
                 if packet.stream.index != s.index:
                     if packet.pts is not None and packet.stream.time_base is not None and packet.size:
                         end = float((packet.pts + (packet.duration or 0)) * packet.stream.time_base)
-                        data_end = end if data_end is None else max(data_end, end)
+                        kind = "media" if packet.stream.type in ("audio", "video") else "rest"
+                        ends[kind] = end if ends[kind] is None else max(ends[kind], end)
                     continue
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None or packet.size == 0:
@@ -182,9 +184,9 @@ class PyAVClip:
         index = VideoIndex(codec=ctx.codec.canonical_name, width=ctx.width, height=ctx.height, fps=fps,
                            time_base=s.time_base, pts=pts, keyframes=keys or [pts[0]])
         # A cut WebM/Matroska file demuxes cleanly up to the cut: only the declared duration tells it is short.
-        declared, slack = self._declared_duration(fps)
+        declared, slack, of_file = self._declared_duration(fps)
         video_end = float(pts[-1] * s.time_base) + (1.0 / fps if fps > 0 else 0.0)
-        data_end = video_end if data_end is None else max(data_end, video_end)
+        data_end = max(e for e in (video_end, ends["media"], ends["rest"] if of_file else None) if e is not None)
         # Short both as a span and as an end time: a format may declare its duration from 0 rather than
         # from the first timestamp (WebM written with a start offset), and audio may run past the video.
         if declared is not None and index.duration < declared - slack and data_end < declared - slack:
@@ -192,17 +194,17 @@ class PyAVClip:
                                            f"{declared:.2f} s")
         return index
 
-    def _declared_duration(self, fps: float) -> tuple[float | None, float]:
-        """(duration from the container header, the shortfall that still counts as whole): the video stream's
-        own duration, else the file's (WebM streams carry none), which also spans the other streams, so audio
-        running past the last frame gets a wider margin."""
+    def _declared_duration(self, fps: float) -> tuple[float | None, float, bool]:
+        """(duration from the container header, the shortfall that still counts as whole, whether it is the
+        file's): the video stream's own duration, else the file's (WebM streams carry none), which also spans the
+        other streams, so audio running past the last frame gets a wider margin."""
         s, c = self._stream, self._container
         slack = max(0.5, 2.0 / max(fps, 1e-6))
         if s.duration is not None and s.time_base is not None:
-            return float(s.duration * s.time_base), slack
+            return float(s.duration * s.time_base), slack, False
         if c.duration is None:
-            return None, slack
-        return c.duration / 1e6, slack
+            return None, slack, False
+        return c.duration / 1e6, slack, True
 
     def sample_indices(self, num_frames: int, start: float | None = None, end: float | None = None) -> list[int]:
         """Clip frame indices of `num_frames` uniform samples over the clip or its [start, end) window."""

@@ -8,17 +8,13 @@ tokenizer or teacher at hand.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 
 import torch
 from torch import nn
 
 import videoprism
-from videoprism.checkpoint import _config_classes
-from videoprism.config import narrow_config
-from videoprism.models import build_model
+from videoprism.checkpoint import config_fields, model_from_config
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.modeling import full_state_dict, sub_state_dict
 
@@ -26,14 +22,11 @@ from videoprism.train.modeling import full_state_dict, sub_state_dict
 def export_spec(model_class: str, config, prefix: str) -> dict:
     """The exported model: its class name, its config (JSON values, the fields of the class's own config) and the
     prefix of its weights in the training module's state dict."""
-    own = _config_classes()[model_class]
-    return {"class": model_class, "config": json.loads(json.dumps(dataclasses.asdict(narrow_config(config, own)))),
-            "prefix": prefix}
+    return {"class": model_class, "config": config_fields(model_class, config), "prefix": prefix}
 
 
 def _model(spec: dict, state: dict) -> nn.Module:
-    values = dict(spec["config"], pos_emb_shape=tuple(spec["config"]["pos_emb_shape"]))
-    model = build_model(_config_classes()[spec["class"]](**values), device="meta")
+    model = model_from_config(spec["class"], spec["config"], where="the checkpoint's export spec")
     model.load_state_dict(sub_state_dict(state, spec["prefix"]), strict=True, assign=True)
     return model
 

@@ -142,6 +142,10 @@ class Trainer:
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
         self.saver = ckpt.Saver(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.resumed_from: str | None = None
+        # The config.json of the run that wrote the checkpoint resumed from, and how this run's config differs from
+        # it (None: unreadable): the load's error names the differences, the run's log all of them.
+        self.resumed_config: str | None = None
+        self.resume_changes: list[str] | None = None
         self.skipped_samples = 0
         self.val_rejects: list[tuple[str, str]] = []  # the validation split's skipped clips, reported as a step's
         self.rejects_unwritten = 0  # skipped samples not in the rejects file (it could not be written)
@@ -174,8 +178,14 @@ class Trainer:
                                     "one folder that every node sees alike")
         if target is None:
             return
+        self.resumed_config = run_config_path(target)
+        try:
+            with open(self.resumed_config, encoding="utf-8") as fh:
+                self.resume_changes = config_changes(json.load(fh), self.cfg.to_dict())
+        except (TypeError, OSError, ValueError, AttributeError):  # no config.json (TypeError: None), or not a config
+            self.resume_changes = None
         state, written = ckpt.load(target, self.model, self.optimizer, trainer_keys=self.TRAINER_KEYS,
-                                   differences=self._state_changes(target))
+                                   differences=self._state_changes())
         d = self.dist
         if written == d.world:
             own = ckpt.read_rank_state(target, d.rank)
@@ -199,17 +209,12 @@ class Trainer:
             moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
             print(f"resumed from {target} at step {self.step}{moved}")
 
-    def _state_changes(self, checkpoint: str) -> list[str] | None:
-        """How this run's config differs from that of the run that wrote `checkpoint` in the fields that shape the
-        model and optimizer state (the model, the stages' heads, the optimizer, the tokenizer's vocabulary); None
-        when that run's config.json cannot be read."""
-        source = run_config_path(checkpoint)
-        try:
-            with open(source, encoding="utf-8") as fh:
-                changes = config_changes(json.load(fh), self.cfg.to_dict())
-        except (TypeError, OSError, ValueError, AttributeError):  # no config.json (TypeError: None), or not a config
+    def _state_changes(self) -> list[str] | None:
+        """The resume's config changes in the fields that shape the model and optimizer state (the model, the
+        stages' heads, the optimizer, the tokenizer's vocabulary); None when the resumed run's config is unknown."""
+        if self.resume_changes is None:
             return None
-        return [c for c in changes if c.split(".")[0] in ("model", "stage1", "stage2", "optim")
+        return [c for c in self.resume_changes if c.split(".")[0] in ("model", "stage1", "stage2", "optim")
                 or c.startswith("data.tokenizer")]
 
     # ---- one optimizer step --------------------------------------------------------------
@@ -327,21 +332,12 @@ class Trainer:
                         f"out of the way (kept, never resumed from): {', '.join(retired)}")
         config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
         if d.main:
-            changes = []
-            source = run_config_path(self.resumed_from) if self.resumed_from else None
-            if source is not None:
-                # What this resume changed against the run that wrote the checkpoint (train.steps moves the
-                # schedule's end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on
-                # with the new values.
-                try:
-                    with open(source, encoding="utf-8") as fh:
-                        changes = config_changes(json.load(fh), cfg.to_dict())
-                except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not a config: nothing to
-                    # compare with (this run's is written below)
-                    changes = []
-                if changes:
-                    log.message(f"[{self.name}] resumed with a config that differs from the run's {source}: "
-                                + "; ".join(changes))
+            # What this resume changed against the run that wrote the checkpoint (train.steps moves the schedule's
+            # end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on with the new values.
+            changes = self.resume_changes or []
+            if changes:
+                log.message(f"[{self.name}] resumed with a config that differs from the run's {self.resumed_config}: "
+                            + "; ".join(changes))
             save_config(cfg, config_path, stage=self.task.stage)
             layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
             if self.step == 0:

@@ -227,13 +227,7 @@ def save_safetensors(model: nn.Module, path: str) -> None:
     """Our weights: the state dict + the config (JSON) in the safetensors metadata."""
     meta = {"class": type(model).__name__}
     if hasattr(model, "config"):
-        config = model.config
-        # Only the fields of the model's own config class: a classifier's or CLIP's encoder shares its
-        # parent's config object, whose extra fields (num_classes, ...) the encoder cannot be built with.
-        own = _config_classes().get(type(model).__name__)
-        if own is not None:
-            config = narrow_config(config, own)
-        meta["config"] = json.dumps(asdict(config))
+        meta["config"] = json.dumps(config_fields(type(model).__name__, model.config))
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; pass a file name, e.g. "
@@ -336,34 +330,45 @@ def safetensors_config(path: str) -> tuple[str | None, dict]:
     return meta.get("class"), values
 
 
+def config_fields(name: str, config) -> dict:
+    """The config of a model of class `name` as JSON values (what `save_safetensors` writes): only the fields of the
+    class's own config, since a classifier's or CLIP's encoder shares its parent's config object, whose extra fields
+    (num_classes, ...) the encoder cannot be built with."""
+    own = _config_classes().get(name)
+    return json.loads(json.dumps(asdict(narrow_config(config, own) if own is not None else config)))
+
+
+def model_from_config(name: str, values: dict, *, where: str) -> nn.Module:
+    """A model of class `name` on the meta device, built from its config fields as JSON values (`config_fields`),
+    each checked; `where` names their source in the errors."""
+    from videoprism.models import build_model
+
+    configs = _config_classes()
+    fields = {f.name for f in dataclasses.fields(configs[name])}
+    if set(values) - fields:
+        raise CheckpointError(f"{where}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "
+                              f"{sorted(fields)}")
+    if fields - set(values):  # a default would silently stand in for how the weights were trained
+        raise CheckpointError(f"{where}: config field(s) {sorted(fields - set(values))} missing from the metadata; "
+                              "pass them as overrides or re-save the model with save_safetensors")
+    shape = values["pos_emb_shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) for v in shape)):
+        raise CheckpointError(f"{where}: config pos_emb_shape must be 3 ints (frames, rows, cols), got {shape!r}")
+    try:
+        return build_model(configs[name](**{**values, "pos_emb_shape": tuple(shape)}), device="meta")
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: its config does not build a {name} ({e})") from None
+
+
 def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
     """Rebuild a model written by `save_safetensors` from the class name and config in its
     metadata, and load its weights (on the CPU). `overrides` replace config fields (e.g.
     attention_backend); `expect` names the class the file must hold."""
-    from videoprism.models import build_model
-
     name, saved = safetensors_config(path)
-    configs = _config_classes()
-    if name not in configs or not saved or (expect and name != expect):
+    if name not in _config_classes() or not saved or (expect and name != expect):
         raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
                               "its config (save_safetensors writes both)")
-    values = {**saved, **overrides}
-    fields = {f.name for f in dataclasses.fields(configs[name])}
-    if set(values) - fields:
-        raise CheckpointError(f"{path}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "
-                              f"{sorted(fields)}")
-    if fields - set(values):  # a default would silently stand in for how the weights were trained
-        raise CheckpointError(f"{path}: config field(s) {sorted(fields - set(values))} missing from the metadata; "
-                              "pass them as overrides or re-save the model with save_safetensors")
-    shape = values["pos_emb_shape"]
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) for v in shape)):
-        raise CheckpointError(f"{path}: config pos_emb_shape must be 3 ints (frames, rows, cols), got {shape!r}")
-    values["pos_emb_shape"] = tuple(shape)
-    try:
-        model = build_model(configs[name](**values), device="meta")
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its config does not build a {name} ({e})") from None
-    return load_safetensors(path, model)
+    return load_safetensors(path, model_from_config(name, {**saved, **overrides}, where=path))
 
 
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:

@@ -247,7 +247,9 @@ def _upright(video: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     flipped left-right when `flip`."""
     if turns:
         video = torch.rot90(video, turns, dims=(1, 2))
-    return video.flip(2).contiguous() if flip else video.contiguous() if turns else video
+    if flip:
+        video = video.flip(2)
+    return video.contiguous()
 
 
 def _pyav(fallback, pos: int, sid: int, why: str):

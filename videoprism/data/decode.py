@@ -278,11 +278,22 @@ class PyAVClip:
         """The frames at `indices` (their count when not `keep`), by timestamp, else by count from the start."""
         if not self._unseekable:
             try:
-                return [f for f in self._frames_at(indices)] if keep else sum(1 for _ in self._frames_at(indices))
+                return self._take(self._frames_at(indices), keep)
             except _Unseekable:
                 self._unseekable = True  # the next call (verify after decode, another window) goes straight on
-        it = self._frames_in_order(indices)
-        return list(it) if keep else sum(1 for _ in it)
+        return self._take(self._frames_in_order(indices), keep)
+
+    def _take(self, frames, keep: bool):
+        """`frames` as a list (their count when not `keep`), the display rotation noted off the first (`rotation`:
+        the stream's, the same on every frame)."""
+        out, n = [], 0
+        for f in frames:
+            if self._rotation is None:
+                self._rotation = 90 * quarter_turns(f.rotation)
+            n += 1
+            if keep:
+                out.append(f)
+        return out if keep else n
 
     def _short(self, got: int, wanted: int, what: str) -> BadVideoError:
         last = self._last_pts
@@ -293,10 +304,11 @@ class PyAVClip:
     @property
     def rotation(self) -> int:
         """Degrees (0, 90, 180 or 270) counterclockwise that a player turns the stored frames (the display matrix
-        of a portrait phone clip): read off the first frame, decoded for it."""
+        of a portrait phone clip): read off the first frame this clip decoded (`verify` decodes frame 0), else
+        off frame 0, decoded for it."""
         if self._rotation is None:
-            self._rotation = 90 * quarter_turns(self._frames([0])[0].rotation)
-        return self._rotation
+            self._frames([0], keep=False)
+        return self._rotation or 0  # none decoded (a stream cut before it): as stored
 
     def decode(self, indices: list[int]) -> torch.Tensor:
         """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices, upright (turned as a

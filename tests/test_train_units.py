@@ -1201,3 +1201,13 @@ def test_a_run_writes_a_folder_of_another_run_only_when_told(tmp_path):
     for overwrite in (False, True):
         with pytest.raises(ValueError, match="the stage-2 export would overwrite its teacher"):
             check_out_dir(a, 2, resume=None, overwrite=overwrite, teacher=os.path.join(a, "model.safetensors"))
+    # --auto-resume's first start (resume = out_dir, no checkpoint yet) in a folder holding only an export (a
+    # converted model, a run whose checkpoints were moved away) would overwrite it at the end.
+    converted = tmp_path / "converted"
+    converted.mkdir()
+    (converted / "model.safetensors").write_bytes(b"weights")
+    for folder in (str(converted), run("done", 1, export=True)):
+        with pytest.raises(ValueError, match=r"\(its export model.safetensors\), which this run would replace; it has "
+                                             "no checkpoint to continue; set train.out_dir to a folder"):
+            check_out_dir(folder, 1, resume=folder, overwrite=False)
+    check_out_dir(bare, 1, resume=bare, overwrite=False)  # nothing to lose: --auto-resume starts there

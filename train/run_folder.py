@@ -72,14 +72,18 @@ def check_out_dir(out_dir: str, stage: int, *, resume: str | None, overwrite: bo
                    "stage 1 starts afresh (or from an export: model.init=PATH) in a folder of its own")
             raise ValueError(f"--resume {resume}: {source} holds a stage-{other} run, which stage {stage} cannot "
                              f"resume; {fix}")
-        if same_folder(source, out_dir):
+        if same_folder(source, out_dir) and ckpt.step_dirs(os.path.join(out_dir, "checkpoints")):
             return  # the run goes on in its own folder
     held = holdings(out_dir)
     if not held or overwrite:
         return
     held_stage = stage_of(out_dir)
     what = f"a stage-{held_stage} run" if held_stage is not None else "another run"
-    if source is None:
+    if source is not None and same_folder(source, out_dir):
+        # --auto-resume's first start (no checkpoint here yet) in a folder that holds an export: a converted model
+        # or a finished run's, which this run's export would replace at the end.
+        fix = "it has no checkpoint to continue; set train.out_dir to a folder of this run's own"
+    elif source is None:
         fix = ("continue it with --resume (or --auto-resume), " if held_stage in (None, stage) else "") + (
             "set train.out_dir to a folder of this run's own, or add --overwrite to start over there")
     else:

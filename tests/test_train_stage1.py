@@ -913,6 +913,16 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
     names = {os.path.basename(r["path"]) for r in reported}
     assert names == {"broken.webm", "missing.webm", "broken.webm (data.val)", "missing.webm (data.val)"}
     assert all(r["reason"] for r in reported) and results["skipped_samples"] == len(reported) >= 4
+    # A resume decodes the validation split again: its bad clips are said, not recorded (nor counted) twice; the
+    # count is the run's (it was this process's since it started).
+    again = make_trainer(tmp_path / "run", *overrides[:-2], "train.steps=6", "checkpoint.interval=0",
+                         vocab=tok.vocab_size)
+    again.data = build_train_data(again.cfg, again.dist, tok, micro_batch=4, vocab=tok.vocab_size)
+    again.task.val, again.val_rejects = build_val_batches(again.cfg, tok, batch_size=4, dist_=again.dist)
+    again.resume(str(tmp_path / "run"))
+    more = again.fit()
+    assert [json.loads(line) for line in open(more["rejects"])] == reported  # all met again at step 5
+    assert more["skipped_samples"] == len(reported)
 
 
 def test_export_loads_into_from_official(tmp_path):

@@ -1211,3 +1211,23 @@ def test_a_run_writes_a_folder_of_another_run_only_when_told(tmp_path):
                                              "no checkpoint to continue; set train.out_dir to a folder"):
             check_out_dir(folder, 1, resume=folder, overwrite=False)
     check_out_dir(bare, 1, resume=bare, overwrite=False)  # nothing to lose: --auto-resume starts there
+
+
+def test_recorded_rejects_count_each_skip_of_the_run_once(tmp_path):
+    """metrics.recorded_rejects: every rank's file; a sample skipped again at the same step (a resume from an earlier
+    step replays it) or a validation clip skipped at every start counts once; a line cut by a crash is left out."""
+    from videoprism.train.metrics import recorded_rejects
+
+    def rec(step, path, reason="truncated"):
+        return json.dumps({"step": step, "path": path, "reason": reason}) + "\n"
+
+    (tmp_path / "rejects.rank0.jsonl").write_text(rec(0, "v.mp4 (data.val)") + rec(3, "a.mp4") + rec(7, "a.mp4")
+                                                  + rec(5, "v.mp4 (data.val)") + rec(3, "a.mp4") + '{"step": 9, "pa')
+    (tmp_path / "rejects.rank1.jsonl").write_text(rec(3, "b.mp4") + rec(3, "a.mp4", "moov atom not found")
+                                                  + json.dumps({"step": 1, "path": 5, "reason": "x"}) + "\n")
+    (tmp_path / "rejects.rank0.jsonl.abandoned").write_text(rec(1, "old.mp4"))
+    got = recorded_rejects(str(tmp_path))
+    assert sorted((r["step"], r["path"], r["reason"]) for r in got) == [
+        (0, "v.mp4 (data.val)", "truncated"), (3, "a.mp4", "moov atom not found"), (3, "a.mp4", "truncated"),
+        (3, "b.mp4", "truncated"), (7, "a.mp4", "truncated")]
+    assert recorded_rejects(str(tmp_path / "none")) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import sys
 
@@ -18,6 +19,30 @@ import torch
 def metrics_path(out_dir: str) -> str:
     """Where MetricsLogger writes a run's per-step records (and print_outputs says they are)."""
     return os.path.join(out_dir, "metrics.jsonl")
+
+
+VAL_REJECT = " (data.val)"  # how a validation clip's skip is named in the rejects files
+
+
+def recorded_rejects(out_dir: str) -> list[dict]:
+    """The run's skipped samples as its rejects.rank<r>.jsonl files record them (every rank's, of every start of the
+    run), each once: a resume from an earlier step meets the same bad samples at the same steps again, and every
+    start meets the validation split's (recorded with the step it started at), so those count once whatever the
+    step. A line cut by a crash is left out."""
+    seen: dict[tuple, dict] = {}
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        if not re.fullmatch(r"rejects\.rank\d+\.jsonl", name):
+            continue
+        with open(os.path.join(out_dir, name), encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                try:
+                    rec = json.loads(line)
+                    key = (rec["path"], rec["reason"])
+                    val = key[0].endswith(VAL_REJECT)
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+                seen.setdefault(key if val else (rec.get("step"), *key), rec)
+    return list(seen.values())
 
 
 def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> None:

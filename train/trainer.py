@@ -9,6 +9,7 @@ metrics, checkpoints and resume.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
                                      save_config)
 from videoprism.train.data import parse_datasets
-from videoprism.train.metrics import MetricsLogger, peak_memory_gb, plot_curves
+from videoprism.train.metrics import VAL_REJECT, MetricsLogger, peak_memory_gb, plot_curves, recorded_rejects
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
                                       parallelize, shard_layout)
@@ -142,11 +143,11 @@ class Trainer:
         self.ckpt_dir = os.path.join(tc.out_dir, "checkpoints")
         self.saver = ckpt.Saver(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self.resumed_from: str | None = None
+        self.resumed_step = 0
         # The config.json of the run that wrote the checkpoint resumed from, and how this run's config differs from
         # it (None: unreadable): the load's error names the differences, the run's log all of them.
         self.resumed_config: str | None = None
         self.resume_changes: list[str] | None = None
-        self.skipped_samples = 0
         self.val_rejects: list[tuple[str, str]] = []  # the validation split's skipped clips, reported as a step's
         self.rejects_unwritten = 0  # skipped samples not in the rejects file (it could not be written)
         self.rejects_path = os.path.join(tc.out_dir, f"rejects.rank{dist_.rank}.jsonl")
@@ -204,7 +205,7 @@ class Trainer:
         if own is not None:  # a rank new to the run keeps the run's seeded generators
             ckpt.set_rng_state(own["rng"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
-        self.resumed_from = target
+        self.resumed_from, self.resumed_step = target, self.step
         if d.main:
             moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
             print(f"resumed from {target} at step {self.step}{moved}")
@@ -378,9 +379,11 @@ class Trainer:
             self.saver.drop()  # only after a failure is a write still in flight here
             log.close()
         results["nonfinite"] = self.nonfinite
-        results["skipped_samples"] = self.skipped_samples
-        if self.skipped_samples:
-            results["rejects"] = self.rejects_path
+        # Of the whole run (every start, every rank: the files hold them), not of this process since it started.
+        results["skipped_samples"] = len(recorded_rejects(tc.out_dir)) + self.rejects_unwritten
+        if results["skipped_samples"]:
+            files = glob.glob(os.path.join(tc.out_dir, "rejects.rank*.jsonl"))
+            results["rejects"] = files[0] if len(files) == 1 else os.path.join(tc.out_dir, "rejects.rank*.jsonl")
         return results
 
     def _export(self, checkpoint: str) -> str:
@@ -476,14 +479,20 @@ class Trainer:
         """Each sample or manifest line the data layer skipped since the last step: one line on the console
         (every rank: each reads its own shard) and one JSON line in `rejects.rank<r>.jsonl`."""
         drain = getattr(self.data, "drain_rejects", None)
-        rejects = [(f"{name} (data.val)", why) for name, why in self.val_rejects] + (drain() if drain else [])
+        rejects = [(name + VAL_REJECT, why) for name, why in self.val_rejects] + (drain() if drain else [])
         self.val_rejects = []
         if not rejects:
             return
-        self.skipped_samples += len(rejects)
         say = log.message if self.dist.main else lambda text: print(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
         for name, reason in rejects:
             say(f"[{self.name}] step {self.step}: skipped {name}: {reason}")
+        if self.resumed_from is not None and self.step == self.resumed_step:
+            # A resume reads the validation split and the manifests again, and meets their bad ones again: on file
+            # already (on any rank's file: the run may have had other ranks), they are said, not recorded twice.
+            known = {(r["path"], r["reason"]) for r in recorded_rejects(self.cfg.train.out_dir)}
+            rejects = [r for r in rejects if r not in known]
+            if not rejects:
+                return
         try:
             with open(self.rejects_path, "a") as f:
                 f.write("".join(json.dumps({"step": self.step, "path": name, "reason": reason}) + "\n"

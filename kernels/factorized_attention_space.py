@@ -447,12 +447,22 @@ def _space_bwd_dkdv_kernel(
     tl.store(g + 2 * g_3, dv.to(dqkv.dtype.element_ty), mask=col_mask)
 
 
+def int32_offsets(t: torch.Tensor) -> torch.Tensor:
+    """`t` ([B, ...]) as the kernels can address it: itself when every offset within one batch row fits int32,
+    else a contiguous copy. The kernels take the batch offset in int64 and the rest (frame, token, q/k/v, head,
+    channel: under 2^31 on any contiguous layout, 2.8e8 for giant at 16 frames) in int32 arithmetic, which the
+    large strides of a view would wrap (q, k and v projected into a [3, B, ...] buffer and permuted: a q-to-v
+    offset of 2 * B * T * K * H * Dh)."""
+    span = sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:]))
+    return t if span < 2**31 else t.contiguous()
+
+
 def _kp_args(key_padding: torch.Tensor | None, qkv: torch.Tensor):
     """(tensor, strides, flag) for the optional [B, T, K] key-padding mask, read as bytes in
     place (a bool tensor is one byte per element, so the uint8 view is free)."""
     if key_padding is None:
         return qkv, (0, 0, 0), False
-    kp = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
+    kp = int32_offsets(key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding)
     return kp, tuple(kp.stride()), True
 
 
@@ -467,6 +477,7 @@ def attention_space_fwd(qkv: torch.Tensor, key_padding: torch.Tensor | None, sof
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the space-axis forward. Returns (o [B, T, K, H, Dh], m2, log2 l [B, T, H, K] fp32:
     the row max and log-sum of the softmax in log2 units, for the backward)."""
+    qkv = int32_offsets(qkv)
     B, T, K, _, H, Dh = qkv.shape
     o = qkv.new_empty(B, T, K, H, Dh)
     m = qkv.new_empty(B, T, H, K, dtype=torch.float32)
@@ -486,6 +497,7 @@ def attention_space_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, m:
                         causal: bool) -> torch.Tensor:
     """Launch the space-axis backward (dq kernel, then dk/dv kernel). Returns dqkv, the
     layout of qkv made contiguous: [B, T, K, 3, H, Dh]."""
+    qkv, do = int32_offsets(qkv), int32_offsets(do)
     B, T, K, _, H, Dh = qkv.shape
     dqkv = qkv.new_empty(B, T, K, 3, H, Dh)
     delta = torch.empty_like(m)

@@ -35,6 +35,7 @@ from videoprism.kernels.factorized_attention_space import (
     block_d,
     dot_precision,
     fast_tanh,
+    int32_offsets,
     logit_consts,
 )
 
@@ -275,7 +276,8 @@ def _time_bwd_kernel(
 def _launch(kernel, tensors, strides, qkv, pos, key_padding, softcap, scale, causal):
     B, T, K, _, H, Dh = qkv.shape
     kp, kps, has_kp = _kp_args(key_padding, qkv)
-    pos_t, ps = (qkv, (0, 0, 0)) if pos is None else (pos, pos.stride())
+    pos_t = qkv if pos is None else int32_offsets(pos)
+    ps = (0, 0, 0) if pos is None else pos_t.stride()
     if pos is None:                 # sequences = the B*K columns
         grid = lambda meta: (triton.cdiv(B * K, meta["BLOCK_S"]), H // meta["HEADS"])  # noqa: E731
     else:                           # programs = blocks of slots of each frame (leader candidates)
@@ -294,6 +296,7 @@ def _launch(kernel, tensors, strides, qkv, pos, key_padding, softcap, scale, cau
 def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding: torch.Tensor | None,
                        softcap: float, scale: float, causal: bool) -> torch.Tensor:
     """Launch the time-axis forward: qkv [B, T, K, 3, H, Dh] (any strides) -> o [B, T, K, H, Dh]."""
+    qkv = int32_offsets(qkv)
     B, T, K, _, H, Dh = qkv.shape
     o = qkv.new_empty(B, T, K, H, Dh)
     return _launch(_time_fwd_kernel, (qkv, o, o), (*qkv.stride(), *o.stride()[:4]),
@@ -304,6 +307,7 @@ def attention_time_fwd(qkv: torch.Tensor, pos: torch.Tensor | None, key_padding:
 def attention_time_bwd(do: torch.Tensor, qkv: torch.Tensor, pos: torch.Tensor | None,
                        key_padding: torch.Tensor | None, softcap: float, scale: float, causal: bool) -> torch.Tensor:
     """Launch the time-axis backward. Returns dqkv [B, T, K, 3, H, Dh] (contiguous)."""
+    qkv, do = int32_offsets(qkv), int32_offsets(do)
     dqkv = qkv.new_empty(qkv.shape)
     return _launch(_time_bwd_kernel, (qkv, do, dqkv, dqkv), (*qkv.stride(), *do.stride(), *dqkv.stride()[:5]),
                    qkv, pos, key_padding, softcap, scale, causal)

@@ -187,6 +187,33 @@ def test_fully_padded_rows_are_uniform():
 
 
 @interp
+@pytest.mark.parametrize("axis", ["space", "time"])
+def test_a_view_with_offsets_past_int32_gives_what_its_contiguous_copy_gives(axis):
+    """The kernels take the batch offset in int64 and the rest in int32: a view whose q-to-v offset is 2^31
+    (q, k and v projected into a [3, B, ...] buffer and permuted; giant at B ~ 190) read v 4 GiB early, the
+    forward off by 100 (what lies there) and dq, dk with it. Such a view now runs as its contiguous copy, so both
+    give the same bits. The buffer is 8 GiB of address space, of which the pages of q, k, v and the decoy are
+    touched (a few MB)."""
+    B, T, K, H, Dh = 1, 2, 16, 1, 16
+    s3, at = 2**30, 2**31  # 2 * s3 wraps to -2^31: the wrapped v address is `at - 2^31`, the decoy
+    s_k = H * Dh
+    s_b = T * K * s_k
+    buf = torch.empty(at + 2 * s3 + s_b * B, dtype=torch.float16)
+    buf[:s_b * B].fill_(100.0)
+    view = buf.as_strided((B, T, K, 3, H, Dh), (s_b, K * s_k, s_k, s3, Dh, 1), at)
+    view.copy_(torch.randn(view.shape, generator=torch.Generator().manual_seed(0)))
+    view.requires_grad_()
+    copy = view.detach().contiguous().requires_grad_()
+    pos = random_pos(B, T, K, 2 * K, torch.Generator().manual_seed(1)) if axis == "time" else None
+    do = torch.randn(B, T, K, H, Dh, generator=torch.Generator().manual_seed(2)).half()
+    for x in (view, copy):
+        factorized_attention(x, axis=axis, pos=pos, softcap=50.0, backend="triton").backward(do)
+    assert torch.equal(factorized_attention(view.detach(), axis=axis, pos=pos, softcap=50.0, backend="triton"),
+                       factorized_attention(copy.detach(), axis=axis, pos=pos, softcap=50.0, backend="triton"))
+    assert torch.equal(view.grad, copy.grad)
+
+
+@interp
 def test_opcheck():
     gen = torch.Generator().manual_seed(3)
     B, T, K, H, Dh = 1, 3, 5, 2, 16

@@ -196,7 +196,18 @@ def test_safetensors_metadata_and_dtype_are_checked(tmp_path):
     cases = [(write("missing.safetensors", atten_logit_cap=drop), "missing from the metadata"),
              (write("shape.safetensors", pos_emb_shape=[2, 2]), "pos_emb_shape must be 3 ints"),
              (write("type.safetensors", model_dim="wide"), "does not build"),
-             (write("half.safetensors", {k: v.half() for k, v in state.items()}), "is torch.float16")]
+             (write("mixed.safetensors", {k: v.half() if i % 2 else v for i, (k, v) in enumerate(state.items())}),
+              "is torch.float16 but the model is torch.float32")]
     for path, needle in cases:
         with pytest.raises(vp.CheckpointError, match=needle):
             vp.model_from_safetensors(path)
+    # Saved in one dtype, loaded back in it (a bf16 model's save was refused: "cast the model before loading",
+    # which model_from_safetensors gave no way to do).
+    vp.save_safetensors(enc.to(torch.bfloat16), str(tmp_path / "bf16.safetensors"))
+    back = vp.model_from_safetensors(str(tmp_path / "bf16.safetensors"))
+    assert all(torch.equal(v, enc.state_dict()[k]) and v.dtype == torch.bfloat16 for k, v in back.state_dict().items())
+    # A field the weights do not show in their shapes (num_heads splits the same fused qkv) cannot be overridden
+    # against the saved config; the runtime field can.
+    with pytest.raises(vp.CheckpointError, match=r"num_heads=1 \(saved: 2\) contradicts the config"):
+        vp.model_from_safetensors(good, num_heads=1)
+    assert vp.model_from_safetensors(good, num_heads=2, attention_backend="sdpa").config.attention_backend == "sdpa"

@@ -155,10 +155,16 @@ def test_embed_and_convert_refuse_bad_flags_before_any_work(tmp_path, capsys):
     for flags, needle in ((["--num-frames", "0"], "--num-frames 0: must be a positive"),
                           (["--resolution", "0"], "--resolution 0: must be a positive"),
                           (["--device", "gpu"], "not a device"),
+                          (["--device", "meta"], "runs on cpu or cuda"),  # a traceback from deep inside
+                          (["--device", "mps"], "runs on cpu or cuda"),
+                          (["--out", ckpt], f"is the input --checkpoint {ckpt}"),  # replaced the weights
                           (["--out", "/proc/nope/e.npy"], "/proc/nope")):
         args = ["embed", clip, "--checkpoint", ckpt, "--quiet", "--out", str(tmp_path / "e.npy"), *flags]
         assert main(args) == 2, flags
         assert needle in capsys.readouterr().err, flags
+    # `embed data/* --out data/e.npy` run again: the glob holds the last run's output
+    assert main(["embed", clip, str(tmp_path / "e.npy"), "--checkpoint", ckpt, "--out", str(tmp_path / "e.npy")]) == 2
+    assert f"is the input video {tmp_path / 'e.npy'}" in capsys.readouterr().err
     assert main(["convert", "x.npz", "--model", "videoprism_v1_base", "--out", str(tmp_path / "c.npy")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
 
@@ -246,11 +252,49 @@ def test_embed_text_bad_input_one_line_errors(tmp_path, capsys):
     assert "must end in .npy or .safetensors" in error("a dog", *base[:4], "--out", "t.txt")
     assert "--tokenizer nope.model: no such file" in error("a dog", "--checkpoint", ckpt, "--tokenizer", "nope.model")
     assert "no text tower" in error("a dog", "--checkpoint", enc, "--tokenizer", spm)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    assert (f"--texts-file {tmp_path / 'latin1.txt'}: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8"
+            in error("--texts-file", str(tmp_path / "latin1.txt"), *base))
+    assert f"is the input --checkpoint {ckpt}" in error("a dog", *base[:4], "--out", ckpt)
     big = SPM  # the shared SentencePiece model: 1000 pieces, more than this text tower's 40
     if os.path.isfile(big):
         assert "the tokenizer the checkpoint was trained with" in error("a dog", "--checkpoint", ckpt, "--tokenizer",
                                                                          big)
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_embed_text_file_with_a_byte_order_mark_and_an_uppercase_safetensors(tmp_path):
+    """A texts file saved with a UTF-8 byte-order mark (Notepad) gave its first text another embedding (the mark was
+    tokenised); a checkpoint named .SAFETENSORS was loaded as an official one into the default model."""
+    ckpt, spm = _small_clip_file(tmp_path)
+    upper = str(tmp_path / "CLIP.SAFETENSORS")
+    os.link(ckpt, upper)
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle moves left\r\nup\r\n".encode("utf-8"))
+    common = ["--tokenizer", spm, "--quiet"]
+    assert main(["embed-text", "--texts-file", str(tmp_path / "bom.txt"), "--checkpoint", upper, *common,
+                 "--out", str(tmp_path / "file.npy")]) == 0
+    assert main(["embed-text", "a red circle moves left", "up", "--checkpoint", ckpt, *common,
+                 "--out", str(tmp_path / "args.npy")]) == 0
+    assert np.array_equal(np.load(tmp_path / "file.npy"), np.load(tmp_path / "args.npy"))
+
+
+def test_embed_pool_of_a_video_text_model_is_refused(tmp_path, capsys):
+    """A video-text model's embedding is pooled already: --pool mean was silently ignored."""
+    ckpt, _ = _small_clip_file(tmp_path)
+    write_clip(str(tmp_path / "c.mp4"), 8)
+    assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", ckpt, "--pool", "mean", "--quiet",
+                 "--out", str(tmp_path / "e.npy")]) == 2
+    assert "is a video-text model, whose video embedding is already pooled" in capsys.readouterr().err
+
+
+def test_export_names_itself_and_what_it_was_given(tmp_path, capsys):
+    """`export PATH` with no run there said "--resume PATH: no complete checkpoint", an option never given."""
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    for path, needle in ((tmp_path / "none", "does not exist"), (tmp_path / "model.safetensors", "is a file"),
+                         (tmp_path, "no complete checkpoint there")):
+        assert main(["export", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: export '{path}'") and needle in err and "--resume" not in err, err
 
 
 def test_embed_rejects_bad_output_name(media_dir):

@@ -258,6 +258,16 @@ def test_each_bad_file_raises_one_line_naming_file_and_reason(tmp_path):
         assert isinstance(e.value, ValueError) and "\n" not in msg
         assert msg.startswith(path) and reason in msg, msg
     assert read_clip(good, 8, 32).shape == (8, 32, 32, 3)
+    # An MP4 cut inside its moov box, before the codec is described, reads as an unknown codec to PyAV: the reason
+    # says both (it said "unsupported codec" only).
+    with open(good, "rb") as f:
+        whole = f.read()
+    moov = whole.index(b"moov")
+    cut_header = str(tmp_path / "cut_header.mp4")
+    with open(cut_header, "wb") as f:
+        f.write(whole[:whole.index(b"stsd", moov)])  # the sample description box (the codec) cut
+    with pytest.raises(BadVideoError, match="truncated inside its header"):
+        read_clip(cut_header, 8, 32)
 
 
 def test_truncated_webm_is_bad(tmp_path):
@@ -926,3 +936,11 @@ def test_bad_sample_budget_allows_exactly_the_configured_share():
         b.skip(f"f{i}", "bad")
     with pytest.raises(TooManyBadSamplesError, match="30 of 100"):
         b.skip("f29", "bad")
+
+
+def test_a_relative_path_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeypatch):
+    """FFmpeg read "cam1:take2.mp4" as a URL of protocol "cam1" ("Protocol not found": the clip was rejected as not a
+    video); a path is opened as the file it names."""
+    monkeypatch.chdir(tmp_path)
+    frames = write_clip(str(tmp_path / "cam1:take2.mp4"), 8, size=32)
+    assert read_clip("cam1:take2.mp4", 8, 32).shape == frames.shape

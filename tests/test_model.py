@@ -112,6 +112,8 @@ def test_bad_video_errors():
     # Each ran before and returned numbers: a 0-255 float video, a padding of 2 (attention masked
     # it, the feed-forward scaled by 1 - 2), float ids truncated to ints, an infinite cap (NaN).
     (lambda m, c: m(torch.rand(1, 2, 12, 12, 3) * 255), r"video values span \[.*\]: a float video must be in \[0, 1\]"),
+    (lambda m, c: m(torch.rand(1, 2, 12, 12, 3).index_fill_(1, torch.tensor([1]), float("nan"))),
+     "video holds NaN values"),
     (lambda m, c: m(torch.rand(1, 2, 12, 12, 3), torch.tensor([[0.0, 2.0]])), "frame_paddings must hold only 0"),
     (lambda m, c: c(None, torch.rand(2, 5) * 40, torch.zeros(2, 5)), "text_ids must be integer token ids"),
     (lambda m, c: c(None, torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 5)), "text_ids must be integer"),
@@ -136,6 +138,18 @@ def test_bad_video_errors():
 def test_bad_inputs_fail_naming_the_argument(call, needle):
     with pytest.raises(ValueError, match=needle):
         call(tiny(), tiny("videoprism_lvt_v1_base"))
+
+
+def test_a_video_that_needs_grad_is_checked_without_a_warning():
+    """The range check read a video that requires grad into Python floats, which warns ("Converting a tensor with
+    requires_grad=True to a scalar"); the check reads it detached, and the gradient still reaches the video."""
+    import warnings
+
+    video = torch.rand(1, 2, 12, 12, 3, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny()(video)[0].sum().backward()
+    assert video.grad is not None and video.grad.abs().sum() > 0
 
 
 def test_clip_text_tower_causal_and_odd_dims():

@@ -170,20 +170,20 @@ def latest(root: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
-def find(path: str, *, required: bool) -> str | None:
+def find(path: str, *, required: bool, option: str = "--resume") -> str | None:
     """The checkpoint `--resume PATH` names: PATH itself when it is a step_* folder, else the latest
     complete one of the run whose out_dir (or checkpoints folder) PATH is. None when there is none,
-    or, if `required`, FileNotFoundError naming where it looked."""
+    or, if `required`, FileNotFoundError naming where it looked (and `option`, what gave PATH)."""
+    fix = "pass the run's out_dir (its latest checkpoint) or one of its checkpoints/step_* folders"
+    if required and not os.path.isdir(path):
+        what = "is a file, not a run's folder" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"{option} {path!r} {what}; {fix}")
     if os.path.basename(path.rstrip("/")).startswith("step_"):
-        if os.path.isdir(path) or not required:
-            return path if os.path.isdir(path) else None
-        raise FileNotFoundError(f"--resume {path!r} does not exist; pass the run's out_dir (its latest checkpoint) "
-                                "or one of its checkpoints/step_* folders")
+        return path if os.path.isdir(path) else None
     target = latest(os.path.join(path, "checkpoints")) or latest(path)
     if target is None and required:
-        raise FileNotFoundError(f"--resume {path!r}: no complete checkpoint there (looked for "
-                                f"{os.path.join(path, 'checkpoints', 'step_*')}); pass the run's out_dir or one of "
-                                "its checkpoints/step_* folders")
+        raise FileNotFoundError(f"{option} {path!r}: no complete checkpoint there (looked for "
+                                f"{os.path.join(path, 'checkpoints', 'step_*')}); {fix}")
     return target
 
 

@@ -49,7 +49,7 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
 
     from videoprism.train.run_folder import run_folder
 
-    step = ckpt.find(checkpoint, required=True)
+    step = ckpt.find(checkpoint, required=True, option="export")
     spec = ckpt.read_rank_state(step, 0).get("export")
     if spec is None:
         raise ValueError(f"{step} was written before checkpoints named their export; resume its run from it into a "

@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import videoprism
-from videoprism.checkpoint import load_checkpoint, safetensors_config
+from videoprism.checkpoint import is_safetensors, load_checkpoint, safetensors_config
 from videoprism.config import CLIPConfig, official_config
 from videoprism.train.config import ModelConfig
 
@@ -34,7 +34,7 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     if mc.init == "random" and not mc.pos_emb_shape:
         grid = mc.resolution // base.patch_size
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
-    elif mc.init.endswith(".safetensors") and not mc.pos_emb_shape:
+    elif is_safetensors(mc.init) and not mc.pos_emb_shape:
         saved = safetensors_config(mc.init)[1].get("pos_emb_shape")
         if saved:
             overrides["pos_emb_shape"] = tuple(saved)

@@ -156,10 +156,17 @@ def flax_layout(model: nn.Module) -> dict[str, tuple[tuple[int, ...], Fill]]:
 
 def _check_file(path: str) -> None:
     if os.path.isdir(path):
-        if os.path.basename(path.rstrip("/")).startswith("step_") or os.path.isdir(os.path.join(path, "checkpoints")):
-            raise CheckpointError(f"{path}: is a training run or checkpoint (a folder); `videoprism export {path}` "
-                                  "writes its model as a .safetensors file to pass here (a finished run's is "
-                                  "OUT_DIR/model.safetensors)")
+        name = os.path.basename(path.rstrip("/"))
+        run = name.startswith("step_") or name == "checkpoints" or os.path.isdir(os.path.join(path, "checkpoints"))
+        folder = path
+    else:  # a file of a checkpoint (rank0.pt, *.distcp): its folder holds DCP's .metadata
+        folder = os.path.dirname(os.path.abspath(path))
+        run = os.path.isfile(os.path.join(folder, ".metadata"))
+    if run:
+        raise CheckpointError(f"{path}: is (in) a training run's checkpoint, which holds the optimizer's state too; "
+                              f"`videoprism export {folder}` writes its model as a .safetensors file to pass here (a "
+                              "finished run's is OUT_DIR/model.safetensors)")
+    if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a folder; pass the checkpoint file inside it (.npz or .safetensors)")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -227,7 +234,10 @@ def save_safetensors(model: nn.Module, path: str) -> None:
     """Our weights: the state dict + the config (JSON) in the safetensors metadata."""
     meta = {"class": type(model).__name__}
     if hasattr(model, "config"):
-        meta["config"] = json.dumps(config_fields(type(model).__name__, model.config))
+        # How to run the model (the attention backend) is the loader's: a tiny model trained with the reference
+        # backend on a CPU runs with the GPU's kernels where it is loaded on one.
+        fields = {**config_fields(type(model).__name__, model.config), **dict.fromkeys(RUNTIME_FIELDS)}
+        meta["config"] = json.dumps(fields)
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path}: is a folder; pass a file name, e.g. "
@@ -360,15 +370,40 @@ def model_from_config(name: str, values: dict, *, where: str) -> nn.Module:
         raise CheckpointError(f"{where}: its config does not build a {name} ({e})") from None
 
 
+# The config fields that say how to run a model, not what its weights compute: the only ones a load may change.
+RUNTIME_FIELDS = ("attention_backend",)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def model_from_safetensors(path: str, *, expect: str | None = None, **overrides) -> nn.Module:
     """Rebuild a model written by `save_safetensors` from the class name and config in its
-    metadata, and load its weights (on the CPU). `overrides` replace config fields (e.g.
-    attention_backend); `expect` names the class the file must hold."""
+    metadata, and load its weights (on the CPU), in the dtype they were saved in. `overrides` set the
+    runtime fields (attention_backend) and fields the metadata lacks; one that contradicts the saved config
+    (num_heads: the fused weights load either way, and compute something else) is refused. `expect` names the
+    class the file must hold."""
+    from safetensors import safe_open
+
     name, saved = safetensors_config(path)
     if name not in _config_classes() or not saved or (expect and name != expect):
         raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
                               "its config (save_safetensors writes both)")
-    return load_safetensors(path, model_from_config(name, {**saved, **overrides}, where=path))
+    clash = [f"{k}={v!r} (saved: {saved[k]!r})" for k, v in overrides.items()
+             if k in saved and k not in RUNTIME_FIELDS and json.loads(json.dumps(v)) != saved[k]]
+    if clash:
+        raise CheckpointError(f"{path}: {', '.join(clash)} contradicts the config its weights were trained with; "
+                              f"leave it out (only {', '.join(RUNTIME_FIELDS)} can change at load)")
+    model = model_from_config(name, {**saved, **overrides}, where=path)
+    with safe_open(path, framework="pt") as fh:  # the header only: a bf16 save loads back as a bf16 model
+        floats = {fh.get_slice(k).get_dtype() for k in fh.keys()} & set(_DTYPES)
+    if len(floats) == 1:  # else load_safetensors names the tensor that differs from the model
+        model = model.to(_DTYPES[floats.pop()])
+    return load_safetensors(path, model)
+
+
+def is_safetensors(path: str | None) -> bool:
+    """Whether `path` names our weights format (which carries its config) by its extension, in any case, as
+    load_checkpoint tells the formats apart."""
+    return path is not None and os.path.splitext(os.fspath(path))[1].lower() == ".safetensors"
 
 
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:

@@ -18,7 +18,8 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import check_out_file
+from videoprism.checkpoint import is_safetensors
+from videoprism.paths import check_not_an_input, check_out_file
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -84,7 +85,7 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device:
     """-> (model in eval mode, what it was built from: the .safetensors path or the official name)."""
     import videoprism as vp
 
-    if checkpoint is not None and checkpoint.endswith(".safetensors"):
+    if is_safetensors(checkpoint):
         # Our files carry their config: a trained tiny model (e.g. the demo's) loads without
         # repeating every size with --set.
         if name is not None:
@@ -104,11 +105,16 @@ def resolve_device(name: str | None) -> str:
     """--device: the name given (checked), else cuda when a GPU is visible, else cpu."""
     device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
+    if dev.type not in ("cpu", "cuda"):  # mps, xpu, meta: the kernels and the data path run on these two
+        raise ValueError(f"--device {device}: VideoPrism-fast runs on cpu or cuda; use --device cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -162,6 +168,8 @@ def cmd_embed(args) -> int:
         if value is not None and value < lo:
             raise ValueError(f"{flag} {value}: must be >= {lo}")
     check_out_file(args.out, f"--out {args.out}")
+    check_not_an_input(args.out, f"--out {args.out}", [("--checkpoint", args.checkpoint),
+                                                        *(("video", v) for v in args.videos)])
     device = resolve_device(args.device)
     missing = [v for v in args.videos if not os.path.isfile(v)]
     if missing and not args.skip_bad:  # now, not after the model is built and the other clips embedded
@@ -170,6 +178,9 @@ def cmd_embed(args) -> int:
         raise ValueError(f"{missing[0]}: {what}{more}; fix the path, or pass --skip-bad to embed the others")
     model, source, num_frames, resolution = load_model(args, device)
     is_clip = isinstance(model, vp.FactorizedVideoCLIP)
+    if is_clip and args.pool != "none":
+        raise ValueError(f"--pool {args.pool}: {source} is a video-text model, whose video embedding is already "
+                         "pooled (its attention pooler); --pool applies to an encoder's token embeddings")
     # The clips stream through the evaluation loader (decoding workers, batches), as `eval` reads a manifest: the
     # videos become a temporary video-only manifest, in the order given; rejects name a video as it was given.
     given = {os.path.normpath(os.path.abspath(v)): v for v in args.videos}
@@ -266,9 +277,14 @@ def cmd_embed_text(args) -> int:
     texts = list(args.texts)
     if args.texts_file is not None:
         if not os.path.isfile(args.texts_file):
-            raise ValueError(f"--texts-file {args.texts_file}: no such file")
-        with open(args.texts_file, encoding="utf-8") as fh:
-            texts += [line.rstrip("\n") for line in fh]
+            what = "is a folder" if os.path.isdir(args.texts_file) else "no such file"
+            raise ValueError(f"--texts-file {args.texts_file}: {what}; pass a text file, one text a line")
+        try:  # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the first text
+            with open(args.texts_file, encoding="utf-8-sig") as fh:
+                texts += [line.rstrip("\n") for line in fh]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--texts-file {args.texts_file}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                             f"offset {e.start}); save it as UTF-8") from None
     if not texts:
         raise ValueError("no text to embed; give texts as arguments or --texts-file FILE (one a line)")
     for i, t in enumerate(texts):
@@ -276,11 +292,12 @@ def cmd_embed_text(args) -> int:
             where = f"line {i - len(args.texts) + 1} of {args.texts_file}" if i >= len(args.texts) else f"text {i + 1}"
             raise ValueError(f"{where} is empty; every text needs words (rows follow the texts, so none is dropped)")
     check_out_file(args.out, f"--out {args.out}")
+    check_not_an_input(args.out, f"--out {args.out}", [("--checkpoint", args.checkpoint)])
     if not os.path.isfile(args.tokenizer):
         raise ValueError(f"--tokenizer {args.tokenizer}: no such file; pass the text tower's SentencePiece .model "
                          "(the official LvT models: c4_en; a stage-1 run: its data.tokenizer)")
     device = resolve_device(args.device)
-    ours = args.checkpoint is not None and args.checkpoint.endswith(".safetensors")  # carries its config
+    ours = is_safetensors(args.checkpoint)  # carries its config
     name = args.model if ours or args.model else "videoprism_lvt_public_v1_base"
     model, source = _build(name, args.checkpoint, parse_overrides(args.set), device=device)
     if not isinstance(model, vp.FactorizedVideoCLIP):
@@ -301,9 +318,10 @@ def cmd_embed_text(args) -> int:
 def cmd_convert(args) -> int:
     import videoprism as vp
 
-    if not args.out.endswith(".safetensors"):
+    if not is_safetensors(args.out):
         raise ValueError(f"--out {args.out}: must end in .safetensors (load_checkpoint picks the format by it)")
     check_out_file(args.out, f"--out {args.out}")
+    check_not_an_input(args.out, f"--out {args.out}", [("checkpoint", args.checkpoint)])
     overrides = parse_overrides(args.set)
     if args.num_classes:
         overrides["num_classes"] = args.num_classes
@@ -318,7 +336,7 @@ def cmd_export(args) -> int:
     from videoprism.train.export import export_checkpoint
 
     if args.out is not None:
-        if not args.out.endswith(".safetensors"):
+        if not is_safetensors(args.out):
             raise ValueError(f"--out {args.out}: must end in .safetensors")
         check_out_file(args.out, f"--out {args.out}")
     out = export_checkpoint(args.checkpoint, args.out)

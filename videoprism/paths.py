@@ -26,6 +26,16 @@ def check_out_file(path: str, option: str, want: str = "a file path in it") -> N
     make_folder(os.path.dirname(os.path.abspath(path)), option)
 
 
+def check_not_an_input(path: str, option: str, inputs: list[tuple[str, str | None]]) -> None:
+    """The output file `option` names is none of the command's `inputs` ((what, path) pairs): writing it would
+    destroy what the command reads (the weights of `--checkpoint` replaced by embeddings)."""
+    own = os.path.realpath(path)
+    for name, given in inputs:
+        if given is not None and os.path.realpath(given) == own:
+            raise ValueError(f"{option}: is the input {name} {given}; writing it would replace what this command "
+                             "reads: pick another output path")
+
+
 def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
     """`obj` as JSON in `path`, whole or not at all: a kill or a full disk mid-write leaves the previous file (a
     run's config.json, a result an earlier run saved), never a truncated one. The temporary file is this process's

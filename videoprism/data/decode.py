@@ -115,7 +115,10 @@ class PyAVClip:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
             if self._container.streams.video[0].codec_context is None:
-                raise BadVideoError(self.name, "unsupported codec (this FFmpeg has no decoder for its video stream)")
+                # Also what a file cut inside its header looks like (an MP4 cut in its moov box: the codec's
+                # description is gone); PyAV cannot tell the two apart.
+                raise BadVideoError(self.name, "unsupported codec, or truncated inside its header (this FFmpeg finds "
+                                               "no decoder for its video stream)")
             self._stream = self._decoder()
             self.index = self._build_index()
         except BaseException:
@@ -123,7 +126,9 @@ class PyAVClip:
             raise
 
     def _open(self):
-        return av.open(io.BytesIO(self._src) if isinstance(self._src, bytes) else self._src, **_OPEN_OPTIONS)
+        # An absolute path: FFmpeg reads a relative "cam1:take2.mp4" as the URL of a protocol "cam1".
+        src = io.BytesIO(self._src) if isinstance(self._src, bytes) else os.path.abspath(self._src)
+        return av.open(src, **_OPEN_OPTIONS)
 
     def _decoder(self):
         """The first video stream, its decoder set up: frame + slice threads (the decoder is the cost; 0 lets

@@ -330,7 +330,9 @@ def _bad_inputs(tmp):
         (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl"], "set data.tokenizer=PATH.model"),
         (stage1.main, [*rand, f"model.init={tmp}/none.safetensors"], "none.safetensors' does not exist"),
         (stage1.main, [*rand, "model.name=videoprism_v1_base"], "not a video-text (LvT) model"),
-        (stage1.main, [*tiny, f"data.tokenizer={tmp}/garbage.model"], "is not a SentencePiece model"),
+        (stage1.main, [*tiny, f"data.train={tmp}/bad.jsonl", f"data.tokenizer={tmp}/garbage.model"],
+         "is not a SentencePiece model"),
+        (stage1.main, tiny, "data.train is empty; pass data.train=PATH/train.jsonl"),
         (stage1.main, [*rand, "train.global_batch=0"], "train.global_batch=0 is out of range: it must be >= 1"),
         (stage1.main, [*rand, "train.log_every=0"], "train.log_every=0 is out of range: it must be >= 1"),
         (stage1.main, [*rand, "train.mask_ratio=1.5"], "train.mask_ratio=1.5 is out of range: it must be in [0, 1)"),
@@ -342,6 +344,17 @@ def _bad_inputs(tmp):
         (stage1.main, [*rand, "--resume", str(tmp)], "no complete checkpoint"),
         (stage1.main, [*rand, "stage1.temperature_init=2"], "stage1.temperature_init must be in [1/stage1.max_logit"),
         (stage1.main, [*rand, "optim.min_lr=1", "optim.lr=0.1"], "optim.min_lr=1 is above optim.lr=0.1"),
+        # Each ran before: inf passed "> 0" (a NaN model exported), a timeout of inf crashed a worker, nan/inf
+        # weights failed the first step's sampling, an empty out_dir failed after the data, a resolution not a
+        # multiple of the patch after the pipeline's data.
+        (stage1.main, [*rand, "optim.lr=inf"], "optim.lr=inf must be a finite number"),
+        (stage1.main, [*rand, "data.decode_timeout=inf"], "data.decode_timeout=inf must be a finite number"),
+        (stage1.main, [*tiny, f"data.train={tmp}/empty.jsonl:nan"], "WEIGHT must be > 0"),
+        (stage1.main, [*tiny, f"data.train={tmp}/empty.jsonl:inf"], "WEIGHT must be > 0"),
+        (stage1.main, [*rand, "train.out_dir="], "train.out_dir is empty"),
+        (stage1.main, [*rand, "model.init="], "model.init is empty"),
+        (pipeline.main, ["--out", str(tmp), "model.resolution=60"], "model.resolution=60 is not a multiple of the "
+                                                                      "patch size 8; use e.g. 56"),
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
         (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
         (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),

@@ -133,9 +133,31 @@ def test_labels_named_like_another_labels_results_keep_their_own():
         ty, vy = train[f"label_{name}"], val[f"label_{name}"]
         keep = ty >= 0
         acc, train_acc = train_probe(tx[keep], ty[keep], vx, vy, num_heads=2, steps=5)
+        seen = set(ty[keep].tolist())
         assert got[name] == {"accuracy": acc, "train_accuracy": train_acc,
-                             "chance": 1.0 / (int(max(ty.max(), vy.max())) + 1),
-                             "majority": float(torch.bincount(vy).max() / 6), "clips": [int(keep.sum()), 6]}, name
+                             "chance": 1.0 / len(seen | set(vy.tolist())),
+                             "majority": float(torch.bincount(vy).max() / 6), "clips": [int(keep.sum()), 6],
+                             "unseen": sorted(set(vy.tolist()) - seen)}, name
+
+
+def test_a_probe_of_classes_it_cannot_learn_says_so():
+    """Validation classes with no training clip are listed (the probe scored 0% against a chance of 1 / (largest
+    id + 1) without a word); chance counts the classes the clips have (ids {0, 5}: 50%, not 1/6); a label with one
+    training class is refused (its accuracy is that class's share); a probe whose loss went non-finite is refused
+    (NaN logits argmax to class 0: the accuracy printed was class 0's share)."""
+    g = torch.Generator().manual_seed(0)
+    tx, vx = torch.randn(12, 5, 8, generator=g), torch.randn(6, 5, 8, generator=g)
+    train = {"label": torch.tensor([0, 5] * 6)}
+    got = probe_features(tx, train, vx, {"label": torch.tensor([0, 5, 5, 0, 2, 3])}, ["label"], num_heads=2,
+                         steps=3)
+    assert got["label"]["unseen"] == [2, 3] and got["label"]["chance"] == 1 / 4
+    got = probe_features(tx, train, vx, {"label": torch.tensor([0, 5] * 3)}, ["label"], num_heads=2, steps=3)
+    assert got["label"]["unseen"] == [] and got["label"]["chance"] == 1 / 2
+    with pytest.raises(ValueError, match="every training clip has class 5; a probe needs two classes"):
+        probe_features(tx, {"label": torch.full((12,), 5)}, vx, {"label": torch.tensor([5] * 6)}, ["label"],
+                       num_heads=2, steps=3)
+    with pytest.raises(ValueError, match="the probe diverged"):
+        probe_features(tx, train, vx, {"label": torch.tensor([0, 5] * 3)}, ["label"], num_heads=2, steps=3, lr=1e30)
 
 
 def test_every_batch_has_every_label_of_the_manifest(data):
@@ -438,6 +460,14 @@ def test_zeroshot_bad_input_one_line_errors(data, tmp_path, capsys):
     # Past the checks: an encoder has no text tower.
     assert "no text tower" in error("--label", "shape", "--classes", "circle,square,triangle",
                                     checkpoint=str(root / "enc.safetensors"))
+    # Names that the synthetic data's tokenizer reads alike (it lowercases): their prompts always tied, and a tie
+    # counts against the model. And results written over the classes file given (synth.json) replaced it.
+    assert "classes 1 ('Square') and 2 ('square') are the same text to the tokenizer" in error(
+        "--label", "shape", "--classes", "circle,Square,square", checkpoint=str(root / "clip.safetensors"))
+    bad.write_text('["circle", "square", "triangle"]')
+    assert f"--out {bad}: is the input --classes-file {bad}" in error("--label", "shape", "--classes-file", str(bad),
+                                                                      "--out", str(bad))
+    assert bad.read_text() == '["circle", "square", "triangle"]'
     unlabelled = tmp_path / "nolabel.jsonl"
     unlabelled.write_text("".join(json.dumps({k: v for k, v in rec.items() if k != "label"}) + "\n"
                                   for rec in map(json.loads, open(manifest))))
@@ -505,3 +535,17 @@ def test_a_diverged_models_nan_scores_are_misses():
     sim[1, 0] = float("nan")
     groups = torch.arange(3)
     assert recall_at_k(sim, groups, groups, ks=(1,))[1] == pytest.approx(2 / 3)  # query 1 misses; 0 and 2 hit
+
+
+def test_the_commands_that_need_a_text_tower_default_to_a_video_text_model(capsys):
+    """Without --model or --checkpoint, retrieval and zeroshot built the default encoder and then stopped with "has
+    no text tower"; they default to the video-text model, and their --help says so."""
+    from videoprism.cli import DEFAULT_LVT_MODEL, DEFAULT_MODEL, build_parser
+
+    parser = build_parser()
+    for command, want in (("retrieval", DEFAULT_LVT_MODEL), ("zeroshot", DEFAULT_LVT_MODEL), ("probe", DEFAULT_MODEL)):
+        argv = ["eval", command, "m.jsonl"] + (["v.jsonl"] if command == "probe" else [])
+        assert parser.parse_args(argv).default_model == want
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", command, "--help"])
+        assert f"(default {want};" in " ".join(capsys.readouterr().out.split())

@@ -632,7 +632,7 @@ def test_auto_resume_starts_afresh_without_a_checkpoint_and_resumes_with_one(tmp
     trainer = make_trainer(tmp_path, *args)
     trainer.resume(str(tmp_path), if_any=True)
     assert trainer.step == 2 and trainer.resumed_from == str(tmp_path / "checkpoints" / "step_00000002")
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="empty. does not exist; pass the run.s out_dir"):
         make_trainer(tmp_path / "empty", *args).resume(str(tmp_path / "empty"))
 
 
@@ -1103,3 +1103,18 @@ def test_a_checkpoint_exports_as_its_run_exports_at_its_end(tmp_path, capsys):
             videoprism.load_checkpoint(str(given), resumed.task.module.clip)
     # The export does not hold how it ran (the tiny preset's reference attention): the loader's device picks.
     assert videoprism.model_from_safetensors(str(latest)).config.attention_backend is None
+
+
+def test_ddp_on_one_process_runs_unwrapped_and_a_warmup_past_the_end_is_said(tmp_path, capsys):
+    """parallel.mode=ddp in one process failed after the data was decoded ("Default process group has not been
+    initialized"); it runs unwrapped, as fsdp and hsdp do. A warm-up longer than the run (the tiny preset's 30
+    steps in a 3-step run; --config base train.steps=1000) never reaches optim.lr: the run says so."""
+    from videoprism.train.optim import lr_at
+
+    trainer = make_trainer(tmp_path, "train.compile=false", "train.steps=3", "parallel.mode=ddp",
+                           "optim.warmup_steps=30")
+    assert trainer.model is trainer.task.module
+    trainer.fit()
+    top = lr_at(2, trainer.cfg.optim, 3)
+    assert f"warning: optim.warmup_steps=30 > train.steps=3: the learning rate stops at {top:.3g}" in \
+        capsys.readouterr().out

@@ -40,6 +40,26 @@ def test_config_overrides_and_errors():
         build_config("huge", [], 1)
 
 
+def test_config_values_as_users_write_them(tmp_path, monkeypatch):
+    """~ at the start of a path field's path is the home folder (the shell does not expand it after `key=`: a
+    folder named ~ was made in the current one), in overrides and files alike; a step count written 2e5 (as DESIGN
+    writes them) is an int; an empty config file says so (it was an "unknown config preset" of its path)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = str(tmp_path / "home")
+    cfg = build_config("tiny", ["train.out_dir=~/runs/x", "data.train=~/a.jsonl:2,~/b.jsonl", "train.steps=2e5",
+                                "data.val=~/v.jsonl"], 1)
+    assert (cfg.train.out_dir, cfg.data.train, cfg.train.steps) == (f"{home}/runs/x",
+                                                                     f"{home}/a.jsonl:2,{home}/b.jsonl", 200000)
+    assert cfg.data.val == f"{home}/v.jsonl"
+    (tmp_path / "c.toml").write_text('preset = "tiny"\n[data]\ntokenizer = "~/spm.model"\n')
+    assert build_config(str(tmp_path / "c.toml"), [], 1).data.tokenizer == f"{home}/spm.model"
+    with pytest.raises(ValueError, match="expected an integer, got '2.55e1'"):  # 25.5 steps
+        build_config("tiny", ["train.steps=2.55e1"], 1)
+    (tmp_path / "empty.toml").write_text("")
+    with pytest.raises(ValueError, match="empty.toml' is empty; write `preset = NAME`"):
+        build_config(str(tmp_path / "empty.toml"), [], 1)
+
+
 def test_config_files_layer_between_preset_and_overrides(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('preset = "base"\n[optim]\nlr = 1\ndecay = "cosine"\n[train]\nsteps = 7\ncompile = false\n')

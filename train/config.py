@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -39,6 +40,8 @@ def check_field(section: str, obj, name: str) -> None:
     """Raise if field `name` of the config section `obj` holds a value outside its choices or range."""
     meta = obj.__dataclass_fields__[name].metadata
     value = getattr(obj, name)
+    if isinstance(value, float) and not math.isfinite(value):  # inf passes every "> 0"; nan fails them unnamed
+        raise ValueError(f"{section}.{name}={value!r} must be a finite number (see --help)")
     if meta.get("choices") and value not in meta["choices"]:
         raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, meta['choices']))}")
     if meta.get("valid") and not _in_range(value, meta["valid"]):
@@ -123,7 +126,8 @@ class OptimConfig:
     lr: float = f(5e-4, "Peak learning rate.", valid="> 0")
     min_lr: float = f(0.0, "Learning rate at the end of the decay.", valid=">= 0")
     warmup_steps: int = f(20000, "Linear warm-up from 0 to lr.", valid=">= 0")
-    decay: str = f("linear", "Decay after warm-up: 'linear', 'cosine' (to min_lr) or 'constant'.",
+    decay: str = f("linear", "Decay after warm-up, from lr to min_lr at train.steps: 'linear', 'cosine', or "
+                             "'constant' (lr).",
                    choices=("linear", "cosine", "constant"))
     weight_decay: float = f(1e-4, "Decoupled weight decay.", valid=">= 0")
     beta1: float = f(0.9, "AdamW beta1.", valid="[0, 1)")
@@ -158,7 +162,8 @@ class TrainConfig:
     max_nonfinite: int = f(20, "Non-finite losses are skipped and counted; more than this stops the run.",
                            valid=">= 0")
     log_every: int = f(10, "Steps between progress/JSONL records.", valid=">= 1")
-    eval_every: int = f(0, "Steps between zero-shot retrieval evaluations (0 = only at the end).", valid=">= 0")
+    eval_every: int = f(0, "Steps between evaluations on data.val (0 = only at the end): stage 1's zero-shot "
+                              "retrieval, stage 2's distillation losses.", valid=">= 0")
     out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
     device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
     peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start).", valid=">= 0")
@@ -180,7 +185,7 @@ class ParallelConfig:
                           "fully_shard with a bf16/fp32 mixed-precision policy on GPU) or 'hsdp' (FSDP2 sharded "
                           "within groups of parallel.shard_size ranks, replicated across the groups: the "
                           "per-block all-gathers stay inside a node, only the gradient all-reduce crosses nodes). "
-                          "fsdp and hsdp on one process run unwrapped.",
+                          "ddp, fsdp and hsdp on one process run unwrapped.",
                   choices=("auto", "none", "ddp", "fsdp", "hsdp"))
     shard_size: int = f(0, "Ranks per shard group in hsdp mode (other modes ignore it); must divide the world size "
                            "(0 = the ranks of one node, torchrun's LOCAL_WORLD_SIZE).", valid=">= 0")
@@ -281,6 +286,8 @@ def _parse(value: str, typ):
             return False
         raise ValueError(f"expected a boolean (true/false), got {value!r}")
     try:
+        if typ is int and not value.strip().lstrip("+-").isdigit() and float(value).is_integer():
+            return int(float(value))  # 2e5 steps, as DESIGN writes them
         return typ(value)
     except ValueError:  # int('abc') says "invalid literal for int() with base 10", which names no fix
         raise ValueError(f"expected {'a number' if typ is float else 'an integer' if typ is int else typ.__name__}, "
@@ -332,7 +339,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             parsed = _parse(value, typ)
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
-        _set(cfg, key, parsed, f"override {item!r}")
+        _set(cfg, key, _home(key, parsed), f"override {item!r}")
     return cfg
 
 
@@ -389,7 +396,7 @@ def apply_file(cfg: Config, path: str, data: dict) -> Config:
             _, _, typ = _field(cfg, key, path)
             if not _type_ok(value, typ):
                 raise ValueError(f"{path}: {key} must be {typ.__name__}, got {value!r}; fix the file")
-            _set(cfg, key, float(value) if typ is float else value, path)
+            _set(cfg, key, float(value) if typ is float else _home(key, value), path)
     return cfg
 
 
@@ -401,6 +408,17 @@ _RUN_KEYS = (LAUNCH_DIR, RUN_STAGE)
 # The fields that name files a run reads (data.train: comma-separated PATH[:WEIGHT[:FRAMES]]). Not train.out_dir: a
 # resume writes to the run's folder where it is now (_resumed_config), a new run to its own.
 _PATH_FIELDS = ("data.train", "data.val", "data.tokenizer", "model.init", "stage2.teacher")
+
+
+def _home(key: str, value):
+    """A path field's value with a leading ~ expanded (each entry of data.train): the shell expands ~ only at the
+    start of a word, so `train.out_dir=~/runs/x` reached the run as is, which made a folder named ~ in the current
+    one."""
+    if key not in (*_PATH_FIELDS, "train.out_dir") or not isinstance(value, str) or "~" not in value:
+        return value
+    if key == "data.train":
+        return ",".join(os.path.expanduser(item.strip()) for item in value.split(","))
+    return os.path.expanduser(value)
 
 
 def _launch_dir(path: str, data: dict) -> str:
@@ -420,7 +438,7 @@ def _paths_from(data: dict, folder: str) -> dict:
         table = out.get(section)
         if not isinstance(table, dict) or not isinstance(table.get(name), str):
             continue
-        value = table[name]
+        value = _home(key, table[name])
         if key == "data.train":
             value = ",".join(os.path.join(folder, item.strip()) for item in value.split(",") if item.strip())
         elif value and not (key == "model.init" and value == "random"):
@@ -432,7 +450,11 @@ def _paths_from(data: dict, folder: str) -> dict:
 def build_config(config: str, overrides: list[str], stage: int) -> Config:
     """Stage defaults, then `config` (a preset name, or a .toml/.json file naming its preset),
     then the overrides."""
-    data = read_config_file(config) if config not in PRESETS and (os.sep in config or "." in config) else {}
+    is_file = config not in PRESETS and (os.sep in config or "." in config)
+    data = read_config_file(config) if is_file else {}
+    if is_file and not data:
+        raise ValueError(f"config file {config!r} is empty; write `preset = NAME` and [section] tables of fields in "
+                         f"it, or pass a preset name ({', '.join(PRESETS)})")
     if LAUNCH_DIR in data:
         data = _paths_from(data, _launch_dir(config, data))
     data.pop(RUN_STAGE, None)
@@ -468,6 +490,17 @@ def _check_combined(cfg: Config) -> Config:
     if o.name != "adafactor" and (o.adafactor_momentum or not o.adafactor_relative_step):
         raise ValueError(f"optim.adafactor_momentum / optim.adafactor_relative_step apply to optim.name=adafactor, not "
                          f"{o.name!r}; drop them (AdamW's are optim.beta1 and optim.beta2)")
+    m = cfg.model
+    from videoprism.config import CONFIGS, official_config  # dataclasses only: --help stays light
+
+    if m.name in CONFIGS:  # an unknown name is said where the model is built, with the known ones
+        patch = m.patch_size or official_config(m.name).patch_size
+        if m.resolution % patch:
+            raise ValueError(f"model.resolution={m.resolution} is not a multiple of the patch size {patch}; use e.g. "
+                             f"{max(1, m.resolution // patch) * patch}")
+    for key, value in (("train.out_dir", cfg.train.out_dir), ("model.init", cfg.model.init)):
+        if not value.strip():
+            raise ValueError(f"{key} is empty; set it (see --help)")
     if cfg.train.micro_batch > cfg.train.global_batch:
         raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
                          f"{cfg.train.global_batch}; lower it (0 = no accumulation)")

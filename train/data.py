@@ -13,6 +13,7 @@ checkpoints.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -76,7 +77,7 @@ def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int
             frames = int(parts[2]) if len(parts) > 2 else default_frames
         except ValueError:
             raise ValueError(f"data.train entry {item!r}: WEIGHT must be a number and FRAMES an int") from None
-        if weight <= 0 or frames < 1:
+        if not 0 < weight < math.inf or frames < 1:  # nan and inf too: they broke the sampling at the first step
             raise ValueError(f"data.train entry {item!r}: WEIGHT must be > 0 and FRAMES >= 1")
         if not os.path.exists(parts[0]):
             raise FileNotFoundError(f"data.train manifest {parts[0]!r} does not exist; generate the synthetic "

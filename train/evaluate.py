@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 
 import torch
 
-from videoprism.cli import add_model_args, check_clip_size, load_model, resolve_device
-from videoprism.paths import check_out_file, write_json_atomic
+from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, check_clip_size, load_model,
+                            resolve_device)
+from videoprism.paths import check_not_an_input, check_out_file, write_json_atomic
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -151,6 +153,11 @@ def _check(args) -> str:
         if not args.out.endswith(".json"):
             raise ValueError(f"--out {args.out}: must end in .json")
         check_out_file(args.out, f"--out {args.out}")
+        # The results would replace an input: a synth.json given as --classes-file.
+        check_not_an_input(args.out, f"--out {args.out}", [
+            *(("manifest", m) for m in args.manifests), ("--checkpoint", args.checkpoint),
+            ("--classes-file", getattr(args, "classes_file", None)),
+            ("--templates-file", getattr(args, "templates_file", None))])
     for m in args.manifests:
         if not os.path.isfile(m):
             raise ValueError(f"{m}: {'a folder, not a manifest' if os.path.isdir(m) else 'no such file'}")
@@ -208,7 +215,7 @@ def cmd_probe(args) -> int:
     import videoprism as vp
     from videoprism.train.probe import probe_features
 
-    if args.steps < 1 or not args.lr > 0:
+    if args.steps < 1 or not 0 < args.lr < math.inf:
         raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
     args.manifests = [args.train, args.val]
     device = _check(args)
@@ -231,6 +238,9 @@ def cmd_probe(args) -> int:
         clips = "/".join(map(str, r["clips"]))
         print(f"  {name:<12} {clips:>11} {100 * r['chance']:6.1f}% {100 * r['majority']:8.1f}% "
               f"{100 * r['accuracy']:6.1f}% ({100 * r['train_accuracy']:5.1f}%)")
+        if r["unseen"]:
+            print(f"  {'':<12} warning: validation classes {r['unseen']} have no training clip: the probe cannot "
+                  "predict them")
     _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
                   "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps,
                   "lr": args.lr, "skipped": [list(r) for r in train_rejects + val_rejects], "labels": per_label})
@@ -274,7 +284,7 @@ def _zeroshot_classes(args, label: str) -> list[str]:
     path = args.classes_file
     if not os.path.isfile(path):
         raise ValueError(f"--classes-file {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the first name
         if not path.endswith(".json"):
             return check_classes([x for x in fh.read().splitlines() if x.strip()], path)
         try:
@@ -296,7 +306,8 @@ def _zeroshot_classes(args, label: str) -> list[str]:
 def cmd_zeroshot(args) -> int:
     import videoprism as vp
     from videoprism.train.probe import label_key
-    from videoprism.train.zeroshot import check_templates, class_embeddings, zero_shot_metrics
+    from videoprism.train.zeroshot import (check_classes_tokenized, check_templates, class_embeddings,
+                                           zero_shot_metrics)
 
     args.manifests = [args.manifest]
     device = _check(args)
@@ -304,7 +315,7 @@ def cmd_zeroshot(args) -> int:
     if args.templates_file is not None:
         if not os.path.isfile(args.templates_file):
             raise ValueError(f"--templates-file {args.templates_file}: no such file")
-        with open(args.templates_file, encoding="utf-8") as fh:
+        with open(args.templates_file, encoding="utf-8-sig") as fh:
             templates += [x.strip() for x in fh.read().splitlines() if x.strip()]
         if not templates:
             raise ValueError(f"--templates-file {args.templates_file}: no template in it (one a line, each with {{}})")
@@ -320,6 +331,7 @@ def cmd_zeroshot(args) -> int:
                          "video-text (LvT) model, e.g. a stage-1 run's model.safetensors (for an encoder: "
                          "videoprism eval probe)")
     tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
+    check_classes_tokenized(classes, tok)
     kw = _stream_kw(args, frames, resolution, device)
     cls = class_embeddings(model, tok, classes, templates, device=device, bf16=kw["bf16"])
     enc, rejects = encode_manifest(model, args.manifest, **kw)
@@ -350,8 +362,8 @@ def register(subparsers, names: str) -> None:
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ev.add_subparsers(dest="eval_command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        add_model_args(p, names)
+    def common(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
+        add_model_args(p, names, default_model)
         p.add_argument("--batch-size", type=int, default=16, help="clips per forward (default: %(default)s)")
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                        help="decoding processes (default: %(default)s)")
@@ -373,7 +385,7 @@ def register(subparsers, names: str) -> None:
                                    "query's) with the chance level, as training's validation does.")
     r.add_argument("manifest", help="a .jsonl manifest (path, caption) or a WebDataset .tar shard")
     r.add_argument("--tokenizer", help="the captions' SentencePiece model (default: spm.model next to the manifest)")
-    common(r)
+    common(r, DEFAULT_LVT_MODEL)
     r.set_defaults(func=cmd_retrieval)
 
     z = sub.add_parser("zeroshot", help="zero-shot classification of a video-text (LvT) model",
@@ -397,7 +409,7 @@ def register(subparsers, names: str) -> None:
                         "default: the bare name '{}'), e.g. --template 'a video of {}.'")
     z.add_argument("--templates-file", help="more templates, one a line (added to --template's)")
     z.add_argument("--tokenizer", help="the text tower's SentencePiece model (default: spm.model next to the manifest)")
-    common(z)
+    common(z, DEFAULT_LVT_MODEL)
     z.set_defaults(func=cmd_zeroshot)
 
     p = sub.add_parser("probe", help="frozen-feature attentive probes for the manifest's labels",

@@ -145,8 +145,10 @@ def parallelize(module: nn.Module, *, mode: str, dist_: Dist, compile: str | Non
         raise ValueError(f"parallel.mode must be 'auto', 'none', 'ddp', 'fsdp' or 'hsdp', got {mode!r}")
     if mode == "none" and dist_.world > 1:
         raise ValueError(f"parallel.mode=none with {dist_.world} ranks would train diverging copies; use ddp or fsdp")
-    if mode in ("fsdp", "hsdp") and dist_.world == 1:
-        mode = "none"  # one process: nothing to shard (a run resumed on fewer ranks with its saved config)
+    if mode in ("ddp", "fsdp", "hsdp") and dist_.world == 1:
+        # One process: nothing to replicate or shard (a run resumed on one rank with its saved config; DDP without
+        # a process group failed after the data was decoded).
+        mode = "none"
     if act_ckpt:
         apply_activation_checkpointing(module)
     if compile:

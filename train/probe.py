@@ -55,14 +55,18 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     train_y, val_y = train_y.to(device), val_y.to(device)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no sync a step
     for _ in range(steps):
         idx = torch.randint(0, train_x.shape[0], (batch_size,), generator=g)
         x = train_x[idx].to(device, torch.float32)
         loss = nn.functional.cross_entropy(head(x), train_y[idx.to(device)])
+        finite &= torch.isfinite(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
+    if not bool(finite):  # NaN logits argmax to class 0: the accuracy would be class 0's share
+        raise ValueError(f"the probe diverged (a non-finite loss) at lr {lr:g}: lower the learning rate (--lr)")
     head.eval()
 
     def accuracy(x, y):
@@ -84,8 +88,9 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
                    device: torch.device | str = "cpu") -> dict:
     """One probe per label on frozen features `[N, L, D]` (`*_labels`: the loader's label fields, -1 where a
     clip has none: such clips sit out that label's probe). Per label name, its own dict: validation `accuracy`,
-    `train_accuracy`, `chance` (1 / classes), `majority` (the majority-class share of the validation clips) and
-    `clips` ([train, val]). Nested, not `<name>_train` keys: a label may be named so (dict keys `colour` and
+    `train_accuracy`, `chance` (1 / the classes the clips have), `majority` (the majority-class share of the
+    validation clips), `clips` ([train, val]) and `unseen` (validation classes no training clip has: the probe
+    cannot predict them). Nested, not `<name>_train` keys: a label may be named so (dict keys `colour` and
     `colour_train`), and one label's results would overwrite another's."""
     out = {}
     for name in labels:
@@ -101,11 +106,14 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
             raise ValueError(f"probe label {name!r}: no {'training' if not tk.any() else 'validation'} clip has it")
         tx, ty = (train_x, ty) if tk.all() else (train_x[tk], ty[tk])
         vx, vy = (val_x, vy) if vk.all() else (val_x[vk], vy[vk])
+        seen, classes = set(ty.unique().tolist()), set(ty.unique().tolist()) | set(vy.unique().tolist())
+        if len(seen) == 1:
+            raise ValueError(f"probe label {name!r}: every training clip has class {seen.pop()}; a probe needs two "
+                             "classes or more (its accuracy would be that class's share)")
         acc, train_acc = train_probe(tx, ty, vx, vy, num_heads=num_heads, steps=steps, lr=lr, device=device)
-        out[name] = {"accuracy": acc, "train_accuracy": train_acc,
-                     "chance": 1.0 / (int(max(ty.max(), vy.max())) + 1),
+        out[name] = {"accuracy": acc, "train_accuracy": train_acc, "chance": 1.0 / len(classes),
                      "majority": float(torch.bincount(vy).max() / vy.shape[0]),
-                     "clips": [int(ty.shape[0]), int(vy.shape[0])]}
+                     "clips": [int(ty.shape[0]), int(vy.shape[0])], "unseen": sorted(classes - seen)}
     return out
 
 

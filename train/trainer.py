@@ -97,8 +97,10 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
     check_inputs(cfg, stage)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
-    if stage == 2 and cfg.data.source == "manifest":
-        for path, _, frames in parse_datasets(cfg.data.train, cfg.model.num_frames):
+    # data.train's entries (paths, weights, frames), before the model is built and data.cache decodes them.
+    datasets = parse_datasets(cfg.data.train, cfg.model.num_frames) if cfg.data.source == "manifest" else []
+    if stage == 2:
+        for path, _, frames in datasets:
             if frames != cfg.model.num_frames:  # else the first step fails, after the teacher and the data are built
                 raise ValueError(f"data.train: {path!r} is read as {frames}-frame clips (its FRAMES) and stage 2 "
                                  f"trains clips of model.num_frames={cfg.model.num_frames} (the decoder's position "
@@ -335,6 +337,10 @@ class Trainer:
         if d.main:
             # What this resume changed against the run that wrote the checkpoint (train.steps moves the schedule's
             # end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on with the new values.
+            if cfg.optim.warmup_steps > tc.steps:  # e.g. --config base train.steps=1000: 5% of optim.lr at most
+                log.message(f"[{self.name}] warning: optim.warmup_steps={cfg.optim.warmup_steps} > train.steps="
+                            f"{tc.steps}: the learning rate stops at {lr_at(tc.steps - 1, cfg.optim, tc.steps):.3g}, "
+                            f"below optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps for a short run")
             changes = self.resume_changes or []
             if changes:
                 log.message(f"[{self.name}] resumed with a config that differs from the run's {self.resumed_config}: "

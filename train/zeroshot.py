@@ -45,6 +45,21 @@ def check_classes(classes: list[str], source: str) -> list[str]:
     return [c.strip() for c in classes]
 
 
+def check_classes_tokenized(classes: list[str], tokenizer) -> None:
+    """Class names that the tokenizer reads alike ("Left" and "left" to one that lowercases, "class1" and "class2" to
+    one that drops digits) give every template the same prompt: their classes always tie, and a tie counts against
+    the model."""
+    ids, pads = tokenizer(classes)
+    seen: dict[tuple, int] = {}
+    for i in range(len(classes)):
+        key = tuple(ids[i][pads[i] == 0].tolist())
+        if key in seen:
+            raise ValueError(f"classes {seen[key]} ({classes[seen[key]]!r}) and {i} ({classes[i]!r}) are the same "
+                             "text to the tokenizer (it lowercases, or drops characters it does not know): their "
+                             "prompts cannot be told apart; name them differently")
+        seen[key] = i
+
+
 @torch.no_grad()
 def text_embeddings(model, tokenizer, texts: list[str], *, device: torch.device | str, bf16: bool = False,
                     batch_size: int = 256, progress: bool = False) -> torch.Tensor:

@@ -65,6 +65,7 @@ def command_name(module: str) -> str:
 
 
 DEFAULT_MODEL = "videoprism_public_v1_base"
+DEFAULT_LVT_MODEL = "videoprism_lvt_public_v1_base"  # of the commands that need a text tower
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -138,7 +139,8 @@ def load_model(args, device: str):
         if args.attention_backend not in BACKENDS:
             raise ValueError(f"--attention-backend {args.attention_backend}: choose one of {', '.join(BACKENDS)}")
         overrides["attention_backend"] = args.attention_backend
-    model, source = _build(args.model, args.checkpoint, overrides, device=device)
+    name = args.model or (None if is_safetensors(args.checkpoint) else args.default_model)
+    model, source = _build(name, args.checkpoint, overrides, device=device)
     if isinstance(model, vp.FactorizedVideoClassifier):
         model = model.encoder
     cfg = model.config
@@ -298,7 +300,7 @@ def cmd_embed_text(args) -> int:
                          "(the official LvT models: c4_en; a stage-1 run: its data.tokenizer)")
     device = resolve_device(args.device)
     ours = is_safetensors(args.checkpoint)  # carries its config
-    name = args.model if ours or args.model else "videoprism_lvt_public_v1_base"
+    name = args.model if ours or args.model else DEFAULT_LVT_MODEL
     model, source = _build(name, args.checkpoint, parse_overrides(args.set), device=device)
     if not isinstance(model, vp.FactorizedVideoCLIP):
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; embed-text needs a video-text (LvT) "
@@ -344,10 +346,12 @@ def cmd_export(args) -> int:
     return 0
 
 
-def add_model_args(p: argparse.ArgumentParser, names: str) -> None:
-    """The options that pick a model and its input (embed, eval): `load_model` reads them."""
-    p.add_argument("--model", help=f"official model name (default {DEFAULT_MODEL}; not needed with our .safetensors, "
+def add_model_args(p: argparse.ArgumentParser, names: str, default: str = DEFAULT_MODEL) -> None:
+    """The options that pick a model and its input (embed, eval): `load_model` reads them. `default`: the official
+    model without --model (a video-text one for the commands that need a text tower)."""
+    p.add_argument("--model", help=f"official model name (default {default}; not needed with our .safetensors, "
                                    f"which carry their config): {names}")
+    p.set_defaults(default_model=default)
     p.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
                                         "training run's model.safetensors (random weights if omitted)")
     p.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")

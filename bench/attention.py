@@ -52,7 +52,8 @@ import time
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
+from bench.common import (Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks,
+                          non_negative_seconds, out_json, positive_int, results_path, timeit)
 from bench.exp2_peak import exp2_peak_gops
 from videoprism.cli import run_command
 from videoprism.flops import temporal_pairs
@@ -123,14 +124,16 @@ def _main(argv) -> None:
     p.add_argument("--modes", type=comma_list(("fwd", "fwd+bwd")), default="fwd,fwd+bwd",
                    help="comma-separated: fwd, fwd+bwd (default: %(default)s)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 1, 4x4 grid, 4 frames, 2 heads")
-    p.add_argument("--budget-s", type=float, default=110.0,
+    p.add_argument("--budget-s", type=non_negative_seconds, default=110.0,
                    help="stop starting new cases after this many seconds; the GPU script has a time box "
                         "(default: %(default)s)")
     p.add_argument("--no-autotune", action="store_true",
-                   help="use the Triton kernels' fixed default tile configs instead of the search (the library default)")
+                   help="use the Triton kernels' fixed default tile configs instead of the tile search (the "
+                        "library's default on a GPU; VIDEOPRISM_TRITON_AUTOTUNE=0 turns it off there too)")
     p.add_argument("--no-graph", action="store_true",
                    help="skip the CUDA-graph device times (dev_ms): the eager call times only")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/attention_<cpu|gpu>.json)")
+    p.add_argument("--out", default=None, type=out_json,
+                   help="JSON path (default bench/results/attention_<cpu|gpu>.json)")
     p.add_argument("--png", default=None, help="chart path (default: the JSON path with .png)")
     args = p.parse_args(argv)
     if args.tiny and (args.models or args.batch):

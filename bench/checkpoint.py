@@ -23,7 +23,7 @@ import time
 import torch
 
 import videoprism
-from bench.common import Report, Timing, arg_parser, device_arg, positive_int
+from bench.common import Report, Timing, arg_parser, device_arg, out_json, positive_int
 from videoprism.cli import run_command
 from videoprism.config import CONFIGS, CLIPConfig
 from videoprism.paths import make_folder
@@ -46,7 +46,7 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--reps", type=positive_int, default=3,
                    help="saves per mode, after one warm-up each (default: %(default)s)")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
-    p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--out", default=None, type=out_json, help="JSON output path")
     args = p.parse_args(argv)
     if args.dir:  # now, not after the model and its optimizer state are built
         make_folder(args.dir, f"--dir {args.dir}")

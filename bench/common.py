@@ -10,8 +10,9 @@
   counting bytes read + written), so every row can say what share of the peak it got.
 * `Report`: rows with the device name, torch/triton versions, commit and date,
   printed as a table and written as JSON.
-* `arg_parser` and the argparse types of the options (`positive_int`, `comma_list`, `device_arg`): a bad
-  argument is argparse's one-line error naming the option, exit status 2, before anything is built or timed.
+* `arg_parser` and the argparse types of the options (`positive_int`, `non_negative_seconds`, `comma_list`,
+  `device_arg`, `out_json`): a bad argument is argparse's one-line error naming the option, exit status 2, before
+  anything is built or timed.
 """
 from __future__ import annotations
 
@@ -48,6 +49,17 @@ def positive_int(value: str) -> int:
     return n
 
 
+def non_negative_seconds(value: str) -> float:
+    """argparse `type` of a time budget: a finite number of seconds >= 0 (a negative one skipped every case)."""
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 <= s < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {value}")
+    return s
+
+
 def comma_list(choices: Iterable[str] | None = None, item: Callable[[str], object] = str) -> Callable[[str], list]:
     """argparse `type` of a comma-separated list: "eager,compile" -> ["eager", "compile"], each item one of
     `choices` (when given) and then converted by `item`. An unknown item is an error, not a row: the rows are
@@ -62,6 +74,18 @@ def comma_list(choices: Iterable[str] | None = None, item: Callable[[str], objec
         return out
 
     return parse
+
+
+def out_json(value: str) -> str:
+    """argparse `type` of --out: a path the JSON can be written to (not a folder; its folder made), checked before
+    anything is measured: a bad path failed at the first save, after the work, naming a temporary file."""
+    from videoprism.paths import check_out_file
+
+    try:
+        check_out_file(value, value, "a .json file path")
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def device_arg(value: str) -> torch.device:

@@ -27,15 +27,17 @@ stage-1 `base` row at the same frame count in --train-step (bench.train_step's J
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 import numpy as np
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, positive_int, results_path, timeit
+from bench.common import Report, arg_parser, comma_list, device_arg, out_json, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.data.dali_pipeline import error_reason
 from videoprism.data.transforms import Augment, apply_augment
@@ -158,6 +160,7 @@ def default_clips(media: str, frames: int) -> list[tuple[str, float | None, floa
     from videoprism.data.synth import generate
 
     tmp = tempfile.mkdtemp(prefix="bench_data_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # ~50 MB of clips, every run
     clips = [(os.path.join(media, n), None, None, None) for n in ("water_bottle_drumming_vp9.webm",
                                                                    "water_bottle_drumming.mp4")]
     clips = [c for c in clips if os.path.isfile(c[0])]
@@ -191,7 +194,8 @@ def _main(argv) -> None:
                    help="clips per DALI GPU run, comma-separated (default: %(default)s)")
     p.add_argument("--train-step", default=TRAIN_STEP_GPU,
                    help="bench.train_step JSON with the stage-1 rows (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/data_<cpu|gpu>.json)")
+    p.add_argument("--out", default=None, type=out_json,
+                   help="JSON path (default: bench/results/data_<cpu|gpu>.json)")
     args = p.parse_args(argv)
     device = args.device
     args.out = args.out or results_path("data", device)

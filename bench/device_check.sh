@@ -17,7 +17,8 @@
 #          call still returns what ran;
 #   checkpoint, optimizer: a later session.
 # Every step writes its results straight under $OUT as it goes (rows saved one by one), so a
-# step cut by its box, or a call cut by the run tool, still returns what it measured.
+# step cut by its box, or a call cut by the run tool, still returns what it measured; except
+# checkpoint, whose two rows are medians over all its rounds: its JSON comes at its end.
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"

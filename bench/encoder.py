@@ -14,7 +14,8 @@ import sys
 import torch
 
 import videoprism as vp
-from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, results_path, timeit
+from bench.common import (Report, arg_parser, comma_list, device_arg, measure_peaks, out_json, positive_int,
+                          results_path, timeit)
 from videoprism.cli import run_command
 from videoprism.config import CONFIGS, EncoderConfig, official_config
 from videoprism.flops import encoder_flops
@@ -45,7 +46,8 @@ def _main(argv) -> None:
                    help="comma-separated: eager, compile (default: %(default)s)")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="timed repeats on the CPU; the GPU uses do_bench (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/encoder_<cpu|gpu>.json)")
+    p.add_argument("--out", default=None, type=out_json,
+                   help="JSON path (default: bench/results/encoder_<cpu|gpu>.json)")
     args = p.parse_args(argv)
     patch = official_config(args.model).patch_size
     if args.resolution % patch:  # else the first forward fails, after the peaks are measured and the model built

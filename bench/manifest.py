@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from bench.common import Report, Timing, arg_parser, positive_int
+from bench.common import Report, Timing, arg_parser, out_json, positive_int
 from videoprism.cli import run_command
 
 MODES = ("parse", "pack", "pack_copied")
@@ -57,7 +57,7 @@ def measure(manifest: str, mode: str) -> dict:
     t0 = time.perf_counter()
     samples, _ = read_manifest(manifest, use_pack=mode != "parse")
     read_s = time.perf_counter() - t0
-    private_mb = (_kb("RssAnon") - before) / 1e3
+    private_mb = (_kb("RssAnon") - before) * 1024 / 1e6  # /proc's kB are KiB; MB as file_mb
     if mode != "parse" and samples.buffers()[0].__class__ is not memoryview:
         raise RuntimeError(f"{manifest} was parsed, not mapped: its pack does not match it")
     r, w = os.pipe()
@@ -69,7 +69,7 @@ def measure(manifest: str, mode: str) -> dict:
         os.write(w, str(_kb("Private_Dirty", "/proc/self/smaps_rollup") - start).encode())
         os._exit(0)
     os.close(w)
-    worker_mb = int(os.read(r, 64)) / 1e3
+    worker_mb = int(os.read(r, 64)) * 1024 / 1e6
     os.waitpid(pid, 0)
     return {"read_s": read_s, "private_mb": private_mb, "worker_mb": worker_mb, "samples": len(samples)}
 
@@ -92,7 +92,7 @@ def _main(argv: list[str] | None) -> None:
     p = arg_parser("bench.manifest", __doc__)
     p.add_argument("--lines", type=positive_int, default=1_000_000, help="manifest lines (default: %(default)s)")
     p.add_argument("--reps", type=positive_int, default=3, help="fresh-process reads per mode (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--out", default=None, type=out_json, help="JSON output path")
     args = p.parse_args(argv)
     if not os.path.exists("/proc/self/smaps_rollup"):
         raise RuntimeError("bench.manifest measures memory with Linux /proc accounting; run it on Linux")
@@ -120,8 +120,8 @@ def _main(argv: list[str] | None) -> None:
         for mode in MODES:
             t = Timing.of([r["read_s"] * 1e3 for r in runs[mode]])
             medians[mode] = t.median_ms
-            report.add(mode=mode, file_mb=round(sizes[mode], 1), read_s=round(t.median_ms / 1e3, 3),
-                       read_p20_s=round(t.p20_ms / 1e3, 3), read_p80_s=round(t.p80_ms / 1e3, 3),
+            report.add(mode=mode, file_mb=round(sizes[mode], 1), read_s=round(t.median_ms / 1e3, 6),
+                       read_p20_s=round(t.p20_ms / 1e3, 6), read_p80_s=round(t.p80_ms / 1e3, 6),
                        private_mb=round(sorted(r["private_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1),
                        worker_mb=round(sorted(r["worker_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1))
     finally:

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import videoprism
-from bench.common import Report, arg_parser, device_arg, measure_peaks, timeit
+from bench.common import Report, arg_parser, device_arg, measure_peaks, out_json, timeit
 from videoprism.cli import run_command
 from videoprism.config import CONFIGS, CLIPConfig
 from videoprism.train.adafactor import Adafactor
@@ -88,7 +88,7 @@ def _main(argv: list[str] | None) -> None:
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--model", default="videoprism_lvt_v1_base", choices=VIDEO_TEXT, metavar="NAME",
                    help=f"official video-text model name: {', '.join(VIDEO_TEXT)} (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--out", default=None, type=out_json, help="JSON output path")
     args = p.parse_args(argv)
     device = args.device
     torch.manual_seed(0)

@@ -46,12 +46,12 @@ gather kernel; the shuffle's backward shows only inside fwd+bwd).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, positive_int, results_path, timeit
+from bench.common import (Report, arg_parser, comma_list, device_arg, device_timing, measure_peaks, out_json,
+                          positive_int, results_path, timeit)
 from videoprism.cli import run_command
 from videoprism.kernels.bevt_blocks import bevt_accept_blocks_triton
 from videoprism.kernels.token_ops_ref import (gather_tokens_ref, patchify_gather_ref, scatter_tokens_torch,
@@ -141,7 +141,8 @@ def _main(argv) -> None:
     p.add_argument("--stages", type=comma_list(STAGES), default="stage1,stage2",
                    help=f"comma-separated from {list(STAGES)} (default: %(default)s)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph device times (dev_ms)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/token_ops_<cpu|gpu>.json)")
+    p.add_argument("--out", default=None, type=out_json,
+                   help="JSON path (default bench/results/token_ops_<cpu|gpu>.json)")
     a = p.parse_args(argv)
     device = a.device
     cuda = device.type == "cuda"

@@ -33,7 +33,8 @@ import traceback
 
 import torch
 
-from bench.common import Report, arg_parser, comma_list, device_arg, measure_peaks, positive_int, results_path, timeit
+from bench.common import (Report, arg_parser, comma_list, device_arg, measure_peaks, non_negative_seconds, out_json,
+                          positive_int, results_path, timeit)
 from bench.step_profile import profile_calls, summary
 from videoprism.cli import run_command
 from videoprism.flops import video_tower_flops
@@ -147,10 +148,11 @@ def _main(argv) -> None:
                         "Inductor-fused, token ops, optimizer, comm, memcpy, other; bench/step_profile.py), the top "
                         "kernels, and on a GPU the share of the step the GPU is busy; in the JSON and a time_split "
                         "column")
-    p.add_argument("--budget-s", type=float, default=540,
+    p.add_argument("--budget-s", type=non_negative_seconds, default=540,
                    help="start no row that would end after this many seconds, by the time the last row of "
                         "its stage and mode took (stage 2 before any: stage 1's) (default: %(default)s)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
+    p.add_argument("--out", default=None, type=out_json,
+                   help="JSON path (default: bench/results/train_step_<cpu|gpu>.json)")
     args = p.parse_args(argv)
 
     device = args.device

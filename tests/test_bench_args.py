@@ -67,6 +67,11 @@ BAD = [
     ("optimizer", ["--model", "videoprism_v1_base"], "--model"),  # an encoder, not a video-text model
     ("manifest", ["--lines", "0"], "--lines"),
     ("manifest", ["--reps", "x"], "--reps"),
+    ("attention", ["--budget-s", "-1"], "--budget-s"),  # skipped every case, exit status 0
+    ("train_step", ["--budget-s", "inf"], "--budget-s"),
+    # --out into a folder or under a file: it failed at the first save, after the work, naming a temporary file.
+    *[(name, ["--out", os.path.dirname(__file__)], "--out") for name in FIRST_WORK],
+    *[(name, ["--out", __file__ + "/r.json"], "--out") for name in FIRST_WORK],
     *[pytest.param(name, ["--device", "cuda"], "--device", id=f"{name}-no-gpu",
                    marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here"))
       for name in FIRST_WORK if name != "manifest"],  # a CPU benchmark: no --device

@@ -58,6 +58,28 @@ def test_config_values_as_users_write_them(tmp_path, monkeypatch):
     (tmp_path / "empty.toml").write_text("")
     with pytest.raises(ValueError, match="empty.toml' is empty; write `preset = NAME`"):
         build_config(str(tmp_path / "empty.toml"), [], 1)
+    with pytest.raises(ValueError, match="train.mask_ratio=0.999 leaves no visible patch of a frame's 8x8"):
+        build_config("tiny", ["train.mask_ratio=0.999"], 2)  # it failed at the first step
+
+
+def test_a_runs_config_file_says_what_it_leaves_to_the_preset_and_another_stage(tmp_path, capsys):
+    """A run's config.json holds every field: one it lacks (an older file, a hand edit) took the tiny preset's value
+    without a word, and a stage-1 run's file given to stage 2 its mask ratio and schedule. Both are said."""
+    from videoprism.train.config import save_config
+
+    path = str(tmp_path / "config.json")
+    save_config(build_config("base", [f"train.out_dir={tmp_path}"], 1), path, stage=1)
+    capsys.readouterr()
+    assert build_config(path, [], 1).model.num_frames == 16 and capsys.readouterr().err == ""
+    assert build_config(path, [], 2).train.mask_ratio == 0.5
+    assert (f"warning: {path} is a stage-1 run's config: its train.mask_ratio=0.5 (stage 2's default: 0.65)"
+            in capsys.readouterr().err)
+    data = json.load(open(path))
+    del data["model"]["num_frames"], data["optim"]["lr"]
+    json.dump(data, open(path, "w"))
+    assert build_config(path, [], 1).model.num_frames == 8  # the tiny preset's: said
+    assert (f"warning: {path} has no model.num_frames, optim.lr (2 field(s)): they take the tiny preset's values"
+            in capsys.readouterr().err)
 
 
 def test_config_files_layer_between_preset_and_overrides(tmp_path):

@@ -455,6 +455,7 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     if is_file and not data:
         raise ValueError(f"config file {config!r} is empty; write `preset = NAME` and [section] tables of fields in "
                          f"it, or pass a preset name ({', '.join(PRESETS)})")
+    run_file, run_stage = LAUNCH_DIR in data or RUN_STAGE in data, data.get(RUN_STAGE)  # a run's config.json
     if LAUNCH_DIR in data:
         data = _paths_from(data, _launch_dir(config, data))
     data.pop(RUN_STAGE, None)
@@ -462,15 +463,44 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     if preset not in PRESETS:
         where = f"{config}: unknown preset" if data else "unknown config preset"
         raise ValueError(f"{where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
+    cfg = _preset(preset, stage)
+    if data:
+        apply_file(cfg, config, data)
+    if run_file:
+        _say_what_a_run_file_leaves(config, data, preset, stage, run_stage, cfg)
+    return _check_combined(apply_overrides(cfg, overrides))
+
+
+def _preset(preset: str, stage: int) -> Config:
+    """The stage's defaults under `preset`."""
     cfg = Config()
     if stage == 2:
         # Stage-2 paper settings (DESIGN 5): 65% BEVT masking, cosine to 1e-5, wd 0.05.
         cfg.train.mask_ratio, cfg.train.steps, cfg.train.out_dir = 0.65, 300000, "runs/stage2"
         cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr, cfg.optim.weight_decay = 25000, "cosine", 1e-5, 0.05
     PRESETS[preset](cfg, stage)
-    if data:
-        apply_file(cfg, config, data)
-    return _check_combined(apply_overrides(cfg, overrides))
+    return cfg
+
+
+def _say_what_a_run_file_leaves(path: str, data: dict, preset: str, stage: int, run_stage, cfg: Config) -> None:
+    """A run's config.json holds every field, so `--config` repeats the run: a field it lacks (an older version's
+    file, a hand edit) silently took the preset's value, and another stage's file gave this stage that stage's
+    mask ratio and schedule. Both are said (on rank 0), not refused: either may be meant."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    missing = [f"{section}.{fl.name}" for section in _sections(cfg)
+               for fl in dataclasses.fields(getattr(cfg, section)) if fl.name not in data.get(section, {})]
+    if missing:
+        print(f"warning: {path} has no {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+              f"({len(missing)} field(s)): they take the {preset} preset's values", file=sys.stderr)
+    if run_stage in (1, 2) and run_stage != stage:
+        # (The file names no preset, so only the mask ratio's stage default, the same under every preset, is
+        # compared; the schedule is said as a whole.)
+        default = _preset(preset, stage).train.mask_ratio
+        print(f"warning: {path} is a stage-{run_stage} run's config: its train.mask_ratio={cfg.train.mask_ratio} "
+              f"(stage {stage}'s default: {default}), optim.* and train.steps are that run's; override them for "
+              f"stage {stage}'s (see --help)", file=sys.stderr)
+
 
 
 def _check_combined(cfg: Config) -> Config:
@@ -498,6 +528,12 @@ def _check_combined(cfg: Config) -> Config:
         if m.resolution % patch:
             raise ValueError(f"model.resolution={m.resolution} is not a multiple of the patch size {patch}; use e.g. "
                              f"{max(1, m.resolution // patch) * patch}")
+        from videoprism.masking import num_visible
+
+        grid = m.resolution // patch
+        if num_visible((grid, grid), cfg.train.mask_ratio) < 1:  # else the first step says it
+            raise ValueError(f"train.mask_ratio={cfg.train.mask_ratio} leaves no visible patch of a frame's "
+                             f"{grid}x{grid} (model.resolution / the patch size); lower it")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("model.init", cfg.model.init)):
         if not value.strip():
             raise ValueError(f"{key} is empty; set it (see --help)")

@@ -102,6 +102,7 @@ def test_probe_equals_the_demo_path(data, tmp_path, checkpoint):
     for name, r in got["labels"].items():
         assert r == want[name], name
         assert r["clips"] == [sum(1 for _ in open(train)), sum(1 for _ in open(val))]
+    assert got["skipped"] == {"train": [], "val": []}  # per split (one merged list said neither)
 
 
 def _relabel(d: str, name: str, drop_first: int) -> str:
@@ -366,6 +367,7 @@ def test_zeroshot_equals_clip_by_clip_oracle(data, tmp_path):
         argv += ["--template", t]
     assert main(argv) == 0
     got = json.loads(out.read_text())
+    assert got["tokenizer"] == os.path.join(d, "spm.model") and got["unlabelled"] == 0
 
     model = vp.model_from_safetensors(str(root / "clip.safetensors")).eval()
     tok = Tokenizer(os.path.join(d, "spm.model"))
@@ -513,7 +515,7 @@ def test_probe_and_zeroshot_read_manifests_without_captions(data, tmp_path, caps
                      "circle,square,triangle", *common, "--out", os.path.join(folder, "z.json")]) == 0
     for name in ("p.json", "z.json"):
         got, want = (json.load(open(os.path.join(f, name))) for f in (str(tmp_path), d))
-        for k in ("manifest", "train", "val"):
+        for k in ("manifest", "train", "val", "tokenizer"):
             got.pop(k, None), want.pop(k, None)
         assert got == want, name
     capsys.readouterr()

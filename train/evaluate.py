@@ -94,9 +94,9 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     return {k: v[:n] for k, v in buffers.items()}, rejects
 
 
-def _tokenizer(path: str | None, manifest: str, vocabulary: int):
-    """--tokenizer, else spm.model next to the manifest (as `data synth` writes it and training defaults to);
-    its ids must fit the model's text embedding."""
+def _tokenizer(path: str | None, manifest: str, vocabulary: int) -> tuple:
+    """(the tokenizer, its path): --tokenizer, else spm.model next to the manifest (as `data synth` writes it and
+    training defaults to); its ids must fit the model's text embedding."""
     from videoprism.cli import load_tokenizer
 
     if path is None:
@@ -105,7 +105,7 @@ def _tokenizer(path: str | None, manifest: str, vocabulary: int):
             raise ValueError(f"--tokenizer not given and {path} (the default: spm.model next to the manifest) does "
                              "not exist; pass --tokenizer PATH.model (the captions' SentencePiece model the "
                              "checkpoint was trained with)")
-    return load_tokenizer(path, vocabulary)
+    return load_tokenizer(path, vocabulary), path
 
 
 def _labelled(manifest: str, max_bad_share: float) -> tuple:
@@ -194,7 +194,7 @@ def cmd_retrieval(args) -> int:
     if not isinstance(model, vp.FactorizedVideoCLIP):
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; retrieval needs a video-text (LvT) "
                          "model, e.g. a stage-1 run's model.safetensors (for an encoder: videoprism eval probe)")
-    tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
+    tok, tok_path = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
     kw = _stream_kw(args, frames, resolution, device)
     enc, rejects = encode_manifest(model, args.manifest, tokenizer=tok, **kw)
     metrics = retrieval_metrics(enc["video"], enc["text"], caption_groups(enc["text_ids"], enc["text_paddings"]))
@@ -205,7 +205,8 @@ def cmd_retrieval(args) -> int:
         print(f"  {d}  " + "  ".join(f"R@{k} {100 * metrics[f'{d}_R@{k}']:5.1f}%" for k in (1, 5, 10)))
     print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}% ({metrics['captions']} distinct captions as tokenized, "
           f"of {n} clips)")
-    _write(args, {"task": "retrieval", "model": source, "manifest": args.manifest, "clips": n, "frames": frames,
+    _write(args, {"task": "retrieval", "model": source, "manifest": args.manifest, "tokenizer": tok_path,
+                  "clips": n, "frames": frames,
                   "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32",
                   "skipped": [list(r) for r in rejects], **metrics})
     return 0
@@ -230,7 +231,8 @@ def cmd_probe(args) -> int:
     results = probe_features(train["tokens"], train, val["tokens"], val, labels,
                              num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
     print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
-          f"steps each, lr {args.lr:g}): validation accuracy (training accuracy)")
+          f"steps each, lr {args.lr:g}; skipped: {len(train_rejects)} training, {len(val_rejects)} validation "
+          "clips): validation accuracy (training accuracy)")
     print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
     # Per label, nested: a label may be named like a top-level field (a label called "model" or "steps").
     per_label = {name: results[name] for name in labels}
@@ -243,7 +245,8 @@ def cmd_probe(args) -> int:
                   "predict them")
     _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
                   "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps,
-                  "lr": args.lr, "skipped": [list(r) for r in train_rejects + val_rejects], "labels": per_label})
+                  "lr": args.lr, "labels": per_label,
+                  "skipped": {"train": [list(r) for r in train_rejects], "val": [list(r) for r in val_rejects]}})
     return 0
 
 
@@ -330,7 +333,7 @@ def cmd_zeroshot(args) -> int:
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; zero-shot classification needs a "
                          "video-text (LvT) model, e.g. a stage-1 run's model.safetensors (for an encoder: "
                          "videoprism eval probe)")
-    tok = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
+    tok, tok_path = _tokenizer(args.tokenizer, args.manifest, model.config.vocabulary_size)
     check_classes_tokenized(classes, tok)
     kw = _stream_kw(args, frames, resolution, device)
     cls = class_embeddings(model, tok, classes, templates, device=device, bf16=kw["bf16"])
@@ -340,13 +343,15 @@ def cmd_zeroshot(args) -> int:
     if not has.any():
         raise ValueError(f"{args.manifest}: no readable clip has the label {label!r}")
     m = zero_shot_metrics(enc["video"][has], cls, y[has], classes)
+    unlabelled = int((~has).sum())
     print(f"zero-shot classification of {label!r}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
           f"{len(templates)} template(s); {frames} frames at {resolution}x{resolution}, {source}; {len(rejects)} "
-          "skipped):")
+          "skipped" + (f", {unlabelled} without the label" if unlabelled else "") + "):")
     top5 = f"  top-5 {100 * m['top5']:5.1f}%" if "top5" in m else ""
     print(f"  top-1 {100 * m['top1']:5.1f}%{top5}  mean class accuracy {100 * m['mean_class_accuracy']:5.1f}%  "
           f"(chance {100 * m['chance']:.1f}%, majority class {100 * m['majority']:.1f}%)")
-    _write(args, {"task": "zeroshot", "model": source, "manifest": args.manifest, "label": label,
+    _write(args, {"task": "zeroshot", "model": source, "manifest": args.manifest, "tokenizer": tok_path,
+                  "unlabelled": unlabelled, "label": label,
                   "templates": templates, "frames": frames, "resolution": resolution,
                   "precision": "bf16" if kw["bf16"] else "fp32", "skipped": [list(r) for r in rejects], **m})
     return 0

@@ -82,11 +82,13 @@ def check_out_dir(out_dir: str, stage: int, *, resume: str | None, overwrite: bo
     if source is not None and same_folder(source, out_dir):
         # --auto-resume's first start (no checkpoint here yet) in a folder that holds an export: a converted model
         # or a finished run's, which this run's export would replace at the end.
-        fix = "it has no checkpoint to continue; set train.out_dir to a folder of this run's own"
+        fix = ("it has no checkpoint to continue; set train.out_dir to a folder of this run's own, or start over "
+               "there with --overwrite instead of --auto-resume")
     elif source is None:
         fix = ("continue it with --resume (or --auto-resume), " if held_stage in (None, stage) else "") + (
             "set train.out_dir to a folder of this run's own, or add --overwrite to start over there")
     else:
         fix = f"set train.out_dir to a folder of this run's own to continue {source}'s run there, or add --overwrite"
     raise ValueError(f"train.out_dir={out_dir} holds {what} ({', '.join(held)}), which this run would replace; {fix} "
-                     "(its checkpoints are then kept as step_*.abandoned, its export is replaced at the end)")
+                     "(with --overwrite its checkpoints are kept as step_*.abandoned, its export is replaced at the "
+                     "end)")

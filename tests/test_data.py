@@ -5,6 +5,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import tarfile
 
@@ -413,6 +414,46 @@ def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
     a = next(iter(build_loader(os.path.join(synth, "val.jsonl"), **kw)))
     b = next(iter(build_loader([shard], **kw)))
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["label_colour"], b["label_colour"])
+
+
+def test_a_shard_key_with_two_videos_or_a_shard_given_twice_is_refused(tmp_path, synth):
+    """Two plain (or two compound) video members of one key: the second was dropped without a word, in neither the
+    samples nor the rejects; a plain member still wins over a compound one (a preview). A shard given twice (under
+    another spelling too) read its samples twice."""
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    shard = str(tmp_path / "s.tar")
+    with tarfile.open(shard, "w") as tar:
+        for name in ("two.webm", "two.mkv", "a.b.webm", "a.c.webm", "p.preview.webm", "p.webm", "q.x.webm",
+                     "q.y.webm", "q.webm"):
+            tar.add(samples[0].path, arcname=name)
+        for key in ("two", "a", "p", "q"):
+            info = tarfile.TarInfo(f"{key}.txt")
+            info.size = len(key)
+            tar.addfile(info, io.BytesIO(key.encode()))
+    got, rejects = read_shards([shard], max_bad_share=1.0)
+    assert sorted(g.caption for g in got) == ["p", "q"] and [g.member for g in got if g.caption == "p"] == ["p.webm"]
+    assert dict(rejects) == {f"{shard}:two": "two.webm and two.mkv are both its video member; give each key one (a "
+                                             "compound field such as KEY.preview.mp4 yields to the plain KEY.mp4)",
+                             f"{shard}:a": dict(rejects)[f"{shard}:a"]}
+    assert dict(rejects)[f"{shard}:a"].startswith("a.b.webm and a.c.webm are both its video member")
+    again = os.path.join(str(tmp_path), "..", tmp_path.name, "s.tar")
+    with pytest.raises(ValueError, match=f"shard '{re.escape(again)}' is given twice"):
+        read_shards([shard, again])
+
+
+def test_labels_are_class_ids_and_captions_text(tmp_path):
+    """A negative label read as "no label" downstream (-1 is the loader's), one past int64 failed in the batch with
+    no file named; a caption with a lone surrogate (JSON "\\ud800") failed the tokenizer mid-run. Each rejects its
+    line, named."""
+    m = tmp_path / "m.jsonl"
+    lines = [{"path": "a.webm", "caption": "ok", "label": 3}, {"path": "a.webm", "caption": "x", "label": -7},
+             {"path": "a.webm", "caption": "x", "label": {"colour": 10**30}}]
+    m.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"path": "a.webm", "caption": "bad \\ud800 text"}\n')
+    got, rejects = read_manifest(str(m), max_bad_share=1.0, use_pack=False)
+    assert [g.label for g in got] == [3]
+    assert [w for w, _ in rejects] == [f"{m}:2", f"{m}:3", f"{m}:4"]
+    assert "must be a class id (an int >= 0)" in rejects[0][1] and "must be a class id" in rejects[1][1]
+    assert "a lone UTF-16 surrogate" in rejects[2][1]
 
 
 def test_cut_or_garbage_shard_is_rejected_by_name_and_its_intact_members_kept(tmp_path, synth):

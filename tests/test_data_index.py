@@ -196,3 +196,53 @@ def test_data_tokenizer_trains_a_model_that_covers_the_captions(tmp_path, capsys
     (d / "none.jsonl").write_text(json.dumps({"path": recs[0]["path"]}) + "\n")
     assert run(["data", "tokenizer", str(d / "none.jsonl"), "--out", str(out)]) == 2
     assert "holds no caption to train a tokenizer on" in capsys.readouterr().err
+
+
+def test_data_commands_never_write_over_what_they_read(tmp_path, capsys):
+    """`data index --out M` or `--rejects M` replaced the manifest M it read (rejected lines lost), `--rejects` =
+    `--out` left a report that said one reject and held none, `--out X.tar` wrote a JSONL file every reader took
+    for a shard, `data tokenizer M --out M` replaced the manifest with the model: each is one line, nothing
+    written."""
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "2", "--size", "32", "--frames", "2", "--workers", "1",
+                "--quiet"]) == 0
+    m = os.path.join(d, "train.jsonl")
+    before = open(m).read()
+    for argv, needle in ((["--out", m], f"--out {m}: is the input source {m}"),
+                         (["--out", f"{d}/c.jsonl", "--rejects", m], f"--rejects {m}: is the input source {m}"),
+                         (["--out", f"{d}/c.jsonl", "--rejects", f"{d}/c.jsonl"], "is --out: the report and the "
+                                                                                  "clean manifest need a file each"),
+                         (["--out", f"{d}/c.tar"], "the clean manifest must end in .jsonl")):
+        capsys.readouterr()
+        assert run(["data", "index", m, "--quiet", *argv]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    assert run(["data", "tokenizer", m, "--out", m]) == 2
+    assert f"--out {m}: is the input source {m}" in capsys.readouterr().err
+    assert open(m).read() == before and not os.path.exists(f"{d}/c.jsonl")
+
+
+def test_data_tokenizer_vocabulary_and_long_captions(tmp_path, capsys):
+    """A --vocab-size below what the captions' characters need was SentencePiece's traceback; a caption over 4192
+    bytes was left out of the training without a word (its words came out <unk>)."""
+    from videoprism.data.text import Tokenizer
+
+    m = tmp_path / "m.jsonl"
+    long = "zebra quagga " * 400  # 5200 bytes
+    m.write_text(json.dumps({"path": "a.webm", "caption": "a red circle"}) + "\n"
+                 + json.dumps({"path": "b.webm", "caption": long}) + "\n")
+    assert run(["data", "tokenizer", str(m), "--out", str(tmp_path / "s.model"), "--vocab-size", "4"]) == 2
+    assert "too small for these captions: their characters and the special pieces need" in capsys.readouterr().err
+    assert run(["data", "tokenizer", str(m), "--out", str(tmp_path / "s.model"), "--vocab-size", "40"]) == 0
+    tok = Tokenizer(str(tmp_path / "s.model"))
+    ids, pads = tok(["zebra quagga"])
+    assert 2 not in ids[0][pads[0] == 0].tolist()  # no <unk> (id 2): the long caption's letters were learned
+
+
+def test_synth_options_are_checked_before_its_folder_is_made(tmp_path, capsys):
+    for argv, needle in ((["--seed", "-5"], "argument --seed: must be >= 0, got -5"),
+                         (["--num", "1"], "argument --num: must be >= 2"),
+                         (["--size", "17"], "argument --size: must be an even int >= 16")):
+        with pytest.raises(SystemExit):
+            main(["data", "synth", "--out", str(tmp_path / "out"), "--num", "3", *argv])
+        assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -468,3 +468,36 @@ def test_a_stage2_checkpoint_exports_its_student_as_the_run_does(tmp_path):
     results = make_trainer(task, cfg, torch.device("cpu"), "stage2").fit()
     out = export_checkpoint(str(tmp_path), str(tmp_path / "again.safetensors"))
     assert open(out, "rb").read() == open(results["export"], "rb").read()
+
+
+def test_the_decoders_start_from_the_runs_seed_whatever_the_data_drew_before():
+    """The decoders were drawn from the global generator after the data was built, so a run with data.val (whose
+    loader draws from it) trained from other decoders than the same run without: runs could not be compared."""
+    tasks = []
+    for drawn_before in (0, 5):
+        teacher = Teacher(tiny_clip(0))
+        torch.rand(drawn_before)  # what building the data drew
+        tasks.append(Stage2Task(tiny_cfg(), Dist(0, 1, torch.device("cpu")), teacher, None))
+    a, b = (dict(t.module.named_parameters()) for t in tasks)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = Stage2Task(tiny_cfg("train.seed=1"), Dist(0, 1, torch.device("cpu")), Teacher(tiny_clip(0)), None)
+    c = dict(other.module.named_parameters())
+    assert not all(torch.equal(a[k], c[k]) for k in a if not k.startswith("student."))
+
+
+def test_a_safetensors_teacher_sets_the_students_shape_fields(tmp_path):
+    """The student is the teacher's encoder: model.* shape fields that contradict it were ignored while config.json
+    recorded them, and model.resolution was checked against the preset's patch size, not the teacher's (a valid
+    resolution refused, an invalid one passing to fail at the first step)."""
+    teacher = str(tmp_path / "teacher.safetensors")
+    videoprism.save_safetensors(tiny_clip(0), teacher)  # patch 4, D 16, 2 heads, 2 x 4 x 4 positions
+    cfg = build_config("tiny", [f"stage2.teacher={teacher}", "model.resolution=12"], 2)
+    m = cfg.model
+    assert (m.model_dim, m.num_heads, m.patch_size, m.pos_emb_shape) == (16, 2, P, f"{T},{R // P},{R // P}")
+    assert build_config("tiny", [f"stage2.teacher={teacher}", "model.model_dim=16"], 2).model.model_dim == 16
+    with pytest.raises(ValueError, match=r"model.model_dim=128 \(the teacher's: 16\), model.num_heads=8 \(the "
+                                         r"teacher's: 2\): stage 2's student is stage2.teacher's encoder"):
+        build_config("tiny", [f"stage2.teacher={teacher}", "model.model_dim=128", "model.num_heads=8"], 2)
+    with pytest.raises(ValueError, match="model.resolution=18 is not a multiple of stage2.teacher's patch size 4"):
+        build_config("tiny", [f"stage2.teacher={teacher}", "model.resolution=18"], 2)
+    assert build_config("tiny", [f"stage2.teacher={teacher}"], 1).model.model_dim == 64  # stage 1 has no teacher

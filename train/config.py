@@ -468,7 +468,35 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
         apply_file(cfg, config, data)
     if run_file:
         _say_what_a_run_file_leaves(config, data, preset, stage, run_stage, cfg)
-    return _check_combined(apply_overrides(cfg, overrides))
+    apply_overrides(cfg, overrides)
+    if stage == 2:
+        given = {f"model.{k}" for k in data.get("model", {})} | {item.split("=", 1)[0] for item in overrides}
+        _student_of_teacher(cfg, given)
+    return _check_combined(cfg, stage)
+
+
+# The model fields that shape an encoder's weights: stage 2's student has its teacher's.
+_SHAPE_FIELDS = ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num_temporal_layers",
+                 "num_auxiliary_layers", "patch_size", "pos_emb_shape")
+
+
+def _student_of_teacher(cfg: Config, given: set[str]) -> None:
+    """With a .safetensors teacher, the student is its encoder: model.*'s shape fields take the teacher's values
+    (they were ignored, and config.json recorded them as the run's), and one the user set (`given`: the file's and
+    the overrides' keys) that contradicts the teacher is refused."""
+    saved = teacher_fields(cfg, 2)
+    clash = []
+    for name in _SHAPE_FIELDS:
+        if name not in saved:
+            continue
+        want = ",".join(map(str, saved[name])) if name == "pos_emb_shape" else saved[name]
+        have = getattr(cfg.model, name)
+        if f"model.{name}" in given and have != want and have not in ("", 0, -1):  # not the "official" defaults
+            clash.append(f"model.{name}={have!r} (the teacher's: {want!r})")
+        setattr(cfg.model, name, want)
+    if clash:
+        raise ValueError(f"{', '.join(clash)}: stage 2's student is stage2.teacher's encoder, of the teacher's "
+                         "shape; drop the model.* fields that contradict it")
 
 
 def _preset(preset: str, stage: int) -> Config:
@@ -503,7 +531,21 @@ def _say_what_a_run_file_leaves(path: str, data: dict, preset: str, stage: int, 
 
 
 
-def _check_combined(cfg: Config) -> Config:
+def teacher_fields(cfg: Config, stage: int) -> dict:
+    """Stage 2's student is its teacher's encoder: with a readable .safetensors teacher, the model config it carries
+    (which, not model.*, sets the student's shape), else {}."""
+    path = cfg.stage2.teacher
+    if stage != 2 or not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+        return {}
+    from videoprism.checkpoint import CheckpointError, safetensors_config
+
+    try:
+        return safetensors_config(path)[1]
+    except CheckpointError:  # said where the teacher is loaded
+        return {}
+
+
+def _check_combined(cfg: Config, stage: int) -> Config:
     """Constraints between fields (each field's own range is checked when it is set)."""
     s2 = cfg.stage2
     if s2.decoder_dim % s2.decoder_heads:
@@ -524,9 +566,11 @@ def _check_combined(cfg: Config) -> Config:
     from videoprism.config import CONFIGS, official_config  # dataclasses only: --help stays light
 
     if m.name in CONFIGS:  # an unknown name is said where the model is built, with the known ones
-        patch = m.patch_size or official_config(m.name).patch_size
+        teacher = teacher_fields(cfg, stage).get("patch_size")
+        patch = teacher or m.patch_size or official_config(m.name).patch_size
         if m.resolution % patch:
-            raise ValueError(f"model.resolution={m.resolution} is not a multiple of the patch size {patch}; use e.g. "
+            whose = f"stage2.teacher's patch size {patch}" if teacher else f"the patch size {patch}"
+            raise ValueError(f"model.resolution={m.resolution} is not a multiple of {whose}; use e.g. "
                              f"{max(1, m.resolution // patch) * patch}")
         from videoprism.masking import num_visible
 

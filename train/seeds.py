@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # What is drawn: the first key of every seed, so two kinds of draw never share one.
-MASK, SLOTS, SAMPLE, DATASET, EPOCH = range(5)
+MASK, SLOTS, SAMPLE, DATASET, EPOCH, INIT = range(6)  # INIT: parameters a stage makes after its data is built
 # Base seed of the validation draws: fixed, so runs with different train.seed are scored on
 # the same masks.
 VALIDATION = 10_000_019

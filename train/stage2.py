@@ -30,7 +30,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, model_from_safetensors
 from videoprism.train.parallel import (Dist, close_distributed, compile_blocks, gather_objects, init_distributed,
                                        leave_together)
-from videoprism.train.seeds import MASK, SLOTS, VALIDATION, derive_seed, seed_process
+from videoprism.train.seeds import INIT, MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
 
@@ -53,9 +53,14 @@ class Stage2Task:
         grid = cfg.model.resolution // P
         self.num_patches = grid * grid
         s2 = cfg.stage2
-        self.module = Stage2Model(enc, num_positions=cfg.model.num_frames * self.num_patches,
-                                  dec_dim=s2.decoder_dim, dec_layers=s2.decoder_layers, dec_heads=s2.decoder_heads,
-                                  global_distill=s2.global_distill).to(dist_.device)
+        # The decoders' initial weights from their own seed: drawn from the global generator, they depended on what
+        # building the data had drawn from it before (a run with data.val trained from other decoders).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(INIT, cfg.train.seed))
+            model = Stage2Model(enc, num_positions=cfg.model.num_frames * self.num_patches, dec_dim=s2.decoder_dim,
+                                dec_layers=s2.decoder_layers, dec_heads=s2.decoder_heads,
+                                global_distill=s2.global_distill)
+        self.module = model.to(dist_.device)
         if cfg.train.bf16(dist_.device.type):
             teacher.to(torch.bfloat16)  # after the student's copy: the student keeps fp32 master weights
         if cfg.train.compile:

@@ -45,11 +45,12 @@ def _cmd_pack(args) -> int:
 
 
 def _cmd_tokenizer(args) -> int:
-    from ..paths import check_out_file
+    from ..paths import check_not_an_input, check_out_file
     from .manifest import read_source
     from .text import Tokenizer, train_spm
 
     check_out_file(args.out, f"--out {args.out}", "a .model file path")
+    check_not_an_input(args.out, f"--out {args.out}", [("source", s) for s in args.source])
     source = args.source if len(args.source) > 1 else args.source[0]
     samples, rejects = read_source(source, max_bad_share=1.0, captions=False)
     captions = [s.caption for s in samples if s.caption is not None]
@@ -75,11 +76,21 @@ def _cmd_synth(args) -> int:
     return 0
 
 
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _at_least(lo: int, *, even: bool = False):
+    """argparse `type` of an int >= `lo` (and even): checked before the command makes its --out folder."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if n < lo or (even and n % 2):
+            raise argparse.ArgumentTypeError(f"must be {'an even int ' if even else ''}>= {lo}, got {n}")
+        return n
+
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def register(subparsers) -> None:
@@ -146,11 +157,12 @@ def register(subparsers) -> None:
                                    "prompts/<label>.txt (zero-shot prompt templates for `videoprism eval zeroshot`) "
                                    "and synth.json (the class names). Deterministic for a seed.")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--num", type=_positive, required=True,
+    p.add_argument("--num", type=_at_least(2), required=True,
                    help="number of clips, at least 2 (1 in 10 goes to val.jsonl; the last one when fewer than 10)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same bytes (default: 0)")
+    p.add_argument("--seed", type=_at_least(0), default=0, help="random seed >= 0: same seed, same bytes (default: 0)")
     p.add_argument("--codec", choices=["vp9", "h264"], default="vp9", help="VP9 in WebM or H.264 in MP4 (default: vp9)")
-    p.add_argument("--size", type=_positive, default=96, help="frame width and height in pixels, even (default: 96)")
+    p.add_argument("--size", type=_at_least(16, even=True), default=96,
+                   help="frame width and height in pixels, even, >= 16 (default: 96)")
     p.add_argument("--frames", type=_positive, default=16, help="frames per clip (default: 16)")
     p.add_argument("--fps", type=_positive, default=8, help="frame rate (default: 8)")
     p.add_argument("--scene", choices=SCENES, default=DEFAULT_SCENE,

@@ -19,7 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
-from ..paths import check_out_file
+from ..paths import check_not_an_input, check_out_file
 from .manifest import Sample, read_source
 from .pack import write_pack
 
@@ -136,8 +136,15 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
             raise
         samples, line_rejects = [], e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
+    sources = [source] if isinstance(source, str) else list(source)
     for option, path in (("--out", out), ("--rejects", rejects_path)):
         check_out_file(path, f"{option} {path}", "a .jsonl file path")
+        if option == "--out" and not out.endswith(".jsonl"):  # a clean.tar would read back as a shard
+            raise ValueError(f"--out {out}: the clean manifest must end in .jsonl")
+        # Each would be read after it was written over (the manifest), or hold the other's lines.
+        check_not_an_input(path, f"{option} {path}", [("source", s) for s in sources])
+    if os.path.realpath(rejects_path) == os.path.realpath(out):
+        raise ValueError(f"--rejects {rejects_path} is --out: the report and the clean manifest need a file each")
     base = os.path.dirname(os.path.abspath(out))
     jobs = [(s, min_frames, full) for s in samples]
     with _progress(len(jobs), progress) as bar:

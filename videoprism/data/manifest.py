@@ -270,15 +270,20 @@ def _number(rec: dict, key: str) -> float | None:
     return float(value)
 
 
+def _class_id(v) -> bool:
+    """A class id: an int in [0, 2^63) (the loader batches them as int64 and takes -1 for "no label")."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+
 def _label(value):
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+    if value is None or _class_id(value):
         return value
-    if isinstance(value, dict) and all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+    if isinstance(value, dict) and all(_class_id(v) for v in value.values()):
         if "label" in value:  # the name of an int label (batch field "label", probe "label"): one name, two labels
             raise ValueError("'label' dict key 'label' is the name of an int label; rename the key (e.g. "
                              '{"class": 3}) or give the int itself ("label": 3)')
         return dict(value)
-    raise ValueError(f"'label' must be an int or a dict of ints, got {value!r}")
+    raise ValueError(f"'label' must be a class id (an int >= 0) or a dict of them, got {value!r}")
 
 
 def sample_from_record(rec, base: str) -> Sample:
@@ -291,6 +296,12 @@ def sample_from_record(rec, base: str) -> Sample:
     caption = rec.get("caption")  # absent (or null): a video-only line
     if caption is not None and (not isinstance(caption, str) or not caption.strip()):
         raise ValueError(f"'caption' must be a non-empty string, got {caption!r}")
+    if caption is not None and not caption.isascii():
+        try:  # JSON's "\ud800" escapes a lone surrogate: no text, and the tokenizer fails on it mid-run
+            caption.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"'caption' holds {caption[e.start]!r} at {e.start}, a lone UTF-16 surrogate, not text; "
+                             "fix the line") from None
     start, end = _number(rec, "start"), _number(rec, "end")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"'end' ({end}) must be after 'start' ({start})")
@@ -458,12 +469,18 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
     key without a .txt member is rejected (NO_CAPTION); False keeps it as a video-only sample."""
     groups: list[tuple[str, str, dict]] = []
     broken: list[tuple[str, str]] = []
+    seen: dict[str, str] = {}
     for tar_path in paths:
         if not os.path.isfile(tar_path):
             raise FileNotFoundError(f"shard {tar_path!r} does not exist")
+        real = os.path.realpath(tar_path)
+        if real in seen:  # its samples would be read twice: a weight the user did not ask for
+            raise ValueError(f"shard {tar_path!r} is given twice (also as {seen[real]!r}); give each shard once")
+        seen[real] = tar_path
         tar_path = os.path.abspath(tar_path)
         by_key: dict[str, dict] = {}
         plain_slots: dict[str, set] = {}  # per key, the slots a plain field filled
+        names: dict[tuple[str, str], str] = {}  # (key, slot) -> the member that fills it
         members = 0
         try:
             with tarfile.open(tar_path, "r:") as tar:
@@ -481,10 +498,18 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                     ext = "." + field.rsplit(".", 1)[-1].lower()
                     slot = "video" if ext in VIDEO_EXTENSIONS else ext if ext in (".txt", ".json") else None
                     plain = "." not in field
-                    if slot is None or (slot in entry and (slot in plain_slots.get(key, ()) or not plain)):
+                    if slot is None:
                         continue
+                    if slot in entry:
+                        if plain == (slot in plain_slots.get(key, ())):  # two plain (or two compound) of a kind
+                            entry.setdefault("twice", f"{names[key, slot]} and {m.name} are both its {slot} member")
+                        if not plain or slot in plain_slots.get(key, ()):
+                            continue
                     if plain:
+                        if slot in entry:  # the plain member settles which of the compound ones was meant
+                            entry.pop("twice", None)
                         plain_slots.setdefault(key, set()).add(slot)
+                    names[key, slot] = m.name
                     entry[slot] = (m.offset_data, m.size, m.name) if slot == "video" else tar.extractfile(m).read()
         except (tarfile.TarError, EOFError) as e:
             # A cut or corrupt shard: keep the members before the damage (a video cut with the
@@ -509,6 +534,9 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
 
 
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
+    if "twice" in entry:  # which one is the sample's is not for the reader to guess
+        raise ValueError(f"{entry['twice']}; give each key one (a compound field such as KEY.preview.mp4 yields to "
+                         "the plain KEY.mp4)")
     if "video" not in entry:
         raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")
     if ".txt" not in entry and captions:

@@ -168,7 +168,8 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
     if scene not in SCENES:
         raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
-    for name, value, lo in (("num", num, 1), ("size", size, 16), ("num_frames", num_frames, 1), ("fps", fps, 1)):
+    for name, value, lo in (("num", num, 1), ("size", size, 16), ("num_frames", num_frames, 1), ("fps", fps, 1),
+                            ("seed", seed, 0)):
         if not isinstance(value, int) or value < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
     if num < 2:

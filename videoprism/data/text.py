@@ -8,6 +8,7 @@ final ".". `Tokenizer.encode`: SentencePiece pieces of the canonical text, a BOS
 from __future__ import annotations
 
 import os
+import re
 import string
 
 import torch
@@ -75,9 +76,20 @@ def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> No
     import sentencepiece as spm
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([canonicalize_text(c) for c in captions]),
-                                   model_writer=buf, vocab_size=vocab_size, model_type="bpe",
-                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-                                   hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    texts = [canonicalize_text(c) for c in captions]
+    try:
+        # max_sentence_length: SentencePiece skips longer sentences silently (4192 bytes by default), and their
+        # words came out as <unk>.
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size,
+                                       model_type="bpe", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                       character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+                                       max_sentence_length=max([4192, *(len(t.encode()) + 1 for t in texts)]))
+    except RuntimeError as e:
+        need = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if need is None:
+            raise
+        raise ValueError(f"a vocabulary of {vocab_size} pieces is too small for these captions: their characters "
+                         f"and the special pieces need {need.group(1)}; use --vocab-size {need.group(1)} or "
+                         "more") from None
     with open(model_path, "wb") as f:
         f.write(buf.getvalue())

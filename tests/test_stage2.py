@@ -501,3 +501,18 @@ def test_a_safetensors_teacher_sets_the_students_shape_fields(tmp_path):
     with pytest.raises(ValueError, match="model.resolution=18 is not a multiple of stage2.teacher's patch size 4"):
         build_config("tiny", [f"stage2.teacher={teacher}", "model.resolution=18"], 2)
     assert build_config("tiny", [f"stage2.teacher={teacher}"], 1).model.model_dim == 64  # stage 1 has no teacher
+
+
+def test_a_teacher_that_is_no_stage1_model_is_refused_before_the_data(tmp_path):
+    """A stage-2 export (an encoder) as the teacher was refused only where the teacher is built, after the data,
+    as "holds FactorizedEncoder, not a FactorizedVideoCLIP with its config (save_safetensors writes both)"; a run
+    folder got "pass the path of a file"."""
+    from videoprism.train.config import check_inputs
+
+    enc = str(tmp_path / "student.safetensors")
+    videoprism.save_safetensors(tiny_clip(0).vision_encoder, enc)
+    with pytest.raises(ValueError, match="holds a FactorizedEncoder; the teacher is a video-text model with its "
+                                         "pooler: a stage-1 run's export"):
+        check_inputs(build_config("tiny", [f"stage2.teacher={enc}", f"train.out_dir={tmp_path}/run"], 2), 2)
+    with pytest.raises(FileNotFoundError, match=f"pass a run's export .*videoprism export {tmp_path}"):
+        check_inputs(build_config("tiny", [f"stage2.teacher={tmp_path}", f"train.out_dir={tmp_path}/run"], 2), 2)

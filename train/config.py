@@ -603,7 +603,19 @@ def check_inputs(cfg: Config, stage: int) -> None:
         if path and not os.path.isfile(path):
             what = "is a folder" if os.path.isdir(path) else "does not exist"
             where = "" if os.path.isabs(path) else f" (from the current folder: {os.path.abspath(path)})"
-            raise FileNotFoundError(f"{key}={path!r} {what}{where}; pass the path of a file (see --help)")
+            fix = "pass the path of a file (see --help)"
+            if os.path.isdir(path) and key in ("model.init", "stage2.teacher"):  # a training run or a checkpoint
+                fix = (f"pass a run's export (OUT_DIR/model.safetensors), or write a checkpoint's with `videoprism "
+                       f"export {path}`")
+            raise FileNotFoundError(f"{key}={path!r} {what}{where}; {fix}")
+    if stage == 2 and cfg.stage2.teacher.lower().endswith(".safetensors"):
+        from videoprism.checkpoint import safetensors_config
+
+        kind = safetensors_config(cfg.stage2.teacher)[0]
+        if kind != "FactorizedVideoCLIP":  # before the data is decoded, not where the teacher is built
+            raise ValueError(f"stage2.teacher={cfg.stage2.teacher!r} holds a {kind or 'model without a class name'}; "
+                             "the teacher is a video-text model with its pooler: a stage-1 run's export (a stage-2 "
+                             "export is a student encoder)")
     out = os.path.abspath(cfg.train.out_dir)
     parent = out
     while not os.path.exists(parent):

@@ -214,7 +214,8 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
                                   "the checkpoint is for another configuration: use the model name of its size "
                                   "(a large checkpoint needs a *_large model) or override the fields that differ "
                                   "(from_official(..., model_dim=...); on the command line --model NAME or "
-                                  "--set model_dim=...)")
+                                  "--set model_dim=...; in a training config model.name and model.*, e.g. "
+                                  "model.pos_emb_shape=T,H,W for a position grid)")
         for name, rows, value in fill(np.asarray(arr, dtype=np.float32)):
             t = torch.from_numpy(np.ascontiguousarray(value))
             target = new[name] if rows is None else new[name][rows]

@@ -111,6 +111,22 @@ def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     assert np.load(tmp_path / "e.npy").shape == (1, 2 * 4 * 4, 32)
 
 
+def test_embed_defaults_to_the_clip_size_a_training_export_records(tmp_path):
+    """A stage-2 student keeps its teacher's position grid and trains on its own clip size: embed (and eval) used
+    the grid's, a size the model was not trained on. An export records the training's, the default now."""
+    from videoprism.checkpoint import safetensors_clip
+
+    ckpt = _small_encoder_file(tmp_path)
+    vp.save_safetensors(vp.model_from_safetensors(ckpt), str(tmp_path / "trained.safetensors"),
+                        clip={"num_frames": 4, "resolution": 16})
+    assert safetensors_clip(str(tmp_path / "trained.safetensors")) == {"num_frames": 4, "resolution": 16}
+    assert safetensors_clip(ckpt) == {}
+    for name, tokens in (("enc", 2 * 4 * 4), ("trained", 4 * 2 * 2)):
+        assert main(["embed", str(tmp_path / "c.mp4"), "--checkpoint", str(tmp_path / f"{name}.safetensors"),
+                     "--quiet", "--out", str(tmp_path / f"{name}.npy")]) == 0
+        assert np.load(tmp_path / f"{name}.npy").shape == (1, tokens, 32)
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_embed_streams_batches_equal_to_each_clip_alone(tmp_path, workers):
     """Decoding workers and batches of 2 give, row for row in the order of the arguments, each clip decoded alone

@@ -468,6 +468,9 @@ def test_a_stage2_checkpoint_exports_its_student_as_the_run_does(tmp_path):
     results = make_trainer(task, cfg, torch.device("cpu"), "stage2").fit()
     out = export_checkpoint(str(tmp_path), str(tmp_path / "again.safetensors"))
     assert open(out, "rb").read() == open(results["export"], "rb").read()
+    from videoprism.checkpoint import safetensors_clip
+
+    assert safetensors_clip(out) == {"num_frames": T, "resolution": R}  # the clip size embed and eval default to
 
 
 def test_the_decoders_start_from_the_runs_seed_whatever_the_data_drew_before():

@@ -72,6 +72,10 @@ class ModelConfig:
     num_frames: int = f(16, "Frames per clip.", valid=">= 1")
     resolution: int = f(288, "Frame side in pixels (a multiple of the patch size).", valid=">= 1")
 
+    def clip_size(self) -> dict:
+        """The clip size the run trains on, as an export records it."""
+        return {"num_frames": self.num_frames, "resolution": self.resolution}
+
     def overrides(self, vocab: int | None = None) -> dict:
         """Official config fields that differ from the named configuration."""
         out = {}

@@ -19,10 +19,11 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.modeling import full_state_dict, sub_state_dict
 
 
-def export_spec(model_class: str, config, prefix: str) -> dict:
-    """The exported model: its class name, its config (JSON values, the fields of the class's own config) and the
-    prefix of its weights in the training module's state dict."""
-    return {"class": model_class, "config": config_fields(model_class, config), "prefix": prefix}
+def export_spec(model_class: str, config, prefix: str, clip: dict) -> dict:
+    """The exported model: its class name, its config (JSON values, the fields of the class's own config), the
+    prefix of its weights in the training module's state dict and the clip size it trains on (`clip`:
+    {"num_frames", "resolution"}: what `embed` and `eval` default to)."""
+    return {"class": model_class, "config": config_fields(model_class, config), "prefix": prefix, "clip": clip}
 
 
 def _model(spec: dict, state: dict) -> nn.Module:
@@ -36,7 +37,7 @@ def export_module(module: nn.Module, spec: dict, path: str, *, main: bool) -> No
     on the main rank."""
     state = full_state_dict(module)
     if main:
-        videoprism.save_safetensors(_model(spec, state), path)
+        videoprism.save_safetensors(_model(spec, state), path, clip=spec.get("clip"))
 
 
 def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
@@ -63,5 +64,5 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     loaded = {"model": state}
     dcp.load(loaded, checkpoint_id=step, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
     out = out or os.path.join(run_folder(step), f"model.{os.path.basename(step.rstrip('/'))}.safetensors")
-    videoprism.save_safetensors(_model(spec, loaded["model"]), out)
+    videoprism.save_safetensors(_model(spec, loaded["model"]), out, clip=spec.get("clip"))  # older: none
     return out

@@ -84,7 +84,7 @@ class Stage1Task:
         micro-batch from r, not the block [r*b, (r+1)*b) (train.step_masks)."""
         self.cfg, self.dist, self.val = cfg, dist_, val_batches
         self.model_config = clip.config
-        self.export_spec = export_spec("FactorizedVideoCLIP", clip.config, "clip.")
+        self.export_spec = export_spec("FactorizedVideoCLIP", clip.config, "clip.", cfg.model.clip_size())
         self.grad_cache = cfg.stage1.grad_cache
         self.step_masks = StepMasks(self._draw_masks, strided=strided_ranks)
         s1 = cfg.stage1

@@ -48,7 +48,7 @@ class Stage2Task:
                                     strided=strided_ranks)
         enc = teacher.encoder
         self.model_config = enc.config
-        self.export_spec = export_spec("FactorizedEncoder", enc.config, "student.")
+        self.export_spec = export_spec("FactorizedEncoder", enc.config, "student.", cfg.model.clip_size())
         P = enc.config.patch_size
         grid = cfg.model.resolution // P
         self.num_patches = grid * grid

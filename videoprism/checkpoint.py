@@ -231,9 +231,13 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
     return model
 
 
-def save_safetensors(model: nn.Module, path: str) -> None:
-    """Our weights: the state dict + the config (JSON) in the safetensors metadata."""
+def save_safetensors(model: nn.Module, path: str, *, clip: dict | None = None) -> None:
+    """Our weights: the state dict + the config (JSON) in the safetensors metadata. `clip`: the clip size the model
+    was trained on ({"num_frames": T, "resolution": R}), which `videoprism embed`/`eval` default to (the position
+    grid in the config may be another one: a stage-2 student keeps its teacher's)."""
     meta = {"class": type(model).__name__}
+    if clip is not None:
+        meta["clip"] = json.dumps(clip)
     if hasattr(model, "config"):
         # How to run the model (the attention backend) is the loader's: a tiny model trained with the reference
         # backend on a CPU runs with the GPU's kernels where it is loaded on one.
@@ -317,6 +321,21 @@ def _config_classes() -> dict:
 
     return {"FactorizedEncoder": EncoderConfig, "FactorizedVideoCLIP": CLIPConfig,
             "FactorizedVideoClassifier": ClassifierConfig}
+
+
+def safetensors_clip(path: str) -> dict:
+    """The clip size `save_safetensors` recorded ({"num_frames", "resolution"}), {} when it recorded none."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        text = (fh.metadata() or {}).get("clip")
+    try:
+        clip = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    ok = isinstance(clip, dict) and all(isinstance(clip.get(k), int) and clip[k] > 0
+                                        for k in ("num_frames", "resolution"))
+    return clip if ok else {}
 
 
 def safetensors_config(path: str) -> tuple[str | None, dict]:

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.checkpoint import is_safetensors
+from videoprism.checkpoint import is_safetensors, safetensors_clip
 from videoprism.paths import check_not_an_input, check_out_file
 
 
@@ -144,8 +144,12 @@ def load_model(args, device: str):
     if isinstance(model, vp.FactorizedVideoClassifier):
         model = model.encoder
     cfg = model.config
-    num_frames = args.num_frames if args.num_frames is not None else cfg.pos_emb_shape[0]
-    resolution = args.resolution if args.resolution is not None else cfg.patch_size * cfg.pos_emb_shape[1]
+    # Default: the clip size a training export records (a stage-2 student keeps its teacher's position grid, and
+    # trains on its own clips), else the position grid's.
+    trained = safetensors_clip(args.checkpoint) if is_safetensors(args.checkpoint) else {}
+    num_frames = args.num_frames if args.num_frames is not None else trained.get("num_frames", cfg.pos_emb_shape[0])
+    resolution = args.resolution if args.resolution is not None else trained.get(
+        "resolution", cfg.patch_size * cfg.pos_emb_shape[1])
     if resolution % cfg.patch_size:
         raise ValueError(f"--resolution {resolution}: must be a multiple of the patch size {cfg.patch_size}")
     return model, source, num_frames, resolution
@@ -354,8 +358,10 @@ def add_model_args(p: argparse.ArgumentParser, names: str, default: str = DEFAUL
     p.set_defaults(default_model=default)
     p.add_argument("--checkpoint", help="weights: an official Flax .npz (with --model) or our .safetensors, e.g. a "
                                         "training run's model.safetensors (random weights if omitted)")
-    p.add_argument("--num-frames", type=int, help="frames per clip (default: the model's, e.g. 16 for base)")
-    p.add_argument("--resolution", type=int, help="square frame size in pixels (default: the model's, 288)")
+    p.add_argument("--num-frames", type=int, help="frames per clip (default: what a training export was trained on, "
+                                                  "else the model's position grid: 16 for base)")
+    p.add_argument("--resolution", type=int, help="square frame size in pixels (default: as --num-frames: the "
+                                                  "training's, else the model's, 288)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attention-backend", help="reference, sdpa, triton, flex, flash (default: the device's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -184,7 +184,7 @@ def test_a_training_manifest_of_other_frames_fails_before_the_teacher_is_built(t
     from videoprism.train import stage2
 
     (tmp_path / "images.jsonl").write_text("")
-    (tmp_path / "teacher.safetensors").write_text("")
+    videoprism.save_safetensors(tiny_clip(0), str(tmp_path / "teacher.safetensors"))
     monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
     monkeypatch.setattr(stage2, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
     images = f"{tmp_path}/images.jsonl"

@@ -451,9 +451,11 @@ def _paths_from(data: dict, folder: str) -> dict:
     return out
 
 
-def build_config(config: str, overrides: list[str], stage: int) -> Config:
+def build_config(config: str, overrides: list[str], stage: int, *, pipeline: bool = False) -> Config:
     """Stage defaults, then `config` (a preset name, or a .toml/.json file naming its preset),
-    then the overrides."""
+    then the overrides. `pipeline`: a config of train.pipeline, whose overrides serve both stages (the other stage's
+    fields among them are not said to be ignored) and whose stage2.teacher is the export its stage 1 writes (an
+    earlier run's there sets nothing)."""
     is_file = config not in PRESETS and (os.sep in config or "." in config)
     data = read_config_file(config) if is_file else {}
     if is_file and not data:
@@ -473,10 +475,16 @@ def build_config(config: str, overrides: list[str], stage: int) -> Config:
     if run_file:
         _say_what_a_run_file_leaves(config, data, preset, stage, run_stage, cfg)
     apply_overrides(cfg, overrides)
-    if stage == 2:
-        given = {f"model.{k}" for k in data.get("model", {})} | {item.split("=", 1)[0] for item in overrides}
-        _student_of_teacher(cfg, given)
-    return _check_combined(cfg, stage)
+    given = {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict) for k in table}
+    given |= {item.split("=", 1)[0] for item in overrides}
+    other = sorted(k for k in given if k.startswith(f"stage{3 - stage}."))
+    if other and not (run_file or pipeline) and os.environ.get("RANK", "0") == "0":  # config.json: every field
+        print(f"warning: {', '.join(other)} apply to stage {3 - stage}, not to this stage-{stage} run: ignored",
+              file=sys.stderr)
+    teacher = teacher_fields(cfg, stage) if not pipeline else {}
+    if teacher:
+        _student_of_teacher(cfg, given, teacher)
+    return _check_combined(cfg, teacher)
 
 
 # The model fields that shape an encoder's weights: stage 2's student has its teacher's.
@@ -484,11 +492,10 @@ _SHAPE_FIELDS = ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num
                  "num_auxiliary_layers", "patch_size", "pos_emb_shape")
 
 
-def _student_of_teacher(cfg: Config, given: set[str]) -> None:
+def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
     """With a .safetensors teacher, the student is its encoder: model.*'s shape fields take the teacher's values
     (they were ignored, and config.json recorded them as the run's), and one the user set (`given`: the file's and
-    the overrides' keys) that contradicts the teacher is refused."""
-    saved = teacher_fields(cfg, 2)
+    the overrides' keys) that contradicts the teacher is refused. `saved`: the teacher's config (teacher_fields)."""
     clash = []
     for name in _SHAPE_FIELDS:
         if name not in saved:
@@ -549,8 +556,9 @@ def teacher_fields(cfg: Config, stage: int) -> dict:
         return {}
 
 
-def _check_combined(cfg: Config, stage: int) -> Config:
-    """Constraints between fields (each field's own range is checked when it is set)."""
+def _check_combined(cfg: Config, teacher: dict) -> Config:
+    """Constraints between fields (each field's own range is checked when it is set); `teacher`: stage 2's teacher's
+    config (teacher_fields), whose patch the student has."""
     s2 = cfg.stage2
     if s2.decoder_dim % s2.decoder_heads:
         raise ValueError(f"stage2.decoder_dim={s2.decoder_dim} is not divisible by stage2.decoder_heads="
@@ -570,10 +578,10 @@ def _check_combined(cfg: Config, stage: int) -> Config:
     from videoprism.config import CONFIGS, official_config  # dataclasses only: --help stays light
 
     if m.name in CONFIGS:  # an unknown name is said where the model is built, with the known ones
-        teacher = teacher_fields(cfg, stage).get("patch_size")
-        patch = teacher or m.patch_size or official_config(m.name).patch_size
+        own = teacher.get("patch_size")  # stage 2's student is its teacher's encoder
+        patch = own or m.patch_size or official_config(m.name).patch_size
         if m.resolution % patch:
-            whose = f"stage2.teacher's patch size {patch}" if teacher else f"the patch size {patch}"
+            whose = f"stage2.teacher's patch size {patch}" if own else f"the patch size {patch}"
             raise ValueError(f"model.resolution={m.resolution} is not a multiple of {whose}; use e.g. "
                              f"{max(1, m.resolution // patch) * patch}")
         from videoprism.masking import num_visible

@@ -92,9 +92,10 @@ def _main(argv: list[str] | None) -> int:
     # Both stages' configs are built (and so checked) before the data and stage 1 take minutes.
     root = os.path.join(args.out, "data")
     data = [f"data.train={root}/train.jsonl", f"data.val={root}/val.jsonl"]
-    cfg1 = build_config(args.config, [*data, f"train.out_dir={args.out}/stage1", *args.overrides], 1)
+    cfg1 = build_config(args.config, [*data, f"train.out_dir={args.out}/stage1", *args.overrides], 1, pipeline=True)
     cfg2 = build_config(args.config, [*data, f"train.out_dir={args.out}/stage2",
-                                      f"stage2.teacher={args.out}/stage1/model.safetensors", *args.overrides], 2)
+                                      f"stage2.teacher={args.out}/stage1/model.safetensors", *args.overrides], 2,
+                        pipeline=True)
     if not cfg1.checkpoint.export:
         raise ValueError("checkpoint.export=false: stage 2 distils from stage 1's exported weights; leave it on")
     make_folder(args.out, f"--out {args.out}")

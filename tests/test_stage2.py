@@ -504,6 +504,14 @@ def test_a_safetensors_teacher_sets_the_students_shape_fields(tmp_path):
     with pytest.raises(ValueError, match="model.resolution=18 is not a multiple of stage2.teacher's patch size 4"):
         build_config("tiny", [f"stage2.teacher={teacher}", "model.resolution=18"], 2)
     assert build_config("tiny", [f"stage2.teacher={teacher}"], 1).model.model_dim == 64  # stage 1 has no teacher
+    # A run's config.json records every field (one written before this recorded the preset's 64): it follows the
+    # teacher, as that run's model did, instead of refusing its own resume.
+    from videoprism.train.config import save_config
+
+    old = build_config("tiny", [f"train.out_dir={tmp_path}/run"], 2)
+    old.stage2.teacher = teacher
+    save_config(old, str(tmp_path / "run" / "config.json"), stage=2)
+    assert build_config(str(tmp_path / "run" / "config.json"), [], 2).model.model_dim == 16
 
 
 def test_a_teacher_that_is_no_stage1_model_is_refused_before_the_data(tmp_path):

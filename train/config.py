@@ -475,10 +475,13 @@ def build_config(config: str, overrides: list[str], stage: int, *, pipeline: boo
     if run_file:
         _say_what_a_run_file_leaves(config, data, preset, stage, run_stage, cfg)
     apply_overrides(cfg, overrides)
-    given = {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict) for k in table}
+    # What the user set: the overrides, and a config file's fields unless it is a run's config.json (which records
+    # every field; one written before its stage-2 model fields followed the teacher holds the preset's).
+    given = set() if run_file else {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict)
+                                    for k in table}
     given |= {item.split("=", 1)[0] for item in overrides}
     other = sorted(k for k in given if k.startswith(f"stage{3 - stage}."))
-    if other and not (run_file or pipeline) and os.environ.get("RANK", "0") == "0":  # config.json: every field
+    if other and not pipeline and os.environ.get("RANK", "0") == "0":
         print(f"warning: {', '.join(other)} apply to stage {3 - stage}, not to this stage-{stage} run: ignored",
               file=sys.stderr)
     teacher = teacher_fields(cfg, stage) if not pipeline else {}

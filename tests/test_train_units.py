@@ -62,13 +62,6 @@ def test_config_values_as_users_write_them(tmp_path, monkeypatch):
         build_config("tiny", ["train.mask_ratio=0.999"], 2)  # it failed at the first step
 
 
-def test_the_other_stages_fields_are_said_to_be_ignored(capsys):
-    build_config("tiny", ["stage1.lit=true", "stage2.shuffle=false"], 2)
-    assert "warning: stage1.lit apply to stage 1, not to this stage-2 run: ignored" in capsys.readouterr().err
-    build_config("tiny", ["stage2.shuffle=false"], 2)
-    assert capsys.readouterr().err == ""
-
-
 def test_a_runs_config_file_says_what_it_leaves_to_the_preset_and_another_stage(tmp_path, capsys):
     """A run's config.json holds every field: one it lacks (an older file, a hand edit) took the tiny preset's value
     without a word, and a stage-1 run's file given to stage 2 its mask ratio and schedule. Both are said."""

@@ -453,9 +453,8 @@ def _paths_from(data: dict, folder: str) -> dict:
 
 def build_config(config: str, overrides: list[str], stage: int, *, pipeline: bool = False) -> Config:
     """Stage defaults, then `config` (a preset name, or a .toml/.json file naming its preset),
-    then the overrides. `pipeline`: a config of train.pipeline, whose overrides serve both stages (the other stage's
-    fields among them are not said to be ignored) and whose stage2.teacher is the export its stage 1 writes (an
-    earlier run's there sets nothing)."""
+    then the overrides. `pipeline`: a config of train.pipeline, whose stage2.teacher is the export its stage 1
+    writes (an earlier run's there sets nothing)."""
     is_file = config not in PRESETS and (os.sep in config or "." in config)
     data = read_config_file(config) if is_file else {}
     if is_file and not data:
@@ -480,10 +479,6 @@ def build_config(config: str, overrides: list[str], stage: int, *, pipeline: boo
     given = set() if run_file else {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict)
                                     for k in table}
     given |= {item.split("=", 1)[0] for item in overrides}
-    other = sorted(k for k in given if k.startswith(f"stage{3 - stage}."))
-    if other and not pipeline and os.environ.get("RANK", "0") == "0":
-        print(f"warning: {', '.join(other)} apply to stage {3 - stage}, not to this stage-{stage} run: ignored",
-              file=sys.stderr)
     teacher = teacher_fields(cfg, stage) if not pipeline else {}
     if teacher:
         _student_of_teacher(cfg, given, teacher)

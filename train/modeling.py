@@ -8,8 +8,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import videoprism
-from videoprism.checkpoint import is_safetensors, load_checkpoint, safetensors_config
+from videoprism.checkpoint import load_checkpoint, safetensors_config
 from videoprism.config import CLIPConfig, official_config
+from videoprism.paths import is_safetensors
 from videoprism.train.config import ModelConfig
 
 

@@ -420,12 +420,6 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
     return load_safetensors(path, model)
 
 
-def is_safetensors(path: str | None) -> bool:
-    """Whether `path` names our weights format (which carries its config) by its extension, in any case, as
-    load_checkpoint tells the formats apart."""
-    return path is not None and os.path.splitext(os.fspath(path))[1].lower() == ".safetensors"
-
-
 def load_checkpoint(path: str, model: nn.Module) -> nn.Module:
     """Load weights by file type: an official Flax `.npz` or our `.safetensors`."""
     path = os.fspath(path)

@@ -18,8 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.checkpoint import is_safetensors, safetensors_clip
-from videoprism.paths import check_not_an_input, check_out_file
+from videoprism.paths import check_not_an_input, check_out_file, is_safetensors
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -146,6 +145,8 @@ def load_model(args, device: str):
     cfg = model.config
     # Default: the clip size a training export records (a stage-2 student keeps its teacher's position grid, and
     # trains on its own clips), else the position grid's.
+    from videoprism.checkpoint import safetensors_clip
+
     trained = safetensors_clip(args.checkpoint) if is_safetensors(args.checkpoint) else {}
     num_frames = args.num_frames if args.num_frames is not None else trained.get("num_frames", cfg.pos_emb_shape[0])
     resolution = args.resolution if args.resolution is not None else trained.get(

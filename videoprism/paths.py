@@ -1,8 +1,15 @@
-"""Output folders of the commands, created up front with an error that names the option, and JSON written whole."""
+"""Paths of the commands: output folders created up front with an error that names the option, outputs that
+are no input, JSON written whole, and which files are our weights."""
 from __future__ import annotations
 
 import json
 import os
+
+
+def is_safetensors(path: str | None) -> bool:
+    """Whether `path` names our weights format (which carries its config) by its extension, in any case, as
+    load_checkpoint tells the formats apart."""
+    return path is not None and os.path.splitext(os.fspath(path))[1].lower() == ".safetensors"
 
 
 def make_folder(folder: str, option: str) -> None:

@@ -106,7 +106,8 @@ def probe_features(train_x: torch.Tensor, train_labels: dict, val_x: torch.Tenso
             raise ValueError(f"probe label {name!r}: no {'training' if not tk.any() else 'validation'} clip has it")
         tx, ty = (train_x, ty) if tk.all() else (train_x[tk], ty[tk])
         vx, vy = (val_x, vy) if vk.all() else (val_x[vk], vy[vk])
-        seen, classes = set(ty.unique().tolist()), set(ty.unique().tolist()) | set(vy.unique().tolist())
+        seen = set(ty.unique().tolist())
+        classes = seen | set(vy.unique().tolist())
         if len(seen) == 1:
             raise ValueError(f"probe label {name!r}: every training clip has class {seen.pop()}; a probe needs two "
                              "classes or more (its accuracy would be that class's share)")

@@ -81,8 +81,10 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device: str = "cpu"):
-    """-> (model in eval mode, what it was built from: the .safetensors path or the official name)."""
+def _build(name: str | None, checkpoint: str | None, overrides: dict, *, default: str,
+           device: str = "cpu"):
+    """-> (model in eval mode, what it was built from: the .safetensors path or the official name). `name`: --model;
+    `default`: the command's official model without it (our .safetensors need none)."""
     import videoprism as vp
 
     if is_safetensors(checkpoint):
@@ -91,7 +93,7 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, device:
         if name is not None:
             print(f"warning: --model {name} ignored: {checkpoint} carries its own config", file=sys.stderr)
         return vp.model_from_safetensors(checkpoint, **overrides).to(device).eval(), checkpoint
-    name = name or DEFAULT_MODEL
+    name = name or default
     if checkpoint is None:
         model = vp.from_official(name, **overrides)  # an unknown name fails before the warning
         print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
@@ -138,8 +140,7 @@ def load_model(args, device: str):
         if args.attention_backend not in BACKENDS:
             raise ValueError(f"--attention-backend {args.attention_backend}: choose one of {', '.join(BACKENDS)}")
         overrides["attention_backend"] = args.attention_backend
-    name = args.model or (None if is_safetensors(args.checkpoint) else args.default_model)
-    model, source = _build(name, args.checkpoint, overrides, device=device)
+    model, source = _build(args.model, args.checkpoint, overrides, default=args.default_model, device=device)
     if isinstance(model, vp.FactorizedVideoClassifier):
         model = model.encoder
     cfg = model.config
@@ -304,9 +305,8 @@ def cmd_embed_text(args) -> int:
         raise ValueError(f"--tokenizer {args.tokenizer}: no such file; pass the text tower's SentencePiece .model "
                          "(the official LvT models: c4_en; a stage-1 run: its data.tokenizer)")
     device = resolve_device(args.device)
-    ours = is_safetensors(args.checkpoint)  # carries its config
-    name = args.model if ours or args.model else DEFAULT_LVT_MODEL
-    model, source = _build(name, args.checkpoint, parse_overrides(args.set), device=device)
+    model, source = _build(args.model, args.checkpoint, parse_overrides(args.set), default=DEFAULT_LVT_MODEL,
+                           device=device)
     if not isinstance(model, vp.FactorizedVideoCLIP):
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; embed-text needs a video-text (LvT) "
                          "model, e.g. videoprism_lvt_public_v1_base or a stage-1 run's model.safetensors")

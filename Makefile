@@ -30,10 +30,10 @@ test: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra
 
 test-gpu: setup
-	$(BIN)/python -m pytest -q -ra -m gpu
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -ra -m gpu
 
 bench-cpu: setup
-	$(BIN)/python -m bench.encoder
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m bench.encoder
 
 clean:
 	rm -rf build videoprism/_C*.so *.egg-info

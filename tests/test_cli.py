@@ -183,6 +183,9 @@ def test_embed_and_convert_refuse_bad_flags_before_any_work(tmp_path, capsys):
     assert f"is the input video {tmp_path / 'e.npy'}" in capsys.readouterr().err
     assert main(["convert", "x.npz", "--model", "videoprism_v1_base", "--out", str(tmp_path / "c.npy")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+    # our own format given to convert: said as such (it was "not a zip archive of .npy arrays")
+    assert main(["convert", ckpt, "--model", "videoprism_v1_base", "--out", str(tmp_path / "c.safetensors")]) == 2
+    assert "is already our .safetensors format" in capsys.readouterr().err
 
 
 def test_embed_progress_bar_shows_the_rate_once(tmp_path, capsys):
@@ -441,6 +444,20 @@ def test_triton_attention_on_the_cpu_fails_before_the_run_starts(tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+def test_sdpa_attention_is_refused_before_the_run_starts(tmp_path, capsys):
+    """SDPA has neither the official models' logit soft-cap nor stage 2's masked time axis: refused by the
+    preflight (it failed at the first step, after the data was decoded and the run folder written)."""
+    from videoprism.train import stage1
+    from videoprism.train.config import build_config, check_inputs
+
+    argv = ["--config", "tiny", "data.source=random", f"train.out_dir={tmp_path}/run", "model.attention_backend=sdpa"]
+    _assert_one_line_error(stage1.main, argv, "soft-caps its attention logits at 50", capsys)
+    assert not (tmp_path / "run").exists()
+    cfg = build_config("tiny", ["model.attention_backend=sdpa", f"train.out_dir={tmp_path}/run"], 2)
+    with pytest.raises(ValueError, match="stage 2's student attends on the masked time axis"):
+        check_inputs(cfg, 2)
+
+
 def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
     from videoprism.train import stage1
 
@@ -535,3 +552,5 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
         acc = [100 * res["probes"][s][name]["accuracy"] for s in ("stage1", "stage2")]
         assert re.search(rf"^  {name} +\d+\.\d% +{acc[0]:5.1f}% .* {acc[1]:5.1f}% ", out, re.M), (name, acc)
     assert res["runs"]["stage2"]["export"] == str(tmp_path / "stage2" / "model.safetensors")
+    printed = re.search(r"lr 0\.003, (\d+) s\):", out)
+    assert printed and abs(int(printed[1]) - res["probe_s"]) <= 0.6 and res["probe_s"] <= res["total_s"]

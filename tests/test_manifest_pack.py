@@ -186,6 +186,27 @@ def test_a_pack_whose_header_has_another_shape_is_a_damaged_pack(tmp_path, capsy
     assert f"note: {pack_path(m)} is damaged (header" in err and f"`videoprism data pack {m}` writes it again" in err
 
 
+def test_a_stale_pack_is_noted_once_a_process_on_rank_0(tmp_path, capsys, monkeypatch):
+    """A command that reads a manifest twice (eval probe: labels, then clips) said the same note twice, and every
+    rank of a run said it: once, on rank 0. Another reason for the same pack is said too."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    with open(m, "a") as fh:  # the manifest grows: its pack is stale
+        fh.write(json.dumps({"path": "clip_x.mp4", "caption": "one more"}) + "\n")
+    note = f"note: {pack_path(m)} was written for another version of the manifest (its size changed"
+    monkeypatch.setenv("RANK", "1")
+    read_manifest(m)
+    assert note not in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    for _ in range(2):
+        read_manifest(m)
+    assert capsys.readouterr().err.count(note) == 1
+    with open(pack_path(m), "r+b") as fh:  # now damaged as well: another note
+        fh.write(b"\0" * 8)
+    read_manifest(m)
+    assert f"note: {pack_path(m)} is not a videoprism pack" in capsys.readouterr().err
+
+
 def test_the_header_rewrite_of_the_test_keeps_a_pack_usable(tmp_path):
     """The oracle of the test above: _with_header with no change gives a pack every reader still maps."""
     m = _manifest(tmp_path, n=30)

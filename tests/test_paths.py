@@ -1,4 +1,4 @@
-"""videoprism.paths.write_json_atomic: a write that fails leaves the previous file whole and no temporary file."""
+"""videoprism.paths: a JSON write that fails leaves the previous file whole and no temporary file; new files' modes."""
 from __future__ import annotations
 
 import json
@@ -28,3 +28,21 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "sub") == ["r.json"]
     write_json_atomic(path, {"a": 3})
     assert json.loads(open(path).read()) == {"a": 3}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_weights_get_the_mode_of_any_new_file(tmp_path, umask):
+    """safetensors' save_file leaves its files 0o600 whatever the umask: on a shared cluster nobody else could read
+    an export. Our weights get what open() gives a new file under the same umask."""
+    import torch
+
+    from videoprism.checkpoint import write_safetensors
+
+    old = os.umask(umask)
+    try:
+        write_safetensors({"w": torch.zeros(3)}, str(tmp_path / "w.safetensors"), {"k": "v"})
+        open(tmp_path / "plain", "w").close()
+    finally:
+        os.umask(old)
+    mode = os.stat(tmp_path / "w.safetensors").st_mode & 0o777
+    assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask

@@ -634,6 +634,9 @@ def test_auto_resume_starts_afresh_without_a_checkpoint_and_resumes_with_one(tmp
     assert trainer.step == 2 and trainer.resumed_from == str(tmp_path / "checkpoints" / "step_00000002")
     with pytest.raises(FileNotFoundError, match="empty. does not exist; pass the run.s out_dir"):
         make_trainer(tmp_path / "empty", *args).resume(str(tmp_path / "empty"))
+    # A step folder mistyped (the folders have eight digits): the error lists the ones there.
+    with pytest.raises(FileNotFoundError, match="step_2. does not exist; its folder holds step_00000002$"):
+        make_trainer(tmp_path, *args).resume(str(tmp_path / "checkpoints" / "step_2"))
 
 
 def test_resume_reports_what_the_config_changed(tmp_path, capsys):

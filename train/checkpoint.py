@@ -177,6 +177,10 @@ def find(path: str, *, required: bool, option: str = "--resume") -> str | None:
     fix = "pass the run's out_dir (its latest checkpoint) or one of its checkpoints/step_* folders"
     if required and not os.path.isdir(path):
         what = "is a file, not a run's folder" if os.path.exists(path) else "does not exist"
+        there = [os.path.basename(d) for _, d in step_dirs(os.path.dirname(os.path.abspath(path)))]
+        if there:  # a step folder mistyped (`step_3` for step_00000003): the ones that are there
+            fix = f"its folder holds {', '.join(there[-5:])}" + (f" (and {len(there) - 5} older)" if len(there) > 5
+                                                                   else "")
         raise FileNotFoundError(f"{option} {path!r} {what}; {fix}")
     if os.path.basename(path.rstrip("/")).startswith("step_"):
         return path if os.path.isdir(path) else None

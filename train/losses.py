@@ -1,9 +1,16 @@
 """Losses of both stages and the cross-rank gather they need."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+# torch 2.14 deprecates the autograd all_gather below for one of the private torch.distributed._functional_collectives;
+# the public one works from torch 2.11 (the GPU machines') to 2.14, so its notice is not repeated by every rank.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,8 @@ def _main(argv: list[str] | None) -> int:
         "probes": {s.replace(" ", ""): probes[s] for s in probes},
         "runs": {s.replace(" ", ""): {k: res[k] for k in ("checkpoint", "export", "plot")}
                  for s, res in (("stage 1", res1), ("stage 2", res2))},
-        "probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "total_s": round(total, 1)})
+        "probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "probe_s": round(t_probe, 1),
+        "total_s": round(total, 1)})
     print(f"results: {results}")
     print(f"total time {total:.0f} s")
     return 0

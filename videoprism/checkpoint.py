@@ -27,6 +27,7 @@ from videoprism.config import narrow_config
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack
+from videoprism.paths import new_file_mode
 
 
 class CheckpointError(ValueError):
@@ -262,6 +263,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     tmp = f"{path}.tmp"
     try:
         _write_sorted(tensors, tmp, metadata)
+        os.chmod(tmp, new_file_mode())  # safetensors writes 0o600 whatever the umask
         os.replace(tmp, path)
     except (SafetensorError, OSError) as e:  # a full disk: safetensors' error is no OSError and names no file
         if os.path.exists(tmp):

@@ -1,8 +1,8 @@
 """`videoprism` command line: embed videos and texts, convert official checkpoints, export training checkpoints,
 data tools, evaluation.
 
-    videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] --out FILE.npy
-    videoprism embed-text TEXT... --tokenizer SPM.model [--model NAME] [--checkpoint X] --out FILE.npy
+    videoprism embed VIDEO... [--model NAME] [--checkpoint X] [--num-frames T] [--out FILE.npy]
+    videoprism embed-text TEXT... --tokenizer SPM.model [--model NAME] [--checkpoint X] [--out FILE.npy]
     videoprism convert CKPT.npz --model NAME --out WEIGHTS.safetensors
     videoprism export RUN[/checkpoints/step_N] [--out WEIGHTS.safetensors]
     videoprism data {index,validate,pack,tokenizer,synth} ...
@@ -329,6 +329,9 @@ def cmd_convert(args) -> int:
         raise ValueError(f"--out {args.out}: must end in .safetensors (load_checkpoint picks the format by it)")
     check_out_file(args.out, f"--out {args.out}")
     check_not_an_input(args.out, f"--out {args.out}", [("checkpoint", args.checkpoint)])
+    if is_safetensors(args.checkpoint):
+        raise ValueError(f"{args.checkpoint}: is already our .safetensors format (convert reads an official Flax "
+                         ".npz); pass it to embed/eval as --checkpoint as it is")
     overrides = parse_overrides(args.set)
     if args.num_classes:
         overrides["num_classes"] = args.num_classes

@@ -43,6 +43,23 @@ def check_not_an_input(path: str, option: str, inputs: list[tuple[str, str | Non
                              "reads: pick another output path")
 
 
+def new_file_mode() -> int:
+    """The permission bits `open()` gives a new file here (0o666 less the umask): for files a library writes as
+    0o600 (safetensors' save_file renames a private temporary file), so weights on a shared cluster stay readable
+    to whom the user's umask lets read them. The umask is read from /proc, not set and reset (a thread creating a
+    file between the two calls would get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
     """`obj` as JSON in `path`, whole or not at all: a kill or a full disk mid-write leaves the previous file (a
     run's config.json, a result an earlier run saved), never a truncated one. The temporary file is this process's

@@ -363,13 +363,13 @@ def _read_packed(path: str, max_bad_share: float, captions: bool):
     """read_manifest's result from the manifest's pack; None when it has none or one that does not match, or when
     the reader needs captions and the pack holds video-only lines (the pack keeps them: which lines those are, the
     parse says), unless their count alone passes the share (TooManyBadSamplesError at once)."""
-    from .pack import StalePack, pack_path, read_pack
+    from .pack import StalePack, note_once, pack_path, read_pack
 
     try:
         packed = read_pack(path)
     except StalePack as e:
-        print(f"note: {pack_path(path)} {e}; reading {path} instead (`videoprism data pack {shlex.quote(path)}` "
-              "writes it again)", file=sys.stderr)
+        note_once(f"{pack_path(path)} {e}; reading {path} instead (`videoprism data pack {shlex.quote(path)}` "
+                  "writes it again)")
         return None
     if packed is None:
         return None
@@ -380,9 +380,9 @@ def _read_packed(path: str, max_bad_share: float, captions: bool):
         if budget.over(bad):  # the parse would stop too: said at once, not after minutes of parsing on every rank
             budget.stop(bad, f"video-only lines: {samples.uncaptioned} (counted by {pack_path(path)}; {NO_CAPTION}), "
                              f"lines rejected when it was packed: {len(rejects)}")
-        print(f"note: {pack_path(path)} holds {samples.uncaptioned} video-only lines, which a reader that needs "
-              f"captions rejects; reading {path} instead (`videoprism data index --require-captions` writes a "
-              "manifest without them, whose pack serves it)", file=sys.stderr)
+        note_once(f"{pack_path(path)} holds {samples.uncaptioned} video-only lines, which a reader that needs "
+                  f"captions rejects; reading {path} instead (`videoprism data index --require-captions` writes a "
+                  "manifest without them, whose pack serves it)")
         return None
     # The share is checked at read time, as a parse would: the pack keeps every rejected line.
     for where, reason in rejects:

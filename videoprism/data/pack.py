@@ -239,6 +239,20 @@ class StalePack(Exception):
     """A pack that does not match its manifest or cannot be read (`str()` says why)."""
 
 
+_NOTED: set[str] = set()
+
+
+def note_once(message: str, key: str | None = None) -> None:
+    """`note: message` on stderr once a process for `key` (default: the message itself), and on rank 0 only: every
+    rank reads the same manifests, and one command may read a manifest twice (eval probe: its labels, then its
+    clips)."""
+    key = message if key is None else key
+    if key in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(key)
+    print(f"note: {message}", file=sys.stderr)
+
+
 def read_pack(manifest: str):
     """(SampleList over the mapped pack, rejects, lines) of `manifest`'s pack; None when it has none;
     StalePack when it has one that cannot be used."""
@@ -271,9 +285,9 @@ def read_pack(manifest: str):
             why = ("was packed within its time stamps' resolution of a change to it" if not _trusted(packed) else
                    "was copied, moved or touched since it was packed (its inode, modification or change time "
                    "differ)")
-            print(f"note: {path} is used: {manifest} {why}, and its content matches the pack's (checked in "
-                  f"{time.monotonic() - started:.2f} s, at every read until `videoprism data pack "
-                  f"{shlex.quote(manifest)}` packs it again)", file=sys.stderr)
+            note_once(f"{path} is used: {manifest} {why}, and its content matches the pack's (checked in "
+                      f"{time.monotonic() - started:.2f} s, at every read until `videoprism data pack "
+                      f"{shlex.quote(manifest)}` packs it again)", key=f"{path}: {why}")
     except BaseException:
         fh.close()
         raise

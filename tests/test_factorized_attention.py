@@ -144,6 +144,18 @@ def test_bad_arguments_name_what_is_wrong():
             factorized_attention(x, axis="space", backend="reference", **kw)
     with pytest.raises(ValueError, match="qkv must be a float tensor"):
         factorized_attention(x.long(), axis="space", backend="reference")
+    # A NaN scale gave an all-NaN output; a string one, a ValueError that did not name it; a list as key padding an
+    # AttributeError; num_locations below a pos index a scatter's RuntimeError (the reference), ignored by the others.
+    pos = torch.tensor([[[0, 5], [1, 2]]])
+    for kw, needle in (({"axis": "space", "scale": float("nan")}, "scale must be a finite number"),
+                       ({"axis": "space", "scale": "a"}, "scale must be a finite number"),
+                       ({"axis": "space", "key_padding": [[[False] * 3] * 2]},
+                        "key_padding must be a bool .* got list"),
+                       ({"axis": "time", "pos": pos, "num_locations": 4}, r"pos must hold .* in \[0, 4\)"),
+                       ({"axis": "time", "pos": pos, "num_locations": 6.0}, "num_locations must be .* got 6.0"),
+                       ({"axis": "time", "pos": pos, "num_locations": -1}, "num_locations must be .* got -1")):
+        with pytest.raises(ValueError, match=needle):
+            factorized_attention(x[:, :, :2] if "pos" in kw else x, backend="reference", **kw)
 
 
 @pytest.mark.parametrize("dev", [pytest.param("cpu", marks=interp), pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -350,13 +362,19 @@ def test_sdpa_matches_reference_without_cap():
 
 
 def test_sdpa_fp16_with_key_padding():
-    """The additive mask's fill fits fp16 (the fp32 one overflowed it)."""
+    """The additive mask's fill fits fp16 (the fp32 one overflowed it); causal with the first keys padded leaves a
+    query nothing to attend to, which averages all values as a fully padded row does (fp16 kept parts of the
+    scores there: off by up to 6.8)."""
     gen = torch.Generator().manual_seed(7)
-    x = make_qkv(2, 3, 5, 2, 16, gen).float()
+    x = make_qkv(2, 3, 5, 2, 16, gen).float() * 3
     for axis in ("space", "time"):
-        kw = dict(axis=axis, key_padding=padding(2, 3, 5, axis, gen))
-        got = factorized_attention(x.half(), backend="sdpa", **kw).float()
-        torch.testing.assert_close(got, factorized_attention_ref(x, **kw), rtol=2e-2, atol=2e-2)
+        kp = padding(2, 3, 5, axis, gen)
+        lead = kp.clone()
+        lead[0, :2, :2] = lead[1, :, :2] = True  # the first keys of some space rows padded, and of some time rows
+        lead[0, :2, 2:] = False
+        for kw in (dict(key_padding=kp), dict(key_padding=lead, causal=True)):
+            got = factorized_attention(x.half(), backend="sdpa", axis=axis, **kw).float()
+            torch.testing.assert_close(got, factorized_attention_ref(x, axis=axis, **kw), rtol=2e-2, atol=2e-2)
 
 
 def test_time_axis_pos_must_be_sorted_and_on_the_device():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -109,6 +110,17 @@ def test_bad_arguments_say_what_is_wrong(kind):
         f(0, 2, (4, 4), 0.5)
     with pytest.raises(ValueError, match="not both"):
         f(2, 2, (4, 4), 0.5, seed=1, generator=torch.Generator())
+    # Each of these failed with a TypeError or OverflowError naming no argument, or (seed=1.7) ran as seed 1.
+    for args, kw, needle in (((2, 2, 4, 0.5), {}, "grid"), ((2, 2, (4, 4), "0.5"), {}, "ratio"),
+                             ((2, 2, (4, 4), None), {}, "ratio"), ((2, 2, (4, 4), 0.5), {"seed": 1.7}, "seed"),
+                             ((2, 2, (4, 4), 0.5), {"seed": 2**64}, "seed"),
+                             ((2, 2, (4, 4), 0.5), {"seed": "1"}, "seed")):
+        with pytest.raises(ValueError, match=f"mask {needle} must be"):
+            f(*args, **kw)
+    # numpy's ints and floats are numbers too; a meta device gives the shape (it failed: no generator there)
+    assert torch.equal(f(2, 2, (4, 4), np.float32(0.5), seed=np.int64(3)), f(2, 2, (4, 4), 0.5, seed=3))
+    meta = f(2, 3, (4, 4), 0.5, seed=0, device="meta")
+    assert meta.is_meta and meta.shape == f(2, 3, (4, 4), 0.5, seed=0).shape
 
 
 def test_inverse_slot_map():
@@ -123,6 +135,9 @@ def test_inverse_slot_map():
             assert torch.equal(slot[b, t], expect)
     with pytest.raises(ValueError, match="num_patches"):
         inverse_slot_map(pos, 5)
+    for bad in (30.0, None):  # a TypeError from torch.full / a comparison
+        with pytest.raises(ValueError, match="num_patches must be the grid's patch count"):
+            inverse_slot_map(pos, bad)
     # A repeated or out-of-range index let one slot win silently, or failed inside scatter_.
     for bad in ([[[0, 0, 3]]], [[[0, 1, 30]]], [[[-1, 1, 2]]]):
         with pytest.raises(ValueError, match=r"indices in \[0, 30\) in increasing order"):

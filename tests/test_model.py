@@ -23,6 +23,26 @@ def test_parameter_counts_match_released_models(name, millions):
     assert abs(n - millions) / millions < 0.005, f"{name}: {n:.1f}M parameters, released {millions}M"
 
 
+def test_a_meta_model_runs_masked_clips_for_their_shapes():
+    """A model on device="meta" (shapes without memory) ran full clips but refused masked ones: the token ops'
+    default on meta tensors was the C++ backend, which said to use 'cuda' or 'triton'. Each op's shape on meta
+    equals its shape on real tensors."""
+    from videoprism import ops
+    from videoprism.masking import tube_mask
+
+    kw = dict(model_dim=32, num_heads=2, mlp_dim=64, num_spatial_layers=1, num_temporal_layers=1, patch_size=8,
+              pos_emb_shape=(2, 4, 4))
+    pos = tube_mask(1, 2, (4, 4), 0.5, seed=0)
+    real = vp.from_official("videoprism_v1_base", **kw)(torch.rand(1, 2, 32, 32, 3), pos=pos)[0]
+    meta = vp.from_official("videoprism_v1_base", device="meta", **kw)(torch.empty(1, 2, 32, 32, 3, device="meta"),
+                                                                         pos=pos.to("meta"))[0]
+    assert meta.is_meta and meta.shape == real.shape == (1, 16, 32)
+    x, idx = torch.rand(2, 5, 4), torch.tensor([[0, 4, 2], [1, 1, 3]])
+    for backend in (None, "cpp", "reference"):
+        got = ops.gather_tokens(x.to("meta"), idx.to("meta"), backend=backend)
+        assert got.is_meta and got.shape == ops.gather_tokens(x, idx).shape
+
+
 def test_all_official_names_build():
     for name in ("videoprism_v1_giant", "videoprism_lvt_v1_giant", "videoprism_public_v1_base",
                  "videoprism_lvt_public_v1_large"):

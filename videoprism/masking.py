@@ -12,6 +12,8 @@ type gives the same mask (CPU and CUDA generators produce different streams).
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import torch
 
@@ -42,9 +44,10 @@ def _check(batch, frames, grid, ratio) -> tuple[int, int, int]:
         raise ValueError(f"mask batch must be a positive int, got {batch!r}")
     if not (isinstance(frames, int) and frames >= 1):
         raise ValueError(f"mask frames must be a positive int, got {frames!r}")
-    if not (len(grid) == 2 and all(isinstance(g, int) and g >= 1 for g in grid)):
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
         raise ValueError(f"mask grid must be (h, w) positive ints (patches per column, row), got {grid!r}")
-    if not 0.0 <= ratio < 1.0:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1) (share of masked patches), got {ratio!r}")
     h, w = grid
     k = num_visible(grid, ratio)
@@ -62,10 +65,19 @@ def _generator(seed, generator, device) -> tuple[torch.Generator | None, torch.d
                              "make a generator on the batch's device")
         return generator, generator.device
     device = torch.device("cpu" if device is None else device)
-    if seed is None:
+    if seed is not None:
+        given = seed
+        try:  # an int, numpy's too; not a float (1.7 was taken as 1) or a bool
+            seed = None if isinstance(seed, bool) else operator.index(seed)
+        except TypeError:
+            seed = None
+        if seed is None or not -2**63 <= seed < 2**64:
+            raise ValueError(f"mask seed must be an int in [-2^63, 2^64) as torch.Generator.manual_seed takes (or "
+                             f"None: torch's global generator), got {given!r}")
+    if seed is None or device.type == "meta":  # meta: shapes only, nothing to draw
         return None, device
     g = torch.Generator(device=device)
-    g.manual_seed(int(seed))
+    g.manual_seed(seed)
     return g, device
 
 
@@ -180,6 +192,8 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     search of frame t' instead (`pos` sorted; no [B, T, N] table to build and read each step),
     the reference by `searchsorted`; this table is for code that looks slots up many times.
     """
+    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"num_patches must be the grid's patch count, an int >= 1, got {num_patches!r}")
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] > num_patches:
         raise ValueError(f"pos has K={pos.shape[2]} slots but num_patches={num_patches}; K must be <= N")
     check_pos(pos, num_patches)

@@ -249,10 +249,10 @@ def _sdpa(qkv, *, axis, softcap, pos, key_padding, causal, scale):
     q, k, v = (a.permute(*perm).reshape(-1, H, S, Dh) for a in (q, k, v))
     mask = None
     if kp is not None:
-        # A sequence whose keys are all padded averages all values uniformly (the official code's finite mask):
-        # unmask it and zero its queries, so every score is 0. (A large fill alone is not exact in fp16, whose
-        # rounding near -32752 keeps parts of the scores.)
-        full = kp.all(-1, keepdim=True)
+        # A query whose keys are all padded (causal: all of those up to it) averages all values uniformly (the
+        # official code's finite mask): unmask its row and zero the query, so every score is 0. (A large fill alone
+        # is not exact in fp16, whose rounding near -32752 keeps parts of the scores.)
+        full = kp.cumprod(-1).bool().transpose(-1, -2) if causal else kp.all(-1, keepdim=True)
         kp, q = kp & ~full, q.masked_fill(full, 0)
         # MASK_VALUE overflows fp16: half the type's most negative value there.
         fill = max(MASK_VALUE, 0.5 * torch.finfo(q.dtype).min)
@@ -269,7 +269,7 @@ def _sdpa(qkv, *, axis, softcap, pos, key_padding, causal, scale):
 _IMPL = {"reference": factorized_attention_ref, "triton": _triton, "flex": _flex, "flash": _flash, "sdpa": _sdpa}
 
 
-def _validate(qkv, axis, softcap, pos, key_padding, causal):
+def _validate(qkv, axis, softcap, pos, key_padding, causal, scale, num_locations):
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 6 or qkv.shape[3] != 3:
         raise ValueError(f"qkv must be a [B, T, K, 3, H, Dh] tensor (the qkv projection viewed per head), "
                          f"got {tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv)}")
@@ -281,6 +281,14 @@ def _validate(qkv, axis, softcap, pos, key_padding, causal):
         raise ValueError(f"softcap must be a finite number >= 0 (0 = no cap), got {softcap!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
+    # (Symbolic sizes pass: a compiled model with dynamic shapes computes num_locations from the clip's.)
+    if scale is not None and not isinstance(scale, torch.SymFloat) and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number (None = Dh^-0.5), got {scale!r}")
+    if num_locations is not None and (isinstance(num_locations, bool)
+                                      or not isinstance(num_locations, (int, torch.SymInt)) or num_locations < 1):
+        raise ValueError(f"num_locations must be the spatial grid's size, an int >= 1 (None = read from pos), "
+                         f"got {num_locations!r}")
     btk = tuple(qkv.shape[:3])
     if pos is not None:
         if axis != "time":
@@ -289,14 +297,16 @@ def _validate(qkv, axis, softcap, pos, key_padding, causal):
         if not isinstance(pos, torch.Tensor) or tuple(pos.shape) != btk:
             raise ValueError(f"pos must be an integer [B, T, K] = {list(btk)} tensor of spatial indices, "
                              f"got {tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
-    if key_padding is not None and (tuple(key_padding.shape) != btk or key_padding.dtype != torch.bool):
-        raise ValueError(f"key_padding must be a bool [B, T, K] = {list(btk)} tensor (True = padded key), "
-                         f"got {key_padding.dtype} {tuple(key_padding.shape)}")
+    if key_padding is not None and (not isinstance(key_padding, torch.Tensor) or tuple(key_padding.shape) != btk
+                                    or key_padding.dtype != torch.bool):
+        got = (f"{key_padding.dtype} {tuple(key_padding.shape)}" if isinstance(key_padding, torch.Tensor) else
+               type(key_padding).__name__)
+        raise ValueError(f"key_padding must be a bool [B, T, K] = {list(btk)} tensor (True = padded key), got {got}")
     for name, t in (("pos", pos), ("key_padding", key_padding)):
         if t is not None and t.device != qkv.device:
             raise ValueError(f"{name} is on {t.device} but qkv on {qkv.device}; move it to qkv's device")
     if pos is not None:
-        check_pos(pos)
+        check_pos(pos, num_locations)
 
 
 def factorized_attention(
@@ -322,7 +332,7 @@ def factorized_attention(
     masked time axis lays its tokens on (None: read from pos, a host read); the other backends
     search each frame's sorted pos. See kernels/factorized_attention.py for the exact math.
     """
-    _validate(qkv, axis, softcap, pos, key_padding, causal)
+    _validate(qkv, axis, softcap, pos, key_padding, causal, scale, num_locations)
     backend = default_backend(qkv.device) if backend in (None, "auto") else backend
     if backend not in _IMPL:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS} (or None for the default)")

@@ -47,10 +47,13 @@ __all__ = ["BACKENDS", "default_backend", "gather_tokens", "patchify_gather", "s
            "shuffle_with_mask_tokens"]
 
 BACKENDS = ("triton", "cuda", "cpp", "reference")
+_VIDEO_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _native = torch.ops.videoprism
 
 
 def default_backend(device: torch.device) -> str:
+    if device.type == "meta":  # shapes only (a model built on device="meta"): plain torch
+        return "reference"
     if device.type != "cuda":
         return "cpp"
     return "triton" if _TRITON_MISSING is None else "cuda"
@@ -60,13 +63,15 @@ def _resolve(backend: str | None, device: torch.device, op: str) -> str:
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "triton" and _TRITON_MISSING is not None:
+        raise ValueError(f"{op}: backend 'triton' needs Triton, which this torch lacks ({_TRITON_MISSING}); use "
+                         f"{'cuda' if device.type == 'cuda' else 'cpp'} (or a CUDA build of torch, which brings it)")
+    if device.type == "meta":  # shapes only: every backend's op has a fake implementation
+        return backend
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got {device}; use 'cpp' on the CPU")
     if backend == "cpp" and device.type != "cpu":
         raise ValueError(f"{op}: backend 'cpp' runs on the CPU, got {device} tensors; use 'cuda' or 'triton'")
-    if backend == "triton" and _TRITON_MISSING is not None:
-        raise ValueError(f"{op}: backend 'triton' needs Triton, which this torch lacks ({_TRITON_MISSING}); use "
-                         f"{'cuda' if device.type == 'cuda' else 'cpp'} (or a CUDA build of torch, which brings it)")
     if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"{op}: backend 'triton' on {device} tensors needs Triton's interpreter "
                          "(TRITON_INTERPRET=1 before triton is imported); use 'cpp' on the CPU")
@@ -235,7 +240,26 @@ def _shuffle_backward(ctx, grad):
     return gvis, None, gmask.to(ctx.emb_dtypes[0]), gpos.to(ctx.emb_dtypes[1]), None
 
 
+def _shuffle_bwd_setup(ctx, inputs, output):
+    grad, perm, m, backend = inputs
+    ctx.save_for_backward(perm)
+    ctx.m, ctx.backend, ctx.grad = m, backend, grad.new_empty(0)  # (the grad's dtype and device)
+
+
+def _shuffle_bwd_backward(ctx, ggvis, ggmask, ggpos):
+    """Double backward: the backward is linear in grad and its adjoint is the forward, the shuffle of the three
+    cotangents (an output without one: zeros)."""
+    (perm,) = ctx.saved_tensors
+    B, n = perm.shape
+    D = next(g.shape[-1] for g in (ggvis, ggmask, ggpos) if g is not None)
+    ggvis = ctx.grad.new_zeros(B, ctx.m, D) if ggvis is None else ggvis.to(ctx.grad.dtype)
+    ggmask = ctx.grad.new_zeros(D) if ggmask is None else ggmask
+    ggpos = ctx.grad.new_zeros(n, D) if ggpos is None else ggpos
+    return _shuffle_op(ggvis, perm, ggmask, ggpos, ctx.backend), None, None, None
+
+
 _shuffle_op.register_autograd(_shuffle_backward, setup_context=_shuffle_setup)
+_shuffle_bwd_op.register_autograd(_shuffle_bwd_backward, setup_context=_shuffle_bwd_setup)
 
 
 def shuffle_with_mask_tokens(visible: Tensor, perm: Tensor, mask_emb: Tensor, pos_emb: Tensor,
@@ -321,8 +345,9 @@ def patchify_gather(video: Tensor, pos: Tensor, patch_size: int, backend: str | 
     if not (isinstance(video, Tensor) and video.dim() == 5 and video.shape[4] == 3):
         raise ValueError(f"{op}: video must be [B, T, H, W, 3] (channels last), got "
                          f"{tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__}")
-    if not (video.dtype == torch.uint8 or video.is_floating_point()):
-        raise ValueError(f"{op}: video must be uint8 [0, 255] or float [0, 1], got {video.dtype}")
+    if video.dtype not in _VIDEO_DTYPES:  # (the float8 types are floating point too, and no kernel reads them)
+        raise ValueError(f"{op}: video must be uint8 [0, 255] or float16/bfloat16/float32/float64 [0, 1], got "
+                         f"{video.dtype}")
     if not (isinstance(patch_size, int) and patch_size >= 1):
         raise ValueError(f"{op}: patch_size must be a positive int, got {patch_size!r}")
     B, T, H, W, _ = video.shape

@@ -10,6 +10,7 @@ a GPU), where bf16 tl.dot is not meaningful: fp32 and fp16 here, bf16 in the `gp
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -156,6 +157,12 @@ def test_bad_arguments_name_what_is_wrong():
                        ({"axis": "time", "pos": pos, "num_locations": -1}, "num_locations must be .* got -1")):
         with pytest.raises(ValueError, match=needle):
             factorized_attention(x[:, :, :2] if "pos" in kw else x, backend="reference", **kw)
+    # numpy's numbers and 0-d tensors stay accepted, with the same result as Python's
+    ok = torch.tensor([[[0, 1], [1, 2]]])
+    want = factorized_attention(x[:, :, :2], axis="time", backend="reference", pos=ok, num_locations=4, scale=0.5)
+    for scale, n in ((np.float32(0.5), np.int64(4)), (torch.tensor(0.5), torch.tensor(4))):
+        got = factorized_attention(x[:, :, :2], axis="time", backend="reference", pos=ok, num_locations=n, scale=scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dev", [pytest.param("cpu", marks=interp), pytest.param("cuda", marks=pytest.mark.gpu)])

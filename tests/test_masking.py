@@ -135,6 +135,8 @@ def test_inverse_slot_map():
             assert torch.equal(slot[b, t], expect)
     with pytest.raises(ValueError, match="num_patches"):
         inverse_slot_map(pos, 5)
+    for n in (np.int64(30), torch.tensor(30)):  # numpy's ints and 0-d tensors as before
+        assert torch.equal(inverse_slot_map(pos, n), slot)
     for bad in (30.0, None):  # a TypeError from torch.full / a comparison
         with pytest.raises(ValueError, match="num_patches must be the grid's patch count"):
             inverse_slot_map(pos, bad)

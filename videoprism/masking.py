@@ -192,8 +192,13 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     search of frame t' instead (`pos` sorted; no [B, T, N] table to build and read each step),
     the reference by `searchsorted`; this table is for code that looks slots up many times.
     """
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
+    try:  # an int, numpy's or a 0-d tensor's too
+        n = None if isinstance(num_patches, bool) else operator.index(num_patches)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
         raise ValueError(f"num_patches must be the grid's patch count, an int >= 1, got {num_patches!r}")
+    num_patches = n
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[2] > num_patches:
         raise ValueError(f"pos has K={pos.shape[2]} slots but num_patches={num_patches}; K must be <= N")
     check_pos(pos, num_patches)

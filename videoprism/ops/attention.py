@@ -14,6 +14,7 @@ Backends (the exact math is in kernels/factorized_attention.py):
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -281,14 +282,22 @@ def _validate(qkv, axis, softcap, pos, key_padding, causal, scale, num_locations
         raise ValueError(f"softcap must be a finite number >= 0 (0 = no cap), got {softcap!r}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
-    # (Symbolic sizes pass: a compiled model with dynamic shapes computes num_locations from the clip's.)
-    if scale is not None and not isinstance(scale, torch.SymFloat) and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number (None = Dh^-0.5), got {scale!r}")
-    if num_locations is not None and (isinstance(num_locations, bool)
-                                      or not isinstance(num_locations, (int, torch.SymInt)) or num_locations < 1):
-        raise ValueError(f"num_locations must be the spatial grid's size, an int >= 1 (None = read from pos), "
-                         f"got {num_locations!r}")
+    # Any real number (numpy's, a 0-d tensor) as before; symbolic ones pass (a compiled model with dynamic shapes).
+    if scale is not None and not isinstance(scale, torch.SymFloat):
+        try:
+            ok = not isinstance(scale, (bool, str)) and math.isfinite(float(scale))
+        except (TypeError, ValueError, RuntimeError):
+            ok = False
+        if not ok:
+            raise ValueError(f"scale must be a finite number (None = Dh^-0.5), got {scale!r}")
+    if num_locations is not None and not isinstance(num_locations, torch.SymInt):
+        try:
+            n = None if isinstance(num_locations, bool) else operator.index(num_locations)
+        except TypeError:
+            n = None
+        if n is None or n < 1:
+            raise ValueError(f"num_locations must be the spatial grid's size, an int >= 1 (None = read from pos), "
+                             f"got {num_locations!r}")
     btk = tuple(qkv.shape[:3])
     if pos is not None:
         if axis != "time":

@@ -9,11 +9,24 @@ loaders and masks, valid by construction).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 # A float video outside this range is almost surely in [0, 255] or normalised (mean/std), not in [0, 1];
 # the slack leaves room for a resampling filter's overshoot.
 _FLOAT_VIDEO_RANGE = (-0.5, 1.5)
+
+
+def as_int(value) -> int | None:
+    """`value` as an int when it is one of any kind (Python's, numpy's, a 0-d integer tensor), else None: not a
+    bool, a float (1.7 must not pass as 1) or a string."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def _read_values(t: torch.Tensor) -> bool:

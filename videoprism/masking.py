@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 
 import torch
 
-from videoprism.checks import check_pos
+from videoprism.checks import as_int, check_pos
 
 __all__ = ["tube_mask", "bevt_mask", "inverse_slot_map", "num_visible"]
 
@@ -65,19 +64,13 @@ def _generator(seed, generator, device) -> tuple[torch.Generator | None, torch.d
                              "make a generator on the batch's device")
         return generator, generator.device
     device = torch.device("cpu" if device is None else device)
-    if seed is not None:
-        given = seed
-        try:  # an int, numpy's too; not a float (1.7 was taken as 1) or a bool
-            seed = None if isinstance(seed, bool) else operator.index(seed)
-        except TypeError:
-            seed = None
-        if seed is None or not -2**63 <= seed < 2**64:
-            raise ValueError(f"mask seed must be an int in [-2^63, 2^64) as torch.Generator.manual_seed takes (or "
-                             f"None: torch's global generator), got {given!r}")
+    if seed is not None and (as_int(seed) is None or not -2**63 <= as_int(seed) < 2**64):
+        raise ValueError(f"mask seed must be an int in [-2^63, 2^64) as torch.Generator.manual_seed takes (or "
+                         f"None: torch's global generator), got {seed!r}")
     if seed is None or device.type == "meta":  # meta: shapes only, nothing to draw
         return None, device
     g = torch.Generator(device=device)
-    g.manual_seed(seed)
+    g.manual_seed(as_int(seed))
     return g, device
 
 
@@ -192,10 +185,7 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     search of frame t' instead (`pos` sorted; no [B, T, N] table to build and read each step),
     the reference by `searchsorted`; this table is for code that looks slots up many times.
     """
-    try:  # an int, numpy's or a 0-d tensor's too
-        n = None if isinstance(num_patches, bool) else operator.index(num_patches)
-    except TypeError:
-        n = None
+    n = as_int(num_patches)
     if n is None or n < 1:
         raise ValueError(f"num_patches must be the grid's patch count, an int >= 1, got {num_patches!r}")
     num_patches = n

@@ -14,12 +14,11 @@ Backends (the exact math is in kernels/factorized_attention.py):
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
 
-from videoprism.checks import check_pos
+from videoprism.checks import as_int, check_pos
 from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
 
 BACKENDS = ("reference", "triton", "flex", "flash", "sdpa")
@@ -291,10 +290,7 @@ def _validate(qkv, axis, softcap, pos, key_padding, causal, scale, num_locations
         if not ok:
             raise ValueError(f"scale must be a finite number (None = Dh^-0.5), got {scale!r}")
     if num_locations is not None and not isinstance(num_locations, torch.SymInt):
-        try:
-            n = None if isinstance(num_locations, bool) else operator.index(num_locations)
-        except TypeError:
-            n = None
+        n = as_int(num_locations)
         if n is None or n < 1:
             raise ValueError(f"num_locations must be the spatial grid's size, an int >= 1 (None = read from pos), "
                              f"got {num_locations!r}")

@@ -75,11 +75,16 @@ def test_a_runs_config_file_says_what_it_leaves_to_the_preset_and_another_stage(
     assert (f"warning: {path} is a stage-1 run's config: its train.mask_ratio=0.5 (stage 2's default: 0.65)"
             in capsys.readouterr().err)
     data = json.load(open(path))
+    assert data["preset"] == "base"
     del data["model"]["num_frames"], data["optim"]["lr"]
     json.dump(data, open(path, "w"))
-    assert build_config(path, [], 1).model.num_frames == 8  # the tiny preset's: said
-    assert (f"warning: {path} has no model.num_frames, optim.lr (2 field(s)): they take the tiny preset's values"
+    assert build_config(path, [], 1).model.num_frames == 16  # the run's preset's: said
+    assert (f"warning: {path} has no model.num_frames, optim.lr (2 field(s)): they take the base preset's values"
             in capsys.readouterr().err)
+    del data["preset"]  # an older version's file names none: the default preset's, said
+    json.dump(data, open(path, "w"))
+    assert build_config(path, [], 1).model.num_frames == 8
+    assert "they take the tiny preset's values" in capsys.readouterr().err
 
 
 def test_config_files_layer_between_preset_and_overrides(tmp_path):
@@ -226,6 +231,10 @@ def test_a_resume_from_another_folder_reads_the_files_the_run_read(tmp_path, cap
     cfg, *_ = parse_args(["--resume", str(run)], 2)
     assert read(cfg) == want and cfg.model == saved.model and cfg.train.out_dir == str(run)
     assert config_changes(json.load(open(run / "config.json")), cfg.to_dict()) == []  # the same files: no change
+    tiny, base = build_config("tiny", [], 2).to_dict(), build_config("base", [], 2).to_dict()
+    assert "preset: 'tiny' -> 'base'" in config_changes(tiny, base)
+    del tiny["preset"]  # an older version's config.json: its fields' changes only
+    assert not [c for c in config_changes(tiny, base) if c.startswith("preset")] and config_changes(tiny, base)
     cfg, *_ = parse_args(["--resume", str(run), "data.val=data/val.jsonl"], 2)  # an override: from this folder
     assert read(cfg) == (want[0], [str(other), str(first), str(first)])
     changes = config_changes(json.load(open(run / "config.json")), cfg.to_dict())
@@ -265,6 +274,8 @@ def test_help_lists_every_field():
     text = help_text(1)
     cfg = build_config("base", [], 1)
     for section, values in cfg.to_dict().items():
+        if section == "preset":
+            continue
         for name in values:
             assert f"{section}.{name}=" in text
 
@@ -860,7 +871,8 @@ def test_every_preset_passes_its_own_checks():
         for preset in PRESETS:
             cfg = build_config(preset, [], stage)
             overrides = [f"{sec.name}.{fl.name}={getattr(getattr(cfg, sec.name), fl.name)}"
-                         for sec in dataclasses.fields(cfg) for fl in dataclasses.fields(getattr(cfg, sec.name))]
+                         for sec in dataclasses.fields(cfg) if sec.name != "preset"
+                         for fl in dataclasses.fields(getattr(cfg, sec.name))]
             build_config(preset, overrides, stage)
 
 

@@ -234,6 +234,9 @@ class Stage2Config:
 
 @dataclass
 class Config:
+    # The preset the sections started from (not a section): config.json records it as a config file's
+    # `preset = NAME`, so a field missing there (an older version's file, a hand edit) takes that preset's value.
+    preset: str = "tiny"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -301,7 +304,7 @@ def _parse(value: str, typ):
 
 
 def _sections(cfg: Config) -> list[str]:
-    return [f.name for f in dataclasses.fields(cfg)]
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
 
 
 def _sections_with(cfg: Config, name: str) -> list[str]:
@@ -518,6 +521,7 @@ def _preset(preset: str, stage: int) -> Config:
         cfg.train.mask_ratio, cfg.train.steps, cfg.train.out_dir = 0.65, 300000, "runs/stage2"
         cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr, cfg.optim.weight_decay = 25000, "cosine", 1e-5, 0.05
     PRESETS[preset](cfg, stage)
+    cfg.preset = preset
     return cfg
 
 
@@ -533,8 +537,8 @@ def _say_what_a_run_file_leaves(path: str, data: dict, preset: str, stage: int, 
         print(f"warning: {path} has no {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
               f"({len(missing)} field(s)): they take the {preset} preset's values", file=sys.stderr)
     if run_stage in (1, 2) and run_stage != stage:
-        # (The file names no preset, so only the mask ratio's stage default, the same under every preset, is
-        # compared; the schedule is said as a whole.)
+        # (Only the mask ratio's stage default, the same under every preset, is compared; the schedule is said
+        # as a whole.)
         default = _preset(preset, stage).train.mask_ratio
         print(f"warning: {path} is a stage-{run_stage} run's config: its train.mask_ratio={cfg.train.mask_ratio} "
               f"(stage {stage}'s default: {default}), optim.* and train.steps are that run's; override them for "
@@ -667,7 +671,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
         if not isinstance(a, dict) or not isinstance(b, dict):
-            if a != b:
+            if a != b and (section in old or section != "preset"):  # an older version's config.json names none
                 out.append(f"{section}: {a!r} -> {b!r}")
             continue
         for name in sorted(set(a) | set(b)):
@@ -700,12 +704,12 @@ def help_text(stage: int, config: str = "tiny", overrides: list[str] | tuple[str
     except (ValueError, OSError) as e:
         cfg, shown = build_config("tiny", [], stage), f"the default preset 'tiny' (--config {config}: {e})"
     lines = [f"Configuration fields (presets: {', '.join(PRESETS)}); values shown are those of {shown}:"]
-    for sec in dataclasses.fields(cfg):
-        obj = getattr(cfg, sec.name)
+    for section in _sections(cfg):
+        obj = getattr(cfg, section)
         for fl in dataclasses.fields(obj):
             choices, valid = fl.metadata.get("choices"), fl.metadata.get("valid")
             extra = f" One of: {', '.join(map(str, choices))}." if choices else f" Valid: {valid}." if valid else ""
-            lines.append(f"  {sec.name}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}{extra}")
+            lines.append(f"  {section}.{fl.name}={getattr(obj, fl.name)!r}\n      {fl.metadata['help']}{extra}")
     lines.append("\nA config file (--config FILE.toml or .json) sets `preset = NAME` and [section] tables of "
                  "these fields; every run writes its resolved config to OUT_DIR/config.json, which --config reads "
                  "back. Layers: preset, file, then section.field=value overrides.")

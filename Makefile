@@ -11,12 +11,18 @@ BIN := $(VENV)/bin
 # Our machines take this build from a local wheel cache; any torch >= 2.11 works.
 TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.installed
+# The TORCH_SPEC the venv was set up with: another one sets it up again (torch reinstalled, extension rebuilt).
+SPEC_STAMP := $(VENV)/.torch-spec
 
-.PHONY: setup demo test test-gpu bench-cpu clean
+.PHONY: setup demo test test-gpu bench-cpu clean FORCE
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
+$(SPEC_STAMP): FORCE
+	@mkdir -p $(VENV)
+	@test "$$(cat $@ 2>/dev/null)" = '$(TORCH_SPEC)' || echo '$(TORCH_SPEC)' > $@
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) $(SPEC_STAMP)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"

@@ -368,10 +368,11 @@ def test_sdpa_matches_reference_without_cap():
                                    factorized_attention_ref(x, **kw), rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_fp16_with_key_padding():
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sdpa_fp16_with_key_padding(dev):
     """The additive mask's fill fits fp16 (the fp32 one overflowed it); causal with the first keys padded leaves a
     query nothing to attend to, which averages all values as a fully padded row does (fp16 kept parts of the
-    scores there: off by up to 6.8)."""
+    scores there: off by up to 6.8). On a GPU, SDPA's fused fp16 kernels take the same masks."""
     gen = torch.Generator().manual_seed(7)
     x = make_qkv(2, 3, 5, 2, 16, gen).float() * 3
     for axis in ("space", "time"):
@@ -380,8 +381,10 @@ def test_sdpa_fp16_with_key_padding():
         lead[0, :2, :2] = lead[1, :, :2] = True  # the first keys of some space rows padded, and of some time rows
         lead[0, :2, 2:] = False
         for kw in (dict(key_padding=kp), dict(key_padding=lead, causal=True)):
-            got = factorized_attention(x.half(), backend="sdpa", axis=axis, **kw).float()
-            torch.testing.assert_close(got, factorized_attention_ref(x, axis=axis, **kw), rtol=2e-2, atol=2e-2)
+            got = factorized_attention(x.half().to(dev), backend="sdpa", axis=axis,
+                                       **{k: v.to(dev) if torch.is_tensor(v) else v for k, v in kw.items()})
+            torch.testing.assert_close(got.float().cpu(), factorized_attention_ref(x, axis=axis, **kw),
+                                       rtol=2e-2, atol=2e-2)
 
 
 def test_time_axis_pos_must_be_sorted_and_on_the_device():

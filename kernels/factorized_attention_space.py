@@ -275,11 +275,13 @@ def _space_fwd_kernel(
     Floor = max(FLOPs / matmul peak, bytes / HBM bandwidth, specials / MUFU rate). VideoPrism-B,
     16 clips x 16 frames, K = 256, H = 12, Dh = 64, bf16, capped, on an H200 (785 TFLOP/s and
     4.22 TB/s measured, MUFU 132 SMs x 16/clk x 1.98 GHz = 4.2 T/s): 0.066 ms of matmul,
-    0.095 ms of bytes (403 MB), 0.096 ms of exp2 + tanh: ~0.096 ms (bench.attention prints it).
+    0.097 ms of bytes (409 MB: 403 of q, k, v, o + 6 of m2, log2 l), 0.096 ms of exp2 + tanh:
+    ~0.097 ms (bench.attention prints its floor, without the 6 MB of statistics).
     Per score element the loop issues the two MMAs' share, one MUFU.EX2 (+ one MUFU.TANH for
-    bf16 with the cap) and ~10 other instructions; at head dim 64 the MUFU unit (16/clk/SM)
-    is as fast as the tensor cores' 256 FLOPs an element, so the exponentials, not the MMAs,
-    set the floor of a capped kernel (2x the matmul time).
+    bf16 with the cap) and ~10 other instructions; at head dim 64 one MUFU op (16/clk/SM) takes
+    about as long as the tensor cores' 256 FLOPs an element (as long at the spec-sheet 4096
+    FLOPs/clk/SM, 0.7x at the 785 TFLOP/s measured), so the two of a capped kernel take 2x
+    (1.5x measured) its matmul time: exponentials and bytes, not the MMAs, set its floor.
     """
     pid_m, pid_bth, b, t, h = _program_tile(K, T, H, BLOCK_M)
     base = qkv + b * s_b + t * s_t + h * s_h

@@ -33,8 +33,11 @@ Work and traffic, per call (E = B*T*K tokens, n_l = frames where location l is v
   floor      = max(FLOPs / matmul peak, bytes / copy peak, specials / exp2 peak), all measured
                in this run, the matmul peak in the run's dtype (bench/exp2_peak.py; on the CPU the
                last term is left out);
-               pct_floor = floor / time (100% = at the roofline). At head dim 64 the capped
-               kernels' floor is the exp2/tanh term, twice the matmul term.
+               pct_floor = floor / time (100% = at the roofline). At head dim 64 (H200, measured
+               peaks) the capped exp2/tanh term is ~1.5x the matmul term in fwd (2 MUFU ops against
+               4 * Dh FLOPs a score) and ~1x in fwd+bwd (4 against 12 * Dh); at base, K = 256 the
+               bytes term is as large in fwd and 1.5x larger in fwd+bwd, and below K = 256 it
+               dominates (bytes grow with K, the other two with K^2).
 Two times on CUDA: `ms`, do_bench of the eager call (host dispatch included: the custom op,
 the Triton launcher, flex's compiled wrapper), and `dev_ms`, the same call replayed from a
 CUDA graph (bench/common.py `device_timing`; `--no-graph` skips it), the time a step whose host

@@ -12,7 +12,7 @@ namespace videoprism {
 
 // The type the token ops sum in, fp32 (for half types and fp32; uint8 too) or fp64 for fp64: also the type of
 // the shuffle's embedding grads and of patchify_gather's output (float32 for uint8/half/fp32 video, float64 for
-// float64). The Python twin is kernels/gather_tokens.py acc_dtype.
+// float64). The Python twin is kernels/token_ops_ref.py acc_dtype.
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_index(const char* op, const char* name, const at::Tensor& idx, const at::Tensor& x, int64_t cols) {

@@ -183,7 +183,8 @@ def inverse_slot_map(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
     The masked time axis as a table: the key of token (b, t, k) in frame t' sits at slot
     `slot[b, t', pos[b, t, k]]` (absent when -1). The attention kernels find it by a binary
     search of frame t' instead (`pos` sorted; no [B, T, N] table to build and read each step),
-    the reference by `searchsorted`; this table is for code that looks slots up many times.
+    the reference by scattering the tokens to their locations on a dense [B, T, N] grid (no
+    slot lookup); this table is for code that looks slots up many times.
     """
     n = as_int(num_patches)
     if n is None or n < 1:

@@ -516,6 +516,46 @@ def test_stage1_step_flops_match_flop_counter(lit):
     assert task.flops(inputs) == pytest.approx(expect, rel=1e-9)
 
 
+
+def test_stage1_step_flops_with_grad_cache_count_the_whole_batch_loss():
+    """With gradient accumulation and GradCache the contrastive loss scores all the step's clips at once ([A*b]
+    rows against A*b*world columns), not each micro-batch's b x b*world: the step's FLOPs (summed over its
+    micro-batches, as the trainer does) equal torch's counter on cached_backward, less the no-grad embedding pass
+    GradCache adds (a recomputation, not counted) and with the two hand terms of the test above."""
+    import contextlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from videoprism.train.data import RandomClips
+    from videoprism.train.modeling import build_clip
+    from videoprism.train.parallel import Dist
+    from videoprism.train.stage1 import Stage1Task
+
+    cfg = build_config("tiny", ["model.num_auxiliary_layers=1", "train.global_batch=8", "train.micro_batch=4"], 1)
+    d = Dist(0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    task = Stage1Task(cfg, d, build_clip(cfg.model, vocab=100, device=d.device), None)
+    assert task.grad_cache
+    data = RandomClips(micro_batch=4, rank=0, world=1, frames=8, resolution=cfg.model.resolution, vocab=100,
+                       seed=0, text_length=16)
+    inputs = [task.prepare(data.next_batch(0), 0, a) for a in range(2)]              # accumulation 2
+    with FlopCounterMode(display=False) as fc:
+        task.cached_backward(task.module, inputs, amp=contextlib.nullcontext,
+                             sync=lambda last: contextlib.nullcontext())
+    with FlopCounterMode(display=False) as embed, torch.no_grad():
+        for x in inputs:
+            task._forward(task.module, x)
+    clip_cfg = task.module.clip.config
+    D = clip_cfg.model_dim
+    hand = 0
+    for x in inputs:
+        B, T, K = x["pos"].shape
+        S = x["text_ids"].shape[1] + 1
+        hand += 3 * B * 4 * (T * K) * (4 * D)                                          # the pooler's SDPA core
+        hand -= 3 * clip_cfg.num_unimodal_layers * B * 4 * (S * S - S * (S + 1) // 2) * D  # causal: scored pairs
+    expect = fc.get_total_flops() - embed.get_total_flops() + hand
+    assert sum(task.flops(x) for x in inputs) == pytest.approx(expect, rel=1e-9)
+
 def test_derived_seeds_are_distinct_across_draws_steps_and_micro_steps():
     from videoprism.train.seeds import MASK, SLOTS, derive_seed
 

@@ -148,8 +148,11 @@ class Stage1Task:
 
     def flops(self, inputs: dict) -> float:
         b, T, K = inputs["pos"].shape
+        # GradCache (cached_backward) scores the step's accum micro-batches in one loss: each micro-batch's rows
+        # against the whole global batch, accum x the columns of a micro-step's own loss.
+        accum = accumulation(self.cfg.train, self.dist.world)[1] if self.grad_cache else 1
         return stage1_step_flops(self.model_config, batch=b, frames=T, visible=K,
-                                 text_length=inputs["text_ids"].shape[1], world=self.dist.world,
+                                 text_length=inputs["text_ids"].shape[1], world=self.dist.world * accum,
                                  freeze_video=self.cfg.stage1.lit)
 
     def tokens(self, inputs: dict) -> int:

@@ -100,8 +100,9 @@ def contrastive_loss_flops(batch: int, global_batch: int, dim: int) -> float:
 
 def stage1_step_flops(cfg, *, batch: int, frames: int, visible: int, text_length: int, world: int = 1,
                       freeze_video: bool = False) -> float:
-    """Training FLOPs of one rank's stage-1 step of `batch` clips, `world` ranks scoring the
-    global batch (see the module docstring). LiT (`freeze_video`) freezes the encoder only:
+    """Training FLOPs of one rank's stage-1 step of `batch` clips, its loss scoring them against the
+    `batch * world` clips of the global batch (`world` ranks; times the micro-steps that GradCache scores
+    together, train/stage1.py). See the module docstring. LiT (`freeze_video`) freezes the encoder only:
     the auxiliary stack and the pooler still train."""
     encoder = encoder_flops(cfg, batch, frames, visible)
     head = video_head_flops(cfg, batch, frames * visible)

@@ -50,6 +50,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def random_pos(B: int, T: int, K: int, N: int, gen: torch.Generator) -> torch.Tensor:
+    """A masked-video pos map [B, T, K] for the attention tests: K sorted visible spatial indices out of N, per
+    frame (a random visible set in each frame, as the masked time axis takes)."""
+    return torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T)])
+                        for _ in range(B)])
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two uint8 images or videos (any shapes that broadcast)."""
     mse = (a.float() - b.float()).pow(2).mean().item()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import random_pos
 from videoprism.kernels.factorized_attention import MASK_VALUE, factorized_attention_ref
 
 
@@ -48,11 +49,6 @@ def naive(qkv, axis, cap, pos, key_padding, causal):
                 for i, (t, k) in enumerate(members):
                     out[b, t, k] = o[i]
     return out
-
-
-def random_pos(B, T, K, N, gen):
-    return torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T)])
-                        for _ in range(B)])
 
 
 @pytest.mark.parametrize("axis,masked_pos", [("space", False), ("time", False), ("time", True)])

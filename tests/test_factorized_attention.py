@@ -18,17 +18,12 @@ import triton.language as tl
 
 from videoprism.kernels.factorized_attention import factorized_attention_ref
 from videoprism.kernels.factorized_attention_space import _exp2, _rcp, _tanh
+from tests.conftest import random_pos
 from videoprism.ops.attention import INTERPRET, factorized_attention
 
 interp = pytest.mark.skipif(not INTERPRET, reason="the CPU tests run the kernels in Triton's interpreter "
                                                   "(TRITON_INTERPRET=1, set by conftest without a GPU)")
 EPS = {torch.float32: 2**-23, torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
-def random_pos(B, T, K, N, gen):
-    """A masked-video pos map: K sorted visible spatial indices out of N, per frame."""
-    return torch.stack([torch.stack([torch.randperm(N, generator=gen)[:K].sort().values for _ in range(T)])
-                        for _ in range(B)])
 
 
 def make_qkv(B, T, K, H, Dh, gen, *, noncontig=False, device="cpu"):

@@ -104,7 +104,9 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
         torch.cuda.synchronize(device)
         mem = peak_memory_gb(device)
     s = t.median_ms * 1e-3
-    row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode, tflop_per_step=round(flops / 1e12, 3),
+    row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode,
+               # 4 significant digits: 3 decimals showed a tiny CPU step (0.54 GFLOP) as 0.001 TFLOP.
+               tflop_per_step=float(f"{flops / 1e12:.4g}"),
                clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
                peak_mem_gb=None if mem is None else round(mem, 2), warmup_s=round(warm_s, 1))
     if stage == 2:

@@ -4,8 +4,8 @@
     python -m bench.encoder --device cuda --dtype bfloat16 --batch 8 --backends sdpa,triton,flex
 
 Prints device, shapes, dtype, median and spread (p20-p80) per row, the FLOPs of one
-forward (videoprism/flops.py, the formula the trainer's MFU uses) and the achieved share
-of the card's measured matmul peak; writes JSON.
+forward (videoprism/flops.py, the formula the trainer's MFU uses), its floor (FLOPs over the
+card's measured matmul peak: floor_ms) and the achieved share of that peak; writes JSON.
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def _main(argv) -> None:
                 t = timeit(lambda: fn(video.to(dtype)), device, warmup=2, reps=args.reps)
             tflops = flops / (t.median_ms * 1e-3) / 1e12
             report.add(t, backend=backend, mode=mode, cap=model.config.atten_logit_cap, gflop=round(flops / 1e9, 1),
+                       floor_ms=round(flops / (peaks["matmul_tflops"] * 1e12) * 1e3, 3),
                        tflops=round(tflops, 3), pct_peak=round(100 * tflops / peaks["matmul_tflops"], 1),
                        clips_per_s=round(args.batch / (t.median_ms * 1e-3), 3))
     report.show()

@@ -17,7 +17,8 @@ token plus the student step (token + global decoders); they also time the teache
 alone (teacher_ms, its share of the step and its own MFU), to tell which half misses a target.
 
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
-only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak.
+only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak;
+floor_ms = step FLOPs / that peak (the step at 100% MFU).
 Rows run in order of importance; a row that would end past --budget-s (by the time the last row of
 its stage and mode took, a stage-2 row before any: stage 1's) is skipped and listed in the
 JSON, which is saved whole after every row. `--profile` adds where each row's time goes
@@ -107,7 +108,8 @@ def bench_row(stage, preset, frames, batch, mode, device, peak, reps, profile):
     row = dict(stage=stage, preset=preset, frames=frames, batch=batch, mode=mode,
                # 4 significant digits: 3 decimals showed a tiny CPU step (0.54 GFLOP) as 0.001 TFLOP.
                tflop_per_step=float(f"{flops / 1e12:.4g}"),
-               clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
+               clips_per_s=round(batch / s, 2), tokens_per_s=round(tokens / s),
+               floor_ms=round(flops / (peak * 1e12) * 1e3, 3), mfu_pct=round(100 * flops / s / (peak * 1e12), 1),
                peak_mem_gb=None if mem is None else round(mem, 2), warmup_s=round(warm_s, 1))
     if stage == 2:
         # Where a stage-2 step goes: the frozen teacher's forward alone on the same clips (the

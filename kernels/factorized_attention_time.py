@@ -56,7 +56,8 @@ def _time_prune(fwd: bool):
       on the masked axis up to 4 heads per program, which share its pos search: 77 / 118
       registers a thread, no spill (sm_90, Triton 3.6; tools/triton_compile_check.py --json);
     - padded head dim 128 (giant's 88): those tiles spill 928 / 464 bytes a thread, so 2 / 1
-      sequences on 8 warps and one head per backward program: 196 / 188 registers, no spill.
+      sequences on 8 warps and one head per backward program: 193 / 187 registers (196 / 188 before
+      the log2-unit arithmetic of ff292fd; bench/RESULTS.md), no spill.
     The search, on by default on a GPU, tries the rest. The interpreter (one numpy op per tile
     op) takes 32 sequences and all heads: the fewest programs."""
     budget = 16384 if fwd else 8192

@@ -29,7 +29,7 @@ from videoprism.layers import (
 def patchify(video: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B, T, H, W, 3] -> [B, T, N, P*P*3]: row-major patches, (p, q, c) features, in [0, 1].
     The layout and the uint8 scaling (times fp32(1/255)) of the masked patch gather's reference
-    (kernels/patchify_gather.py), without the gather: the teacher (unmasked) and the student
+    (kernels/token_ops_ref.py patchify_gather_ref), without the gather: the teacher (unmasked) and the student
     (masked) must agree bit for bit. A float video keeps its dtype."""
     return pixel_values(patch_grid(video, patch_size))
 

@@ -15,8 +15,9 @@ Conventions (those of PaLM / torchtitan MFU, except that causal attention counts
   location, `sum_loc count(loc)^2` per clip (`T^2 * K` for tube masks, where every visible
   location is visible in all `T` frames). Masked tokens cost nothing and count nothing.
 
-All functions return forward FLOPs for the whole batch as Python floats; with the masked pair
-count of `temporal_pairs` (a tensor on the mask's device) those that take it return a 0-d tensor.
+The `*_flops` functions return forward FLOPs for the whole batch, the `*_step_flops` ones a training
+step's (3x / 1x / 2x as above), as Python floats; with the masked pair count of `temporal_pairs` (a
+tensor on the mask's device) those that take it return a 0-d tensor.
 """
 from __future__ import annotations
 

@@ -516,7 +516,6 @@ def test_stage1_step_flops_match_flop_counter(lit):
     assert task.flops(inputs) == pytest.approx(expect, rel=1e-9)
 
 
-
 def test_stage1_step_flops_with_grad_cache_count_the_whole_batch_loss():
     """With gradient accumulation and GradCache the contrastive loss scores all the step's clips at once ([A*b]
     rows against A*b*world columns), not each micro-batch's b x b*world: the step's FLOPs (summed over its
@@ -555,6 +554,7 @@ def test_stage1_step_flops_with_grad_cache_count_the_whole_batch_loss():
         hand -= 3 * clip_cfg.num_unimodal_layers * B * 4 * (S * S - S * (S + 1) // 2) * D  # causal: scored pairs
     expect = fc.get_total_flops() - embed.get_total_flops() + hand
     assert sum(task.flops(x) for x in inputs) == pytest.approx(expect, rel=1e-9)
+
 
 def test_derived_seeds_are_distinct_across_draws_steps_and_micro_steps():
     from videoprism.train.seeds import MASK, SLOTS, derive_seed

@@ -65,6 +65,28 @@ def test_decoder_input_matches_reference_construction():
             assert torch.allclose(x[b, i], c[perm[b, i]] + model.pos_emb[i], atol=1e-6)
 
 
+def test_bf16_decoder_input_rounds_once_and_its_embeddings_get_fp32_gradients():
+    """bf16 student tokens (autocast) with the fp32 embeddings: the sum is formed in fp32 and rounded once, and
+    the embeddings' gradients are fp32 sums over the batch (rounding them to bf16 first rounded both twice)."""
+    task, _ = make_task()
+    model = task.module
+    with torch.no_grad():
+        model.mask_emb.normal_(), model.pos_emb.normal_()
+    B, m, n, D = 3, 10, 2 * N, 16
+    g = torch.Generator().manual_seed(1)
+    vis = torch.randn(B, m, D, generator=g).bfloat16()
+    perm = random_slots(B, n, generator=g, device="cpu")
+    x = model.decoder_input(vis, perm)
+    c = torch.cat([vis.float(), model.mask_emb.detach().expand(B, n - m, D)], 1)
+    want = (torch.gather(c, 1, perm[:, :, None].expand(-1, -1, D)) + model.pos_emb.detach()).bfloat16()
+    assert x.dtype == torch.bfloat16 and torch.equal(x, want)
+    grad = torch.randn(B, n, D, generator=g).bfloat16()
+    x.backward(grad)
+    torch.testing.assert_close(model.pos_emb.grad, grad.float().sum(0), rtol=1e-6, atol=1e-6)
+    masked = (perm >= m)[:, :, None]
+    torch.testing.assert_close(model.mask_emb.grad, (grad.float() * masked).sum((0, 1)), rtol=1e-6, atol=1e-6)
+
+
 def test_shuffled_slot_is_not_its_own_position_but_identity_slots_are():
     g = torch.Generator().manual_seed(0)
     pos = bevt_mask(4, T, (4, 4), 0.65, seed=3)

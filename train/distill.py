@@ -127,8 +127,9 @@ class Stage2Model(nn.Module):
             raise ValueError(f"clips have {perm.shape[1]} token positions but the decoder's position embedding "
                              f"has {self.pos_emb.shape[0]}; train with the model.num_frames/resolution it was "
                              "built for")
-        return ops.shuffle_with_mask_tokens(visible, perm, self.mask_emb.to(visible.dtype),
-                                            self.pos_emb.to(visible.dtype))
+        # The fp32 embeddings go in as they are: the op adds them in fp32 and rounds the sum once, and their
+        # gradients come back as fp32 sums (cast to bf16 first, both were rounded twice, at a copy each).
+        return ops.shuffle_with_mask_tokens(visible, perm, self.mask_emb, self.pos_emb)
 
     def forward(self, video: torch.Tensor, pos: torch.Tensor, perm: torch.Tensor):
         visible, _ = self.student(video, pos=pos)                     # [B, m, D] frame-major

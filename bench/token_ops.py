@@ -27,8 +27,10 @@ Bytes (the least any implementation must move; E = element size, E_p = 4):
   scatter    fwd B*m*D*E + B*n*D*E      bwd 2*B*m*D*E
   shuffle    fwd B*m*D*E + B*n*D*E + n*D*E_p     bwd B*n*D*E + B*m*D*E + n*D*E_p
   fwd+bwd = the sum. Index bytes are left out (under 1%). floor_ms = bytes / (device copy GB/s
-  measured in this run, read + write); GB/s = bytes / time; pct_copy = GB/s / copy GB/s =
-  floor_ms / ms; x_torch = torch time / this time (ms), dev_x_torch the same of dev_ms where both
+  measured in this run, read + write, on 1 GiB on CUDA, 64 MiB on the CPU); GB/s = bytes / time;
+  pct_copy = GB/s / copy GB/s = floor_ms / ms; copy_ms: a device copy of the same bytes (half read,
+  half written) timed in this run, pct_same_copy = copy_ms / ms (a working set that fits a cache
+  copies faster than the big copy: on the CPU pct_copy passes 100% where pct_same_copy does not); x_torch = torch time / this time (ms), dev_x_torch the same of dev_ms where both
   rows have one (x_torch of a call whose time is the host's says nothing of the kernel). Columns
   D, K, m, n: the case's shape (patchify reads K only: B*T*K patches of P*P*3 = 972 values).
 Two times on CUDA: `ms` (do_bench of the eager call: includes the host side, the Python
@@ -119,6 +121,13 @@ def torch_ratios(rows: list[dict]) -> None:
             row["dev_x_torch"] = round(base["dev_ms"] / row["dev_ms"], 2)
 
 
+def same_bytes_copy(nbytes: int, device: torch.device):
+    """A device copy that moves `nbytes` (fp32, half read and half written), as an op's row does."""
+    src = torch.empty(max(1, nbytes // 8), device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
 def _with_grad(fn, *inputs):
     leaves = tuple(t.detach().requires_grad_() for t in inputs)
     return fn(*leaves), leaves
@@ -156,6 +165,13 @@ def _main(argv) -> None:
                                                     "threads": torch.get_num_threads()})
     out_path = a.out or results_path("token_ops", device)
     gen = torch.Generator(device=device).manual_seed(0)
+    copies = {}  # bytes moved -> median ms of a device copy moving as many
+
+    def copy_ms(nbytes: int) -> float:
+        if nbytes not in copies:
+            copies[nbytes] = timeit(same_bytes_copy(nbytes, device), device, **tkw).median_ms
+        return copies[nbytes]
+
     for stage, (mask_fn, ratio) in STAGES.items():    # mask generation per step (launch-bound on GPU)
         t = timeit(lambda: mask_fn(batch, T, GRID, ratio, generator=gen, device=device), device, **tkw)
         report.add(t, model="-", stage=stage, op=mask_fn.__name__, mode="fwd",
@@ -185,7 +201,9 @@ def _main(argv) -> None:
                         row = report.add(t, model=model, stage=stage, op=name, mode=mode, impl=impl, D=case["D"],
                                          K=case["K"], m=case["m"], n=case["n"], mbytes=round(nbytes / 1e6, 1),
                                          floor_ms=round(nbytes / (peaks["copy_gbps"] * 1e9) * 1e3, 4),
-                                         gbps=round(gbps, 1), pct_copy=round(100 * gbps / peaks["copy_gbps"], 1))
+                                         gbps=round(gbps, 1), pct_copy=round(100 * gbps / peaks["copy_gbps"], 1),
+                                         copy_ms=round(copy_ms(nbytes), 4),
+                                         pct_same_copy=round(100 * copy_ms(nbytes) / t.median_ms, 1))
                         # Device times of what can be captured alone: fwd and fwd+bwd (module docstring).
                         if cuda and not a.no_graph and mode != "bwd":
                             dt = device_timing(fn, device=device)

@@ -276,6 +276,11 @@ def test_token_ops_runs_every_case_and_saves_its_rows(monkeypatch, tmp_path):
         assert got == {("patchify", "fwd")} | {(op, m) for op in ("gather", "scatter", "shuffle")
                                                for m in ("fwd", "bwd", "fwd+bwd")}, stage
     assert all(r["x_torch"] == 1.0 for r in rows)
+    assert all(r["pct_same_copy"] == 100.0 for r in rows if "copy_ms" in r)  # the stub times both at 1 ms
+    assert {r["op"] for r in rows if "copy_ms" in r} == {"patchify", "gather", "scatter", "shuffle"}
+    copy = token_ops.same_bytes_copy(4096, torch.device("cpu"))
+    dst = copy()
+    assert dst.numel() * dst.element_size() * 2 == 4096  # read + written: the bytes of the op it stands by
 
 
 def test_default_results_are_named_by_device_kind():

@@ -615,6 +615,50 @@ def test_a_notice_during_startup_stops_the_run_at_once(tmp_path, monkeypatch, ca
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+class InterruptAt(RandomClips):
+    """Random clips; fetching the batch of step `at` is cut by Ctrl-C, as a terminal's SIGINT to the main thread
+    waiting on its DataLoader."""
+
+    def __init__(self, at: int):
+        super().__init__(**CLIPS)
+        self.at = at
+
+    def next_batch(self, step):
+        if step == self.at:
+            raise KeyboardInterrupt
+        return super().next_batch(step)
+
+
+@pytest.mark.parametrize("at", [None, 3])  # None: in the startup (data.cache's decode of a manifest)
+def test_ctrl_c_is_one_line_naming_the_latest_checkpoint_and_status_130(tmp_path, monkeypatch, capsys, at):
+    """Ctrl-C ended a run with a traceback of wherever the main thread was (a DataLoader's queue, a decoder) and
+    nothing on what was kept: it is one line, `interrupted: ...`, with the latest complete checkpoint and the
+    command that goes on from it, exit status 130 (128 + SIGINT); the checkpoint resumes."""
+    from videoprism.train import stage1
+
+    def data(*a, **k):
+        if at is None:
+            raise KeyboardInterrupt
+        return InterruptAt(at)
+
+    monkeypatch.setattr(stage1, "build_train_data", data)
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK", raising=False)
+    args = [*TINY, f"train.out_dir={tmp_path}", "train.steps=5", "checkpoint.interval=2"]
+    assert stage1.main(["--config", "tiny", *args]) == 130
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    root = tmp_path / "checkpoints"
+    if at is None:
+        assert err == ["interrupted: before the first step (no step taken, nothing lost); the same command starts "
+                       "again"]
+        return
+    assert err[-1] == (f"interrupted: [stage1] at step 3; the latest checkpoint is {root / 'step_00000002'}: the same "
+                       "command with --auto-resume goes on from it")
+    assert "Traceback" not in "\n".join(err)
+    monkeypatch.setattr(stage1, "build_train_data", lambda *a, **k: RandomClips(**CLIPS))
+    assert stage1.main(["--config", "tiny", *args, "--auto-resume"]) == 0
+    assert f"resumed from {root / 'step_00000002'} at step 2" in capsys.readouterr().out
+
+
 def test_without_save_on_signal_the_signals_keep_their_handlers(tmp_path):
     data = SignalAt(0, signal.SIGTERM)
     make_trainer(tmp_path, "train.compile=false", "train.steps=1", "checkpoint.save_on_signal=false",

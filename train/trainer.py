@@ -126,6 +126,9 @@ def stopping_before_training(cfg: Config, dist_: Dist):
                   "lost); the same command with --auto-resume starts again from train.out_dir's latest checkpoint, "
                   "if any", file=sys.stderr, flush=True)
         raise
+    except KeyboardInterrupt:  # Ctrl-C: the command's one line (cli.run_command) says this instead of a traceback
+        raise KeyboardInterrupt("before the first step (no step taken, nothing lost); the same command starts "
+                                "again") from None
 
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
@@ -381,6 +384,8 @@ class Trainer:
                             "stopped before the final evaluation, export and plot were done; the same command with "
                             "--resume does them (it trains nothing)")
                 raise
+        except KeyboardInterrupt:  # Ctrl-C: the command's one line (cli.run_command) says what is kept
+            raise self._interrupted() from None
         finally:
             self.saver.drop()  # only after a failure is a write still in flight here
             log.close()
@@ -391,6 +396,13 @@ class Trainer:
             files = glob.glob(os.path.join(tc.out_dir, "rejects.rank*.jsonl"))
             results["rejects"] = files[0] if len(files) == 1 else os.path.join(tc.out_dir, "rejects.rank*.jsonl")
         return results
+
+    def _interrupted(self) -> KeyboardInterrupt:
+        """Ctrl-C during the run: its latest complete checkpoint (a save cut short is not one) and how to go on."""
+        kept = ckpt.latest(self.ckpt_dir)
+        return KeyboardInterrupt(f"[{self.name}] at step {self.step}; " + (
+            f"the latest checkpoint is {kept}: the same command with --auto-resume goes on from it" if kept else
+            "no checkpoint yet: the same command starts again"))
 
     def _export(self, checkpoint: str) -> str:
         """The trained model as OUT_DIR/model.safetensors. Its failure (a full disk) comes after the final

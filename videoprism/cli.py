@@ -30,7 +30,10 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     their messages name the input and the fix. Other exceptions are bugs and keep their
     traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
     Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
-    the cause is the sizes asked for, not a bug.
+    the cause is the sizes asked for, not a bug. Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
+    and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
+    (128 + SIGINT, the shell's status for it): a traceback of wherever the main thread happened to be
+    (a DataLoader's queue, a decoder) says nothing.
     """
     from videoprism.data.errors import TooManyBadSamplesError
 
@@ -41,6 +44,11 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
+            raise
+        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        return 130
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1" or not (

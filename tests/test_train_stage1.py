@@ -425,6 +425,34 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_pat
     assert trainer.step == 3
 
 
+@pytest.mark.parametrize("cut", ["save", "load"])
+def test_ctrl_c_in_a_checkpoint_save_or_load_is_an_interrupt_not_a_damaged_checkpoint(tmp_path, monkeypatch, cut):
+    """DCP wraps each rank's exception in a CheckpointException, Ctrl-C's KeyboardInterrupt too: a Ctrl-C during a
+    save said "writing checkpoint ... failed" (exit status 2), and during a resume's load (minutes at scale) that the
+    checkpoint might be damaged, to resume from the one before it (losing its steps). Both are a KeyboardInterrupt
+    (the command's line "interrupted", exit status 130), and the checkpoint resumes."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    args = ("train.compile=false", "checkpoint.interval=2", "train.steps=3")
+    if cut == "load":
+        make_trainer(tmp_path, *args).fit()
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        if cut == "save":
+            m.setattr(fs, "_write_item", ctrl_c)
+        else:
+            m.setattr(fs.FileSystemReader, "read_data", ctrl_c)
+        trainer = make_trainer(tmp_path, *args)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit() if cut == "save" else trainer.resume(str(tmp_path))
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(str(tmp_path), if_any=True)
+    assert trainer.step == (0 if cut == "save" else 3)
+
+
 class SignalAt(RandomClips):
     """Random clips; fetching the batch of step `at` sends `signum` to this process, as a
     scheduler's notice arriving in the middle of a step. Records the handler it finds."""

@@ -101,6 +101,14 @@ def _rank_errors(e: BaseException) -> dict[int, BaseException]:
     return {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
 
 
+def _interrupt(e: BaseException) -> None:
+    """KeyboardInterrupt when Ctrl-C cut a save or load: DCP wraps every rank's exception, KeyboardInterrupt too, in
+    a CheckpointException, which reported a failed write, or a damaged checkpoint to resume before (losing its
+    steps)."""
+    if any(isinstance(x, KeyboardInterrupt) for x in _rank_errors(e).values()):
+        raise KeyboardInterrupt from None
+
+
 def _failures(e: BaseException) -> str:
     """`_rank_errors(e)` on one line."""
     def one(x: BaseException) -> str:
@@ -118,6 +126,7 @@ def _writing(tmp: str, root: str):
     try:
         yield
     except (CheckpointException, OSError) as e:
+        _interrupt(e)
         fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
                "--resume") if any(isinstance(x, OSError) for x in _rank_errors(e).values()) else ""
         raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete "
@@ -398,6 +407,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the device or the process group failed, not the checkpoint
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        _interrupt(e)
         if differences:
             cause = (f"this run's config differs from the one that wrote it in {'; '.join(differences)}: drop "
                      "those changes")

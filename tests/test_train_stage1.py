@@ -398,24 +398,35 @@ def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, monkey
     assert ckpt.read_rank_state(ckpt.latest(str(root)), 0)["data"] == trainer.data.state_dict()
 
 
-@pytest.mark.parametrize("damage", ["rank_file", "metadata"])
-def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_path, damage):
+def damage_file(folder, damage: str) -> None:
+    """Damage a checkpoint: its rank file or DCP's metadata lost, or the metadata cut short."""
+    if damage == "metadata_cut":
+        with open(folder / ".metadata", "r+b") as fh:
+            fh.truncate(100)
+    else:
+        os.remove(folder / ("rank0.pt" if damage == "rank_file" else ".metadata"))
+
+
+@pytest.mark.parametrize("damage", ["rank_file", "metadata", "metadata_cut"])
+def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_path, damage, caplog):
     """A latest checkpoint damaged after it was written (a file lost) stops --resume / --auto-resume with one line
     naming the complete checkpoint before it: the fix said "resume from the run's out_dir (its latest complete
     checkpoint)", the damaged one again (a requeued job failed the same way each time), or "an earlier
     checkpoints/step_* folder" without naming one. Resumed from it, the damaged one is renamed out of the way
-    and keep=2 deletes no good one."""
+    and keep=2 deletes no good one. A lost or cut .metadata came after two warnings of DCP's with a traceback each
+    (on the root logger: the console) and blamed a config change first; it is named as the damaged file."""
     from videoprism.train import checkpoint as ckpt
 
     args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=3")
     make_trainer(tmp_path, *args).fit()
     root = tmp_path / "checkpoints"
-    os.remove(root / "step_00000003" / ("rank0.pt" if damage == "rank_file" else ".metadata"))
+    damage_file(root / "step_00000003", damage)
     with pytest.raises((FileNotFoundError, ckpt.CheckpointReadError)) as err:  # both: one line, exit status 2
         make_trainer(tmp_path, *args).resume(str(tmp_path), if_any=True)
     previous = str(root / "step_00000002")
     msg = str(err.value)
     assert "\n" not in msg and str(root / "step_00000003") in msg and msg.endswith(f"--resume {previous}")
+    assert not [r for r in caplog.records if r.exc_info] and ("metadata" not in damage or "(.metadata: " in msg)
     trainer = make_trainer(tmp_path, *args)
     trainer.resume(previous)
     trainer.fit()
@@ -1178,6 +1189,27 @@ def test_a_checkpoint_exports_as_its_run_exports_at_its_end(tmp_path, capsys):
             videoprism.load_checkpoint(str(given), resumed.task.module.clip)
     # The export does not hold how it ran (the tiny preset's reference attention): the loader's device picks.
     assert videoprism.model_from_safetensors(str(latest)).config.attention_backend is None
+
+
+@pytest.mark.parametrize("damage", ["rank_file_cut", "metadata_cut", "tensors_cut"])
+def test_a_damaged_checkpoint_exports_as_one_line_naming_the_one_before_it(tmp_path, capsys, damage):
+    """`videoprism export` of a damaged checkpoint ended in a traceback (an UnpicklingError of the cut metadata, DCP's
+    CheckpointException of a cut .distcp file); it is one line naming the file and the checkpoint before it to
+    export, exit status 2, and writes nothing."""
+    from videoprism.cli import main
+
+    make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=1").fit()
+    step2 = tmp_path / "checkpoints" / "step_00000002"
+    name = {"rank_file_cut": "rank0.pt", "metadata_cut": ".metadata", "tensors_cut": "__0_0.distcp"}[damage]
+    with open(step2 / name, "r+b") as fh:
+        fh.truncate(100)
+    capsys.readouterr()
+    assert main(["export", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: checkpoint {step2} does not load (")
+    assert err.endswith(f"a damaged file; export the checkpoint before it, videoprism export {step2.parent}/"
+                        "step_00000001")
+    assert not (tmp_path / "model.step_00000002.safetensors").exists()
 
 
 def test_ddp_on_one_process_runs_unwrapped_and_a_warmup_past_the_end_is_said(tmp_path, capsys):

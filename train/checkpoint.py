@@ -31,7 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -101,7 +103,7 @@ def _rank_errors(e: BaseException) -> dict[int, BaseException]:
     return {r: exc for r, (exc, _) in e.failures.items()} if isinstance(e, CheckpointException) else {_rank(): e}
 
 
-def _interrupt(e: BaseException) -> None:
+def interrupt(e: BaseException) -> None:
     """KeyboardInterrupt when Ctrl-C cut a save or load: DCP wraps every rank's exception, KeyboardInterrupt too, in
     a CheckpointException, which reported a failed write, or a damaged checkpoint to resume before (losing its
     steps)."""
@@ -126,7 +128,7 @@ def _writing(tmp: str, root: str):
     try:
         yield
     except (CheckpointException, OSError) as e:
-        _interrupt(e)
+        interrupt(e)
         fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
                "--resume") if any(isinstance(x, OSError) for x in _rank_errors(e).values()) else ""
         raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete "
@@ -367,24 +369,48 @@ def written_ranks(path: str) -> int:
     return len(ranks)
 
 
-def _earlier(path: str) -> str:
-    """The fix for a checkpoint that does not load: the complete one before it, named. While the damaged one is
-    the latest, `--resume OUT_DIR` and `--auto-resume` take it again; resumed from the one before, the run
-    renames it out of the way (`retire`)."""
+def _earlier(path: str, use: str = "resume") -> str:
+    """The fix for a checkpoint that does not load: the complete one before it, named, to `use` ("resume" or
+    "export"). While the damaged one is the latest, `--resume OUT_DIR` and `--auto-resume` take it again; resumed
+    from the one before, the run renames it out of the way (`retire`)."""
     before = [p for s, p in step_dirs(os.path.dirname(path.rstrip("/"))) if s < step_of(path)]
+    if use == "export":
+        return (f"export the checkpoint before it, videoprism export {before[-1]}" if before else
+                "no complete checkpoint before it: restore the file")
     return (f"resume from the checkpoint before it, --resume {before[-1]}" if before else
             "no complete checkpoint before it: restore the file, or start afresh without --resume")
 
 
-def read_rank_state(path: str, rank: int) -> dict:
-    """The RNG states and data position rank `rank` saved in the checkpoint at `path`."""
+def damaged(path: str, what: str, e: BaseException, use: str = "resume") -> CheckpointReadError:
+    """The error of the checkpoint at `path` whose file(s) `what` do not read (`e`), with the fix for `use`."""
+    return CheckpointReadError(f"checkpoint {path} does not load ({what}: {_failures(e)}): a damaged file; "
+                               f"{_earlier(path, use)}")
+
+
+def read_rank_state(path: str, rank: int, use: str = "resume") -> dict:
+    """The RNG states and data position rank `rank` saved in the checkpoint at `path` (`use`: as `damaged`)."""
     try:
         # No unpickling of arbitrary objects; numpy arrays (its RNG state) are plain data.
         with torch.serialization.safe_globals(_NUMPY_ARRAYS):
             return torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointReadError(f"checkpoint {path} does not load (rank{rank}.pt: {_failures(e)}): a damaged file; "
-                                  f"{_earlier(path)}") from e
+        raise damaged(path, f"rank{rank}.pt", e, use) from e
+
+
+def read_metadata(path: str, use: str = "resume") -> Metadata:
+    """DCP's metadata of the checkpoint at `path` (`use`: as `damaged`). Checked before DCP loads: DCP logs a
+    missing or damaged `.metadata` as two warnings with a traceback each, then fails with an AssertionError."""
+    try:
+        return FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises almost any error
+        raise damaged(path, ".metadata", e, use) from e
+
+
+def _readable(path: str) -> int:
+    """The number of ranks that wrote the checkpoint at `path`, once its rank files and its metadata are found."""
+    ranks = written_ranks(path)
+    read_metadata(path)
+    return ranks
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -396,7 +422,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     if not os.path.isdir(path) or step_of(path) < 0:
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
-    ranks = on_main_rank(lambda: written_ranks(path))  # rank 0's listing (its error) on every rank
+    ranks = on_main_rank(lambda: _readable(path))  # rank 0's listing (its error) on every rank
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
     quiet_single_process()
@@ -407,7 +433,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the device or the process group failed, not the checkpoint
     except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        _interrupt(e)
+        interrupt(e)
         if differences:
             cause = (f"this run's config differs from the one that wrote it in {'; '.join(differences)}: drop "
                      "those changes")

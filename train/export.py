@@ -9,6 +9,7 @@ tokenizer or teacher at hand.
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from torch import nn
@@ -45,24 +46,29 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     as safetensors at `out` (default: RUN/model.step_XXXXXXXX.safetensors); returns the path. One process, on the
     CPU, whatever number of ranks wrote it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from videoprism.train.run_folder import run_folder
 
     step = ckpt.find(checkpoint, required=True, option="export")
-    spec = ckpt.read_rank_state(step, 0).get("export")
+    spec = ckpt.read_rank_state(step, 0, use="export").get("export")
     if spec is None:
         raise ValueError(f"{step} was written before checkpoints named their export; resume its run from it into a "
                          "new folder to export it (--resume STEP train.out_dir=NEW train.steps=STEP)")
-    meta = FileSystemReader(step).read_metadata().state_dict_metadata
+    meta = ckpt.read_metadata(step, use="export").state_dict_metadata
     wanted = "model." + spec["prefix"]
     # The exported part only (not the optimizer's moments: 2x the model's memory for AdamW), allocated as saved.
     state = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if k.startswith(wanted) and isinstance(m, TensorStorageMetadata)}
     ckpt.quiet_single_process()
     loaded = {"model": state}
-    dcp.load(loaded, checkpoint_id=step, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
+    try:
+        dcp.load(loaded, checkpoint_id=step, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
+    except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        ckpt.interrupt(e)
+        raise ckpt.damaged(step, "its .distcp files", e, use="export") from e
     out = out or os.path.join(run_folder(step), f"model.{os.path.basename(step.rstrip('/'))}.safetensors")
     videoprism.save_safetensors(_model(spec, loaded["model"]), out, clip=spec.get("clip"))  # older: none
     return out

@@ -718,6 +718,24 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert ckpt.latest(str(tmp_path)) == first
 
 
+def test_a_failed_first_checkpoint_write_does_not_say_to_resume(tmp_path, monkeypatch):
+    """The first save of a run failing (a full disk, a read-only folder) said "then --resume", which stops with
+    "no complete checkpoint there": with none yet, the fix is to run the same command again."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+
+    def read_only(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(fs, "_write_item", read_only)
+    with pytest.raises(ckpt.CheckpointWriteError) as err:
+        ckpt.Saver(str(tmp_path), keep=2).save(1, model, opt, trainer_state={"step": 1}, rank_state={})
+    msg = str(err.value)
+    assert "(none yet) is intact" in msg and msg.endswith("then run the same command again") and "--resume" not in msg
+
+
 def _fail_on_publish(monkeypatch, where: str) -> None:
     """An I/O error where rank 0 puts a written checkpoint in place: its rename, or the sync of the folder."""
     import errno

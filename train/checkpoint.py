@@ -129,10 +129,13 @@ def _writing(tmp: str, root: str):
         yield
     except (CheckpointException, OSError) as e:
         interrupt(e)
-        fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
-               "--resume") if any(isinstance(x, OSError) for x in _rank_errors(e).values()) else ""
+        kept, fix = latest(root), ""
+        if any(isinstance(x, OSError) for x in _rank_errors(e).values()):
+            # Without a complete checkpoint there is nothing to --resume (it stops on "no complete checkpoint").
+            fix = (f": free space or fix the permissions under {root}, or set train.out_dir to another disk, then "
+                   + ("--resume" if kept else "run the same command again"))
         raise CheckpointWriteError(f"writing checkpoint {tmp} failed ({_failures(e)}); the latest complete "
-                                   f"checkpoint ({latest(root) or 'none yet'}) is intact{fix}") from e
+                                   f"checkpoint ({kept or 'none yet'}) is intact{fix}") from e
 
 
 # What a numpy array (numpy's RNG state in the rank files) needs from the unpickler.

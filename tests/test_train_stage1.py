@@ -464,6 +464,27 @@ def test_ctrl_c_in_a_checkpoint_save_or_load_is_an_interrupt_not_a_damaged_check
     assert trainer.step == (0 if cut == "save" else 3)
 
 
+class CachedLike(RandomClips):
+    """Random clips whose data position is data.cache's kind (CachedClips: epoch and position)."""
+
+    def state_dict(self):
+        return {"epoch": 0, "position": 0}
+
+
+def test_a_resume_that_changed_the_kind_of_data_source_names_the_change(tmp_path):
+    """A resume with another data.cache (or data.source) than the run's, e.g. --auto-resume with --config tiny
+    (data.cache=true) of a run that streamed its manifest (data.cache=false), failed with a KeyError traceback
+    ('epoch') in the data's load_state_dict: it is one line naming the change and the fix."""
+    args = ("train.compile=false", "checkpoint.interval=1", "train.steps=1")
+    make_trainer(tmp_path, *args).fit()
+    trainer = make_trainer(tmp_path, *args, "data.cache=false", data=CachedLike(**CLIPS))
+    with pytest.raises(ValueError) as err:
+        trainer.resume(str(tmp_path))
+    assert str(err.value) == (f"checkpoint {tmp_path / 'checkpoints' / 'step_00000001'} holds the data position of "
+                              "another kind of data source than this run's (data.cache: True -> False): resume with "
+                              "the run's data.source and data.cache (its config.json has them)")
+
+
 class SignalAt(RandomClips):
     """Random clips; fetching the batch of step `at` sends `signum` to this process, as a
     scheduler's notice arriving in the middle of a step. Records the handler it finds."""

@@ -195,6 +195,7 @@ class Trainer:
         d = self.dist
         if written == d.world:
             own = ckpt.read_rank_state(target, d.rank)
+            self._check_data_state(own["data"], target)
             self.data.load_state_dict(own["data"])
         else:
             # Another number of ranks (a node lost, or added): DCP resharded the model and optimizer; the data
@@ -204,8 +205,9 @@ class Trainer:
                 raise ValueError(f"checkpoint {target} was written by {written} ranks and this run has {d.world}; "
                                  f"its data source ({type(self.data).__name__}) cannot move to another number of "
                                  f"ranks: resume with {written} processes")
-            self.data.load_resharded(on_main_rank(lambda: [ckpt.read_rank_state(target, r)["data"]
-                                                           for r in range(written)]))
+            states = on_main_rank(lambda: [ckpt.read_rank_state(target, r)["data"] for r in range(written)])
+            self._check_data_state(states[0], target)
+            self.data.load_resharded(states)
             own = ckpt.read_rank_state(target, d.rank) if d.rank < written else None
         if own is not None:  # a rank new to the run keeps the run's seeded generators
             ckpt.set_rng_state(own["rng"])
@@ -214,6 +216,16 @@ class Trainer:
         if d.main:
             moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
             print(f"resumed from {target} at step {self.step}{moved}")
+
+    def _check_data_state(self, saved: dict, target: str) -> None:
+        """The checkpoint's data position is of this run's kind of source (a manifest's loaders, data.cache's decoded
+        clips, random clips): a resume that changed data.source or data.cache failed in its load with a KeyError."""
+        if set(saved) == set(self.data.state_dict()):
+            return
+        changed = [c for c in self.resume_changes or [] if c.startswith(("data.source", "data.cache"))]
+        raise ValueError(f"checkpoint {target} holds the data position of another kind of data source than this "
+                         f"run's ({'; '.join(changed) or 'data.source or data.cache changed'}): resume with the run's "
+                         "data.source and data.cache (its config.json has them)")
 
     def _state_changes(self) -> list[str] | None:
         """The resume's config changes in the fields that shape the model and optimizer state (the model, the

@@ -101,8 +101,14 @@ def _main(argv: list[str] | None) -> int:
     make_folder(args.out, f"--out {args.out}")
     _data(root, args.clips, cfg1.model.num_frames, cfg1.model.resolution, args.scene)
     # The demo owns --out: a second run starts both stages over (the first's checkpoints kept as *.abandoned).
-    res1 = stage1.run(cfg1, overwrite=True)
-    res2 = stage2.run(cfg2, overwrite=True)
+    stage = 1
+    try:
+        res1 = stage1.run(cfg1, overwrite=True)
+        stage = 2
+        res2 = stage2.run(cfg2, overwrite=True)
+    except KeyboardInterrupt as e:  # the trainer's advice names its own command's --auto-resume, which this lacks
+        raise KeyboardInterrupt(f"{e} (for this demo's stage {stage}: python -m train.stage{stage} --resume "
+                                f"{args.out}/stage{stage}; train.pipeline run again starts both stages over)") from None
 
     # Probes on frozen features of the same clips, eval transform.
     t0 = time.perf_counter()

@@ -716,6 +716,7 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert str(tmp_path / "step_00000002.tmp") in msg and "No space left on device" in msg
     assert f"latest complete checkpoint ({first}) is intact" in msg and "train.out_dir" in msg
     assert ckpt.latest(str(tmp_path)) == first
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]  # the unfinished folder's space given back
 
 
 def test_a_failed_first_checkpoint_write_does_not_say_to_resume(tmp_path, monkeypatch):

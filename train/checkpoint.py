@@ -129,6 +129,9 @@ def _writing(tmp: str, root: str):
         yield
     except (CheckpointException, OSError) as e:
         interrupt(e)
+        # The unfinished folder goes now: on a full disk its space is what the next run's config.json needs
+        # (clear_unfinished removes it only after that write).
+        shutil.rmtree(tmp, ignore_errors=True)
         kept, fix = latest(root), ""
         if any(isinstance(x, OSError) for x in _rank_errors(e).values()):
             # Without a complete checkpoint there is nothing to --resume (it stops on "no complete checkpoint").

@@ -345,36 +345,11 @@ class Trainer:
         if self.step == 0 or elsewhere:
             retired += ckpt.retire_records(tc.out_dir)
         log = MetricsLogger(tc.out_dir, total_steps=tc.steps, start_step=self.step, enabled=d.main, desc=self.name)
-        if retired:
-            log.message(f"[{self.name}] {len(retired)} file(s) of an earlier run at or after step {self.step} renamed "
-                        f"out of the way (kept, never resumed from): {', '.join(retired)}")
-        config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
-        if d.main:
-            # What this resume changed against the run that wrote the checkpoint (train.steps moves the schedule's
-            # end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on with the new values.
-            if cfg.optim.warmup_steps > tc.steps:  # e.g. --config base train.steps=1000: 5% of optim.lr at most
-                log.message(f"[{self.name}] warning: optim.warmup_steps={cfg.optim.warmup_steps} > train.steps="
-                            f"{tc.steps}: the learning rate stops at {lr_at(tc.steps - 1, cfg.optim, tc.steps):.3g}, "
-                            f"below optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps for a short run")
-            changes = self.resume_changes or []
-            if changes:
-                log.message(f"[{self.name}] resumed with a config that differs from the run's {self.resumed_config}: "
-                            + "; ".join(changes))
-            save_config(cfg, config_path, stage=self.task.stage)
-            layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
-            if self.step == 0:
-                log.write({"config": cfg.to_dict(), **layout, "peak_tflops": peak})
-            elif self.resumed_from:  # the layout may differ from the first record's (resumed on other ranks)
-                log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout,
-                           **({"config_changes": changes} if changes else {})})
-        unfinished = ckpt.clear_unfinished(self.ckpt_dir)
-        if unfinished:
-            log.message(f"[{self.name}] {len(unfinished)} folder(s) of checkpoint saves that did not finish removed: "
-                        + ", ".join(unfinished))
-        self.task.module.train()
-        self._report_rejects(log)  # those met before the first step (the validation split's, a manifest's lines)
-        notice = PreemptionNotice()
+        # From here the finally below closes the bar: an error in the setup (config.json on a full disk) was
+        # printed on the bar's line.
         try:
+            config_path = self._start(log, retired, peak)
+            notice = PreemptionNotice()
             with notice.catching(cfg.checkpoint.save_on_signal):
                 self._loop(log, peak, notice)
                 path = self.save()  # a notice now is too late to act on, but must not cut this save
@@ -408,6 +383,40 @@ class Trainer:
             files = glob.glob(os.path.join(tc.out_dir, "rejects.rank*.jsonl"))
             results["rejects"] = files[0] if len(files) == 1 else os.path.join(tc.out_dir, "rejects.rank*.jsonl")
         return results
+
+    def _start(self, log: MetricsLogger, retired: list[str], peak: float) -> str:
+        """Before the first step of this start: what was set aside and changed said, config.json (its path
+        returned) and the first record written, unfinished saves removed, rejects met so far reported."""
+        cfg, tc, d = self.cfg, self.cfg.train, self.dist
+        if retired:
+            log.message(f"[{self.name}] {len(retired)} file(s) of an earlier run at or after step {self.step} renamed "
+                        f"out of the way (kept, never resumed from): {', '.join(retired)}")
+        config_path = os.path.join(tc.out_dir, "config.json")   # `--config` takes it back
+        if d.main:
+            # What this resume changed against the run that wrote the checkpoint (train.steps moves the schedule's
+            # end, optim.lr its height): said once, and kept in metrics.jsonl; the run goes on with the new values.
+            if cfg.optim.warmup_steps > tc.steps:  # e.g. --config base train.steps=1000: 5% of optim.lr at most
+                log.message(f"[{self.name}] warning: optim.warmup_steps={cfg.optim.warmup_steps} > train.steps="
+                            f"{tc.steps}: the learning rate stops at {lr_at(tc.steps - 1, cfg.optim, tc.steps):.3g}, "
+                            f"below optim.lr={cfg.optim.lr:g}; lower optim.warmup_steps for a short run")
+            changes = self.resume_changes or []
+            if changes:
+                log.message(f"[{self.name}] resumed with a config that differs from the run's {self.resumed_config}: "
+                            + "; ".join(changes))
+            save_config(cfg, config_path, stage=self.task.stage)
+            layout = {"world": d.world, "sharding": shard_layout(self.task.module), "accum": self.accum}
+            if self.step == 0:
+                log.write({"config": cfg.to_dict(), **layout, "peak_tflops": peak})
+            elif self.resumed_from:  # the layout may differ from the first record's (resumed on other ranks)
+                log.write({"resumed_from": self.resumed_from, "at_step": self.step, **layout,
+                           **({"config_changes": changes} if changes else {})})
+        unfinished = ckpt.clear_unfinished(self.ckpt_dir)
+        if unfinished:
+            log.message(f"[{self.name}] {len(unfinished)} folder(s) of checkpoint saves that did not finish removed: "
+                        + ", ".join(unfinished))
+        self.task.module.train()
+        self._report_rejects(log)  # those met before the first step (the validation split's, a manifest's lines)
+        return config_path
 
     def _interrupted(self) -> KeyboardInterrupt:
         """Ctrl-C during the run: its latest complete checkpoint (a save cut short is not one) and how to go on."""

@@ -1,4 +1,6 @@
 """Training transforms: horizontal flips are off unless asked for (captions name left/right), and a flip mirrors."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,28 @@ def test_quarter_turns_of_a_display_rotation():
     from videoprism.data.transforms import quarter_turns
 
     assert [quarter_turns(d) for d in (0, 90, 180, -180, -90, 270, 89.9)] == [0, 1, 2, 2, 3, 3, 1]
+
+
+def test_train_box_size_from_area_and_aspect_by_hand():
+    """The box's width / height is exp(log_ratio) and its area `area` * H * W, rounded to pixels; a box too
+    large for the frame shrinks as a whole to the largest one of that aspect that fits. Values by hand."""
+    r = math.log(4 / 3)
+    # 120x120, area 1/4, w/h = 4/3: cw = sqrt(3600 * 4/3) = 69.28, ch = sqrt(3600 * 3/4) = 51.96.
+    assert Augment(train=True, area=0.25, log_ratio=r, u=0.0, v=0.0).box(120, 120) == (0, 0, 52, 69)
+    assert Augment(train=True, area=0.25, log_ratio=-r, u=0.0, v=0.0).box(120, 120) == (0, 0, 69, 52)
+    # 180x320, the whole area at 4/3 (277 x 208) is taller than the frame: the full height, 240 wide.
+    assert Augment(train=True, area=1.0, log_ratio=r, u=0.0, v=0.0).box(180, 320) == (0, 0, 180, 240)
+    # 320x180 at 3/4: the full width, 240 tall.
+    assert Augment(train=True, area=1.0, log_ratio=-r, u=0.0, v=0.0).box(320, 180) == (0, 0, 240, 180)
+
+
+def test_draw_area_uniform_in_scale_and_aspect_log_uniform_in_ratio():
+    """The area share is uniform in `scale` and the aspect ratio log-uniform in `ratio` (the module docstring):
+    with ratio (1/2, 2) log-uniform puts half the draws below 1, uniform in the ratio only a third."""
+    draws = [Augment.draw(np.random.default_rng([3, i]), scale=(0.2, 0.5), ratio=(0.5, 2.0)) for i in range(2000)]
+    area = np.array([a.area for a in draws])
+    log_ratio = np.array([a.log_ratio for a in draws])
+    assert area.min() >= 0.2 and area.max() <= 0.5 and area.min() < 0.21 and area.max() > 0.49
+    assert abs(area.mean() - 0.35) < 0.01
+    assert log_ratio.min() >= math.log(0.5) and log_ratio.max() <= math.log(2.0)
+    assert 0.46 < np.mean(log_ratio < 0) < 0.54

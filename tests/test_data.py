@@ -309,6 +309,61 @@ def test_tokenizer_matches_sentencepiece_oracle():
             tok(bad)
 
 
+
+_CAPTIONS = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
+             for d in ("left", "right")]
+
+
+def test_trained_tokenizer_has_c4_ens_layout_and_no_bos(tmp_path):
+    """train_spm lays ids out as the official c4_en (golden NOTES 7): pad 0, eos 1, unk 2 and no BOS, so a caption
+    is its SentencePiece pieces alone, then id-0 padding."""
+    import sentencepiece as spm
+
+    from videoprism.data.text import train_spm
+
+    path = str(tmp_path / "s.model")
+    train_spm(_CAPTIONS, path, vocab_size=60)
+    sp = spm.SentencePieceProcessor(model_file=path)
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    ids, pad = Tokenizer(path)(["A red circle moves LEFT!"])
+    pieces = sp.encode("a red circle moves left.")
+    assert ids[0, :len(pieces)].tolist() == pieces and not ids[0, len(pieces):].any()
+    assert pad[0].tolist() == [0.0] * len(pieces) + [1.0] * (64 - len(pieces))
+
+
+def test_a_bos_of_id_0_is_prepended_and_counts_as_a_token(tmp_path):
+    """"BOS only if bos_id >= 0" (golden NOTES 7): id 0 is a valid BOS; it leads the ids with padding 0.0."""
+    import sentencepiece as spm
+
+    path, buf = str(tmp_path / "bos0.model"), io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(canonicalize_text(c) for c in _CAPTIONS), model_writer=buf,
+                                   vocab_size=60, model_type="bpe", bos_id=0, pad_id=3, eos_id=1, unk_id=2,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    pieces = spm.SentencePieceProcessor(model_file=path).encode("a red circle.")
+    ids, pad = Tokenizer(path, max_length=8)(["a red circle"])
+    want = ([0] + pieces + [0] * 8)[:8]
+    assert ids[0].tolist() == want
+    assert pad[0].tolist() == [0.0] * min(8, 1 + len(pieces)) + [1.0] * (8 - min(8, 1 + len(pieces)))
+
+
+def test_tokenizer_max_length_truncates_and_must_be_positive(tmp_path):
+    """A custom max_length sets the width of ids and paddings and truncates; 0 (empty rows) is refused."""
+    from videoprism.data.text import train_spm
+
+    path = str(tmp_path / "s.model")
+    train_spm(_CAPTIONS, path, vocab_size=60)
+    tok = Tokenizer(path, max_length=3)
+    full = Tokenizer(path).encode_one("a blue square moves right")
+    assert len(full) > 3
+    ids, pad = tok(["a blue square moves right", "a"])
+    assert ids.shape == pad.shape == (2, 3)
+    assert ids[0].tolist() == full[:3] and pad[0].tolist() == [0.0] * 3
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="max_length must be >= 1"):
+            Tokenizer(path, max_length=bad)
+
 # ---- manifests -------------------------------------------------------------------------------------------------------
 def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):
     lines = [json.dumps({"path": os.path.join(synth, "clips", f"{i:06d}.webm"), "caption": "ok"}).encode()

@@ -427,6 +427,43 @@ def test_zero_shot_metrics_by_hand():
         zero_shot_metrics(torch.ones(1, 3), torch.eye(3), torch.tensor([3]), ["a", "b", "c"])
 
 
+def test_zero_shot_top5_counts_ranks_0_to_4_and_needs_more_than_5_classes():
+    """Top-5 is a hit when at most 4 other classes score at least as high as the clip's own; with 5 classes or
+    fewer it is always 1 and is left out."""
+    from videoprism.train.zeroshot import zero_shot_metrics
+
+    video = torch.tensor([[0.1, 0.5, 0.5, 0.5, 0.5, 0.0],    # 4 classes ahead of class 0: rank 4, a top-5 hit
+                          [0.1, 0.5, 0.5, 0.5, 0.5, 0.5]])   # 5 ahead: rank 5, a miss
+    m = zero_shot_metrics(video, torch.eye(6), torch.tensor([0, 0]), [f"c{i}" for i in range(6)])
+    assert m["top5"] == 0.5 and m["top1"] == 0.0
+    assert "top5" not in zero_shot_metrics(torch.eye(5), torch.eye(5), torch.arange(5), list("abcde"))
+
+
+def test_class_embeddings_are_the_normalised_mean_of_each_class_prompts():
+    """A class's embedding is normalize(mean over templates of its prompts' embeddings): planted prompt embeddings
+    of different lengths of mean, the oracle by hand."""
+    from videoprism.train.zeroshot import class_embeddings, check_templates
+
+    classes, templates = ["cat", "dog"], ["a {}", "the {}", "{}"]
+    prompts = [t.replace("{}", c) for c in classes for t in templates]
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(len(prompts), 5, generator=g), dim=-1)
+
+    def tokenizer(texts):  # each prompt as one token: its index
+        return torch.tensor([[prompts.index(t)] for t in texts]), torch.zeros(len(texts), 1)
+
+    class Model:
+        def encode_text(self, ids, pads):  # a normalised embedding per prompt, as the text tower's
+            return table[ids[:, 0]]
+
+    got = class_embeddings(Model(), tokenizer, classes, templates, device="cpu")
+    for i in range(len(classes)):
+        mean = sum(table[i * len(templates) + j] for j in range(len(templates))) / len(templates)
+        torch.testing.assert_close(got[i], mean / mean.norm())
+    # Two {} would put the class name twice in each prompt.
+    with pytest.raises(ValueError, match="exactly one"):
+        check_templates(["{} and {}"])
+
 def test_zeroshot_bad_input_one_line_errors(data, tmp_path, capsys):
     """Each bad option is one line naming the option or manifest and the fix; the label, class and template checks
     come before the model loads (the missing checkpoint is not what is reported)."""

@@ -429,6 +429,16 @@ def test_retrieval_ties_count_against_the_model():
     assert recall_at_k(sim, torch.tensor([0]), torch.tensor([0, 1, 2]), ks=(1, 2)) == {1: 0.0, 2: 1.0}
 
 
+def test_a_query_without_a_match_or_with_nan_scores_never_hits_whatever_k():
+    """A query whose caption no item has, or whose scores hold a NaN (a diverged model's), misses at every k, also
+    at a k above the number of items: they were given the rank "number of items", 3 here, a hit at k = 5 (a
+    diverged model scored R@10 = 1 on a validation set of fewer than 10 clips)."""
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.1, 0.2, 0.3]])
+    assert recall_at_k(sim, torch.tensor([7, 2]), torch.tensor([0, 1, 2]), ks=(1, 5)) == {1: 0.5, 5: 0.5}
+    nan = F.normalize(torch.full((4, 8), float("nan")), dim=-1)
+    m = retrieval_metrics(nan, nan, torch.arange(4))
+    assert m["t2v_R@10"] == m["v2t_R@10"] == m["t2v_R@5"] == 0.0
+
 def test_caption_groups_ignore_padding_content():
     ids = torch.tensor([[5, 6, 0, 0], [5, 6, 9, 9], [5, 7, 0, 0]])
     pads = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]).float()

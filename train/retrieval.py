@@ -27,9 +27,10 @@ def recall_at_k(sim: torch.Tensor, query_groups: torch.Tensor, item_groups: torc
     match = item_groups[None, :] == query_groups[:, None]                      # [Q, I]
     best = sim.masked_fill(~match, float("-inf")).amax(1, keepdim=True)       # [Q, 1]
     rank = ((sim >= best) & ~match).sum(1)                                    # items ahead of it
-    rank = torch.where(match.any(1), rank, sim.shape[1])                      # a query with no match never hits
-    rank = torch.where(sim.isfinite().all(1), rank, sim.shape[1])  # NaN compares false with all: a miss, not a hit
-    return {k: float((rank < k).float().mean()) for k in ks}
+    # A query with no match, or whose scores are not all finite (NaN compares false with all), never hits: a mask,
+    # not a rank of "every item" (that rank is below a k past the number of items, R@10 of 9 clips).
+    can_hit = match.any(1) & sim.isfinite().all(1)
+    return {k: float(((rank < k) & can_hit).float().mean()) for k in ks}
 
 
 def retrieval_metrics(video: torch.Tensor, text: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:

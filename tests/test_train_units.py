@@ -804,9 +804,10 @@ def _publish_on_two_ranks(rank, port, root, errors):
         dist.destroy_process_group()
 
 
-def _on_two_ranks(target, *args) -> tuple[list[bool], dict]:
+def _on_two_ranks(target, *args, start: str = "fork") -> tuple[list[bool], dict]:
     """Run `target(rank, port, *args, errors)` in two forked gloo ranks; (which were still alive after 60 s, and
-    were killed: a rank left waiting in a collective), {rank: error text})."""
+    were killed: a rank left waiting in a collective), {rank: error text}). `start="spawn"` for ranks that compute
+    (a forked child of a process whose OpenMP pool ran can hang in its first parallel op)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -814,7 +815,7 @@ def _on_two_ranks(target, *args) -> tuple[list[bool], dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(start)
     errors = ctx.Manager().dict()
     procs = [ctx.Process(target=target, args=(r, port, *args, errors)) for r in range(2)]
     for p in procs:
@@ -827,6 +828,51 @@ def _on_two_ranks(target, *args) -> tuple[list[bool], dict]:
             p.kill()
     return alive, errors
 
+
+def _global_batch(n=8, d=16):
+    g = torch.Generator().manual_seed(5)
+    v = F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return v, F.normalize(v + 0.7 * torch.randn(n, d, generator=g), dim=-1)
+
+
+def _contrastive_on_two_ranks(rank, port, root, errors):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        v, t = _global_batch()
+        b = v.shape[0] // 2
+        v, t = v[rank * b:(rank + 1) * b].clone().requires_grad_(), t[rank * b:(rank + 1) * b].clone().requires_grad_()
+        loss = contrastive_loss(v, t, torch.tensor(math.log(20.0)))
+        loss.backward()
+        torch.save({"loss": loss.detach(), "v": v.grad, "t": t.grad}, os.path.join(root, f"rank{rank}.pt"))
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_contrastive_loss_on_two_ranks_is_the_global_batchs():
+    """Each of 2 ranks holds half the batch: the mean of the ranks' losses is the naive InfoNCE of the whole batch
+    (its rows score against every rank's columns, its labels are the global indices), and each rank's gradient on
+    its half is the gradient of the ranks' summed losses (the gather's backward adds every rank's share), i.e.
+    2 x that of the global loss. The oracle: the naive formula on one process, by autograd."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as root:
+        alive, errors = _on_two_ranks(_contrastive_on_two_ranks, root, start="spawn")
+        assert alive == [False, False] and not errors, dict(errors)
+        got = [torch.load(os.path.join(root, f"rank{r}.pt")) for r in range(2)]
+    v, t = (x.clone().requires_grad_() for x in _global_batch())
+    logits = 20.0 * v @ t.T
+    n = v.shape[0]
+    naive = sum(-torch.log_softmax(logits[i], 0)[i] - torch.log_softmax(logits[:, i], 0)[i] for i in range(n)) / (2 * n)
+    naive.backward()
+    assert float((got[0]["loss"] + got[1]["loss"]) / 2) == pytest.approx(float(naive.detach()), abs=1e-5)
+    b = n // 2
+    for r in range(2):
+        torch.testing.assert_close(got[r]["v"], 2 * v.grad[r * b:(r + 1) * b], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[r]["t"], 2 * t.grad[r * b:(r + 1) * b], atol=1e-5, rtol=1e-4)
 
 def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
     """Rank 0 renames the written folder into place between two barriers: its error left the other ranks in the

@@ -85,6 +85,50 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, optim):
         trainer.train_step()
 
 
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_a_step_with_only_its_loss_or_only_its_gradient_non_finite_is_skipped(tmp_path, monkeypatch, what):
+    """Either one alone skips the step (the NaN batch above makes both non-finite): a NaN added to the loss as a
+    constant leaves the gradient finite; a gradient norm of inf (clip_grad_norm_'s answer to an inf gradient)
+    comes with a finite loss. The skipped step changes no parameter and counts once."""
+    trainer = make_trainer(tmp_path, "train.compile=false")
+    trainer.train_step()
+    loss_fn, clip_fn = trainer.task.loss, torch.nn.utils.clip_grad_norm_
+
+    def nan_loss(*args):
+        loss, parts = loss_fn(*args)
+        return loss + float("nan"), parts
+
+    if what == "loss":
+        monkeypatch.setattr(trainer.task, "loss", nan_loss)
+    else:
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clip_fn(*a, **k) * float("inf"))
+    before = {k: v.clone() for k, v in trainer.task.module.state_dict().items()}
+    rec = trainer.train_step()
+    assert rec["skipped"] and trainer.nonfinite == 1
+    assert math.isfinite(rec["grad_norm"]) if what == "loss" else math.isfinite(rec["loss"])
+    for k, v in trainer.task.module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    monkeypatch.undo()
+    assert not trainer.train_step()["skipped"]
+
+
+def test_each_step_runs_at_the_schedules_lr_of_its_index(tmp_path):
+    """Step i (0-based) updates with lr_at(i): the warm-up's first step at lr / warmup_steps, by hand here
+    (warm-up 4, lr 3e-3: 0.75e-3, 1.5e-3, 2.25e-3, 3e-3), then the cosine decay to min_lr at train.steps."""
+    trainer = make_trainer(tmp_path, "train.compile=false", "optim.warmup_steps=4", "optim.decay=cosine",
+                           "optim.min_lr=0", "train.steps=6")
+    seen, step = [], trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([g["lr"] for g in trainer.optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    logged = [trainer.train_step()["lr"] for _ in range(6)]
+    want = [0.75e-3, 1.5e-3, 2.25e-3, 3e-3, 3e-3, 3e-3 * 0.5 * (1 + math.cos(math.pi / 2))]
+    assert logged == pytest.approx(want) and [g[0] for g in seen] == pytest.approx(want)
+    assert all(len(set(g)) == 1 for g in seen)  # every parameter group
+
 def test_the_optimizer_gets_gradients_clipped_to_optim_grad_clip(tmp_path):
     """optim.grad_clip clips the global gradient norm: the optimizer steps with gradients of norm
     min(norm, clip) (the logged grad_norm is the norm before clipping); 0 turns clipping off."""

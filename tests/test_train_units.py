@@ -307,6 +307,12 @@ def test_lr_schedule():
     assert lr_at(9, c, 110) == pytest.approx(1.0)
     assert lr_at(60, c, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_at(110, c, 110) == pytest.approx(0.1)
+    # The first step past the warm-up is the top (warm-up ends at step 9, not 10), a step past the end stays at
+    # min_lr (the cosine does not turn back up), and "constant" holds lr after the warm-up.
+    assert lr_at(10, c, 110) == pytest.approx(1.0)
+    assert lr_at(200, c, 110) == pytest.approx(0.1)
+    c.decay = "constant"
+    assert lr_at(0, c, 110) == pytest.approx(0.1) and lr_at(10, c, 110) == lr_at(200, c, 110) == 1.0
     c.decay = "linear"
     assert lr_at(60, c, 110) == pytest.approx(0.55)
     c.decay = "linaer"  # refused at step 0, not only when the warm-up ends
@@ -339,8 +345,8 @@ def test_weight_decay_reaches_matrices_only(name):
 
     g = torch.Generator().manual_seed(0)
     shapes = {"proj.weight": (3, 4), "proj.bias": (3,), "ln.weight": (3,), "ln.bias": (3,), "logit_scale": (1,),
-              "pos_emb": (5, 3), "frozen.weight": (3, 3)}
-    named = [(k, torch.nn.Parameter(torch.randn(*v, generator=g) + 1.0, requires_grad=k != "frozen.weight"))
+              "pos_emb": (5, 3), "frozen.weight": (3, 3), "frozen.bias": (3,)}
+    named = [(k, torch.nn.Parameter(torch.randn(*v, generator=g) + 1.0, requires_grad=not k.startswith("frozen")))
              for k, v in shapes.items()]
     before = {k: p.detach().clone() for k, p in named}
     opt = build_optimizer(named, OptimConfig(name=name, lr=0.1, weight_decay=0.5))
@@ -351,6 +357,9 @@ def test_weight_decay_reaches_matrices_only(name):
     for k, p in named:
         factor = 1 - 0.1 * 0.5 if k in ("proj.weight", "pos_emb") else 1.0
         torch.testing.assert_close(p.detach(), before[k] * factor, rtol=1e-6, atol=0, msg=k)
+    # "p unchanged" holds for a parameter left out of the optimizer too: every trainable one is in it, once.
+    held = [id(p) for group in opt.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(id(p) for _, p in named if p.requires_grad)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -642,6 +642,28 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     assert not os.path.exists(os.path.join(root, "step_00000002.tmp"))
 
 
+def test_resume_finds_the_latest_checkpoint_from_the_out_dir_or_its_checkpoints_folder(tmp_path):
+    """find (--resume PATH): a step_* folder is itself; the run's out_dir or its checkpoints folder gives the highest
+    complete step (by number: 10 after 9; a .tmp and an .abandoned are not complete)."""
+    ck = tmp_path / "checkpoints"
+    for name in ("step_00000009", "step_00000010", "step_00000002", "step_00000011.tmp", "step_00000012.abandoned"):
+        (ck / name).mkdir(parents=True)
+    want = str(ck / "step_00000010")
+    assert ckpt.find(str(tmp_path), required=True) == want
+    assert ckpt.find(str(ck), required=True) == want
+    assert ckpt.find(str(ck / "step_00000002"), required=True) == str(ck / "step_00000002")
+    assert ckpt.find(str(tmp_path / "elsewhere"), required=False) is None
+
+
+def test_retire_sets_aside_the_checkpoints_at_or_after_the_step_but_the_kept_one(tmp_path):
+    """A run restarting at step 2 replaces the checkpoints of steps >= 2 (its own step 2 will be written again),
+    except the one it resumed from."""
+    for s in (1, 2, 3, 4):
+        (tmp_path / f"step_{s:08d}").mkdir()
+    ckpt.retire(str(tmp_path), 2, keep=str(tmp_path / "step_00000003"))
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000002.abandoned", "step_00000003",
+                                            "step_00000004.abandoned"]
+
 def test_a_checkpoint_of_a_replaced_run_that_cannot_be_retired_is_one_line(tmp_path, monkeypatch):
     """A run that starts at step s renames the checkpoints at or after s out of the way; a rename that failed
     stopped it with "[Errno 13] Permission denied: ..." and no fix (and, on rank 0 between two barriers, left

@@ -146,6 +146,12 @@ def test_inverse_slot_map():
             inverse_slot_map(torch.tensor(bad), 30)
 
 
+def test_inverse_slot_map_of_an_unmasked_clip_is_the_identity():
+    """Ratio 0 keeps every patch (K = N, a valid mask): patch n of every frame sits at slot n, none absent."""
+    pos = tube_mask(2, 3, (3, 4), 0.0, seed=0)
+    assert torch.equal(pos, torch.arange(12).expand(2, 3, 12))
+    assert torch.equal(inverse_slot_map(pos, 12), torch.arange(12, dtype=torch.int32).expand(2, 3, 12))
+
 def _block_geometry(rounds, batch, frames, grid, seed):
     """Random rectangles and frame runs, some past the grid edge and the frame count (the
     kernel must clip exactly as the reference does)."""

@@ -1,9 +1,10 @@
 """The frozen-feature probe (train/probe.py) on features whose labels are known by construction."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from videoprism.train.probe import train_probe
+from videoprism.train.probe import probe_features, train_probe
 
 
 def _clips(n: int, g: torch.Generator, shuffle_labels: bool = False):
@@ -32,3 +33,31 @@ def test_probe_is_at_chance_on_labels_the_features_do_not_carry():
     (tx, ty), (vx, vy) = _clips(400, g, shuffle_labels=True), _clips(400, g, shuffle_labels=True)
     val, train = train_probe(tx, ty, vx, vy, num_heads=4, steps=300)
     assert val < 0.35 and train > val, (val, train)
+
+
+def test_probe_accuracy_is_the_share_of_clips_it_classifies_right():
+    """Features that carry the class in every token (a probe fits them exactly) with 3 of 10 validation labels
+    changed to another class: validation accuracy is 7/10 and training accuracy 1, counted by hand."""
+    markers = torch.eye(4, 16) * 4
+    g = torch.Generator().manual_seed(2)
+
+    def clips(y):
+        return markers[y][:, None, :] + 0.1 * torch.randn(len(y), 6, 16, generator=g)
+
+    ty, vy = torch.arange(40) % 4, torch.arange(10) % 4
+    vx = clips(vy)
+    wrong = vy.clone()
+    wrong[:3] = (wrong[:3] + 1) % 4
+    val, train = train_probe(clips(ty), ty, vx, wrong, num_heads=2, steps=200)
+    assert val == pytest.approx(0.7, abs=1e-6) and train == 1.0
+
+
+def test_probe_refuses_labels_it_cannot_score():
+    """A validation clip without the label (-1) would count as a miss; a single training class gives its share."""
+    g = torch.Generator().manual_seed(0)
+    tx, vx = torch.randn(8, 5, 8, generator=g), torch.randn(4, 5, 8, generator=g)
+    with pytest.raises(ValueError, match="class ids >= 0"):
+        train_probe(tx, torch.tensor([0, 1] * 4), vx, torch.tensor([0, 1, -1, 0]), num_heads=2, steps=1)
+    with pytest.raises(ValueError, match="every training clip has class 5"):
+        probe_features(tx, {"label": torch.full((8,), 5)}, vx, {"label": torch.tensor([5, 0, 5, 0])}, ["label"],
+                       num_heads=2, steps=1)

@@ -53,7 +53,7 @@ def _time_prune(fwd: bool):
     """Tiles of at most 16K (forward) / 8K (backward: it holds q, k, v, do and three
     gradients) elements per operand, head groups that divide H. Without the search, at T = 16:
     - padded head dim 64 (VideoPrism B, L): 4 (forward) / 2 (backward) sequences, 4 warps, and
-      on the masked axis up to 4 heads per program, which share its pos search: 77 / 118
+      on the masked axis up to 4 heads per program, which share its pos search: 76 / 118
       registers a thread, no spill (sm_90, Triton 3.6; tools/triton_compile_check.py --json);
     - padded head dim 128 (giant's 88): those tiles spill 928 / 464 bytes a thread, so 2 / 1
       sequences on 8 warps and one head per backward program: 193 / 187 registers (196 / 188 before

@@ -52,7 +52,15 @@ def init_distributed(device: str) -> Dist:
         dev = torch.device("cpu")
     host_group = None
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        # torchrun --max-restarts: the restarted workers share the agent's store with the failed attempt
+        # (TORCHELASTIC_USE_AGENT_STORE; torch 2.14 no longer prefixes it per attempt), and the process groups'
+        # rendezvous read the dead workers' addresses: "Gloo connectFullMesh failed ... Connection refused", or
+        # a hang in init_process_group until its 30-minute timeout (3 of 4 restarts here). Each attempt gets its
+        # own keys, as torch did itself before.
+        store, _, _ = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"videoprism/attempt_{attempt}", store))
         if device == "cuda":
             host_group = dist.new_group(backend="gloo")
     return Dist(rank, world, dev, host_group)

@@ -760,6 +760,23 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]  # the unfinished folder's space given back
 
 
+def test_a_rank_alone_in_a_failed_write_leaves_the_folder_the_others_write(tmp_path, monkeypatch):
+    """Under torchrun a rank's own error (its rank file on a full disk) comes while the other ranks still write
+    their shards into the same .tmp folder: that rank must not remove it under them (clear_unfinished does,
+    when the run next starts). DCP's error comes on every rank once all have written: the folder goes."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    tmp = tmp_path / "step_00000001.tmp"
+    monkeypatch.setattr(ckpt, "_distributed", lambda: True)
+    monkeypatch.setattr(ckpt, "_rank", lambda: 1)
+    for error, kept in ((OSError(28, "No space left on device"), True),
+                        (CheckpointException("save", {1: (OSError(28, "No space left on device"), None)}), False)):
+        tmp.mkdir(exist_ok=True)
+        with pytest.raises(ckpt.CheckpointWriteError), ckpt._writing(str(tmp), str(tmp_path)):
+            raise error
+        assert tmp.is_dir() == kept, error
+
+
 def test_a_failed_first_checkpoint_write_does_not_say_to_resume(tmp_path, monkeypatch):
     """The first save of a run failing (a full disk, a read-only folder) said "then --resume", which stops with
     "no complete checkpoint there": with none yet, the fix is to run the same command again."""

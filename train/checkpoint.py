@@ -130,8 +130,10 @@ def _writing(tmp: str, root: str):
     except (CheckpointException, OSError) as e:
         interrupt(e)
         # The unfinished folder goes now: on a full disk its space is what the next run's config.json needs
-        # (clear_unfinished removes it only after that write).
-        shutil.rmtree(tmp, ignore_errors=True)
+        # (clear_unfinished removes it only after that write). Only once no rank writes in it: DCP raises its
+        # CheckpointException on every rank after all are done; another error (a rank file) is this rank's alone.
+        if isinstance(e, CheckpointException) or not _distributed():
+            shutil.rmtree(tmp, ignore_errors=True)
         kept, fix = latest(root), ""
         if any(isinstance(x, OSError) for x in _rank_errors(e).values()):
             # Without a complete checkpoint there is nothing to --resume (it stops on "no complete checkpoint").

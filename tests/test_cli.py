@@ -523,24 +523,28 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
         run_command(bug)
 
 
-def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("saved", [True, False])
+def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, monkeypatch, capsys, saved):
     """The trainer's Ctrl-C line says 'the same command with --auto-resume', which train.pipeline does not take:
-    the pipeline names the stage's own command (and that it starts over itself)."""
+    the pipeline names the stage's own command (and that it starts over itself). Before the stage's first
+    checkpoint that command would stop on "no complete checkpoint": only the pipeline's own rerun is named."""
     from videoprism.train import pipeline
 
     monkeypatch.setattr(pipeline, "_data", lambda *a: None)
     monkeypatch.setattr(pipeline.stage1, "run", lambda cfg, overwrite: {"export": "x"})
+    said = ("[stage2] at step 3; the latest checkpoint is C: the same command with --auto-resume goes on from it"
+            if saved else "[stage2] at step 1; no checkpoint yet: the same command starts again")
+    if saved:
+        (tmp_path / "stage2" / "checkpoints" / "step_00000002").mkdir(parents=True)
 
     def interrupted(cfg, overwrite):
-        raise KeyboardInterrupt("[stage2] at step 3; the latest checkpoint is C: the same command with --auto-resume "
-                                "goes on from it")
+        raise KeyboardInterrupt(said)
 
     monkeypatch.setattr(pipeline.stage2, "run", interrupted)
     assert pipeline.main(["--out", str(tmp_path)]) == 130
+    resume = f"for this demo's stage 2: python -m train.stage2 --resume {tmp_path}/stage2; " if saved else ""
     assert capsys.readouterr().err == (
-        "interrupted: [stage2] at step 3; the latest checkpoint is C: the same command with --auto-resume goes on "
-        f"from it (for this demo's stage 2: python -m train.stage2 --resume {tmp_path}/stage2; train.pipeline run "
-        "again starts both stages over)\n")
+        f"interrupted: {said} ({resume}train.pipeline run again starts both stages over)\n")
 
 
 def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):

@@ -26,7 +26,7 @@ import time
 from videoprism.cli import command_name, run_command
 from videoprism.data.synth import SCENES, class_names, generate, prompt_templates
 from videoprism.paths import make_folder, write_json_atomic
-from videoprism.train import stage1, stage2
+from videoprism.train import checkpoint as ckpt, stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
 from videoprism.train.modeling import model_from_safetensors
@@ -107,8 +107,11 @@ def _main(argv: list[str] | None) -> int:
         stage = 2
         res2 = stage2.run(cfg2, overwrite=True)
     except KeyboardInterrupt as e:  # the trainer's advice names its own command's --auto-resume, which this lacks
-        raise KeyboardInterrupt(f"{e} (for this demo's stage {stage}: python -m train.stage{stage} --resume "
-                                f"{args.out}/stage{stage}; train.pipeline run again starts both stages over)") from None
+        run = f"{args.out}/stage{stage}"
+        # Without a checkpoint --resume stops on "no complete checkpoint": only the pipeline starts it again.
+        resume = (f"for this demo's stage {stage}: python -m train.stage{stage} --resume {run}; "
+                  if ckpt.latest(os.path.join(run, "checkpoints")) else "")
+        raise KeyboardInterrupt(f"{e} ({resume}train.pipeline run again starts both stages over)") from None
 
     # Probes on frozen features of the same clips, eval transform.
     t0 = time.perf_counter()

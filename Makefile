@@ -13,6 +13,9 @@ TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.installed
 # The TORCH_SPEC the venv was set up with: another one sets it up again (torch reinstalled, extension rebuilt).
 SPEC_STAMP := $(VENV)/.torch-spec
+ifeq ($(origin TORCH_SPEC),file)  # none given (make test, make demo): the venv's own, not the default's reinstall
+TORCH_SPEC := $(or $(shell cat $(SPEC_STAMP) 2>/dev/null),$(TORCH_SPEC))
+endif
 
 .PHONY: setup demo test test-gpu bench-cpu clean FORCE
 

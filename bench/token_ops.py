@@ -30,9 +30,10 @@ Bytes (the least any implementation must move; E = element size, E_p = 4):
   measured in this run, read + write, on 1 GiB on CUDA, 64 MiB on the CPU); GB/s = bytes / time;
   pct_copy = GB/s / copy GB/s = floor_ms / ms; copy_ms: a device copy of the same bytes (half read,
   half written) timed in this run, pct_same_copy = copy_ms / ms (a working set that fits a cache
-  copies faster than the big copy: on the CPU pct_copy passes 100% where pct_same_copy does not); x_torch = torch time / this time (ms), dev_x_torch the same of dev_ms where both
-  rows have one (x_torch of a call whose time is the host's says nothing of the kernel). Columns
-  D, K, m, n: the case's shape (patchify reads K only: B*T*K patches of P*P*3 = 972 values).
+  copies faster than the big copy: on the CPU pct_copy passes 100% where pct_same_copy does not);
+  x_torch = torch time / this time (ms), dev_x_torch the same of dev_ms where both rows have one
+  (x_torch of a call whose time is the host's says nothing of the kernel). Columns D, K, m, n: the
+  case's shape (patchify reads K only: B*T*K patches of P*P*3 = 972 values).
 Two times on CUDA: `ms` (do_bench of the eager call: includes the host side, the Python
 custom-op and autograd dispatch, which at these 30-100 us sizes can exceed the kernels and
 then is what gets measured) and `dev_ms` (the same call captured once in a CUDA graph and

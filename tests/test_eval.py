@@ -464,6 +464,7 @@ def test_class_embeddings_are_the_normalised_mean_of_each_class_prompts():
     with pytest.raises(ValueError, match="exactly one"):
         check_templates(["{} and {}"])
 
+
 def test_zeroshot_bad_input_one_line_errors(data, tmp_path, capsys):
     """Each bad option is one line naming the option or manifest and the fix; the label, class and template checks
     come before the model loads (the missing checkpoint is not what is reported)."""

@@ -152,6 +152,7 @@ def test_inverse_slot_map_of_an_unmasked_clip_is_the_identity():
     assert torch.equal(pos, torch.arange(12).expand(2, 3, 12))
     assert torch.equal(inverse_slot_map(pos, 12), torch.arange(12, dtype=torch.int32).expand(2, 3, 12))
 
+
 def _block_geometry(rounds, batch, frames, grid, seed):
     """Random rectangles and frame runs, some past the grid edge and the frame count (the
     kernel must clip exactly as the reference does)."""

@@ -129,6 +129,7 @@ def test_each_step_runs_at_the_schedules_lr_of_its_index(tmp_path):
     assert logged == pytest.approx(want) and [g[0] for g in seen] == pytest.approx(want)
     assert all(len(set(g)) == 1 for g in seen)  # every parameter group
 
+
 def test_the_optimizer_gets_gradients_clipped_to_optim_grad_clip(tmp_path):
     """optim.grad_clip clips the global gradient norm: the optimizer steps with gradients of norm
     min(norm, clip) (the logged grad_norm is the norm before clipping); 0 turns clipping off."""

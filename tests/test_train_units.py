@@ -448,6 +448,7 @@ def test_a_query_without_a_match_or_with_nan_scores_never_hits_whatever_k():
     m = retrieval_metrics(nan, nan, torch.arange(4))
     assert m["t2v_R@10"] == m["v2t_R@10"] == m["t2v_R@5"] == 0.0
 
+
 def test_caption_groups_ignore_padding_content():
     ids = torch.tensor([[5, 6, 0, 0], [5, 6, 9, 9], [5, 7, 0, 0]])
     pads = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]).float()
@@ -663,6 +664,7 @@ def test_retire_sets_aside_the_checkpoints_at_or_after_the_step_but_the_kept_one
     ckpt.retire(str(tmp_path), 2, keep=str(tmp_path / "step_00000003"))
     assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000002.abandoned", "step_00000003",
                                             "step_00000004.abandoned"]
+
 
 def test_a_checkpoint_of_a_replaced_run_that_cannot_be_retired_is_one_line(tmp_path, monkeypatch):
     """A run that starts at step s renames the checkpoints at or after s out of the way; a rename that failed
@@ -921,6 +923,7 @@ def test_contrastive_loss_on_two_ranks_is_the_global_batchs():
     for r in range(2):
         torch.testing.assert_close(got[r]["v"], 2 * v.grad[r * b:(r + 1) * b], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got[r]["t"], 2 * t.grad[r * b:(r + 1) * b], atol=1e-5, rtol=1e-4)
+
 
 def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
     """Rank 0 renames the written folder into place between two barriers: its error left the other ranks in the

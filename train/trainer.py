@@ -130,6 +130,7 @@ def stopping_before_training(cfg: Config, dist_: Dist):
         raise KeyboardInterrupt("before the first step (no step taken, nothing lost); the same command starts "
                                 "again") from None
 
+
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
 

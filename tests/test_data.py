@@ -309,7 +309,6 @@ def test_tokenizer_matches_sentencepiece_oracle():
             tok(bad)
 
 
-
 _CAPTIONS = [f"a {c} {s} moves {d}" for c in ("red", "blue", "green") for s in ("circle", "square")
              for d in ("left", "right")]
 
@@ -363,6 +362,7 @@ def test_tokenizer_max_length_truncates_and_must_be_positive(tmp_path):
     for bad in (0, -1):
         with pytest.raises(ValueError, match="max_length must be >= 1"):
             Tokenizer(path, max_length=bad)
+
 
 # ---- manifests -------------------------------------------------------------------------------------------------------
 def test_manifest_bad_lines_are_rejected_with_line_and_reason(tmp_path, synth):

@@ -936,6 +936,40 @@ def test_rank_0_failing_to_publish_a_checkpoint_fails_every_rank(tmp_path):
     assert ckpt.latest(str(tmp_path)) == str(tmp_path / "step_00000001")
 
 
+def _peer_dies_on_two_ranks(rank, port, errors):
+    import io
+    import os
+    import sys
+    import time
+
+    import torch.distributed as dist
+
+    from videoprism.cli import run_command
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.all_reduce(torch.ones(1))
+    if rank == 1:
+        os._exit(3)  # a crash: no error of its own reaches rank 0
+
+    def step():  # rank 0's next collective, a moment later
+        time.sleep(0.5)
+        dist.all_reduce(torch.ones(1))
+
+    sys.stderr = io.StringIO()
+    errors[rank] = (run_command(step), sys.stderr.getvalue())
+
+
+def test_a_rank_whose_peer_died_says_so_in_one_line():
+    """When a rank's process dies, every other rank's next collective fails: each printed the collective's
+    traceback (N-1 of them around the one error that says why). One line, status 1."""
+    alive, errors = _on_two_ranks(_peer_dies_on_two_ranks)
+    assert alive == [False, False]
+    rc, err = errors[0]
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: another rank of this run stopped (")
+    assert "Connection closed by peer" in err or "Connection reset by peer" in err
+    assert err.rstrip().endswith("its own error, or torchrun's summary, says why")
+
+
 @pytest.mark.parametrize("damage", ["truncated_shard", "garbage_rank_file", "other_model"])
 def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_path, damage):
     import glob

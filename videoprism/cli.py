@@ -30,7 +30,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     their messages name the input and the fix. Other exceptions are bugs and keep their
     traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
     Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
-    the cause is the sizes asked for, not a bug. Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
+    the cause is the sizes asked for, not a bug; so is a collective that failed because another rank's
+    process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
     (128 + SIGINT, the shell's status for it): a traceback of wherever the main thread happened to be
     (a DataLoader's queue, a decoder) says nothing.
@@ -51,13 +52,24 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
         return 130
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1" or not (
-                isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first
-                or "out of memory" in first.lower()):  # "CUDA error: out of memory" from cuBLAS, NCCL
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
-        print(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
-              file=sys.stderr)
-        return 1
+        if (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first
+                or "out of memory" in first.lower()):  # "CUDA error: out of memory" from cuBLAS, NCCL
+            print(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
+                  file=sys.stderr)
+            return 1
+        if any(gone in first for gone in _PEER_GONE):
+            # Every surviving rank of a run meets this when one rank dies: N-1 tracebacks of the collective hid the
+            # one error that says why.
+            print(f"error: another rank of this run stopped ({first}); its own error, or torchrun's summary, says "
+                  "why", file=sys.stderr)
+            return 1
+        raise
+
+
+# How a collective fails on the ranks left when another rank's process has died: gloo's transport, NCCL's.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
 def command_name(module: str) -> str:

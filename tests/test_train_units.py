@@ -970,6 +970,36 @@ def test_a_rank_whose_peer_died_says_so_in_one_line():
     assert err.rstrip().endswith("its own error, or torchrun's summary, says why")
 
 
+def _stalled_peer_on_two_ranks(rank, port, errors):
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from videoprism.train.parallel import init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    init_distributed("cpu", timeout_s=2.0)  # parallel.timeout_s
+    if rank == 1:
+        time.sleep(8)  # stuck, but alive: no connection closes to end rank 0's wait
+        return
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as e:
+        errors[rank] = (time.perf_counter() - t0, str(e).splitlines()[0])
+
+
+def test_parallel_timeout_s_bounds_the_wait_for_a_stalled_rank():
+    """A rank that hangs held the others in their collective for torch's default (30 min on gloo, 10 on NCCL),
+    which no setting changed: parallel.timeout_s does."""
+    alive, errors = _on_two_ranks(_stalled_peer_on_two_ranks)
+    assert alive == [False, False]
+    waited, message = errors[0]
+    assert 1.5 <= waited < 6 and "Timed out" in message, (waited, message)
+
+
 @pytest.mark.parametrize("damage", ["truncated_shard", "garbage_rank_file", "other_model"])
 def test_a_checkpoint_that_does_not_load_is_one_error_naming_it_and_the_fix(tmp_path, damage):
     import glob

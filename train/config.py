@@ -193,6 +193,10 @@ class ParallelConfig:
                   choices=("auto", "none", "ddp", "fsdp", "hsdp"))
     shard_size: int = f(0, "Ranks per shard group in hsdp mode (other modes ignore it); must divide the world size "
                            "(0 = the ranks of one node, torchrun's LOCAL_WORLD_SIZE).", valid=">= 0")
+    timeout_s: float = f(0.0, "Seconds a collective waits for the other ranks before the run fails: how long a rank "
+                              "that hangs (a stuck node, a stopped process) holds the others. 0 = torch's default "
+                              "(30 min on gloo, 10 on NCCL). Leave room for the longest wait of a healthy run: the "
+                              "first step's compile, data.cache's decode, a checkpoint save.", valid=">= 0")
 
 
 @dataclass

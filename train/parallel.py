@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Dist:
+def init_distributed(device: str, timeout_s: float = 0.0) -> Dist:
+    """The process group of a torchrun launch (one process: none). `timeout_s`: how long a collective waits for
+    the other ranks (parallel.timeout_s; 0: torch's default, 30 min on gloo, 10 on NCCL)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
@@ -59,10 +62,11 @@ def init_distributed(device: str) -> Dist:
         # own keys, as torch did itself before.
         store, _, _ = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                                store=dist.PrefixStore(f"videoprism/attempt_{attempt}", store))
+                                store=dist.PrefixStore(f"videoprism/attempt_{attempt}", store), timeout=timeout)
         if device == "cuda":
-            host_group = dist.new_group(backend="gloo")
+            host_group = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, dev, host_group)
 
 

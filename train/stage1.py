@@ -185,7 +185,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
     """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths. `overwrite`: write
     train.out_dir even if another run's checkpoints or export are there (run_folder)."""
     preflight(cfg, 1, resume, overwrite)
-    dist_ = init_distributed(cfg.train.device)
+    dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     try:
         with stopping_before_training(cfg, dist_):
             seed_process(cfg.train.seed)

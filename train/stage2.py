@@ -159,7 +159,7 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
 def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) -> dict:
     """Train stage 2 per `cfg`; returns the final validation losses and the output paths. `overwrite`: as stage 1's."""
     preflight(cfg, 2, resume, overwrite)
-    dist_ = init_distributed(cfg.train.device)
+    dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     try:
         with stopping_before_training(cfg, dist_):
             seed_process(cfg.train.seed)

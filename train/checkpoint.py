@@ -111,6 +111,10 @@ def interrupt(e: BaseException) -> None:
         raise KeyboardInterrupt from None
 
 
+# What a checkpoint whose files are cut or garbled raises from DCP's load (each rank's error wrapped) or torch.load.
+LOAD_ERRORS = (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
 def _failures(e: BaseException) -> str:
     """`_rank_errors(e)` on one line."""
     def one(x: BaseException) -> str:
@@ -440,7 +444,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                        options=StateDictOptions(strict=True))
     except (torch.OutOfMemoryError, dist.DistError):
         raise  # the device or the process group failed, not the checkpoint
-    except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except LOAD_ERRORS as e:
         interrupt(e)
         if differences:
             cause = (f"this run's config differs from the one that wrote it in {'; '.join(differences)}: drop "

@@ -9,7 +9,6 @@ tokenizer or teacher at hand.
 from __future__ import annotations
 
 import os
-import pickle
 
 import torch
 from torch import nn
@@ -47,7 +46,6 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     CPU, whatever number of ranks wrote it."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from videoprism.train.run_folder import run_folder
@@ -66,7 +64,7 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     loaded = {"model": state}
     try:
         dcp.load(loaded, checkpoint_id=step, no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
-    except (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except ckpt.LOAD_ERRORS as e:
         ckpt.interrupt(e)
         raise ckpt.damaged(step, "its .distcp files", e, use="export") from e
     out = out or os.path.join(run_folder(step), f"model.{os.path.basename(step.rstrip('/'))}.safetensors")

@@ -64,13 +64,16 @@ def _generator(seed, generator, device) -> tuple[torch.Generator | None, torch.d
                              "make a generator on the batch's device")
         return generator, generator.device
     device = torch.device("cpu" if device is None else device)
-    if seed is not None and (as_int(seed) is None or not -2**63 <= as_int(seed) < 2**64):
+    if seed is None:
+        return None, device
+    value = as_int(seed)
+    if value is None or not -2**63 <= value < 2**64:
         raise ValueError(f"mask seed must be an int in [-2^63, 2^64) as torch.Generator.manual_seed takes (or "
                          f"None: torch's global generator), got {seed!r}")
-    if seed is None or device.type == "meta":  # meta: shapes only, nothing to draw
+    if device.type == "meta":  # shapes only, nothing to draw
         return None, device
     g = torch.Generator(device=device)
-    g.manual_seed(as_int(seed))
+    g.manual_seed(value)
     return g, device
 
 

@@ -3,8 +3,9 @@
 3 steps) under DDP and FSDP2, also split into accumulated micro-batches, 4 under HSDP (2 groups
 of 2), a checkpoint resumes on another number of processes, the validation split sharded over 2
 ranks scores as on 1, SIGKILL + --resume equals the
-uninterrupted run, and a preemption notice to one rank stops both at one step with a checkpoint
-that --auto-resume continues from.
+uninterrupted run, a preemption notice to one rank stops both at one step with a checkpoint
+that --auto-resume continues from, and a killed rank restarted by torchrun (one node, or two
+torchruns as two nodes) resumes.
 
 One uninterrupted 10-step reference run per stage serves every comparison (the schedule is
 constant, so its first 3 steps are a 3-step run); the stage-1 reference's export is the
@@ -331,6 +332,46 @@ def test_on_main_rank_returns_or_raises_in_one_process():
         on_main_rank(lambda: {}["x"])
 
 
+def test_ranks_agree_on_their_attempts_keys_past_a_dead_attempts():
+    """_attempt_keys on a store that outlived earlier attempts (torchrun's): ranks that start before their rank 0
+    and read a dead attempt's token (one whose ranks all joined, one whose rank 0 died before the others joined),
+    or another world size's, still agree on one fresh prefix."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from videoprism.train.parallel import _attempt_keys
+
+    store, timeout = dist.HashStore(), timedelta(seconds=10)
+
+    def attempt(world, first=()):
+        """Ranks 0..world-1 on threads; `first`'s ranks start 0.5 s before the rest (they read the last token)."""
+        got = {}
+
+        def rank(r):
+            got[r] = _attempt_keys(store, r, world, timeout)
+
+        late = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world) if r not in first]
+        early = [threading.Thread(target=rank, args=(r,), daemon=True) for r in first]
+        for t in early:
+            t.start()
+        time.sleep(0.5 if first else 0)
+        for t in late:
+            t.start()
+        for t in early + late:
+            t.join(60)
+        assert len(got) == world and len(set(got.values())) == 1, got
+        return got[0]
+
+    done = attempt(2)
+    again = attempt(2, first=(1,))  # rank 1 first reads `done`'s token, whose ranks all joined
+    assert again != done
+    store.set("videoprism/attempt/w3", "dead")  # a rank 0 that died before its ranks joined
+    grown = attempt(3, first=(1, 2))
+    assert grown not in (done, again, "videoprism/attempt/w3/dead")
+    assert attempt(2, first=(1,)) not in (done, again)  # after another world size's attempt
+
+
 def test_hsdp_groups_and_their_errors(monkeypatch):
     from videoprism.train.parallel import hsdp_groups
 
@@ -428,9 +469,9 @@ def test_accumulation_on_two_processes_equals_one_batch(tmp_path, refs, stage, m
         assert abs(got[step] - ref[step]) <= 1e-5, (mode, step, got[step], ref[step])
 
 
-def _worker_pid(launcher: subprocess.Popen, rank: int, deadline: float) -> int:
-    """The pid of the torchrun worker whose environment says RANK=`rank`."""
-    want = f"RANK={rank}".encode()
+def _worker_pid(launcher: subprocess.Popen, rank: int | None, deadline: float) -> int:
+    """The pid of the torchrun worker whose environment says RANK=`rank` (None: its only worker, any rank)."""
+    want = f"RANK={'' if rank is None else rank}".encode()
     while time.time() < deadline and launcher.poll() is None:
         for task in os.listdir(f"/proc/{launcher.pid}/task"):
             try:
@@ -439,7 +480,8 @@ def _worker_pid(launcher: subprocess.Popen, rank: int, deadline: float) -> int:
                 continue
             for pid in children:
                 try:
-                    if want in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+                    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+                    if any(e == want or (rank is None and e.startswith(want)) for e in env):
                         return int(pid)
                 except OSError:
                     continue
@@ -508,6 +550,56 @@ def test_a_killed_rank_restarted_by_torchrun_auto_resumes_with_the_uninterrupted
         pytest.fail("the restarted workers hung: " + stderr[-3000:])
     assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
     assert "resumed from" in stdout, stdout[-2000:]
+    ref, got = losses(refs[1]), losses(out)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through Linux /proc")
+def test_two_nodes_restart_together_after_one_nodes_worker_is_killed(tmp_path, refs):
+    """Two torchruns as two nodes (c10d rendezvous on localhost, one worker each, `--max-restarts 1`), SIGKILL to
+    the second node's worker after the first checkpoint: both nodes start their workers again, they resume and
+    finish with the uninterrupted run's losses. Only the killed node's torchrun counts the restart (the other
+    restarts on seeing it rejoin): when the attempt's store keys came from TORCHELASTIC_RESTART_COUNT, the two
+    nodes' workers waited on different keys until parallel.timeout_s (4 of 4 runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "run")
+    args = ["train.steps=10", "checkpoint.interval=2", "checkpoint.export=false", "parallel.mode=fsdp",
+            "parallel.timeout_s=30", "--auto-resume"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"two-nodes-{port}",
+                "--max-restarts", "1"]
+    cmd = launcher + command(1, out, args)[1:]
+    logs = [(open(tmp_path / f"node{i}.out", "w+"), open(tmp_path / f"node{i}.err", "w+")) for i in range(2)]
+    # files, not pipes: a node blocked on a full pipe while the test waits on the other would hang both
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, stdout=o, stderr=e, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for o, e in logs]
+    deadline = time.time() + 300
+    worker = _worker_pid(nodes[1], None, deadline)
+    first = tmp_path / "run" / "checkpoints" / "step_00000002"
+    while not first.exists() and all(p.poll() is None for p in nodes) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(worker, signal.SIGKILL)
+    end, hung = time.time() + 120, False
+    for p in nodes:
+        try:
+            p.wait(timeout=max(1.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            hung = True
+            p.terminate()  # torchrun stops its workers
+            p.wait(timeout=60)
+    ends = [(o.seek(0) or o.read(), e.seek(0) or e.read()) for o, e in logs]
+    for f in (f for pair in logs for f in pair):
+        f.close()
+    assert not hung, "the restarted workers hung: " + ends[0][1][-2000:] + ends[1][1][-2000:]
+    for p, (stdout, stderr) in zip(nodes, ends):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "resumed from" in ends[0][0] + ends[1][0], ends[0][0][-2000:] + ends[1][0][-2000:]
     ref, got = losses(refs[1]), losses(out)
     assert sorted(got) == list(range(1, 11))
     for step in got:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -59,15 +60,51 @@ def init_distributed(device: str, timeout_s: float = 0.0) -> Dist:
         # (TORCHELASTIC_USE_AGENT_STORE; torch 2.14 no longer prefixes it per attempt), and the process groups'
         # rendezvous read the dead workers' addresses: "Gloo connectFullMesh failed ... Connection refused", or
         # a hang in init_process_group until its 30-minute timeout (3 of 4 restarts here). Each attempt gets its
-        # own keys, as torch did itself before.
+        # own keys, agreed through the store (_attempt_keys): not TORCHELASTIC_RESTART_COUNT, which each node's
+        # torchrun counts for itself.
         store, _, _ = next(dist.rendezvous("env://"))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        prefix = _attempt_keys(store, rank, world, timeout or timedelta(minutes=30))
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                                store=dist.PrefixStore(f"videoprism/attempt_{attempt}", store), timeout=timeout)
+                                store=dist.PrefixStore(prefix, store), timeout=timeout)
         if device == "cuda":
             host_group = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, dev, host_group)
+
+
+def _attempt_keys(store, rank: int, world: int, timeout: timedelta) -> str:
+    """The store prefix of this attempt's process group, the same on all its ranks. TORCHELASTIC_RESTART_COUNT is
+    not: torchrun counts a restart only where its own worker failed, and a node whose workers were healthy restarts
+    them on seeing the failed node rejoin ("Detected 1 new nodes"), without counting; two nodes then waited on
+    different keys until the timeout (4 of 4 runs of two torchruns as two nodes, one worker killed).
+    Rank 0 names the attempt (a fresh token) and the others join it. A rank that starts before its rank 0 reads the
+    last attempt's token (the store outlives the attempts), whose workers are all dead (torchrun stops them before
+    the next rendezvous): its rank 0 never confirms a join, and this attempt's rank 0 points its `ok` (for a rank
+    that joined it) and its `next` (for one that found all its ranks joined, `ok` perhaps set then) to the new token.
+    Every wait is on a key that will be set: no polling."""
+    key = f"videoprism/attempt/w{world}"  # ranks of another world size (elastic) never share an attempt
+    if rank == 0:
+        token = uuid.uuid4().hex
+        if store.check([key]):
+            last = store.get(key).decode()
+            store.set(f"{key}/{last}/next", token)
+            store.set(f"{key}/{last}/ok", token)
+        store.set(key, token)
+        store.wait([f"{key}/{token}/joined"], timeout)  # set by the last rank to join
+        store.set(f"{key}/{token}/ok", token)
+        return f"{key}/{token}"
+    store.wait([key], timeout)
+    token = store.get(key).decode()
+    while True:
+        count = store.add(f"{key}/{token}/count", 1)
+        if count == world - 1:
+            store.set(f"{key}/{token}/joined", "1")
+        verdict = f"{key}/{token}/{'ok' if count < world else 'next'}"
+        store.wait([verdict], timeout)
+        follow = store.get(verdict).decode()
+        if follow == token:  # rank 0 confirmed: all ranks joined this token
+            return f"{key}/{token}"
+        token = follow
 
 
 def _check_slurm_launch(world: int) -> None:

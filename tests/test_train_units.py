@@ -1515,3 +1515,27 @@ def test_recorded_rejects_count_each_skip_of_the_run_once(tmp_path):
         (0, "v.mp4 (data.val)", "truncated"), (3, "a.mp4", "moov atom not found"), (3, "a.mp4", "truncated"),
         (3, "b.mp4", "truncated"), (7, "a.mp4", "truncated")]
     assert recorded_rejects(str(tmp_path / "none")) == []
+
+
+def test_rejects_of_one_sample_twice_in_a_step_count_twice(tmp_path):
+    """An epoch that ends inside a step skips a bad file at its tail and the next epoch skips it again at its head,
+    both reported at that step: two skips, not one (a 6000-step run with 11 bad files in 216 counted 2638 of its
+    2641 skips: recorded_rejects merged each such pair as a resume's replay of one skip). A resume's replay of
+    the same step still counts once."""
+    from videoprism.train.metrics import recorded_rejects
+    from videoprism.train.trainer import Trainer
+
+    drained = []
+    fake = SimpleNamespace(
+        data=SimpleNamespace(drain_rejects=lambda: drained.pop(0) if drained else []), val_rejects=[],
+        dist=SimpleNamespace(main=True, rank=0), name="stage1", step=7, resumed_from=None, resumed_step=0,
+        cfg=SimpleNamespace(train=SimpleNamespace(out_dir=str(tmp_path))), rejects_unwritten=0,
+        rejects_path=str(tmp_path / "rejects.rank0.jsonl"))
+    log = SimpleNamespace(message=lambda text: None)
+    drained.append([("bad.webm", "empty file (0 bytes)"), ("other.webm", "x"), ("bad.webm", "empty file (0 bytes)")])
+    Trainer._report_rejects(fake, log)
+    assert len(recorded_rejects(str(tmp_path))) == 3
+    # A resume from an earlier checkpoint replays step 7: the same report again is not new skips.
+    drained.append([("bad.webm", "empty file (0 bytes)"), ("other.webm", "x"), ("bad.webm", "empty file (0 bytes)")])
+    Trainer._report_rejects(fake, log)
+    assert len(recorded_rejects(str(tmp_path))) == 3

@@ -41,7 +41,8 @@ def recorded_rejects(out_dir: str) -> list[dict]:
                     val = key[0].endswith(VAL_REJECT)
                 except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-                seen.setdefault(key if val else (rec.get("step"), *key), rec)
+                # "n": a repeat of the sample within one step (two epochs met it in that step), another skip.
+                seen.setdefault(key if val else (rec.get("step"), *key, rec.get("n", 0)), rec)
     return list(seen.values())
 
 

@@ -589,6 +589,43 @@ def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     del it
 
 
+_CTRL_C_AT_A_FORK = """
+import os, signal, sys
+if __name__ == "__main__":
+    from videoprism.data.loader import build_loader
+    armed = []
+
+    def ctrl_c_in_the_parent_after_a_fork():  # as a Ctrl-C landing while the loader starts its workers
+        if armed:
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+
+    os.register_at_fork(after_in_parent=ctrl_c_in_the_parent_after_a_fork)
+    loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=4,
+                          train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=1)
+    try:
+        for epoch in range(2):
+            armed.append(1)
+            for b in loader:
+                pass
+        print("not interrupted")
+    except KeyboardInterrupt:
+        print("interrupted in epoch", epoch)
+"""
+
+
+def test_a_ctrl_c_while_the_workers_start_interrupts(synth):
+    """Python raises a Ctrl-C's KeyboardInterrupt at the main thread's next bytecode: when that was in one of
+    os.fork's callbacks (logging's, as the loader forks its workers), Python printed "Exception ignored in" and
+    dropped it, and the run went on (2 Ctrl-Cs in 12 on tiny epochs). Here the Ctrl-C lands in such a callback."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _CTRL_C_AT_A_FORK, synth], capture_output=True, text=True, timeout=300)
+    assert r.stdout.strip() == "interrupted in epoch 0" and "Exception ignored" not in r.stderr, (r.stdout,
+                                                                                                  r.stderr[-3000:])
+
+
 _NOTICE_TO_THE_GROUP = """
 import json, multiprocessing, os, signal, sys
 if __name__ == "__main__":

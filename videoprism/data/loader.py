@@ -30,12 +30,14 @@ whose decode kills its worker process or hangs past `decode_timeout`) are skippe
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -77,6 +79,8 @@ def _init_worker(_worker_id: int) -> None:
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is _defer_sigint:  # forked inside _interrupt_deferred: Ctrl-C as before
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         # Did the loader die before the request took effect? Its sentinel pipe says so under every start
@@ -89,6 +93,33 @@ def _init_worker(_worker_id: int) -> None:
 
 
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators with workers (_pyav_items)
+
+_DEFERRED_SIGINTS: list[int] = []
+
+
+def _defer_sigint(signum: int, frame) -> None:
+    _DEFERRED_SIGINTS.append(signum)
+
+
+@contextlib.contextmanager
+def _interrupt_deferred():
+    """Ctrl-C held back until the block has run, then raised. Python raises a Ctrl-C's KeyboardInterrupt at the
+    main thread's next bytecode: when that is in a callback of os.fork (logging's lock release, as a DataLoader
+    starts its workers) or of a worker's shutdown, Python prints "Exception ignored in ..." and drops it, and the
+    run goes on (2 Ctrl-Cs in 12 on tiny epochs here). Only in the main thread (Python runs signal handlers
+    there, so another thread's forks are not at risk) and only over Python's own Ctrl-C handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, _defer_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if _DEFERRED_SIGINTS:
+            _DEFERRED_SIGINTS.clear()
+            raise KeyboardInterrupt
 
 
 def _kill_workers_at_exit() -> None:
@@ -193,6 +224,18 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
     inside `iter()`, with no iterator to ask which worker died). What is left is the iterator's own
     check: a `next()` that waits for a dead worker's item raises RuntimeError within torch's status
     interval (5 s)."""
+
+    def __init__(self, loader) -> None:
+        with _interrupt_deferred():  # it forks the workers
+            super().__init__(loader)
+
+    def _shutdown_workers(self) -> None:
+        # Called by next() at the epoch's end, by _pyav_items before a restart, and by __del__ (where a Ctrl-C is
+        # lost whatever is done).
+        if getattr(self, "_shutdown", True) or sys.is_finalizing():  # nothing left to stop, or the exit
+            return super()._shutdown_workers()
+        with _interrupt_deferred():
+            super()._shutdown_workers()
 
     def _reset(self, loader, first_iter=False) -> None:
         if self._worker_pids_set:
@@ -420,7 +463,8 @@ class VideoTextLoader:
                     break
                 start, fruitless = item.pos + 1, 0
                 yield item
-            del it  # shuts the surviving workers down before new ones start
+            it._shutdown_workers()  # the surviving workers, before new ones start: here, not in `del`'s __del__,
+            del it                  # where a Ctrl-C is lost
             blamed = {pos: why for pos, why in faults if pos in suspects}
             faulty.update(blamed)
             suspects.update(pos for pos, _ in faults if pos is not None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -198,6 +199,13 @@ def test_safetensors_metadata_and_dtype_are_checked(tmp_path):
              (write("type.safetensors", model_dim="wide"), "does not build"),
              (write("mixed.safetensors", {k: v.half() if i % 2 else v for i, (k, v) in enumerate(state.items())}),
               "is torch.float16 but the model is torch.float32")]
+    # Damaged numbers under an intact header (a stage-2 teacher of garbage made every step non-finite, and the
+    # run blamed the learning rate): refused by name.
+    last = sorted(state)[-1]
+    for bad in (float("nan"), float("inf")):
+        garbled = {**state, last: state[last].clone().view(-1).index_fill_(0, torch.tensor([0, 2]), bad)
+                   .view_as(state[last])}
+        cases.append((write("garbled.safetensors", garbled), rf"{re.escape(last)} holds 2 non-finite values"))
     for path, needle in cases:
         with pytest.raises(vp.CheckpointError, match=needle):
             vp.model_from_safetensors(path)

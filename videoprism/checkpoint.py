@@ -312,6 +312,12 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
             # Loaded with assign (meta models), a half file would silently make a half model.
             raise CheckpointError(f"{path}: {k} is {v.dtype} but the model is {own[k].dtype}; save the "
                                   f"weights in {own[k].dtype} (or cast the model before loading)")
+        if v.is_floating_point() and not (finite := torch.isfinite(v)).all():
+            # Garbage under an intact header (a copy cut and patched, bad memory) or a diverged run's export: as a
+            # stage-2 teacher, every step was non-finite and the run blamed the learning rate.
+            raise CheckpointError(f"{path}: {k} holds {int((~finite).sum())} non-finite values (NaN or inf): damaged "
+                                  "weights, or the export of a run that diverged; export an earlier checkpoint of "
+                                  "the run (videoprism export RUN/checkpoints/step_N) or restore the file")
     assign = any(t.is_meta for t in own.values())
     model.load_state_dict(state, strict=True, assign=assign)
     return model

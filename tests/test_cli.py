@@ -523,6 +523,19 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
         run_command(bug)
 
 
+def test_ctrl_c_is_said_once_by_rank_0(monkeypatch, capsys):
+    """torchrun passes a Ctrl-C to every rank, which all said the same line (one per GPU)."""
+    from videoprism.cli import run_command
+
+    def interrupted():
+        raise KeyboardInterrupt("[stage1] at step 4")
+
+    for rank, said in (("1", ""), ("0", "interrupted: [stage1] at step 4\n")):
+        monkeypatch.setenv("RANK", rank)
+        assert run_command(interrupted) == 130
+        assert capsys.readouterr().err == said
+
+
 @pytest.mark.parametrize("saved", [True, False])
 def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, monkeypatch, capsys, saved):
     """The trainer's Ctrl-C line says 'the same command with --auto-resume', which train.pipeline does not take:

@@ -33,7 +33,7 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     the cause is the sizes asked for, not a bug; so is a collective that failed because another rank's
     process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
-    (128 + SIGINT, the shell's status for it): a traceback of wherever the main thread happened to be
+    (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever the main thread happened to be
     (a DataLoader's queue, a decoder) says nothing.
     """
     from videoprism.data.errors import TooManyBadSamplesError
@@ -48,7 +48,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     except KeyboardInterrupt as e:
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
-        print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # torchrun passes the Ctrl-C to every rank: one line, not one each
+            print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -33,8 +33,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     the cause is the sizes asked for, not a bug; so is a collective that failed because another rank's
     process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
-    (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever the main thread happened to be
-    (a DataLoader's queue, a decoder) says nothing.
+    (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever
+    the main thread happened to be (a DataLoader's queue, a decoder) says nothing.
     """
     from videoprism.data.errors import TooManyBadSamplesError
 

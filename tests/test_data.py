@@ -1024,6 +1024,81 @@ def test_bad_samples_are_skipped_below_the_share_and_stop_the_run_above(tmp_path
         list(build_loader(str(m), max_bad_share=0.2, **kw))
 
 
+def write_corrupt_payload(src: str, dst: str) -> None:
+    """`src`'s packets remuxed, those of its second half replaced by random bytes: the container is intact (the
+    demux pass and a clean manifest's probe pass it), the decoder fails on the data."""
+    rng = np.random.default_rng(0)
+    with av.open(src) as inp, av.open(dst, "w", format="webm") as out:
+        o = out.add_stream_from_template(inp.streams.video[0])
+        packets = [pk for pk in inp.demux(video=0) if pk.size]
+        for k, pk in enumerate(packets):
+            if k >= len(packets) // 2:
+                junk = av.Packet(rng.integers(0, 256, pk.size, dtype=np.uint8).tobytes())
+                junk.pts, junk.dts, junk.time_base, junk.is_keyframe = pk.pts, pk.dts, pk.time_base, pk.is_keyframe
+                pk = junk
+            pk.stream = o
+            out.mux(pk)
+
+
+def bad_vp9_files(d: str, good_webm: str) -> dict[str, str]:
+    """reason word -> a bad file FFmpeg has words for: a cut WebM ("File ended prematurely") and one whose
+    second half is random bytes in an intact container ("[vp9 @ 0x...] Failed to read frame header.")."""
+    data = open(good_webm, "rb").read()
+    cut = os.path.join(d, "cut.webm")
+    with open(cut, "wb") as f:
+        f.write(data[: len(data) * 3 // 4])  # past the first frames: "truncated" (a half of a short clip has none)
+    junk = os.path.join(d, "junk.webm")
+    write_corrupt_payload(good_webm, junk)
+    return {"truncated": cut, "corrupt stream": junk}
+
+
+_LOAD_BAD_FILES = """
+import sys
+import av
+if sys.argv[2] == "callback":  # FFmpeg's own callback: every message on stderr
+    av.logging.restore_default_callback()
+elif sys.argv[2] == "level":  # as torchvision's video I/O does on import: errors to Python's logging
+    av.logging.set_level(av.logging.ERROR)
+from videoprism.data.loader import build_loader
+loader = build_loader(sys.argv[1], num_frames=8, resolution=32, batch_size=2, train=False, tokenizer=None,
+                      backend="pyav", num_workers=2, max_bad_share=1.0)
+print(sum(len(b["index"]) for b in loader))
+for path, reason in loader.drain_rejects():  # this epoch's, as a trainer reports them
+    print(f"skipped {path}: {reason}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("turned_on", ["callback", "level", "env"])
+def test_ffmpegs_messages_stay_off_stderr_and_the_env_var_brings_them_back(tmp_path, synth, turned_on):
+    """Bad files through the loader's worker processes: stderr holds our one line per file (path and reason), not
+    FFmpeg's own words for it, also where other code in the process turned them on (PyAV's callback restored to
+    FFmpeg's, or PyAV's level set as torchvision does); VIDEOPRISM_DECODER_LOG=1 brings them back, reasons unchanged."""
+    import subprocess
+    import sys
+
+    good = [os.path.join(synth, json.loads(line)["path"]) for line in open(os.path.join(synth, "train.jsonl"))][:3]
+    bad = bad_vp9_files(str(tmp_path), good[0])
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"path": p}) + "\n" for p in [*good, *bad.values()]))
+    env = {k: v for k, v in os.environ.items() if k != "VIDEOPRISM_DECODER_LOG"}
+    if turned_on == "env":
+        env["VIDEOPRISM_DECODER_LOG"] = "1"
+    r = subprocess.run([sys.executable, "-c", _LOAD_BAD_FILES, str(m), turned_on], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["3"], r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    ours = [ln for ln in lines if ln.startswith("skipped ")]
+    assert len(ours) == 2
+    for word, path in bad.items():
+        assert any(ln.startswith(f"skipped {path}: ") and word in ln for ln in ours), (word, ours)
+    theirs = [ln for ln in lines if ln not in ours]
+    if turned_on == "env":
+        assert any(ln.startswith("[vp9 @ 0x") for ln in theirs) and any(
+            ln.startswith("[matroska,webm @ 0x") for ln in theirs), theirs
+    else:
+        assert theirs == []
+
+
 # ---- synthetic data --------------------------------------------------------------------------------------------------
 def test_synth_is_deterministic_and_shows_its_caption(tmp_path, synth):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")

@@ -18,7 +18,7 @@ from videoprism.data.loader import build_loader  # noqa: E402
 from videoprism.data.synth import generate  # noqa: E402
 from videoprism.data.transforms import Augment, apply_augment, uniform_indices  # noqa: E402
 
-from .test_data import H264, VP9, needs_media, psnr, write_vp9  # noqa: E402
+from .test_data import H264, VP9, bad_vp9_files, needs_media, psnr, write_vp9  # noqa: E402
 
 
 def dali_frames(path, indices, device="cpu", box=None, size=None, flip=False):
@@ -141,6 +141,39 @@ def test_file_breaking_inside_dali_is_skipped_and_the_run_goes_on(tmp_path, synt
         rejects = loader.rejects
     assert sum(len(b["index"]) for b in batches) == len(recs) - 1
     assert [p for p, _ in rejects] == [cut] and rejects[0][1]
+
+
+def test_dali_meets_a_bad_file_once_a_run_not_once_an_epoch(tmp_path, synth, capfd):
+    """DALI has no switch for its messages about a bad file (its FFmpeg's "[vp9 @ 0x...] ...", at the level DALI sets
+    for every decoder it opens; its own warnings, on std::cerr), which came every epoch: a file DALI failed on, or
+    gave all-zero frames for, that PyAV then rejected goes straight to PyAV in later epochs, with the same reason."""
+    recs = [json.loads(line) for line in open(os.path.join(synth, "train.jsonl"))]
+    for r in recs:
+        r.update(path=os.path.join(synth, r["path"]), codec="vp9", frames=12, fps=8.0, width=64, height=64)
+    # Indexed as good, then broken: cut (DALI: zeros past the cut), junk frames (DALI fails), random bytes.
+    bad = bad_vp9_files(str(tmp_path), recs[0]["path"])
+    bad["not a video"] = str(tmp_path / "random.webm")
+    (tmp_path / "random.webm").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    for k, path in enumerate(bad.values()):
+        recs[3 * k + 1]["path"] = path
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    loader = build_loader(str(m), num_frames=8, resolution=36, batch_size=4, train=False, tokenizer=None,
+                          backend="dali", max_bad_share=0.5)
+    capfd.readouterr()
+    clips, rejects, stderr, rebuilds = [], [], [], []
+    for _ in range(2):
+        clips.append(sum(len(b["index"]) for b in loader))
+        rejects.append(dict(loader.drain_rejects()))
+        stderr.append(capfd.readouterr().err)
+        rebuilds.append(loader._dali.rebuilds)
+    assert clips == [len(recs) - 3] * 2 and rejects[0] == rejects[1] and set(rejects[0]) == set(bad.values())
+    for word, path in bad.items():
+        assert word in rejects[0][path], (word, rejects[0][path])
+    assert stderr[0].strip()  # the first meeting: DALI's lines (no switch); so this test sees them where they are
+    assert stderr[1] == "" and rebuilds[1] == rebuilds[0] > 0  # DALI did not meet them again
+    shutil.copy(recs[0]["path"], bad["corrupt stream"])  # replaced by a good file: PyAV decodes it, DALI gets it back
+    assert sum(len(b["index"]) for b in loader) == len(recs) - 2 and len(loader._dali.rejected) == 2
 
 
 def _same_shape_manifest(tmp_path, synth):

@@ -16,7 +16,9 @@ good one DALI cannot (NVDEC has per-GPU limits: minimum sizes, profiles); a (cod
 good files in two batches, 3 at least and 8 for each it decoded, goes straight to PyAV from then on, but for one
 clip in PROBE_EVERY, which tries DALI again on its own (a success gives the shape back). The decoder returns
 all-zero frames past a cut without raising, and black frames (a fade-in) are all zeros too, so a sample with an
-all-zero frame is decoded again by PyAV, which rejects a cut file (too few frames) and decodes a black one.
+all-zero frame is decoded again by PyAV, which rejects a cut file (too few frames) and decodes a black one. A file
+PyAV rejected after DALI goes straight to PyAV in later epochs: DALI's FFmpeg and DALI itself print their messages
+about a bad file with no switch to stop them (DaliClips.rejected), so they come once a run, not once an epoch.
 """
 from __future__ import annotations
 
@@ -114,6 +116,13 @@ class DaliClips:
         self._stream = None  # CUDA: the stream the outputs are copied and checked on
         self.rebuilds = 0  # pipelines rebuilt after an error (a metric for the run log)
         self.shapes = _Shapes()
+        # Sample id -> PyAV's reason, for the samples DALI failed on (or gave an all-zero frame) that PyAV then
+        # rejected: PyAV alone decides them from then on. DALI has no switch for its messages (it sets its FFmpeg's
+        # level to "error" for every decoder it opens, and its own warnings go to std::cerr), so every bad file it
+        # met printed its few lines again every epoch (a review's run: 8,470 lines over 400 epochs, 14 bad files);
+        # now on the first only. It also spares the failed run, the pipeline rebuild and the batch's retry one clip
+        # at a time, every epoch. Not saved with the loader's state: a resumed run meets them once more.
+        self.rejected: dict[int, str] = {}
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -188,6 +197,11 @@ class DaliClips:
         results: dict[int, _Item] = {}
         dali_jobs = []
         for pos, sid, sample, aug in items:
+            if sid in self.rejected:
+                results[pos] = got = fallback[pos]  # PyAV, which rejected it before (so it is installed)
+                if got.bad is None:  # decodes now (the file was replaced): DALI gets it back
+                    del self.rejected[sid]
+                continue
             try:
                 codec, frames, h, w, turns = clip_plan(sample, self.num_frames)
                 if not dali_handles(codec, self.device) or not self.shapes.to_dali((codec, h, w)):
@@ -213,13 +227,21 @@ class DaliClips:
             if isinstance(got, _Item):
                 self.shapes.decoded(shape)
         for (pos, sid, shape, *_), got in done:
-            if got is None:  # an all-zero frame
-                got = _pyav(fallback, pos, sid, "an all-zero frame (a cut file or a black one)")
-            elif isinstance(got, str):  # DALI failed on this file alone
-                reason, got = got, _pyav(fallback, pos, sid, f"DALI cannot decode it ({got})")
-                if got.bad is None:  # a good file: DALI's limit, not the file's fault
-                    self.shapes.failed_good_file(shape, reason, self.device)
-            results[pos] = got
+            if isinstance(got, _Item):
+                results[pos] = got
+                continue
+            # An all-zero frame (None), or DALI failed on this file alone (its reason): PyAV decides.
+            why = "an all-zero frame (a cut file or a black one)" if got is None else f"DALI cannot decode it ({got})"
+            try:
+                item = fallback[pos]
+            except ImportError:
+                item = _Item(pos, sid, bad=f"{why}, and PyAV is not installed (pip install av)")
+            else:
+                if item.bad is not None:  # PyAV's verdict on the file (not a DALI error that may pass)
+                    self.rejected[sid] = item.bad
+                elif got is not None:  # a good file: DALI's limit, not the file's fault
+                    self.shapes.failed_good_file(shape, got, self.device)
+            results[pos] = item
         for pos, *_ in items:
             yield results[pos]
 

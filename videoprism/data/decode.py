@@ -34,6 +34,29 @@ _OPEN_OPTIONS = {"metadata_errors": "replace"} if int(av.__version__.split(".")[
 
 Source = str | bytes  # a file path, or the encoded bytes of a WebDataset member
 
+# FFmpeg's own messages ("[h264 @ 0x...] error while decoding MB 3 2", "[matroska,webm @ 0x...] File ended
+# prematurely") repeat, in the decoder's words, what a file's BadVideoError reason says: on a run over bad files they
+# come every epoch, from every worker, and bury the progress bar. PyAV discards them by default, but any code in the
+# process can turn them on (torchvision's video I/O sets PyAV's level to ERROR when imported; a callback restored to
+# FFmpeg's prints every one), so each open sets the policy again (a pointer store). VIDEOPRISM_DECODER_LOG=1 (or a
+# level name) brings them back, through FFmpeg's own callback: PyAV's, which feeds Python's logging, takes the GIL
+# from FFmpeg's decoder threads (PyAV's docs warn against it with threads).
+DECODER_LOG_ENV = "VIDEOPRISM_DECODER_LOG"
+_DECODER_LOG_LEVELS = {"1": av.logging.WARNING, "error": av.logging.ERROR, "warning": av.logging.WARNING,
+                       "info": av.logging.INFO, "verbose": av.logging.VERBOSE, "debug": av.logging.DEBUG}
+
+
+def set_decoder_log() -> None:
+    """FFmpeg's messages off (the default), or on at the level VIDEOPRISM_DECODER_LOG names (1: warnings and
+    errors), in this process: every PyAV open calls it, so DataLoader workers and `data index`'s probe processes
+    follow the variable too (they inherit the environment)."""
+    level = _DECODER_LOG_LEVELS.get(os.environ.get(DECODER_LOG_ENV, "").strip().lower())
+    if level is None:
+        av.logging.set_level(None)
+    else:
+        av.logging.set_libav_level(level)
+        av.logging.restore_default_callback()
+
 
 @dataclass
 class VideoIndex:
@@ -128,6 +151,7 @@ class PyAVClip:
     def _open(self):
         # An absolute path: FFmpeg reads a relative "cam1:take2.mp4" as the URL of a protocol "cam1".
         src = io.BytesIO(self._src) if isinstance(self._src, bytes) else os.path.abspath(self._src)
+        set_decoder_log()
         return av.open(src, **_OPEN_OPTIONS)
 
     def _decoder(self):

@@ -1045,6 +1045,18 @@ def test_bf16_precision_trains_like_fp32(tmp_path):
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=3e-2)
 
 
+def test_mfu_is_measured_against_the_peak_of_the_steps_dtype(tmp_path, monkeypatch):
+    """The matmul ceiling of MFU is measured in the dtype the step computes in: the device's default (bf16 on a
+    GPU) stood for train.precision=fp32 on a GPU and for bf16 on the CPU."""
+    import videoprism.train.trainer as trainer_module
+
+    asked = []
+    monkeypatch.setattr(trainer_module, "matmul_peak_tflops", lambda device, dtype=None: asked.append(dtype) or 1.0)
+    for prec in ("fp32", "bf16"):
+        make_trainer(tmp_path / prec, f"train.precision={prec}", "train.steps=1", "train.compile=false").fit()
+    assert asked == [torch.float32, torch.bfloat16]
+
+
 @pytest.mark.parametrize("cache", [False, True], ids=["stream", "cache"])
 def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
     """A manifest with a missing and a corrupt clip: the loader (or the decode of a cached set) skips

@@ -335,7 +335,9 @@ class Trainer:
     # ---- the run --------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, tc, d = self.cfg, self.cfg.train, self.dist
-        peak = tc.peak_tflops or matmul_peak_tflops(d.device)
+        # MFU's denominator: the matmul ceiling of the dtype the step computes in (train.precision=fp32 on a GPU, or
+        # bf16 on the CPU, was measured against the other one's).
+        peak = tc.peak_tflops or matmul_peak_tflops(d.device, dtype=torch.bfloat16 if self.autocast else torch.float32)
         if d.device.type == "cuda":  # the peak's 8192^2 operands (384 MB) are not the run's memory
             torch.cuda.reset_peak_memory_stats(d.device)
         # Before this run writes a record: the checkpoints of a run it replaces (a fresh start, or a resume from an

@@ -170,7 +170,8 @@ class TrainConfig:
                               "retrieval, stage 2's distillation losses.", valid=">= 0")
     out_dir: str = f("runs/stage1", "Folder of checkpoints, metrics, plots and exports.")
     device: str = f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'.", choices=("auto", "cpu", "cuda"))
-    peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start, in the step's dtype).", valid=">= 0")
+    peak_tflops: float = f(0.0, "Matmul ceiling for MFU in TFLOP/s (0 = measure at start, in the step's dtype).",
+                           valid=">= 0")
 
     def bf16(self, device_type: str) -> bool:
         """Whether the step runs under bf16 autocast on a `device_type` device (precision resolved)."""

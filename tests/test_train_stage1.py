@@ -1313,3 +1313,87 @@ def test_ddp_on_one_process_runs_unwrapped_and_a_warmup_past_the_end_is_said(tmp
     top = lr_at(2, trainer.cfg.optim, 3)
     assert f"warning: optim.warmup_steps=30 > train.steps=3: the learning rate stops at {top:.3g}" in \
         capsys.readouterr().out
+
+
+def _save_with_numpy_module(state: dict, path, core: str) -> None:
+    """torch.save of `state` with its numpy arrays pickled under `numpy.<core>.multiarray` (numpy 1.x writes
+    `core`, numpy 2 `_core`), whichever numpy runs the test: the rank file another numpy wrote."""
+    import io
+    import pickle
+    import types
+
+    names = [b"numpy._core.multiarray", b"numpy.core.multiarray"]
+
+    class Pickler(pickle.Pickler):
+        def __init__(self, out, protocol=2, **kw):
+            self.out, self.buf = out, io.BytesIO()
+            super().__init__(self.buf, protocol=protocol, **kw)
+
+        def dump(self, obj):
+            super().dump(obj)
+            data = self.buf.getvalue()
+            for name in names:
+                data = data.replace(name, b"@@")
+            assert data.count(b"@@") == 1  # the one array: numpy's MT19937 key
+            self.out.write(data.replace(b"@@", f"numpy.{core}.multiarray".encode()))
+
+    torch.save(state, path, pickle_module=types.SimpleNamespace(Pickler=Pickler, __name__="pickle"))
+
+
+@pytest.mark.parametrize("core", ["core", "_core"])
+def test_a_rank_file_another_numpy_wrote_resumes_and_exports(tmp_path, capsys, core):
+    """The rank files held numpy's RNG state as np.random.get_state()'s ndarray, which numpy 1.x pickles as
+    numpy.core.multiarray._reconstruct and numpy 2 as numpy._core.multiarray._reconstruct (pyproject allows both):
+    weights_only torch.load allowed this numpy's name only, so under the other one a --resume and `videoprism export`
+    called the checkpoint damaged ("restore the file"). Such files load under either numpy, and the rank files
+    written now hold no numpy object at all (they load with no global allowed), plus the versions that wrote them."""
+    import numpy as np
+
+    from videoprism.cli import main
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "train.steps=2", "checkpoint.interval=1")
+    make_trainer(tmp_path, *args).fit()
+    step1 = tmp_path / "checkpoints" / "step_00000001"
+    state = torch.load(step1 / "rank0.pt", weights_only=True)  # no numpy global in a new rank file
+    assert state["versions"] == ckpt.versions() and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+    np.random.seed(3)
+    legacy = {k: v for k, v in state.items() if k != "versions"}  # as the rank files were written before
+    legacy["rng"] = dict(state["rng"], numpy=np.random.get_state())
+    want = np.random.random_sample(4)
+    _save_with_numpy_module(legacy, step1 / "rank0.pt", core)
+    np.random.seed(0)
+    trainer = make_trainer(tmp_path, *args)
+    trainer.resume(str(step1))
+    assert trainer.step == 1 and np.array_equal(np.random.random_sample(4), want)
+    capsys.readouterr()
+    assert main(["export", str(step1), "--out", str(tmp_path / "m.safetensors")]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part", ["rng", "metadata"])
+def test_a_checkpoint_of_other_versions_that_does_not_load_names_them_and_the_fix(tmp_path, part):
+    """A checkpoint that torch or numpy of another version wrote in a format this one does not read: an RNG state
+    torch.set_rng_state refuses ended the resume in a traceback; DCP metadata that does not unpickle was called a
+    damaged file ("restore the file"). Each is one line naming the checkpoint, the versions that wrote it and this
+    process's, and the fix: those versions, or its model exported under them as model.init of a new run."""
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "train.steps=1", "checkpoint.interval=1")
+    make_trainer(tmp_path, *args).fit()
+    step1 = tmp_path / "checkpoints" / "step_00000001"
+    state = torch.load(step1 / "rank0.pt", weights_only=True)
+    state["versions"] = dict(state["versions"], torch="9.9.0")
+    if part == "rng":
+        state["rng"]["torch"] = state["rng"]["torch"][:100].clone()
+    else:
+        with open(step1 / ".metadata", "r+b") as fh:
+            fh.truncate(100)
+    torch.save(state, step1 / "rank0.pt")
+    with pytest.raises(ckpt.CheckpointReadError) as err:  # a ValueError: one line, exit status 2
+        make_trainer(tmp_path, *args).resume(str(step1))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint {step1}")
+    assert (f"it was written under torch 9.9.0, this is torch {torch.__version__}: resume it with the versions that "
+            f"wrote it, or carry its model over: `videoprism export {step1}` under those versions, then a new run "
+            "here with model.init=THAT.safetensors") in msg
+    assert ("the RNG states of rank0.pt do not restore" if part == "rng" else "if not that, a damaged file") in msg

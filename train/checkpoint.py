@@ -147,13 +147,29 @@ def _writing(tmp: str, root: str):
                                    f"checkpoint ({kept or 'none yet'}) is intact{fix}") from e
 
 
-# What a numpy array (numpy's RNG state in the rank files) needs from the unpickler.
+# What a numpy array (numpy's RNG state in the rank files written before it was stored as a tensor) needs from the
+# unpickler, under both of its names: numpy 1.x pickles `numpy.core.multiarray._reconstruct`, numpy 2
+# `numpy._core.multiarray._reconstruct`, and weights_only torch.load allows a global by the name in the file only: a
+# checkpoint written under the other numpy (pyproject allows both) was reported as a damaged file.
 _NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed `core` to `_core`
-_NUMPY_ARRAYS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+_NUMPY_ARRAYS = [(_NP_CORE.multiarray._reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
+_NUMPY_ARRAYS += [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def versions() -> dict:
+    """The versions that wrote a checkpoint (its rank files keep them): an error loading it under others names them."""
+    import sys
+
+    # str(): torch.__version__ is a TorchVersion, a class weights_only torch.load refuses
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": sys.version.split()[0]}
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # numpy's state as plain data (its MT19937 key a tensor, not np.random.get_state()'s ndarray): a pickled ndarray
+    # names numpy's private module, which differs between numpy 1.x and 2 (see _NUMPY_ARRAYS).
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
     if torch.cuda.is_available():
         # This rank's device only (torch.cuda.set_device(LOCAL_RANK)): the states of the node's other GPUs are
         # other ranks', and a list indexed by device would not fit a resume with other GPUs visible.
@@ -164,7 +180,8 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]  # key: a tensor (rng_state), or an ndarray in older rank files
+    np.random.set_state((kind, np.asarray(key).astype(np.uint32), *rest))
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available():
         if isinstance(cuda, (list, tuple)):  # written by get_rng_state_all(): one state per visible device
@@ -315,7 +332,7 @@ class Saver:
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
         with _writing(tmp, self.root):
             os.makedirs(tmp, exist_ok=True)
-            _save_synced(rank_state, os.path.join(tmp, f"rank{_rank()}.pt"))
+            _save_synced({**rank_state, "versions": versions()}, os.path.join(tmp, f"rank{_rank()}.pt"))
             if self.async_save and not wait:
                 # Returns once the state is copied to host memory: the next update cannot reach it.
                 future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
@@ -393,10 +410,52 @@ def _earlier(path: str, use: str = "resume") -> str:
             "no complete checkpoint before it: restore the file, or start afresh without --resume")
 
 
+def _versions_of(path: str) -> dict | None:
+    """The versions that wrote the checkpoint at `path` (rank0.pt's), None when unknown (written before checkpoints
+    kept them, or rank0.pt does not read)."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):
+            saved = torch.load(os.path.join(path, "rank0.pt"), weights_only=True).get("versions")
+        return saved if isinstance(saved, dict) else None
+    except Exception:  # noqa: BLE001 - only a hint for another error's message
+        return None
+
+
+def other_versions(path: str) -> str:
+    """'' when the checkpoint at `path` was written under this process's torch and numpy (or it does not say), else
+    which versions wrote it and the fix: a checkpoint's files (DCP's metadata, the RNG states) are torch's and numpy's
+    formats, which another version may not read; the model's weights move between versions as safetensors."""
+    theirs, ours = _versions_of(path), versions()
+    diff = [k for k in ("torch", "numpy") if theirs and theirs.get(k) != ours[k]]
+    if not diff:
+        return ""
+    return (f"it was written under {' and '.join(f'{k} {theirs[k]}' for k in diff)}, this is "
+            f"{' and '.join(f'{k} {ours[k]}' for k in diff)}: resume it with the versions that wrote it, or carry its "
+            f"model over: `videoprism export {path}` under those versions, then a new run here with "
+            "model.init=THAT.safetensors (the optimizer state and data position start afresh)")
+
+
+def restore_rng(path: str, rank: int, state: dict) -> None:
+    """set_rng_state of the states rank `rank` saved in the checkpoint at `path`: one that this torch or numpy does
+    not take (another version's format) stops with one line naming the checkpoint, the versions and the fix, not a
+    traceback from torch.set_rng_state."""
+    try:
+        set_rng_state(state)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        note = other_versions(path) or ("written under another torch or numpy? resume it with the versions that "
+                                        f"wrote it, or `videoprism export {path}` under them, then a new run with "
+                                        "model.init=THAT.safetensors")
+        raise CheckpointReadError(f"checkpoint {path}: the RNG states of rank{rank}.pt do not restore "
+                                  f"({_failures(e)}); {note}") from e
+
+
 def damaged(path: str, what: str, e: BaseException, use: str = "resume") -> CheckpointReadError:
-    """The error of the checkpoint at `path` whose file(s) `what` do not read (`e`), with the fix for `use`."""
-    return CheckpointReadError(f"checkpoint {path} does not load ({what}: {_failures(e)}): a damaged file; "
-                               f"{_earlier(path, use)}")
+    """The error of the checkpoint at `path` whose file(s) `what` do not read (`e`), with the fix for `use` (and
+    first, when other torch or numpy versions wrote it, that fix: the likelier cause)."""
+    note = other_versions(path)
+    return CheckpointReadError(f"checkpoint {path} does not load ({what}: {_failures(e)}): "
+                               + (f"{note}; if not that, a damaged file; " if note else "a damaged file; ")
+                               + _earlier(path, use))
 
 
 def read_rank_state(path: str, rank: int, use: str = "resume") -> dict:
@@ -454,7 +513,8 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                      "its preset and model fields)")
         else:
             cause = "the same config as the run that wrote it, so not a config change"
+        note = other_versions(path)
         raise CheckpointReadError(
-            f"checkpoint {path} does not load into this run ({_failures(e)}); a size mismatch or a missing key: "
-            f"{cause}; a damaged file: {_earlier(path)}") from e
+            f"checkpoint {path} does not load into this run ({_failures(e)}); " + (f"{note}; " if note else "")
+            + f"a size mismatch or a missing key: {cause}; a damaged file: {_earlier(path)}") from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

@@ -211,7 +211,7 @@ class Trainer:
             self.data.load_resharded(states)
             own = ckpt.read_rank_state(target, d.rank) if d.rank < written else None
         if own is not None:  # a rank new to the run keeps the run's seeded generators
-            ckpt.set_rng_state(own["rng"])
+            ckpt.restore_rng(target, d.rank, own["rng"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.resumed_from, self.resumed_step = target, self.step
         if d.main:

@@ -1393,7 +1393,8 @@ def test_a_checkpoint_of_other_versions_that_does_not_load_names_them_and_the_fi
         make_trainer(tmp_path, *args).resume(str(step1))
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith(f"checkpoint {step1}")
+    where = "(its weights load here; only the RNG states do not)" if part == "rng" else "under those versions"
     assert (f"it was written under torch 9.9.0, this is torch {torch.__version__}: resume it with the versions that "
-            f"wrote it, or carry its model over: `videoprism export {step1}` under those versions, then a new run "
-            "here with model.init=THAT.safetensors") in msg
+            f"wrote it, or carry its model over: `videoprism export {step1}` {where}, then a new run here with "
+            "model.init=THAT.safetensors") in msg
     assert ("the RNG states of rank0.pt do not restore" if part == "rng" else "if not that, a damaged file") in msg

@@ -152,7 +152,8 @@ def _writing(tmp: str, root: str):
 # `numpy._core.multiarray._reconstruct`, and weights_only torch.load allows a global by the name in the file only: a
 # checkpoint written under the other numpy (pyproject allows both) was reported as a damaged file.
 _NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 renamed `core` to `_core`
-_NUMPY_ARRAYS = [(_NP_CORE.multiarray._reconstruct, f"numpy.{core}.multiarray._reconstruct") for core in ("core", "_core")]
+_NUMPY_ARRAYS = [(_NP_CORE.multiarray._reconstruct, f"numpy.{core}.multiarray._reconstruct")
+                 for core in ("core", "_core")]
 _NUMPY_ARRAYS += [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -421,17 +422,20 @@ def _versions_of(path: str) -> dict | None:
         return None
 
 
-def other_versions(path: str) -> str:
+def other_versions(path: str, export_here: bool = False) -> str:
     """'' when the checkpoint at `path` was written under this process's torch and numpy (or it does not say), else
     which versions wrote it and the fix: a checkpoint's files (DCP's metadata, the RNG states) are torch's and numpy's
-    formats, which another version may not read; the model's weights move between versions as safetensors."""
+    formats, which another version may not read; the model's weights move between versions as safetensors.
+    `export_here`: its weights loaded under this process's versions (only the RNG states did not), so export here."""
     theirs, ours = _versions_of(path), versions()
     diff = [k for k in ("torch", "numpy") if theirs and theirs.get(k) != ours[k]]
     if not diff:
         return ""
     return (f"it was written under {' and '.join(f'{k} {theirs[k]}' for k in diff)}, this is "
             f"{' and '.join(f'{k} {ours[k]}' for k in diff)}: resume it with the versions that wrote it, or carry its "
-            f"model over: `videoprism export {path}` under those versions, then a new run here with "
+            f"model over: `videoprism export {path}` "
+            + ("(its weights load here; only the RNG states do not)" if export_here else "under those versions")
+            + ", then a new run here with "
             "model.init=THAT.safetensors (the optimizer state and data position start afresh)")
 
 
@@ -442,9 +446,10 @@ def restore_rng(path: str, rank: int, state: dict) -> None:
     try:
         set_rng_state(state)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-        note = other_versions(path) or ("written under another torch or numpy? resume it with the versions that "
-                                        f"wrote it, or `videoprism export {path}` under them, then a new run with "
-                                        "model.init=THAT.safetensors")
+        # Called after the model and optimizer state loaded: `videoprism export` works under these versions.
+        note = other_versions(path, export_here=True) or (
+            f"written under another torch or numpy? resume it with the versions that wrote it, or `videoprism export "
+            f"{path}` (its weights load here), then a new run with model.init=THAT.safetensors")
         raise CheckpointReadError(f"checkpoint {path}: the RNG states of rank{rank}.pt do not restore "
                                   f"({_failures(e)}); {note}") from e
 

@@ -428,7 +428,8 @@ def other_versions(path: str, export_here: bool = False) -> str:
     formats, which another version may not read; the model's weights move between versions as safetensors.
     `export_here`: its weights loaded under this process's versions (only the RNG states did not), so export here."""
     theirs, ours = _versions_of(path), versions()
-    diff = [k for k in ("torch", "numpy") if theirs and theirs.get(k) != ours[k]]
+    # The release, not the build (2.11.0+cu130 and 2.11.0+cpu write and read the same formats).
+    diff = [k for k in ("torch", "numpy") if theirs and str(theirs.get(k)).split("+")[0] != ours[k].split("+")[0]]
     if not diff:
         return ""
     return (f"it was written under {' and '.join(f'{k} {theirs[k]}' for k in diff)}, this is "

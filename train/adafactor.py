@@ -40,7 +40,7 @@ p has 3+ dims, else replicated), so distributed checkpoints save and reshard it.
 
 Same-shape parameters of a group (and of a shard group) are updated as one stacked tensor on a GPU
 (STACK_DEVICES; `_Bucket`): the launches of a step follow the number of shapes, not of parameters. Base
-LvT's step (384 tensors, 130 matrices of 10 shapes): 735 aten ops stacked, 3919 one parameter at a time
+LvT's step (384 tensors, 130 matrices of 10 shapes): 760 aten ops stacked, 8020 one parameter at a time
 (TorchDispatchMode counts, bench/optimizer.py `aten_ops`), for two more passes over the gradients (the
 stacking copy).
 

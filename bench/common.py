@@ -6,7 +6,8 @@
 * `device_timing(fn)` (CUDA): the device time of fn alone (median, p20/p80), replayed from a CUDA graph: no host
   dispatch in it, for ops of tens of microseconds whose eager call `timeit` would measure.
 * `measure_peaks(device)`: the two ceilings of the card measured in the same run
-  (a large bf16 matmul for TFLOP/s, videoprism/flops.py, a large device-to-device copy for GB/s,
+  (a large matmul for TFLOP/s, videoprism/flops.py, in the dtype asked for, by default the step's: bf16 on
+  CUDA, fp32 on the CPU; a large device-to-device copy for GB/s,
   counting bytes read + written), so every row can say what share of the peak it got.
 * `Report`: rows with the device name, torch/triton versions, commit and date,
   printed as a table and written as JSON.

@@ -17,7 +17,7 @@ Baselines get their frame indices for free (computed before timing); every row t
 
 `--clips DIR` times the clips of DIR/clips.jsonl (a clean manifest of `videoprism data index`: codec, frames, fps and
 size per clip, so no demux pass is needed) instead of the shared and generated ones: the GPU machines have neither
-PyAV nor FFmpeg nor ../shared, so `--write-clips` makes the set here (288-ish synthetic VP9 and H.264 clips of the
+PyAV nor FFmpeg nor ../shared, so `--write-clips` makes the set here (320x320 synthetic VP9 and H.264 clips of the
 same scenes, 720p long-GOP H.264 and VP9 clips with a coarse texture so they stay small) and the call carries it
 (bench/dali_wheel.sh). PyAV and decord rows run only where those are installed.
 

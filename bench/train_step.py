@@ -17,8 +17,8 @@ token plus the student step (token + global decoders); they also time the teache
 alone (teacher_ms, its share of the step and its own MFU), to tell which half misses a target.
 
 MFU = step FLOPs (videoprism/flops.py, the formula of the trainer's MFU: visible tokens
-only, teacher 1x, trained parts 3x) / step time / the card's measured bf16 matmul peak;
-floor_ms = step FLOPs / that peak (the step at 100% MFU).
+only, teacher 1x, trained parts 3x) / step time / the card's measured matmul peak in the step's dtype
+(bf16 on a GPU, fp32 on the CPU: the JSON's matmul_dtype); floor_ms = step FLOPs / that peak (the step at 100% MFU).
 Rows run in order of importance; a row that would end past --budget-s (by the time the last row of
 its stage and mode took, a stage-2 row before any: stage 1's) is skipped and listed in the
 JSON, which is saved whole after every row. `--profile` adds where each row's time goes

@@ -3,6 +3,7 @@
 #   make setup      .venv with torch, the package (editable) and the compiled extension
 #   make demo       the main job on the embedded synthetic data (CPU, two cores)
 #   make test       the test suite (GPU tests skip without a GPU)
+#   make test-gpu   the GPU tests only (pytest -m gpu)
 #   make bench-cpu  the encoder benchmark on the CPU (JSON under bench/results/; the others: python -m bench.NAME)
 
 PYTHON ?= python3

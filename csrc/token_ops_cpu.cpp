@@ -66,7 +66,7 @@ inline void patch_row(float* __restrict__ dst, const uint8_t* __restrict__ src, 
 // every 864) and the next visible patch lies elsewhere: the hardware prefetchers did not bring
 // them in time, and every run's first load waited for memory (perf: most samples of the uint8
 // kernel on the instruction after that load). With the blocks above, the uint8 kernel at the
-// bench's shapes (B = 2, 2 cores) took 1.4-1.7x less time at stage 1 (random tube mask) on a
+// bench's shapes (B = 2, 2 cores) took 1.4-2.7x less time at stage 1 (random tube mask) on a
 // quiet machine, 2.3-2.9x with the cores shared; 1.0-1.2x at stage 2, whose BEVT blocks put
 // neighbouring patches next to each other (shared lines, reads nearly in order). For fp32 video
 // (216-byte runs) the prefetch measured 0.73-0.99x: uint8 only. The caller passes only patches

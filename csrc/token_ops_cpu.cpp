@@ -7,9 +7,9 @@
 // writes a contiguous output. Bytes per op are those of the Triton docstrings (E = element
 // size, Ea = 4, 8 for fp64), differences stated at each kernel; the floor is bytes / the
 // CPU's copy bandwidth (read + write) that bench.token_ops measures in the same run
-// (copy_gbps in bench/results/token_ops_cpu.json: 26.3 GB/s on the 2-core CI machine, 2 threads). At
+// (copy_gbps in bench/results/token_ops_cpu.json: 29.8 GB/s on the 2-core CI machine, 2 threads). At
 // its CPU shapes (B=2, fp32, D=768, stage 2: m = 1440 of n = 4096) that is e.g. gather
-// 2*B*m*D*4 = 17.7 MB -> 0.67 ms.
+// 2*B*m*D*4 = 17.7 MB -> 0.59 ms.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>

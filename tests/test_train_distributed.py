@@ -53,6 +53,14 @@ def losses(out: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
+def assert_whole_run_matches(out: str, ref: str, tol: float = 1e-5) -> None:
+    """The run in `out` logged all 10 steps of the reference run `ref`, each loss within `tol` of the reference's."""
+    want, got = losses(ref), losses(out)
+    assert sorted(got) == list(range(1, 11))
+    for step in got:
+        assert abs(got[step] - want[step]) <= tol, (step, got[step], want[step])
+
+
 def stage_args(stage: int, refs) -> list[str]:
     return [f"stage2.teacher={refs[1]}/model.safetensors"] if stage == 2 else []
 
@@ -428,10 +436,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, refs, stage):
     assert p.returncode == -9, "the run ended before it could be killed"
     out = run(stage, str(tmp_path), *args, "--resume")
     assert "resumed from" in out
-    ref, got = losses(refs[stage]), losses(str(tmp_path))
-    assert sorted(got) == list(range(1, 11))
-    for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+    assert_whole_run_matches(str(tmp_path), refs[stage], tol=1e-6)
 
 
 def test_async_checkpoints_on_two_processes_resume_exactly(tmp_path, refs):
@@ -515,10 +520,7 @@ def test_preemption_notice_to_one_rank_stops_both_and_auto_resume_continues(tmp_
     assert {"rank0.pt", "rank1.pt"} <= set(os.listdir(saved[0][1]))
     resumed = run(1, out, *args, nproc=2)
     assert f"resumed from {saved[0][1]}" in resumed
-    ref, got = losses(refs[1]), losses(out)
-    assert sorted(got) == list(range(1, 11))
-    for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert_whole_run_matches(out, refs[1])
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through Linux /proc")
@@ -550,10 +552,7 @@ def test_a_killed_rank_restarted_by_torchrun_auto_resumes_with_the_uninterrupted
         pytest.fail("the restarted workers hung: " + stderr[-3000:])
     assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
     assert "resumed from" in stdout, stdout[-2000:]
-    ref, got = losses(refs[1]), losses(out)
-    assert sorted(got) == list(range(1, 11))
-    for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert_whole_run_matches(out, refs[1])
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds torchrun's workers through Linux /proc")
@@ -600,7 +599,4 @@ def test_two_nodes_restart_together_after_one_nodes_worker_is_killed(tmp_path, r
     for p, (stdout, stderr) in zip(nodes, ends):
         assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
     assert "resumed from" in ends[0][0] + ends[1][0], ends[0][0][-2000:] + ends[1][0][-2000:]
-    ref, got = losses(refs[1]), losses(out)
-    assert sorted(got) == list(range(1, 11))
-    for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert_whole_run_matches(out, refs[1])

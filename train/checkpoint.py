@@ -23,6 +23,7 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
 from concurrent import futures
 from contextlib import contextmanager, suppress
@@ -159,8 +160,6 @@ _NUMPY_ARRAYS += [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 def versions() -> dict:
     """The versions that wrote a checkpoint (its rank files keep them): an error loading it under others names them."""
-    import sys
-
     # str(): torch.__version__ is a TorchVersion, a class weights_only torch.load refuses
     return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": sys.version.split()[0]}
 

@@ -1,7 +1,8 @@
 """Frame sampling against a full decode (the oracle) on clips whose timestamps are awkward: an edit list that
 discards leading frames, MPEG-TS (imprecise seeks), H.264 with B-frames in AVI (no presentation timestamps), WebM
 with a start offset or with audio longer than the video, Matroska with a longer second video track or subtitle cue;
-clips a player turns upright (a display-matrix rotation). Needs the ffmpeg command line to make the clips."""
+clips a player turns upright (a display-matrix rotation); a colour matrix FFmpeg cannot convert. Needs the ffmpeg
+command line to make the clips."""
 import shutil
 import subprocess
 
@@ -172,3 +173,37 @@ def test_a_cut_mov_with_a_timecode_track_is_truncated(tmp_path):
         assert clip.index.num_frames == 200
     with pytest.raises(BadVideoError, match="truncated: frames end at"):
         PyAVClip(cut)
+
+
+def test_a_colour_matrix_ffmpeg_cannot_convert_is_rejected_by_the_index(tmp_path):
+    """A stream may declare a colour matrix that FFmpeg's converter has no RGB conversion for (YCgCo here; ICtCp and
+    BT.2020 constant luminance too). `index` kept such a clip (it decodes, and the index converted none of its
+    frames), then every read failed as "unreadable (Operation not supported)", and read_clip raised a bare OSError.
+    The index now rejects it, naming the matrix, and a read gives the same reason; a BT.709 twin is kept."""
+    import json
+
+    from videoprism.cli import main
+    from videoprism.data import BadVideoError, read_clip
+
+    probe = av.VideoFrame(16, 16, "yuv420p")
+    probe.colorspace = 8  # AVCOL_SPC_YCGCO
+    try:
+        probe.reformat(format="rgb24")
+        pytest.skip("this FFmpeg converts YCgCo (FFmpeg < 8 took it for BT.601)")
+    except av.error.FFmpegError:
+        pass
+    paths = {cs: str(tmp_path / f"{cs}.mp4") for cs in ("ycgco", "bt709")}
+    for cs, path in paths.items():
+        ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=8:duration=1", "-c:v", "libx264", "-preset", "ultrafast",
+               "-pix_fmt", "yuv420p", "-colorspace", cs, path)
+    m = tmp_path / "m.jsonl"
+    m.write_text("".join(json.dumps({"path": p}) + "\n" for p in paths.values()))
+    assert main(["data", "index", str(m), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1", "--quiet"]) == 0
+    kept = [json.loads(line)["path"] for line in open(tmp_path / "clean.jsonl")]
+    (reject,) = [json.loads(line) for line in open(tmp_path / "clean.rejects.jsonl")]
+    assert kept == ["bt709.mp4"] and reject["path"] == paths["ycgco"]
+    assert reject["reason"].startswith("unsupported colour matrix: its frames (yuv420p, YCgCo)"), reject
+    with pytest.raises(BadVideoError) as e:
+        read_clip(paths["ycgco"], 4, 32)
+    assert e.value.reason == reject["reason"]
+    assert read_clip(paths["bt709"], 4, 32).shape == (4, 32, 32, 3)

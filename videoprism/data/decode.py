@@ -129,6 +129,7 @@ class PyAVClip:
         elif len(src) == 0:
             raise BadVideoError(self.name, "empty file (0 bytes)")
         self._src, self._threads, self._unseekable, self._rotation = src, threads, False, None
+        self._first = None  # the first frame decoded (`verify` converts it to RGB)
         try:
             self._container = self._open()
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -313,12 +314,12 @@ class PyAVClip:
         return self._take(self._frames_in_order(indices), keep)
 
     def _take(self, frames, keep: bool):
-        """`frames` as a list (their count when not `keep`), the display rotation noted off the first (`rotation`:
-        the stream's, the same on every frame)."""
+        """`frames` as a list (their count when not `keep`), the first kept and its display rotation noted
+        (`rotation`: the stream's, the same on every frame)."""
         out, n = [], 0
         for f in frames:
             if self._rotation is None:
-                self._rotation = 90 * quarter_turns(f.rotation)
+                self._rotation, self._first = 90 * quarter_turns(f.rotation), f
             n += 1
             if keep:
                 out.append(f)
@@ -345,11 +346,21 @@ class PyAVClip:
         # One reformatter for the clip keeps its swscale context: `frame.to_ndarray(format="rgb24")` builds a new
         # one per frame, which cost more than decoding on small clips (same output bits).
         rgb = VideoReformatter()
-        frames = [np.rot90(rgb.reformat(f, format="rgb24").to_ndarray(), quarter_turns(f.rotation))
-                  for f in self._frames(indices)]
+        frames = [np.rot90(self._rgb(rgb, f), quarter_turns(f.rotation)) for f in self._frames(indices)]
         if len(frames) < len(indices):
             raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))
+
+    def _rgb(self, reformatter: VideoReformatter, frame) -> np.ndarray:
+        """uint8 [H, W, 3] RGB of a decoded frame, converted with the colour matrix its stream declares. The FFmpeg of
+        PyAV >= 18 refuses the matrices it has no conversion for (YCgCo, ICtCp, BT.2020 constant luminance: older
+        ones took them for BT.601) with ENOTSUP, which read as an unreadable file after `index` had kept it."""
+        try:
+            return reformatter.reformat(frame, format="rgb24").to_ndarray()
+        except av.error.FFmpegError as e:
+            matrix = _MATRICES.get(frame.colorspace, f"MatrixCoefficients {frame.colorspace}")
+            raise BadVideoError(self.name, f"unsupported colour matrix: its frames ({frame.format.name}, {matrix}) "
+                                           f"cannot be converted to RGB here ({_msg(e)})") from None
 
     def verify(self, full: bool = False) -> None:
         """Decode the first frame and the whole last GOP (every frame when `full`) without keeping them.
@@ -362,6 +373,15 @@ class PyAVClip:
         got = self._frames(indices, keep=False)
         if got < len(indices):
             raise self._short(got, len(indices), "checked frames")
+        if self._first is not None:  # one frame to RGB, as `decode` converts them all (same matrix on every frame)
+            self._rgb(VideoReformatter(), self._first)
+
+
+# Names of the colour matrices (ITU-T H.273 MatrixCoefficients, FFmpeg's AVColorSpace) a stream may declare that
+# FFmpeg's converter may not take, for the reason `_rgb` gives.
+_MATRICES = {3: "a reserved colour matrix", 8: "YCgCo", 10: "BT.2020 constant luminance", 11: "SMPTE ST 2085",
+             12: "chromaticity-derived non-constant luminance", 13: "chromaticity-derived constant luminance",
+             14: "ICtCp", 15: "IPT-C2", 16: "YCgCo-R even", 17: "YCgCo-R odd"}
 
 
 class _Unseekable(Exception):

@@ -259,7 +259,7 @@ def _main(argv) -> None:
         else:
             from videoprism.data.dali_pipeline import clip_plan
 
-            codec, idx, h, w, _ = clip_plan(sample, T)  # the bench's clips are upright
+            codec, idx, h, w, _, _ = clip_plan(sample, T)  # the bench's clips are upright
         name = f"{os.path.basename(path)} {w}x{h} {codec}" + (f" [{start:g},{end:g})s" if start is not None else "")
         data = open(path, "rb").read()
         box = aug.box(h, w)

@@ -311,6 +311,32 @@ def test_turned_clips_come_out_of_dali_upright_as_out_of_pyav(tmp_path):
                 assert psnr(a, b) >= 35, (manifest, train, flip_prob)  # ~40-58 dB; turned or flipped wrong: < 10
 
 
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to encode with BT.709")
+def test_bt709_clips_come_out_of_dali_in_the_colours_pyav_gives(tmp_path):
+    """DALI's decoders convert YUV to RGB with BT.601 whatever the stream declares; PyAV (as the ffmpeg command line
+    and players) with the declared matrix, BT.709 for most HD video. Two flat bars, of colours inside the RGB cube
+    under both matrices, came out of DALI 10-24 levels off PyAV's; the graph now maps its RGB to the declared
+    matrix's, from the raw manifest (the matrix read off the first frame) and from the clean one (`matrix`)."""
+    from videoprism.cli import main
+
+    path = str(tmp_path / "bars.webm")
+    bars = ("color=c=0xC83C64:s=32x32:r=8:d=1[a];color=c=0x28C878:s=32x32:r=8:d=1[b];"
+            "[a][b]hstack,scale=out_color_matrix=bt709:out_range=tv,format=yuv420p")
+    subprocess.run(["ffmpeg", "-y", "-loglevel", "error", "-filter_complex", bars, "-c:v", "libvpx-vp9", "-deadline",
+                    "realtime", "-colorspace", "bt709", path], check=True)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": path}) + "\n")
+    assert main(["data", "index", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1",
+                 "--quiet"]) == 0
+    assert json.loads(open(tmp_path / "clean.jsonl").readline())["matrix"] == "bt709"
+    kw = dict(num_frames=4, resolution=32, batch_size=1, train=False, tokenizer=None)
+    for manifest in ("m.jsonl", "clean.jsonl"):
+        (dali,) = list(build_loader(str(tmp_path / manifest), backend="dali", **kw))
+        (pyav,) = list(build_loader(str(tmp_path / manifest), backend="pyav", **kw))
+        for x0 in (2, 18):  # inside each bar of the centre crop (columns 16-47 of 64: 16 of each colour)
+            d, p = (b["video"][0, :, 4:28, x0:x0 + 12].double().mean((0, 1, 2)) for b in (dali, pyav))
+            assert (d - p).abs().max() <= 2, (manifest, d, p)
+
+
 def test_a_clip_planned_by_timestamps_without_pyav_is_skipped_with_the_reason(monkeypatch, synth):
     """A clean manifest's variable-frame-rate clip is planned from PyAV's timestamps; where PyAV is missing (the lent
     GPU machines) the clip is skipped with why, not an ImportError out of the loader."""

@@ -82,7 +82,7 @@ def check_same_frames(gpu, frames, every, min_db):
 
 def test_gpu_graph_gives_the_cpu_graph_frames_on_vp9(clips):
     s = clips[VP9]
-    codec, frames, h, w, _ = clip_plan(s, T)
+    codec, frames, h, w, _, _ = clip_plan(s, T)
     assert codec == "vp9" and frames == [i * s.probe["frames"] // T for i in range(T)]
     (gpu,) = run("cuda", [s])
     check_video(gpu, h)
@@ -109,7 +109,7 @@ def test_gpu_decodes_h264_to_the_frames_of_its_vp9_twin(clips):
     seed), so the CPU graph's VP9 frames are the oracle up to the two codecs' losses (~35 dB measured with PyAV,
     ~23 dB to the neighbouring frame)."""
     (gpu,) = run("cuda", [clips[H264]])
-    codec, frames, h, _, _ = clip_plan(clips[H264], T)
+    codec, frames, h, _, _, _ = clip_plan(clips[H264], T)
     assert codec == "h264" and frames == clip_plan(clips[VP9], T)[1]
     check_video(gpu, h)
     check_same_frames(gpu.cpu(), frames, every_frame_on_cpu(clips[VP9]), 30)

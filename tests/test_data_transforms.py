@@ -127,3 +127,43 @@ def test_draw_area_uniform_in_scale_and_aspect_log_uniform_in_ratio():
     assert abs(area.mean() - 0.35) < 0.01
     assert log_ratio.min() >= math.log(0.5) and log_ratio.max() <= math.log(2.0)
     assert 0.46 < np.mean(log_ratio < 0) < 0.54
+
+
+def _ffmpeg_rgb(ycbcr: np.ndarray, colorspace: int) -> np.ndarray:
+    """FFmpeg's (PyAV's) RGB of uint8 [N, 3] limited-range Y'CbCr samples in a yuv444p frame of `colorspace`."""
+    av = pytest.importorskip("av")
+    frame = av.VideoFrame(len(ycbcr), 1, "yuv444p")
+    for plane, values in zip(frame.planes, ycbcr.T):
+        row = np.zeros(plane.line_size, np.uint8)
+        row[:len(values)] = values
+        plane.update(row.tobytes())
+    frame.colorspace = colorspace
+    return frame.reformat(format="rgb24").to_ndarray()[0].astype(np.float64)
+
+
+def test_a_bt601_conversion_mapped_by_matrix_fix_is_ffmpegs_conversion_with_the_declared_matrix():
+    """DALI converts every YUV stream with BT.601; its graph maps that RGB with `matrix_fix` to the RGB of the matrix
+    the stream declares, which PyAV converts with. The oracle is FFmpeg's converter: for every colorspace value it
+    takes, its RGB is that of the matrix `yuv_matrix` names, and BT.601's RGB mapped by that matrix's fix is it, to
+    FFmpeg's rounding (colours that stay inside the RGB cube under both matrices)."""
+    from videoprism.data.transforms import LUMA_WEIGHTS, matrix_fix, yuv_matrix
+
+    rng = np.random.default_rng(0)
+    ycbcr = np.stack([rng.integers(16, 236, 4000), rng.integers(72, 185, 4000), rng.integers(72, 185, 4000)], 1)
+    canonical = {"bt601": 5, "bt709": 1, "fcc": 4, "smpte240m": 7, "bt2020": 9}  # AVColorSpace of each name
+    assert set(canonical) == set(LUMA_WEIGHTS)
+    bt601 = _ffmpeg_rgb(ycbcr, 5)
+    for colorspace in range(18):
+        try:
+            rgb = _ffmpeg_rgb(ycbcr, colorspace)
+        except Exception:  # av.error.FFmpegError: a matrix this FFmpeg cannot convert (data index rejects those)
+            continue
+        name = yuv_matrix(colorspace, is_rgb=False)
+        np.testing.assert_array_equal(rgb, _ffmpeg_rgb(ycbcr, canonical[name]), err_msg=f"colorspace {colorspace}")
+        inside = ((bt601 > 2) & (bt601 < 253) & (rgb > 2) & (rgb < 253)).all(1)
+        assert inside.sum() > 1000
+        fixed = bt601[inside] @ matrix_fix(name).astype(np.float64).T
+        assert np.abs(fixed - rgb[inside]).max() <= 2.5, (colorspace, name)
+    assert yuv_matrix(1, is_rgb=True) == "bt601"  # an RGB frame has no matrix: nothing to map
+    np.testing.assert_array_equal(matrix_fix("bt601"), np.eye(3))
+    assert np.allclose(matrix_fix("bt709") @ np.full(3, 100.0), 100.0, atol=1e-3)  # a grey stays grey

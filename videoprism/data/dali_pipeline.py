@@ -1,8 +1,11 @@
-"""The DALI graph: encoded bytes -> uniformly sampled frames -> crop box resize -> flip, on the GPU or the CPU.
+"""The DALI graph: encoded bytes -> uniformly sampled frames -> crop box resize -> colour -> flip, on the GPU or CPU.
 
-    external_source(encoded uint8 [bytes], frames int32 [T], roi_start/roi_end float [2] (y, x), flip int32 [])
+    external_source(encoded uint8 [bytes], frames int32 [T], roi_start/roi_end float [2] (y, x), colour float [3, 3],
+                    flip int32 [])
       -> fn.decoders.video(frames=...)   # "mixed": NVDEC on the GPU; "cpu": libavcodec (VP8/VP9/MJPEG only)
-      -> fn.resize(roi=box, size=[R, R], linear, antialias)
+      -> fn.resize(roi=box, size=[R, R], linear, antialias)  -> float
+      -> fn.coord_transform(M=colour)    # BT.601 RGB -> the stream's matrix's (transforms.matrix_fix)
+      -> fn.cast(uint8)
       -> fn.flip(horizontal=flip)        -> uint8 [B, T, R, R, 3]
 
 The loader computes the frame indices and crop boxes (transforms.py), so this graph and the PyAV path give the
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import BadVideoError
-from .transforms import quarter_turns, stored_box, uniform_indices
+from .transforms import matrix_fix, quarter_turns, stored_box, uniform_indices
 
 # Codecs fn.decoders.video takes on each backend (DALI 2.x docs). Not AV1 on the GPU: NVDEC has none on the
 # A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
@@ -83,11 +86,12 @@ def dali_handles(codec: str, device: torch.device) -> bool:
     return codec in DALI_CODECS["gpu" if device.type == "cuda" else "cpu"]
 
 
-def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int]:
-    """(codec, frame indices, stored height, stored width, quarter turns to upright) of a sample: from the probe
-    fields of a clean manifest when present (frame i at i / fps: a constant frame rate, which `index` checked:
-    `cfr`; a manifest indexed without `rotation` is taken as upright), else from a demux pass (a variable frame
-    rate: the frames' own timestamps place a window) and the first frame's rotation."""
+def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, str]:
+    """(codec, frame indices, stored height, stored width, quarter turns to upright, colour matrix) of a sample: from
+    the probe fields of a clean manifest when present (frame i at i / fps: a constant frame rate, which `index`
+    checked: `cfr`; a manifest indexed without `rotation` is taken as upright, without `matrix` as BT.601), else
+    from a demux pass (a variable frame rate: the frames' own timestamps place a window) and the first frame's
+    rotation and matrix."""
     p = sample.probe
     if all(k in p for k in ("codec", "frames", "fps", "width", "height")) and p.get("cfr", True):
         n, fps = int(p["frames"]), float(p["fps"])
@@ -96,17 +100,17 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int]:
         if hi - lo < num_frames:
             raise BadVideoError(sample.name, f"too few frames: {hi - lo}, need {num_frames}")
         return (p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"],
-                quarter_turns(p.get("rotation", 0)))
+                quarter_turns(p.get("rotation", 0)), p.get("matrix", "bt601"))
     from .decode import PyAVClip  # here, not at the top: the graph itself runs without PyAV (the GPU machines lack it)
 
     with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
         return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
-                quarter_turns(p["rotation"] if "rotation" in p else clip.rotation))
+                quarter_turns(p["rotation"] if "rotation" in p else clip.rotation), p.get("matrix", clip.matrix))
 
 
 class DaliClips:
-    """Runs the graph over batches of (encoded bytes, frame indices, crop box, flip)."""
+    """Runs the graph over batches of (encoded bytes, frame indices, crop box, flip, colour matrix)."""
 
     def __init__(self, *, batch_size: int, num_frames: int, resolution: int, device: torch.device,
                  num_threads: int = 2):
@@ -138,10 +142,16 @@ class DaliClips:
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
             flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+            colour = fn.external_source(name="colour", dtype=types.FLOAT, ndim=2)
             video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=frames)
+            # Float from the resize to the colour map: one rounding to uint8 (a BT.601 clip's bits are those of a
+            # uint8 resize).
             video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
                               size=[self.resolution, self.resolution], interp_type=types.INTERP_LINEAR,
-                              antialias=True)
+                              antialias=True, dtype=types.FLOAT)
+            # The decoders convert YUV with BT.601 whatever the stream declares; the map gives the declared
+            # matrix's RGB (linear in RGB, so after the resize: R x R pixels, not the stored frame's).
+            video = fn.cast(fn.coord_transform(video, M=colour), dtype=types.UINT8)
             return fn.flip(video, horizontal=flip)
 
         pipe = graph()
@@ -149,14 +159,16 @@ class DaliClips:
         return pipe
 
     def run(self, encoded: list[bytes], frames: list[list[int]], boxes: list[tuple[int, int, int, int]],
-            flips: list[bool]) -> tuple[list[torch.Tensor], list[bool]]:
-        """(uint8 [T, R, R, 3] per sample on `device`, whether each has an all-zero frame). Raises whatever
-        DALI raises; the pipeline is then rebuilt."""
+            flips: list[bool], matrices: list[str] | None = None) -> tuple[list[torch.Tensor], list[bool]]:
+        """(uint8 [T, R, R, 3] per sample on `device`, whether each has an all-zero frame), each clip's RGB that of
+        its colour matrix (transforms.LUMA_WEIGHTS; None: all BT.601). Raises whatever DALI raises; the pipeline is
+        then rebuilt."""
         inputs = {"encoded": [np.frombuffer(e, np.uint8) for e in encoded],
                   "frames": [np.asarray(f, np.int32) for f in frames],
                   "roi_start": [np.array([y, x], np.float32) for y, x, _, _ in boxes],
                   "roi_end": [np.array([y + h, x + w], np.float32) for y, x, h, w in boxes],
-                  "flip": [np.array(int(f), np.int32) for f in flips]}
+                  "flip": [np.array(int(f), np.int32) for f in flips],
+                  "colour": [matrix_fix(m) for m in (matrices or ["bt601"] * len(encoded))]}
         if self._pipe is None:
             self._pipe = self._build()
         try:
@@ -203,7 +215,7 @@ class DaliClips:
                     del self.rejected[sid]
                 continue
             try:
-                codec, frames, h, w, turns = clip_plan(sample, self.num_frames)
+                codec, frames, h, w, turns, matrix = clip_plan(sample, self.num_frames)
                 if not dali_handles(codec, self.device) or not self.shapes.to_dali((codec, h, w)):
                     results[pos] = _pyav(fallback, pos, sid, f"DALI does not take {codec} here")
                     continue
@@ -211,7 +223,7 @@ class DaliClips:
                 # a flip drawn for the upright clip is left-right there).
                 box = stored_box(aug.box(*((w, h) if turns % 2 else (h, w))), turns, h, w)
                 dali_jobs.append((pos, sid, (codec, h, w), sample.read_bytes(), frames, box, aug.flip and not turns,
-                                  turns, aug.flip))
+                                  matrix, turns, aug.flip))
             except BadVideoError as e:
                 results[pos] = _Item(pos, sid, bad=e.reason)
             except OSError as e:
@@ -253,7 +265,7 @@ class DaliClips:
         if not jobs:
             return []
         try:
-            videos, blank = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6)])
+            videos, blank = self.run(*[[j[k] for j in jobs] for k in (3, 4, 5, 6, 7)])
         except Exception as e:  # noqa: BLE001 - DALI raises RuntimeError subclasses with no finer type
             if len(jobs) == 1:
                 return [error_reason(e)]

@@ -25,7 +25,7 @@ from av.video.reformatter import VideoReformatter
 import torch
 
 from .errors import BadVideoError
-from .transforms import Augment, apply_augment, quarter_turns, uniform_indices
+from .transforms import Augment, apply_augment, quarter_turns, uniform_indices, yuv_matrix
 
 # Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable: PyAV <= 18
 # decodes them strictly unless told to replace bad bytes (a UnicodeDecodeError at open); PyAV 19
@@ -130,6 +130,7 @@ class PyAVClip:
             raise BadVideoError(self.name, "empty file (0 bytes)")
         self._src, self._threads, self._unseekable, self._rotation = src, threads, False, None
         self._first = None  # the first frame decoded (`verify` converts it to RGB)
+        self._matrix = "bt601"  # the colour matrix of its YUV -> RGB conversion, noted off the first frame decoded
         try:
             self._container = self._open()
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
@@ -314,12 +315,13 @@ class PyAVClip:
         return self._take(self._frames_in_order(indices), keep)
 
     def _take(self, frames, keep: bool):
-        """`frames` as a list (their count when not `keep`), the first kept and its display rotation noted
-        (`rotation`: the stream's, the same on every frame)."""
+        """`frames` as a list (their count when not `keep`), the first kept and its display rotation and colour
+        matrix noted (`rotation`, `matrix`: the stream's, the same on every frame)."""
         out, n = [], 0
         for f in frames:
             if self._rotation is None:
                 self._rotation, self._first = 90 * quarter_turns(f.rotation), f
+                self._matrix = yuv_matrix(f.colorspace, f.format.is_rgb)
             n += 1
             if keep:
                 out.append(f)
@@ -339,6 +341,14 @@ class PyAVClip:
         if self._rotation is None:
             self._frames([0], keep=False)
         return self._rotation or 0  # none decoded (a stream cut before it): as stored
+
+    @property
+    def matrix(self) -> str:
+        """The colour matrix (transforms.LUMA_WEIGHTS) that `decode` converts the frames to RGB with: the one the
+        stream declares; read off the first frame decoded, as `rotation` is."""
+        if self._rotation is None:
+            self._frames([0], keep=False)
+        return self._matrix
 
     def decode(self, indices: list[int]) -> torch.Tensor:
         """uint8 [len(indices), H, W, 3] RGB frames at the given (sorted) clip frame indices, upright (turned as a

@@ -2,11 +2,12 @@
 
 Each sample is opened with PyAV in a pool of processes (a file that crashes its process is pinned down and
 rejected, the others keep their results): packet index (codec, frame count, fps, stored size, duration, whether
-the frame rate is constant), a decode of its first frame (and its display rotation) and of its whole last GOP
-(every frame with `full=True`), and the frame count of its window against `min_frames`. Good samples go to the
-clean manifest with the probe fields added (the loader then knows codec, size, frame count and rotation without
-opening the file, and DALI never meets a file it cannot decode); bad ones go to the rejects report, one JSON line
-each with the path and the reason, after the manifest lines that could not be parsed.
+the frame rate is constant), a decode of its first frame (its display rotation and colour matrix; converted to
+RGB) and of its whole last GOP (every frame with `full=True`), and the frame count of its window against
+`min_frames`. Good samples go to the clean manifest with the probe fields added (the loader then knows codec, size,
+frame count, rotation and colour matrix without opening the file, and DALI never meets a file it cannot decode);
+bad ones go to the rejects report, one JSON line each with the path and the reason, after the manifest lines that
+could not be parsed.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
                     f"(the file has {idx.num_frames})")
                 raise BadVideoError(sample.name, f"too few frames: {len(window)}{where}, need {min_frames}")
             clip.verify(full=full)
-            rotation = clip.rotation
+            rotation, matrix = clip.rotation, clip.matrix
     except OSError as e:
         raise BadVideoError(sample.name, f"unreadable ({e.strerror or e})") from None
     return {"codec": idx.codec, "frames": idx.num_frames, "fps": round(idx.fps, 6), "width": idx.width,
-            "height": idx.height, "duration": round(idx.duration, 6), "cfr": idx.constant_rate, "rotation": rotation}
+            "height": idx.height, "duration": round(idx.duration, 6), "cfr": idx.constant_rate, "rotation": rotation,
+            "matrix": matrix}
 
 
 # Per job, set by the worker that starts it (shared memory): which files were being probed when a pool broke.

@@ -9,7 +9,7 @@ string: a reader that needs captions (`captions=True`: stage 1, retrieval) rejec
 `label` is an int or a dict of ints (e.g. {"colour": 2, "shape": 0}).
 `offset`/`size` (bytes) make `path` a byte range, as `videoprism data index` writes for WebDataset members. A clean
 manifest from `index` also carries the probe fields (`codec`, `frames`, `fps`, `width`, `height`, `duration`, `cfr`,
-`rotation`).
+`rotation`, `matrix`).
 
 WebDataset shard: a tar whose members are grouped by key (the name up to the first "."): one video member (.mp4,
 .webm, .mkv, .avi, .mov, .m4v), a `.txt` caption (which only a reader that needs captions requires) and optionally
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from .errors import BadSampleBudget, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
-PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration", "cfr", "rotation")
+PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration", "cfr", "rotation", "matrix")
 _KNOWN_FIELDS = frozenset({"path", "caption", "dataset", "start", "end", "label", "offset", "size", "member",
                            *PROBE_FIELDS})  # the rest of a line is kept as `extra`
 

@@ -33,12 +33,13 @@ import time
 import zlib
 
 MAGIC = b"VPPACK\x00\x01"
-VERSION = 6  # bump when the record layout or the validation of a line changes: a pack holds the result of both
+VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
 # 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
 # 3: the manifest's inode, change time and SHA-256; a CRC-32 of the header and of each record
 # 4: video-only lines (no caption) are samples, counted in the header's "uncaptioned" (3 rejected them)
 # 5: a line's "cfr" and "rotation" (data index) are probe fields (4 kept them among the extra fields)
 # 6: a negative or int64-overflowing label and a caption holding a lone surrogate reject the line (5 kept them)
+# 7: a line's "matrix" (data index) is a probe field (6 kept it among the extra fields)
 
 
 def pack_path(manifest: str) -> str:

@@ -18,6 +18,10 @@ Orientation: a video whose container says to turn it for display (a phone's port
 display-matrix rotation) is transformed upright, as players and the ffmpeg command line show it. The crop box is
 drawn in the upright frame; a decoder that outputs stored frames crops the same pixels (`stored_box`) and turns
 the result.
+
+Colour: YUV frames become RGB with the colour matrix their stream declares (BT.709 for most HD video), as PyAV,
+players and the ffmpeg command line convert them. DALI's decoders convert every YUV stream with BT.601; its graph
+turns that RGB into the declared matrix's (`matrix_fix`), a linear map of RGB.
 """
 from __future__ import annotations
 
@@ -82,6 +86,37 @@ def quarter_turns(degrees: float) -> int:
     """Counterclockwise quarter turns (0-3) that show a stored frame upright, from its display rotation in degrees
     counterclockwise (PyAV's `VideoFrame.rotation`, ffprobe's side-data `rotation`); np.rot90/torch.rot90 turn it."""
     return round(degrees / 90) % 4
+
+
+# Luma weights (Kr, Kb) of the YUV colour matrices FFmpeg converts with, by name; a stream's declared matrix (H.273
+# MatrixCoefficients, FFmpeg's AVColorSpace) -> name. Every other value converts as BT.601 (unspecified, BT.470BG,
+# SMPTE 170M), but those FFmpeg cannot convert (YCgCo, ICtCp: `data index` rejects them).
+LUMA_WEIGHTS = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722), "fcc": (0.30, 0.11), "smpte240m": (0.212, 0.087),
+                "bt2020": (0.2627, 0.0593)}
+_MATRIX_NAMES = {1: "bt709", 4: "fcc", 7: "smpte240m", 9: "bt2020"}
+
+
+def yuv_matrix(colorspace: int, is_rgb: bool) -> str:
+    """The name (LUMA_WEIGHTS) of the matrix a frame of FFmpeg colorspace `colorspace` converts to RGB with; "bt601"
+    for an RGB frame (`is_rgb`: no matrix, so nothing for `matrix_fix` to change)."""
+    return "bt601" if is_rgb else _MATRIX_NAMES.get(colorspace, "bt601")
+
+
+def _rgb_to_ycbcr(matrix: str) -> np.ndarray:
+    kr, kb = LUMA_WEIGHTS[matrix]
+    kg = 1.0 - kr - kb
+    return np.array([[kr, kg, kb],
+                     [-kr / (2 * (1 - kb)), -kg / (2 * (1 - kb)), 0.5],
+                     [0.5, -kg / (2 * (1 - kr)), -kb / (2 * (1 - kr))]])
+
+
+def matrix_fix(matrix: str) -> np.ndarray:
+    """float32 [3, 3] M with rgb = M @ rgb_601: the RGB of YUV converted with `matrix` from its RGB converted with
+    BT.601 (both from the same Y'CbCr, in the same range: the offsets and range scales cancel). Identity for
+    BT.601 (exactly: such a clip's bits are the graph's without the map); a grey stays grey under any M."""
+    if matrix == "bt601":
+        return np.eye(3, dtype=np.float32)
+    return (np.linalg.inv(_rgb_to_ycbcr(matrix)) @ _rgb_to_ycbcr("bt601")).astype(np.float32)
 
 
 def stored_box(box: tuple[int, int, int, int], turns: int, h: int, w: int) -> tuple[int, int, int, int]:

@@ -377,3 +377,22 @@ def test_dali_gpu_decodes_the_frames_pyav_decodes(path):
     d = dali_frames(path, idx, device="cuda")
     same = Augment()
     assert psnr(apply_augment(d, same, 288), apply_augment(pyav_frames(path, idx), same, 288)) >= 40
+
+
+def test_a_clean_manifests_variable_rate_clip_is_planned_without_decoding_a_frame(monkeypatch, synth):
+    """A clean manifest's variable-frame-rate clip is planned from a demux pass; its rotation and colour matrix are
+    the manifest's, so no frame is decoded for them (each epoch, per clip: the matrix read as a default was)."""
+    from videoprism.data.dali_pipeline import clip_plan
+    from videoprism.data.manifest import read_manifest
+
+    samples, _ = read_manifest(os.path.join(synth, "train.jsonl"))
+    s = samples[0]
+    probe = {"codec": "vp9", "frames": 8, "fps": 8.0, "width": 36, "height": 36, "cfr": False, "rotation": 0,
+             "matrix": "bt709"}
+    vfr = type(s)(**{**s.__dict__, "probe": probe})
+
+    def no_decode(*a, **k):
+        raise AssertionError("a frame was decoded")
+
+    monkeypatch.setattr(PyAVClip, "_frames", no_decode)
+    assert clip_plan(vfr, 4)[4:] == (0, "bt709")

@@ -106,7 +106,8 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, s
     with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
         return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
-                quarter_turns(p["rotation"] if "rotation" in p else clip.rotation), p.get("matrix", clip.matrix))
+                quarter_turns(p["rotation"] if "rotation" in p else clip.rotation),
+                p["matrix"] if "matrix" in p else clip.matrix)
 
 
 class DaliClips:

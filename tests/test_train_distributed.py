@@ -53,10 +53,11 @@ def losses(out: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-def assert_whole_run_matches(out: str, ref: str, tol: float = 1e-5) -> None:
-    """The run in `out` logged all 10 steps of the reference run `ref`, each loss within `tol` of the reference's."""
+def assert_whole_run_matches(out: str, ref: str, tol: float = 1e-5, steps: int = 10) -> None:
+    """The run in `out` logged the first `steps` steps of the reference run `ref` (all 10), each loss within `tol` of
+    the reference's."""
     want, got = losses(ref), losses(out)
-    assert sorted(got) == list(range(1, 11))
+    assert sorted(got) == list(range(1, steps + 1))
     for step in got:
         assert abs(got[step] - want[step]) <= tol, (step, got[step], want[step])
 
@@ -291,10 +292,25 @@ def test_a_rank_whose_view_of_out_dir_lags_resumes_from_rank_0s_checkpoint(tmp_p
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "resumed from" in r.stdout and "step_00000004" in r.stdout
-    ref, got = losses(refs[1]), losses(out)
-    assert sorted(got) == list(range(1, 7))
-    for step in got:
-        assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
+    assert_whole_run_matches(out, refs[1], steps=6)
+
+
+def test_a_rank_file_damaged_for_one_rank_takes_every_rank_back_under_auto_resume(tmp_path, refs):
+    """--auto-resume on 2 ranks whose latest checkpoint has rank 1's file cut short: rank 1 alone reads that file,
+    and alone would go back to the checkpoint before it while rank 0 trained on (or stop the run). Every rank goes
+    back to that one, the damaged one is renamed out of the way, and the run has the uninterrupted run's losses."""
+    out = str(tmp_path)
+    args = ("train.steps=4", "checkpoint.interval=2", "checkpoint.export=false")
+    run(1, out, *args, nproc=2)
+    root = os.path.join(out, "checkpoints")
+    with open(os.path.join(root, "step_00000004", "rank1.pt"), "r+b") as fh:
+        fh.truncate(100)
+    stdout = run(1, out, *args[1:], "train.steps=6", "--auto-resume", nproc=2)
+    assert (f"--auto-resume: the damaged checkpoint {root}/step_00000004 (rank1.pt: rank 1: RuntimeError: " in stdout
+            and f"going back to {root}/step_00000002, the newest checkpoint that loads (steps 3-4 are trained again)"
+            in stdout and f"resumed from {root}/step_00000002 at step 2" in stdout), stdout[-3000:]
+    assert os.path.isdir(os.path.join(root, "step_00000004.abandoned"))
+    assert_whole_run_matches(out, refs[1], steps=6)
 
 
 def test_an_srun_step_of_separate_runs_is_refused(monkeypatch):

@@ -453,35 +453,42 @@ def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, capsys
     assert ckpt.read_rank_state(ckpt.latest(str(root)), 0)["data"] == trainer.data.state_dict()
 
 
+# A checkpoint's files, lost (the rank file, DCP's metadata) or cut short (those, or the tensors).
+DAMAGES = ["rank_file", "metadata", "metadata_cut", "rank_file_cut", "tensors_cut"]
+
+
 def damage_file(folder, damage: str) -> None:
-    """Damage a checkpoint: its rank file or DCP's metadata lost, or the metadata cut short."""
-    if damage == "metadata_cut":
-        with open(folder / ".metadata", "r+b") as fh:
+    """Damage a checkpoint written by one rank: one of DAMAGES."""
+    name = {"rank_file": "rank0.pt", "metadata": ".metadata", "tensors": "__0_0.distcp"}[damage.removesuffix("_cut")]
+    if damage.endswith("_cut"):
+        with open(folder / name, "r+b") as fh:
             fh.truncate(100)
     else:
-        os.remove(folder / ("rank0.pt" if damage == "rank_file" else ".metadata"))
+        os.remove(folder / name)
 
 
-@pytest.mark.parametrize("damage", ["rank_file", "metadata", "metadata_cut"])
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_path, damage, caplog):
-    """A latest checkpoint damaged after it was written (a file lost) stops --resume / --auto-resume with one line
+    """A latest checkpoint damaged after it was written (a file lost) stops --resume with one line
     naming the complete checkpoint before it: the fix said "resume from the run's out_dir (its latest complete
     checkpoint)", the damaged one again (a requeued job failed the same way each time), or "an earlier
     checkpoints/step_* folder" without naming one. Resumed from it, the damaged one is renamed out of the way
     and keep=2 deletes no good one. A lost or cut .metadata came after two warnings of DCP's with a traceback each
-    (on the root logger: the console) and blamed a config change first; it is named as the damaged file."""
+    (on the root logger: the console) and blamed a config change first; it is named as the damaged file.
+    (--auto-resume goes back itself: test_auto_resume_goes_back_past_a_damaged_latest_checkpoint.)"""
     from videoprism.train import checkpoint as ckpt
 
     args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=3")
     make_trainer(tmp_path, *args).fit()
     root = tmp_path / "checkpoints"
     damage_file(root / "step_00000003", damage)
-    with pytest.raises((FileNotFoundError, ckpt.CheckpointReadError)) as err:  # both: one line, exit status 2
-        make_trainer(tmp_path, *args).resume(str(tmp_path), if_any=True)
     previous = str(root / "step_00000002")
-    msg = str(err.value)
-    assert "\n" not in msg and str(root / "step_00000003") in msg and msg.endswith(f"--resume {previous}")
-    assert not [r for r in caplog.records if r.exc_info] and ("metadata" not in damage or "(.metadata: " in msg)
+    for named in (tmp_path, root / "step_00000003"):  # --resume OUT_DIR (its latest), --resume STEP
+        with pytest.raises(ckpt.CheckpointReadError) as err:  # a ValueError: one line, exit status 2
+            make_trainer(tmp_path, *args).resume(str(named))
+        msg = str(err.value)
+        assert "\n" not in msg and str(root / "step_00000003") in msg and msg.endswith(f"--resume {previous}")
+        assert not [r for r in caplog.records if r.exc_info] and ("metadata" not in damage or "(.metadata: " in msg)
     trainer = make_trainer(tmp_path, *args)
     trainer.resume(previous)
     trainer.fit()
@@ -489,6 +496,85 @@ def test_a_damaged_latest_checkpoint_is_refused_naming_the_one_before_it(tmp_pat
     trainer = make_trainer(tmp_path, *args)
     trainer.resume(str(tmp_path), if_any=True)  # the next requeue goes on from the new step 3
     assert trainer.step == 3
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_auto_resume_goes_back_past_a_damaged_latest_checkpoint(tmp_path, damage, capsys):
+    """--auto-resume (a requeued job, no one watching) of a run whose latest checkpoint is damaged failed on every
+    requeue with the line naming the one before it. It goes back to that one, says so in one line, renames the
+    damaged one out of the way and saves that step again, with the losses of the uninterrupted run."""
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=5", "optim.decay=cosine")
+    make_trainer(tmp_path / "ref", *args).fit()
+    run = tmp_path / "run"
+    root, damaged, previous = run / "checkpoints", run / "checkpoints" / "step_00000003", \
+        run / "checkpoints" / "step_00000002"
+    with pytest.raises(Preempted):  # a notice in step 3: checkpoints 2 and 3 kept
+        make_trainer(run, *args, data=SignalAt(2, signal.SIGTERM)).fit()
+    damage_file(damaged, damage)
+    capsys.readouterr()
+    trainer = make_trainer(run, *args, data=SignalAt(2, signal.SIGTERM))
+    trainer.resume(str(run), if_any=True)
+    out = capsys.readouterr().out.splitlines()
+    assert trainer.step == 2 and trainer.resumed_from == str(previous)
+    assert len(out) == 2 and out[0].startswith(f"--auto-resume: the damaged checkpoint {damaged} ("), out
+    assert out[0].endswith(f") does not load: going back to {previous}, the newest checkpoint that loads (step 3 is "
+                           f"trained again); renamed out of the way: {damaged}.abandoned")
+    assert out[1] == f"resumed from {previous} at step 2"
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003.abandoned"]
+    with pytest.raises(Preempted):  # stopped again after step 3: its checkpoint written anew
+        trainer.fit()
+    assert [s for s, _ in ckpt.step_dirs(str(root))] == [2, 3]
+    resumed_equals_uninterrupted(make_trainer(run, *args), tmp_path / "ref", run, auto=True)
+
+
+@pytest.mark.parametrize("cause", ["config", "versions", "rng", "permissions", "memory"])
+def test_auto_resume_does_not_go_back_past_a_checkpoint_that_is_not_damaged(tmp_path, monkeypatch, cause):
+    """A latest checkpoint that does not load for a cause its earlier ones share, or the user's to fix (another model
+    config, a torch that wrote formats this one does not read, a permission denied, memory), stops --auto-resume with
+    its one line as under --resume: going back would fail alike, or lose steps to a typo. Nothing is renamed."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=3")
+    make_trainer(tmp_path, *args).fit()
+    root = tmp_path / "checkpoints"
+    if cause in ("versions", "rng"):
+        written_by_other_versions(root / "step_00000003", "metadata" if cause == "versions" else "rng")
+    elif cause in ("permissions", "memory"):
+        def fail(*a, **k):
+            raise PermissionError(13, "Permission denied") if cause == "permissions" else torch.OutOfMemoryError()
+
+        monkeypatch.setattr(fs.FileSystemReader, "read_data", fail)
+    with pytest.raises(ckpt.CheckpointReadError) as err:
+        make_trainer(tmp_path, *args, *(["model.mlp_dim=48"] if cause == "config" else [])).resume(str(tmp_path),
+                                                                                                 if_any=True)
+    msg = str(err.value)
+    assert not isinstance(err.value, ckpt.DamagedCheckpointError) and "\n" not in msg
+    assert msg.startswith(f"checkpoint {root / 'step_00000003'}")
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
+
+
+def test_auto_resume_with_no_checkpoint_that_loads_says_so(tmp_path):
+    """Every checkpoint damaged: --auto-resume stops with one line naming each and why, and renames none (the next
+    requeue must not start afresh over them)."""
+    from videoprism.train import checkpoint as ckpt
+
+    args = ("train.compile=false", "checkpoint.interval=1", "checkpoint.keep=2", "train.steps=2")
+    make_trainer(tmp_path, *args).fit()
+    root = tmp_path / "checkpoints"
+    damage_file(root / "step_00000002", "tensors_cut")
+    damage_file(root / "step_00000001", "metadata")
+    with pytest.raises(ckpt.CheckpointReadError) as err:
+        make_trainer(tmp_path, *args).resume(str(tmp_path), if_any=True)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"--auto-resume: no checkpoint under {root} loads, each is damaged: "
+                                              f"{root / 'step_00000002'} (its .distcp files: rank 0: EOFError")
+    assert f"; {root / 'step_00000001'} (.metadata: rank 0: FileNotFoundError" in msg
+    assert msg.endswith("restore the files, or start over with --overwrite instead of --auto-resume")
+    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002"]
 
 
 @pytest.mark.parametrize("cut", ["save", "load"])
@@ -571,10 +657,10 @@ def _slow_disk(monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(fs, "_write_item", slow_write)
 
 
-def resumed_equals_uninterrupted(trainer: Trainer, ref, run) -> None:
-    """`trainer` resumed from `run`'s latest checkpoint and trained to the end gives the 5 steps' losses of the
-    uninterrupted run `ref`."""
-    trainer.resume(str(run))
+def resumed_equals_uninterrupted(trainer: Trainer, ref, run, auto: bool = False) -> None:
+    """`trainer` resumed from `run`'s latest checkpoint (`auto`: as --auto-resume) and trained to the end gives the 5
+    steps' losses of the uninterrupted run `ref`."""
+    trainer.resume(str(run), if_any=auto)
     trainer.fit()
     want, got = run_losses(ref), run_losses(run)
     assert sorted(got) == [1, 2, 3, 4, 5]
@@ -1288,9 +1374,7 @@ def test_a_damaged_checkpoint_exports_as_one_line_naming_the_one_before_it(tmp_p
 
     make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=1").fit()
     step2 = tmp_path / "checkpoints" / "step_00000002"
-    name = {"rank_file_cut": "rank0.pt", "metadata_cut": ".metadata", "tensors_cut": "__0_0.distcp"}[damage]
-    with open(step2 / name, "r+b") as fh:
-        fh.truncate(100)
+    damage_file(step2, damage)
     capsys.readouterr()
     assert main(["export", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -1370,6 +1454,18 @@ def test_a_rank_file_another_numpy_wrote_resumes_and_exports(tmp_path, capsys, c
     assert main(["export", str(step1), "--out", str(tmp_path / "m.safetensors")]) == 0, capsys.readouterr().err
 
 
+def written_by_other_versions(folder, part: str) -> None:
+    """The checkpoint `folder` (one rank's) as torch 9.9.0 wrote it, in a format this torch does not read: its RNG
+    states (`part` "rng") or its DCP metadata ("metadata")."""
+    state = torch.load(folder / "rank0.pt", weights_only=True)
+    state["versions"] = dict(state["versions"], torch="9.9.0")
+    if part == "rng":
+        state["rng"]["torch"] = state["rng"]["torch"][:100].clone()
+    else:
+        damage_file(folder, "metadata_cut")
+    torch.save(state, folder / "rank0.pt")
+
+
 @pytest.mark.parametrize("part", ["rng", "metadata"])
 def test_a_checkpoint_of_other_versions_that_does_not_load_names_them_and_the_fix(tmp_path, part):
     """A checkpoint that torch or numpy of another version wrote in a format this one does not read: an RNG state
@@ -1381,14 +1477,7 @@ def test_a_checkpoint_of_other_versions_that_does_not_load_names_them_and_the_fi
     args = ("train.compile=false", "train.steps=1", "checkpoint.interval=1")
     make_trainer(tmp_path, *args).fit()
     step1 = tmp_path / "checkpoints" / "step_00000001"
-    state = torch.load(step1 / "rank0.pt", weights_only=True)
-    state["versions"] = dict(state["versions"], torch="9.9.0")
-    if part == "rng":
-        state["rng"]["torch"] = state["rng"]["torch"][:100].clone()
-    else:
-        with open(step1 / ".metadata", "r+b") as fh:
-            fh.truncate(100)
-    torch.save(state, step1 / "rank0.pt")
+    written_by_other_versions(step1, part)
     with pytest.raises(ckpt.CheckpointReadError) as err:  # a ValueError: one line, exit status 2
         make_trainer(tmp_path, *args).resume(str(step1))
     msg = str(err.value)

@@ -98,6 +98,16 @@ class CheckpointReadError(ValueError):
     """A checkpoint does not load into this run (another model config, a damaged file)."""
 
 
+class DamagedCheckpointError(CheckpointReadError):
+    """A checkpoint whose files are lost, cut or garbled (`reason`: which, and each rank's error), where a checkpoint
+    written before it may load: `--auto-resume` goes back to one (Trainer.resume). Not raised where the cause may be
+    another config, other versions, or the machine (permissions, memory), which would stop every earlier one alike."""
+
+    def __init__(self, message: str, reason: str = ""):  # a default: unpickled (on_main_rank) from args and __dict__
+        super().__init__(message)
+        self.reason = reason
+
+
 def _rank_errors(e: BaseException) -> dict[int, BaseException]:
     """The error of each failing rank: DCP's CheckpointException (a BaseException) carries one
     per rank, with a traceback each; any other error is this rank's."""
@@ -114,6 +124,16 @@ def interrupt(e: BaseException) -> None:
 
 # What a checkpoint whose files are cut or garbled raises from DCP's load (each rank's error wrapped) or torch.load.
 LOAD_ERRORS = (CheckpointException, RuntimeError, EOFError, pickle.UnpicklingError)
+# Of those, and of what unpickling garbage raises, the errors of a file that is there and whole: the machine failed
+# (memory, the process group) or denies it (permissions, a failing disk: every OSError but a lost file's).
+_NOT_DAMAGE = (OSError, MemoryError, torch.OutOfMemoryError, dist.DistError)
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Every rank's error in `e` is what reading a lost, cut or garbled file raises (not an interrupt, nor _NOT_DAMAGE):
+    a checkpoint written before it, whose files are others, may load."""
+    return all(isinstance(x, FileNotFoundError) or isinstance(x, Exception) and not isinstance(x, _NOT_DAMAGE)
+               for x in _rank_errors(e).values())
 
 
 def _failures(e: BaseException) -> str:
@@ -394,14 +414,16 @@ def written_ranks(path: str) -> int:
     """How many ranks wrote the checkpoint at `path` (its rank<r>.pt files, r = 0..n-1)."""
     ranks = sorted(int(m.group(1)) for m in map(re.compile(r"rank(\d+)\.pt").fullmatch, os.listdir(path)) if m)
     if not ranks or ranks != list(range(len(ranks))):
-        raise FileNotFoundError(f"checkpoint {path!r} is incomplete (rank files {ranks or 'none'}): {_earlier(path)}")
+        # A folder is renamed into place once every rank wrote its file: one is lost.
+        found = f"incomplete: rank files {ranks}" if ranks else "incomplete: no rank file"
+        raise DamagedCheckpointError(f"checkpoint {path!r} is {found}: {_earlier(path)}", found)
     return len(ranks)
 
 
 def _earlier(path: str, use: str = "resume") -> str:
     """The fix for a checkpoint that does not load: the complete one before it, named, to `use` ("resume" or
-    "export"). While the damaged one is the latest, `--resume OUT_DIR` and `--auto-resume` take it again; resumed
-    from the one before, the run renames it out of the way (`retire`)."""
+    "export"). While the damaged one is the latest, `--resume OUT_DIR` takes it again (`--auto-resume` goes back
+    itself: Trainer.resume); resumed from the one before, the run renames it out of the way (`retire`)."""
     before = [p for s, p in step_dirs(os.path.dirname(path.rstrip("/"))) if s < step_of(path)]
     if use == "export":
         return (f"export the checkpoint before it, videoprism export {before[-1]}" if before else
@@ -456,11 +478,12 @@ def restore_rng(path: str, rank: int, state: dict) -> None:
 
 def damaged(path: str, what: str, e: BaseException, use: str = "resume") -> CheckpointReadError:
     """The error of the checkpoint at `path` whose file(s) `what` do not read (`e`), with the fix for `use` (and
-    first, when other torch or numpy versions wrote it, that fix: the likelier cause)."""
-    note = other_versions(path)
-    return CheckpointReadError(f"checkpoint {path} does not load ({what}: {_failures(e)}): "
-                               + (f"{note}; if not that, a damaged file; " if note else "a damaged file; ")
-                               + _earlier(path, use))
+    first, when other torch or numpy versions wrote it, that fix: the likelier cause). A DamagedCheckpointError
+    unless that, or `e` is not a damaged file's (_is_damage: a permission denied)."""
+    note, reason = other_versions(path), f"{what}: {_failures(e)}"
+    message = (f"checkpoint {path} does not load ({reason}): "
+               + (f"{note}; if not that, a damaged file; " if note else "a damaged file; ") + _earlier(path, use))
+    return DamagedCheckpointError(message, reason) if _is_damage(e) and not note else CheckpointReadError(message)
 
 
 def read_rank_state(path: str, rank: int, use: str = "resume") -> dict:
@@ -519,7 +542,9 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         else:
             cause = "the same config as the run that wrote it, so not a config change"
         note = other_versions(path)
-        raise CheckpointReadError(
-            f"checkpoint {path} does not load into this run ({_failures(e)}); " + (f"{note}; " if note else "")
-            + f"a size mismatch or a missing key: {cause}; a damaged file: {_earlier(path)}") from e
+        message = (f"checkpoint {path} does not load into this run ({_failures(e)}); " + (f"{note}; " if note else "")
+                   + f"a size mismatch or a missing key: {cause}; a damaged file: {_earlier(path)}")
+        if differences == [] and not note and _is_damage(e):  # the writer's config and versions: its files changed
+            raise DamagedCheckpointError(message, f"its .distcp files: {_failures(e)}") from e
+        raise CheckpointReadError(message) from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

@@ -29,8 +29,8 @@ from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inpu
 from videoprism.train.data import parse_datasets
 from videoprism.train.metrics import VAL_REJECT, MetricsLogger, peak_memory_gb, plot_curves, recorded_rejects
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
-from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, grad_sync, hsdp_groups, on_main_rank,
-                                      parallelize, shard_layout)
+from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, gather_objects, grad_sync, hsdp_groups,
+                                      on_main_rank, parallelize, shard_layout)
 from videoprism.train.preemption import Preempted, PreemptionNotice, stopping
 from videoprism.train.run_folder import check_out_dir, export_path, run_folder, same_folder
 
@@ -112,6 +112,20 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
         ckpt.find(resume.path, required=True)
 
 
+def check_every_rank_sees(path: str, target: str | None, own: str | None, dist_: Dist) -> None:
+    """Every rank checks rank 0's pick `target` (under `path`, what --resume named) against its own view (`own`, its
+    latest; None: not asked): rank 0 may be the node that lags (it would start at step 0, or load an older step, while
+    the others see a newer checkpoint), or another node may not see it. Collective."""
+    missing = target is not None and not os.path.isdir(target)
+    newer = own is not None and (target is None or ckpt.step_of(own) > ckpt.step_of(target))
+    missing, newer = all_reduce_max([int(missing), int(newer)], dist_)
+    if missing or newer:
+        picked = f"rank 0 resumes from {target}" if target is not None else "rank 0 sees no checkpoint"
+        raise FileNotFoundError(f"--resume under {path!r}: {picked} and some ranks "
+                                f"{'do not see it' if missing else 'see a newer one'}; train.out_dir must be "
+                                "one folder that every node sees alike")
+
+
 @contextlib.contextmanager
 def stopping_before_training(cfg: Config, dist_: Dist):
     """Startup (the teacher, the model, data.cache's decode of a whole manifest, the resume's load): a
@@ -166,25 +180,69 @@ class Trainer:
                                            "export": self.task.export_spec}, wait=wait)
 
     def resume(self, path: str, *, if_any: bool = False) -> None:
-        """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any`: start at
-        step 0 when there is none yet, as every rank must: they decide together (a shared file
-        system whose nodes see different folders would otherwise split the run)."""
+        """`path`: a run's out_dir (its latest checkpoint) or a step_* folder. `if_any` (--auto-resume): start at
+        step 0 when there is none yet, as every rank must: they decide together (a shared file system whose nodes
+        see different folders would otherwise split the run); and go back past a damaged latest checkpoint
+        (`_load_or_earlier`)."""
         # Rank 0 picks the checkpoint and every rank loads that one: ranks that each listed the folder could pick
         # different steps (a node whose view of a shared file system lags) and train on a mix of two checkpoints.
-        # Every rank checks rank 0's pick against its own view: rank 0 may be the node that lags (it would
-        # start at step 0, or load an older step, while the others see a newer checkpoint).
         own = ckpt.find(path, required=False)
         target = on_main_rank(lambda: own if own is not None or if_any else ckpt.find(path, required=True))
-        missing = target is not None and not os.path.isdir(target)
-        newer = own is not None and (target is None or ckpt.step_of(own) > ckpt.step_of(target))
-        missing, newer = all_reduce_max([int(missing), int(newer)], self.dist)
-        if missing or newer:
-            picked = f"rank 0 resumes from {target}" if target is not None else "rank 0 sees no checkpoint"
-            raise FileNotFoundError(f"--resume under {path!r}: {picked} and some ranks "
-                                    f"{'do not see it' if missing else 'see a newer one'}; train.out_dir must be "
-                                    "one folder that every node sees alike")
+        check_every_rank_sees(path, target, own, self.dist)
         if target is None:
             return
+        # A damaged checkpoint that --resume names (or finds the latest) stops the run: its error names the fix.
+        written = self._load_or_earlier(path, target) if if_any else self._load(target)
+        if self.dist.main:
+            moved = f" (written by {written} ranks, resumed on {self.dist.world})" if written != self.dist.world else ""
+            print(f"resumed from {self.resumed_from} at step {self.step}{moved}")
+
+    def _load_or_earlier(self, path: str, target: str) -> int:
+        """--auto-resume (a requeued job, no one watching): `target`, or when its files are lost, cut or garbled
+        (DamagedCheckpointError on any rank), the newest earlier checkpoint that loads; the damaged ones renamed out
+        of the way (`retire`: the run saves their steps again, keep-latest-k does not count them) and said in one
+        line. Another error (another config, other versions, permissions, memory) would stop every earlier
+        checkpoint alike, or hide the user's mistake behind lost steps: it stops the run, as under --resume. Returns
+        the number of ranks that wrote the one loaded."""
+        root, damaged = os.path.dirname(target.rstrip("/")), []
+        while True:
+            reason = None
+            try:
+                written = self._load(target)
+            except ckpt.DamagedCheckpointError as e:
+                reason = e.reason
+            # Every rank goes back when one found it damaged (its own rank file): the ranks that loaded it would go on
+            # into training while that one loads an earlier checkpoint, and their collectives would cross.
+            reasons = [r for r in gather_objects(reason, self.dist) if r is not None]
+            if not reasons:
+                break
+            damaged.append((target, reasons[0]))
+            before = on_main_rank(lambda: [p for s, p in ckpt.step_dirs(root) if s < ckpt.step_of(target)])
+            if not before:
+                raise ckpt.CheckpointReadError(
+                    f"--auto-resume: no checkpoint under {root} loads, each is damaged: {self._said(damaged)}; "
+                    "restore the files, or start over with --overwrite instead of --auto-resume")
+            target = before[-1]
+            check_every_rank_sees(path, target, None, self.dist)
+        if damaged:
+            retired = ckpt.retire(root, self.step + 1)  # the damaged ones: rank 0 listed no other after `target`
+            latest = ckpt.step_of(damaged[0][0])
+            redo = f"step {latest} is" if latest == self.step + 1 else f"steps {self.step + 1}-{latest} are"
+            if self.dist.main:
+                which = "checkpoint {} does" if len(damaged) == 1 else "checkpoints {} do"
+                print(f"--auto-resume: the damaged {which.format(self._said(damaged))} not load: going back to "
+                      f"{target}, the newest checkpoint that loads ({redo} trained again); renamed out of the way: "
+                      f"{', '.join(retired)}", flush=True)
+        return written
+
+    @staticmethod
+    def _said(damaged: list[tuple[str, str]]) -> str:
+        """Damaged checkpoints and why, on one line."""
+        return "; ".join(f"{path} ({reason})" for path, reason in damaged)
+
+    def _load(self, target: str) -> int:
+        """Load the checkpoint `target` into the model, the optimizer, the data and the RNGs; returns the number of
+        ranks that wrote it. Collective."""
         self.resumed_config = run_config_path(target)
         try:
             with open(self.resumed_config, encoding="utf-8") as fh:
@@ -214,9 +272,7 @@ class Trainer:
             ckpt.restore_rng(target, d.rank, own["rng"])
         self.step, self.nonfinite = state["step"], state["nonfinite"]
         self.resumed_from, self.resumed_step = target, self.step
-        if d.main:
-            moved = f" (written by {written} ranks, resumed on {d.world})" if written != d.world else ""
-            print(f"resumed from {target} at step {self.step}{moved}")
+        return written
 
     def _check_data_state(self, saved: dict, target: str) -> None:
         """The checkpoint's data position is of this run's kind of source (a manifest's loaders, data.cache's decoded

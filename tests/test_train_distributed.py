@@ -295,18 +295,27 @@ def test_a_rank_whose_view_of_out_dir_lags_resumes_from_rank_0s_checkpoint(tmp_p
     assert_whole_run_matches(out, refs[1], steps=6)
 
 
-def test_a_rank_file_damaged_for_one_rank_takes_every_rank_back_under_auto_resume(tmp_path, refs):
+@pytest.mark.parametrize("damage", ["cut", "lost"])
+def test_a_rank_file_damaged_for_one_rank_takes_every_rank_back_under_auto_resume(tmp_path, refs, damage):
     """--auto-resume on 2 ranks whose latest checkpoint has rank 1's file cut short: rank 1 alone reads that file,
     and alone would go back to the checkpoint before it while rank 0 trained on (or stop the run). Every rank goes
-    back to that one, the damaged one is renamed out of the way, and the run has the uninterrupted run's losses."""
+    back to that one, the damaged one is renamed out of the way, and the run has the uninterrupted run's losses.
+    Lost, the last rank's file made the checkpoint read as one of 1 rank: resumed "(written by 1 ranks, resumed on
+    2)" without rank 1's data position and RNG states, or with a manifest's loader stopped on "data state 0 of 1
+    says rank 0 of 2"; it is damaged alike."""
     out = str(tmp_path)
     args = ("train.steps=4", "checkpoint.interval=2", "checkpoint.export=false")
     run(1, out, *args, nproc=2)
     root = os.path.join(out, "checkpoints")
-    with open(os.path.join(root, "step_00000004", "rank1.pt"), "r+b") as fh:
-        fh.truncate(100)
+    rank1 = os.path.join(root, "step_00000004", "rank1.pt")
+    if damage == "lost":
+        os.remove(rank1)
+    else:
+        with open(rank1, "r+b") as fh:
+            fh.truncate(100)
     stdout = run(1, out, *args[1:], "train.steps=6", "--auto-resume", nproc=2)
-    assert (f"--auto-resume: the damaged checkpoint {root}/step_00000004 (rank1.pt: rank 1: RuntimeError: " in stdout
+    why = "incomplete: rank1.pt lost (written by 2 ranks))" if damage == "lost" else "rank1.pt: rank 1: RuntimeError: "
+    assert (f"--auto-resume: the damaged checkpoint {root}/step_00000004 ({why}" in stdout
             and f"going back to {root}/step_00000002, the newest checkpoint that loads (steps 3-4 are trained again)"
             in stdout and f"resumed from {root}/step_00000002 at step 2" in stdout), stdout[-3000:]
     assert os.path.isdir(os.path.join(root, "step_00000004.abandoned"))

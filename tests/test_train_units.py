@@ -854,6 +854,46 @@ def _publish_on_two_ranks(rank, port, root, errors):
         dist.destroy_process_group()
 
 
+def _save_on_two_ranks(rank, port, root, errors):
+    """Checkpoints of steps 1 and 2, written by two gloo ranks."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters())
+        saver = ckpt.Saver(root, keep=2)
+        for step in (1, 2):
+            saver.save(step, model, opt, trainer_state={"step": step}, rank_state={"data": {"rank": rank}})
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_whose_last_rank_file_is_lost_is_damaged_not_one_of_fewer_ranks(tmp_path):
+    """The number of ranks that wrote a checkpoint was the count of its rank<r>.pt files: a 2-rank checkpoint whose
+    rank1.pt was lost loaded as a 1-rank one and resumed, resharded, without rank 1's data position and RNG states
+    ("written by 1 ranks"; a lost rank0.pt, or one in the middle, was caught). It is a DamagedCheckpointError naming
+    the lost file and the checkpoint before it; a checkpoint whose rank files do not record the number (written
+    before they did) counts them, as then."""
+    root = str(tmp_path)
+    alive, errors = _on_two_ranks(_save_on_two_ranks, root)
+    assert alive == [False, False] and not errors, dict(errors)
+    step1, step2 = (os.path.join(root, f"step_0000000{s}") for s in (1, 2))
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    assert ckpt.load(step2, model, opt, trainer_keys=["step"]) == ({"step": 2}, 2)
+    os.remove(os.path.join(step2, "rank1.pt"))
+    with pytest.raises(ckpt.DamagedCheckpointError) as err:  # what --auto-resume goes back past
+        ckpt.load(step2, model, opt, trainer_keys=["step"])
+    assert str(err.value) == (f"checkpoint {step2!r} is incomplete: rank1.pt lost (written by 2 ranks): resume from "
+                              f"the checkpoint before it, --resume {step1}")
+    legacy = os.path.join(step1, "rank0.pt")
+    torch.save({k: v for k, v in torch.load(legacy).items() if k != "world"}, legacy)
+    assert ckpt.load(step1, model, opt, trainer_keys=["step"]) == ({"step": 1}, 2)
+
+
 def _on_two_ranks(target, *args, start: str = "fork") -> tuple[list[bool], dict]:
     """Run `target(rank, port, *args, errors)` in two forked gloo ranks; (which were still alive after 60 s, and
     were killed: a rank left waiting in a collective), {rank: error text}). `start="spawn"` for ranks that compute

@@ -3,7 +3,7 @@
 Layout of `DIR/step_00000100/`: the DCP files of the sharded state (model, optimizer,
 step counters; FSDP2 shards are written by their owners, no rank gathers the full
 model), plus `rank<r>.pt` per rank with what differs between ranks (RNG states, data
-position).
+position) and the number of ranks that wrote the checkpoint (rank0.pt's is the one read).
 
 Atomicity: everything is written into `step_XXXXXXXX.tmp`, then rank 0 renames it to
 `step_XXXXXXXX` (an atomic rename on POSIX) after a barrier; an asynchronous save (`Saver`)
@@ -45,6 +45,7 @@ from videoprism.train.parallel import on_main_rank
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")  # a save being written, or one that did not finish
+_RANK_FILE = re.compile(r"rank(\d+)\.pt")
 
 
 def _distributed() -> bool:
@@ -53,6 +54,10 @@ def _distributed() -> bool:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _distributed() else 1
 
 
 def _save_synced(obj, path: str) -> None:
@@ -352,7 +357,8 @@ class Saver:
                  "trainer": {k: torch.tensor(v) for k, v in trainer_state.items()}}
         with _writing(tmp, self.root):
             os.makedirs(tmp, exist_ok=True)
-            _save_synced({**rank_state, "versions": versions()}, os.path.join(tmp, f"rank{_rank()}.pt"))
+            _save_synced({**rank_state, "versions": versions(), "world": _world()},
+                         os.path.join(tmp, f"rank{_rank()}.pt"))
             if self.async_save and not wait:
                 # Returns once the state is copied to host memory: the next update cannot reach it.
                 future = dcp.async_save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
@@ -411,13 +417,20 @@ class Saver:
 
 
 def written_ranks(path: str) -> int:
-    """How many ranks wrote the checkpoint at `path` (its rank<r>.pt files, r = 0..n-1)."""
-    ranks = sorted(int(m.group(1)) for m in map(re.compile(r"rank(\d+)\.pt").fullmatch, os.listdir(path)) if m)
-    if not ranks or ranks != list(range(len(ranks))):
+    """How many ranks wrote the checkpoint at `path`: the number rank0.pt records, once for the whole checkpoint. A
+    count of the rank<r>.pt files read one whose last files are lost as a checkpoint of fewer ranks, resumed
+    (resharded) without their data positions and RNG states. Of a checkpoint written before the rank files recorded
+    it: that count, r = 0..n-1 (a lost last file goes unseen there). Lost files: DamagedCheckpointError naming them."""
+    found = sorted(int(m.group(1)) for m in map(_RANK_FILE.fullmatch, os.listdir(path)) if m)
+    recorded = read_rank_state(path, 0).get("world") if 0 in found else None
+    ranks = recorded or max(found, default=0) + 1
+    lost = [r for r in range(ranks) if r not in found]
+    if lost:
         # A folder is renamed into place once every rank wrote its file: one is lost.
-        found = f"incomplete: rank files {ranks}" if ranks else "incomplete: no rank file"
-        raise DamagedCheckpointError(f"checkpoint {path!r} is {found}: {_earlier(path)}", found)
-    return len(ranks)
+        reason = (f"incomplete: {', '.join(f'rank{r}.pt' for r in lost)} lost"
+                  + (f" (written by {recorded} ranks)" if recorded else ""))
+        raise DamagedCheckpointError(f"checkpoint {path!r} is {reason}: {_earlier(path)}", reason)
+    return ranks
 
 
 def _earlier(path: str, use: str = "resume") -> str:

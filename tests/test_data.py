@@ -479,18 +479,21 @@ def test_a_shard_key_with_two_videos_or_a_shard_given_twice_is_refused(tmp_path,
     shard = str(tmp_path / "s.tar")
     with tarfile.open(shard, "w") as tar:
         for name in ("two.webm", "two.mkv", "a.b.webm", "a.c.webm", "p.preview.webm", "p.webm", "q.x.webm",
-                     "q.y.webm", "q.webm"):
+                     "q.y.webm", "q.webm", "t.b.webm", "t.c.webm"):
             tar.add(samples[0].path, arcname=name)
-        for key in ("two", "a", "p", "q"):
-            info = tarfile.TarInfo(f"{key}.txt")
+        # t's plain caption settles which of its two captions is meant, not which of its two videos (it did: t.b.webm
+        # was read, t.c.webm dropped without a word).
+        for key, field in (("two", "txt"), ("a", "txt"), ("p", "txt"), ("q", "txt"), ("t", "x.txt"), ("t", "txt")):
+            info = tarfile.TarInfo(f"{key}.{field}")
             info.size = len(key)
             tar.addfile(info, io.BytesIO(key.encode()))
     got, rejects = read_shards([shard], max_bad_share=1.0)
     assert sorted(g.caption for g in got) == ["p", "q"] and [g.member for g in got if g.caption == "p"] == ["p.webm"]
     assert dict(rejects) == {f"{shard}:two": "two.webm and two.mkv are both its video member; give each key one (a "
                                              "compound field such as KEY.preview.mp4 yields to the plain KEY.mp4)",
-                             f"{shard}:a": dict(rejects)[f"{shard}:a"]}
+                             f"{shard}:a": dict(rejects)[f"{shard}:a"], f"{shard}:t": dict(rejects)[f"{shard}:t"]}
     assert dict(rejects)[f"{shard}:a"].startswith("a.b.webm and a.c.webm are both its video member")
+    assert dict(rejects)[f"{shard}:t"].startswith("t.b.webm and t.c.webm are both its video member")
     again = os.path.join(str(tmp_path), "..", tmp_path.name, "s.tar")
     with pytest.raises(ValueError, match=f"shard '{re.escape(again)}' is given twice"):
         read_shards([shard, again])

@@ -500,14 +500,16 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                     plain = "." not in field
                     if slot is None:
                         continue
+                    # Per slot: a plain caption settles which of two compound captions is meant, not which video.
+                    twice = entry.setdefault("twice", {})
                     if slot in entry:
                         if plain == (slot in plain_slots.get(key, ())):  # two plain (or two compound) of a kind
-                            entry.setdefault("twice", f"{names[key, slot]} and {m.name} are both its {slot} member")
+                            twice.setdefault(slot, f"{names[key, slot]} and {m.name} are both its {slot} member")
                         if not plain or slot in plain_slots.get(key, ()):
                             continue
                     if plain:
                         if slot in entry:  # the plain member settles which of the compound ones was meant
-                            entry.pop("twice", None)
+                            twice.pop(slot, None)
                         plain_slots.setdefault(key, set()).add(slot)
                     names[key, slot] = m.name
                     entry[slot] = (m.offset_data, m.size, m.name) if slot == "video" else tar.extractfile(m).read()
@@ -534,8 +536,9 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
 
 
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
-    if "twice" in entry:  # which one is the sample's is not for the reader to guess
-        raise ValueError(f"{entry['twice']}; give each key one (a compound field such as KEY.preview.mp4 yields to "
+    twice = list(entry.get("twice", {}).values())
+    if twice:  # which one is the sample's is not for the reader to guess
+        raise ValueError(f"{twice[0]}; give each key one (a compound field such as KEY.preview.mp4 yields to "
                          "the plain KEY.mp4)")
     if "video" not in entry:
         raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")

@@ -9,6 +9,11 @@ frame 0 and holds them all.
 Bad files raise `BadVideoError` with one line naming the file and the reason. Traps handled: PyAV returns only the
 frames before a cut (a truncated file whose index sits at the start) without raising, so fewer decoded frames than
 targets is reported as "truncated".
+
+Images (JPEG, PNG, WebP: a manifest's image file or a shard's image member) are one-frame videos: FFmpeg's image
+demuxers give one frame at 25 fps. Its JPEG decoder returns the rows past a cut as flat green without an error, so
+an image's decoder is told to fail on damaged data (`err_detect=explode`): a half-written photo is rejected as
+truncated or corrupt, not trained on.
 """
 from __future__ import annotations
 
@@ -109,6 +114,11 @@ def _to_pts(seconds: float, time_base: Fraction) -> int:
     return int(np.ceil(Fraction(seconds).limit_denominator(1 << 20) / time_base - Fraction(1, 2)))
 
 
+def _is_image_demuxer(demuxer: str) -> bool:
+    """Whether FFmpeg's demuxer of a file is one of its image readers (image2, jpeg_pipe, png_pipe, webp_pipe, ...)."""
+    return demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe")
+
+
 def _name(src: Source, name: str | None) -> str:
     return name if name is not None else (src if isinstance(src, str) else "<bytes>")
 
@@ -134,8 +144,9 @@ class PyAVClip:
         try:
             self._container = self._open()
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
-            raise BadVideoError(self.name, f"not a video, or a truncated or corrupt one (cannot read the container: "
-                                           f"{_msg(e)})") from None
+            raise BadVideoError(self.name, f"not a video or an image, or a truncated or corrupt one (cannot read the "
+                                           f"container: {_msg(e)})") from None
+        self.image = _is_image_demuxer(self._container.format.name)
         try:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
@@ -162,7 +173,14 @@ class PyAVClip:
         stream = self._container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = self._threads
+        if self.image:  # a cut JPEG decodes without an error otherwise (the module docstring)
+            stream.codec_context.options = {"err_detect": "explode"}
         return stream
+
+    @property
+    def _corrupt(self) -> str:
+        """The start of the reason for data the decoder fails on."""
+        return "truncated or corrupt image" if self.image else "corrupt stream"
 
     def __enter__(self) -> "PyAVClip":
         return self
@@ -285,7 +303,7 @@ class PyAVClip:
                     return
                 yield picked
         except av.error.FFmpegError as e:
-            raise BadVideoError(self.name, f"corrupt stream (decoding failed: {_msg(e)})") from None
+            raise BadVideoError(self.name, f"{self._corrupt} (decoding failed: {_msg(e)})") from None
 
     def _frames_in_order(self, indices: list[int]):
         """As `_frames_at`, counting the frames the decoder outputs from the start of a fresh open: for
@@ -303,7 +321,7 @@ class PyAVClip:
                 for _ in range(wanted.get(i, 0)):
                     yield frame
         except av.error.FFmpegError as e:
-            raise BadVideoError(self.name, f"corrupt stream (decoding failed: {_msg(e)})") from None
+            raise BadVideoError(self.name, f"{self._corrupt} (decoding failed: {_msg(e)})") from None
 
     def _frames(self, indices: list[int], keep: bool = True):
         """The frames at `indices` (their count when not `keep`), by timestamp, else by count from the start."""

@@ -19,6 +19,7 @@ from videoprism.data.synth import generate  # noqa: E402
 from videoprism.data.transforms import Augment, apply_augment, uniform_indices  # noqa: E402
 
 from .test_data import H264, VP9, bad_vp9_files, needs_media, psnr, write_vp9  # noqa: E402
+from .test_data_images import assert_same_batches, make_images, write_manifest, write_shard  # noqa: E402
 
 
 def dali_frames(path, indices, device="cpu", box=None, size=None, flip=False):
@@ -105,6 +106,24 @@ def test_dali_loader_matches_pyav_loader_and_is_deterministic(synth):
         assert x["video"].shape == (4, 8, 36, 36, 3) and x["video"].dtype == torch.uint8
         assert torch.equal(x["video"], y["video"]) and torch.equal(x["index"], z["index"])
         assert psnr(x["video"], z["video"]) >= 35
+
+
+def test_dali_takes_image_members_of_a_shard_as_it_takes_a_manifests_images(tmp_path):
+    """Images are one-frame videos on the DALI path too, routed by codec whatever their source: JPEG (mjpeg, which
+    DALI's decoders take) to DALI, PNG and WebP to PyAV, for a shard's members as for a manifest's files."""
+    images = make_images(8)
+    sources = {"manifest": write_manifest(str(tmp_path), images), "shard": [write_shard(tmp_path / "i.tar", images)]}
+    batches, decoded = {}, {}
+    for name, source in sources.items():
+        loader = build_loader(source, num_frames=1, resolution=24, batch_size=4, train=True, seed=5, tokenizer=None,
+                              backend="dali")
+        batches[name] = list(loader)
+        decoded[name] = loader._dali.shapes.ok
+    assert_same_batches(batches["manifest"], batches["shard"])
+    assert decoded["shard"] == decoded["manifest"] == {("mjpeg", 40, 56): 2, ("mjpeg", 36, 64): 2}  # the 4 JPEGs
+    pyav = list(build_loader(sources["shard"], num_frames=1, resolution=24, batch_size=4, train=True, seed=5,
+                             tokenizer=None, backend="pyav"))
+    assert all(psnr(x["video"], y["video"]) >= 30 for x, y in zip(batches["shard"], pyav))
 
 
 def test_dali_loader_shards_and_resumes(synth):

@@ -1,17 +1,21 @@
-"""Images as one-frame videos (DESIGN 5): image files listed in a JSONL manifest, good and bad."""
+"""Images as one-frame videos (DESIGN 5): image members of WebDataset shards (key.jpg + key.txt [+ key.json], the
+format public image-text data ships in) against the oracle of the same images listed in a JSONL manifest."""
 from __future__ import annotations
 
 import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
+import torch
 
 av = pytest.importorskip("av", reason="PyAV decodes every image here (the GPU machines lack it)")
 
 from videoprism.cli import main  # noqa: E402
 from videoprism.data.loader import build_loader  # noqa: E402
+from videoprism.data.manifest import PROBE_FIELDS, read_manifest, read_shards  # noqa: E402
 
 # Encoder and pixel format per extension (a WebDataset member's kind is its extension, as a manifest file's is).
 ENCODERS = {".jpg": ("mjpeg", "yuvj420p"), ".png": ("png", "rgb24"), ".webp": ("libwebp", "yuv420p"),
@@ -58,10 +62,108 @@ def write_manifest(folder, images: list[dict]) -> str:
     return path
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shard(path, images: list[dict]) -> str:
+    """A WebDataset tar of the images: KEY.<ext>, KEY.txt (the caption), KEY.json (the label)."""
+    with tarfile.open(path, "w") as tar:
+        for im in images:
+            key = im["name"].split(".")[0]
+            add_member(tar, im["name"], im["data"])
+            add_member(tar, f"{key}.txt", im["caption"].encode())
+            add_member(tar, f"{key}.json", json.dumps({"label": im["label"]}).encode())
+    return str(path)
+
+
+@pytest.fixture
+def both(tmp_path):
+    """(manifest, shard) of the same 8 images."""
+    images = make_images(8)
+    return write_manifest(str(tmp_path), images), write_shard(tmp_path / "images-000.tar", images)
+
+
+def epochs(source, **kw) -> list[dict]:
+    args = dict(num_frames=1, resolution=24, batch_size=4, seed=5, tokenizer=None, backend="pyav")
+    return list(build_loader(source, **{**args, **kw}))
+
+
+def assert_same_batches(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert torch.equal(x["video"], y["video"]) and torch.equal(x["label"], y["label"])
+        assert x["caption"] == y["caption"] and torch.equal(x["index"], y["index"])
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_image_members_of_a_shard_load_as_the_manifest_lists_them(both, train):
+    """A shard of key.jpg/.png/.webp/.jpeg + key.txt was rejected key by key ("no video member"): each image is
+    now a one-frame video, and the loader gives the tensors of the same images listed in a manifest (training
+    crops and the evaluation transform)."""
+    manifest, shard = both
+    samples, rejects = read_shards([shard])
+    assert not rejects and [s.member for s in samples] == [os.path.basename(s.path) for s in read_manifest(manifest)[0]]
+    a, b = epochs(manifest, train=train), epochs([shard], train=train)
+    assert_same_batches(a, b)
+    assert b[0]["video"].shape == (4, 1, 24, 24, 3) and b[0]["video"].float().std() > 10  # real pixels
+    assert b[0]["path"][0].startswith(f"{shard}:")  # messages name the member
+
+
+def test_data_index_probes_image_members_as_manifest_images(both, tmp_path, capsys):
+    """`data index` (and its alias `validate`) over image shards writes the probe fields a manifest image gets, and
+    the clean manifest of byte ranges loads the same tensors."""
+    manifest, shard = both
+    clean = {}
+    for cmd, name, source in (("index", "shard", shard), ("validate", "manifest", manifest)):
+        clean[name] = str(tmp_path / "clean" / f"{name}.jsonl")
+        assert main(["data", cmd, source, "--out", clean[name], "--workers", "1", "--quiet"]) == 0
+        assert "8 of 8 samples kept" in capsys.readouterr().out
+    lines = {k: [json.loads(line) for line in open(p)] for k, p in clean.items()}
+    probes = {k: [{f: r[f] for f in PROBE_FIELDS} for r in recs] for k, recs in lines.items()}
+    assert probes["shard"] == probes["manifest"]
+    assert [p["codec"] for p in probes["shard"][:4]] == ["mjpeg", "png", "webp", "mjpeg"]
+    assert {(p["frames"], p["rotation"]) for p in probes["shard"]} == {(1, 0)}
+    assert {r["path"] for r in lines["shard"]} == {"../images-000.tar"}  # byte ranges of the shard, named
+    assert [r["member"] for r in lines["shard"]] == [os.path.basename(r["path"]) for r in lines["manifest"]]
+    assert_same_batches(epochs(clean["manifest"], train=True), epochs(clean["shard"], train=True))
+
+
+def test_a_key_with_a_video_and_an_image_is_its_video(tmp_path):
+    """The rule for a key with both: its video is the sample, the image (a thumbnail, as video datasets ship one
+    per clip) ignored, also two of them. Two images and no video are as ambiguous as two videos; a plain image
+    member wins over a compound one, as for videos."""
+    images = make_images(3)
+    clip = tmp_path / "clip.webm"
+    from videoprism.data.synth import encode
+
+    encode(np.zeros((4, 16, 16, 3), np.uint8), str(clip), "vp9", 8)
+    shard = str(tmp_path / "s.tar")
+    with tarfile.open(shard, "w") as tar:
+        add_member(tar, "v.jpg", images[0]["data"])  # the thumbnail first: the order in the tar does not matter
+        tar.add(clip, arcname="v.webm")
+        add_member(tar, "v.png", images[1]["data"])
+        add_member(tar, "two.jpg", images[0]["data"])
+        add_member(tar, "two.png", images[1]["data"])
+        add_member(tar, "p.small.jpg", images[0]["data"])
+        add_member(tar, "p.jpg", images[2]["data"])
+        for key in ("v", "two", "p"):
+            add_member(tar, f"{key}.txt", key.encode())
+    samples, rejects = read_shards([shard], max_bad_share=1.0)
+    assert {s.caption: s.member for s in samples} == {"v": "v.webm", "p": "p.jpg"}
+    assert rejects == [(f"{shard}:two", "two.jpg and two.png are both its image member; give each key one (a "
+                                        "compound field such as KEY.preview.mp4 yields to the plain KEY.mp4)")]
+    batch = next(iter(build_loader([shard], num_frames=4, resolution=16, batch_size=1, train=False, tokenizer=None,
+                                   backend="pyav", max_bad_share=1.0)))
+    assert batch["caption"] == ["v"] and batch["video"].shape == (1, 4, 16, 16, 3)  # the clip's 4 frames
+
+
 def bad_images(good_jpg: bytes, good_png: bytes) -> list[tuple[str, str, bytes, tuple[str, ...]]]:
     """(what, extension, the bytes, the reasons the loader may give) of bad image files. A non-image is "not a video
-    or an image" (FFmpeg finds no format in it) or, as a file, may fail at its decode (FFmpeg's image2 reader goes
-    by the extension)."""
+    or an image" as a member (FFmpeg finds no format in bytes) and may fail at its decode as a file (FFmpeg's image2
+    reader goes by the extension)."""
     return [("empty", ".jpg", b"", ("empty file (0 bytes)",)),
             ("cut JPEG", ".jpg", good_jpg[: len(good_jpg) // 2], ("truncated or corrupt image",)),
             ("cut PNG", ".png", good_png[: len(good_png) * 3 // 4], ("truncated or corrupt image",)),
@@ -69,21 +171,23 @@ def bad_images(good_jpg: bytes, good_png: bytes) -> list[tuple[str, str, bytes, 
              ("not a video or an image", "truncated or corrupt image"))]
 
 
-def test_bad_images_are_rejected_with_their_reason(tmp_path):
-    """Empty, cut (a JPEG cut in half decoded without an error, the rows past the cut flat green: it was trained on)
-    and non-image files listed in a manifest: skipped with their reason by the loader and by `data index`."""
+def test_bad_image_members_are_rejected_with_their_reason_as_manifest_images_are(tmp_path):
+    """Empty, cut (a JPEG cut in half decoded without an error, the rows past the cut flat green) and non-image
+    members, and the same files listed in a manifest: skipped with their reason by the loader and by `data index`."""
     images, bad = make_images(6), bad_images(*(im["data"] for im in make_images(2)))
     for i, (what, ext, data, _) in enumerate(bad):
         images[i] = dict(images[i], name=f"{i:04d}{ext}", data=data, caption=what)
-    manifest = write_manifest(str(tmp_path), images)
-    loader = build_loader(manifest, num_frames=1, resolution=16, batch_size=1, train=False, tokenizer=None,
-                          backend="pyav", max_bad_share=1.0)
-    assert [c for b in loader for c in b["caption"]] == [im["caption"] for im in images[len(bad):]]
-    rejects = loader.drain_rejects()
-    assert [os.path.basename(name) for name, _ in rejects] == [im["name"] for im in images[:len(bad)]]
-    assert all(reason.startswith(why) for (_, reason), (*_, why) in zip(rejects, bad)), rejects
+    manifest, shard = write_manifest(str(tmp_path), images), write_shard(tmp_path / "bad.tar", images)
+    for source in (manifest, [shard]):
+        loader = build_loader(source, num_frames=1, resolution=16, batch_size=1, train=False, tokenizer=None,
+                              backend="pyav", max_bad_share=1.0)
+        assert [c for b in loader for c in b["caption"]] == [im["caption"] for im in images[len(bad):]]
+        rejects = loader.drain_rejects()
+        names = [os.path.basename(name).split(":")[-1] for name, _ in rejects]  # a file, or a member of the tar
+        assert names == [im["name"] for im in images[:len(bad)]]
+        assert all(reason.startswith(why) for (_, reason), (*_, why) in zip(rejects, bad)), rejects
     out = str(tmp_path / "clean.jsonl")
-    assert main(["data", "index", manifest, "--out", out, "--workers", "1", "--quiet"]) == 0
+    assert main(["data", "index", shard, "--out", out, "--workers", "1", "--quiet"]) == 0
     report = [json.loads(line) for line in open(str(tmp_path / "clean.rejects.jsonl"))]
-    assert [r["path"] for r in report] == [str(tmp_path / im["name"]) for im in images[:len(bad)]]
+    assert [r["path"] for r in report] == [f"{shard}:{im['name']}" for im in images[:len(bad)]]
     assert all(r["reason"].startswith(why) for r, (*_, why) in zip(report, bad)), report

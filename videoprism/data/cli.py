@@ -104,8 +104,9 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("index", aliases=["validate"],
                        help="probe every file, write a clean manifest and a rejects report (alias: validate)",
-                       description="Probe every video of a JSONL manifest or of WebDataset .tar shards in parallel "
-                                   "(codec, frames, fps, size, duration; first frame and last GOP decoded) and write "
+                       description="Probe every video (or image: a one-frame video) of a JSONL manifest or of "
+                                   "WebDataset .tar shards in parallel (codec, frames, fps, size, duration; first "
+                                   "frame and last GOP decoded) and write "
                                    "a clean manifest with those fields plus a rejects report (one JSON line per bad "
                                    "file or manifest line: path and reason). Train on the clean manifest.")
     p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")

@@ -12,8 +12,10 @@ manifest from `index` also carries the probe fields (`codec`, `frames`, `fps`, `
 `rotation`, `matrix`).
 
 WebDataset shard: a tar whose members are grouped by key (the name up to the first "."): one video member (.mp4,
-.webm, .mkv, .avi, .mov, .m4v), a `.txt` caption (which only a reader that needs captions requires) and optionally
-a `.json` object with start/end/label/dataset.
+.webm, .mkv, .avi, .mov, .m4v) or one image member (.jpg, .jpeg, .png, .webp: a one-frame video, as an image file
+listed in a manifest is), a `.txt` caption (which only a reader that needs captions requires) and optionally a
+`.json` object with start/end/label/dataset. A key with both a video and an image member is its video: the image is
+taken for its thumbnail (video datasets ship one per clip) and ignored.
 
 Bad lines or members (bad JSON, missing path, empty or non-UTF-8 caption, ...) are skipped and reported; reading
 stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`.
@@ -37,6 +39,10 @@ from dataclasses import dataclass, field
 from .errors import BadSampleBudget, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
+# The image formats of public image-text shards; FFmpeg decodes each as a one-frame video (decode.py), as it does an
+# image file a manifest lists.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_MEDIA_SLOTS = ("video", "image")  # a shard key's sample is its video member, else its image member
 PROBE_FIELDS = ("codec", "frames", "fps", "width", "height", "duration", "cfr", "rotation", "matrix")
 _KNOWN_FIELDS = frozenset({"path", "caption", "dataset", "start", "end", "label", "offset", "size", "member",
                            *PROBE_FIELDS})  # the rest of a line is kept as `extra`
@@ -44,13 +50,13 @@ _KNOWN_FIELDS = frozenset({"path", "caption", "dataset", "start", "end", "label"
 
 @dataclass(frozen=True)
 class Sample:
-    path: str  # absolute path of the video file (or of the tar holding it)
+    path: str  # absolute path of the video or image file (or of the tar holding it)
     caption: str | None  # None: a video-only line (readers with captions=False)
     dataset: str = ""
     start: float | None = None
     end: float | None = None
     label: int | dict | None = None
-    offset: int | None = None  # byte range of the video inside `path` (WebDataset member)
+    offset: int | None = None  # byte range of the video or image inside `path` (WebDataset member)
     size: int | None = None
     member: str | None = None  # its name inside the tar, for messages
     probe: dict = field(default_factory=dict, compare=False)  # index fields of a clean manifest
@@ -72,7 +78,7 @@ class Sample:
             return f.read(self.size)
 
     def read_bytes(self) -> bytes:
-        """The encoded video (for decoders that take memory, like DALI)."""
+        """The encoded video or image (for decoders that take memory, like DALI)."""
         src = self.source()
         if isinstance(src, bytes):
             return src
@@ -495,12 +501,12 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                     # WebDataset keys end at the first dot, so "clip.v1.mp4" is key "clip", field "v1.mp4":
                     # the member's kind is its last extension. A plain field ("mp4") wins over a compound
                     # one ("preview.mp4") of the same kind, whichever comes first in the tar.
-                    ext = "." + field.rsplit(".", 1)[-1].lower()
-                    slot = "video" if ext in VIDEO_EXTENSIONS else ext if ext in (".txt", ".json") else None
+                    slot = _slot(field)
                     plain = "." not in field
                     if slot is None:
                         continue
-                    # Per slot: a plain caption settles which of two compound captions is meant, not which video.
+                    # Per slot: a plain caption settles which of two compound captions is meant, not which video;
+                    # two images beside the video that is the sample do not make the key ambiguous.
                     twice = entry.setdefault("twice", {})
                     if slot in entry:
                         if plain == (slot in plain_slots.get(key, ())):  # two plain (or two compound) of a kind
@@ -512,7 +518,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                             twice.pop(slot, None)
                         plain_slots.setdefault(key, set()).add(slot)
                     names[key, slot] = m.name
-                    entry[slot] = (m.offset_data, m.size, m.name) if slot == "video" else tar.extractfile(m).read()
+                    entry[slot] = (m.offset_data, m.size, m.name) if slot in _MEDIA_SLOTS else tar.extractfile(m).read()
         except (tarfile.TarError, EOFError) as e:
             # A cut or corrupt shard: keep the members before the damage (a video cut with the
             # shard fails to decode later and is skipped then); the rest of the shard is lost.
@@ -535,13 +541,25 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
     return samples, budget.rejects
 
 
+def _slot(field: str) -> str | None:
+    """What a member of a shard key holds, by the last extension of its field: "video", "image", ".txt", ".json", or
+    None (another member, ignored)."""
+    ext = "." + field.rsplit(".", 1)[-1].lower()
+    if ext in VIDEO_EXTENSIONS:
+        return "video"
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    return ext if ext in (".txt", ".json") else None
+
+
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
-    twice = list(entry.get("twice", {}).values())
+    media = next((slot for slot in _MEDIA_SLOTS if slot in entry), None)
+    twice = [entry["twice"][slot] for slot in (media, ".txt", ".json") if slot in entry.get("twice", {})]
     if twice:  # which one is the sample's is not for the reader to guess
         raise ValueError(f"{twice[0]}; give each key one (a compound field such as KEY.preview.mp4 yields to "
                          "the plain KEY.mp4)")
-    if "video" not in entry:
-        raise ValueError(f"no video member (one of {', '.join(VIDEO_EXTENSIONS)})")
+    if media is None:
+        raise ValueError(f"no video or image member (one of {', '.join(VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)})")
     if ".txt" not in entry and captions:
         raise ValueError(f"no .txt member: {NO_CAPTION}")
     try:
@@ -550,7 +568,7 @@ def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
         raise ValueError(f"the .json member is not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(rec, dict):
         raise ValueError("the .json member must hold an object")
-    offset, size, member = entry["video"]
+    offset, size, member = entry[media]
     # The .txt member is the caption (a "caption" in the .json is not).
     caption = entry[".txt"].decode("utf-8").strip() if ".txt" in entry else None
     rec.update(path=tar_path, caption=caption, offset=offset, size=size, member=member)

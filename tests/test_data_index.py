@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -14,7 +15,7 @@ import pytest
 
 from videoprism.cli import main
 from videoprism.data.manifest import read_manifest
-from .test_data import make_bad_files, write_clip
+from .test_data import make_bad_files, write_clip, write_shard
 
 
 def run(argv):
@@ -246,3 +247,209 @@ def test_synth_options_are_checked_before_its_folder_is_made(tmp_path, capsys):
             main(["data", "synth", "--out", str(tmp_path / "out"), "--num", "3", *argv])
         assert needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _probe_that(real, log: str, crash=(), stop=None):
+    """index.probe as `real`, that also appends each file it probes to `log`, kills its process on the files named
+    in `crash` (as a decoder segfault does) and, on the file of `stop` = (name, journal, n, how), waits until the
+    journal holds n results, writes its pid beside the log, then stops the index: "SIGKILL" kills it (the OOM
+    killer, a lost node), "SIGTERM" signals the whole process group (a scheduler)."""
+    def probe(sample, **kw):
+        name = os.path.basename(sample.path)
+        with open(log, "a") as f:
+            f.write(name + "\n")
+        if name in crash:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if stop is not None and name == stop[0]:
+            deadline = time.monotonic() + 30  # no journal (or a slow one): the test fails, but in seconds
+            while _results_in(stop[1]) < stop[2] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with open(log + ".pid", "w") as f:
+                f.write(str(os.getpid()))
+            if stop[3] == "SIGKILL":
+                os.kill(os.getppid(), signal.SIGKILL)
+            else:
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+            time.sleep(600)  # until the index ends this process (it waited for it: the test's timeout)
+        return real(sample, **kw)
+
+    return probe
+
+
+def _results_in(journal: str) -> int:
+    return open(journal, "rb").read().count(b"\n") - 1 if os.path.exists(journal) else 0
+
+
+def _index_stopped_midway(spec: str) -> int:
+    """A child process's `data index` with _probe_that's probe: spec is JSON [argv, log, crash, stop]."""
+    from videoprism.data import index
+
+    argv, log, crash, stop = json.loads(spec)
+    index.probe = _probe_that(index.probe, log, crash, stop)
+    return main(argv)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _bad_manifest(d: str) -> tuple[str, list[str]]:
+    """10 synthetic clips, one bad file of each kind and a bad JSON line: (manifest, its files' base names)."""
+    assert run(["data", "synth", "--out", d, "--num", "10", "--size", "32", "--frames", "4", "--workers", "1",
+                "--quiet"]) == 0
+    write_clip(os.path.join(d, "g.mp4"), 12)
+    recs = [json.loads(line) for line in open(os.path.join(d, "train.jsonl"))]
+    recs += [{"path": os.path.relpath(p, d), "caption": k} for k, p in make_bad_files(d, f"{d}/g.mp4").items()]
+    manifest = os.path.join(d, "all.jsonl")
+    with open(manifest, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in recs[:4])
+        f.write('{"path": "x.webm", "caption": \n')
+        f.writelines(json.dumps(r) + "\n" for r in recs[4:])
+    return manifest, [os.path.basename(r["path"]) for r in recs]
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the faults are injected into forked workers")
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_an_index_stopped_midway_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys, how):
+    """All the results were held in memory and written at the end: a kill at 95% lost the whole index. Each
+    result is journaled as it comes; a run killed after 5 of 15 files (one of them crashing its decoder), its
+    journal's last line cut as a kill mid-write cuts it, is continued by the same command: only the files not
+    journaled are probed (another one crashing its decoder), and the clean manifest and rejects report are those of
+    an uninterrupted run, byte for byte; the journal is then removed. SIGTERM (to the whole process group, as a
+    scheduler sends it) stops the index with a line and status 143; after a SIGKILL no worker is left."""
+    from videoprism.data import index
+
+    d = str(tmp_path)
+    manifest, names = _bad_manifest(d)
+    crash = [names[1], names[8]]
+    args, real = [manifest, "--workers", "1", "--quiet"], index.probe
+    monkeypatch.setattr(index, "probe", _probe_that(real, f"{d}/ref.log", crash))
+    assert run(["data", "index", *args, "--out", f"{d}/ref/clean.jsonl"]) == 0
+    assert not os.path.exists(f"{d}/ref/clean.jsonl.journal")
+
+    out, journal = f"{d}/run/clean.jsonl", f"{d}/run/clean.jsonl.journal"
+    spec = json.dumps([["data", "index", *args, "--out", out], f"{d}/killed.log", crash, [names[5], journal, 5, how]])
+    with open(f"{d}/child.err", "w") as err:  # not a pipe: a worker left behind would hold it open
+        child = subprocess.run([sys.executable, "-c", "import sys; from tests.test_data_index import "
+                                "_index_stopped_midway as f; sys.exit(f(sys.argv[1]))", spec], start_new_session=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stderr=err,
+                               timeout=120)
+    said = open(f"{d}/child.err").read()
+    assert child.returncode == (-9 if how == "SIGKILL" else 143), said
+    if how == "SIGTERM":
+        assert f"SIGTERM: stopped; 5 of 15 files probed, kept in {journal}: the same command goes on from there" in said
+    worker = int(open(f"{d}/killed.log.pid").read())
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = _alive(worker)
+    if left:
+        os.kill(worker, signal.SIGKILL)
+    assert not left  # its parent killed it, or Linux did when the parent died
+    lines = open(journal, "rb").readlines()
+    assert len(lines) == 1 + 5 and b"crashed" in lines[2]
+    with open(journal, "wb") as f:
+        f.writelines(lines[:-1] + [lines[-1][:len(lines[-1]) // 2]])  # killed in the middle of the 5th result
+
+    monkeypatch.setattr(index, "probe", _probe_that(real, f"{d}/rerun.log", crash))
+    capsys.readouterr()
+    assert run(["data", "index", *args, "--out", out]) == 0
+    assert f"{journal}: 4 of 15 files probed by an earlier run of this command are taken from it" \
+        in capsys.readouterr().err
+    assert set(open(f"{d}/rerun.log").read().split()) == set(names[4:])
+    for name in ("clean.jsonl", "clean.rejects.jsonl"):
+        assert open(f"{d}/run/{name}", "rb").read() == open(f"{d}/ref/{name}", "rb").read(), name
+    assert "crashed" in open(f"{d}/run/clean.rejects.jsonl").read() and not os.path.exists(journal)
+
+
+def _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=False) -> tuple[int, str, list[str]]:
+    """(status, stderr, files probed) of `data index argv`; `ctrl_c_at_the_end`: a Ctrl-C once every file is
+    probed and journaled, before the clean manifest is written."""
+    from videoprism.data import index
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        if ctrl_c_at_the_end:
+            m.setattr(index, "_write", ctrl_c)
+        m.setattr(index, "probe", _probe_that(index.probe, log))
+        capsys.readouterr()
+        status = run(["data", "index", *argv])
+    probed = []
+    if os.path.exists(log):
+        probed = open(log).read().split()
+        os.remove(log)
+    return status, capsys.readouterr().err, probed
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the probes are counted in forked workers")
+def test_a_journal_is_used_only_for_the_sources_and_options_it_was_written_for(tmp_path, monkeypatch, capsys):
+    """A journal is tied to what it holds results of: a manifest touched but unchanged keeps it; another content,
+    another --min-frames or a shard written again (the same sample names: only its stamp tells) is a note and every
+    file probed again; a damaged line costs only its file, a cut last line too, and the lines after it are whole.
+    Ctrl-C says how many files are kept and where."""
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "10", "--size", "32", "--frames", "4", "--workers", "1",
+                "--quiet"]) == 0
+    write_clip(f"{d}/g.mp4", 12)
+    manifest, out, log = f"{d}/train.jsonl", f"{d}/out/clean.jsonl", f"{d}/probed.log"
+    names = [os.path.basename(json.loads(line)["path"]) for line in open(manifest)]
+    journal = out + ".journal"
+    argv = [manifest, "--out", out, "--workers", "1", "--quiet"]
+    status, err, probed = _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    assert status == 130 and probed == names
+    assert f"interrupted: 9 of 9 files probed, kept in {journal}: the same command goes on from there" in err
+
+    os.utime(manifest)  # touched: its content, which the results are of, is the same
+    lines = open(journal, "rb").readlines()
+    assert [json.loads(lines[i])[0] for i in (3, 9)] == [2, 8]
+    with open(journal, "wb") as f:  # the third result damaged, the last one cut (a kill mid-write)
+        f.writelines(lines[:3] + [b'[2, {"codec": \n'] + lines[4:-1] + [lines[-1][:10]])
+    status, err, probed = _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    taken = f"{journal}: %d of 9 files probed by an earlier run of this command are taken from it"
+    assert taken % 7 + " (1 damaged line(s) skipped)" in err and probed == [names[2], names[8]]
+    status, err, probed = _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    assert taken % 9 + " (1 damaged line(s) skipped)" in err and probed == []  # the new lines are whole
+
+    status, err, probed = _index(monkeypatch, capsys, [*argv, "--min-frames", "8"], log)
+    assert f"note: {journal} ignored (written with --min-frames 1, this run has --min-frames 8): every file is " \
+           "probed again" in err
+    assert status == 2 and probed == names and not os.path.exists(journal)  # 4 frames each: all rejected
+
+    _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    recs = open(manifest).readlines()
+    recs[3] = json.dumps({"path": "g.mp4", "caption": "a longer clip"}) + "\n"
+    open(manifest, "w").writelines(recs)
+    status, err, probed = _index(monkeypatch, capsys, argv, log)
+    assert f"note: {journal} ignored ({os.path.abspath(manifest)} changed since it was written)" in err
+    assert status == 0 and len(probed) == 9 and json.loads(open(out).readlines()[3])["frames"] == 12
+
+    samples, _ = read_manifest(manifest)
+    shard = f"{d}/shard-000.tar"
+    write_shard(shard, samples)
+    argv = [shard, "--out", out, "--workers", "1", "--quiet"]
+    _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    write_shard(shard, list(reversed(samples)))  # the 12-frame clip moves from the 4th key to the 6th
+    status, err, probed = _index(monkeypatch, capsys, argv, log)
+    assert f"note: {journal} ignored ({shard} changed since it was written)" in err
+    assert status == 0 and len(probed) == 9
+    assert [json.loads(line)["frames"] for line in open(out)] == [4] * 5 + [12] + [4] * 3
+
+
+def test_two_indexes_of_one_out_are_refused(tmp_path, capsys):
+    """Two commands writing one --out would each take the other's journal lines for their own."""
+    from videoprism.data.journal import Journal
+
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "a.mp4", "caption": "a"}\n')
+    out = str(tmp_path / "clean.jsonl")
+    held = Journal(out + ".journal", {}, 0)
+    try:
+        assert run(["data", "index", str(m), "--out", out, "--quiet"]) == 2
+    finally:
+        held.close()
+    assert f"{out}.journal is held by another `videoprism data index` writing the same --out" in capsys.readouterr().err

@@ -108,10 +108,15 @@ def register(subparsers) -> None:
                                    "WebDataset .tar shards in parallel (codec, frames, fps, size, duration; first "
                                    "frame and last GOP decoded) and write "
                                    "a clean manifest with those fields plus a rejects report (one JSON line per bad "
-                                   "file or manifest line: path and reason). Train on the clean manifest.")
+                                   "file or manifest line: path and reason). Train on the clean manifest. Results "
+                                   "are journaled as they come to OUT.journal: the same command, run again after "
+                                   "an interruption (Ctrl-C, SIGTERM, a killed or preempted node), probes only the "
+                                   "files not done yet (a journal of other sources or options is started over); it is "
+                                   "removed once the clean manifest is written and packed.")
     p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")
     p.add_argument("--out", required=True, help="clean manifest to write (.jsonl), packed to OUT.pack as `data pack` "
-                                                "does; paths are made relative to it")
+                                                "does; paths are made relative to it; OUT.journal holds the results "
+                                                "while it runs")
     p.add_argument("--rejects", default=None, help="rejects report (default: OUT with .rejects.jsonl)")
     p.add_argument("--workers", type=_positive, default=None, help="probe processes (default: all cores)")
     p.add_argument("--min-frames", type=_positive, default=1,

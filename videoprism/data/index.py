@@ -7,21 +7,28 @@ RGB) and of its whole last GOP (every frame with `full=True`), and the frame cou
 `min_frames`. Good samples go to the clean manifest with the probe fields added (the loader then knows codec, size,
 frame count, rotation and colour matrix without opening the file, and DALI never meets a file it cannot decode);
 bad ones go to the rejects report, one JSON line each with the path and the reason, after the manifest lines that
-could not be parsed.
+could not be parsed. Each result is journaled as it comes (journal.py): the same command, run again after an
+interruption, probes only the files not done and writes the same clean manifest and report.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import multiprocessing
 import os
+import signal
+import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import check_not_an_input, check_out_file
-from .manifest import Sample, read_source
+from ..train.preemption import SIGNALS, Preempted, stopping
+from .journal import Journal, journal_key, journal_path
+from .loader import die_with_parent
+from .manifest import Sample, SampleList, read_source
 from .pack import write_pack
 
 
@@ -51,8 +58,14 @@ _STARTED = None
 
 
 def _init_worker(started) -> None:
+    """Ctrl-C and a scheduler's notice go to the whole process group, and are the parent's to act on (it kills its
+    workers, _pool): a worker the signal ended first broke the pool as a decoder crash does, and its file would be
+    journaled as one. A parent killed outright takes its workers with it (they outlived it: still there 30 s on)."""
     global _STARTED
     _STARTED = started
+    for s in (signal.SIGINT, *SIGNALS):
+        signal.signal(s, signal.SIG_IGN)
+    die_with_parent()
 
 
 def _probe_job(args) -> tuple[dict | None, str | None]:
@@ -65,34 +78,30 @@ def _probe_job(args) -> tuple[dict | None, str | None]:
         return None, e.reason
 
 
-def _probe_all(jobs: list, workers: int, bar) -> list[tuple[dict | None, str | None]]:
-    """Probe every job in worker processes. A file that kills its worker (a decoder crash, the
-    OOM killer) breaks the whole pool: the jobs that had started are then probed again one at a
-    time, each in a fresh process, which pins the crash on its file (rejected, with the reason)
-    and keeps the others' results; the jobs not yet started go to a new pool."""
-    results: list = [None] * len(jobs)
-    todo = list(range(len(jobs)))
+def _probe_all(jobs: list, todo: list[int], workers: int, record) -> None:
+    """Probe the jobs `todo` in worker processes, handing each result to `record(i, (fields, reason))` as it comes.
+    A file that kills its worker (a decoder crash, the OOM killer) breaks the whole pool: the jobs that had started
+    are then probed again one at a time, each in a fresh process, which pins the crash on its file (rejected, with
+    the reason) and keeps the others' results; the jobs not yet started go to a new pool."""
     while todo:
         started = multiprocessing.RawArray("b", len(jobs))
-        done = _pool_round(todo, jobs, min(workers, len(todo)), started, results, bar)
+        done = _pool_round(todo, jobs, min(workers, len(todo)), started, record)
         suspects = [i for i in todo if i not in done and started[i]]
         if not done and not suspects:
             raise OSError("data index: the probe processes died before they started on any file, so the cause is "
                           "not a file: check memory and that PyAV imports (python -c 'import av')")
         for i in suspects:
-            results[i] = _probe_alone(i, jobs[i])
-            bar.update(1)
+            record(i, _probe_alone(i, jobs[i]))
         todo = [i for i in todo if i not in done and not started[i]]
-    return results
 
 
-def _pool_round(todo: list[int], jobs: list, workers: int, started, results: list, bar) -> set[int]:
+def _pool_round(todo: list[int], jobs: list, workers: int, started, record) -> set[int]:
     """One pool over `todo` until it finishes or breaks; returns the jobs it finished. At most
     4 jobs a worker are in flight (a million-file manifest is not a million futures)."""
     done: set[int] = set()
     queue = collections.deque(todo)
     inflight: dict = {}
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(started,)) as pool:
+    with _pool(workers, started) as pool:
         try:
             while queue or inflight:
                 while queue and len(inflight) < 4 * workers:
@@ -105,9 +114,8 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, results: lis
                     if isinstance(f.exception(), BrokenProcessPool):
                         broken = True
                         continue
-                    results[i] = f.result()  # an error of the probe itself (a bug) is raised here
+                    record(i, f.result())  # an error of the probe itself (a bug) is raised here
                     done.add(i)
-                    bar.update(1)
                 if broken:
                     break
         except BrokenProcessPool:
@@ -116,11 +124,26 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, results: lis
 
 
 def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:
-    with ProcessPoolExecutor(1) as pool:
+    with _pool(1) as pool:
         try:
             return pool.submit(_probe_job, (i, *job)).result()
         except BrokenProcessPool:
             return None, "the decoder crashed on it (its process died while probing the file)"
+
+
+@contextlib.contextmanager
+def _pool(workers: int, started=None):
+    """A pool of probe processes, killed on an interrupt rather than waited for (up to 4 queued files a worker,
+    minutes with --full): their files are not journaled, the next run probes them."""
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(started,))
+    try:
+        yield pool
+    except BaseException:
+        for p in list((pool._processes or {}).values()):  # private, but public (kill_workers) only from Python 3.14
+            p.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def index_dataset(source, out: str, *, rejects_path: str | None = None, workers: int | None = None,
@@ -136,7 +159,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     except NoUsableSamplesError as e:  # still worth a report: it says why every line was refused
         if not e.rejects:  # an empty manifest: nothing to report, and an earlier --out stays as it was
             raise
-        samples, line_rejects = [], e.rejects
+        samples, line_rejects = SampleList(), e.rejects
     rejects_path = rejects_path or os.path.splitext(out)[0] + ".rejects.jsonl"
     sources = [source] if isinstance(source, str) else list(source)
     for option, path in (("--out", out), ("--rejects", rejects_path)):
@@ -147,10 +170,46 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
         check_not_an_input(path, f"{option} {path}", [("source", s) for s in sources])
     if os.path.realpath(rejects_path) == os.path.realpath(out):
         raise ValueError(f"--rejects {rejects_path} is --out: the report and the clean manifest need a file each")
-    base = os.path.dirname(os.path.abspath(out))
     jobs = [(s, min_frames, full) for s in samples]
-    with _progress(len(jobs), progress) as bar:
-        results = _probe_all(jobs, workers or os.cpu_count() or 1, bar)
+    key = journal_key(sources, samples, min_frames=min_frames, full=full, captions=captions)
+    journal = Journal(journal_path(out), key, len(jobs))
+    try:
+        # A scheduler's notice (SIGTERM, SLURM's SIGUSR1) stops it as Ctrl-C does, with a line, not silently.
+        with stopping(True, lambda signum: Preempted(signum, None, None)):
+            _probe_rest(jobs, journal, workers or os.cpu_count() or 1, progress)
+            counts = _write(out, rejects_path, samples, journal.results, line_rejects)
+            # The clean manifest is what a run reads on every rank: packed (pack.py), so that costs nothing at
+            # startup. An empty one has nothing to pack; an older pack of `out` no longer matches it and is ignored.
+            packed = write_pack(out, progress=progress)["pack"] if counts["kept"] else None  # its read: minutes at 10M+
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_kept(journal, len(jobs))) from None
+    except Preempted as stop:
+        print(f"{signal.Signals(stop.signum).name}: stopped; {_kept(journal, len(jobs))}", file=sys.stderr,
+              flush=True)
+        raise
+    finally:
+        journal.close()
+    journal.remove()
+    return {**counts, "out": out, "rejects": rejects_path, "pack": packed}
+
+
+def _probe_rest(jobs: list, journal: Journal, workers: int, progress: bool) -> None:
+    """Probe the jobs the journal holds no result of, journaling each result as it comes."""
+    with _progress(len(jobs), progress, journal.done) as bar:
+        def record(i: int, result: tuple[dict | None, str | None]) -> None:
+            journal.record(i, result)
+            bar.update(1)
+
+        _probe_all(jobs, journal.todo(), workers, record)
+
+
+def _kept(journal: Journal, total: int) -> str:
+    return f"{journal.done} of {total} files probed, kept in {journal.path}: the same command goes on from there"
+
+
+def _write(out: str, rejects_path: str, samples, results: list, line_rejects: list) -> dict:
+    """The clean manifest (paths relative to its folder) and the rejects report; returns the counts."""
+    base = os.path.dirname(os.path.abspath(out))
     kept = video_only = 0
     with open(out + ".tmp", "w") as fo, open(rejects_path, "w") as fr:
         for where, reason in line_rejects:
@@ -166,14 +225,10 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
             video_only += sample.caption is None
     os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest
     total = len(samples) + len(line_rejects)
-    # The clean manifest is what a run reads on every rank: packed (pack.py), so that costs nothing at startup. An
-    # empty one has nothing to pack; an older pack of `out` no longer matches it and is ignored.
-    packed = write_pack(out, progress=progress)["pack"] if kept else None  # its read: minutes at 10M+ clips
-    return {"total": total, "kept": kept, "rejected": total - kept, "out": out, "rejects": rejects_path,
-            "pack": packed, "video_only": video_only}
+    return {"total": total, "kept": kept, "rejected": total - kept, "video_only": video_only}
 
 
-def _progress(total: int, show: bool):
+def _progress(total: int, show: bool, done: int):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="file", desc="index", disable=not show)
+    return tqdm(total=total, initial=done, unit="file", desc="index", disable=not show)

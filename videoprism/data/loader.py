@@ -81,15 +81,23 @@ def _init_worker(_worker_id: int) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     if signal.getsignal(signal.SIGINT) is _defer_sigint:  # forked inside _interrupt_deferred: Ctrl-C as before
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        # Did the loader die before the request took effect? Its sentinel pipe says so under every start
-        # method, but under fork a sibling worker may hold a copy of it open; being reparented says so
-        # except under forkserver (Python 3.14's default), where the OS parent is the fork server.
-        parent = multiprocessing.parent_process()
-        if parent is not None and (not parent.is_alive() or (
-                multiprocessing.get_start_method() != "forkserver" and os.getppid() != parent.pid)):
-            os._exit(0)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """In a worker process (multiprocessing's): Linux kills it when the parent thread that started it dies
+    (PR_SET_PDEATHSIG), so that a parent killed outright (SIGKILL, the OOM killer) leaves no worker behind, whatever
+    signals the worker ignores."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    # Did the parent die before the request took effect? Its sentinel pipe says so under every start
+    # method, but under fork a sibling worker may hold a copy of it open; being reparented says so
+    # except under forkserver (Python 3.14's default), where the OS parent is the fork server.
+    parent = multiprocessing.parent_process()
+    if parent is not None and (not parent.is_alive() or (
+            multiprocessing.get_start_method() != "forkserver" and os.getppid() != parent.pid)):
+        os._exit(0)
 
 
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators with workers (_pyav_items)

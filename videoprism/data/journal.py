@@ -1,0 +1,198 @@
+"""The journal of `videoprism data index`: every file's probe result appended as it comes, so that a run cut short
+(Ctrl-C, SIGTERM, SIGKILL, a preempted node, the OOM killer) loses only the files being probed, and the same command
+goes on from there: an index of millions of files takes hours.
+
+`OUT.journal`, beside the clean manifest OUT, is JSON lines:
+    {"journal": "videoprism data index", "version": 1, "key": {...}}    what its results are of
+    [i, fields, reason]    the result of sample i: its probe fields and null, or null and why it is bad
+Each line is handed to the OS as its result comes (a killed process loses none of them) and fsynced every few seconds
+(what a machine crash may lose). The key names the input (each source: a manifest's SHA-256, ~0.2 s per million lines;
+a shard's size, inode and times, as pack.py stamps a manifest, since hashing a shard set reads the whole dataset;
+and the fingerprint of the samples read from them) and what changes a result (--min-frames, --full,
+--require-captions; the PyAV version): a journal of another key is ignored, with a note, and started over. A last
+line cut by a kill mid-write is dropped (its file is probed again). The index removes the journal once the clean
+manifest is written and packed.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+
+import av
+
+from .pack import _FILE, _stamp, content_hash
+
+MAGIC = "videoprism data index"
+VERSION = 1  # bump when probe() returns other fields or rejects otherwise: an older journal is then started over
+_SYNC_S = 5.0  # fsync at most this often: a network file system may take a while to answer each
+
+
+def journal_path(out: str) -> str:
+    return out + ".journal"
+
+
+def journal_key(sources: list[str], samples, *, min_frames: int, full: bool, captions: bool) -> dict:
+    """What the results of `data index` over `samples` read from `sources` with these options are of."""
+    return {"options": {"--min-frames": min_frames, "--full": full, "--require-captions": captions},
+            "sources": [_identity(s) for s in sources], "samples": samples.fingerprint, "pyav": av.__version__}
+
+
+def _identity(source: str) -> dict:
+    path = os.path.abspath(source)
+    if path.endswith(".tar"):  # any write changes its size or times, a file put in its place its inode
+        stamp = _stamp(path)
+        return {"shard": path, **{k: stamp[k] for k in _FILE}}
+    return {"manifest": path, "sha256": content_hash(path)}
+
+
+class Journal:
+    """The results of an index so far (`results[i]`: sample i's (fields, reason), None while not probed), read from
+    the journal at `path` when it is of `key`; `record` adds one. Held locked: two commands writing one --out would
+    each take the other's lines for their own."""
+
+    def __init__(self, path: str, key: dict, count: int):
+        self.path, self.results, self.done = path, [None] * count, 0
+        self._fh = _open_locked(path)
+        self._synced = time.monotonic()
+        try:
+            self._load(key)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def todo(self) -> list[int]:
+        return [i for i, r in enumerate(self.results) if r is None]
+
+    def record(self, i: int, result: tuple[dict | None, str | None]) -> None:
+        self.results[i] = result
+        self.done += 1
+        self._write(json.dumps([i, *result]) + "\n")
+
+    def close(self) -> None:
+        """Synced and closed, without an error of its own: a write that failed (a full disk) has raised one."""
+        if self._fh.closed:
+            return
+        with contextlib.suppress(OSError):
+            self._sync()
+        with contextlib.suppress(OSError):
+            self._fh.close()  # closed even when it fails to write what its buffer held
+
+    def remove(self) -> None:
+        self.close()
+        os.remove(self.path)
+
+    def _load(self, key: dict) -> None:
+        fh = self._fh
+        fh.seek(0)
+        first = fh.readline()
+        # Without a whole first line: a new journal, or one killed while its header was written (nothing to say).
+        why = _why_ignored(first, key) if first.endswith(b"\n") else ""
+        if why:
+            print(f"note: {self.path} ignored ({why}): every file is probed again", file=sys.stderr)
+        if why is not None:
+            self._start(key)
+            return
+        kept, damaged = len(first), 0
+        for line in fh:
+            if not line.endswith(b"\n"):  # cut by a kill mid-write: dropped, and its file probed again
+                break
+            entry = _entry(line, len(self.results))
+            if entry is None:
+                damaged += 1
+            else:
+                self.done += self.results[entry[0]] is None
+                self.results[entry[0]] = entry[1]
+            kept += len(line)
+        fh.truncate(kept)  # the next line starts on a line of its own
+        print(f"note: {self.path}: {self.done} of {len(self.results)} files probed by an earlier run of this command "
+              "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else ""), file=sys.stderr)
+
+    def _start(self, key: dict) -> None:
+        self._fh.truncate(0)
+        self._write(json.dumps({"journal": MAGIC, "version": VERSION, "key": key}) + "\n")
+        self._sync()
+
+    def _write(self, line: str) -> None:
+        try:
+            self._fh.write(line.encode())  # ASCII: json.dumps escapes the rest
+            self._fh.flush()
+            if time.monotonic() - self._synced > _SYNC_S:
+                self._sync()
+        except OSError as e:
+            raise OSError(f"cannot write {self.path} ({e.strerror}), the journal of the results so far (a run "
+                          "cut short goes on from it): make room beside --out, then run the same command") from None
+
+    def _sync(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._synced = time.monotonic()
+
+
+def _open_locked(path: str):
+    try:
+        fh = open(path, "a+b")  # appended at its end, wherever it was read or truncated
+    except OSError as e:
+        raise OSError(f"cannot write {path} ({e.strerror}), the journal of the index beside --out") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise ValueError(f"{path} is held by another `videoprism data index` writing the same --out: let it "
+                         "finish, or give another --out") from None
+    except OSError:  # a file system without locks: unguarded, as the clean manifest itself is
+        pass
+    return fh
+
+
+def _why_ignored(first: bytes, key: dict) -> str | None:
+    """Why a journal whose first line is `first` does not hold results of `key` (None: it does)."""
+    try:
+        header = json.loads(first)
+    except ValueError:
+        header = None
+    if not isinstance(header, dict) or header.get("journal") != MAGIC:
+        return "not a journal of `videoprism data index`"
+    if header.get("version") != VERSION:
+        return f"of journal version {header.get('version')}, this videoprism writes {VERSION}"
+    old = header.get("key")
+    if old == key:
+        return None
+    if not isinstance(old, dict):
+        return "its header is damaged"
+    if old.get("options") != key["options"]:
+        return f"written with {_flags(old.get('options'))}, this run has {_flags(key['options'])}"
+    was, now = old.get("sources"), key["sources"]
+    if not isinstance(was, list) or [_named(s) for s in was] != [_named(s) for s in now]:
+        return "written for " + (" ".join(str(_named(s)) for s in was) if isinstance(was, list) else "other sources")
+    changed = [_named(n) for w, n in zip(was, now) if w != n]
+    if changed:
+        return f"{changed[0]} changed since it was written"
+    if old.get("pyav") != key["pyav"]:
+        return f"written with PyAV {old.get('pyav')}, this run has {key['pyav']}"
+    return "the samples read from the same sources differ"
+
+
+def _named(source) -> str | None:
+    return source.get("manifest", source.get("shard")) if isinstance(source, dict) else None
+
+
+def _flags(options) -> str:
+    if not isinstance(options, dict):
+        return "unknown options"
+    return " ".join(flag if value is True else f"{flag} {value}" for flag, value in options.items()
+                    if value is not False) or "no options"
+
+
+def _entry(line: bytes, count: int):
+    """(i, (fields, reason)) of a journal line; None for a damaged one."""
+    try:
+        i, fields, reason = json.loads(line)
+    except (ValueError, TypeError):
+        return None
+    good = (type(i) is int and 0 <= i < count
+            and (isinstance(fields, dict) and reason is None or fields is None and isinstance(reason, str)))
+    return (i, (fields, reason)) if good else None

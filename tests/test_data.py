@@ -574,7 +574,7 @@ def test_loader_is_deterministic_and_independent_of_workers(synth):
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the workers' signal masks from Linux /proc")
 def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
     """A scheduler's SIGTERM / SIGUSR1 reaches the whole process group; the trainer saves a
-    checkpoint on it (train/preemption.py), which a worker killed by it would prevent."""
+    checkpoint on it (videoprism/preemption.py), which a worker killed by it would prevent."""
     def children() -> set[str]:
         me = os.getpid()
         return {pid for task in os.listdir(f"/proc/{me}/task")

@@ -22,7 +22,7 @@ from videoprism.train.data import RandomClips
 from videoprism.train.metrics import read_jsonl
 from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist
-from videoprism.train.preemption import Preempted
+from videoprism.preemption import Preempted
 from videoprism.train.stage1 import Stage1Task
 from videoprism.train.trainer import NonFiniteLossError, Trainer
 

@@ -31,7 +31,7 @@ from videoprism.train.metrics import VAL_REJECT, MetricsLogger, peak_memory_gb, 
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, gather_objects, grad_sync, hsdp_groups,
                                       on_main_rank, parallelize, shard_layout)
-from videoprism.train.preemption import Preempted, PreemptionNotice, stopping
+from videoprism.preemption import Preempted, PreemptionNotice, stopping
 from videoprism.train.run_folder import check_out_dir, export_path, run_folder, same_folder
 
 

@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import check_not_an_input, check_out_file
-from ..train.preemption import SIGNALS, Preempted, stopping
+from ..preemption import SIGNALS, Preempted, stopping
 from .journal import Journal, journal_key, journal_path
 from .loader import die_with_parent
 from .manifest import Sample, SampleList, read_source

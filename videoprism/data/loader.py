@@ -71,7 +71,7 @@ def _identity(x):
 def _init_worker(_worker_id: int) -> None:
     """DataLoader workers leave SIGTERM and SIGUSR1 to their parent, as torch's workers do SIGINT:
     a scheduler signals the whole process group (SLURM: every process of the job), and a trainer
-    that saves a checkpoint on the notice (videoprism/train/preemption.py) needs its workers
+    that saves a checkpoint on the notice (videoprism/preemption.py) needs its workers
     alive until it has. So that a worker that ignores them, or is stuck in a decoder, never
     outlives its parent, Linux kills it when the parent thread that started it dies
     (PR_SET_PDEATHSIG); torch's own watchdog acts only between items. SIGALRM gets its default

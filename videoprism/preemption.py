@@ -11,7 +11,8 @@ itself would have given.
 Outside the steps (startup: the model, the data cache, the compile; after the final
 checkpoint: the evaluation, export and plot) there is no step to finish: `stopping` ends the
 run at once, with a line saying what was kept and the same exit status, instead of the
-signal's default action (a silent exit).
+signal's default action (a silent exit). `videoprism data index` stops by it too (its journal keeps what was probed),
+which is why this lives beside the data code and not under train/.
 """
 from __future__ import annotations
 

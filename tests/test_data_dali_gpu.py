@@ -142,7 +142,7 @@ def test_gpu_graph_returns_without_waiting_for_work_queued_before_it(clips):
     """The copy out of DALI and the blank-frame check run on the loader's own stream: a spin queued on the
     consumer's stream (a training step, ~2 s) is still running when run() returns; the clips are ordered
     before the consumer's next work."""
-    _, frames, h, w, _ = clip_plan(clips[VP9], T)
+    _, frames, h, w, _, _ = clip_plan(clips[VP9], T)
     args = ([clips[VP9].read_bytes()], [frames], [(0, 0, h, w)], [False])
     dali = DaliClips(batch_size=1, num_frames=T, resolution=288, device=torch.device("cuda"))
     dali.run(*args)                               # builds the pipeline

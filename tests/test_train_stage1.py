@@ -529,11 +529,14 @@ def test_auto_resume_goes_back_past_a_damaged_latest_checkpoint(tmp_path, damage
     resumed_equals_uninterrupted(make_trainer(run, *args), tmp_path / "ref", run, auto=True)
 
 
-@pytest.mark.parametrize("cause", ["config", "versions", "rng", "permissions", "memory"])
+@pytest.mark.parametrize("cause", ["config", "code", "versions", "rng", "permissions", "memory"])
 def test_auto_resume_does_not_go_back_past_a_checkpoint_that_is_not_damaged(tmp_path, monkeypatch, cause):
     """A latest checkpoint that does not load for a cause its earlier ones share, or the user's to fix (another model
     config, a torch that wrote formats this one does not read, a permission denied, memory), stops --auto-resume with
-    its one line as under --resume: going back would fail alike, or lose steps to a typo. Nothing is renamed."""
+    its one line as under --resume: going back would fail alike, or lose steps to a typo. Nothing is renamed.
+    "code": the same config builds another model (the code changed since: here a parameter more), whose missing key
+    DCP's load raised as any other error of a checkpoint of the writer's config and versions, taken for damaged files:
+    every earlier checkpoint failed alike, and the line said to start over with --overwrite."""
     import torch.distributed.checkpoint.filesystem as fs
 
     from videoprism.train import checkpoint as ckpt
@@ -548,12 +551,15 @@ def test_auto_resume_does_not_go_back_past_a_checkpoint_that_is_not_damaged(tmp_
             raise PermissionError(13, "Permission denied") if cause == "permissions" else torch.OutOfMemoryError()
 
         monkeypatch.setattr(fs.FileSystemReader, "read_data", fail)
+    trainer = make_trainer(tmp_path, *args, *(["model.mlp_dim=48"] if cause == "config" else []))
+    if cause == "code":
+        trainer.model.register_parameter("added", torch.nn.Parameter(torch.zeros(2)))
     with pytest.raises(ckpt.CheckpointReadError) as err:
-        make_trainer(tmp_path, *args, *(["model.mlp_dim=48"] if cause == "config" else [])).resume(str(tmp_path),
-                                                                                                 if_any=True)
+        trainer.resume(str(tmp_path), if_any=True)
     msg = str(err.value)
     assert not isinstance(err.value, ckpt.DamagedCheckpointError) and "\n" not in msg
     assert msg.startswith(f"checkpoint {root / 'step_00000003'}")
+    assert cause != "code" or "Missing key in checkpoint state_dict: model.added" in msg
     assert sorted(os.listdir(root)) == ["step_00000002", "step_00000003"]
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.state_dict import (
@@ -518,6 +518,19 @@ def read_metadata(path: str, use: str = "resume") -> Metadata:
         raise damaged(path, ".metadata", e, use) from e
 
 
+def _fits(state: dict, path: str) -> bool:
+    """Whether `state` has the keys and sizes the metadata of the checkpoint at `path` lists: DCP's planning of
+    its load, which reads no tensor. One that does not fit holds another model's state (another config, or the code
+    that builds the model changed since), whatever state its files are in."""
+    planner = DefaultLoadPlanner()
+    planner.set_up_planner(state, read_metadata(path))
+    try:
+        planner.create_local_plan()
+    except (RuntimeError, ValueError):  # "Missing key in checkpoint state_dict", "Size mismatch between saved ..."
+        return False
+    return True
+
+
 def _readable(path: str) -> int:
     """The number of ranks that wrote the checkpoint at `path`, once its rank files and its metadata are found."""
     ranks = written_ranks(path)
@@ -546,18 +559,22 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
         raise  # the device or the process group failed, not the checkpoint
     except LOAD_ERRORS as e:
         interrupt(e)
+        fits = _fits(state, path)
         if differences:
             cause = (f"this run's config differs from the one that wrote it in {'; '.join(differences)}: drop "
                      "those changes")
         elif differences is None:
             cause = ("the run that wrote it had another model config (its config.json is gone: pass --config with "
                      "its preset and model fields)")
-        else:
+        elif fits:
             cause = "the same config as the run that wrote it, so not a config change"
+        else:
+            cause = ("the same config as the run that wrote it, but another model: its metadata lists other keys or "
+                     "sizes (the code that builds the model changed since?)")
         note = other_versions(path)
         message = (f"checkpoint {path} does not load into this run ({_failures(e)}); " + (f"{note}; " if note else "")
                    + f"a size mismatch or a missing key: {cause}; a damaged file: {_earlier(path)}")
-        if differences == [] and not note and _is_damage(e):  # the writer's config and versions: its files changed
+        if differences == [] and not note and fits and _is_damage(e):  # the writer's model and versions: its files
             raise DamagedCheckpointError(message, f"its .distcp files: {_failures(e)}") from e
         raise CheckpointReadError(message) from e
     return {k: int(v) for k, v in state["trainer"].items()}, ranks

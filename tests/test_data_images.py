@@ -191,3 +191,34 @@ def test_bad_image_members_are_rejected_with_their_reason_as_manifest_images_are
     report = [json.loads(line) for line in open(str(tmp_path / "clean.rejects.jsonl"))]
     assert [r["path"] for r in report] == [f"{shard}:{im['name']}" for im in images[:len(bad)]]
     assert all(r["reason"].startswith(why) for r, (*_, why) in zip(report, bad)), report
+
+
+def test_frames_of_two_sizes_are_a_bad_sample_not_a_crash(tmp_path):
+    """A JPEG member with a smaller picture after it (an Ultra HDR photo's gain map, an MPO's second view) is two
+    frames of two sizes to FFmpeg's readers of bytes, as is a stream that changes size (two MPEG-TS files of two sizes
+    joined); sampled at two frames, they stopped the loader with "ValueError: all input arrays must have the same
+    shape". Each is a bad sample naming the sizes."""
+    photo = encode_image(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8), ".jpg")
+    gain_map = encode_image(np.full((12, 16, 3), 90, np.uint8), ".jpg")
+    shard = write_shard(tmp_path / "uhdr.tar", [{"name": "0000.jpg", "data": photo + gain_map, "caption": "a photo",
+                                                 "label": 0}])
+    joined = b""
+    for size in (32, 16):  # two MPEG-TS files: a stream whose frames change size
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="mpegts") as out:
+            stream = out.add_stream("mpeg2video", rate=8)
+            stream.width = stream.height = size
+            stream.pix_fmt = "yuv420p"
+            for i in range(8):
+                frame = av.VideoFrame.from_ndarray(np.full((size, size, 3), 30 * i, np.uint8), format="rgb24")
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode())
+        joined += buf.getvalue()
+    (tmp_path / "joined.ts").write_bytes(joined)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "joined.ts", "caption": "a clip"}) + "\n")
+    for source, sizes in (([shard], "56x40, 16x12"), (str(tmp_path / "m.jsonl"), "32x32, 16x16")):
+        loader = build_loader(source, num_frames=2, resolution=16, batch_size=1, train=False, tokenizer=None,
+                              backend="pyav", max_bad_share=1.0)
+        assert list(loader) == []
+        (_, reason), = loader.drain_rejects()
+        assert reason == f"frames of 2 sizes ({sizes}): re-encode it at one size", reason

@@ -374,7 +374,12 @@ class PyAVClip:
         # One reformatter for the clip keeps its swscale context: `frame.to_ndarray(format="rgb24")` builds a new
         # one per frame, which cost more than decoding on small clips (same output bits).
         rgb = VideoReformatter()
-        frames = [np.rot90(self._rgb(rgb, f), quarter_turns(f.rotation)) for f in self._frames(indices)]
+        decoded = self._frames(indices)
+        sizes = list(dict.fromkeys(f"{f.width}x{f.height}" for f in decoded))
+        if len(sizes) > 1:  # a clip is one tensor: a stream that changes size, or a picture appended to an image
+            raise BadVideoError(self.name, f"frames of {len(sizes)} sizes ({', '.join(sizes)}): re-encode it at one "
+                                           "size")
+        frames = [np.rot90(self._rgb(rgb, f), quarter_turns(f.rotation)) for f in decoded]
         if len(frames) < len(indices):
             raise self._short(len(frames), len(indices), "sampled frames")
         return torch.from_numpy(np.stack(frames))

@@ -222,3 +222,32 @@ def test_frames_of_two_sizes_are_a_bad_sample_not_a_crash(tmp_path):
         assert list(loader) == []
         (_, reason), = loader.drain_rejects()
         assert reason == f"frames of 2 sizes ({sizes}): re-encode it at one size", reason
+
+
+def animated_webp(frames: int = 3) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webp") as out:
+        stream = out.add_stream("libwebp_anim", rate=4)
+        stream.width = stream.height = 16
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((16, 16, 3), 60 * i, np.uint8), format="rgb24")))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_an_animated_webp_is_rejected_as_one_not_as_a_corrupt_image(tmp_path):
+    """FFmpeg's WebP decoder takes still images only ("skipping unsupported chunk: ANIM"): a whole animated WebP,
+    which browsers play, was rejected as "truncated or corrupt image" (a "corrupt stream" before), a reason that sent
+    the user looking for damage. It is named for what it is, with the fix, as a file and as a shard member."""
+    images = make_images(2)
+    images[0] = dict(images[0], name="0000.webp", data=animated_webp())
+    manifest, shard = write_manifest(str(tmp_path), images), write_shard(tmp_path / "anim.tar", images)
+    for source in (manifest, [shard]):
+        loader = build_loader(source, num_frames=1, resolution=16, batch_size=1, train=False, tokenizer=None,
+                              backend="pyav", max_bad_share=1.0)
+        assert [c for b in loader for c in b["caption"]] == [images[1]["caption"]]
+        (name, reason), = loader.drain_rejects()
+        assert name.endswith("0000.webp") and reason.startswith(
+            "an animated WebP, which this FFmpeg does not decode (decoding failed: "), reason
+        assert reason.endswith("): save its first frame as a still image"), reason

@@ -119,6 +119,20 @@ def _is_image_demuxer(demuxer: str) -> bool:
     return demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe")
 
 
+def _is_animated_webp(src: Source) -> bool:
+    """Whether `src` (a path or the bytes) starts as an animated WebP does: RIFF, WEBP, an extended (VP8X) header
+    with the animation flag."""
+    try:
+        if isinstance(src, bytes):
+            head = src[:21]
+        else:
+            with open(src, "rb") as f:
+                head = f.read(21)
+    except OSError:
+        return False
+    return len(head) == 21 and head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and bool(head[20] & 0x02)
+
+
 def _name(src: Source, name: str | None) -> str:
     return name if name is not None else (src if isinstance(src, str) else "<bytes>")
 
@@ -177,10 +191,17 @@ class PyAVClip:
             stream.codec_context.options = {"err_detect": "explode"}
         return stream
 
-    @property
-    def _corrupt(self) -> str:
-        """The start of the reason for data the decoder fails on."""
-        return "truncated or corrupt image" if self.image else "corrupt stream"
+    def _decode_error(self, e: Exception) -> BadVideoError:
+        """The error of data the decoder fails on (`e`): a corrupt stream, a truncated or corrupt image, or an
+        animated WebP, which FFmpeg's WebP decoder does not take ("skipping unsupported chunk: ANIM"), whole as it
+        is: said so, as a corrupt image it sent the user looking for damage."""
+        failed = f"decoding failed: {_msg(e)}"
+        if not self.image:
+            return BadVideoError(self.name, f"corrupt stream ({failed})")
+        if _is_animated_webp(self._src):
+            return BadVideoError(self.name, f"an animated WebP, which this FFmpeg does not decode ({failed}): save its "
+                                            "first frame as a still image")
+        return BadVideoError(self.name, f"truncated or corrupt image ({failed})")
 
     def __enter__(self) -> "PyAVClip":
         return self
@@ -303,7 +324,7 @@ class PyAVClip:
                     return
                 yield picked
         except av.error.FFmpegError as e:
-            raise BadVideoError(self.name, f"{self._corrupt} (decoding failed: {_msg(e)})") from None
+            raise self._decode_error(e) from None
 
     def _frames_in_order(self, indices: list[int]):
         """As `_frames_at`, counting the frames the decoder outputs from the start of a fresh open: for
@@ -321,7 +342,7 @@ class PyAVClip:
                 for _ in range(wanted.get(i, 0)):
                     yield frame
         except av.error.FFmpegError as e:
-            raise BadVideoError(self.name, f"{self._corrupt} (decoding failed: {_msg(e)})") from None
+            raise self._decode_error(e) from None
 
     def _frames(self, indices: list[int], keep: bool = True):
         """The frames at `indices` (their count when not `keep`), by timestamp, else by count from the start."""

@@ -145,8 +145,8 @@ class DaliClips:
             flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
             colour = fn.external_source(name="colour", dtype=types.FLOAT, ndim=2)
             video = fn.decoders.video(encoded, device="mixed" if gpu else "cpu", frames=frames)
-            # Float from the resize to the colour map: one rounding to uint8 (a BT.601 clip's bits are those of a
-            # uint8 resize).
+            # Float from the resize to the colour map: one rounding to uint8 (a BT.601 clip's values are a uint8
+            # resize's up to that rounding: measured, 133 of 19,200 one level higher).
             video = fn.resize(video, roi_start=roi_start, roi_end=roi_end, roi_relative=False,
                               size=[self.resolution, self.resolution], interp_type=types.INTERP_LINEAR,
                               antialias=True, dtype=types.FLOAT)

@@ -113,7 +113,7 @@ def _rgb_to_ycbcr(matrix: str) -> np.ndarray:
 def matrix_fix(matrix: str) -> np.ndarray:
     """float32 [3, 3] M with rgb = M @ rgb_601: the RGB of YUV converted with `matrix` from its RGB converted with
     BT.601 (both from the same Y'CbCr, in the same range: the offsets and range scales cancel). Identity for
-    BT.601 (exactly: such a clip's bits are the graph's without the map); a grey stays grey under any M."""
+    BT.601 (exactly: the map changes no value of such a clip); a grey stays grey under any M."""
     if matrix == "bt601":
         return np.eye(3, dtype=np.float32)
     return (np.linalg.inv(_rgb_to_ycbcr(matrix)) @ _rgb_to_ycbcr("bt601")).astype(np.float32)

@@ -11,11 +11,15 @@ import tarfile
 
 import pytest
 
+from videoprism.train.config import toml_reader
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 INSTALLED = ("videoprism", "train", "kernels")  # train/ and kernels/ install as videoprism.train / .kernels
 # Not [project] dependencies: flash-attn (attention backend 'flash', imported when chosen), DALI (the `dali`
 # extra: nvidia.dali), Triton (a dependency of torch's CUDA builds, which the extension is built against).
 OPTIONAL = {"flash_attn", "nvidia", "triton"}
+# tomllib joined the standard library in 3.11; on 3.10 train/config.py imports tomli (declared for < 3.11) instead.
+STDLIB = sys.stdlib_module_names | {"tomllib"}
 
 
 def test_sdist_has_extension_sources(tmp_path):
@@ -41,9 +45,9 @@ def test_sdist_has_extension_sources(tmp_path):
 def test_runtime_imports_are_dependencies():
     """Every third-party module the installed packages import is a declared dependency: matplotlib (every
     training run plots its curves) was only in the test extra, so an installed run failed at its end."""
-    tomllib = pytest.importorskip("tomllib")
-    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
-        project = tomllib.load(fh)["project"]
+    pyproject = os.path.join(ROOT, "pyproject.toml")
+    with open(pyproject, "rb") as fh:
+        project = toml_reader(pyproject).load(fh)["project"]
     declared = {_dist_name(r) for r in project["dependencies"]}
     imported = {}
     for top in INSTALLED:
@@ -63,7 +67,7 @@ def test_runtime_imports_are_dependencies():
                         for name in names:
                             imported.setdefault(name.split(".")[0], os.path.relpath(path, ROOT))
     third_party = {m: p for m, p in imported.items()
-                   if m not in sys.stdlib_module_names and m not in OPTIONAL and m != "videoprism"}
+                   if m not in STDLIB and m not in OPTIONAL and m != "videoprism"}
     missing = {m: p for m, p in third_party.items() if m not in declared}  # import names = distribution names here
     assert not missing, f"imported but not in [project] dependencies: {missing}"
 

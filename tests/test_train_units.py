@@ -121,6 +121,23 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
         build_config(str(tmp_path / "run.yaml"), [], 1)
 
 
+def test_a_toml_config_reads_without_tomllib(tmp_path, monkeypatch):
+    """Python 3.10 (pyproject: >= 3.10) has no tomllib: every .toml config, which the README shows, stopped with
+    "reading TOML needs Python >= 3.11". tomli, the package tomllib came from, reads it there; without either the
+    error names the file and the package to install."""
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` fails, as on 3.10
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "base"\n[optim]\nlr = 1\n[train]\nsteps = 7\n')
+    cfg = build_config(str(toml), [], 1)
+    assert cfg.model.name == "videoprism_lvt_v1_base" and cfg.optim.lr == 1.0 and cfg.train.steps == 7
+    toml.write_text("[optim\n")
+    with pytest.raises(ValueError, match="run.toml: not a valid TOML config"):
+        build_config(str(toml), [], 1)
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ValueError, match=r"run.toml: reading TOML on Python < 3.11 needs the tomli package: pip"):
+        build_config(str(toml), [], 1)
+
+
 def test_a_config_json_that_cannot_be_written_is_one_line_naming_it_and_the_fix(tmp_path, monkeypatch):
     """A full disk when a run writes (a resume: rewrites) OUT_DIR/config.json stopped it with "[Errno 28] No
     space left on device", naming no file and no fix. The file it had stays whole."""

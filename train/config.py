@@ -357,6 +357,22 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def toml_reader(path: str):
+    """The TOML parser: the standard library's tomllib (Python >= 3.11), else tomli, the package it was made from
+    (same API; a dependency on Python 3.10, where a .toml config said "needs Python >= 3.11" instead of reading)."""
+    try:
+        import tomllib
+        return tomllib
+    except ImportError:
+        pass
+    try:
+        import tomli
+        return tomli
+    except ImportError:
+        raise ValueError(f"{path}: reading TOML on Python < 3.11 needs the tomli package: pip install 'tomli>=2' "
+                         "(or write the config as JSON)") from None
+
+
 def read_config_file(path: str) -> dict:
     """A config file as {"preset": NAME (optional), SECTION: {FIELD: value}}: TOML (.toml) or JSON."""
     if not os.path.isfile(path):
@@ -367,14 +383,11 @@ def read_config_file(path: str) -> dict:
     if ext not in (".toml", ".json"):
         raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext!r}; "
                          "write the config as TOML or JSON (see --help)")
+    toml = toml_reader(path) if ext == ".toml" else None  # outside the try: a missing parser is no parse error
     try:
-        if ext == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise ValueError(f"{path}: reading TOML needs Python >= 3.11; write the config as JSON") from None
+        if toml is not None:
             with open(path, "rb") as fh:
-                data = tomllib.load(fh)
+                data = toml.load(fh)
         else:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)

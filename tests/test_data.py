@@ -597,6 +597,8 @@ def test_loader_workers_leave_the_stop_signals_to_their_parent(synth):
 _CTRL_C_AT_A_FORK = """
 import os, signal, sys
 if __name__ == "__main__":
+    # Python leaves SIGINT ignored when it starts so (pytest under `nohup`, or a shell's `cmd &`): then no Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from videoprism.data.loader import build_loader
     armed = []
 

@@ -7,8 +7,10 @@
 #
 #   bash tools/gpu_versions_check.sh               # ~6 min with the wheels cached, ~10 min without
 #   bash tools/gpu_versions_check.sh -k attention  # extra arguments go to pytest
+#   PY_VERSION=3.10 bash tools/gpu_versions_check.sh  # another Python (pyproject allows >= 3.10), same torch
 #
-# Env: PYTHON (python3.12 on PATH, else pyenv's), TORCH (2.11.0), WORK (/tmp/videoprism_gpu_versions), CUDA (1).
+# Env: PY_VERSION (3.12), PYTHON (python$PY_VERSION on PATH, else pyenv's), TORCH (2.11.0),
+# WORK (/tmp/videoprism_gpu_versions), CUDA (1).
 # The installed extension builds without its CUDA kernels (VIDEOPRISM_NO_CUDA=1), which are compiled on their
 # own for sm_90 against the same torch (CUDA=0 skips that), and
 # numpy stays below 2.4, which Triton 3.6's interpreter needs (tests/conftest.py says so too).
@@ -16,16 +18,21 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${WORK:-/tmp/videoprism_gpu_versions}
 TORCH=${TORCH:-2.11.0}
-is312() { [ -n "$1" ] && "$1" -c "import sys; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; }
+V=${PY_VERSION:-3.12}
+[[ $V =~ ^3\.[0-9]+$ ]] || { echo "gpu_versions_check: PY_VERSION=$V is not a Python version such as 3.10" >&2
+  exit 2; }
+is_v() { [ -n "$1" ] && "$1" -c "import sys; assert '%d.%d' % sys.version_info[:2] == '$V'" 2>/dev/null; }
 if [ -z "${PYTHON:-}" ]; then  # a pyenv shim on PATH may exist and still refuse to run
-  for p in "$(command -v python3.12 2>/dev/null)" "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
-    is312 "$p" && { PYTHON=$p; break; }
+  for p in "$(command -v "python$V" 2>/dev/null)" "$HOME/.pyenv/versions/$V".*/bin/"python$V"; do
+    is_v "$p" && { PYTHON=$p; break; }
   done
 fi
-is312 "${PYTHON:-}" || { echo "gpu_versions_check: no working Python 3.12 found; set PYTHON=/path/to/python3.12" >&2; exit 2; }
+is_v "${PYTHON:-}" || { echo "gpu_versions_check: no working Python $V found; set PYTHON=/path/to/python$V" >&2
+  exit 2; }
 
 mkdir -p "$WORK"
 VENV=$WORK/venv-torch$TORCH
+[ "$V" = 3.12 ] || VENV=$VENV-py$V  # the 3.12 venv keeps its name: an existing one is reused
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip "setuptools<82" wheel ninja "numpy<2.4"

@@ -2,6 +2,7 @@
 retrieval metrics, the FLOP formula, text trimming, and atomic checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -853,11 +854,23 @@ def test_a_checkpoint_that_cannot_be_put_in_place_is_the_same_one_line_error(tmp
     assert ckpt.latest(str(tmp_path)) == (first if where == "rename" else str(tmp_path / "step_00000002"))
 
 
-def _publish_on_two_ranks(rank, port, root, errors):
+@contextlib.contextmanager
+def _gloo_rank(rank, port, errors):
+    """Rank `rank` of two gloo ranks for the body of the block; its error, if any, goes to `errors[rank]` (with
+    its type), and the process group is destroyed either way."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _publish_on_two_ranks(rank, port, root, errors):
+    with _gloo_rank(rank, port, errors):
         model = torch.nn.Linear(4, 3)
         opt = torch.optim.AdamW(model.parameters())
         saver = ckpt.Saver(root, keep=1)
@@ -865,27 +878,17 @@ def _publish_on_two_ranks(rank, port, root, errors):
         if rank == 0:
             _fail_on_publish(pytest.MonkeyPatch(), "rename")
         saver.save(2, model, opt, trainer_state={"step": 2}, rank_state={})
-    except Exception as e:  # noqa: BLE001
-        errors[rank] = f"{type(e).__name__}: {e}"
-    finally:
-        dist.destroy_process_group()
 
 
 def _save_on_two_ranks(rank, port, root, errors):
     """Checkpoints of steps 1 and 2, written by two gloo ranks."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with _gloo_rank(rank, port, errors):
         model = torch.nn.Linear(4, 3)
         opt = torch.optim.AdamW(model.parameters())
         saver = ckpt.Saver(root, keep=2)
         for step in (1, 2):
             saver.save(step, model, opt, trainer_state={"step": step}, rank_state={"data": {"rank": rank}})
-    except Exception as e:  # noqa: BLE001
-        errors[rank] = f"{type(e).__name__}: {e}"
-    finally:
-        dist.destroy_process_group()
+
 
 
 def test_a_checkpoint_whose_last_rank_file_is_lost_is_damaged_not_one_of_fewer_ranks(tmp_path):
@@ -943,20 +946,13 @@ def _global_batch(n=8, d=16):
 
 
 def _contrastive_on_two_ranks(rank, port, root, errors):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with _gloo_rank(rank, port, errors):
         v, t = _global_batch()
         b = v.shape[0] // 2
         v, t = v[rank * b:(rank + 1) * b].clone().requires_grad_(), t[rank * b:(rank + 1) * b].clone().requires_grad_()
         loss = contrastive_loss(v, t, torch.tensor(math.log(20.0)))
         loss.backward()
         torch.save({"loss": loss.detach(), "v": v.grad, "t": t.grad}, os.path.join(root, f"rank{rank}.pt"))
-    except Exception as e:  # noqa: BLE001
-        errors[rank] = f"{type(e).__name__}: {e}"
-    finally:
-        dist.destroy_process_group()
 
 
 def test_contrastive_loss_on_two_ranks_is_the_global_batchs():

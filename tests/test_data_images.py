@@ -14,6 +14,7 @@ import torch
 av = pytest.importorskip("av", reason="PyAV decodes every image here (the GPU machines lack it)")
 
 from videoprism.cli import main  # noqa: E402
+from videoprism.data.decode import PyAVClip  # noqa: E402
 from videoprism.data.loader import build_loader  # noqa: E402
 from videoprism.data.manifest import PROBE_FIELDS, read_manifest, read_shards  # noqa: E402
 
@@ -236,17 +237,28 @@ def animated_webp(frames: int = 3) -> bytes:
     return buf.getvalue()
 
 
-def test_an_animated_webp_is_rejected_as_one_not_as_a_corrupt_image(tmp_path):
-    """FFmpeg's WebP decoder takes still images only ("skipping unsupported chunk: ANIM"): a whole animated WebP,
-    which browsers play, was rejected as "truncated or corrupt image" (a "corrupt stream" before), a reason that sent
-    the user looking for damage. It is named for what it is, with the fix, as a file and as a shard member."""
+def test_an_animated_webp_is_a_clip_or_rejected_as_one_not_as_a_corrupt_image(tmp_path):
+    """FFmpeg up to 8 decodes still WebP only ("skipping unsupported chunk: ANIM"): a whole animated WebP, which
+    browsers play, was rejected as "truncated or corrupt image" (a "corrupt stream" before), a reason that sent the
+    user looking for damage. It is named for what it is, with the fix, as a file and as a shard member. An FFmpeg
+    with the webp_anim demuxer (PyAV >= 19, Python 3.12's) reads it as the clip it is: its frames, in order."""
     images = make_images(2)
     images[0] = dict(images[0], name="0000.webp", data=animated_webp())
     manifest, shard = write_manifest(str(tmp_path), images), write_shard(tmp_path / "anim.tar", images)
+    plays = "webp_anim" in av.formats_available
+    if plays:
+        with PyAVClip(images[0]["data"]) as clip:  # animated_webp's frame i is 60 * i everywhere
+            levels = clip.decode([0, 1, 2]).float().mean((1, 2, 3))
+        assert clip.index.num_frames == 3 and torch.allclose(levels, torch.tensor([0.0, 60.0, 120.0]), atol=3), levels
     for source in (manifest, [shard]):
         loader = build_loader(source, num_frames=1, resolution=16, batch_size=1, train=False, tokenizer=None,
                               backend="pyav", max_bad_share=1.0)
-        assert [c for b in loader for c in b["caption"]] == [images[1]["caption"]]
+        batches = list(loader)
+        if plays:
+            assert [c for b in batches for c in b["caption"]] == [images[0]["caption"], images[1]["caption"]]
+            assert loader.drain_rejects() == []
+            continue
+        assert [c for b in batches for c in b["caption"]] == [images[1]["caption"]]
         (name, reason), = loader.drain_rejects()
         assert name.endswith("0000.webp") and reason.startswith(
             "an animated WebP, which this FFmpeg does not decode (decoding failed: "), reason

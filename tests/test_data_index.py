@@ -145,6 +145,29 @@ def test_workers_that_die_before_any_file_stop_the_index_with_a_message(tmp_path
     assert "died before they started on any file" in capsys.readouterr().err
 
 
+def _sigterm_self() -> str:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(20)  # a worker that outlives SIGTERM returns, and the test fails
+    return "outlived SIGTERM"
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the parent's handler reaches forked workers")
+def test_a_probe_worker_ends_on_sigterm_under_the_indexs_own_handler():
+    """A broken pool ends its other workers by SIGTERM and, from Python 3.12, holds the lock `submit` takes until
+    they are gone: workers that ignored SIGTERM, or ran the index's own handler (inherited through fork), hung
+    `data index` at the first file that crashed its worker. Here under that handler, as `data index` runs."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from videoprism.data import index
+    from videoprism.preemption import Preempted, stopping
+
+    t = time.monotonic()
+    with stopping(True, lambda signum: Preempted(signum, None, None)), index._pool(1) as pool, \
+            pytest.raises(BrokenProcessPool):
+        pool.submit(_sigterm_self).result()
+    assert time.monotonic() - t < 15
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to make a VFR clip")
 def test_a_variable_frame_rate_clip_is_planned_from_its_timestamps(tmp_path):
     """A clean manifest's frame plan (dali_pipeline.clip_plan) puts frame i at i / fps; for a variable frame rate

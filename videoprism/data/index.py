@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import check_not_an_input, check_out_file
-from ..preemption import SIGNALS, Preempted, stopping
+from ..preemption import Preempted, stopping
 from .journal import Journal, journal_key, journal_path
 from .loader import die_with_parent
 from .manifest import Sample, SampleList, read_source
@@ -58,13 +58,18 @@ _STARTED = None
 
 
 def _init_worker(started) -> None:
-    """Ctrl-C and a scheduler's notice go to the whole process group, and are the parent's to act on (it kills its
-    workers, _pool): a worker the signal ended first broke the pool as a decoder crash does, and its file would be
-    journaled as one. A parent killed outright takes its workers with it (they outlived it: still there 30 s on)."""
+    """Ctrl-C and SLURM's SIGUSR1 go to the whole process group, and are the parent's to act on (it kills its
+    workers, _pool): a worker the signal ended first broke the pool as a decoder crash does. SIGTERM ends a worker:
+    a broken pool ends its other workers by SIGTERM and, from Python 3.12, holds the lock `submit` takes until they
+    are gone (ignored, or the parent's handler inherited through fork, `data index` hung at the first file that
+    crashed its worker). A worker a group's SIGTERM ends first is harmless: its files are probed again alone, or
+    not at all as the parent stops (the same signal). A parent killed outright takes its workers with it (they
+    outlived it: still there 30 s on)."""
     global _STARTED
     _STARTED = started
-    for s in (signal.SIGINT, *SIGNALS):
+    for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     die_with_parent()
 
 

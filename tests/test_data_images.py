@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import tarfile
 
 import numpy as np
@@ -194,15 +195,71 @@ def test_bad_image_members_are_rejected_with_their_reason_as_manifest_images_are
     assert all(r["reason"].startswith(why) for r, (*_, why) in zip(report, bad)), report
 
 
-def test_frames_of_two_sizes_are_a_bad_sample_not_a_crash(tmp_path):
-    """A JPEG member with a smaller picture after it (an Ultra HDR photo's gain map, an MPO's second view) is two
-    frames of two sizes to FFmpeg's readers of bytes, as is a stream that changes size (two MPEG-TS files of two sizes
-    joined); sampled at two frames, they stopped the loader with "ValueError: all input arrays must have the same
-    shape". Each is a bad sample naming the sizes."""
-    photo = encode_image(np.random.default_rng(1).integers(0, 256, (40, 56, 3), dtype=np.uint8), ".jpg")
+def with_exif(jpeg: bytes) -> bytes:
+    """`jpeg` with an (empty) Exif segment after its start marker, as a camera writes one: FFmpeg's probe of bytes
+    then takes two JPEGs one after the other for an image (jpeg_pipe), without it for a motion-JPEG stream (mjpeg)."""
+    segment = b"Exif\x00\x00" + b"MM\x00\x2a\x00\x00\x00\x08" + b"\x00\x00" + b"\x00\x00\x00\x00"  # TIFF: no tags
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(segment) + 2) + segment + jpeg[2:]
+
+
+def test_a_jpeg_with_a_second_picture_after_it_is_its_first_picture(tmp_path, capsys):
+    """An Ultra HDR photo (a smaller JPEG, its gain map, appended, as Android phones write) and an MPO (a stereo
+    camera's second view appended) are two JPEGs one after the other: FFmpeg's readers of bytes (a shard's member;
+    jpeg_pipe with a camera's Exif segment, the motion-JPEG reader without) took them for 2 frames, so a shard's photo
+    was indexed as frames=2 and rejected as "frames of 2 sizes (56x40, 16x12)" at 2 sampled frames. Each is the
+    image a viewer shows, its first picture: from a shard and from a manifest, the loader gives the tensors of that
+    picture alone, and `data index` writes frames=1 and its size. A photo cut inside its first picture is still
+    rejected."""
+    rng = np.random.default_rng(1)
+    photo = encode_image(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8), ".jpg")
     gain_map = encode_image(np.full((12, 16, 3), 90, np.uint8), ".jpg")
-    shard = write_shard(tmp_path / "uhdr.tar", [{"name": "0000.jpg", "data": photo + gain_map, "caption": "a photo",
-                                                 "label": 0}])
+    view = encode_image(np.full((40, 56, 3), 200, np.uint8), ".jpg")
+    files = {"0000.jpg": photo, "0001.jpg": photo + gain_map, "0002.jpg": with_exif(photo) + gain_map,
+             "0003.jpeg": photo + view, "0004.jpg": with_exif(photo) + view,
+             "0005.jpg": photo[:len(photo) // 2] + gain_map}
+    images = [{"name": name, "data": data, "caption": name, "label": 0} for name, data in files.items()]
+    manifest, shard = write_manifest(str(tmp_path), images), write_shard(tmp_path / "photos.tar", images)
+    for source in (manifest, [shard]):
+        loader = build_loader(source, num_frames=1, resolution=24, batch_size=1, train=False, tokenizer=None,
+                              backend="pyav", max_bad_share=1.0)
+        videos = {b["caption"][0]: b["video"] for b in loader}
+        assert sorted(videos) == list(files)[:5]
+        assert all(torch.equal(v, videos["0000.jpg"]) for v in videos.values())
+        (name, reason), = loader.drain_rejects()
+        assert name.endswith("0005.jpg") and reason.startswith("truncated or corrupt image"), reason
+    for source in (manifest, shard):
+        out = str(tmp_path / "clean" / f"{os.path.basename(source)}.jsonl")
+        assert main(["data", "index", source, "--out", out, "--workers", "1", "--quiet"]) == 0
+        assert "5 of 6 samples kept" in capsys.readouterr().out
+        assert {(r["frames"], r["width"], r["height"]) for r in map(json.loads, open(out))} == {(1, 56, 40)}
+
+
+def test_a_raw_mjpeg_file_is_a_clip_of_all_its_frames(tmp_path, capsys):
+    """A .mjpeg file (a motion-JPEG stream: JPEGs one after the other, as a JPEG with a second picture is laid out)
+    is not named as an image: FFmpeg's motion-JPEG reader gives all its frames, which load and index as a clip's,
+    while the same bytes named .jpg are an image, its first frame."""
+    stream = b"".join(encode_image(np.full((16, 24, 3), 40 * i, np.uint8), ".jpg") for i in range(6))
+    for name in ("clip.mjpeg", "clip.jpg"):
+        (tmp_path / name).write_bytes(stream)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"path": name, "caption": name}) + "\n" for name in ("clip.mjpeg",
+                                                                                                "clip.jpg")))
+    videos = {}
+    for frames in (6, 1):
+        loader = build_loader(str(manifest), num_frames=frames, resolution=16, batch_size=1, train=False,
+                              tokenizer=None, backend="pyav", max_bad_share=1.0)
+        videos[frames] = {b["caption"][0]: b["video"][0] for b in loader}
+    levels = videos[6]["clip.mjpeg"].float().mean((1, 2, 3))
+    assert list(videos[6]) == ["clip.mjpeg"] and torch.allclose(levels, 40 * torch.arange(6.0), atol=3), levels
+    assert torch.equal(videos[1]["clip.jpg"], videos[6]["clip.mjpeg"][:1])
+    out = str(tmp_path / "clean.jsonl")
+    assert main(["data", "index", str(manifest), "--out", out, "--workers", "1", "--quiet"]) == 0
+    assert [(r["path"], r["frames"]) for r in map(json.loads, open(out))] == [("clip.mjpeg", 6), ("clip.jpg", 1)]
+
+
+def test_frames_of_two_sizes_are_a_bad_sample_not_a_crash(tmp_path):
+    """A stream that changes size (two MPEG-TS files of two sizes joined), sampled at two frames, stopped the loader
+    with "ValueError: all input arrays must have the same shape": a bad sample naming the sizes."""
     joined = b""
     for size in (32, 16):  # two MPEG-TS files: a stream whose frames change size
         buf = io.BytesIO()
@@ -217,12 +274,11 @@ def test_frames_of_two_sizes_are_a_bad_sample_not_a_crash(tmp_path):
         joined += buf.getvalue()
     (tmp_path / "joined.ts").write_bytes(joined)
     (tmp_path / "m.jsonl").write_text(json.dumps({"path": "joined.ts", "caption": "a clip"}) + "\n")
-    for source, sizes in (([shard], "56x40, 16x12"), (str(tmp_path / "m.jsonl"), "32x32, 16x16")):
-        loader = build_loader(source, num_frames=2, resolution=16, batch_size=1, train=False, tokenizer=None,
-                              backend="pyav", max_bad_share=1.0)
-        assert list(loader) == []
-        (_, reason), = loader.drain_rejects()
-        assert reason == f"frames of 2 sizes ({sizes}): re-encode it at one size", reason
+    loader = build_loader(str(tmp_path / "m.jsonl"), num_frames=2, resolution=16, batch_size=1, train=False,
+                          tokenizer=None, backend="pyav", max_bad_share=1.0)
+    assert list(loader) == []
+    (_, reason), = loader.drain_rejects()
+    assert reason == "frames of 2 sizes (32x32, 16x16): re-encode it at one size", reason
 
 
 def animated_webp(frames: int = 3) -> bytes:

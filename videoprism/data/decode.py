@@ -13,7 +13,8 @@ targets is reported as "truncated".
 Images (JPEG, PNG, WebP: a manifest's image file or a shard's image member) are one-frame videos: FFmpeg's image
 demuxers give one frame at 25 fps. Its JPEG decoder returns the rows past a cut as flat green without an error, so
 an image's decoder is told to fail on damaged data (`err_detect=explode`): a half-written photo is rejected as
-truncated or corrupt, not trained on.
+truncated or corrupt, not trained on. A JPEG file may hold a second picture after the first (an Ultra HDR photo's
+gain map, an MPO's second view): every viewer shows the first, which is the image (`_first_picture`).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from av.video.reformatter import VideoReformatter
 import torch
 
 from .errors import BadVideoError
+from .manifest import named_image
 from .transforms import Augment, apply_augment, quarter_turns, uniform_indices, yuv_matrix
 
 # Tags in a legacy encoding (Latin-1 titles) must not make a decodable file unreadable: PyAV <= 18
@@ -114,9 +116,21 @@ def _to_pts(seconds: float, time_base: Fraction) -> int:
     return int(np.ceil(Fraction(seconds).limit_denominator(1 << 20) / time_base - Fraction(1, 2)))
 
 
-def _is_image_demuxer(demuxer: str) -> bool:
-    """Whether FFmpeg's demuxer of a file is one of its image readers (image2, jpeg_pipe, png_pipe, webp_pipe, ...)."""
-    return demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe")
+def _is_image_demuxer(demuxer: str, named_image: bool) -> bool:
+    """Whether FFmpeg's demuxer of a file is one of its image readers (image2, jpeg_pipe, png_pipe, webp_pipe, ...),
+    or its motion-JPEG reader on a file its caller knows for an image (`named_image`: by its name, which FFmpeg does
+    not see in bytes): probing the bytes of a JPEG with a second JPEG after it (an Ultra HDR photo, an MPO) takes
+    them for a stream of JPEGs. A raw .mjpeg file is not named an image: a clip of all its frames."""
+    return demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe") or (named_image and demuxer == "mjpeg")
+
+
+def _first_picture(pts: list[int], keys: list[int]) -> tuple[list[int], list[int]]:
+    """The (sorted) timestamps of an image's frames cut to its first picture. What follows it in the file (the gain
+    map of an Ultra HDR photo, the other view of an MPO: a JPEG appended to the first) is two frames to FFmpeg's
+    readers of bytes, possibly of two sizes ("frames of 2 sizes" rejected such a photo, or it was indexed as 2
+    frames), and nothing to a viewer, nor to FFmpeg's reader of an image file (one packet, the first picture
+    decoded)."""
+    return pts[:1], keys[:1]
 
 
 def _is_animated_webp(src: Source) -> bool:
@@ -140,7 +154,8 @@ def _name(src: Source, name: str | None) -> str:
 class PyAVClip:
     """An open video stream with its packet index. Use as a context manager; every failure is a `BadVideoError`."""
 
-    def __init__(self, src: Source, *, name: str | None = None, threads: int = 0):
+    def __init__(self, src: Source, *, name: str | None = None, threads: int = 0, image: bool = False):
+        """`image`: `src` is named as an image (manifest.named_image of its file or member name): read as one."""
         self.name = _name(src, name)
         if isinstance(src, (str, os.PathLike)):
             src = os.fspath(src)
@@ -160,7 +175,7 @@ class PyAVClip:
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise BadVideoError(self.name, f"not a video or an image, or a truncated or corrupt one (cannot read the "
                                            f"container: {_msg(e)})") from None
-        self.image = _is_image_demuxer(self._container.format.name)
+        self.image = _is_image_demuxer(self._container.format.name, image)
         try:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
@@ -247,6 +262,8 @@ class PyAVClip:
             raise BadVideoError(self.name, "no frames (the video stream is empty or cut before its first frame)")
         pts.sort()
         keys.sort()
+        if self.image:
+            pts, keys = _first_picture(pts, keys)
         rate = s.average_rate or s.guessed_rate
         fps = float(rate) if rate else (len(pts) - 1) / float((pts[-1] - pts[0]) * s.time_base) if len(pts) > 1 else 0.0
         # The codec's canonical name (av1), not the decoder's (libdav1d): DALI routes by it.
@@ -447,9 +464,10 @@ def _msg(e: Exception) -> str:
 
 
 def decode_clip(src: Source, num_frames: int, resolution: int, aug: Augment, *, start: float | None = None,
-                end: float | None = None, name: str | None = None, threads: int = 0) -> torch.Tensor:
+                end: float | None = None, name: str | None = None, threads: int = 0,
+                image: bool = False) -> torch.Tensor:
     """Uniformly sampled, transformed frames: uint8 [num_frames, resolution, resolution, 3]."""
-    with PyAVClip(src, name=name, threads=threads) as clip:
+    with PyAVClip(src, name=name, threads=threads, image=image) as clip:
         frames = clip.decode(clip.sample_indices(num_frames, start, end))
     return apply_augment(frames, aug, resolution)
 
@@ -467,4 +485,5 @@ def read_clip(path: str | os.PathLike, num_frames: int, resolution: int, *, star
                          f"resolution={resolution}")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"end must be after start, got start={start}, end={end} (seconds)")
-    return decode_clip(os.fspath(path), num_frames, resolution, Augment(), start=start, end=end)
+    path = os.fspath(path)
+    return decode_clip(path, num_frames, resolution, Augment(), start=start, end=end, image=named_image(path))

@@ -69,6 +69,13 @@ class Sample:
             return self.path
         return f"{self.path}:{self.member}" if self.member else f"{self.path}@{self.offset}+{self.size}"
 
+    @property
+    def is_image(self) -> bool:
+        """Whether its file, or its member of a tar, is named as an image (a member of no name: not known, False)."""
+        if self.offset is None:
+            return named_image(self.path)
+        return bool(self.member) and named_image(self.member)
+
     def source(self) -> str | bytes:
         """The path to open, or the bytes of a member of a tar."""
         if self.offset is None:
@@ -539,6 +546,11 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
     if not samples:
         raise NoUsableSamplesError(f"shards {paths} hold no usable sample ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
+
+
+def named_image(name: str) -> bool:
+    """Whether a file or member name ends in an image extension (IMAGE_EXTENSIONS, in any case)."""
+    return _slot(name) == "image"
 
 
 def _slot(field: str) -> str | None:

@@ -463,6 +463,39 @@ def test_a_journal_is_used_only_for_the_sources_and_options_it_was_written_for(t
     assert [json.loads(line)["frames"] for line in open(out)] == [4] * 5 + [12] + [4] * 3
 
 
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the probes are counted in forked workers")
+def test_a_file_replaced_between_two_runs_is_probed_again(tmp_path, monkeypatch, capsys):
+    """A journal named its manifest, not the files it lists: a 4-frame clip replaced by a 12-frame one under the
+    same path between an interrupted index and the same command again kept its first probe (frames=4, and every
+    file taken from the journal). Each result holds the stamp of its file: the replaced file, one written over in
+    place keeping its size and modification time (`cp -p` of a file of the same size: its change time tells) and
+    one deleted since are probed again, with a note, the other 6 results taken from the journal."""
+    d = str(tmp_path)
+    assert run(["data", "synth", "--out", d, "--num", "10", "--size", "32", "--frames", "4", "--workers", "1",
+                "--quiet"]) == 0
+    manifest, out, log = f"{d}/train.jsonl", f"{d}/out/clean.jsonl", f"{d}/probed.log"
+    paths = [os.path.join(d, json.loads(line)["path"]) for line in open(manifest)]
+    names = [os.path.basename(p) for p in paths]
+    argv = [manifest, "--out", out, "--workers", "1", "--quiet"]
+    status, err, probed = _index(monkeypatch, capsys, argv, log, ctrl_c_at_the_end=True)
+    assert status == 130 and probed == names
+
+    write_clip(f"{d}/longer.mp4", 12)
+    os.replace(f"{d}/longer.mp4", paths[3])  # another clip at the same path (FFmpeg reads its content, not its name)
+    os.remove(paths[5])
+    st, data = os.stat(paths[7]), open(paths[7], "rb").read()
+    open(paths[7], "wb").write(data)
+    os.utime(paths[7], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert [os.stat(paths[7]).st_size, os.stat(paths[7]).st_mtime_ns] == [st.st_size, st.st_mtime_ns]
+    status, err, probed = _index(monkeypatch, capsys, argv, log)
+    assert f"{out}.journal: 6 of 9 files probed by an earlier run of this command are taken from it; 3 changed " \
+           "since (replaced, written over or deleted): probed again" in err
+    assert status == 0 and probed == [names[3], names[5], names[7]]
+    assert [json.loads(line)["frames"] for line in open(out)] == [4] * 3 + [12] + [4] * 4
+    report = [json.loads(line) for line in open(f"{d}/out/clean.rejects.jsonl")]
+    assert [(r["path"], r["reason"]) for r in report] == [(paths[5], "missing file (no such path)")]
+
+
 def test_two_indexes_of_one_out_are_refused(tmp_path, capsys):
     """Two commands writing one --out would each take the other's journal lines for their own."""
     from videoprism.data.journal import Journal
@@ -470,7 +503,7 @@ def test_two_indexes_of_one_out_are_refused(tmp_path, capsys):
     m = tmp_path / "m.jsonl"
     m.write_text('{"path": "a.mp4", "caption": "a"}\n')
     out = str(tmp_path / "clean.jsonl")
-    held = Journal(out + ".journal", {}, 0)
+    held = Journal(out + ".journal", {}, [])
     try:
         assert run(["data", "index", str(m), "--out", out, "--quiet"]) == 2
     finally:

@@ -26,7 +26,7 @@ from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import check_not_an_input, check_out_file
 from ..preemption import Preempted, stopping
-from .journal import Journal, journal_key, journal_path
+from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
 from .manifest import Sample, SampleList, read_source
 from .pack import write_pack
@@ -73,21 +73,24 @@ def _init_worker(started) -> None:
     die_with_parent()
 
 
-def _probe_job(args) -> tuple[dict | None, str | None]:
+def _probe_job(args) -> tuple[tuple[dict | None, str | None], list[int] | None]:
+    """((fields, reason), stamp) of a job: the stamp of its file taken before the probe opens it, so that a file
+    replaced while it is probed has another one at the next run (journal.py)."""
     i, sample, min_frames, full = args
     if _STARTED is not None:
         _STARTED[i] = 1
+    stamp = file_stamp(sample.path)
     try:
-        return probe(sample, min_frames=min_frames, full=full), None
+        return (probe(sample, min_frames=min_frames, full=full), None), stamp
     except BadVideoError as e:
-        return None, e.reason
+        return (None, e.reason), stamp
 
 
 def _probe_all(jobs: list, todo: list[int], workers: int, record) -> None:
-    """Probe the jobs `todo` in worker processes, handing each result to `record(i, (fields, reason))` as it comes.
-    A file that kills its worker (a decoder crash, the OOM killer) breaks the whole pool: the jobs that had started
-    are then probed again one at a time, each in a fresh process, which pins the crash on its file (rejected, with
-    the reason) and keeps the others' results; the jobs not yet started go to a new pool."""
+    """Probe the jobs `todo` in worker processes, handing each result to `record(i, ((fields, reason), stamp))` as
+    it comes (_probe_job). A file that kills its worker (a decoder crash, the OOM killer) breaks the whole pool: the
+    jobs that had started are then probed again one at a time, each in a fresh process, which pins the crash on its
+    file (rejected, with the reason) and keeps the others' results; the jobs not yet started go to a new pool."""
     while todo:
         started = multiprocessing.RawArray("b", len(jobs))
         done = _pool_round(todo, jobs, min(workers, len(todo)), started, record)
@@ -128,12 +131,13 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, record) -> s
     return done
 
 
-def _probe_alone(i: int, job) -> tuple[dict | None, str | None]:
+def _probe_alone(i: int, job) -> tuple[tuple[dict | None, str | None], list[int] | None]:
+    stamp = file_stamp(job[0].path)  # before the probe, as _probe_job's
     with _pool(1) as pool:
         try:
             return pool.submit(_probe_job, (i, *job)).result()
         except BrokenProcessPool:
-            return None, "the decoder crashed on it (its process died while probing the file)"
+            return (None, "the decoder crashed on it (its process died while probing the file)"), stamp
 
 
 @contextlib.contextmanager
@@ -177,7 +181,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
         raise ValueError(f"--rejects {rejects_path} is --out: the report and the clean manifest need a file each")
     jobs = [(s, min_frames, full) for s in samples]
     key = journal_key(sources, samples, min_frames=min_frames, full=full, captions=captions)
-    journal = Journal(journal_path(out), key, len(jobs))
+    journal = Journal(journal_path(out), key, [sample.path for sample, *_ in jobs])
     try:
         # A scheduler's notice (SIGTERM, SLURM's SIGUSR1) stops it as Ctrl-C does, with a line, not silently.
         with stopping(True, lambda signum: Preempted(signum, None, None)):
@@ -201,8 +205,8 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
 def _probe_rest(jobs: list, journal: Journal, workers: int, progress: bool) -> None:
     """Probe the jobs the journal holds no result of, journaling each result as it comes."""
     with _progress(len(jobs), progress, journal.done) as bar:
-        def record(i: int, result: tuple[dict | None, str | None]) -> None:
-            journal.record(i, result)
+        def record(i: int, done: tuple[tuple[dict | None, str | None], list[int] | None]) -> None:
+            journal.record(i, *done)
             bar.update(1)
 
         _probe_all(jobs, journal.todo(), workers, record)

@@ -3,32 +3,41 @@
 goes on from there: an index of millions of files takes hours.
 
 `OUT.journal`, beside the clean manifest OUT, is JSON lines:
-    {"journal": "videoprism data index", "version": 1, "key": {...}}    what its results are of
-    [i, fields, reason]    the result of sample i: its probe fields and null, or null and why it is bad
+    {"journal": "videoprism data index", "version": 2, "key": {...}}    what its results are of
+    [i, fields, reason, stamp]    the result of sample i: its probe fields and null, or null and why it is bad;
+                                  the stamp of its file (`file_stamp`) before it was probed
 Each line is handed to the OS as its result comes (a killed process loses none of them) and fsynced every few seconds
 (what a machine crash may lose). The key names the input (each source: a manifest's SHA-256, ~0.2 s per million lines;
 a shard's size, inode and times, as pack.py stamps a manifest, since hashing a shard set reads the whole dataset;
 and the fingerprint of the samples read from them) and what changes a result (--min-frames, --full,
---require-captions; the PyAV version): a journal of another key is ignored, with a note, and started over. A last
-line cut by a kill mid-write is dropped (its file is probed again). The index removes the journal once the clean
-manifest is written and packed.
+--require-captions; the PyAV version): a journal of another key is ignored, with a note, and started over. The key
+does not name the files a manifest lists (a stat of each at every start): a result whose file has another stamp
+now (replaced under the same path, written over, deleted) is dropped, with a note, and its file probed again; the
+other results are kept. A last line cut by a kill mid-write is dropped (its file is probed again). The index
+removes the journal once the clean manifest is written and packed.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import av
 
 from .pack import _FILE, _stamp, content_hash
 
 MAGIC = "videoprism data index"
-VERSION = 1  # bump when probe() returns other fields or rejects otherwise: an older journal is then started over
+VERSION = 2  # bump when probe() returns other fields or rejects otherwise: an older journal is then started over
 _SYNC_S = 5.0  # fsync at most this often: a network file system may take a while to answer each
+_STAT_THREADS = 32  # stats of the journaled files at once: each waits on a network file system's round trip
+_STAT_BATCH = 64  # files a thread stats per task: a task per file cost 7x the stats themselves on a local disk
+_STAT_CHUNK = 4096  # results checked at a time (a million-file journal is not a million futures)
 
 
 def journal_path(out: str) -> str:
@@ -41,6 +50,22 @@ def journal_key(sources: list[str], samples, *, min_frames: int, full: bool, cap
             "sources": [_identity(s) for s in sources], "samples": samples.fingerprint, "pyav": av.__version__}
 
 
+def file_stamp(path: str) -> list[int] | None:
+    """The version of the file at `path` (a sample's file, or its shard) that a result is of: its size, times and
+    inode (pack.py's stamp of a manifest, in _FILE's order). Size and modification time, as make and rsync compare,
+    miss a file of the same size copied over it with its time (`cp -p`, `rsync -t`, a tar extract); a file moved
+    into its place has another inode. None: it cannot be stat'ed (missing; its probe says why)."""
+    try:
+        stamp = _stamp(path)
+    except OSError:
+        return None
+    return [stamp[k] for k in _FILE]
+
+
+def _file_stamps(paths: list[str]) -> list[list[int] | None]:
+    return [file_stamp(p) for p in paths]
+
+
 def _identity(source: str) -> dict:
     path = os.path.abspath(source)
     if path.endswith(".tar"):  # any write changes its size or times, a file put in its place its inode
@@ -51,15 +76,17 @@ def _identity(source: str) -> dict:
 
 class Journal:
     """The results of an index so far (`results[i]`: sample i's (fields, reason), None while not probed), read from
-    the journal at `path` when it is of `key`; `record` adds one. Held locked: two commands writing one --out would
-    each take the other's lines for their own."""
+    the journal at `path` when it is of `key` and of the files now at `files` (`files[i]`: sample i's file, or its
+    shard); `record` adds one. Held locked: two commands writing one --out would each take the other's lines for
+    their own."""
 
-    def __init__(self, path: str, key: dict, count: int):
-        self.path, self.results, self.done = path, [None] * count, 0
+    def __init__(self, path: str, key: dict, files: Sequence[str]):
+        self.path, self.results, self.done = path, [None] * len(files), 0
+        self._stamps: list[list[int] | None] = [None] * len(files)  # of each result's file, as it was probed
         self._fh = _open_locked(path)
         self._synced = time.monotonic()
         try:
-            self._load(key)
+            self._load(key, files)
         except BaseException:
             self._fh.close()
             raise
@@ -67,10 +94,11 @@ class Journal:
     def todo(self) -> list[int]:
         return [i for i, r in enumerate(self.results) if r is None]
 
-    def record(self, i: int, result: tuple[dict | None, str | None]) -> None:
+    def record(self, i: int, result: tuple[dict | None, str | None], stamp: list[int] | None) -> None:
+        """Sample i's (fields, reason), of its file as `stamp` (file_stamp, taken before the probe opened it)."""
         self.results[i] = result
         self.done += 1
-        self._write(json.dumps([i, *result]) + "\n")
+        self._write(json.dumps([i, *result, stamp]) + "\n")
 
     def close(self) -> None:
         """Synced and closed, without an error of its own: a write that failed (a full disk) has raised one."""
@@ -85,7 +113,7 @@ class Journal:
         self.close()
         os.remove(self.path)
 
-    def _load(self, key: dict) -> None:
+    def _load(self, key: dict, files: Sequence[str]) -> None:
         fh = self._fh
         fh.seek(0)
         first = fh.readline()
@@ -104,12 +132,33 @@ class Journal:
             if entry is None:
                 damaged += 1
             else:
-                self.done += self.results[entry[0]] is None
-                self.results[entry[0]] = entry[1]
+                i, result, stamp = entry
+                self.results[i], self._stamps[i] = result, stamp
             kept += len(line)
         fh.truncate(kept)  # the next line starts on a line of its own
+        changed = self._drop_changed(files)
+        self.done = sum(r is not None for r in self.results)
         print(f"note: {self.path}: {self.done} of {len(self.results)} files probed by an earlier run of this command "
-              "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else ""), file=sys.stderr)
+              "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else "")
+              + (f"; {changed} changed since (replaced, written over or deleted): probed again" if changed else ""),
+              file=sys.stderr)
+
+    def _drop_changed(self, files: Sequence[str]) -> int:
+        """Drops the results whose file now has another stamp than when it was probed; returns their count. The
+        files are stat'ed by threads (millions on a network file system, one at a time, took as long as probing
+        them), each path once a chunk (a shard's members share one)."""
+        done, changed = [i for i, r in enumerate(self.results) if r is not None], 0
+        with ThreadPoolExecutor(_STAT_THREADS) as pool:
+            for start in range(0, len(done), _STAT_CHUNK):
+                chunk = done[start:start + _STAT_CHUNK]
+                paths = list(dict.fromkeys(files[i] for i in chunk))
+                batches = [paths[k:k + _STAT_BATCH] for k in range(0, len(paths), _STAT_BATCH)]
+                now = dict(zip(paths, itertools.chain.from_iterable(pool.map(_file_stamps, batches))))
+                for i in chunk:
+                    if now[files[i]] != self._stamps[i]:
+                        self.results[i] = None
+                        changed += 1
+        return changed
 
     def _start(self, key: dict) -> None:
         self._fh.truncate(0)
@@ -188,11 +237,13 @@ def _flags(options) -> str:
 
 
 def _entry(line: bytes, count: int):
-    """(i, (fields, reason)) of a journal line; None for a damaged one."""
+    """(i, (fields, reason), stamp) of a journal line; None for a damaged one."""
     try:
-        i, fields, reason = json.loads(line)
+        i, fields, reason, stamp = json.loads(line)
     except (ValueError, TypeError):
         return None
     good = (type(i) is int and 0 <= i < count
-            and (isinstance(fields, dict) and reason is None or fields is None and isinstance(reason, str)))
-    return (i, (fields, reason)) if good else None
+            and (isinstance(fields, dict) and reason is None or fields is None and isinstance(reason, str))
+            and (stamp is None or isinstance(stamp, list) and len(stamp) == len(_FILE)
+                 and all(type(v) is int for v in stamp)))
+    return (i, (fields, reason), stamp) if good else None

@@ -47,6 +47,18 @@ def run(stage: int, out: str, *args: str, nproc: int = 1) -> str:
     return r.stdout
 
 
+def run_failing(cmd: list[str], logs) -> list[str]:
+    """Run the torchrun command `cmd`, which must fail; each rank's stderr, in rank order. Each rank's stderr goes to
+    its own file under `logs`: on the shared pipe one rank's line could land inside the other's."""
+    at = cmd.index("torch.distributed.run") + 1
+    cmd = [*cmd[:at], "--log-dir", str(logs), "--redirects", "2", *cmd[at:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VIDEOPRISM_TRACEBACK": ""}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    files = sorted(logs.rglob("stderr.log"), key=lambda f: int(f.parent.name))  # .../attempt_0/<rank>/stderr.log
+    assert r.returncode != 0 and len(files) == int(cmd[cmd.index("--nproc-per-node") + 1]), r.stderr[-3000:]
+    return [f.read_text() for f in files]
+
+
 def losses(out: str) -> dict[int, float]:
     """Loss per step; a resumed run's records of a step replace the killed run's."""
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -226,18 +238,33 @@ def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
     out = str(tmp_path)
     run(1, out, "train.steps=2", "checkpoint.export=false")
     open(os.path.join(out, "checkpoints", "step_00000002", "rank0.pt"), "wb").write(b"not a torch file")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VIDEOPRISM_TRACEBACK": ""}
-    cmd = command(1, out, ["train.steps=4", "checkpoint.export=false", "--resume"], nproc=2)
-    # Each rank's stderr to its own file: on the shared pipe one rank's line could land inside the other's.
-    logs = tmp_path / "logs"
-    at = cmd.index("torch.distributed.run") + 1
-    cmd[at:at] = ["--log-dir", str(logs), "--redirects", "2"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode != 0
-    files = sorted(logs.rglob("stderr.log"))
-    errors = [[line for line in f.read_text().splitlines() if line.startswith("error: checkpoint ")] for f in files]
-    assert len(files) == 2 and all(len(e) == 1 and "does not load (rank0.pt: " in e[0] for e in errors), \
-        [f.read_text()[-1500:] for f in files] or r.stderr[-3000:]
+    stderr = run_failing(command(1, out, ["train.steps=4", "checkpoint.export=false", "--resume"], nproc=2),
+                         tmp_path / "logs")
+    errors = [[line for line in text.splitlines() if line.startswith("error: checkpoint ")] for text in stderr]
+    assert all(len(e) == 1 and "does not load (rank0.pt: " in e[0] for e in errors), [t[-1500:] for t in stderr]
+
+
+def test_a_rank_file_damaged_for_one_rank_stops_every_rank_of_an_explicit_resume_alike(tmp_path):
+    """--resume OUT_DIR on 2 ranks whose latest checkpoint has rank 1's file cut short: rank 1 alone reads that file.
+    It stopped on its one-line error while rank 0, which had loaded the checkpoint ("resumed from ... at step 4"),
+    went on into training and failed there on rank 1's closed connection (7 s; on another node it waits out the
+    collective's timeout): "error: another rank of this run stopped ([...gloo/transport/tcp/pair.cc:561] Connection
+    closed by peer ...". Every rank now stops with rank 1's line, naming the file, why, and the checkpoint before it;
+    nor does an explicit --resume go back to that one itself, as --auto-resume does."""
+    out = str(tmp_path / "run")
+    run(1, out, "train.steps=4", "checkpoint.interval=2", "checkpoint.export=false", nproc=2)
+    root = os.path.join(out, "checkpoints")
+    with open(os.path.join(root, "step_00000004", "rank1.pt"), "r+b") as fh:
+        fh.truncate(100)
+    stderr = run_failing(command(1, out, ["train.steps=6", "checkpoint.export=false", "--resume", out], nproc=2),
+                         tmp_path / "logs")
+    lines = [[line for line in text.splitlines() if line.startswith("error: ")] for text in stderr]
+    assert lines[0] == lines[1] and len(lines[0]) == 1, [text[-1500:] for text in stderr]
+    assert lines[0][0].startswith(f"error: checkpoint {root}/step_00000004 does not load (rank1.pt: rank 1: "
+                                  "RuntimeError: ")
+    assert lines[0][0].endswith(f"a damaged file; resume from the checkpoint before it, --resume {root}/step_00000002")
+    assert not any("Traceback" in text for text in stderr), stderr
+    assert sorted(os.listdir(root)) == ["step_00000002", "step_00000004"]  # nothing renamed out of the way
 
 
 def test_the_ranks_of_a_finished_run_leave_together(tmp_path):

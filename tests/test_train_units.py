@@ -914,6 +914,40 @@ def test_a_checkpoint_whose_last_rank_file_is_lost_is_damaged_not_one_of_fewer_r
     assert ckpt.load(step1, model, opt, trainer_keys=["step"]) == ({"step": 1}, 2)
 
 
+def _resume_failing_on_rank_1(rank, port, root, if_any, error, errors):
+    """Trainer.resume(root) on two gloo ranks whose load of the checkpoint fails on rank 1 alone with `error` (as
+    reading its own rank file does)."""
+    from videoprism.train.parallel import Dist
+    from videoprism.train.trainer import Trainer
+
+    def load(target):
+        if rank == 1:
+            raise error
+        trainer.step, trainer.resumed_from = ckpt.step_of(target), target
+        return 2
+
+    with _gloo_rank(rank, port, errors):
+        trainer = Trainer.__new__(Trainer)  # the resume's logic, without a model
+        trainer.dist, trainer._load = Dist(rank, 2, torch.device("cpu")), load
+        trainer.resume(root, if_any=if_any)
+
+
+@pytest.mark.parametrize("if_any, error", [
+    (False, ckpt.DamagedCheckpointError("checkpoint step_00000004 does not load (rank1.pt: cut)", "rank1.pt: cut")),
+    (True, ValueError("checkpoint step_00000004 holds the data position of another kind of data source"))])
+def test_a_checkpoint_that_one_rank_cannot_load_stops_every_rank_with_its_error(tmp_path, if_any, error):
+    """A rank reads its own rank file alone: where that failed (damaged, under --resume; an error --auto-resume does
+    not go back past), that rank stopped on its error while rank 0 went on ("resumed from ...", into training, or
+    into --auto-resume's gather) and failed at its next collective on rank 1's closed connection. Every rank now
+    stops with rank 1's error."""
+    for step in (2, 4):
+        (tmp_path / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    alive, errors = _on_two_ranks(_resume_failing_on_rank_1, str(tmp_path), if_any, error)
+    assert alive == [False, False], "a rank waits in a collective"
+    assert errors.get(0) == errors.get(1) == f"{type(error).__name__}: {error}", dict(errors)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002", "step_00000004"]
+
+
 def _on_two_ranks(target, *args, start: str = "fork") -> tuple[list[bool], dict]:
     """Run `target(rank, port, *args, errors)` in two forked gloo ranks; (which were still alive after 60 s, and
     were killed: a rank left waiting in a collective), {rank: error text}). `start="spawn"` for ranks that compute

@@ -191,8 +191,8 @@ class Trainer:
         check_every_rank_sees(path, target, own, self.dist)
         if target is None:
             return
-        # A damaged checkpoint that --resume names (or finds the latest) stops the run: its error names the fix.
-        written = self._load_or_earlier(path, target) if if_any else self._load(target)
+        # A damaged checkpoint that --resume names (or finds the latest) stops every rank: its error names the fix.
+        written = self._load_or_earlier(path, target) if if_any else self._load_agreed(target, go_back=False)[0]
         if self.dist.main:
             moved = f" (written by {written} ranks, resumed on {self.dist.world})" if written != self.dist.world else ""
             print(f"resumed from {self.resumed_from} at step {self.step}{moved}")
@@ -206,14 +206,9 @@ class Trainer:
         the number of ranks that wrote the one loaded."""
         root, damaged = os.path.dirname(target.rstrip("/")), []
         while True:
-            reason = None
-            try:
-                written = self._load(target)
-            except ckpt.DamagedCheckpointError as e:
-                reason = e.reason
             # Every rank goes back when one found it damaged (its own rank file): the ranks that loaded it would go on
             # into training while that one loads an earlier checkpoint, and their collectives would cross.
-            reasons = [r for r in gather_objects(reason, self.dist) if r is not None]
+            written, reasons = self._load_agreed(target, go_back=True)
             if not reasons:
                 break
             damaged.append((target, reasons[0]))
@@ -234,6 +229,26 @@ class Trainer:
                       f"{target}, the newest checkpoint that loads ({redo} trained again); renamed out of the way: "
                       f"{', '.join(retired)}", flush=True)
         return written
+
+    def _load_agreed(self, target: str, *, go_back: bool) -> tuple[int, list[str]]:
+        """`_load(target)` on every rank, which then agree on its outcome: each rank reads its own rank file alone,
+        and one that stopped on its error left the others to go on into training and fail at their next collective
+        (gloo's "Connection closed by peer" after a load they had said was done; NCCL waits out its timeout). Returns
+        (the number of ranks that wrote it, the reason of each rank that found it damaged) where it is damaged and
+        `go_back` (--auto-resume); raises on every rank the first failing rank's error otherwise: one line, the same
+        on each. Gathered are the errors of the user's input (ValueError, OSError: a damaged file, another config, a
+        permission denied); another (a bug, memory, a failed process group) is raised where it happened."""
+        written, own = 0, None
+        try:
+            written = self._load(target)
+        except (ValueError, OSError) as e:
+            own = e
+        failed = [(rank, e) for rank, e in enumerate(gather_objects(own, self.dist)) if e is not None]
+        stop = [(rank, e) for rank, e in failed if not (go_back and isinstance(e, ckpt.DamagedCheckpointError))]
+        if stop:
+            rank, error = stop[0]
+            raise own if rank == self.dist.rank else error  # this rank's own: with its cause, for a traceback
+        return written, [e.reason for _, e in failed]
 
     @staticmethod
     def _said(damaged: list[tuple[str, str]]) -> str:

@@ -9,14 +9,18 @@ which a reader uses once it has checked the manifest's content against the pack'
 Every rank reads the whole manifest before its first step. Each repeat reads it in a fresh process (as a rank
 starts) and reports: `read_s`, the time `read_manifest` takes; `private_mb`, the memory that process owns after it
 (RssAnon growth: what 8 ranks of a node pay 8 times; a pack's pages are file-backed and shared); `worker_mb`,
-what a forked DataLoader worker copies of it while it touches every sample (Private_Dirty growth). The lines are
+what a forked DataLoader worker copies of it while it touches every sample (Private_Dirty growth); `sample_us`,
+what that worker's read of one sample costs (`samples[i]`, before any decode), beside `sample_pickle_us`, the same
+reads with pickle.loads as the records' decoder (the one before, which called whatever a record named). The lines are
 varied as real ones are (windows, int and dict labels, probe and extra fields). Floors: a pack's read is a header
 read and a map, ~0 s; its bytes are read from disk or page cache as samples are touched.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -66,12 +70,35 @@ def measure(manifest: str, mode: str) -> dict:
         start = _kb("Private_Dirty", "/proc/self/smaps_rollup")
         for i in range(len(samples)):
             samples[i]
-        os.write(w, str(_kb("Private_Dirty", "/proc/self/smaps_rollup") - start).encode())
+        dirty_kb = _kb("Private_Dirty", "/proc/self/smaps_rollup") - start
+        os.write(w, json.dumps(dict(sample_times(samples), dirty_kb=dirty_kb)).encode())
         os._exit(0)
     os.close(w)
-    worker_mb = int(os.read(r, 64)) * 1024 / 1e6
+    worker = json.loads(os.read(r, 4096))
     os.waitpid(pid, 0)
-    return {"read_s": read_s, "private_mb": private_mb, "worker_mb": worker_mb, "samples": len(samples)}
+    return {"read_s": read_s, "private_mb": private_mb, "worker_mb": worker.pop("dirty_kb") * 1024 / 1e6,
+            "samples": len(samples), **worker}
+
+
+def sample_times(samples, count: int = 100_000) -> dict:
+    """Microseconds a sample's read takes over the first `count` samples, best of 3 passes (its pages already
+    touched): with the records' decoder (`sample_us`) and with pickle.loads in its place (`sample_pickle_us`),
+    passes alternating so that the machine's load falls on both."""
+    from videoprism.data import manifest
+
+    decoders = {"sample_us": manifest.plain_values, "sample_pickle_us": pickle.loads}
+    count, best = min(count, len(samples)), dict.fromkeys(decoders, math.inf)
+    try:
+        for _ in range(3):
+            for key, decode in decoders.items():
+                manifest.plain_values = decode
+                t0 = time.perf_counter()
+                for i in range(count):
+                    samples[i]
+                best[key] = min(best[key], (time.perf_counter() - t0) / count * 1e6)
+    finally:
+        manifest.plain_values = decoders["sample_us"]
+    return best
 
 
 def _in_fresh_process(manifest: str, mode: str) -> dict:
@@ -123,16 +150,20 @@ def _main(argv: list[str] | None) -> None:
             report.add(mode=mode, file_mb=round(sizes[mode], 1), read_s=round(t.median_ms / 1e3, 6),
                        read_p20_s=round(t.p20_ms / 1e3, 6), read_p80_s=round(t.p80_ms / 1e3, 6),
                        private_mb=round(sorted(r["private_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1),
-                       worker_mb=round(sorted(r["worker_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1))
+                       worker_mb=round(sorted(r["worker_mb"] for r in runs[mode])[len(runs[mode]) // 2], 1),
+                       **{key: round(min(r[key] for r in runs[mode]), 2) for key in ("sample_us", "sample_pickle_us")})
     finally:
         shutil.rmtree(root, ignore_errors=True)
     parse, pack, copied = report.rows
     report.meta["startup_ratio"] = round(medians["parse"] / medians["pack"], 1)
+    report.meta["sample_ratio"] = round(pack["sample_us"] / pack["sample_pickle_us"], 2)
     report.show()
     print(f"# a rank's manifest read: {parse['read_s']:.2f} s and {parse['private_mb']:.0f} MB of its own parsed, "
           f"{pack['read_s'] * 1e3:.1f} ms and {pack['private_mb']:.0f} MB mapped from the pack "
           f"({pack['file_mb']:.0f} MB, shared by the processes of a machine); {copied['read_s'] * 1e3:.0f} ms from "
           "the pack of a copy of the manifest (its content checked)")
+    print(f"# a sample's read from the pack: {pack['sample_us']:.2f} us, {pack['sample_pickle_us']:.2f} us with "
+          f"pickle.loads as its decoder ({pack['sample_us'] / pack['sample_pickle_us']:.2f}x)")
     if args.out:
         report.save(args.out)
 

@@ -506,6 +506,89 @@ def test_a_damaged_record_of_a_pack_whose_manifest_changed_since_stops_with_the_
         samples[17]
 
 
+def _with_record(pack: str, i: int, edit) -> None:
+    """Rewrite `pack` with its record `i` replaced by `edit(record)`, the offsets and checksums made to match (as
+    anyone who writes a pack can)."""
+    import array
+
+    from videoprism.data.pack import record_crcs
+
+    raw = open(pack, "rb").read()
+    n = struct.unpack_from("<Q", raw, 8)[0]
+    count = json.loads(raw[16:16 + n])["count"]
+    at = 20 + n + (-(20 + n) % 8)
+    ends = array.array("q", raw[at:at + 8 * count])
+    data = raw[at + 12 * count:]
+    records = [data[(ends[j - 1] if j else 0):ends[j]] for j in range(count)]
+    records[i] = edit(records[i])
+    data = b"".join(records)
+    ends = array.array("q", [sum(map(len, records[:j + 1])) for j in range(count)])
+    open(pack, "wb").write(raw[:at] + ends.tobytes() + record_crcs(data, ends).tobytes() + data)
+
+
+def _plant(marker: str, *values):
+    """What a crafted record calls: writes `marker` (the proof that reading a sample ran code), then gives the
+    values of the genuine record, so that nothing else shows it."""
+    open(marker, "w").close()
+    return values
+
+
+class _Call:
+    def __init__(self, marker: str, values: tuple):
+        self.marker, self.values = marker, values
+
+    def __reduce__(self):
+        return _plant, (self.marker, *self.values)
+
+
+def _crafted(how: str, marker: str, genuine: bytes) -> bytes:
+    values = pickle.loads(genuine)
+    if how == "not a record":
+        return pickle.dumps(42)
+    if how == "INST":  # protocol 0's instance opcode: calls _plant(marker)
+        return b"(V" + marker.encode() + b"\ni" + __name__.encode() + b"\n_plant\n."
+    return pickle.dumps(_Call(marker, values), protocol={"GLOBAL": 0, "STACK_GLOBAL": 5}[how])
+
+
+@pytest.mark.parametrize("how", ["STACK_GLOBAL", "GLOBAL", "INST", "not a record"])
+def test_a_crafted_pack_shipped_with_its_manifest_runs_no_code(tmp_path, capsys, how):
+    """A pack comes with its manifest from wherever the data did, and one beside a copy of its manifest is used once
+    the manifest's content matches the SHA-256 in its header: anyone who ships both can arrange that, and the
+    checksums of the records too. Its records were read with pickle.loads: one naming a function called it at the
+    first read of that sample (the marker file written, the sample read as if nothing happened), here and in
+    every worker that maps the pack. A record is read as plain values only; one that names anything (or does not
+    decode at all) is a damaged record: read from the manifest instead, with a note."""
+    os.makedirs(tmp_path / "data")
+    m = _manifest(tmp_path / "data", n=30)
+    write_pack(m)
+    marker = str(tmp_path / "ran")
+    _with_record(pack_path(m), 3, lambda genuine: _crafted(how, marker, genuine))
+    os.rename(tmp_path / "data", tmp_path / "sent")  # as shipped: another copy of both files, at the same path
+    shutil.copytree(tmp_path / "sent", tmp_path / "data")
+    samples, _ = read_manifest(m)
+    assert samples._pack == m  # the header matches: the pack is used
+    worker = pickle.loads(pickle.dumps(samples))  # a worker's copy: maps the pack again
+    want = read_manifest(m, use_pack=False)
+    for got in (worker, samples):
+        _same((got, []), (want[0], []))
+        assert not os.path.exists(marker), f"reading the samples of a crafted pack ({how}) ran code"
+    err = capsys.readouterr().err
+    named = f"it names {__name__}._plant, which reading it would call" if how != "not a record" else "cannot unpack"
+    assert f"note: {pack_path(m)} is damaged (record 3 does not decode: {named}" in err
+    assert f"reading {m} instead" in err
+
+
+def test_the_record_rewrite_of_the_test_keeps_a_pack_usable(tmp_path, capsys):
+    """The oracle of the test above: _with_record writing the record's own values (in other bytes: protocol 0) gives
+    a pack read whole, without a note."""
+    m = _manifest(tmp_path, n=30)
+    write_pack(m)
+    _with_record(pack_path(m), 3, lambda genuine: pickle.dumps(pickle.loads(genuine), protocol=0))
+    got = read_manifest(m)
+    _same(got, read_manifest(m, use_pack=False))
+    assert got[0]._pack == m and capsys.readouterr().err == ""
+
+
 def test_a_header_value_changed_by_damage_is_a_damaged_pack(tmp_path, capsys):
     """A flipped byte inside a header string (a label name, a fingerprint) left valid JSON of the right shape: read
     as it was. The header has a checksum."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import array
 import hashlib
+import io
 import json
 import math
 import os
@@ -236,10 +237,17 @@ class SampleList(Sequence):
         start = self._ends[i - 1] if i else 0
         record = memoryview(self._data)[start:self._ends[i]]
         if self._crcs is not None and zlib.crc32(record) != self._crcs[i]:
-            self._read_instead(i)
+            self._read_instead(i, "fails its checksum")
             return self[i]
-        *head, probe, extra = pickle.loads(record)
-        return Sample(*head, probe=probe or {}, extra=extra or {})
+        try:
+            *head, probe, extra = plain_values(record)
+            return Sample(*head, probe=probe or {}, extra=extra or {})
+        # Any error: a pack's bytes are whatever its sender wrote, with checksums to match (not only bit rot).
+        except Exception as e:
+            if self._pack is None:  # this process's own records (or its parent's): a bug, not damage
+                raise
+            self._read_instead(i, f"does not decode: {e}")
+        return self[i]
 
     def _check_all(self) -> None:
         """Every record of a mapped pack checked (before the list copies them into buffers it checks no more)."""
@@ -248,16 +256,18 @@ class SampleList(Sequence):
 
             sums = record_crcs(self._data, self._ends)
             if sums != array.array("I", self._crcs):
-                self._read_instead(next(i for i, (a, b) in enumerate(zip(sums, self._crcs)) if a != b))
+                self._read_instead(next(i for i, (a, b) in enumerate(zip(sums, self._crcs)) if a != b),
+                                   "fails its checksum")
 
-    def _read_instead(self, i: int) -> None:
-        """Record `i` of the mapped pack failed its checksum: the pack is damaged, and this list reads its manifest
-        instead, as a reader does a damaged pack (a note, the manifest parsed), once in this process. The manifest
-        must still hold the very samples (fingerprint): the positions of a run or its checkpoint index into them."""
+    def _read_instead(self, i: int, why: str) -> None:
+        """Record `i` of the mapped pack failed its checksum or did not decode (`why`): the pack is damaged, and this
+        list reads its manifest instead, as a reader does a damaged pack (a note, the manifest parsed), once in this
+        process. The manifest must still hold the very samples (fingerprint): the positions of a run or its
+        checkpoint index into them."""
         from .pack import StalePack, pack_path
 
         manifest, pack = self._pack, pack_path(self._pack)
-        damage = f"{pack} is damaged (record {i} fails its checksum)"
+        damage = f"{pack} is damaged (record {i} {why})"
         print(f"note: {damage}; reading {manifest} instead (`videoprism data pack {shlex.quote(manifest)}` writes it "
               "again)", file=sys.stderr)
         try:
@@ -271,6 +281,25 @@ class SampleList(Sequence):
                             f"{shlex.quote(manifest)}`")
         self._data, self._ends, self._hash = parsed._data, parsed._ends, parsed._hash
         self._pack = self._file = self._crcs = None
+
+
+class _PlainValues(pickle.Unpickler):
+    """Unpickles a record of plain values only: str, int, float, bool, None and the tuples, lists and dicts of
+    them that SampleList.append writes (a manifest line's JSON values). A pack arrives with its manifest from
+    wherever the data came from, and a pickle that names a global (a function, a class) calls it as it is read:
+    any code its sender chose, at the first sample read. The only other way to a callable, a copyreg extension
+    code, resolves through find_class too unless a program registered that code and loaded it since (nothing
+    here registers one: copyreg's registry stays empty with torch and the trainer imported). Costs ~0.8 us a
+    record more than pickle.loads (bench/manifest.py: sample_us, sample_pickle_us)."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which reading it would call; a record holds plain "
+                                     "values only")
+
+
+def plain_values(record) -> tuple:
+    """The values of one SampleList record (bytes-like), read by _PlainValues."""
+    return _PlainValues(io.BytesIO(record)).load()
 
 
 def _number(rec: dict, key: str) -> float | None:

@@ -232,6 +232,29 @@ def test_both_stages_end_by_saying_where_their_metrics_are(tmp_path, capsys):
         assert lines[-2] == f"config: {out / 'config.json'}" and (out / "config.json").is_file(), lines[-2]
 
 
+def test_stage2_on_an_out_dir_that_a_live_run_holds_stops_before_the_teacher(tmp_path, monkeypatch, capsys):
+    """Stage 2 holds its train.out_dir as stage 1 does: a second run there, fresh, --resume, --auto-resume or
+    --overwrite, stops with the holder's line before it builds the teacher, and leaves the folder as it was."""
+    from videoprism.train import stage2
+
+    from .test_train_units import folder_state, held_by_a_live_run, held_line
+
+    teacher, out = str(tmp_path / "teacher.safetensors"), tmp_path / "run"
+    videoprism.save_safetensors(tiny_clip(0), teacher)
+    args = ["--config", "tiny", "model.num_frames=2", "model.resolution=16", "data.source=random",
+            "train.global_batch=2", "train.steps=1", f"train.out_dir={out}", f"stage2.teacher={teacher}"]
+    monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
+    assert stage2.main(args) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(stage2, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
+    with held_by_a_live_run(out) as (holder, _):
+        before = folder_state(out)
+        for mode in ([], ["--resume"], ["--auto-resume"], ["--overwrite"]):
+            assert stage2.main([*args, *mode]) == 2, mode
+            assert capsys.readouterr().err.strip() == held_line(out, holder), mode
+            assert folder_state(out) == before, mode
+
+
 def test_train_compile_compiles_the_teachers_blocks():
     """With train.compile the task compiles its frozen teacher's blocks as well as the student's: each
     traces as one graph (no break), and the teacher gives the eager teacher's targets.

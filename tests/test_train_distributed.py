@@ -244,6 +244,19 @@ def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):
     assert all(len(e) == 1 and "does not load (rank0.pt: " in e[0] for e in errors), [t[-1500:] for t in stderr]
 
 
+def test_every_rank_of_a_run_on_an_out_dir_that_a_live_run_holds_stops_with_its_line(tmp_path):
+    """Rank 0 alone takes the out_dir's lock; the other ranks learn from it that another live run holds the folder
+    and stop with the same line, before anything is written there."""
+    from .test_train_units import held_by_a_live_run, held_line
+
+    out = tmp_path / "run"
+    with held_by_a_live_run(out) as (holder, _):
+        stderr = run_failing(command(1, str(out), ["train.steps=2", "--auto-resume"], nproc=2), tmp_path / "logs")
+        lines = [[line for line in text.splitlines() if line.startswith("error: ")] for text in stderr]
+        assert lines == [[held_line(out, holder)]] * 2, [text[-1500:] for text in stderr]
+    assert os.listdir(out) == ["run.lock"]
+
+
 def test_a_rank_file_damaged_for_one_rank_stops_every_rank_of_an_explicit_resume_alike(tmp_path):
     """--resume OUT_DIR on 2 ranks whose latest checkpoint has rank 1's file cut short: rank 1 alone reads that file.
     It stopped on its one-line error while rank 0, which had loaded the checkpoint ("resumed from ... at step 4"),

@@ -427,6 +427,52 @@ def test_a_resume_of_another_folders_run_replaces_the_folders_own_whole(tmp_path
     assert (tmp_path / "b" / "metrics.jsonl.abandoned").is_file()
 
 
+def test_a_second_live_run_on_one_out_dir_stops_and_the_next_after_a_kill_resumes(tmp_path):
+    """Two real runs on one train.out_dir, the second (--auto-resume, a requeued job) started while the first runs:
+    it ran to its end beside the first (both exit 0, 35 of 150 steps logged twice in one metrics.jsonl, each one's
+    checkpoints renamed .abandoned by the other); two fresh runs started together failed a save with "No such file
+    or directory" (one removed the other's step_N.tmp). Now it stops with the holder's line and writes nothing; once
+    the holder is killed (SIGKILL), the same command goes on from its latest checkpoint."""
+    import subprocess
+
+    from videoprism.train import checkpoint as ckpt
+
+    from .test_train_distributed import ROOT, command
+
+    out = str(tmp_path)
+    args = ["train.steps=100000", "checkpoint.interval=5", "checkpoint.keep=2", "checkpoint.export=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VIDEOPRISM_TRACEBACK": ""}
+    first = subprocess.Popen(command(1, out, args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env=env)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "checkpoints" / "step_00000005").is_dir() and first.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        second = subprocess.run(command(1, out, [*args, "--auto-resume"]), cwd=ROOT, capture_output=True, text=True,
+                                timeout=300, env=env)
+        assert first.poll() is None, "the first run ended before the second one tried its folder"
+    finally:
+        first.kill()
+        first.wait()
+    line = second.stderr.strip().splitlines()[-1]
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert line.startswith(f"error: train.out_dir={out} is written by another run that is still running (pid "
+                           f"{first.pid} on host ") and line.endswith(
+        "wait for it to end or stop it, or set train.out_dir to another folder (--overwrite replaces a finished run's "
+        "folder, never a live one's)"), line
+    records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert not [r for r in records if "resumed_from" in r]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps))
+    assert not [n for n in os.listdir(os.path.join(out, "checkpoints")) if "abandoned" in n]
+    latest = ckpt.step_of(ckpt.latest(os.path.join(out, "checkpoints")))
+    after = subprocess.run(command(1, out, [*args[1:], f"train.steps={latest + 1}", "--auto-resume"]), cwd=ROOT,
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert after.returncode == 0, after.stderr[-2000:]
+    assert f"resumed from {out}/checkpoints/step_{latest:08d} at step {latest}" in after.stdout
+
+
 def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, capsys):
     """A save that did not finish (a kill; a failed write removes its own) left its step_N.tmp folder, a
     checkpoint's size, which only a later save of the same step removed: resumed with another interval (or

@@ -1584,6 +1584,130 @@ def test_a_run_writes_a_folder_of_another_run_only_when_told(tmp_path):
     check_out_dir(bare, 1, resume=bare, overwrite=False)  # nothing to lose: --auto-resume starts there
 
 
+# A live run's lock on train.out_dir, taken as a run's main rank takes it; with "fork", a child forked after it (as
+# a DataLoader forks its workers: they inherit the descriptors) that outlives it. Prints the child's pid (0: none).
+_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from videoprism.train.parallel import Dist
+    from videoprism.train.run_folder import OutDirLock
+    OutDirLock(sys.argv[1]).hold(Dist(0, 1, torch.device("cpu")))
+    child = os.fork() if sys.argv[2] == "fork" else 0
+    if sys.argv[2] == "fork" and child == 0:
+        time.sleep(600)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(600)
+""")
+
+
+@contextlib.contextmanager
+def held_by_a_live_run(out_dir, fork: bool = False):
+    """`out_dir` held by another process, as by a live run: yields (that process, its forked child's pid or 0)."""
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out_dir), "fork" if fork else "-"], cwd=ROOT,
+                         stdout=subprocess.PIPE, text=True)
+    child = 0
+    try:
+        child = int(p.stdout.readline())
+        yield p, child
+    finally:
+        p.kill()
+        p.wait()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, 9)
+
+
+def held_line(out_dir, holder: subprocess.Popen) -> str:
+    """The line of a run stopped by `holder`'s lock on `out_dir` (the holder's command as its lock file says)."""
+    import shlex
+    import socket
+
+    info = json.loads((out_dir / "run.lock").read_text())
+    assert info["pid"] == holder.pid and info["host"] == socket.gethostname()
+    assert info["command"] == shlex.join([sys.executable, "-c", _HOLDER, str(out_dir), info["command"].split()[-1]])
+    command = info["command"].replace("\n", "\\n")  # the holder's script, on the line's one line
+    return (f"error: train.out_dir={out_dir} is written by another run that is still running (pid {holder.pid} on "
+            f"host {socket.gethostname()} since {info['since']}, its command: {command}; per "
+            f"{out_dir}/run.lock): wait for it to end or stop it, or set train.out_dir to another folder (--overwrite "
+            "replaces a finished run's folder, never a live one's)")
+
+
+def folder_state(folder) -> dict:
+    """Every file under `folder`: its size and modification time."""
+    return {os.path.relpath(os.path.join(d, n), folder): (os.stat(os.path.join(d, n)).st_size,
+                                                          os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names}
+
+
+TINY_RUN = ["--config", "tiny", "model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32",
+            "model.num_spatial_layers=1", "model.num_temporal_layers=1", "model.num_unimodal_layers=1",
+            "model.patch_size=4", "model.num_frames=4", "model.resolution=16", "data.source=random",
+            "train.global_batch=4", "checkpoint.export=false", "checkpoint.interval=1"]
+
+
+def test_a_run_on_an_out_dir_that_a_live_run_holds_stops_at_once_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Two live runs on one train.out_dir (a requeued job whose first instance still runs, a job submitted twice) had
+    nothing to stop them: the second ran to its end, both logged their steps into one metrics.jsonl (185 step
+    records for 150 steps), saved over each other and retired each other's checkpoints. Now the second run stops
+    before it builds anything, fresh, --resume, --auto-resume and --overwrite alike, naming the holder."""
+    from videoprism.train import stage1
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
+    assert stage1.main([*TINY_RUN, f"train.out_dir={out}", "train.steps=2"]) == 0  # a folder with a run's files
+    capsys.readouterr()
+    before = folder_state(out)
+    monkeypatch.setattr(stage1, "build_clip", lambda *a, **k: pytest.fail("the model was built"))
+    with held_by_a_live_run(out) as (holder, _):
+        line = held_line(out, holder)
+        before = {**before, "run.lock": folder_state(out)["run.lock"]}
+        for mode in ([], ["--resume"], ["--auto-resume"], ["--overwrite"]):
+            assert stage1.main([*TINY_RUN, f"train.out_dir={out}", "train.steps=4", *mode]) == 2, mode
+            assert capsys.readouterr().err.strip() == line, mode
+            assert folder_state(out) == before, mode
+
+
+def test_a_run_goes_on_where_the_live_run_that_held_its_out_dir_was_killed(tmp_path, monkeypatch):
+    """SIGKILL leaves no stale lock: the kernel drops it with the holder's last descriptor. A process forked by the
+    holder (a DataLoader worker) inherits a descriptor of the lock file, and kept the lock as long as it lived after
+    its run was killed; it closes its copy at the fork."""
+    from videoprism.train import stage1
+
+    out = tmp_path / "run"
+    with held_by_a_live_run(out, fork=True) as (holder, child):
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # still alive
+        monkeypatch.setenv("VIDEOPRISM_TRACEBACK", "")
+        assert stage1.main([*TINY_RUN, f"train.out_dir={out}", "train.steps=1"]) == 0
+        os.kill(child, 0)
+    assert (out / "checkpoints" / "step_00000001").is_dir()
+
+
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS"])
+def test_a_run_on_a_file_system_without_locks_goes_on_with_a_note(tmp_path, monkeypatch, capsys, code):
+    """Where flock is not supported (NFS without its lock service, some FUSE file systems) the run goes on, and
+    says that nothing stops a second run there."""
+    import errno
+    import fcntl
+
+    from videoprism.train import run_folder, stage1
+
+    def no_locks(fd, op):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(run_folder, "fcntl", SimpleNamespace(**{k: getattr(fcntl, k) for k in dir(fcntl)
+                                                                if k.startswith("LOCK_")}, flock=no_locks))
+    out = tmp_path / "run"
+    assert stage1.main([*TINY_RUN, f"train.out_dir={out}", "train.steps=1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"note: train.out_dir={out}: its file system cannot lock run.lock "
+                        f"({os.strerror(getattr(errno, code))}), so nothing stops another run writing this folder at "
+                        "the same time; start one run per train.out_dir")
+    assert (out / "checkpoints" / "step_00000001").is_dir()
+
+
 def test_recorded_rejects_count_each_skip_of_the_run_once(tmp_path):
     """metrics.recorded_rejects: every rank's file; a sample skipped again at the same step (a resume from an earlier
     step replays it) or a validation clip skipped at every start counts once; a line cut by a crash is left out."""

@@ -27,6 +27,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip
 from videoprism.train.parallel import Dist, close_distributed, gather_rows, init_distributed, leave_together
 from videoprism.train.retrieval import caption_groups, retrieval_metrics
+from videoprism.train.run_folder import OutDirLock
 from videoprism.train.seeds import MASK, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
@@ -186,7 +187,9 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
     train.out_dir even if another run's checkpoints or export are there (run_folder)."""
     preflight(cfg, 1, resume, overwrite)
     dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    lock = OutDirLock(cfg.train.out_dir)
     try:
+        lock.hold(dist_)  # before anything is written there; held to the run's end
         with stopping_before_training(cfg, dist_):
             seed_process(cfg.train.seed)
             tokenizer = tokenizer_for(cfg)
@@ -213,6 +216,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
         leave_together(dist_)
         return results
     finally:
+        lock.release()
         close_distributed()
 
 

@@ -30,6 +30,7 @@ from videoprism.train.metrics import print_outputs
 from videoprism.train.modeling import build_clip, model_from_safetensors
 from videoprism.train.parallel import (Dist, close_distributed, compile_blocks, gather_objects, init_distributed,
                                        leave_together)
+from videoprism.train.run_folder import OutDirLock
 from videoprism.train.seeds import INIT, MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
 from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
@@ -160,7 +161,9 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
     """Train stage 2 per `cfg`; returns the final validation losses and the output paths. `overwrite`: as stage 1's."""
     preflight(cfg, 2, resume, overwrite)
     dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+    lock = OutDirLock(cfg.train.out_dir)
     try:
+        lock.hold(dist_)  # before anything is written there; held to the run's end
         with stopping_before_training(cfg, dist_):
             seed_process(cfg.train.seed)
             teacher = build_teacher(cfg, dist_.device)
@@ -179,6 +182,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
         leave_together(dist_)
         return results
     finally:
+        lock.release()
         close_distributed()
 
 

@@ -103,7 +103,7 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, s
                 quarter_turns(p.get("rotation", 0)), p.get("matrix", "bt601"))
     from .decode import PyAVClip  # here, not at the top: the graph itself runs without PyAV (the GPU machines lack it)
 
-    with PyAVClip(sample.source(), name=sample.name, threads=1, image=sample.is_image) as clip:
+    with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
         idx = clip.index
         return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
                 quarter_turns(p["rotation"] if "rotation" in p else clip.rotation),

@@ -116,12 +116,13 @@ def _to_pts(seconds: float, time_base: Fraction) -> int:
     return int(np.ceil(Fraction(seconds).limit_denominator(1 << 20) / time_base - Fraction(1, 2)))
 
 
-def _is_image_demuxer(demuxer: str, named_image: bool) -> bool:
+def _is_image_demuxer(demuxer: str, name: str) -> bool:
     """Whether FFmpeg's demuxer of a file is one of its image readers (image2, jpeg_pipe, png_pipe, webp_pipe, ...),
-    or its motion-JPEG reader on a file its caller knows for an image (`named_image`: by its name, which FFmpeg does
-    not see in bytes): probing the bytes of a JPEG with a second JPEG after it (an Ultra HDR photo, an MPO) takes
-    them for a stream of JPEGs. A raw .mjpeg file is not named an image: a clip of all its frames."""
-    return demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe") or (named_image and demuxer == "mjpeg")
+    or its motion-JPEG reader on a file named as an image (`name`: the file's, or a shard's `TAR:MEMBER`, which
+    FFmpeg does not see in bytes): probing the bytes of a JPEG with a second JPEG after it (an Ultra HDR photo, an
+    MPO) takes them for a stream of JPEGs. A raw .mjpeg file is not named an image: a clip of all its frames."""
+    return (demuxer in ("image2", "image2pipe") or demuxer.endswith("_pipe")
+            or (demuxer == "mjpeg" and named_image(name)))
 
 
 def _first_picture(pts: list[int], keys: list[int]) -> tuple[list[int], list[int]]:
@@ -154,8 +155,7 @@ def _name(src: Source, name: str | None) -> str:
 class PyAVClip:
     """An open video stream with its packet index. Use as a context manager; every failure is a `BadVideoError`."""
 
-    def __init__(self, src: Source, *, name: str | None = None, threads: int = 0, image: bool = False):
-        """`image`: `src` is named as an image (manifest.named_image of its file or member name): read as one."""
+    def __init__(self, src: Source, *, name: str | None = None, threads: int = 0):
         self.name = _name(src, name)
         if isinstance(src, (str, os.PathLike)):
             src = os.fspath(src)
@@ -175,7 +175,7 @@ class PyAVClip:
         except (av.error.FFmpegError, UnicodeDecodeError) as e:
             raise BadVideoError(self.name, f"not a video or an image, or a truncated or corrupt one (cannot read the "
                                            f"container: {_msg(e)})") from None
-        self.image = _is_image_demuxer(self._container.format.name, image)
+        self.image = _is_image_demuxer(self._container.format.name, self.name)
         try:
             if not self._container.streams.video:
                 raise BadVideoError(self.name, "not a video (no video stream)")
@@ -464,10 +464,9 @@ def _msg(e: Exception) -> str:
 
 
 def decode_clip(src: Source, num_frames: int, resolution: int, aug: Augment, *, start: float | None = None,
-                end: float | None = None, name: str | None = None, threads: int = 0,
-                image: bool = False) -> torch.Tensor:
+                end: float | None = None, name: str | None = None, threads: int = 0) -> torch.Tensor:
     """Uniformly sampled, transformed frames: uint8 [num_frames, resolution, resolution, 3]."""
-    with PyAVClip(src, name=name, threads=threads, image=image) as clip:
+    with PyAVClip(src, name=name, threads=threads) as clip:
         frames = clip.decode(clip.sample_indices(num_frames, start, end))
     return apply_augment(frames, aug, resolution)
 
@@ -485,5 +484,4 @@ def read_clip(path: str | os.PathLike, num_frames: int, resolution: int, *, star
                          f"resolution={resolution}")
     if start is not None and end is not None and end <= start:
         raise ValueError(f"end must be after start, got start={start}, end={end} (seconds)")
-    path = os.fspath(path)
-    return decode_clip(path, num_frames, resolution, Augment(), start=start, end=end, image=named_image(path))
+    return decode_clip(os.fspath(path), num_frames, resolution, Augment(), start=start, end=end)

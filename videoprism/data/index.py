@@ -35,7 +35,7 @@ from .pack import write_pack
 def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
     """Probe fields of a good sample; raises `BadVideoError` for a bad one."""
     try:
-        with PyAVClip(sample.source(), name=sample.name, threads=1, image=sample.is_image) as clip:
+        with PyAVClip(sample.source(), name=sample.name, threads=1) as clip:
             idx = clip.index
             window = idx.window(sample.start, sample.end)
             if len(window) < min_frames:

@@ -82,7 +82,6 @@ class Journal:
 
     def __init__(self, path: str, key: dict, files: Sequence[str]):
         self.path, self.results, self.done = path, [None] * len(files), 0
-        self._stamps: list[list[int] | None] = [None] * len(files)  # of each result's file, as it was probed
         self._fh = _open_locked(path)
         self._synced = time.monotonic()
         try:
@@ -124,7 +123,7 @@ class Journal:
         if why is not None:
             self._start(key)
             return
-        kept, damaged = len(first), 0
+        kept, damaged, stamps = len(first), 0, [None] * len(self.results)  # of each result's file, as it was probed
         for line in fh:
             if not line.endswith(b"\n"):  # cut by a kill mid-write: dropped, and its file probed again
                 break
@@ -133,20 +132,20 @@ class Journal:
                 damaged += 1
             else:
                 i, result, stamp = entry
-                self.results[i], self._stamps[i] = result, stamp
+                self.results[i], stamps[i] = result, stamp
             kept += len(line)
         fh.truncate(kept)  # the next line starts on a line of its own
-        changed = self._drop_changed(files)
+        changed = self._drop_changed(files, stamps)
         self.done = sum(r is not None for r in self.results)
         print(f"note: {self.path}: {self.done} of {len(self.results)} files probed by an earlier run of this command "
               "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else "")
               + (f"; {changed} changed since (replaced, written over or deleted): probed again" if changed else ""),
               file=sys.stderr)
 
-    def _drop_changed(self, files: Sequence[str]) -> int:
-        """Drops the results whose file now has another stamp than when it was probed; returns their count. The
-        files are stat'ed by threads (millions on a network file system, one at a time, took as long as probing
-        them), each path once a chunk (a shard's members share one)."""
+    def _drop_changed(self, files: Sequence[str], stamps: list) -> int:
+        """Drops the results whose file now has another stamp than when it was probed (`stamps`); returns their
+        count. The files are stat'ed by threads (millions on a network file system, one at a time, took as long as
+        probing them), each path once a chunk (a shard's members share one)."""
         done, changed = [i for i, r in enumerate(self.results) if r is not None], 0
         with ThreadPoolExecutor(_STAT_THREADS) as pool:
             for start in range(0, len(done), _STAT_CHUNK):
@@ -155,7 +154,7 @@ class Journal:
                 batches = [paths[k:k + _STAT_BATCH] for k in range(0, len(paths), _STAT_BATCH)]
                 now = dict(zip(paths, itertools.chain.from_iterable(pool.map(_file_stamps, batches))))
                 for i in chunk:
-                    if now[files[i]] != self._stamps[i]:
+                    if now[files[i]] != stamps[i]:
                         self.results[i] = None
                         changed += 1
         return changed

@@ -207,7 +207,7 @@ class _PyAVItems(torch.utils.data.Dataset):
         try:
             video = decode_clip(s.source(), self.loader.num_frames, self.loader.resolution,
                                 self.loader.augment(self.epoch, sid), start=s.start, end=s.end, name=s.name,
-                                threads=self.threads, image=s.is_image)
+                                threads=self.threads)
         except BadVideoError as e:
             return _Item(pos, sid, bad=e.reason)
         except OSError as e:  # the file vanished or cannot be read between listing and decoding

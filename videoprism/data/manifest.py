@@ -70,13 +70,6 @@ class Sample:
             return self.path
         return f"{self.path}:{self.member}" if self.member else f"{self.path}@{self.offset}+{self.size}"
 
-    @property
-    def is_image(self) -> bool:
-        """Whether its file, or its member of a tar, is named as an image (a member of no name: not known, False)."""
-        if self.offset is None:
-            return named_image(self.path)
-        return bool(self.member) and named_image(self.member)
-
     def source(self) -> str | bytes:
         """The path to open, or the bytes of a member of a tar."""
         if self.offset is None:
@@ -578,7 +571,8 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
 
 
 def named_image(name: str) -> bool:
-    """Whether a file or member name ends in an image extension (IMAGE_EXTENSIONS, in any case)."""
+    """Whether a file or member name (a shard's `TAR:MEMBER`) ends in an image extension (IMAGE_EXTENSIONS, in
+    any case); a member of no name (`TAR@OFFSET+SIZE`) is not known for one."""
     return _slot(name) == "image"
 
 

@@ -419,6 +419,24 @@ def test_resume_over_other_samples_is_refused(tmp_path, synth):
     build_loader(os.path.join(synth, "train.jsonl"), **kw).load_state_dict(full.state_dict())  # same data: fine
 
 
+def test_resume_of_moved_data_names_the_old_path(tmp_path, synth):
+    """A manifest's data position is tied to its samples' absolute paths: the same manifest and clips moved to another
+    folder (another machine's mount) were refused as "other samples ... start a new run for it", though a symlink at
+    the old path resumes them. The refusal names that remedy, which works."""
+    kw = dict(num_frames=8, resolution=36, batch_size=4, train=True, seed=0, tokenizer=None, backend="pyav")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text(open(os.path.join(synth, "train.jsonl")).read())  # relative paths
+    (data / "clips").symlink_to(os.path.join(synth, "clips"))
+    state = build_loader(str(data / "train.jsonl"), **kw).state_dict()
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the manifest and its clips, byte for byte
+    with pytest.raises(ValueError, match="saved over other samples.*old path .a symlink there"):
+        build_loader(str(moved / "train.jsonl"), **kw).load_state_dict(state)
+    data.symlink_to(moved)  # the old path leads to the new place
+    build_loader(str(data / "train.jsonl"), **kw).load_state_dict(state)
+
+
 def test_relative_paths_resolve_against_manifest_folder(synth):
     samples, rejects = read_manifest(os.path.join(synth, "train.jsonl"))
     assert not rejects and all(os.path.isfile(s.path) for s in samples)

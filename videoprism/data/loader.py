@@ -373,7 +373,9 @@ class VideoTextLoader:
         if state.get("samples", self._fingerprint) != self._fingerprint:
             raise ValueError(f"the data position was saved over other samples ({state['samples']}; now "
                              f"{self._fingerprint}, as count:hash): resume with the manifest or shards the run "
-                             "started with (a re-indexed manifest is other data; start a new run for it)")
+                             "started with (a re-indexed manifest is other data; start a new run for it); the "
+                             "samples' absolute paths count too: data moved to another folder or mount resumes from "
+                             "its old path (a symlink there to its new place)")
         if state["seed"] != self.seed:
             raise ValueError(f"data state was saved with seed={state['seed']}, this loader has seed={self.seed}; "
                              "resume with the same seed")

@@ -263,6 +263,25 @@ def test_a_resume_from_another_folder_reads_the_files_the_run_read(tmp_path, cap
     capsys.readouterr()
 
 
+def test_a_data_train_path_holding_colons_is_one_path(tmp_path):
+    """data.train entries are PATH[:WEIGHT[:FRAMES]], split at every ':': a manifest in a folder named "clips 12:30"
+    was refused ("WEIGHT must be a number"), and a shard "take:2.tar" read as "take" with weight 2 (then missing).
+    The path is the part that names a file; the weight and frames are what follows it."""
+    from videoprism.train.data import parse_datasets
+
+    folder = tmp_path / "clips 12:30"
+    folder.mkdir()
+    for name in ("train.jsonl", "take:2.tar"):
+        (folder / name).write_text("")
+    manifest, shard = str(folder / "train.jsonl"), str(folder / "take:2.tar")
+    assert parse_datasets(f"{manifest}, {shard}:3, {manifest}:0.5:4", 8) == [
+        (manifest, 1.0, 8), (shard, 3.0, 8), (manifest, 0.5, 4)]
+    with pytest.raises(ValueError, match="WEIGHT must be a number"):  # an entry whose path is a file: as before
+        parse_datasets(f"{manifest}:x", 8)
+    with pytest.raises(FileNotFoundError, match=f"manifest '{tmp_path}/clips 12:30/none.jsonl' does not exist"):
+        parse_datasets(f"{folder}/none.jsonl:2:4", 8)  # no file: the trailing numbers are the weight and frames
+
+
 def test_fields_with_choices_are_checked_when_set():
     for bad in ("optim.decay=cosin", "optim.name=sgd", "parallel.mode=ddpp", "train.device=gpu",
                 "data.source=files", "model.attention_backend=fast"):

@@ -69,9 +69,7 @@ def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int
     """'a.jsonl:2,b.jsonl:1:1' -> [(path, weight, frames)]."""
     out = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        parts = item.split(":")
-        if len(parts) > 3:
-            raise ValueError(f"data.train entry {item!r} must be PATH[:WEIGHT[:FRAMES]]")
+        parts = _split_entry(item)
         try:
             weight = float(parts[1]) if len(parts) > 1 else 1.0
             frames = int(parts[2]) if len(parts) > 2 else default_frames
@@ -86,6 +84,31 @@ def parse_datasets(spec: str, default_frames: int) -> list[tuple[str, float, int
     if not out:
         raise ValueError("data.train is empty; pass data.train=PATH/train.jsonl (or data.source=random)")
     return out
+
+
+def _split_entry(item: str) -> list[str]:
+    """A data.train entry's [PATH, WEIGHT, FRAMES] (as given): its path is the part that names a file, so that one
+    holding ':' ("clips 12:30/train.jsonl", a shard "take:2.tar") is one path, not a path and a weight (split at
+    every ':', it was refused or misread). An entry naming no file takes its trailing numbers for the weight and
+    frames, whose path the caller then names as missing."""
+    cuts = [item.rsplit(":", n) for n in (2, 1)]
+    if os.path.exists(item):
+        return [item]
+    for parts in cuts:
+        if os.path.isfile(parts[0]):
+            return parts
+    for parts in cuts:
+        if len(parts) > 1 and all(_is_number(p) for p in parts[1:]):
+            return parts
+    return [item]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ManifestData:

@@ -491,6 +491,24 @@ def test_webdataset_shards_give_the_manifest_samples(tmp_path, synth):
     assert torch.equal(a["video"], b["video"]) and torch.equal(a["label_colour"], b["label_colour"])
 
 
+def test_a_shard_named_in_upper_case_is_read_as_a_shard(tmp_path, synth, capsys):
+    """A shard is told by its extension: "SHARD:000.TAR" (a case-insensitive file system's copy) was taken for a
+    manifest, "is a binary file, not a JSONL manifest; pass ... WebDataset .tar shards", by every reader and by
+    `data index`, and `data pack` packed it as one. A ':' in its path is no member name either."""
+    from videoprism.cli import main
+    from videoprism.data.manifest import read_source
+
+    samples, _ = read_manifest(os.path.join(synth, "val.jsonl"))
+    folder = tmp_path / "take 12:30"
+    folder.mkdir()
+    shard = str(folder / "SHARD:000.TAR")
+    write_shard(shard, samples)
+    got, rejects = read_source(shard)
+    assert not rejects and [g.name for g in got] == [f"{shard}:{i:04d}.webm" for i in range(len(samples))]
+    assert main(["data", "pack", shard]) == 2
+    assert "is a WebDataset shard" in capsys.readouterr().err and not os.path.exists(shard + ".pack")
+
+
 def test_a_shard_key_with_two_videos_or_a_shard_given_twice_is_refused(tmp_path, synth):
     """Two plain (or two compound) video members of one key: the second was dropped without a word, in neither the
     samples nor the rejects; a plain member still wins over a compound one (a preview). A shard given twice (under

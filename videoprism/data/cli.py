@@ -33,10 +33,11 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_pack(args) -> int:
+    from .manifest import is_shard
     from .pack import write_pack
 
     for manifest in args.manifest:
-        if manifest.endswith(".tar"):  # shards are packed as the clean manifest of their members
+        if is_shard(manifest):  # shards are packed as the clean manifest of their members
             raise ValueError(f"{manifest} is a WebDataset shard; `videoprism data index SHARDS --out CLEAN.jsonl` "
                              "writes and packs a manifest of its members")
         r = write_pack(manifest, progress=not args.quiet)

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 
+from .manifest import is_shard
 from .pack import _FILE, _stamp, content_hash
 
 MAGIC = "videoprism data index"
@@ -68,7 +69,7 @@ def _file_stamps(paths: list[str]) -> list[list[int] | None]:
 
 def _identity(source: str) -> dict:
     path = os.path.abspath(source)
-    if path.endswith(".tar"):  # any write changes its size or times, a file put in its place its inode
+    if is_shard(path):  # any write changes its size or times, a file put in its place its inode
         stamp = _stamp(path)
         return {"shard": path, **{k: stamp[k] for k in _FILE}}
     return {"manifest": path, "sha256": content_hash(path)}

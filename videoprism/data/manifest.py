@@ -610,11 +610,17 @@ def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
     return sample_from_record(rec, os.path.dirname(tar_path))
 
 
+def is_shard(path: str) -> bool:
+    """Whether `path` names a WebDataset shard: a .tar, in any case (a shard written on a case-insensitive file
+    system, "SHARD-000.TAR")."""
+    return os.fspath(path).lower().endswith(".tar")
+
+
 def read_source(source: str | list[str], *, max_bad_share: float = 0.01, captions: bool = True):
     """A manifest (.jsonl) or a list of shards (.tar), chosen by extension. `captions`: read_manifest's."""
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     paths = [os.fspath(p) for p in paths]
-    if paths and all(p.endswith(".tar") for p in paths):
+    if paths and all(is_shard(p) for p in paths):
         return read_shards(paths, max_bad_share=max_bad_share, captions=captions)
     if len(paths) == 1:
         return read_manifest(paths[0], max_bad_share=max_bad_share, captions=captions)

@@ -458,6 +458,24 @@ def test_sdpa_attention_is_refused_before_the_run_starts(tmp_path, capsys):
         check_inputs(cfg, 2)
 
 
+def test_a_file_name_that_is_not_utf8_prints_escaped_under_a_utf8_locale(tmp_path, monkeypatch):
+    """Under a UTF-8 locale (en_US.UTF-8) stdout's errors are strict: `data pack` of a manifest in a folder named
+    b"caf\\xe9" packed it, then failed with "error: 'utf-8' codec can't encode character '\\udce9'", exit 2, at the
+    line naming the pack (a run's "checkpoint: ..." lines likewise). The name prints escaped, as stderr prints it."""
+    import io
+
+    folder = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9"))
+    os.mkdir(folder)
+    manifest = os.path.join(folder, "train.jsonl")
+    with open(manifest, "w") as fh:
+        fh.write('{"path": "a.webm", "caption": "a clip"}\n')
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", errors="strict"))
+    assert main(["data", "pack", manifest, "--quiet"]) == 0
+    sys.stdout.flush()
+    assert b"caf\\udce9/train.jsonl.pack" in out.getvalue() and os.path.isfile(manifest + ".pack")
+
+
 def test_bad_input_traceback_on_request(tmp_path, monkeypatch):
     from videoprism.train import stage1
 

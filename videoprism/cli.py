@@ -38,6 +38,7 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     """
     from videoprism.data.errors import TooManyBadSamplesError
 
+    _print_any_file_name()
     try:
         return fn(*args) or 0
     except (ValueError, OSError, TooManyBadSamplesError, *errors) as e:
@@ -67,6 +68,15 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
                   "why", file=sys.stderr)
             return 1
         raise
+
+
+def _print_any_file_name() -> None:
+    """stdout writes a file name that is not UTF-8 (a byte Python reads as a lone surrogate, "caf\\udce9") escaped,
+    as stderr does: under a UTF-8 locale stdout's errors are strict, and a line naming such a file (`data index`'s
+    summary, a run's "checkpoint: ..." lines) failed the command after its work was done, or a resume before it
+    began. Python's own choice is kept where it is not strict (surrogateescape under the C locale)."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 # How a collective fails on the ranks left when another rank's process has died: gloo's transport, NCCL's.

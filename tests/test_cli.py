@@ -102,6 +102,24 @@ def _small_encoder_file(tmp_path) -> str:
     return str(tmp_path / "enc.safetensors")
 
 
+def test_embed_names_a_file_that_is_not_utf8_in_its_outputs(tmp_path):
+    """A video whose name is not UTF-8 (b"caf\\xe9 12:30.mp4", a name Python holds as "caf\\udce9 12:30.mp4") was
+    embedded, then the command failed on writing its name: to the .npy's listing of rows ("'utf-8' codec can't
+    encode character '\\udce9'", the listing left empty) or to a .safetensors' metadata (no file written). The
+    listing holds the name's bytes, a line per row; the metadata, UTF-8 JSON, the name as the messages print it."""
+    from safetensors import safe_open
+
+    clip = os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9 12:30.mp4"))
+    write_clip(clip, 4)
+    args = [str(tmp_path / "missing.mp4"), clip, "--skip-bad", "--num-frames", "2", "--resolution", "36", "--quiet",
+            "--workers", "0", *SMALL]
+    assert main(["embed", *args, "--out", str(tmp_path / "e.npy")]) == 0
+    assert (tmp_path / "e.videos.txt").read_bytes() == os.fsencode(clip) + b"\n"
+    assert main(["embed", *args, "--out", str(tmp_path / "e.safetensors")]) == 0
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as fh:
+        assert fh.metadata()["videos"] == clip.replace("\udce9", "\\udce9")
+
+
 def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
     with --checkpoint alone, at its own frame count and resolution."""

@@ -279,7 +279,8 @@ def cmd_embed(args) -> int:
         np.save(args.out, out.numpy())
         listing = os.path.splitext(args.out)[0] + ".videos.txt"
         if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
-            with open(listing, "w", encoding="utf-8") as fh:
+            # surrogateescape: a name that is not UTF-8 is its file's bytes (strict, the listing stopped the command)
+            with open(listing, "w", encoding="utf-8", errors="surrogateescape") as fh:
                 fh.write("".join(f"{n}\n" for n in names))
             listing_note = f"; row i is line i of {listing}"
         elif os.path.exists(listing):  # an earlier run's, which would describe other rows
@@ -287,7 +288,9 @@ def cmd_embed(args) -> int:
     else:
         from videoprism.checkpoint import write_safetensors
 
-        write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": "\n".join(names), "model": source})
+        # The metadata is UTF-8 JSON: a name that is not UTF-8 is escaped as the command's messages print it.
+        videos = "\n".join(n.encode("utf-8", "backslashreplace").decode() for n in names)
+        write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": videos, "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
           f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
     return 0

@@ -442,6 +442,34 @@ def test_relative_paths_resolve_against_manifest_folder(synth):
     assert not rejects and all(os.path.isfile(s.path) for s in samples)
 
 
+def test_a_path_climbing_out_of_a_symlinked_folder_is_the_file_ls_lists(tmp_path):
+    """A manifest in a symlinked folder, link -> real/deep/data, with "../clips/a.webm": `ls link/../clips` lists
+    real/deep/clips, but the path was normalised as text to link's parent, tmp/clips: `data index` rejected every
+    file as missing. Now it is the file the kernel reaches; a clean manifest's relative path reads back to the same
+    file wherever it is written; and a path that textual normalising already resolved keeps its name (the
+    fingerprint a run's checkpoint keeps of it)."""
+    from videoprism.data.manifest import sample_from_record
+
+    real = tmp_path / "real" / "deep"
+    (real / "data").mkdir(parents=True)
+    (real / "clips").mkdir()
+    clip = real / "clips" / "a.webm"
+    clip.write_bytes(b"")
+    link = tmp_path / "link"
+    link.symlink_to(real / "data")
+    (link / "train.jsonl").write_text('{"path": "../clips/a.webm", "caption": "a"}\n')
+    (sample,), _ = read_manifest(str(link / "train.jsonl"))
+    assert os.path.samefile(sample.path, clip)
+    (tmp_path / "other").mkdir()
+    for out in (link, tmp_path / "other", link / "below"):  # a clean manifest beside it, elsewhere, below the link
+        back = sample_from_record(sample.to_record(str(out)), str(out))
+        assert os.path.samefile(back.path, clip), sample.to_record(str(out))["path"]
+    (tmp_path / "up").symlink_to(real)  # up/data/../clips is up/clips as text and as the kernel resolves it
+    (real / "data" / "up.jsonl").write_text('{"path": "../clips/a.webm", "caption": "a"}\n')
+    (sample,), _ = read_manifest(str(tmp_path / "up" / "data" / "up.jsonl"))
+    assert sample.path == str(tmp_path / "up" / "clips" / "a.webm")
+
+
 def write_shard(path: str, samples) -> None:
     """A WebDataset tar of the samples: NNNN.webm, NNNN.txt (caption), NNNN.json (label)."""
     with tarfile.open(path, "w") as tar:

@@ -23,6 +23,7 @@ stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`
 from __future__ import annotations
 
 import array
+import functools
 import hashlib
 import io
 import json
@@ -89,7 +90,7 @@ class Sample:
     def to_record(self, base: str | None = None) -> dict:
         """The manifest line of this sample (paths relative to `base` when given)."""
         rec = dict(self.extra)
-        rec["path"] = os.path.relpath(self.path, base) if base else self.path
+        rec["path"] = _relative(self.path, base) if base else self.path
         if self.caption is not None:
             rec["caption"] = self.caption
         for key in ("dataset", "start", "end", "label", "offset", "size", "member"):
@@ -98,6 +99,36 @@ class Sample:
                 rec[key] = value
         rec.update(self.probe)
         return rec
+
+
+def resolve(base: str, path: str) -> str:
+    """A manifest line's `path` joined to the manifest's folder `base` and normalised. Normalising is textual: a '..'
+    after a symlinked folder ("data/" linking to /mnt/x/deep/data, "../clips/a.webm") named the folder above the
+    link, not the one `ls data/../clips` lists, and every such file was "missing". A path with '..' resolves
+    against the folder the kernel reaches (_folder)."""
+    if os.pardir not in path.split(os.sep):
+        return os.path.normpath(os.path.join(base, path))
+    folder, name = os.path.split(path)
+    return os.path.normpath(os.path.join(_folder(base, folder), name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _folder(base: str, folder: str) -> str:
+    """`folder` joined to `base`: normalised as text where that is the folder the kernel reaches (the names of the
+    samples as they always were), else that folder (a symlink crossed by '..'). Cached: a manifest has few."""
+    lexical = os.path.normpath(os.path.join(base, folder))
+    physical = os.path.realpath(os.path.join(base, folder))
+    return lexical if os.path.realpath(lexical) == physical else physical
+
+
+def _relative(path: str, base: str) -> str:
+    """`path` as a clean manifest in `base` writes it: relative, as `resolve` reads it back to the same file (the
+    relative path from the folder `base` links to, where '..' crosses a symlink), else absolute."""
+    for start in (base, os.path.realpath(base)):
+        rel = os.path.relpath(path, start)
+        if resolve(base, rel) == os.path.normpath(path):
+            return rel
+    return os.path.abspath(path)
 
 
 def _fingerprint_line(s: Sample) -> bytes:
@@ -350,7 +381,7 @@ def sample_from_record(rec, base: str) -> Sample:
         raise ValueError(f"'dataset' must be a string, got {dataset!r}")
     if member is not None and not isinstance(member, str):
         raise ValueError(f"'member' must be a string (the name inside the tar), got {member!r}")
-    return Sample(path=os.path.normpath(os.path.join(base, path)), caption=caption, dataset=dataset, start=start,
+    return Sample(path=resolve(base, path), caption=caption, dataset=dataset, start=start,
                   end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})

@@ -53,6 +53,27 @@ def test_a_pack_reads_back_what_the_manifest_parses_to(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_manifest_named_too_long_for_a_pack_beside_it(tmp_path, capsys):
+    """A pack is its manifest's name plus .pack (and ~45 bytes of temporary suffix while written), which a name near
+    the file system's 255 bytes cannot take. A read of such a manifest noted at every read "pack cannot be opened
+    (File name too long); ... `videoprism data pack` writes it again", which cannot; `data pack` said to copy the
+    manifest to a folder you can write; `data index --out` of such a name probed every file, wrote the clean manifest
+    and then failed. Now a read has no pack to note, the pack's error names the fix, and the index refuses the name
+    before any work."""
+    from videoprism.data.index import index_dataset
+
+    manifest = str(tmp_path / ("m" * 246 + ".jsonl"))  # 252 bytes: no room for .pack
+    os.rename(_manifest(tmp_path, n=3), manifest)
+    samples, _ = read_manifest(manifest)
+    assert len(samples) == 3 and capsys.readouterr().err == ""
+    with pytest.raises(OSError, match="rename the manifest shorter"):
+        write_pack(manifest)
+    out = str(tmp_path / ("c" * 240 + ".jsonl"))
+    with pytest.raises(ValueError, match=r"--out .*: its name is 246 bytes, \d+ too many for the pack"):
+        index_dataset(manifest, out, workers=1)
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(manifest)]  # refused before any file was written
+
+
 def test_a_pack_with_video_only_lines_serves_readers_without_captions_only(tmp_path, capsys):
     """A line without a caption is a sample for a reader that needs none (stage 2, probes) and a rejected line for
     one that needs captions (stage 1, retrieval), from the pack as from the parse: the pack keeps such lines and

@@ -29,7 +29,7 @@ from ..preemption import Preempted, stopping
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
 from .manifest import Sample, SampleList, read_source
-from .pack import write_pack
+from .pack import check_name_room, write_pack
 
 
 def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
@@ -177,6 +177,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
             raise ValueError(f"--out {out}: the clean manifest must end in .jsonl")
         # Each would be read after it was written over (the manifest), or hold the other's lines.
         check_not_an_input(path, f"{option} {path}", [("source", s) for s in sources])
+    check_name_room(out, f"--out {out}")
     if os.path.realpath(rejects_path) == os.path.realpath(out):
         raise ValueError(f"--rejects {rejects_path} is --out: the report and the clean manifest need a file each")
     jobs = [(s, min_frames, full) for s in samples]

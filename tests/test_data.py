@@ -470,6 +470,21 @@ def test_a_path_climbing_out_of_a_symlinked_folder_is_the_file_ls_lists(tmp_path
     assert sample.path == str(tmp_path / "up" / "clips" / "a.webm")
 
 
+def test_a_path_no_file_name_can_hold_is_a_rejected_line(tmp_path):
+    """A manifest path with a NUL or a lone UTF-16 surrogate (JSON's "\\ud800") names no file: it was read as a
+    sample, whose probe raised in `data index`, ending the whole index with "'utf-8' codec can't encode character
+    '\\ud800' in position 12: surrogates not allowed". It is a rejected line, naming the character; a name of a byte
+    that is not UTF-8, as os.listdir and json.dumps give it ("\\udce9"), is a path."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "a\\ud800.webm", "caption": "a"}\n{"path": "a\\u0000b.webm", "caption": "b"}\n'
+                        '{"path": "caf\\udce9.webm", "caption": "c"}\n')
+    samples, rejects = read_manifest(str(manifest), max_bad_share=1.0)
+    assert [s.path for s in samples] == [os.fsdecode(os.path.join(os.fsencode(str(tmp_path)), b"caf\xe9.webm"))]
+    assert [(where, reason.split(",")[0]) for where, reason in rejects] == [
+        (f"{manifest}:1", "'path' holds '\\ud800' at 1"),
+        (f"{manifest}:2", "'path' 'a\\x00b.webm' holds a NUL character")]
+
+
 def write_shard(path: str, samples) -> None:
     """A WebDataset tar of the samples: NNNN.webm, NNNN.txt (caption), NNNN.json (label)."""
     with tarfile.open(path, "w") as tar:

@@ -359,6 +359,7 @@ def sample_from_record(rec, base: str) -> Sample:
     path = rec.get("path")
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"'path' must be a non-empty string, got {path!r}")
+    _check_file_name(path)
     caption = rec.get("caption")  # absent (or null): a video-only line
     if caption is not None and (not isinstance(caption, str) or not caption.strip()):
         raise ValueError(f"'caption' must be a non-empty string, got {caption!r}")
@@ -385,6 +386,20 @@ def sample_from_record(rec, base: str) -> Sample:
                   end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
+
+
+def _check_file_name(path: str) -> None:
+    """ValueError unless `path` can name a file: a NUL, or a lone UTF-16 surrogate that is no byte of a name (JSON's
+    "\\ud800"; os.listdir's name of a byte that is not UTF-8 is "\\udce9", which json.dumps writes and which is
+    fine), made the probe of `data index` raise and end the whole index ("'utf-8' codec can't encode character")."""
+    if "\0" in path:
+        raise ValueError(f"'path' {path!r} holds a NUL character, which no file name holds; fix the line")
+    if not path.isascii():
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"'path' holds {path[e.start]!r} at {e.start}, a lone UTF-16 surrogate, which no file "
+                             "name holds; fix the line") from None
 
 
 def check_manifest(path: str) -> None:

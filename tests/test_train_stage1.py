@@ -1304,6 +1304,27 @@ def test_init_from_an_export_keeps_its_position_embedding_shape(tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_an_init_of_another_shape_or_kind_is_refused_naming_the_fields_to_set(tmp_path):
+    """model.init of an export of another width or vocabulary, or of a stage-2 student, is refused before the load
+    with the model.* values that fit the file (its load said only one tensor's two shapes, or a few keys)."""
+    trainer = make_trainer(tmp_path, "train.compile=false")
+    path = str(tmp_path / "model.safetensors")
+    trainer.task.export(trainer.model, path)
+    cpu = torch.device("cpu")
+    wide = build_config("tiny", [*TINY, "model.model_dim=32", f"model.init={path}"], 1).model
+    with pytest.raises(ValueError, match=r"^model.init=.* holds a model of model.model_dim=16 and this run's config "
+                                         r"builds model.model_dim=32: set model.model_dim=16$"):
+        build_clip(wide, vocab=50, device=cpu)
+    same = build_config("tiny", [*TINY, f"model.init={path}"], 1).model
+    with pytest.raises(ValueError, match=r"model.vocabulary_size=50 .* builds model.vocabulary_size=60: set "):
+        build_clip(same, vocab=60, device=cpu)  # another tokenizer's
+    student = str(tmp_path / "student.safetensors")
+    videoprism.save_safetensors(trainer.task.module.clip.vision_encoder, student)
+    with pytest.raises(ValueError, match=r"holds a FactorizedEncoder; stage 1 starts from a video-text model"):
+        build_clip(dataclasses.replace(same, init=student), vocab=50, device=cpu)
+    build_clip(dataclasses.replace(wide, model_dim=16), vocab=50, device=cpu)  # the fix said loads
+
+
 def launch_without_sync(trainer: Trainer, steps: int = 2) -> list[dict]:
     """Queue `steps` steps of a warm trainer on CUDA under torch's sync debug mode ("error": any host wait for
     the GPU raises, naming the op), then read them: the loop's pipelining rests on launch_step never waiting."""

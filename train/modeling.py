@@ -11,7 +11,10 @@ import videoprism
 from videoprism.checkpoint import load_checkpoint, safetensors_config
 from videoprism.config import CLIPConfig, official_config
 from videoprism.paths import is_safetensors
-from videoprism.train.config import ModelConfig
+from videoprism.train.config import _SHAPE_FIELDS, ModelConfig
+
+# The config fields that shape an LvT model's weights (the encoder's, stage 2's _SHAPE_FIELDS, and the text tower's).
+_CLIP_SHAPE_FIELDS = (*_SHAPE_FIELDS, "num_unimodal_layers", "vocabulary_size")
 
 
 def _backend(name: str) -> str | None:
@@ -39,10 +42,31 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
         saved = safetensors_config(mc.init)[1].get("pos_emb_shape")
         if saved:
             overrides["pos_emb_shape"] = tuple(saved)
+    if is_safetensors(mc.init):
+        _check_init(mc.init, official_config(mc.name, **overrides))
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
     if mc.init != "random":
         load_checkpoint(mc.init, model)
     return model.to(device)
+
+
+def _check_init(path: str, config: CLIPConfig) -> None:
+    """model.init's safetensors against the model this run builds (`config`), by the config it carries: its load
+    said only a tensor's two shapes (another width) or the first keys of another model (a stage-2 export), neither
+    the field to set."""
+    kind, saved = safetensors_config(path)
+    if kind and kind != "FactorizedVideoCLIP":
+        raise ValueError(f"model.init={path!r} holds a {kind}; stage 1 starts from a video-text model: a stage-1 "
+                         "run's export or an official LvT .npz (a stage-2 export is a student encoder)")
+    have = {k: getattr(config, k) for k in _CLIP_SHAPE_FIELDS}
+    have["pos_emb_shape"] = list(have["pos_emb_shape"])
+    differ = [k for k in _CLIP_SHAPE_FIELDS if k in saved and saved[k] != have[k]]
+    if differ:
+        def said(values: dict) -> str:
+            return " ".join(f"model.{k}={','.join(map(str, values[k])) if k == 'pos_emb_shape' else values[k]}"
+                            for k in differ)
+        raise ValueError(f"model.init={path!r} holds a model of {said(saved)} and this run's config builds "
+                         f"{said(have)}: set {said(saved)}")
 
 
 def model_from_safetensors(path: str, *, expect: str, attention_backend: str = "auto",

@@ -390,6 +390,10 @@ def _bad_inputs(tmp):
         (stage1.main, [*tiny, f"data.train={tmp}/empty.jsonl:inf"], "WEIGHT must be > 0"),
         (stage1.main, [*rand, "train.out_dir="], "train.out_dir is empty"),
         (stage1.main, [*rand, "model.init="], "model.init is empty"),
+        # A contrastive loss over one clip is 0 with no gradient: these trained nothing (loss 0.0, grad_norm 0.0).
+        (stage1.main, [*rand, "train.global_batch=1"], "train.global_batch=1: stage 1's contrastive loss"),
+        (stage1.main, [*rand, "train.micro_batch=1", "stage1.grad_cache=false"],
+         "train.micro_batch=1 on 1 rank with stage1.grad_cache=false: each micro-step's contrastive loss"),
         (pipeline.main, ["--out", str(tmp), "model.resolution=60"], "model.resolution=60 is not a multiple of the "
                                                                       "patch size 8; use e.g. 56"),
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),

@@ -96,7 +96,9 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
                   teacher=cfg.stage2.teacher if stage == 2 else "")
     check_inputs(cfg, stage)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
+    micro, accum = accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
+    if stage == 1:
+        _check_contrastive_batch(cfg, micro, accum, world)
     # data.train's entries (paths, weights, frames), before the model is built and data.cache decodes them.
     datasets = parse_datasets(cfg.data.train, cfg.model.num_frames) if cfg.data.source == "manifest" else []
     if stage == 2:
@@ -110,6 +112,22 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
         hsdp_groups(world, cfg.parallel.shard_size)
     if resume is not None and not resume.if_any:
         ckpt.find(resume.path, required=True)
+
+
+def _check_contrastive_batch(cfg: Config, micro: int, accum: int, world: int) -> None:
+    """Stage 1's loss scores each clip against the other clips of its batch (the global batch; with accumulation and
+    without stage1.grad_cache, a micro-step's micro_batch x world clips): one clip alone scores a loss of 0 and no
+    gradient, and such a run trained nothing, silently (loss 0.0, grad_norm 0.0 at every step)."""
+    own = accum > 1 and not cfg.stage1.grad_cache
+    if (micro * world if own else cfg.train.global_batch) >= 2:
+        return
+    if own:
+        raise ValueError(f"train.micro_batch={micro} on {world} rank with stage1.grad_cache=false: each micro-step's "
+                         "contrastive loss scores one clip alone, always 0 (nothing trains); set stage1.grad_cache="
+                         "true or train.micro_batch >= 2")
+    raise ValueError(f"train.global_batch={cfg.train.global_batch}: stage 1's contrastive loss scores a clip against "
+                     "the other clips of its batch, and one alone always scores 0 (nothing trains); set "
+                     "train.global_batch >= 2")
 
 
 def check_every_rank_sees(path: str, target: str | None, own: str | None, dist_: Dist) -> None:

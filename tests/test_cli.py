@@ -350,6 +350,7 @@ def _bad_inputs(tmp):
     (tmp / "empty.jsonl").write_text("")
     (tmp / "clip.mp4").write_bytes(b"\0\0\0\x20ftypisom" + bytes(range(256)) * 8)
     (tmp / "out.npy").mkdir()
+    np.savez(tmp / "other.npz", **{"params/other_model/w": np.zeros(2, np.float32)})  # another model's checkpoint
     from videoprism.train.config import build_config, save_config
 
     save_config(build_config("tiny", [f"train.out_dir={tmp}/s1run"], 1), str(tmp / "s1run" / "config.json"), stage=1)
@@ -397,6 +398,8 @@ def _bad_inputs(tmp):
         (pipeline.main, ["--out", str(tmp), "model.resolution=60"], "model.resolution=60 is not a multiple of the "
                                                                       "patch size 8; use e.g. 56"),
         (stage2.main, [*rand, f"stage2.teacher={tmp}/none.safetensors"], "stage2.teacher='"),
+        (stage2.main, [*rand, f"stage2.teacher={tmp}/other.npz"], "other.npz does not match FactorizedVideoCLIP: "
+                                                                   "missing"),
         (stage2.main, [*rand, "stage2.decoder_heads=3"], "decoder_dim=64 is not divisible by stage2.decoder_heads=3"),
         (stage2.main, [*rand, "stage2.decoder_layers=0"], "stage2.decoder_layers=0 is out of range"),
         # A stage-1 run given to stage 2 is that, not a missing stage2.teacher (which it also lacks).

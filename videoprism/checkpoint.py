@@ -194,14 +194,15 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
     missing = sorted(set(layout) - set(arrays))
     extra = sorted(set(arrays) - set(layout))
     if missing or extra:
+        # One line: a command prints it as its `error: ...` (three lines were three, the fix on the last).
         msg = [f"{path} does not match {type(model).__name__}:"]
         if missing:
-            msg.append(f"  missing {len(missing)} key(s), e.g. {missing[:3]}")
+            msg.append(f"missing {len(missing)} key(s), e.g. {missing[:3]};")
         if extra:
-            msg.append(f"  unexpected {len(extra)} key(s), e.g. {extra[:3]}")
-        msg.append("  check that the model name/config matches the checkpoint (e.g. an LvT checkpoint needs "
-                   "FactorizedVideoCLIP, layer counts must agree)")
-        raise CheckpointError("\n".join(msg))
+            msg.append(f"unexpected {len(extra)} key(s), e.g. {extra[:3]};")
+        msg.append("check that the model name/config matches the checkpoint (e.g. an LvT checkpoint needs "
+                   "FactorizedVideoCLIP, layer counts must agree: in a training config model.num_*_layers)")
+        raise CheckpointError(" ".join(msg))
 
     params = dict(model.named_parameters())
     new = {n: torch.empty(p.shape, dtype=p.dtype) for n, p in params.items()}

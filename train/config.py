@@ -509,8 +509,8 @@ def build_config(config: str, overrides: list[str], stage: int, *, pipeline: boo
 
 
 # The model fields that shape an encoder's weights: stage 2's student has its teacher's.
-_SHAPE_FIELDS = ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num_temporal_layers",
-                 "num_auxiliary_layers", "patch_size", "pos_emb_shape")
+ENCODER_SHAPE_FIELDS = ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num_temporal_layers",
+                        "num_auxiliary_layers", "patch_size", "pos_emb_shape")
 
 
 def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
@@ -518,7 +518,7 @@ def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
     (they were ignored, and config.json recorded them as the run's), and one the user set (`given`: the file's and
     the overrides' keys) that contradicts the teacher is refused. `saved`: the teacher's config (teacher_fields)."""
     clash = []
-    for name in _SHAPE_FIELDS:
+    for name in ENCODER_SHAPE_FIELDS:
         if name not in saved:
             continue
         want = ",".join(map(str, saved[name])) if name == "pos_emb_shape" else saved[name]

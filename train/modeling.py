@@ -11,10 +11,10 @@ import videoprism
 from videoprism.checkpoint import load_checkpoint, safetensors_config
 from videoprism.config import CLIPConfig, official_config
 from videoprism.paths import is_safetensors
-from videoprism.train.config import _SHAPE_FIELDS, ModelConfig
+from videoprism.train.config import ENCODER_SHAPE_FIELDS, ModelConfig
 
-# The config fields that shape an LvT model's weights (the encoder's, stage 2's _SHAPE_FIELDS, and the text tower's).
-_CLIP_SHAPE_FIELDS = (*_SHAPE_FIELDS, "num_unimodal_layers", "vocabulary_size")
+# The config fields that shape an LvT model's weights: the encoder's and the text tower's.
+_CLIP_SHAPE_FIELDS = (*ENCODER_SHAPE_FIELDS, "num_unimodal_layers", "vocabulary_size")
 
 
 def _backend(name: str) -> str | None:

@@ -103,7 +103,8 @@ class DataConfig:
     source: str = f("manifest", "'manifest' (video files listed in JSONL manifests) or 'random' (seeded random "
                                 "clips and captions, for benchmarks and tests).", choices=("manifest", "random"))
     train: str = f("", "Training manifests, comma separated, each PATH[:WEIGHT[:FRAMES]]: one dataset is drawn per "
-                       "step by weight (alternating gradient descent); FRAMES=1 makes images one-frame videos.")
+                       "step by weight (alternating gradient descent); FRAMES=1 makes images one-frame videos. A "
+                       "PATH may hold ':' but not ',' (give a symlink of another name).")
     val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
     tokenizer: str = f("", "SentencePiece model of the captions ('' = DIR/spm.model next to the first manifest); "
                            "stage 1 only: stage 2 reads no text, and its manifests may hold video-only lines.")

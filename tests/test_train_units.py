@@ -537,13 +537,14 @@ def test_flop_formula_matches_flop_counter():
     assert fc.get_total_flops() == pytest.approx(text_tower_flops(clip.config, B, L), rel=1e-6)
 
 
-@pytest.mark.parametrize("lit", [False, True])
-def test_stage1_step_flops_match_flop_counter(lit):
+@pytest.mark.parametrize("lit,aux", [(False, 1), (True, 1), (False, 0), (True, 0)])
+def test_stage1_step_flops_match_flop_counter(lit, aux):
     """The trainer's stage-1 FLOPs (3x the trained parts, 1x the frozen LiT encoder) against
     torch's counter on a real forward + backward of the training loss, exactly once the two known
     differences are accounted for by hand: the counter has no formula for the MAP pooler's CPU SDPA
     core, and the reference attention backend computes all S^2 pairs of the causal text tower where
-    the formula counts the pairs it must score (the entries of the causal mask)."""
+    the formula counts the pairs it must score (the entries of the causal mask). Without an auxiliary
+    layer (the tiny preset's) LiT's pooler reads the frozen encoder's output, whose gradient no one needs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from videoprism.train.data import RandomClips
@@ -551,7 +552,7 @@ def test_stage1_step_flops_match_flop_counter(lit):
     from videoprism.train.parallel import Dist
     from videoprism.train.stage1 import Stage1Task
 
-    cfg = build_config("tiny", [f"stage1.lit={str(lit).lower()}", "model.num_auxiliary_layers=1"], 1)
+    cfg = build_config("tiny", [f"stage1.lit={str(lit).lower()}", f"model.num_auxiliary_layers={aux}"], 1)
     d = Dist(0, 1, torch.device("cpu"))
     torch.manual_seed(0)
     task = Stage1Task(cfg, d, build_clip(cfg.model, vocab=100, device=d.device), None)

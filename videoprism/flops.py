@@ -9,7 +9,10 @@ Conventions (those of PaLM / torchtitan MFU, except that causal attention counts
 * A training step costs 3x the forward of the parts that get gradients (forward, grad
   of activations, grad of weights) and 1x the forward of frozen parts (stage-2 teacher,
   the LiT video encoder), which need no backward at all. The patch projection of a trained
-  encoder costs 2x: its input (the pixels) needs no gradient, only its weight does.
+  encoder costs 2x: its input (the pixels) needs no gradient, only its weight does; so do the
+  LiT pooler's k and v projections when they read the frozen encoder directly (no auxiliary layer).
+* Recomputation is not counted: GradCache's no-grad embedding pass (stage1.grad_cache) and the
+  blocks that activation checkpointing runs again add time, not model FLOPs (PaLM's MFU).
 * Masked encoding counts visible tokens only: the spatial stack sees `K` tokens per
   frame; temporal attention scores only the pairs of visible tokens at the same spatial
   location, `sum_loc count(loc)^2` per clip (`T^2 * K` for tube masks, where every visible
@@ -34,10 +37,16 @@ def block_flops(seqs: int, seq_len: int, dim: int, mlp_dim: int, *, pairs: float
     return tokens * (8 * dim * dim + 4 * dim * mlp_dim) + seqs * 4 * pairs * dim
 
 
+def pooler_kv_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
+    """The attention pooler's k and v projections over `tokens` tokens per clip."""
+    return 4.0 * batch * tokens * dim * hidden
+
+
 def pooler_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
     """Attention pooler with one learned query: its projection (once, shared by the batch),
     k and v (all tokens), scores and weighted sum over `tokens` keys, output projection."""
-    return 2 * dim * hidden + batch * (4 * tokens * dim * hidden + 4 * tokens * hidden + 2 * hidden * dim)
+    return 2 * dim * hidden + pooler_kv_flops(batch, tokens, dim, hidden) + batch * (4 * tokens * hidden
+                                                                                     + 2 * hidden * dim)
 
 
 def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int, num_patches: int) -> float | torch.Tensor:
@@ -104,14 +113,20 @@ def stage1_step_flops(cfg, *, batch: int, frames: int, visible: int, text_length
     """Training FLOPs of one rank's stage-1 step of `batch` clips, its loss scoring them against the
     `batch * world` clips of the global batch (`world` ranks; times the micro-steps that GradCache scores
     together, train/stage1.py). See the module docstring. LiT (`freeze_video`) freezes the encoder only:
-    the auxiliary stack and the pooler still train."""
+    the auxiliary stack and the pooler still train; with no auxiliary layer the pooler's k and v read the frozen
+    encoder's output and cost 2x (see the module docstring)."""
     encoder = encoder_flops(cfg, batch, frames, visible)
     head = video_head_flops(cfg, batch, frames * visible)
     text = text_tower_flops(cfg, batch, text_length)
     loss = contrastive_loss_flops(batch, batch * world, cfg.model_dim)
     # Trained encoder: 3x, less the patch projection's activation gradient (the pixels need none).
     video = encoder if freeze_video else 3 * encoder - patch_embed_flops(cfg, batch, frames, visible)
-    return video + 3 * (head + text + loss)
+    total = video + 3 * (head + text + loss)
+    if freeze_video and cfg.num_auxiliary_layers == 0:
+        # The frozen encoder's output needs no gradient: k and v compute only their weights' (the tiny preset's LiT
+        # step was counted 16% high). An auxiliary block's trained LayerNorm does need its input's: 3x there.
+        total -= pooler_kv_flops(batch, frames * visible, cfg.model_dim, 4 * cfg.model_dim)
+    return total
 
 
 def decoder_flops(batch: int, tokens: int, dim: int, dec_dim: int, num_layers: int, dec_mlp_dim: int) -> float:

@@ -3,7 +3,7 @@
 Throughput numbers are per optimizer step over all ranks: clips/s, video tokens/s (the
 visible tokens the encoder computes on), MFU = model FLOPs per second / (ranks x the
 measured matmul ceiling), the share of the step spent waiting for data, and peak memory
-(CUDA allocator peak on GPU, process peak RSS on the CPU).
+(CUDA allocator peak on GPU, process peak RSS on the CPU): those two are rank 0's, which logs.
 """
 from __future__ import annotations
 

@@ -485,6 +485,32 @@ def test_a_path_no_file_name_can_hold_is_a_rejected_line(tmp_path):
         (f"{manifest}:2", "'path' 'a\\x00b.webm' holds a NUL character")]
 
 
+def test_a_shards_caption_is_its_text_without_a_byte_order_mark_or_line_end(tmp_path):
+    """A .txt member saved by Notepad (UTF-8 with a byte-order mark, CRLF) kept the mark as the caption's first
+    character, one more piece to the tokenizer (an <unk>), and a .txt of the mark alone was a caption; a .txt in
+    latin-1 was rejected as "caption or json not UTF-8", naming neither the member nor the fix."""
+    members = {"bom.txt": b"\xef\xbb\xbfa dog runs\r\n", "crlf.txt": b"a dog runs\r\n\r\n",
+               "mark.txt": b"\xef\xbb\xbf\r\n", "latin.txt": "caf\xe9 au lait".encode("latin-1"),
+               "js.txt": b"a dog", "js.json": b'\xef\xbb\xbf{"label": 3}', "latjs.txt": b"a dog",
+               "latjs.json": '{"dataset": "caf\xe9"}'.encode("latin-1")}
+    shard = str(tmp_path / "s.tar")
+    with tarfile.open(shard, "w") as tar:
+        for name, data in {**{f"{k}.webm": b"video bytes" for k in ("bom", "crlf", "mark", "latin", "js", "latjs")},
+                           **members}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got, rejects = read_shards([shard], max_bad_share=1.0)
+    assert [(g.member, g.caption, g.label) for g in got] == [("bom.webm", "a dog runs", None),
+                                                               ("crlf.webm", "a dog runs", None),
+                                                               ("js.webm", "a dog", 3)]
+    reasons = dict(rejects)
+    assert reasons[f"{shard}:mark"] == "'caption' must be a non-empty string, got ''"
+    assert reasons[f"{shard}:latin"] == ("the .txt member (the caption) is not UTF-8 (invalid continuation byte at "
+                                         "byte 3); save it as UTF-8")
+    assert reasons[f"{shard}:latjs"].startswith("the .json member (start, end, label, dataset) is not UTF-8 (")
+
+
 def write_shard(path: str, samples) -> None:
     """A WebDataset tar of the samples: NNNN.webm, NNNN.txt (caption), NNNN.json (label)."""
     with tarfile.open(path, "w") as tar:

@@ -402,6 +402,19 @@ def test_manifest_with_a_byte_order_mark_and_bad_json_columns(tmp_path, synth):
     assert rejects == [(f"{p}:2", "bad JSON (Expecting ',' delimiter at column 18)")]
 
 
+def test_a_caption_pasted_raw_into_a_line_is_a_reason_naming_the_fix(tmp_path):
+    """A tab or a terminal's escape pasted raw into a caption is no JSON: the reason read "Invalid control character at
+    at column 36", with no fix; a latin-1 line's, "not UTF-8", none either."""
+    p = tmp_path / "m.jsonl"
+    p.write_bytes(b'{"path": "a.webm", "caption": "ok"}\n{"path": "a.webm", "caption": "red \x1b[31mdog"}\n'
+                  + '{"path": "a.webm", "caption": "caf\xe9"}\n'.encode("latin-1"))
+    samples, rejects = read_manifest(str(p), max_bad_share=1.0, use_pack=False)
+    assert len(samples) == 1 and rejects == [
+        (f"{p}:2", "bad JSON (Invalid control character at column 36: a string holds '\\x1b' raw; escape it (\\t, "
+                   "\\n, \\u001b), as json.dumps writes it)"),
+        (f"{p}:3", "not UTF-8 (invalid continuation byte at byte 34); save the manifest as UTF-8")]
+
+
 def test_resume_over_other_samples_is_refused(tmp_path, synth):
     """The position indexes a permutation of the sample list: restoring it over another list (a
     re-indexed manifest with a line less) would silently repeat and drop samples."""

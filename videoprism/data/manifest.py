@@ -514,9 +514,10 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
                         looked = True
                         _relative_to_cwd(path, rec["path"], s)
                 except UnicodeDecodeError as e:
-                    budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start})")
+                    budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start}); save the manifest as "
+                                               "UTF-8")
                 except json.JSONDecodeError as e:
-                    budget.skip(f"{path}:{n}", f"bad JSON ({e.msg} at column {e.colno})")
+                    budget.skip(f"{path}:{n}", f"bad JSON ({_json_error(e)})")
                 except ValueError as e:
                     budget.skip(f"{path}:{n}", str(e))
             bar.update(total - bar.n)
@@ -526,6 +527,17 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
     if not samples:
         raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    """Where and why a line is not JSON, and the fix when it is not plain: a tab, a line break or a terminal's
+    escape pasted raw into a caption is no JSON (json's message for it, "Invalid control character at", read
+    "at at column 12")."""
+    where = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+    if e.msg.startswith("Invalid control character"):
+        return (f"{where}: a string holds {e.doc[e.pos]!r} raw; escape it (\\t, \\n, \\u001b), as json.dumps "
+                "writes it")
+    return where
 
 
 def _relative_to_cwd(manifest: str, written: str, s: Sample) -> None:
@@ -644,7 +656,7 @@ def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
     try:
         rec = json.loads(_member_text(entry, ".json")) if ".json" in entry else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"the .json member is not JSON ({e.msg} at column {e.colno})") from None
+        raise ValueError(f"the .json member is not JSON ({_json_error(e)})") from None
     if not isinstance(rec, dict):
         raise ValueError("the .json member must hold an object")
     offset, size, member = entry[media]

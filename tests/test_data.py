@@ -415,6 +415,20 @@ def test_a_caption_pasted_raw_into_a_line_is_a_reason_naming_the_fix(tmp_path):
         (f"{p}:3", "not UTF-8 (invalid continuation byte at byte 34); save the manifest as UTF-8")]
 
 
+def test_a_caption_of_another_type_is_a_short_reason(tmp_path):
+    """A 1 MB caption given as a list was a 1 MB reason: a line of the rejects report, and of the error that stops a
+    run, each 1 MB."""
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"path": "a.webm", "caption": "ok"}\n' + json.dumps({"path": "a.webm", "caption": ["x" * 10**6]})
+                 + "\n")
+    samples, rejects = read_manifest(str(p), max_bad_share=1.0, use_pack=False)
+    assert len(samples) == 1
+    assert rejects == [(f"{p}:2", f"'caption' must be a non-empty string, got ['{'x' * 58}... (1000004 characters)")]
+    with pytest.raises(TooManyBadSamplesError, match=f"{p}:2: 'caption' must") as e:
+        read_manifest(str(p), use_pack=False)
+    assert len(str(e.value)) < 1000
+
+
 def test_resume_over_other_samples_is_refused(tmp_path, synth):
     """The position indexes a permutation of the sample list: restoring it over another list (a
     re-indexed manifest with a line less) would silently repeat and drop samples."""

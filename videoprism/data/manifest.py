@@ -326,13 +326,20 @@ def plain_values(record) -> tuple:
     return _PlainValues(io.BytesIO(record)).load()
 
 
+def _shown(value, limit: int = 80) -> str:
+    """The repr of a field's bad value for a reason, cut to `limit` characters: a reason is a line of the rejects
+    report and of the error that stops a run, and a 1 MB caption given as a list made each of them 1 MB."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
 def _number(rec: dict, key: str) -> float | None:
     value = rec.get(key)
     if value is None:
         return None
     # json parses NaN and Infinity: not a time either.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {value!r}")
+        raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {_shown(value)}")
     return float(value)
 
 
@@ -349,7 +356,7 @@ def _label(value):
             raise ValueError("'label' dict key 'label' is the name of an int label; rename the key (e.g. "
                              '{"class": 3}) or give the int itself ("label": 3)')
         return dict(value)
-    raise ValueError(f"'label' must be a class id (an int >= 0) or a dict of them, got {value!r}")
+    raise ValueError(f"'label' must be a class id (an int >= 0) or a dict of them, got {_shown(value)}")
 
 
 def sample_from_record(rec, base: str) -> Sample:
@@ -358,11 +365,11 @@ def sample_from_record(rec, base: str) -> Sample:
         raise ValueError(f"a line must be a JSON object, got {type(rec).__name__}")
     path = rec.get("path")
     if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"'path' must be a non-empty string, got {path!r}")
+        raise ValueError(f"'path' must be a non-empty string, got {_shown(path)}")
     _check_file_name(path)
     caption = rec.get("caption")  # absent (or null): a video-only line
     if caption is not None and (not isinstance(caption, str) or not caption.strip()):
-        raise ValueError(f"'caption' must be a non-empty string, got {caption!r}")
+        raise ValueError(f"'caption' must be a non-empty string, got {_shown(caption)}")
     if caption is not None and not caption.isascii():
         try:  # JSON's "\ud800" escapes a lone surrogate: no text, and the tokenizer fails on it mid-run
             caption.encode("utf-8")
@@ -375,13 +382,13 @@ def sample_from_record(rec, base: str) -> Sample:
     offset, size = rec.get("offset"), rec.get("size")
     if (offset is None) != (size is None) or any(v is not None and (not isinstance(v, int) or v < 0)
                                                  for v in (offset, size)):
-        raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {offset!r}, "
-                         f"{size!r}")
+        raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {_shown(offset)}, "
+                         f"{_shown(size)}")
     dataset, member = rec.get("dataset", ""), rec.get("member")
     if not isinstance(dataset, str):
-        raise ValueError(f"'dataset' must be a string, got {dataset!r}")
+        raise ValueError(f"'dataset' must be a string, got {_shown(dataset)}")
     if member is not None and not isinstance(member, str):
-        raise ValueError(f"'member' must be a string (the name inside the tar), got {member!r}")
+        raise ValueError(f"'member' must be a string (the name inside the tar), got {_shown(member)}")
     return Sample(path=resolve(base, path), caption=caption, dataset=dataset, start=start,
                   end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
@@ -393,7 +400,7 @@ def _check_file_name(path: str) -> None:
     "\\ud800"; os.listdir's name of a byte that is not UTF-8 is "\\udce9", which json.dumps writes and which is
     fine), made the probe of `data index` raise and end the whole index ("'utf-8' codec can't encode character")."""
     if "\0" in path:
-        raise ValueError(f"'path' {path!r} holds a NUL character, which no file name holds; fix the line")
+        raise ValueError(f"'path' {_shown(path)} holds a NUL character, which no file name holds; fix the line")
     if not path.isascii():
         try:
             os.fsencode(path)

@@ -423,10 +423,22 @@ def test_a_caption_of_another_type_is_a_short_reason(tmp_path):
                  + "\n")
     samples, rejects = read_manifest(str(p), max_bad_share=1.0, use_pack=False)
     assert len(samples) == 1
-    assert rejects == [(f"{p}:2", f"'caption' must be a non-empty string, got ['{'x' * 58}... (1000004 characters)")]
+    assert rejects == [(f"{p}:2", f"'caption' must be one string, got a list of 1: ['{'x' * 58}... (1000004 "
+                                  "characters); give one caption a line (for training, a clip may repeat on a line "
+                                  "per caption)")]
     with pytest.raises(TooManyBadSamplesError, match=f"{p}:2: 'caption' must") as e:
         read_manifest(str(p), use_pack=False)
     assert len(str(e.value)) < 1000
+
+
+def test_a_caption_list_is_refused_naming_the_fix(tmp_path):
+    """A clip's several captions given as a list were refused as "'caption' must be a non-empty string, got ['a dog
+    runs', 'a dog plays']", which says neither that a list is the trouble nor what to write instead."""
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"path": "a.webm", "caption": "ok"}\n{"path": "a.webm", "caption": ["a dog runs", "a dog plays"]}\n')
+    _, rejects = read_manifest(str(p), max_bad_share=1.0, use_pack=False)
+    assert rejects == [(f"{p}:2", "'caption' must be one string, got a list of 2: ['a dog runs', 'a dog plays']; give "
+                                  "one caption a line (for training, a clip may repeat on a line per caption)")]
 
 
 def test_resume_over_other_samples_is_refused(tmp_path, synth):

@@ -368,6 +368,9 @@ def sample_from_record(rec, base: str) -> Sample:
         raise ValueError(f"'path' must be a non-empty string, got {_shown(path)}")
     _check_file_name(path)
     caption = rec.get("caption")  # absent (or null): a video-only line
+    if isinstance(caption, list):  # a clip's captions: the loader pairs a clip with one caption a sample
+        raise ValueError(f"'caption' must be one string, got a list of {len(caption)}: {_shown(caption)}; give one "
+                         "caption a line (for training, a clip may repeat on a line per caption)")
     if caption is not None and (not isinstance(caption, str) or not caption.strip()):
         raise ValueError(f"'caption' must be a non-empty string, got {_shown(caption)}")
     if caption is not None and not caption.isascii():

@@ -204,6 +204,31 @@ def test_compile_fullgraph_no_graph_break(name):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_model_compiles_once_for_every_resolution_after_the_second():
+    """torch.compile(model) on clips of other sizes: the first size compiles, the second again with the sizes
+    dynamic, later ones reuse that graph. The grid's patch count, read as an int by the attention's check
+    (checks.as_int's operator.index), was a guard on its value: every resolution compiled again, and past dynamo's
+    limit (8) the model ran eager with only a log warning. Outputs are the eager model's."""
+    from torch._dynamo.utils import counters
+
+    m = tiny()
+    compiled = torch.compile(m, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    per_call = []
+    try:
+        with torch.no_grad():
+            for side in (12, 24, 30, 36, 42):  # not 18: the position grid's own size is a branch of its own
+                video = torch.rand(2, 3, side, side, 3)
+                before = counters["stats"]["unique_graphs"]
+                got = compiled(video)[0]
+                per_call.append(counters["stats"]["unique_graphs"] - before)
+                torch.testing.assert_close(got, m(video)[0], rtol=1e-5, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    assert per_call == [1, 1, 0, 0, 0], per_call
+
+
 def test_masked_encoding_identity_pos_equals_unmasked():
     m = tiny()
     video = torch.rand(2, 3, 12, 18, 3)

@@ -23,6 +23,10 @@ def as_int(value) -> int | None:
     bool, a float (1.7 must not pass as 1) or a string."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        # As it is: under torch.compile a traced size (a grid's patch count) is an int here, and operator.index
+        # would read its value, a guard that compiled a whole-model graph again for every other resolution.
+        return value
     try:
         return operator.index(value)
     except TypeError:

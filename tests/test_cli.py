@@ -579,6 +579,25 @@ def test_ctrl_c_is_said_once_by_rank_0(monkeypatch, capsys):
         assert capsys.readouterr().err == said
 
 
+def test_stdout_closed_by_its_reader_ends_quietly_with_the_sigpipe_status(tmp_path, capsys):
+    """`videoprism data synth ... | head -1`: the reader gone, the command's summary line said `error: [Errno 32]
+    Broken pipe` with exit status 2, as if the input were bad. A BrokenPipeError that is not stdout's keeps its
+    one line."""
+    from videoprism.cli import run_command
+
+    p = subprocess.Popen([sys.executable, "-m", "videoprism", "data", "synth", "--out", str(tmp_path / "d"), "--num",
+                          "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # before the command writes a line
+    err = p.stderr.read()
+    assert (p.wait(timeout=120), err) == (141, "")
+
+    def socket_gone():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command(socket_gone) == 2
+    assert capsys.readouterr().err == "error: [Errno 32] Broken pipe\n"
+
+
 @pytest.mark.parametrize("saved", [True, False])
 def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, monkeypatch, capsys, saved):
     """The trainer's Ctrl-C line says 'the same command with --auto-resume', which train.pipeline does not take:

@@ -34,14 +34,20 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
     (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever
-    the main thread happened to be (a DataLoader's queue, a decoder) says nothing.
+    the main thread happened to be (a DataLoader's queue, a decoder) says nothing. stdout closed by its reader
+    (`videoprism data index M --out X | head -1`) ends the command silently with status 141 (128 + SIGPIPE, what
+    the shell reports for a Unix tool stopped so), not `error: [Errno 32] Broken pipe` as if the input were bad.
     """
     from videoprism.data.errors import TooManyBadSamplesError
 
     _print_any_file_name()
     try:
-        return fn(*args) or 0
+        status = fn(*args) or 0
+        sys.stdout.flush()  # a closed pipe fails here, not at exit as "Exception ignored ... BrokenPipeError"
+        return status
     except (ValueError, OSError, TooManyBadSamplesError, *errors) as e:
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return _SIGPIPE_STATUS
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -77,6 +83,30 @@ def _print_any_file_name() -> None:
     began. Python's own choice is kept where it is not strict (surrogateescape under the C locale)."""
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+
+
+# 128 + SIGPIPE: the shell's status for a command whose output's reader went away (`... | head -1`).
+_SIGPIPE_STATUS = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone; then it is pointed at /dev/null, so that Python's flush at
+    exit does not print "Exception ignored ... BrokenPipeError". A BrokenPipeError of anything else (a socket of a
+    collective, a decoder's pipe) is not this and keeps its message."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poller.poll(0))  # Linux: a pipe with no reader left
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a real file (a test's capture)
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+    return gone
 
 
 # How a collective fails on the ranks left when another rank's process has died: gloo's transport, NCCL's.

@@ -210,8 +210,32 @@ def test_embed_progress_bar_shows_the_rate_once(tmp_path, capsys):
     ckpt = _small_encoder_file(tmp_path)
     clip = str(tmp_path / "c.mp4")
     assert main(["embed", clip, clip, "--checkpoint", ckpt, "--out", str(tmp_path / "e.npy")]) == 0
-    final = capsys.readouterr().err.split("\r")[-1]  # the bar's last refresh
+    final = capsys.readouterr().err.splitlines()[-1]  # the bar's last refresh (a line of its own in a log)
     assert "2/2" in final and len(re.findall(r"clips?/s|s/clip|clips_per_s", final)) == 1, final
+
+
+def test_progress_in_a_log_is_plain_lines_and_on_a_terminal_a_bar_redrawn_in_place(tmp_path):
+    """stderr a file (CI, `2> log`, SLURM): every redraw of the bar (a carriage return, up to ten a second) stayed in
+    the log on one line; now a plain line at the start, at most one per LOG_INTERVAL_S, and one at the end."""
+    import pty
+
+    from videoprism.progress import progress_bar
+
+    with open(tmp_path / "log", "wb+") as log:
+        subprocess.run([sys.executable, "-m", "videoprism", "data", "synth", "--out", str(tmp_path / "d"), "--num",
+                        "12", "--size", "16", "--frames", "2", "--workers", "1"], stderr=log, stdout=subprocess.DEVNULL,
+                       check=True, timeout=120)
+        log.seek(0)
+        err = log.read().decode()
+    assert "\r" not in err
+    assert [line.split("|")[0] for line in err.splitlines()] == ["synth:   0%", "synth: 100%"], err
+
+    master, replica = pty.openpty()
+    with open(replica, "w") as terminal:
+        with progress_bar(total=3, file=terminal, desc="t") as bar:
+            bar.update(3)
+    assert os.read(master, 4096).count(b"\r") >= 2  # drawn, then redrawn over itself
+    os.close(master)
 
 
 def test_help_states_defaults(capsys):

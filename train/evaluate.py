@@ -47,11 +47,10 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     the loader's backend ("auto": DALI on a GPU when installed, else PyAV).
     Each field fills one buffer sized for every clip of the manifest (skipped clips leave its tail unused): the
     features are held once, not as batches and again as their concatenation."""
-    from tqdm import tqdm
-
     import videoprism as vp
     from videoprism.data.device import to_device
     from videoprism.data.loader import build_loader
+    from videoprism.progress import progress_bar
     from videoprism.train.data import trim_text
 
     loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=batch_size, train=False,
@@ -63,7 +62,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     buffers: dict[str, torch.Tensor] = {}
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     # The bar as a context: an error (too many bad clips) closes it, so the error line starts a line of its own.
-    with tqdm(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
+    with progress_bar(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
               smoothing=0) as bar, torch.no_grad(), amp:
         for batch in loader:
             video = to_device(batch["video"], dev)

@@ -77,9 +77,9 @@ class MetricsLogger:
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             _end_a_cut_line(self.path)
-            from tqdm import tqdm
+            from videoprism.progress import progress_bar
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
+            self.bar = progress_bar(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                             file=sys.stdout, mininterval=1.0)
 
     def step(self, step: int, record: dict, *, show: bool) -> None:

@@ -65,12 +65,12 @@ def text_embeddings(model, tokenizer, texts: list[str], *, device: torch.device 
                     batch_size: int = 256, progress: bool = False) -> torch.Tensor:
     """`[len(texts), D]` float32 on the CPU, L2-normalised, row i for text i (`model`: a FactorizedVideoCLIP;
     `bf16`: its text tower under bf16 autocast, as training's; `progress`: a bar with texts/s)."""
-    from tqdm import tqdm
+    from videoprism.progress import progress_bar
 
     dev = torch.device(device)
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     out = []
-    with tqdm(total=len(texts), unit="text", desc="embed-text", disable=not progress, smoothing=0) as bar, amp:
+    with progress_bar(total=len(texts), unit="text", desc="embed-text", disable=not progress, smoothing=0) as bar, amp:
         for i in range(0, len(texts), batch_size):
             ids, pads = trim_text(*tokenizer(texts[i:i + batch_size]))
             out.append(model.encode_text(ids.to(dev), pads.to(dev)).float().cpu())

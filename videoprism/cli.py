@@ -223,11 +223,10 @@ def cmd_embed(args) -> int:
     import tempfile
 
     import videoprism as vp
-    from tqdm import tqdm
-
     from videoprism.data import BadVideoError
     from videoprism.data.device import to_device
     from videoprism.data.loader import build_loader
+    from videoprism.progress import progress_bar
 
     ext = os.path.splitext(args.out)[1]
     if ext not in (".npy", ".safetensors"):
@@ -280,8 +279,8 @@ def cmd_embed(args) -> int:
                               train=False, tokenizer=None, device=dev, num_workers=workers, max_bad_share=1.0,
                               backend=args.decoder)
         # tqdm's own rate (unit="clip") is the clips/s of the bar; smoothing=0 makes it the average since the start.
-        with tqdm(total=len(args.videos), unit="clip", desc="embed", disable=args.quiet, smoothing=0) as bar, \
-                torch.no_grad():
+        with progress_bar(total=len(args.videos), unit="clip", desc="embed", disable=args.quiet,
+                          smoothing=0) as bar, torch.no_grad():
             for batch in loader:
                 rejects = loader.drain_rejects()
                 reported(rejects)

@@ -239,6 +239,6 @@ def _write(out: str, rejects_path: str, samples, results: list, line_rejects: li
 
 
 def _progress(total: int, show: bool, done: int):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, initial=done, unit="file", desc="index", disable=not show)
+    return progress_bar(total=total, initial=done, unit="file", desc="index", disable=not show)

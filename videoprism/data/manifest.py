@@ -561,9 +561,10 @@ def _relative_to_cwd(manifest: str, written: str, s: Sample) -> None:
 
 
 def _line_bar(total: int, path: str, show: bool):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, unit="line", unit_scale=True, desc=f"read {os.path.basename(path)}", disable=not show)
+    return progress_bar(total=total, unit="line", unit_scale=True, desc=f"read {os.path.basename(path)}",
+                        disable=not show)
 
 
 def read_shards(paths: list[str], *, max_bad_share: float = 0.01,

@@ -162,7 +162,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
              fps: int = 8, scene: str = DEFAULT_SCENE, workers: int | None = None, progress: bool = False) -> dict:
     """Write `num` clips, train/val manifests and a SentencePiece model under `out_dir`; returns synth.json's dict.
     `progress`: a bar with clips/s on stderr while the clips are encoded."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     if codec not in CODECS:
         raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
@@ -180,7 +180,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
-    with tqdm(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
+    with progress_bar(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
         records = []
         for r in (pool.map(_make_clip, jobs, chunksize=8) if workers > 1 else map(_make_clip, jobs)):
             records.append(r)

@@ -120,6 +120,26 @@ def test_embed_names_a_file_that_is_not_utf8_in_its_outputs(tmp_path):
         assert fh.metadata()["videos"] == clip.replace("\udce9", "\\udce9")
 
 
+def test_embed_shows_names_with_control_characters_escaped(tmp_path, capsys):
+    """A name holding a newline and an escape sequence was printed raw: `skipped: bad` then a forged
+    `error: forged` line (in red), and a corrupt file's error retitled the terminal; the listing of rows gave one
+    name two lines. Each now shows the name as Python escapes it, one line."""
+    bad = str(tmp_path / "bad\nerror: forged\x1b[31m.mp4")
+    with open(bad, "wb") as fh:
+        fh.write(b"junk")
+    good = str(tmp_path / "ok\r\x1b]0;T\x07.mp4")
+    write_clip(good, 4)
+    args = [bad, good, "--num-frames", "2", "--resolution", "36", "--quiet", "--workers", "0", *SMALL]
+    assert main(["embed", *args, "--out", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith(f"error: {tmp_path}/bad\\nerror: forged\\x1b[31m.mp4: "), err
+    assert main(["embed", *args, "--skip-bad", "--out", str(tmp_path / "e.npy")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "forged" in line][0].startswith("skipped: "), err
+    assert "\x1b" not in "".join(err)
+    assert (tmp_path / "e.videos.txt").read_text() == f"{tmp_path}/ok\\r\\x1b]0;T\\x07.mp4\n"
+
+
 def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
     with --checkpoint alone, at its own frame count and resolution."""

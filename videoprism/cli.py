@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import check_not_an_input, check_out_file, is_safetensors
+from videoprism.paths import check_not_an_input, check_out_file, is_safetensors, printable
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -50,7 +50,7 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             return _SIGPIPE_STATUS
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)  # a newline in a file name forges no line
         return 2
     except KeyboardInterrupt as e:
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
@@ -297,7 +297,7 @@ def cmd_embed(args) -> int:
             reported(rejects)
             bar.update(len(rejects))
     for s in skipped:
-        print(f"skipped: {s}", file=sys.stderr)
+        print(f"skipped: {printable(s)}", file=sys.stderr)
     if not rows:
         raise ValueError("no video could be decoded (each is reported above as skipped)")
     order = sorted(rows)
@@ -310,7 +310,7 @@ def cmd_embed(args) -> int:
         if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
             # surrogateescape: a name that is not UTF-8 is its file's bytes (strict, the listing stopped the command)
             with open(listing, "w", encoding="utf-8", errors="surrogateescape") as fh:
-                fh.write("".join(f"{n}\n" for n in names))
+                fh.write("".join(f"{printable(n)}\n" for n in names))  # a newline in a name: still one line a row
             listing_note = f"; row i is line i of {listing}"
         elif os.path.exists(listing):  # an earlier run's, which would describe other rows
             os.remove(listing)
@@ -318,7 +318,7 @@ def cmd_embed(args) -> int:
         from videoprism.checkpoint import write_safetensors
 
         # The metadata is UTF-8 JSON: a name that is not UTF-8 is escaped as the command's messages print it.
-        videos = "\n".join(n.encode("utf-8", "backslashreplace").decode() for n in names)
+        videos = "\n".join(printable(n).encode("utf-8", "backslashreplace").decode() for n in names)
         write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": videos, "model": source})
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
           f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
@@ -380,7 +380,8 @@ def cmd_embed_text(args) -> int:
     else:
         from videoprism.checkpoint import write_safetensors
 
-        write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(texts), "model": source})
+        write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(map(printable, texts)),
+                                                                      "model": source})
     print(f"wrote {args.out}: {tuple(emb.shape)} L2-normalised text embeddings, row i = text i ({source})")
     return 0
 

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 
 
 def is_safetensors(path: str | None) -> bool:
     """Whether `path` names our weights format (which carries its config) by its extension, in any case, as
     load_checkpoint tells the formats apart."""
     return path is not None and os.path.splitext(os.fspath(path))[1].lower() == ".safetensors"
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1) escaped as Python writes them ("\\n", "\\x1b"): a file name,
+    shard member or caption printed to a terminal or a log could otherwise move the cursor, colour or retitle the
+    terminal, or start a line of its own (a name holding "\\nerror: ..." forged an error line)."""
+    if text.isprintable():  # the common case, unchanged (a space is printable; no other whitespace is)
+        return text
+    return "".join(_escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    if ch == " " or ch.isprintable() or unicodedata.category(ch) != "Cc":  # Cf (a zero-width joiner) is kept
+        return ch
+    return repr(ch)[1:-1]
 
 
 def make_folder(folder: str, option: str) -> None:

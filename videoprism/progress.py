@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from .paths import printable
+
 # A log's line every this many seconds (tqdm's TQDM_MININTERVAL, when set, decides instead).
 LOG_INTERVAL_S = 30.0
 
@@ -20,6 +22,8 @@ def progress_bar(*, file=None, **kwargs):
     from tqdm import tqdm
 
     file = sys.stderr if file is None else file
+    if "desc" in kwargs:  # a manifest's name: its control characters would garble the bar's line
+        kwargs["desc"] = printable(kwargs["desc"])
     if not _is_terminal(file):
         file = _Lines(file)
         if "TQDM_MININTERVAL" not in os.environ:  # tqdm reads it as its default, which an argument would override

@@ -63,7 +63,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     # The bar as a context: an error (too many bad clips) closes it, so the error line starts a line of its own.
     with progress_bar(total=total, unit="clip", desc=os.path.basename(manifest), disable=not progress,
-              smoothing=0) as bar, torch.no_grad(), amp:
+                      smoothing=0) as bar, torch.no_grad(), amp:
         for batch in loader:
             video = to_device(batch["video"], dev)
             if clip and tokenizer is None:

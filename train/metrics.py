@@ -80,7 +80,7 @@ class MetricsLogger:
             from videoprism.progress import progress_bar
 
             self.bar = progress_bar(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
-                            file=sys.stdout, mininterval=1.0)
+                                    file=sys.stdout, mininterval=1.0)
 
     def step(self, step: int, record: dict, *, show: bool) -> None:
         if not self.enabled:

@@ -30,6 +30,20 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path, monkeypatch):
     assert json.loads(open(path).read()) == {"a": 3}
 
 
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    """json.dump wrote NaN and Infinity (a diverged run's loss in a result), which JSON has not: JSON.parse and
+    serde_json refuse the file. They are null; finite numbers and the rest are kept."""
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, {"loss": float("nan"), "rows": [{"ms": float("inf")}, (1.5, -float("inf"))], "n": 2,
+                             "ok": True, "name": "x"})
+
+    def refuse(name):
+        raise ValueError(f"{name} is no JSON")
+
+    assert json.loads(open(path).read(), parse_constant=refuse) == {
+        "loss": None, "rows": [{"ms": None}, [1.5, None]], "n": 2, "ok": True, "name": "x"}
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_weights_get_the_mode_of_any_new_file(tmp_path, umask):
     """safetensors' save_file leaves its files 0o600 whatever the umask: on a shared cluster nobody else could read

@@ -112,6 +112,28 @@ def test_a_step_with_only_its_loss_or_only_its_gradient_non_finite_is_skipped(tm
     assert not trainer.train_step()["skipped"]
 
 
+def _strict_json(text: str):
+    """JSON as the standard has it (JavaScript's JSON.parse, serde_json): NaN and Infinity are refused."""
+    def refuse(name):
+        raise ValueError(f"{name} is no JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_skipped_steps_record_is_standard_json_and_plots(tmp_path):
+    """A skipped step's loss and gradient norm are NaN: metrics.jsonl held `"loss": NaN, "grad_norm": NaN`, which
+    JSON has not (JSON.parse, serde_json and Go refuse the line). They are null, the step marked skipped, and the
+    curves are drawn over the gap."""
+    from videoprism.train.metrics import plot_curves
+
+    make_trainer(tmp_path, "train.compile=false", "train.steps=3", "checkpoint.interval=0",
+                 data=NaNOnce({1})).fit()
+    records = [_strict_json(line) for line in open(tmp_path / "metrics.jsonl")]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    assert sorted(steps) == [1, 2, 3] and steps[2]["skipped"] and steps[2]["loss"] is None
+    assert steps[2]["grad_norm"] is None and all(math.isfinite(steps[s]["loss"]) for s in (1, 3))
+    assert os.path.getsize(plot_curves(str(tmp_path / "metrics.jsonl"), str(tmp_path / "c.png"))) > 1000
+
+
 def test_each_step_runs_at_the_schedules_lr_of_its_index(tmp_path):
     """Step i (0-based) updates with lr_at(i): the warm-up's first step at lr / warmup_steps, by hand here
     (warm-up 4, lr 3e-3: 0.75e-3, 1.5e-3, 2.25e-3, 3e-3), then the cosine decay to min_lr at train.steps."""

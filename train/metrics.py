@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from videoprism.paths import finite_or_null
+
 
 def metrics_path(out_dir: str) -> str:
     """Where MetricsLogger writes a run's per-step records (and print_outputs says they are)."""
@@ -104,7 +106,7 @@ class MetricsLogger:
             if self.lost:
                 _end_a_cut_line(self.path)  # the failed write may have left half a record
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         except OSError as e:
             if not self.lost:
                 self.message(f"cannot write {self.path} ({e.strerror or e}): training goes on without its "

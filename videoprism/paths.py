@@ -1,8 +1,9 @@
 """Paths of the commands: output folders created up front with an error that names the option, outputs that
-are no input, JSON written whole, and which files are our weights."""
+are no input, JSON written whole and standard, and which files are our weights."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 
@@ -76,6 +77,19 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def finite_or_null(obj):
+    """`obj` (JSON values) with every non-finite float (a skipped step's NaN loss, an inf gradient norm) as None,
+    to be written with allow_nan=False: what json.dumps writes for it, NaN or Infinity, is no JSON, and JavaScript's
+    JSON.parse, Rust's serde_json and Go's encoding/json refuse the whole file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
     """`obj` as JSON in `path`, whole or not at all: a kill or a full disk mid-write leaves the previous file (a
     run's config.json, a result an earlier run saved), never a truncated one. The temporary file is this process's
@@ -84,7 +98,7 @@ def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=indent)
+            json.dump(finite_or_null(obj), fh, indent=indent, allow_nan=False)
             fh.write("\n")
         os.replace(tmp, path)
     finally:

@@ -1458,6 +1458,15 @@ def test_a_checkpoint_exports_as_its_run_exports_at_its_end(tmp_path, capsys):
             videoprism.load_checkpoint(str(given), resumed.task.module.clip)
     # The export does not hold how it ran (the tiny preset's reference attention): the loader's device picks.
     assert videoprism.model_from_safetensors(str(latest)).config.attention_backend is None
+    # README: torch's own converter turns a step folder into one torch.save file of plain tensors, the model's the
+    # export's under the stage's prefix.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(tmp_path / "checkpoints" / "step_00000002"), str(tmp_path / "step.pt"))
+    state = torch.load(str(tmp_path / "step.pt"), weights_only=True)
+    exported = videoprism.model_from_safetensors(str(latest)).state_dict()
+    assert {"model", "optim", "trainer"} <= set(state)
+    assert all(torch.equal(state["model"][f"clip.{k}"], v) for k, v in exported.items())
 
 
 @pytest.mark.parametrize("damage", ["rank_file_cut", "metadata_cut", "tensors_cut"])

@@ -93,6 +93,23 @@ def test_index_keeps_video_only_lines_and_says_how_many(tmp_path, capsys):
     assert read_manifest(strict)[0]._pack is not None and capsys.readouterr().err == ""
 
 
+def test_a_nan_field_of_the_source_is_null_in_the_clean_manifest(tmp_path):
+    """Python's json reads `NaN` (a manifest written by json.dumps of a row with a missing score) and wrote it back
+    into the clean manifest, which is then no JSON: JSON.parse and serde_json refuse the line. It is null there."""
+    write_clip(str(tmp_path / "g.mp4"), 12)
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "g.mp4", "caption": "a clip", "score": NaN, "extra": [1.5, Infinity]}\n')
+    out = str(tmp_path / "clean.jsonl")
+    assert run(["data", "index", str(m), "--out", out, "--workers", "1", "--quiet"]) == 0
+
+    def refuse(name):
+        raise ValueError(f"{name} is no JSON")
+
+    (rec,) = [json.loads(line, parse_constant=refuse) for line in open(out)]
+    assert rec["score"] is None and rec["extra"] == [1.5, None] and rec["caption"] == "a clip"
+    assert len(read_manifest(out)[0]) == 1
+
+
 class SlowSubmit(ProcessPoolExecutor):
     """A pool whose jobs trickle in, so a worker can die while the rest are being submitted."""
 

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
-from ..paths import check_not_an_input, check_out_file
+from ..paths import check_not_an_input, check_out_file, finite_or_null
 from ..preemption import Preempted, stopping
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
@@ -230,7 +230,8 @@ def _write(out: str, rejects_path: str, samples, results: list, line_rejects: li
                 continue
             rec = sample.to_record(base)
             rec.update(fields)
-            fo.write(json.dumps(rec) + "\n")
+            # A field the source held as NaN (Python's json reads and writes it) is null: the clean manifest is JSON.
+            fo.write(json.dumps(finite_or_null(rec), allow_nan=False) + "\n")
             kept += 1
             video_only += sample.caption is None
     os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest

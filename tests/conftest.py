@@ -97,3 +97,45 @@ def golden_overrides(section: dict) -> dict:
             "mlp_dim", "atten_logit_cap", "vocabulary_size", "num_unimodal_layers", "num_auxiliary_layers",
             "enable_causal_atten")
     return {k: v for k, v in section.items() if k in keep}
+
+
+class _FullDiskFile:
+    """A file open for writing whose first write lands half its data, then fails as on a full disk (ENOSPC)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        import errno
+
+        self._fh.write(data[:len(data) // 2])
+        self._fh.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._fh.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """`full_disk(part)`: from now on, a file whose path holds `part` and is opened for writing (by `open`, as
+    np.save, json and our writers open files) fails half-way through its first write with ENOSPC."""
+    import builtins
+
+    real_open = builtins.open
+
+    def fail_on(part: str) -> None:
+        def fake_open(file, mode="r", *a, **k):
+            fh = real_open(file, mode, *a, **k)
+            named = isinstance(file, (str, bytes, os.PathLike)) and part in os.fsdecode(file)
+            return _FullDiskFile(fh) if named and ("w" in mode or "a" in mode) else fh
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+
+    return fail_on

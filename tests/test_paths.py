@@ -60,3 +60,47 @@ def test_weights_get_the_mode_of_any_new_file(tmp_path, umask):
         os.umask(old)
     mode = os.stat(tmp_path / "w.safetensors").st_mode & 0o777
     assert mode == os.stat(tmp_path / "plain").st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_weights_cut_by_an_interrupt_leave_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """write_safetensors removed its temporary file on a SafetensorError or OSError only: Ctrl-C (or any other
+    error) mid-write left `w.safetensors.tmp`, a model's size of disk. The previous file stays, nothing else."""
+    import safetensors.torch
+    import torch
+
+    from videoprism.checkpoint import write_safetensors
+
+    path = str(tmp_path / "w.safetensors")
+    write_safetensors({"w": torch.zeros(3)}, path, {"k": "v"})
+    before = open(path, "rb").read()
+
+    def cut(tensors, name, metadata=None):
+        with open(name, "wb") as fh:
+            fh.write(b"\x08\x00")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut)
+    with pytest.raises(KeyboardInterrupt):
+        write_safetensors({"w": torch.ones(1000)}, path, {"k": "v"})
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["w.safetensors"]
+
+
+def test_outputs_are_on_disk_before_they_replace_the_previous_ones(tmp_path, monkeypatch):
+    """A file renamed over the previous one before its data reached the disk is empty after a power loss (the
+    rename may be written first): the previous weights or result lost for an empty file. Each writer syncs its
+    temporary file before the rename."""
+    import torch
+
+    from videoprism.checkpoint import write_safetensors
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                  real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(a))), real_replace(a, b))[1])
+    write_safetensors({"w": torch.zeros(3)}, str(tmp_path / "w.safetensors"), {"k": "v"})
+    write_json_atomic(str(tmp_path / "r.json"), {"a": 1})
+    replaced = [name for what, name in events if what == "replace"]
+    assert len(replaced) == 2
+    for name in replaced:
+        assert ("sync", name) in events[:events.index(("replace", name))], (name, events)

@@ -27,7 +27,7 @@ from videoprism.config import narrow_config
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack
-from videoprism.paths import new_file_mode
+from videoprism.paths import atomic_path, new_file_mode
 
 
 class CheckpointError(ValueError):
@@ -261,14 +261,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     tensor offsets do not move). Atomic: never a half-written file under the final name."""
     from safetensors import SafetensorError
 
-    tmp = f"{path}.tmp"
     try:
-        _write_sorted(tensors, tmp, metadata)
-        os.chmod(tmp, new_file_mode())  # safetensors writes 0o600 whatever the umask
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            _write_sorted(tensors, tmp, metadata)
+            os.chmod(tmp, new_file_mode())  # safetensors writes 0o600 whatever the umask
     except (SafetensorError, OSError) as e:  # a full disk: safetensors' error is no OSError and names no file
-        if os.path.exists(tmp):
-            os.remove(tmp)  # a partial file would hold the space the user frees
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise OSError(f"writing {path} failed ({cause}): free space or write it to another disk") from e
 

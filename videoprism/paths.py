@@ -1,11 +1,12 @@
 """Paths of the commands: output folders created up front with an error that names the option, outputs that
-are no input, JSON written whole and standard, and which files are our weights."""
+are no input, files written whole (or not at all) and JSON standard, and which files are our weights."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import unicodedata
+from contextlib import contextmanager
 
 
 def is_safetensors(path: str | None) -> bool:
@@ -90,17 +91,46 @@ def finite_or_null(obj):
     return obj
 
 
-def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
-    """`obj` as JSON in `path`, whole or not at all: a kill or a full disk mid-write leaves the previous file (a
-    run's config.json, a result an earlier run saved), never a truncated one. The temporary file is this process's
-    own, so two processes writing the same path never write into one file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+@contextmanager
+def atomic_path(path: str, *, sync: bool = True):
+    """A temporary path beside `path` for a writer that takes a file name (safetensors, PyAV, a figure), moved to
+    `path` once the block ends: a kill, a full disk or any error mid-write leaves the previous file (or none), never
+    a cut one under the final name, and no temporary file but a SIGKILL's. The temporary name is this process's own
+    (two processes writing one path never write into one file). `sync`: the data is on disk before the rename, so
+    a power loss after it finds the new file whole, not empty (the rename can reach the disk before the data)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(finite_or_null(obj), fh, indent=indent, allow_nan=False)
-            fh.write("\n")
+        yield tmp
+        if sync:
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
-            os.remove(tmp)
+            os.remove(tmp)  # a partial file would hold the space the user frees
+
+
+@contextmanager
+def atomic_file(path: str, mode: str = "w", **kw):
+    """`open(path, mode)` ("w" or "wb", `kw` as open's) written whole or not at all, as `atomic_path`."""
+    with atomic_path(path, sync=False) as tmp:
+        with open(tmp, mode, **kw) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj, *, indent: int = 1) -> None:
+    """`obj` as JSON in `path`, whole or not at all (`atomic_file`): a kill or a full disk mid-write leaves the
+    previous file (a run's config.json, a result an earlier run saved), never a truncated one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        json.dump(finite_or_null(obj), fh, indent=indent, allow_nan=False)
+        fh.write("\n")

@@ -697,3 +697,57 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert res["runs"]["stage2"]["export"] == str(tmp_path / "stage2" / "model.safetensors")
     printed = re.search(r"lr 0\.003, (\d+) s\):", out)
     assert printed and abs(int(printed[1]) - res["probe_s"]) <= 0.6 and res["probe_s"] <= res["total_s"]
+
+
+def _embed_pair_state(tmp_path) -> tuple[bytes | None, str | None]:
+    """The bytes of e.npy and the text of e.videos.txt now (None: no such file)."""
+    npy, listing = tmp_path / "e.npy", tmp_path / "e.videos.txt"
+    return (npy.read_bytes() if npy.exists() else None, listing.read_text() if listing.exists() else None)
+
+
+@pytest.mark.parametrize("fails", ["e.npy", "e.videos.txt"])
+def test_embed_on_a_full_disk_keeps_the_previous_rows_and_listing(tmp_path, full_disk, fails):
+    """np.save wrote the .npy in place: a full disk (or a kill) mid-write left a cut e.npy under the name and the
+    previous rows lost; and a listing that failed after the new .npy was written left the old listing describing
+    the new rows (row 0 named a.mp4, its embedding b.mp4's). Now neither file changes, and no temporary is left."""
+    ckpt = _small_encoder_file(tmp_path)
+    write_clip(str(tmp_path / "a.mp4"), 12)
+    write_clip(str(tmp_path / "b.mp4"), 9)
+    flags = ["--checkpoint", ckpt, "--skip-bad", "--quiet", "--workers", "0", "--out", str(tmp_path / "e.npy")]
+    assert main(["embed", str(tmp_path / "missing.mp4"), str(tmp_path / "a.mp4"), *flags]) == 0
+    before = _embed_pair_state(tmp_path)
+    assert before[1] == f"{tmp_path / 'a.mp4'}\n"
+    full_disk(fails)
+    assert main(["embed", str(tmp_path / "b.mp4"), str(tmp_path / "missing.mp4"), *flags]) == 2
+    assert _embed_pair_state(tmp_path) == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_embed_never_leaves_a_listing_beside_rows_it_does_not_describe(tmp_path, monkeypatch):
+    """A run without skips over an earlier run's .npy and listing: the new .npy was written, then the old listing
+    removed, so a kill between the two left the old listing naming the new rows (a.mp4 for b.mp4's embedding, the
+    same count of rows: nothing to tell). Each state the files pass through (seen before and after each rename and
+    removal) is now the old pair, the new one, or a .npy without a listing."""
+    ckpt = _small_encoder_file(tmp_path)
+    write_clip(str(tmp_path / "a.mp4"), 12)
+    write_clip(str(tmp_path / "b.mp4"), 9)
+    flags = ["--checkpoint", ckpt, "--skip-bad", "--quiet", "--workers", "0", "--out", str(tmp_path / "e.npy")]
+    assert main(["embed", str(tmp_path / "missing.mp4"), str(tmp_path / "a.mp4"), *flags]) == 0
+    old = _embed_pair_state(tmp_path)
+    states = []
+
+    def watched(real):
+        def call(*a, **k):
+            states.append(_embed_pair_state(tmp_path))
+            real(*a, **k)
+            states.append(_embed_pair_state(tmp_path))
+        return call
+
+    monkeypatch.setattr(os, "remove", watched(os.remove))
+    monkeypatch.setattr(os, "replace", watched(os.replace))
+    assert main(["embed", str(tmp_path / "b.mp4"), *flags]) == 0
+    monkeypatch.undo()
+    new = _embed_pair_state(tmp_path)
+    assert new[0] != old[0] and new[1] is None and states
+    for npy, listing in states:
+        assert listing is None or (npy, listing) == old, "a listing beside rows it does not describe"

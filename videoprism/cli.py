@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import os
 import sys
 
 import numpy as np
 import torch
 
-from videoprism.paths import check_not_an_input, check_out_file, is_safetensors, printable
+from videoprism.paths import atomic_file, check_not_an_input, check_out_file, is_safetensors, printable
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -305,15 +306,9 @@ def cmd_embed(args) -> int:
     names = [args.videos[i] for i in order]
     listing_note = ""
     if ext == ".npy":
-        np.save(args.out, out.numpy())
-        listing = os.path.splitext(args.out)[0] + ".videos.txt"
-        if skipped:  # the rows no longer follow the arguments, and a .npy holds no names
-            # surrogateescape: a name that is not UTF-8 is its file's bytes (strict, the listing stopped the command)
-            with open(listing, "w", encoding="utf-8", errors="surrogateescape") as fh:
-                fh.write("".join(f"{printable(n)}\n" for n in names))  # a newline in a name: still one line a row
-            listing_note = f"; row i is line i of {listing}"
-        elif os.path.exists(listing):  # an earlier run's, which would describe other rows
-            os.remove(listing)
+        # The rows no longer follow the arguments when a video was skipped, and a .npy holds no names: a listing.
+        listing = _save_rows(args.out, out.numpy(), names if skipped else None)
+        listing_note = f"; row i is line i of {listing}" if listing else ""
     else:
         from videoprism.checkpoint import write_safetensors
 
@@ -323,6 +318,38 @@ def cmd_embed(args) -> int:
     print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
           f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
     return 0
+
+
+def _save_rows(path: str, rows: np.ndarray, names: list[str] | None) -> str | None:
+    """`rows` as the .npy `path` and, given `names`, the listing of their videos beside it (F.videos.txt, a line a
+    row); returns the listing's path (None: without names, an earlier run's listing, which would describe other
+    rows, is removed). Each is written whole or not at all (a full disk changes neither), in an order that never
+    leaves a listing beside rows it does not describe: the old listing goes once both new files are written, then
+    the .npy is replaced, then the listing. A kill between those renames leaves a .npy without its listing, whose
+    rows are then fewer than the videos given."""
+    listing = os.path.splitext(path)[0] + ".videos.txt"
+    with contextlib.ExitStack() as later:  # the listing, replaced after the .npy
+        if names is not None:
+            # surrogateescape: a name that is not UTF-8 is its file's bytes (strict, the listing stopped the command)
+            fh = later.enter_context(atomic_file(listing, "w", encoding="utf-8", errors="surrogateescape"))
+            fh.write("".join(f"{printable(n)}\n" for n in names))  # a newline in a name: still one line a row
+        save_npy(path, rows, before=lambda: _remove(listing))
+    return listing if names is not None else None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def save_npy(path: str, array: np.ndarray, *, before=None) -> None:
+    """`np.save(path, array)` whole or not at all (np.save writes in place: a kill or a full disk left a cut file
+    under the name, the previous one lost). `before`: called once the new file is written, before it replaces the
+    old one."""
+    with atomic_file(path, "wb") as fh:
+        np.save(fh, array)
+        if before is not None:
+            before()
 
 
 def load_tokenizer(path: str, vocabulary: int):
@@ -376,7 +403,7 @@ def cmd_embed_text(args) -> int:
     tok = load_tokenizer(args.tokenizer, model.config.vocabulary_size)
     emb = text_embeddings(model, tok, texts, device=device, batch_size=args.batch_size, progress=not args.quiet)
     if ext == ".npy":
-        np.save(args.out, emb.numpy())
+        save_npy(args.out, emb.numpy())
     else:
         from videoprism.checkpoint import write_safetensors
 

@@ -93,3 +93,51 @@ def test_prompt_files_hold_every_caption_of_each_class_and_no_other(tmp_path):
         assert pair in filled[names[_clip_spec(3, 0, "pair")[label]]]
     with pytest.raises(ValueError, match="synthetic labels are colour, shape, direction"):
         prompt_templates("verb")
+
+
+def test_a_rerun_cut_short_leaves_no_clip_cut_and_no_synth_json_of_other_clips(tmp_path, monkeypatch):
+    """`data synth` over a folder it had filled, with other settings, stopped by a full disk at its second clip:
+    the old synth.json stayed, naming the old settings over clips being replaced (the pipeline took such a folder
+    as complete and trained on it), and the clip was cut under its own name. Now synth.json is gone until the
+    folder is complete again, every clip is whole (the old one, here), and no temporary file is left."""
+    import errno
+    import os
+
+    from videoprism.data import synth
+
+    out = str(tmp_path)
+    generate(out, 2, seed=0, size=16, num_frames=2, workers=1)
+    clip = os.path.join(out, "clips", "000001.webm")
+    old = open(clip, "rb").read()
+    real_encode = synth.encode
+
+    def full_at_second_clip(frames, path, codec, fps):
+        real_encode(frames, path, codec, fps)
+        if os.path.basename(path).startswith("000001"):
+            with open(path, "r+b") as fh:
+                fh.truncate(os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(synth, "encode", full_at_second_clip)
+    with pytest.raises(OSError, match="No space left"):
+        generate(out, 2, seed=1, size=16, num_frames=2, workers=1)
+    assert not os.path.exists(os.path.join(out, "synth.json"))
+    assert open(clip, "rb").read() == old
+    assert sorted(os.listdir(os.path.join(out, "clips"))) == ["000000.webm", "000001.webm"]
+
+
+def test_a_tokenizer_cut_by_a_full_disk_leaves_the_previous_one(tmp_path, full_disk):
+    """train_spm (`data tokenizer`, `data synth`) wrote spm.model in place: a full disk mid-write left a cut
+    model under the name ("could not parse ModelProto" at the next run) and the previous one lost."""
+    import os
+
+    from videoprism.data.text import Tokenizer, train_spm
+
+    path = str(tmp_path / "spm.model")
+    train_spm(["a red circle moves left", "a blue square moves up"], path)
+    old = open(path, "rb").read()
+    full_disk("spm.model")
+    with pytest.raises(OSError, match="No space left"):
+        train_spm(["a green star moves down"], path)
+    assert open(path, "rb").read() == old and os.listdir(tmp_path) == ["spm.model"]
+    assert Tokenizer(path).vocab_size > 3

@@ -18,6 +18,8 @@ by default, H.264 in MP4 on request) written with PyAV, so they go through the s
                                               no BOS, like the official c4_en model)
     out_dir/prompts/<label>.txt              (zero-shot prompt templates per label: `prompt_templates`)
     out_dir/synth.json                       (class names per label, file names, settings)
+Each file is written whole or not at all, and synth.json last, once the others are (a re-run removes it first): a
+folder with synth.json is a complete one of its settings, which the pipeline reuses as it is.
 Everything is a function of the seed: one generator per clip keyed by (seed, clip), single-threaded encoders.
 """
 from __future__ import annotations
@@ -29,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from ..paths import atomic_file, atomic_path
 from .text import train_spm
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
@@ -147,7 +150,8 @@ def _make_clip(args) -> dict:
     out_dir, i, seed, codec, size, num_frames, fps, scene = args
     spec = _clip_spec(seed, i, scene)
     rel = os.path.join("clips", f"{i:06d}.{CODECS[codec][1]}")
-    encode(render(spec, size, num_frames), os.path.join(out_dir, rel), codec, fps)
+    with atomic_path(os.path.join(out_dir, rel)) as tmp:  # a kill mid-encode: no cut clip under its name
+        encode(render(spec, size, num_frames), tmp, codec, fps)
     return {"path": rel, "caption": caption_of(spec), "dataset": "synth",
             "label": {k: spec[k] for k in ("colour", "shape", "direction")}}
 
@@ -177,6 +181,10 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     if size % 2:
         raise ValueError(f"size must be even (4:2:0 chroma), got {size}")
     os.makedirs(os.path.join(out_dir, "clips"), exist_ok=True)
+    # A re-run over a folder (other settings, or the same after a kill): the old synth.json said the folder was
+    # complete, with its settings, while its clips and manifests were being replaced.
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out_dir, "synth.json"))
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
@@ -188,18 +196,18 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
               "val": [r for i, r in enumerate(records) if _is_val(i, num)]}
     for split, recs in splits.items():
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
+        with atomic_file(os.path.join(out_dir, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
     train_spm([r["caption"] for r in records], os.path.join(out_dir, "spm.model"))
     prompts = {label: os.path.join("prompts", f"{label}.txt") for label in class_names()}
     os.makedirs(os.path.join(out_dir, "prompts"), exist_ok=True)
     for label, rel in prompts.items():
-        with open(os.path.join(out_dir, rel), "w") as f:
+        with atomic_file(os.path.join(out_dir, rel), "w") as f:
             f.writelines(t + "\n" for t in prompt_templates(label))
     meta = {"num": num, "seed": seed, "codec": codec, "size": size, "num_frames": num_frames, "fps": fps, "scene": scene,
             "train": "train.jsonl", "val": "val.jsonl", "spm_model": "spm.model",
             "num_train": len(splits["train"]), "num_val": len(splits["val"]),
             "classes": class_names(), "prompts": prompts}
-    with open(os.path.join(out_dir, "synth.json"), "w") as f:
+    with atomic_file(os.path.join(out_dir, "synth.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta

@@ -13,6 +13,8 @@ import string
 
 import torch
 
+from ..paths import atomic_file
+
 MAX_TEXT_LENGTH = 64
 _PUNCT_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
@@ -91,5 +93,5 @@ def train_spm(captions: list[str], model_path: str, vocab_size: int = 128) -> No
         raise ValueError(f"a vocabulary of {vocab_size} pieces is too small for these captions: their characters "
                          f"and the special pieces need {need.group(1)}; use --vocab-size {need.group(1)} or "
                          "more") from None
-    with open(model_path, "wb") as f:
+    with atomic_file(model_path, "wb") as f:  # a kill or a full disk mid-write: the previous model, not a cut one
         f.write(buf.getvalue())

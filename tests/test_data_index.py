@@ -526,3 +526,20 @@ def test_two_indexes_of_one_out_are_refused(tmp_path, capsys):
     finally:
         held.close()
     assert f"{out}.journal is held by another `videoprism data index` writing the same --out" in capsys.readouterr().err
+
+
+def test_an_index_cut_by_a_full_disk_keeps_the_previous_report_and_manifest(tmp_path, full_disk, capsys):
+    """The rejects report was written in place: a full disk mid-write left a cut report under its name (half its
+    lines) and the previous one lost, and the clean manifest's out.tmp was left behind (its disk still used). Now
+    both files stay as the last complete index wrote them, with no temporary file, and the journal goes on."""
+    write_clip(str(tmp_path / "g.mp4"), 8)
+    (tmp_path / "m.jsonl").write_text('{"path": "g.mp4", "caption": "a"}\n{"path": "nope.mp4", "caption": "b"}\n')
+    argv = ["data", "index", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "c.jsonl"), "--workers", "1",
+            "--quiet"]
+    assert run(argv) == 0
+    before = {n: (tmp_path / n).read_bytes() for n in ("c.jsonl", "c.rejects.jsonl")}
+    full_disk("c.rejects.jsonl")
+    assert run(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
-from ..paths import check_not_an_input, check_out_file, finite_or_null
+from ..paths import atomic_file, check_not_an_input, check_out_file, finite_or_null
 from ..preemption import Preempted, stopping
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
@@ -221,7 +221,9 @@ def _write(out: str, rejects_path: str, samples, results: list, line_rejects: li
     """The clean manifest (paths relative to its folder) and the rejects report; returns the counts."""
     base = os.path.dirname(os.path.abspath(out))
     kept = video_only = 0
-    with open(out + ".tmp", "w") as fo, open(rejects_path, "w") as fr:
+    # Both whole or not at all (a full disk left a cut report under its name, and out.tmp behind); the report
+    # replaced first, the clean manifest last. Until the pack is written the journal stays: the same command goes on.
+    with atomic_file(out, "w") as fo, atomic_file(rejects_path, "w") as fr:
         for where, reason in line_rejects:
             fr.write(json.dumps({"path": where, "reason": reason}) + "\n")
         for sample, (fields, reason) in zip(samples, results):
@@ -234,7 +236,6 @@ def _write(out: str, rejects_path: str, samples, results: list, line_rejects: li
             fo.write(json.dumps(finite_or_null(rec), allow_nan=False) + "\n")
             kept += 1
             video_only += sample.caption is None
-    os.replace(out + ".tmp", out)  # a reader never sees a half-written clean manifest
     total = len(samples) + len(line_rejects)
     return {"total": total, "kept": kept, "rejected": total - kept, "video_only": video_only}
 

@@ -1183,6 +1183,24 @@ def test_curves_plot_whatever_the_log_holds(tmp_path, records):
     assert os.path.getsize(png) > 1000
 
 
+def test_curves_cut_by_a_full_disk_leave_the_previous_plot(tmp_path, full_disk):
+    """fig.savefig wrote curves.png in place: a full disk (or a kill) mid-write left a cut PNG under the name, the
+    previous plot lost. Now the previous one stays, with no temporary file beside it."""
+    import json
+
+    from videoprism.train.metrics import plot_curves
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"step": 1, "loss": 2.0, "clips_per_s": 3.0}) + "\n")
+    png = plot_curves(str(log), str(tmp_path / "curves.png"))
+    before = open(png, "rb").read()
+    log.write_text("".join(json.dumps({"step": s, "loss": 2.0 / s, "clips_per_s": 3.0}) + "\n" for s in (1, 2)))
+    full_disk("curves.png")
+    with pytest.raises(OSError, match="No space left"):
+        plot_curves(str(log), png)
+    assert open(png, "rb").read() == before and sorted(os.listdir(tmp_path)) == ["curves.png", "metrics.jsonl"]
+
+
 @pytest.mark.parametrize("override, needle", [
     ("optim.lr=0", "optim.lr=0.0 is out of range: it must be > 0"),
     ("optim.beta2=1", "optim.beta2=1.0 is out of range: it must be in [0, 1)"),

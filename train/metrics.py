@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from videoprism.paths import finite_or_null
+from videoprism.paths import atomic_path, finite_or_null
 
 
 def metrics_path(out_dir: str) -> str:
@@ -189,6 +189,9 @@ def plot_curves(jsonl: str, png: str, *, keys: tuple[str, ...] = ("loss",)) -> s
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(png) as tmp:  # a kill or a full disk mid-write: the previous plot, not a cut PNG
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
     return png

@@ -1766,6 +1766,23 @@ def test_recorded_rejects_count_each_skip_of_the_run_once(tmp_path):
     assert recorded_rejects(str(tmp_path / "none")) == []
 
 
+def test_a_rejects_line_cut_by_a_kill_costs_only_itself(tmp_path):
+    """A run killed (or out of disk) mid-append leaves rejects.rank<r>.jsonl's last line without its newline: the
+    resumed run's first report was glued to it, and recorded_rejects lost both (the metrics log already ended such
+    a line). Now only the cut record is lost."""
+    from videoprism.train.metrics import recorded_rejects
+    from videoprism.train.trainer import Trainer
+
+    path = tmp_path / "rejects.rank0.jsonl"
+    path.write_text('{"step": 2, "path": "a.webm", "reason": "x"}\n{"step": 3, "path": "b.we')
+    fake = SimpleNamespace(
+        data=SimpleNamespace(drain_rejects=lambda: [("c.webm", "empty file (0 bytes)")]), val_rejects=[],
+        dist=SimpleNamespace(main=True, rank=0), name="stage1", step=5, resumed_from=None, resumed_step=0,
+        cfg=SimpleNamespace(train=SimpleNamespace(out_dir=str(tmp_path))), rejects_unwritten=0, rejects_path=str(path))
+    Trainer._report_rejects(fake, SimpleNamespace(message=lambda text: None))
+    assert [r["path"] for r in recorded_rejects(str(tmp_path))] == ["a.webm", "c.webm"]
+
+
 def test_rejects_of_one_sample_twice_in_a_step_count_twice(tmp_path):
     """An epoch that ends inside a step skips a bad file at its tail and the next epoch skips it again at its head,
     both reported at that step: two skips, not one (a 6000-step run with 11 bad files in 216 counted 2638 of its

@@ -78,7 +78,7 @@ class MetricsLogger:
         self.lost = 0  # records not written since the last one that was (see write)
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
-            _end_a_cut_line(self.path)
+            end_a_cut_line(self.path)
             from videoprism.progress import progress_bar
 
             self.bar = progress_bar(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
@@ -104,7 +104,7 @@ class MetricsLogger:
             return
         try:
             if self.lost:
-                _end_a_cut_line(self.path)  # the failed write may have left half a record
+                end_a_cut_line(self.path)  # the failed write may have left half a record
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         except OSError as e:
@@ -127,7 +127,7 @@ class MetricsLogger:
             self.bar.close()
 
 
-def _end_a_cut_line(path: str) -> None:
+def end_a_cut_line(path: str) -> None:
     """A run killed (or out of disk) in the middle of a record leaves a line with no newline: a resume's first
     record would be glued to it and both lost. Ending the cut line keeps the damage to that one record."""
     try:

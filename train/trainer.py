@@ -27,7 +27,8 @@ from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
                                      save_config)
 from videoprism.train.data import parse_datasets
-from videoprism.train.metrics import VAL_REJECT, MetricsLogger, peak_memory_gb, plot_curves, recorded_rejects
+from videoprism.train.metrics import (VAL_REJECT, MetricsLogger, end_a_cut_line, peak_memory_gb, plot_curves,
+                                      recorded_rejects)
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
 from videoprism.train.parallel import (Dist, all_reduce_max, all_reduce_mean, gather_objects, grad_sync, hsdp_groups,
                                       on_main_rank, parallelize, shard_layout)
@@ -634,6 +635,7 @@ class Trainer:
             n = seen[name, reason] = seen.get((name, reason), -1) + 1
             lines.append(json.dumps({"step": self.step, "path": name, "reason": reason, **({"n": n} if n else {})}))
         try:
+            end_a_cut_line(self.rejects_path)  # a kill mid-append: the cut record is lost, not this report too
             with open(self.rejects_path, "a") as f:
                 f.write("".join(line + "\n" for line in lines))
         except OSError as e:  # a full disk: said once, not raised (a run must not die of one bad sample's report)

@@ -64,6 +64,29 @@ def test_index_of_an_all_bad_manifest_still_writes_the_report(tmp_path, capsys):
     assert [r["path"] for r in report] == [f"{m}:{n}" for n in (1, 2, 3)] and all(r["reason"] for r in report)
 
 
+def test_index_and_pack_say_names_with_control_characters_escaped(tmp_path, capsys):
+    """A folder named "x\\nerror: forged\\x1b[31m" was said raw in `data index`'s and `data pack`'s summaries and
+    in the error of a manifest without a usable sample: a forged `error: forged` line, in red. Each is escaped, one
+    line."""
+    d = tmp_path / "x\nerror: forged\x1b[31m"
+    d.mkdir()
+    write_clip(str(d / "g.mp4"), 12)
+    (d / "m.jsonl").write_text('{"path": "g.mp4", "caption": "a clip"}\n')
+    (d / "bad.jsonl").write_text("not json\n")
+    assert run(["data", "index", str(d / "m.jsonl"), "--out", str(d / "c.jsonl"), "--workers", "1", "--quiet"]) == 0
+    assert run(["data", "pack", str(d / "c.jsonl"), "--quiet"]) == 0
+    assert run(["data", "index", str(d / "bad.jsonl"), "--out", str(d / "b.jsonl"), "--quiet"]) == 2
+    said = capsys.readouterr()
+    shown = f"{tmp_path}/x\\nerror: forged\\x1b[31m"
+    out, err = said.out.splitlines(), said.err.splitlines()
+    assert out[0] == f"1 of 1 samples kept -> {shown}/c.jsonl (packed: {shown}/c.jsonl.pack); 0 rejected -> " \
+                     f"{shown}/c.rejects.jsonl", out
+    assert out[1].startswith("packed 1 samples ") and out[1].endswith(f"-> {shown}/c.jsonl.pack"), out
+    assert len(out) == 3 and out[2].startswith(f"0 of 1 samples kept -> {shown}/b.jsonl;"), out
+    assert err == [f"error: no usable sample in {shown}/bad.jsonl; the reasons are in {shown}/b.rejects.jsonl"]
+    assert "\x1b" not in said.out + said.err
+
+
 def test_index_keeps_video_only_lines_and_says_how_many(tmp_path, capsys):
     """A decodable clip without a caption is clean (stage 2 and probes read it): kept without a caption and counted;
     a reader that needs captions then skips it as a bad line."""

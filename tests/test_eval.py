@@ -589,3 +589,24 @@ def test_the_commands_that_need_a_text_tower_default_to_a_video_text_model(capsy
         with pytest.raises(SystemExit):
             parser.parse_args(["eval", command, "--help"])
         assert f"(default {want};" in " ".join(capsys.readouterr().out.split())
+
+
+def test_names_with_control_characters_are_said_escaped(data, tmp_path, capsys):
+    """A clip and a manifest named "x\\nerror: forged\\x1b[31m..." were said raw in eval's `skipped` line and its
+    summary: a forged `error: forged` line, in red. Each is escaped, one line."""
+    root, d = data
+    forged = "x\nerror: forged\x1b[31m"
+    bad = tmp_path / f"{forged}.webm"
+    bad.write_bytes(b"junk")
+    lines = [json.loads(x) for x in open(os.path.join(d, "train.jsonl"))][:3]
+    lines = [{**r, "path": os.path.join(d, r["path"])} for r in lines] + [{**lines[0], "path": str(bad)}]
+    manifest = tmp_path / f"{forged}.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert main(["eval", "retrieval", str(manifest), "--checkpoint", str(root / "clip.safetensors"), "--workers", "0",
+                 "--tokenizer", os.path.join(d, "spm.model"), "--quiet", "--max-bad-share", "0.5"]) == 0
+    said = capsys.readouterr()
+    err, out = said.err.splitlines(), said.out.splitlines()
+    shown = f"{tmp_path}/x\\nerror: forged\\x1b[31m"
+    assert [line for line in err if "forged" in line][0].startswith(f"skipped {shown}.webm: "), err
+    assert out[0].startswith(f"zero-shot retrieval, 3 clips of {shown}.jsonl "), out
+    assert "\x1b" not in said.err + said.out and not any(line.startswith("error") for line in err + out)

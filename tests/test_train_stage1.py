@@ -260,13 +260,13 @@ def test_metrics_that_cannot_be_written_are_said_and_the_run_goes_on(tmp_path, m
 class RejectAt(RandomClips):
     """Random clips; after the batch of step `at` the data layer reports one skipped sample."""
 
-    def __init__(self, at: int):
+    def __init__(self, at: int, name: str = "clip_7.mp4"):
         super().__init__(**CLIPS)
-        self.at, self.rejects = at, []
+        self.at, self.name, self.rejects = at, name, []
 
     def next_batch(self, step):
         if step == self.at:
-            self.rejects.append(("clip_7.mp4", "moov atom not found"))
+            self.rejects.append((self.name, "moov atom not found"))
         return super().next_batch(step)
 
     def drain_rejects(self):
@@ -293,6 +293,17 @@ def test_a_bad_sample_whose_report_cannot_be_written_does_not_end_the_run(tmp_pa
     assert results["skipped_samples"] == 1 and os.path.isdir(results["checkpoint"])
     assert "skipped clip_7.mp4: moov atom not found" in out
     assert f"cannot write {tmp_path / 'rejects.rank0.jsonl'} (No space left on device)" in out
+
+
+def test_a_skipped_samples_name_is_said_escaped(tmp_path, capsys):
+    """A shard member named "x\\nerror: forged\\x1b[31m.webm" was said raw in the run's skip note: a forged
+    `error: forged` line, in red. Its control characters are escaped, the note one line; the report keeps the name."""
+    name = "x\nerror: forged\x1b[31m.webm"
+    make_trainer(tmp_path, "train.compile=false", "train.steps=2", data=RejectAt(1, name)).fit()
+    out = capsys.readouterr().out
+    assert "skipped x\\nerror: forged\\x1b[31m.webm: moov atom not found" in out, out
+    assert "\x1b" not in out and not any(line.startswith("error") for line in out.splitlines())
+    assert [r["path"] for r in read_jsonl(str(tmp_path / "rejects.rank0.jsonl"))] == [name]
 
 
 def test_an_export_that_cannot_be_written_is_one_line_and_resume_writes_it_again(tmp_path, monkeypatch, capsys):

@@ -548,20 +548,22 @@ def _say_what_a_run_file_leaves(path: str, data: dict, preset: str, stage: int, 
     """A run's config.json holds every field, so `--config` repeats the run: a field it lacks (an older version's
     file, a hand edit) silently took the preset's value, and another stage's file gave this stage that stage's
     mask ratio and schedule. Both are said (on rank 0), not refused: either may be meant."""
+    from videoprism.paths import echo
+
     if os.environ.get("RANK", "0") != "0":
         return
     missing = [f"{section}.{fl.name}" for section in _sections(cfg)
                for fl in dataclasses.fields(getattr(cfg, section)) if fl.name not in data.get(section, {})]
     if missing:
-        print(f"warning: {path} has no {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
-              f"({len(missing)} field(s)): they take the {preset} preset's values", file=sys.stderr)
+        echo(f"warning: {path} has no {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+             f"({len(missing)} field(s)): they take the {preset} preset's values", file=sys.stderr)
     if run_stage in (1, 2) and run_stage != stage:
         # (Only the mask ratio's stage default, the same under every preset, is compared; the schedule is said
         # as a whole.)
         default = _preset(preset, stage).train.mask_ratio
-        print(f"warning: {path} is a stage-{run_stage} run's config: its train.mask_ratio={cfg.train.mask_ratio} "
-              f"(stage {stage}'s default: {default}), optim.* and train.steps are that run's; override them for "
-              f"stage {stage}'s (see --help)", file=sys.stderr)
+        echo(f"warning: {path} is a stage-{run_stage} run's config: its train.mask_ratio={cfg.train.mask_ratio} "
+             f"(stage {stage}'s default: {default}), optim.* and train.steps are that run's; override them for "
+             f"stage {stage}'s (see --help)", file=sys.stderr)
 
 
 
@@ -836,15 +838,17 @@ def _resumed_config(path: str, overrides: list[str], stage: int, *, required: bo
     (where that file lies, wherever the command runs from), then the overrides. A preset here could change the
     model under the checkpoint (tiny weights for a base run) and moves every schedule field. `required`
     (--resume, with or without PATH): a missing config.json is said; --auto-resume's first start has none yet."""
+    from videoprism.paths import echo
+
     main = os.environ.get("RANK", "0") == "0"
     saved = run_config_path(path)
     if saved is None:
         if required and main:
-            print(f"note: --resume {path}: no config.json there or above it; continuing with the tiny preset and "
-                  "the overrides (pass --config with the run's settings)", file=sys.stderr)
+            echo(f"note: --resume {path}: no config.json there or above it; continuing with the tiny preset and "
+                 "the overrides (pass --config with the run's settings)", file=sys.stderr)
         return build_config("tiny", overrides, stage)
     if main:
-        print(f"config: {saved} (the resumed run's; --config to start from another)", file=sys.stderr)
+        echo(f"config: {saved} (the resumed run's; --config to start from another)", file=sys.stderr)
     cfg = build_config(saved, overrides, stage)
     run_dir = os.path.dirname(saved)
     if os.path.abspath(cfg.train.out_dir) == run_dir or any(o.startswith("train.out_dir=") for o in overrides):

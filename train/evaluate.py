@@ -31,7 +31,7 @@ import torch
 
 from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, check_clip_size, load_model,
                             resolve_device)
-from videoprism.paths import check_not_an_input, check_out_file, write_json_atomic
+from videoprism.paths import check_not_an_input, check_out_file, echo, write_json_atomic
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -87,7 +87,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
             bar.update(b)
     rejects = loader.drain_rejects()
     for name, reason in rejects:
-        print(f"skipped {name}: {reason}", file=sys.stderr)
+        echo(f"skipped {name}: {reason}", file=sys.stderr)
     if n == 0:
         raise ValueError(f"{manifest}: no readable clip (each is reported above as skipped)")
     return {k: v[:n] for k, v in buffers.items()}, rejects
@@ -181,7 +181,7 @@ def _stream_kw(args, frames: int, resolution: int, device: str) -> dict:
 def _write(args, results: dict) -> None:
     if args.out is not None:
         write_json_atomic(args.out, results)
-        print(f"wrote {args.out}")
+        echo(f"wrote {args.out}")
 
 
 def cmd_retrieval(args) -> int:
@@ -198,8 +198,8 @@ def cmd_retrieval(args) -> int:
     enc, rejects = encode_manifest(model, args.manifest, tokenizer=tok, **kw)
     metrics = retrieval_metrics(enc["video"], enc["text"], caption_groups(enc["text_ids"], enc["text_paddings"]))
     n = enc["video"].shape[0]
-    print(f"zero-shot retrieval, {n} clips of {args.manifest} ({frames} frames at {resolution}x{resolution}, "
-          f"{source}; {len(rejects)} skipped):")
+    echo(f"zero-shot retrieval, {n} clips of {args.manifest} ({frames} frames at {resolution}x{resolution}, "
+         f"{source}; {len(rejects)} skipped):")
     for d in ("t2v", "v2t"):
         print(f"  {d}  " + "  ".join(f"R@{k} {100 * metrics[f'{d}_R@{k}']:5.1f}%" for k in (1, 5, 10)))
     print(f"  chance R@1 {100 * metrics['chance_R@1']:.1f}% ({metrics['captions']} distinct captions as tokenized, "
@@ -229,7 +229,7 @@ def cmd_probe(args) -> int:
     val, val_rejects = (train, []) if same else encode_manifest(encoder, args.val, **kw)
     results = probe_features(train["tokens"], train, val["tokens"], val, labels,
                              num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
-    print(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
+    echo(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
           f"steps each, lr {args.lr:g}; skipped: {len(train_rejects)} training, {len(val_rejects)} validation "
           "clips): validation accuracy (training accuracy)")
     print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
@@ -237,11 +237,11 @@ def cmd_probe(args) -> int:
     per_label = {name: results[name] for name in labels}
     for name, r in per_label.items():
         clips = "/".join(map(str, r["clips"]))
-        print(f"  {name:<12} {clips:>11} {100 * r['chance']:6.1f}% {100 * r['majority']:8.1f}% "
-              f"{100 * r['accuracy']:6.1f}% ({100 * r['train_accuracy']:5.1f}%)")
+        echo(f"  {name:<12} {clips:>11} {100 * r['chance']:6.1f}% {100 * r['majority']:8.1f}% "
+             f"{100 * r['accuracy']:6.1f}% ({100 * r['train_accuracy']:5.1f}%)")
         if r["unseen"]:
-            print(f"  {'':<12} warning: validation classes {r['unseen']} have no training clip: the probe cannot "
-                  "predict them")
+            echo(f"  {'':<12} warning: validation classes {r['unseen']} have no training clip: the probe cannot "
+                 "predict them")
     _write(args, {"task": "probe", "model": source, "train": args.train, "val": args.val, "frames": frames,
                   "resolution": resolution, "precision": "bf16" if kw["bf16"] else "fp32", "steps": args.steps,
                   "lr": args.lr, "labels": per_label,
@@ -343,9 +343,9 @@ def cmd_zeroshot(args) -> int:
         raise ValueError(f"{args.manifest}: no readable clip has the label {label!r}")
     m = zero_shot_metrics(enc["video"][has], cls, y[has], classes)
     unlabelled = int((~has).sum())
-    print(f"zero-shot classification of {label!r}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
-          f"{len(templates)} template(s); {frames} frames at {resolution}x{resolution}, {source}; {len(rejects)} "
-          "skipped" + (f", {unlabelled} without the label" if unlabelled else "") + "):")
+    echo(f"zero-shot classification of {label!r}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
+         f"{len(templates)} template(s); {frames} frames at {resolution}x{resolution}, {source}; {len(rejects)} "
+         "skipped" + (f", {unlabelled} without the label" if unlabelled else "") + "):")
     top5 = f"  top-5 {100 * m['top5']:5.1f}%" if "top5" in m else ""
     print(f"  top-1 {100 * m['top1']:5.1f}%{top5}  mean class accuracy {100 * m['mean_class_accuracy']:5.1f}%  "
           f"(chance {100 * m['chance']:.1f}%, majority class {100 * m['majority']:.1f}%)")

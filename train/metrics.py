@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from videoprism.paths import atomic_path, finite_or_null
+from videoprism.paths import atomic_path, echo, finite_or_null, printable
 
 
 def metrics_path(out_dir: str) -> str:
@@ -54,9 +54,9 @@ def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> No
     steps were skipped."""
     for key in (*keys, "checkpoint", "export", "plot", "config"):
         if results.get(key) is not None:  # a plot that failed was said when it did
-            print(f"{key}: {results[key]}")
-    print(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}; bad samples "
-          f"skipped: {results['skipped_samples']}" + (f" (listed in {results['rejects']})" if "rejects" in results else ""))
+            echo(f"{key}: {results[key]}")
+    echo(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}; bad samples "
+         f"skipped: {results['skipped_samples']}" + (f" (listed in {results['rejects']})" if "rejects" in results else ""))
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -119,8 +119,10 @@ class MetricsLogger:
             self.lost = 0
 
     def message(self, text: str) -> None:
+        """`text` on the console, above the progress bar, its control characters escaped (printable): the run's
+        messages name paths and samples (a skipped shard member named "x\\nerror: ..." forged a line)."""
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            (self.bar.write if self.bar is not None else print)(printable(text))
 
     def close(self) -> None:
         if self.bar is not None:

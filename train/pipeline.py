@@ -25,7 +25,7 @@ import time
 
 from videoprism.cli import command_name, run_command
 from videoprism.data.synth import SCENES, class_names, generate, prompt_templates
-from videoprism.paths import make_folder, write_json_atomic
+from videoprism.paths import echo, make_folder, write_json_atomic
 from videoprism.train import checkpoint as ckpt, stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
@@ -51,8 +51,8 @@ def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> No
         shutil.rmtree(root)
     t0 = time.perf_counter()
     meta = generate(root, clips, size=resolution, num_frames=frames, scene=scene, progress=True)
-    print(f"synthetic data ({scene!r} scenes): {meta['num_train']} train + {meta['num_val']} val clips in {root} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    echo(f"synthetic data ({scene!r} scenes): {meta['num_train']} train + {meta['num_val']} val clips in {root} "
+         f"({time.perf_counter() - t0:.0f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +145,7 @@ def _main(argv: list[str] | None) -> int:
                  for s in ("stage 1", "stage 2")]
         print(f"  {name:<10} {100 * probes['stage 1'][name]['chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
     for stage, res in (("stage 1", res1), ("stage 2", res2)):
-        print(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
+        echo(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
     total = time.perf_counter() - t_start
     # What the summary printed, for scripts: every number above with its chance level, and the paths.
     results = os.path.join(args.out, "results.json")
@@ -158,7 +158,7 @@ def _main(argv: list[str] | None) -> int:
                  for s, res in (("stage 1", res1), ("stage 2", res2))},
         "probe_steps": args.probe_steps, "probe_lr": args.probe_lr, "probe_s": round(t_probe, 1),
         "total_s": round(total, 1)})
-    print(f"results: {results}")
+    echo(f"results: {results}")
     print(f"total time {total:.0f} s")
     return 0
 

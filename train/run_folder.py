@@ -24,6 +24,7 @@ import shlex
 import socket
 import sys
 
+from videoprism.paths import echo
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import RUN_STAGE
 from videoprism.train.parallel import Dist, on_main_rank
@@ -162,7 +163,7 @@ class OutDirLock:
         another live run holds the folder, a note where its file system has no locks. Collective."""
         note = on_main_rank(self._take)
         if note and dist_.main:
-            print(note, flush=True)
+            echo(note, flush=True)
 
     def _take(self) -> str | None:
         """None once this process holds the folder, or a note where the file system cannot lock."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from videoprism.flops import matmul_peak_tflops
+from videoprism.paths import echo
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
                                      save_config)
@@ -214,7 +215,7 @@ class Trainer:
         written = self._load_or_earlier(path, target) if if_any else self._load_agreed(target, go_back=False)[0]
         if self.dist.main:
             moved = f" (written by {written} ranks, resumed on {self.dist.world})" if written != self.dist.world else ""
-            print(f"resumed from {self.resumed_from} at step {self.step}{moved}")
+            echo(f"resumed from {self.resumed_from} at step {self.step}{moved}")
 
     def _load_or_earlier(self, path: str, target: str) -> int:
         """--auto-resume (a requeued job, no one watching): `target`, or when its files are lost, cut or garbled
@@ -244,9 +245,9 @@ class Trainer:
             redo = f"step {latest} is" if latest == self.step + 1 else f"steps {self.step + 1}-{latest} are"
             if self.dist.main:
                 which = "checkpoint {} does" if len(damaged) == 1 else "checkpoints {} do"
-                print(f"--auto-resume: the damaged {which.format(self._said(damaged))} not load: going back to "
-                      f"{target}, the newest checkpoint that loads ({redo} trained again); renamed out of the way: "
-                      f"{', '.join(retired)}", flush=True)
+                echo(f"--auto-resume: the damaged {which.format(self._said(damaged))} not load: going back to "
+                     f"{target}, the newest checkpoint that loads ({redo} trained again); renamed out of the way: "
+                     f"{', '.join(retired)}", flush=True)
         return written
 
     def _load_agreed(self, target: str, *, go_back: bool) -> tuple[int, list[str]]:
@@ -615,7 +616,7 @@ class Trainer:
         self.val_rejects = []
         if not rejects:
             return
-        say = log.message if self.dist.main else lambda text: print(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
+        say = log.message if self.dist.main else lambda text: echo(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
         for name, reason in rejects:
             say(f"[{self.name}] step {self.step}: skipped {name}: {reason}")
         if self.resumed_from is not None and self.step == self.resumed_step:

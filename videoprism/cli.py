@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import atomic_file, check_not_an_input, check_out_file, is_safetensors, printable
+from videoprism.paths import atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, printable
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -51,13 +51,13 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             return _SIGPIPE_STATUS
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
-        print(f"error: {printable(str(e))}", file=sys.stderr)  # a newline in a file name forges no line
+        echo(f"error: {e}", file=sys.stderr)  # a newline in a file name forges no line
         return 2
     except KeyboardInterrupt as e:
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
         if os.environ.get("RANK", "0") == "0":  # torchrun passes the Ctrl-C to every rank: one line, not one each
-            print("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
+            echo("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
     except RuntimeError as e:  # torch.OutOfMemoryError is one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -65,14 +65,14 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             raise
         if (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first
                 or "out of memory" in first.lower()):  # "CUDA error: out of memory" from cuBLAS, NCCL
-            print(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
-                  file=sys.stderr)
+            echo(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
+                 file=sys.stderr)
             return 1
         if any(gone in first for gone in _PEER_GONE):
             # Every surviving rank of a run meets this when one rank dies: N-1 tracebacks of the collective hid the
             # one error that says why.
-            print(f"error: another rank of this run stopped ({first}); its own error, or torchrun's summary, says "
-                  "why", file=sys.stderr)
+            echo(f"error: another rank of this run stopped ({first}); its own error, or torchrun's summary, says "
+                 "why", file=sys.stderr)
             return 1
         raise
 
@@ -153,13 +153,13 @@ def _build(name: str | None, checkpoint: str | None, overrides: dict, *, default
         # Our files carry their config: a trained tiny model (e.g. the demo's) loads without
         # repeating every size with --set.
         if name is not None:
-            print(f"warning: --model {name} ignored: {checkpoint} carries its own config", file=sys.stderr)
+            echo(f"warning: --model {name} ignored: {checkpoint} carries its own config", file=sys.stderr)
         return vp.model_from_safetensors(checkpoint, **overrides).to(device).eval(), checkpoint
     name = name or default
     if checkpoint is None:
         model = vp.from_official(name, **overrides)  # an unknown name fails before the warning
-        print(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
-              f".safetensors for real features)", file=sys.stderr)
+        echo(f"warning: no --checkpoint given: {name} has random weights (use an official .npz or our "
+             f".safetensors for real features)", file=sys.stderr)
     else:
         model = vp.load_checkpoint(checkpoint, vp.from_official(name, device="meta", **overrides))
     return model.to(device).eval(), name
@@ -298,7 +298,7 @@ def cmd_embed(args) -> int:
             reported(rejects)
             bar.update(len(rejects))
     for s in skipped:
-        print(f"skipped: {printable(s)}", file=sys.stderr)
+        echo(f"skipped: {s}", file=sys.stderr)
     if not rows:
         raise ValueError("no video could be decoded (each is reported above as skipped)")
     order = sorted(rows)
@@ -315,8 +315,8 @@ def cmd_embed(args) -> int:
         # The metadata is UTF-8 JSON: a name that is not UTF-8 is escaped as the command's messages print it.
         videos = "\n".join(printable(n).encode("utf-8", "backslashreplace").decode() for n in names)
         write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": videos, "model": source})
-    print(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
-          f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
+    echo(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
+         f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
     return 0
 
 
@@ -409,7 +409,7 @@ def cmd_embed_text(args) -> int:
 
         write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(map(printable, texts)),
                                                                       "model": source})
-    print(f"wrote {args.out}: {tuple(emb.shape)} L2-normalised text embeddings, row i = text i ({source})")
+    echo(f"wrote {args.out}: {tuple(emb.shape)} L2-normalised text embeddings, row i = text i ({source})")
     return 0
 
 
@@ -429,7 +429,7 @@ def cmd_convert(args) -> int:
     model = vp.load_flax_checkpoint(args.checkpoint, vp.from_official(args.model, device="meta", **overrides))
     vp.save_safetensors(model, args.out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.out}: {type(model).__name__} {args.model}, {n / 1e6:.1f}M parameters")
+    echo(f"wrote {args.out}: {type(model).__name__} {args.model}, {n / 1e6:.1f}M parameters")
     return 0
 
 
@@ -441,7 +441,7 @@ def cmd_export(args) -> int:
             raise ValueError(f"--out {args.out}: must end in .safetensors")
         check_out_file(args.out, f"--out {args.out}")
     out = export_checkpoint(args.checkpoint, args.out)
-    print(f"wrote {out}")
+    echo(f"wrote {out}")
     return 0
 
 

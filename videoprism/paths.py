@@ -24,6 +24,13 @@ def printable(text: str) -> str:
     return "".join(_escape(ch) for ch in text)
 
 
+def echo(text: str, file=None, flush: bool = False) -> None:
+    """`print(text)` with its control characters escaped (printable): the way a command says a line that holds a
+    user's string (a path, a sample's or shard member's name, a label, an error's message). The whole line is one
+    line: a message of its own never holds a control character."""
+    print(printable(text), file=file, flush=flush)
+
+
 def _escape(ch: str) -> str:
     if ch == " " or ch.isprintable() or unicodedata.category(ch) != "Cc":  # Cf (a zero-width joiner) is kept
         return ch

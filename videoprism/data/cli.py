@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..paths import echo
+
 
 def _cmd_index(args) -> int:
     from .index import index_dataset
@@ -21,13 +23,13 @@ def _cmd_index(args) -> int:
     packed = f" (packed: {r['pack']})" if r["pack"] else ""
     video_only = (f" ({r['video_only']} of them video-only, without a caption: stage 1 and retrieval skip those)"
                   if r["video_only"] else "")
-    print(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}{video_only}; {r['rejected']} rejected -> "
-          f"{r['rejects']}")
+    echo(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}{video_only}; {r['rejected']} rejected -> "
+         f"{r['rejects']}")
     if r["total"] == 0:
-        print(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
+        echo(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
         return 2
     if r["kept"] == 0:
-        print(f"error: no usable sample in {' '.join(args.source)}; the reasons are in {r['rejects']}", file=sys.stderr)
+        echo(f"error: no usable sample in {' '.join(args.source)}; the reasons are in {r['rejects']}", file=sys.stderr)
         return 2
     return 0
 
@@ -41,7 +43,7 @@ def _cmd_pack(args) -> int:
             raise ValueError(f"{manifest} is a WebDataset shard; `videoprism data index SHARDS --out CLEAN.jsonl` "
                              "writes and packs a manifest of its members")
         r = write_pack(manifest, progress=not args.quiet)
-        print(f"packed {r['samples']} samples ({r['rejected']} rejected lines kept for the reports) -> {r['pack']}")
+        echo(f"packed {r['samples']} samples ({r['rejected']} rejected lines kept for the reports) -> {r['pack']}")
     return 0
 
 
@@ -59,8 +61,8 @@ def _cmd_tokenizer(args) -> int:
         raise ValueError(f"{' '.join(args.source)} holds no caption to train a tokenizer on")
     train_spm(captions, args.out, vocab_size=args.vocab_size)
     pieces = Tokenizer(args.out).vocab_size
-    print(f"wrote {args.out}: {pieces} pieces from {len(captions)} captions ({len(rejects)} bad lines skipped); "
-          f"data.tokenizer={args.out} tokenizes them for stage 1")
+    echo(f"wrote {args.out}: {pieces} pieces from {len(captions)} captions ({len(rejects)} bad lines skipped); "
+         f"data.tokenizer={args.out} tokenizes them for stage 1")
     return 0
 
 
@@ -72,8 +74,8 @@ def _cmd_synth(args) -> int:
     meta = generate(args.out, args.num, seed=args.seed, codec=args.codec, size=args.size,
                     num_frames=args.frames, fps=args.fps, scene=args.scene, workers=args.workers,
                     progress=not args.quiet)
-    print(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
-          f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, prompts/, synth.json")
+    echo(f"wrote {meta['num']} {args.codec} clips ({args.scene!r} scenes) to {args.out}: "
+         f"train.jsonl ({meta['num_train']}), val.jsonl ({meta['num_val']}), spm.model, prompts/, synth.json")
     return 0
 
 

@@ -30,6 +30,7 @@ import sys
 import numpy as np
 import torch
 
+from ..paths import echo
 from .errors import BadVideoError
 from .transforms import matrix_fix, quarter_turns, stored_box, uniform_indices
 
@@ -73,8 +74,8 @@ class _Shapes:
         if (self.failed[shape] >= max(DECLINE_AFTER, FAILURES_PER_SUCCESS * ok) and len(self.batches[shape]) >= 2
                 and shape not in self.declined):
             self.declined[shape], self._seen[shape] = reason, 0
-            print(f"note: DALI cannot decode {_name(shape)} clips on {device} ({reason}); PyAV decodes them from "
-                  f"now on (DALI is tried again on one in {PROBE_EVERY})", file=sys.stderr)
+            echo(f"note: DALI cannot decode {_name(shape)} clips on {device} ({reason}); PyAV decodes them from "
+                 f"now on (DALI is tried again on one in {PROBE_EVERY})", file=sys.stderr)
 
 
 def _name(shape) -> str:

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
-from ..paths import atomic_file, check_not_an_input, check_out_file, finite_or_null
+from ..paths import atomic_file, check_not_an_input, check_out_file, echo, finite_or_null
 from ..preemption import Preempted, stopping
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
@@ -194,8 +194,8 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(journal, len(jobs))) from None
     except Preempted as stop:
-        print(f"{signal.Signals(stop.signum).name}: stopped; {_kept(journal, len(jobs))}", file=sys.stderr,
-              flush=True)
+        echo(f"{signal.Signals(stop.signum).name}: stopped; {_kept(journal, len(jobs))}", file=sys.stderr,
+             flush=True)
         raise
     finally:
         journal.close()

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 
+from ..paths import echo
 from .manifest import is_shard
 from .pack import _FILE, _stamp, content_hash
 
@@ -120,7 +121,7 @@ class Journal:
         # Without a whole first line: a new journal, or one killed while its header was written (nothing to say).
         why = _why_ignored(first, key) if first.endswith(b"\n") else ""
         if why:
-            print(f"note: {self.path} ignored ({why}): every file is probed again", file=sys.stderr)
+            echo(f"note: {self.path} ignored ({why}): every file is probed again", file=sys.stderr)
         if why is not None:
             self._start(key)
             return
@@ -138,10 +139,10 @@ class Journal:
         fh.truncate(kept)  # the next line starts on a line of its own
         changed = self._drop_changed(files, stamps)
         self.done = sum(r is not None for r in self.results)
-        print(f"note: {self.path}: {self.done} of {len(self.results)} files probed by an earlier run of this command "
-              "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else "")
-              + (f"; {changed} changed since (replaced, written over or deleted): probed again" if changed else ""),
-              file=sys.stderr)
+        echo(f"note: {self.path}: {self.done} of {len(self.results)} files probed by an earlier run of this command "
+             "are taken from it" + (f" ({damaged} damaged line(s) skipped)" if damaged else "")
+             + (f"; {changed} changed since (replaced, written over or deleted): probed again" if changed else ""),
+             file=sys.stderr)
 
     def _drop_changed(self, files: Sequence[str], stamps: list) -> int:
         """Drops the results whose file now has another stamp than when it was probed (`stamps`); returns their

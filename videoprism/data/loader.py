@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..paths import echo
 from .device import to_device
 from .errors import BadSampleBudget, BadVideoError
 from .manifest import Sample, SampleList, read_source
@@ -481,8 +482,8 @@ class VideoTextLoader:
             fruitless = 0 if blamed else fruitless + 1
             how = "; ".join(f"{'between files' if pos is None else self.samples[int(order[pos])].name}: {why}"
                             for pos, why in faults)
-            print(f"warning: a data loader worker died ({how}); the workers restart at position {start} of epoch "
-                  f"{self.epoch} (a file is skipped when its decode kills a worker twice)", file=sys.stderr)
+            echo(f"warning: a data loader worker died ({how}); the workers restart at position {start} of epoch "
+                 f"{self.epoch} (a file is skipped when its decode kills a worker twice)", file=sys.stderr)
             if fruitless >= 3:
                 raise RuntimeError(
                     f"data loader workers died {fruitless} times in a row with no item delivered in between (last: "

@@ -38,6 +38,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..paths import echo
 from .errors import BadSampleBudget, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -292,8 +293,8 @@ class SampleList(Sequence):
 
         manifest, pack = self._pack, pack_path(self._pack)
         damage = f"{pack} is damaged (record {i} {why})"
-        print(f"note: {damage}; reading {manifest} instead (`videoprism data pack {shlex.quote(manifest)}` writes it "
-              "again)", file=sys.stderr)
+        echo(f"note: {damage}; reading {manifest} instead (`videoprism data pack {shlex.quote(manifest)}` writes it "
+             "again)", file=sys.stderr)
         try:
             parsed, _ = _parse_manifest(manifest, 1.0, False, captions=False)  # as packed
         except (OSError, ValueError) as e:
@@ -442,8 +443,8 @@ def read_manifest(path: str, *, max_bad_share: float = 0.01, use_pack: bool = Tr
 
     # No hint where a pack exists but did not serve: the note above said why, and what would.
     if use_pack and took > _PACK_HINT_SECONDS and not os.path.exists(pack_path(path)):
-        print(f"note: reading {path} ({len(samples) + len(rejects)} lines) took {took:.0f} s; `videoprism data "
-              f"pack {shlex.quote(path)}` writes it once to a file every process maps instead", file=sys.stderr)
+        echo(f"note: reading {path} ({len(samples) + len(rejects)} lines) took {took:.0f} s; `videoprism data "
+             f"pack {shlex.quote(path)}` writes it once to a file every process maps instead", file=sys.stderr)
     return samples, rejects
 
 
@@ -555,9 +556,9 @@ def _relative_to_cwd(manifest: str, written: str, s: Sample) -> None:
     is such a file from the current folder: a manifest written with paths relative to where its script ran. Every
     sample would be skipped as a missing file, and the reason would not say why."""
     if s.member is None and not os.path.isabs(written) and not os.path.exists(s.path) and os.path.isfile(written):
-        print(f"note: {manifest}: its paths resolve against its own folder, "
-              f"{os.path.dirname(os.path.abspath(manifest))}, which has no {written!r}; the current folder has one: "
-              "write the manifest's paths relative to its folder, or absolute", file=sys.stderr)
+        echo(f"note: {manifest}: its paths resolve against its own folder, "
+             f"{os.path.dirname(os.path.abspath(manifest))}, which has no {written!r}; the current folder has one: "
+             "write the manifest's paths relative to its folder, or absolute", file=sys.stderr)
 
 
 def _line_bar(total: int, path: str, show: bool):

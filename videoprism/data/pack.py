@@ -33,6 +33,8 @@ import sys
 import time
 import zlib
 
+from ..paths import echo
+
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
 # 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
@@ -131,8 +133,8 @@ def write_pack(manifest: str, *, progress: bool = False) -> dict:
     tmp = _tmp_path(path, space)
     stale = _remove_stale(path, space)
     if stale:
-        print(f"note: removed {len(stale)} unfinished pack file(s) of {manifest} whose writer is gone (a `data pack` "
-              f"or `data index` killed while writing): {', '.join(stale)}", file=sys.stderr)
+        echo(f"note: removed {len(stale)} unfinished pack file(s) of {manifest} whose writer is gone (a `data pack` "
+             f"or `data index` killed while writing): {', '.join(stale)}", file=sys.stderr)
     try:
         fh = open(tmp, "xb")
     except OSError as e:
@@ -276,7 +278,7 @@ def note_once(message: str, key: str | None = None) -> None:
     if key in _NOTED or os.environ.get("RANK", "0") != "0":
         return
     _NOTED.add(key)
-    print(f"note: {message}", file=sys.stderr)
+    echo(f"note: {message}", file=sys.stderr)
 
 
 def read_pack(manifest: str):

@@ -140,6 +140,28 @@ def test_embed_shows_names_with_control_characters_escaped(tmp_path, capsys):
     assert (tmp_path / "e.videos.txt").read_text() == f"{tmp_path}/ok\\r\\x1b]0;T\\x07.mp4\n"
 
 
+def test_embed_listing_tells_a_backslash_n_from_a_newline(tmp_path):
+    """A file named with a backslash and an n and one named with a newline were listed alike ("a\\nb.mp4") in
+    F.videos.txt and the .safetensors' `videos`: the rows could not be told apart. The README's recipe reads each
+    name back as it was."""
+    from safetensors import safe_open
+
+    names = [str(tmp_path / "a\\nb.mp4"), str(tmp_path / "a\nb.mp4"), str(tmp_path / "c\\\x1b.mp4")]
+    for n, name in enumerate(names):
+        write_clip(name, 4 + n)
+    (tmp_path / "bad.mp4").write_bytes(b"junk")  # a skipped file: the .npy's rows get their listing
+    args = [*names, str(tmp_path / "bad.mp4"), "--num-frames", "2", "--resolution", "36", "--quiet", "--workers", "0",
+            "--skip-bad", *SMALL]
+    assert main(["embed", *args, "--out", str(tmp_path / "e.npy")]) == 0
+    assert main(["embed", *args, "--out", str(tmp_path / "e.safetensors")]) == 0
+    with open(tmp_path / "e.videos.txt", encoding="utf-8", errors="surrogateescape") as fh:
+        listing = fh.read().splitlines()
+    with safe_open(str(tmp_path / "e.safetensors"), "pt") as fh:
+        metadata = fh.metadata()["videos"].split("\n")
+    for lines in (listing, metadata):
+        assert [line.encode("latin-1", "backslashreplace").decode("unicode_escape") for line in lines] == names
+
+
 def test_embed_own_safetensors_needs_no_model_flags(tmp_path):
     """Our .safetensors carry their config: a trained small model (the demo's exports) embeds
     with --checkpoint alone, at its own frame count and resolution."""

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, printable
+from videoprism.paths import atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, listed
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -313,7 +313,7 @@ def cmd_embed(args) -> int:
         from videoprism.checkpoint import write_safetensors
 
         # The metadata is UTF-8 JSON: a name that is not UTF-8 is escaped as the command's messages print it.
-        videos = "\n".join(printable(n).encode("utf-8", "backslashreplace").decode() for n in names)
+        videos = "\n".join(listed(n).encode("utf-8", "backslashreplace").decode() for n in names)
         write_safetensors({"embeddings": out.contiguous()}, args.out, {"videos": videos, "model": source})
     echo(f"wrote {args.out}: {tuple(out.shape)} ({len(names)} clip(s), {len(skipped)} skipped, "
          f"{num_frames} frames at {resolution}x{resolution}, {source}){listing_note}")
@@ -332,7 +332,7 @@ def _save_rows(path: str, rows: np.ndarray, names: list[str] | None) -> str | No
         if names is not None:
             # surrogateescape: a name that is not UTF-8 is its file's bytes (strict, the listing stopped the command)
             fh = later.enter_context(atomic_file(listing, "w", encoding="utf-8", errors="surrogateescape"))
-            fh.write("".join(f"{printable(n)}\n" for n in names))  # a newline in a name: still one line a row
+            fh.write("".join(f"{listed(n)}\n" for n in names))  # a newline in a name: still one line a row
         save_npy(path, rows, before=lambda: _remove(listing))
     return listing if names is not None else None
 
@@ -407,7 +407,7 @@ def cmd_embed_text(args) -> int:
     else:
         from videoprism.checkpoint import write_safetensors
 
-        write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(map(printable, texts)),
+        write_safetensors({"embeddings": emb.contiguous()}, args.out, {"texts": "\n".join(map(listed, texts)),
                                                                       "model": source})
     echo(f"wrote {args.out}: {tuple(emb.shape)} L2-normalised text embeddings, row i = text i ({source})")
     return 0

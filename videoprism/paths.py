@@ -24,6 +24,14 @@ def printable(text: str) -> str:
     return "".join(_escape(ch) for ch in text)
 
 
+def listed(name: str) -> str:
+    """`name` as one line of a listing of rows (embed's F.videos.txt, a .safetensors' `videos` or `texts`): its
+    backslashes doubled, then its control characters escaped (printable). Without the doubling a file named with a
+    backslash and an n read back as one named with a newline; now
+    `line.encode("latin-1", "backslashreplace").decode("unicode_escape")` is the name, whatever it holds."""
+    return printable(name.replace("\\", "\\\\"))
+
+
 def echo(text: str, file=None, flush: bool = False) -> None:
     """`print(text)` with its control characters escaped (printable): the way a command says a line that holds a
     user's string (a path, a sample's or shard member's name, a label, an error's message). The whole line is one

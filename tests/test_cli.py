@@ -773,3 +773,19 @@ def test_embed_never_leaves_a_listing_beside_rows_it_does_not_describe(tmp_path,
     assert new[0] != old[0] and new[1] is None and states
     for npy, listing in states:
         assert listing is None or (npy, listing) == old, "a listing beside rows it does not describe"
+
+
+def test_progress_in_a_log_takes_tqdm_mininterval_over_the_callers_interval():
+    """TQDM_MININTERVAL=S sets a log's interval (README), also for a bar whose caller passes its own (the training
+    bar's mininterval=1.0, which overrode tqdm's default from the environment: a line a second in the log). tqdm
+    reads the variable on import: a process of its own."""
+    from videoprism.progress import LOG_INTERVAL_S
+
+    code = ("import io; from videoprism.progress import progress_bar; "
+            "print([progress_bar(total=3, file=io.StringIO(), **kw).mininterval for kw in ({}, {'mininterval': 1.0})])")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    for setting, want in ((None, [LOG_INTERVAL_S] * 2), ("7", [7.0, 7.0])):
+        run_env = env if setting is None else {**env, "TQDM_MININTERVAL": setting}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True,
+                             timeout=60).stdout
+        assert out.strip() == str(want), (setting, out)

@@ -26,7 +26,9 @@ def progress_bar(*, file=None, **kwargs):
         kwargs["desc"] = printable(kwargs["desc"])
     if not _is_terminal(file):
         file = _Lines(file)
-        if "TQDM_MININTERVAL" not in os.environ:  # tqdm reads it as its default, which an argument would override
+        if "TQDM_MININTERVAL" in os.environ:  # tqdm reads it as its default, which an argument would override
+            kwargs.pop("mininterval", None)  # (the training bar's 1 s: a log got a line a second whatever was set)
+        else:
             kwargs["mininterval"] = max(kwargs.get("mininterval", 0.1), LOG_INTERVAL_S)
     return tqdm(file=file, **kwargs)
 

@@ -230,8 +230,8 @@ def cmd_probe(args) -> int:
     results = probe_features(train["tokens"], train, val["tokens"], val, labels,
                              num_heads=encoder.config.num_heads, steps=args.steps, lr=args.lr, device=device)
     echo(f"frozen-feature attentive probes ({source}, {frames} frames at {resolution}x{resolution}; {args.steps} "
-          f"steps each, lr {args.lr:g}; skipped: {len(train_rejects)} training, {len(val_rejects)} validation "
-          "clips): validation accuracy (training accuracy)")
+         f"steps each, lr {args.lr:g}; skipped: {len(train_rejects)} training, {len(val_rejects)} validation "
+         "clips): validation accuracy (training accuracy)")
     print(f"  {'label':<12} {'clips':>11} {'chance':>7} {'majority':>9} {'accuracy':>16}")
     # Per label, nested: a label may be named like a top-level field (a label called "model" or "steps").
     per_label = {name: results[name] for name in labels}

@@ -55,8 +55,9 @@ def print_outputs(results: dict, out_dir: str, keys: tuple[str, ...] = ()) -> No
     for key in (*keys, "checkpoint", "export", "plot", "config"):
         if results.get(key) is not None:  # a plot that failed was said when it did
             echo(f"{key}: {results[key]}")
+    listed_in = f" (listed in {results['rejects']})" if "rejects" in results else ""
     echo(f"metrics: {metrics_path(out_dir)}; non-finite steps skipped: {results['nonfinite']}; bad samples "
-         f"skipped: {results['skipped_samples']}" + (f" (listed in {results['rejects']})" if "rejects" in results else ""))
+         f"skipped: {results['skipped_samples']}{listed_in}")
 
 
 def peak_memory_gb(device: torch.device) -> float:

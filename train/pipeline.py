@@ -145,7 +145,8 @@ def _main(argv: list[str] | None) -> int:
                  for s in ("stage 1", "stage 2")]
         print(f"  {name:<10} {100 * probes['stage 1'][name]['chance']:>6.1f}% {cells[0]:>14} {cells[1]:>14}")
     for stage, res in (("stage 1", res1), ("stage 2", res2)):
-        echo(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, curves {res['plot'] or 'not drawn (see above)'}")
+        echo(f"{stage}: checkpoint {res['checkpoint']}, weights {res['export']}, "
+             f"curves {res['plot'] or 'not drawn (see above)'}")
     total = time.perf_counter() - t_start
     # What the summary printed, for scripts: every number above with its chance level, and the paths.
     results = os.path.join(args.out, "results.json")

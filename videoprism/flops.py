@@ -45,8 +45,8 @@ def pooler_kv_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
 def pooler_flops(batch: int, tokens: int, dim: int, hidden: int) -> float:
     """Attention pooler with one learned query: its projection (once, shared by the batch),
     k and v (all tokens), scores and weighted sum over `tokens` keys, output projection."""
-    return 2 * dim * hidden + pooler_kv_flops(batch, tokens, dim, hidden) + batch * (4 * tokens * hidden
-                                                                                     + 2 * hidden * dim)
+    return (2 * dim * hidden + pooler_kv_flops(batch, tokens, dim, hidden)
+            + batch * (4 * tokens * hidden + 2 * hidden * dim))
 
 
 def temporal_pairs(pos: torch.Tensor | None, frames: int, visible: int, num_patches: int) -> float | torch.Tensor:

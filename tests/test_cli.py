@@ -789,3 +789,21 @@ def test_progress_in_a_log_takes_tqdm_mininterval_over_the_callers_interval():
         out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True,
                              timeout=60).stdout
         assert out.strip() == str(want), (setting, out)
+
+
+def test_embed_reads_a_dotdot_path_through_a_symlinked_folder_as_the_kernel_does(tmp_path, monkeypatch, capsys):
+    """`embed data/../clips/c.mp4`, data/ a symlink to deep/data: the file exists (deep/clips/c.mp4), but embed's
+    manifest held the path with '..' dropped as text (abspath: ./clips/c.mp4, no such file), and it stopped on
+    "missing file". The video is embedded; a skipped one is still named as given."""
+    deep = tmp_path / "x" / "deep"
+    (deep / "data").mkdir(parents=True)
+    ckpt = _small_encoder_file(deep)
+    (tmp_path / "data").symlink_to(deep / "data")
+    monkeypatch.chdir(tmp_path)
+    videos = ["data/../c.mp4", "data/../gone.mp4"]
+    out = str(tmp_path / "e.npy")
+    assert main(["embed", *videos, "--checkpoint", ckpt, "--out", out, "--quiet", "--workers", "0",
+                 "--skip-bad"]) == 0
+    assert np.load(out).shape[0] == 1
+    assert (tmp_path / "e.videos.txt").read_text() == "data/../c.mp4\n"
+    assert "skipped: data/../gone.mp4: " in capsys.readouterr().err

@@ -227,6 +227,7 @@ def cmd_embed(args) -> int:
     from videoprism.data import BadVideoError
     from videoprism.data.device import to_device
     from videoprism.data.loader import build_loader
+    from videoprism.data.manifest import resolve
     from videoprism.progress import progress_bar
 
     ext = os.path.splitext(args.out)[1]
@@ -252,7 +253,9 @@ def cmd_embed(args) -> int:
                          "pooled (its attention pooler); --pool applies to an encoder's token embeddings")
     # The clips stream through the evaluation loader (decoding workers, batches), as `eval` reads a manifest: the
     # videos become a temporary video-only manifest, in the order given; rejects name a video as it was given.
-    given = {os.path.normpath(os.path.abspath(v)): v for v in args.videos}
+    # Joined, not abspath'd: abspath drops a '..' as text, and "data/../clips/c.mp4" through a symlinked data/ named
+    # another, missing file; the manifest's reader resolves it as the kernel does (resolve), and names it so.
+    given = {resolve(os.getcwd(), v): v for v in args.videos}
     workers = args.workers if args.workers is not None else (0 if len(args.videos) == 1 else
                                                               min(8, os.cpu_count() or 1))
 
@@ -275,7 +278,7 @@ def cmd_embed(args) -> int:
     with tempfile.TemporaryDirectory(prefix="videoprism-embed-") as tmp:
         manifest = os.path.join(tmp, "videos.jsonl")
         with open(manifest, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps({"path": os.path.abspath(v)}) + "\n" for v in args.videos)
+            fh.writelines(json.dumps({"path": os.path.join(os.getcwd(), v)}) + "\n" for v in args.videos)
         loader = build_loader(manifest, num_frames=num_frames, resolution=resolution, batch_size=args.batch_size,
                               train=False, tokenizer=None, device=dev, num_workers=workers, max_bad_share=1.0,
                               backend=args.decoder)

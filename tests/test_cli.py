@@ -721,6 +721,16 @@ def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
     assert printed and abs(int(printed[1]) - res["probe_s"]) <= 0.6 and res["probe_s"] <= res["total_s"]
 
 
+def _embed_a_skipping_run(tmp_path) -> list[str]:
+    """An earlier run's e.npy and e.videos.txt (a.mp4's row, missing.mp4 skipped); returns the embed flags."""
+    ckpt = _small_encoder_file(tmp_path)
+    write_clip(str(tmp_path / "a.mp4"), 12)
+    write_clip(str(tmp_path / "b.mp4"), 9)
+    flags = ["--checkpoint", ckpt, "--skip-bad", "--quiet", "--workers", "0", "--out", str(tmp_path / "e.npy")]
+    assert main(["embed", str(tmp_path / "missing.mp4"), str(tmp_path / "a.mp4"), *flags]) == 0
+    return flags
+
+
 def _embed_pair_state(tmp_path) -> tuple[bytes | None, str | None]:
     """The bytes of e.npy and the text of e.videos.txt now (None: no such file)."""
     npy, listing = tmp_path / "e.npy", tmp_path / "e.videos.txt"
@@ -732,11 +742,7 @@ def test_embed_on_a_full_disk_keeps_the_previous_rows_and_listing(tmp_path, full
     """np.save wrote the .npy in place: a full disk (or a kill) mid-write left a cut e.npy under the name and the
     previous rows lost; and a listing that failed after the new .npy was written left the old listing describing
     the new rows (row 0 named a.mp4, its embedding b.mp4's). Now neither file changes, and no temporary is left."""
-    ckpt = _small_encoder_file(tmp_path)
-    write_clip(str(tmp_path / "a.mp4"), 12)
-    write_clip(str(tmp_path / "b.mp4"), 9)
-    flags = ["--checkpoint", ckpt, "--skip-bad", "--quiet", "--workers", "0", "--out", str(tmp_path / "e.npy")]
-    assert main(["embed", str(tmp_path / "missing.mp4"), str(tmp_path / "a.mp4"), *flags]) == 0
+    flags = _embed_a_skipping_run(tmp_path)
     before = _embed_pair_state(tmp_path)
     assert before[1] == f"{tmp_path / 'a.mp4'}\n"
     full_disk(fails)
@@ -750,11 +756,7 @@ def test_embed_never_leaves_a_listing_beside_rows_it_does_not_describe(tmp_path,
     removed, so a kill between the two left the old listing naming the new rows (a.mp4 for b.mp4's embedding, the
     same count of rows: nothing to tell). Each state the files pass through (seen before and after each rename and
     removal) is now the old pair, the new one, or a .npy without a listing."""
-    ckpt = _small_encoder_file(tmp_path)
-    write_clip(str(tmp_path / "a.mp4"), 12)
-    write_clip(str(tmp_path / "b.mp4"), 9)
-    flags = ["--checkpoint", ckpt, "--skip-bad", "--quiet", "--workers", "0", "--out", str(tmp_path / "e.npy")]
-    assert main(["embed", str(tmp_path / "missing.mp4"), str(tmp_path / "a.mp4"), *flags]) == 0
+    flags = _embed_a_skipping_run(tmp_path)
     old = _embed_pair_state(tmp_path)
     states = []
 

@@ -1303,3 +1303,40 @@ def test_a_relative_path_with_a_colon_is_a_file_not_a_protocol(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     frames = write_clip(str(tmp_path / "cam1:take2.mp4"), 8, size=32)
     assert read_clip("cam1:take2.mp4", 8, 32).shape == frames.shape
+
+
+_WORKERS_START_OUT_OF_FILES = """
+import multiprocessing, os, resource, time
+from videoprism.data.loader import _WatchedDataLoader, _init_worker
+dl = _WatchedDataLoader(list(range(8)), batch_size=None, num_workers=2, worker_init_fn=_init_worker)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+failed = []
+for slack in range(40):  # the limit rises a file at a time: iter() fails before, between and after the forks
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + slack, hard))
+    try:
+        it = iter(dl)
+    except OSError:
+        failed.append(slack)
+        time.sleep(0.2)  # a worker forked before the failure has started: it ignores SIGTERM now
+        continue
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert sorted(it) == list(range(8))
+    break
+print(len(failed), slack, len(multiprocessing.active_children()))
+"""
+
+
+def test_workers_that_cannot_all_start_leave_none_behind():
+    """`ulimit -n` too low for the second worker's queue (EMFILE after the first had forked): torch's clean-up of
+    the half-built iterator failed (AttributeError '_workers_status'), the first worker, which ignores SIGTERM,
+    outlived it, and the command printed `error: [Errno 24] Too many open files` and then hung at exit waiting for
+    it (stage 1 under `ulimit -n 16`: 10 minutes until killed)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _WORKERS_START_OUT_OF_FILES], capture_output=True, text=True,
+                       timeout=25)
+    failed, slack, alive = (int(x) for x in r.stdout.split())
+    assert r.returncode == 0 and failed >= 2 and slack > 0 and alive == 0, (r.stdout, r.stderr[-3000:])
+    assert "Exception ignored" not in r.stderr, r.stderr[-3000:]

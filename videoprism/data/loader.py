@@ -235,8 +235,25 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
     interval (5 s)."""
 
     def __init__(self, loader) -> None:
-        with _interrupt_deferred():  # it forks the workers
-            super().__init__(loader)
+        try:
+            with _interrupt_deferred():  # it forks the workers
+                super().__init__(loader)
+        except BaseException:
+            self._kill_started_workers()
+            raise
+
+    def _kill_started_workers(self) -> None:
+        """After a failed start (EMFILE under a low `ulimit -n`: the next worker's queue, after some had forked):
+        torch's own clean-up of a half-built iterator fails (its worker status is set later), and its SIGTERM
+        is ignored by our workers (_init_worker), so they outlived the error and the exit waited for them
+        forever. SIGKILL: they hold nothing to save."""
+        for w in getattr(self, "_workers", ()):
+            w.kill()
+            w.join()
+        if getattr(self, "_worker_pids_set", False):
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(self))
+            self._worker_pids_set = False
+        self._workers, self._shutdown = [], True  # __del__ has nothing left to stop
 
     def _shutdown_workers(self) -> None:
         # Called by next() at the epoch's end, by _pyav_items before a restart, and by __del__ (where a Ctrl-C is

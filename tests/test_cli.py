@@ -632,6 +632,38 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
         run_command(bug)
 
 
+def _nofile(n: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_out_of_file_descriptors_is_one_line_naming_the_limit_and_the_fix(tmp_path, capsys, monkeypatch):
+    """`data index --workers 2` under `ulimit -n 16` said `error: [Errno 24] Too many open files`, which names no
+    fix; torch's loader, out of descriptors for a batch's shared-memory handles (`eval probe` under `ulimit -n 32`),
+    ended in a 20-line traceback."""
+    from videoprism.cli import run_command
+
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK", raising=False)
+    data = tmp_path / "d"
+    run("data", "synth", "--out", str(data), "--num", "4", "--quiet")
+    r = subprocess.run([sys.executable, "-m", "videoprism", "data", "index", str(data / "train.jsonl"), "--out",
+                        str(tmp_path / "clean.jsonl"), "--workers", "2"], capture_output=True, text=True, timeout=60,
+                       preexec_fn=_nofile(16))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and lines, r.stderr[-3000:]
+    assert lines[-1].startswith("error: out of file descriptors ([Errno 24] Too many open files") and (
+        "`ulimit -n`, is 16); raise it" in lines[-1]), lines[-1]
+
+    def loader_out_of_files():  # torch's DataLoader as it raised under `eval probe`
+        raise RuntimeError("Too many open files. Communication with the workers is no longer possible. Please "
+                           "increase the limit using `ulimit -n` in the shell or change the sharing strategy")
+
+    assert run_command(loader_out_of_files) == 1
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith("error: out of file descriptors (Too many open files; the "), said
+
+
 def test_ctrl_c_is_said_once_by_rank_0(monkeypatch, capsys):
     """torchrun passes a Ctrl-C to every rank, which all said the same line (one per GPU)."""
     from videoprism.cli import run_command

@@ -31,7 +31,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     their messages name the input and the fix. Other exceptions are bugs and keep their
     traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
     Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
-    the cause is the sizes asked for, not a bug; so is a collective that failed because another rank's
+    the cause is the sizes asked for, not a bug; so is running out of file descriptors (EMFILE: the line names
+    `ulimit -n` and fewer workers) and a collective that failed because another rank's
     process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
     (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever
@@ -51,6 +52,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             return _SIGPIPE_STATUS
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
+        if _out_of_files(e):
+            return _say_out_of_files(str(e))
         echo(f"error: {e}", file=sys.stderr)  # a newline in a file name forges no line
         return 2
     except KeyboardInterrupt as e:
@@ -68,6 +71,8 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
             echo(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
                  file=sys.stderr)
             return 1
+        if _out_of_files(e):  # torch's loader: "Too many open files. Communication with the workers is no longer ..."
+            return _say_out_of_files(first.split(".")[0])
         if any(gone in first for gone in _PEER_GONE):
             # Every surviving rank of a run meets this when one rank dies: N-1 tracebacks of the collective hid the
             # one error that says why.
@@ -75,6 +80,27 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
                  "why", file=sys.stderr)
             return 1
         raise
+
+
+def _out_of_files(e: BaseException) -> bool:
+    """The process or the system ran out of file descriptors (EMFILE, ENFILE): an OSError, or torch's DataLoader
+    RuntimeError when a batch's shared-memory handles no longer fit."""
+    import errno
+
+    if isinstance(e, OSError):
+        return e.errno in (errno.EMFILE, errno.ENFILE)
+    return isinstance(e, RuntimeError) and str(e).startswith("Too many open files")
+
+
+def _say_out_of_files(what: str) -> int:
+    """One line for a limit of the environment, not of the input: `[Errno 24] Too many open files` named no fix,
+    and torch's RuntimeError came with a traceback. Exit status 1, as running out of memory."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    echo(f"error: out of file descriptors ({what}; the open-files limit, `ulimit -n`, is {soft}); raise it "
+         "(`ulimit -n 4096`) or use fewer decoding workers (--workers, data.workers)", file=sys.stderr)
+    return 1
 
 
 def _print_any_file_name() -> None:

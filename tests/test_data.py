@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import re
 import signal
+import shutil
 import tarfile
 
 import numpy as np
@@ -1340,3 +1341,39 @@ def test_workers_that_cannot_all_start_leave_none_behind():
     failed, slack, alive = (int(x) for x in r.stdout.split())
     assert r.returncode == 0 and failed >= 2 and slack > 0 and alive == 0, (r.stdout, r.stderr[-3000:])
     assert "Exception ignored" not in r.stderr, r.stderr[-3000:]
+
+
+_WORKERS_WITH_A_FULL_SHM = """
+import os, sys
+from videoprism.cli import run_command
+from videoprism.data.loader import build_loader
+loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=4,
+                      train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav",
+                      num_workers=int(sys.argv[2]))
+raise SystemExit(run_command(lambda: print(sum(len(b["index"]) for b in loader))))
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("unshare") and hasattr(os, "geteuid") and os.geteuid() == 0),
+                    reason="needs root and unshare(1): a small /dev/shm in a mount namespace of its own")
+def test_a_full_dev_shm_is_one_line_naming_the_fix_not_a_hang(synth):
+    """Docker's /dev/shm is 64 MB. A worker's clip failed to go into a full one in the queue's feeder thread: a
+    traceback per worker ("unable to allocate shared memory(shm) ... No space left on device"), the item lost and the
+    loader waiting for it forever (tiny stage 1, data.workers=2, a 64 KiB /dev/shm: stopped by `timeout` after
+    120 s). Here /dev/shm is 64 KiB in a mount namespace of the test's own."""
+    import subprocess
+    import sys
+
+    def under_small_shm(workers: int):
+        script = ('mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$0" -c "$1" "$2" "$3"')
+        return subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, _WORKERS_WITH_A_FULL_SHM, synth,
+                               str(workers)], capture_output=True, text=True, timeout=25)
+
+    r = under_small_shm(2)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: [Errno 28] /dev/shm is full (") and "--shm-size" in lines[0], lines
+    assert "data.workers=0" in lines[0]
+    r = under_small_shm(0)  # the fix it names
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) == sum(len(b["index"]) for b in _loader(synth)) > 0, r.stdout

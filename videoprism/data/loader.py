@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import errno
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -63,6 +64,7 @@ class _Item:
     sample_id: int
     video: torch.Tensor | None = None
     bad: str | None = None
+    no_shm: str | None = None  # a worker could not put the clip in shared memory (/dev/shm full): why
 
 
 def _identity(x):
@@ -217,6 +219,14 @@ class _PyAVItems(torch.utils.data.Dataset):
             if track:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 self.in_flight.pos[worker.id] = -1
+        if worker is not None:
+            # The clip goes to the parent through /dev/shm. Pickled by the queue's feeder thread, a full /dev/shm
+            # (Docker's default is 64 MB) failed there: a traceback on stderr, the item lost, and the parent
+            # waiting for it forever. Moved here (the copy the pickler would make), the failure is the item's.
+            try:
+                video.share_memory_()
+            except RuntimeError as e:
+                return _Item(pos, sid, no_shm=str(e))
         return _Item(pos, sid, video=video)
 
 
@@ -489,6 +499,10 @@ class VideoTextLoader:
                         raise  # an error of the decoding code itself, re-raised from its worker
                     error = str(e)  # not `e`: its traceback holds the iterator, whose end stops the workers
                     break
+                if item.no_shm is not None:
+                    raise OSError(errno.ENOSPC, f"/dev/shm is full ({item.no_shm}): the data loader's workers pass "
+                                  "clips through it; give it more room (docker run --shm-size=2g) or decode in "
+                                  "the main process (data.workers=0, --workers 0)")
                 start, fruitless = item.pos + 1, 0
                 yield item
             it._shutdown_workers()  # the surviving workers, before new ones start: here, not in `del`'s __del__,

@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from videoprism.paths import fsync_path
 from videoprism.train.parallel import on_main_rank
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -70,14 +71,11 @@ def _save_synced(obj, path: str) -> None:
 
 
 def _sync_folder(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync_path(path)
     except OSError as e:  # a file system that cannot sync a folder (EINVAL) has not failed the save
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
-    finally:
-        os.close(fd)
 
 
 def _barrier() -> None:

@@ -117,7 +117,7 @@ def atomic_path(path: str, *, sync: bool = True):
     try:
         yield tmp
         if sync:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -134,7 +134,8 @@ def atomic_file(path: str, mode: str = "w", **kw):
             os.fsync(fh.fileno())
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str) -> None:
+    """os.fsync of the file or folder `path` (a folder: the renames in it reach the disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

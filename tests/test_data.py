@@ -1272,6 +1272,41 @@ def test_synth_is_deterministic_and_shows_its_caption(tmp_path, synth):
         assert SHAPES[rec["label"]["shape"]] in rec["caption"]
 
 
+def _shape_seen(near: np.ndarray) -> str:
+    """The shape a boolean mask [H, W] shows, from its bounding box, not from the generator: an upward triangle's
+    top half holds a third of its bottom half's pixels (circle and square: as many); a square fills its box, a
+    circle pi/4 of it. The thresholds are the midpoints of those ideal values."""
+    ys, xs = np.nonzero(near)
+    mid = (ys.min() + ys.max()) / 2
+    if (ys < mid).sum() / (ys > mid).sum() < (1 / 3 + 1) / 2:
+        return "triangle"
+    fill = near.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+    return "square" if fill > (np.pi / 4 + 1) / 2 else "circle"
+
+
+def test_synth_captions_name_the_colour_shape_and_motion_the_clip_shows(synth):
+    """DESIGN 7: appearance (colour, shape) and motion (direction) are both captioned. Read from the caption's own
+    words, checked against the decoded pixels: the named colour is on screen, the blob of that colour has the named
+    shape, and it moves the named way; the labels are the ids of those words (the motion test above checks the
+    pixels against the labels only, so captions naming another colour or direction than the labels' passed it)."""
+    classes = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
+    for rec in map(json.loads, open(os.path.join(synth, "train.jsonl"))):
+        m = re.match(r"a (\w+) (\w+) (?:moves|slides|travels) (\w+)( while |$)", rec["caption"])
+        assert m, rec["caption"]
+        words = dict(zip(("colour", "shape", "direction"), m.groups()[:3]))
+        assert rec["label"] == {k: classes[k].index(w) for k, w in words.items()}, rec
+        frames = decode_all(os.path.join(synth, rec["path"])).astype(np.float32)
+        near = np.abs(frames - np.array(COLOURS[words["colour"]], np.float32)).max(-1) < 40  # [T, H, W]
+        assert all(n.sum() > 20 for n in near), rec
+        shapes = [_shape_seen(n) for n in near]
+        assert max(set(shapes), key=shapes.count) == words["shape"], (rec, shapes)
+        ys, xs = np.mgrid[0:near.shape[1], 0:near.shape[2]]
+        moved = np.array([[(n * xs).sum() / n.sum(), (n * ys).sum() / n.sum()] for n in near[[0, -1]]])
+        step = moved[1] - moved[0]
+        assert np.linalg.norm(step) > 15, rec
+        assert max(DIRECTIONS, key=lambda d: step @ np.array(DIRECTIONS[d])) == words["direction"], (rec, step)
+
+
 def test_synth_h264(tmp_path):
     generate(str(tmp_path), 2, seed=0, codec="h264", size=48, num_frames=8, workers=1)
     rec = json.loads(open(tmp_path / "train.jsonl").readline())

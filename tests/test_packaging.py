@@ -22,10 +22,12 @@ OPTIONAL = {"flash_attn", "nvidia", "triton"}
 STDLIB = sys.stdlib_module_names | {"tomllib"}
 
 
-def test_sdist_has_extension_sources(tmp_path):
-    """A wheel built from the sdist compiles csrc/: its headers (token_ops.h) and, from an sdist made on a
-    machine without CUDA, its .cu file were left out, and the build failed with "token_ops.h: No such file"."""
-    src = tmp_path / "src"  # a copy: sdist writes its egg-info and release tree into the source folder
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory) -> tarfile.TarFile:
+    """The sdist `setup.py sdist` makes of a copy of the sources (sdist writes its egg-info and release tree into
+    the source folder), with its egg-info: what pip builds a wheel from and installs."""
+    tmp_path = tmp_path_factory.mktemp("sdist")
+    src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md"):
         if os.path.exists(os.path.join(ROOT, name)):
@@ -35,11 +37,35 @@ def test_sdist_has_extension_sources(tmp_path):
     env = {**os.environ, "VIDEOPRISM_NO_CUDA": "1"}
     subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
                    check=True, capture_output=True)
-    (sdist,) = (tmp_path / "dist").iterdir()
-    with tarfile.open(sdist) as tar:
-        have = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    (path,) = (tmp_path / "dist").iterdir()
+    with tarfile.open(path) as tar:
+        yield tar
+
+
+def _member(tar: tarfile.TarFile, name: str) -> str:
+    """The text of the sdist's file `name` (a path below its top folder)."""
+    (member,) = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == name]
+    return tar.extractfile(member).read().decode()
+
+
+def test_sdist_has_extension_sources(sdist):
+    """A wheel built from the sdist compiles csrc/: its headers (token_ops.h) and, from an sdist made on a
+    machine without CUDA, its .cu file were left out, and the build failed with "token_ops.h: No such file"."""
+    have = {n.split("/", 1)[1] for n in sdist.getnames() if "/" in n}
     want = {f"csrc/{f}" for f in os.listdir(os.path.join(ROOT, "csrc"))}
     assert want <= have, f"missing from the sdist: {sorted(want - have)}"
+
+
+def test_the_only_installed_top_level_module_is_videoprism(sdist):
+    """DESIGN 2: no installed top-level module takes a generic name (kernels, train, bench collide with other PyPI
+    packages); kernels/ and train/ install as videoprism.kernels and videoprism.train, and the training stages run
+    as console scripts. The egg-info's top_level.txt is what a wheel installs at the top of site-packages."""
+    assert _member(sdist, "videoprism_fast.egg-info/top_level.txt").split() == ["videoprism"]
+    sources = _member(sdist, "videoprism_fast.egg-info/SOURCES.txt").split()
+    assert "kernels/token_ops_ref.py" in sources and "train/stage1.py" in sources  # shipped, under videoprism.*
+    scripts = _member(sdist, "videoprism_fast.egg-info/entry_points.txt")
+    for target in ("videoprism.cli:main", "videoprism.train.stage1:main", "videoprism.train.stage2:main"):
+        assert target in scripts, scripts
 
 
 def test_runtime_imports_are_dependencies():

@@ -206,6 +206,22 @@ def _same_shape_manifest(tmp_path, synth):
     return recs, str(m), kw
 
 
+@pytest.mark.parametrize("capability, av1", [((8, 0), False), ((8, 6), True), ((8, 9), True), ((9, 0), False),
+                                              ((10, 0), True), ((12, 0), True)])
+def test_av1_goes_to_dali_only_on_gpus_whose_nvdec_decodes_it(monkeypatch, capability, av1):
+    """NVIDIA's NVDEC application note: AV1 Main on GA10x, Ada and Blackwell, not on GA100 (sm_80) or Hopper
+    (sm_90). The other GPU codecs go to DALI on every GPU; on the CPU only VP8, VP9 and MJPEG."""
+    from videoprism.data.dali_pipeline import dali_handles
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    assert dali_handles("av1", gpu) is av1
+    assert all(dali_handles(c, gpu) for c in ("h264", "hevc", "vp9", "vp8", "mjpeg", "mpeg4"))
+    cpu = torch.device("cpu")
+    assert [c for c in ("av1", "h264", "hevc", "vp9", "vp8", "mjpeg") if dali_handles(c, cpu)] == ["vp9", "vp8",
+                                                                                                  "mjpeg"]
+
+
 def test_good_files_dali_cannot_decode_go_to_pyav_and_their_shape_is_left_to_it(monkeypatch, tmp_path, synth,
                                                                                   capsys):
     """NVDEC refuses some valid files (AV1 on Hopper, sizes under its minimum, profiles): stand-in, a DALI that

@@ -34,10 +34,12 @@ from ..paths import echo
 from .errors import BadVideoError
 from .transforms import matrix_fix, quarter_turns, stored_box, uniform_indices
 
-# Codecs fn.decoders.video takes on each backend (DALI 2.x docs). Not AV1 on the GPU: NVDEC has none on the
-# A100, H100 and H200 (NVIDIA's NVDEC application note), where DALI would fail every AV1 clip; PyAV decodes them.
+# Codecs fn.decoders.video takes on each backend (DALI 2.x docs). AV1 only on GPUs whose NVDEC decodes it:
+# NVIDIA's NVDEC application note gives it to the Ampere GA10x chips, Ada and Blackwell, not to GA100 (A100) and
+# Hopper (H100, H200), where DALI would fail every AV1 clip; PyAV decodes them there.
 DALI_CODECS = {"cpu": {"vp8", "vp9", "mjpeg"},
                "gpu": {"vp8", "vp9", "mjpeg", "mpeg4", "h264", "hevc"}}
+NVDEC_AV1 = {(8, 6), (8, 7), (8, 9)}  # compute capabilities of GA10x and Ada; every major >= 10 (Blackwell) too
 DECLINE_AFTER = 3  # good files DALI failed on, of one (codec, height, width), before PyAV takes it over...
 FAILURES_PER_SUCCESS = 8  # ...and this many for each clip of that shape DALI decoded
 PROBE_EVERY = 256  # of a declined shape's clips, one in this many still goes to DALI
@@ -84,7 +86,12 @@ def _name(shape) -> str:
 
 
 def dali_handles(codec: str, device: torch.device) -> bool:
-    return codec in DALI_CODECS["gpu" if device.type == "cuda" else "cpu"]
+    if device.type != "cuda":
+        return codec in DALI_CODECS["cpu"]
+    if codec == "av1":
+        capability = torch.cuda.get_device_capability(device)
+        return capability in NVDEC_AV1 or capability[0] >= 10
+    return codec in DALI_CODECS["gpu"]
 
 
 def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, str]:

@@ -386,3 +386,31 @@ def test_config_fields_are_type_checked():
             vp.from_official("videoprism_lvt_v1_base", **{field: value})
     assert vp.from_official("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
                             num_temporal_layers=0, pos_emb_shape=[2, 2, 2]).config.pos_emb_shape == (2, 2, 2)
+
+
+# golden NOTES 7 (the official models.CONFIGS) and DESIGN 3 (P = 18, c = 50 for every released model):
+# name -> (D, heads, mlp, spatial layers, temporal layers, pos_emb_shape); LvT adds La=2, Lu=12, V=32000.
+RELEASED = {
+    "videoprism_public_v1_base": (768, 12, 3072, 12, 4, (16, 16, 16)),
+    "videoprism_public_v1_large": (1024, 16, 4096, 24, 4, (8, 16, 16)),
+    "videoprism_lvt_public_v1_base": (768, 12, 3072, 12, 4, (16, 16, 16)),
+    "videoprism_lvt_public_v1_large": (1024, 16, 4096, 24, 4, (8, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_released_configs_are_the_official_table(name):
+    """Fields the parameter counts cannot see: the logit cap (no parameter), the temporal position embedding's
+    length (8 of 354M parameters) and the patch size (P=16 moves base by 0.14%) silently change the model a
+    checkpoint is loaded into (a wrong cap only changes the outputs)."""
+    from videoprism.config import CLIPConfig, official_config
+
+    cfg = official_config(name)
+    D, heads, mlp, ls, lt, pos = RELEASED[name]
+    assert (cfg.model_dim, cfg.num_heads, cfg.mlp_dim, cfg.num_spatial_layers, cfg.num_temporal_layers,
+            cfg.pos_emb_shape) == (D, heads, mlp, ls, lt, pos)
+    assert cfg.patch_size == 18 and cfg.atten_logit_cap == 50.0
+    if "lvt" in name:
+        assert isinstance(cfg, CLIPConfig)
+        assert (cfg.num_auxiliary_layers, cfg.num_unimodal_layers, cfg.vocabulary_size, cfg.enable_causal_atten,
+                cfg.norm_policy) == (2, 12, 32000, True, "pre")

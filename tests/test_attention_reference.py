@@ -66,3 +66,22 @@ def test_reference_matches_naive_loop(axis, masked_pos, cap, causal, padded):
     assert torch.isfinite(got).all()
     # The reference computes in fp32 (as the official model does); the loop in fp64.
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("axis", ["space", "time"])
+def test_half_inputs_are_attended_in_fp32_and_rounded_once(axis, dtype):
+    """DESIGN 3: softmax in fp32. bf16/fp16 qkv (a bf16 model on the reference backend) are scored, soft-capped
+    and softmaxed in fp32: the output is the fp64 attention of the same rounded inputs, rounded once to the
+    dtype, so off by at most half its ulp (2^-8 of the largest output in bf16, 2^-11 in fp16; the fp32 work
+    adds ~1e-6). Computed in the input dtype instead, the logits (up to ~50) are rounded to steps of 0.25."""
+    gen = torch.Generator().manual_seed(1)
+    B, T, K, H, Dh = 2, 3, 24, 2, 16
+    qkv = (torch.randn(B, T, K, 3, H, Dh, generator=gen, dtype=torch.float64) * 2.5).to(dtype)
+    kp = torch.rand(B, T, K, generator=gen) < 0.2
+    got = factorized_attention_ref(qkv, axis=axis, softcap=50.0, key_padding=kp)
+    want = naive(qkv.double(), axis, 50.0, None, kp, False)
+    assert got.dtype == dtype
+    half_ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    err = (got.double() - want).abs().max().item()
+    assert err <= (half_ulp + 1e-5) * want.abs().max().item(), err

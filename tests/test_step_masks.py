@@ -177,3 +177,34 @@ def test_accumulated_steps_equal_the_whole_batch(tmp_path, stage):
         got = run(micro)
         for key in ("loss", "grad_norm"):
             assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-5, abs=1e-5), (micro, key)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_stage_trains_on_its_own_kind_of_mask(stage):
+    """DESIGN 4: stage 1 drops 50% of the tokens with tube masks (one visible set in every frame), stage 2 65%
+    with BEVT masks (blocks over runs of frames: the visible set changes between the frames of most clips (a
+    block over every frame can leave one unchanged: 0-5 of 32 clips over seeds 0-4), and the masked patches
+    cluster, ~0.9 of their neighbours masked against ~0.65 for scattered patches). Either stage drawing the
+    other's kind went unnoticed: every other test takes the masks as given. Oracle: the two definitions, on the
+    masks a training step prepares (8x8 patches, 4 frames, 32 clips) with each stage's default ratio."""
+    from tests.test_masking import masked_grid, masked_neighbour_share
+    from videoprism.masking import num_visible
+
+    frames, side, clips = 4, 32, 32
+    sized = [o for o in TINY if not o.startswith(("model.num_frames", "model.resolution", "train.global_batch"))]
+    cfg = build_config("tiny", [*sized, f"model.num_frames={frames}", f"model.resolution={side}",
+                                f"train.global_batch={clips}"], stage)
+    clip = build_clip(cfg.model, vocab=50 if stage == 1 else None, device=CPU)
+    task = (Stage1Task(cfg, Dist(0, 1, CPU), clip, None) if stage == 1 else
+            Stage2Task(cfg, Dist(0, 1, CPU), Teacher(clip), None))
+    video = torch.zeros(clips, frames, side, side, 3, dtype=torch.uint8)
+    pos = task.prepare({"video": video, "text_ids": torch.ones(clips, 8, dtype=torch.long),
+                        "text_paddings": torch.zeros(clips, 8)}, 0, 0)["pos"]
+    ratio = 0.5 if stage == 1 else 0.65
+    assert pos.shape == (clips, frames, num_visible((8, 8), ratio))
+    same_in_every_frame = (pos == pos[:, :1]).all(2).all(1)
+    if stage == 1:
+        assert same_in_every_frame.all()
+    else:
+        assert same_in_every_frame.float().mean() < 0.5
+        assert masked_neighbour_share(masked_grid(pos, (8, 8))) > ratio + 0.15

@@ -576,3 +576,28 @@ def test_a_teacher_that_is_no_stage1_model_is_refused_before_the_data(tmp_path):
         check_inputs(build_config("tiny", [f"stage2.teacher={enc}", f"train.out_dir={tmp_path}/run"], 2), 2)
     with pytest.raises(FileNotFoundError, match=f"pass a run's export .*videoprism export {tmp_path}"):
         check_inputs(build_config("tiny", [f"stage2.teacher={tmp_path}", f"train.out_dir={tmp_path}/run"], 2), 2)
+
+
+def test_the_global_branch_reads_the_visible_tokens_unshuffled_and_without_positions():
+    """DESIGN 5: the global decoder runs over the visible tokens with no shuffle and no position embedding, then
+    the MAP pooler. Oracles: its prediction does not move with the slot permutation, the slot position
+    embedding or the mask embedding (all of which move the token prediction); and a decoder without position
+    embedding followed by attention pooling is blind to the order of its tokens, so reordering them leaves
+    the pooled output as it was."""
+    task, _ = make_task()
+    model = task.module
+    inputs = task.prepare({"video": video()}, 0, 0)
+    g = torch.Generator().manual_seed(5)
+    other = random_slots(4, T * N, generator=g, device="cpu")
+    with torch.no_grad():
+        tokens, pooled = model(inputs["video"], inputs["pos"], inputs["perm"])
+        model.pos_emb.normal_(generator=g)
+        model.mask_emb.normal_(generator=g)
+        tokens2, pooled2 = model(inputs["video"], inputs["pos"], other)
+        x = torch.randn(2, 7, 16, generator=g)
+        order = torch.randperm(7, generator=g)
+        a = model.global_pooler(model.global_decoder(x))
+        b = model.global_pooler(model.global_decoder(x[:, order]))
+    assert (tokens2 - tokens).abs().max() > 1e-3
+    torch.testing.assert_close(pooled2, pooled, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -1805,3 +1805,29 @@ def test_rejects_of_one_sample_twice_in_a_step_count_twice(tmp_path):
     drained.append([("bad.webm", "empty file (0 bytes)"), ("other.webm", "x"), ("bad.webm", "empty file (0 bytes)")])
     Trainer._report_rejects(fake, log)
     assert len(recorded_rejects(str(tmp_path))) == 3
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_paper_presets_hold_designs_settings(stage):
+    """DESIGN 5's paper settings are the defaults of the base/large/giant presets (a default changed by mistake
+    trains another recipe without a word): Adafactor, batch 4096, lr 5e-4; stage 1 warmup 2e4, linear decay,
+    wd 1e-4, 2e5 steps, CLIP's temperature (init 0.07, 1/t clamped at 100); stage 2 warmup 2.5e4, cosine to
+    1e-5, wd 0.05, 3e5 steps, 4-layer decoders (Dd 512 for giant), shuffled slots, global distillation with
+    the token loss's weight."""
+    from videoprism.train.stage1 import ContrastiveModel
+
+    for preset in ("base", "large", "giant"):
+        cfg = build_config(preset, [], stage)
+        o, t = cfg.optim, cfg.train
+        assert (o.name, t.global_batch, o.lr) == ("adafactor", 4096, 5e-4)
+        if stage == 1:
+            assert (o.warmup_steps, o.decay, o.min_lr, o.weight_decay, t.steps) == (20000, "linear", 0.0, 1e-4, 200000)
+            assert (cfg.stage1.temperature_init, cfg.stage1.max_logit_scale, cfg.stage1.lit) == (0.07, 100.0, False)
+        else:
+            s2 = cfg.stage2
+            assert (o.warmup_steps, o.decay, o.min_lr, o.weight_decay, t.steps) == (25000, "cosine", 1e-5, 0.05, 300000)
+            assert (s2.decoder_layers, s2.shuffle, s2.global_distill, s2.global_weight) == (4, True, True, 1.0)
+            assert preset != "giant" or s2.decoder_dim == 512
+    if stage == 1:  # the temperature starts at temperature_init: the first logits are cos / 0.07
+        model = ContrastiveModel(torch.nn.Identity(), temperature_init=0.07, max_logit_scale=100.0, lit=False)
+        assert float(model.logit_scale.detach().exp()) == pytest.approx(1 / 0.07)

@@ -26,8 +26,6 @@ if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
 import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _want_cuda() -> bool:
     if os.environ.get("VIDEOPRISM_NO_CUDA", "0") == "1":

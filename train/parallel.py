@@ -268,10 +268,6 @@ def shard_layout(module: nn.Module) -> dict[str, int] | None:
     return dict(zip(mesh.mesh_dim_names or ("shard",), mesh.shape))
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if hasattr(module, "no_sync") else module
-
-
 def grad_sync(module: nn.Module, enabled: bool):
     """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps."""
     import contextlib

@@ -372,6 +372,19 @@ def test_adafactor_switches_reach_the_optimizer_and_adamw_refuses_them():
         build_config("base", ["optim.adafactor_momentum=1"], 1)
 
 
+@pytest.mark.parametrize("unread", ["optim.beta1=0.95", "optim.beta2=0.98"])
+def test_adamw_betas_under_adafactor_are_refused(unread):
+    """AdamW's betas under Adafactor (the base preset's optimizer) were accepted and changed nothing the run did,
+    while Adafactor's switches under AdamW were refused. Refused alike, naming Adafactor's own; with optim.name=adamw
+    the value reaches the config."""
+    with pytest.raises(ValueError) as e:
+        build_config("base", [unread], 1)
+    assert str(e.value) == ("optim.beta1 / optim.beta2 apply to optim.name=adamw, not 'adafactor'; drop them "
+                            "(Adafactor's are optim.adafactor_momentum and optim.adafactor_relative_step)")
+    key, value = unread.split("=")
+    assert getattr(build_config("base", ["optim.name=adamw", unread], 1).optim, key.split(".")[1]) == float(value)
+
+
 @pytest.mark.parametrize("name", ["adamw", "adafactor"])
 def test_weight_decay_reaches_matrices_only(name):
     """build_optimizer (its docstring, CLIP/ViT practice): decoupled weight decay on matrices (linear weights,

@@ -581,6 +581,20 @@ def teacher_fields(cfg: Config, stage: int) -> dict:
         return {}
 
 
+def _refuse_unread(o: OptimConfig) -> None:
+    """A field of one optimizer set away from its default while the other is chosen (Adafactor's switches under
+    AdamW, AdamW's betas under Adafactor) is refused: the run would look configured and train as if it were unset.
+    (The settings of a part switched off, train.compile_backend under train.compile=false or stage2.global_weight
+    under stage2.global_distill=false, are kept: switching a part off should not need its settings undone.)"""
+    for names, owner, other in ((("adafactor_momentum", "adafactor_relative_step"), "adafactor", ("beta1", "beta2")),
+                                (("beta1", "beta2"), "adamw", ("adafactor_momentum", "adafactor_relative_step"))):
+        if o.name == owner or all(getattr(o, n) == OptimConfig.__dataclass_fields__[n].default for n in names):
+            continue
+        raise ValueError(f"optim.{names[0]} / optim.{names[1]} apply to optim.name={owner}, not {o.name!r}; drop them "
+                         f"({'AdamW' if o.name == 'adamw' else 'Adafactor'}'s are optim.{other[0]} and "
+                         f"optim.{other[1]})")
+
+
 def _check_combined(cfg: Config, teacher: dict) -> Config:
     """Constraints between fields (each field's own range is checked when it is set); `teacher`: stage 2's teacher's
     config (teacher_fields), whose patch the student has."""
@@ -596,9 +610,7 @@ def _check_combined(cfg: Config, teacher: dict) -> Config:
     if o.decay != "constant" and o.min_lr > o.lr:
         raise ValueError(f"optim.min_lr={o.min_lr:g} is above optim.lr={o.lr:g}: the {o.decay} decay would raise the "
                          "learning rate; set optim.min_lr below optim.lr (0 decays to zero)")
-    if o.name != "adafactor" and (o.adafactor_momentum or not o.adafactor_relative_step):
-        raise ValueError(f"optim.adafactor_momentum / optim.adafactor_relative_step apply to optim.name=adafactor, not "
-                         f"{o.name!r}; drop them (AdamW's are optim.beta1 and optim.beta2)")
+    _refuse_unread(o)
     m = cfg.model
     from videoprism.config import CONFIGS, official_config  # dataclasses only: --help stays light
 

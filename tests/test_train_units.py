@@ -1298,6 +1298,50 @@ def test_in_memory_sources_resume_with_another_micro_batch_on_the_same_ranks():
             assert torch.equal(torch.cat([new.next_batch(s)["video"] for _ in range(2)]), expected[s]), (kind, s)
 
 
+def test_data_flip_prob_mirrors_cached_clips(tmp_path, monkeypatch):
+    """data.flip_prob with data.cache=true (the tiny preset's) reached no code: the cached clips, decoded once
+    without augmentation, were served as they were at any flip_prob. Now a seeded share of the rows is mirrored
+    (along W), drawn per row and epoch: the same global batches on any number of ranks, other rows in another
+    epoch, the cache itself unchanged."""
+    from videoprism.train import data as data_module
+    from videoprism.train.data import CachedClips, build_train_data
+    from videoprism.train.parallel import Dist
+
+    n = 40
+    clips = {"video": torch.arange(n * 2 * 3 * 3, dtype=torch.int64).reshape(n, 1, 2, 3, 3),
+             "index": torch.arange(n)}
+    cached = clips["video"].clone()
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("")
+    monkeypatch.setattr(data_module, "decode_all", lambda *a, **k: (clips, []))
+
+    def served(flip_prob, steps=8):
+        cfg = build_config("tiny", ["data.cache=true", f"data.train={manifest}", f"data.flip_prob={flip_prob}"], 1)
+        source = build_train_data(cfg, Dist(0, 1, torch.device("cpu")), None, micro_batch=6, vocab=9)
+        return [source.next_batch(s) for s in range(steps)]
+
+    plain = served(0.0)
+    for mirrored, batch in zip(served(1.0), plain):
+        assert torch.equal(mirrored["video"], batch["video"].flip(3))
+    half = served(0.5)
+    flipped = [[not torch.equal(a, b) for a, b in zip(h["video"], p["video"])] for h, p in zip(half, plain)]
+    rows = [i for h in half for i in h["index"].tolist()]
+    assert 10 < sum(map(sum, flipped)) < 38 and len(rows) == 48  # steps 0-5 in epoch 0, 6-7 in epoch 1
+    for h, p, f in zip(half, plain, flipped):
+        for a, b, was in zip(h["video"], p["video"], f):
+            assert torch.equal(a, b.flip(2) if was else b)
+    # Rows met in both epochs: some are mirrored in one and not the other.
+    twice = {}
+    for h, f in zip(half, flipped):
+        for i, was in zip(h["index"].tolist(), f):
+            twice.setdefault(i, []).append(was)
+    assert any(len(set(v)) == 2 for v in twice.values())
+    ranks = [CachedClips(clips, micro_batch=3, rank=r, world=2, seed=0, flip_prob=0.5) for r in range(2)]
+    for s, h in enumerate(half):
+        assert torch.equal(torch.cat([src.next_batch(s)["video"] for src in ranks]), h["video"])
+    assert torch.equal(clips["video"], cached)
+
+
 def test_decoded_sets_keep_only_the_clips_every_rank_decoded():
     """A file that failed on one rank alone is dropped on every rank (the rows stay aligned across ranks) and
     reported where it was decoded; when every rank decoded the same clips nothing changes."""

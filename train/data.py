@@ -21,7 +21,7 @@ import torch
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
 from videoprism.train.config import DataConfig, check_field
 from videoprism.train.parallel import all_reduce_max
-from videoprism.train.seeds import DATASET, EPOCH, SAMPLE, derive_seed
+from videoprism.train.seeds import DATASET, EPOCH, FLIP, SAMPLE, derive_seed
 
 
 class RandomClips:
@@ -295,13 +295,16 @@ def _clips_every_rank_has(clips: dict, ids: torch.Tensor, names: dict[int, str],
 class CachedClips:
     """Decoded clips served in a seeded permutation per epoch. The position counts global
     samples, so rank r of w gets rows [r*b, (r+1)*b) of every global micro-batch of w*b
-    clips: the same global batches on any number of ranks."""
+    clips: the same global batches on any number of ranks. `flip_prob`: data.flip_prob, the share of
+    rows mirrored horizontally, drawn afresh each epoch (the streamed loader draws a flip per sample and
+    epoch; the clips are decoded once, without it)."""
 
     strided_ranks = False
 
     def __init__(self, clips: dict, *, micro_batch: int, rank: int, world: int, seed: int,
-                 rejects: list[tuple[str, str]] = ()):
+                 rejects: list[tuple[str, str]] = (), flip_prob: float = 0.0):
         self.clips, self.micro, self.rank, self.world, self.seed = clips, micro_batch, rank, world, seed
+        self.flip_prob = flip_prob
         self._unreported = list(rejects)  # skipped when the clips were decoded
         self.n = clips["video"].shape[0]
         if self.n < micro_batch * world:
@@ -319,7 +322,16 @@ class CachedClips:
         lo = self.position + self.rank * self.micro
         idx = self._order()[lo:lo + self.micro]
         self.position += g
-        return {k: v[idx] for k, v in self.clips.items()}
+        batch = {k: v[idx] for k, v in self.clips.items()}  # copies: the cached rows stay as decoded
+        if self.flip_prob > 0:
+            flip = self._flips()[idx]
+            batch["video"][flip] = batch["video"][flip].flip(3)  # [B, T, H, W, 3]: along W
+        return batch
+
+    def _flips(self) -> torch.Tensor:
+        """Which rows this epoch mirrors: one draw per row, whatever rank serves it."""
+        gen = torch.Generator().manual_seed(derive_seed(FLIP, self.seed, self.epoch))
+        return torch.rand(self.n, generator=gen) < self.flip_prob
 
     def drain_rejects(self) -> list[tuple[str, str]]:
         out, self._unreported = self._unreported, []
@@ -382,7 +394,7 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
         clips, rejects = decode_all(path, frames=frames, resolution=cfg.model.resolution, tokenizer=tokenizer,
                                     dc=dc)
         return CachedClips(clips, micro_batch=micro_batch, rank=dist_.rank, world=dist_.world, seed=seed,
-                           rejects=rejects)
+                           rejects=rejects, flip_prob=dc.flip_prob)
     from videoprism.data.loader import build_loader
 
     loaders = [build_loader(path, num_frames=frames, resolution=cfg.model.resolution, batch_size=micro_batch,

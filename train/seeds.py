@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 # What is drawn: the first key of every seed, so two kinds of draw never share one.
-MASK, SLOTS, SAMPLE, DATASET, EPOCH, INIT = range(6)  # INIT: parameters a stage makes after its data is built
+# INIT: parameters a stage makes after its data is built; FLIP: data.cache's mirrored rows of an epoch.
+MASK, SLOTS, SAMPLE, DATASET, EPOCH, INIT, FLIP = range(7)
 # Base seed of the validation draws: fixed, so runs with different train.seed are scored on
 # the same masks.
 VALIDATION = 10_000_019

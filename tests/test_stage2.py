@@ -211,7 +211,7 @@ def test_a_training_manifest_of_other_frames_fails_before_the_teacher_is_built(t
     monkeypatch.setattr(stage2, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
     images = f"{tmp_path}/images.jsonl"
     assert stage2.main(["--config", "tiny", "data.source=manifest", f"data.train={images},{images}:1:1",
-                        f"data.tokenizer={tmp_path}/teacher.safetensors", f"train.out_dir={tmp_path}/out",
+                        f"train.out_dir={tmp_path}/out",
                         f"stage2.teacher={tmp_path}/teacher.safetensors"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: data.train: {images!r} is read as 1-frame clips (its FRAMES) and stage 2 trains clips of "

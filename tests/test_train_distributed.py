@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.num_spatial_layers=1",
         "model.num_temporal_layers=1", "model.num_unimodal_layers=1", "model.patch_size=4",
         "model.num_frames=4", "model.resolution=16", "data.source=random", "train.global_batch=8",
-        "optim.warmup_steps=0", "optim.decay=constant", "optim.lr=1e-2", "train.log_every=1",
-        "stage2.decoder_dim=16", "stage2.decoder_layers=1", "stage2.decoder_heads=2"]
+        "optim.warmup_steps=0", "optim.decay=constant", "optim.lr=1e-2", "train.log_every=1"]
+STAGE2 = ["stage2.decoder_dim=16", "stage2.decoder_layers=1", "stage2.decoder_heads=2"]  # stage 1 would note them
 
 
 def command(stage: int, out: str, args, nproc: int = 1) -> list[str]:
@@ -34,7 +34,8 @@ def command(stage: int, out: str, args, nproc: int = 1) -> list[str]:
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                      "--master-port", str(29500 + os.getpid() % 2000)]
-    return [*launcher, "-m", f"train.stage{stage}", "--config", "tiny", *TINY, f"train.out_dir={out}", *args]
+    return [*launcher, "-m", f"train.stage{stage}", "--config", "tiny", *TINY, *STAGE2 * (stage == 2),
+            f"train.out_dir={out}", *args]
 
 
 def run(stage: int, out: str, *args: str, nproc: int = 1) -> str:

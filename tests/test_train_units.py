@@ -178,6 +178,38 @@ def test_resume_flags(tmp_path, capsys):
         parse_args(["--resume", str(tmp_path / "typo")], 1)
 
 
+def test_another_stages_fields_are_said_to_have_no_effect(tmp_path, capsys):
+    """Stage 2 reads no stage1.*, model.init (its student is the teacher's encoder) or data.tokenizer (no text),
+    stage 1 no stage2.*: given, they were accepted and did nothing, and stage 2 even stopped on a model.init or
+    data.tokenizer file it would not read. Now one note names them (from the overrides and a config file's tables,
+    which may configure both stages; not from a run's config.json, which holds every field), and the run goes on."""
+    from videoprism.train.config import check_inputs
+
+    out = f"train.out_dir={tmp_path}/run"
+    init = tmp_path / "missing.safetensors"
+    cfg = parse_args(["stage1.lit=true", f"model.init={init}", "stage2.shuffle=false", out], 2)[0]
+    assert capsys.readouterr().err == ("note: stage 2 does not read model.init, stage1.lit (stage 1's only): no "
+                                       "effect on this run\n")
+    assert cfg.stage1.lit and not cfg.stage2.shuffle
+    check_inputs(cfg, 2)  # the model.init that stage 2 does not read is not looked for
+    with pytest.raises(FileNotFoundError, match="model.init="):
+        check_inputs(cfg, 1)
+    both = tmp_path / "both.toml"
+    both.write_text('preset = "tiny"\n[data]\ntokenizer = "spm.model"\n[stage1]\nlit = true\n'
+                    '[stage2]\nshuffle = false\n')
+    parse_args(["--config", str(both), out], 1)
+    assert capsys.readouterr().err == ("note: stage 1 does not read stage2.shuffle (stage 2's only): no effect on "
+                                       "this run\n")
+    parse_args(["--config", str(both), out], 2)
+    assert capsys.readouterr().err == ("note: stage 2 does not read data.tokenizer, stage1.lit (stage 1's only): no "
+                                       "effect on this run\n")
+    save_config(build_config(str(both), [out], 1), str(tmp_path / "config.json"), stage=1)
+    parse_args(["--config", str(tmp_path / "config.json")], 2)  # every field, stage1.lit=true among them
+    assert "note:" not in capsys.readouterr().err
+    parse_args(["stage1.lit=true", "model.init=random", out], 1)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_resume_without_config_continues_the_runs_config(tmp_path, capsys, monkeypatch):
     """`--resume` with no --config built the tiny preset: a base run resumed so got tiny's model (and every
     schedule field moved). Now it takes the run's config.json, keeps the run's folder and applies the overrides."""

@@ -52,7 +52,8 @@ def check_field(section: str, obj, name: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = f("videoprism_lvt_v1_base", "Official model name whose configuration is the starting point.")
-    init: str = f("random", "Initial weights: 'random', an official Flax .npz checkpoint, or our .safetensors.")
+    init: str = f("random", "Initial weights: 'random', an official Flax .npz checkpoint, or our .safetensors "
+                            "(stage 1 only: stage 2's student starts as stage2.teacher's encoder).")
     model_dim: int = f(0, "Override of the token width D (0 = the official value).", valid=">= 0")
     num_heads: int = f(0, "Override of the attention heads (0 = official).", valid=">= 0")
     mlp_dim: int = f(0, "Override of the FFN width (0 = official).", valid=">= 0")
@@ -643,9 +644,11 @@ def check_inputs(cfg: Config, stage: int) -> None:
 
     from videoprism.ops import attention
 
-    files = [("data.val", cfg.data.val), ("data.tokenizer", cfg.data.tokenizer)]
-    if cfg.model.init != "random":
-        files.append(("model.init", cfg.model.init))
+    files = [("data.val", cfg.data.val)]
+    if stage == 1:  # stage 2 reads neither (STAGE_ONLY)
+        files.append(("data.tokenizer", cfg.data.tokenizer))
+        if cfg.model.init != "random":
+            files.append(("model.init", cfg.model.init))
     if stage == 2:
         files.append(("stage2.teacher", cfg.stage2.teacher))
     for key, path in files:
@@ -790,9 +793,33 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
                               required=args.resume is not None)
     else:
         cfg = build_config(args.config or "tiny", args.overrides, stage)
+    _say_unread(args.config, args.overrides, stage)
     if args.auto_resume:
         return cfg, ResumeFrom(cfg.train.out_dir, if_any=True), False
     return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir), args.overwrite
+
+
+# The fields one stage alone reads (a section name: all its fields). Stage 2's student is its teacher's encoder
+# (model.init is stage 1's starting point) and reads no text (data.tokenizer).
+STAGE_ONLY = {1: ("stage1", "data.tokenizer", "model.init"), 2: ("stage2",)}
+
+
+def _say_unread(config: str | None, overrides: list[str], stage: int) -> None:
+    """A note on rank 0 naming the fields given (overrides, a config file's tables; not a run's config.json, which
+    holds every field) that only the other stage reads: accepted, as one file may configure both stages, but
+    `python -m train.stage2 model.init=X` trained from the teacher as if it were unset, and said nothing."""
+    from videoprism.paths import echo
+
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if config and config not in PRESETS and os.path.isfile(config):
+        data = read_config_file(config)
+        if not any(k in data for k in _RUN_KEYS):
+            keys |= {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict) for k in table}
+    other = STAGE_ONLY[3 - stage]
+    unread = sorted(k for k in keys if k in other or k.split(".")[0] in other)
+    if unread and os.environ.get("RANK", "0") == "0":
+        echo(f"note: stage {stage} does not read {', '.join(unread)} (stage {3 - stage}'s only): no effect on this "
+             "run", file=sys.stderr)
 
 
 def _resume_args(p) -> None:

@@ -379,8 +379,9 @@ def test_crop_temporal_pos_emb_for_images():
 
 def test_config_fields_are_type_checked():
     """A wrong type (e.g. `--set model_dim=abc`) is a ValueError naming the field, not a
-    TypeError from inside a layer constructor."""
-    for field, value in (("model_dim", "abc"), ("num_heads", 0), ("pos_emb_shape", (4, 4)),
+    TypeError from inside a layer constructor (`--set pos_emb_shape=5`: "'int' object is not iterable")."""
+    for field, value in (("model_dim", "abc"), ("num_heads", 0), ("pos_emb_shape", (4, 4)), ("pos_emb_shape", 5),
+                         ("pos_emb_shape", None),
                          ("atten_logit_cap", -1.0), ("enable_causal_atten", 1)):
         with pytest.raises(ValueError, match=f"CLIPConfig.{field} must be"):
             vp.from_official("videoprism_lvt_v1_base", **{field: value})

@@ -135,9 +135,7 @@ def official_config(name: str, **overrides):
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"{name}: unknown config field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
-    values = {**values, **overrides}
-    if "pos_emb_shape" in values:
-        values["pos_emb_shape"] = tuple(values["pos_emb_shape"])
+    values = {**values, **overrides}  # each checked by the config (a list pos_emb_shape becomes a tuple there)
     if cls is ClassifierConfig and "num_classes" not in overrides:
         raise ValueError(f"{name} is a classifier: pass num_classes=N (videoprism convert --num-classes N, "
                          "videoprism embed --set num_classes=N)")

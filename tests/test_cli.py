@@ -102,6 +102,20 @@ def _small_encoder_file(tmp_path) -> str:
     return str(tmp_path / "enc.safetensors")
 
 
+def test_a_set_override_that_is_no_config_value_is_one_line_with_our_safetensors(tmp_path):
+    """`--set model_dim={32}` (a set; bytes, b'32', alike) with our .safetensors raised a TypeError ("Object of type
+    set is not JSON serializable") where the override is compared with the saved config: a traceback, exit 1. It is
+    the text given, refused as contradicting the saved config, as any other value."""
+    from videoprism.cli import _build, parse_overrides
+
+    path = _small_encoder_file(tmp_path)
+    for value in ("{32}", "b'32'", "1j"):
+        with pytest.raises(vp.CheckpointError, match=re.escape(f"model_dim={value!r} (saved: 32) contradicts")):
+            _build(None, path, parse_overrides([f"model_dim={value}"]), default="videoprism_v1_base")
+    assert parse_overrides(["pos_emb_shape=(2,4,4)", "attention_backend=sdpa", "atten_logit_cap=None"]) == {
+        "pos_emb_shape": (2, 4, 4), "attention_backend": "sdpa", "atten_logit_cap": None}
+
+
 def test_embed_names_a_file_that_is_not_utf8_in_its_outputs(tmp_path):
     """A video whose name is not UTF-8 (b"caf\\xe9 12:30.mp4", a name Python holds as "caf\\udce9 12:30.mp4") was
     embedded, then the command failed on writing its name: to the .npy's listing of rows ("'utf-8' codec can't

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import json
 import os
 import sys
 
@@ -162,11 +163,21 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attention_backend=flex")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value  # a bare string such as attention_backend=sdpa
+        out[key] = _config_literal(value)
     return out
+
+
+def _config_literal(value: str):
+    """The Python literal `value` spells when JSON can hold it (numbers, True/False, None, strings, lists, tuples),
+    else `value` as the string given (a bare word such as sdpa). A set (`{768}`), bytes or a complex number stays
+    text, which the checks name: as a value it reached the comparison with a .safetensors' saved config, a
+    TypeError there."""
+    try:
+        parsed = ast.literal_eval(value)
+        json.dumps(parsed)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return value
+    return parsed
 
 
 def _build(name: str | None, checkpoint: str | None, overrides: dict, *, default: str,

@@ -106,6 +106,7 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
                          ('steps = 3\n', r"top-level key 'steps' is not a config section; put it under \[train\]"),
                          ('nope = 3\n', "top-level key 'nope' is not a config section; sections: model, data"),
                          ('preset = "huge"\n', "run.toml: unknown preset 'huge'"),
+                         ('preset = ["base"]\n', r"run.toml: unknown preset \['base'\]; choose one of tiny"),
                          ('[optim]\ndecay = "cosin"\n', "optim.decay='cosin' is not one of 'linear', 'cosine'"),
                          ('[optim\n', "not a valid TOML config"),
                          ('launch_dir = "runs"\n', "run.toml: launch_dir must be the absolute folder the run was")):

@@ -490,7 +490,7 @@ def build_config(config: str, overrides: list[str], stage: int, *, pipeline: boo
         data = _paths_from(data, _launch_dir(config, data))
     data.pop(RUN_STAGE, None)
     preset = data.get("preset", "tiny") if data else config
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:  # a list (`preset = ["base"]`) is not even hashable
         where = f"{config}: unknown preset" if data else "unknown config preset"
         raise ValueError(f"{where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
     cfg = _preset(preset, stage)

@@ -34,7 +34,9 @@ def test_config_overrides_and_errors():
     for bad, needle in (("optim.lr", "key=value"), ("lr=1", "needs a section"), ("nope.lr=1", "unknown config section"),
                         ("optim.nope=1", "unknown field"), ("train.compile=maybe", "train.compile"),
                         ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
-                        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'")):
+                        ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),
+                        ("train.seed=4294967296", r"train.seed=4294967296 is out of range: it must be in \[0, "
+                                                  r"4294967295\]")):
         with pytest.raises(ValueError, match=needle):
             build_config("tiny", [bad], 1)
     with pytest.raises(ValueError, match="unknown config preset"):

@@ -152,7 +152,8 @@ class TrainConfig:
     global_batch: int = f(4096, "Clips per optimizer step, over all ranks and accumulation steps.", valid=">= 1")
     micro_batch: int = f(0, "Clips per rank per forward (0 = global_batch / world size, no accumulation).",
                          valid=">= 0")
-    seed: int = f(0, "Seed of initialisation, masks and data order.", valid=">= 0")
+    # At most 2**32 - 1: the run seeds numpy's global generator with it (seeds.seed_process), which takes no more.
+    seed: int = f(0, "Seed of initialisation, masks and data order.", valid="[0, 4294967295]")
     mask_ratio: float = f(0.5, "Share of patches dropped per frame (stage 1: tube masks; stage 2: BEVT).",
                           valid="[0, 1)")
     compile: bool = f(True, "torch.compile each transformer block's forward (fullgraph, no graph break; each kind of "

@@ -646,6 +646,31 @@ def test_out_of_memory_is_one_line_exit_1_and_other_runtime_errors_keep_their_tr
         run_command(bug)
 
 
+def test_sizes_past_memory_or_the_machines_integers_are_one_line(tmp_path, capsys, monkeypatch):
+    """numpy's MemoryError (`data synth --size 99999998`: "Unable to allocate 142. PiB") and a size past int64
+    (`model.resolution=99999999992` made torch.empty raise "TypeError: ... Overflow when unpacking long long";
+    `data synth --fps 99999999999` PyAV's "OverflowError: value too large to convert to int") ended in tracebacks,
+    exit 1. Out of memory is the one line it is for torch's allocations (exit 1); a size too large is one line,
+    exit 2. A TypeError that is no overflow keeps its traceback."""
+    from videoprism.cli import run_command
+
+    monkeypatch.delenv("VIDEOPRISM_TRACEBACK", raising=False)
+    assert run_command(lambda: np.empty(2**60, dtype=np.uint8)) == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: out of memory (Unable to allocate") and "\n" not in line, line
+    for fn, needle in ((lambda: torch.empty(2**64), "Overflow when unpacking long"),
+                       (lambda: torch.empty(2**40, 2**40), "Storage size calculation overflowed")):
+        status, line = run_command(fn), capsys.readouterr().err.strip()
+        assert status == 2 and line.startswith("error: a size or count is too large (") and needle in line, line
+    r = run("data", "synth", "--out", str(tmp_path / "d"), "--num", "2", "--fps", "99999999999", "--workers", "1",
+            "--quiet", check=False)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: a size or count is too large (value too large to convert to int); check the numbers given (frames, "
+        "resolution, batch, model sizes, frame rate) for extra digits"], r.stderr[-2000:]
+    with pytest.raises(TypeError, match="unsupported operand"):
+        run_command(lambda: 1 + "a")
+
+
 def _nofile(n: int):
     import resource
 

@@ -31,9 +31,10 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     OSError (a missing or unreadable path), TooManyBadSamplesError and the caller's `errors`:
     their messages name the input and the fix. Other exceptions are bugs and keep their
     traceback; `VIDEOPRISM_TRACEBACK=1` shows it for these too (a ValueError from deep inside).
-    Running out of memory (GPU, or a CPU allocation that fails) is one line too, exit status 1:
-    the cause is the sizes asked for, not a bug; so is running out of file descriptors (EMFILE: the line names
-    `ulimit -n` and fewer workers) and a collective that failed because another rank's
+    A size past the machine's integers (torch's overflow of int64, an OverflowError) is one line, exit status 2.
+    Running out of memory (GPU, or a CPU allocation that fails, torch's, numpy's or Python's MemoryError) is one line
+    too, exit status 1: the cause is the sizes asked for, not a bug; so is running out of file descriptors (EMFILE:
+    the line names `ulimit -n` and fewer workers) and a collective that failed because another rank's
     process died (exit status 1: that rank's error says why). Ctrl-C (KeyboardInterrupt) is one line, `interrupted`
     and what the interrupted code said was kept (a trainer: its latest checkpoint), exit status 130
     (128 + SIGINT, the shell's status for it), said by rank 0 only under torchrun: a traceback of wherever
@@ -63,15 +64,23 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
         if os.environ.get("RANK", "0") == "0":  # torchrun passes the Ctrl-C to every rank: one line, not one each
             echo("interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)
         return 130
+    except MemoryError as e:  # numpy's and Python's failed allocations (`data synth --size 99999998`)
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
+            raise
+        return _say_out_of_memory(_first_line(e))
+    except (OverflowError, TypeError) as e:
+        if os.environ.get("VIDEOPRISM_TRACEBACK") == "1" or not _too_large(e):
+            raise
+        return _say_too_large(_first_line(e))
     except RuntimeError as e:  # torch.OutOfMemoryError is one
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if os.environ.get("VIDEOPRISM_TRACEBACK") == "1":
             raise
         if (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in first
                 or "out of memory" in first.lower()):  # "CUDA error: out of memory" from cuBLAS, NCCL
-            echo(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution",
-                 file=sys.stderr)
-            return 1
+            return _say_out_of_memory(first)
+        if _too_large(e):
+            return _say_too_large(first)
         if _out_of_files(e):  # torch's loader: "Too many open files. Communication with the workers is no longer ..."
             return _say_out_of_files(first.split(".")[0])
         if any(gone in first for gone in _PEER_GONE):
@@ -81,6 +90,31 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
                  "why", file=sys.stderr)
             return 1
         raise
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _say_out_of_memory(first: str) -> int:
+    echo(f"error: out of memory ({first}); use a smaller batch, fewer frames or a lower resolution", file=sys.stderr)
+    return 1
+
+
+def _too_large(e: BaseException) -> bool:
+    """A size or count beyond the machine's integers (a typo's extra digits: `model.resolution=99999999992`,
+    `bench.encoder --frames 99999999999999999999`, `data synth --fps 99999999999`): an OverflowError, or torch's
+    TypeError / RuntimeError for a size past int64, where a smaller huge value is out of memory."""
+    text = str(e)
+    return (isinstance(e, OverflowError) or (isinstance(e, TypeError) and "Overflow when unpacking long" in text)
+            or (isinstance(e, RuntimeError) and text.startswith("Storage size calculation overflowed")))
+
+
+def _say_too_large(first: str) -> int:
+    """Exit status 2, as other bad input: the value asked for, not the machine, is the cause."""
+    echo(f"error: a size or count is too large ({first}); check the numbers given (frames, resolution, batch, model "
+         "sizes, frame rate) for extra digits", file=sys.stderr)
+    return 2
 
 
 def _out_of_files(e: BaseException) -> bool:

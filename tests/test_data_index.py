@@ -296,6 +296,10 @@ def test_data_tokenizer_vocabulary_and_long_captions(tmp_path, capsys):
                  + json.dumps({"path": "b.webm", "caption": long}) + "\n")
     assert run(["data", "tokenizer", str(m), "--out", str(tmp_path / "s.model"), "--vocab-size", "4"]) == 2
     assert "too small for these captions: their characters and the special pieces need" in capsys.readouterr().err
+    for n in ("1", "2"):  # below the special pieces: SentencePiece's RuntimeError ("INTERNAL: ... unk_id"), a traceback
+        with pytest.raises(SystemExit) as e:
+            run(["data", "tokenizer", str(m), "--out", str(tmp_path / "s.model"), "--vocab-size", n])
+        assert e.value.code == 2 and f"--vocab-size: must be >= 3, got {n}" in capsys.readouterr().err
     assert run(["data", "tokenizer", str(m), "--out", str(tmp_path / "s.model"), "--vocab-size", "40"]) == 0
     tok = Tokenizer(str(tmp_path / "s.model"))
     ids, pads = tok(["zebra quagga"])

@@ -152,8 +152,9 @@ def register(subparsers) -> None:
                                    "c4_en). Lines without a caption are left out.")
     p.add_argument("source", nargs="+", help="a .jsonl manifest, or one or more .tar shards")
     p.add_argument("--out", required=True, help="the model to write (.model)")
-    p.add_argument("--vocab-size", type=_positive, default=8000,
-                   help="pieces at most; fewer when the captions hold fewer (default: %(default)s; the official "
+    # At least the three special pieces (pad, eos, unk): below, SentencePiece failed with an internal error.
+    p.add_argument("--vocab-size", type=_at_least(3), default=8000,
+                   help="pieces at most, >= 3; fewer when the captions hold fewer (default: %(default)s; the official "
                         "c4_en has 32000)")
     p.set_defaults(func=_cmd_tokenizer)
 

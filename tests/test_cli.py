@@ -489,6 +489,9 @@ def _bad_inputs(tmp):
         (pipeline.main, ["--out", str(tmp), "stage2.decoder_heads=3"], "not divisible by stage2.decoder_heads=3"),
         (pipeline.main, ["--out", str(tmp), f"stage2.teacher={tmp}/t.safetensors"], "the pipeline sets"),
         (pipeline.main, ["--out", str(tmp), "--clips", "0"], "--clips must be >= 2"),
+        # An inf lr passed `> 0` and trained the probes, minutes later, to NaN (the decoder heads fail sooner before).
+        (pipeline.main, ["--out", str(tmp), "--probe-lr", "inf", "stage2.decoder_heads=3"],
+         "--probe-steps must be >= 1 and --probe-lr a finite number > 0, got 1500 and inf"),
         (main, ["embed", str(tmp / "garbage.model"), "--model", "videoprism_foo"], "unknown model name 'videoprism_foo'"),
         (main, ["embed", "x.mp4", "--out", "x.txt"], "must end in .npy or .safetensors"),
         (main, ["embed", str(tmp / "garbage.model"), "--out", f"{tmp}/garbage.model/e.npy"],

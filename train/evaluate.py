@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 
@@ -213,10 +212,9 @@ def cmd_retrieval(args) -> int:
 
 def cmd_probe(args) -> int:
     import videoprism as vp
-    from videoprism.train.probe import probe_features
+    from videoprism.train.probe import check_probe_options, probe_features
 
-    if args.steps < 1 or not 0 < args.lr < math.inf:
-        raise ValueError(f"--steps must be >= 1 and --lr > 0, got {args.steps} and {args.lr}")
+    check_probe_options(args.steps, args.lr, ("--steps", "--lr"))
     args.manifests = [args.train, args.val]
     device = _check(args)
     labels = _probe_labels(args)

@@ -30,7 +30,7 @@ from videoprism.train import checkpoint as ckpt, stage1, stage2
 from videoprism.train.config import build_config
 from videoprism.train.data import decode_all, tokenizer_for
 from videoprism.train.modeling import model_from_safetensors
-from videoprism.train.probe import PROBE_LR, PROBE_STEPS, label_key, run_probes
+from videoprism.train.probe import PROBE_LR, PROBE_STEPS, check_probe_options, label_key, run_probes
 from videoprism.train.zeroshot import class_embeddings, video_embeddings, zero_shot_metrics
 from videoprism.train.trainer import NonFiniteLossError
 
@@ -78,8 +78,7 @@ def _main(argv: list[str] | None) -> int:
                    help="peak learning rate of each probe, cosine decay (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="section.field=value, applied to both stages")
     args = p.parse_args(argv)
-    if args.probe_steps < 1 or not args.probe_lr > 0:
-        raise ValueError(f"--probe-steps must be >= 1 and --probe-lr > 0, got {args.probe_steps} and {args.probe_lr}")
+    check_probe_options(args.probe_steps, args.probe_lr, ("--probe-steps", "--probe-lr"))
     if args.clips < 2:
         raise ValueError(f"--clips must be >= 2 (the train and validation splits get one each), got {args.clips}")
     ours = [o for o in args.overrides if o.split("=", 1)[0] in PIPELINE_KEYS]

@@ -6,6 +6,8 @@ Features are extracted once (no augmentation), so a probe trains in seconds on t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,6 +18,13 @@ from videoprism.layers import AttentionPooler
 # 50-77% over 4 seeds; 1500 steps at 3e-3 fit it (train 92-100%, validation 67-93%; another run's
 # features: 84-93% -> 91-96%). Colour and shape fit either way.
 PROBE_STEPS, PROBE_LR = 1500, 3e-3
+
+
+def check_probe_options(steps: int, lr: float, flags: tuple[str, str]) -> None:
+    """A probe's steps (>= 1) and peak learning rate (finite, > 0), named by their command's `flags`: an inf lr
+    passed a bare `lr > 0` and trained the probes to NaN weights, their accuracies then meaningless."""
+    if steps < 1 or not 0 < lr < math.inf:
+        raise ValueError(f"{flags[0]} must be >= 1 and {flags[1]} a finite number > 0, got {steps} and {lr}")
 
 
 @torch.no_grad()

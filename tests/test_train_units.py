@@ -31,7 +31,12 @@ def test_config_overrides_and_errors():
     assert cfg.optim.lr == 0.5 and cfg.train.compile is False and cfg.stage2.shuffle is False
     assert cfg.model.num_frames == 4 and cfg.train.mask_ratio == 0.65  # stage-2 default kept under the preset
     assert build_config("base", [], 1).train.mask_ratio == 0.5
-    for bad, needle in (("optim.lr", "key=value"), ("lr=1", "needs a section"), ("nope.lr=1", "unknown config section"),
+    # A key without a section: the section of its field, or for `preset` (no field) the ways to choose one; it
+    # suggested `train.preset` and `train.foo`, neither of which exists.
+    for bad, needle in (("optim.lr", "key=value"), ("lr=1", "needs a section, e.g. optim.lr"),
+                        ("preset=base", r"choose it with --config NAME \(tiny, base, large, giant\), or write "
+                                        '`preset = "NAME"`'),
+                        ("foo=1", "key 'foo' is no field of any section"), ("nope.lr=1", "unknown config section"),
                         ("optim.nope=1", "unknown field"), ("train.compile=maybe", "train.compile"),
                         ("train.steps=abc", "train.steps: expected an integer, got 'abc'"),
                         ("optim.lr=fast", "optim.lr: expected a number, got 'fast'"),

@@ -320,12 +320,22 @@ def _sections_with(cfg: Config, name: str) -> list[str]:
     return [s for s in _sections(cfg) if name in typing.get_type_hints(type(getattr(cfg, s)))]
 
 
+def _sectionless(cfg: Config, key: str) -> str:
+    """What a `key=value` without a section is, and its fix: a field's section to prefix, or for `preset`
+    (no field: the layer the sections start from) the two ways to choose one."""
+    if key == "preset":
+        return (f"the preset is no override; choose it with --config NAME ({', '.join(PRESETS)}), or write "
+                "`preset = \"NAME\"` in a --config .toml/.json file")
+    owners = _sections_with(cfg, key)
+    if not owners:  # an example section would name a field that does not exist either
+        return f"key {key!r} is no field of any section ({', '.join(_sections(cfg))}); see --help for the fields"
+    return f"key {key!r} needs a section, e.g. {owners[0]}.{key} (see --help)"
+
+
 def _field(cfg: Config, key: str, where: str):
     """(section object, field name, field type) of `section.field`; errors say where and what exists."""
     if "." not in key:
-        owners = _sections_with(cfg, key)
-        raise ValueError(f"{where}: key {key!r} needs a section, e.g. {owners[0] if owners else 'train'}.{key} "
-                         "(see --help)")
+        raise ValueError(f"{where}: {_sectionless(cfg, key)}")
     section, name = key.split(".", 1)
     sec = getattr(cfg, section, None)
     if sec is None or not dataclasses.is_dataclass(sec):

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -511,8 +512,6 @@ def test_a_run_removes_the_folders_of_saves_that_did_not_finish(tmp_path, capsys
     checkpoint's size, which only a later save of the same step removed: resumed with another interval (or
     train.steps), a run never saved that step again and kept it for ever. A run removes every such folder as it
     starts, says so on one line, and leaves the complete checkpoints and every other name as they were."""
-    import shutil
-
     from videoprism.train import checkpoint as ckpt
 
     args = ("train.compile=false", "checkpoint.keep=5")
@@ -1497,6 +1496,31 @@ def test_a_damaged_checkpoint_exports_as_one_line_naming_the_one_before_it(tmp_p
     assert err.endswith(f"a damaged file; export the checkpoint before it, videoprism export {step2.parent}/"
                         "step_00000001")
     assert not (tmp_path / "model.step_00000002.safetensors").exists()
+
+
+def test_an_incomplete_checkpoint_folder_exports_as_one_line_naming_a_complete_one(tmp_path, capsys):
+    """`videoprism export` of a save that did not finish (a step_*.tmp folder without its rank0.pt) or of a step
+    folder whose rank0.pt is lost said only "[Errno 2] No such file or directory: '.../rank0.pt'". It names what the
+    folder lacks and the complete checkpoint to export instead; for the .tmp, also the run folder whose export
+    takes that one (its latest complete checkpoint)."""
+    from videoprism.cli import main
+
+    make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=1", "checkpoint.keep=5").fit()
+    root = tmp_path / "checkpoints"
+    unfinished = root / "step_00000003.tmp"
+    shutil.copytree(root / "step_00000002", unfinished)
+    os.remove(unfinished / "rank0.pt")
+    damage_file(root / "step_00000001", "rank_file")  # the first: nothing before it
+    capsys.readouterr()
+    for folder, said in ((unfinished, f"is incomplete: a save that did not finish (no rank0.pt): export the "
+                                      f"checkpoint before it, videoprism export {root / 'step_00000002'} (the run's "
+                                      f"latest complete checkpoint, which `videoprism export {tmp_path}` takes)"),
+                         (root / "step_00000001", "is incomplete: rank0.pt lost: no complete checkpoint before it: "
+                                                  "restore the file")):
+        assert main(["export", str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: checkpoint {str(folder)!r} {said}", err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]) == 0  # step 2: complete
 
 
 def test_ddp_on_one_process_runs_unwrapped_and_a_warmup_past_the_end_is_said(tmp_path, capsys):

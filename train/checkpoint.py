@@ -46,6 +46,7 @@ from videoprism.train.parallel import on_main_rank
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")  # a save being written, or one that did not finish
+_ANY_STEP_DIR = re.compile(r"^step_(\d{8})")  # also a .tmp or .abandoned one: the step it was saved at
 _RANK_FILE = re.compile(r"rank(\d+)\.pt")
 
 
@@ -414,31 +415,42 @@ class Saver:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
 
-def written_ranks(path: str) -> int:
+def written_ranks(path: str, use: str = "resume") -> int:
     """How many ranks wrote the checkpoint at `path`: the number rank0.pt records, once for the whole checkpoint. A
     count of the rank<r>.pt files read one whose last files are lost as a checkpoint of fewer ranks, resumed
     (resharded) without their data positions and RNG states. Of a checkpoint written before the rank files recorded
-    it: that count, r = 0..n-1 (a lost last file goes unseen there). Lost files: DamagedCheckpointError naming them."""
+    it: that count, r = 0..n-1 (a lost last file goes unseen there). Lost files: DamagedCheckpointError naming them
+    and the checkpoint to `use` ("resume" or "export") instead."""
     found = sorted(int(m.group(1)) for m in map(_RANK_FILE.fullmatch, os.listdir(path)) if m)
-    recorded = read_rank_state(path, 0).get("world") if 0 in found else None
+    recorded = read_rank_state(path, 0, use).get("world") if 0 in found else None
     ranks = recorded or max(found, default=0) + 1
     lost = [r for r in range(ranks) if r not in found]
     if lost:
         # A folder is renamed into place once every rank wrote its file: one is lost.
         reason = (f"incomplete: {', '.join(f'rank{r}.pt' for r in lost)} lost"
                   + (f" (written by {recorded} ranks)" if recorded else ""))
-        raise DamagedCheckpointError(f"checkpoint {path!r} is {reason}: {_earlier(path)}", reason)
+        if _TMP_DIR.match(os.path.basename(path.rstrip("/"))):  # never renamed into place: not "lost", unwritten
+            reason = f"incomplete: a save that did not finish (no {', '.join(f'rank{r}.pt' for r in lost)})"
+        raise DamagedCheckpointError(f"checkpoint {path!r} is {reason}: {_earlier(path, use)}", reason)
     return ranks
 
 
 def _earlier(path: str, use: str = "resume") -> str:
     """The fix for a checkpoint that does not load: the complete one before it, named, to `use` ("resume" or
     "export"). While the damaged one is the latest, `--resume OUT_DIR` takes it again (`--auto-resume` goes back
-    itself: Trainer.resume); resumed from the one before, the run renames it out of the way (`retire`)."""
-    before = [p for s, p in step_dirs(os.path.dirname(path.rstrip("/"))) if s < step_of(path)]
+    itself: Trainer.resume); resumed from the one before, the run renames it out of the way (`retire`). Of a
+    step_XXXXXXXX.tmp (a save that did not finish), the one before it is the latest complete checkpoint, which
+    `videoprism export` of its run folder takes (find): said."""
+    folder = os.path.dirname(path.rstrip("/"))
+    m = _ANY_STEP_DIR.match(os.path.basename(path.rstrip("/")))
+    before = [p for s, p in step_dirs(folder) if m and s < int(m.group(1))]
     if use == "export":
-        return (f"export the checkpoint before it, videoprism export {before[-1]}" if before else
-                "no complete checkpoint before it: restore the file")
+        if not before:
+            return "no complete checkpoint before it: restore the file"
+        run = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+        also = (f" (the run's latest complete checkpoint, which `videoprism export {run}` takes)"
+                if step_of(path) < 0 and before[-1] == latest(folder) else "")
+        return f"export the checkpoint before it, videoprism export {before[-1]}{also}"
     return (f"resume from the checkpoint before it, --resume {before[-1]}" if before else
             "no complete checkpoint before it: restore the file, or start afresh without --resume")
 
@@ -529,10 +541,11 @@ def _fits(state: dict, path: str) -> bool:
     return True
 
 
-def _readable(path: str) -> int:
-    """The number of ranks that wrote the checkpoint at `path`, once its rank files and its metadata are found."""
-    ranks = written_ranks(path)
-    read_metadata(path)
+def readable(path: str, use: str = "resume") -> int:
+    """The number of ranks that wrote the checkpoint at `path`, once its rank files and its metadata are found (else
+    one line naming the lost file and the checkpoint to `use` instead)."""
+    ranks = written_ranks(path, use)
+    read_metadata(path, use)
     return ranks
 
 
@@ -545,7 +558,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
     if not os.path.isdir(path) or step_of(path) < 0:
         raise FileNotFoundError(f"checkpoint {path!r} is not a complete step_XXXXXXXX folder; pass the "
                                 "run's out_dir with --resume or one of its checkpoints/step_* folders")
-    ranks = on_main_rank(lambda: _readable(path))  # rank 0's listing (its error) on every rank
+    ranks = on_main_rank(lambda: readable(path))  # rank 0's listing (its error) on every rank
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": {k: torch.tensor(0) for k in trainer_keys}}
     quiet_single_process()

@@ -51,6 +51,7 @@ def export_checkpoint(checkpoint: str, out: str | None = None) -> str:
     from videoprism.train.run_folder import run_folder
 
     step = ckpt.find(checkpoint, required=True, option="export")
+    ckpt.readable(step, use="export")  # a lost rank0.pt or .metadata (a save that did not finish): named, with the fix
     spec = ckpt.read_rank_state(step, 0, use="export").get("export")
     if spec is None:
         raise ValueError(f"{step} was written before checkpoints named their export; resume its run from it into a "

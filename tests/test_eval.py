@@ -497,6 +497,14 @@ def test_zeroshot_bad_input_one_line_errors(data, tmp_path, capsys):
     assert "no list of class names for the label 'shape'" in error("--label", "shape", "--classes-file", str(bad))
     bad.write_text("[1, 2")
     assert "not JSON" in error("--label", "shape", "--classes-file", str(bad))
+    # Not UTF-8: the file and the fix, as embed-text's --texts-file says it (it was "'utf-8' codec can't decode").
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 {}\n".encode("latin-1"))
+    for option, given in (("--classes-file", []), ("--templates-file", ["--classes", "circle,square,triangle"])):
+        assert error("--label", "shape", *given, option, str(latin)).endswith(
+            f"{option} {latin}: not UTF-8 text (byte 0xe9 at offset 3); save it as UTF-8")
+    assert f"--templates-file {tmp_path}: a folder; pass a text file" in error(
+        "--label", "shape", "--classes", "circle,square,triangle", "--templates-file", str(tmp_path))
     # Past the checks: an encoder has no text tower.
     assert "no text tower" in error("--label", "shape", "--classes", "circle,square,triangle",
                                     checkpoint=str(root / "enc.safetensors"))

@@ -128,6 +128,17 @@ def test_config_files_layer_between_preset_and_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: base\n")
     with pytest.raises(ValueError, match="only .toml and .json files are read, got '.yaml'"):
         build_config(str(tmp_path / "run.yaml"), [], 1)
+    # Not UTF-8 (a Latin-1 editor's file) is said as such with the fix, not as "'utf-8' codec can't decode byte";
+    # a byte-order mark (Notepad) is no part of the config (TOML and JSON failed on it: "Unexpected UTF-8 BOM").
+    for name, text in (("latin1.toml", '[data]\ntokenizer = "caf\xe9.model"\n'),
+                       ("latin1.json", '{"data": {"tokenizer": "caf\xe9.model"}}')):
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
+        at = text.index("\xe9")
+        with pytest.raises(ValueError, match=f"^config file {tmp_path / name}: not UTF-8 text \\(byte 0xe9 at offset "
+                                             f"{at}\\); save it as UTF-8$"):
+            build_config(str(tmp_path / name), [], 1)
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\xe9", "e").encode("utf-8"))
+        assert build_config(str(tmp_path / name), [], 1).data.tokenizer == "cafe.model"
 
 
 def test_a_toml_config_reads_without_tomllib(tmp_path, monkeypatch):

@@ -18,6 +18,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
+from videoprism.paths import read_text
+
 
 def f(default, help: str, choices: tuple | None = None, valid: str | None = None):
     """A dataclass field with its documentation and, optionally, its allowed values: `choices`, or a
@@ -397,14 +399,10 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext!r}; "
                          "write the config as TOML or JSON (see --help)")
     toml = toml_reader(path) if ext == ".toml" else None  # outside the try: a missing parser is no parse error
+    text = read_text(path, "config file", "a .toml/.json file")  # outside too: not UTF-8 is its own line
     try:
-        if toml is not None:
-            with open(path, "rb") as fh:
-                data = toml.load(fh)
-        else:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-    except (ValueError, UnicodeDecodeError) as e:   # json/toml decode errors are ValueErrors
+        data = toml.loads(text) if toml is not None else json.loads(text)
+    except ValueError as e:   # json/toml decode errors are ValueErrors
         raise ValueError(f"{path}: not a valid {ext[1:].upper()} config ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a table of sections, got {type(data).__name__}")

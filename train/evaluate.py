@@ -30,7 +30,7 @@ import torch
 
 from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, check_clip_size, load_model,
                             resolve_device)
-from videoprism.paths import check_not_an_input, check_out_file, echo, write_json_atomic
+from videoprism.paths import check_not_an_input, check_out_file, echo, read_text, write_json_atomic
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -282,16 +282,14 @@ def _zeroshot_classes(args, label: str) -> list[str]:
     if args.classes is not None:
         return check_classes(args.classes.split(","), f"--classes {args.classes!r}")
     path = args.classes_file
-    if not os.path.isfile(path):
-        raise ValueError(f"--classes-file {path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
-    with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not part of the first name
-        if not path.endswith(".json"):
-            return check_classes([x for x in fh.read().splitlines() if x.strip()], path)
-        try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--classes-file {path}: not JSON ({e}); give a list of names, or a .txt with one a "
-                             "line") from None
+    text = read_text(path, "--classes-file", "a .txt file (one class name a line) or a .json list")
+    if not path.endswith(".json"):
+        return check_classes([x for x in text.splitlines() if x.strip()], path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--classes-file {path}: not JSON ({e}); give a list of names, or a .txt with one a "
+                         "line") from None
     if isinstance(data, dict):
         table = data.get("classes", data)
         if not isinstance(table, dict) or label not in table:
@@ -313,10 +311,8 @@ def cmd_zeroshot(args) -> int:
     device = _check(args)
     templates = list(args.template or [])
     if args.templates_file is not None:
-        if not os.path.isfile(args.templates_file):
-            raise ValueError(f"--templates-file {args.templates_file}: no such file")
-        with open(args.templates_file, encoding="utf-8-sig") as fh:
-            templates += [x.strip() for x in fh.read().splitlines() if x.strip()]
+        text = read_text(args.templates_file, "--templates-file", "a text file, one template a line (each with {})")
+        templates += [x.strip() for x in text.splitlines() if x.strip()]
         if not templates:
             raise ValueError(f"--templates-file {args.templates_file}: no template in it (one a line, each with {{}})")
     templates = check_templates(templates or ["{}"])

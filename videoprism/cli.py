@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import io
 import json
 import os
 import sys
@@ -20,7 +21,8 @@ import sys
 import numpy as np
 import torch
 
-from videoprism.paths import atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, listed
+from videoprism.paths import (atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, listed,
+                              read_text)
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -448,15 +450,9 @@ def cmd_embed_text(args) -> int:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     texts = list(args.texts)
     if args.texts_file is not None:
-        if not os.path.isfile(args.texts_file):
-            what = "is a folder" if os.path.isdir(args.texts_file) else "no such file"
-            raise ValueError(f"--texts-file {args.texts_file}: {what}; pass a text file, one text a line")
-        try:  # utf-8-sig: a byte-order mark (Notepad writes one) is not part of the first text
-            with open(args.texts_file, encoding="utf-8-sig") as fh:
-                texts += [line.rstrip("\n") for line in fh]
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--texts-file {args.texts_file}: not UTF-8 text (byte {e.object[e.start]:#04x} at "
-                             f"offset {e.start}); save it as UTF-8") from None
+        # Split at newlines only, as a file's lines iterate (str.splitlines also splits at \f, \x1c, U+2028).
+        text = read_text(args.texts_file, "--texts-file", "a text file, one text a line")
+        texts += [line.rstrip("\n") for line in io.StringIO(text)]
     if not texts:
         raise ValueError("no text to embed; give texts as arguments or --texts-file FILE (one a line)")
     for i, t in enumerate(texts):

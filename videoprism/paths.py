@@ -66,6 +66,23 @@ def check_out_file(path: str, option: str, want: str = "a file path in it") -> N
     make_folder(os.path.dirname(os.path.abspath(path)), option)
 
 
+def read_text(path: str, option: str, want: str) -> str:
+    """The text of the file a user gave with `option` (`want`: what to pass instead, for the error), for the lines,
+    JSON or TOML in it: UTF-8, a byte-order mark (Notepad writes one) dropped, newlines as Python reads them. A
+    missing file, a folder or another encoding is one line naming the file and the fix, not "'utf-8' codec can't
+    decode byte 0xff in position 0"."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{option} {path}: {'a folder' if os.path.isdir(path) else 'no such file'}; pass {want}")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:  # bytes decoded here: the offset is the file's (utf-8-sig's counts from after a byte-order mark)
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option} {path}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); save "
+                         "it as UTF-8") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as a text-mode read gives a Windows file's lines
+
+
 def check_not_an_input(path: str, option: str, inputs: list[tuple[str, str | None]]) -> None:
     """The output file `option` names is none of the command's `inputs` ((what, path) pairs): writing it would
     destroy what the command reads (the weights of `--checkpoint` replaced by embeddings)."""

@@ -72,6 +72,27 @@ def test_progress_bar_counts_every_clip_and_leaves_the_output_unchanged(tmp_path
         assert (tmp_path / "quiet" / name).read_bytes() == (tmp_path / "bar" / name).read_bytes()
 
 
+def test_encoding_processes_are_capped_at_the_clips(tmp_path, monkeypatch):
+    """`data synth --num 2 --workers 100000` forked 100000 encoding processes for 2 clips; it starts 2, and writes
+    the clips one process writes."""
+    from videoprism.data import synth
+
+    real, started = synth.ProcessPoolExecutor, []
+
+    def spy(workers):  # counted before any process is forked
+        started.append(workers)
+        if workers > 2:
+            raise AssertionError(f"{workers} processes started for 2 clips")
+        return real(workers)
+
+    monkeypatch.setattr(synth, "ProcessPoolExecutor", spy)
+    generate(str(tmp_path / "many"), 2, seed=2, size=16, num_frames=2, workers=100000)
+    generate(str(tmp_path / "one"), 2, seed=2, size=16, num_frames=2, workers=1)
+    assert started == [2]
+    for name in ("train.jsonl", "val.jsonl", "clips/000001.webm"):
+        assert (tmp_path / "many" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
 def test_prompt_files_hold_every_caption_of_each_class_and_no_other(tmp_path):
     """Each label's prompt templates, filled with a clip's class name, include the clip's own 'single' caption (and
     its main clause in a 'pair' scene), and filled with another class never do: the prompts speak the captions'

@@ -121,7 +121,8 @@ def register(subparsers) -> None:
                                                 "does; paths are made relative to it; OUT.journal holds the results "
                                                 "while it runs")
     p.add_argument("--rejects", default=None, help="rejects report (default: OUT with .rejects.jsonl)")
-    p.add_argument("--workers", type=_positive, default=None, help="probe processes (default: all cores)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="probe processes, at most one per file (default: all cores)")
     p.add_argument("--min-frames", type=_positive, default=1,
                    help="reject clips (or windows) with fewer frames, e.g. the frames per training clip (default: 1)")
     p.add_argument("--full", action="store_true", help="decode every frame instead of the first and the last GOP")
@@ -179,6 +180,7 @@ def register(subparsers) -> None:
                    help="'single': one moving shape, so same-looking clips differ only in direction (the demo's "
                         "scenes); 'pair': a second, growing, shrinking or still shape, also captioned "
                         "(default: %(default)s)")
-    p.add_argument("--workers", type=_positive, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="encoding processes, at most one per clip (default: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)

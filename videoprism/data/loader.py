@@ -16,6 +16,8 @@ Order: the samples of epoch e are permuted by a generator seeded with (seed, e) 
 rank r of w takes every w-th sample from r (a training epoch first drops the tail so every rank gets the same
 count). Each sample's transform is drawn from (seed, e, sample id), so the batches depend only on the seed and
 the position, never on `num_workers` or the decoder.
+Workers: at most one per core (more only wait for one; a note says so) and one per item left to decode (the others
+would have none: `embed` of one video with --workers 100000 started 100000 processes and hung).
 
 Decoders, per file: `backend="pyav"` decodes with PyAV (the fastest CPU decoder measured here, see decode.py);
 `backend="dali"` runs the DALI graph (dali_pipeline.py) on the GPU when `device` is CUDA, else on the CPU, for the
@@ -309,6 +311,19 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
         return _SynchronouslyWatchedIter(self)
 
 
+def _decoding_workers(asked: int, rank: int) -> int:
+    """`asked` decoding workers, at most one per core: each decodes on one core (one decoder thread), so more only
+    wait for a core and hold their prefetched clips (an absurd data.workers forked until the machine stalled). Said
+    on rank 0 when it caps."""
+    cores = os.cpu_count() or 1
+    if asked <= cores:
+        return asked
+    if rank == 0:
+        echo(f"note: {asked} decoding workers asked (data.workers, --workers), {cores} cores here: {cores} decode "
+             "(one per core; the batches are the same)", file=sys.stderr)
+    return cores
+
+
 class VideoTextLoader:
     def __init__(self, samples: Sequence[Sample], *, num_frames: int, resolution: int, batch_size: int, train: bool,
                  seed: int, rank: int, world_size: int, tokenizer: Tokenizer | None, backend: str, device: torch.device,
@@ -319,7 +334,8 @@ class VideoTextLoader:
         self.flip_prob = flip_prob
         self.num_frames, self.resolution, self.batch_size = num_frames, resolution, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
-        self.tokenizer, self.device, self.num_workers = tokenizer, device, num_workers
+        self.tokenizer, self.device = tokenizer, device
+        self.num_workers = _decoding_workers(num_workers, rank)
         self.max_bad_share, self.drop_last, self.decode_timeout = max_bad_share, drop_last, decode_timeout
         self.source_rejects = list(source_rejects)
         # Label fields of the whole source, so every batch has the same keys (-1 where a clip has none): per-batch
@@ -478,12 +494,14 @@ class VideoTextLoader:
         suspects: set[int] = set()  # positions whose decode a worker died in once
         start, fruitless = self.position, 0  # restarts in a row that delivered no item and blamed no file
         while True:
-            in_flight = _InFlight(self.num_workers) if self.num_workers else None
+            # No more workers than items left: each takes whole items, so the others would start with nothing.
+            workers = min(self.num_workers, max(1, len(order) - start)) if self.num_workers else 0
+            in_flight = _InFlight(workers) if workers else None
             dl = _WatchedDataLoader(_PyAVItems(self, order, self.epoch, threads, in_flight, faulty),
                                     sampler=range(start, len(order)), batch_size=None,
-                                    collate_fn=_identity, num_workers=self.num_workers,
+                                    collate_fn=_identity, num_workers=workers,
                                     worker_init_fn=_init_worker,
-                                    prefetch_factor=4 if self.num_workers > 0 else None)
+                                    prefetch_factor=4 if workers > 0 else None)
             it = None
             while True:
                 try:

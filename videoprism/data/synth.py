@@ -186,7 +186,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, "synth.json"))
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    workers = min(len(jobs), workers or os.cpu_count() or 1)  # one per clip at most: the others would have none
     pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
     with progress_bar(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
         records = []

@@ -720,31 +720,31 @@ def test_loader_is_deterministic_and_independent_of_workers(synth):
 
 def test_loader_workers_are_capped_at_the_items_and_the_cores(synth, monkeypatch, capsys):
     """`videoprism embed V --workers 100000` of one video started 100000 worker processes and hung (stopped at 120
-    s); an absurd data.workers alike. The workers are capped at the items left (the others would get none) and at the
-    cores (a note says so), with the same batches."""
+    s); an absurd data.workers alike. The workers are capped at the items left (the others would get none) and at
+    WORKERS_PER_CORE per core (a note says so), with the same batches."""
     import videoprism.data.loader as loader_mod
 
     started = []
 
     def spy(*args, **kw):  # the DataLoader a pass starts: its workers counted before any is forked
         started.append(kw["num_workers"])
-        if kw["num_workers"] > 2:
-            raise AssertionError(f"{kw['num_workers']} workers started for 2 clips")
+        if kw["num_workers"] > 4:
+            raise AssertionError(f"{kw['num_workers']} workers started")
         return real(*args, **kw)
 
     real = loader_mod._WatchedDataLoader
     monkeypatch.setattr(loader_mod, "_WatchedDataLoader", spy)
-    manifest = os.path.join(synth, "val.jsonl")  # 2 clips
-    val = dict(num_frames=4, resolution=36, batch_size=4, train=False, tokenizer=None, backend="pyav")
-    ref = [b["video"] for b in build_loader(manifest, **val)]
-    for cores, asked, want in ((64, 50, 2), (1, 5, 1)):
+    val = dict(num_frames=4, resolution=36, batch_size=18, train=False, tokenizer=None, backend="pyav")
+    for split, cores, asked, want in (("val", 64, 50, 2), ("train", 1, 5, 4)):  # 2 and 18 clips
+        manifest = os.path.join(synth, f"{split}.jsonl")
+        ref = [b["video"] for b in build_loader(manifest, **val)]
         monkeypatch.setattr(os, "cpu_count", lambda: cores)
         started.clear()
         got = [b["video"] for b in build_loader(manifest, **val, num_workers=asked)]
         assert started == [want] and len(got) == len(ref) == 1 and torch.equal(got[0], ref[0])
         note = capsys.readouterr().err
-        assert (f"note: {asked} decoding workers asked (data.workers, --workers), 1 cores here: 1 decode" in note) == \
-            (cores == 1), note
+        assert (f"note: {asked} decoding workers asked (data.workers, --workers), 1 core(s) here: 4 decode" in note) \
+            == (cores == 1), note
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the workers' signal masks from Linux /proc")

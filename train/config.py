@@ -111,7 +111,7 @@ class DataConfig:
     val: str = f("", "Validation manifest for zero-shot retrieval and probes ('' = none).")
     tokenizer: str = f("", "SentencePiece model of the captions ('' = DIR/spm.model next to the first manifest); "
                            "stage 1 only: stage 2 reads no text, and its manifests may hold video-only lines.")
-    workers: int = f(2, "Decoding worker processes per rank, at most one per core (a note says a cap) and one per "
+    workers: int = f(2, "Decoding worker processes per rank, at most 4 per core (a note says a cap) and one per "
                         "clip of the rank's epoch.", valid=">= 0")
     max_bad_share: float = f(0.01, "Stop with an error when more than this share of samples is unreadable "
                                           "(counted by each rank over its share of an epoch, and over a manifest's "

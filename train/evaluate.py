@@ -364,7 +364,7 @@ def register(subparsers, names: str) -> None:
         add_model_args(p, names, default_model)
         p.add_argument("--batch-size", type=int, default=16, help="clips per forward (default: %(default)s)")
         p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                       help="decoding processes, at most one per clip and one per core (default: %(default)s)")
+                       help="decoding processes, at most one per clip and 4 per core (default: %(default)s)")
         p.add_argument("--max-bad-share", type=float, default=0.01,
                        help="stop when more than this share of the clips is unreadable (default: %(default)s)")
         p.add_argument("--out", help="also write the results (and the skipped files) to this .json")

@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="embeddings.npy", help="output .npy or .safetensors (default: embeddings.npy)")
     e.add_argument("--skip-bad", action="store_true", help="skip undecodable files instead of stopping")
     e.add_argument("--batch-size", type=int, default=8, help="clips per forward (default: %(default)s)")
-    e.add_argument("--workers", type=int, help="decoding processes, at most one per video and one per core "
+    e.add_argument("--workers", type=int, help="decoding processes, at most one per video and 4 per core "
                                                "(default: none for one video, else up to 8); a clip a worker takes "
                                                "over 120 s to decode is skipped as hung")
     e.add_argument("--decoder", choices=("auto", "pyav", "dali"), default="auto",

@@ -16,8 +16,8 @@ Order: the samples of epoch e are permuted by a generator seeded with (seed, e) 
 rank r of w takes every w-th sample from r (a training epoch first drops the tail so every rank gets the same
 count). Each sample's transform is drawn from (seed, e, sample id), so the batches depend only on the seed and
 the position, never on `num_workers` or the decoder.
-Workers: at most one per core (more only wait for one; a note says so) and one per item left to decode (the others
-would have none: `embed` of one video with --workers 100000 started 100000 processes and hung).
+Workers: at most WORKERS_PER_CORE per core (a note says so) and one per item left to decode (the others would have
+none: `embed` of one video with --workers 100000 started 100000 processes and hung).
 
 Decoders, per file: `backend="pyav"` decodes with PyAV (the fastest CPU decoder measured here, see decode.py);
 `backend="dali"` runs the DALI graph (dali_pipeline.py) on the GPU when `device` is CUDA, else on the CPU, for the
@@ -311,17 +311,21 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
         return _SynchronouslyWatchedIter(self)
 
 
+# Each worker decodes on one core (one decoder thread); a few per core still pay where they wait on a slow file
+# system, more only hold prefetched clips (an absurd data.workers forked until the machine stalled).
+WORKERS_PER_CORE = 4
+
+
 def _decoding_workers(asked: int, rank: int) -> int:
-    """`asked` decoding workers, at most one per core: each decodes on one core (one decoder thread), so more only
-    wait for a core and hold their prefetched clips (an absurd data.workers forked until the machine stalled). Said
-    on rank 0 when it caps."""
+    """`asked` decoding workers, at most WORKERS_PER_CORE per core; said on rank 0 when it caps."""
     cores = os.cpu_count() or 1
-    if asked <= cores:
+    cap = WORKERS_PER_CORE * cores
+    if asked <= cap:
         return asked
     if rank == 0:
-        echo(f"note: {asked} decoding workers asked (data.workers, --workers), {cores} cores here: {cores} decode "
-             "(one per core; the batches are the same)", file=sys.stderr)
-    return cores
+        echo(f"note: {asked} decoding workers asked (data.workers, --workers), {cores} core(s) here: {cap} decode "
+             f"({WORKERS_PER_CORE} per core at most; the batches are the same)", file=sys.stderr)
+    return cap
 
 
 class VideoTextLoader:

@@ -232,6 +232,9 @@ class _PyAVItems(torch.utils.data.Dataset):
         return _Item(pos, sid, video=video)
 
 
+_STATUS_CHECK_S = 0.5  # how often a next() waiting for an item checks that the workers are alive
+
+
 class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingDataLoaderIter):
     """A DataLoader iterator whose workers' deaths are exceptions of `next()`, never ones raised at a
     random point.
@@ -243,8 +246,7 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
     under each torch we support), leaves no moment in which a decode can crash while they are watched
     (unregistering after `iter()` returned left one: a first item that killed its worker at once raised
     inside `iter()`, with no iterator to ask which worker died). What is left is the iterator's own
-    check: a `next()` that waits for a dead worker's item raises RuntimeError within torch's status
-    interval (5 s)."""
+    check: a `next()` that waits for a dead worker's item raises RuntimeError within `_STATUS_CHECK_S`."""
 
     def __init__(self, loader) -> None:
         try:
@@ -253,6 +255,11 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
         except BaseException:
             self._kill_started_workers()
             raise
+
+    def _try_get_data(self, timeout: float = _STATUS_CHECK_S):
+        # torch looks for dead workers only when its wait for an item times out, every 5 s by default: each
+        # crash or hang of a decode stalled the run that long before the workers restarted.
+        return super()._try_get_data(timeout)
 
     def _kill_started_workers(self) -> None:
         """After a failed start (EMFILE under a low `ulimit -n`: the next worker's queue, after some had forked):

@@ -1152,8 +1152,10 @@ def _stalled_peer_on_two_ranks(rank, port, errors):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     init_distributed("cpu", timeout_s=2.0)  # parallel.timeout_s
-    if rank == 1:
-        time.sleep(8)  # stuck, but alive: no connection closes to end rank 0's wait
+    if rank == 1:  # stuck, but alive: no connection closes to end rank 0's wait (at most 8 s, until its error)
+        deadline = time.monotonic() + 8
+        while 0 not in errors and time.monotonic() < deadline:
+            time.sleep(0.05)
         return
     t0 = time.perf_counter()
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -183,15 +184,22 @@ def test_resume_on_another_number_of_ranks_continues_the_run(tmp_path, refs, sta
         assert abs(got[step] - ref[step]) <= 1e-5, (step, got[step], ref[step])
 
 
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    """24 synthetic clips with their manifest, which the runs only read (a test may add a manifest of its own)."""
+    from videoprism.data.synth import generate
+
+    data = str(tmp_path_factory.mktemp("synth"))
+    generate(data, 24, seed=1, size=32, num_frames=8, workers=1)
+    return data
+
+
 @pytest.mark.parametrize("cache", [False, True])
-def test_manifest_run_resumes_on_another_number_of_ranks(tmp_path, cache):
+def test_manifest_run_resumes_on_another_number_of_ranks(tmp_path, synth, cache):
     """Real clips through the trainer: 2 ranks checkpoint after 2 steps, 1 process goes on from every rank's
     position (the streamed loader: the rest of each old rank's epoch; the decoded cache: its global position)
     and finishes."""
-    from videoprism.data.synth import generate
-
-    data = str(tmp_path / "synth")
-    generate(data, 24, seed=1, size=32, num_frames=8, workers=1)
+    data = synth
     out = str(tmp_path / "run")
     args = ["data.source=manifest", f"data.train={data}/train.jsonl", f"data.cache={str(cache).lower()}",
             "data.workers=0", "checkpoint.export=false", "checkpoint.interval=2", "train.global_batch=4"]
@@ -205,16 +213,13 @@ def evaluations(out: str) -> list[dict]:
     return [r["eval"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval" in r]
 
 
-def test_validation_sharded_over_two_ranks_equals_one_process(tmp_path):
+def test_validation_sharded_over_two_ranks_equals_one_process(tmp_path, synth):
     """Each rank decodes and scores its share of the validation split (5 clips in batches of 2 on 2 ranks: rank 1
     ends with an idle batch, the forwards collective under FSDP); the logged evaluation is the 1-process run's:
     stage 1's zero-shot retrieval over the whole split, stage 2's distillation losses (the 1-process stage 1
     its teacher)."""
-    from videoprism.data.synth import generate
-
-    data = tmp_path / "synth"
-    generate(str(data), 24, seed=1, size=32, num_frames=8, workers=1)
-    val = data / "val5.jsonl"
+    data = pathlib.Path(synth)
+    val = data / "val5.jsonl"  # beside the clips its paths are relative to
     val.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
     args = ["data.source=manifest", f"data.train={data}/train.jsonl", f"data.val={val}", "data.cache=true",
             "data.workers=0", "train.global_batch=4", "train.steps=2", "train.eval_every=1"]

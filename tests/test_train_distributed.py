@@ -1,4 +1,5 @@
-"""Both stages through their real entry points (`python -m train.stageN`, torchrun):
+"""Both stages through their real entry points (torchrun; a 1-process run through the main() that
+`python -m train.stageN` calls, in the test's process):
 2 processes (gloo, CPU) equal 1 process with the same global batch (losses within 1e-5 for
 3 steps) under DDP and FSDP2, also split into accumulated micro-batches, 4 under HSDP (2 groups
 of 2), a checkpoint resumes on another number of processes, the validation split sharded over 2
@@ -12,6 +13,8 @@ constant, so its first 3 steps are a 3-step run); the stage-1 reference's export
 stage-2 teacher."""
 from __future__ import annotations
 
+import importlib
+import io
 import json
 import os
 import pathlib
@@ -19,8 +22,11 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.num_spatial_layers=1",
@@ -40,6 +46,8 @@ def command(stage: int, out: str, args, nproc: int = 1) -> list[str]:
 
 
 def run(stage: int, out: str, *args: str, nproc: int = 1) -> str:
+    if nproc == 1:
+        return run_here(stage, out, args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(command(stage, out, args, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=env)
@@ -47,6 +55,24 @@ def run(stage: int, out: str, *args: str, nproc: int = 1) -> str:
     # torch 2.14's deprecation of the autograd all_gather, once per rank and run: not the user's to act on
     assert "FutureWarning" not in r.stderr, r.stderr[-4000:]
     return r.stdout
+
+
+def run_here(stage: int, out: str, args) -> str:
+    """A 1-process run in this process, through the main() that `python -m train.stageN` calls, on one thread as
+    the launched runs (OMP_NUM_THREADS=1): the same checks as a launched run without the interpreter and torch
+    import each launch pays (~4 s of two cores, a dozen runs here)."""
+    module = importlib.import_module(f"videoprism.train.stage{stage}")
+    stdout, stderr, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings(record=True) as caught, redirect_stdout(stdout), redirect_stderr(stderr):
+            status = module.main(command(stage, out, args)[3:])  # the arguments after `python -m train.stageN`
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 0, stdout.getvalue()[-2000:] + stderr.getvalue()[-4000:]
+    future = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not future, future
+    return stdout.getvalue()
 
 
 def run_failing(cmd: list[str], logs) -> list[str]:

@@ -66,6 +66,7 @@ def run_here(stage: int, out: str, args) -> str:
     torch.set_num_threads(1)
     try:
         with warnings.catch_warnings(record=True) as caught, redirect_stdout(stdout), redirect_stderr(stderr):
+            warnings.simplefilter("always")  # a warning this process gave once before is recorded again, as fresh
             status = module.main(command(stage, out, args)[3:])  # the arguments after `python -m train.stageN`
     finally:
         torch.set_num_threads(threads)

@@ -296,7 +296,8 @@ def test_a_pack_removes_the_files_of_writers_that_are_gone_not_of_live_ones(tmp_
                           stdout=subprocess.PIPE, text=True) as live:
         live_tmp = live.stdout.readline().strip()
         assert os.path.isfile(live_tmp), live_tmp
-        killed = subprocess.run([sys.executable, "-c", _PACK_STOPPED, m, "killed"], capture_output=True, text=True)
+        killed = subprocess.run([sys.executable, "-c", _PACK_STOPPED, m, "killed"], capture_output=True, text=True,
+                                timeout=300)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert "removed" not in killed.stderr  # the live writer's file is not its to remove
         (dead,) = [p for p in map(str, tmp_path.glob("*.tmp")) if p != live_tmp]
@@ -349,9 +350,13 @@ def test_a_worker_started_after_the_pack_changed_maps_its_parents_pack(tmp_path,
     p.start()
     child.close()  # the child's end: a child that dies ends the pipe
     try:
-        got = parent.recv() if parent.poll(60) else None
+        # It imports torch and this module first: 9-25 s on a loaded 2-core machine. A child that dies ends the
+        # pipe at once; the bound is for one that hangs, which join() would otherwise wait for forever.
+        got = parent.recv() if parent.poll(300) else None
     except EOFError:
         got = None
+    if got is None:
+        p.kill()
     p.join()
     assert got == [s.name for s in samples], f"the {method} process ended with exit code {p.exitcode}"
 

@@ -56,6 +56,7 @@ def _growth(samples) -> int:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=_private_growth, args=(samples, child))
     p.start()
+    child.close()  # the child's end: a child that fails ends the pipe (EOFError) instead of leaving recv() waiting
     got = parent.recv()
     p.join()
     return got

@@ -724,7 +724,9 @@ _SAVE_THEN_CRASH = textwrap.dedent("""
 @pytest.mark.parametrize("where", ["dcp_write", "rename", "async_write"])
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
     root = str(tmp_path / "ck")
-    r = subprocess.run([sys.executable, "-c", _SAVE_THEN_CRASH, root, where], capture_output=True, text=True)
+    # No timeout let a save that hung instead of dying stall the suite (40-60 s each under load here).
+    r = subprocess.run([sys.executable, "-c", _SAVE_THEN_CRASH, root, where], capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
     assert os.path.isdir(os.path.join(root, "step_00000002.tmp"))  # the save was cut short
     assert ckpt.latest(root) == os.path.join(root, "step_00000001")
@@ -814,7 +816,7 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_partial_one(tmp_pat
     window of a preemption's hard kill): a kill then left a partial folder under its step_* name, listed as a
     complete checkpoint (and the one `--resume` takes once the newer one is damaged or retired)."""
     root = str(tmp_path)
-    r = subprocess.run([sys.executable, "-c", _DELETE_THEN_CRASH, root], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", _DELETE_THEN_CRASH, root], capture_output=True, text=True, timeout=300)
     assert r.returncode == -9, r.stderr[-2000:]
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters())

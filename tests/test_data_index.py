@@ -208,6 +208,41 @@ def test_a_probe_worker_ends_on_sigterm_under_the_indexs_own_handler():
     assert time.monotonic() - t < 15
 
 
+_SIGTERM_AT_FORK: list[int] = []  # armed: a forked child SIGTERMs itself in its after-fork callbacks
+
+
+def _sigterm_in_an_after_fork_callback() -> None:
+    if _SIGTERM_AT_FORK:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_sigterm_in_an_after_fork_callback)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the signal is sent in a forked worker")
+def test_a_sigterm_that_reaches_a_probe_worker_as_it_forks_ends_it(tmp_path, monkeypatch):
+    """A broken pool SIGTERMs its other workers, one of them perhaps still forking. Before its initializer the
+    worker had the index's handler, whose exception Python drops when it comes inside an after-fork callback
+    (threading's): the worker lived on, and Python 3.12's pool waited for it forever (3 of 5 runs of 100-400 pools
+    with a crash hung under Python 3.12.1). Here the SIGTERM comes in such a callback: it ends the worker."""
+    from concurrent.futures.process import BrokenProcessPool
+    from types import SimpleNamespace
+
+    from videoprism.data import index
+    from videoprism.preemption import Preempted, stopping
+
+    monkeypatch.setattr(index, "probe", lambda sample, **kw: {"survived": "SIGTERM"})
+    (tmp_path / "f").write_bytes(b"")
+    _SIGTERM_AT_FORK.append(1)
+    try:
+        with stopping(True, lambda signum: Preempted(signum, None, None)), index._pool(1) as pool, \
+                pytest.raises(BrokenProcessPool):
+            index._submit(pool, (0, SimpleNamespace(path=str(tmp_path / "f")), 1, False)).result(timeout=120)
+    finally:
+        _SIGTERM_AT_FORK.clear()
+
+
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to make a VFR clip")
 def test_a_variable_frame_rate_clip_is_planned_from_its_timestamps(tmp_path):
     """A clean manifest's frame plan (dali_pipeline.clip_plan) puts frame i at i / fps; for a variable frame rate

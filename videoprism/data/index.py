@@ -70,7 +70,20 @@ def _init_worker(started) -> None:
     for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # _submit blocked it: one sent since ends us here
     die_with_parent()
+
+
+def _submit(pool: ProcessPoolExecutor, job):
+    """pool.submit, which forks the workers, with SIGTERM blocked for the fork: a worker SIGTERMed before
+    _init_worker ran the parent's handler, whose exception Python drops when it lands in an after-fork callback
+    (threading's); the worker then lived on, SIGTERM ignored, and Python 3.12's broken pool waited for it forever
+    (2 of 3 runs of 400 pools with a crash under Python 3.12.1). Blocked, the signal waits for _init_worker."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    try:
+        return pool.submit(_probe_job, job)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _probe_job(args) -> tuple[tuple[dict | None, str | None], list[int] | None]:
@@ -114,7 +127,7 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, record) -> s
             while queue or inflight:
                 while queue and len(inflight) < 4 * workers:
                     i = queue.popleft()
-                    inflight[pool.submit(_probe_job, (i, *jobs[i]))] = i
+                    inflight[_submit(pool, (i, *jobs[i]))] = i
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 broken = False
                 for f in finished:
@@ -135,7 +148,7 @@ def _probe_alone(i: int, job) -> tuple[tuple[dict | None, str | None], list[int]
     stamp = file_stamp(job[0].path)  # before the probe, as _probe_job's
     with _pool(1) as pool:
         try:
-            return pool.submit(_probe_job, (i, *job)).result()
+            return _submit(pool, (i, *job)).result()
         except BrokenProcessPool:
             return (None, "the decoder crashed on it (its process died while probing the file)"), stamp
 

@@ -40,6 +40,7 @@ import torch
 from bench.common import Report, arg_parser, comma_list, device_arg, out_json, positive_int, results_path, timeit
 from videoprism.cli import run_command
 from videoprism.data.dali_pipeline import error_reason
+from videoprism.data.cores import usable_cores
 from videoprism.data.transforms import Augment, apply_augment
 
 try:
@@ -277,11 +278,11 @@ def _main(argv) -> None:
                 torch.from_numpy(decord.VideoReader(path, num_threads=0).get_batch(idx).asnumpy()), aug, R), 1)
         if DaliClips is not None and codec in ("vp8", "vp9", "mjpeg"):
             dc = DaliClips(batch_size=8, num_frames=T, resolution=R, device=torch.device("cpu"),
-                           num_threads=os.cpu_count() or 1)
+                           num_threads=usable_cores())
             methods["dali-cpu"] = (lambda: dc.run([data], [idx], [box], [aug.flip]), 1)
         if dali_gpu:
             dg = DaliClips(batch_size=max(args.gpu_batches), num_frames=T, resolution=R, device=device,
-                           num_threads=os.cpu_count() or 1)
+                           num_threads=usable_cores())
             for b in args.gpu_batches:
                 methods[f"dali-gpu x{b}"] = (lambda b=b: dg.run([data] * b, [idx] * b, [box] * b, [aug.flip] * b), b)
         rows = {}

@@ -742,13 +742,30 @@ def test_loader_workers_are_capped_at_the_items_and_the_cores(synth, monkeypatch
     for split, cores, asked, want in (("val", 64, 50, 2), ("train", 1, 5, 4)):  # 2 and 18 clips
         manifest = os.path.join(synth, f"{split}.jsonl")
         ref = [b["video"] for b in build_loader(manifest, **val)]
-        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        monkeypatch.setattr(loader_mod, "usable_cores", lambda: cores)
         started.clear()
         got = [b["video"] for b in build_loader(manifest, **val, num_workers=asked)]
         assert started == [want] and len(got) == len(ref) == 1 and torch.equal(got[0], ref[0])
         note = capsys.readouterr().err
         assert (f"note: {asked} decoding workers asked (data.workers, --workers), 1 core(s) here: 4 decode" in note) \
             == (cores == 1), note
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2,
+                    reason="needs an affinity mask narrower than the machine (Linux, 2+ cores)")
+def test_worker_caps_count_the_cores_the_job_may_use():
+    """Under SLURM's --cpus-per-task (or taskset, a container's cpuset) os.cpu_count() is the node's count: a
+    4-core job on a 128-core node capped its decoding workers at 512 and sized data index's and synth's pools at
+    128. The caps count the affinity mask (set here on this thread, which is what sched_getaffinity(0) reads)."""
+    from videoprism.data.loader import WORKERS_PER_CORE, _decoding_workers
+
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})
+    try:
+        assert _decoding_workers(1000, rank=1) == WORKERS_PER_CORE
+    finally:
+        os.sched_setaffinity(0, mask)
+    assert _decoding_workers(1000, rank=1) == WORKERS_PER_CORE * len(mask)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the workers' signal masks from Linux /proc")

@@ -31,6 +31,7 @@ import torch
 from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, check_clip_size, load_model,
                             resolve_device)
 from videoprism.paths import check_not_an_input, check_out_file, echo, read_text, write_json_atomic
+from videoprism.data.cores import usable_cores
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -363,7 +364,7 @@ def register(subparsers, names: str) -> None:
     def common(p: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
         add_model_args(p, names, default_model)
         p.add_argument("--batch-size", type=int, default=16, help="clips per forward (default: %(default)s)")
-        p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+        p.add_argument("--workers", type=int, default=min(8, usable_cores()),
                        help="decoding processes, at most one per clip and 4 per core (default: %(default)s)")
         p.add_argument("--max-bad-share", type=float, default=0.01,
                        help="stop when more than this share of the clips is unreadable (default: %(default)s)")

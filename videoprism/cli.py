@@ -299,6 +299,7 @@ def cmd_embed(args) -> int:
     import videoprism as vp
     from videoprism.data import BadVideoError
     from videoprism.data.device import to_device
+    from videoprism.data.cores import usable_cores
     from videoprism.data.loader import build_loader
     from videoprism.data.manifest import resolve
     from videoprism.progress import progress_bar
@@ -330,7 +331,7 @@ def cmd_embed(args) -> int:
     # another, missing file; the manifest's reader resolves it as the kernel does (resolve), and names it so.
     given = {resolve(os.getcwd(), v): v for v in args.videos}
     workers = args.workers if args.workers is not None else (0 if len(args.videos) == 1 else
-                                                              min(8, os.cpu_count() or 1))
+                                                              min(8, usable_cores()))
 
     rows: dict[int, torch.Tensor] = {}
     skipped: list[str] = []

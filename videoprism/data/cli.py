@@ -122,7 +122,7 @@ def register(subparsers) -> None:
                                                 "while it runs")
     p.add_argument("--rejects", default=None, help="rejects report (default: OUT with .rejects.jsonl)")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="probe processes, at most one per file (default: all cores)")
+                   help="probe processes, at most one per file (default: one per core this job may use)")
     p.add_argument("--min-frames", type=_positive, default=1,
                    help="reject clips (or windows) with fewer frames, e.g. the frames per training clip (default: 1)")
     p.add_argument("--full", action="store_true", help="decode every frame instead of the first and the last GOP")
@@ -181,6 +181,6 @@ def register(subparsers) -> None:
                         "scenes); 'pair': a second, growing, shrinking or still shape, also captioned "
                         "(default: %(default)s)")
     p.add_argument("--workers", type=_positive, default=None,
-                   help="encoding processes, at most one per clip (default: all cores)")
+                   help="encoding processes, at most one per clip (default: one per core this job may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_synth)

@@ -26,6 +26,7 @@ from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import atomic_file, check_not_an_input, check_out_file, echo, finite_or_null
 from ..preemption import Preempted, stopping
+from .cores import usable_cores
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent
 from .manifest import Sample, SampleList, read_source
@@ -199,7 +200,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     try:
         # A scheduler's notice (SIGTERM, SLURM's SIGUSR1) stops it as Ctrl-C does, with a line, not silently.
         with stopping(True, lambda signum: Preempted(signum, None, None)):
-            _probe_rest(jobs, journal, workers or os.cpu_count() or 1, progress)
+            _probe_rest(jobs, journal, workers or usable_cores(), progress)
             counts = _write(out, rejects_path, samples, journal.results, line_rejects)
             # The clean manifest is what a run reads on every rank: packed (pack.py), so that costs nothing at
             # startup. An empty one has nothing to pack; an older pack of `out` no longer matches it and is ignored.

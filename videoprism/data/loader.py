@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from ..paths import echo
+from .cores import usable_cores
 from .device import to_device
 from .errors import BadSampleBudget, BadVideoError
 from .manifest import Sample, SampleList, read_source
@@ -325,7 +326,7 @@ WORKERS_PER_CORE = 4
 
 def _decoding_workers(asked: int, rank: int) -> int:
     """`asked` decoding workers, at most WORKERS_PER_CORE per core; said on rank 0 when it caps."""
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     cap = WORKERS_PER_CORE * cores
     if asked <= cap:
         return asked
@@ -555,7 +556,7 @@ class VideoTextLoader:
         if self._dali is None:
             self._dali = DaliClips(batch_size=self.batch_size, num_frames=self.num_frames,
                                    resolution=self.resolution, device=self.device,
-                                   num_threads=max(1, self.num_workers or os.cpu_count() or 1))
+                                   num_threads=max(1, self.num_workers or usable_cores()))
         fallback = _PyAVItems(self, order, self.epoch, threads=0)
         for lo in range(self.position, len(order), self.batch_size):
             chunk = list(range(lo, min(lo + self.batch_size, len(order))))

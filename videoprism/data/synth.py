@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from ..paths import atomic_file, atomic_path
+from .cores import usable_cores
 from .text import train_spm
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
@@ -186,7 +187,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out_dir, "synth.json"))
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
-    workers = min(len(jobs), workers or os.cpu_count() or 1)  # one per clip at most: the others would have none
+    workers = min(len(jobs), workers or usable_cores())  # one per clip at most: the others would have none
     pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
     with progress_bar(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
         records = []

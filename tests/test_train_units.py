@@ -423,6 +423,29 @@ def test_adafactor_switches_reach_the_optimizer_and_adamw_refuses_them():
         build_config("base", ["optim.adafactor_momentum=1"], 1)
 
 
+def test_fields_a_random_source_or_a_missing_val_leave_unread_are_said(tmp_path, capsys):
+    """data.source=random draws seeded clips and captions: data.train, data.val, data.cache... given with it did
+    nothing, silently; train.eval_every with no validation split (data.val unset, or the random source) never
+    evaluated, silently. A note names them; without them given (the preset's values), nothing is said."""
+    from videoprism.train.config import check_inputs
+
+    out = f"train.out_dir={tmp_path}/run"
+    cfg = parse_args(["data.source=random", "data.val=v.jsonl", "data.cache=false", "data.tokenizer=t.model", out],
+                     1)[0]
+    assert capsys.readouterr().err == ("note: data.source=random reads none of data.cache, data.tokenizer, data.val "
+                                       "(it draws seeded random clips and captions): no effect on this run\n")
+    check_inputs(cfg, 1)  # the missing v.jsonl and t.model it does not read are not looked for (they stopped it)
+    parse_args(["train.eval_every=5", out], 2)
+    assert capsys.readouterr().err == ("note: train.eval_every=5 evaluates on data.val and data.val is not set: this "
+                                       "run does not evaluate; set data.val=VAL.jsonl (with data.source=manifest)\n")
+    parse_args(["data.source=random", "train.eval_every=5", out], 1)
+    assert "data.source=random has no validation split" in capsys.readouterr().err
+    for quiet in (["data.source=random", out], ["train.eval_every=5", "data.val=v.jsonl", out],
+                  ["train.eval_every=0", out]):
+        parse_args(quiet, 1)
+        assert "note:" not in capsys.readouterr().err, quiet
+
+
 @pytest.mark.parametrize("unread", ["optim.beta1=0.95", "optim.beta2=0.98"])
 def test_adamw_betas_under_adafactor_are_refused(unread):
     """AdamW's betas under Adafactor (the base preset's optimizer) were accepted and changed nothing the run did,

@@ -654,11 +654,12 @@ def check_inputs(cfg: Config, stage: int) -> None:
 
     from videoprism.ops import attention
 
-    files = [("data.val", cfg.data.val)]
-    if stage == 1:  # stage 2 reads neither (STAGE_ONLY)
+    manifests = cfg.data.source == "manifest"  # the random source reads no data file (_say_unread)
+    files = [("data.val", cfg.data.val)] if manifests else []
+    if stage == 1 and manifests:  # stage 2 reads no text, nor model.init (STAGE_ONLY)
         files.append(("data.tokenizer", cfg.data.tokenizer))
-        if cfg.model.init != "random":
-            files.append(("model.init", cfg.model.init))
+    if stage == 1 and cfg.model.init != "random":
+        files.append(("model.init", cfg.model.init))
     if stage == 2:
         files.append(("stage2.teacher", cfg.stage2.teacher))
     for key, path in files:
@@ -803,7 +804,7 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
                               required=args.resume is not None)
     else:
         cfg = build_config(args.config or "tiny", args.overrides, stage)
-    _say_unread(args.config, args.overrides, stage)
+    _say_unread(cfg, args.config, args.overrides, stage)
     if args.auto_resume:
         return cfg, ResumeFrom(cfg.train.out_dir, if_any=True), False
     return cfg, None if args.resume is None else ResumeFrom(args.resume or cfg.train.out_dir), args.overwrite
@@ -814,10 +815,11 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
 STAGE_ONLY = {1: ("stage1", "data.tokenizer", "model.init"), 2: ("stage2",)}
 
 
-def _say_unread(config: str | None, overrides: list[str], stage: int) -> None:
+def _say_unread(cfg: Config, config: str | None, overrides: list[str], stage: int) -> None:
     """A note on rank 0 naming the fields given (overrides, a config file's tables; not a run's config.json, which
-    holds every field) that only the other stage reads: accepted, as one file may configure both stages, but
-    `python -m train.stage2 model.init=X` trained from the teacher as if it were unset, and said nothing."""
+    holds every field) that this run does not read: accepted, as one file may configure both stages or both
+    sources, but `python -m train.stage2 model.init=X` trained from the teacher as if it were unset, and
+    `data.source=random data.train=X` or `train.eval_every=N` with no validation split did nothing, silently."""
     from videoprism.paths import echo
 
     keys = {o.split("=", 1)[0] for o in overrides}
@@ -825,11 +827,22 @@ def _say_unread(config: str | None, overrides: list[str], stage: int) -> None:
         data = read_config_file(config)
         if not any(k in data for k in _RUN_KEYS):
             keys |= {f"{section}.{k}" for section, table in data.items() if isinstance(table, dict) for k in table}
+    if os.environ.get("RANK", "0") != "0":
+        return
     other = STAGE_ONLY[3 - stage]
     unread = sorted(k for k in keys if k in other or k.split(".")[0] in other)
-    if unread and os.environ.get("RANK", "0") == "0":
+    if unread:
         echo(f"note: stage {stage} does not read {', '.join(unread)} (stage {3 - stage}'s only): no effect on this "
              "run", file=sys.stderr)
+    random = cfg.data.source == "random"
+    files = sorted(k for k in keys if k.startswith("data.") and k != "data.source")
+    if random and files:
+        echo(f"note: data.source=random reads none of {', '.join(files)} (it draws seeded random clips and "
+             "captions): no effect on this run", file=sys.stderr)
+    if "train.eval_every" in keys and cfg.train.eval_every and (random or not cfg.data.val):
+        why = "data.source=random has no validation split" if random else "data.val is not set"
+        echo(f"note: train.eval_every={cfg.train.eval_every} evaluates on data.val and {why}: this run does not "
+             "evaluate; set data.val=VAL.jsonl (with data.source=manifest)", file=sys.stderr)
 
 
 def _resume_args(p) -> None:

@@ -121,7 +121,9 @@ class DataConfig:
                                      "file skipped as bad (a hung decoder; 0 = no limit; needs data.workers > 0).",
                               valid=">= 0")
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos; every rank "
-                           "decodes and holds the whole manifest; one training manifest, no dataset mix).")
+                           "decodes and holds the whole manifest; one training manifest, no dataset mix). Clips "
+                           "are kept as the eval transform makes them (shorter side resized, centre crop): no "
+                           "random resized crop, data.flip_prob still applies.")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
                               "say left or right; raise it for data without such captions).", valid="[0, 1]")
 

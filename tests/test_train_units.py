@@ -70,6 +70,26 @@ def test_config_values_as_users_write_them(tmp_path, monkeypatch):
         build_config("tiny", ["train.mask_ratio=0.999"], 2)  # it failed at the first step
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_mask_ratio_that_masks_no_patch_is_refused(stage):
+    """On a 2x2 grid a ratio of 0.1 keeps round(4 x 0.9) = 4 patches: the run trained without a mask and said
+    nothing. The refusal names the field and the smallest ratio that masks a patch; 0 (no mask) and that ratio
+    pass."""
+    from videoprism.masking import num_visible
+
+    small = ["model.resolution=16"]  # the tiny preset's patch 8: 2x2 patches a frame
+    with pytest.raises(ValueError, match=r"train.mask_ratio=0.1 masks no patch of a frame's 2x2 .* raise it to at "
+                                         r"least 0.25 or set 0$"):
+        build_config("tiny", [*small, "train.mask_ratio=0.1"], stage)
+    with pytest.raises(ValueError, match=r"train.mask_ratio=0.4 masks nothing on a frame of 1x1 patches .*set "
+                                         r"train.mask_ratio=0 or raise model.resolution$"):
+        build_config("tiny", ["model.resolution=8", "train.mask_ratio=0.4"], stage)
+    for ratio in (0.0, 0.25):
+        cfg = build_config("tiny", [*small, f"train.mask_ratio={ratio}"], stage)
+        assert num_visible((2, 2), cfg.train.mask_ratio) == (4 if ratio == 0 else 3)
+    assert build_config("tiny", ["model.resolution=8", "train.mask_ratio=0"], stage).train.mask_ratio == 0
+
+
 def test_a_runs_config_file_says_what_it_leaves_to_the_preset_and_another_stage(tmp_path, capsys):
     """A run's config.json holds every field: one it lacks (an older file, a hand edit) took the tiny preset's value
     without a word, and a stage-1 run's file given to stage 2 its mask ratio and schedule. Both are said."""

@@ -640,6 +640,7 @@ def _check_combined(cfg: Config, teacher: dict) -> Config:
         if num_visible((grid, grid), cfg.train.mask_ratio) < 1:  # else the first step says it
             raise ValueError(f"train.mask_ratio={cfg.train.mask_ratio} leaves no visible patch of a frame's "
                              f"{grid}x{grid} (model.resolution / the patch size); lower it")
+        _check_masks_some(cfg.train.mask_ratio, grid)
     for key, value in (("train.out_dir", cfg.train.out_dir), ("model.init", cfg.model.init)):
         if not value.strip():
             raise ValueError(f"{key} is empty; set it (see --help)")
@@ -647,6 +648,21 @@ def _check_combined(cfg: Config, teacher: dict) -> Config:
         raise ValueError(f"train.micro_batch={cfg.train.micro_batch} is larger than train.global_batch="
                          f"{cfg.train.global_batch}; lower it (0 = no accumulation)")
     return cfg
+
+
+def _check_masks_some(ratio: float, grid: int) -> None:
+    """A ratio above 0 that rounds to no masked patch (K = round(N * (1 - ratio)) = N on a small grid) trained
+    without a mask and said nothing: stage 2's student then saw every token its teacher did."""
+    from videoprism.masking import num_visible
+
+    n = grid * grid
+    if ratio == 0 or num_visible((grid, grid), ratio) < n:
+        return
+    if n == 1:
+        raise ValueError(f"train.mask_ratio={ratio} masks nothing on a frame of 1x1 patches (its one patch stays "
+                         "visible); set train.mask_ratio=0 or raise model.resolution")
+    raise ValueError(f"train.mask_ratio={ratio} masks no patch of a frame's {grid}x{grid} (model.resolution / the "
+                     f"patch size; round({n} x {1 - ratio:g}) = {n} visible); raise it to at least {1 / n:g} or set 0")
 
 
 def check_inputs(cfg: Config, stage: int) -> None:

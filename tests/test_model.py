@@ -191,6 +191,38 @@ def test_clip_text_tower_causal_and_odd_dims():
     assert (t3 - t).abs().max() > 1e-4
 
 
+def test_clip_degenerate_inputs_are_finite_and_batch_invariant(media_dir):
+    """Constant clips (black, white, all-equal float), padded frames (a whole clip's too), one patch a frame, and
+    captions that are empty, blank, unknown characters or past 64 tokens: each embedding is finite, unit norm, and
+    the same inside a batch of different ones as alone (a padding or pooling mix-up between rows shows here)."""
+    import os
+
+    from videoprism.data.text import Tokenizer
+
+    tok = Tokenizer(os.path.join(media_dir, "test_spm.model"))
+    m = tiny("videoprism_lvt_v1_base", vocabulary_size=tok.vocab_size)
+    video = torch.rand(4, 3, 12, 12, 3)
+    video[0], video[1], video[2] = 0.0, 1.0, 0.5
+    paddings = torch.tensor([[0, 0, 0], [0, 1, 1], [1, 1, 1], [0, 0, 1.0]])
+    texts = ["", "   ", "\u4e2d\u6587 \u0416", "a person drums on a bottle " * 20, "a dog"]
+    ids, text_paddings = tok(texts)
+    assert (text_paddings[3] == 0).all() and (text_paddings[:3] == 0).any(1).all()  # 64 kept; none empty
+    for clips, fp in ((video, paddings), (video[:, :1, :6, :6], None)):  # the second: T = 1, one 6x6 patch
+        with torch.no_grad():
+            v, t, _ = m(clips, ids, text_paddings, frame_paddings=fp)
+            for i in range(clips.shape[0]):
+                v1, _, _ = m(clips[i:i + 1], frame_paddings=None if fp is None else fp[i:i + 1])
+                torch.testing.assert_close(v1[0], v[i], rtol=0, atol=1e-6)
+            for i in range(len(texts)):
+                one, one_paddings = tok([texts[i]])
+                n = int((one_paddings == 0).sum())  # no padding column: a padded key that counts shows
+                _, t1, _ = m(None, one[:, :n], one_paddings[:, :n])
+                torch.testing.assert_close(t1[0], t[i], rtol=0, atol=1e-6)
+        for e in (v, t):
+            assert e.isfinite().all()
+            torch.testing.assert_close(e.norm(dim=-1), torch.ones(e.shape[0]))
+
+
 @pytest.mark.parametrize("name", ["videoprism_v1_base", "videoprism_lvt_v1_base"])
 def test_compile_fullgraph_no_graph_break(name):
     m = tiny(name)

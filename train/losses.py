@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from videoprism.kernels.token_ops_ref import acc_dtype
+
 # torch 2.14 deprecates the autograd all_gather below for one of the private torch.distributed._functional_collectives;
 # the public one works from torch 2.11 (the GPU machines') to 2.14, so its notice is not repeated by every rank.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
@@ -22,6 +24,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(x), dim=0)
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or in fp64 if it is: a float64 model's loss (as the gradient checks take it) rounded to fp32 left
+    its finite differences a digit or two (test_loss_gradients.py)."""
+    return x.to(acc_dtype(x.dtype))
 
 
 def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -40,13 +48,13 @@ def contrastive_loss(video: torch.Tensor, text: torch.Tensor, logit_scale: torch
     # In fp32 even under autocast, which would run these matmuls in bf16 whatever their inputs: at a
     # logit scale up to 100 bf16's 2^-8 makes each logit ~0.3 off.
     with torch.autocast(video.device.type, enabled=False):
-        v2t = scale.float() * video.float() @ all_text.float().T      # [b, B]
-        t2v = scale.float() * text.float() @ all_video.float().T      # [b, B]
+        v2t = _fp32(scale) * _fp32(video) @ _fp32(all_text).T      # [b, B]
+        t2v = _fp32(scale) * _fp32(text) @ _fp32(all_video).T      # [b, B]
     return 0.5 * (F.cross_entropy(v2t, labels) + F.cross_entropy(t2v, labels))
 
 
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over all leading positions of 1 - cos(pred, target) along the last axis."""
-    pred, target = pred.float(), target.float()
+    pred, target = _fp32(pred), _fp32(target)
     cos = F.cosine_similarity(pred, target, dim=-1, eps=1e-6)
     return (1.0 - cos).mean()

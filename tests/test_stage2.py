@@ -601,3 +601,49 @@ def test_the_global_branch_reads_the_visible_tokens_unshuffled_and_without_posit
     assert (tokens2 - tokens).abs().max() > 1e-3
     torch.testing.assert_close(pooled2, pooled, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_activation_checkpointing_saves_nothing_inside_any_block(tmp_path):
+    """train.activation_checkpointing recomputes every transformer block in the backward: the forward keeps none of
+    a block's activations, only its input. Counted with the autograd saved-tensor hooks (checkpoint's own hooks take
+    the saves inside a checkpointed block), block by block, for both stages' modules (the encoder's, the text
+    tower's and the stage-2 decoders' torch layers): a block the switch missed would save here and pass the
+    loss-equality tests."""
+    from videoprism.train.parallel import blocks
+    from videoprism.train.stage1 import Stage1Task
+
+    def saves_inside_blocks(task, cfg):
+        trainer = make_trainer(task, cfg, torch.device("cpu"), "ckpt")
+        inside, saved = [], {}
+        for i, block in enumerate(blocks(task.module)):
+            block.register_forward_pre_hook(lambda m, a, i=i: inside.append(i))
+            block.register_forward_hook(lambda m, a, o: [inside.pop(), None][1])  # a hook's value replaces o
+
+        def pack(t):
+            if inside:
+                saved[inside[-1]] = saved.get(inside[-1], 0) + 1
+            return t
+
+        inputs = task.prepare(trainer.data.next_batch(0), 0, 0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = task.loss(trainer.model, inputs)
+        loss.backward()  # the recomputation runs
+        assert all(p.grad is not None for p in task.module.parameters() if p.requires_grad)
+        return len(blocks(task.module)), saved
+
+    for ckpt in ("false", "true"):
+        task, cfg = make_task(f"train.out_dir={tmp_path}/s2{ckpt}", f"train.activation_checkpointing={ckpt}",
+                              "train.compile=false")
+        s1_cfg = tiny_cfg(f"train.out_dir={tmp_path}/s1{ckpt}", f"train.activation_checkpointing={ckpt}",
+                          "train.compile=false")
+        s1 = Stage1Task(s1_cfg, Dist(0, 1, torch.device("cpu")), tiny_clip(), None)
+        # Stage 2: the student's spatial and temporal blocks and one torch layer per decoder; stage 1: the video
+        # tower's spatial, temporal and auxiliary blocks and the text tower's unimodal one.
+        for task_, cfg_, want in ((task, cfg, 4), (s1, s1_cfg, 4)):
+            n, saved = saves_inside_blocks(task_, cfg_)
+            assert n == want
+            assert sorted(saved) == list(range(n)), saved  # the count sees every block
+            if ckpt == "true":  # the checkpoint keeps the block's input, nothing computed inside
+                assert set(saved.values()) == {1}, saved
+            else:
+                assert min(saved.values()) >= 8, saved

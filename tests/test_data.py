@@ -8,6 +8,8 @@ import os
 import re
 import signal
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -527,6 +529,52 @@ def test_a_path_no_file_name_can_hold_is_a_rejected_line(tmp_path):
     assert [(where, reason.split(",")[0]) for where, reason in rejects] == [
         (f"{manifest}:1", "'path' holds '\\ud800' at 1"),
         (f"{manifest}:2", "'path' 'a\\x00b.webm' holds a NUL character")]
+
+
+# Reads argv[1] as JSON and then from its pack, in this process's locale: what each gives, one line each.
+_READ_IN_LOCALE = r"""
+import sys
+from videoprism.data.manifest import read_manifest
+sys.stdout.reconfigure(encoding="utf-8")  # an error names the sample's path, which ascii cannot print
+print(sys.getfilesystemencoding())
+for use_pack in (False, True):
+    try:
+        samples, rejects = read_manifest(sys.argv[1], use_pack=use_pack, max_bad_share=1.0)
+        print(f"read {len(samples)} samples, rejects {rejects}")
+    except (OSError, ValueError) as e:
+        print(f"{type(e).__name__}: {e}")
+"""
+
+
+def test_a_path_the_locale_cannot_name_stops_the_read_naming_the_fix(tmp_path):
+    """Under a locale that is not UTF-8 (LC_ALL=C with PYTHONUTF8=0: file names are ascii) a manifest's
+    "caf\u00e9.mp4", a file in a UTF-8 locale, was a rejected line "a lone UTF-16 surrogate, which no file name
+    holds": `data index` wrote a clean manifest without it (18 of 22 synthetic lines kept, 19 in a UTF-8 locale) and
+    the run trained on other data. Read from a pack made in a UTF-8 locale, it reached the probe, which ended the
+    index with "'ascii' codec can't encode character '\\xe9'". Both now stop with the line (or sample) and the fix."""
+    if sys.getfilesystemencoding() != "utf-8":
+        pytest.skip("the manifest and its pack are written in a UTF-8 locale here")
+    from videoprism.data.pack import write_pack
+
+    write_clip(str(tmp_path / "caf\u00e9.mp4"), 2)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"path": "caf\\u00e9.mp4", "caption": "a"}\n')
+    write_pack(str(manifest))
+    (sample,), _ = read_manifest(str(manifest), use_pack=False)
+    assert os.path.isfile(sample.path)  # a file in this locale
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    r = subprocess.run([sys.executable, "-c", _READ_IN_LOCALE, str(manifest)], capture_output=True, env=env,
+                       timeout=HANG_S)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    encoding, parsed, packed = r.stdout.decode().splitlines()
+    if encoding != "ascii":
+        pytest.skip(f"LC_ALL=C gives file names in {encoding} here, not ascii")
+    fix = "which this process's file names cannot: they are ascii, from the locale (LC_ALL, LC_CTYPE, LANG), not " \
+          "UTF-8; run with PYTHONUTF8=1 or in a UTF-8 locale (LC_ALL=C.UTF-8)"
+    assert parsed == f"FileNameEncodingError: {manifest}:1: 'path' holds '\u00e9' at 3, {fix}", parsed
+    at = sample.path.index("\u00e9")  # the pack holds the absolute path
+    assert packed == (f"FileNameEncodingError: {manifest} (read from its pack), the sample of {sample.path}: 'path' "
+                      f"holds '\u00e9' at {at}, {fix}"), packed
 
 
 def test_a_shards_caption_is_its_text_without_a_byte_order_mark_or_line_end(tmp_path):

@@ -35,6 +35,13 @@ class NoUsableSamplesError(ValueError):
         super().__init__(message)
 
 
+class FileNameEncodingError(OSError):
+    """A manifest path holding a character that this process's file names cannot: Python encodes them in the
+    locale's encoding (ascii under LC_ALL=C with PYTHONUTF8=0, latin-1 ...), not UTF-8. Not a bad line: every such
+    path of the manifest fails alike here and names its file in a UTF-8 locale, so the command stops instead of
+    writing a result (a clean manifest, a run) that depends on the locale it ran in."""
+
+
 class TooManyBadSamplesError(RuntimeError):
     """The share of skipped samples passed `max_bad_share`."""
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..paths import echo
-from .errors import BadSampleBudget, NoUsableSamplesError
+from .errors import BadSampleBudget, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 # The image formats of public image-text shards; FFmpeg decodes each as a one-frame video (decode.py), as it does an
@@ -367,7 +367,7 @@ def sample_from_record(rec, base: str) -> Sample:
     path = rec.get("path")
     if not isinstance(path, str) or not path.strip():
         raise ValueError(f"'path' must be a non-empty string, got {_shown(path)}")
-    _check_file_name(path)
+    check_file_name(path)
     caption = rec.get("caption")  # absent (or null): a video-only line
     if isinstance(caption, list):  # a clip's captions: the loader pairs a clip with one caption a sample
         raise ValueError(f"'caption' must be one string, got a list of {len(caption)}: {_shown(caption)}; give one "
@@ -399,16 +399,23 @@ def sample_from_record(rec, base: str) -> Sample:
                   extra={k: v for k, v in rec.items() if k not in _KNOWN_FIELDS})
 
 
-def _check_file_name(path: str) -> None:
+def check_file_name(path: str) -> None:
     """ValueError unless `path` can name a file: a NUL, or a lone UTF-16 surrogate that is no byte of a name (JSON's
     "\\ud800"; os.listdir's name of a byte that is not UTF-8 is "\\udce9", which json.dumps writes and which is
-    fine), made the probe of `data index` raise and end the whole index ("'utf-8' codec can't encode character")."""
+    fine), made the probe of `data index` raise and end the whole index ("'utf-8' codec can't encode character").
+    FileNameEncodingError for a character that this process's file names cannot hold (a locale that is not
+    UTF-8): in an ascii one, `data index` rejected "caf\u00e9.webm" as "a lone UTF-16 surrogate"."""
     if "\0" in path:
         raise ValueError(f"'path' {_shown(path)} holds a NUL character, which no file name holds; fix the line")
     if not path.isascii():
         try:
             os.fsencode(path)
         except UnicodeEncodeError as e:
+            if not "\ud800" <= path[e.start] <= "\udfff":  # a character, which a UTF-8 locale's names hold
+                raise FileNameEncodingError(
+                    f"'path' holds {path[e.start]!r} at {e.start}, which this process's file names cannot: they "
+                    f"are {sys.getfilesystemencoding()}, from the locale (LC_ALL, LC_CTYPE, LANG), not UTF-8; run "
+                    "with PYTHONUTF8=1 or in a UTF-8 locale (LC_ALL=C.UTF-8)") from None
             raise ValueError(f"'path' holds {path[e.start]!r} at {e.start}, a lone UTF-16 surrogate, which no file "
                              "name holds; fix the line") from None
 
@@ -524,6 +531,8 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
                     if not looked:
                         looked = True
                         _relative_to_cwd(path, rec["path"], s)
+                except FileNameEncodingError as e:  # the locale's, not the line's: every such line alike
+                    raise FileNameEncodingError(f"{path}:{n}: {e}") from None
                 except UnicodeDecodeError as e:
                     budget.skip(f"{path}:{n}", f"not UTF-8 ({e.reason} at byte {e.start}); save the manifest as "
                                                "UTF-8")

@@ -324,7 +324,23 @@ def read_pack(manifest: str):
     samples = SampleList.mapped(data, ends, crcs, int_label=header["int_label"], label_names=header["label_names"],
                                 uncaptioned=header["uncaptioned"], fingerprint=header["fingerprint"],
                                 source=os.path.abspath(manifest), file=fh)
+    if sys.getfilesystemencoding() != "utf-8":  # packed in a UTF-8 locale, read in another: as the JSON's parse
+        _check_names(samples, manifest)
     return samples, [(f"{manifest}:{n}", reason) for n, reason in header["rejects"]], header["lines"]
+
+
+def _check_names(samples, manifest: str) -> None:
+    """FileNameEncodingError, as the manifest's parse raises it, for the first sample whose path this process's file
+    names cannot hold: a pack of "caf\u00e9.webm" written in a UTF-8 locale ended a `data index` in an ascii one
+    with "'ascii' codec can't encode character '\\xe9'", naming no file and no fix."""
+    from .errors import FileNameEncodingError
+    from .manifest import check_file_name
+
+    for s in samples:
+        try:
+            check_file_name(s.path)
+        except FileNameEncodingError as e:
+            raise FileNameEncodingError(f"{manifest} (read from its pack), the sample of {s.path}: {e}") from None
 
 
 def map_buffers(manifest: str, fingerprint: str, fd: int | None = None):

@@ -648,3 +648,53 @@ def test_activation_checkpointing_saves_nothing_inside_any_block(tmp_path):
                 assert set(saved.values()) == {1}, saved
             else:
                 assert min(saved.values()) >= 8, saved
+
+
+def test_stage2_distils_from_an_official_npz_teacher_end_to_end(tmp_path, golden_dir, golden_config):
+    """stage2.teacher=<the golden LvT .npz, official layout> with no model.* shape field: the student's shape comes
+    from the file's arrays, as from a .safetensors teacher's metadata (the tiny preset's patch 8 refused
+    model.resolution=36, and its D=64, no auxiliary layer, 32000 words each failed the load naming a key, not the
+    field); a field given against the file is refused naming it. The teacher stage 2 builds gives the official
+    outputs, the student starts as its encoder, the run trains, its export loads, and a resumed run ends where the
+    whole run did."""
+    import json
+    import os
+    import shutil
+
+    import numpy as np
+
+    from tests.test_golden import ATOL
+    from videoprism.train import stage2
+
+    teacher = os.path.join(golden_dir, "params_clip.npz")
+    clip = ["--config", "tiny", f"stage2.teacher={teacher}", "model.num_frames=4", "model.resolution=36"]
+    cfg = build_config(clip[1], clip[2:], 2)
+    want = golden_config["clip"]
+    for k in ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers", "num_temporal_layers",
+              "num_auxiliary_layers", "patch_size"):
+        assert getattr(cfg.model, k) == want[k], k
+    assert cfg.model.pos_emb_shape == ",".join(map(str, want["pos_emb_shape"]))
+    with pytest.raises(ValueError, match=r"^model.model_dim=64 \(the teacher's: 32\): stage 2's student is "):
+        build_config(clip[1], [*clip[2:], "model.model_dim=64"], 2)
+
+    built = stage2.build_teacher(cfg, torch.device("cpu"))
+    with np.load(os.path.join(golden_dir, "inputs.npz")) as f:
+        tokens, pooled = built(torch.from_numpy(f["video"]))
+    with np.load(os.path.join(golden_dir, "outputs_clip.npz")) as f:
+        np.testing.assert_allclose(pooled.numpy(), f["video_embeddings_unnormalized"], rtol=0, atol=ATOL)
+        np.testing.assert_allclose(tokens.numpy(), f["spatiotemporal_features"], rtol=0, atol=ATOL)
+    student = Stage2Task(cfg, Dist(0, 1, torch.device("cpu")), built, None).module.student.state_dict()
+    assert student.keys() == built.encoder.state_dict().keys()
+    assert all(torch.equal(v, built.encoder.state_dict()[k]) for k, v in student.items())
+
+    run = [*clip, "data.source=random", "train.global_batch=2", "train.steps=2", "checkpoint.interval=1",
+           "checkpoint.keep=2", "train.log_every=1"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert stage2.main([*run, f"train.out_dir={whole}"]) == 0
+    steps = [r for r in map(json.loads, open(whole / "metrics.jsonl")) if "token_loss" in r]
+    assert len(steps) == 2 and all(np.isfinite([r["token_loss"], r["global_loss"]]).all() for r in steps)
+    exported = videoprism.model_from_safetensors(str(whole / "model.safetensors"), expect="FactorizedEncoder")
+    assert exported.config.model_dim == 32 and exported.config.patch_size == 18
+    shutil.copytree(whole, part, ignore=shutil.ignore_patterns("step_00000002", "model.safetensors"))
+    assert stage2.main([*run, f"train.out_dir={part}", "--resume"]) == 0  # from step 1
+    assert open(part / "model.safetensors", "rb").read() == open(whole / "model.safetensors", "rb").read()

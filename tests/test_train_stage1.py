@@ -1321,6 +1321,23 @@ def test_init_from_official_npz_and_from_export(tmp_path, golden_dir):
         assert torch.equal(clip.state_dict()[k], v), k
 
 
+def test_an_official_npz_init_of_another_shape_is_refused_naming_the_fields_to_set(golden_dir, golden_config):
+    """model.init=<the golden LvT .npz> under the tiny preset's shape: refused before the load with the model.*
+    values the file's arrays tell (the load named 16 unexpected keys of the auxiliary stack, or one key of another
+    shape, never the field); with them set it loads, its position grid read from the file as an export's is."""
+    golden = os.path.join(golden_dir, "params_clip.npz")
+    over = ["model.resolution=72", f"model.init={golden}"]  # a multiple of both patch sizes, 8 and 18
+    mc = build_config("tiny", over, 1).model
+    fix = ("model.model_dim=32 model.mlp_dim=64 model.num_auxiliary_layers=1 model.patch_size=18 "
+           "model.vocabulary_size=128")
+    with pytest.raises(ValueError, match=rf"^model.init=.*params_clip.npz' holds a model of {fix} and this run's "
+                                         rf"config builds .*: set {fix}$"):
+        build_clip(mc, vocab=None, device=torch.device("cpu"))
+    fixed = build_config("tiny", [*over, *fix.split()], 1).model
+    clip = build_clip(fixed, vocab=None, device=torch.device("cpu"))
+    assert clip.config.pos_emb_shape == tuple(golden_config["clip"]["pos_emb_shape"])
+
+
 def test_init_from_an_export_keeps_its_position_embedding_shape(tmp_path):
     """A random-init run sizes its position embeddings to its clips (here 4 x 4 x 4, not the
     official 16 x 16 x 16); a later run initialised from its export takes that shape from the

@@ -528,7 +528,7 @@ ENCODER_SHAPE_FIELDS = ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers
 
 
 def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
-    """With a .safetensors teacher, the student is its encoder: model.*'s shape fields take the teacher's values
+    """The student is the teacher's encoder: model.*'s shape fields take the teacher's values
     (they were ignored, and config.json recorded them as the run's), and one the user set (`given`: the file's and
     the overrides' keys) that contradicts the teacher is refused. `saved`: the teacher's config (teacher_fields)."""
     clash = []
@@ -581,15 +581,16 @@ def _say_what_a_run_file_leaves(path: str, data: dict, preset: str, stage: int, 
 
 
 def teacher_fields(cfg: Config, stage: int) -> dict:
-    """Stage 2's student is its teacher's encoder: with a readable .safetensors teacher, the model config it carries
-    (which, not model.*, sets the student's shape), else {}."""
+    """Stage 2's student is its teacher's encoder: with a readable teacher, the model config a .safetensors carries
+    or the shape fields an official .npz's array shapes tell (which, not model.*, set the student's shape), else
+    {}."""
     path = cfg.stage2.teacher
-    if stage != 2 or not path.lower().endswith(".safetensors") or not os.path.isfile(path):
+    if stage != 2 or not path.lower().endswith((".safetensors", ".npz")) or not os.path.isfile(path):
         return {}
-    from videoprism.checkpoint import CheckpointError, safetensors_config
+    from videoprism.checkpoint import CheckpointError, checkpoint_config
 
     try:
-        return safetensors_config(path)[1]
+        return checkpoint_config(path)[1]
     except CheckpointError:  # said where the teacher is loaded
         return {}
 
@@ -689,14 +690,15 @@ def check_inputs(cfg: Config, stage: int) -> None:
                 fix = (f"pass a run's export (OUT_DIR/model.safetensors), or write a checkpoint's with `videoprism "
                        f"export {path}`")
             raise FileNotFoundError(f"{key}={path!r} {what}{where}; {fix}")
-    if stage == 2 and cfg.stage2.teacher.lower().endswith(".safetensors"):
-        from videoprism.checkpoint import safetensors_config
+    if stage == 2 and cfg.stage2.teacher.lower().endswith((".safetensors", ".npz")):
+        from videoprism.checkpoint import checkpoint_config
 
-        kind = safetensors_config(cfg.stage2.teacher)[0]
-        if kind != "FactorizedVideoCLIP":  # before the data is decoded, not where the teacher is built
+        kind = checkpoint_config(cfg.stage2.teacher)[0]
+        npz = cfg.stage2.teacher.lower().endswith(".npz")  # one of no known layout: its load names the keys
+        if kind != "FactorizedVideoCLIP" and (kind or not npz):  # before the data is decoded
             raise ValueError(f"stage2.teacher={cfg.stage2.teacher!r} holds a {kind or 'model without a class name'}; "
-                             "the teacher is a video-text model with its pooler: a stage-1 run's export (a stage-2 "
-                             "export is a student encoder)")
+                             "the teacher is a video-text model with its pooler: a stage-1 run's export or an "
+                             "official LvT .npz (a stage-2 export is a student encoder)")
     out = os.path.abspath(cfg.train.out_dir)
     parent = out
     while not os.path.exists(parent):

@@ -8,9 +8,8 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import videoprism
-from videoprism.checkpoint import load_checkpoint, safetensors_config
+from videoprism.checkpoint import checkpoint_config, load_checkpoint
 from videoprism.config import CLIPConfig, official_config
-from videoprism.paths import is_safetensors
 from videoprism.train.config import ENCODER_SHAPE_FIELDS, ModelConfig
 
 # The config fields that shape an LvT model's weights: the encoder's and the text tower's.
@@ -26,7 +25,7 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
 
     A randomly initialised model gets position embeddings of exactly the training clip
     size (no interpolation in every step) unless model.pos_emb_shape says otherwise; an
-    official checkpoint keeps the official shape, our export the shape it was trained with
+    official checkpoint keeps the shape of its arrays, our export the shape it was trained with
     (its metadata), either unless model.pos_emb_shape says otherwise."""
     # The kind is checked before the overrides, which an encoder config would reject as unknown fields.
     if not isinstance(official_config(mc.name), CLIPConfig):
@@ -38,11 +37,11 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     if mc.init == "random" and not mc.pos_emb_shape:
         grid = mc.resolution // base.patch_size
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
-    elif is_safetensors(mc.init) and not mc.pos_emb_shape:
-        saved = safetensors_config(mc.init)[1].get("pos_emb_shape")
+    elif mc.init != "random" and not mc.pos_emb_shape:
+        saved = checkpoint_config(mc.init)[1].get("pos_emb_shape")
         if saved:
             overrides["pos_emb_shape"] = tuple(saved)
-    if is_safetensors(mc.init):
+    if mc.init != "random":
         _check_init(mc.init, official_config(mc.name, **overrides))
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
     if mc.init != "random":
@@ -51,10 +50,10 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
 
 
 def _check_init(path: str, config: CLIPConfig) -> None:
-    """model.init's safetensors against the model this run builds (`config`), by the config it carries: its load
-    said only a tensor's two shapes (another width) or the first keys of another model (a stage-2 export), neither
-    the field to set."""
-    kind, saved = safetensors_config(path)
+    """model.init against the model this run builds (`config`), by the config our safetensors carries or the shapes
+    of an official .npz's arrays tell: its load said only a tensor's two shapes (another width) or the first keys
+    of another model (a stage-2 export), neither the field to set."""
+    kind, saved = checkpoint_config(path)
     if kind and kind != "FactorizedVideoCLIP":
         raise ValueError(f"model.init={path!r} holds a {kind}; stage 1 starts from a video-text model: a stage-1 "
                          "run's export or an official LvT .npz (a stage-2 export is a student encoder)")

@@ -17,6 +17,7 @@ import sys
 import torch
 from torch import nn
 
+from videoprism.checkpoint import flax_config
 from videoprism.cli import run_command
 from videoprism.data.device import to_device
 from videoprism.flops import stage2_step_flops, temporal_pairs
@@ -145,10 +146,13 @@ class Stage2Task:
 
 def build_teacher(cfg: Config, device: torch.device) -> Teacher:
     """From a stage-1 export (its config travels in the file) or an official LvT .npz (the
-    config is model.name with the model.* overrides)."""
+    config is model.name with the model.* overrides, whose shape fields build_config took from the
+    file's array shapes)."""
     path = cfg.stage2.teacher
     if path.endswith(".npz"):
-        mc = dataclasses.replace(cfg.model, init=path)
+        # The text tower's fields too: stage 2 reads no text, but the teacher loads the whole file strictly.
+        text = {k: v for k, v in flax_config(path)[1].items() if k in ("num_unimodal_layers", "vocabulary_size")}
+        mc = dataclasses.replace(cfg.model, init=path, **text)
         return Teacher(build_clip(mc, vocab=None, device=device))
     if not path:
         raise ValueError("stage2.teacher is empty; pass the stage-1 export (e.g. "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import zipfile
 from dataclasses import asdict
@@ -364,6 +365,79 @@ def safetensors_config(path: str) -> tuple[str | None, dict]:
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: the config metadata is not a JSON object")
     return meta.get("class"), values
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """Each array's shape in an .npz, from its .npy header: no array is read (an official checkpoint is GBs)."""
+    _check_file(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint (not a zip archive of .npy arrays)")
+    fmt = np.lib.format
+    shapes = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith(".npy"):
+                    with z.open(name) as f:
+                        version = fmt.read_magic(f)
+                        header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                        shapes[name[:-4]] = tuple(header(f)[0])
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
+    return shapes
+
+
+def _stack_layers(shapes: dict, key: str) -> int:
+    """Layers of a scan-stacked transformer (their leading axis; 0: a stack of none has no keys)."""
+    return shapes.get(f"{key}/x_layers/ff_layer/ffn_layer1/linear/bias", (0,))[0]
+
+
+def _encoder_fields(shapes: dict, key: str) -> dict:
+    """The shape fields of the FactorizedEncoder under `key` ("params/", "params/vision_encoder/", ...)."""
+    out = {"model_dim": shapes[f"{key}patch_projection/linear/bias"][0]}
+    side = math.isqrt(shapes[f"{key}patch_projection/linear/kernel"][0] // 3)
+    if 3 * side * side == shapes[f"{key}patch_projection/linear/kernel"][0]:
+        out["patch_size"] = side
+    grid, frames = shapes.get(f"{key}spatial_pos_emb/emb_var"), shapes.get(f"{key}temporal_pos_emb/emb_var")
+    if grid and frames and math.isqrt(grid[0]) ** 2 == grid[0]:  # the official grids are square
+        out["pos_emb_shape"] = [frames[0], math.isqrt(grid[0]), math.isqrt(grid[0])]
+    for axis in ("spatial", "temporal"):
+        stack = f"{key}{axis}_encoder/transformers_stack"
+        out[f"num_{axis}_layers"] = _stack_layers(shapes, stack)
+        if out[f"num_{axis}_layers"]:
+            out["mlp_dim"] = shapes[f"{stack}/x_layers/ff_layer/ffn_layer1/linear/bias"][-1]
+        query = shapes.get(f"{stack}/x_layers/self_attention/query/w")  # [L, D, heads, head_dim]
+        if query:
+            out["num_heads"] = query[2]
+    return out
+
+
+# Where each official model keeps its video encoder (the first key found names the class).
+_FLAX_ENCODERS = (("FactorizedVideoCLIP", "params/vision_encoder/"), ("FactorizedVideoClassifier", "params/encoder/"),
+                  ("FactorizedEncoder", "params/"))
+
+
+def flax_config(path: str) -> tuple[str | None, dict]:
+    """The model class and the config fields that shape its weights, read off the array shapes of an official
+    `.npz` (which carries no config): what `safetensors_config` gives for our files, for the fields the shapes
+    tell (not the logit cap, nor a non-square position grid); (None, {}) for a file of another layout."""
+    shapes = _npz_shapes(path)
+    found = [(kind, key) for kind, key in _FLAX_ENCODERS if f"{key}patch_projection/linear/bias" in shapes]
+    if not found:
+        return None, {}
+    kind, key = found[0]
+    out = _encoder_fields(shapes, key)
+    if kind == "FactorizedVideoCLIP":
+        out["num_auxiliary_layers"] = _stack_layers(shapes, "params/auxiliary_encoder/transformers_stack")
+        out["num_unimodal_layers"] = _stack_layers(shapes, "params/text_encoder/unimodal_transformer")
+        if "params/text_encoder/token_emb/emb_var" in shapes:
+            out["vocabulary_size"] = shapes["params/text_encoder/token_emb/emb_var"][0]
+    return kind, out
+
+
+def checkpoint_config(path: str) -> tuple[str | None, dict]:
+    """`flax_config` of an official .npz, else `safetensors_config`."""
+    return flax_config(path) if os.fspath(path).lower().endswith(".npz") else safetensors_config(path)
 
 
 def config_fields(name: str, config) -> dict:

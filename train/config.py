@@ -407,6 +407,9 @@ def read_config_file(path: str) -> dict:
         data = toml.loads(text) if toml is not None else json.loads(text)
     except ValueError as e:   # json/toml decode errors are ValueErrors
         raise ValueError(f"{path}: not a valid {ext[1:].upper()} config ({e})") from None
+    except RecursionError:  # both parsers recurse per level: `a = [[[[...` 5000 deep ended in a traceback
+        raise ValueError(f"{path}: not a valid {ext[1:].upper()} config (arrays or tables nested too deep to "
+                         "read)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a table of sections, got {type(data).__name__}")
     return data

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import asdict
 from typing import Callable
 
@@ -28,7 +29,7 @@ from videoprism.config import narrow_config
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack
-from videoprism.paths import atomic_path, new_file_mode
+from videoprism.paths import atomic_path, json_loads, new_file_mode
 
 
 class CheckpointError(ValueError):
@@ -174,17 +175,25 @@ def _check_file(path: str) -> None:
         raise CheckpointError(f"{path}: no such checkpoint file")
 
 
+# What reading a damaged zip raises besides OSError and ValueError: a bad CRC or header, an unknown compression
+# method, a cut deflate stream.
+_ZIP_ERRORS = (zipfile.BadZipFile, NotImplementedError, EOFError, zlib.error)
+
+
 def _read_npz(path: str) -> dict[str, np.ndarray]:
-    _check_file(path)
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"{path}: not a readable .npz checkpoint (not a zip archive of .npy arrays)")
+    headers = _npz_headers(path)
+    for key, (shape, dtype, held) in headers.items():
+        if dtype.hasobject:
+            raise CheckpointError(f"{path}: {key} is a pickled (object) array, which is refused for safety; re-save "
+                                  "it with plain numeric arrays")
+        # A header's shape is allocated before its bytes are read: a damaged one asked for terabytes.
+        if (size := math.prod(shape) * dtype.itemsize) > held:
+            raise CheckpointError(f"{path}: {key} declares shape {shape} of {dtype} ({size} bytes) but holds {held} "
+                                  "bytes: a damaged file; restore it")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except ValueError as e:  # numpy refuses object arrays without allow_pickle
-        raise CheckpointError(f"{path}: holds a pickled (object) array, which is refused for safety; "
-                              f"re-save it with plain numeric arrays ({e})") from None
-    except (OSError, EOFError) as e:
+    except (ValueError, OSError, *_ZIP_ERRORS) as e:
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
 
 
@@ -337,7 +346,7 @@ def safetensors_clip(path: str) -> dict:
     with safe_open(path, framework="pt") as fh:
         text = (fh.metadata() or {}).get("clip")
     try:
-        clip = json.loads(text) if text else {}
+        clip = json_loads(text) if text else {}
     except json.JSONDecodeError:
         return {}
     ok = isinstance(clip, dict) and all(isinstance(clip.get(k), int) and clip[k] > 0
@@ -359,7 +368,7 @@ def safetensors_config(path: str) -> tuple[str | None, dict]:
     if "config" not in meta:
         return meta.get("class"), {}
     try:
-        values = json.loads(meta["config"])
+        values = json_loads(meta["config"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: the config metadata is not JSON ({e})") from None
     if not isinstance(values, dict):
@@ -367,24 +376,30 @@ def safetensors_config(path: str) -> tuple[str | None, dict]:
     return meta.get("class"), values
 
 
-def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    """Each array's shape in an .npz, from its .npy header: no array is read (an official checkpoint is GBs)."""
+def _npz_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+    """Each array's (shape, dtype, bytes its member holds after the header) in an .npz, from its .npy header: no array
+    is read (an official checkpoint is GBs)."""
     _check_file(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable .npz checkpoint (not a zip archive of .npy arrays)")
     fmt = np.lib.format
-    shapes = {}
+    headers = {}
     try:
         with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if name.endswith(".npy"):
-                    with z.open(name) as f:
+            for info in z.infolist():
+                if info.filename.endswith(".npy"):
+                    with z.open(info) as f:
                         version = fmt.read_magic(f)
                         header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                        shapes[name[:-4]] = tuple(header(f)[0])
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+                        shape, _, dtype = header(f)
+                        headers[info.filename[:-4]] = (tuple(shape), dtype, info.file_size - f.tell())
+    except (ValueError, OSError, *_ZIP_ERRORS) as e:
         raise CheckpointError(f"{path}: not a readable .npz checkpoint ({e})") from None
-    return shapes
+    return headers
+
+
+def _npz_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    return {key: shape for key, (shape, _, _) in _npz_headers(path).items()}
 
 
 def _stack_layers(shapes: dict, key: str) -> int:

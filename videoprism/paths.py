@@ -110,6 +110,17 @@ def new_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def json_loads(text: str | bytes):
+    """json.loads, where arrays or objects nested past Python's recursion limit (a line of 100000 "[") are a
+    JSONDecodeError like any other bad JSON: json raises RecursionError for them, which escaped every reader's
+    `except ValueError` (a manifest's line, a shard's .json, a pack's or a journal's header, a checkpoint's metadata)
+    as a traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("arrays or objects nested too deep to read", "", 0) from None
+
+
 def finite_or_null(obj):
     """`obj` (JSON values) with every non-finite float (a skipped step's NaN loss, an inf gradient norm) as None,
     to be written with allow_nan=False: what json.dumps writes for it, NaN or Infinity, is no JSON, and JavaScript's

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 
-from ..paths import echo
+from ..paths import echo, json_loads
 from .manifest import is_shard
 from .pack import _FILE, _stamp, content_hash
 
@@ -201,7 +201,7 @@ def _open_locked(path: str):
 def _why_ignored(first: bytes, key: dict) -> str | None:
     """Why a journal whose first line is `first` does not hold results of `key` (None: it does)."""
     try:
-        header = json.loads(first)
+        header = json_loads(first)
     except ValueError:
         header = None
     if not isinstance(header, dict) or header.get("journal") != MAGIC:
@@ -240,7 +240,7 @@ def _flags(options) -> str:
 def _entry(line: bytes, count: int):
     """(i, (fields, reason), stamp) of a journal line; None for a damaged one."""
     try:
-        i, fields, reason, stamp = json.loads(line)
+        i, fields, reason, stamp = json_loads(line)
     except (ValueError, TypeError):
         return None
     good = (type(i) is int and 0 <= i < count

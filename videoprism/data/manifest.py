@@ -27,7 +27,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import shlex
@@ -38,7 +37,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..paths import echo
+from ..paths import echo, json_loads
 from .errors import BadSampleBudget, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -183,8 +182,11 @@ class SampleList(Sequence):
         # Everything that can fail first: a sample is either appended whole (record, labels, fingerprint) or not at
         # all (read_manifest rejects the line it could not append).
         # A tuple of the values, not the dataclass: no field names in every record.
-        record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size, s.member,
-                               s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size,
+                                   s.member, s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
+        except RecursionError:  # json reads ~1000 levels, pickle fewer: a field 500 lists deep was a traceback
+            raise ValueError("a field's lists or objects are nested too deep to keep; flatten the field") from None
         key = _fingerprint_line(s)
         if self._pack is not None:  # a mapped pack is read-only: this list takes its own copy first
             self._check_all()  # a damaged record is not copied into the list's own buffers
@@ -338,8 +340,9 @@ def _number(rec: dict, key: str) -> float | None:
     value = rec.get(key)
     if value is None:
         return None
-    # json parses NaN and Infinity: not a time either.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    # json parses NaN and Infinity: not a time either; nor an int past a float's range (1e400 written as digits), which
+    # math.isfinite met with an OverflowError. The comparisons are exact for an int, and false for NaN.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
         raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {_shown(value)}")
     return float(value)
 
@@ -523,7 +526,7 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
                     bar.update(min(16384, total - bar.n))
                 try:
                     # utf-8-sig: a byte-order mark (some editors write one) is not part of the first line.
-                    rec = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip())
+                    rec = json_loads(raw.decode("utf-8-sig" if n == 1 else "utf-8").strip())
                     s = sample_from_record(rec, base)
                     if captions and s.caption is None:
                         raise ValueError(NO_CAPTION)
@@ -626,7 +629,12 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                             twice.pop(slot, None)
                         plain_slots.setdefault(key, set()).add(slot)
                     names[key, slot] = m.name
-                    entry[slot] = (m.offset_data, m.size, m.name) if slot in _MEDIA_SLOTS else tar.extractfile(m).read()
+                    if slot not in _MEDIA_SLOTS and m.size > MAX_TEXT_MEMBER:  # read whole: a 1 GB one took 1 GB
+                        entry.setdefault("large", f"its {slot} member {m.name} is {m.size} bytes, over the "
+                                                  f"{MAX_TEXT_MEMBER} a caption or .json may be; shorten it")
+                    else:
+                        entry[slot] = (m.offset_data, m.size, m.name) if slot in _MEDIA_SLOTS else \
+                            tar.extractfile(m).read()
         except (tarfile.TarError, EOFError) as e:
             # A cut or corrupt shard: keep the members before the damage (a video cut with the
             # shard fails to decode later and is skipped then); the rest of the shard is lost.
@@ -664,7 +672,13 @@ def _slot(field: str) -> str | None:
     return ext if ext in (".txt", ".json") else None
 
 
+# The most bytes a shard's .txt or .json member is read into memory for: a caption is tokenized to 64 tokens.
+MAX_TEXT_MEMBER = 1 << 20
+
+
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
+    if "large" in entry:
+        raise ValueError(entry["large"])
     media = next((slot for slot in _MEDIA_SLOTS if slot in entry), None)
     twice = [entry["twice"][slot] for slot in (media, ".txt", ".json") if slot in entry.get("twice", {})]
     if twice:  # which one is the sample's is not for the reader to guess
@@ -675,7 +689,7 @@ def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
     if ".txt" not in entry and captions:
         raise ValueError(f"no .txt member: {NO_CAPTION}")
     try:
-        rec = json.loads(_member_text(entry, ".json")) if ".json" in entry else {}
+        rec = json_loads(_member_text(entry, ".json")) if ".json" in entry else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"the .json member is not JSON ({_json_error(e)})") from None
     if not isinstance(rec, dict):

@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 
-from ..paths import echo
+from ..paths import echo, json_loads
 
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
@@ -398,16 +398,17 @@ def _parse(mapped: mmap.mmap):
             raise StalePack("is not a videoprism pack (bad magic bytes)")
         (n,) = struct.unpack_from("<Q", view, 8)
         raw = bytes(view[16:16 + n])
-        header = json.loads(raw)
+        header = json_loads(raw)
         # The version first: an older pack has no checksum where this one has.
         if isinstance(header, dict) and header.get("version") != VERSION:
             raise StalePack(f"has format version {header.get('version')}, this videoprism reads {VERSION}")
         if struct.unpack_from("<I", view, 16 + n)[0] != zlib.crc32(raw):
             raise ValueError("header checksum mismatch")
         _check_shape(header, _HEADER, "header")
+        for key in ("count", "lines", "uncaptioned"):  # a count past int64 (2**70) failed later, as an OverflowError
+            if not 0 <= header[key] < 2**63:
+                raise ValueError(f"header.{key} is {_shown(header[key])}, not a count")
         count = header["count"]
-        if count < 0:
-            raise ValueError(f"header.count is {count}, not a count")
         ends_at = 20 + n + (-(20 + n) % 8)
         crcs_at = ends_at + 8 * count
         data_at = crcs_at + 4 * count

@@ -1540,6 +1540,32 @@ def test_an_incomplete_checkpoint_folder_exports_as_one_line_naming_a_complete_o
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "m.safetensors")]) == 0  # step 2: complete
 
 
+def test_a_rank_file_of_another_structure_is_one_line_naming_it(tmp_path, capsys):
+    """A rank0.pt that loads but does not hold what the trainer writes (hand-made, another program's; fuzzing found
+    them) raised AttributeError (not a dict), TypeError (a 'world' of text), MemoryError (a 'world' of 10**12: that
+    many rank files listed as lost), KeyError (versions without numpy) from the code reading it, as tracebacks. Each
+    is a checkpoint that does not load, naming the file and the checkpoint before it."""
+    from videoprism.cli import main
+
+    make_trainer(tmp_path, "train.compile=false", "train.steps=2", "checkpoint.interval=1", "checkpoint.keep=5").fit()
+    step2 = tmp_path / "checkpoints" / "step_00000002"
+    good = torch.load(step2 / "rank0.pt", weights_only=False)
+    capsys.readouterr()
+    for bad, said in (([1, 2], "holds a list, not a rank's state"),
+                      ({**good, "world": "2"}, "'world' is 2, not a number of ranks"),
+                      ({**good, "world": 10 ** 12}, "'world' is 1000000000000, not a number of ranks"),
+                      ({**good, "world": torch.tensor(1)}, "not a number of ranks"),
+                      ({**good, "export": [1]}, "'export' is a list, not a dict"),
+                      ({**good, "export": {}}, "'export' names no prefix"),
+                      ({**good, "world": "x", "versions": {"torch": "1.0"}}, "it was written under torch 1.0 and "
+                                                                             "numpy None")):
+        torch.save(bad, step2 / "rank0.pt")
+        assert main(["export", str(step2)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: checkpoint {step2} does not load (rank0.pt: ") and said in err, err
+        assert "\n" not in err and f"videoprism export {step2.parent / 'step_00000001'}" in err, err
+
+
 def test_ddp_on_one_process_runs_unwrapped_and_a_warmup_past_the_end_is_said(tmp_path, capsys):
     """parallel.mode=ddp in one process failed after the data was decoded ("Default process group has not been
     initialized"); it runs unwrapped, as fsdp and hsdp do. A warm-up longer than the run (the tiny preset's 30

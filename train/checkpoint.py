@@ -476,7 +476,7 @@ def other_versions(path: str, export_here: bool = False) -> str:
     diff = [k for k in ("torch", "numpy") if theirs and str(theirs.get(k)).split("+")[0] != ours[k].split("+")[0]]
     if not diff:
         return ""
-    return (f"it was written under {' and '.join(f'{k} {theirs[k]}' for k in diff)}, this is "
+    return (f"it was written under {' and '.join(f'{k} {theirs.get(k)}' for k in diff)}, this is "
             f"{' and '.join(f'{k} {ours[k]}' for k in diff)}: resume it with the versions that wrote it, or carry its "
             f"model over: `videoprism export {path}` "
             + ("(its weights load here; only the RNG states do not)" if export_here else "under those versions")
@@ -514,9 +514,32 @@ def read_rank_state(path: str, rank: int, use: str = "resume") -> dict:
     try:
         # No unpickling of arbitrary objects; numpy arrays (its RNG state) are plain data.
         with torch.serialization.safe_globals(_NUMPY_ARRAYS):
-            return torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            state = torch.load(os.path.join(path, f"rank{rank}.pt"), weights_only=True)
+        _check_rank_state(state)
+        return state
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as e:
         raise damaged(path, f"rank{rank}.pt", e, use) from e
+
+
+# More ranks than any job has: a rank file recording more is not one the trainer wrote (a count of 10**12 made
+# written_ranks list that many lost files, MemoryError).
+_MAX_WORLD = 1 << 24
+
+
+def _check_rank_state(state) -> None:
+    """ValueError unless `state` has the structure Saver writes (a dict; `world` an int of ranks; `data`, `rng` and
+    `export` dicts, `export` naming its prefix): a rank file that loads but holds something else (hand-made, or
+    another program's) raised AttributeError, TypeError or KeyError from the code that reads it, as a traceback."""
+    if not isinstance(state, dict):
+        raise ValueError(f"holds a {type(state).__name__}, not a rank's state")
+    world = state.get("world", 1)
+    if type(world) is not int or not 1 <= world <= _MAX_WORLD:
+        raise ValueError(f"'world' is {str(world)[:40]}, not a number of ranks")
+    for key in ("data", "rng", "export"):
+        if key in state and not isinstance(state[key], dict):
+            raise ValueError(f"'{key}' is a {type(state[key]).__name__}, not a dict")
+    if "export" in state and not isinstance(state["export"].get("prefix"), str):
+        raise ValueError("'export' names no prefix")
 
 
 def read_metadata(path: str, use: str = "resume") -> Metadata:

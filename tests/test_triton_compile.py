@@ -16,12 +16,15 @@ import triton.language as tl  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VIDEOPRISM_TRITON_AUTOTUNE")}
+def _env(tmp_path) -> dict:
+    """The compiler's environment: Triton's cache in the test's folder, not the user's ~/.triton/cache (15 MB of
+    cubins, 39 folders, left behind by every run of this file)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VIDEOPRISM_TRITON_AUTOTUNE")}
+    return {**env, "TRITON_CACHE_DIR": str(tmp_path / "triton-cache")}
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tools.triton_compile_check", *args], cwd=ROOT, env=_env(),
+def _run(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tools.triton_compile_check", *args], cwd=ROOT, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=900)
 
 
@@ -39,7 +42,7 @@ def _early_exit_kernel(a_ptr, out_ptr, n, N: tl.constexpr):
 
 def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     report = tmp_path / "kernels.json"
-    r = _run("--coverage", "smoke", "--arch", "80", "--arch", "90", "--json", str(report))
+    r = _run(tmp_path, "--coverage", "smoke", "--arch", "80", "--arch", "90", "--json", str(report))
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     # Each kernel module took part (a recording that silently lost a module would pass).
     for name in ("_space_fwd_kernel", "_space_bwd_dkdv_kernel", "_time_bwd_kernel", "_scatter_tokens_fwd_kernel",
@@ -85,6 +88,6 @@ def test_a_kernel_the_compiler_rejects_fails_the_check(tmp_path):
     launches = tmp_path / "launches.json"
     launches.write_text(json.dumps([{"module": __name__, "name": "_early_exit_kernel",
                                      "args": [{"tensor": "float32"}, {"tensor": "float32"}, 8], "kwargs": {"N": 16}}]))
-    r = _run("--phase", "compile", "--launches", str(launches))
+    r = _run(tmp_path, "--phase", "compile", "--launches", str(launches))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "FAIL  sm_90 _early_exit_kernel" in r.stdout and "1 failed" in r.stdout

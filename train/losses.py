@@ -1,6 +1,7 @@
 """Losses of both stages and the cross-rank gather they need."""
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -11,8 +12,9 @@ from videoprism.kernels.token_ops_ref import acc_dtype
 
 # torch 2.14 deprecates the autograd all_gather below for one of the private torch.distributed._functional_collectives;
 # the public one works from torch 2.11 (the GPU machines') to 2.14, so its notice is not repeated by every rank.
+# Only for the call here (torch attributes the notice to its caller): a user's own all_gather keeps its notice.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                        category=FutureWarning)
+                        category=FutureWarning, module=re.escape(__name__) + r"\Z")
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

@@ -1076,6 +1076,41 @@ def test_a_worker_killed_once_in_a_good_file_costs_a_restart_not_the_file(synth,
     assert "a data loader worker died" in capfd.readouterr().err
 
 
+_KILLED_AFTER_A_BATCH = """
+import os, signal, sys
+import videoprism.data.decode as decode
+from videoprism.data.loader import build_loader
+real = decode.decode_clip
+decodes = []
+def killed_once(*a, **k):  # a worker's 4th decode (it has sent batches): killed, as by the OOM killer, once
+    decodes.append(1)
+    if len(decodes) == 4 and not os.path.exists(sys.argv[2]):
+        open(sys.argv[2], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **k)
+decode.decode_clip = killed_once
+loader = build_loader(os.path.join(sys.argv[1], "train.jsonl"), num_frames=8, resolution=36, batch_size=1,
+                      train=True, tokenizer=os.path.join(sys.argv[1], "spm.model"), backend="pyav", num_workers=1)
+print(sum(1 for _ in loader))
+"""
+
+
+def test_a_worker_killed_after_sending_a_batch_leaves_nothing_in_the_temp_folder(tmp_path, synth):
+    """A worker makes a /tmp/pymp-* folder (with the socket that hands a batch's shared memory over) when it sends
+    its first batch, and removes it as it exits: one killed (the OOM killer, a decoder crash or hang) left it in
+    the user's /tmp, one folder per worker killed over a run."""
+    import subprocess
+    import sys
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    r = subprocess.run([sys.executable, "-c", _KILLED_AFTER_A_BATCH, synth, str(tmp_path / "killed")],
+                       capture_output=True, text=True, timeout=HANG_S, env={**os.environ, "TMPDIR": str(tmp)})
+    assert r.returncode == 0 and (tmp_path / "killed").exists(), r.stderr[-3000:]
+    assert int(r.stdout.split()[-1]) == len(_loader(synth).samples)
+    assert os.listdir(tmp) == []
+
+
 def test_epoch_moves_to_another_number_of_ranks_without_repeats_or_gaps(synth):
     """Positions of 3 ranks (unequal, as when one skipped bad files) moved to 2 ranks, and those to 3 again: the new
     ranks' orders and everything read before are disjoint and together the epoch; the states survive JSON;

@@ -37,6 +37,7 @@ import ctypes
 import errno
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -290,6 +291,14 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
         super()._reset(loader, first_iter)
 
 
+def _share_temp_dir() -> None:
+    """A worker makes a pymp-* folder in the temp folder the first time it sends a batch (the socket that hands the
+    batch's shared memory over) and removes it at its exit: a worker killed (the OOM killer, a crash or hang in the
+    decoder, a restart's SIGKILL) left it in the user's /tmp, one per worker killed. The loader's process makes its
+    own before the workers start: multiprocessing hands it to them (every start method), and removes it at exit."""
+    multiprocessing.util.get_temp_dir()
+
+
 def _start_fork_server(ctx) -> None:
     """Under forkserver (Python 3.14's default) the workers' OS parent is the fork server, a child of the loader's
     process in its process group that keeps the default action of SIGTERM and SIGUSR1: a scheduler's notice to
@@ -315,6 +324,7 @@ class _WatchedDataLoader(torch.utils.data.DataLoader):
         if self.num_workers == 0:
             return super()._get_iterator()
         self.check_worker_number_rationality()  # as the base class: a warning when workers outnumber the cores
+        _share_temp_dir()
         _start_fork_server(self.multiprocessing_context or multiprocessing.get_context())
         return _SynchronouslyWatchedIter(self)
 

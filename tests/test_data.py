@@ -982,8 +982,10 @@ def test_a_worker_stuck_in_a_decode_dies_with_its_parent(tmp_path, synth):
 
     # Files, not pipes: a leaked worker would hold a pipe open and hang the wait for its end.
     with open(tmp_path / "stderr", "w") as err:
+        # its temp folder too: killed outright, the parent leaves its multiprocessing folder (pymp-*) there
         r = subprocess.run([sys.executable, "-c", _KILLED_MID_DECODE, synth, str(tmp_path / "first"),
-                            str(tmp_path / "pids")], stdout=subprocess.DEVNULL, stderr=err, timeout=HANG_S)
+                            str(tmp_path / "pids")], stdout=subprocess.DEVNULL, stderr=err, timeout=HANG_S,
+                           env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()[-2000:]
     workers = [int(p) for p in (tmp_path / "pids").read_text().split()]
     assert workers

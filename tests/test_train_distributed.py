@@ -36,6 +36,15 @@ TINY = ["model.model_dim=16", "model.num_heads=2", "model.mlp_dim=32", "model.nu
 STAGE2 = ["stage2.decoder_dim=16", "stage2.decoder_layers=1", "stage2.decoder_heads=2"]  # stage 1 would note them
 
 
+@pytest.fixture(scope="module", autouse=True)
+def children_temp_dir(tmp_path_factory):
+    """torchrun makes a torchelastic_* folder in the temp folder at every launch and never removes it (36 in /tmp
+    after a run of this file): the processes this file starts get a temp folder of pytest's, which pytest removes."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("children_tmp")))
+        yield
+
+
 def command(stage: int, out: str, args, nproc: int = 1) -> list[str]:
     launcher = [sys.executable]
     if nproc > 1:

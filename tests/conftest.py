@@ -139,3 +139,20 @@ def full_disk(monkeypatch):
         monkeypatch.setattr(builtins, "open", fake_open)
 
     return fail_on
+
+
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A one-rank gloo process group (the default one) for the test, destroyed after it. init_process_group also
+    wraps sys.excepthook to prefix "[rank0]: ", and destroy_process_group leaves it wrapped: each such test added a
+    wrapper around the hook of every later test in the process."""
+    import sys
+
+    import torch.distributed as dist
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

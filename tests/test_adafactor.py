@@ -171,8 +171,8 @@ def test_bad_hyper_parameters_are_refused_by_name():
 
 
 @pytest.mark.parametrize("switches", [{}, {"momentum": 0.9, "relative_step": False}], ids=["torch", "switches"])
-def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tmp_path, monkeypatch, stacking,
-                                                                                switches):
+def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(one_rank_group, monkeypatch,
+                                                                                stacking, switches):
     """FSDP2 parameters (DTensors, here on a one-rank mesh): the sums that cross shards go out in one
     all-reduce before the update direction and one after, not a few per parameter; the update is the
     unsharded one and the state is stored as DTensors (what distributed checkpoints save and reshard)."""
@@ -180,37 +180,33 @@ def test_sharded_parameters_take_two_collectives_a_step_whatever_their_number(tm
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        def model():
-            torch.manual_seed(0)
-            return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
-                                         for _ in range(5)])
-        plain, sharded = model(), model()
-        for block in sharded:
-            fully_shard(block)
-        fully_shard(sharded)
-        # Two parameter groups, as the trainer makes them (weight decay on matrices only): one pair of
-        # all-reduces for both.
-        opts = [Adafactor([{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.1},
-                           {"params": [p for p in m.parameters() if p.ndim == 1]}], lr=0.05, **switches)
-                for m in (plain, sharded)]
-        calls = []
-        real = dist.all_reduce
-        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
-        x = torch.randn(3, 6)
-        for step in range(3):
-            for m, opt in zip((plain, sharded), opts):
-                m(x * (step + 1)).square().sum().backward()
-                opt.step()
-                opt.zero_grad()
-        assert len(calls) == 3 * 2, len(calls)  # 20 parameters
-        for a, b in zip(plain.parameters(), sharded.parameters()):
-            torch.testing.assert_close(a, b.full_tensor(), rtol=1e-6, atol=1e-7)
-        assert all(isinstance(v, DTensor) for st in opts[1].state.values() for k, v in st.items() if k != "step")
-        assert all(("momentum" in st) == bool(switches) for st in opts[1].state.values())
-    finally:
-        dist.destroy_process_group()
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.LayerNorm(6))
+                                     for _ in range(5)])
+    plain, sharded = model(), model()
+    for block in sharded:
+        fully_shard(block)
+    fully_shard(sharded)
+    # Two parameter groups, as the trainer makes them (weight decay on matrices only): one pair of
+    # all-reduces for both.
+    opts = [Adafactor([{"params": [p for p in m.parameters() if p.ndim > 1], "weight_decay": 0.1},
+                       {"params": [p for p in m.parameters() if p.ndim == 1]}], lr=0.05, **switches)
+            for m in (plain, sharded)]
+    calls = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 6)
+    for step in range(3):
+        for m, opt in zip((plain, sharded), opts):
+            m(x * (step + 1)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert len(calls) == 3 * 2, len(calls)  # 20 parameters
+    for a, b in zip(plain.parameters(), sharded.parameters()):
+        torch.testing.assert_close(a, b.full_tensor(), rtol=1e-6, atol=1e-7)
+    assert all(isinstance(v, DTensor) for st in opts[1].state.values() for k, v in st.items() if k != "step")
+    assert all(("momentum" in st) == bool(switches) for st in opts[1].state.values())
 
 
 def test_chunks_hold_at_most_chunk_elements_unless_one_parameter_is_larger(monkeypatch, stacking):

@@ -1598,11 +1598,10 @@ def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(
     assert results[1] == [([1, 3], clip, 1, results[1][0][3]), ([-1, -1], clip, 0, 2)]  # a token per caption
 
 
-def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
+def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(one_rank_group):
     """Under FSDP2's bf16 compute policy (what a GPU run gets; forced here on a one-rank CPU
     mesh) the encoder's parameters arrive in bf16 and the temperature in fp32, exactly its
     master value; in one group with the rest it was rounded to bf16 (the negative control)."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from videoprism.masking import tube_mask
@@ -1611,38 +1610,33 @@ def test_fsdp_bf16_policy_leaves_the_temperature_in_fp32(tmp_path):
     from videoprism.train.stage1 import ContrastiveModel
 
     cfg = build_config("tiny", ["model.num_frames=2", "model.resolution=16"], 1)
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        seen = {}
-        for own_fp32 in (True, False):
-            torch.manual_seed(0)
-            m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.0123,
-                                 max_logit_scale=100, lit=False)
-            master = m.logit_scale.detach().clone()
-            m.fp32_own_params = own_fp32
-            shard(m, init_device_mesh("cpu", (1,)), bf16=True)
-            m.clip.vision_encoder.register_forward_pre_hook(
-                lambda mod, args: seen.update(encoder=mod.spatial_pos_emb.dtype))
-            pos = tube_mask(2, 2, (2, 2), 0.5, seed=0)[:, :1]
-            video = torch.randint(0, 256, (2, 2, 16, 16, 3), dtype=torch.uint8)
-            v, t, log_scale = m(video, torch.randint(0, 50, (2, 5)), torch.zeros(2, 5), pos=pos)
-            assert seen["encoder"] == torch.bfloat16 and v.dtype == torch.bfloat16
-            if own_fp32:
-                assert log_scale.dtype == torch.float32 and torch.equal(log_scale.detach(), master)
-                contrastive_loss(v, t, log_scale).backward()
-                assert m.logit_scale.grad is not None and m.logit_scale.grad.dtype == torch.float32
-            else:
-                assert log_scale.dtype == torch.bfloat16 and not torch.equal(log_scale.detach().float(), master)
-    finally:
-        dist.destroy_process_group()
+    seen = {}
+    for own_fp32 in (True, False):
+        torch.manual_seed(0)
+        m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.0123,
+                             max_logit_scale=100, lit=False)
+        master = m.logit_scale.detach().clone()
+        m.fp32_own_params = own_fp32
+        shard(m, init_device_mesh("cpu", (1,)), bf16=True)
+        m.clip.vision_encoder.register_forward_pre_hook(
+            lambda mod, args: seen.update(encoder=mod.spatial_pos_emb.dtype))
+        pos = tube_mask(2, 2, (2, 2), 0.5, seed=0)[:, :1]
+        video = torch.randint(0, 256, (2, 2, 16, 16, 3), dtype=torch.uint8)
+        v, t, log_scale = m(video, torch.randint(0, 50, (2, 5)), torch.zeros(2, 5), pos=pos)
+        assert seen["encoder"] == torch.bfloat16 and v.dtype == torch.bfloat16
+        if own_fp32:
+            assert log_scale.dtype == torch.float32 and torch.equal(log_scale.detach(), master)
+            contrastive_loss(v, t, log_scale).backward()
+            assert m.logit_scale.grad is not None and m.logit_scale.grad.dtype == torch.float32
+        else:
+            assert log_scale.dtype == torch.bfloat16 and not torch.equal(log_scale.detach().float(), master)
 
 
-def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path):
+def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(one_rank_group):
     """The trainer compiles each block's forward, under FSDP2 too: one code object (TransformerBlock.forward) to Dynamo for every
     block, with a graph per kind of block (spatial, temporal, text) and per pass (the training step, GradCache's
     no-grad embedding, the evaluation on full clips, its last smaller batch): 12 here, past Dynamo's 8 per code
     object, and fullgraph failed a run with a data.val at its evaluation. On a one-rank CPU mesh."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     from videoprism.masking import tube_mask
@@ -1658,9 +1652,8 @@ def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path
         video = torch.randint(0, 256, (b, 2, 16, 16, 3), dtype=torch.uint8)
         return m(video, torch.randint(1, 50, (b, 8)), torch.zeros(b, 8), pos=pos)
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    torch._dynamo.reset()
     try:
-        torch._dynamo.reset()
         with torch._dynamo.config.patch(recompile_limit=8):  # dynamo's default, whatever ran before
             m = ContrastiveModel(build_clip(cfg.model, vocab=50, device=torch.device("cpu")), temperature_init=0.07,
                                  max_logit_scale=100, lit=False)
@@ -1673,7 +1666,6 @@ def test_fsdp_compiled_blocks_take_every_step_evaluation_and_batch_size(tmp_path
                 forward(m, 1, masked=False)
     finally:
         torch._dynamo.reset()
-        dist.destroy_process_group()
 
 
 def test_seed_process_seeds_every_global_generator():

@@ -1089,17 +1089,20 @@ def _on_two_ranks(target, *args, start: str = "fork") -> tuple[list[bool], dict]
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context(start)
-    errors = ctx.Manager().dict()
-    procs = [ctx.Process(target=target, args=(r, port, *args, errors)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    alive = [p.is_alive() for p in procs]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    return alive, errors
+    # The manager's server process ends here, not when the garbage collector finds the proxy (a later test).
+    with ctx.Manager() as manager:
+        errors = manager.dict()
+        procs = [ctx.Process(target=target, args=(r, port, *args, errors)) for r in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        alive = [p.is_alive() for p in procs]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        return alive, dict(errors)
 
 
 def _global_batch(n=8, d=16):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tarfile
 import zipfile
@@ -15,6 +16,7 @@ import torch
 
 from videoprism.checkpoint import CheckpointError, _read_npz, safetensors_config
 from videoprism.data import manifest as manifest_mod
+from videoprism.data.errors import TooManyBadSamplesError
 from videoprism.data.journal import MAGIC, VERSION, Journal
 from videoprism.data.manifest import read_manifest, read_shards
 from videoprism.data.pack import StalePack, pack_path, read_pack, write_pack
@@ -139,3 +141,102 @@ def test_npz_of_a_huge_declared_shape_or_a_bad_crc_is_a_checkpoint_error(tmp_pat
     open(path, "wb").write(bytes(data))
     with pytest.raises(CheckpointError, match="not a readable .npz"):
         _read_npz(path)
+
+
+def _member(name, data=b"", **fields) -> tuple[tarfile.TarInfo, io.BytesIO | None]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for k, v in fields.items():
+        setattr(info, k, v)
+    return info, io.BytesIO(data) if data else None
+
+
+def test_shard_links_devices_folders_and_sparse_members_are_not_read_and_reject_their_key(tmp_path):
+    """A symlink, hard link, device, FIFO or folder named as a key's video or caption was dropped without a word: the
+    key's reason was "no video or image member" (or "no .txt member") beside its a.mp4. A sparse video's byte range
+    is not the file's. Each is named now; none is followed (/etc/passwd is no caption)."""
+    sym, lnk = tarfile.SYMTYPE, tarfile.LNKTYPE
+    special = [("s1.mp4", dict(type=sym, linkname="ok.mp4")), ("s2.mp4", dict(type=sym, linkname="/etc/passwd")),
+               ("s3.mp4", dict(type=sym, linkname="gone.mp4")), ("h.mp4", dict(type=lnk, linkname="ok.mp4")),
+               ("c.mp4", dict(type=tarfile.CHRTYPE, devmajor=1, devminor=3)), ("f.mp4", dict(type=tarfile.FIFOTYPE)),
+               ("d.mp4", dict(type=tarfile.DIRTYPE)), ("sp.mp4", dict(type=tarfile.GNUTYPE_SPARSE))]
+    tar = str(tmp_path / "s.tar")
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT) as t:
+        for info, data in [_member("ok.mp4", b"x"), _member("ok.txt", b"ok"), _member("t.mp4", b"x"),
+                           _member("t.txt", type=sym, linkname="/etc/passwd"), _member("dir", type=tarfile.DIRTYPE),
+                           *(_member(name, **fields) for name, fields in special),
+                           *(_member(name[:-4] + ".txt", b"c") for name, _ in special)]:
+            t.addfile(info, data)
+    samples, rejects = read_shards([tar], max_bad_share=1.0)
+    assert [s.member for s in samples] == ["ok.mp4"]
+    kinds = {"s1": "a symbolic link (to 'ok.mp4')", "s2": "a symbolic link (to '/etc/passwd')",
+             "s3": "a symbolic link (to 'gone.mp4')", "h": "a hard link (to 'ok.mp4')", "c": "a device",
+             "f": "a FIFO", "d": "a directory", "sp": "a sparse file (tar --sparse)"}
+    want = {f"{tar}:{k}": f"its video member {k}.mp4 is {kind}, not a plain file: it is not read; a shard holds its "
+                          "files' bytes (tar --dereference --hard-dereference, without --sparse)"
+            for k, kind in kinds.items()}
+    want[f"{tar}:t"] = want[f"{tar}:s2"].replace("video member s2.mp4", ".txt member t.txt")
+    assert dict(rejects) == want  # the folder "dir" is no key
+
+
+def test_a_shard_member_past_the_end_of_its_file_is_rejected_not_read(tmp_path):
+    """The last member of a cut shard declaring 2**50 bytes (a header intact, its data cut) was read with
+    f.read(2**50): `data index` stopped on a MemoryError ("out of memory ... use a smaller batch"). Now it is that
+    member's reject, beside the shard's."""
+    from videoprism.data.index import index_dataset
+
+    head, _ = _member("a.mp4")
+    head.size = 1 << 50
+    tar = _tar(tmp_path / "cut.tar", [("a.txt", b"a caption")])
+    with open(tar, "r+b") as f:
+        f.truncate(1024)  # a.txt's header and data, then a.mp4's header and 100 of its bytes
+        f.seek(1024)
+        f.write(head.tobuf(tarfile.PAX_FORMAT) + b"v" * 100)
+    counts = index_dataset([tar], str(tmp_path / "clean.jsonl"), workers=1)
+    assert (counts["kept"], counts["rejected"]) == (0, 2)
+    offset = read_shards([tar], max_bad_share=1.0)[0][0].offset
+    reasons = {r["path"]: r["reason"] for r in map(json.loads, open(str(tmp_path / "clean.rejects.jsonl")))}
+    assert reasons[f"{tar}:a.mp4"] == (f"truncated: its bytes [{offset}, {offset + (1 << 50)}) pass the end of the "
+                                       f"file ({offset + 100} bytes): a cut shard (copy it again) or a wrong "
+                                       "'offset' / 'size'")
+    assert reasons[tar].startswith("truncated or not a tar file: read stopped after 2 members")
+
+
+def test_a_compressed_shard_is_refused_in_one_line_naming_the_compression(tmp_path):
+    """A .tar.gz was "a binary file, not a JSONL manifest" (as a manifest), and a gzip-compressed .tar "truncated or
+    not a tar file": neither said it was compressed, nor that shards are read uncompressed."""
+    tar = _tar(tmp_path / "s.tar", [("a.mp4", b"x"), ("a.txt", b"c")])
+    gz = str(tmp_path / "s.tar.gz")
+    with open(tar, "rb") as f, open(gz, "wb") as g:
+        g.write(zlib.compressobj(wbits=31).compress(f.read()))  # wbits=31: a gzip stream
+    with pytest.raises(ValueError, match=r"s\.tar\.gz is a gzip-compressed file: manifests and shards are read "
+                                         r"uncompressed .*; decompress it and pass the \.jsonl or \.tar$"):
+        manifest_mod.read_source([gz])
+    os.replace(gz, tar)  # named as a shard
+    with pytest.raises(TooManyBadSamplesError, match=f"{tar}: a gzip-compressed file, not a plain tar: decompress it"):
+        read_shards([tar, _tar(tmp_path / "b.tar", [("b.mp4", b"x"), ("b.txt", b"c")])])
+
+
+def test_shard_member_names_are_keys_only_and_the_index_of_them_loads(tmp_path):
+    """'../', absolute, non-UTF-8 and 300-character (PAX) member names are names, not paths: their videos are byte
+    ranges of the shard, kept under those names; a symlink to /etc/passwd is the one reject, named by shard and key.
+    The clean manifest loads."""
+    from videoprism.data.index import index_dataset
+    from videoprism.data.loader import build_loader
+    from videoprism.data.synth import generate
+
+    generate(str(tmp_path), 2, seed=0, size=32, num_frames=4, workers=1)
+    video = (tmp_path / "clips" / "000000.webm").read_bytes()
+    keys = ["../up", "/tmp/abs", "bad\udcffname", "L" * 300]
+    tar = _tar(tmp_path / "s.tar", [m for k in keys for m in ((f"{k}.webm", video), (f"{k}.txt", k[:3].encode()))])
+    with tarfile.open(tar, "a") as t:
+        t.addfile(*_member("s.webm", type=tarfile.SYMTYPE, linkname="/etc/passwd"))
+        t.addfile(*_member("s.txt", b"c"))
+    out = str(tmp_path / "clean.jsonl")
+    assert index_dataset([tar], out, workers=1)["kept"] == 4
+    (report,) = map(json.loads, open(str(tmp_path / "clean.rejects.jsonl")))
+    assert report["path"] == f"{tar}:s" and "s.webm is a symbolic link (to '/etc/passwd')" in report["reason"]
+    assert [json.loads(line)["member"] for line in open(out)] == [f"{k}.webm" for k in keys]
+    batch = next(iter(build_loader(out, num_frames=4, resolution=32, batch_size=4, train=False, tokenizer=None,
+                                   backend="pyav")))
+    assert batch["video"].shape[0] == 4 and batch["caption"] == ["../", "/tm", "bad", "LLL"]

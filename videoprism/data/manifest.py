@@ -15,7 +15,9 @@ WebDataset shard: a tar whose members are grouped by key (the name up to the fir
 .webm, .mkv, .avi, .mov, .m4v) or one image member (.jpg, .jpeg, .png, .webp: a one-frame video, as an image file
 listed in a manifest is), a `.txt` caption (which only a reader that needs captions requires) and optionally a
 `.json` object with start/end/label/dataset. A key with both a video and an image member is its video: the image is
-taken for its thumbnail (video datasets ship one per clip) and ignored.
+taken for its thumbnail (video datasets ship one per clip) and ignored. Member names are keys, not paths ('../' or a
+leading '/' opens nothing); a member that is no plain file (link, device, FIFO, folder, sparse file) is never followed
+or read: its key is rejected. Shards are read uncompressed (a member's bytes in place).
 
 Bad lines or members (bad JSON, missing path, empty or non-UTF-8 caption, ...) are skipped and reported; reading
 stops with `TooManyBadSamplesError` only when their share passes `max_bad_share`.
@@ -38,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..paths import echo, json_loads
-from .errors import BadSampleBudget, FileNameEncodingError, NoUsableSamplesError
+from .errors import BadSampleBudget, BadVideoError, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 # The image formats of public image-text shards; FFmpeg decodes each as a one-frame video (decode.py), as it does an
@@ -76,6 +78,13 @@ class Sample:
         if self.offset is None:
             return self.path
         with open(self.path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            # A cut shard's last member (or a wrong line) declares bytes the file lacks: read(50 GB) of them asked
+            # for 50 GB up front, a MemoryError that stopped `data index`.
+            if self.offset + self.size > end:
+                raise BadVideoError(self.name, f"truncated: its bytes [{self.offset}, {self.offset + self.size}) "
+                                               f"pass the end of the file ({end} bytes): a cut shard (copy it "
+                                               "again) or a wrong 'offset' / 'size'")
             f.seek(self.offset)
             return f.read(self.size)
 
@@ -603,19 +612,22 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
             with tarfile.open(tar_path, "r:") as tar:
                 for m in tar:
                     members += 1
-                    if not m.isfile():
-                        continue
                     base = os.path.basename(m.name)
                     key, _, field = base.partition(".")
                     key = os.path.join(os.path.dirname(m.name), key)
-                    entry = by_key.setdefault(key, {})
                     # WebDataset keys end at the first dot, so "clip.v1.mp4" is key "clip", field "v1.mp4":
                     # the member's kind is its last extension. A plain field ("mp4") wins over a compound
                     # one ("preview.mp4") of the same kind, whichever comes first in the tar.
                     slot = _slot(field)
-                    plain = "." not in field
-                    if slot is None:
+                    unread = _unread_member(m, slot)
+                    if not m.isfile() and not unread:  # a folder, or a link of no kind a sample reads
                         continue
+                    entry = by_key.setdefault(key, {})
+                    if unread:  # the key's reason (dropped without a word, it was "no video or image member")
+                        entry.setdefault("unread", unread)
+                    if slot is None or unread:
+                        continue
+                    plain = "." not in field
                     # Per slot: a plain caption settles which of two compound captions is meant, not which video;
                     # two images beside the video that is the sample do not make the key ambiguous.
                     twice = entry.setdefault("twice", {})
@@ -635,10 +647,13 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                     else:
                         entry[slot] = (m.offset_data, m.size, m.name) if slot in _MEDIA_SLOTS else \
                             tar.extractfile(m).read()
-        except (tarfile.TarError, EOFError) as e:
+        except (tarfile.TarError, EOFError, OSError) as e:
             # A cut or corrupt shard: keep the members before the damage (a video cut with the
-            # shard fails to decode later and is skipped then); the rest of the shard is lost.
-            broken.append((tar_path, f"truncated or not a tar file: read stopped after {members} members ({e})"))
+            # shard is rejected when read, Sample.source); the rest of the shard is lost. OSError: a header
+            # declaring 2**50 bytes, past the largest file the file system holds, made tarfile's seek fail (EINVAL).
+            what = _compressed(tar_path) if not members else None
+            broken.append((tar_path, f"{what}, not a plain tar: decompress it" if what else
+                           f"truncated or not a tar file: read stopped after {members} members ({e})"))
         groups.extend((tar_path, k, v) for k, v in by_key.items())
     budget = BadSampleBudget(total=len(groups) + len(broken), max_share=max_bad_share, what="shard samples",
                              clean=_clean_command(" ".join(shlex.quote(str(p)) for p in paths), captions))
@@ -676,9 +691,29 @@ def _slot(field: str) -> str | None:
 MAX_TEXT_MEMBER = 1 << 20
 
 
+def _unread_member(m: tarfile.TarInfo, slot: str | None) -> str | None:
+    """Why a key's video, image, caption or .json member `m` is not read, or None. A member that is no plain file
+    is never followed (a link's target is a path on the host, or another member) nor opened; a sparse one's bytes
+    are not the file's (holes left out), so no byte range of the shard is its video."""
+    if slot is None:
+        return None
+    if m.issym() or m.islnk():
+        kind = f"a {'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r})"
+    elif m.isfile():
+        if m.sparse is None or slot not in _MEDIA_SLOTS:  # tarfile reads a sparse caption whole
+            return None
+        kind = "a sparse file (tar --sparse)"
+    else:
+        kind = {tarfile.DIRTYPE: "a directory", tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a device",
+                tarfile.BLKTYPE: "a device"}.get(m.type, f"of tar type {m.type!r}")
+    return (f"its {slot} member {m.name} is {kind}, not a plain file: it is not read; a shard holds its files' "
+            "bytes (tar --dereference --hard-dereference, without --sparse)")
+
+
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:
-    if "large" in entry:
-        raise ValueError(entry["large"])
+    for reason in ("large", "unread"):
+        if reason in entry:
+            raise ValueError(entry[reason])
     media = next((slot for slot in _MEDIA_SLOTS if slot in entry), None)
     twice = [entry["twice"][slot] for slot in (media, ".txt", ".json") if slot in entry.get("twice", {})]
     if twice:  # which one is the sample's is not for the reader to guess
@@ -713,6 +748,21 @@ def _member_text(entry: dict, slot: str) -> str:
                          "UTF-8") from None
 
 
+# The magic numbers of the compressions tar archives ship in (.tar.gz, .tar.bz2, .tar.xz, .tar.zst).
+_COMPRESSIONS = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _compressed(path: str) -> str | None:
+    """'a gzip-compressed file' (bzip2, xz, zstd) when `path` starts with such a stream, else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:  # the reader that opens it says why
+        return None
+    return next((f"a {name}-compressed file" for magic, name in _COMPRESSIONS.items() if head.startswith(magic)),
+                None)
+
+
 def is_shard(path: str) -> bool:
     """Whether `path` names a WebDataset shard: a .tar, in any case (a shard written on a case-insensitive file
     system, "SHARD-000.TAR")."""
@@ -723,6 +773,10 @@ def read_source(source: str | list[str], *, max_bad_share: float = 0.01, caption
     """A manifest (.jsonl) or a list of shards (.tar), chosen by extension. `captions`: read_manifest's."""
     paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     paths = [os.fspath(p) for p in paths]
+    for p in paths:
+        if not is_shard(p) and _compressed(p):  # else "a binary file, not a JSONL manifest"
+            raise ValueError(f"{p} is {_compressed(p)}: manifests and shards are read uncompressed (a shard's "
+                             "videos in place, by byte ranges); decompress it and pass the .jsonl or .tar")
     if paths and all(is_shard(p) for p in paths):
         return read_shards(paths, max_bad_share=max_bad_share, captions=captions)
     if len(paths) == 1:

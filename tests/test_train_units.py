@@ -909,6 +909,40 @@ def test_a_failed_checkpoint_write_is_one_error_naming_folder_cause_and_fix(tmp_
     assert sorted(os.listdir(tmp_path)) == ["step_00000001"]  # the unfinished folder's space given back
 
 
+@pytest.mark.parametrize("where", ["shards", "rank_file"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_ctrl_c_in_a_checkpoint_write_leaves_no_unfinished_folder(tmp_path, monkeypatch, where, async_save):
+    """Ctrl-C while a save wrote (DCP's shards, wrapped in its CheckpointException, or the rank file, raised bare)
+    left step_N.tmp, a checkpoint's size, behind the interrupted run: it is removed as a failed write's is."""
+    import torch.distributed.checkpoint.filesystem as fs
+
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Saver(str(tmp_path), keep=2, async_save=async_save)
+    first = saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={})
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(*((fs, "_write_item") if where == "shards" else (ckpt, "_save_synced")), ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(2, model, opt, trainer_state={"step": 2}, rank_state={}, wait=False)
+        saver.finish()
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001"] and ckpt.latest(str(tmp_path)) == first
+
+
+def test_a_background_write_dropped_after_a_failure_leaves_no_unfinished_folder(tmp_path):
+    """A run that fails (or is interrupted) while an asynchronous save is in flight waits for it in drop(): its
+    step_N.tmp stayed until a later run of the same folder started. In one process nothing else writes in it."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Saver(str(tmp_path), keep=2, async_save=True)
+    saver.save(1, model, opt, trainer_state={"step": 1}, rank_state={}, wait=False)
+    assert os.listdir(tmp_path) == ["step_00000001.tmp"]
+    saver.drop()
+    assert os.listdir(tmp_path) == [] and saver.pending is None
+
+
 def test_a_rank_alone_in_a_failed_write_leaves_the_folder_the_others_write(tmp_path, monkeypatch):
     """Under torchrun a rank's own error (its rank file on a full disk) comes while the other ranks still write
     their shards into the same .tmp folder: that rank must not remove it under them (clear_unfinished does,

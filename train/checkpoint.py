@@ -156,13 +156,16 @@ def _writing(tmp: str, root: str):
     prints it as one line)."""
     try:
         yield
-    except (CheckpointException, OSError) as e:
-        interrupt(e)
+    except (CheckpointException, OSError, KeyboardInterrupt) as e:
         # The unfinished folder goes now: on a full disk its space is what the next run's config.json needs
-        # (clear_unfinished removes it only after that write). Only once no rank writes in it: DCP raises its
-        # CheckpointException on every rank after all are done; another error (a rank file) is this rank's alone.
+        # (clear_unfinished removes it only after that write); after Ctrl-C, a checkpoint's size of disk until the
+        # next run. Only once no rank writes in it: DCP raises its CheckpointException on every rank after all are
+        # done; another error (a rank file, a Ctrl-C outside DCP) is this rank's alone.
         if isinstance(e, CheckpointException) or not _distributed():
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        interrupt(e)
         kept, fix = latest(root), ""
         if any(isinstance(x, OSError) for x in _rank_errors(e).values()):
             # Without a complete checkpoint there is nothing to --resume (it stops on "no complete checkpoint").
@@ -380,10 +383,13 @@ class Saver:
 
     def drop(self) -> None:
         """After a failure elsewhere: wait for the background write without raising its error
-        or publishing it (its thread must not outlive the process group it uses; its `.tmp`
-        folder is cleared when a run next starts, `clear_unfinished`). Not collective."""
+        or publishing it (its thread must not outlive the process group it uses). Its `.tmp` folder is removed in one
+        process; under torchrun, when a run next starts (`clear_unfinished`): other ranks may still write in it. Not
+        collective."""
         if self.pending is not None:
             futures.wait([self.pending[2]])
+            if not _distributed():  # no other rank writes in it: its space back now, as a failed write's (_writing)
+                shutil.rmtree(self.pending[0], ignore_errors=True)
             self.pending = None
 
     def _clear(self, tmp: str) -> None:

@@ -202,7 +202,7 @@ def test_a_probe_worker_ends_on_sigterm_under_the_indexs_own_handler():
     from videoprism.preemption import Preempted, stopping
 
     t = time.monotonic()
-    with stopping(True, lambda signum: Preempted(signum, None, None)), index._pool(1) as pool, \
+    with stopping(True, lambda signum: Preempted(signum, None, None)), index.worker_pool(1) as pool, \
             pytest.raises(BrokenProcessPool):
         pool.submit(_sigterm_self).result()
     assert time.monotonic() - t < 15
@@ -236,11 +236,48 @@ def test_a_sigterm_that_reaches_a_probe_worker_as_it_forks_ends_it(tmp_path, mon
     (tmp_path / "f").write_bytes(b"")
     _SIGTERM_AT_FORK.append(1)
     try:
-        with stopping(True, lambda signum: Preempted(signum, None, None)), index._pool(1) as pool, \
+        with stopping(True, lambda signum: Preempted(signum, None, None)), index.worker_pool(1) as pool, \
                 pytest.raises(BrokenProcessPool):
-            index._submit(pool, (0, SimpleNamespace(path=str(tmp_path / "f")), 1, False)).result(timeout=120)
+            job = (0, SimpleNamespace(path=str(tmp_path / "f")), 1, False)
+            index.submit(pool, index._probe_job, job).result(timeout=120)
     finally:
         _SIGTERM_AT_FORK.clear()
+
+
+_SIGNAL_AFTER_FORK: list[int] = []  # armed: the parent sends itself this signal in its after-fork callbacks
+
+
+def _signal_in_a_parents_after_fork_callback() -> None:
+    if _SIGNAL_AFTER_FORK:
+        os.kill(os.getpid(), _SIGNAL_AFTER_FORK.pop())
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_parent=_signal_in_a_parents_after_fork_callback)
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork", reason="the signal comes as the pool forks")
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_or_ctrl_c_as_the_probe_pool_forks_stops_the_index(signum):
+    """A notice (SIGTERM from another thread's mask, SLURM's SIGUSR1) or Ctrl-C whose handler ran in an after-fork
+    callback of the parent (logging's lock release) was dropped there ("Exception ignored in _releaseLock"): a
+    SIGTERM as `data index` started its pool ran the whole index, status 0. Held back over the fork, it stops."""
+    from videoprism.data import index
+    from videoprism.preemption import Preempted, stopping
+
+    pids = []
+    _SIGNAL_AFTER_FORK.append(signum)
+    try:
+        with pytest.raises(Preempted if signum != signal.SIGINT else KeyboardInterrupt), \
+                stopping(True, lambda s: Preempted(s, None, None)), index.worker_pool(1) as pool:
+            index.submit(pool, os.getpid).result(timeout=120)
+            pids = list(pool._processes)
+    finally:
+        _SIGNAL_AFTER_FORK.clear()
+    assert not pids  # the signal came before the job's result
+    for child in multiprocessing.active_children():  # the pool's worker killed, not left running
+        child.join(10)
+        assert child.exitcode == -signal.SIGKILL
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to make a VFR clip")

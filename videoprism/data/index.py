@@ -28,7 +28,7 @@ from ..paths import atomic_file, check_not_an_input, check_out_file, echo, finit
 from ..preemption import Preempted, stopping
 from .cores import usable_cores
 from .journal import Journal, file_stamp, journal_key, journal_path
-from .loader import die_with_parent
+from .loader import die_with_parent, signals_deferred
 from .manifest import Sample, SampleList, read_source
 from .pack import check_name_room, write_pack
 
@@ -60,9 +60,9 @@ _STARTED = None
 
 def _init_worker(started) -> None:
     """Ctrl-C and SLURM's SIGUSR1 go to the whole process group, and are the parent's to act on (it kills its
-    workers, _pool): a worker the signal ended first broke the pool as a decoder crash does. SIGTERM ends a worker:
-    a broken pool ends its other workers by SIGTERM and, from Python 3.12, holds the lock `submit` takes until they
-    are gone (ignored, or the parent's handler inherited through fork, `data index` hung at the first file that
+    workers, worker_pool): a worker the signal ended first broke the pool as a decoder crash does. SIGTERM ends a
+    worker: a broken pool ends its other workers by SIGTERM and, from Python 3.12, holds the lock `submit` takes until
+    they are gone (ignored, or the parent's handler inherited through fork, `data index` hung at the first file that
     crashed its worker). A worker a group's SIGTERM ends first is harmless: its files are probed again alone, or
     not at all as the parent stops (the same signal). A parent killed outright takes its workers with it (they
     outlived it: still there 30 s on)."""
@@ -71,18 +71,21 @@ def _init_worker(started) -> None:
     for s in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # _submit blocked it: one sent since ends us here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # submit blocked it: one sent since ends us here
     die_with_parent()
 
 
-def _submit(pool: ProcessPoolExecutor, job):
+def submit(pool: ProcessPoolExecutor, fn, *args):
     """pool.submit, which forks the workers, with SIGTERM blocked for the fork: a worker SIGTERMed before
     _init_worker ran the parent's handler, whose exception Python drops when it lands in an after-fork callback
     (threading's); the worker then lived on, SIGTERM ignored, and Python 3.12's broken pool waited for it forever
-    (2 of 3 runs of 400 pools with a crash under Python 3.12.1). Blocked, the signal waits for _init_worker."""
+    (2 of 3 runs of 400 pools with a crash under Python 3.12.1). Blocked, the signal waits for _init_worker. In the
+    parent the mask is this thread's only (the signal may come to another thread, its handler then run here, in such
+    a callback): the handlers are held back too (signals_deferred)."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
     try:
-        return pool.submit(_probe_job, job)
+        with signals_deferred():
+            return pool.submit(fn, *args)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
@@ -123,12 +126,12 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, record) -> s
     done: set[int] = set()
     queue = collections.deque(todo)
     inflight: dict = {}
-    with _pool(workers, started) as pool:
+    with worker_pool(workers, started) as pool:
         try:
             while queue or inflight:
                 while queue and len(inflight) < 4 * workers:
                     i = queue.popleft()
-                    inflight[_submit(pool, (i, *jobs[i]))] = i
+                    inflight[submit(pool, _probe_job, (i, *jobs[i]))] = i
                 finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 broken = False
                 for f in finished:
@@ -147,15 +150,15 @@ def _pool_round(todo: list[int], jobs: list, workers: int, started, record) -> s
 
 def _probe_alone(i: int, job) -> tuple[tuple[dict | None, str | None], list[int] | None]:
     stamp = file_stamp(job[0].path)  # before the probe, as _probe_job's
-    with _pool(1) as pool:
+    with worker_pool(1) as pool:
         try:
-            return _submit(pool, (i, *job)).result()
+            return submit(pool, _probe_job, (i, *job)).result()
         except BrokenProcessPool:
             return (None, "the decoder crashed on it (its process died while probing the file)"), stamp
 
 
 @contextlib.contextmanager
-def _pool(workers: int, started=None):
+def worker_pool(workers: int, started=None):
     """A pool of probe processes, killed on an interrupt rather than waited for (up to 4 queued files a worker,
     minutes with --full): their files are not journaled, the next run probes them."""
     pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(started,))

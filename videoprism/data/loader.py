@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..paths import echo
+from ..preemption import SIGNALS as STOP_SIGNALS
 from .cores import usable_cores
 from .device import to_device
 from .errors import BadSampleBudget, BadVideoError
@@ -86,7 +87,7 @@ def _init_worker(_worker_id: int) -> None:
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, signal.SIG_IGN)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    if signal.getsignal(signal.SIGINT) is _defer_sigint:  # forked inside _interrupt_deferred: Ctrl-C as before
+    if signal.getsignal(signal.SIGINT) is _defer_signal:  # forked inside signals_deferred: Ctrl-C as a worker's
         signal.signal(signal.SIGINT, signal.default_int_handler)
     die_with_parent()
 
@@ -109,32 +110,39 @@ def die_with_parent() -> None:
 
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # DataLoader iterators with workers (_pyav_items)
 
-_DEFERRED_SIGINTS: list[int] = []
+# Held back over forks: Ctrl-C and the stop signals, whose handlers raise (a trainer's startup, `data index`).
+_HELD_SIGNALS = (signal.SIGINT, *STOP_SIGNALS)
+_DEFERRED_SIGNALS: list[int] = []
 
 
-def _defer_sigint(signum: int, frame) -> None:
-    _DEFERRED_SIGINTS.append(signum)
+def _defer_signal(signum: int, frame) -> None:
+    _DEFERRED_SIGNALS.append(signum)
 
 
 @contextlib.contextmanager
-def _interrupt_deferred():
-    """Ctrl-C held back until the block has run, then raised. Python raises a Ctrl-C's KeyboardInterrupt at the
-    main thread's next bytecode: when that is in a callback of os.fork (logging's lock release, as a DataLoader
-    starts its workers) or of a worker's shutdown, Python prints "Exception ignored in ..." and drops it, and the
-    run goes on (2 Ctrl-Cs in 12 on tiny epochs here). Only in the main thread (Python runs signal handlers
-    there, so another thread's forks are not at risk) and only over Python's own Ctrl-C handler."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGUSR1 held back until the block has run, then handed to their handlers. Python runs a
+    signal's handler at the main thread's next bytecode: when that is in a callback of os.fork (logging's lock
+    release, as a DataLoader or a process pool starts its workers) or of a worker's shutdown, Python prints
+    "Exception ignored in ..." and drops the handler's exception (KeyboardInterrupt, Preempted), and the command
+    goes on (2 Ctrl-Cs in 12 on tiny epochs here; a SIGTERM as `data index` forked its probe pool ran the index to
+    its end, status 0). Only in the main thread (Python runs signal handlers there, so another thread's forks are
+    not at risk) and only over handlers written in Python (SIG_IGN and SIG_DFL act in the kernel)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signal.signal(signal.SIGINT, _defer_sigint)
+    held = {s: h for s in _HELD_SIGNALS if callable(h := signal.getsignal(s))}
+    for s in held:
+        signal.signal(s, _defer_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if _DEFERRED_SIGINTS:
-            _DEFERRED_SIGINTS.clear()
-            raise KeyboardInterrupt
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        came = [s for s in dict.fromkeys(_DEFERRED_SIGNALS) if s in held]
+        _DEFERRED_SIGNALS.clear()
+        for s in came:
+            held[s](s, None)
 
 
 def _kill_workers_at_exit() -> None:
@@ -252,7 +260,7 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
 
     def __init__(self, loader) -> None:
         try:
-            with _interrupt_deferred():  # it forks the workers
+            with signals_deferred():  # it forks the workers
                 super().__init__(loader)
         except BaseException:
             self._kill_started_workers()
@@ -281,7 +289,7 @@ class _SynchronouslyWatchedIter(torch.utils.data.dataloader._MultiProcessingData
         # lost whatever is done).
         if getattr(self, "_shutdown", True) or sys.is_finalizing():  # nothing left to stop, or the exit
             return super()._shutdown_workers()
-        with _interrupt_deferred():
+        with signals_deferred():
             super()._shutdown_workers()
 
     def _reset(self, loader, first_iter=False) -> None:

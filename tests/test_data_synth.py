@@ -1,5 +1,6 @@
 """Synthetic data scenes: 'single' is the 'pair' scene without the second shape, in pixels and in the caption."""
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -75,9 +76,9 @@ def test_progress_bar_counts_every_clip_and_leaves_the_output_unchanged(tmp_path
 def test_encoding_processes_are_capped_at_the_clips(tmp_path, monkeypatch):
     """`data synth --num 2 --workers 100000` forked 100000 encoding processes for 2 clips; it starts 2, and writes
     the clips one process writes."""
-    from videoprism.data import synth
+    from videoprism.data import index
 
-    real, started = synth.ProcessPoolExecutor, []
+    real, started = index.worker_pool, []
 
     def spy(workers):  # counted before any process is forked
         started.append(workers)
@@ -85,7 +86,7 @@ def test_encoding_processes_are_capped_at_the_clips(tmp_path, monkeypatch):
             raise AssertionError(f"{workers} processes started for 2 clips")
         return real(workers)
 
-    monkeypatch.setattr(synth, "ProcessPoolExecutor", spy)
+    monkeypatch.setattr(index, "worker_pool", spy)
     generate(str(tmp_path / "many"), 2, seed=2, size=16, num_frames=2, workers=100000)
     generate(str(tmp_path / "one"), 2, seed=2, size=16, num_frames=2, workers=1)
     assert started == [2]
@@ -162,3 +163,44 @@ def test_a_tokenizer_cut_by_a_full_disk_leaves_the_previous_one(tmp_path, full_d
         train_spm(["a green star moves down"], path)
     assert open(path, "rb").read() == old and os.listdir(tmp_path) == ["spm.model"]
     assert Tokenizer(path).vocab_size > 3
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_while_clips_encode_stops_at_once_leaving_no_process_or_temporary_file(tmp_path, capsys,
+                                                                                                 monkeypatch, signum):
+    """Ctrl-C while the encoding processes worked waited for every clip queued (the pool's shutdown), and SIGTERM
+    ended `data synth` silently with its processes still encoding, orphaned. Now either stops at once with a line,
+    the processes killed and the temporary files of the clips they were writing removed."""
+    import multiprocessing
+    import os
+    import time
+
+    from videoprism.data import synth
+    from videoprism.preemption import Preempted
+
+    real_encode, parent = synth.encode, os.getpid()
+
+    def slow_from_the_third_clip(frames, path, codec, fps):  # in a worker: a long encode, the parent signalled
+        if os.path.basename(path).startswith(("000000", "000001")):
+            return real_encode(frames, path, codec, fps)
+        with open(path, "wb") as fh:
+            fh.write(b"half a clip")
+        if os.path.basename(path).startswith("000002"):
+            os.kill(parent, signum)
+        time.sleep(8)
+
+    monkeypatch.setattr(synth, "encode", slow_from_the_third_clip)
+    t = time.monotonic()
+    with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else Preempted) as stop:
+        generate(str(tmp_path), 6, seed=0, size=16, num_frames=2, workers=2)
+    assert time.monotonic() - t < 6
+    for child in multiprocessing.active_children():
+        child.join(10)
+        assert child.exitcode == -signal.SIGKILL
+    assert not [n for n in os.listdir(tmp_path / "clips") if n.endswith(".tmp")]
+    assert not (tmp_path / "synth.json").exists()
+    said = str(stop.value) if signum == signal.SIGINT else capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith(f"{tmp_path} is incomplete (no synth.json, not all 6 clips): the same command writes it "
+                         "again")
+    if signum == signal.SIGTERM:
+        assert said.startswith("SIGTERM: stopped; ") and stop.value.code == 128 + signal.SIGTERM

@@ -25,13 +25,17 @@ Everything is a function of the seed: one generator per clip keyed by (seed, cli
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import multiprocessing.connection
 import os
-from concurrent.futures import ProcessPoolExecutor
+import signal
+import sys
 
 import numpy as np
 
-from ..paths import atomic_file, atomic_path
+from ..paths import atomic_file, atomic_path, echo
+from ..preemption import Preempted, stopping
 from .cores import usable_cores
 from .text import train_spm
 
@@ -157,6 +161,38 @@ def _make_clip(args) -> dict:
             "label": {k: spec[k] for k in ("colour", "shape", "direction")}}
 
 
+def _encode(jobs: list, workers: int):
+    """The clips' records in order, encoded by `workers` processes (in this one for 1). An error, Ctrl-C or a stop
+    signal kills the processes (index.worker_pool: the pool's own shutdown waited for every clip queued) and removes
+    the temporary files of the clips they were writing (atomic_path names them by the writer's pid)."""
+    if workers == 1:
+        yield from map(_make_clip, jobs)
+        return
+    from .index import submit, worker_pool
+
+    procs: list = []
+    try:
+        with worker_pool(workers) as pool:
+            try:
+                futures = [submit(pool, _make_clip, job) for job in jobs]
+                for f in futures:
+                    yield f.result()
+            except BaseException:
+                procs = list((pool._processes or {}).values())  # private, as worker_pool's kill
+                raise
+    except BaseException:
+        multiprocessing.connection.wait([p.sentinel for p in procs], timeout=10)  # killed: gone in an instant
+        for p in procs:
+            for tmp in glob.glob(os.path.join(glob.escape(jobs[0][0]), "clips", f"*.{p.pid}.tmp")):
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+        raise
+
+
+def _stopped_after(num: int, out_dir: str) -> str:
+    return f"{out_dir} is incomplete (no synth.json, not all {num} clips): the same command writes it again"
+
+
 def _is_val(i: int, num: int) -> bool:
     """Clip i of num goes to val: every VAL_EVERY-th clip, or the last one when num < VAL_EVERY, so that every
     num >= 2 gives a non-empty val (sets of VAL_EVERY or more clips split as they always did)."""
@@ -188,12 +224,20 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
         os.remove(os.path.join(out_dir, "synth.json"))
     jobs = [(out_dir, i, seed, codec, size, num_frames, fps, scene) for i in range(num)]
     workers = min(len(jobs), workers or usable_cores())  # one per clip at most: the others would have none
-    pool = ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext()
-    with progress_bar(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar, pool:
-        records = []
-        for r in (pool.map(_make_clip, jobs, chunksize=8) if workers > 1 else map(_make_clip, jobs)):
-            records.append(r)
-            bar.update()
+    records: list[dict] = []
+    try:
+        # A scheduler's notice (SIGTERM, SLURM's SIGUSR1) stops it as Ctrl-C does, with a line, not silently.
+        with stopping(True, lambda signum: Preempted(signum, None, None)), \
+                progress_bar(total=num, unit="clip", desc="synth", disable=not progress, smoothing=0) as bar:
+            for r in _encode(jobs, workers):
+                records.append(r)
+                bar.update()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_stopped_after(num, out_dir)) from None
+    except Preempted as stop:
+        echo(f"{signal.Signals(stop.signum).name}: stopped; {_stopped_after(num, out_dir)}",
+             file=sys.stderr, flush=True)
+        raise
     splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
               "val": [r for i, r in enumerate(records) if _is_val(i, num)]}
     for split, recs in splits.items():

@@ -18,7 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 
-from videoprism.paths import read_text
+from videoprism.paths import LONGEST_PATH, read_text, shortened, shown
 
 
 def f(default, help: str, choices: tuple | None = None, valid: str | None = None):
@@ -43,12 +43,13 @@ def check_field(section: str, obj, name: str) -> None:
     meta = obj.__dataclass_fields__[name].metadata
     value = getattr(obj, name)
     if isinstance(value, float) and not math.isfinite(value):  # inf passes every "> 0"; nan fails them unnamed
-        raise ValueError(f"{section}.{name}={value!r} must be a finite number (see --help)")
+        raise ValueError(f"{section}.{name}={shown(value)} must be a finite number (see --help)")
     if meta.get("choices") and value not in meta["choices"]:
-        raise ValueError(f"{section}.{name}={value!r} is not one of {', '.join(map(repr, meta['choices']))}")
+        raise ValueError(f"{section}.{name}={shown(value)} is not one of {', '.join(map(repr, meta['choices']))}")
     if meta.get("valid") and not _in_range(value, meta["valid"]):
         where = "in " if meta["valid"][0] in "[(" else ""
-        raise ValueError(f"{section}.{name}={value!r} is out of range: it must be {where}{meta['valid']} (see --help)")
+        raise ValueError(f"{section}.{name}={shown(value)} is out of range: it must be {where}{meta['valid']} "
+                         "(see --help)")
 
 
 @dataclass
@@ -96,7 +97,7 @@ class ModelConfig:
             except ValueError:
                 shape = ()
             if len(shape) != 3 or min(shape) < 1:
-                raise ValueError(f"model.pos_emb_shape must be 'T,H,W' positive ints, got {self.pos_emb_shape!r}")
+                raise ValueError(f"model.pos_emb_shape must be 'T,H,W' positive ints, got {shown(self.pos_emb_shape)}")
             out["pos_emb_shape"] = shape
         return out
 
@@ -306,14 +307,14 @@ def _parse(value: str, typ):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+        raise ValueError(f"expected a boolean (true/false), got {shown(value)}")
     try:
         if typ is int and not value.strip().lstrip("+-").isdigit() and float(value).is_integer():
             return int(float(value))  # 2e5 steps, as DESIGN writes them
         return typ(value)
     except ValueError:  # int('abc') says "invalid literal for int() with base 10", which names no fix
         raise ValueError(f"expected {'a number' if typ is float else 'an integer' if typ is int else typ.__name__}, "
-                         f"got {value!r}") from None
+                         f"got {shown(value)}") from None
 
 
 def _sections(cfg: Config) -> list[str]:
@@ -333,8 +334,8 @@ def _sectionless(cfg: Config, key: str) -> str:
                 "`preset = \"NAME\"` in a --config .toml/.json file")
     owners = _sections_with(cfg, key)
     if not owners:  # an example section would name a field that does not exist either
-        return f"key {key!r} is no field of any section ({', '.join(_sections(cfg))}); see --help for the fields"
-    return f"key {key!r} needs a section, e.g. {owners[0]}.{key} (see --help)"
+        return f"key {shown(key)} is no field of any section ({', '.join(_sections(cfg))}); see --help for the fields"
+    return f"key {shown(key)} needs a section, e.g. {owners[0]}.{key} (see --help)"
 
 
 def _field(cfg: Config, key: str, where: str):
@@ -344,10 +345,10 @@ def _field(cfg: Config, key: str, where: str):
     section, name = key.split(".", 1)
     sec = getattr(cfg, section, None)
     if sec is None or not dataclasses.is_dataclass(sec):
-        raise ValueError(f"{where}: unknown config section {section!r}; sections: {', '.join(_sections(cfg))}")
+        raise ValueError(f"{where}: unknown config section {shown(section)}; sections: {', '.join(_sections(cfg))}")
     hints = typing.get_type_hints(type(sec))
     if name not in hints:
-        raise ValueError(f"{where}: unknown field {name!r} in section {section!r}; fields: {', '.join(hints)}")
+        raise ValueError(f"{where}: unknown field {shown(name)} in section {section!r}; fields: {', '.join(hints)}")
     return sec, name, hints[name]
 
 
@@ -364,14 +365,14 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply `section.field=value` strings in order; errors name the key and the fix."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value; e.g. optim.lr=1e-3 (see --help)")
+            raise ValueError(f"override {shown(item)} is not key=value; e.g. optim.lr=1e-3 (see --help)")
         key, value = item.split("=", 1)
-        _, _, typ = _field(cfg, key, f"override {item!r}")
+        _, _, typ = _field(cfg, key, f"override {shown(item)}")
         try:
             parsed = _parse(value, typ)
         except ValueError as e:
             raise ValueError(f"bad value for {key}: {e}") from None
-        _set(cfg, key, _home(key, parsed), f"override {item!r}")
+        _set(cfg, key, _home(key, parsed), f"override {shown(item)}")
     return cfg
 
 
@@ -395,12 +396,12 @@ def read_config_file(path: str) -> dict:
     """A config file as {"preset": NAME (optional), SECTION: {FIELD: value}}: TOML (.toml) or JSON."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise ValueError(f"config file {path!r} {what}; pass a preset name ({', '.join(PRESETS)}) or a "
-                         ".toml/.json file")
+        raise ValueError(f"config file {shown(path, LONGEST_PATH)} {what}; pass a preset name "
+                         f"({', '.join(PRESETS)}) or a .toml/.json file")
     ext = os.path.splitext(path)[1].lower() or ".json"  # no extension: JSON, as before
     if ext not in (".toml", ".json"):
-        raise ValueError(f"config file {path!r}: only .toml and .json files are read, got {ext!r}; "
-                         "write the config as TOML or JSON (see --help)")
+        raise ValueError(f"config file {shown(path, LONGEST_PATH)}: only .toml and .json files are read, got "
+                         f"{shown(ext)}; write the config as TOML or JSON (see --help)")
     toml = toml_reader(path) if ext == ".toml" else None  # outside the try: a missing parser is no parse error
     text = read_text(path, "config file", "a .toml/.json file")  # outside too: not UTF-8 is its own line
     try:
@@ -432,14 +433,14 @@ def apply_file(cfg: Config, path: str, data: dict) -> Config:
             if section not in _sections(cfg):  # a field written at the top level: name its section
                 owners = _sections_with(cfg, section)
                 fix = f"put it under [{owners[0]}]" if owners else f"sections: {', '.join(_sections(cfg))}"
-                raise ValueError(f"{path}: top-level key {section!r} is not a config section; {fix} (see --help)")
+                raise ValueError(f"{path}: top-level key {shown(section)} is not a config section; {fix} (see --help)")
             raise ValueError(f"{path}: {section!r} must be a table of fields ([{section}] in TOML), "
-                             f"got {table!r}")
+                             f"got {shown(table)}")
         for name, value in table.items():
             key = f"{section}.{name}"
             _, _, typ = _field(cfg, key, path)
             if not _type_ok(value, typ):
-                raise ValueError(f"{path}: {key} must be {typ.__name__}, got {value!r}; fix the file")
+                raise ValueError(f"{path}: {key} must be {typ.__name__}, got {shown(value)}; fix the file")
             _set(cfg, key, float(value) if typ is float else _home(key, value), path)
     return cfg
 
@@ -469,7 +470,7 @@ def _launch_dir(path: str, data: dict) -> str:
     folder = data[LAUNCH_DIR]
     if not isinstance(folder, str) or not os.path.isabs(folder):
         raise ValueError(f"{path}: {LAUNCH_DIR} must be the absolute folder the run was launched from (its relative "
-                         f"paths resolve from there), got {folder!r}; fix it or remove the key")
+                         f"paths resolve from there), got {shown(folder)}; fix it or remove the key")
     return folder
 
 
@@ -507,7 +508,7 @@ def build_config(config: str, overrides: list[str], stage: int, *, pipeline: boo
     preset = data.get("preset", "tiny") if data else config
     if not isinstance(preset, str) or preset not in PRESETS:  # a list (`preset = ["base"]`) is not even hashable
         where = f"{config}: unknown preset" if data else "unknown config preset"
-        raise ValueError(f"{where} {preset!r}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
+        raise ValueError(f"{where} {shown(preset)}; choose one of {', '.join(PRESETS)} (or a .toml/.json file)")
     cfg = _preset(preset, stage)
     if data:
         apply_file(cfg, config, data)
@@ -541,7 +542,7 @@ def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
         want = ",".join(map(str, saved[name])) if name == "pos_emb_shape" else saved[name]
         have = getattr(cfg.model, name)
         if f"model.{name}" in given and have != want and have not in ("", 0, -1):  # not the "official" defaults
-            clash.append(f"model.{name}={have!r} (the teacher's: {want!r})")
+            clash.append(f"model.{name}={shown(have)} (the teacher's: {shown(want)})")
         setattr(cfg.model, name, want)
     if clash:
         raise ValueError(f"{', '.join(clash)}: stage 2's student is stage2.teacher's encoder, of the teacher's "
@@ -692,7 +693,7 @@ def check_inputs(cfg: Config, stage: int) -> None:
             if os.path.isdir(path) and key in ("model.init", "stage2.teacher"):  # a training run or a checkpoint
                 fix = (f"pass a run's export (OUT_DIR/model.safetensors), or write a checkpoint's with `videoprism "
                        f"export {path}`")
-            raise FileNotFoundError(f"{key}={path!r} {what}{where}; {fix}")
+            raise FileNotFoundError(f"{key}={shown(path, LONGEST_PATH)} {what}{where}; {fix}")
     if stage == 2 and cfg.stage2.teacher.lower().endswith((".safetensors", ".npz")):
         from videoprism.checkpoint import checkpoint_config
 
@@ -707,11 +708,11 @@ def check_inputs(cfg: Config, stage: int) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise NotADirectoryError(f"train.out_dir={cfg.train.out_dir!r} cannot be created: {parent!r} is a file; "
-                                 "pick another folder")
+        raise NotADirectoryError(f"train.out_dir={shown(cfg.train.out_dir, LONGEST_PATH)} cannot be created: "
+                                 f"{parent!r} is a file; pick another folder")
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"train.out_dir={cfg.train.out_dir!r} cannot be written: {parent!r} is not writable; "
-                              "pick another folder")
+        raise PermissionError(f"train.out_dir={shown(cfg.train.out_dir, LONGEST_PATH)} cannot be written: "
+                              f"{parent!r} is not writable; pick another folder")
     cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
     backend = cfg.model.attention_backend
     if cpu and backend == "triton" and not attention.INTERPRET:
@@ -742,11 +743,13 @@ def config_changes(old: dict, new: dict) -> list[str]:
         a, b = old.get(section, {}), new.get(section, {})
         if not isinstance(a, dict) or not isinstance(b, dict):
             if a != b and (section in old or section != "preset"):  # an older version's config.json names none
-                out.append(f"{section}: {a!r} -> {b!r}")
+                out.append(f"{section}: {shown(a, LONGEST_PATH)} -> {shown(b, LONGEST_PATH)}")
             continue
         for name in sorted(set(a) | set(b)):
             if a.get(name) != b.get(name):
-                out.append(f"{section}.{name}: {a.get(name, '(unset)')!r} -> {b.get(name, '(unset)')!r}")
+                # the configs were built: a value is long only as a path, which prints whole up to LONGEST_PATH
+                was, now = (shown(d.get(name, "(unset)"), LONGEST_PATH) for d in (a, b))
+                out.append(f"{section}.{name}: {was} -> {now}")
     return out
 
 
@@ -820,8 +823,8 @@ def parse_args(argv: list[str] | None, stage: int) -> tuple[Config, ResumeFrom |
         raise ValueError("--overwrite and --auto-resume exclude each other (--auto-resume continues the run in "
                          "train.out_dir)")
     if args.resume and not os.path.exists(args.resume):  # a typo: said as such, not as the tiny preset's data
-        raise FileNotFoundError(f"--resume {args.resume}: no such file or folder; pass a run's out_dir (its latest "
-                                "checkpoint) or one of its checkpoints/step_* folders")
+        raise FileNotFoundError(f"--resume {shortened(args.resume, LONGEST_PATH)}: no such file or folder; pass a "
+                                "run's out_dir (its latest checkpoint) or one of its checkpoints/step_* folders")
     if args.config is None and (args.resume is not None or args.auto_resume):
         cfg = _resumed_config(_resumed_dir(args.resume, args.overrides, stage), args.overrides, stage,
                               required=args.resume is not None)

@@ -29,7 +29,7 @@ from videoprism.config import narrow_config
 from videoprism.clip import FactorizedVideoCLIP
 from videoprism.encoder import FactorizedEncoder
 from videoprism.layers import AttentionPooler, TransformerStack
-from videoprism.paths import atomic_path, json_loads, new_file_mode
+from videoprism.paths import atomic_path, json_loads, new_file_mode, shortened, shown, shown_each
 
 
 class CheckpointError(ValueError):
@@ -184,12 +184,12 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     headers = _npz_headers(path)
     for key, (shape, dtype, held) in headers.items():
         if dtype.hasobject:
-            raise CheckpointError(f"{path}: {key} is a pickled (object) array, which is refused for safety; re-save "
-                                  "it with plain numeric arrays")
+            raise CheckpointError(f"{path}: {shortened(key)} is a pickled (object) array, which is refused for "
+                                  "safety; re-save it with plain numeric arrays")
         # A header's shape is allocated before its bytes are read: a damaged one asked for terabytes.
         if (size := math.prod(shape) * dtype.itemsize) > held:
-            raise CheckpointError(f"{path}: {key} declares shape {shape} of {dtype} ({size} bytes) but holds {held} "
-                                  "bytes: a damaged file; restore it")
+            raise CheckpointError(f"{path}: {shortened(key)} declares shape {shape} of {dtype} ({size} bytes) but "
+                                  f"holds {held} bytes: a damaged file; restore it")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
@@ -209,7 +209,7 @@ def load_flax_checkpoint(path: str, model: nn.Module) -> nn.Module:
         if missing:
             msg.append(f"missing {len(missing)} key(s), e.g. {missing[:3]};")
         if extra:
-            msg.append(f"unexpected {len(extra)} key(s), e.g. {extra[:3]};")
+            msg.append(f"unexpected {len(extra)} key(s), e.g. {shown_each(extra[:3])};")
         msg.append("check that the model name/config matches the checkpoint (e.g. an LvT checkpoint needs "
                    "FactorizedVideoCLIP, layer counts must agree: in a training config model.num_*_layers)")
         raise CheckpointError(" ".join(msg))
@@ -311,7 +311,7 @@ def load_safetensors(path: str, model: nn.Module) -> nn.Module:
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise CheckpointError(f"{path} does not match {type(model).__name__}: missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}; build the model with the config it was saved from")
+                              f"unexpected {shown_each(extra[:3])}; build the model with the config it was saved from")
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise CheckpointError(f"{path}: {k} has shape {tuple(v.shape)} but the model expects "
@@ -471,14 +471,14 @@ def model_from_config(name: str, values: dict, *, where: str) -> nn.Module:
     configs = _config_classes()
     fields = {f.name for f in dataclasses.fields(configs[name])}
     if set(values) - fields:
-        raise CheckpointError(f"{where}: unknown config field(s) {sorted(set(values) - fields)}; {name} has "
-                              f"{sorted(fields)}")
+        raise CheckpointError(f"{where}: unknown config field(s) {shown_each(sorted(set(values) - fields))}; {name} "
+                              f"has {sorted(fields)}")
     if fields - set(values):  # a default would silently stand in for how the weights were trained
         raise CheckpointError(f"{where}: config field(s) {sorted(fields - set(values))} missing from the metadata; "
                               "pass them as overrides or re-save the model with save_safetensors")
     shape = values["pos_emb_shape"]
     if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(v, int) for v in shape)):
-        raise CheckpointError(f"{where}: config pos_emb_shape must be 3 ints (frames, rows, cols), got {shape!r}")
+        raise CheckpointError(f"{where}: config pos_emb_shape must be 3 ints (frames, rows, cols), got {shown(shape)}")
     try:
         return build_model(configs[name](**{**values, "pos_emb_shape": tuple(shape)}), device="meta")
     except (TypeError, ValueError) as e:
@@ -500,9 +500,9 @@ def model_from_safetensors(path: str, *, expect: str | None = None, **overrides)
 
     name, saved = safetensors_config(path)
     if name not in _config_classes() or not saved or (expect and name != expect):
-        raise CheckpointError(f"{path} holds {name or 'no class name'}, not a {expect or 'VideoPrism model'} with "
-                              "its config (save_safetensors writes both)")
-    clash = [f"{k}={v!r} (saved: {saved[k]!r})" for k, v in overrides.items()
+        raise CheckpointError(f"{path} holds {shortened(name or 'no class name')}, not a "
+                              f"{expect or 'VideoPrism model'} with its config (save_safetensors writes both)")
+    clash = [f"{shortened(k)}={shown(v)} (saved: {shown(saved[k])})" for k, v in overrides.items()
              if k in saved and k not in RUNTIME_FIELDS and json.loads(json.dumps(v)) != saved[k]]
     if clash:
         raise CheckpointError(f"{path}: {', '.join(clash)} contradicts the config its weights were trained with; "

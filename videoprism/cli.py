@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from videoprism.paths import (atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, listed,
-                              read_text)
+                              read_text, shown)
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -198,7 +198,7 @@ def parse_overrides(items: list[str]) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set attention_backend=flex")
+            raise ValueError(f"--set {shown(item)}: expected KEY=VALUE, e.g. --set attention_backend=flex")
         out[key] = _config_literal(value)
     return out
 

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from videoprism.paths import shown, shown_each
+
 
 @dataclass
 class EncoderConfig:
@@ -59,7 +61,7 @@ class EncoderConfig:
             else:  # str, or str | None
                 ok, want = isinstance(v, str) or (v is None and d is None), "a string"
             if not ok:
-                raise ValueError(f"{type(self).__name__}.{f.name} must be {want}, got {v!r}")
+                raise ValueError(f"{type(self).__name__}.{f.name} must be {want}, got {shown(v)}")
 
 
 @dataclass
@@ -129,12 +131,12 @@ def resolve_config(cls, config, overrides: dict):
 def official_config(name: str, **overrides):
     """The typed config of an official name, with field overrides."""
     if name not in CONFIGS:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(CONFIGS))}")
+        raise ValueError(f"unknown model name {shown(name)}; known: {', '.join(sorted(CONFIGS))}")
     cls, values = CONFIGS[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"{name}: unknown config field(s) {unknown}; {cls.__name__} has {sorted(fields)}")
+        raise ValueError(f"{name}: unknown config field(s) {shown_each(unknown)}; {cls.__name__} has {sorted(fields)}")
     values = {**values, **overrides}  # each checked by the config (a list pos_emb_shape becomes a tuple there)
     if cls is ClassifierConfig and "num_classes" not in overrides:
         raise ValueError(f"{name} is a classifier: pass num_classes=N (videoprism convert --num-classes N, "

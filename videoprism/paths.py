@@ -24,6 +24,33 @@ def printable(text: str) -> str:
     return "".join(_escape(ch) for ch in text)
 
 
+# Linux's PATH_MAX: a path limit for shown/shortened, which prints any path the system takes whole and cuts only an
+# absurd one (a 1 MB typo or paste).
+LONGEST_PATH = 4096
+
+
+def shortened(text: str, limit: int = 80) -> str:
+    """`text` (a value as a message writes it) whole when it is at most `limit` characters, else its start and its
+    length: an error or a note names the bad value recognisably in one readable line. Whole, a 1 MB override, config
+    value or key made a 1 MB "line" that flooded the terminal and a scheduler's log."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
+def shown(value, limit: int = 80) -> str:
+    """The repr of a user's value (a config field's, an override's, a file's) for a message, shortened."""
+    try:
+        return shortened(repr(value), limit)
+    except RecursionError:  # a list nested thousands deep (JSON, a literal) has no repr
+        return f"a {type(value).__name__} nested too deep to print"
+
+
+def shown_each(items, most: int = 10) -> str:
+    """A list of a user's names (a file's unknown keys or fields) as its repr writes it, each shown: a key of 100 kB
+    or 10^5 of them made a line as long; past `most` items the count stands for the rest."""
+    head = ", ".join(shown(item) for item in items[:most])
+    return f"[{head}]" if len(items) <= most else f"[{head}, ...] ({len(items)} in all)"
+
+
 def listed(name: str) -> str:
     """`name` as one line of a listing of rows (embed's F.videos.txt, a .safetensors' `videos` or `texts`): its
     backslashes doubled, then its control characters escaped (printable). Without the doubling a file named with a

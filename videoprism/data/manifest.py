@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..paths import echo, json_loads
+from ..paths import echo, json_loads, shown
 from .errors import BadSampleBudget, BadVideoError, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -338,13 +338,6 @@ def plain_values(record) -> tuple:
     return _PlainValues(io.BytesIO(record)).load()
 
 
-def _shown(value, limit: int = 80) -> str:
-    """The repr of a field's bad value for a reason, cut to `limit` characters: a reason is a line of the rejects
-    report and of the error that stops a run, and a 1 MB caption given as a list made each of them 1 MB."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
-
-
 def _number(rec: dict, key: str) -> float | None:
     value = rec.get(key)
     if value is None:
@@ -352,7 +345,7 @@ def _number(rec: dict, key: str) -> float | None:
     # json parses NaN and Infinity: not a time either; nor an int past a float's range (1e400 written as digits), which
     # math.isfinite met with an OverflowError. The comparisons are exact for an int, and false for NaN.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= sys.float_info.max:
-        raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {_shown(value)}")
+        raise ValueError(f"'{key}' must be a non-negative, finite number of seconds, got {shown(value)}")
     return float(value)
 
 
@@ -369,7 +362,7 @@ def _label(value):
             raise ValueError("'label' dict key 'label' is the name of an int label; rename the key (e.g. "
                              '{"class": 3}) or give the int itself ("label": 3)')
         return dict(value)
-    raise ValueError(f"'label' must be a class id (an int >= 0) or a dict of them, got {_shown(value)}")
+    raise ValueError(f"'label' must be a class id (an int >= 0) or a dict of them, got {shown(value)}")
 
 
 def sample_from_record(rec, base: str) -> Sample:
@@ -378,14 +371,14 @@ def sample_from_record(rec, base: str) -> Sample:
         raise ValueError(f"a line must be a JSON object, got {type(rec).__name__}")
     path = rec.get("path")
     if not isinstance(path, str) or not path.strip():
-        raise ValueError(f"'path' must be a non-empty string, got {_shown(path)}")
+        raise ValueError(f"'path' must be a non-empty string, got {shown(path)}")
     check_file_name(path)
     caption = rec.get("caption")  # absent (or null): a video-only line
     if isinstance(caption, list):  # a clip's captions: the loader pairs a clip with one caption a sample
-        raise ValueError(f"'caption' must be one string, got a list of {len(caption)}: {_shown(caption)}; give one "
+        raise ValueError(f"'caption' must be one string, got a list of {len(caption)}: {shown(caption)}; give one "
                          "caption a line (for training, a clip may repeat on a line per caption)")
     if caption is not None and (not isinstance(caption, str) or not caption.strip()):
-        raise ValueError(f"'caption' must be a non-empty string, got {_shown(caption)}")
+        raise ValueError(f"'caption' must be a non-empty string, got {shown(caption)}")
     if caption is not None and not caption.isascii():
         try:  # JSON's "\ud800" escapes a lone surrogate: no text, and the tokenizer fails on it mid-run
             caption.encode("utf-8")
@@ -398,13 +391,13 @@ def sample_from_record(rec, base: str) -> Sample:
     offset, size = rec.get("offset"), rec.get("size")
     if (offset is None) != (size is None) or any(v is not None and (not isinstance(v, int) or v < 0)
                                                  for v in (offset, size)):
-        raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {_shown(offset)}, "
-                         f"{_shown(size)}")
+        raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {shown(offset)}, "
+                         f"{shown(size)}")
     dataset, member = rec.get("dataset", ""), rec.get("member")
     if not isinstance(dataset, str):
-        raise ValueError(f"'dataset' must be a string, got {_shown(dataset)}")
+        raise ValueError(f"'dataset' must be a string, got {shown(dataset)}")
     if member is not None and not isinstance(member, str):
-        raise ValueError(f"'member' must be a string (the name inside the tar), got {_shown(member)}")
+        raise ValueError(f"'member' must be a string (the name inside the tar), got {shown(member)}")
     return Sample(path=resolve(base, path), caption=caption, dataset=dataset, start=start,
                   end=end, label=_label(rec.get("label")), offset=offset, size=size, member=member,
                   probe={k: rec[k] for k in PROBE_FIELDS if k in rec},
@@ -418,7 +411,7 @@ def check_file_name(path: str) -> None:
     FileNameEncodingError for a character that this process's file names cannot hold (a locale that is not
     UTF-8): in an ascii one, `data index` rejected "caf\u00e9.webm" as "a lone UTF-16 surrogate"."""
     if "\0" in path:
-        raise ValueError(f"'path' {_shown(path)} holds a NUL character, which no file name holds; fix the line")
+        raise ValueError(f"'path' {shown(path)} holds a NUL character, which no file name holds; fix the line")
     if not path.isascii():
         try:
             os.fsencode(path)

@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 
-from ..paths import echo, json_loads
+from ..paths import echo, json_loads, shortened
 
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
@@ -385,8 +385,8 @@ _KINDS = {int: "an integer", str: "a string", bool: "true or false"}
 
 
 def _shown(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A header's value as its JSON spells it, shortened."""
+    return shortened(json.dumps(value), 40)
 
 
 def _parse(mapped: mmap.mmap):

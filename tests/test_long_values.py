@@ -1,0 +1,152 @@
+"""A user's value echoed by an error stays short: a 1 MB override, config value or key, --set item or checkpoint key
+gave a 1 MB "one-line" error (found by fuzzing), which floods a terminal and a scheduler's log. The message still names
+the field and the value's start and length (videoprism.paths.shown)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import videoprism as vp
+from videoprism.checkpoint import CheckpointError, _read_npz
+from videoprism.cli import main
+from videoprism.paths import LONGEST_PATH, shown, shown_each
+from videoprism.train.config import parse_args
+
+BIG = "x" * 10**6
+LIMIT = 600  # a few hundred characters beside the value's start: the message's own words and the field names
+
+
+def _bounded(message: str, *names: str, limit: int = LIMIT) -> None:
+    assert "\n" not in message and len(message) < limit, (len(message), message[:300])
+    for name in names:
+        assert name in message, (name, message[:300])
+
+
+OVERRIDES = {  # override -> what the error must still name
+    "int value": (f"train.steps={BIG}", "train.steps", "xxxxx", "characters"),
+    "choice value": (f"optim.name={BIG}", "optim.name", "xxxxx"),
+    "not key=value": (BIG, "not key=value", "(1000002 characters)"),
+    "no section": (f"{BIG}=1", "is no field of any section", "xxxxx"),
+    "unknown section": (f"{BIG}.x=1", "unknown config section", "xxxxx"),
+    "unknown field": (f"train.{BIG}=1", "unknown field", "train", "xxxxx"),
+}
+
+
+@pytest.mark.parametrize("case", OVERRIDES)
+def test_a_huge_override_is_a_short_error(case):
+    item, *names = OVERRIDES[case]
+    with pytest.raises(ValueError) as e:
+        parse_args([item], 1)
+    _bounded(str(e.value), *names)
+
+
+FILES = {  # file contents -> what the error must still name
+    "str value": ({"train": {"steps": BIG}}, "train.steps must be int", "xxxxx", "(1000002 characters)"),
+    "list value": ({"train": {"steps": list(range(10**5))}}, "train.steps must be int", "[0, 1, 2"),
+    "nested value": ({"train": {"steps": json.loads("[" * 900 + "]" * 900)}}, "train.steps", "[[[["),
+    "choice value": ({"optim": {"name": BIG}}, "optim.name", "xxxxx"),
+    "section not a table": ({"train": list(range(10**5))}, "'train' must be a table", "[0, 1"),
+    "top-level key": ({BIG: 1}, "top-level key", "xxxxx"),
+    "field key": ({"train": {BIG: 1}}, "unknown field", "xxxxx"),
+    "preset": ({"preset": BIG}, "unknown preset", "xxxxx"),
+    "launch_dir": ({"launch_dir": list(range(10**5))}, "launch_dir must be", "[0, 1"),
+}
+
+
+@pytest.mark.parametrize("case", FILES)
+def test_a_huge_value_or_key_in_a_config_file_is_a_short_error(case, tmp_path):
+    data, *names = FILES[case]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as e:
+        parse_args(["--config", str(path)], 1)
+    _bounded(str(e.value), str(path), *names)
+
+
+def test_a_huge_toml_value_is_a_short_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(f'[train]\nsteps = "{BIG}"\n')
+    with pytest.raises(ValueError) as e:
+        parse_args(["--config", str(path)], 1)
+    _bounded(str(e.value), str(path), "train.steps must be int", "(1000002 characters)")
+
+
+@pytest.mark.parametrize("name", ["missing preset", "missing file", "resume"])
+def test_an_absurd_path_or_preset_is_a_short_error(name):
+    """A path prints whole up to the longest one Linux takes (LONGEST_PATH), then is cut as a value is."""
+    argv = {"missing preset": ["--config", BIG], "missing file": ["--config", f"a.{BIG}"],
+            "resume": ["--resume", f"/nonexistent/{BIG}"]}[name]
+    with pytest.raises((ValueError, OSError)) as e:
+        parse_args(argv, 1)
+    _bounded(str(e.value), "characters)", limit=LONGEST_PATH + LIMIT)
+
+
+SETS = {  # --set item -> what the error line must still name
+    "not key=value": ([BIG], "--set 'xxxxx", "expected KEY=VALUE"),
+    "bad value": ([f"model_dim={BIG}"], "model_dim must be", "xxxxx"),
+    "unknown key": ([f"{BIG}=1"], "unknown config field(s) ['xxxxx"),
+    "many unknown keys": ([f"k{i}=1" for i in range(2000)], "unknown config field(s) ['k0'", "(2000 in all)"),
+}
+
+
+@pytest.mark.parametrize("case", SETS)
+def test_a_huge_set_is_a_one_line_error(case, tmp_path, capsys):
+    items, *names = SETS[case]
+    argv = ["convert", str(tmp_path / "w.npz"), "--model", "videoprism_v1_base", "--out",
+            str(tmp_path / "o.safetensors")]
+    for item in items:
+        argv += ["--set", item]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.endswith("\n")
+    _bounded(err[:-1], *names)
+
+
+def _tiny():
+    return vp.from_official("videoprism_v1_base", model_dim=16, num_heads=2, mlp_dim=32, num_spatial_layers=1,
+                            num_temporal_layers=1, pos_emb_shape=(2, 2, 2))
+
+
+def _safetensors(path, tensors: dict, meta: dict) -> str:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=meta)
+    return str(path)
+
+
+READERS = ["extra key", "class name", "config key", "config value", "npz key"]
+
+
+@pytest.mark.parametrize("case", READERS)
+def test_a_long_key_or_metadata_value_in_a_checkpoint_is_a_short_error(case, tmp_path):
+    """The readers name a file's unexpected key, class or config field: of 60 kB each here (a header holds any)."""
+    key = "k" * 60000  # a zip member's name (the .npz) holds at most 65535 bytes
+    model = _tiny()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    meta = {"class": "FactorizedEncoder", "config": json.dumps(vp.checkpoint.config_fields("FactorizedEncoder",
+                                                                                           model.config))}
+    with pytest.raises(CheckpointError) as e:
+        if case == "extra key":
+            vp.load_safetensors(_safetensors(tmp_path / "w.safetensors", {**state, key: torch.zeros(1)}, meta), model)
+        elif case == "class name":
+            vp.model_from_safetensors(_safetensors(tmp_path / "w.safetensors", state, {**meta, "class": key}))
+        elif case in ("config key", "config value"):
+            config = {**json.loads(meta["config"]), **({key: 1} if case == "config key" else {"pos_emb_shape": key})}
+            vp.model_from_safetensors(_safetensors(tmp_path / "w.safetensors", state,
+                                                   {**meta, "config": json.dumps(config)}))
+        else:
+            path = tmp_path / "w.npz"
+            np.savez(path, **{key: np.array([object()], dtype=object)})
+            _read_npz(str(path))
+    _bounded(str(e.value), str(tmp_path), "kkkkk", "characters)")
+
+
+def test_short_values_are_shown_whole():
+    """A usual value prints as before, so the messages that name one are unchanged."""
+    assert shown("abc") == "'abc'" and shown([1, 2]) == "[1, 2]" and shown("x" * 80) == repr("x" * 80)[:60] + \
+        "... (82 characters)"
+    assert shown_each(["a", "b"]) == "['a', 'b']" == repr(["a", "b"])
+    assert shown(json.loads("[" * 900 + "]" * 900)).startswith("[[[[")

@@ -885,3 +885,80 @@ def test_embed_reads_a_dotdot_path_through_a_symlinked_folder_as_the_kernel_does
     assert np.load(out).shape[0] == 1
     assert (tmp_path / "e.videos.txt").read_text() == "data/../c.mp4\n"
     assert "skipped: data/../gone.mp4: " in capsys.readouterr().err
+
+
+class _SignalFellThrough(Exception):
+    """A stop signal reached the test's own handler: the command had none of its own."""
+
+
+def _fail_on_stop_signals():
+    """The test's handlers for SIGTERM and SIGUSR1 (restored by the returned callable): a command without its own
+    lets the signal through to them, which fails the test instead of killing the pytest process."""
+    import signal
+
+    def fell_through(signum, frame):
+        raise _SignalFellThrough(signal.Signals(signum).name)
+
+    before = {s: signal.signal(s, fell_through) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return lambda: [signal.signal(s, h) for s, h in before.items()]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_ends_any_command_with_one_line_and_its_status(signame, capsys, monkeypatch):
+    """`embed`, `export`, `eval`, `embed-text`, `convert`, `data pack`, `data tokenizer` and the benchmarks had no
+    handler: SIGTERM (SIGUSR1 alike) ended them silently, status -15, the log showing nothing. Every command runs
+    through run_command, which now says one line and returns 128 + the signal; rank 0 only says it."""
+    import signal
+    import time
+
+    from videoprism.cli import run_command
+
+    signum = getattr(signal, signame)
+
+    def works():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises within it
+        return 0
+
+    restore = _fail_on_stop_signals()
+    try:
+        for rank, said in (("1", ""), ("0", f"{signame}: stopped; outputs are written whole or not at all: the same "
+                                            "command starts again\n")):
+            monkeypatch.setenv("RANK", rank)
+            assert run_command(works) == 128 + signum
+            assert capsys.readouterr().err == said
+    finally:
+        restore()
+
+
+def test_sigterm_during_embed_removes_its_temporary_folder_and_workers(tmp_path, capsys, monkeypatch):
+    """SIGTERM while `embed` ran (its clips decoding in worker processes) ended it silently, status -15, and left
+    its temporary folder (TMPDIR/videoprism-embed-*/videos.jsonl) and a worker behind. It now unwinds: status 143,
+    one line, neither folder nor worker left, no --out written."""
+    import multiprocessing
+    import signal
+    import tempfile
+
+    import videoprism.data.device as device
+
+    ckpt = _small_encoder_file(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    real = device.to_device
+
+    def signalled(x, dev):  # a batch in hand: the workers are decoding the next ones
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(x, dev)
+
+    monkeypatch.setattr(device, "to_device", signalled)
+    restore = _fail_on_stop_signals()
+    try:
+        status = main(["embed", *[str(tmp_path / "c.mp4")] * 6, "--checkpoint", ckpt, "--workers", "2",
+                       "--batch-size", "1", "--quiet", "--out", str(tmp_path / "e.npy")])
+    finally:
+        restore()
+    assert status == 143
+    assert capsys.readouterr().err.splitlines()[-1].startswith("SIGTERM: stopped; ")
+    left = [n for n in os.listdir(scratch) if not n.startswith("pymp-")]  # multiprocessing's own, for the process
+    assert not left and not (tmp_path / "e.npy").exists() and not multiprocessing.active_children()

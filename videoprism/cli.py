@@ -23,6 +23,7 @@ import torch
 
 from videoprism.paths import (atomic_file, check_not_an_input, check_out_file, echo, is_safetensors, listed,
                               read_text, shown)
+from videoprism.preemption import Preempted, stopped_line, stopping
 
 
 def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
@@ -43,14 +44,25 @@ def run_command(fn, *args, errors: tuple[type[BaseException], ...] = ()) -> int:
     the main thread happened to be (a DataLoader's queue, a decoder) says nothing. stdout closed by its reader
     (`videoprism data index M --out X | head -1`) ends the command silently with status 141 (128 + SIGPIPE, what
     the shell reports for a Unix tool stopped so), not `error: [Errno 32] Broken pipe` as if the input were bad.
+    A stop signal (SIGTERM, SIGUSR1: preemption.py) is one line too, `SIGTERM: stopped; ...`, status 128 + the
+    signal: what the code that acted on it said was kept (a trainer's checkpoint, data index's journal), else only
+    that the command stopped.
     """
     from videoprism.data.errors import TooManyBadSamplesError
 
     _print_any_file_name()
     try:
-        status = fn(*args) or 0
+        # A stop signal no code of the command acts on ends it as Ctrl-C does (preemption.py): its default action
+        # was a silent exit that left `embed`'s temporary folder and decoding workers behind.
+        with stopping(True, lambda signum: Preempted(signum, None, None, said=False)):
+            status = fn(*args) or 0
         sys.stdout.flush()  # a closed pipe fails here, not at exit as "Exception ignored ... BrokenPipeError"
         return status
+    except Preempted as e:
+        if not e.said and os.environ.get("RANK", "0") == "0":
+            echo(stopped_line(e.signum, "outputs are written whole or not at all: the same command starts again"),
+                 file=sys.stderr, flush=True)
+        return e.code
     except (ValueError, OSError, TooManyBadSamplesError, *errors) as e:
         if isinstance(e, BrokenPipeError) and _stdout_closed():
             return _SIGPIPE_STATUS

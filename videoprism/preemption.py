@@ -13,6 +13,11 @@ checkpoint: the evaluation, export and plot) there is no step to finish: `stoppi
 run at once, with a line saying what was kept and the same exit status, instead of the
 signal's default action (a silent exit). `videoprism data index` stops by it too (its journal keeps what was probed),
 which is why this lives beside the data code and not under train/.
+
+Every command (cli.run_command) stops so on SIGTERM and SIGUSR1 where no code of its own acts on them, short ones
+too: SIGUSR1 is a notice as SIGTERM is (SLURM's `--signal=USR1@120` reaches every process of the job's steps, an
+`embed` beside the trainer included), and its default action is the same silent exit, with the command's `with`
+blocks (a temporary folder, decoding workers) never unwound.
 """
 from __future__ import annotations
 
@@ -26,11 +31,17 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Preempted(SystemExit):
     """The run stopped on a preemption notice; `checkpoint` holds it up to `step` (None, None: before its first
-    step, with nothing to save)."""
+    step, with nothing to save). `said`: the code that stopped has said what it kept; if not, the command's line
+    (cli.run_command) names only the signal."""
 
-    def __init__(self, signum: int, step: int | None, checkpoint: str | None):
+    def __init__(self, signum: int, step: int | None, checkpoint: str | None, *, said: bool = True):
         super().__init__(128 + signum)
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signum, self.step, self.checkpoint, self.said = signum, step, checkpoint, said
+
+
+def stopped_line(signum: int, kept: str) -> str:
+    """The one line of a command stopped by `signum`: the signal, then what was kept and how to go on."""
+    return f"{signal.Signals(signum).name}: stopped; {kept}"
 
 
 class PreemptionNotice:

@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from .decode import PyAVClip
 from .errors import BadVideoError, NoUsableSamplesError
 from ..paths import atomic_file, check_not_an_input, check_out_file, echo, finite_or_null
-from ..preemption import Preempted, stopping
+from ..preemption import Preempted, stopped_line, stopping
 from .cores import usable_cores
 from .journal import Journal, file_stamp, journal_key, journal_path
 from .loader import die_with_parent, signals_deferred
@@ -211,8 +211,7 @@ def index_dataset(source, out: str, *, rejects_path: str | None = None, workers:
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_kept(journal, len(jobs))) from None
     except Preempted as stop:
-        echo(f"{signal.Signals(stop.signum).name}: stopped; {_kept(journal, len(jobs))}", file=sys.stderr,
-             flush=True)
+        echo(stopped_line(stop.signum, _kept(journal, len(jobs))), file=sys.stderr, flush=True)
         raise
     finally:
         journal.close()

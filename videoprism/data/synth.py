@@ -29,13 +29,12 @@ import glob
 import json
 import multiprocessing.connection
 import os
-import signal
 import sys
 
 import numpy as np
 
 from ..paths import atomic_file, atomic_path, echo
-from ..preemption import Preempted, stopping
+from ..preemption import Preempted, stopped_line, stopping
 from .cores import usable_cores
 from .text import train_spm
 
@@ -235,8 +234,7 @@ def generate(out_dir: str, num: int, *, seed: int = 0, codec: str = "vp9", size:
     except KeyboardInterrupt:
         raise KeyboardInterrupt(_stopped_after(num, out_dir)) from None
     except Preempted as stop:
-        echo(f"{signal.Signals(stop.signum).name}: stopped; {_stopped_after(num, out_dir)}",
-             file=sys.stderr, flush=True)
+        echo(stopped_line(stop.signum, _stopped_after(num, out_dir)), file=sys.stderr, flush=True)
         raise
     splits = {"train": [r for i, r in enumerate(records) if not _is_val(i, num)],
               "val": [r for i, r in enumerate(records) if _is_val(i, num)]}

@@ -57,6 +57,33 @@ def random_pos(B: int, T: int, K: int, N: int, gen: torch.Generator) -> torch.Te
                         for _ in range(B)])
 
 
+def child_pids() -> set[int]:
+    """The pids of this process's multiprocessing children (pools, DataLoader workers) now."""
+    import multiprocessing
+
+    return {child.pid for child in multiprocessing.active_children()}
+
+
+def still_running(since: set[int], within: float) -> list[int]:
+    """The multiprocessing children started after `since` (child_pids() then) that still run after waiting up to
+    `within` seconds for them to end. By the process's state (/proc), not a Process object's exit code: the pool's
+    own thread may reap a worker as it breaks, and the object then reads None for a while; and by pids new since
+    `since`: an earlier test's DataLoader workers, still waiting for their iterator's collection, are not ours."""
+    import time
+
+    def running(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie awaits only its reaping
+        except FileNotFoundError:
+            return False
+
+    pids, deadline = child_pids() - since, time.monotonic() + within
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if running(pid)]
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two uint8 images or videos (any shapes that broadcast)."""
     mse = (a.float() - b.float()).pow(2).mean().item()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import videoprism as vp
-from tests.conftest import golden_overrides
+from tests.conftest import child_pids, golden_overrides, still_running
 from videoprism.cli import main
 
 from .test_data import SPM, write_clip
@@ -935,7 +935,6 @@ def test_sigterm_during_embed_removes_its_temporary_folder_and_workers(tmp_path,
     """SIGTERM while `embed` ran (its clips decoding in worker processes) ended it silently, status -15, and left
     its temporary folder (TMPDIR/videoprism-embed-*/videos.jsonl) and a worker behind. It now unwinds: status 143,
     one line, neither folder nor worker left, no --out written."""
-    import multiprocessing
     import signal
     import tempfile
 
@@ -952,7 +951,7 @@ def test_sigterm_during_embed_removes_its_temporary_folder_and_workers(tmp_path,
         return real(x, dev)
 
     monkeypatch.setattr(device, "to_device", signalled)
-    restore = _fail_on_stop_signals()
+    restore, children = _fail_on_stop_signals(), child_pids()
     try:
         status = main(["embed", *[str(tmp_path / "c.mp4")] * 6, "--checkpoint", ckpt, "--workers", "2",
                        "--batch-size", "1", "--quiet", "--out", str(tmp_path / "e.npy")])
@@ -961,4 +960,4 @@ def test_sigterm_during_embed_removes_its_temporary_folder_and_workers(tmp_path,
     assert status == 143
     assert capsys.readouterr().err.splitlines()[-1].startswith("SIGTERM: stopped; ")
     left = [n for n in os.listdir(scratch) if not n.startswith("pymp-")]  # multiprocessing's own, for the process
-    assert not left and not (tmp_path / "e.npy").exists() and not multiprocessing.active_children()
+    assert not left and not (tmp_path / "e.npy").exists() and not still_running(children, within=10)

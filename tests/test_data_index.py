@@ -15,6 +15,7 @@ import pytest
 
 from videoprism.cli import main
 from videoprism.data.manifest import read_manifest
+from .conftest import child_pids, still_running
 from .test_data import make_bad_files, write_clip, write_shard
 
 
@@ -265,7 +266,7 @@ def test_a_stop_or_ctrl_c_as_the_probe_pool_forks_stops_the_index(signum):
     from videoprism.data import index
     from videoprism.preemption import Preempted, stopping
 
-    pids = []
+    pids, children = [], child_pids()
     _SIGNAL_AFTER_FORK.append(signum)
     try:
         with pytest.raises(Preempted if signum != signal.SIGINT else KeyboardInterrupt), \
@@ -275,9 +276,7 @@ def test_a_stop_or_ctrl_c_as_the_probe_pool_forks_stops_the_index(signum):
     finally:
         _SIGNAL_AFTER_FORK.clear()
     assert not pids  # the signal came before the job's result
-    for child in multiprocessing.active_children():  # the pool's worker killed, not left running
-        child.join(10)
-        assert child.exitcode == -signal.SIGKILL
+    assert not still_running(children, within=10)  # the pool's worker killed, not left running
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line to make a VFR clip")

@@ -5,6 +5,7 @@ import signal
 import numpy as np
 import pytest
 
+from tests.conftest import child_pids, still_running
 from videoprism.data.synth import (COLOURS, DIRECTIONS, _clip_spec, _is_val, caption_of, class_names, generate,
                                    prompt_templates, render)
 
@@ -187,29 +188,14 @@ def _encode_slowly_from_the_third_clip(monkeypatch, signum=None):
     monkeypatch.setattr(synth, "encode", slow)
 
 
-def _running(pid: int) -> bool:
-    """The process `pid` exists and is not dead (a zombie awaits only its reaping)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-
-
-def _stopped_clean(tmp_path, started: float) -> None:
-    """Stopped at once, every encoding process dead, no temporary clip file and no synth.json left. Dead, not an exit
-    code of SIGKILL: the pool's own thread may reap a worker, or SIGTERM it first, as the pool breaks (a Process
-    object then read exit code None 1 run in 15 on a loaded machine)."""
-    import multiprocessing
+def _stopped_clean(tmp_path, started: float, children: set[int]) -> None:
+    """Stopped at once, every encoding process dead within 10 s of the start (their encodes sleep 30 s), no temporary
+    clip file and no synth.json left. `children`: child_pids() before generate."""
     import os
     import time
 
     assert time.monotonic() - started < 10  # not waiting for the 30 s encodes
-    pids = [child.pid for child in multiprocessing.active_children()]
-    deadline = started + 10
-    while any(map(_running, pids)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [pid for pid in pids if _running(pid)]
+    assert not still_running(children, within=started + 10 - time.monotonic())
     assert not [n for n in os.listdir(tmp_path / "clips") if n.endswith(".tmp")]
     assert not (tmp_path / "synth.json").exists()
 
@@ -228,14 +214,14 @@ def test_ctrl_c_or_sigterm_while_clips_encode_stops_at_once_leaving_no_process_o
         raise AssertionError("the signal reached the test: generate handles none")
 
     _encode_slowly_from_the_third_clip(monkeypatch, signum)
-    t = time.monotonic()
+    t, children = time.monotonic(), child_pids()
     before = signal.signal(signal.SIGTERM, unhandled)
     try:
         with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else Preempted) as stop:
             generate(str(tmp_path), 6, seed=0, size=16, num_frames=2, workers=2)
     finally:
         signal.signal(signal.SIGTERM, before)
-    _stopped_clean(tmp_path, t)
+    _stopped_clean(tmp_path, t, children)
     said = str(stop.value) if signum == signal.SIGINT else capsys.readouterr().err.strip().splitlines()[-1]
     assert said.endswith(f"{tmp_path} is incomplete (no synth.json, not all 6 clips): the same command writes it "
                          "again")

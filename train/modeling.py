@@ -34,26 +34,25 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
     base = official_config(mc.name, **overrides)
     if mc.resolution % base.patch_size:
         raise ValueError(f"model.resolution={mc.resolution} is not a multiple of the patch size {base.patch_size}")
-    if mc.init == "random" and not mc.pos_emb_shape:
+    saved = None if mc.init == "random" else checkpoint_config(mc.init)  # (class, shape fields), read once
+    if saved is None and not mc.pos_emb_shape:
         grid = mc.resolution // base.patch_size
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
-    elif mc.init != "random" and not mc.pos_emb_shape:
-        saved = checkpoint_config(mc.init)[1].get("pos_emb_shape")
-        if saved:
-            overrides["pos_emb_shape"] = tuple(saved)
-    if mc.init != "random":
-        _check_init(mc.init, official_config(mc.name, **overrides))
+    elif saved is not None and not mc.pos_emb_shape and saved[1].get("pos_emb_shape"):
+        overrides["pos_emb_shape"] = tuple(saved[1]["pos_emb_shape"])
+    if saved is not None:
+        _check_init(mc.init, saved, official_config(mc.name, **overrides))
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
     if mc.init != "random":
         load_checkpoint(mc.init, model)
     return model.to(device)
 
 
-def _check_init(path: str, config: CLIPConfig) -> None:
-    """model.init against the model this run builds (`config`), by the config our safetensors carries or the shapes
-    of an official .npz's arrays tell: its load said only a tensor's two shapes (another width) or the first keys
-    of another model (a stage-2 export), neither the field to set."""
-    kind, saved = checkpoint_config(path)
+def _check_init(path: str, init: tuple[str | None, dict], config: CLIPConfig) -> None:
+    """model.init against the model this run builds (`config`), by `init` (checkpoint_config: the config our
+    safetensors carries or the shapes of an official .npz's arrays tell): its load said only a tensor's two shapes
+    (another width) or the first keys of another model (a stage-2 export), neither the field to set."""
+    kind, saved = init
     if kind and kind != "FactorizedVideoCLIP":
         raise ValueError(f"model.init={path!r} holds a {kind}; stage 1 starts from a video-text model: a stage-1 "
                          "run's export or an official LvT .npz (a stage-2 export is a student encoder)")

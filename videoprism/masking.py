@@ -100,10 +100,10 @@ def bevt_mask(batch: int, frames: int, grid: tuple[int, int], ratio: float, *, s
     [min_block, h*w - K], aspect log-uniform in [0.3, 1/0.3], clamped to the grid) over
     a run of consecutive frames (length uniform in [1, T]). Rounds run in order; a block
     is added to every frame of its run if it pushes none of them past `h*w - K` masked
-    patches, else to none (a block is a whole space-time cube, as BEVT's). Then each frame is topped up to exactly `h*w - K` masked patches,
-    preferring unmasked patches next to masked ones (so the top-up grows blocks; it
-    adds ~2% of the masked patches at the 16x16 grid, 65%). Returns pos [B, T, K] int64,
-    sorted within each frame.
+    patches, else to none (a block is a whole space-time cube, as BEVT's). Then each frame is
+    topped up to exactly `h*w - K` masked patches, preferring unmasked patches next to masked
+    ones (so the top-up grows blocks; it adds ~2% of the masked patches at the 16x16 grid, 65%).
+    Returns pos [B, T, K] int64, sorted within each frame.
 
     All block geometry is drawn up front in one batch; only the acceptance is sequential
     (kernels/bevt_blocks.py: one Triton launch on a GPU, a few small ops per round elsewhere).

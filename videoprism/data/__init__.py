@@ -4,8 +4,8 @@ Public entry points:
 * `read_clip(path, num_frames, resolution, *, start=None, end=None)` -> uint8 [T, R, R, 3] (eval transform).
 * `BadVideoError` (a ValueError): one line naming the file and the reason.
 * `videoprism.data.loader.build_loader(...)`: the training/eval loader (see its docstring).
-* `videoprism.data.synth.generate(...)`, `videoprism.data.index.index_dataset(...)`, `videoprism.data.pack.write_pack(...)`
-  (a manifest packed for every reader to map), `videoprism.data.cli`.
+* `videoprism.data.synth.generate(...)`, `videoprism.data.index.index_dataset(...)`,
+  `videoprism.data.pack.write_pack(...)` (a manifest packed for every reader to map), `videoprism.data.cli`.
 """
 from .errors import BadSampleError, BadVideoError, TooManyBadSamplesError
 

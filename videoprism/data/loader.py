@@ -9,7 +9,7 @@
         batch["label"] / batch["label_<name>"]  # int64 [B] when the manifest has labels (-1 where missing)
         batch["caption"], batch["path"], batch["dataset"]  # lists of str (caption None: a video-only line, read
                                   # without a tokenizer); batch["index"]: int64 [B] sample ids
-    state = loader.state_dict()   # {"epoch", "position", "rejects"}: save it with the checkpoint
+    state = loader.state_dict()   # {"epoch", "position", "rejects", ...}: save it with the checkpoint
     loader.load_state_dict(state) # the next iteration yields exactly the batches that would have come next
 
 Order: the samples of epoch e are permuted by a generator seeded with (seed, e) (identity when `train=False`);

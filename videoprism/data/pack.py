@@ -1,11 +1,11 @@
 """A manifest's samples packed into one file beside it (`MANIFEST.pack`), mapped into memory by every reader.
 
 Every rank reads the whole manifest (the loader shards each epoch's order, so a run resumes on another number of
-ranks). Parsing and validating JSON costs ~12 s and ~0.16 GB per million lines in every rank (bench/manifest.py): at 36M clips,
-minutes of startup and ~6 GB per rank, 8 copies per node. A pack holds what that parse produces (SampleList's
-two buffers, its label fields and fingerprint, the rejected lines), written once by `videoprism data pack` or
-`data index`; a reader maps it read-only, so startup is a header read and the ranks (and their DataLoader workers,
-forked or spawned) of a node share one copy in the page cache.
+ranks). Parsing and validating JSON costs ~12 s and ~0.16 GB per million lines in every rank (bench/manifest.py): at
+36M clips, minutes of startup and ~6 GB per rank, 8 copies per node. A pack holds what that parse produces
+(SampleList's two buffers, its label fields and fingerprint, the rejected lines), written once by
+`videoprism data pack` or `data index`; a reader maps it read-only, so startup is a header read and the ranks (and
+their DataLoader workers, forked or spawned) of a node share one copy in the page cache.
 
 Layout (integers in the writing machine's byte order, which the header names; n and the header's CRC little-endian):
     MAGIC (8 bytes) | header length n (uint64) | header: n bytes of JSON | CRC-32 of the header (uint32)

@@ -41,6 +41,17 @@ def test_manifest_lines_nested_too_deep_or_past_a_float_are_skipped(tmp_path):
     assert "nested too deep" in reasons[2]
 
 
+def test_manifest_offset_or_size_true_or_false_is_rejected_not_read_as_1_or_0(tmp_path):
+    # json's true is an int to isinstance: {"offset": true, "size": 4} read bytes [1, 5) of the tar as the video.
+    lines = ['{"path": "s.tar", "caption": "ok", "offset": 512, "size": 4}',
+             '{"path": "s.tar", "caption": "c", "offset": true, "size": 4}',
+             '{"path": "s.tar", "caption": "c", "offset": 0, "size": false}']
+    samples, rejects = read_manifest(_write(tmp_path / "m.jsonl", "\n".join(lines) + "\n"), max_bad_share=1.0)
+    assert [(s.offset, s.size) for s in samples] == [(512, 4)]
+    why = "'offset' and 'size' must both be non-negative ints or both absent, got "
+    assert [r for _, r in rejects] == [why + "True, 4", why + "0, False"]
+
+
 def _tar(path, members) -> str:
     with tarfile.open(path, "w") as t:
         for name, data in members:

@@ -389,8 +389,9 @@ def sample_from_record(rec, base: str) -> Sample:
     if start is not None and end is not None and end <= start:
         raise ValueError(f"'end' ({end}) must be after 'start' ({start})")
     offset, size = rec.get("offset"), rec.get("size")
-    if (offset is None) != (size is None) or any(v is not None and (not isinstance(v, int) or v < 0)
-                                                 for v in (offset, size)):
+    # Not a bool (an int to isinstance): json's true read the tar from byte 1.
+    if (offset is None) != (size is None) or any(v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                                                    or v < 0) for v in (offset, size)):
         raise ValueError(f"'offset' and 'size' must both be non-negative ints or both absent, got {shown(offset)}, "
                          f"{shown(size)}")
     dataset, member = rec.get("dataset", ""), rec.get("member")

@@ -748,13 +748,13 @@ def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, m
     from videoprism.train import pipeline
 
     monkeypatch.setattr(pipeline, "_data", lambda *a: None)
-    monkeypatch.setattr(pipeline.stage1, "run", lambda cfg, overwrite: {"export": "x"})
+    monkeypatch.setattr(pipeline.stage1, "run", lambda cfg, overwrite, go_on: {"export": "x"})
     said = ("[stage2] at step 3; the latest checkpoint is C: the same command with --auto-resume goes on from it"
             if saved else "[stage2] at step 1; no checkpoint yet: the same command starts again")
     if saved:
         (tmp_path / "stage2" / "checkpoints" / "step_00000002").mkdir(parents=True)
 
-    def interrupted(cfg, overwrite):
+    def interrupted(cfg, overwrite, go_on):
         raise KeyboardInterrupt(said)
 
     monkeypatch.setattr(pipeline.stage2, "run", interrupted)
@@ -762,6 +762,45 @@ def test_ctrl_c_in_the_main_job_names_the_stage_command_that_resumes(tmp_path, m
     resume = f"for this demo's stage 2: python -m train.stage2 --resume {tmp_path}/stage2; " if saved else ""
     assert capsys.readouterr().err == (
         f"interrupted: {said} ({resume}train.pipeline run again starts both stages over)\n")
+
+
+@pytest.mark.parametrize("when", ["step", "startup"])
+def test_a_stop_signal_in_the_main_job_names_what_the_pipeline_offers(tmp_path, monkeypatch, capsys, when):
+    """SIGTERM in the pipeline's stage 1 said the trainer's "the same command with --resume continues from it" (before
+    the first step: "with --auto-resume"): train.pipeline takes neither flag (`error: unrecognized arguments`). The
+    line names the stage's own command with --resume on its out_dir (after a step) and the pipeline's rerun."""
+    import signal
+
+    from videoprism.train import pipeline
+    from videoprism.train.trainer import Trainer
+
+    launch = Trainer.launch_step
+
+    def launch_then_notice(self):  # the notice comes in step 2, acted on at its boundary
+        pending = launch(self)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return pending
+
+    def data_then_notice(*a, **k):  # in the startup: data.cache's decode of a manifest
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if when == "step":
+        monkeypatch.setattr(Trainer, "launch_step", launch_then_notice)
+    else:
+        monkeypatch.setattr(pipeline.stage1, "build_train_data", data_then_notice)
+    assert pipeline.main(["--out", str(tmp_path), "--clips", "20", "train.steps=4", "train.global_batch=4",
+                          "train.eval_every=0", "checkpoint.interval=0"]) == 128 + signal.SIGTERM
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert "--auto-resume" not in said and "the same command" not in said, said
+    rerun = "train.pipeline run again starts both stages over"
+    if when == "step":
+        assert (f"[stage1] SIGTERM: stopped after step 2; checkpoint {tmp_path}/stage1/checkpoints/step_00000002; "
+                f"python -m train.stage1 --resume {tmp_path}/stage1 continues from it (this stage alone; {rerun})"
+                in said), said
+    else:
+        assert f"SIGTERM before the first step: stopped (no step taken, nothing lost); {rerun}\n" in said, said
 
 
 def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):

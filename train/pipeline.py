@@ -32,11 +32,12 @@ from videoprism.train.data import decode_all, tokenizer_for
 from videoprism.train.modeling import model_from_safetensors
 from videoprism.train.probe import PROBE_LR, PROBE_STEPS, check_probe_options, label_key, run_probes
 from videoprism.train.zeroshot import class_embeddings, video_embeddings, zero_shot_metrics
-from videoprism.train.trainer import NonFiniteLossError
+from videoprism.train.trainer import GoOn, NonFiniteLossError
 
 PROBE_LABELS = ["direction", "colour", "shape"]
 RETRIEVAL_KEYS = ("t2v_R@1", "t2v_R@5", "t2v_R@10", "v2t_R@1", "v2t_R@5", "v2t_R@10")
 PIPELINE_KEYS = ("data.train", "data.val", "train.out_dir", "stage2.teacher")
+RERUN = "train.pipeline run again starts both stages over"
 
 
 def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> None:
@@ -53,6 +54,13 @@ def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> No
     meta = generate(root, clips, size=resolution, num_frames=frames, scene=scene, progress=True)
     echo(f"synthetic data ({scene!r} scenes): {meta['num_train']} train + {meta['num_val']} val clips in {root} "
          f"({time.perf_counter() - t0:.0f} s)")
+
+
+def _go_on(out: str, stage: int) -> GoOn:
+    """What a stage's stop line (SIGTERM, SIGUSR1) names: the pipeline takes no --resume (the trainer's own advice)
+    and a rerun starts both stages over; the stage's own command continues that stage alone from its checkpoint."""
+    return GoOn(resume=f"python -m train.stage{stage} --resume {out}/stage{stage}", restart=RERUN,
+                note=f" (this stage alone; {RERUN})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,15 +110,14 @@ def _main(argv: list[str] | None) -> int:
     # The demo owns --out: a second run starts both stages over (the first's checkpoints kept as *.abandoned).
     stage = 1
     try:
-        res1 = stage1.run(cfg1, overwrite=True)
+        res1 = stage1.run(cfg1, overwrite=True, go_on=_go_on(args.out, 1))
         stage = 2
-        res2 = stage2.run(cfg2, overwrite=True)
+        res2 = stage2.run(cfg2, overwrite=True, go_on=_go_on(args.out, 2))
     except KeyboardInterrupt as e:  # the trainer's advice names its own command's --auto-resume, which this lacks
-        run = f"{args.out}/stage{stage}"
         # Without a checkpoint --resume stops on "no complete checkpoint": only the pipeline starts it again.
-        resume = (f"for this demo's stage {stage}: python -m train.stage{stage} --resume {run}; "
-                  if ckpt.latest(os.path.join(run, "checkpoints")) else "")
-        raise KeyboardInterrupt(f"{e} ({resume}train.pipeline run again starts both stages over)") from None
+        resume = (f"for this demo's stage {stage}: {_go_on(args.out, stage).resume}; "
+                  if ckpt.latest(os.path.join(args.out, f"stage{stage}", "checkpoints")) else "")
+        raise KeyboardInterrupt(f"{e} ({resume}{RERUN})") from None
 
     # Probes on frozen features of the same clips, eval transform.
     t0 = time.perf_counter()

@@ -30,7 +30,8 @@ from videoprism.train.retrieval import caption_groups, retrieval_metrics
 from videoprism.train.run_folder import OutDirLock
 from videoprism.train.seeds import MASK, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
-from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
+from videoprism.train.trainer import (GoOn, NonFiniteLossError, Trainer, accumulation, preflight,
+                                      stopping_before_training)
 
 
 class ContrastiveModel(nn.Module):
@@ -182,15 +183,16 @@ class Stage1Task:
         export_module(module, self.export_spec, path, main=self.dist.main)
 
 
-def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) -> dict:
+def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False, go_on: GoOn = GoOn()) -> dict:
     """Train stage 1 per `cfg`; returns the final retrieval metrics and the output paths. `overwrite`: write
-    train.out_dir even if another run's checkpoints or export are there (run_folder)."""
+    train.out_dir even if another run's checkpoints or export are there (run_folder). `go_on`: what a stop line
+    names to go on (trainer.GoOn; train.pipeline's differs)."""
     preflight(cfg, 1, resume, overwrite)
     dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     lock = OutDirLock(cfg.train.out_dir)
     try:
         lock.hold(dist_)  # before anything is written there; held to the run's end
-        with stopping_before_training(cfg, dist_):
+        with stopping_before_training(cfg, dist_, go_on):
             seed_process(cfg.train.seed)
             tokenizer = tokenizer_for(cfg)
             clip = build_clip(cfg.model, vocab=tokenizer.vocab_size if tokenizer else None, device=dist_.device)
@@ -199,7 +201,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
                                             vocab=clip.config.vocabulary_size)
             val, val_rejects = build_val_batches(cfg, tokenizer, batch_size=micro, dist_=dist_)
             task = Stage1Task(cfg, dist_, clip, val, strided_ranks=trainer_data.strided_ranks)
-            trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1")
+            trainer = Trainer(cfg, task, trainer_data, dist_, name="stage1", go_on=go_on)
             trainer.val_rejects = val_rejects
             if trainer.accum > 1 and not cfg.stage1.grad_cache and dist_.main:
                 print(f"note: gradient accumulation over {trainer.accum} micro-steps without stage1.grad_cache: the "

@@ -34,7 +34,8 @@ from videoprism.train.parallel import (Dist, close_distributed, compile_blocks, 
 from videoprism.train.run_folder import OutDirLock
 from videoprism.train.seeds import INIT, MASK, SLOTS, VALIDATION, derive_seed, seed_process
 from videoprism.train.step_masks import StepMasks
-from videoprism.train.trainer import NonFiniteLossError, Trainer, accumulation, preflight, stopping_before_training
+from videoprism.train.trainer import (GoOn, NonFiniteLossError, Trainer, accumulation, preflight,
+                                      stopping_before_training)
 
 
 class Stage2Task:
@@ -161,14 +162,15 @@ def build_teacher(cfg: Config, device: torch.device) -> Teacher:
                                           attention_backend=cfg.model.attention_backend, device=device))
 
 
-def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) -> dict:
-    """Train stage 2 per `cfg`; returns the final validation losses and the output paths. `overwrite`: as stage 1's."""
+def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False, go_on: GoOn = GoOn()) -> dict:
+    """Train stage 2 per `cfg`; returns the final validation losses and the output paths. `overwrite`, `go_on`: as
+    stage 1's."""
     preflight(cfg, 2, resume, overwrite)
     dist_ = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
     lock = OutDirLock(cfg.train.out_dir)
     try:
         lock.hold(dist_)  # before anything is written there; held to the run's end
-        with stopping_before_training(cfg, dist_):
+        with stopping_before_training(cfg, dist_, go_on):
             seed_process(cfg.train.seed)
             teacher = build_teacher(cfg, dist_.device)
             micro, _ = accumulation(cfg.train, dist_.world)
@@ -176,7 +178,7 @@ def run(cfg: Config, resume: ResumeFrom | None = None, overwrite: bool = False) 
             data = build_train_data(cfg, dist_, None, micro_batch=micro, vocab=2)
             val, val_rejects = build_val_batches(cfg, None, batch_size=micro, dist_=dist_)
             task = Stage2Task(cfg, dist_, teacher, val, strided_ranks=data.strided_ranks)
-            trainer = Trainer(cfg, task, data, dist_, name="stage2")
+            trainer = Trainer(cfg, task, data, dist_, name="stage2", go_on=go_on)
             trainer.val_rejects = val_rejects
             if resume is not None:
                 trainer.resume(resume.path, if_any=resume.if_any)

@@ -60,6 +60,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class GoOn:
+    """What a run's stop line (SIGTERM, SIGUSR1) names to go on: `resume` continues from its checkpoint, `restart`
+    goes on when it took no step, `note` ends a `resume` clause. The defaults are the stage commands' own flags;
+    train.pipeline takes neither (a rerun starts both stages over) and passes its own."""
+    resume: str = "the same command with --resume"
+    restart: str = "the same command with --auto-resume starts again from train.out_dir's latest checkpoint, if any"
+    note: str = ""
+
+
 @dataclass
 class PendingStep:
     """A launched step's record before it is read: its device scalars (loss, loss parts, gradient
@@ -147,18 +157,17 @@ def check_every_rank_sees(path: str, target: str | None, own: str | None, dist_:
 
 
 @contextlib.contextmanager
-def stopping_before_training(cfg: Config, dist_: Dist):
+def stopping_before_training(cfg: Config, dist_: Dist, go_on: GoOn = GoOn()):
     """Startup (the teacher, the model, data.cache's decode of a whole manifest, the resume's load): a
-    preemption notice ends the run at once with a line and status 128 + the signal; nothing of this run
-    is lost, as it has taken no step."""
+    preemption notice ends the run at once with a line (naming `go_on.restart`) and status 128 + the signal;
+    nothing of this run is lost, as it has taken no step."""
     try:
         with stopping(cfg.checkpoint.save_on_signal, lambda s: Preempted(s, None, None)):
             yield
     except Preempted as stop:
         if dist_.main:
             print(f"{signal.Signals(stop.signum).name} before the first step: stopped (no step taken, nothing "
-                  "lost); the same command with --auto-resume starts again from train.out_dir's latest checkpoint, "
-                  "if any", file=sys.stderr, flush=True)
+                  f"lost); {go_on.restart}", file=sys.stderr, flush=True)
         raise
     except KeyboardInterrupt:  # Ctrl-C: the command's one line (cli.run_command) says this instead of a traceback
         raise KeyboardInterrupt("before the first step (no step taken, nothing lost); the same command starts "
@@ -168,8 +177,9 @@ def stopping_before_training(cfg: Config, dist_: Dist):
 class Trainer:
     TRAINER_KEYS = ["step", "nonfinite"]
 
-    def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str):
+    def __init__(self, cfg: Config, task: Task, data, dist_: Dist, *, name: str, go_on: GoOn = GoOn()):
         self.cfg, self.task, self.data, self.dist, self.name = cfg, task, data, dist_, name
+        self.go_on = go_on
         tc = cfg.train
         self.micro, self.accum = accumulation(tc, dist_.world)
         self.autocast = tc.bf16(dist_.device.type)
@@ -462,8 +472,8 @@ class Trainer:
                         results["plot"] = self._plot(log)
             except Preempted as stop:
                 log.message(f"[{self.name}] {signal.Signals(stop.signum).name} after the final checkpoint {path}: "
-                            "stopped before the final evaluation, export and plot were done; the same command with "
-                            "--resume does them (it trains nothing)")
+                            "stopped before the final evaluation, export and plot were done; "
+                            f"{self.go_on.resume} does them (it trains nothing){self.go_on.note}")
                 raise
         except KeyboardInterrupt:  # Ctrl-C: the command's one line (cli.run_command) says what is kept
             raise self._interrupted() from None
@@ -576,7 +586,7 @@ class Trainer:
             if signum:
                 path = self.save()
                 log.message(f"[{self.name}] {signal.Signals(signum).name}: stopped after step {self.step}; checkpoint "
-                            f"{path}; the same command with --resume continues from it")
+                            f"{path}; {self.go_on.resume} continues from it{self.go_on.note}")
                 if evaluate:  # the resume continues after this step and would never evaluate it; after the
                     self._evaluate(log)  # checkpoint, which a kill during the evaluation leaves complete
                 raise Preempted(signum, self.step, path)

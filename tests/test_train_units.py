@@ -48,6 +48,26 @@ def test_config_overrides_and_errors():
         build_config("huge", [], 1)
 
 
+def test_an_unknown_field_names_its_new_name_or_the_closest_field(tmp_path):
+    """An old config (train.mixed_precision, renamed train.precision; data.max_bad_fraction, renamed
+    data.max_bad_share) or a typo (train.stpes) was refused as "unknown field" followed by the whole list: the
+    error names the renamed field's new name, else the closest field; a name close to none gets no guess."""
+    old = tmp_path / "old.toml"
+    old.write_text("[train]\nmixed_precision = true\n")
+    for config, override, needle in (
+            ("tiny", "train.mixed_precision=false", "'mixed_precision' in section 'train', renamed to train.precision"),
+            (str(old), "train.steps=3", r"old.toml: unknown field 'mixed_precision' in section 'train', renamed to "
+                                        r"train.precision \(true: auto, false: fp32\); fields: steps, "),
+            ("tiny", "data.max_bad_fraction=0.1", "renamed to data.max_bad_share; fields: "),
+            ("tiny", "train.stpes=3", r"unknown field 'stpes' in section 'train' \(did you mean train.steps\?\); "),
+            ("tiny", "optim.warmup=3", r"\(did you mean optim.warmup_steps\?\)")):
+        with pytest.raises(ValueError, match=needle):
+            build_config(config, [override], 1)
+    with pytest.raises(ValueError) as e:
+        build_config("tiny", ["train.qqqq=1"], 1)
+    assert "did you mean" not in str(e.value) and "renamed" not in str(e.value)
+
+
 def test_config_values_as_users_write_them(tmp_path, monkeypatch):
     """~ at the start of a path field's path is the home folder (the shell does not expand it after `key=`: a
     folder named ~ was made in the current one), in overrides and files alike; a step count written 2e5 (as DESIGN

@@ -338,6 +338,22 @@ def _sectionless(cfg: Config, key: str) -> str:
     return f"key {shown(key)} needs a section, e.g. {owners[0]}.{key} (see --help)"
 
 
+# Fields renamed since a config file or config.json could have named them: the error names the new field.
+RENAMED = {"train.mixed_precision": "train.precision (true: auto, false: fp32)",
+           "data.max_bad_fraction": "data.max_bad_share"}
+
+
+def _did_you_mean(section: str, name: str, fields) -> str:
+    """The fix an unknown field's error names: the new name of a renamed one, else the closest field (a typo)."""
+    import difflib
+
+    if f"{section}.{name}" in RENAMED:
+        return f", renamed to {RENAMED[f'{section}.{name}']}"
+    # A name far longer than any field is no typo of one (and difflib's work grows with its length).
+    close = difflib.get_close_matches(name, list(fields), n=1) if len(name) <= 100 else []
+    return f" (did you mean {section}.{close[0]}?)" if close else ""
+
+
 def _field(cfg: Config, key: str, where: str):
     """(section object, field name, field type) of `section.field`; errors say where and what exists."""
     if "." not in key:
@@ -348,7 +364,8 @@ def _field(cfg: Config, key: str, where: str):
         raise ValueError(f"{where}: unknown config section {shown(section)}; sections: {', '.join(_sections(cfg))}")
     hints = typing.get_type_hints(type(sec))
     if name not in hints:
-        raise ValueError(f"{where}: unknown field {shown(name)} in section {section!r}; fields: {', '.join(hints)}")
+        raise ValueError(f"{where}: unknown field {shown(name)} in section {section!r}"
+                         f"{_did_you_mean(section, name, hints)}; fields: {', '.join(hints)}")
     return sec, name, hints[name]
 
 

@@ -150,3 +150,47 @@ def test_short_values_are_shown_whole():
         "... (82 characters)"
     assert shown_each(["a", "b"]) == "['a', 'b']" == repr(["a", "b"])
     assert shown(json.loads("[" * 900 + "]" * 900)).startswith("[[[[")
+
+
+def test_a_huge_label_name_in_an_eval_manifest_is_a_short_error(tmp_path, capsys):
+    """train/evaluate.py: a manifest's label named by 1 MB (or 10^5 labels) printed whole in `eval probe`'s and `eval
+    zeroshot`'s "no clip has the label ... (its labels: ...)"."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "a.mp4", "caption": "a", "label": {BIG: 1}}) + "\n")
+    nowhere = str(tmp_path / "none.safetensors")
+    for argv in (["probe", str(manifest), str(manifest), "--labels", "colour"],
+                 ["zeroshot", str(manifest), "--label", "colour", "--classes", "a,b"]):
+        assert main(["eval", *argv, "--checkpoint", nowhere, "--quiet"]) == 2
+        _bounded(capsys.readouterr().err.strip(), "'colour'", "xxxxx", "characters")
+
+
+def test_many_long_shard_paths_in_a_data_error_are_a_short_line(tmp_path, capsys):
+    """videoprism/data: `data tokenizer shards/*.tar` (and `data index`, read_source) named every shard given in its
+    error: 100 shards of 250-character names made a 26 kB line. The list is cut at LONGEST_PATH."""
+    import io
+    import tarfile
+
+    from videoprism.data.manifest import read_source
+
+    shards = []
+    for i in range(100):
+        shards.append(str(tmp_path / f"{i:03d}{'s' * 240}.tar"))
+        with tarfile.open(shards[-1], "w") as tar:
+            info = tarfile.TarInfo("k.mp4")  # video-only: no caption to train on
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\0" * 4))
+    assert main(["data", "tokenizer", *shards, "--out", str(tmp_path / "t.model")]) == 2
+    _bounded(capsys.readouterr().err.strip(), "holds no caption", "characters", limit=LONGEST_PATH + 200)
+    with pytest.raises(ValueError) as e:  # manifest.py: neither one manifest nor shards
+        read_source([*shards, str(tmp_path / "m.jsonl")])
+    _bounded(str(e.value), "one .jsonl manifest", "characters", limit=LONGEST_PATH + 200)
+
+
+def test_a_huge_tokenizer_path_is_a_short_error():
+    """videoprism/data/text.py: data.tokenizer=<1 MB> (a config file's value) printed whole: a path prints whole up to
+    LONGEST_PATH."""
+    from videoprism.data.text import Tokenizer
+
+    with pytest.raises(FileNotFoundError) as e:
+        Tokenizer(BIG)
+    _bounded(str(e.value), "SentencePiece model", "characters", limit=LONGEST_PATH + 200)

@@ -30,7 +30,8 @@ import torch
 
 from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, check_clip_size, load_model,
                             resolve_device)
-from videoprism.paths import check_not_an_input, check_out_file, echo, read_text, write_json_atomic
+from videoprism.paths import (LONGEST_PATH, check_not_an_input, check_out_file, echo, read_text, shortened, shown,
+                              shown_each, write_json_atomic)
 from videoprism.data.cores import usable_cores
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,7 +88,7 @@ def encode_manifest(model, manifest: str, *, frames: int, resolution: int, devic
             bar.update(b)
     rejects = loader.drain_rejects()
     for name, reason in rejects:
-        echo(f"skipped {name}: {reason}", file=sys.stderr)
+        echo(f"skipped {shortened(name, LONGEST_PATH)}: {shortened(reason, LONGEST_PATH)}", file=sys.stderr)
     if n == 0:
         raise ValueError(f"{manifest}: no readable clip (each is reported above as skipped)")
     return {k: v[:n] for k, v in buffers.items()}, rejects
@@ -117,6 +118,11 @@ def _labelled(manifest: str, max_bad_share: float) -> tuple:
     return samples, sorted({*samples.label_names, *(["label"] if samples.int_label else [])})
 
 
+def _names(names: list[str], sep: str = ", ") -> str:
+    """A manifest's label names for a message: a label of 1 MB, or 10^5 of them, made a line as long."""
+    return shortened(sep.join(names), 200)
+
+
 def _probe_labels(args) -> list[str]:
     """--labels (else every label of TRAIN), each checked against both manifests: before the model loads and
     the clips are encoded, which is most of the command's time."""
@@ -124,8 +130,8 @@ def _probe_labels(args) -> list[str]:
     if args.labels is not None:
         labels = list(dict.fromkeys(x.strip() for x in args.labels.split(",") if x.strip()))
         if not labels:
-            raise ValueError(f"--labels {args.labels!r}: no label name; pass comma-separated names, e.g. --labels "
-                             f"{','.join(have[args.train]) or 'colour,shape'}")
+            raise ValueError(f"--labels {shown(args.labels)}: no label name; pass comma-separated names, e.g. "
+                             f"--labels {_names(have[args.train], ',') or 'colour,shape'}")
     else:
         labels = have[args.train]
         if not labels:
@@ -135,8 +141,9 @@ def _probe_labels(args) -> list[str]:
     for name in labels:
         for m in (args.train, args.val):
             if name not in have[m]:
-                raise ValueError(f"{m}: no clip has the label {name!r} (its labels: {have[m] or 'none'}); pass "
-                                 f"--labels with labels both manifests have ({','.join(both) or 'none'})")
+                raise ValueError(f"{m}: no clip has the label {shown(name)} (its labels: "
+                                 f"{shown_each(have[m]) if have[m] else 'none'}); pass --labels with labels both "
+                                 f"manifests have ({_names(both, ',') or 'none'})")
     return labels
 
 
@@ -258,11 +265,11 @@ def _zeroshot_label(args) -> tuple[str, int]:
     name = args.label
     if name is None:
         if len(have) > 1:
-            raise ValueError(f"{args.manifest}: its clips have the labels {', '.join(have)}; pick one with --label")
+            raise ValueError(f"{args.manifest}: its clips have the labels {_names(have)}; pick one with --label")
         name = have[0]
     if name not in have:
-        raise ValueError(f"{args.manifest}: no clip has the label {name!r} (its labels: {', '.join(have)}); pass "
-                         "--label with one of them")
+        raise ValueError(f"{args.manifest}: no clip has the label {shown(name)} (its labels: {_names(have)}); "
+                         "pass --label with one of them")
     if name == "label":
         ids = [s.label for s in samples if isinstance(s.label, int)]
     else:
@@ -294,8 +301,8 @@ def _zeroshot_classes(args, label: str) -> list[str]:
     if isinstance(data, dict):
         table = data.get("classes", data)
         if not isinstance(table, dict) or label not in table:
-            raise ValueError(f"--classes-file {path}: no list of class names for the label {label!r} (a JSON list, or "
-                             "an object with one list per label)")
+            raise ValueError(f"--classes-file {path}: no list of class names for the label {shown(label)} (a JSON "
+                             "list, or an object with one list per label)")
         data = table[label]
     if not isinstance(data, list):
         raise ValueError(f"--classes-file {path}: the class names must be a JSON list of strings")
@@ -320,8 +327,8 @@ def cmd_zeroshot(args) -> int:
     label, top = _zeroshot_label(args)
     classes = _zeroshot_classes(args, label)
     if top >= len(classes):
-        raise ValueError(f"{args.manifest}: label {label!r} has class id {top}, but {len(classes)} class names were "
-                         f"given; name every class, in id order (0..{top} at least)")
+        raise ValueError(f"{args.manifest}: label {shown(label)} has class id {top}, but {len(classes)} class names "
+                         f"were given; name every class, in id order (0..{top} at least)")
     model, source, frames, resolution = load_model(args, device)
     if not isinstance(model, vp.FactorizedVideoCLIP):
         raise ValueError(f"{source}: a {type(model).__name__} has no text tower; zero-shot classification needs a "
@@ -335,10 +342,10 @@ def cmd_zeroshot(args) -> int:
     y = enc[label_key(label)]
     has = y >= 0  # clips without this label sit out
     if not has.any():
-        raise ValueError(f"{args.manifest}: no readable clip has the label {label!r}")
+        raise ValueError(f"{args.manifest}: no readable clip has the label {shown(label)}")
     m = zero_shot_metrics(enc["video"][has], cls, y[has], classes)
     unlabelled = int((~has).sum())
-    echo(f"zero-shot classification of {label!r}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
+    echo(f"zero-shot classification of {shown(label)}, {m['clips']} clips of {args.manifest} ({len(classes)} classes, "
          f"{len(templates)} template(s); {frames} frames at {resolution}x{resolution}, {source}; {len(rejects)} "
          "skipped" + (f", {unlabelled} without the label" if unlabelled else "") + "):")
     top5 = f"  top-5 {100 * m['top5']:5.1f}%" if "top5" in m else ""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..paths import echo
+from ..paths import LONGEST_PATH, echo, shortened
 
 
 def _cmd_index(args) -> int:
@@ -26,12 +26,17 @@ def _cmd_index(args) -> int:
     echo(f"{r['kept']} of {r['total']} samples kept -> {r['out']}{packed}{video_only}; {r['rejected']} rejected -> "
          f"{r['rejects']}")
     if r["total"] == 0:
-        echo(f"error: {' '.join(args.source)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
+        echo(f"error: {_sources(args)} holds no sample (an empty manifest or shard set)", file=sys.stderr)
         return 2
     if r["kept"] == 0:
-        echo(f"error: no usable sample in {' '.join(args.source)}; the reasons are in {r['rejects']}", file=sys.stderr)
+        echo(f"error: no usable sample in {_sources(args)}; the reasons are in {r['rejects']}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sources(args) -> str:
+    """The manifest or shards given, for a message: `shards/*.tar` of 10^5 shards made a line of every path."""
+    return shortened(" ".join(args.source), LONGEST_PATH)
 
 
 def _cmd_pack(args) -> int:
@@ -58,7 +63,7 @@ def _cmd_tokenizer(args) -> int:
     samples, rejects = read_source(source, max_bad_share=1.0, captions=False)
     captions = [s.caption for s in samples if s.caption is not None]
     if not captions:
-        raise ValueError(f"{' '.join(args.source)} holds no caption to train a tokenizer on")
+        raise ValueError(f"{_sources(args)} holds no caption to train a tokenizer on")
     train_spm(captions, args.out, vocab_size=args.vocab_size)
     pieces = Tokenizer(args.out).vocab_size
     echo(f"wrote {args.out}: {pieces} pieces from {len(captions)} captions ({len(rejects)} bad lines skipped); "

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..paths import echo, json_loads, shown
+from ..paths import LONGEST_PATH, echo, json_loads, shortened, shown
 from .errors import BadSampleBudget, BadVideoError, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -660,7 +660,8 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
         except (ValueError, json.JSONDecodeError) as e:
             budget.skip(f"{tar_path}:{key}", str(e))
     if not samples:
-        raise NoUsableSamplesError(f"shards {paths} hold no usable sample ({budget.bad} rejected)", budget.rejects)
+        raise NoUsableSamplesError(f"shards {shortened(str(paths), LONGEST_PATH)} hold no usable sample "
+                                   f"({budget.bad} rejected)", budget.rejects)
     return samples, budget.rejects
 
 
@@ -775,4 +776,5 @@ def read_source(source: str | list[str], *, max_bad_share: float = 0.01, caption
         return read_shards(paths, max_bad_share=max_bad_share, captions=captions)
     if len(paths) == 1:
         return read_manifest(paths[0], max_bad_share=max_bad_share, captions=captions)
-    raise ValueError(f"data source must be one .jsonl manifest or a list of .tar shards, got {paths}")
+    raise ValueError(f"data source must be one .jsonl manifest or a list of .tar shards, got "
+                     f"{shortened(str(paths), LONGEST_PATH)}")

@@ -13,7 +13,7 @@ import string
 
 import torch
 
-from ..paths import atomic_file
+from ..paths import LONGEST_PATH, atomic_file, shown
 
 MAX_TEXT_LENGTH = 64
 _PUNCT_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
@@ -32,8 +32,8 @@ class Tokenizer:
 
         model_path = os.fspath(model_path)
         if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist; pass the path of a .model "
-                                    "file (`videoprism data synth` writes DIR/spm.model)")
+            raise FileNotFoundError(f"SentencePiece model {shown(model_path, LONGEST_PATH)} does not exist; pass "
+                                    "the path of a .model file (`videoprism data synth` writes DIR/spm.model)")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.model_path = model_path
@@ -41,8 +41,8 @@ class Tokenizer:
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_path)
         except RuntimeError as e:  # sentencepiece raises RuntimeError("INTERNAL: could not parse ModelProto ...")
-            raise ValueError(f"{model_path!r} is not a SentencePiece model ({e}); pass a .model file "
-                             "(`videoprism data synth` writes DIR/spm.model)") from None
+            raise ValueError(f"{shown(model_path, LONGEST_PATH)} is not a SentencePiece model ({e}); pass a "
+                             ".model file (`videoprism data synth` writes DIR/spm.model)") from None
 
     @property
     def vocab_size(self) -> int:

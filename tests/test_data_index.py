@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
 import pytest
 
 from videoprism.cli import main
@@ -307,6 +309,57 @@ def test_a_variable_frame_rate_clip_is_planned_from_its_timestamps(tmp_path):
         with PyAVClip(s.path) as clip:
             want = clip.sample_indices(8, s.start, s.end)
         assert clip_plan(s, 8)[1] == want, (s.path, s.start, s.end)
+
+
+def test_an_ntsc_clips_window_starting_on_a_frame_is_planned_as_pyav_plans_it(tmp_path):
+    """A clean manifest's constant-rate plan (dali_pipeline.clip_plan) of a 30000/1001 clip whose window starts on a
+    frame: `index` wrote fps rounded to 29.97003 (3e-8 fast), and from frame ~33 on the plan took the frame after
+    the start (PyAV's timestamps: the start's own frame). The manifest now holds the rate's double."""
+    from fractions import Fraction
+
+    from videoprism.data.dali_pipeline import clip_plan
+    from videoprism.data.decode import PyAVClip
+    from videoprism.data.synth import encode
+
+    rate = Fraction(30000, 1001)
+    encode(np.zeros((60, 16, 16, 3), np.uint8), str(tmp_path / "ntsc.mp4"), "h264", fps=rate)
+    recs = [{"path": "ntsc.mp4", "start": float(k / rate)} for k in (40, 50)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert run(["data", "index", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "clean.jsonl"), "--workers", "1",
+                "--quiet"]) == 0
+    clean, _ = read_manifest(str(tmp_path / "clean.jsonl"), captions=False)
+    assert [s.probe["fps"] for s in clean] == [float(rate)] * 2
+    for s in clean:
+        with PyAVClip(s.path) as clip:
+            want = clip.sample_indices(8, s.start, s.end)
+        assert want[0] == round(s.start * rate)
+        for fps in (s.probe["fps"], round(s.probe["fps"], 6)):  # as index writes it, and as it wrote it
+            planned = type(s)(**{**s.__dict__, "probe": {**s.probe, "fps": fps}})
+            assert clip_plan(planned, 8)[1] == want, (fps, s.start)
+
+
+@pytest.mark.parametrize("rate", ["30000/1001", "24000/1001", "60000/1001", "25", "60"])
+def test_a_10_hour_clips_frame_plan_is_exact(rate):
+    """Windows over a 10-hour constant-rate clip (2.2M frames at 60 fps): each planned frame is the one exact
+    rational arithmetic puts there, for windows starting and ending on a frame or between two, with fps as
+    `index` writes it and as it wrote it (6 decimals: every NTSC window on a frame was planned a frame late)."""
+    from fractions import Fraction
+
+    from videoprism.data.dali_pipeline import clip_plan
+    from videoprism.data.manifest import Sample
+    from videoprism.data.transforms import uniform_indices
+
+    rate = Fraction(rate)
+    n = int(10 * 3600 * rate)
+    rng = np.random.default_rng(0)
+    for fps in (float(rate), round(float(rate), 6)):
+        for k in [*map(int, rng.integers(n - 10**5, n - 100, 50)), n - 100]:
+            for shift in (0.0, float(rng.random())):  # on frame k's time, or between it and the next
+                start, end = float((k + shift) / rate), float((k + 64 + shift) / rate)
+                s = Sample(path="x.mp4", caption=None, start=start, end=end,
+                           probe={"codec": "h264", "frames": n, "fps": fps, "width": 8, "height": 8, "cfr": True})
+                lo, hi = (math.ceil(Fraction(t) * rate - Fraction(1, 10**6)) for t in (start, end))
+                assert clip_plan(s, 16)[1] == [lo + i for i in uniform_indices(hi - lo, 16)], (fps, k, shift)
 
 
 def test_data_tokenizer_trains_a_model_that_covers_the_captions(tmp_path, capsys):

@@ -25,7 +25,9 @@ about a bad file with no switch to stop them (DaliClips.rejected), so they come 
 """
 from __future__ import annotations
 
+import math
 import sys
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -102,9 +104,9 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, s
     rotation and matrix."""
     p = sample.probe
     if all(k in p for k in ("codec", "frames", "fps", "width", "height")) and p.get("cfr", True):
-        n, fps = int(p["frames"]), float(p["fps"])
-        lo = 0 if sample.start is None else min(n, int(np.ceil(sample.start * fps - 1e-6)))
-        hi = n if sample.end is None else min(n, int(np.ceil(sample.end * fps - 1e-6)))
+        n, rate = int(p["frames"]), frame_rate(float(p["fps"]))
+        lo = 0 if sample.start is None else min(n, first_frame_at(sample.start, rate))
+        hi = n if sample.end is None else min(n, first_frame_at(sample.end, rate))
         if hi - lo < num_frames:
             raise BadVideoError(sample.name, f"too few frames: {hi - lo}, need {num_frames}")
         return (p["codec"], [lo + i for i in uniform_indices(hi - lo, num_frames)], p["height"], p["width"],
@@ -116,6 +118,26 @@ def clip_plan(sample, num_frames: int) -> tuple[str, list[int], int, int, int, s
         return (idx.codec, clip.sample_indices(num_frames, sample.start, sample.end), idx.height, idx.width,
                 quarter_turns(p["rotation"] if "rotation" in p else clip.rotation),
                 p["matrix"] if "matrix" in p else clip.matrix)
+
+
+def frame_rate(fps: float) -> Fraction:
+    """The frame rate a clean manifest's `fps` stands for, exactly. `data index` wrote it rounded to 6 decimals
+    before: NTSC's 30000/1001 as 29.97003, 3e-8 fast, so a window starting on a frame past frame ~33 was planned a
+    frame late (at 10010 s, frame 300000 of a 3-hour clip, frame 300001; PyAV's timestamps say 300000). Such a
+    value is the fraction of denominator <= 1001 (24000/1001, 30000/1001, 25, 12.5 ...) it is the rounding of;
+    another (index writes the rate's double now) is the double's own value."""
+    exact = Fraction(fps)
+    near = exact.limit_denominator(1001)
+    rounded = round(fps, 6) == fps and abs(near - exact) <= Fraction(1, 2 * 10**6)
+    return near if rounded else exact
+
+
+def first_frame_at(seconds: float, rate: Fraction) -> int:
+    """Index of the first frame shown at or after `seconds` of a constant `rate` (frame i at i / rate), within a
+    millionth of a frame (a start written as a float of a frame's time may be a hair past it). Exact arithmetic: a
+    10-hour clip has ~2e6 frames, where a float's product is off by 1e-10 of a frame (a float rate's by its own
+    rounding)."""
+    return math.ceil(Fraction(seconds) * rate - Fraction(1, 10**6))
 
 
 class DaliClips:

@@ -49,7 +49,9 @@ def probe(sample: Sample, *, min_frames: int = 1, full: bool = False) -> dict:
             rotation, matrix = clip.rotation, clip.matrix
     except OSError as e:
         raise BadVideoError(sample.name, f"unreadable ({e.strerror or e})") from None
-    return {"codec": idx.codec, "frames": idx.num_frames, "fps": round(idx.fps, 6), "width": idx.width,
+    # fps whole: the frame plan (dali_pipeline.clip_plan) puts frame i at i / fps, and a rounded rate (NTSC's
+    # 29.97003) moves a window's frames by one within a minute.
+    return {"codec": idx.codec, "frames": idx.num_frames, "fps": idx.fps, "width": idx.width,
             "height": idx.height, "duration": round(idx.duration, 6), "cfr": idx.constant_rate, "rotation": rotation,
             "matrix": matrix}
 

@@ -891,6 +891,22 @@ def test_a_kill_while_an_old_checkpoint_is_deleted_leaves_no_partial_one(tmp_pat
     assert sorted(os.listdir(root)) == ["step_00000003"]  # the next save clears what the kill left
 
 
+def test_checkpoints_past_step_10_to_the_8_are_listed_kept_and_resumed(tmp_path):
+    """step_{step:08d} has 9 digits from step 10^8 on: those folders were not checkpoints to step_dirs (a resume took
+    step 99999999, and keep-latest-k deleted none of them)."""
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    saver = ckpt.Saver(str(tmp_path), keep=2)
+    steps = (99_999_999, 10**8, 10**8 + 1, 2**31 + 1)
+    for step in steps:
+        saver.save(step, model, opt, trainer_state={"step": step}, rank_state={})
+    assert [s for s, _ in ckpt.step_dirs(str(tmp_path))] == list(steps[-2:])
+    assert sorted(os.listdir(tmp_path)) == ["step_100000001", "step_2147483649"]
+    latest = ckpt.find(str(tmp_path), required=True)
+    assert ckpt.step_of(latest) == 2**31 + 1
+    assert ckpt.load(latest, model, opt, trainer_keys=["step"])[0]["step"] == 2**31 + 1
+
+
 @pytest.mark.parametrize("async_save", [False, True])
 def test_single_process_checkpoint_warns_nothing(tmp_path, async_save):
     """DCP's "assuming the intent is to save in a single process" warning is not shown in the

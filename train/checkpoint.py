@@ -44,9 +44,11 @@ from torch.distributed.checkpoint.state_dict import (
 from videoprism.paths import fsync_path
 from videoprism.train.parallel import on_main_rank
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")  # a save being written, or one that did not finish
-_ANY_STEP_DIR = re.compile(r"^step_(\d{8})")  # also a .tmp or .abandoned one: the step it was saved at
+# At least 8 digits: step_{step:08d} has 9 from step 10^8 on (such checkpoints were not listed: a resume took the
+# newest one of 8 digits, and keep-latest-k deleted none of them).
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_TMP_DIR = re.compile(r"^step_\d{8,}\.tmp$")  # a save being written, or one that did not finish
+_ANY_STEP_DIR = re.compile(r"^step_(\d{8,})")  # also a .tmp or .abandoned one: the step it was saved at
 _RANK_FILE = re.compile(r"rank(\d+)\.pt")
 
 

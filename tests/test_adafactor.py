@@ -110,6 +110,22 @@ def test_the_switches_match_torch_adafactor_steps_averaged(momentum, relative, s
             torch.testing.assert_close(got[i]["momentum"], moms[i], rtol=1e-6, atol=1e-7)
 
 
+def test_the_step_count_goes_on_past_2_to_the_24(stacking):
+    """t counts past 2^24 = 16,777,216, also from a checkpoint holding the float32 count of before (which stopped
+    there, and the relative step 1/sqrt(t) with it: at step 10^8 it was 2.4e-4, not 1e-4); the steps there are
+    torch's Adafactor's with its step in float64 (a float32 one stops too)."""
+    ours, theirs = params(), params()
+    opt = Adafactor(groups(ours), lr=1.0)
+    ref = torch.optim.Adafactor(groups(theirs), lr=1.0, foreach=False)
+    steps_agree(opt, ours, ref, theirs, [0])
+    for st in opt.state.values():
+        st["step"] = torch.tensor(2.0**26)  # float32
+    for st in ref.state.values():
+        st["step"] = torch.tensor(2.0**26, dtype=torch.float64)
+    steps_agree(opt, ours, ref, theirs, range(1, 4))
+    assert {st["step"].item() for st in opt.state.values()} == {2**26 + 3}
+
+
 def test_a_state_dict_without_the_switches_loads_as_torch_adafactor():
     """A checkpoint written before momentum and relative_step existed holds parameter groups without them:
     the step is then torch's."""

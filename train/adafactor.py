@@ -21,7 +21,7 @@ the relative step size rho_t = min(lr, 1/sqrt(t)) and 1 - beta2_t = t^beta2_deca
     p    += s                             (momentum b1 > 0: M = lerp(M, s, 1 - b1); p += M)
 eps1 defaults to the machine epsilon of the parameter's dtype. The state (step, row_var, col_var,
 variance) has torch's names and shapes, plus `momentum` (p's shape) when b1 > 0; the step lives on the
-parameter's device.
+parameter's device, in float64 (torch's float32 count stops at 2^24 steps).
 
 The defaults are torch's (relative step, no momentum): a step moves each parameter by about lr times
 its own RMS. `relative_step=False` and `momentum` are the switches of optax's and praxis' Adafactor
@@ -173,18 +173,20 @@ class Adafactor(torch.optim.Optimizer):
         flagged = None if keep is None else ~keep
         for q in params:
             state = self.state[q.p]
+            # float64: a float32 count (torch's) stops at 2^24 = 16,777,216 steps, and 1/sqrt(t) with it.
             if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=dev)
-            elif state["step"].device != dev:  # loaded from torch's Adafactor, whose step lives on the host
-                state["step"] = state["step"].to(dev)
+                state["step"] = torch.zeros((), dtype=torch.float64, device=dev)
+            elif state["step"].device != dev or state["step"].dtype != torch.float64:
+                # loaded from torch's Adafactor (its step on the host) or a checkpoint of the float32 count
+                state["step"] = state["step"].to(dev, torch.float64)
         # The step's scalars, vectorised over each parameter group (its hyper-parameters are numbers): a few
         # launches a group, where one parameter at a time took ~25 small kernels each.
         for idx in _indices(params):
             qs = [params[i] for i in idx]
             hp = qs[0].hp
             steps = [self.state[q.p]["step"] for q in qs]
-            torch._foreach_add_(steps, 1.0 if keep is None else keep.to(torch.float32))
-            t = torch.stack(steps).double().clamp_(min=1)   # a flagged first step stays at 0 (its weight is zeroed)
+            torch._foreach_add_(steps, 1.0 if keep is None else keep.to(torch.float64))
+            t = torch.stack(steps).clamp_(min=1)   # a flagged first step stays at 0 (its weight is zeroed)
             weight = t.pow(hp["beta2_decay"])               # 1 - beta2_t
             if keep is not None:
                 weight = torch.where(keep, weight, 0.0)

@@ -113,14 +113,15 @@ def _is_number(text: str) -> bool:
 
 class ManifestData:
     """One loader per dataset; step `s` reads from the dataset drawn with a generator seeded
-    by (seed, s), identical on every rank and after a resume."""
+    by (seed, s), identical on every rank and after a resume. The ranks (`dist_`; None: one process) go on to a
+    loader's next epoch together (`next_batch`)."""
 
     # The loader deals an epoch's samples round-robin: rank r of w holds every w-th clip of a global
     # micro-batch from r (train.step_masks keys the masks by that order).
     strided_ranks = True
 
-    def __init__(self, loaders: list, weights: list[float], seed: int):
-        self.loaders, self.seed = loaders, seed
+    def __init__(self, loaders: list, weights: list[float], seed: int, dist_=None):
+        self.loaders, self.seed, self.dist = loaders, seed, dist_
         self.weights = torch.tensor(weights, dtype=torch.float64)
         self.iters = [None] * len(loaders)
 
@@ -131,17 +132,34 @@ class ManifestData:
         return int(torch.multinomial(self.weights, 1, generator=gen))
 
     def next_batch(self, step: int) -> dict:
+        """This rank's next micro-batch of the step's dataset. Where one rank's share of an epoch runs out, every
+        rank goes on to the next epoch (the others' batches of the old one dropped, as the tail of an epoch is): a
+        bad sample skipped on one rank leaves that rank a batch short, and it went on into the next epoch alone, a
+        step before the others (or more, as skips added up), whose checkpoints then held ranks in two epochs and
+        refused to resume on another number of ranks. Collective: one flag per call, on the host."""
         i = self.dataset_at(step)
         for _ in range(2):
-            if self.iters[i] is None:
-                self.iters[i] = iter(self.loaders[i])
-            try:
-                return next(self.iters[i])
-            except StopIteration:  # end of an epoch: the loader moves to the next one
+            batch = self._pull(i)
+            if not all_reduce_max([batch is None], self.dist)[0]:
+                return batch
+            if self.iters[i] is not None:  # this rank's epoch had more: left, with its iteration
+                self.iters[i].close()
                 self.iters[i] = None
+                self.loaders[i].end_epoch()
         name = getattr(self.loaders[i], "source_name", "") or f"number {i}"
         raise ValueError(f"data.train's {name} yields no batch: fewer good samples than one micro-batch; lower "
                          "train.global_batch (or train.micro_batch) or add samples")
+
+    def _pull(self, i: int) -> dict | None:
+        """Loader `i`'s next batch, None at the end of this rank's share of its epoch (the loader then is at the
+        next one)."""
+        if self.iters[i] is None:
+            self.iters[i] = iter(self.loaders[i])
+        try:
+            return next(self.iters[i])
+        except StopIteration:
+            self.iters[i] = None
+            return None
 
     def drain_rejects(self) -> list[tuple[str, str]]:
         return [r for ld in self.loaders for r in ld.drain_rejects()]
@@ -402,7 +420,7 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
                             device=dist_.device, num_workers=dc.workers, max_bad_share=dc.max_bad_share,
                             flip_prob=dc.flip_prob, decode_timeout=dc.decode_timeout)
                for path, _, frames in datasets]
-    return ManifestData(loaders, [w for _, w, _ in datasets], seed)
+    return ManifestData(loaders, [w for _, w, _ in datasets], seed, dist_)
 
 
 def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int,

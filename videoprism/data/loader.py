@@ -509,6 +509,12 @@ class VideoTextLoader:
         if pending and not self.drop_last:
             self.position, self._committed = len(order), self._budget.bad
             yield self._collate(pending)
+        self.end_epoch()
+
+    def end_epoch(self) -> None:
+        """Go on to the next epoch, the rest of this one left unread: where an iteration runs out, and where a
+        trainer's other ranks ran out of their shares first (train.data.ManifestData keeps the ranks in one epoch).
+        An iteration begun before is done with: the next `iter()` starts the new epoch."""
         self.epoch, self.position, self.segments = self.epoch + 1, 0, []
         self._budget, self._committed = self._new_budget(), 0
 

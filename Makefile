@@ -19,19 +19,39 @@ TORCH_SPEC := $(or $(shell cat $(SPEC_STAMP) 2>/dev/null),$(TORCH_SPEC))
 endif
 
 .PHONY: setup demo test test-gpu bench-cpu clean FORCE
+# A recipe that fails leaves no half-written target (the stamp) behind.
+.DELETE_ON_ERROR:
 
 setup: $(STAMP)
 
+# Rewritten only when it changes, decided here rather than in a recipe (`make -n` showed a done set-up as redone).
+ifneq ($(shell cat $(SPEC_STAMP) 2>/dev/null),$(TORCH_SPEC))
 $(SPEC_STAMP): FORCE
+endif
+$(SPEC_STAMP):
 	@mkdir -p $(VENV)
-	@test "$$(cat $@ 2>/dev/null)" = '$(TORCH_SPEC)' || echo '$(TORCH_SPEC)' > $@
+	echo '$(TORCH_SPEC)' > $@
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) $(SPEC_STAMP)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# The stamp holds the venv interpreter's version. What its time cannot show makes it stale too: the extension
+# gone (make clean, rm), the interpreter another or gone (the system's Python upgraded under the venv, pyenv's
+# removed), torch reinstalled by hand (pip writes install-time mtimes; a torch pulled in by another package).
+STAMP_PYTHON = $(BIN)/python -c 'import sys; print(sys.version)'
+STALE := $(if $(wildcard videoprism/_C*.so),,FORCE) $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(shell $(STAMP_PYTHON) 2>/dev/null))
+STALE += FORCE
+endif
+# A venv cut short (Ctrl-C in ensurepip) or whose interpreter changed has no working pip: it is made again, with
+# --clear over a venv (its packages are the old interpreter's), which drops the spec stamp: written back.
+# The stamp is written last: a set-up cut short anywhere before leaves it stale, and the next make redoes it.
+MAKE_VENV = $(PYTHON) -m venv $(if $(wildcard $(VENV)/pyvenv.cfg),--clear) $(VENV)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h) $(SPEC_STAMP) $(STALE)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || $(MAKE_VENV)
+	@test -f $(SPEC_STAMP) || echo '$(TORCH_SPEC)' > $(SPEC_STAMP)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel ninja
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test,dali]"
-	touch $@
+	$(STAMP_PYTHON) > $@
 
 demo: setup
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m train.pipeline --out runs/demo

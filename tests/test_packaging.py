@@ -133,25 +133,3 @@ def test_cpu_path_needs_no_triton():
     sat in the Triton kernel files, so `import videoprism` failed there."""
     r = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
-
-
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_make_setup_keeps_the_torch_spec_the_venv_was_set_up_with(tmp_path):
-    """`make setup TORCH_SPEC=X` over a venv installs X; a later make command without TORCH_SPEC (make test, make
-    demo) keeps X: it reinstalled the Makefile's default torch over it. A fake venv python logs the pip calls."""
-    venv = tmp_path / "venv"
-    (venv / "bin").mkdir(parents=True)
-    log = tmp_path / "pip.log"
-    python = venv / "bin" / "python"
-    python.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
-    python.chmod(0o755)
-
-    def setup(*spec: str) -> list[str]:
-        log.write_text("")
-        subprocess.run(["make", "-s", "-C", ROOT, "setup", f"VENV={venv}", *spec], check=True, capture_output=True)
-        return [line for line in log.read_text().splitlines() if "torch" in line and "-e" not in line]
-
-    assert setup("TORCH_SPEC=torch==2.11.*") == ["-m pip install -q torch==2.11.*"]
-    assert setup() == []  # the venv's own spec: nothing to do
-    assert (venv / ".torch-spec").read_text().strip() == "torch==2.11.*"
-    assert setup("TORCH_SPEC=torch==2.14.1") == ["-m pip install -q torch==2.14.1"]  # another one asked for

@@ -1339,6 +1339,63 @@ def test_an_official_npz_init_of_another_shape_is_refused_naming_the_fields_to_s
     assert clip.config.pos_emb_shape == tuple(golden_config["clip"]["pos_emb_shape"])
 
 
+def test_an_npz_of_a_non_square_grid_loads_with_the_grid_set_in_both_stages(tmp_path, golden_dir, golden_config,
+                                                                            capsys):
+    """An official-layout .npz of an 8x32 position grid: its table holds 256 rows, the count of a 16x16 grid too.
+    model.pos_emb_shape=4,8,32 was refused for model.init (stage 1) and for stage2.teacher (stage 2), each advising
+    the 16x16 the count was guessed as; now it loads, and the model computes what one built with the 8x32 grid
+    does (not what a 16x16 one does). Without the field the grid is taken as square, said once."""
+    import numpy as np
+
+    from videoprism.checkpoint import load_flax_checkpoint
+    from videoprism.train import stage2
+    from videoprism.train.distill import Teacher
+
+    from .conftest import golden_overrides
+
+    with np.load(os.path.join(golden_dir, "params_clip.npz")) as f:
+        arrays = {k: f[k] for k in f.files}
+    key = "params/vision_encoder/spatial_pos_emb/emb_var"
+    arrays[key] = np.random.default_rng(0).normal(size=(8 * 32, arrays[key].shape[1])).astype(np.float32)
+    path = str(tmp_path / "grid_8x32.npz")
+    np.savez(path, **arrays)
+    with np.load(os.path.join(golden_dir, "inputs.npz")) as f:
+        video = torch.from_numpy(f["video"])  # 72x72: a 4x4 grid, interpolated from the table's
+
+    def official(grid):
+        clip = videoprism.from_official("videoprism_lvt_v1_base", **{**golden_overrides(golden_config["clip"]),
+                                        "pos_emb_shape": grid, "attention_backend": "reference"})
+        return Teacher(load_flax_checkpoint(path, clip))(video)
+
+    right, wrong = official((4, 8, 32)), official((4, 16, 16))
+    assert not torch.allclose(right[0], wrong[0])  # the layout shows in the embeddings
+    cfg = golden_config["clip"]
+    shape = [f"model.{k}={cfg[k]}" for k in ("model_dim", "num_heads", "mlp_dim", "num_spatial_layers",
+                                              "num_temporal_layers", "num_auxiliary_layers", "num_unimodal_layers",
+                                              "vocabulary_size", "patch_size")]
+    stage1 = [*shape, "model.resolution=36", "model.attention_backend=reference", f"model.init={path}"]
+    teacher = ["model.num_frames=4", "model.resolution=36", f"stage2.teacher={path}"]
+    capsys.readouterr()
+    clip = build_clip(build_config("tiny", [*stage1, "model.pos_emb_shape=4,8,32"], 1).model, vocab=None,
+                      device=torch.device("cpu"))
+    s2 = build_config("tiny", [*teacher, "model.pos_emb_shape=4,8,32"], 2)
+    assert s2.model.pos_emb_shape == "4,8,32"
+    for got in (Teacher(clip)(video), stage2.build_teacher(s2, torch.device("cpu"))(video)):
+        for a, b in zip(got, right):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "note:" not in capsys.readouterr().err  # a grid set is no guess
+
+    square = build_clip(build_config("tiny", stage1, 1).model, vocab=None, device=torch.device("cpu"))
+    assert square.config.pos_emb_shape == (4, 16, 16)
+    assert build_config("tiny", teacher, 2).model.pos_emb_shape == "4,16,16"
+    notes = capsys.readouterr().err.splitlines()
+    assert len(notes) == 2, notes  # once per stage
+    for note, option in zip(notes, ("model.init", "stage2.teacher")):
+        assert note == (f"note: {option}={path}: an .npz holds 256 positions per frame, not the grid's rows and "
+                        "columns; taken as a square 16x16 grid, as the official ones are: for another set "
+                        "model.pos_emb_shape=4,H,W with H*W=256")
+
+
 def test_init_from_an_export_keeps_its_position_embedding_shape(tmp_path):
     """A random-init run sizes its position embeddings to its clips (here 4 x 4 x 4, not the
     official 16 x 16 x 16); a later run initialised from its export takes that shape from the

@@ -69,7 +69,8 @@ class ModelConfig:
     vocabulary_size: int = f(0, "Text vocabulary (0 = the tokenizer's size, or the official 32000 without one).",
                              valid=">= 0")
     pos_emb_shape: str = f("", "Position-embedding grid 'T,H,W' ('' = the clip size for a random init, the "
-                               "official shape for a checkpoint).")
+                               "checkpoint's grid for a checkpoint; an official .npz holds only T and H*W, taken "
+                               "as a square grid: set a non-square one here).")
     attention_backend: str = f("auto", "Attention kernels: 'auto' (triton on GPU, reference on CPU) or one "
                                        "backend of videoprism.ops.factorized_attention.",
                                choices=("auto", "reference", "triton", "flex", "flash", "sdpa"))
@@ -92,14 +93,20 @@ class ModelConfig:
         if self.vocabulary_size > 0 or vocab:
             out["vocabulary_size"] = self.vocabulary_size or vocab
         if self.pos_emb_shape:
-            try:
-                shape = tuple(int(x) for x in self.pos_emb_shape.split(","))
-            except ValueError:
-                shape = ()
-            if len(shape) != 3 or min(shape) < 1:
-                raise ValueError(f"model.pos_emb_shape must be 'T,H,W' positive ints, got {shown(self.pos_emb_shape)}")
-            out["pos_emb_shape"] = shape
+            out["pos_emb_shape"] = self.grid()
         return out
+
+    def grid(self) -> tuple[int, int, int] | None:
+        """model.pos_emb_shape as (T, H, W), None when unset ('')."""
+        if not self.pos_emb_shape:
+            return None
+        try:
+            shape = tuple(int(x) for x in self.pos_emb_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"model.pos_emb_shape must be 'T,H,W' positive ints, got {shown(self.pos_emb_shape)}")
+        return shape
 
 
 @dataclass
@@ -556,6 +563,8 @@ def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
     for name in ENCODER_SHAPE_FIELDS:
         if name not in saved:
             continue
+        if name == "pos_emb_shape" and _teachers_grid_is_set(cfg, saved):
+            continue
         want = ",".join(map(str, saved[name])) if name == "pos_emb_shape" else saved[name]
         have = getattr(cfg.model, name)
         if f"model.{name}" in given and have != want and have not in ("", 0, -1):  # not the "official" defaults
@@ -564,6 +573,22 @@ def _student_of_teacher(cfg: Config, given: set[str], saved: dict) -> None:
     if clash:
         raise ValueError(f"{', '.join(clash)}: stage 2's student is stage2.teacher's encoder, of the teacher's "
                          "shape; drop the model.* fields that contradict it")
+
+
+def _teachers_grid_is_set(cfg: Config, saved: dict) -> bool:
+    """Whether model.pos_emb_shape is set to a grid of the teacher's: an official .npz fixes only T and H*W, so a
+    grid of that count stands (an 8x32 one was refused for the square 16x16 its 256 positions were taken as). With
+    none set, the square grid the student takes from the .npz is said (rank 0)."""
+    from videoprism.checkpoint import grid_fits, guessed_grid_note
+    from videoprism.paths import echo
+
+    grid = cfg.model.grid()
+    if grid is not None:
+        return grid_fits(saved, grid)
+    note = guessed_grid_note(saved, f"stage2.teacher={shortened(cfg.stage2.teacher, LONGEST_PATH)}")
+    if note and os.environ.get("RANK", "0") == "0":
+        echo(note, file=sys.stderr)
+    return False
 
 
 def _preset(preset: str, stage: int) -> Config:

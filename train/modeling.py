@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import videoprism
-from videoprism.checkpoint import checkpoint_config, load_checkpoint
+from videoprism.checkpoint import checkpoint_config, grid_fits, guessed_grid_note, load_checkpoint
 from videoprism.config import CLIPConfig, official_config
+from videoprism.paths import LONGEST_PATH, echo, shortened
 from videoprism.train.config import ENCODER_SHAPE_FIELDS, ModelConfig
 
 # The config fields that shape an LvT model's weights: the encoder's and the text tower's.
@@ -40,6 +42,9 @@ def build_clip(mc: ModelConfig, *, vocab: int | None, device: torch.device) -> v
         overrides["pos_emb_shape"] = (mc.num_frames, grid, grid)
     elif saved is not None and not mc.pos_emb_shape and saved[1].get("pos_emb_shape"):
         overrides["pos_emb_shape"] = tuple(saved[1]["pos_emb_shape"])
+        note = guessed_grid_note(saved[1], f"model.init={shortened(mc.init, LONGEST_PATH)}")
+        if note and os.environ.get("RANK", "0") == "0":
+            echo(note, file=sys.stderr)
     if saved is not None:
         _check_init(mc.init, saved, official_config(mc.name, **overrides))
     model = videoprism.from_official(mc.name, attention_backend=_backend(mc.attention_backend), **overrides)
@@ -58,7 +63,8 @@ def _check_init(path: str, init: tuple[str | None, dict], config: CLIPConfig) ->
                          "run's export or an official LvT .npz (a stage-2 export is a student encoder)")
     have = {k: getattr(config, k) for k in _CLIP_SHAPE_FIELDS}
     have["pos_emb_shape"] = list(have["pos_emb_shape"])
-    differ = [k for k in _CLIP_SHAPE_FIELDS if k in saved and saved[k] != have[k]]
+    differ = [k for k in _CLIP_SHAPE_FIELDS if k in saved
+              and not (grid_fits(saved, have[k]) if k == "pos_emb_shape" else saved[k] == have[k])]
     if differ:
         def said(values: dict) -> str:
             return " ".join(f"model.{k}={','.join(map(str, values[k])) if k == 'pos_emb_shape' else values[k]}"

@@ -414,8 +414,12 @@ def _encoder_fields(shapes: dict, key: str) -> dict:
     if 3 * side * side == shapes[f"{key}patch_projection/linear/kernel"][0]:
         out["patch_size"] = side
     grid, frames = shapes.get(f"{key}spatial_pos_emb/emb_var"), shapes.get(f"{key}temporal_pos_emb/emb_var")
-    if grid and frames and math.isqrt(grid[0]) ** 2 == grid[0]:  # the official grids are square
-        out["pos_emb_shape"] = [frames[0], math.isqrt(grid[0]), math.isqrt(grid[0])]
+    if grid and frames:
+        # The spatial table has H*W rows, not the grid's rows and columns: a grid of that count set by the user fits
+        # (grid_fits); without one a square count is taken as a square grid, as every official one is, and said.
+        out[GRID_TOKENS] = [frames[0], grid[0]]
+        if math.isqrt(grid[0]) ** 2 == grid[0]:
+            out["pos_emb_shape"] = [frames[0], math.isqrt(grid[0]), math.isqrt(grid[0])]
     for axis in ("spatial", "temporal"):
         stack = f"{key}{axis}_encoder/transformers_stack"
         out[f"num_{axis}_layers"] = _stack_layers(shapes, stack)
@@ -432,10 +436,15 @@ _FLAX_ENCODERS = (("FactorizedVideoCLIP", "params/vision_encoder/"), ("Factorize
                   ("FactorizedEncoder", "params/"))
 
 
+# The entry of flax_config's fields that is no config field: what an .npz's position tables fix of the grid, [T, H*W].
+GRID_TOKENS = "pos_emb_tokens"
+
+
 def flax_config(path: str) -> tuple[str | None, dict]:
     """The model class and the config fields that shape its weights, read off the array shapes of an official
     `.npz` (which carries no config): what `safetensors_config` gives for our files, for the fields the shapes
-    tell (not the logit cap, nor a non-square position grid); (None, {}) for a file of another layout."""
+    tell (not the logit cap; the position grid only as GRID_TOKENS, and as pos_emb_shape the square grid of a
+    square count, a guess); (None, {}) for a file of another layout."""
     shapes = _npz_shapes(path)
     found = [(kind, key) for kind, key in _FLAX_ENCODERS if f"{key}patch_projection/linear/bias" in shapes]
     if not found:
@@ -448,6 +457,26 @@ def flax_config(path: str) -> tuple[str | None, dict]:
         if "params/text_encoder/token_emb/emb_var" in shapes:
             out["vocabulary_size"] = shapes["params/text_encoder/token_emb/emb_var"][0]
     return kind, out
+
+
+def grid_fits(saved: dict, grid) -> bool:
+    """Whether the position grid `grid` (T, H, W) is one the checkpoint of config `saved` (checkpoint_config's)
+    was trained with: the grid our file records; for an official .npz, whose tables fix only T and H*W, any grid of
+    that many positions (an 8x32 grid's file was refused for the 16x16 its 256 positions were guessed as)."""
+    if GRID_TOKENS in saved:
+        return [grid[0], grid[1] * grid[2]] == list(saved[GRID_TOKENS])
+    return "pos_emb_shape" not in saved or list(grid) == list(saved["pos_emb_shape"])
+
+
+def guessed_grid_note(saved: dict, where: str) -> str | None:
+    """The one-line note for a model given the square grid that an official .npz's positions were taken as
+    (`where`: the option and file, e.g. "model.init=X.npz"); None for a checkpoint that records its grid."""
+    if GRID_TOKENS not in saved or "pos_emb_shape" not in saved:
+        return None
+    frames, rows, cols = saved["pos_emb_shape"]
+    return (f"note: {where}: an .npz holds {rows * cols} positions per frame, not the grid's rows and columns; "
+            f"taken as a square {rows}x{cols} grid, as the official ones are: for another set "
+            f"model.pos_emb_shape={frames},H,W with H*W={rows * cols}")
 
 
 def checkpoint_config(path: str) -> tuple[str | None, dict]:

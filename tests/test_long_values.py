@@ -194,3 +194,70 @@ def test_a_huge_tokenizer_path_is_a_short_error():
     with pytest.raises(FileNotFoundError) as e:
         Tokenizer(BIG)
     _bounded(str(e.value), "SentencePiece model", "characters", limit=LONGEST_PATH + 200)
+
+
+def test_a_huge_path_or_member_name_in_data_errors_is_a_short_line(tmp_path):
+    """videoprism/data/manifest.py: a manifest path (data.train, a config file's value) printed whole, as did a shard
+    member's name or link target, which a tar (pax) header holds at any length: the error that stops the read named
+    a 1 MB one whole. Paths and member names print whole up to LONGEST_PATH."""
+    import io
+    import tarfile
+
+    from videoprism.data.errors import TooManyBadSamplesError
+    from videoprism.data.manifest import read_shards, read_source
+
+    with pytest.raises(FileNotFoundError) as e:
+        read_source(BIG)
+    _bounded(str(e.value), "manifest", "does not exist", "characters", limit=LONGEST_PATH + 200)
+    shard = str(tmp_path / "s.tar")
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        link = tarfile.TarInfo("a.mp4")
+        link.type, link.linkname = tarfile.SYMTYPE, BIG
+        tar.addfile(link)
+        for name in (f"{BIG}/b.x.mp4", f"{BIG}/b.y.mp4"):  # a key of two video members
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"\0" * 4))
+    with pytest.raises(TooManyBadSamplesError) as e:
+        read_shards([shard], max_bad_share=0.0)
+    _bounded(str(e.value), "symbolic link", "characters", limit=LONGEST_PATH + 1000)
+    with pytest.raises(TooManyBadSamplesError) as e:
+        read_shards([shard], max_bad_share=0.5)  # the first reject passes: the second key's stops
+    _bounded(str(e.value), "are both its video member", "characters", limit=5 * LONGEST_PATH)  # 4 paths
+
+
+def test_a_huge_value_in_a_pack_header_is_a_short_error(tmp_path):
+    """videoprism/data/pack.py: the header's format version of another program's file printed whole."""
+    import struct
+
+    from videoprism.data.pack import MAGIC, StalePack, pack_path, read_pack
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"path": "a.mp4", "caption": "a"}) + "\n")
+    header = json.dumps({"version": BIG}).encode()
+    with open(pack_path(str(manifest)), "wb") as fh:
+        fh.write(MAGIC + struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(StalePack) as e:
+        read_pack(str(manifest))
+    _bounded(str(e.value), "has format version", "xxxxx", "characters")
+
+
+def test_a_huge_path_or_decoder_message_is_a_short_error(monkeypatch):
+    """videoprism/data/decode.py: a manifest line's path (any length) and a decoder's message (any string) printed
+    whole in BadVideoError's one line."""
+    import av
+
+    from videoprism.data.decode import PyAVClip
+    from videoprism.data.errors import BadVideoError
+
+    with pytest.raises(BadVideoError) as e:
+        PyAVClip(BIG)
+    _bounded(str(e.value), "missing file", "characters", limit=LONGEST_PATH + 200)
+
+    def fails(self):
+        raise av.error.InvalidDataError(1094995529, BIG, "clip.mp4")
+
+    monkeypatch.setattr(PyAVClip, "_open", fails)
+    with pytest.raises(BadVideoError) as e:
+        PyAVClip(b"\0" * 8, name="clip.mp4")
+    _bounded(str(e.value), "clip.mp4", "cannot read the container", "xxxxx", "characters")

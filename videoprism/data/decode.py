@@ -30,6 +30,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 import torch
 
+from ..paths import shortened
 from .errors import BadVideoError
 from .manifest import named_image
 from .transforms import Augment, apply_augment, quarter_turns, uniform_indices, yuv_matrix
@@ -460,7 +461,9 @@ class _Unseekable(Exception):
 
 
 def _msg(e: Exception) -> str:
-    return " ".join(str(getattr(e, "strerror", None) or e).split())
+    """A decoder's error message on one line, cut to its start: one can carry any string (a 1 MB one made as long a
+    line)."""
+    return shortened(" ".join(str(getattr(e, "strerror", None) or e).split()), 200)
 
 
 def decode_clip(src: Source, num_frames: int, resolution: int, aug: Augment, *, start: float | None = None,

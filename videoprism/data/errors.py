@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..paths import LONGEST_PATH, shortened
+
 
 class BadVideoError(ValueError):
     """A video file that cannot give the requested frames. `str()` is one line: the file and the reason."""
@@ -15,7 +17,8 @@ class BadVideoError(ValueError):
     def __init__(self, path: str, reason: str):
         self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        # The path of a manifest line has no limit but the line's: a 1 MB one made a 1 MB error line.
+        super().__init__(f"{shortened(self.path, LONGEST_PATH)}: {reason}")
 
 
 class BadSampleError(ValueError):
@@ -24,7 +27,7 @@ class BadSampleError(ValueError):
     def __init__(self, where: str, reason: str):
         self.path = where
         self.reason = reason
-        super().__init__(f"{where}: {reason}")
+        super().__init__(f"{shortened(where, LONGEST_PATH)}: {reason}")
 
 
 class NoUsableSamplesError(ValueError):
@@ -75,7 +78,9 @@ class BadSampleBudget:
         # at exactly the share; the quotient of two ints rounds as the share's literal does.
         if self.over(self.bad):
             # At once, not at the end of the pass: the count is a floor (the rest is unchecked).
-            self.stop(self.bad, "the latest: " + "; ".join(f"{p}: {r}" for p, r in self.rejects[-3:]), so_far=True)
+            # The rejects keep their paths whole (a report lists them); the line cuts them as a path is cut.
+            latest = "; ".join(f"{shortened(p, LONGEST_PATH)}: {r}" for p, r in self.rejects[-3:])
+            self.stop(self.bad, "the latest: " + latest, so_far=True)
 
     def over(self, bad: int) -> bool:
         """Whether `bad` skipped samples pass the share."""

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import av
 
-from ..paths import echo, json_loads
+from ..paths import LONGEST_PATH, echo, json_loads, shortened, shown
 from .manifest import is_shard
 from .pack import _FILE, _stamp, content_hash
 
@@ -207,22 +207,24 @@ def _why_ignored(first: bytes, key: dict) -> str | None:
     if not isinstance(header, dict) or header.get("journal") != MAGIC:
         return "not a journal of `videoprism data index`"
     if header.get("version") != VERSION:
-        return f"of journal version {header.get('version')}, this videoprism writes {VERSION}"
+        return f"of journal version {shown(header.get('version'))}, this videoprism writes {VERSION}"
     old = header.get("key")
     if old == key:
         return None
     if not isinstance(old, dict):
         return "its header is damaged"
     if old.get("options") != key["options"]:
-        return f"written with {_flags(old.get('options'))}, this run has {_flags(key['options'])}"
+        return f"written with {shortened(_flags(old.get('options')), 200)}, this run has {_flags(key['options'])}"
     was, now = old.get("sources"), key["sources"]
     if not isinstance(was, list) or [_named(s) for s in was] != [_named(s) for s in now]:
-        return "written for " + (" ".join(str(_named(s)) for s in was) if isinstance(was, list) else "other sources")
+        # As the sources given are cut (data/cli.py): a path prints whole up to LONGEST_PATH.
+        return "written for " + (shortened(" ".join(str(_named(s)) for s in was), LONGEST_PATH) if isinstance(was, list)
+                                 else "other sources")
     changed = [_named(n) for w, n in zip(was, now) if w != n]
     if changed:
         return f"{changed[0]} changed since it was written"
     if old.get("pyav") != key["pyav"]:
-        return f"written with PyAV {old.get('pyav')}, this run has {key['pyav']}"
+        return f"written with PyAV {shortened(str(old.get('pyav')))}, this run has {key['pyav']}"
     return "the samples read from the same sources differ"
 
 

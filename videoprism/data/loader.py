@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..paths import echo
+from ..paths import echo, shortened, shown
 from ..preemption import SIGNALS as STOP_SIGNALS
 from .cores import usable_cores
 from .device import to_device
@@ -445,20 +445,20 @@ class VideoTextLoader:
 
     def _check_same_data(self, state: dict) -> None:
         if state.get("samples", self._fingerprint) != self._fingerprint:
-            raise ValueError(f"the data position was saved over other samples ({state['samples']}; now "
+            raise ValueError(f"the data position was saved over other samples ({shortened(str(state['samples']))}; now "
                              f"{self._fingerprint}, as count:hash): resume with the manifest or shards the run "
                              "started with (a re-indexed manifest is other data; start a new run for it); the "
                              "samples' absolute paths count too: data moved to another folder or mount resumes from "
                              "its old path (a symlink there to its new place)")
         if state["seed"] != self.seed:
-            raise ValueError(f"data state was saved with seed={state['seed']}, this loader has seed={self.seed}; "
-                             "resume with the same seed")
+            raise ValueError(f"data state was saved with seed={shown(state['seed'])}, this loader has "
+                             f"seed={self.seed}; resume with the same seed")
 
     def load_state_dict(self, state: dict) -> None:
         self._check_same_data(state)
         for key in ("world_size", "rank"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"data state was saved with {key}={state[key]}, this loader has "
+                raise ValueError(f"data state was saved with {key}={shown(state[key])}, this loader has "
                                  f"{key}={getattr(self, key)}; resume with the same {key} (or with "
                                  "load_resharded, given every rank's state)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

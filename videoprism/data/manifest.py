@@ -430,8 +430,8 @@ def check_manifest(path: str) -> None:
     """FileNotFoundError naming the fix unless `path` is a file."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise FileNotFoundError(f"manifest {path!r} {what}; pass a .jsonl file (one JSON object per line) "
-                                "or WebDataset .tar shards")
+        raise FileNotFoundError(f"manifest {shown(path, LONGEST_PATH)} {what}; pass a .jsonl file (one JSON object "
+                                "per line) or WebDataset .tar shards")
 
 
 # Why a reader that needs captions rejects a line or member without one.
@@ -511,8 +511,8 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
     base = os.path.dirname(os.path.abspath(path))
     with open(path, "rb") as f:
         if b"\0" in f.read(4096):  # a video or an archive given as the manifest: one error, not a reject per "line"
-            raise ValueError(f"manifest {path!r} is a binary file, not a JSONL manifest; pass a .jsonl file (one "
-                             "JSON object per line) or WebDataset .tar shards")
+            raise ValueError(f"manifest {shown(path, LONGEST_PATH)} is a binary file, not a JSONL manifest; pass a "
+                             ".jsonl file (one JSON object per line) or WebDataset .tar shards")
         # Two passes, the lines counted first (the budget's total) and then parsed one at a time: a list of every
         # line's bytes beside the samples would double the peak memory of a large manifest.
         f.seek(0)
@@ -548,10 +548,11 @@ def _parse_manifest(path: str, max_bad_share: float, progress: bool,
                     budget.skip(f"{path}:{n}", str(e))
             bar.update(total - bar.n)
     if not total:
-        raise NoUsableSamplesError(f"manifest {path!r} is empty; it needs one JSON object per line, e.g. "
-                                   '{"path": "clips/a.mp4", "caption": "a dog runs"}', [])
+        raise NoUsableSamplesError(f"manifest {shown(path, LONGEST_PATH)} is empty; it needs one JSON object per "
+                                   'line, e.g. {"path": "clips/a.mp4", "caption": "a dog runs"}', [])
     if not samples:
-        raise NoUsableSamplesError(f"manifest {path!r} has no usable line ({budget.bad} rejected)", budget.rejects)
+        raise NoUsableSamplesError(f"manifest {shown(path, LONGEST_PATH)} has no usable line ({budget.bad} "
+                                   "rejected)", budget.rejects)
     return samples, budget.rejects
 
 
@@ -592,10 +593,11 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
     seen: dict[str, str] = {}
     for tar_path in paths:
         if not os.path.isfile(tar_path):
-            raise FileNotFoundError(f"shard {tar_path!r} does not exist")
+            raise FileNotFoundError(f"shard {shown(tar_path, LONGEST_PATH)} does not exist")
         real = os.path.realpath(tar_path)
         if real in seen:  # its samples would be read twice: a weight the user did not ask for
-            raise ValueError(f"shard {tar_path!r} is given twice (also as {seen[real]!r}); give each shard once")
+            raise ValueError(f"shard {shown(tar_path, LONGEST_PATH)} is given twice (also as "
+                             f"{shown(seen[real], LONGEST_PATH)}); give each shard once")
         seen[real] = tar_path
         tar_path = os.path.abspath(tar_path)
         by_key: dict[str, dict] = {}
@@ -627,7 +629,8 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                     twice = entry.setdefault("twice", {})
                     if slot in entry:
                         if plain == (slot in plain_slots.get(key, ())):  # two plain (or two compound) of a kind
-                            twice.setdefault(slot, f"{names[key, slot]} and {m.name} are both its {slot} member")
+                            both = f"{_member(names[key, slot])} and {_member(m.name)}"
+                            twice.setdefault(slot, f"{both} are both its {slot} member")
                         if not plain or slot in plain_slots.get(key, ()):
                             continue
                     if plain:
@@ -636,7 +639,7 @@ def read_shards(paths: list[str], *, max_bad_share: float = 0.01,
                         plain_slots.setdefault(key, set()).add(slot)
                     names[key, slot] = m.name
                     if slot not in _MEDIA_SLOTS and m.size > MAX_TEXT_MEMBER:  # read whole: a 1 GB one took 1 GB
-                        entry.setdefault("large", f"its {slot} member {m.name} is {m.size} bytes, over the "
+                        entry.setdefault("large", f"its {slot} member {_member(m.name)} is {m.size} bytes, over the "
                                                   f"{MAX_TEXT_MEMBER} a caption or .json may be; shorten it")
                     else:
                         entry[slot] = (m.offset_data, m.size, m.name) if slot in _MEDIA_SLOTS else \
@@ -693,7 +696,7 @@ def _unread_member(m: tarfile.TarInfo, slot: str | None) -> str | None:
     if slot is None:
         return None
     if m.issym() or m.islnk():
-        kind = f"a {'symbolic' if m.issym() else 'hard'} link (to {m.linkname!r})"
+        kind = f"a {'symbolic' if m.issym() else 'hard'} link (to {shown(m.linkname, LONGEST_PATH)})"
     elif m.isfile():
         if m.sparse is None or slot not in _MEDIA_SLOTS:  # tarfile reads a sparse caption whole
             return None
@@ -701,8 +704,14 @@ def _unread_member(m: tarfile.TarInfo, slot: str | None) -> str | None:
     else:
         kind = {tarfile.DIRTYPE: "a directory", tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a device",
                 tarfile.BLKTYPE: "a device"}.get(m.type, f"of tar type {m.type!r}")
-    return (f"its {slot} member {m.name} is {kind}, not a plain file: it is not read; a shard holds its files' "
-            "bytes (tar --dereference --hard-dereference, without --sparse)")
+    return (f"its {slot} member {_member(m.name)} is {kind}, not a plain file: it is not read; a shard holds its "
+            "files' bytes (tar --dereference --hard-dereference, without --sparse)")
+
+
+def _member(name: str) -> str:
+    """A shard member's name for a reason: a tar (pax) name has no length limit, and a 1 MB one made as long a
+    line; cut as a path is (LONGEST_PATH)."""
+    return shortened(name, LONGEST_PATH)
 
 
 def _shard_sample(tar_path: str, entry: dict, captions: bool) -> Sample:

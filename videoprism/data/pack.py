@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 
-from ..paths import echo, json_loads, shortened
+from ..paths import LONGEST_PATH, echo, json_loads, shortened
 
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
@@ -299,8 +299,8 @@ def read_pack(manifest: str):
         header, ends, crcs, data = _parse(mapped)
         packed, now = header["manifest"], _stamp(manifest)
         if packed["folder"] != now["folder"]:  # moved, or the same folder by another name (a symlink)
-            raise StalePack(f"was packed for the manifest in {packed['folder']}, not {now['folder']} (its relative "
-                            "paths resolve against its folder)")
+            raise StalePack(f"was packed for the manifest in {shortened(packed['folder'], LONGEST_PATH)}, not "
+                            f"{now['folder']} (its relative paths resolve against its folder)")
         if packed["size"] != now["size"]:
             raise StalePack("was written for another version of the manifest (its size changed since)")
         if any(packed[k] != now[k] for k in _FILE) or not _trusted(packed):
@@ -401,7 +401,7 @@ def _parse(mapped: mmap.mmap):
         header = json_loads(raw)
         # The version first: an older pack has no checksum where this one has.
         if isinstance(header, dict) and header.get("version") != VERSION:
-            raise StalePack(f"has format version {header.get('version')}, this videoprism reads {VERSION}")
+            raise StalePack(f"has format version {_shown(header.get('version'))}, this videoprism reads {VERSION}")
         if struct.unpack_from("<I", view, 16 + n)[0] != zlib.crc32(raw):
             raise ValueError("header checksum mismatch")
         _check_shape(header, _HEADER, "header")
@@ -415,7 +415,7 @@ def _parse(mapped: mmap.mmap):
         if data_at > len(view):
             raise StalePack("is cut short")
         if header["byteorder"] != sys.byteorder:
-            raise StalePack(f"was written on a {header['byteorder']}-endian machine")
+            raise StalePack(f"was written on a {shortened(header['byteorder'], 40)}-endian machine")
         ends = view[ends_at:crcs_at].cast("q")
         if count and ends[-1] != len(view) - data_at:
             raise StalePack("is cut short or has extra bytes")

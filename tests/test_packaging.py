@@ -3,6 +3,7 @@ packages import nothing that pyproject.toml does not declare."""
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 from videoprism.train.config import toml_reader
 
@@ -133,3 +135,62 @@ def test_cpu_path_needs_no_triton():
     sat in the Triton kernel files, so `import videoprism` failed there."""
     r = subprocess.run([sys.executable, "-c", NO_TRITON], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+STALE_EXTENSION = """
+import sys
+# The copy on its own, as an installed one: a checkout's editable install (pip install -e) adds a finder that would
+# hand `videoprism._C` the checkout's library.
+sys.meta_path = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+import pytest, torch
+from videoprism import ops
+from videoprism.kernels import token_ops_ref
+x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 1]])
+assert torch.equal(ops.gather_tokens(x, idx), token_ops_ref.gather_tokens_ref(x, idx))
+with pytest.raises(ValueError, match="backend 'cpp' runs the kernels of videoprism._C, which "):
+    ops.gather_tokens(x, idx, backend="cpp")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kind", ["missing", "other torch"])
+def test_a_missing_or_stale_extension_says_one_line(tmp_path, kind):
+    """A copy without its compiled extension (never built) or with one built against another torch (the loader's
+    undefined symbol, here a library that needs a symbol nothing defines) imports, runs the token ops on their
+    references and says so in one line: `import videoprism` raised "cannot import name '_C' from partially
+    initialized module" or the loader's undefined-symbol error, a traceback before any command could start."""
+    pkg = tmp_path / "videoprism"
+    shutil.copytree(os.path.join(ROOT, "videoprism"), pkg,  # train/ and kernels/ through their links, as installed
+                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so"))
+    if kind == "other torch":
+        compiler = shutil.which(os.environ.get("CC", "cc"))
+        if compiler is None:
+            pytest.skip("needs a C compiler")
+        (tmp_path / "old.c").write_text("extern void _ZN3c1010old_symbolEv(void);\n"
+                                        "void *PyInit__C(void) { _ZN3c1010old_symbolEv(); return 0; }\n")
+        library = pkg / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+        subprocess.run([compiler, "-shared", "-fPIC", str(tmp_path / "old.c"), "-o", str(library)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", STALE_EXTENSION], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: videoprism._C "), r.stderr[-3000:]
+    why = "is not built" if kind == "missing" else "undefined symbol: _ZN3c1010old_symbolEv"
+    assert why in lines[0] and "plain-PyTorch references" in lines[0] and "pip install" in lines[0], lines[0]
+
+
+def test_an_extension_built_from_older_sources_is_named(monkeypatch):
+    """A library that loads but lacks an op the Python side calls (built before csrc/ gained it) is named with the
+    op: its first call raised "No such operator videoprism::..." deep inside a training step."""
+    from videoprism.ops import native, token_ops
+
+    assert native.MISSING is None and token_ops.default_backend(torch.device("cpu")) == "cpp"  # this build is whole
+    monkeypatch.setattr(native, "OPS", (*native.OPS, "newer_tokens_native"))
+    why = native._load()
+    assert why is not None and "lacks newer_tokens_native" in why, why
+    monkeypatch.setattr(native, "MISSING", why)
+    assert token_ops.default_backend(torch.device("cpu")) == "reference"
+    x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 1]])
+    with pytest.raises(ValueError, match="lacks newer_tokens_native"):
+        token_ops.gather_tokens(x, idx, backend="cpp")

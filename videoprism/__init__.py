@@ -3,9 +3,6 @@
 Public names: FactorizedEncoder, FactorizedVideoCLIP, FactorizedVideoClassifier,
 from_official, load_flax_checkpoint, save_safetensors, load_safetensors, model_from_safetensors.
 """
-import torch  # noqa: F401  (loads libtorch before the extension)
-
-from videoprism import _C  # noqa: F401  (registers the native ops in torch.ops.videoprism)
 from videoprism.checkpoint import (
     CheckpointError,
     load_checkpoint,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import unicodedata
 from contextlib import contextmanager
 
@@ -64,6 +65,20 @@ def echo(text: str, file=None, flush: bool = False) -> None:
     user's string (a path, a sample's or shard member's name, a label, an error's message). The whole line is one
     line: a message of its own never holds a control character."""
     print(printable(text), file=file, flush=flush)
+
+
+_NOTED: set[str] = set()
+
+
+def note_once(message: str, key: str | None = None) -> None:
+    """`note: message` on stderr once a process for `key` (default: the message itself), and on rank 0 only: every
+    rank reads the same manifests, and one command may read a manifest twice (eval probe: its labels, then its
+    clips); every rank loads the same extension (videoprism.ops.native)."""
+    key = message if key is None else key
+    if key in _NOTED or os.environ.get("RANK", "0") != "0":
+        return
+    _NOTED.add(key)
+    echo(f"note: {message}", file=sys.stderr)
 
 
 def _escape(ch: str) -> str:

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..paths import LONGEST_PATH, echo, json_loads, shortened, shown
+from ..paths import LONGEST_PATH, echo, json_loads, note_once, shortened, shown
 from .errors import BadSampleBudget, BadVideoError, FileNameEncodingError, NoUsableSamplesError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -468,7 +468,7 @@ def _read_packed(path: str, max_bad_share: float, captions: bool):
     """read_manifest's result from the manifest's pack; None when it has none or one that does not match, or when
     the reader needs captions and the pack holds video-only lines (the pack keeps them: which lines those are, the
     parse says), unless their count alone passes the share (TooManyBadSamplesError at once)."""
-    from .pack import StalePack, note_once, pack_path, read_pack
+    from .pack import StalePack, pack_path, read_pack
 
     try:
         packed = read_pack(path)

@@ -33,7 +33,7 @@ import sys
 import time
 import zlib
 
-from ..paths import LONGEST_PATH, echo, json_loads, shortened
+from ..paths import LONGEST_PATH, echo, json_loads, note_once, shortened
 
 MAGIC = b"VPPACK\x00\x01"
 VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
@@ -265,20 +265,6 @@ def _running(pid: int) -> bool:
 
 class StalePack(Exception):
     """A pack that does not match its manifest or cannot be read (`str()` says why)."""
-
-
-_NOTED: set[str] = set()
-
-
-def note_once(message: str, key: str | None = None) -> None:
-    """`note: message` on stderr once a process for `key` (default: the message itself), and on rank 0 only: every
-    rank reads the same manifests, and one command may read a manifest twice (eval probe: its labels, then its
-    clips)."""
-    key = message if key is None else key
-    if key in _NOTED or os.environ.get("RANK", "0") != "0":
-        return
-    _NOTED.add(key)
-    echo(f"note: {message}", file=sys.stderr)
 
 
 def read_pack(manifest: str):

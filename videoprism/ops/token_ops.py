@@ -10,7 +10,8 @@ The exact math and layouts are in the docstrings of kernels/<op>.py. Each op is 
 keeps it whole; backward passes are ops too (gather <-> scatter are each other's
 backward; the shuffle has its own fused backward op).
 
-Backends (`backend=None` picks "triton" on CUDA, "cpp" on the CPU):
+Backends (`backend=None` picks "triton" on CUDA, "cpp" on the CPU; "reference" where videoprism._C is not loaded,
+as videoprism/ops/native.py says once):
   "triton"    Triton kernels (on the CPU only under TRITON_INTERPRET=1, for tests)
   "cuda"      CUDA C++ kernels of videoprism._C
   "cpp"       CPU C++ kernels of videoprism._C (at::parallel_for)
@@ -32,8 +33,8 @@ import os
 import torch
 from torch import Tensor
 
-import videoprism._C  # noqa: F401  (registers the native kernels: torch.ops.videoprism.*_native)
 from videoprism.kernels import token_ops_ref as _ref
+from videoprism.ops import native  # loads videoprism._C (torch.ops.videoprism.*_native), or says why not
 
 try:  # Triton ships with the CUDA builds of torch only; the CPU path needs none (as in ops/attention.py).
     from videoprism.kernels import gather_tokens as _gather
@@ -54,9 +55,12 @@ _native = torch.ops.videoprism
 def default_backend(device: torch.device) -> str:
     if device.type == "meta":  # shapes only (a model built on device="meta"): plain torch
         return "reference"
+    native_backend = "cpp" if device.type != "cuda" else "cuda"
+    if native.MISSING is not None:  # the references, as native.py says once
+        native_backend = "reference"
     if device.type != "cuda":
-        return "cpp"
-    return "triton" if _TRITON_MISSING is None else "cuda"
+        return native_backend
+    return "triton" if _TRITON_MISSING is None else native_backend
 
 
 def _resolve(backend: str | None, device: torch.device, op: str) -> str:
@@ -65,9 +69,12 @@ def _resolve(backend: str | None, device: torch.device, op: str) -> str:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "triton" and _TRITON_MISSING is not None:
         raise ValueError(f"{op}: backend 'triton' needs Triton, which this torch lacks ({_TRITON_MISSING}); use "
-                         f"{'cuda' if device.type == 'cuda' else 'cpp'} (or a CUDA build of torch, which brings it)")
+                         f"{default_backend(device)} (or a CUDA build of torch, which brings it)")
     if device.type == "meta":  # shapes only: every backend's op has a fake implementation
         return backend
+    if backend in ("cpp", "cuda") and native.MISSING is not None:
+        raise ValueError(f"{op}: backend {backend!r} runs the kernels of videoprism._C, which {native.MISSING}; "
+                         f"{native.REBUILD}, or use 'reference'")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"{op}: backend 'cuda' needs CUDA tensors, got {device}; use 'cpp' on the CPU")
     if backend == "cpp" and device.type != "cpu":

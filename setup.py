@@ -11,6 +11,7 @@ TORCH_CUDA_ARCH_LIST says otherwise (e.g. "10.0" to build Blackwell code ahead o
 `videoprism.train`: no installed top-level module takes a generic name.
 """
 import glob
+import importlib.util
 import os
 import subprocess
 import sys
@@ -72,11 +73,20 @@ def _openmp_flags() -> list[str]:
     return ["-fopenmp"]
 
 
+def _sources_digest() -> str:
+    """videoprism._C.sources: what videoprism/ops/native.py checks a checkout's csrc/ against (a stale build)."""
+    spec = importlib.util.spec_from_file_location("_videoprism_sources", os.path.join("videoprism", "_sources.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest("csrc")
+
+
 def _extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     # No -std flag: torch's BuildExtension picks the standard its headers need.
     omp = _openmp_flags()
     cxx_flags, link_flags = ["-O3", *omp], omp
+    sources = [("VIDEOPRISM_SOURCES", _sources_digest())]
     if _want_cuda():
         # An empty value counts as unset (torch would detect the GPUs, or fail without one).
         archs = os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
@@ -86,7 +96,8 @@ def _extension():
             cpp + cu,
             # The targets, for videoprism._C.cuda_arch_list: bare tokens, '/' for ';' and ' ' (nvcc splits -D
             # values at ',').
-            define_macros=[("WITH_CUDA", None), ("VIDEOPRISM_CUDA_ARCHS", "/".join(archs.replace(";", " ").split()))],
+            define_macros=[("WITH_CUDA", None), ("VIDEOPRISM_CUDA_ARCHS", "/".join(archs.replace(";", " ").split())),
+                           *sources],
             include_dirs=_pip_cuda_includes(),
             # No --use_fast_math: it implies -ftz=true, which flushed subnormal fp32 values to
             # zero in the kernels' sums (scatter duplicates, shuffle fwd/bwd adds), unlike torch
@@ -94,8 +105,8 @@ def _extension():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=link_flags,
         )
-    return cpp_extension.CppExtension("videoprism._C", cpp, extra_compile_args={"cxx": cxx_flags},
-                                      extra_link_args=link_flags)
+    return cpp_extension.CppExtension("videoprism._C", cpp, define_macros=sources,
+                                      extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 
 packages = find_packages(include=["videoprism", "videoprism.*"])

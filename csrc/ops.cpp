@@ -28,12 +28,22 @@ static std::string cuda_arch_list() {
 #endif
 }
 
+// The fingerprint of csrc/ this library was built from (setup.py: videoprism/_sources.py), which
+// videoprism/ops/native.py compares with a checkout's csrc/ to name a stale build; empty if the build gave none.
+static std::string sources() {
+#ifdef VIDEOPRISM_SOURCES
+  return VIDEOPRISM_STR(VIDEOPRISM_SOURCES);
+#else
+  return "";
+#endif
+}
+
 static PyObject* intra_op_threads(PyObject*, PyObject*) {
   return PyLong_FromLongLong(videoprism::intra_op_threads());
 }
 
 // `import videoprism._C` loads this library, which runs the registrations below; the module holds
-// `cuda_arch_list` (what this build runs on natively, and "+PTX": JIT-compiled on newer GPUs) and
+// `cuda_arch_list` (what this build runs on natively, and "+PTX": JIT-compiled on newer GPUs), `sources` and
 // `intra_op_threads()` (how many threads the CPU kernels use now: 1 means a build without OpenMP);
 // the ops live in torch.ops.videoprism.
 extern "C" PyObject* PyInit__C(void) {
@@ -44,7 +54,8 @@ extern "C" PyObject* PyInit__C(void) {
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* module = PyModule_Create(&module_def);
-  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list().c_str()) < 0) {
+  if (module != nullptr && (PyModule_AddStringConstant(module, "cuda_arch_list", cuda_arch_list().c_str()) < 0 ||
+                            PyModule_AddStringConstant(module, "sources", sources().c_str()) < 0)) {
     Py_DECREF(module);
     return nullptr;
   }

@@ -194,3 +194,17 @@ def test_an_extension_built_from_older_sources_is_named(monkeypatch):
     x, idx = torch.randn(2, 5, 3), torch.tensor([[0, 4], [1, 1]])
     with pytest.raises(ValueError, match="lacks newer_tokens_native"):
         token_ops.gather_tokens(x, idx, backend="cpp")
+
+
+def test_a_build_from_other_sources_is_named(tmp_path, monkeypatch):
+    """A checkout's library built before its csrc/ changed (a `git pull` after `pip install -e .`, which rebuilds
+    nothing) is named: it ran its old kernels with no word. Its csrc/ as built reads as current; one changed byte
+    does not."""
+    from videoprism.ops import native
+
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
+    monkeypatch.setattr(native, "_PACKAGE", str(tmp_path / "videoprism"))
+    assert native._stale() is None, "this checkout's library was not built from its csrc/: rebuild it"
+    ops_cpp = tmp_path / "csrc" / "ops.cpp"
+    ops_cpp.write_text(ops_cpp.read_text() + "\n")
+    assert native._stale() == f"was built from other sources than {tmp_path / 'csrc'}"

@@ -1,28 +1,31 @@
 """The compiled extension `videoprism._C` (csrc/): its C++ / CUDA token-op kernels, or why they cannot run.
 
 A copy whose extension is missing (never built, or not built for this Python), cannot be loaded (built against
-another torch: the loader's "undefined symbol"), or lacks an op the Python side calls (built from older csrc/
-sources) still imports and runs: the token ops' default backend becomes "reference" (plain PyTorch, slower), and
-one line on stderr says why and how to rebuild. Importing the library raised a traceback there ("cannot import
-name '_C' from partially initialized module", or the loader's undefined symbol) before any command could say a
-word. Asking for "cpp" or "cuda" then is a ValueError with the same reason (videoprism/ops/token_ops.py).
+another torch: the loader's "undefined symbol"), lacks an op the Python side calls or, in a checkout, was built from
+other csrc/ sources than the checkout's (videoprism/_sources.py) still imports and runs: the token ops' default
+backend becomes "reference" (plain PyTorch, slower), and one line on stderr says why and how to rebuild. Importing
+the library raised a traceback there ("cannot import name '_C' from partially initialized module", or the loader's
+undefined symbol) before any command could say a word, or ran the old kernels with no word. Asking for "cpp" or
+"cuda" then is a ValueError with the same reason (videoprism/ops/token_ops.py).
 """
 from __future__ import annotations
 
 import importlib
 import importlib.machinery
 import os
+import sys
 
 import torch  # loads libtorch, which the extension links against, before it
 
+from videoprism._sources import sources_digest
 from videoprism.paths import note_once
 
 # The kernels' schemas in csrc/ops.cpp, which videoprism/ops/token_ops.py calls through torch.ops.videoprism.
 OPS = ("gather_tokens_native", "scatter_tokens_native", "shuffle_tokens_fwd_native", "shuffle_tokens_bwd_native",
        "patchify_gather_native")
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the videoprism folder
-REBUILD = ("build it against this torch: `pip install --no-build-isolation -e .` in the repository "
-           "(`make setup`), or reinstall the package")
+REBUILD = ("rebuild it: `pip install --no-build-isolation -e .` in the repository (`make setup`), or reinstall the "
+           "package")
 
 
 def _load() -> str | None:
@@ -37,6 +40,17 @@ def _load() -> str | None:
     missing = [op for op in OPS if not hasattr(torch.ops.videoprism, op)]
     if missing:
         return f"lacks {', '.join(missing)} (built from older csrc/ sources)"
+    return _stale()
+
+
+def _stale() -> str | None:
+    """Why a checkout's library does not match its csrc/ (None when it does, or in an installed copy, which has no
+    csrc/: pip built its library from the sources it installed)."""
+    csrc = os.path.join(os.path.dirname(_PACKAGE), "csrc")
+    if not os.path.isdir(csrc):
+        return None
+    if getattr(sys.modules["videoprism._C"], "sources", "") != sources_digest(csrc):
+        return f"was built from other sources than {csrc}"
     return None
 
 

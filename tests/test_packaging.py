@@ -160,8 +160,11 @@ def test_a_missing_or_stale_extension_says_one_line(tmp_path, kind):
     references and says so in one line: `import videoprism` raised "cannot import name '_C' from partially
     initialized module" or the loader's undefined-symbol error, a traceback before any command could start."""
     pkg = tmp_path / "videoprism"
-    shutil.copytree(os.path.join(ROOT, "videoprism"), pkg,  # train/ and kernels/ through their links, as installed
-                    ignore=shutil.ignore_patterns("__pycache__", "_C*.so"))
+    # Laid out as installed (setup.py's package_dir): kernels/ and train/ as videoprism.kernels and .train.
+    skip = shutil.ignore_patterns("__pycache__", "_C*.so", "kernels", "train")
+    shutil.copytree(os.path.join(ROOT, "videoprism"), pkg, ignore=skip)
+    for sub in ("kernels", "train"):
+        shutil.copytree(os.path.join(ROOT, sub), pkg / sub, ignore=shutil.ignore_patterns("__pycache__"))
     if kind == "other torch":
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
@@ -199,12 +202,15 @@ def test_an_extension_built_from_older_sources_is_named(monkeypatch):
 def test_a_build_from_other_sources_is_named(tmp_path, monkeypatch):
     """A checkout's library built before its csrc/ changed (a `git pull` after `pip install -e .`, which rebuilds
     nothing) is named: it ran its old kernels with no word. Its csrc/ as built reads as current; one changed byte
-    does not."""
+    does not. An editor's swap or backup file beside the sources is not a change of them."""
     from videoprism.ops import native
 
     shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
     monkeypatch.setattr(native, "_PACKAGE", str(tmp_path / "videoprism"))
     assert native._stale() is None, "this checkout's library was not built from its csrc/: rebuild it"
+    for backup in (".ops.cpp.swp", "ops.cpp~", "ops.cpp.orig"):
+        (tmp_path / "csrc" / backup).write_text("an editor's copy")
+    assert native._stale() is None
     ops_cpp = tmp_path / "csrc" / "ops.cpp"
     ops_cpp.write_text(ops_cpp.read_text() + "\n")
     assert native._stale() == f"was built from other sources than {tmp_path / 'csrc'}"

@@ -803,6 +803,37 @@ def test_a_stop_signal_in_the_main_job_names_what_the_pipeline_offers(tmp_path, 
         assert f"SIGTERM before the first step: stopped (no step taken, nothing lost); {rerun}\n" in said, said
 
 
+@pytest.mark.parametrize("main_module, argv0, want", [
+    ("train.pipeline", "/repo/train/pipeline.py", "python -m train.stage1"),
+    ("videoprism.train.pipeline", "/site/videoprism/train/pipeline.py", "python -m videoprism.train.stage1"),
+    (None, "/venv/bin/videoprism-stage2", "videoprism-stage1"),
+    (None, "/venv/bin/videoprism", "videoprism-stage1"),
+])
+def test_a_command_another_entry_point_advises_is_one_that_starts_the_way_this_one_did(monkeypatch, main_module,
+                                                                                         argv0, want):
+    """train.pipeline's stop line and errors name stage 1's command: `python -m train.stage1` works only from the
+    repository, and the installed pipeline (`python -m videoprism.train.pipeline`) named it all the same."""
+    import types
+
+    from videoprism.cli import command_name
+
+    main = types.ModuleType("__main__")
+    main.__spec__ = types.SimpleNamespace(name=main_module) if main_module else None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert command_name("train.stage1") == want
+    assert command_name("train.pipeline") == (f"python -m {main_module}" if main_module
+                                              else "python -m videoprism.train.pipeline")
+
+
+def test_the_installed_pipelines_help_shows_its_own_command():
+    r = subprocess.run([sys.executable, "-m", "videoprism.train.pipeline", "--help"], capture_output=True, text=True,
+                       timeout=300, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "python -m videoprism.train.pipeline --out runs/demo" in r.stdout
+    assert "python -m train." not in r.stdout, r.stdout
+
+
 def test_the_main_job_runs_end_to_end_at_toy_size(tmp_path, capsys):
     """The README's main command, shrunk (20 clips, 2 steps a stage, 3 probe steps): every stage runs and the
     closing table holds each probe label with its chance level and both stages' accuracies (their values are the

@@ -59,7 +59,7 @@ def _data(root: str, clips: int, frames: int, resolution: int, scene: str) -> No
 def _go_on(out: str, stage: int) -> GoOn:
     """What a stage's stop line (SIGTERM, SIGUSR1) names: the pipeline takes no --resume (the trainer's own advice)
     and a rerun starts both stages over; the stage's own command continues that stage alone from its checkpoint."""
-    return GoOn(resume=f"python -m train.stage{stage} --resume {out}/stage{stage}", restart=RERUN,
+    return GoOn(resume=f"{command_name(f'train.stage{stage}')} --resume {out}/stage{stage}", restart=RERUN,
                 note=f" (this stage alone; {RERUN})")
 
 
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    p = argparse.ArgumentParser(prog=command_name("train.pipeline"), description=__doc__,
+    prog = command_name("train.pipeline")
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.replace("python -m train.pipeline", prog),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder: data, stage1, stage2 (default: %(default)s)")
     p.add_argument("--clips", type=int, default=1000,
@@ -92,8 +93,8 @@ def _main(argv: list[str] | None) -> int:
     ours = [o for o in args.overrides if o.split("=", 1)[0] in PIPELINE_KEYS]
     if ours:
         raise ValueError(f"{', '.join(ours)}: the pipeline sets {', '.join(PIPELINE_KEYS)} itself (use --out; for "
-                         "other data or another teacher run the stages on their own: python -m train.stage1 / "
-                         "train.stage2, installed videoprism-stage1 / videoprism-stage2)")
+                         "other data or another teacher run the stages on their own: "
+                         f"{command_name('train.stage1')} / {command_name('train.stage2')})")
     t_start = time.perf_counter()
 
     # Both stages' configs are built (and so checked) before the data and stage 1 take minutes.

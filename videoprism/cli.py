@@ -189,15 +189,25 @@ def _stdout_closed() -> bool:
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
+# The console scripts of the training entry points (pyproject.toml [project.scripts]).
+SCRIPTS = {"train.stage1": "videoprism-stage1", "train.stage2": "videoprism-stage2"}
+
+
 def command_name(module: str) -> str:
-    """How the user started entry point `module` (e.g. "train.stage1"), for its usage line: `python -m
-    train.stage1` from the repository, `python -m videoprism.train.stage1` or the console script
-    (`videoprism-stage1`) installed; `python -m <module>` when called in-process."""
+    """How to start entry point `module` (e.g. "train.stage1") the way this process was started, for usage lines
+    and the commands an error or a stop line advises: `python -m train.stage1` from the repository, `python -m
+    videoprism.train.stage1` or the console script (`videoprism-stage1`) installed, where `train.*` does not
+    import (train.pipeline's stop line named `python -m train.stage1` there); `python -m <module>` when called
+    in-process."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if spec is not None and spec.name in (module, f"videoprism.{module}"):
         return f"python -m {spec.name}"
     script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return script if script.startswith("videoprism-") else f"python -m {module}"
+    if script.startswith("videoprism"):  # a console script: installed
+        return SCRIPTS.get(module, f"python -m videoprism.{module}")
+    if spec is not None and spec.name.startswith("videoprism."):
+        return f"python -m videoprism.{module}"
+    return f"python -m {module}"
 
 
 DEFAULT_MODEL = "videoprism_public_v1_base"

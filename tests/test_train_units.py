@@ -613,6 +613,69 @@ def test_a_query_without_a_match_or_with_nan_scores_never_hits_whatever_k():
     assert m["t2v_R@10"] == m["v2t_R@10"] == m["t2v_R@5"] == 0.0
 
 
+def _recalls_whole(sim: torch.Tensor, groups: torch.Tensor) -> dict[int, float]:
+    """The ranking of the whole [N, N] similarity, query by query: the rank of a query's best-scored item of its
+    caption is the number of other captions' items scoring at least as high; a query with a non-finite score misses."""
+    hits: dict[int, list[bool]] = {1: [], 5: [], 10: []}
+    for q in range(sim.shape[0]):
+        own = groups == groups[q]
+        rank = int((sim[q][~own] >= sim[q][own].max()).sum())
+        for k in hits:
+            hits[k].append(rank < k and bool(sim[q].isfinite().all()))
+    return {k: float(torch.tensor(h).float().mean()) for k, h in hits.items()}  # the metric's float32 mean
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_retrieval_in_blocks_equals_the_whole_similarity(exact):
+    """retrieval_metrics scores the similarity a block of rows at a time (the whole [N, N] matrix and its temporaries
+    took 0.86 GB at 8k clips): the recalls are those of the whole matrix, bit for bit, in one block or several, with
+    ties (small-integer embeddings: every score exact, many equal), duplicate captions and a NaN row and column."""
+    from videoprism.train import retrieval
+
+    g = torch.Generator().manual_seed(4)
+    n = 300
+    if exact:
+        v, t = (torch.randint(-2, 3, (n, 6), generator=g).float() for _ in range(2))
+    else:
+        v = F.normalize(torch.randn(n, 32, generator=g), dim=-1)
+        t = F.normalize(v + 1.5 * torch.randn(n, 32, generator=g), dim=-1)
+    v[7, 0] = float("nan")
+    groups = torch.randint(0, 200, (n,), generator=g)   # ~70 captions shared by 2-4 clips
+    sim = t @ v.T
+    want = {f"{d}_R@{k}": r for d, s in (("t2v", sim), ("v2t", sim.T)) for k, r in _recalls_whole(s, groups).items()}
+    for block in (retrieval.BLOCK_ELEMENTS, 1, 100 * n):          # one block; 5 and 3 balanced ones (60, 100 rows)
+        got = retrieval_metrics(v, t, groups, block_elements=block)
+        assert {k: got[k] for k in want} == want, block
+    assert len(retrieval.row_blocks(n, n, 1)) == 5 and len(retrieval.row_blocks(n, n, 100 * n)) == 3
+    assert min(b - a for a, b in retrieval.row_blocks(n, n, 1)) >= retrieval.MIN_BLOCK_ROWS // 2
+    assert recall_at_k(sim, groups, groups) == _recalls_whole(sim, groups)
+
+
+_RETRIEVAL_PEAK = """
+import resource, sys
+import torch
+from videoprism.train.retrieval import retrieval_metrics
+torch.set_num_threads(1)
+n = int(sys.argv[1])
+v = torch.nn.functional.normalize(torch.randn(n, 16), dim=-1)
+retrieval_metrics(v[:300], v[:300], torch.arange(300))  # the first call's lazy set-up (code pages) is no block's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+retrieval_metrics(v, v.roll(1, 0), torch.arange(n) // 2, block_elements=1 << 19)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_retrieval_memory_stays_below_the_whole_similarity():
+    """The peak memory of the ranking, measured (a fresh process's high-water mark): below one [N, N] float32
+    matrix. Whole, the similarity, its masked copy and the comparisons took 3.4 such matrices (0.86 GB at 8k clips,
+    16 GB past 30k); in blocks of 2^19 pairs, 10-25 MB here whatever N."""
+    n = 4096
+    r = subprocess.run([sys.executable, "-c", _RETRIEVAL_PEAK, str(n)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) < 4 * n * n, f"peak {int(r.stdout) / 2**20:.0f} MB"
+
+
 def test_caption_groups_ignore_padding_content():
     ids = torch.tensor([[5, 6, 0, 0], [5, 6, 9, 9], [5, 7, 0, 0]])
     pads = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]).float()

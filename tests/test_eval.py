@@ -349,6 +349,32 @@ def test_probe_on_one_manifest_for_both_splits_encodes_it_once(data, tmp_path, m
     assert calls == [train] and json.loads(out.read_text())["labels"]["colour"]["clips"] == [n, n]
 
 
+def test_probe_features_that_cannot_fit_stop_before_encoding(data, monkeypatch, capsys):
+    """The probe holds every clip's tokens on the host (10k base clips: 63 GB in bfloat16): past the memory
+    available, the command ran out of memory (or swapped) after encoding most clips. It stops before encoding,
+    naming the size and the options that shrink it."""
+    import videoprism.train.evaluate as ev
+
+    root, d = data
+    train, val = os.path.join(d, "train.jsonl"), os.path.join(d, "val.jsonl")
+    cfg = vp.model_from_safetensors(str(root / "enc.safetensors")).config
+    clips = sum(1 for _ in open(train)) + sum(1 for _ in open(val))
+    need = clips * FRAMES * (RES // cfg.patch_size) ** 2 * cfg.model_dim * 4
+    monkeypatch.setattr(ev, "encode_manifest", lambda *a, **k: pytest.fail("encoded"))
+    argv = ["eval", "probe", train, val, "--checkpoint", str(root / "enc.safetensors"), "--features", "float32",
+            "--steps", "1", "--workers", "0", "--quiet"]
+    monkeypatch.setattr(ev, "_available_memory", lambda: need - 1)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the frozen tokens of the {clips} clips of TRAIN and VAL take {need / 2**30:.1f} GiB" in err
+    assert "--num-frames, --resolution) or --features bfloat16" in err and err.count("\n") == 1
+    monkeypatch.setattr(ev, "_available_memory", lambda: need)  # they fit: encoded
+    with pytest.raises(pytest.fail.Exception, match="encoded"):
+        main(argv)
+    assert ev._available_memory() > 0  # Linux here: MemAvailable read
+
+
 def _classes(d: str, label: str) -> list[str]:
     return json.load(open(os.path.join(d, "synth.json")))["classes"][label]
 

@@ -17,7 +17,8 @@ Clips stream through the loader's evaluation transform (uniform frames, shorter 
 training's steps and validation run by default (`--precision`, as train.precision). Bad files are skipped and
 reported as in training; more than `--max-bad-share` of them stops the command. The probe keeps every clip's tokens
 on the host, in bfloat16 by default: clips x T*N x D x 2 bytes (base at 16 frames: 6.3 MB a clip, 1000 clips
-6.3 GB).
+6.3 GB, 10k clips 63 GB); it stops before encoding when TRAIN's and VAL's clips would take more than the memory
+available.
 """
 from __future__ import annotations
 
@@ -123,10 +124,13 @@ def _names(names: list[str], sep: str = ", ") -> str:
     return shortened(sep.join(names), 200)
 
 
-def _probe_labels(args) -> list[str]:
-    """--labels (else every label of TRAIN), each checked against both manifests: before the model loads and
-    the clips are encoded, which is most of the command's time."""
-    have = {m: _labelled(m, args.max_bad_share)[1] for m in (args.train, args.val)}
+def _probe_labels(args) -> tuple[list[str], int]:
+    """(--labels, else every label of TRAIN, each checked against both manifests: before the model loads and
+    the clips are encoded, which is most of the command's time; the clips of both manifests, one manifest given
+    twice counted once)."""
+    read = {m: _labelled(m, args.max_bad_share) for m in dict.fromkeys((args.train, args.val))}
+    clips = sum(len(samples) for samples, _ in read.values())
+    have = {m: read[m][1] for m in (args.train, args.val)}
     if args.labels is not None:
         labels = list(dict.fromkeys(x.strip() for x in args.labels.split(",") if x.strip()))
         if not labels:
@@ -144,7 +148,39 @@ def _probe_labels(args) -> list[str]:
                 raise ValueError(f"{m}: no clip has the label {shown(name)} (its labels: "
                                  f"{shown_each(have[m]) if have[m] else 'none'}); pass --labels with labels both "
                                  f"manifests have ({_names(both, ',') or 'none'})")
-    return labels
+    return labels, clips
+
+
+def _available_memory() -> int | None:
+    """Bytes the host can still give this process without swapping (Linux's MemAvailable, or the headroom under a
+    cgroup v2 memory limit when less); None where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as f:
+            have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit, used = f.read().strip(), int(g.read())
+        if limit != "max":
+            have = min(have, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return have
+
+
+def _check_feature_memory(encoder, clips: int, frames: int, resolution: int, features: str) -> None:
+    """The probe holds every clip's tokens on the host (encode_manifest): stop before encoding when they cannot fit,
+    not when the host runs out of memory after most of the encoding (or swaps, and the probe's random batches crawl)."""
+    cfg = encoder.config
+    per_clip = frames * (resolution // cfg.patch_size) ** 2 * cfg.model_dim * FEATURE_DTYPES[features].itemsize
+    need, have = clips * per_clip, _available_memory()
+    if have is not None and need > have:
+        half = " or --features bfloat16 (half of float32's)" if features == "float32" else ""
+        raise ValueError(f"the frozen tokens of the {clips} clips of TRAIN and VAL take {need / 2**30:.1f} GiB of host "
+                         f"memory ({per_clip / 2**20:.2f} MiB a clip in {features}), and {have / 2**30:.1f} GiB is "
+                         f"available: probe fewer clips (shorter manifests), fewer frames or a lower resolution "
+                         f"(--num-frames, --resolution){half}, or run where more memory is free")
 
 
 def _check(args) -> str:
@@ -225,9 +261,10 @@ def cmd_probe(args) -> int:
     check_probe_options(args.steps, args.lr, ("--steps", "--lr"))
     args.manifests = [args.train, args.val]
     device = _check(args)
-    labels = _probe_labels(args)
+    labels, clips = _probe_labels(args)
     model, source, frames, resolution = load_model(args, device)
     encoder = model.vision_encoder if isinstance(model, vp.FactorizedVideoCLIP) else model
+    _check_feature_memory(encoder, clips, frames, resolution, args.features)
     kw = dict(**_stream_kw(args, frames, resolution, device), feature_dtype=FEATURE_DTYPES[args.features])
     train, train_rejects = encode_manifest(encoder, args.train, **kw)
     # One manifest for both (a quick check that the probe fits): encoded once.
@@ -423,7 +460,10 @@ def register(subparsers, names: str) -> None:
                                    "attentive probe (a MAP pooler and a linear layer) per label on TRAIN's and report "
                                    "its accuracy on VAL with the chance level and the majority class's share. "
                                    "Labels come from the manifests' `label` field (an int: the label 'label'; a "
-                                   "dict: one label per key); clips without a label sit out its probe.")
+                                   "dict: one label per key); clips without a label sit out its probe. Every "
+                                   "clip's tokens stay on the host (in bfloat16: clips x T*N x D x 2 bytes, 6.3 MB a "
+                                   "clip at base with 16 frames); it stops before encoding when they would take more "
+                                   "than the memory available.")
     p.add_argument("train", help="the probes' training manifest (.jsonl with labels, or a .tar shard)")
     p.add_argument("val", help="the validation manifest")
     p.add_argument("--labels", help="comma-separated labels to probe (default: every label of TRAIN)")

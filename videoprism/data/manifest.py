@@ -140,6 +140,33 @@ def _relative(path: str, base: str) -> str:
     return os.path.abspath(path)
 
 
+# Levels of lists and objects a sample's field may hold. A fixed bound, far below every interpreter's recursion limit:
+# pickle.dumps raised RecursionError between 400 and 500 levels on Python 3.11, between 700 and 900 on 3.12 (fewer
+# from a deeper call stack), so a field 500 lists deep was a skipped line on one and a sample on the other: the
+# sample list, and the fingerprint a checkpoint keeps of it, changed with the Python a run resumed on (pack format 8).
+MAX_FIELD_DEPTH = 100
+TOO_DEEP = "a field's lists or objects are nested too deep to keep; flatten the field"
+# EMPTY_LIST, EMPTY_DICT, EMPTY_TUPLE, MARK (a longer tuple's start), TUPLE1 to TUPLE3.
+_CONTAINER_OPCODES = b"".join((pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.MARK, pickle.TUPLE1,
+                                pickle.TUPLE2, pickle.TUPLE3))
+
+
+def _nested_deeper_than(values, limit: int) -> bool:
+    """Whether one of `values` holds lists, tuples or dicts more than `limit` levels deep (a list of numbers is 1
+    level). Iterative: no recursion limit of its own."""
+    stack = [(v, 1) for v in values]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, (list, tuple)):
+            continue
+        if depth > limit:
+            return True
+        stack.extend((x, depth + 1) for x in v)
+    return False
+
+
 def _fingerprint_line(s: Sample) -> bytes:
     """What the checkpoint fingerprint hashes of a sample. surrogatepass: a path with a lone surrogate (a non-UTF-8
     file name as Python lists it, "caf\\udce9.mp4", which json.dumps writes and json.loads gives back) is a usable
@@ -194,8 +221,13 @@ class SampleList(Sequence):
         try:
             record = pickle.dumps((s.path, s.caption, s.dataset, s.start, s.end, s.label, s.offset, s.size,
                                    s.member, s.probe or None, s.extra or None), protocol=pickle.HIGHEST_PROTOCOL)
-        except RecursionError:  # json reads ~1000 levels, pickle fewer: a field 500 lists deep was a traceback
-            raise ValueError("a field's lists or objects are nested too deep to keep; flatten the field") from None
+        except RecursionError:  # hundreds of levels (fewer from a deep call stack): json read the line, pickle cannot
+            raise ValueError(TOO_DEEP) from None
+        # Every list, dict and tuple pickles to one of _CONTAINER_OPCODES: a record with no more of those bytes than
+        # the bound holds no field past it, and the walk in Python (~3x a typical sample's pickling) is skipped.
+        if (len(record) - len(record.translate(None, _CONTAINER_OPCODES)) > MAX_FIELD_DEPTH
+                and _nested_deeper_than((s.label, *s.probe.values(), *s.extra.values()), MAX_FIELD_DEPTH)):
+            raise ValueError(TOO_DEEP)
         key = _fingerprint_line(s)
         if self._pack is not None:  # a mapped pack is read-only: this list takes its own copy first
             self._check_all()  # a damaged record is not copied into the list's own buffers

@@ -36,7 +36,7 @@ import zlib
 from ..paths import LONGEST_PATH, echo, json_loads, note_once, shortened
 
 MAGIC = b"VPPACK\x00\x01"
-VERSION = 7  # bump when the record layout or the validation of a line changes: a pack holds the result of both
+VERSION = 8  # bump when the record layout or the validation of a line changes: a pack holds the result of both
 # 2: a rejected line is kept as its line number (1 kept the manifest's name as the packing command gave it)
 # 3: the manifest's inode, change time and SHA-256; a CRC-32 of the header and of each record
 # 4: video-only lines (no caption) are samples, counted in the header's "uncaptioned" (3 rejected them)

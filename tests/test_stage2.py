@@ -621,7 +621,9 @@ def test_activation_checkpointing_saves_nothing_inside_any_block(tmp_path):
             block.register_forward_hook(lambda m, a, o: [inside.pop(), None][1])  # a hook's value replaces o
 
         def pack(t):
-            if inside:
+            # Tensors with elements: torch 2.11's checkpoint also saves an empty placeholder with a block's input
+            # (2 saves a block; 2.14 saves the input alone), which holds no activation.
+            if inside and t.numel():
                 saved[inside[-1]] = saved.get(inside[-1], 0) + 1
             return t
 

@@ -6,11 +6,12 @@ command line to make the clips."""
 import shutil
 import subprocess
 
-import av
 import numpy as np
 import pytest
 
-from videoprism.data.decode import PyAVClip
+av = pytest.importorskip("av", reason="PyAV decodes every clip here (the GPU machines lack it)")
+
+from videoprism.data.decode import PyAVClip  # noqa: E402
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg command line")
 SRC = ["-f", "lavfi", "-i", "testsrc2=size=96x64:rate=25:duration=4"]

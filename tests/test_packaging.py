@@ -137,6 +137,32 @@ def test_cpu_path_needs_no_triton():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
+# Collects the suite with PyAV and DALI unimportable, as on the GPU machines.
+COLLECT_WITHOUT_PYAV = """
+import sys
+import pytest
+
+
+class Hide:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "av" or name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)")
+
+
+sys.meta_path.insert(0, Hide())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", sys.argv[1]]))
+"""
+
+
+def test_suite_collects_without_pyav_or_dali():
+    """The GPU machines have neither PyAV nor DALI: a test module that imports either (or a videoprism module that
+    does) at its top must skip there, not fail to collect. Two that did interrupted `pytest -m gpu` over the whole
+    suite there before it ran a test."""
+    r = subprocess.run([sys.executable, "-c", COLLECT_WITHOUT_PYAV, os.path.join(ROOT, "tests")], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
 STALE_EXTENSION = """
 import sys
 # The copy on its own, as an installed one: a checkout's editable install (pip install -e) adds a finder that would

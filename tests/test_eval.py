@@ -363,16 +363,16 @@ def test_probe_features_that_cannot_fit_stop_before_encoding(data, monkeypatch, 
     monkeypatch.setattr(ev, "encode_manifest", lambda *a, **k: pytest.fail("encoded"))
     argv = ["eval", "probe", train, val, "--checkpoint", str(root / "enc.safetensors"), "--features", "float32",
             "--steps", "1", "--workers", "0", "--quiet"]
-    monkeypatch.setattr(ev, "_available_memory", lambda: need - 1)
+    monkeypatch.setattr(ev, "available_memory", lambda: need - 1)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"the frozen tokens of the {clips} clips of TRAIN and VAL take {need / 2**30:.1f} GiB" in err
     assert "--num-frames, --resolution) or --features bfloat16" in err and err.count("\n") == 1
-    monkeypatch.setattr(ev, "_available_memory", lambda: need)  # they fit: encoded
+    monkeypatch.setattr(ev, "available_memory", lambda: need)  # they fit: encoded
     with pytest.raises(pytest.fail.Exception, match="encoded"):
         main(argv)
-    assert ev._available_memory() > 0  # Linux here: MemAvailable read
+    assert ev.available_memory() > 0  # Linux here: MemAvailable read
 
 
 def _classes(d: str, label: str) -> list[str]:

@@ -33,7 +33,7 @@ from videoprism.cli import (DEFAULT_LVT_MODEL, DEFAULT_MODEL, add_model_args, ch
                             resolve_device)
 from videoprism.paths import (LONGEST_PATH, check_not_an_input, check_out_file, echo, read_text, shortened, shown,
                               shown_each, write_json_atomic)
-from videoprism.data.cores import usable_cores
+from videoprism.data.cores import available_memory, usable_cores
 
 FEATURE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -151,30 +151,12 @@ def _probe_labels(args) -> tuple[list[str], int]:
     return labels, clips
 
 
-def _available_memory() -> int | None:
-    """Bytes the host can still give this process without swapping (Linux's MemAvailable, or the headroom under a
-    cgroup v2 memory limit when less); None where it cannot tell."""
-    try:
-        with open("/proc/meminfo") as f:
-            have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit, used = f.read().strip(), int(g.read())
-        if limit != "max":
-            have = min(have, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return have
-
-
 def _check_feature_memory(encoder, clips: int, frames: int, resolution: int, features: str) -> None:
     """The probe holds every clip's tokens on the host (encode_manifest): stop before encoding when they cannot fit,
     not when the host runs out of memory after most of the encoding (or swaps, and the probe's random batches crawl)."""
     cfg = encoder.config
     per_clip = frames * (resolution // cfg.patch_size) ** 2 * cfg.model_dim * FEATURE_DTYPES[features].itemsize
-    need, have = clips * per_clip, _available_memory()
+    need, have = clips * per_clip, available_memory()
     if have is not None and need > have:
         half = " or --features bfloat16 (half of float32's)" if features == "float32" else ""
         raise ValueError(f"the frozen tokens of the {clips} clips of TRAIN and VAL take {need / 2**30:.1f} GiB of host "

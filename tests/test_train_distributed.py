@@ -278,25 +278,29 @@ def test_validation_sharded_over_two_ranks_equals_one_process(tmp_path, synth):
     """Each rank decodes and scores its share of the validation split (5 clips in batches of 2 on 2 ranks: rank 1
     ends with an idle batch, the forwards collective under FSDP); the logged evaluation is the 1-process run's:
     stage 1's zero-shot retrieval over the whole split, stage 2's distillation losses (the 1-process stage 1
-    its teacher)."""
+    its teacher). Streamed (data.val_cache=false: decoded at each evaluation, idle batches by a flag a batch), the
+    same."""
     data = pathlib.Path(synth)
     val = data / "val5.jsonl"  # beside the clips its paths are relative to
     val.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
     args = ["data.source=manifest", f"data.train={data}/train.jsonl", f"data.val={val}", "data.cache=true",
             "data.workers=0", "train.global_batch=4", "train.steps=2", "train.eval_every=1"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     for stage in (1, 2):
         teacher = [f"stage2.teacher={one / 'stage1' / 'model.safetensors'}"] if stage == 2 else []
         run(stage, str(one / f"stage{stage}"), *args, *teacher)
-        run(stage, str(two / f"stage{stage}"), *args, *teacher, "parallel.mode=fsdp", "checkpoint.export=false",
-            nproc=2)
-        want, got = evaluations(str(one / f"stage{stage}")), evaluations(str(two / f"stage{stage}"))
-        assert len(want) == len(got) == 2, (want, got)  # steps 1 and 2
-        if stage == 1:
-            assert want[0]["captions"] == 5 and got == want
-        else:
-            for w, g in zip(want, got):
-                assert g == pytest.approx(w, abs=1e-5)
+        want = evaluations(str(one / f"stage{stage}"))
+        for held in ("true", "false"):
+            two = tmp_path / f"two_{held}" / f"stage{stage}"
+            run(stage, str(two), *args, *teacher, "parallel.mode=fsdp", "checkpoint.export=false",
+                f"data.val_cache={held}", nproc=2)
+            got = evaluations(str(two))
+            assert len(want) == len(got) == 2, (want, got)  # steps 1 and 2
+            if stage == 1:
+                assert want[0]["captions"] == 5 and got == want
+            else:
+                for w, g in zip(want, got):
+                    assert g == pytest.approx(w, abs=1e-5)
 
 
 def test_a_damaged_rank_file_read_for_all_ranks_fails_every_rank(tmp_path):

@@ -1228,11 +1228,13 @@ def test_mfu_is_measured_against_the_peak_of_the_steps_dtype(tmp_path, monkeypat
     assert asked == [torch.float32, torch.bfloat16]
 
 
-@pytest.mark.parametrize("cache", [False, True], ids=["stream", "cache"])
-def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
+@pytest.mark.parametrize("cache,val_cache", [(False, True), (True, True), (False, False)],
+                         ids=["stream", "cache", "stream-val"])
+def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache, val_cache):
     """A manifest with a missing and a corrupt clip: the loader (or the decode of a cached set) skips
     them, training finishes, and each skip is reported with its path and reason (console and
-    rejects.rank0.jsonl), the validation split's too (they were said on the console only, and not counted)."""
+    rejects.rank0.jsonl), the validation split's too (they were said on the console only, and not counted);
+    streamed (data.val_cache=false), by its first evaluation, and a resume's evaluation records them no more."""
     from videoprism.data.synth import generate
 
     root = tmp_path / "data"
@@ -1246,7 +1248,8 @@ def test_bad_sample_is_skipped_and_run_goes_on(tmp_path, cache):
 
     overrides = ["train.compile=false", "data.source=manifest", f"data.cache={str(cache).lower()}",
                  f"data.train={root}/train.jsonl", f"data.val={root}/train.jsonl", "data.workers=0",
-                 "data.max_bad_share=0.5", "train.steps=5", "checkpoint.interval=0"]
+                 f"data.val_cache={str(val_cache).lower()}", "data.max_bad_share=0.5", "train.steps=5",
+                 "checkpoint.interval=0"]
     tok = tokenizer_for(build_config("tiny", [*TINY, *overrides], 1))
     trainer = make_trainer(tmp_path / "run", *overrides, vocab=tok.vocab_size)
     trainer.data = build_train_data(trainer.cfg, trainer.dist, tok, micro_batch=4, vocab=tok.vocab_size)

@@ -1692,7 +1692,142 @@ def test_a_rank_that_fails_to_decode_a_set_does_not_leave_the_others_in_the_gath
     assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]
 
 
-def _val_shares_on_two_ranks(rank, port, manifest, results):
+def _streamed_val_on_two_ranks(rank, port, manifest, errors):
+    import torch.distributed as dist
+
+    import videoprism.data.loader as loader
+    from videoprism.train.data import build_val_batches
+    from videoprism.train.parallel import Dist
+
+    torch.set_num_threads(1)  # a forked child must not enter OpenMP (_val_shares_on_two_ranks)
+    loader.build_loader = lambda *a, **k: _FakeLoader(rank == 1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        cfg = build_config("tiny", [f"data.val={manifest}", "data.val_cache=false", "data.workers=0"], 2)
+        list(build_val_batches(cfg, None, batch_size=2, dist_=Dist(rank, 2, torch.device("cpu")))[0])
+    except Exception as e:  # noqa: BLE001
+        errors[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_that_fails_to_decode_a_streamed_split_ends_the_evaluation_on_every_rank(tmp_path):
+    """data.val_cache=false decodes at each evaluation, one host flag a batch keeping the ranks in step: a rank whose
+    decode raised must say so in that flag, or the others wait in the next one until the collective times out."""
+    manifest = tmp_path / "val.jsonl"
+    manifest.write_text('{"path": "a.webm", "caption": "a"}\n{"path": "b.webm", "caption": "b"}\n')
+    alive, errors = _on_two_ranks(_streamed_val_on_two_ranks, str(manifest))
+    assert alive == [False, False], "a rank waits in a collective"
+    assert errors[1] == "rank 1 broke" and "rank(s) [1] could not decode it" in errors[0]
+
+
+def _val_config(manifest, *overrides, stage=1):
+    return build_config("tiny", [f"data.val={manifest}", "data.workers=0", "model.num_frames=4", "model.resolution=32",
+                                 "model.patch_size=8", "data.max_bad_share=0.5", "stage2.decoder_dim=16",
+                                 "stage2.decoder_layers=1", "stage2.decoder_heads=2", *overrides], stage)
+
+
+def test_a_streamed_validation_split_scores_as_the_held_one(tmp_path):
+    """data.val_cache=false decodes the validation share at each evaluation instead of holding it: the same batches
+    (order, eval transform, captions, a clip without a caption and a broken file skipped, batches cut across the
+    loader's), so stage 1's retrieval metrics and stage 2's losses equal the held split's exactly, at every
+    evaluation; its skips are reported once, after the first."""
+    import videoprism
+    from videoprism.data.synth import generate
+    from videoprism.data.text import Tokenizer
+    from videoprism.train import data as td
+    from videoprism.train.distill import Teacher
+    from videoprism.train.parallel import Dist
+    from videoprism.train.stage1 import Stage1Task
+    from videoprism.train.stage2 import Stage2Task
+
+    data = tmp_path / "synth"
+    generate(str(data), 8, seed=4, size=32, num_frames=4, workers=1)
+    recs = [json.loads(x) for x in open(data / "train.jsonl")]
+    (data / "clips" / "broken.webm").write_bytes(b"not a video")
+    del recs[2]["caption"]
+    recs.insert(4, {"path": "clips/broken.webm", "caption": "broken"})
+    manifest = data / "val.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok, one = Tokenizer(str(data / "spm.model")), Dist(0, 1, torch.device("cpu"))
+    torch.manual_seed(0)
+    clip = videoprism.from_official("videoprism_lvt_v1_base", model_dim=16, num_heads=2, mlp_dim=32,
+                                    num_spatial_layers=1, num_temporal_layers=1, num_auxiliary_layers=1,
+                                    num_unimodal_layers=1, vocabulary_size=tok.vocab_size, patch_size=8,
+                                    pos_emb_shape=(4, 4, 4), attention_backend="reference").eval()
+    td._DECODED.clear()
+    try:
+        for stage, text in ((1, tok), (2, None)):
+            held, skipped = td.build_val_batches(_val_config(manifest, stage=stage), text, batch_size=3, dist_=one)
+            streamed, none = td.build_val_batches(_val_config(manifest, "data.val_cache=false", stage=stage), text,
+                                                  batch_size=3, dist_=one)
+            assert isinstance(held, list) and none == []
+            assert len(skipped) == (2 if text else 1)  # the broken file; stage 1: the clip without a caption
+            for n in range(2):  # every evaluation decodes again; its skips are reported after the first
+                got = list(streamed)
+                assert [{k: v.shape for k, v in b.items()} for b in got] == [
+                    {k: v.shape for k, v in b.items()} for b in held]
+                assert all(torch.equal(b[k], h[k]) for b, h in zip(got, held) for k in h)
+                assert streamed.drain_rejects() == (skipped if n == 0 else [])
+            with torch.no_grad():
+                if stage == 1:
+                    scores = [Stage1Task.evaluate(SimpleNamespace(val=v, dist=one), clip) for v in (held, streamed)]
+                else:
+                    task = Stage2Task(_val_config(manifest, stage=2), one, Teacher(clip), None)
+                    scores = []
+                    for v in (held, streamed):
+                        task.val = v
+                        scores.append(task.evaluate(task.module))
+            assert scores[0] == scores[1] and len(scores[0]) > 1, scores
+            assert streamed.drain_rejects() == []
+            good = len(recs) - len(skipped)
+            assert [b["index"].shape[0] for b in held] == [3] * (good // 3) + [good % 3] * (good % 3 > 0)
+    finally:
+        td._DECODED.clear()
+
+
+def test_a_held_validation_split_past_the_memory_stops_before_decoding(tmp_path, monkeypatch, capsys):
+    """data.val_cache=true holds each rank's decoded share of data.val for the whole run: a split past the host's
+    memory (10k base clips: 40 GB on a node) ran it out of memory at its start, or swapped, with no word of why. The
+    run stops before anything is decoded, naming the size and the fix, when the node's share would take more than
+    half the memory available (its decode holds twice that at its peak); at half it goes on."""
+    from videoprism.train import data as td
+    from videoprism.train import stage1
+    from videoprism.train.trainer import preflight
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    val = tmp_path / "val.jsonl"
+    val.write_text("{}\n" * 9 + "{}")  # 10 lines, the last without its newline
+    per_clip = 8 * 64 * 64 * 3  # tiny: 8 frames of 64x64
+    argv = ["--config", "tiny", "data.source=manifest", f"data.train={tmp_path}/train.jsonl", f"data.val={val}",
+            f"train.out_dir={tmp_path}/run"]
+    monkeypatch.setattr(td, "decode_all", lambda *a, **k: pytest.fail("decoded"))
+    for world, local, clips in (("1", None, 10), ("4", "2", 2 * 3)):  # 4 ranks on 2 nodes: 3 clips a rank at most
+        monkeypatch.setenv("WORLD_SIZE", world)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        if local:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        need = clips * per_clip
+        monkeypatch.setattr(td, "available_memory", lambda: 2 * need - 1)
+        capsys.readouterr()
+        assert stage1.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        assert f"its 10 clips take {need / 2**30:.1f} GiB of this node's memory" in err
+        assert "set data.val_cache=false (decoded at each evaluation, nothing held) or use fewer" in err
+        assert ("2 of 4 ranks, " in err) == (world == "4")
+        cfg = parse_args(argv[:-1] + [f"train.out_dir={tmp_path}/ok"], 1)[0]
+        monkeypatch.setattr(td, "available_memory", lambda: 2 * need)
+        preflight(cfg, 1, None)  # it fits
+        monkeypatch.setattr(td, "available_memory", lambda: 0)
+        preflight(parse_args([*argv, "data.val_cache=false"], 1)[0], 1, None)  # streamed: nothing held
+        monkeypatch.setattr(td, "available_memory", lambda: None)
+        preflight(cfg, 1, None)  # no count of the memory (not Linux): no check
+    assert "data.val_cache=True\n      Decode each rank's share of data.val once" in help_text(1)
+    assert "false: decode the share again at each evaluation" in help_text(1)
+
+
+def _val_shares_on_two_ranks(rank, port, manifest, cache, results):
     import torch.distributed as dist
 
     from videoprism.data.text import Tokenizer
@@ -1705,7 +1840,7 @@ def _val_shares_on_two_ranks(rank, port, manifest, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         cfg = build_config("tiny", [f"data.val={manifest}", "data.workers=0", "model.num_frames=4",
-                                    "model.resolution=32"], 1)
+                                    "model.resolution=32", f"data.val_cache={cache}"], 1)
         tok = Tokenizer(os.path.join(os.path.dirname(manifest), "spm.model"))
         batches, _ = build_val_batches(cfg, tok, batch_size=2, dist_=Dist(rank, 2, torch.device("cpu")))
         results[rank] = [(b["index"].tolist(), tuple(b["video"].shape), int(b["video"].sum() > 0),
@@ -1716,17 +1851,19 @@ def _val_shares_on_two_ranks(rank, port, manifest, results):
         dist.destroy_process_group()
 
 
-def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(tmp_path):
+@pytest.mark.parametrize("cache", ["true", "false"], ids=["held", "streamed"])
+def test_each_rank_decodes_its_share_of_the_validation_split_in_as_many_batches(tmp_path, cache):
     """Of a 5-clip validation split on 2 ranks, rank r decodes clips r, r+2, ... only (not the whole split);
     both hold two batches of 2, rank 1's second an idle one (black clips, one-token captions, index -1), so both
-    run the evaluation's forwards in step (collective under FSDP)."""
+    run the evaluation's forwards in step (collective under FSDP). Streamed (data.val_cache=false), each evaluation
+    decodes them so."""
     from videoprism.data.synth import generate
 
     data = tmp_path / "synth"
     generate(str(data), 8, seed=1, size=32, num_frames=4, workers=1)
     manifest = data / "val5.jsonl"
     manifest.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:5]))
-    alive, results = _on_two_ranks(_val_shares_on_two_ranks, str(manifest))
+    alive, results = _on_two_ranks(_val_shares_on_two_ranks, str(manifest), cache)
     assert alive == [False, False], "a rank waits in a collective"
     clip = (2, 4, 32, 32, 3)
     assert results[0] == [([0, 2], clip, 1, results[0][0][3]), ([4], (1, 4, 32, 32, 3), 1, results[0][1][3])]

@@ -132,6 +132,12 @@ class DataConfig:
                            "decodes and holds the whole manifest; one training manifest, no dataset mix). Clips "
                            "are kept as the eval transform makes them (shorter side resized, centre crop): no "
                            "random resized crop, data.flip_prob still applies.")
+    val_cache: bool = f(True, "Decode each rank's share of data.val once, at the start, and hold it for every "
+                              "evaluation (a 16x288x288 clip is 4 MB of uint8: 10k clips take 40 GB on one node); a "
+                              "run stops before decoding when its node's share would take more than half the memory "
+                              "available. false: decode the share again at each evaluation, holding nothing between "
+                              "them (the same batches and metrics; each evaluation takes the decode's time too, and "
+                              "its bad clips are reported at the first one).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
                               "say left or right; raise it for data without such captions).", valid="[0, 1]")
 

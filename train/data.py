@@ -18,7 +18,9 @@ import os
 
 import torch
 
+from videoprism.data.cores import available_memory
 from videoprism.data.text import MAX_TEXT_LENGTH, Tokenizer
+from videoprism.paths import LONGEST_PATH, shown
 from videoprism.train.config import DataConfig, check_field
 from videoprism.train.parallel import all_reduce_max
 from videoprism.train.seeds import DATASET, EPOCH, FLIP, SAMPLE, derive_seed
@@ -242,22 +244,35 @@ def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenize
     return {**clips, "text_ids": ids, "text_paddings": pads}, rejects
 
 
-def _decode_all(manifest, *, frames, resolution, dc: DataConfig, shard=None) -> tuple[dict, list, list, list]:
-    """-> (clips without text, each clip's caption (None: a video-only line), each clip's name, rejects)."""
+def _eval_loader(manifest: str, *, frames: int, resolution: int, dc: DataConfig, rank: int, world: int,
+                 batch_size: int):
+    """The loader of `manifest`'s share (every world-th clip from `rank` on, in manifest order) through the eval
+    transform, without text (the callers tokenize the captions: _with_text), with the workers, bad-sample share
+    and decode timeout of `dc`."""
     from videoprism.data.loader import build_loader
 
+    return build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=batch_size, train=False,
+                        rank=rank, world_size=world, tokenizer=None, num_workers=dc.workers,
+                        max_bad_share=dc.max_bad_share, decode_timeout=dc.decode_timeout, backend="pyav")
+
+
+def _tensors(batch: dict) -> dict[str, torch.Tensor]:
+    """A loader batch's tensors (video, index, labels): its captions, names and datasets are lists."""
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def _decode_all(manifest, *, frames, resolution, dc: DataConfig, shard=None) -> tuple[dict, list, list, list]:
+    """-> (clips without text, each clip's caption (None: a video-only line), each clip's name, rejects)."""
     rank, world = shard or (0, 1)
-    loader = build_loader(manifest, num_frames=frames, resolution=resolution, batch_size=64, train=False,
-                          rank=rank, world_size=world, tokenizer=None, num_workers=dc.workers,
-                          max_bad_share=dc.max_bad_share, decode_timeout=dc.decode_timeout, backend="pyav")
+    loader = _eval_loader(manifest, frames=frames, resolution=resolution, dc=dc, rank=rank, world=world,
+                          batch_size=64)
     parts: dict[str, list] = {"index": [torch.zeros(0, dtype=torch.int64)]}
     names: dict[int, str] = {}
     captions: dict[int, str | None] = {}
     try:
         for batch in loader:
-            for k, v in batch.items():
-                if isinstance(v, torch.Tensor):
-                    parts.setdefault(k, []).append(v)
+            for k, v in _tensors(batch).items():
+                parts.setdefault(k, []).append(v)
             names.update(zip(batch["index"].tolist(), batch["path"]))
             captions.update(zip(batch["index"].tolist(), batch["caption"]))
         if not names and shard is None:  # a share may be empty: the whole set is checked below
@@ -424,16 +439,19 @@ def build_train_data(cfg, dist_, tokenizer: Tokenizer | None, *, micro_batch: in
 
 
 def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int,
-                      dist_) -> tuple[list[dict] | None, list[tuple[str, str]]]:
+                      dist_) -> tuple[list[dict] | StreamedVal | None, list[tuple[str, str]]]:
     """(batches, the (name, reason) of the clips and lines skipped) of this rank's share of the validation split
     (None, [] without data.val): every world-th clip from its
     rank on, decoded once, in batches of `batch_size` with each clip's manifest index in "index". Each
     rank decodes, holds and scores 1/world of the split; the evaluation gathers the results
     (parallel.gather_rows). Every rank gets the same number of batches, as the evaluation's forwards
     are collective under FSDP: a rank with fewer ends with idle ones (a black clip, a one-token caption,
-    index -1), whose results are dropped."""
+    index -1), whose results are dropped. data.val_cache=false: a StreamedVal, which decodes those batches
+    again at each evaluation and holds none (its skips come from its drain_rejects, after the first)."""
     if not cfg.data.val or cfg.data.source == "random":
         return None, []
+    if not cfg.data.val_cache:
+        return StreamedVal(cfg, tokenizer, batch_size=batch_size, dist_=dist_), []
     T, R = cfg.model.num_frames, cfg.model.resolution
     clips, rejects = decode_all(cfg.data.val, frames=T, resolution=R, tokenizer=tokenizer, dc=cfg.data,
                                 shard=(dist_.rank, dist_.world))
@@ -442,15 +460,143 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int,
     rounds = all_reduce_max([len(batches)], dist_)[0]
     if rounds == len(batches):
         return batches, rejects
-    idle = {"video": torch.zeros(batch_size, T, R, R, 3, dtype=torch.uint8),
+    idle = _idle_batch(batch_size, T, R, text=tokenizer is not None)
+    return batches + [idle] * (rounds - len(batches)), rejects
+
+
+def check_val_memory(cfg) -> None:
+    """data.val_cache holds each rank's decoded share of data.val for the whole run, T x R x R x 3 bytes a clip (the
+    ranks of a node together: LOCAL_WORLD_SIZE / WORLD_SIZE of the split, all of it on one node): a split past the
+    host's memory killed the run at its start, or swapped, with no word of why. Stop before anything is decoded
+    when that share would take more than half the memory available: the decode concatenates its batches (twice the
+    size at its peak), and the model, the optimizer and the loader workers need the rest. No check where the
+    memory cannot be read (not Linux)."""
+    dc = cfg.data
+    if not dc.val or dc.source == "random" or not dc.val_cache:
+        return
+    have = available_memory()
+    if have is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    T, R = cfg.model.num_frames, cfg.model.resolution
+    clips, per_clip = _clips_at_most(dc.val, dc), T * R * R * 3
+    need = local * -(-clips // world) * per_clip
+    if 2 * need > have:
+        ranks = f"{local} of {world} ranks, " if world > 1 else ""
+        raise ValueError(f"data.val={shown(dc.val, LONGEST_PATH)}: held decoded (data.val_cache=true), its {clips} "
+                         f"clips take {need / 2**30:.1f} GiB of this node's memory ({ranks}{per_clip / 2**20:.1f} MiB "
+                         f"a {T}x{R}x{R} clip), more than half of the {have / 2**30:.1f} GiB available (its decode "
+                         "holds twice that at its peak); set data.val_cache=false (decoded at each evaluation, "
+                         "nothing held) or use fewer validation clips")
+
+
+def _clips_at_most(path: str, dc: DataConfig) -> int:
+    """The clips `path` can hold, cheaply: a manifest's lines (blank and bad ones too), a shard's samples."""
+    from videoprism.data.manifest import is_shard, read_source
+
+    if is_shard(path):
+        return len(read_source(path, max_bad_share=dc.max_bad_share, captions=False)[0])
+    lines, last = 0, b"\n"
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return lines + (last != b"\n")  # a last line without its newline
+
+
+def _idle_batch(batch_size: int, frames: int, resolution: int, *, text: bool) -> dict:
+    """A batch a rank runs while another still scores its share: black clips, index -1 (its results dropped)."""
+    R = resolution
+    idle = {"video": torch.zeros(batch_size, frames, R, R, 3, dtype=torch.uint8),
             "index": torch.full((batch_size,), -1, dtype=torch.int64)}
-    if tokenizer is not None:
+    if text:
         # A one-token caption: every causal attention row keeps a key, as a real caption's rows do (all keys padded
         # is an input no real batch has, and no kernel needs to handle).
         pads = torch.ones(batch_size, MAX_TEXT_LENGTH)
         pads[:, 0] = 0.0
         idle.update(text_ids=torch.zeros(batch_size, MAX_TEXT_LENGTH, dtype=torch.int64), text_paddings=pads)
-    return batches + [idle] * (rounds - len(batches)), rejects
+    return idle
+
+
+class StreamedVal:
+    """data.val_cache=false: this rank's share of the validation split decoded again at each pass (an evaluation)
+    into the batches build_val_batches holds otherwise: the same loader, eval transform, order, captions and batch
+    size, then idle batches while another rank still has clips (one host flag a batch, so that FSDP's collective
+    forwards stay in step). Nothing is held between passes. The clips the first pass skipped are reported once
+    (drain_rejects); a rank whose decode fails ends the pass on every rank, not in a collective the others wait in."""
+
+    def __init__(self, cfg, tokenizer: Tokenizer | None, *, batch_size: int, dist_):
+        from videoprism.data.manifest import read_source
+
+        self.manifest, self.dc, self.tokenizer, self.dist = cfg.data.val, cfg.data, tokenizer, dist_
+        self.frames, self.resolution, self.batch_size = cfg.model.num_frames, cfg.model.resolution, batch_size
+        # The manifest's lines now, as the held decode reads them (with captions: their share of the whole manifest,
+        # the same verdict on every rank): a bad manifest stops the run at its start, not at its first evaluation.
+        read_source(self.manifest, max_bad_share=self.dc.max_bad_share, captions=tokenizer is not None)
+        self.idle: dict | None = None  # made when a rank first runs out (a batch of clips: 32 MB of 8 at base)
+        self.passes = 0
+        self._unreported: list[tuple[str, str]] = []
+
+    def __iter__(self):
+        rejects: list[tuple[str, str]] = []
+        batches = self._batches(rejects)
+        rounds = 0
+        while True:
+            more, batch = self._round(batches)
+            if not more:
+                break
+            rounds += 1
+            if batch is None and self.idle is None:
+                self.idle = _idle_batch(self.batch_size, self.frames, self.resolution, text=self.tokenizer is not None)
+            yield self.idle if batch is None else batch
+        if not rounds:
+            raise ValueError(f"{self.manifest}: no readable clip")
+        if not self.passes:
+            self._unreported = rejects
+        self.passes += 1
+
+    def _round(self, batches) -> tuple[bool, dict | None]:
+        """(whether any rank has a batch left, this rank's next one). Collective."""
+        failed = [0] * self.dist.world
+        error = batch = None
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # noqa: BLE001 - raised below, after the others have heard of it
+            error, failed[self.dist.rank] = e, 1
+        more, *failed = all_reduce_max([int(batch is not None), *failed], self.dist)
+        if error is not None:
+            raise error
+        if any(failed):
+            raise ValueError(f"{self.manifest}: rank(s) {[r for r, f in enumerate(failed) if f]} could not decode it "
+                             "(their error is in their log)")
+        return bool(more), batch
+
+    def _batches(self, rejects: list):
+        """This rank's clips in batches of batch_size, as build_val_batches cuts them from its decoded share (a
+        clip without a caption dropped by _with_text first); its skips added to `rejects` at the end."""
+        loader = _eval_loader(self.manifest, frames=self.frames, resolution=self.resolution, dc=self.dc,
+                              rank=self.dist.rank, world=self.dist.world, batch_size=self.batch_size)
+        uncaptioned: list[tuple[str, str]] = []
+        pending: list[dict] = []
+        rows = 0
+        for batch in loader:
+            clips = _tensors(batch)
+            if self.tokenizer is not None:
+                clips, skipped = _with_text(clips, batch["caption"], batch["path"], [], self.tokenizer)
+                uncaptioned += skipped
+            pending.append(clips)
+            rows += clips["index"].shape[0]
+            while rows >= self.batch_size:
+                whole = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+                yield {k: v[:self.batch_size] for k, v in whole.items()}
+                pending, rows = [{k: v[self.batch_size:] for k, v in whole.items()}], rows - self.batch_size
+        if rows:
+            yield {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+        rejects += [*loader.drain_rejects(), *uncaptioned]
+
+    def drain_rejects(self) -> list[tuple[str, str]]:
+        out, self._unreported = self._unreported, []
+        return out
 
 
 def trim_text(ids: torch.Tensor, paddings: torch.Tensor, multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

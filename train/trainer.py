@@ -27,7 +27,7 @@ from videoprism.paths import echo
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
                                      save_config)
-from videoprism.train.data import parse_datasets
+from videoprism.train.data import check_val_memory, parse_datasets
 from videoprism.train.metrics import (VAL_REJECT, MetricsLogger, end_a_cut_line, peak_memory_gb, plot_curves,
                                       recorded_rejects)
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
@@ -107,6 +107,7 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
     check_out_dir(cfg.train.out_dir, stage, resume=None if resume is None else resume.path, overwrite=overwrite,
                   teacher=cfg.stage2.teacher if stage == 2 else "")
     check_inputs(cfg, stage)
+    check_val_memory(cfg)  # before the model is built and data.val decoded
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro, accum = accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
     if stage == 1:
@@ -629,11 +630,14 @@ class Trainer:
         say = log.message if self.dist.main else lambda text: echo(f"[rank {self.dist.rank}] {text}", file=sys.stderr)
         for name, reason in rejects:
             say(f"[{self.name}] step {self.step}: skipped {name}: {reason}")
-        if self.resumed_from is not None and self.step == self.resumed_step:
+        at_start = self.step == self.resumed_step
+        if self.resumed_from is not None and (at_start or any(n.endswith(VAL_REJECT) for n, _ in rejects)):
             # A resume reads the validation split and the manifests again, and meets their bad ones again: on file
             # already (on any rank's file: the run may have had other ranks), they are said, not recorded twice.
+            # After its start, only the validation split's (streamed, data.val_cache=false: met at its first
+            # evaluation): a training sample skipped again in a later epoch is another skip.
             known = {(r["path"], r["reason"]) for r in recorded_rejects(self.cfg.train.out_dir)}
-            rejects = [r for r in rejects if r not in known]
+            rejects = [r for r in rejects if r not in known or not (at_start or r[0].endswith(VAL_REJECT))]
             if not rejects:
                 return
         # A sample skipped twice within one step (an epoch that ends inside the step skips a bad file at its tail, and
@@ -661,6 +665,10 @@ class Trainer:
         with torch.no_grad(), self._amp():  # as the training step: in fp32 the GPU kernels take their slow path
             metrics = self.task.evaluate(self.model)
         self.task.module.train()
+        drain = getattr(getattr(self.task, "val", None), "drain_rejects", None)
+        if drain is not None:  # data.val_cache=false: the clips its first evaluation's decode skipped
+            self.val_rejects += drain()
+            self._report_rejects(log)
         if metrics:
             log.write({"step": self.step, "eval": metrics})
             log.message(f"[{self.name}] step {self.step}: " + ", ".join(

@@ -17,19 +17,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Where available_memory reads (a test points them at files of its own).
+MEMINFO, CGROUP = "/proc/meminfo", "/sys/fs/cgroup"
+
+
 def available_memory() -> int | None:
     """Bytes the host can still give this process without swapping (Linux's MemAvailable, or the headroom under a
     cgroup v2 memory limit when less); None where it cannot tell."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(MEMINFO) as f:
             have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError, IndexError):
         return None
     try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+        with open(os.path.join(CGROUP, "memory.max")) as f, open(os.path.join(CGROUP, "memory.current")) as g:
             limit, used = f.read().strip(), int(g.read())
         if limit != "max":
-            have = min(have, int(limit) - used)
+            have = min(have, max(0, int(limit) - used + _cgroup_reclaimable()))
     except (OSError, ValueError):
         pass
     return have
+
+
+def _cgroup_reclaimable() -> int:
+    """The cgroup's inactive page cache (memory.stat's inactive_file; 0 where unread): memory.current counts the
+    files read through it (the videos, the checkpoint), which the kernel drops before it runs out, as MemAvailable
+    counts them free. Without it a container whose page cache had filled up to its limit read as full."""
+    try:
+        with open(os.path.join(CGROUP, "memory.stat")) as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("inactive_file ")), 0)
+    except (OSError, ValueError, IndexError):
+        return 0

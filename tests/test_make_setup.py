@@ -32,6 +32,15 @@ mkdir -p {venv}/bin && cp {template} {venv}/bin/python && touch {venv}/pyvenv.cf
 """
 
 
+# What reaches a make from the one that runs the suite (`make test TORCH_SPEC=...`: its command-line variables in
+# MAKEFLAGS) or from the shell: each would stand in for the Makefile's own values in the copy.
+OUTER_MAKE = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "TORCH_SPEC", "VENV", "PYTHON")
+
+
+def _own_make_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in OUTER_MAKE}
+
+
 class Checkout:
     """A copy of what the Makefile reads (Makefile, pyproject.toml, setup.py, csrc/), a fake venv under it."""
 
@@ -55,7 +64,7 @@ class Checkout:
         """The calls of the interpreters during `make ARGS` (venv creation, pip installs)."""
         self.log.write_text("")
         r = subprocess.run(["make", "-s", "-C", str(self.root), f"PYTHON={self.base_python}", *args],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, env=_own_make_env())
         assert r.returncode == 0 or not check, r.stderr
         return [line for line in self.log.read_text().splitlines() if "venv" in line or "install" in line]
 
@@ -118,7 +127,7 @@ def test_failed_install_leaves_the_set_up_stale(tmp_path):
     co = Checkout(tmp_path)
     co.set_up()
     assert "pip install" not in subprocess.run(["make", "-n", "-C", str(co.root), "setup"], capture_output=True,
-                                               text=True, check=True).stdout
+                                               text=True, check=True, env=_own_make_env()).stdout
     co.make_newer(co.root / "setup.py")
     stale = os.stat(co.venv / ".installed").st_mtime_ns
     (co.venv / "build-fails").touch()
@@ -140,3 +149,19 @@ def test_make_setup_keeps_the_torch_spec_the_venv_was_set_up_with(tmp_path):
     assert torch_installs() == []  # the venv's own spec: nothing to do
     assert (co.venv / ".torch-spec").read_text().strip() == "torch==2.11.*"
     assert torch_installs("TORCH_SPEC=torch==2.14.1") == ["-m pip install -q torch==2.14.1"]  # another one asked for
+
+
+def test_set_up_of_the_copy_is_its_own_under_make_test(tmp_path, monkeypatch):
+    """The suite run by `make test TORCH_SPEC=torch==2.11.1` (the GPU machines' torch) passed that variable on to the
+    copy's make in MAKEFLAGS, as a shell's exported TORCH_SPEC or VENV would: the copy set up torch 2.11.1 where its
+    own or the Makefile's default spec was due, and two of these tests failed (three with TORCH_SPEC exported too).
+    The copy's make sees only its own command line."""
+    monkeypatch.setenv("MAKEFLAGS", " -- TORCH_SPEC=torch==1.0")
+    monkeypatch.setenv("MAKELEVEL", "1")
+    monkeypatch.setenv("TORCH_SPEC", "torch==1.0")
+    monkeypatch.setenv("VENV", str(tmp_path / "elsewhere"))
+    co = Checkout(tmp_path)
+    default = next(line.split("?=")[1].strip() for line in open(co.root / "Makefile")
+                   if line.startswith("TORCH_SPEC ?="))
+    assert f"-m pip install -q {default}" in co.make("setup")
+    assert (co.venv / ".torch-spec").read_text().strip() == default and not (tmp_path / "elsewhere").exists()

@@ -233,6 +233,11 @@ def test_a_build_from_other_sources_is_named(tmp_path, monkeypatch):
 
     shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")
     monkeypatch.setattr(native, "_PACKAGE", str(tmp_path / "videoprism"))
+    (tmp_path / "csrc" / "ops.cpp").write_text("another project's source")
+    assert native._stale() is None  # no setup.py beside it: another distribution's csrc/ in a site-packages
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    assert native._stale() is not None  # a checkout's changed sources
+    shutil.copy(os.path.join(ROOT, "csrc", "ops.cpp"), tmp_path / "csrc" / "ops.cpp")
     assert native._stale() is None, "this checkout's library was not built from its csrc/: rebuild it"
     for backup in (".ops.cpp.swp", "ops.cpp~", "ops.cpp.orig"):
         (tmp_path / "csrc" / backup).write_text("an editor's copy")

@@ -46,8 +46,11 @@ def _load() -> str | None:
 def _stale() -> str | None:
     """Why a checkout's library does not match its csrc/ (None when it does, or in an installed copy, which has no
     csrc/: pip built its library from the sources it installed)."""
-    csrc = os.path.join(os.path.dirname(_PACKAGE), "csrc")
-    if not os.path.isdir(csrc):
+    root = os.path.dirname(_PACKAGE)
+    csrc = os.path.join(root, "csrc")
+    # A checkout: this project's csrc/ and setup.py beside the package (a site-packages folder may hold another
+    # distribution's top-level csrc/).
+    if not (os.path.isfile(os.path.join(csrc, "ops.cpp")) and os.path.isfile(os.path.join(root, "setup.py"))):
         return None
     if getattr(sys.modules["videoprism._C"], "sources", "") != sources_digest(csrc):
         return f"was built from other sources than {csrc}"

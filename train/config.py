@@ -131,11 +131,13 @@ class DataConfig:
     cache: bool = f(False, "Decode each clip once and keep it in memory (small datasets, CPU demos; every rank "
                            "decodes and holds the whole manifest; one training manifest, no dataset mix). Clips "
                            "are kept as the eval transform makes them (shorter side resized, centre crop): no "
-                           "random resized crop, data.flip_prob still applies.")
+                           "random resized crop, data.flip_prob still applies. A run stops before decoding when "
+                           "its node's held sets (this and data.val_cache's) would take more than 3/4 of the memory "
+                           "available.")
     val_cache: bool = f(True, "Decode each rank's share of data.val once, at the start, and hold it for every "
                               "evaluation (a 16x288x288 clip is 4 MB of uint8: 10k clips take 40 GB on one node); a "
-                              "run stops before decoding when its node's share would take more than half the memory "
-                              "available. false: decode the share again at each evaluation, holding nothing between "
+                              "run stops before decoding when its node's held sets (this and data.cache's) would take "
+                              "more than 3/4 of the memory available. false: decode the share again at each evaluation, holding nothing between "
                               "them (the same batches and metrics; each evaluation takes the decode's time too, and "
                               "its bad clips are reported at the first one).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "

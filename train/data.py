@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -216,7 +217,8 @@ def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokeni
         from videoprism.data.manifest import read_source
 
         read_source(manifest, max_bad_share=dc.max_bad_share, captions=True)
-    if key not in _DECODED:
+    fresh = key not in _DECODED  # decoded by this call: no caller holds its tensors yet
+    if fresh:
         _DECODED[key] = _decode_all(manifest, frames=frames, resolution=resolution, dc=dc, shard=shard)
     clips, captions, names, rejects = _DECODED[key]
     if tokenizer is None:
@@ -226,19 +228,22 @@ def decode_all(manifest: str, *, frames: int, resolution: int, tokenizer: Tokeni
             # The clips with captions are a copy: the set without text is dropped from the memo rather than held
             # twice (a reader without a tokenizer would decode again).
             del _DECODED[key]
-        _DECODED[text_key] = _with_text(clips, captions, names, rejects, tokenizer)
+        _DECODED[text_key] = _with_text(clips, captions, names, rejects, tokenizer, in_place=fresh)
     return _DECODED[text_key]
 
 
-def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenizer: Tokenizer) -> tuple[dict, list]:
+def _with_text(clips: dict, captions: list, names: list, rejects: list, tokenizer: Tokenizer, *,
+               in_place: bool = False) -> tuple[dict, list]:
     """The clips with their tokenized captions; those without a caption skipped and reported (their share of the
-    manifest checked by decode_all)."""
+    manifest checked by decode_all). `in_place`: the kept clips are moved up within `clips`' tensors (which no one
+    else holds) rather than copied out of them (the whole set twice)."""
     from videoprism.data.manifest import NO_CAPTION
 
     missing = [name for name, c in zip(names, captions) if c is None]
     if missing:
         keep = torch.tensor([c is not None for c in captions], dtype=torch.bool)
-        clips, captions = {k: v[keep] for k, v in clips.items()}, [c for c in captions if c is not None]
+        clips = _keep_rows(clips, keep) if in_place else {k: v[keep] for k, v in clips.items()}
+        captions = [c for c in captions if c is not None]
         rejects = [*rejects, *((name, NO_CAPTION) for name in missing)]
     ids, pads = tokenizer(captions)
     return {**clips, "text_ids": ids, "text_paddings": pads}, rejects
@@ -264,36 +269,52 @@ def _tensors(batch: dict) -> dict[str, torch.Tensor]:
 def _decode_all(manifest, *, frames, resolution, dc: DataConfig, shard=None) -> tuple[dict, list, list, list]:
     """-> (clips without text, each clip's caption (None: a video-only line), each clip's name, rejects)."""
     rank, world = shard or (0, 1)
+    # Small batches: the loader holds a batch's clips and their stack together while it collates (64 base clips:
+    # 0.5 GB on top of the held set; 8: 64 MB). The clips are the same at any batch size.
+    batch_size = 8
     loader = _eval_loader(manifest, frames=frames, resolution=resolution, dc=dc, rank=rank, world=world,
-                          batch_size=64)
-    parts: dict[str, list] = {"index": [torch.zeros(0, dtype=torch.int64)]}
+                          batch_size=batch_size)
+    held: dict[str, torch.Tensor] = {}
+    rows = 0
     names: dict[int, str] = {}
     captions: dict[int, str | None] = {}
     try:
+        room = len(loader) * batch_size  # the share's clips at most (fewer if some fail), up to a batch's more
         for batch in loader:
-            for k, v in _tensors(batch).items():
-                parts.setdefault(k, []).append(v)
+            rows = _write_rows(held, _tensors(batch), rows, room)
             names.update(zip(batch["index"].tolist(), batch["path"]))
             captions.update(zip(batch["index"].tolist(), batch["caption"]))
         if not names and shard is None:  # a share may be empty: the whole set is checked below
-            raise ValueError(f"{manifest}: no readable clip")
+            raise ValueError(f"{shown(manifest, LONGEST_PATH)}: no readable clip")
     except Exception:  # every rank must still reach the gather below, or the others wait there forever
         _gather_ids(None)
         raise
-    clips = {k: torch.cat(v) for k, v in parts.items()}
+    clips = {k: v[:rows] for k, v in held.items()} if held else {"index": torch.zeros(0, dtype=torch.int64)}
     everyone = _gather_ids(clips["index"])
     failed = [r for r, got in enumerate(everyone) if got is None]
     if failed:
-        raise ValueError(f"{manifest}: rank(s) {failed} could not decode it (their error is in their log)")
+        raise ValueError(f"{shown(manifest, LONGEST_PATH)}: rank(s) {failed} could not decode it (their error is in "
+                         "their log)")
     if shard is None:
         clips, rejects = _clips_every_rank_has(clips, clips["index"], names, loader.drain_rejects(), everyone,
                                                manifest)
     elif not any(everyone):
-        raise ValueError(f"{manifest}: no readable clip")
+        raise ValueError(f"{shown(manifest, LONGEST_PATH)}: no readable clip")
     else:
         rejects = loader.drain_rejects()
     ids = clips["index"].tolist()
     return clips, [captions[i] for i in ids], [names[i] for i in ids], rejects
+
+
+def _write_rows(held: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], rows: int, room: int) -> int:
+    """Writes `batch` into `held`'s tensors from row `rows` on (each allocated for `room` rows at the first batch)
+    -> the rows written. A decode that concatenated its batches at the end held both, twice the set at its peak;
+    the rows of skipped clips are never written, so their pages are never touched (not resident)."""
+    for k, v in batch.items():
+        if k not in held:
+            held[k] = torch.empty((room, *v.shape[1:]), dtype=v.dtype)
+        held[k][rows:rows + v.shape[0]] = v
+    return rows + batch["index"].shape[0]
 
 
 def _gather_ids(ids: torch.Tensor | None) -> list:
@@ -314,15 +335,27 @@ def _clips_every_rank_has(clips: dict, ids: torch.Tensor, names: dict[int, str],
                           everyone: list[list[int]], manifest: str) -> tuple[dict, list]:
     """Only the clips every rank decoded: a file that failed or timed out on one rank alone (a flaky mount,
     a decode near data.decode_timeout) is dropped on all, so the ranks hold the same rows in the same order
-    (under FSDP every rank must run the same evaluation forwards; a cached training set is indexed by row)."""
+    (under FSDP every rank must run the same evaluation forwards; a cached training set is indexed by row). The
+    kept rows are moved up within `clips`' tensors (_decode_all's own)."""
     common = set.intersection(*map(set, everyone))
     keep = torch.tensor([i in common for i in ids.tolist()], dtype=torch.bool)
     if bool(keep.all()):
         return clips, rejects
     if not bool(keep.any()):
-        raise ValueError(f"{manifest}: no clip decoded on every rank")
+        raise ValueError(f"{shown(manifest, LONGEST_PATH)}: no clip decoded on every rank")
     dropped = [(names[i], "skipped on another rank (decoded here)") for i in ids[~keep].tolist()]
-    return {k: v[keep] for k, v in clips.items()}, [*rejects, *dropped]
+    return _keep_rows(clips, keep), [*rejects, *dropped]
+
+
+def _keep_rows(clips: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of `clips` where `keep`, moved up in place (each to a row at or before its own, in order, so none is
+    overwritten before it moves): a copy of the kept rows held the whole set twice at its peak."""
+    rows = keep.nonzero().flatten().tolist()
+    for v in clips.values():
+        for to, row in enumerate(rows):
+            if to != row:
+                v[to] = v[row]
+    return {k: v[:len(rows)] for k, v in clips.items()}
 
 
 class CachedClips:
@@ -464,31 +497,65 @@ def build_val_batches(cfg, tokenizer: Tokenizer | None, *, batch_size: int,
     return batches + [idle] * (rounds - len(batches)), rejects
 
 
-def check_val_memory(cfg) -> None:
-    """data.val_cache holds each rank's decoded share of data.val for the whole run, T x R x R x 3 bytes a clip (the
-    ranks of a node together: LOCAL_WORLD_SIZE / WORLD_SIZE of the split, all of it on one node): a split past the
-    host's memory killed the run at its start, or swapped, with no word of why. Stop before anything is decoded
-    when that share would take more than half the memory available: the decode concatenates its batches (twice the
-    size at its peak), and the model, the optimizer and the loader workers need the rest. No check where the
-    memory cannot be read (not Linux)."""
-    dc = cfg.data
-    if not dc.val or dc.source == "random" or not dc.val_cache:
-        return
-    have = available_memory()
+# The share of the available memory the held decoded sets may take (3/4): the model, the optimizer, the loader
+# workers and the batch being decoded need the rest. The decode writes into the held tensors, about the set at its
+# peak (it concatenated its batches at the end before, twice the set: the share was half then).
+HELD_SHARE = (3, 4)
+
+
+class _Held(NamedTuple):
+    """A decoded set a run holds for its whole length."""
+    field: str
+    path: str
+    flag: str  # true: held
+    frames: int
+    whole: bool  # every rank holds all of it (else its share)
+    unheld: str  # what flag=false does instead
+    fewer: str
+
+
+def _held_sets(cfg) -> list[_Held]:
+    dc, held = cfg.data, []
+    if dc.source == "random":
+        return held
+    datasets = parse_datasets(dc.train, cfg.model.num_frames) if dc.cache else []
+    if len(datasets) == 1:  # more is refused by build_train_data
+        held.append(_Held("data.train", datasets[0][0], "data.cache", datasets[0][2], True,
+                          "each step's clips decoded as read, nothing held", "fewer training clips"))
+    if dc.val and dc.val_cache:
+        held.append(_Held("data.val", dc.val, "data.val_cache", cfg.model.num_frames, False,
+                          "decoded at each evaluation, nothing held", "fewer validation clips"))
+    return held
+
+
+def check_held_memory(cfg) -> None:
+    """data.cache holds the decoded training manifest for the whole run, on every rank all of it (LOCAL_WORLD_SIZE
+    copies on a node); data.val_cache each rank's share of data.val (the ranks of a node together: LOCAL_WORLD_SIZE
+    / WORLD_SIZE of the split, all of it on one node); T x R x R x 3 bytes a clip. A set past the host's memory
+    killed the run at its start, or swapped, with no word of why. Stop before anything is decoded when the held
+    sets together would take more than HELD_SHARE of the memory available. No check where the memory cannot be
+    read (not Linux)."""
+    held = _held_sets(cfg)
+    have = available_memory() if held else None
     if have is None:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = min(world, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    T, R = cfg.model.num_frames, cfg.model.resolution
-    clips, per_clip = _clips_at_most(dc.val, dc), T * R * R * 3
-    need = local * -(-clips // world) * per_clip
-    if 2 * need > have:
-        ranks = f"{local} of {world} ranks, " if world > 1 else ""
-        raise ValueError(f"data.val={shown(dc.val, LONGEST_PATH)}: held decoded (data.val_cache=true), its {clips} "
-                         f"clips take {need / 2**30:.1f} GiB of this node's memory ({ranks}{per_clip / 2**20:.1f} MiB "
-                         f"a {T}x{R}x{R} clip), more than half of the {have / 2**30:.1f} GiB available (its decode "
-                         "holds twice that at its peak); set data.val_cache=false (decoded at each evaluation, "
-                         "nothing held) or use fewer validation clips")
+    R, said, need = cfg.model.resolution, [], 0
+    for h in held:
+        clips, per_clip = _clips_at_most(h.path, cfg.data), h.frames * R * R * 3
+        size = local * (clips if h.whole else -(-clips // world)) * per_clip
+        ranks = (f"{local} ranks each all of it, " if h.whole else f"{local} of {world} ranks, ") if world > 1 else ""
+        said.append(f"{h.field}={shown(h.path, LONGEST_PATH)}: held decoded ({h.flag}=true), its {clips} clips take "
+                    f"{size / 2**30:.1f} GiB of this node's memory ({ranks}{per_clip / 2**20:.1f} MiB a "
+                    f"{h.frames}x{R}x{R} clip)")
+        need += size
+    part, of = HELD_SHARE
+    if need * of > have * part:
+        fixes = ", or ".join(f"set {h.flag}=false ({h.unheld}) or use {h.fewer}" for h in held)
+        raise ValueError(f"{'; '.join(said)}: {'together ' if len(held) > 1 else ''}more than {part}/{of} of the "
+                         f"{have / 2**30:.1f} GiB available (the model, the optimizer and the loader workers need "
+                         f"the rest); {fixes}")
 
 
 def _clips_at_most(path: str, dc: DataConfig) -> int:
@@ -550,7 +617,7 @@ class StreamedVal:
                 self.idle = _idle_batch(self.batch_size, self.frames, self.resolution, text=self.tokenizer is not None)
             yield self.idle if batch is None else batch
         if not rounds:
-            raise ValueError(f"{self.manifest}: no readable clip")
+            raise ValueError(f"{shown(self.manifest, LONGEST_PATH)}: no readable clip")
         if not self.passes:
             self._unreported = rejects
         self.passes += 1
@@ -567,8 +634,9 @@ class StreamedVal:
         if error is not None:
             raise error
         if any(failed):
-            raise ValueError(f"{self.manifest}: rank(s) {[r for r, f in enumerate(failed) if f]} could not decode it "
-                             "(their error is in their log)")
+            ranks = [r for r, f in enumerate(failed) if f]
+            raise ValueError(f"{shown(self.manifest, LONGEST_PATH)}: rank(s) {ranks} could not decode it (their error "
+                             "is in their log)")
         return bool(more), batch
 
     def _batches(self, rejects: list):

@@ -27,7 +27,7 @@ from videoprism.paths import echo
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import (Config, ResumeFrom, TrainConfig, check_inputs, config_changes, run_config_path,
                                      save_config)
-from videoprism.train.data import check_val_memory, parse_datasets
+from videoprism.train.data import check_held_memory, parse_datasets
 from videoprism.train.metrics import (VAL_REJECT, MetricsLogger, end_a_cut_line, peak_memory_gb, plot_curves,
                                       recorded_rejects)
 from videoprism.train.optim import build_optimizer, lr_at, set_lr
@@ -107,7 +107,7 @@ def preflight(cfg: Config, stage: int, resume: ResumeFrom | None, overwrite: boo
     check_out_dir(cfg.train.out_dir, stage, resume=None if resume is None else resume.path, overwrite=overwrite,
                   teacher=cfg.stage2.teacher if stage == 2 else "")
     check_inputs(cfg, stage)
-    check_val_memory(cfg)  # before the model is built and data.val decoded
+    check_held_memory(cfg)  # before the model is built and data.train (data.cache) or data.val decoded
     world = int(os.environ.get("WORLD_SIZE", "1"))
     micro, accum = accumulation(cfg.train, world)  # the Trainer's split, before data.cache decodes the whole manifest
     if stage == 1:

@@ -275,3 +275,26 @@ def test_bevt_block_proposals_follow_the_beit_geometry(grid, frames):
     free = (bh < h) & (bw < w)
     assert bool(((bh[free] + 0.5) / (bw[free] - 0.5) >= 0.3).all())
     assert bool(((bh[free] - 0.5) / (bw[free] + 0.5) <= 1 / 0.3).all())
+
+
+def test_bevt_block_rounds_take_few_ops_each():
+    """The rounds are sequential and on the CPU each op is a launch of a few microseconds on [B, T, h, w] bools: the
+    reference built each round's rectangle and frame run in the loop, 47 dispatched ops a round (views included),
+    and a tiny stage-2 step's draw (176 rounds) took ~16-30 ms of its ~0.7 s. The geometry is built up front: at
+    most 10 ops a round. The masks are the Triton kernel's (test_bevt_block_kernel_equals_the_reference) and whole
+    cubes (test_bevt_block_is_a_whole_cube_or_nothing)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    rounds = 176
+    geometry = _block_geometry(rounds, 4, 8, (8, 8), seed=3)
+    with CountOps() as counted:
+        mask = accept_blocks_ref(*geometry, 8, (8, 8), 42)
+    assert counted.ops <= 10 * rounds + 40, counted.ops / rounds
+    assert bool((mask.sum(-1) <= 42).all()) and bool(mask.any())

@@ -281,8 +281,9 @@ def test_bevt_block_rounds_take_few_ops_each():
     """The rounds are sequential and on the CPU each op is a launch of a few microseconds on [B, T, h, w] bools: the
     reference built each round's rectangle and frame run in the loop, 47 dispatched ops a round (views included),
     and a tiny stage-2 step's draw (176 rounds) took ~16-30 ms of its ~0.7 s. The geometry is built up front: at
-    most 10 ops a round. The masks are the Triton kernel's (test_bevt_block_kernel_equals_the_reference) and whole
-    cubes (test_bevt_block_is_a_whole_cube_or_nothing)."""
+    most 15 ops a round. The masks are the Triton kernel's (test_bevt_block_kernel_equals_the_reference) and whole
+    cubes (test_bevt_block_is_a_whole_cube_or_nothing). The bound leaves room for another torch's dispatch of the
+    same ops (9 a round under 2.14)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountOps(TorchDispatchMode):
@@ -296,5 +297,5 @@ def test_bevt_block_rounds_take_few_ops_each():
     geometry = _block_geometry(rounds, 4, 8, (8, 8), seed=3)
     with CountOps() as counted:
         mask = accept_blocks_ref(*geometry, 8, (8, 8), 42)
-    assert counted.ops <= 10 * rounds + 40, counted.ops / rounds
+    assert counted.ops <= 15 * rounds + 40, counted.ops / rounds
     assert bool((mask.sum(-1) <= 42).all()) and bool(mask.any())

@@ -137,9 +137,10 @@ class DataConfig:
     val_cache: bool = f(True, "Decode each rank's share of data.val once, at the start, and hold it for every "
                               "evaluation (a 16x288x288 clip is 4 MB of uint8: 10k clips take 40 GB on one node); a "
                               "run stops before decoding when its node's held sets (this and data.cache's) would take "
-                              "more than 3/4 of the memory available. false: decode the share again at each evaluation, holding nothing between "
-                              "them (the same batches and metrics; each evaluation takes the decode's time too, and "
-                              "its bad clips are reported at the first one).")
+                              "more than 3/4 of the memory available. false: decode the share again at each "
+                              "evaluation, holding nothing between them (the same batches and metrics; each "
+                              "evaluation takes the decode's time too, and its bad clips are reported at the first "
+                              "one).")
     flip_prob: float = f(0.0, "Share of training clips mirrored horizontally (0: a mirror contradicts captions that "
                               "say left or right; raise it for data without such captions).", valid="[0, 1]")
 

@@ -183,3 +183,24 @@ def one_rank_group(tmp_path, monkeypatch):
         yield
     finally:
         dist.destroy_process_group()
+
+
+# Prepended to the scripts of the peak-memory tests (run in a fresh interpreter): the process's own high-water mark
+# over a stretch of its work. Not ru_maxrss: Linux carries it across fork and exec, so a child of a pytest holding
+# 1 GB read that 1 GB as its own peak (a decode test failed with "1104 MB", and below such a parent a test of a
+# peak's growth could not fail).
+PEAK_MEMORY = """
+def _status_bytes(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) * 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:  # "5": the high-water mark (VmHWM) starts again from the RSS
+        f.write("5")
+    return _status_bytes("VmRSS:")
+
+
+def peak_since(rss):
+    return _status_bytes("VmHWM:") - rss
+"""

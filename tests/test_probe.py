@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import PEAK_MEMORY
 from videoprism.train.probe import probe_features, train_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,17 +70,16 @@ def test_probe_refuses_labels_it_cannot_score():
                        num_heads=2, steps=1)
 
 
-_PROBE_PEAK = """
-import resource
+_PROBE_PEAK = PEAK_MEMORY + """
 import torch
 from videoprism.train.probe import probe_features
 tx, vx = torch.randn(4000, 64, 128).bfloat16(), torch.randn(100, 64, 128).bfloat16()
 ty, vy = torch.arange(4000) % 3, torch.arange(100) % 3
 ty[0] = vy[0] = -1
 probe_features(tx[:300], {"label": ty[:300]}, vx, {"label": vy}, ["label"], num_heads=2, steps=2)  # lazy set-up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss = reset_peak()
 probe_features(tx, {"label": ty}, vx, {"label": vy}, ["label"], num_heads=2, steps=2)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(peak_since(rss))
 """
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import PEAK_MEMORY
 from videoprism.train import checkpoint as ckpt
 from videoprism.train.config import OptimConfig, build_config, help_text, parse_args, save_config
 from videoprism.train.data import trim_text
@@ -651,17 +652,17 @@ def test_retrieval_in_blocks_equals_the_whole_similarity(exact):
     assert recall_at_k(sim, groups, groups) == _recalls_whole(sim, groups)
 
 
-_RETRIEVAL_PEAK = """
-import resource, sys
+_RETRIEVAL_PEAK = PEAK_MEMORY + """
+import sys
 import torch
 from videoprism.train.retrieval import retrieval_metrics
 torch.set_num_threads(1)
 n = int(sys.argv[1])
 v = torch.nn.functional.normalize(torch.randn(n, 16), dim=-1)
 retrieval_metrics(v[:300], v[:300], torch.arange(300))  # the first call's lazy set-up (code pages) is no block's
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss = reset_peak()
 retrieval_metrics(v, v.roll(1, 0), torch.arange(n) // 2, block_elements=1 << 19)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+print(peak_since(rss))
 """
 
 
@@ -1861,18 +1862,17 @@ def test_a_streamed_split_without_a_readable_clip_names_it_in_one_line(tmp_path)
     assert str(e.value) == f"{str(val)!r}: no readable clip"
 
 
-_HELD_DECODE_PEAK = """
-import resource, sys
+_HELD_DECODE_PEAK = PEAK_MEMORY + """
+import sys
 import torch
 from videoprism.train import data as td
 from videoprism.train.config import DataConfig
 torch.set_num_threads(1)
 one, many = sys.argv[1:]
 td._decode_all(one, frames=16, resolution=160, dc=DataConfig(workers=0))  # PyAV's import and first decode
-before = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmRSS:"))  # now, in kB
+rss = reset_peak()
 clips = td._decode_all(many, frames=16, resolution=160, dc=DataConfig(workers=0))[0]
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-print(peak, clips["video"].numel(), clips["video"].shape[0])
+print(peak_since(rss), clips["video"].numel(), clips["video"].shape[0])
 """
 
 
